@@ -1,0 +1,71 @@
+"""The composition root: the one place that picks backends and wires services together.
+
+Nothing else decides "am I on PostgreSQL?"; everything else receives what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mercato.config import Settings
+from mercato.kit.auth import TokenCodec
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.health import HealthRegistry
+from mercato.kit.storage import Database, create_database
+from mercato.migrations import SCRIPT_LOCATION
+from mercato.shop.catalog.service import CatalogService
+
+SEED_MARKER = "seed_completed_at"
+
+
+@dataclass
+class Container:
+    settings: Settings
+    clock: Clock
+    db: Database
+    token_codec: TokenCodec
+    health: HealthRegistry
+    catalog: CatalogService
+    extras: dict[str, object] = field(default_factory=dict)
+
+    async def close(self) -> None:
+        await self.db.dispose()
+
+
+def build_database(settings: Settings) -> Database:
+    db = settings.database
+    if db.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return create_database(
+        db.url,
+        pool_size=db.pool_size,
+        max_overflow=db.max_overflow,
+        pool_timeout_s=db.pool_timeout_s,
+        statement_timeout_s=db.statement_timeout_s,
+        echo=db.echo,
+    )
+
+
+def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
+    clock = clock or SystemClock()
+    db = build_database(settings)
+    codec = TokenCodec(
+        secret=settings.auth.secret.get_secret_value(),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        access_ttl_s=settings.auth.access_ttl_s,
+        clock=clock,
+    )
+    health = HealthRegistry()
+    health.add_check("database", db.ping)
+    return Container(
+        settings=settings,
+        clock=clock,
+        db=db,
+        token_codec=codec,
+        health=health,
+        catalog=CatalogService(db, clock),
+    )
+
+
+__all__ = ["SCRIPT_LOCATION", "SEED_MARKER", "Container", "build_container", "build_database"]

@@ -1,0 +1,146 @@
+"""`mercato` CLI: run, migrate and seed the shop (typer + rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mercato.bootstrap import SCRIPT_LOCATION, build_container
+from mercato.cli.seed import SeedReport, seed_demo
+from mercato.config import Settings, UnsafeConfiguration, get_settings
+from mercato.kit.storage.migrations import upgrade
+
+app = typer.Typer(
+    help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = get_settings()
+    try:
+        settings.check_safe_to_start()
+    except UnsafeConfiguration as exc:
+        console.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if settings.database.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _migrate(settings: Settings) -> None:
+    with console.status("Applying migrations"):
+        upgrade(SCRIPT_LOCATION, settings.database.url)
+    console.print("[green]✓[/green] migrations at head")
+
+
+async def _seed(settings: Settings) -> SeedReport:
+    container = build_container(settings)
+    try:
+        with _progress() as progress:
+            return await seed_demo(container, progress=progress)
+    finally:
+        await container.close()
+
+
+def _print_seed(report: SeedReport) -> None:
+    if report.already_seeded:
+        console.print("[green]✓[/green] demo data already present")
+    else:
+        console.print(f"[green]✓[/green] seeded {report.products} products")
+    if report.credentials:
+        table = Table(title="Demo accounts")
+        for column in ("role", "email", "password"):
+            table.add_column(column)
+        for row in report.credentials:
+            table.add_row(*row)
+        console.print(table)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations up to the latest revision."""
+    _migrate(_settings())
+
+
+@app.command()
+def seed() -> None:
+    """Load demo data (products, stock, demo accounts) once."""
+    settings = _settings()
+    _print_seed(asyncio.run(_seed(settings)))
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes")] = None,
+) -> None:
+    """Serve the HTTP API (expects migrations applied)."""
+    settings = _settings()
+    uvicorn.run(
+        "mercato.gateway.app:create_app",
+        factory=True,
+        host=host or settings.http.host,
+        port=port if port is not None else settings.http.port,
+        workers=workers or settings.http.workers,
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+    )
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+) -> None:
+    """Migrate, seed demo data and serve everything in one process (embedded mode)."""
+    settings = _settings()
+    _migrate(settings)
+    report = asyncio.run(_seed(settings))
+    _print_seed(report)
+    settings.seed.required = True
+    from mercato.gateway.app import create_app
+
+    bind_host = host or settings.http.host
+    bind_port = port if port is not None else settings.http.port
+    console.print(f"[bold]Mercato[/bold] on http://{bind_host}:{bind_port}  (docs: /docs)")
+    uvicorn.run(
+        create_app(settings),
+        host=bind_host,
+        port=bind_port,
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+    )
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration with secrets masked."""
+    typer.echo(json.dumps(get_settings().masked(), indent=2))
+
+
+if __name__ == "__main__":
+    app()

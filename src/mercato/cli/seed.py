@@ -1,0 +1,101 @@
+"""Demo data for embedded mode: a browsable catalog with stock, an admin and a few customers.
+
+Deterministic for a given random seed, so two fresh installs show the same shop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from rich.progress import Progress
+
+from mercato.bootstrap import SEED_MARKER, Container
+from mercato.kit.storage import get_meta, set_meta
+from mercato.shop.catalog.model import NewProduct, Product
+
+CATEGORIES = {
+    "books": ("Novel", "Cookbook", "Atlas", "Biography", "Anthology", "Guide"),
+    "electronics": ("Headphones", "Speaker", "Charger", "Keyboard", "Mouse", "Monitor"),
+    "kitchen": ("Kettle", "Pan", "Knife", "Grinder", "Teapot", "Blender"),
+    "garden": ("Trowel", "Planter", "Hose", "Shears", "Lantern", "Bench"),
+    "toys": ("Puzzle", "Kite", "Robot", "Train", "Blocks", "Doll"),
+    "sports": ("Racket", "Ball", "Helmet", "Mat", "Bottle", "Gloves"),
+    "fashion": ("Jacket", "Scarf", "Sneakers", "Hat", "Belt", "Backpack"),
+    "home": ("Lamp", "Rug", "Clock", "Mirror", "Cushion", "Vase"),
+    "beauty": ("Soap", "Serum", "Brush", "Balm", "Comb", "Oil"),
+    "office": ("Notebook", "Pen", "Stapler", "Desk Organizer", "Chair", "Planner"),
+    "pets": ("Leash", "Bowl", "Bed", "Toy", "Brush", "Carrier"),
+    "music": ("Guitar Strings", "Capo", "Tuner", "Metronome", "Drumsticks", "Harmonica"),
+}
+ADJECTIVES = (
+    "Classic",
+    "Compact",
+    "Deluxe",
+    "Eco",
+    "Everyday",
+    "Handmade",
+    "Heavy-Duty",
+    "Lightweight",
+    "Modern",
+    "Nordic",
+    "Premium",
+    "Rustic",
+    "Smart",
+    "Travel",
+    "Vintage",
+    "Wireless",
+)
+COLORS = ("black", "white", "red", "blue", "green", "grey", "oak", "sand")
+
+
+@dataclass
+class SeedReport:
+    products: int = 0
+    already_seeded: bool = False
+    credentials: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def demo_products(count: int, rng: random.Random) -> list[NewProduct]:
+    categories = sorted(CATEGORIES)
+    out = []
+    for n in range(count):
+        category = categories[n % len(categories)]
+        noun = rng.choice(CATEGORIES[category])
+        adjective = rng.choice(ADJECTIVES)
+        color = rng.choice(COLORS)
+        out.append(
+            NewProduct(
+                sku=f"{category[:3].upper()}-{n + 1:06d}",
+                name=f"{adjective} {noun}",
+                description=f"A {adjective.lower()} {noun.lower()} in {color}.",
+                price_minor=rng.randrange(199, 50000, 100),
+                currency="EUR",
+                category=category,
+                attributes={"color": color, "weight_g": rng.randrange(50, 5000, 10)},
+            )
+        )
+    return out
+
+
+async def seed_demo(container: Container, *, progress: Progress | None = None) -> SeedReport:
+    """Seed once: a marker in `platform_meta` makes a second run a no-op."""
+    settings = container.settings.seed
+    report = SeedReport()
+    async with container.db.read() as conn:
+        if await get_meta(conn, SEED_MARKER):
+            report.already_seeded = True
+            return report
+    rng = random.Random(settings.random_seed)
+    drafts = demo_products(settings.products, rng)
+    task = progress.add_task("Seeding catalog", total=len(drafts)) if progress else None
+    batch_size = 200
+    created: list[Product] = []
+    for start in range(0, len(drafts), batch_size):
+        created.extend(await container.catalog.create_many(drafts[start : start + batch_size]))
+        if progress is not None and task is not None:
+            progress.advance(task, min(batch_size, len(drafts) - start))
+    report.products = len(created)
+    async with container.db.write() as conn:
+        await set_meta(conn, SEED_MARKER, container.clock.now().isoformat(), now=container.clock.now())
+    return report

@@ -1,0 +1,162 @@
+"""The application factory: one FastAPI app with the edge middleware and every context's routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from opentelemetry.sdk.trace.export import SpanExporter
+from prometheus_client import CollectorRegistry
+
+from mercato import __version__
+from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
+from mercato.config import Settings, get_settings
+from mercato.gateway.errors import install_error_handlers
+from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from mercato.gateway.probes import router as probes_router
+from mercato.kit.observability import (
+    HttpMetrics,
+    build_tracer_provider,
+    configure_logging,
+    get_logger,
+    instrument_engine,
+    register_pool_gauges,
+)
+from mercato.kit.storage import get_meta
+from mercato.kit.storage.migrations import current_revision, head_revision
+from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
+from mercato.shop.catalog.api import router as catalog_router
+
+ROUTERS = [catalog_router]
+
+_log = get_logger("mercato.app")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    container: Container | None = None,
+    span_exporter: SpanExporter | None = None,
+    configure_logs: bool = True,
+) -> FastAPI:
+    settings = settings or get_settings()
+    settings.check_safe_to_start()
+    if configure_logs:
+        configure_logging(level=settings.telemetry.log_level, fmt=settings.telemetry.log_format)
+    container = container or build_container(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _run_startup_checks(container)
+        try:
+            yield
+        finally:
+            await container.close()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()
+
+    app = FastAPI(
+        title="Mercato API",
+        version=__version__,
+        description="An e-commerce backend: identity, catalog, inventory, cart and orders.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.container = container
+    app.state.settings = settings
+    app.state.token_codec = container.token_codec
+    app.state.catalog = container.catalog
+    for name, service in container.extras.items():
+        setattr(app.state, name, service)
+
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = HttpMetrics(registry)
+    register_pool_gauges(registry, container.db.pool_status)
+    app.state.metrics = metrics
+
+    tracer_provider = build_tracer_provider(
+        service_name=settings.telemetry.service_name,
+        exporter=settings.telemetry.trace_exporter,
+        sample_ratio=settings.telemetry.trace_sample_ratio,
+        otlp_endpoint=settings.telemetry.otlp_endpoint,
+        span_exporter=span_exporter,
+    )
+    tracer = tracer_provider.get_tracer("mercato") if tracer_provider else None
+    if tracer is not None:
+        instrument_engine(container.db.engine, tracer)
+
+    install_error_handlers(app)
+    app.include_router(probes_router)
+    for router in ROUTERS:
+        app.include_router(router)
+
+    # Added innermost first: the request context wraps everything, including the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.http.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, tracer=tracer, access_log=settings.http.access_log
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _run_startup_checks(container: Container) -> None:
+    health = container.health
+    health.expect_startup_step("migrations")
+    if container.settings.seed.required:
+        health.expect_startup_step("seed")
+    head = head_revision(SCRIPT_LOCATION)
+    current = await current_revision(container.db)
+    if current == head:
+        health.mark_started("migrations")
+    else:
+        _log.warning("migrations_pending", current=current, head=head)
+    if container.settings.seed.required and current == head:
+        async with container.db.read() as conn:
+            if await get_meta(conn, SEED_MARKER):
+                health.mark_started("seed")
+
+
+_PROBLEM_REF = {"$ref": "#/components/schemas/ProblemDetails"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_REF}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the problem responses every route can give added or corrected."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    from mercato.kit.web.problems import ProblemDetails
+
+    if "ProblemDetails" not in components:
+        components["ProblemDetails"] = ProblemDetails.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
+    for defn in (
+        ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
+    ):
+        components.setdefault(defn[0], defn[1])
+    components["ProblemDetails"].pop("$defs", None)
+    for path_item in schema.get("paths", {}).values():
+        for method, operation in path_item.items():
+            responses = operation.setdefault("responses", {})
+            has_params = bool(operation.get("parameters"))
+            has_body = "requestBody" in operation
+            if "422" in responses or has_body:
+                responses["422"] = _problem("The request body failed validation or broke a rule")
+            if has_params or has_body:
+                responses.setdefault("400", _problem("Malformed query, path or header"))
+            if has_body or method in ("post", "put", "patch"):
+                responses.setdefault("413", _problem("Request body too large"))
+            responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,168 @@
+"""Pure ASGI middleware for the edge (no BaseHTTPMiddleware: it costs a task per request).
+
+`RequestContextMiddleware` gives every request an id, a server span, RED metrics, an access log
+line and a last-resort 500 that carries only the request id. `BodyLimitMiddleware` refuses
+bodies over the configured size before they are read into memory.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.web.problems import problem_response
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_UNMATCHED_ROUTE = "<unmatched>"
+_log = get_logger("mercato.http")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else _UNMATCHED_ROUTE
+
+
+class RequestContextMiddleware:
+    def __init__(
+        self, app: ASGIApp, *, metrics: HttpMetrics, tracer: Tracer | None, access_log: bool = False
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        start = time.perf_counter()
+        status = 500
+        started = False
+        method = scope["method"]
+        span: Any = None
+        otel_token = None
+        if self.tracer is not None:
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            parent = propagate.extract(carrier)
+            span = self.tracer.start_span(
+                f"{method}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "url.path": scope["path"],
+                    "mercato.request_id": request_id,
+                },
+            )
+            otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:  # noqa: BLE001 - the last resort: log it, answer 500 with the request id
+            _log.exception("unhandled_error", path=scope["path"], method=method)
+            if not started:
+                response = problem_response(
+                    status=500,
+                    slug="internal-error",
+                    title="Internal error",
+                    detail="An unexpected error occurred; quote the request id when reporting it.",
+                    request_id=request_id,
+                )
+                await response(scope, receive, send_wrapper)
+            status = 500
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_template(scope)
+            self.metrics.observe(method=method, route=route, status=status, seconds=elapsed)
+            if span is not None:
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+                if otel_token is not None:
+                    otel_context.detach(otel_token)
+            if self.access_log or status >= 500:
+                _log.info(
+                    "http_request",
+                    method=method,
+                    route=route,
+                    status=status,
+                    duration_ms=round(elapsed * 1000, 2),
+                )
+            request_id_var.reset(token)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(
+            status=413,
+            slug="payload-too-large",
+            title="Request body too large",
+            detail=f"request bodies are limited to {self.max_body_bytes} bytes",
+            instance=scope["path"],
+            request_id=request_id_var.get(),
+        )
+        await response(scope, receive, send)

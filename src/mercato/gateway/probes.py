@@ -1,0 +1,134 @@
+"""Probes, metrics and the problem-type catalogue: operational routes outside /v1."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import orjson
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from mercato.bootstrap import Container
+from mercato.gateway.errors import EDGE_PROBLEMS
+from mercato.kit.errors import registered_errors
+from mercato.kit.web import problem_responses
+
+router = APIRouter(tags=["operations"])
+
+
+class CheckOut(BaseModel):
+    name: str
+    ok: bool
+    duration_ms: float
+    error: str = ""
+
+
+class ProbeOut(BaseModel):
+    status: str
+    checks: list[CheckOut] = []
+
+
+class StartupOut(BaseModel):
+    status: str
+    steps: dict[str, bool]
+
+
+class ProblemTypeOut(BaseModel):
+    type: str
+    title: str
+    description: str
+
+
+def _container(request: Request) -> Container:
+    return cast(Container, request.app.state.container)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get("/healthz", response_model=ProbeOut, summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return _json({"status": "ok", "checks": []})
+
+
+@router.get(
+    "/readyz",
+    response_model=ProbeOut,
+    summary="Readiness: every configured backend answers",
+    responses={503: {"description": "A dependency failed", "model": ProbeOut}},
+)
+async def readyz(request: Request) -> Response:
+    results = await _container(request).health.readiness()
+    ok = all(r.ok for r in results)
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "checks": [
+            {"name": r.name, "ok": r.ok, "duration_ms": r.duration_ms, "error": r.error} for r in results
+        ],
+    }
+    return _json(body, 200 if ok else 503)
+
+
+@router.get(
+    "/startupz",
+    response_model=StartupOut,
+    summary="Startup: migrations applied and seed done",
+    responses={503: {"description": "Still starting", "model": StartupOut}},
+)
+async def startupz(request: Request) -> Response:
+    health = _container(request).health
+    return _json(
+        {"status": "ok" if health.started else "starting", "steps": health.startup_steps},
+        200 if health.started else 503,
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def problem_catalogue() -> dict[str, tuple[str, str]]:
+    catalogue = dict(EDGE_PROBLEMS)
+    for slug, cls in registered_errors().items():
+        catalogue[slug] = (cls.title, cls.description)
+    return catalogue
+
+
+@router.get("/problems", response_model=list[ProblemTypeOut], summary="Every problem type")
+async def list_problem_types() -> Response:
+    return _json(
+        [
+            {"type": f"/problems/{slug}", "title": t, "description": d}
+            for slug, (t, d) in sorted(problem_catalogue().items())
+        ]
+    )
+
+
+@router.get(
+    "/problems/{slug}",
+    response_model=ProblemTypeOut,
+    summary="Describe a problem type",
+    responses=problem_responses(404),
+)
+async def get_problem_type(slug: str) -> Response:
+    entry = problem_catalogue().get(slug)
+    if entry is None:
+        from starlette.exceptions import HTTPException
+
+        raise HTTPException(404, f"no problem type {slug!r}")
+    return _json({"type": f"/problems/{slug}", "title": entry[0], "description": entry[1]})

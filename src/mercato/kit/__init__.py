@@ -1,0 +1,1 @@
+"""The platform kit: generic building blocks with no knowledge of the shop."""

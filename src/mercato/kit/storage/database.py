@@ -1,0 +1,122 @@
+"""One `Database` per process: an async engine plus read and write transaction scopes.
+
+Reads use a plain (deferred) transaction. Writes on SQLite start with `BEGIN IMMEDIATE`, taking
+the write lock up front: a deferred transaction that reads and then writes fails at once with
+SQLITE_BUSY when another writer committed in between, instead of waiting its turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+_WRITE_OPTION = "mercato_write"
+
+
+class Database:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def url(self) -> URL:
+        return self.engine.url
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a read transaction, rolled back (nothing to keep) on exit."""
+        async with self.engine.connect() as conn:
+            try:
+                yield conn
+            finally:
+                await conn.rollback()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a write transaction: committed on success, rolled back on error."""
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(**{_WRITE_OPTION: True})
+            async with conn.begin():
+                yield conn
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    def pool_status(self) -> dict[str, int]:
+        pool: Any = self.engine.pool
+        status = {"size": 0, "checked_out": 0, "overflow": 0, "idle": 0}
+        for name, key in (
+            ("size", "size"),
+            ("checked_out", "checkedout"),
+            ("overflow", "overflow"),
+            ("idle", "checkedin"),
+        ):
+            fn = getattr(pool, key, None)
+            if callable(fn):
+                status[name] = int(fn())
+        return status
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def create_database(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    pool_timeout_s: float = 5.0,
+    statement_timeout_s: float = 10.0,
+    echo: bool = False,
+) -> Database:
+    """Build the engine for `url` with the per-dialect settings this project relies on."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": False}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"timeout": statement_timeout_s}
+        if parsed.database and parsed.database != ":memory:":
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
+    else:
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
+        if parsed.get_driver_name() == "asyncpg":
+            timeout_ms = str(int(statement_timeout_s * 1000))
+            kwargs["connect_args"] = {
+                "server_settings": {"statement_timeout": timeout_ms, "application_name": "mercato"},
+                "timeout": pool_timeout_s,
+            }
+    engine = create_async_engine(parsed, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return Database(engine)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Take transaction control from the driver so BEGIN is ours to emit.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get(_WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

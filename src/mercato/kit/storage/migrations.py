@@ -1,0 +1,44 @@
+"""Run Alembic migrations and compare the database's revision with the scripts' head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from mercato.kit.storage.database import Database
+
+
+def alembic_config(script_location: Path, url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def upgrade(script_location: Path, url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision`. Synchronous: call it outside a running event loop."""
+    command.upgrade(alembic_config(script_location, url), revision)
+
+
+def downgrade(script_location: Path, url: str, revision: str) -> None:
+    command.downgrade(alembic_config(script_location, url), revision)
+
+
+def head_revision(script_location: Path) -> str | None:
+    script = ScriptDirectory.from_config(alembic_config(script_location, ""))
+    return script.get_current_head()
+
+
+async def current_revision(db: Database) -> str | None:
+    try:
+        async with db.read() as conn:
+            row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+    except DBAPIError:
+        return None
+    return str(row[0]) if row else None

@@ -1,0 +1,16 @@
+"""HTTP edge helpers shared by every context's routes: problems, cursors, bearer auth."""
+
+from mercato.kit.web.pagination import Cursor, CursorError, Page
+from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE, ProblemDetails, problem_responses
+from mercato.kit.web.security import authenticated, require_scopes
+
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "Cursor",
+    "CursorError",
+    "Page",
+    "ProblemDetails",
+    "authenticated",
+    "problem_responses",
+    "require_scopes",
+]

@@ -1,0 +1,1 @@
+"""The shop's bounded contexts, each owning its own tables."""

@@ -1,0 +1,1 @@
+"""Catalog: products, prices, categories and search."""

@@ -1,0 +1,248 @@
+"""Catalog HTTP routes: public browsing and admin product management."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, cast
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mercato.kit.auth import Principal
+from mercato.kit.ids import parse_id
+from mercato.kit.web import Cursor, CursorError, Page, problem_responses, require_scopes
+from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.shop.catalog.model import (
+    InvalidProduct,
+    NewProduct,
+    Product,
+    ProductChanges,
+    ProductNotFound,
+    ProductQuery,
+    ProductSort,
+)
+from mercato.shop.catalog.service import CatalogService
+
+router = APIRouter(prefix="/v1/products", tags=["catalog"])
+
+AttributeValue = str | int | float | bool
+
+
+class ProductOut(BaseModel):
+    id: str
+    sku: str
+    name: str
+    description: str
+    price_minor: int
+    currency: str
+    category: str
+    attributes: dict[str, AttributeValue]
+    archived: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProductIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: str = Field(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$")
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=5000)
+    price_minor: int = Field(ge=0, le=10**12)
+    currency: str = Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")
+    category: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    attributes: dict[Annotated[str, Field(min_length=1, max_length=64)], AttributeValue] = Field(
+        default_factory=dict, max_length=32
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded_values(cls, value: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+        for key, item in value.items():
+            if isinstance(item, str) and len(item) > 500:
+                raise ValueError(f"attribute {key!r} is longer than 500 characters")
+        return value
+
+
+class ProductPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    price_minor: int | None = Field(default=None, ge=0, le=10**12)
+    currency: str | None = Field(default=None, min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")
+    category: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"
+    )
+    attributes: dict[Annotated[str, Field(min_length=1, max_length=64)], AttributeValue] | None = Field(
+        default=None, max_length=32
+    )
+
+
+def product_dict(product: Product) -> dict[str, Any]:
+    return {
+        "id": str(product.id),
+        "sku": product.sku,
+        "name": product.name,
+        "description": product.description,
+        "price_minor": product.price_minor,
+        "currency": product.currency,
+        "category": product.category,
+        "attributes": product.attributes,
+        "archived": product.archived,
+        "version": product.version,
+        "created_at": product.created_at.isoformat().replace("+00:00", "Z"),
+        "updated_at": product.updated_at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+def catalog_service(request: Request) -> CatalogService:
+    return cast(CatalogService, request.app.state.catalog)
+
+
+Service = Annotated[CatalogService, Depends(catalog_service)]
+Admin = Annotated[Principal, Depends(require_scopes("catalog:write"))]
+ProductIdPath = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+def _product_id(raw: str) -> uuid.UUID:
+    parsed = parse_id(raw)
+    if parsed is None:
+        raise ProductNotFound(f"product {raw} not found")
+    return parsed
+
+
+@router.get(
+    "",
+    response_model=Page[ProductOut],
+    summary="List products",
+    description="Live products, keyset-paginated. Filter by category, price range and a name search.",
+    responses=problem_responses(400),
+)
+async def list_products(
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    sort: ProductSort = ProductSort.NEWEST,
+    category: Annotated[
+        str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    ] = None,
+    min_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    max_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
+) -> Response:
+    after_value: Any = None
+    after_id: uuid.UUID | None = None
+    if cursor is not None:
+        try:
+            decoded = Cursor.decode(cursor, expected_sort=sort.value)
+        except CursorError as exc:
+            raise InvalidCursor(str(exc), field="query.cursor") from exc
+        after_id = parse_id(decoded.id)
+        if after_id is None:
+            raise InvalidCursor("malformed cursor", field="query.cursor")
+        after_value = decoded.value
+        if sort.key == "price" and not isinstance(after_value, int):
+            raise InvalidCursor("malformed cursor", field="query.cursor")
+        if sort.key == "name" and not isinstance(after_value, str):
+            raise InvalidCursor("malformed cursor", field="query.cursor")
+    query = ProductQuery(
+        limit=limit,
+        sort=sort,
+        category=category,
+        min_price_minor=min_price_minor,
+        max_price_minor=max_price_minor,
+        search=q,
+        after_value=after_value,
+        after_id=after_id,
+    )
+    items, more = await service.browse(query)
+    next_cursor = None
+    if more and items:
+        last = items[-1]
+        next_cursor = Cursor(sort=sort.value, value=last.sort_value(sort), id=str(last.id)).encode()
+    return _json({"items": [product_dict(p) for p in items], "next_cursor": next_cursor})
+
+
+class InvalidCursor(InvalidProduct):
+    slug = "invalid-cursor"
+    title = "Invalid cursor"
+    description = "The pagination cursor is malformed or was issued for a different sort order."
+
+
+@router.get(
+    "/{product_id}",
+    response_model=ProductOut,
+    summary="Get a product",
+    responses=problem_responses(404),
+)
+async def get_product(product_id: ProductIdPath, service: Service) -> Response:
+    product = await service.get(_product_id(product_id))
+    return _json(product_dict(product))
+
+
+@router.post(
+    "",
+    response_model=ProductOut,
+    status_code=201,
+    summary="Create a product",
+    responses={
+        **problem_responses(401, 403, 409, 422),
+        201: {"description": "Created", "headers": {"Location": {"schema": {"type": "string"}}}},
+    },
+)
+async def create_product(body: ProductIn, service: Service, _admin: Admin) -> Response:
+    product = await service.create(
+        NewProduct(
+            sku=body.sku,
+            name=body.name,
+            description=body.description,
+            price_minor=body.price_minor,
+            currency=body.currency,
+            category=body.category,
+            attributes=dict(body.attributes),
+        )
+    )
+    return _json(product_dict(product), 201, {"Location": f"/v1/products/{product.id}"})
+
+
+@router.patch(
+    "/{product_id}",
+    response_model=ProductOut,
+    summary="Update a product",
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
+async def update_product(
+    product_id: ProductIdPath, body: ProductPatch, service: Service, _admin: Admin
+) -> Response:
+    changes = ProductChanges(
+        name=body.name,
+        description=body.description,
+        price_minor=body.price_minor,
+        currency=body.currency,
+        category=body.category,
+        attributes=dict(body.attributes) if body.attributes is not None else None,
+    )
+    product = await service.update(_product_id(product_id), changes)
+    return _json(product_dict(product))
+
+
+@router.post(
+    "/{product_id}/archive",
+    response_model=ProductOut,
+    summary="Archive a product",
+    description="Hides the product from the public catalog; existing orders keep their lines.",
+    responses=problem_responses(401, 403, 404, 409),
+)
+async def archive_product(product_id: ProductIdPath, service: Service, _admin: Admin) -> Response:
+    product = await service.archive(_product_id(product_id))
+    return _json(product_dict(product))

@@ -1,0 +1,198 @@
+"""Catalog persistence: the catalog's tables and the queries on them (this context alone)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    ColumnElement,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    Uuid,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.storage import UTCDateTime, metadata
+from mercato.shop.catalog.model import DuplicateSku, Product, ProductQuery, ProductSort
+
+products = Table(
+    "catalog_products",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("sku", String(64), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("price_minor", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("category", String(64), nullable=False),
+    Column("attributes", JSON, nullable=False),
+    Column("archived", Boolean, nullable=False, default=False),
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    CheckConstraint("price_minor >= 0", name="price_non_negative"),
+    CheckConstraint("length(currency) = 3", name="currency_iso4217"),
+    CheckConstraint("version >= 1", name="version_positive"),
+    # Listing indexes: one per sort order, partial on the rows the public list can see.
+    Index("ix_catalog_products_live_id", "id", postgresql_where="NOT archived", sqlite_where="archived = 0"),
+    Index(
+        "ix_catalog_products_live_price",
+        "price_minor",
+        "id",
+        postgresql_where="NOT archived",
+        sqlite_where="archived = 0",
+    ),
+    Index(
+        "ix_catalog_products_live_name",
+        "name",
+        "id",
+        postgresql_where="NOT archived",
+        sqlite_where="archived = 0",
+    ),
+    Index(
+        "ix_catalog_products_live_category_price",
+        "category",
+        "price_minor",
+        "id",
+        postgresql_where="NOT archived",
+        sqlite_where="archived = 0",
+    ),
+)
+
+_SORT_COLUMNS: dict[str, Any] = {
+    "created_at": None,
+    "price": products.c.price_minor,
+    "name": products.c.name,
+}
+
+
+def _row_to_product(row: Any) -> Product:
+    return Product(
+        id=row.id,
+        sku=row.sku,
+        name=row.name,
+        description=row.description,
+        price_minor=row.price_minor,
+        currency=row.currency,
+        category=row.category,
+        attributes=dict(row.attributes or {}),
+        archived=bool(row.archived),
+        version=row.version,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _values(product: Product) -> dict[str, Any]:
+    return {
+        "id": product.id,
+        "sku": product.sku,
+        "name": product.name,
+        "description": product.description,
+        "price_minor": product.price_minor,
+        "currency": product.currency,
+        "category": product.category,
+        "attributes": product.attributes,
+        "archived": product.archived,
+        "version": product.version,
+        "created_at": product.created_at,
+        "updated_at": product.updated_at,
+    }
+
+
+class CatalogRepository:
+    """Queries on `catalog_products`. Every method runs on the connection it is given."""
+
+    async def get(self, conn: AsyncConnection, product_id: uuid.UUID) -> Product | None:
+        row = (await conn.execute(select(products).where(products.c.id == product_id))).first()
+        return _row_to_product(row) if row else None
+
+    async def get_many(self, conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> list[Product]:
+        if not ids:
+            return []
+        rows = await conn.execute(select(products).where(products.c.id.in_(list(ids))))
+        return [_row_to_product(r) for r in rows]
+
+    async def get_by_skus(self, conn: AsyncConnection, skus: Sequence[str]) -> list[Product]:
+        if not skus:
+            return []
+        rows = await conn.execute(select(products).where(products.c.sku.in_(list(skus))))
+        return [_row_to_product(r) for r in rows]
+
+    async def add(self, conn: AsyncConnection, product: Product) -> None:
+        try:
+            await conn.execute(insert(products).values(**_values(product)))
+        except IntegrityError as exc:
+            raise DuplicateSku(f"a product with SKU {product.sku} already exists", field="sku") from exc
+
+    async def add_many(self, conn: AsyncConnection, batch: Sequence[Product]) -> None:
+        if batch:
+            await conn.execute(insert(products), [_values(p) for p in batch])
+
+    async def save(self, conn: AsyncConnection, product: Product, *, expected_version: int) -> bool:
+        """Write `product` if the stored version is still `expected_version` (optimistic lock)."""
+        values = _values(product)
+        values.pop("id")
+        values.pop("created_at")
+        result = await conn.execute(
+            update(products)
+            .where(products.c.id == product.id, products.c.version == expected_version)
+            .values(**values)
+        )
+        return result.rowcount == 1
+
+    async def count(self, conn: AsyncConnection) -> int:
+        return int((await conn.execute(select(func.count()).select_from(products))).scalar_one())
+
+    async def page(self, conn: AsyncConnection, query: ProductQuery) -> list[Product]:
+        """One keyset page; fetches `limit + 1` rows so the caller knows whether more exist."""
+        stmt = select(products).where(products.c.archived.is_(False))
+        if query.category is not None:
+            stmt = stmt.where(products.c.category == query.category)
+        if query.min_price_minor is not None:
+            stmt = stmt.where(products.c.price_minor >= query.min_price_minor)
+        if query.max_price_minor is not None:
+            stmt = stmt.where(products.c.price_minor <= query.max_price_minor)
+        if query.search:
+            stmt = stmt.where(products.c.name.ilike(f"%{_escape_like(query.search)}%", escape="\\"))
+        column = _SORT_COLUMNS[query.sort.key]
+        order: list[Any]
+        if query.after_id is not None:
+            stmt = stmt.where(_after(column, query.sort, query.after_value, query.after_id))
+        if column is None:
+            order = [products.c.id.desc() if query.sort.descending else products.c.id.asc()]
+        elif query.sort.descending:
+            order = [column.desc(), products.c.id.desc()]
+        else:
+            order = [column.asc(), products.c.id.asc()]
+        stmt = stmt.order_by(*order).limit(query.limit + 1)
+        return [_row_to_product(r) for r in await conn.execute(stmt)]
+
+
+def _after(column: Any, sort: ProductSort, value: Any, after_id: uuid.UUID) -> ColumnElement[bool]:
+    if column is None:
+        return products.c.id < after_id if sort.descending else products.c.id > after_id
+    # A row-value comparison matches the (column, id) index order on both planners.
+    if sort.descending:
+        return tuple_(column, products.c.id) < tuple_(value, after_id)
+    return tuple_(column, products.c.id) > tuple_(value, after_id)
+
+
+def _escape_like(term: str) -> str:
+    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

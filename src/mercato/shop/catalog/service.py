@@ -1,0 +1,102 @@
+"""Catalog use cases."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from mercato.kit.clock import Clock
+from mercato.kit.errors import Conflict
+from mercato.kit.ids import new_id
+from mercato.kit.storage import Database
+from mercato.shop.catalog.contracts import PriceQuote
+from mercato.shop.catalog.model import (
+    NewProduct,
+    Product,
+    ProductChanges,
+    ProductNotFound,
+    ProductQuery,
+)
+from mercato.shop.catalog.repository import CatalogRepository
+
+
+class ConcurrentProductUpdate(Conflict):
+    slug = "concurrent-update"
+    title = "Concurrent update"
+    description = "The resource changed while this update was being applied; fetch it and retry."
+
+
+class CatalogService:
+    def __init__(self, db: Database, clock: Clock, repository: CatalogRepository | None = None) -> None:
+        self._db = db
+        self._clock = clock
+        self._repo = repository or CatalogRepository()
+
+    async def get(self, product_id: uuid.UUID, *, include_archived: bool = False) -> Product:
+        async with self._db.read() as conn:
+            product = await self._repo.get(conn, product_id)
+        if product is None or (product.archived and not include_archived):
+            raise ProductNotFound(f"product {product_id} not found")
+        return product
+
+    async def browse(self, query: ProductQuery) -> tuple[list[Product], bool]:
+        """A page of live products and whether another page follows."""
+        async with self._db.read() as conn:
+            rows = await self._repo.page(conn, query)
+        return rows[: query.limit], len(rows) > query.limit
+
+    async def create(self, draft: NewProduct) -> Product:
+        product = draft.create(product_id=new_id(), now=self._clock.now())
+        async with self._db.write() as conn:
+            await self._repo.add(conn, product)
+        return product
+
+    async def create_many(self, drafts: Sequence[NewProduct]) -> list[Product]:
+        now = self._clock.now()
+        batch = [d.create(product_id=new_id(), now=now) for d in drafts]
+        async with self._db.write() as conn:
+            await self._repo.add_many(conn, batch)
+        return batch
+
+    async def update(self, product_id: uuid.UUID, changes: ProductChanges) -> Product:
+        async with self._db.write() as conn:
+            current = await self._repo.get(conn, product_id)
+            if current is None:
+                raise ProductNotFound(f"product {product_id} not found")
+            updated = current.with_changes(changes, now=self._clock.now())
+            if updated is current:
+                return current
+            if not await self._repo.save(conn, updated, expected_version=current.version):
+                raise ConcurrentProductUpdate(f"product {product_id} was changed concurrently")
+        return updated
+
+    async def archive(self, product_id: uuid.UUID) -> Product:
+        async with self._db.write() as conn:
+            current = await self._repo.get(conn, product_id)
+            if current is None:
+                raise ProductNotFound(f"product {product_id} not found")
+            archived = current.archive(now=self._clock.now())
+            if archived is not current and not await self._repo.save(
+                conn, archived, expected_version=current.version
+            ):
+                raise ConcurrentProductUpdate(f"product {product_id} was changed concurrently")
+        return archived
+
+    async def count(self) -> int:
+        async with self._db.read() as conn:
+            return await self._repo.count(conn)
+
+    async def quote(self, product_ids: list[uuid.UUID]) -> dict[uuid.UUID, PriceQuote]:
+        async with self._db.read() as conn:
+            found = await self._repo.get_many(conn, product_ids)
+        return {
+            p.id: PriceQuote(
+                product_id=p.id,
+                sku=p.sku,
+                name=p.name,
+                unit_price_minor=p.price_minor,
+                currency=p.currency,
+                available_for_sale=not p.archived,
+            )
+            for p in found
+        }

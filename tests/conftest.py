@@ -1,0 +1,91 @@
+"""Shared fixtures: real databases (SQLite file and a throwaway PostgreSQL database per run)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
+from mercato.config import AuthSettings, DatabaseSettings, Environment, Settings
+from mercato.kit.clock import ManualClock
+from mercato.kit.storage import metadata
+from mercato.kit.storage.migrations import upgrade
+
+PG_ADMIN_DSN = os.environ.get("MERCATO_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_SECRET = "test-secret-that-is-long-enough-0123456789abcdef"
+
+
+def _pg_host_part() -> str:
+    return PG_ADMIN_DSN.split("://", 1)[1].rsplit("/", 1)[0]
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database made for this test run, migrated to head, dropped at the end."""
+    name = f"mercato_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
+    try:
+        upgrade(SCRIPT_LOCATION, url)
+        yield url
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path: Path = tmp_path_factory.mktemp("sqlite") / "mercato.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    upgrade(SCRIPT_LOCATION, url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over both real backends."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+def make_settings(url: str, **overrides: object) -> Settings:
+    return Settings(
+        env=Environment.TEST,
+        database=DatabaseSettings(url=url, pool_size=20, max_overflow=40),
+        auth=AuthSettings(secret=TEST_SECRET, argon2_time_cost=1, argon2_memory_kib=8192),  # type: ignore[arg-type]
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    from datetime import UTC, datetime
+
+    return ManualClock(datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def container(database_url: str, clock: ManualClock) -> AsyncIterator[Container]:
+    """A container on a clean database: every table is emptied after the test."""
+    built = build_container(make_settings(database_url), clock=clock)
+    try:
+        yield built
+    finally:
+        async with built.db.write() as conn:
+            for table in reversed(metadata.sorted_tables):
+                await conn.execute(text(f'DELETE FROM "{table.name}"'))
+        await built.close()

@@ -1,0 +1,79 @@
+"""Starts a real `mercato up` process in a temporary directory and waits until it is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+@dataclass(frozen=True)
+class RunningShop:
+    base_url: str
+    workdir: Path
+    output: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_mercato(
+    workdir: Path, args: list[str], env_extra: dict[str, str] | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERCATO_")}
+    env.update(
+        {
+            "MERCATO_SEED_PRODUCTS": "1000",
+            "MERCATO_AUTH_ARGON2_TIME_COST": "1",
+            "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
+        }
+    )
+    env.update(env_extra or {})
+    output = workdir / "mercato.log"
+    with output.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mercato.cli.main", *args, "--port", str(port)],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mercato exited early:\n{output.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/startupz", timeout=1.0).status_code == 200:
+                return proc, base_url, output
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"mercato did not become ready:\n{output.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningShop]:
+    workdir = tmp_path_factory.mktemp("shop")
+    proc, base_url, output = start_mercato(workdir, ["up"])
+    try:
+        yield RunningShop(base_url=base_url, workdir=workdir, output=output)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

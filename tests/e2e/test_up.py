@@ -1,0 +1,55 @@
+"""A new user's first minutes: `mercato up` on a fresh directory, then browse the catalog."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import RunningShop
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_seeds_and_serves_the_catalog(shop: RunningShop) -> None:
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+        seen = 0
+        cursor = None
+        while True:
+            params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/v1/products", params=params).json()
+            seen += len(page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen >= 1000
+        first = client.get("/v1/products", params={"limit": 1}).json()["items"][0]
+        one = client.get(f"/v1/products/{first['id']}")
+        assert one.status_code == 200
+        assert one.json()["sku"] == first["sku"]
+
+
+def test_embedded_mode_keeps_its_data_under_var(shop: RunningShop) -> None:
+    assert (shop.workdir / "var" / "mercato.db").exists()
+
+
+def test_probes_and_docs(shop: RunningShop) -> None:
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert {c["name"] for c in ready.json()["checks"]} >= {"database"}
+        assert client.get("/startupz").json()["steps"]["seed"] is True
+        assert client.get("/docs").status_code == 200
+        assert "/v1/products" in client.get("/openapi.json").json()["paths"]
+
+
+def test_request_id_is_echoed_and_errors_are_problems(shop: RunningShop) -> None:
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+        response = client.get("/v1/products/not-a-product", headers={"X-Request-ID": "e2e-abc-123"})
+        assert response.status_code == 404
+        assert response.headers["x-request-id"] == "e2e-abc-123"
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert body["type"] == "/problems/product-not-found"
+        assert body["request_id"] == "e2e-abc-123"
+        assert client.get(body["type"]).json()["title"] == "Product not found"
