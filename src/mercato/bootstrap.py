@@ -5,7 +5,7 @@ Nothing else decides "am I on PostgreSQL?"; everything else receives what it nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
@@ -26,7 +26,6 @@ class Container:
     token_codec: TokenCodec
     health: HealthRegistry
     catalog: CatalogService
-    extras: dict[str, object] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.db.dispose()

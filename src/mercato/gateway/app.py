@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -67,11 +68,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.container = container
-    app.state.settings = settings
-    app.state.token_codec = container.token_codec
-    app.state.catalog = container.catalog
-    for name, service in container.extras.items():
-        setattr(app.state, name, service)
+    # Each context's routes find their service by name on app.state (catalog, identity, ...).
+    for item in dataclasses.fields(container):
+        setattr(app.state, item.name, getattr(container, item.name))
 
     registry = CollectorRegistry(auto_describe=True)
     metrics = HttpMetrics(registry)

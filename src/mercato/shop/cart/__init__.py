@@ -1,0 +1,1 @@
+"""Cart: each customer's basket, priced from the catalog."""

@@ -1,0 +1,1 @@
+"""Identity: accounts, passwords, access and refresh tokens, roles and scopes."""

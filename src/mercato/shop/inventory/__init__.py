@@ -1,0 +1,1 @@
+"""Inventory: stock per SKU and reservations that never oversell."""

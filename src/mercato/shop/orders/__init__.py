@@ -1,0 +1,1 @@
+"""Orders: orders placed from a cart and their lines."""
