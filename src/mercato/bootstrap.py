@@ -13,7 +13,12 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
+from mercato.shop.cart.model import CartLimits
+from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.service import CatalogService
+from mercato.shop.identity.service import IdentityService
+from mercato.shop.inventory.service import InventoryService
+from mercato.shop.orders.service import OrdersService
 
 SEED_MARKER = "seed_completed_at"
 
@@ -26,6 +31,10 @@ class Container:
     token_codec: TokenCodec
     health: HealthRegistry
     catalog: CatalogService
+    identity: IdentityService
+    inventory: InventoryService
+    cart: CartService
+    orders: OrdersService
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -57,13 +66,26 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     )
     health = HealthRegistry()
     health.add_check("database", db.ping)
+    catalog = CatalogService(db, clock)
+    shop = settings.shop
+    # The catalog service is the cart's PriceBook; the cart service is the orders' CartSource.
+    cart = CartService(
+        db,
+        clock,
+        catalog,
+        CartLimits(max_quantity_per_line=shop.max_quantity_per_line, max_lines=shop.max_cart_lines),
+    )
     return Container(
         settings=settings,
         clock=clock,
         db=db,
         token_codec=codec,
         health=health,
-        catalog=CatalogService(db, clock),
+        catalog=catalog,
+        identity=IdentityService(db, clock, codec, settings.auth),
+        inventory=InventoryService(db, clock, reservation_ttl_s=shop.reservation_ttl_s),
+        cart=cart,
+        orders=OrdersService(db, clock, cart),
     )
 
 

@@ -20,8 +20,10 @@ async def test_migrated_database_has_every_declared_table_and_column(database_ur
         assert await current_revision(db) == head_revision(SCRIPT_LOCATION)
         async with db.engine.connect() as conn:
             actual = await conn.run_sync(
-                lambda sync: {t: {c["name"] for c in inspect(sync).get_columns(t)}
-                              for t in inspect(sync).get_table_names()}
+                lambda sync: {
+                    t: {c["name"] for c in inspect(sync).get_columns(t)}
+                    for t in inspect(sync).get_table_names()
+                }
             )
     finally:
         await db.dispose()

@@ -15,13 +15,18 @@ from rich.table import Table
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.seed import SeedReport, seed_demo
 from mercato.config import Settings, UnsafeConfiguration, get_settings
+from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
+from mercato.shop.identity.contracts import Role
+from mercato.shop.identity.model import EmailTaken, User
 
 app = typer.Typer(
     help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 console = Console(stderr=True)
 
 
@@ -134,6 +139,44 @@ def up(
         log_config=None,
         proxy_headers=False,
     )
+
+
+async def _create_user(settings: Settings, email: str, password: str, role: Role) -> User:
+    container = build_container(settings)
+    try:
+        return await container.identity.create_user(email, password, role=role)
+    finally:
+        await container.close()
+
+
+@users_app.command("create-admin")
+def users_create_admin(
+    email: Annotated[str, typer.Option(help="The admin's e-mail address (login name)")],
+    password: Annotated[
+        str,
+        typer.Option(
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            help="Prompted for (hidden) when not given; avoid passing it on a shared machine",
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the account as JSON")] = False,
+) -> None:
+    """Create an account with the admin role (expects migrations applied)."""
+    settings = _settings()
+    try:
+        user = asyncio.run(_create_user(settings, email, password, Role.ADMIN))
+    except EmailTaken as exc:
+        console.print(f"[red]error:[/red] an account with e-mail {email.strip().lower()} already exists")
+        raise typer.Exit(1) from exc
+    except DomainError as exc:
+        console.print(f"[red]error:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps({"id": str(user.id), "email": user.email, "role": user.role.value}))
+    else:
+        console.print(f"[green]✓[/green] admin {user.email} created (id {user.id})")
 
 
 @config_app.command("show")

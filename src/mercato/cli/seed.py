@@ -6,6 +6,7 @@ Deterministic for a given random seed, so two fresh installs show the same shop.
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass, field
 
 from rich.progress import Progress
@@ -13,6 +14,8 @@ from rich.progress import Progress
 from mercato.bootstrap import SEED_MARKER, Container
 from mercato.kit.storage import get_meta, set_meta
 from mercato.shop.catalog.model import NewProduct, Product
+from mercato.shop.identity.contracts import Role
+from mercato.shop.identity.model import EmailTaken
 
 CATEGORIES = {
     "books": ("Novel", "Cookbook", "Atlas", "Biography", "Anthology", "Guide"),
@@ -78,6 +81,58 @@ def demo_products(count: int, rng: random.Random) -> list[NewProduct]:
     return out
 
 
+def demo_stock(products: list[Product], rng: random.Random) -> list[tuple[str, int]]:
+    """Units per SKU: 0..200, with about one product in twenty sold out so the shop shows that case."""
+    return [(p.sku, 0 if rng.random() < 0.05 else rng.randint(1, 200)) for p in products]
+
+
+async def seed_stock(
+    container: Container, products: list[Product], rng: random.Random, *, progress: Progress | None = None
+) -> None:
+    levels = demo_stock(products, rng)
+    task = progress.add_task("Seeding stock", total=len(levels)) if progress else None
+    batch_size = 500
+    for start in range(0, len(levels), batch_size):
+        batch = levels[start : start + batch_size]
+        await container.inventory.set_available_many(batch)
+        if progress is not None and task is not None:
+            progress.advance(task, len(batch))
+
+
+def demo_password(rng: random.Random) -> str:
+    """A 16-character demo password: reproducible for a given seed, yet not a guessable constant."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(rng.choice(alphabet) for _ in range(16))
+
+
+async def seed_accounts(
+    container: Container, report: SeedReport, *, progress: Progress | None = None
+) -> None:
+    """The admin from settings plus `seed.customers` customers.
+
+    Accounts that already exist (a seed interrupted before its marker was written) are left as
+    they are and not reported, since the password printed would not be theirs.
+    """
+    settings = container.settings.seed
+    # Its own generator, so customer passwords do not change when the product count does.
+    rng = random.Random(f"{settings.random_seed}-accounts")
+    accounts = [(Role.ADMIN, settings.admin_email, settings.admin_password.get_secret_value())]
+    accounts += [
+        (Role.CUSTOMER, f"customer{n}@mercato.local", demo_password(rng))
+        for n in range(1, settings.customers + 1)
+    ]
+    task = progress.add_task("Seeding accounts", total=len(accounts)) if progress else None
+    for role, email, password in accounts:
+        try:
+            user = await container.identity.create_user(email, password, role=role)
+        except EmailTaken:
+            pass
+        else:
+            report.credentials.append((role.value, user.email, password))
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+
 async def seed_demo(container: Container, *, progress: Progress | None = None) -> SeedReport:
     """Seed once: a marker in `platform_meta` makes a second run a no-op."""
     settings = container.settings.seed
@@ -96,6 +151,8 @@ async def seed_demo(container: Container, *, progress: Progress | None = None) -
         if progress is not None and task is not None:
             progress.advance(task, min(batch_size, len(drafts) - start))
     report.products = len(created)
+    await seed_stock(container, created, rng, progress=progress)
+    await seed_accounts(container, report, progress=progress)
     async with container.db.write() as conn:
         await set_meta(conn, SEED_MARKER, container.clock.now().isoformat(), now=container.clock.now())
     return report

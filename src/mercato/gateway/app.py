@@ -29,9 +29,21 @@ from mercato.kit.observability import (
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revision, head_revision
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
+from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
+from mercato.shop.identity.api import router as identity_router
+from mercato.shop.inventory.api import router as inventory_router
+from mercato.shop.orders.api import admin_router as orders_admin_router
+from mercato.shop.orders.api import router as orders_router
 
-ROUTERS = [catalog_router]
+ROUTERS = [
+    catalog_router,
+    identity_router,
+    inventory_router,
+    cart_router,
+    orders_router,
+    orders_admin_router,
+]
 
 _log = get_logger("mercato.app")
 

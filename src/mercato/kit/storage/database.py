@@ -86,6 +86,11 @@ def create_database(
         kwargs["connect_args"] = {"timeout": statement_timeout_s}
         if parsed.database and parsed.database != ":memory:":
             kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
+        # Every scope below ends its transaction itself (read: rollback, write: commit or rollback),
+        # and a Connection closed mid-transaction rolls it back before returning to the pool, so the
+        # pool's own reset-on-return ROLLBACK is a second, empty one: on aiosqlite it still costs a
+        # round trip to the driver's thread on every checkin.
+        kwargs["pool_reset_on_return"] = None
     else:
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
         if parsed.get_driver_name() == "asyncpg":

@@ -62,9 +62,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
             name="fk_inventory_reservation_lines_reservation_id",
         ),
-        sa.ForeignKeyConstraint(
-            ["sku"], ["inventory_stock.sku"], name="fk_inventory_reservation_lines_sku"
-        ),
+        sa.ForeignKeyConstraint(["sku"], ["inventory_stock.sku"], name="fk_inventory_reservation_lines_sku"),
         sa.CheckConstraint("quantity > 0", name="ck_inventory_reservation_lines_quantity_positive"),
     )
 

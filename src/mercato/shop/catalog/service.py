@@ -89,14 +89,20 @@ class CatalogService:
     async def quote(self, product_ids: list[uuid.UUID]) -> dict[uuid.UUID, PriceQuote]:
         async with self._db.read() as conn:
             found = await self._repo.get_many(conn, product_ids)
-        return {
-            p.id: PriceQuote(
-                product_id=p.id,
-                sku=p.sku,
-                name=p.name,
-                unit_price_minor=p.price_minor,
-                currency=p.currency,
-                available_for_sale=not p.archived,
-            )
-            for p in found
-        }
+        return {p.id: _quote(p) for p in found}
+
+    async def quote_skus(self, skus: list[str]) -> dict[str, PriceQuote]:
+        async with self._db.read() as conn:
+            found = await self._repo.get_by_skus(conn, sorted(set(skus)))
+        return {p.sku: _quote(p) for p in found}
+
+
+def _quote(product: Product) -> PriceQuote:
+    return PriceQuote(
+        product_id=product.id,
+        sku=product.sku,
+        name=product.name,
+        unit_price_minor=product.price_minor,
+        currency=product.currency,
+        available_for_sale=not product.archived,
+    )

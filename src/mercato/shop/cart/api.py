@@ -1,0 +1,192 @@
+"""Cart HTTP routes: the caller's own cart at `/v1/carts/me`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, cast
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from mercato.kit.auth import Principal
+from mercato.kit.errors import Forbidden
+from mercato.kit.web import problem_responses, require_scopes
+from mercato.shop.cart.contracts import CartView
+from mercato.shop.cart.model import STORAGE_MAX_QUANTITY
+from mercato.shop.cart.service import CartService
+
+PRIVATE = "private, no-store"
+
+
+class PrivateRoute(APIRoute):
+    """Every response of the route says `Cache-Control: private, no-store`, problems included.
+
+    The header is set here rather than per endpoint because errors raised by dependencies
+    (401, 403, 422) never reach the endpoint; they are rendered with the app's own handlers.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                response = await inner(request)
+            except Exception as exc:
+                render = _exception_handler(request, exc)
+                if render is None:
+                    raise
+                response = await render(request, exc)
+            response.headers["Cache-Control"] = PRIVATE
+            return response
+
+        return handler
+
+
+def _exception_handler(request: Request, exc: Exception) -> Any:
+    handlers: dict[Any, Any] = request.app.exception_handlers
+    for kind in type(exc).__mro__:
+        if kind in handlers:
+            return handlers[kind]
+    return None
+
+
+router = APIRouter(prefix="/v1/carts/me", tags=["cart"], route_class=PrivateRoute)
+
+
+class NotACustomer(Forbidden):
+    slug = "customer-account-required"
+    title = "Customer account required"
+    description = "This resource belongs to a customer account; the token's subject is not one."
+
+
+class CartLineOut(BaseModel):
+    sku: str
+    product_id: str | None = Field(description="Null only when the catalog no longer knows the SKU.")
+    name: str
+    quantity: int
+    unit_price_minor: int = Field(description="Current catalog price; 0 when the product is unknown.")
+    line_total_minor: int
+    currency: str | None
+    available: bool = Field(description="False when the line cannot be ordered; see unavailable_reason.")
+    unavailable_reason: str | None = Field(description="archived | unknown | currency_changed")
+
+
+class CartOut(BaseModel):
+    lines: list[CartLineOut]
+    currency: str | None = Field(description="The cart's currency; null for a cart with no sellable line.")
+    total_minor: int = Field(description="Sum of the available lines, in minor units.")
+    item_count: int = Field(description="Units across the available lines.")
+
+
+class CartItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    quantity: int = Field(
+        ge=1,
+        le=STORAGE_MAX_QUANTITY,
+        description="The line's new quantity (the shop's per-line limit applies).",
+    )
+
+
+def cart_dict(cart: CartView) -> dict[str, Any]:
+    return {
+        "lines": [
+            {
+                "sku": line.sku,
+                "product_id": str(line.product_id) if line.product_id else None,
+                "name": line.name,
+                "quantity": line.quantity,
+                "unit_price_minor": line.unit_price_minor,
+                "line_total_minor": line.line_total_minor,
+                "currency": line.currency,
+                "available": line.available,
+                "unavailable_reason": line.unavailable_reason.value if line.unavailable_reason else None,
+            }
+            for line in cart.lines
+        ],
+        "currency": cart.currency,
+        "total_minor": cart.total_minor,
+        "item_count": cart.item_count,
+    }
+
+
+def _json(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+def cart_service(request: Request) -> CartService:
+    return cast(CartService, request.app.state.cart)
+
+
+def customer_id(principal: Principal) -> uuid.UUID:
+    try:
+        return uuid.UUID(principal.subject)
+    except ValueError as exc:
+        raise NotACustomer("the caller is not a customer account") from exc
+
+
+Service = Annotated[CartService, Depends(cart_service)]
+Reader = Annotated[Principal, Depends(require_scopes("cart:read"))]
+Writer = Annotated[Principal, Depends(require_scopes("cart:write"))]
+SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$")]
+
+_PRIVATE_HEADER = {"Cache-Control": {"schema": {"type": "string"}, "description": "private, no-store"}}
+
+
+def _ok(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description, "headers": _PRIVATE_HEADER}}
+
+
+def _no_content(description: str) -> dict[int | str, dict[str, Any]]:
+    return {204: {"description": description, "headers": _PRIVATE_HEADER}}
+
+
+@router.get(
+    "",
+    response_model=CartOut,
+    summary="Get my cart",
+    description="Lines priced from the catalog now; archived products are flagged unavailable.",
+    responses={**problem_responses(401, 403), **_ok("The cart")},
+)
+async def get_cart(service: Service, principal: Reader) -> Response:
+    return _json(cart_dict(await service.view(customer_id(principal))))
+
+
+@router.put(
+    "/items/{sku}",
+    response_model=CartOut,
+    summary="Add a product or set its quantity",
+    description=(
+        "Sets the line for `sku` to `quantity`, adding it if absent. 422 for an unknown or "
+        "archived SKU, a quantity over the limit, a full cart or a product in another currency."
+    ),
+    responses={**problem_responses(401, 403, 422), **_ok("The cart after the change")},
+)
+async def put_item(sku: SkuPath, body: CartItemIn, service: Service, principal: Writer) -> Response:
+    return _json(cart_dict(await service.set_item(customer_id(principal), sku, body.quantity)))
+
+
+@router.delete(
+    "/items/{sku}",
+    status_code=204,
+    summary="Remove a line",
+    description="Idempotent: removing a line that is not in the cart also answers 204.",
+    responses={**problem_responses(401, 403), **_no_content("Removed")},
+)
+async def delete_item(sku: SkuPath, service: Service, principal: Writer) -> Response:
+    await service.remove_item(customer_id(principal), sku)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "",
+    status_code=204,
+    summary="Empty my cart",
+    responses={**problem_responses(401, 403), **_no_content("Emptied")},
+)
+async def clear_cart(service: Service, principal: Writer) -> Response:
+    await service.clear(customer_id(principal))
+    return Response(status_code=204)

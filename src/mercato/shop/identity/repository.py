@@ -1,0 +1,157 @@
+"""Identity persistence: users and refresh tokens (this context's tables alone)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.shop.identity.model import EmailTaken, RefreshToken, Role, TokenStatus, User
+from mercato.shop.identity.tables import refresh_tokens, users
+
+
+def _row_to_user(row: Any) -> User:
+    return User(
+        id=row.id,
+        email=row.email,
+        role=Role(row.role),
+        display_name=row.display_name,
+        disabled=bool(row.disabled),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        password_hash=row.password_hash,
+    )
+
+
+def _row_to_token(row: Any) -> RefreshToken:
+    return RefreshToken(
+        id=row.id,
+        user_id=row.user_id,
+        family_id=row.family_id,
+        token_hash=row.token_hash,
+        status=TokenStatus(row.status),
+        issued_at=row.issued_at,
+        expires_at=row.expires_at,
+        rotated_at=row.rotated_at,
+        replaced_by=row.replaced_by,
+    )
+
+
+class IdentityRepository:
+    """Queries on `identity_users` and `identity_refresh_tokens`, on the connection given."""
+
+    async def add_user(self, conn: AsyncConnection, user: User) -> None:
+        """Insert; the unique index on the normalised e-mail is the arbiter when two sign-ups race."""
+        try:
+            await conn.execute(
+                insert(users).values(
+                    id=user.id,
+                    email=user.email,
+                    password_hash=user.password_hash,
+                    role=user.role.value,
+                    display_name=user.display_name,
+                    disabled=user.disabled,
+                    created_at=user.created_at,
+                    updated_at=user.updated_at,
+                )
+            )
+        except IntegrityError as exc:
+            raise EmailTaken(f"an account with e-mail {user.email} already exists", field="email") from exc
+
+    async def get_user(self, conn: AsyncConnection, user_id: uuid.UUID) -> User | None:
+        row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        return _row_to_user(row) if row else None
+
+    async def get_user_by_email(self, conn: AsyncConnection, email: str) -> User | None:
+        row = (await conn.execute(select(users).where(users.c.email == email))).first()
+        return _row_to_user(row) if row else None
+
+    async def email_exists(self, conn: AsyncConnection, email: str) -> bool:
+        row = (await conn.execute(select(users.c.id).where(users.c.email == email))).first()
+        return row is not None
+
+    async def set_password_hash(self, conn: AsyncConnection, user: User) -> None:
+        await conn.execute(
+            update(users)
+            .where(users.c.id == user.id)
+            .values(password_hash=user.password_hash, updated_at=user.updated_at)
+        )
+
+    async def set_disabled(
+        self, conn: AsyncConnection, user_id: uuid.UUID, *, disabled: bool, now: datetime
+    ) -> bool:
+        result = await conn.execute(
+            update(users).where(users.c.id == user_id).values(disabled=disabled, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def count_users(self, conn: AsyncConnection) -> int:
+        return int((await conn.execute(select(func.count()).select_from(users))).scalar_one())
+
+    async def add_refresh_token(self, conn: AsyncConnection, token: RefreshToken) -> None:
+        await conn.execute(
+            insert(refresh_tokens).values(
+                id=token.id,
+                user_id=token.user_id,
+                family_id=token.family_id,
+                token_hash=token.token_hash,
+                status=token.status.value,
+                issued_at=token.issued_at,
+                expires_at=token.expires_at,
+                rotated_at=token.rotated_at,
+                replaced_by=token.replaced_by,
+            )
+        )
+
+    async def get_refresh_token(self, conn: AsyncConnection, token_hash: str) -> RefreshToken | None:
+        row = (
+            await conn.execute(select(refresh_tokens).where(refresh_tokens.c.token_hash == token_hash))
+        ).first()
+        return _row_to_token(row) if row else None
+
+    async def family(self, conn: AsyncConnection, family_id: uuid.UUID) -> list[RefreshToken]:
+        rows = await conn.execute(
+            select(refresh_tokens)
+            .where(refresh_tokens.c.family_id == family_id)
+            .order_by(refresh_tokens.c.issued_at, refresh_tokens.c.id)
+        )
+        return [_row_to_token(r) for r in rows]
+
+    async def mark_rotated(
+        self, conn: AsyncConnection, token_id: uuid.UUID, *, replaced_by: uuid.UUID, now: datetime
+    ) -> bool:
+        """Retire an active token. Conditional on `status = 'active'`, so of two concurrent
+        refreshes with one token exactly one sees rowcount 1: PostgreSQL re-checks the predicate
+        after the row lock is released, SQLite serialises the writers (BEGIN IMMEDIATE)."""
+        result = await conn.execute(
+            update(refresh_tokens)
+            .where(refresh_tokens.c.id == token_id, refresh_tokens.c.status == TokenStatus.ACTIVE.value)
+            .values(status=TokenStatus.ROTATED.value, rotated_at=now, replaced_by=replaced_by)
+        )
+        return result.rowcount == 1
+
+    async def revoke_family(self, conn: AsyncConnection, family_id: uuid.UUID) -> int:
+        result = await conn.execute(
+            update(refresh_tokens)
+            .where(
+                refresh_tokens.c.family_id == family_id,
+                refresh_tokens.c.status != TokenStatus.REVOKED.value,
+            )
+            .values(status=TokenStatus.REVOKED.value)
+        )
+        return int(result.rowcount)
+
+    async def revoke_user_tokens(self, conn: AsyncConnection, user_id: uuid.UUID) -> int:
+        result = await conn.execute(
+            update(refresh_tokens)
+            .where(
+                refresh_tokens.c.user_id == user_id,
+                refresh_tokens.c.status != TokenStatus.REVOKED.value,
+            )
+            .values(status=TokenStatus.REVOKED.value)
+        )
+        return int(result.rowcount)

@@ -1,0 +1,243 @@
+"""Inventory persistence: stock rows and reservations (this context's tables alone).
+
+Every stock change is a single conditional UPDATE whose WHERE clause states the invariant it
+needs (`available >= :q`, `reserved >= :q`). The database evaluates it under the row lock, so
+concurrent transactions can never drive a bucket below zero, whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.shop.inventory.model import (
+    MAX_STOCK,
+    Reservation,
+    ReservationLine,
+    ReservationStatus,
+    StockLevel,
+)
+from mercato.shop.inventory.tables import reservation_lines, reservations, stock
+
+
+class DuplicateKey(Exception):
+    """A concurrent transaction inserted the same reservation reference or stock SKU first."""
+
+
+def _stock(row: Any) -> StockLevel:
+    return StockLevel(
+        sku=row.sku,
+        available=int(row.available),
+        reserved=int(row.reserved),
+        committed=int(row.committed),
+        version=int(row.version),
+        updated_at=row.updated_at,
+    )
+
+
+class InventoryRepository:
+    """Queries on the inventory tables. Every method runs on the connection it is given."""
+
+    # ---- stock ---------------------------------------------------------------------------
+
+    async def get_stock(self, conn: AsyncConnection, sku: str) -> StockLevel | None:
+        row = (await conn.execute(select(stock).where(stock.c.sku == sku))).first()
+        return _stock(row) if row else None
+
+    async def get_stocks(self, conn: AsyncConnection, skus: Sequence[str]) -> list[StockLevel]:
+        if not skus:
+            return []
+        rows = await conn.execute(select(stock).where(stock.c.sku.in_(list(skus))).order_by(stock.c.sku))
+        return [_stock(r) for r in rows]
+
+    async def insert_stock(self, conn: AsyncConnection, sku: str, available: int, now: datetime) -> None:
+        try:
+            await conn.execute(
+                insert(stock).values(
+                    sku=sku, available=available, reserved=0, committed=0, version=1, updated_at=now
+                )
+            )
+        except IntegrityError as exc:
+            raise DuplicateKey(sku) from exc
+
+    async def insert_stocks(
+        self, conn: AsyncConnection, levels: Sequence[tuple[str, int]], now: datetime
+    ) -> None:
+        if levels:
+            await conn.execute(
+                insert(stock),
+                [
+                    {
+                        "sku": sku,
+                        "available": available,
+                        "reserved": 0,
+                        "committed": 0,
+                        "version": 1,
+                        "updated_at": now,
+                    }
+                    for sku, available in levels
+                ],
+            )
+
+    async def set_available(self, conn: AsyncConnection, sku: str, available: int, now: datetime) -> bool:
+        result = await conn.execute(
+            update(stock)
+            .where(stock.c.sku == sku)
+            .values(available=available, version=stock.c.version + 1, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def add_available(self, conn: AsyncConnection, sku: str, delta: int, now: datetime) -> bool:
+        """Add `delta` to `available` if the result stays within 0..MAX_STOCK."""
+        result = await conn.execute(
+            update(stock)
+            .where(
+                stock.c.sku == sku,
+                stock.c.available + delta >= 0,
+                stock.c.available + delta <= MAX_STOCK,
+            )
+            .values(available=stock.c.available + delta, version=stock.c.version + 1, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def take(self, conn: AsyncConnection, sku: str, quantity: int, now: datetime) -> bool:
+        """available -> reserved, only if enough is available. False: short (or unknown SKU)."""
+        result = await conn.execute(
+            update(stock)
+            .where(stock.c.sku == sku, stock.c.available >= quantity)
+            .values(
+                available=stock.c.available - quantity,
+                reserved=stock.c.reserved + quantity,
+                version=stock.c.version + 1,
+                updated_at=now,
+            )
+        )
+        return result.rowcount == 1
+
+    async def unreserve(
+        self, conn: AsyncConnection, sku: str, quantity: int, *, to_committed: bool, now: datetime
+    ) -> bool:
+        """reserved -> committed (a sale) or reserved -> available (a release or an expiry)."""
+        values: dict[str, Any] = {
+            "reserved": stock.c.reserved - quantity,
+            "version": stock.c.version + 1,
+            "updated_at": now,
+        }
+        if to_committed:
+            values["committed"] = stock.c.committed + quantity
+        else:
+            values["available"] = stock.c.available + quantity
+        result = await conn.execute(
+            update(stock).where(stock.c.sku == sku, stock.c.reserved >= quantity).values(**values)
+        )
+        return result.rowcount == 1
+
+    # ---- reservations ----------------------------------------------------------------------
+
+    async def add_reservation(self, conn: AsyncConnection, reservation: Reservation) -> None:
+        """Insert the header. The unique reference makes a concurrent duplicate fail here, before
+        it touched any stock row (on PostgreSQL it waits for the first to commit or roll back)."""
+        try:
+            await conn.execute(
+                insert(reservations).values(
+                    id=reservation.id,
+                    reference=reservation.reference,
+                    status=reservation.status.value,
+                    expires_at=reservation.expires_at,
+                    created_at=reservation.created_at,
+                    updated_at=reservation.updated_at,
+                )
+            )
+        except IntegrityError as exc:
+            raise DuplicateKey(reservation.reference) from exc
+
+    async def add_lines(self, conn: AsyncConnection, reservation: Reservation) -> None:
+        await conn.execute(
+            insert(reservation_lines),
+            [
+                {"reservation_id": reservation.id, "sku": line.sku, "quantity": line.quantity}
+                for line in reservation.lines
+            ],
+        )
+
+    async def get_reservation(self, conn: AsyncConnection, reservation_id: uuid.UUID) -> Reservation | None:
+        row = (await conn.execute(select(reservations).where(reservations.c.id == reservation_id))).first()
+        if row is None:
+            return None
+        return (await self._with_lines(conn, [row]))[0]
+
+    async def get_by_reference(self, conn: AsyncConnection, reference: str) -> Reservation | None:
+        row = (await conn.execute(select(reservations).where(reservations.c.reference == reference))).first()
+        if row is None:
+            return None
+        return (await self._with_lines(conn, [row]))[0]
+
+    async def get_reservations(
+        self, conn: AsyncConnection, reservation_ids: Sequence[uuid.UUID]
+    ) -> list[Reservation]:
+        if not reservation_ids:
+            return []
+        rows = list(
+            await conn.execute(select(reservations).where(reservations.c.id.in_(list(reservation_ids))))
+        )
+        return await self._with_lines(conn, rows)
+
+    async def end(
+        self, conn: AsyncConnection, reservation_id: uuid.UUID, target: ReservationStatus, now: datetime
+    ) -> bool:
+        """active -> `target`, only if still active: whoever flips the status owns the stock move."""
+        result = await conn.execute(
+            update(reservations)
+            .where(
+                reservations.c.id == reservation_id,
+                reservations.c.status == ReservationStatus.ACTIVE.value,
+            )
+            .values(status=target.value, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def due_ids(self, conn: AsyncConnection, now: datetime, limit: int) -> list[uuid.UUID]:
+        rows = await conn.execute(
+            select(reservations.c.id)
+            .where(
+                and_(
+                    reservations.c.status == ReservationStatus.ACTIVE.value,
+                    reservations.c.expires_at <= now,
+                )
+            )
+            # A fixed order, so concurrent expirers lock reservation rows in the same sequence.
+            .order_by(reservations.c.expires_at, reservations.c.id)
+            .limit(limit)
+        )
+        return [r.id for r in rows]
+
+    async def _with_lines(self, conn: AsyncConnection, rows: Iterable[Any]) -> list[Reservation]:
+        headers = list(rows)
+        ids = [r.id for r in headers]
+        by_id: dict[uuid.UUID, list[ReservationLine]] = {i: [] for i in ids}
+        if ids:
+            line_rows = await conn.execute(
+                select(reservation_lines)
+                .where(reservation_lines.c.reservation_id.in_(ids))
+                .order_by(reservation_lines.c.reservation_id, reservation_lines.c.sku)
+            )
+            for line in line_rows:
+                by_id[line.reservation_id].append(ReservationLine(line.sku, int(line.quantity)))
+        return [
+            Reservation(
+                id=r.id,
+                reference=r.reference,
+                status=ReservationStatus(r.status),
+                lines=tuple(by_id[r.id]),
+                expires_at=r.expires_at,
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+            )
+            for r in headers
+        ]

@@ -1,0 +1,278 @@
+"""Inventory use cases: stock levels and reservations that can never oversell.
+
+Lock order, the reason this cannot deadlock: a transaction locks at most one new or existing
+reservation row per reservation, always before any stock row, and stock rows always in
+ascending SKU order (see `normalize_lines`). The expirer, the only transaction that ends several
+reservations at once, claims them in (expires_at, id) order and only then touches stock, again
+in SKU order. With one global order there is no wait cycle.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock
+from mercato.kit.ids import new_id
+from mercato.kit.storage import Database
+from mercato.shop.inventory.model import (
+    InvalidStockChange,
+    OutOfStock,
+    Reservation,
+    ReservationLine,
+    ReservationNotActive,
+    ReservationNotFound,
+    ReservationReferenceReused,
+    ReservationStatus,
+    StockLevel,
+    StockNotFound,
+    apply_delta,
+    expiry,
+    normalize_lines,
+    validate_available,
+    validate_delta,
+    validate_reference,
+    validate_sku,
+)
+from mercato.shop.inventory.repository import DuplicateKey, InventoryRepository
+
+
+class ReservationExpired(ReservationNotActive):
+    slug = "reservation-expired"
+    title = "Reservation expired"
+    description = "The reservation's time to live ran out before it was committed; its units were released."
+
+
+class StockInvariantBroken(RuntimeError):
+    """A reserved quantity the reservation says exists is missing from the stock row."""
+
+
+class InventoryService:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        reservation_ttl_s: int,
+        repository: InventoryRepository | None = None,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._ttl_s = reservation_ttl_s
+        self._repo = repository or InventoryRepository()
+
+    # ---- stock -------------------------------------------------------------------------------
+
+    async def stock(self, sku: str) -> StockLevel:
+        async with self._db.read() as conn:
+            level = await self._repo.get_stock(conn, sku)
+        if level is None:
+            raise StockNotFound(f"no stock record for SKU {sku}")
+        return level
+
+    async def stocks(self, skus: Sequence[str]) -> dict[str, StockLevel]:
+        async with self._db.read() as conn:
+            return {s.sku: s for s in await self._repo.get_stocks(conn, sorted(set(skus)))}
+
+    async def set_available(self, sku: str, available: int) -> StockLevel:
+        """Set the sellable quantity (a stock count); reserved and committed units are untouched."""
+        validate_sku(sku)
+        validate_available(available)
+        return await self._upsert(sku, available=available, delta=None)
+
+    async def adjust_available(self, sku: str, delta: int) -> StockLevel:
+        """Add received units (delta > 0) or write units off (delta < 0), atomically."""
+        validate_sku(sku)
+        validate_delta(delta)
+        return await self._upsert(sku, available=None, delta=delta)
+
+    async def set_available_many(self, levels: Sequence[tuple[str, int]]) -> int:
+        """Bulk stock count in one transaction (seeding, imports). Returns rows written."""
+        for sku, available in levels:
+            validate_sku(sku)
+            validate_available(available)
+        now = self._clock.now()
+        async with self._db.write() as conn:
+            existing = {s.sku for s in await self._repo.get_stocks(conn, [s for s, _ in levels])}
+            for sku, available in sorted(levels):
+                if sku in existing:
+                    await self._repo.set_available(conn, sku, available, now)
+            await self._repo.insert_stocks(conn, [lv for lv in levels if lv[0] not in existing], now)
+        return len(levels)
+
+    async def _upsert(self, sku: str, *, available: int | None, delta: int | None) -> StockLevel:
+        # Two attempts: a concurrent first insert of the same SKU makes ours fail once, after
+        # which the row exists and the update path wins.
+        for attempt in range(2):
+            try:
+                return await self._upsert_once(sku, available=available, delta=delta)
+            except DuplicateKey:
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _upsert_once(self, sku: str, *, available: int | None, delta: int | None) -> StockLevel:
+        now = self._clock.now()
+        async with self._db.write() as conn:
+            if available is not None:
+                changed = await self._repo.set_available(conn, sku, available, now)
+            else:
+                assert delta is not None
+                changed = await self._repo.add_available(conn, sku, delta, now)
+            if not changed:
+                current = await self._repo.get_stock(conn, sku)
+                if current is not None:
+                    assert delta is not None
+                    apply_delta(current.available, delta)  # raises with the precise reason
+                    raise InvalidStockChange(f"stock of {sku} changed concurrently; retry")
+                initial = available if available is not None else apply_delta(0, delta or 0)
+                await self._repo.insert_stock(conn, sku, initial, now)
+            level = await self._repo.get_stock(conn, sku)
+        assert level is not None
+        return level
+
+    # ---- reservations ------------------------------------------------------------------------
+
+    async def reserve(
+        self, reference: str, lines: Iterable[tuple[str, int]], *, ttl_s: int | None = None
+    ) -> Reservation:
+        """Hold every line for `reference`, or nothing at all (OutOfStock lists the short SKUs).
+
+        Idempotent per reference: asking again returns the reservation made the first time,
+        whatever its state now; asking again with different lines is a conflict.
+        """
+        reservation, _ = await self.reserve_or_replay(reference, lines, ttl_s=ttl_s)
+        return reservation
+
+    async def reserve_or_replay(
+        self, reference: str, lines: Iterable[tuple[str, int]], *, ttl_s: int | None = None
+    ) -> tuple[Reservation, bool]:
+        """`reserve`, also telling whether this call created the reservation (True) or replayed it."""
+        validate_reference(reference)
+        wanted = normalize_lines(lines)
+        now = self._clock.now()
+        expires_at = expiry(now, ttl_s if ttl_s is not None else self._ttl_s)
+        try:
+            async with self._db.write() as conn:
+                existing = await self._repo.get_by_reference(conn, reference)
+                if existing is not None:
+                    return _replay(existing, wanted), False
+                reservation = Reservation(
+                    id=new_id(),
+                    reference=reference,
+                    status=ReservationStatus.ACTIVE,
+                    lines=wanted,
+                    expires_at=expires_at,
+                    created_at=now,
+                    updated_at=now,
+                )
+                await self._repo.add_reservation(conn, reservation)
+                short = []
+                for line in wanted:  # ascending SKU: the lock order
+                    if not await self._repo.take(conn, line.sku, line.quantity, now):
+                        short.append(line.sku)
+                if short:
+                    # Raising rolls back the units already taken for the other lines.
+                    raise OutOfStock(
+                        "not enough stock for " + ", ".join(short), short_skus=short, reference=reference
+                    )
+                await self._repo.add_lines(conn, reservation)
+            return reservation, True
+        except DuplicateKey:
+            # A concurrent call with the same reference committed first (PostgreSQL made our
+            # insert wait for it); ours rolled back before touching stock.
+            async with self._db.read() as conn:
+                existing = await self._repo.get_by_reference(conn, reference)
+            if existing is None:
+                raise
+            return _replay(existing, wanted), False
+
+    async def reservation(self, reservation_id: uuid.UUID) -> Reservation:
+        async with self._db.read() as conn:
+            found = await self._repo.get_reservation(conn, reservation_id)
+        if found is None:
+            raise ReservationNotFound(f"reservation {reservation_id} not found")
+        return found
+
+    async def reservation_by_reference(self, reference: str) -> Reservation | None:
+        async with self._db.read() as conn:
+            return await self._repo.get_by_reference(conn, reference)
+
+    async def release(self, reservation_id: uuid.UUID) -> Reservation:
+        """Give the units back to `available`. Releasing a released/expired one is a no-op."""
+        reservation, _ = await self._end(reservation_id, ReservationStatus.RELEASED)
+        return reservation
+
+    async def commit(self, reservation_id: uuid.UUID) -> Reservation:
+        """Turn the reserved units into committed (sold) ones. Committing twice is a no-op.
+
+        A reservation past its expiry is expired here instead, and the commit refused: its
+        time to live is a promise to the other shoppers waiting for those units.
+        """
+        reservation, expired = await self._end(reservation_id, ReservationStatus.COMMITTED)
+        if expired:
+            raise ReservationExpired(
+                f"reservation {reservation_id} expired at {reservation.expires_at.isoformat()}"
+            )
+        return reservation
+
+    async def expire_due(self, now: datetime | None = None, *, limit: int = 500) -> int:
+        """Expire up to `limit` active reservations past their time; returns how many."""
+        now = now or self._clock.now()
+        async with self._db.write() as conn:
+            claimed = [
+                rid
+                for rid in await self._repo.due_ids(conn, now, limit)
+                if await self._repo.end(conn, rid, ReservationStatus.EXPIRED, now)
+            ]
+            totals: dict[str, int] = {}
+            for reservation in await self._repo.get_reservations(conn, claimed):
+                for line in reservation.lines:
+                    totals[line.sku] = totals.get(line.sku, 0) + line.quantity
+            for sku in sorted(totals):
+                await self._return_units(conn, sku, totals[sku], to_committed=False, now=now)
+        return len(claimed)
+
+    async def _end(self, reservation_id: uuid.UUID, target: ReservationStatus) -> tuple[Reservation, bool]:
+        now = self._clock.now()
+        expired = False
+        async with self._db.write() as conn:
+            current = await self._repo.get_reservation(conn, reservation_id)
+            if current is None:
+                raise ReservationNotFound(f"reservation {reservation_id} not found")
+            if target is ReservationStatus.COMMITTED and current.is_due(now):
+                target, expired = ReservationStatus.EXPIRED, True
+            ended = current.end(target, now=now)
+            if ended is None:
+                return current, False
+            if not await self._repo.end(conn, reservation_id, target, now):
+                # Another transaction ended it between our read and our update: judge again
+                # against what it did (idempotent if it did the same thing).
+                latest = await self._repo.get_reservation(conn, reservation_id)
+                assert latest is not None
+                if latest.end(target, now=now) is None:
+                    return latest, expired
+                raise AssertionError("reservation still active after a failed claim")
+            for line in ended.lines:
+                await self._return_units(
+                    conn, line.sku, line.quantity, to_committed=target is ReservationStatus.COMMITTED, now=now
+                )
+        return ended, expired
+
+    async def _return_units(
+        self, conn: AsyncConnection, sku: str, quantity: int, *, to_committed: bool, now: datetime
+    ) -> None:
+        if not await self._repo.unreserve(conn, sku, quantity, to_committed=to_committed, now=now):
+            raise StockInvariantBroken(f"{quantity} units of {sku} should be reserved but are not")
+
+
+def _replay(existing: Reservation, wanted: tuple[ReservationLine, ...]) -> Reservation:
+    if existing.lines != wanted:
+        raise ReservationReferenceReused(
+            f"reference {existing.reference} was already used for other lines",
+            reservation_id=str(existing.id),
+        )
+    return existing

@@ -1,0 +1,283 @@
+"""Orders HTTP routes: a customer's own orders under /v1/orders, every order under /admin/orders.
+
+All orders are listed at `GET /admin/orders` rather than `GET /v1/orders?all=true`: one path
+means one meaning ("my orders" never silently widens with a flag), the operator route sits with
+the other operator routes, and each route's OpenAPI entry names the one scope it needs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Annotated, Any, cast
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
+
+from mercato.kit.auth import Principal
+from mercato.kit.errors import Forbidden
+from mercato.kit.ids import parse_id
+from mercato.kit.web import Cursor, CursorError, Page, authenticated, problem_responses, require_scopes
+from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.kit.web.security import InsufficientScope
+from mercato.shop.orders.model import Order, OrderNotFound
+from mercato.shop.orders.service import OrdersService
+
+PRIVATE = "private, no-store"
+CURSOR_SORT = "-id"
+
+
+class PrivateRoute(APIRoute):
+    """Every response of the route says `Cache-Control: private, no-store`, problems included.
+
+    Errors raised by dependencies (401, 403, 400) never reach the endpoint, so the header is
+    set around the whole handler, rendering errors with the app's own handlers.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                response = await inner(request)
+            except Exception as exc:
+                render = _exception_handler(request, exc)
+                if render is None:
+                    raise
+                response = await render(request, exc)
+            response.headers["Cache-Control"] = PRIVATE
+            return response
+
+        return handler
+
+
+def _exception_handler(request: Request, exc: Exception) -> Any:
+    handlers: dict[Any, Any] = request.app.exception_handlers
+    for kind in type(exc).__mro__:
+        if kind in handlers:
+            return handlers[kind]
+    return None
+
+
+router = APIRouter(prefix="/v1/orders", tags=["orders"], route_class=PrivateRoute)
+admin_router = APIRouter(prefix="/admin/orders", tags=["orders", "admin"], route_class=PrivateRoute)
+
+
+class OrdersNeedCustomer(Forbidden):
+    slug = "orders-customer-required"
+    title = "Customer account required"
+    description = "Own orders belong to a customer account; the token's subject is not one."
+
+
+class OrderLineOut(BaseModel):
+    line_no: int
+    product_id: str
+    sku: str
+    name: str
+    unit_price_minor: int
+    quantity: int
+    line_total_minor: int
+
+
+class OrderSummaryOut(BaseModel):
+    id: str
+    customer_id: str
+    status: str = Field(description="pending | confirmed | completed | cancelled | failed")
+    currency: str
+    total_minor: int
+    item_count: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderOut(OrderSummaryOut):
+    lines: list[OrderLineOut]
+
+
+def _ts(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def summary_dict(order: Order) -> dict[str, Any]:
+    return {
+        "id": str(order.id),
+        "customer_id": str(order.customer_id),
+        "status": order.status.value,
+        "currency": order.currency,
+        "total_minor": order.total_minor,
+        "item_count": order.item_count,
+        "version": order.version,
+        "created_at": _ts(order.created_at),
+        "updated_at": _ts(order.updated_at),
+    }
+
+
+def order_dict(order: Order) -> dict[str, Any]:
+    return {
+        **summary_dict(order),
+        "lines": [
+            {
+                "line_no": line.line_no,
+                "product_id": str(line.product_id),
+                "sku": line.sku,
+                "name": line.name,
+                "unit_price_minor": line.unit_price_minor,
+                "quantity": line.quantity,
+                "line_total_minor": line.line_total_minor,
+            }
+            for line in order.lines
+        ],
+    }
+
+
+def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+def orders_service(request: Request) -> OrdersService:
+    return cast(OrdersService, request.app.state.orders)
+
+
+def _customer_id(principal: Principal) -> uuid.UUID:
+    try:
+        return uuid.UUID(principal.subject)
+    except ValueError as exc:
+        raise OrdersNeedCustomer("the caller is not a customer account") from exc
+
+
+async def order_reader(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    """`orders:read` (own orders) or `orders:read_all` (any order)."""
+    if not (principal.has_scopes("orders:read") or principal.has_scopes("orders:read_all")):
+        raise InsufficientScope("requires scope orders:read or orders:read_all")
+    return principal
+
+
+Service = Annotated[OrdersService, Depends(orders_service)]
+OwnReader = Annotated[Principal, Depends(require_scopes("orders:read"))]
+AnyReader = Annotated[Principal, Depends(order_reader)]
+Writer = Annotated[Principal, Depends(require_scopes("orders:write"))]
+AllReader = Annotated[Principal, Depends(require_scopes("orders:read_all"))]
+OrderIdPath = Annotated[str, Path(min_length=1, max_length=64)]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, at most {MAX_PAGE_SIZE}.")]
+CursorQuery = Annotated[
+    str | None,
+    Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description="`next_cursor` of the previous page."),
+]
+
+_PRIVATE_HEADER = {"Cache-Control": {"schema": {"type": "string"}, "description": "private, no-store"}}
+
+
+def _after(cursor: str | None) -> uuid.UUID | None:
+    if cursor is None:
+        return None
+    try:
+        after = parse_id(Cursor.decode(cursor, expected_sort=CURSOR_SORT).id)
+    except CursorError as exc:
+        raise _bad_cursor(str(exc)) from exc
+    if after is None:
+        raise _bad_cursor("malformed cursor")
+    return after
+
+
+def _bad_cursor(message: str) -> RequestValidationError:
+    # A malformed query parameter: rendered by the gateway as a 400 validation problem.
+    return RequestValidationError([{"loc": ("query", "cursor"), "msg": message, "type": "value_error"}])
+
+
+def _page(items: list[Order], more: bool) -> Response:
+    next_cursor = (
+        Cursor(sort=CURSOR_SORT, value=None, id=str(items[-1].id)).encode() if more and items else None
+    )
+    return _json({"items": [summary_dict(o) for o in items], "next_cursor": next_cursor})
+
+
+@router.post(
+    "",
+    response_model=OrderOut,
+    status_code=201,
+    summary="Place an order from my cart",
+    description=(
+        "Creates a `pending` order from the caller's cart at current prices and empties the cart. "
+        "422 `empty-cart` for an empty cart, 422 `cart-has-unavailable-items` when a line can no "
+        "longer be ordered, 409 `cart-changed` when the cart changed during the request."
+    ),
+    responses={
+        **problem_responses(401, 403, 409, 422),
+        201: {
+            "description": "Created",
+            "headers": {
+                "Location": {"schema": {"type": "string"}, "description": "The new order"},
+                **_PRIVATE_HEADER,
+            },
+        },
+    },
+)
+async def place_order(service: Service, principal: Writer) -> Response:
+    order = await service.place_from_cart(_customer_id(principal))
+    return _json(order_dict(order), 201, {"Location": f"/v1/orders/{order.id}"})
+
+
+@router.get(
+    "",
+    response_model=Page[OrderSummaryOut],
+    summary="List my orders",
+    description="The caller's orders, newest first, keyset-paginated (`limit` ≤ 100; above it: 400).",
+    responses={
+        **problem_responses(400, 401, 403),
+        200: {"description": "A page of orders", "headers": _PRIVATE_HEADER},
+    },
+)
+async def list_my_orders(
+    service: Service, principal: OwnReader, limit: Limit = DEFAULT_PAGE_SIZE, cursor: CursorQuery = None
+) -> Response:
+    items, more = await service.list_for_customer(
+        _customer_id(principal), limit=limit, after_id=_after(cursor)
+    )
+    return _page(items, more)
+
+
+@router.get(
+    "/{order_id}",
+    response_model=OrderOut,
+    summary="Get an order",
+    description="The caller's own order; with `orders:read_all`, any order. Another customer's order is 404.",
+    responses={
+        **problem_responses(401, 403, 404),
+        200: {"description": "The order", "headers": _PRIVATE_HEADER},
+    },
+)
+async def get_order(order_id: OrderIdPath, service: Service, principal: AnyReader) -> Response:
+    parsed = parse_id(order_id)
+    if parsed is None:
+        raise OrderNotFound(f"order {order_id} not found")
+    read_all = principal.has_scopes("orders:read_all")
+    try:
+        customer: uuid.UUID | None = uuid.UUID(principal.subject)
+    except ValueError:
+        customer = None
+    order = await service.get(parsed, customer_id=customer, read_all=read_all)
+    return _json(order_dict(order))
+
+
+@admin_router.get(
+    "",
+    response_model=Page[OrderSummaryOut],
+    summary="List all orders",
+    description="Every customer's orders, newest first, keyset-paginated. Needs `orders:read_all`.",
+    responses={
+        **problem_responses(400, 401, 403),
+        200: {"description": "A page of orders", "headers": _PRIVATE_HEADER},
+    },
+)
+async def list_all_orders(
+    service: Service, _reader: AllReader, limit: Limit = DEFAULT_PAGE_SIZE, cursor: CursorQuery = None
+) -> Response:
+    items, more = await service.list_all(limit=limit, after_id=_after(cursor))
+    return _page(items, more)

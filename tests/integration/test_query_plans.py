@@ -1,0 +1,145 @@
+"""EXPLAIN on PostgreSQL: the hot list queries use the indexes built for them.
+
+The statements explained are the ones the repositories run: the orders repository's own
+`page_statement`, and for the catalog the SQL captured while `CatalogRepository.page` executes.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import event, insert, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.bootstrap import Container, build_container
+from mercato.cli.seed import demo_products
+from mercato.kit.clock import ManualClock
+from mercato.kit.ids import new_id
+from mercato.kit.storage import metadata
+from mercato.shop.catalog.model import ProductQuery, ProductSort
+from mercato.shop.catalog.repository import CatalogRepository
+from mercato.shop.catalog.tables import products
+from mercato.shop.orders.repository import OrdersRepository
+from mercato.shop.orders.tables import orders
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def pg(pg_url: str, clock: ManualClock) -> AsyncIterator[Container]:
+    built = build_container(make_settings(pg_url), clock=clock)
+    try:
+        yield built
+    finally:
+        async with built.db.write() as conn:
+            for table in reversed(metadata.sorted_tables):
+                await conn.execute(text(f'DELETE FROM "{table.name}"'))
+        await built.close()
+
+
+def index_names(plan: Any) -> Iterator[str]:
+    if isinstance(plan, dict):
+        if "Index Name" in plan:
+            yield str(plan["Index Name"])
+        for value in plan.values():
+            yield from index_names(value)
+    elif isinstance(plan, list):
+        for item in plan:
+            yield from index_names(item)
+
+
+async def explain(conn: AsyncConnection, sql: str, params: Any = ()) -> list[str]:
+    raw = (await conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params)).scalar_one()
+    plan = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    return list(index_names(plan))
+
+
+async def test_customer_order_list_uses_the_customer_index(pg: Container) -> None:
+    rng = random.Random(3)
+    customers = [uuid.uuid4() for _ in range(60)]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    rows: list[dict[str, Any]] = []
+    for n in range(4000):
+        moment = start + timedelta(minutes=n)
+        rows.append(
+            {
+                "id": new_id(),
+                "customer_id": rng.choice(customers),
+                "status": "pending",
+                "currency": "EUR",
+                "total_minor": rng.randrange(100, 100_000),
+                "item_count": rng.randrange(1, 5),
+                "version": 1,
+                "created_at": moment,
+                "updated_at": moment,
+            }
+        )
+    async with pg.db.write() as conn:
+        await conn.execute(insert(orders), rows)
+    async with pg.db.write() as conn:
+        await conn.exec_driver_sql("ANALYZE orders")
+
+    repo = OrdersRepository()
+    statements = [
+        repo.page_statement(customer_id=customers[0], after_id=None, limit=21),
+        repo.page_statement(customer_id=customers[0], after_id=rows[2000]["id"], limit=21),
+    ]
+    async with pg.db.read() as conn:
+        for stmt in statements:
+            sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            assert "ix_orders_customer_id_id" in await explain(conn, sql), sql
+
+
+class _Capture:
+    """Records the SQL and parameters the driver receives while it is installed."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def __call__(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        self.calls.append((statement, parameters))
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        (ProductQuery(sort=ProductSort.NEWEST), "ix_catalog_products_live_id"),
+        (ProductQuery(sort=ProductSort.PRICE_ASC), "ix_catalog_products_live_price"),
+        (ProductQuery(sort=ProductSort.PRICE_DESC), "ix_catalog_products_live_price"),
+        (
+            ProductQuery(sort=ProductSort.PRICE_ASC, category="books"),
+            "ix_catalog_products_live_category_price",
+        ),
+        (
+            ProductQuery(sort=ProductSort.PRICE_ASC, category="books", min_price_minor=1000),
+            "ix_catalog_products_live_category_price",
+        ),
+    ],
+    ids=["default", "price", "-price", "category+price", "category+price+min"],
+)
+async def test_product_lists_use_their_live_index(pg: Container, query: ProductQuery, index: str) -> None:
+    await pg.catalog.create_many(demo_products(4000, random.Random(11)))
+    async with pg.db.write() as conn:
+        # Some archived rows, so the partial indexes differ from the whole table.
+        await conn.execute(update(products).where(products.c.sku.like("%0")).values(archived=True))
+    async with pg.db.write() as conn:
+        await conn.exec_driver_sql("ANALYZE catalog_products")
+
+    capture = _Capture()
+    sync_engine = pg.db.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", capture)
+    try:
+        async with pg.db.read() as conn:
+            assert await CatalogRepository().page(conn, query)
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", capture)
+    (sql, params), *_ = [c for c in capture.calls if "catalog_products" in c[0]]
+
+    async with pg.db.read() as conn:
+        used = await explain(conn, sql, tuple(params))
+    assert index in used, (used, sql)
