@@ -3,55 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
 from mercato.kit.web import problem_responses, require_scopes
+from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import STORAGE_MAX_QUANTITY
 from mercato.shop.cart.service import CartService
-
-PRIVATE = "private, no-store"
-
-
-class PrivateRoute(APIRoute):
-    """Every response of the route says `Cache-Control: private, no-store`, problems included.
-
-    The header is set here rather than per endpoint because errors raised by dependencies
-    (401, 403, 422) never reach the endpoint; they are rendered with the app's own handlers.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        inner = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                response = await inner(request)
-            except Exception as exc:
-                render = _exception_handler(request, exc)
-                if render is None:
-                    raise
-                response = await render(request, exc)
-            response.headers["Cache-Control"] = PRIVATE
-            return response
-
-        return handler
-
-
-def _exception_handler(request: Request, exc: Exception) -> Any:
-    handlers: dict[Any, Any] = request.app.exception_handlers
-    for kind in type(exc).__mro__:
-        if kind in handlers:
-            return handlers[kind]
-    return None
-
 
 router = APIRouter(prefix="/v1/carts/me", tags=["cart"], route_class=PrivateRoute)
 
@@ -133,7 +97,7 @@ Reader = Annotated[Principal, Depends(require_scopes("cart:read"))]
 Writer = Annotated[Principal, Depends(require_scopes("cart:write"))]
 SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$")]
 
-_PRIVATE_HEADER = {"Cache-Control": {"schema": {"type": "string"}, "description": "private, no-store"}}
+_PRIVATE_HEADER = PRIVATE_HEADER_DOC
 
 
 def _ok(description: str) -> dict[int | str, dict[str, Any]]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.web import authenticated, problem_responses
+from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.identity.model import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
@@ -22,13 +23,11 @@ from mercato.shop.identity.model import (
 )
 from mercato.shop.identity.service import IdentityService, TokenPair
 
-router = APIRouter(prefix="/v1", tags=["identity"])
+router = APIRouter(prefix="/v1", tags=["identity"], route_class=PrivateRoute)
 
-# Tokens and per-user data must never land in a shared or browser cache (RFC 6749 §5.1).
-_NO_STORE = {"Cache-Control": "private, no-store"}
-_NO_STORE_DOC = {
-    "Cache-Control": {"schema": {"type": "string"}, "description": "Always `private, no-store`"},
-}
+# Tokens and per-user data must never land in a shared or browser cache (RFC 6749 §5.1):
+# PrivateRoute sets the header on every response of this router, problems included.
+_NO_STORE_DOC = PRIVATE_HEADER_DOC
 
 
 class RegisterIn(BaseModel):
@@ -88,7 +87,7 @@ def _tokens(pair: TokenPair) -> Response:
         "token_type": pair.token_type,
         "expires_in": pair.expires_in,
     }
-    return Response(orjson.dumps(body), media_type="application/json", headers=_NO_STORE)
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def identity_service(request: Request) -> IdentityService:
@@ -122,7 +121,7 @@ async def register(body: RegisterIn, service: Service) -> Response:
         orjson.dumps(user_dict(user)),
         status_code=201,
         media_type="application/json",
-        headers={"Location": "/v1/me", **_NO_STORE},
+        headers={"Location": "/v1/me"},
     )
 
 
@@ -181,4 +180,4 @@ async def logout(body: RefreshIn, service: Service) -> Response:
 )
 async def me(principal: Caller, service: Service) -> Response:
     user = await service.me(principal)
-    return Response(orjson.dumps(user_dict(user)), media_type="application/json", headers=_NO_STORE)
+    return Response(orjson.dumps(user_dict(user)), media_type="application/json")

@@ -8,14 +8,12 @@ the other operator routes, and each route's OpenAPI entry names the one scope it
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from mercato.kit.auth import Principal
@@ -23,44 +21,12 @@ from mercato.kit.errors import Forbidden
 from mercato.kit.ids import parse_id
 from mercato.kit.web import Cursor, CursorError, Page, authenticated, problem_responses, require_scopes
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.kit.web.security import InsufficientScope
 from mercato.shop.orders.model import Order, OrderNotFound
 from mercato.shop.orders.service import OrdersService
 
-PRIVATE = "private, no-store"
 CURSOR_SORT = "-id"
-
-
-class PrivateRoute(APIRoute):
-    """Every response of the route says `Cache-Control: private, no-store`, problems included.
-
-    Errors raised by dependencies (401, 403, 400) never reach the endpoint, so the header is
-    set around the whole handler, rendering errors with the app's own handlers.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        inner = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                response = await inner(request)
-            except Exception as exc:
-                render = _exception_handler(request, exc)
-                if render is None:
-                    raise
-                response = await render(request, exc)
-            response.headers["Cache-Control"] = PRIVATE
-            return response
-
-        return handler
-
-
-def _exception_handler(request: Request, exc: Exception) -> Any:
-    handlers: dict[Any, Any] = request.app.exception_handlers
-    for kind in type(exc).__mro__:
-        if kind in handlers:
-            return handlers[kind]
-    return None
 
 
 router = APIRouter(prefix="/v1/orders", tags=["orders"], route_class=PrivateRoute)
@@ -171,7 +137,7 @@ CursorQuery = Annotated[
     Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description="`next_cursor` of the previous page."),
 ]
 
-_PRIVATE_HEADER = {"Cache-Control": {"schema": {"type": "string"}, "description": "private, no-store"}}
+_PRIVATE_HEADER = PRIVATE_HEADER_DOC
 
 
 def _after(cursor: str | None) -> uuid.UUID | None:
