@@ -84,6 +84,13 @@ class ShopSettings(BaseModel):
     reservation_ttl_s: int = Field(default=900, ge=1)
 
 
+class WorkerSettings(BaseModel):
+    # How often expired inventory reservations give their units back.
+    reservation_sweep_s: float = Field(default=5.0, gt=0, le=3600)
+    # Each run handles at most this many, so one sweep never holds the write lock for long.
+    reservation_sweep_batch: int = Field(default=500, ge=1, le=100_000)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MERCATO_",
@@ -101,6 +108,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     seed: SeedSettings = SeedSettings()
     shop: ShopSettings = ShopSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @field_validator("env", mode="before")
     @classmethod

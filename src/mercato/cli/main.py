@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from typing import Annotated
 
 import typer
 import uvicorn
+from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -19,6 +21,8 @@ from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.identity.contracts import Role
 from mercato.shop.identity.model import EmailTaken, User
+from mercato.workers import run_jobs, shop_jobs
+from mercato.workers.runner import JobMetrics
 
 app = typer.Typer(
     help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -70,7 +74,7 @@ async def _seed(settings: Settings) -> SeedReport:
 
 def _print_seed(report: SeedReport) -> None:
     if report.already_seeded:
-        console.print("[green]✓[/green] demo data already present")
+        console.print("[green]✓[/green] demo data already present (delete ./var to start over)")
     else:
         console.print(f"[green]✓[/green] seeded {report.products} products")
     if report.credentials:
@@ -126,19 +130,57 @@ def up(
     report = asyncio.run(_seed(settings))
     _print_seed(report)
     settings.seed.required = True
-    from mercato.gateway.app import create_app
-
     bind_host = host or settings.http.host
     bind_port = port if port is not None else settings.http.port
     console.print(f"[bold]Mercato[/bold] on http://{bind_host}:{bind_port}  (docs: /docs)")
-    uvicorn.run(
-        create_app(settings),
-        host=bind_host,
-        port=bind_port,
-        access_log=False,
-        log_config=None,
-        proxy_headers=False,
+    asyncio.run(_serve_embedded(settings, bind_host, bind_port))
+
+
+async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
+    """The API and every background job in one event loop, sharing one container."""
+    from mercato.gateway.app import create_app
+
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=False)
     )
+    container = app.state.container
+    stop = asyncio.Event()
+    jobs = asyncio.create_task(
+        run_jobs(shop_jobs(container), stop, metrics=JobMetrics(app.state.metrics.registry))
+    )
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        await jobs
+
+
+@app.command()
+def worker(
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (0 = off)")
+    ] = None,
+) -> None:
+    """Run the background jobs (reservation expiry, ...) without the API (distributed mode)."""
+    settings = _settings()
+    asyncio.run(_run_worker(settings, metrics_port or 0))
+
+
+async def _run_worker(settings: Settings, metrics_port: int) -> None:
+    registry = CollectorRegistry()
+    if metrics_port:
+        start_http_server(metrics_port, addr=settings.http.host, registry=registry)
+    container = build_container(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    console.print("[bold]Mercato worker[/bold] running: " + ", ".join(j.name for j in shop_jobs(container)))
+    try:
+        await run_jobs(shop_jobs(container), stop, metrics=JobMetrics(registry))
+    finally:
+        await container.close()
 
 
 async def _create_user(settings: Settings, email: str, password: str, role: Role) -> User:

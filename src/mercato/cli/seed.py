@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from rich.progress import Progress
 
 from mercato.bootstrap import SEED_MARKER, Container
+from mercato.config import SeedSettings
 from mercato.kit.storage import get_meta, set_meta
 from mercato.shop.catalog.model import NewProduct, Product
 from mercato.shop.identity.contracts import Role
@@ -105,6 +106,18 @@ def demo_password(rng: random.Random) -> str:
     return "".join(rng.choice(alphabet) for _ in range(16))
 
 
+def demo_accounts(settings: SeedSettings) -> list[tuple[Role, str, str]]:
+    """The admin from settings plus `settings.customers` customers, with their passwords."""
+    # Its own generator, so customer passwords do not change when the product count does.
+    rng = random.Random(f"{settings.random_seed}-accounts")
+    accounts = [(Role.ADMIN, settings.admin_email, settings.admin_password.get_secret_value())]
+    accounts += [
+        (Role.CUSTOMER, f"customer{n}@mercato.local", demo_password(rng))
+        for n in range(1, settings.customers + 1)
+    ]
+    return accounts
+
+
 async def seed_accounts(
     container: Container, report: SeedReport, *, progress: Progress | None = None
 ) -> None:
@@ -113,14 +126,7 @@ async def seed_accounts(
     Accounts that already exist (a seed interrupted before its marker was written) are left as
     they are and not reported, since the password printed would not be theirs.
     """
-    settings = container.settings.seed
-    # Its own generator, so customer passwords do not change when the product count does.
-    rng = random.Random(f"{settings.random_seed}-accounts")
-    accounts = [(Role.ADMIN, settings.admin_email, settings.admin_password.get_secret_value())]
-    accounts += [
-        (Role.CUSTOMER, f"customer{n}@mercato.local", demo_password(rng))
-        for n in range(1, settings.customers + 1)
-    ]
+    accounts = demo_accounts(container.settings.seed)
     task = progress.add_task("Seeding accounts", total=len(accounts)) if progress else None
     for role, email, password in accounts:
         try:
@@ -140,6 +146,8 @@ async def seed_demo(container: Container, *, progress: Progress | None = None) -
     async with container.db.read() as conn:
         if await get_meta(conn, SEED_MARKER):
             report.already_seeded = True
+            # Deterministic, so they can be shown again on every start of the demo.
+            report.credentials = [(r.value, e, p) for r, e, p in demo_accounts(settings)]
             return report
     rng = random.Random(settings.random_seed)
     drafts = demo_products(settings.products, rng)

@@ -1,0 +1,37 @@
+"""The shop's periodic jobs, built from a container."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from mercato.bootstrap import Container
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicJob:
+    """`run` does one pass and returns how many items it handled (0 when idle).
+
+    When a pass handles `batch` items there is probably a backlog, so the next pass starts at once.
+    """
+
+    name: str
+    interval_s: float
+    run: Callable[[], Awaitable[int]]
+    batch: int | None = None
+
+
+def shop_jobs(container: Container) -> list[PeriodicJob]:
+    worker = container.settings.worker
+
+    async def expire_reservations() -> int:
+        return await container.inventory.expire_due(limit=worker.reservation_sweep_batch)
+
+    return [
+        PeriodicJob(
+            "expire_reservations",
+            worker.reservation_sweep_s,
+            expire_reservations,
+            batch=worker.reservation_sweep_batch,
+        )
+    ]

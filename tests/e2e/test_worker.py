@@ -1,0 +1,51 @@
+"""`mercato worker` runs the background jobs as its own process and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mercato.bootstrap import SCRIPT_LOCATION
+from mercato.kit.storage.migrations import upgrade
+from tests.e2e.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_worker_process_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/worker.db"
+    upgrade(SCRIPT_LOCATION, url)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERCATO_")}
+    env.update({"MERCATO_DATABASE_URL": url, "MERCATO_WORKER_RESERVATION_SWEEP_S": "0.05"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mercato.cli.main", "worker", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+                if 'mercato_worker_job_duration_seconds_count{job="expire_reservations"}' in text:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert 'job="expire_reservations"' in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
