@@ -11,13 +11,13 @@ import mercato.shop.inventory.tables
 import mercato.shop.orders.tables  # noqa: F401 - registers the tables on the metadata
 from mercato.bootstrap import SCRIPT_LOCATION
 from mercato.kit.storage import create_database, metadata
-from mercato.kit.storage.migrations import current_revision, downgrade, head_revision, upgrade
+from mercato.kit.storage.migrations import current_revisions, downgrade, head_revisions, upgrade
 
 
 async def test_migrated_database_has_every_declared_table_and_column(database_url: str) -> None:
     db = create_database(database_url)
     try:
-        assert await current_revision(db) == head_revision(SCRIPT_LOCATION)
+        assert await current_revisions(db) == head_revisions(SCRIPT_LOCATION)
         async with db.engine.connect() as conn:
             actual = await conn.run_sync(
                 lambda sync: {

@@ -27,7 +27,7 @@ from mercato.kit.observability import (
     register_pool_gauges,
 )
 from mercato.kit.storage import get_meta
-from mercato.kit.storage.migrations import current_revision, head_revision
+from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
@@ -119,12 +119,12 @@ async def _run_startup_checks(container: Container) -> None:
     health.expect_startup_step("migrations")
     if container.settings.seed.required:
         health.expect_startup_step("seed")
-    head = head_revision(SCRIPT_LOCATION)
-    current = await current_revision(container.db)
+    head = head_revisions(SCRIPT_LOCATION)
+    current = await current_revisions(container.db)
     if current == head:
         health.mark_started("migrations")
     else:
-        _log.warning("migrations_pending", current=current, head=head)
+        _log.warning("migrations_pending", current=sorted(current), head=sorted(head))
     if container.settings.seed.required and current == head:
         async with container.db.read() as conn:
             if await get_meta(conn, SEED_MARKER):

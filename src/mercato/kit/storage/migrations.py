@@ -21,8 +21,11 @@ def alembic_config(script_location: Path, url: str) -> Config:
     return cfg
 
 
-def upgrade(script_location: Path, url: str, revision: str = "head") -> None:
-    """Apply migrations up to `revision`. Synchronous: call it outside a running event loop."""
+def upgrade(script_location: Path, url: str, revision: str = "heads") -> None:
+    """Apply migrations up to `revision` (every branch head by default).
+
+    Synchronous: call it outside a running event loop.
+    """
     command.upgrade(alembic_config(script_location, url), revision)
 
 
@@ -30,15 +33,17 @@ def downgrade(script_location: Path, url: str, revision: str) -> None:
     command.downgrade(alembic_config(script_location, url), revision)
 
 
-def head_revision(script_location: Path) -> str | None:
+def head_revisions(script_location: Path) -> frozenset[str]:
+    """Every head of the migration graph (one per unmerged branch)."""
     script = ScriptDirectory.from_config(alembic_config(script_location, ""))
-    return script.get_current_head()
+    return frozenset(script.get_heads())
 
 
-async def current_revision(db: Database) -> str | None:
+async def current_revisions(db: Database) -> frozenset[str]:
+    """The revisions the database is at; empty when it was never migrated."""
     try:
         async with db.read() as conn:
-            row = (await conn.execute(text("SELECT version_num FROM alembic_version"))).first()
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
     except DBAPIError:
-        return None
-    return str(row[0]) if row else None
+        return frozenset()
+    return frozenset(str(row[0]) for row in rows)
