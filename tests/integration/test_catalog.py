@@ -5,7 +5,7 @@ import random
 import pytest
 
 from mercato.bootstrap import Container
-from mercato.cli.seed import demo_products
+from mercato.demo.seed import demo_products
 from mercato.shop.catalog.model import DuplicateSku, NewProduct, ProductQuery, ProductSort
 
 

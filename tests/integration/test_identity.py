@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from mercato.bootstrap import SCRIPT_LOCATION, Container
 from mercato.cli.main import app as cli_app
-from mercato.cli.seed import SeedReport, seed_accounts
 from mercato.config import AuthSettings, get_settings
+from mercato.demo.seed import SeedReport, seed_accounts
 from mercato.kit.clock import ManualClock
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.identity.contracts import Role

@@ -12,8 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from mercato.bootstrap import Container
-from mercato.cli.seed import demo_products
 from mercato.config import HttpSettings, TelemetrySettings
+from mercato.demo.seed import demo_products
 from mercato.gateway.app import create_app
 from mercato.kit.observability import configure_logging
 from tests.conftest import make_settings

@@ -18,7 +18,7 @@ from sqlalchemy import event, insert, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.bootstrap import Container, build_container
-from mercato.cli.seed import demo_products
+from mercato.demo.seed import demo_products
 from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
 from mercato.kit.storage import metadata

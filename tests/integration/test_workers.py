@@ -8,7 +8,7 @@ import random
 from prometheus_client import CollectorRegistry
 
 from mercato.bootstrap import Container
-from mercato.cli.seed import demo_products
+from mercato.demo.seed import demo_products
 from mercato.kit.clock import ManualClock
 from mercato.workers import PeriodicJob, run_jobs, shop_jobs
 from mercato.workers.runner import JobMetrics

@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
-from mercato.cli.seed import SeedReport, seed_demo
 from mercato.config import Settings, UnsafeConfiguration, get_settings
+from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.identity.contracts import Role
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 console = Console(stderr=True)

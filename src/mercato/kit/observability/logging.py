@@ -69,10 +69,15 @@ def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "alembic"):
+    for name in ("uvicorn", "uvicorn.error", "alembic"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # uvicorn logs access lines whenever its access logger has a handler, ancestors included:
+    # it must not reach ours. The request middleware writes its own access line when enabled.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False
 
 
 def get_logger(name: str | None = None) -> Any:

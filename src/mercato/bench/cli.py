@@ -1,0 +1,172 @@
+"""``mercato bench http``: the open-loop HTTP benchmark, as a typer sub-app."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mercato.bench.runner import TARGETS, BenchOptions, BenchReport, run_http_bench
+from mercato.bench.search import SearchPolicy
+from mercato.bench.stats import Slo, StepResult
+
+app = typer.Typer(
+    help="Benchmarks: open-loop load against a Mercato started for the run.", no_args_is_help=True
+)
+console = Console(stderr=True)
+
+
+def _rates(value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        rates = tuple(float(item) for item in value.split(",") if item.strip())
+    except ValueError as exc:
+        raise typer.BadParameter("rates are comma-separated numbers, e.g. 500,1000,2000") from exc
+    if not rates or any(r <= 0 for r in rates):
+        raise typer.BadParameter("rates must be positive")
+    return rates
+
+
+def _fmt_rate(rate: float | None) -> str:
+    return "—" if rate is None else f"{rate:,.0f}/s"
+
+
+def _table(report: BenchReport) -> Table:
+    table = Table(
+        title=f"Max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors, ≥95% achieved)"
+    )
+    for column in ("endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"):
+        table.add_column(column, justify="left" if column == "endpoint" else "right", no_wrap=True)
+    for item in report.targets:
+        step = item.best_step
+        share = report.ratio(item)
+        cpu = step.server_cpu if step else None
+        table.add_row(
+            item.target.endpoint,
+            _fmt_rate(item.best_rate),
+            "—" if share is None else f"{share:.0%}",
+            f"{step.p50_ms:.2f}" if step else "—",
+            f"{step.p95_ms:.2f}" if step else "—",
+            f"{step.p99_ms:.2f}" if step else "—",
+            f"{step.max_ms:.2f}" if step else "—",
+            "—" if cpu is None else f"{cpu:.0%}",
+        )
+    return table
+
+
+@app.command("http")
+def http(
+    duration: Annotated[float, typer.Option(help="Seconds per constant-rate step", min=0.5)] = 5.0,
+    warmup: Annotated[float, typer.Option(help="Warm-up seconds per target (not measured)", min=0)] = 2.0,
+    start_rate: Annotated[float, typer.Option(help="First rate tried (req/s)", min=1)] = 250.0,
+    max_rate: Annotated[float, typer.Option(help="Never offer more than this (req/s)", min=1)] = 50_000.0,
+    growth: Annotated[float, typer.Option(help="Ramp factor between steps before the first failure")] = 2.0,
+    precision: Annotated[float, typer.Option(help="Stop bisecting when hi/lo - 1 is below this")] = 0.05,
+    rates: Annotated[
+        str | None, typer.Option(help="Try exactly these rates instead of searching, e.g. 500,1000")
+    ] = None,
+    p99_ms: Annotated[float, typer.Option(help="Sustainable only while p99 is below this (ms)")] = 100.0,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Benchmark on this database (e.g. PostgreSQL) instead of a temporary SQLite file"),
+    ] = None,
+    create_database: Annotated[
+        bool,
+        typer.Option(help="Create the --database-url database first and drop it afterwards (PostgreSQL)"),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes for both servers", min=1)] = 1,
+    generators: Annotated[int, typer.Option(help="Load generator processes", min=1, max=16)] = 1,
+    connections: Annotated[int, typer.Option(help="Connection pool bound (all generators)", min=1)] = 256,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout from its intended send time (s)")] = 2.0,
+    products: Annotated[int, typer.Option(help="Demo products to seed", min=1)] = 1200,
+    target: Annotated[
+        list[str] | None, typer.Option(help=f"Targets to measure besides the baseline: {', '.join(TARGETS)}")
+    ] = None,
+    baseline: Annotated[str, typer.Option(help="Bare baseline: starlette or asgi")] = "starlette",
+    min_ratio: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) if product-by-id's ratio vs bare is below this")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Find the maximum sustainable rate of the bare baseline and of catalog reads, side by side."""
+    targets = tuple(target) if target else TARGETS
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise typer.BadParameter(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
+    if baseline not in ("starlette", "asgi"):
+        raise typer.BadParameter("--baseline is starlette or asgi")
+    try:
+        policy = SearchPolicy(
+            start_rate=start_rate,
+            growth=growth,
+            precision=precision,
+            min_rate=min(10.0, start_rate),
+            max_rate=max_rate,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    options = BenchOptions(
+        duration_s=duration,
+        warmup_s=warmup,
+        policy=policy,
+        rates=_rates(rates),
+        slo=Slo(p99_ms=p99_ms),
+        workers=workers,
+        generators=generators,
+        max_connections=connections,
+        timeout_s=timeout,
+        database_url=database_url,
+        create_database=create_database,
+        products=products,
+        targets=targets,
+        baseline_kind=baseline,
+    )
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    )
+    task = progress.add_task("preparing", total=None)
+
+    def on_phase(message: str) -> None:
+        progress.update(task, description=message)
+
+    def on_step(name: str, number: int, rate: float, result: StepResult | None) -> None:
+        if result is None:
+            label = "warm-up" if number == 0 else f"step {number}: {rate:,.0f}/s"
+            progress.update(task, description=f"[bold]{name}[/bold] {label}")
+            return
+        verdict = "[green]ok[/green]" if not result.notes else f"[red]{'; '.join(result.notes)}[/red]"
+        progress.console.print(
+            f"  {name:<14} {rate:>9,.0f}/s  achieved {result.achieved_rate:>9,.0f}/s  "
+            f"p50 {result.p50_ms:7.2f}  p99 {result.p99_ms:8.2f} ms  errors {result.counts.errors:<5} "
+            f"late {result.counts.late_dispatches:<5} {verdict}"
+        )
+
+    try:
+        with progress:
+            report = run_http_bench(options, on_phase=on_phase, on_step=on_step)
+    except (RuntimeError, OSError, ValueError) as exc:
+        console.print(f"[red]benchmark failed:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(_table(report))
+        console.print(
+            f"body bytes: {report.body_bytes}; database: {report.database}; "
+            f"load average start/end: {report.machine.get('loadavg_at_start')} / "
+            f"{report.machine.get('loadavg_at_end')}"
+        )
+    if not report.complete:
+        console.print("[red]a target never met the SLO at any rate tried[/red]")
+        raise typer.Exit(1)
+    by_id = next((t for t in report.targets if t.target.name == "product-by-id"), None)
+    if min_ratio is not None and by_id is not None:
+        share = report.ratio(by_id)
+        if share is None or share < min_ratio:
+            console.print(f"[red]product-by-id is {share or 0:.0%} of bare, below {min_ratio:.0%}[/red]")
+            raise typer.Exit(1)
