@@ -1,0 +1,316 @@
+"""Saga persistence: instances, their step history, claims with fencing tokens."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    Uuid,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock
+from mercato.kit.coordination import LeaseLost
+from mercato.kit.ids import new_id
+from mercato.kit.storage import Database, UTCDateTime, metadata
+
+saga_instances = Table(
+    "saga_instances",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("saga_type", String(100), nullable=False),
+    Column("status", String(16), nullable=False),
+    # running: the next step to run; compensating: the step being compensated (counting down).
+    Column("step_index", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("correlation_id", String(100), nullable=False),
+    Column("failure", Text, nullable=True),
+    Column("owner", String(100), nullable=True),
+    Column("lease_token", BigInteger, nullable=False),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("deadline_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_saga_instances_status_next_attempt_at", "status", "next_attempt_at"),
+)
+
+saga_steps = Table(
+    "saga_steps",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("saga_id", Uuid, ForeignKey("saga_instances.id", ondelete="CASCADE"), nullable=False),
+    Column("step", String(100), nullable=False),
+    Column("direction", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    Column("duration_ms", Integer, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Index("ix_saga_steps_saga_id_id", "saga_id", "id"),
+)
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    COMPENSATED = "compensated"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+
+
+ACTIVE = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaInstance:
+    id: uuid.UUID
+    saga_type: str
+    status: SagaStatus
+    step_index: int
+    attempt: int
+    data: dict[str, Any]
+    correlation_id: str
+    failure: str | None
+    lease_token: int
+    next_attempt_at: datetime
+    deadline_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaStepRecord:
+    step: str
+    direction: str
+    attempt: int
+    outcome: str
+    error: str | None
+    duration_ms: int
+    recorded_at: datetime
+
+
+def _instance(row: Any) -> SagaInstance:
+    return SagaInstance(
+        id=row.id,
+        saga_type=row.saga_type,
+        status=SagaStatus(row.status),
+        step_index=row.step_index,
+        attempt=row.attempt,
+        data=dict(row.data or {}),
+        correlation_id=row.correlation_id,
+        failure=row.failure,
+        lease_token=row.lease_token,
+        next_attempt_at=row.next_attempt_at,
+        deadline_at=row.deadline_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+class SagaStore:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def start(
+        self,
+        conn: AsyncConnection,
+        *,
+        saga_type: str,
+        data: dict[str, Any],
+        correlation_id: str,
+        deadline_s: float,
+        saga_id: uuid.UUID | None = None,
+        completed_steps: int = 0,
+    ) -> uuid.UUID:
+        """Create a saga in the caller's transaction, so it exists iff the caller's change does.
+
+        `completed_steps` counts steps the caller already did in this same transaction (the
+        order saga's CreateOrder happens in the checkout request itself).
+        """
+        now = self._clock.now()
+        saga_id = saga_id or new_id()
+        await conn.execute(
+            insert(saga_instances).values(
+                id=saga_id,
+                saga_type=saga_type,
+                status=SagaStatus.RUNNING.value,
+                step_index=completed_steps,
+                attempt=0,
+                data=data,
+                correlation_id=correlation_id,
+                failure=None,
+                owner=None,
+                lease_token=0,
+                lease_expires_at=None,
+                next_attempt_at=now,
+                deadline_at=now + timedelta(seconds=deadline_s),
+                created_at=now,
+                updated_at=now,
+                finished_at=None,
+            )
+        )
+        return saga_id
+
+    async def due(self, *, limit: int) -> list[uuid.UUID]:
+        """Active sagas whose next attempt is due and whose lease (if any) has expired."""
+        now = self._clock.now()
+        async with self._db.read() as conn:
+            rows = await conn.execute(
+                select(saga_instances.c.id)
+                .where(
+                    saga_instances.c.status.in_(ACTIVE),
+                    saga_instances.c.next_attempt_at <= now,
+                    or_(
+                        saga_instances.c.lease_expires_at.is_(None),
+                        saga_instances.c.lease_expires_at <= now,
+                    ),
+                )
+                .order_by(saga_instances.c.next_attempt_at)
+                .limit(limit)
+            )
+            return [row.id for row in rows]
+
+    async def claim(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> int | None:
+        """Start a new lease term on an active saga; its fencing token, or None if held/finished."""
+        now = self._clock.now()
+        async with self._db.write() as conn:
+            result = await conn.execute(
+                update(saga_instances)
+                .where(
+                    saga_instances.c.id == saga_id,
+                    saga_instances.c.status.in_(ACTIVE),
+                    or_(
+                        saga_instances.c.lease_expires_at.is_(None),
+                        saga_instances.c.lease_expires_at <= now,
+                    ),
+                )
+                .values(
+                    owner=owner,
+                    lease_token=saga_instances.c.lease_token + 1,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                )
+            )
+            if result.rowcount != 1:
+                return None
+            token = (
+                await conn.execute(select(saga_instances.c.lease_token).where(saga_instances.c.id == saga_id))
+            ).scalar_one()
+        return int(token)
+
+    async def load(self, conn: AsyncConnection, saga_id: uuid.UUID) -> SagaInstance | None:
+        row = (await conn.execute(select(saga_instances).where(saga_instances.c.id == saga_id))).first()
+        return _instance(row) if row else None
+
+    async def get(self, saga_id: uuid.UUID) -> SagaInstance | None:
+        async with self._db.read() as conn:
+            return await self.load(conn, saga_id)
+
+    async def fenced_update(
+        self, conn: AsyncConnection, saga_id: uuid.UUID, token: int, **values: Any
+    ) -> None:
+        """Change the saga only if this runner's term is still the current one.
+
+        A runner whose lease was taken over carries an older token: its write matches no row,
+        `LeaseLost` is raised, and the transaction — with any local step effects — rolls back.
+        """
+        values.setdefault("updated_at", self._clock.now())
+        result = await conn.execute(
+            update(saga_instances)
+            .where(saga_instances.c.id == saga_id, saga_instances.c.lease_token == token)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
+
+    async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> None:
+        async with self._db.write() as conn:
+            await self.fenced_update(
+                conn, saga_id, token, lease_expires_at=self._clock.now() + timedelta(seconds=lease_s)
+            )
+
+    async def record_step(
+        self,
+        conn: AsyncConnection,
+        saga_id: uuid.UUID,
+        *,
+        step: str,
+        direction: str,
+        attempt: int,
+        outcome: str,
+        duration_ms: int,
+        error: str | None = None,
+    ) -> None:
+        await conn.execute(
+            insert(saga_steps).values(
+                id=new_id(),
+                saga_id=saga_id,
+                step=step,
+                direction=direction,
+                attempt=attempt,
+                outcome=outcome,
+                error=(error or None) and error[:2000],
+                duration_ms=duration_ms,
+                recorded_at=self._clock.now(),
+            )
+        )
+
+    async def history(self, saga_id: uuid.UUID) -> list[SagaStepRecord]:
+        async with self._db.read() as conn:
+            rows = await conn.execute(
+                select(saga_steps).where(saga_steps.c.saga_id == saga_id).order_by(saga_steps.c.id)
+            )
+            return [
+                SagaStepRecord(
+                    step=r.step,
+                    direction=r.direction,
+                    attempt=r.attempt,
+                    outcome=r.outcome,
+                    error=r.error,
+                    duration_ms=r.duration_ms,
+                    recorded_at=r.recorded_at,
+                )
+                for r in rows
+            ]
+
+    async def find(self, *, status: SagaStatus | None = None, limit: int = 100) -> list[SagaInstance]:
+        """Newest first; `status=FAILED` is the "needs attention" list."""
+        stmt = select(saga_instances).order_by(saga_instances.c.id.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(saga_instances.c.status == status.value)
+        async with self._db.read() as conn:
+            return [_instance(r) for r in await conn.execute(stmt)]
+
+    async def counts(self) -> dict[str, int]:
+        async with self._db.read() as conn:
+            rows = await conn.execute(
+                select(saga_instances.c.status, func.count()).group_by(saga_instances.c.status)
+            )
+            return {str(r[0]): int(r[1]) for r in rows}

@@ -1,0 +1,359 @@
+"""The saga engine on both databases: forward, compensation, retries, crash resume, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.bootstrap import Container
+from mercato.kit.clock import ManualClock
+from mercato.kit.coordination import LeaseLost
+from mercato.kit.sagas import (
+    RetrySchedule,
+    SagaDefinition,
+    SagaRunner,
+    SagaStatus,
+    SagaStore,
+    Step,
+    StepContext,
+    StepRejected,
+)
+from mercato.kit.storage import get_meta, set_meta
+from mercato.kit.storage.meta import platform_meta
+
+NO_WAIT = RetrySchedule(max_attempts=3, base_s=0.0, cap_s=0.0)
+
+
+class Recorder:
+    """Counts every call per (saga, step, direction): what a remote system would have seen."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self.order: list[str] = []
+        self.keys: set[str] = set()
+        self.first_call = asyncio.Event()
+
+    def hit(self, ctx: StepContext, direction: str) -> None:
+        self.first_call.set()
+        self.calls[(ctx.step, direction)] += 1
+        self.order.append(f"{direction}:{ctx.step}")
+        self.keys.add(ctx.idempotency_key)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[Mapping[str, Any]] = []
+
+    async def add(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> None:
+        # Written through the saga's own connection: committed or rolled back with the step.
+        for event in events:
+            await conn.execute(
+                insert(platform_meta).values(
+                    key=f"event:{uuid.uuid4().hex[:20]}",
+                    value=str(event["type"]),
+                    updated_at=await _now(conn),
+                )
+            )
+        self.events.extend(events)
+
+
+async def _now(conn: AsyncConnection) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def remote(
+    name: str,
+    rec: Recorder,
+    *,
+    fail: int = 0,
+    reject: bool = False,
+    hang: bool = False,
+    undo_fails: bool = False,
+    retry: RetrySchedule = NO_WAIT,
+) -> Step:
+    remaining = {"fail": fail}
+
+    async def action(ctx: StepContext) -> Mapping[str, Any]:
+        rec.hit(ctx, "do")
+        if hang:
+            await asyncio.sleep(3600)
+        if reject:
+            raise StepRejected(f"{name} declined")
+        if remaining["fail"] > 0:
+            remaining["fail"] -= 1
+            raise ConnectionError(f"{name} unavailable")
+        ctx.emit(f"{name}_done", {"step": name})
+        return {f"{name}_ref": f"ref-{name}"}
+
+    async def compensation(ctx: StepContext) -> None:
+        rec.hit(ctx, "undo")
+        if undo_fails:
+            raise ConnectionError("cannot undo")
+
+    return Step(
+        name,
+        action,
+        compensation,
+        timeout_s=0.2,
+        retry=retry,
+        compensation_retry=RetrySchedule(max_attempts=2, base_s=0.0, cap_s=0.0),
+    )
+
+
+def local(name: str, rec: Recorder, *, fail: bool = False) -> Step:
+    async def action(ctx: StepContext) -> Mapping[str, Any]:
+        rec.hit(ctx, "do")
+        assert ctx.conn is not None
+        await set_meta(ctx.conn, f"effect:{ctx.saga_id}:{name}", "done", now=await _now(ctx.conn))
+        if fail:
+            raise RuntimeError("local step broke after writing")
+        return {}
+
+    async def compensation(ctx: StepContext) -> None:
+        rec.hit(ctx, "undo")
+        assert ctx.conn is not None
+        await set_meta(ctx.conn, f"effect:{ctx.saga_id}:{name}", "undone", now=await _now(ctx.conn))
+
+    return Step(name, action, compensation, local=True, timeout_s=1.0, retry=NO_WAIT)
+
+
+async def start(container: Container, store: SagaStore, definition: SagaDefinition) -> uuid.UUID:
+    async with container.db.write() as conn:
+        return await store.start(
+            conn,
+            saga_type=definition.name,
+            data={"order": "o-1"},
+            correlation_id="corr-1",
+            deadline_s=definition.deadline_s,
+        )
+
+
+def runner_for(
+    container: Container,
+    store: SagaStore,
+    definition: SagaDefinition,
+    clock: ManualClock,
+    owner: str = "runner-a",
+    sink: ListSink | None = None,
+) -> SagaRunner:
+    return SagaRunner(
+        container.db,
+        store,
+        {definition.name: definition},
+        clock,
+        owner=owner,
+        events=sink,
+        lease_s=10,
+        rng=random.Random(1),
+    )
+
+
+async def effect(container: Container, saga_id: uuid.UUID, step: str) -> str | None:
+    async with container.db.read() as conn:
+        return await get_meta(conn, f"effect:{saga_id}:{step}")
+
+
+@pytest.fixture
+def store(container: Container, clock: ManualClock) -> SagaStore:
+    return SagaStore(container.db, clock)
+
+
+async def test_happy_path_completes_with_history_data_and_events(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec, sink = Recorder(), ListSink()
+    definition = SagaDefinition(
+        "order", (local("reserve", rec), remote("authorize", rec), remote("ship", rec))
+    )
+    saga_id = await start(container, store, definition)
+    assert await runner_for(container, store, definition, clock, sink=sink).run_once() == 1
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+    assert saga.data == {"order": "o-1", "authorize_ref": "ref-authorize", "ship_ref": "ref-ship"}
+    assert rec.order == ["do:reserve", "do:authorize", "do:ship"]
+    assert [(h.step, h.outcome) for h in await store.history(saga_id)] == [
+        ("reserve", "succeeded"),
+        ("authorize", "succeeded"),
+        ("ship", "succeeded"),
+    ]
+    assert [e["type"] for e in sink.events] == ["authorize_done", "ship_done"]
+    assert all(e["correlation_id"] == "corr-1" for e in sink.events)
+    assert await effect(container, saga_id, "reserve") == "done"
+
+
+async def test_a_rejection_compensates_only_the_steps_before_it_newest_first(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition(
+        "order",
+        (
+            local("reserve", rec),
+            remote("authorize", rec),
+            remote("ship", rec, reject=True),
+            remote("capture", rec),
+        ),
+    )
+    saga_id = await start(container, store, definition)
+    await runner_for(container, store, definition, clock).run_once()
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPENSATED
+    assert rec.order == ["do:reserve", "do:authorize", "do:ship", "undo:authorize", "undo:reserve"]
+    assert saga.failure is not None
+    assert "ship declined" in saga.failure
+    assert await effect(container, saga_id, "reserve") == "undone"
+
+
+async def test_uncertain_failures_are_retried_then_the_step_itself_is_compensated(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (remote("authorize", rec), remote("ship", rec, fail=99)))
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock)
+    while (saga := await store.get(saga_id)) is not None and not saga.status.terminal:
+        await runner.run_once()
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPENSATED
+    assert rec.calls[("ship", "do")] == 3
+    # The ship call may have happened though it never answered: it is undone too.
+    assert rec.order[-2:] == ["undo:ship", "undo:authorize"]
+    assert {
+        h.outcome for h in await store.history(saga_id) if h.step == "ship" and h.direction == "forward"
+    } == {"failed"}
+
+
+async def test_a_transient_failure_recovers_on_retry(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (remote("authorize", rec, fail=2),))
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock)
+    for _ in range(5):
+        await runner.run_once()
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+    assert rec.calls[("authorize", "do")] == 3
+    assert len(rec.keys) == 1  # every retry carried the same idempotency key
+
+
+async def test_a_failed_local_step_leaves_no_effect_and_is_not_compensated(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (remote("authorize", rec), local("reserve", rec, fail=True)))
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock)
+    while (saga := await store.get(saga_id)) is not None and not saga.status.terminal:
+        await runner.run_once()
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPENSATED
+    assert await effect(container, saga_id, "reserve") is None  # rolled back with the failure
+    assert ("reserve", "undo") not in rec.calls
+    assert rec.calls[("authorize", "undo")] == 1
+
+
+async def test_a_compensation_that_keeps_failing_marks_the_saga_failed(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition(
+        "order", (remote("authorize", rec, undo_fails=True), remote("ship", rec, reject=True))
+    )
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock)
+    while (saga := await store.get(saga_id)) is not None and not saga.status.terminal:
+        await runner.run_once()
+    assert saga is not None
+    assert saga.status is SagaStatus.FAILED
+    assert [s.id for s in await store.find(status=SagaStatus.FAILED)] == [saga_id]
+
+
+async def test_a_saga_past_its_deadline_compensates(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (remote("authorize", rec), remote("ship", rec)), deadline_s=5)
+    saga_id = await start(container, store, definition)
+    clock.advance(6)
+    await runner_for(container, store, definition, clock).run_once()
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPENSATED
+    assert rec.calls == Counter()
+    assert saga.failure == "saga deadline exceeded"
+
+
+async def test_a_crashed_runner_is_resumed_by_another_after_its_lease_expires(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (remote("authorize", rec, hang=True), remote("ship", rec)))
+    saga_id = await start(container, store, definition)
+    crashed = asyncio.create_task(runner_for(container, store, definition, clock, "runner-a").run_once())
+    await asyncio.wait_for(rec.first_call.wait(), timeout=5)
+    crashed.cancel()  # the process died mid-call
+    with pytest.raises(asyncio.CancelledError):
+        await crashed
+    healthy = SagaDefinition("order", (remote("authorize", rec), remote("ship", rec)))
+    survivor = runner_for(container, store, healthy, clock, "runner-b")
+    assert await survivor.run_once() == 0  # still leased to runner-a
+    clock.advance(11)
+    assert await survivor.run_once() == 1
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+    assert len({k for k in rec.keys if k.endswith(":authorize")}) == 1
+
+
+async def test_a_stale_runner_cannot_write_after_a_takeover(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (local("reserve", rec),))
+    saga_id = await start(container, store, definition)
+    token_a = await store.claim(saga_id, owner="runner-a", lease_s=10)
+    assert token_a is not None
+    clock.advance(11)  # runner-a stalls past its lease
+    token_b = await store.claim(saga_id, owner="runner-b", lease_s=10)
+    assert token_b is not None
+    assert token_b > token_a
+
+    async def stale_local_step() -> None:
+        async with container.db.write() as conn:
+            await set_meta(conn, f"effect:{saga_id}:stale", "written", now=await _now(conn))
+            await store.fenced_update(conn, saga_id, token_a, step_index=1)
+
+    with pytest.raises(LeaseLost):
+        await stale_local_step()
+    # The stale runner's local effect rolled back with its refused state write.
+    assert await effect(container, saga_id, "stale") is None
+
+
+async def test_two_runners_never_run_a_step_twice(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    definition = SagaDefinition("order", (local("reserve", rec), remote("authorize", rec)))
+    ids = [await start(container, store, definition) for _ in range(12)]
+    a = runner_for(container, store, definition, clock, "runner-a")
+    b = runner_for(container, store, definition, clock, "runner-b")
+    await asyncio.gather(a.run_once(), b.run_once(), a.run_once(), b.run_once())
+    statuses = [s.status for i in ids if (s := await store.get(i)) is not None]
+    assert statuses == [SagaStatus.COMPLETED] * 12
+    assert rec.calls[("reserve", "do")] == 12
+    assert rec.calls[("authorize", "do")] == 12
