@@ -11,6 +11,7 @@ from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
+from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
 from mercato.shop.cart.model import CartLimits
@@ -35,6 +36,7 @@ class Container:
     inventory: InventoryService
     cart: CartService
     orders: OrdersService
+    idempotency: IdempotencyStore
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -86,6 +88,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         inventory=InventoryService(db, clock, reservation_ttl_s=shop.reservation_ttl_s),
         cart=cart,
         orders=OrdersService(db, clock, cart),
+        idempotency=IdempotencyStore(db, clock=clock),
     )
 
 

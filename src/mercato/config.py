@@ -84,6 +84,13 @@ class ShopSettings(BaseModel):
     reservation_ttl_s: int = Field(default=900, ge=1)
 
 
+class IdempotencySettings(BaseModel):
+    ttl_s: int = Field(default=86_400, ge=60)
+    # Above the slowest request a client would still wait for, or a retry could run it twice.
+    lock_timeout_s: float = Field(default=60.0, gt=0)
+    purge_interval_s: float = Field(default=300.0, gt=0)
+
+
 class WorkerSettings(BaseModel):
     # How often expired inventory reservations give their units back.
     reservation_sweep_s: float = Field(default=5.0, gt=0, le=3600)
@@ -109,6 +116,7 @@ class Settings(BaseSettings):
     seed: SeedSettings = SeedSettings()
     shop: ShopSettings = ShopSettings()
     worker: WorkerSettings = WorkerSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
 
     @field_validator("env", mode="before")
     @classmethod

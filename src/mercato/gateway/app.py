@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from mercato.config import Settings, get_settings
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from mercato.gateway.probes import router as probes_router
+from mercato.kit.idempotency import IdempotencyMiddleware, PrometheusIdempotencyMetrics
 from mercato.kit.observability import (
     HttpMetrics,
     build_tracer_provider,
@@ -44,6 +46,8 @@ ROUTERS = [
     orders_router,
     orders_admin_router,
 ]
+
+REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
 
 _log = get_logger("mercato.app")
 
@@ -106,6 +110,17 @@ def create_app(
         app.include_router(router)
 
     # Added innermost first: the request context wraps everything, including the body limit.
+    # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
+    # checkout demands one. Auth responses carry tokens and are never stored.
+    app.add_middleware(
+        IdempotencyMiddleware,
+        store=container.idempotency,
+        required_paths=REQUIRE_IDEMPOTENCY_KEY,
+        excluded_paths=(re.compile(r"^/v1/auth/"),),
+        ttl_s=settings.idempotency.ttl_s,
+        lock_timeout_s=settings.idempotency.lock_timeout_s,
+        hook=PrometheusIdempotencyMetrics(registry),
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.http.max_body_bytes)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, tracer=tracer, access_log=settings.http.access_log

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mercato.bootstrap import Container
+from mercato.kit.idempotency import purge_expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,17 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def expire_reservations() -> int:
         return await container.inventory.expire_due(limit=worker.reservation_sweep_batch)
 
+    async def purge_idempotency_keys() -> int:
+        return await purge_expired(container.db, now=container.clock.now(), batch=1000)
+
     return [
         PeriodicJob(
             "expire_reservations",
             worker.reservation_sweep_s,
             expire_reservations,
             batch=worker.reservation_sweep_batch,
-        )
+        ),
+        PeriodicJob(
+            "purge_idempotency_keys", container.settings.idempotency.purge_interval_s, purge_idempotency_keys
+        ),
     ]

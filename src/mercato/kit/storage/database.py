@@ -48,6 +48,20 @@ class Database:
             async with conn.begin():
                 yield conn
 
+    @asynccontextmanager
+    async def join(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        """The caller's transaction when it passes one, else a new write transaction.
+
+        Lets one use case run either on its own or as part of a larger unit of work (a saga step
+        whose effects must commit with the saga's progress). Joining never commits or rolls
+        back: that stays with whoever opened the transaction.
+        """
+        if conn is not None:
+            yield conn
+            return
+        async with self.write() as own:
+            yield own
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

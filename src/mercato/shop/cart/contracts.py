@@ -1,16 +1,14 @@
-"""What other contexts may know of the cart: its priced view and a port to take its lines.
+"""What other contexts may know of the cart: its priced view.
 
-The orders context turns a cart into an order through `CartSource`; the cart service implements
-it. Prices in a `CartView` come from the catalog at the moment the view was made.
+The orders context turns a cart into an order through its own `CartSource` port, which the cart
+service implements. Prices in a `CartView` come from the catalog at the moment the view was made.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
 
 
 class UnavailableReason(StrEnum):
@@ -46,20 +44,3 @@ class CartView:
     @property
     def has_unavailable_lines(self) -> bool:
         return any(not line.available for line in self.lines)
-
-
-class CartSource(Protocol):
-    """The cart as the orders context sees it."""
-
-    async def view(self, customer_id: uuid.UUID) -> CartView:
-        """The cart priced now."""
-        ...
-
-    async def take(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
-        """Remove exactly these (sku, quantity) lines, all or none; raises a Conflict
-        (`cart-changed`) if any of them is no longer in the cart with that quantity."""
-        ...
-
-    async def restore(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
-        """Put taken lines back (a compensation); lines re-added meanwhile are left as they are."""
-        ...

@@ -1,4 +1,4 @@
-"""Cart use cases. The cart implements `CartSource` (cart.contracts) for the orders context.
+"""Cart use cases. The cart implements the orders context's `CartSource` port.
 
 Limits are checked inside the write transaction. On SQLite that transaction holds the database
 write lock, so they are exact; on PostgreSQL two concurrent adds by the same customer can each
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.storage import Database
@@ -101,8 +103,15 @@ class CartService:
         async with self._db.write() as conn:
             await self._repo.clear(conn, customer_id)
 
-    async def take(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
-        async with self._db.write() as conn:
+    async def take(
+        self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]], *, conn: AsyncConnection | None = None
+    ) -> None:
+        """Remove exactly these lines, all or none (`CartChanged` if any changed meanwhile).
+
+        With `conn`, the removal joins the caller's transaction (checkout commits it together
+        with the order it becomes).
+        """
+        async with self._db.join(conn) as conn:
             # Sorted: the same lock order as any other multi-line delete, so no deadlock.
             for sku, quantity in sorted(lines):
                 if not await self._repo.remove_exact(conn, customer_id, sku, quantity):

@@ -137,27 +137,41 @@ class InventoryService:
     # ---- reservations ------------------------------------------------------------------------
 
     async def reserve(
-        self, reference: str, lines: Iterable[tuple[str, int]], *, ttl_s: int | None = None
+        self,
+        reference: str,
+        lines: Iterable[tuple[str, int]],
+        *,
+        ttl_s: int | None = None,
+        conn: AsyncConnection | None = None,
     ) -> Reservation:
         """Hold every line for `reference`, or nothing at all (OutOfStock lists the short SKUs).
 
         Idempotent per reference: asking again returns the reservation made the first time,
         whatever its state now; asking again with different lines is a conflict.
         """
-        reservation, _ = await self.reserve_or_replay(reference, lines, ttl_s=ttl_s)
+        reservation, _ = await self.reserve_or_replay(reference, lines, ttl_s=ttl_s, conn=conn)
         return reservation
 
     async def reserve_or_replay(
-        self, reference: str, lines: Iterable[tuple[str, int]], *, ttl_s: int | None = None
+        self,
+        reference: str,
+        lines: Iterable[tuple[str, int]],
+        *,
+        ttl_s: int | None = None,
+        conn: AsyncConnection | None = None,
     ) -> tuple[Reservation, bool]:
-        """`reserve`, also telling whether this call created the reservation (True) or replayed it."""
+        """`reserve`, also telling whether this call created the reservation (True) or replayed it.
+
+        With `conn`, the reservation joins the caller's transaction (a saga step) and commits or
+        rolls back with it.
+        """
         validate_reference(reference)
         wanted = normalize_lines(lines)
         now = self._clock.now()
         expires_at = expiry(now, ttl_s if ttl_s is not None else self._ttl_s)
         try:
-            async with self._db.write() as conn:
-                existing = await self._repo.get_by_reference(conn, reference)
+            async with self._db.join(conn) as tx:
+                existing = await self._repo.get_by_reference(tx, reference)
                 if existing is not None:
                     return _replay(existing, wanted), False
                 reservation = Reservation(
@@ -169,19 +183,21 @@ class InventoryService:
                     created_at=now,
                     updated_at=now,
                 )
-                await self._repo.add_reservation(conn, reservation)
+                await self._repo.add_reservation(tx, reservation)
                 short = []
                 for line in wanted:  # ascending SKU: the lock order
-                    if not await self._repo.take(conn, line.sku, line.quantity, now):
+                    if not await self._repo.take(tx, line.sku, line.quantity, now):
                         short.append(line.sku)
                 if short:
                     # Raising rolls back the units already taken for the other lines.
                     raise OutOfStock(
                         "not enough stock for " + ", ".join(short), short_skus=short, reference=reference
                     )
-                await self._repo.add_lines(conn, reservation)
+                await self._repo.add_lines(tx, reservation)
             return reservation, True
         except DuplicateKey:
+            if conn is not None:
+                raise
             # A concurrent call with the same reference committed first (PostgreSQL made our
             # insert wait for it); ours rolled back before touching stock.
             async with self._db.read() as conn:
@@ -201,18 +217,39 @@ class InventoryService:
         async with self._db.read() as conn:
             return await self._repo.get_by_reference(conn, reference)
 
-    async def release(self, reservation_id: uuid.UUID) -> Reservation:
+    async def release(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Give the units back to `available`. Releasing a released/expired one is a no-op."""
-        reservation, _ = await self._end(reservation_id, ReservationStatus.RELEASED)
+        reservation, _ = await self._end(reservation_id, ReservationStatus.RELEASED, conn=conn)
         return reservation
 
-    async def commit(self, reservation_id: uuid.UUID) -> Reservation:
+    async def release_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> bool:
+        """Release the reservation made for `reference`, if any; False when there is none.
+
+        A saga compensating "reserve inventory" calls this whether or not the reservation was
+        ever made, so no reservation is not an error.
+        """
+        async with self._db.join(conn) as tx:
+            found = await self._repo.get_by_reference(tx, reference)
+            if found is None:
+                return False
+            await self.release(found.id, conn=tx)
+        return True
+
+    async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> Reservation:
+        """Commit the reservation made for `reference` (the units are sold)."""
+        async with self._db.join(conn) as tx:
+            found = await self._repo.get_by_reference(tx, reference)
+            if found is None:
+                raise ReservationNotFound(f"no reservation for reference {reference}")
+            return await self.commit(found.id, conn=tx)
+
+    async def commit(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Turn the reserved units into committed (sold) ones. Committing twice is a no-op.
 
         A reservation past its expiry is expired here instead, and the commit refused: its
         time to live is a promise to the other shoppers waiting for those units.
         """
-        reservation, expired = await self._end(reservation_id, ReservationStatus.COMMITTED)
+        reservation, expired = await self._end(reservation_id, ReservationStatus.COMMITTED, conn=conn)
         if expired:
             raise ReservationExpired(
                 f"reservation {reservation_id} expired at {reservation.expires_at.isoformat()}"
@@ -236,10 +273,12 @@ class InventoryService:
                 await self._return_units(conn, sku, totals[sku], to_committed=False, now=now)
         return len(claimed)
 
-    async def _end(self, reservation_id: uuid.UUID, target: ReservationStatus) -> tuple[Reservation, bool]:
+    async def _end(
+        self, reservation_id: uuid.UUID, target: ReservationStatus, *, conn: AsyncConnection | None = None
+    ) -> tuple[Reservation, bool]:
         now = self._clock.now()
         expired = False
-        async with self._db.write() as conn:
+        async with self._db.join(conn) as conn:
             current = await self._repo.get_reservation(conn, reservation_id)
             if current is None:
                 raise ReservationNotFound(f"reservation {reservation_id} not found")

@@ -51,6 +51,28 @@ class OrderStatus(StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"
 
+    @property
+    def terminal(self) -> bool:
+        return self in (OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED)
+
+
+# The order's life: checkout drives it from pending to exactly one terminal state.
+ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
+    OrderStatus.PENDING: frozenset(
+        {OrderStatus.CONFIRMED, OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED}
+    ),
+    OrderStatus.CONFIRMED: frozenset({OrderStatus.COMPLETED, OrderStatus.CANCELLED, OrderStatus.FAILED}),
+    OrderStatus.COMPLETED: frozenset(),
+    OrderStatus.CANCELLED: frozenset(),
+    OrderStatus.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(RuleViolated):
+    slug = "illegal-order-transition"
+    title = "Illegal order state change"
+    description = "The order cannot move from its current state to the requested one."
+
 
 @dataclass(frozen=True, slots=True)
 class OrderLine:
@@ -79,6 +101,10 @@ class Order:
 
     def visible_to(self, customer_id: uuid.UUID | None, *, read_all: bool) -> bool:
         return read_all or self.customer_id == customer_id
+
+    def can_become(self, target: OrderStatus) -> bool:
+        """True when `target` is reachable now; moving to the state it is already in is a no-op."""
+        return target is self.status or target in ALLOWED_TRANSITIONS[self.status]
 
 
 @dataclass(frozen=True, slots=True)

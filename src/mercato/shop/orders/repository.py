@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select
+from sqlalchemy import Select, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.shop.orders.model import Order, OrderLine, OrderStatus
@@ -60,6 +61,23 @@ class OrdersRepository:
                 for line in order.lines
             ],
         )
+
+    async def set_status(
+        self,
+        conn: AsyncConnection,
+        order_id: uuid.UUID,
+        *,
+        expected: OrderStatus,
+        target: OrderStatus,
+        now: datetime,
+    ) -> bool:
+        """Move the order from `expected` to `target`; False if it is no longer in `expected`."""
+        result = await conn.execute(
+            update(orders)
+            .where(orders.c.id == order_id, orders.c.status == expected.value)
+            .values(status=target.value, version=orders.c.version + 1, updated_at=now)
+        )
+        return result.rowcount == 1
 
     async def get(self, conn: AsyncConnection, order_id: uuid.UUID) -> Order | None:
         row = (await conn.execute(select(orders).where(orders.c.id == order_id))).first()

@@ -10,20 +10,48 @@ a crash between the two steps loses the cart's contents rather than duplicating 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.storage import Database
-from mercato.shop.cart.contracts import CartSource
+from mercato.shop.cart.contracts import CartView
+from mercato.shop.orders.contracts import OrderedItem, OrderSnapshot
 from mercato.shop.orders.model import (
     EmptyCart,
+    IllegalTransition,
     LineDraft,
     Order,
     OrderNotFound,
+    OrderStatus,
     UnavailableItems,
     place_order,
 )
 from mercato.shop.orders.repository import OrdersRepository
+
+
+class CartSource(Protocol):
+    """The cart as the orders context sees it."""
+
+    async def view(self, customer_id: uuid.UUID) -> CartView:
+        """The cart priced now."""
+        ...
+
+    async def take(
+        self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]], *, conn: AsyncConnection | None = None
+    ) -> None:
+        """Remove exactly these (sku, quantity) lines, all or none; raises a Conflict
+        (`cart-changed`) if any of them is no longer in the cart with that quantity. With
+        `conn`, inside the caller's transaction."""
+        ...
+
+    async def restore(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
+        """Put taken lines back (a compensation); lines re-added meanwhile are left as they are."""
+        ...
 
 
 class OrdersService:
@@ -35,7 +63,8 @@ class OrdersService:
         self._cart = cart
         self._repo = repository or OrdersRepository()
 
-    async def place_from_cart(self, customer_id: uuid.UUID) -> Order:
+    async def draft_from_cart(self, customer_id: uuid.UUID) -> Order:
+        """A pending order priced from the cart as it is now; nothing is written yet."""
         cart = await self._cart.view(customer_id)
         if not cart.lines:
             raise EmptyCart("the cart is empty")
@@ -57,8 +86,33 @@ class OrdersService:
                     currency=line.currency,
                 )
             )
-        order = place_order(order_id=new_id(), customer_id=customer_id, lines=drafts, now=self._clock.now())
-        taken = [(line.sku, line.quantity) for line in cart.lines]
+        return place_order(order_id=new_id(), customer_id=customer_id, lines=drafts, now=self._clock.now())
+
+    async def record_from_cart(self, conn: AsyncConnection, order: Order) -> None:
+        """Take the order's lines out of the cart and store the order, in the caller's transaction.
+
+        Both commit together or not at all: checkout adds the saga that will drive the order in
+        the same transaction, so an order never exists without its saga, nor a cart emptied
+        without its order.
+        """
+        await self._cart.take(
+            order.customer_id, [(line.sku, line.quantity) for line in order.lines], conn=conn
+        )
+        await self._repo.add(conn, order)
+
+    async def open_from_cart(self, conn: AsyncConnection, customer_id: uuid.UUID) -> OrderSnapshot:
+        """Draft the order from the cart and record it in the caller's transaction (checkout)."""
+        order = await self.draft_from_cart(customer_id)
+        await self.record_from_cart(conn, order)
+        return snapshot(order)
+
+    async def move_to(self, order_id: uuid.UUID, status: str, *, conn: AsyncConnection | None = None) -> None:
+        """`transition` by status name, for contexts that only know the contract."""
+        await self.transition(order_id, OrderStatus(status), conn=conn)
+
+    async def place_from_cart(self, customer_id: uuid.UUID) -> Order:
+        order = await self.draft_from_cart(customer_id)
+        taken = [(line.sku, line.quantity) for line in order.lines]
         await self._cart.take(customer_id, taken)
         try:
             async with self._db.write() as conn:
@@ -67,6 +121,25 @@ class OrdersService:
             await self._cart.restore(customer_id, taken)
             raise
         return order
+
+    async def transition(
+        self, order_id: uuid.UUID, target: OrderStatus, *, conn: AsyncConnection | None = None
+    ) -> Order:
+        """Move the order to `target` if its state allows (idempotent when it is already there)."""
+        async with self._db.join(conn) as tx:
+            order = await self._repo.get(tx, order_id)
+            if order is None:
+                raise OrderNotFound(f"order {order_id} not found")
+            if order.status is target:
+                return order
+            if not order.can_become(target):
+                raise IllegalTransition(
+                    f"order {order_id} is {order.status.value}, cannot become {target.value}"
+                )
+            now = self._clock.now()
+            if not await self._repo.set_status(tx, order_id, expected=order.status, target=target, now=now):
+                raise IllegalTransition(f"order {order_id} changed state concurrently")
+            return replace(order, status=target, version=order.version + 1, updated_at=now)
 
     async def get(self, order_id: uuid.UUID, *, customer_id: uuid.UUID | None, read_all: bool) -> Order:
         """The order, if the caller may see it. Someone else's order is "not found", never
@@ -94,3 +167,22 @@ class OrdersService:
             # One extra row tells whether another page exists without a COUNT.
             rows = await self._repo.page(conn, customer_id=customer_id, after_id=after_id, limit=limit + 1)
         return rows[:limit], len(rows) > limit
+
+
+def snapshot(order: Order) -> OrderSnapshot:
+    return OrderSnapshot(
+        id=order.id,
+        customer_id=order.customer_id,
+        status=order.status.value,
+        currency=order.currency,
+        total_minor=order.total_minor,
+        items=tuple(
+            OrderedItem(
+                sku=line.sku,
+                product_id=line.product_id,
+                quantity=line.quantity,
+                unit_price_minor=line.unit_price_minor,
+            )
+            for line in order.lines
+        ),
+    )

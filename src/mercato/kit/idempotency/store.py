@@ -1,0 +1,263 @@
+"""The database-backed idempotency key store: claim, complete, release, look up, purge.
+
+Every operation is one short write transaction, never held while the handler runs:
+
+- `claim` INSERTs an in-flight row. The primary key (scope, key) is the arbiter between concurrent
+  requests on every backend: on PostgreSQL a second INSERT waits for the first transaction and then
+  fails with a unique violation; on SQLite `BEGIN IMMEDIATE` serialises the writers outright. The
+  loser reads the existing row and learns whether to replay, refuse (422/409) or take it over.
+- Take-overs (the row expired, or its in-flight lock lapsed because its request crashed) are
+  compare-and-set on the row's `claim_token`, so of two requests racing to take over one wins.
+- `complete` and `release` also match on `claim_token`: a request whose lock lapsed and was taken
+  over cannot overwrite or delete the new owner's row.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.idempotency.tables import COMPLETED, IN_FLIGHT, PATH_LENGTH, idempotency_keys
+from mercato.kit.storage import Database
+
+__all__ = [
+    "ClaimOutcome",
+    "Claimed",
+    "IdempotencyRecord",
+    "IdempotencyStore",
+    "InFlight",
+    "Mismatch",
+    "Replay",
+    "StoredResponse",
+    "purge_expired",
+]
+
+_t = idempotency_keys.c
+
+# A claim attempt that keeps losing races (row deleted or taken over between our INSERT and
+# SELECT) retries a few times; more than that would mean a livelock worth surfacing.
+_CLAIM_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The caller owns the key: run the handler, then `complete` or `release`."""
+
+    scope: str
+    key: str
+    claim_token: str
+    taken_over: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The key's request completed: answer with its stored response."""
+
+    response: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """The key's first request still holds its lock."""
+
+    locked_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The key was used for a different request (method, path, query or body)."""
+
+
+ClaimOutcome = Claimed | Replay | InFlight | Mismatch
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A read-only view of one row, for polling and for operators."""
+
+    scope: str
+    key: str
+    fingerprint: str
+    state: str
+    locked_until: datetime | None
+    expires_at: datetime
+    response: StoredResponse | None
+
+
+def _stored_response(row: Any) -> StoredResponse | None:
+    if row.response_status is None:
+        return None
+    headers = tuple((str(name), str(value)) for name, value in orjson.loads(row.response_headers or "[]"))
+    return StoredResponse(status=int(row.response_status), headers=headers, body=bytes(row.response_body))
+
+
+class IdempotencyStore:
+    """Idempotency keys in the `idempotency_keys` table of `db`."""
+
+    def __init__(self, db: Database, *, clock: Clock | None = None) -> None:
+        self._db = db
+        self._clock = clock or SystemClock()
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    async def claim(
+        self,
+        *,
+        scope: str,
+        key: str,
+        method: str,
+        path: str,
+        fingerprint: str,
+        ttl_s: float,
+        lock_timeout_s: float,
+    ) -> ClaimOutcome:
+        """Claim `key` for `scope`, or say why not.
+
+        A new key, an expired one, or one whose in-flight lock lapsed (`locked_until <= now`, its
+        request presumably crashed) is claimed: the row is (re)written in flight, locked until
+        `now + lock_timeout_s` and expiring at `now + ttl_s`. Otherwise a different fingerprint is a
+        `Mismatch`, a completed row a `Replay`, a live lock `InFlight`.
+        """
+        for _ in range(_CLAIM_ATTEMPTS):
+            now = self._clock.now()
+            token = secrets.token_hex(16)
+            fresh = {
+                "method": method.upper()[:16],
+                "path": path[:PATH_LENGTH],
+                "fingerprint": fingerprint,
+                "state": IN_FLIGHT,
+                "claim_token": token,
+                "locked_until": now + timedelta(seconds=lock_timeout_s),
+                "response_status": None,
+                "response_headers": None,
+                "response_body": None,
+                "created_at": now,
+                "expires_at": now + timedelta(seconds=ttl_s),
+            }
+            async with self._db.write() as conn:
+                if await self._insert(conn, {"scope": scope, "key": key, **fresh}):
+                    return Claimed(scope=scope, key=key, claim_token=token)
+                row = await self._row(conn, scope, key)
+                if row is None:
+                    continue  # released between our INSERT and SELECT: try the INSERT again
+                expired = row.expires_at <= now
+                if not expired and row.fingerprint != fingerprint:
+                    return Mismatch()
+                if not expired and row.state == COMPLETED:
+                    response = _stored_response(row)
+                    assert response is not None  # guaranteed by ck_idempotency_keys_state_consistent
+                    return Replay(response)
+                if not expired and row.locked_until is not None and row.locked_until > now:
+                    return InFlight(locked_until=row.locked_until)
+                taken = await conn.execute(
+                    update(idempotency_keys)
+                    .where(_t.scope == scope, _t.key == key, _t.claim_token == row.claim_token)
+                    .values(**fresh)
+                )
+                if taken.rowcount == 1:
+                    return Claimed(scope=scope, key=key, claim_token=token, taken_over=True)
+        raise RuntimeError(f"could not claim idempotency key after {_CLAIM_ATTEMPTS} attempts")
+
+    async def complete(self, claim: Claimed, response: StoredResponse, *, ttl_s: float) -> bool:
+        """Store the response and release the lock; the key then replays until `now + ttl_s`.
+
+        False when the claim was lost (lock lapsed and taken over, or purged): the response is then
+        not stored, because the row belongs to another request.
+        """
+        now = self._clock.now()
+        async with self._db.write() as conn:
+            result = await conn.execute(
+                update(idempotency_keys)
+                .where(self._owned(claim))
+                .values(
+                    state=COMPLETED,
+                    locked_until=None,
+                    response_status=response.status,
+                    response_headers=orjson.dumps([list(pair) for pair in response.headers]).decode(),
+                    response_body=response.body,
+                    expires_at=now + timedelta(seconds=ttl_s),
+                )
+            )
+        return bool(result.rowcount == 1)
+
+    async def release(self, claim: Claimed) -> bool:
+        """Delete the in-flight row so the same key may be used again (a retry runs the handler)."""
+        async with self._db.write() as conn:
+            result = await conn.execute(delete(idempotency_keys).where(self._owned(claim)))
+        return bool(result.rowcount == 1)
+
+    async def lookup(self, *, scope: str, key: str) -> IdempotencyRecord | None:
+        """The row as it stands, in a read transaction (cheap enough to poll)."""
+        async with self._db.read() as conn:
+            row = await self._row(conn, scope, key)
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            scope=row.scope,
+            key=row.key,
+            fingerprint=row.fingerprint,
+            state=row.state,
+            locked_until=row.locked_until,
+            expires_at=row.expires_at,
+            response=_stored_response(row),
+        )
+
+    @staticmethod
+    def _owned(claim: Claimed) -> Any:
+        return and_(
+            _t.scope == claim.scope,
+            _t.key == claim.key,
+            _t.claim_token == claim.claim_token,
+            _t.state == IN_FLIGHT,
+        )
+
+    @staticmethod
+    async def _insert(conn: AsyncConnection, values: dict[str, Any]) -> bool:
+        # A savepoint, because on PostgreSQL a failed statement aborts the whole transaction and we
+        # still need to read the existing row in this one.
+        try:
+            async with conn.begin_nested():
+                await conn.execute(insert(idempotency_keys).values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    @staticmethod
+    async def _row(conn: AsyncConnection, scope: str, key: str) -> Any:
+        return (await conn.execute(select(idempotency_keys).where(_t.scope == scope, _t.key == key))).first()
+
+
+async def purge_expired(db: Database, *, now: datetime, batch: int = 1000) -> int:
+    """Delete every row with `expires_at <= now`, `batch` rows per short transaction; the count removed.
+
+    Batches keep each transaction (and on SQLite the write lock) short, so request traffic is not
+    stalled behind a large purge. In-flight rows expire too: a claim older than its TTL is dead.
+    """
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
+    removed = 0
+    while True:
+        victims = select(_t.scope, _t.key).where(_t.expires_at <= now).order_by(_t.expires_at).limit(batch)
+        async with db.write() as conn:
+            result = await conn.execute(delete(idempotency_keys).where(tuple_(_t.scope, _t.key).in_(victims)))
+        count = int(result.rowcount)
+        removed += count
+        if count < batch:
+            return removed
