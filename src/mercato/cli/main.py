@@ -20,6 +20,7 @@ from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
+from mercato.providers.cli import app as provider_app
 from mercato.shop.identity.contracts import Role
 from mercato.shop.identity.model import EmailTaken, User
 from mercato.workers import run_jobs, shop_jobs
@@ -33,6 +34,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+app.add_typer(provider_app, name="provider")
 console = Console(stderr=True)
 
 

@@ -1,0 +1,220 @@
+"""`Idempotency-Key` handling the way a real PSP does it, with the key and the effect in one transaction.
+
+A request first *claims* its key in a short transaction (an in-flight record with a lease), then does its
+work, then writes the effect and the finished record in a second transaction guarded by the claim token.
+So: a retry after a success gets the stored response; a retry while the first is still working gets 409;
+a crash mid-work leaves only an in-flight claim, which another request may take over once its lease has
+run out, and since the effect commits only together with the finished record, it is never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.responses import Response
+
+from mercato.kit.clock import Clock
+from mercato.kit.storage import Database, UTCDateTime
+from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
+from mercato.providers._edge import ProviderProblem
+
+__all__ = ["IdempotencyStore", "Outcome", "fingerprint", "idempotency_table"]
+
+_IN_FLIGHT = "in_flight"
+_DONE = "done"
+MAX_KEY_LENGTH = 255
+
+
+def idempotency_table(metadata: MetaData, prefix: str) -> Table:
+    return Table(
+        f"{prefix}_idempotency_keys",
+        metadata,
+        Column("key", String(MAX_KEY_LENGTH), primary_key=True),
+        Column("fingerprint", String(64), nullable=False),
+        Column("state", String(16), nullable=False),
+        Column("claim_token", String(32), nullable=False),
+        Column("locked_until", UTCDateTime, nullable=False),
+        Column("response_status", Integer, nullable=True),
+        Column("response_body", Text, nullable=True),
+        Column("response_headers", Text, nullable=True),
+        Column("created_at", UTCDateTime, nullable=False),
+        Column("expires_at", UTCDateTime, nullable=False),
+    )
+
+
+def fingerprint(method: str, path: str, body: dict[str, Any]) -> str:
+    """A digest of what the key promises: the operation and its (parsed, key-order-free) body."""
+    canonical = orjson.dumps([method, path, body], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished operation's response; stored verbatim under its key for replays."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self, *, replayed: bool = False) -> Response:
+        headers = dict(self.headers)
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        media_type = PROBLEM_MEDIA_TYPE if self.status >= 400 else "application/json"
+        return Response(
+            orjson.dumps(self.body), status_code=self.status, media_type=media_type, headers=headers
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    token: str
+
+
+class _ClaimLost(Exception):
+    """The lease ran out and another request took the key over: roll this attempt back."""
+
+
+Apply = Callable[[AsyncConnection], Awaitable[Outcome]]
+
+
+class IdempotencyStore:
+    def __init__(
+        self, db: Database, table: Table, clock: Clock, *, lease_s: float = 60.0, ttl_s: float = 86_400.0
+    ) -> None:
+        self.db = db
+        self.table = table
+        self.clock = clock
+        self.lease_s = lease_s
+        self.ttl_s = ttl_s
+
+    async def execute(
+        self, *, key: str | None, digest: str, latency_s: float, instance: str, apply: Apply
+    ) -> Response:
+        """Run `apply` at most once per key; a `ProviderProblem` it raises is stored like a success.
+
+        Storing rejections too is what a real PSP does: a retry of "capture 900 of 500" must keep
+        getting the same 422, not a different answer because the state moved on meanwhile.
+        """
+        if not key:
+            raise ProviderProblem(
+                400, "idempotency-key-missing", "Idempotency-Key required", "send an Idempotency-Key header"
+            )
+        if len(key) > MAX_KEY_LENGTH:
+            raise ProviderProblem(422, "idempotency-key-invalid", "Idempotency-Key too long")
+        claim = await self._claim(key, digest)
+        if isinstance(claim, Outcome):
+            return claim.response(replayed=True)
+        try:
+            if latency_s > 0:
+                await asyncio.sleep(latency_s)
+            async with self.db.write() as conn:
+                try:
+                    outcome = await apply(conn)
+                except ProviderProblem as problem:
+                    # Operations check before they write, so a rejection has changed nothing.
+                    outcome = Outcome(problem.status, problem.body(instance), problem.headers or {})
+                await self._complete(conn, key, claim.token, outcome)
+        except _ClaimLost as exc:
+            raise _in_flight() from exc
+        except BaseException:
+            # Nothing was committed; free the key at once rather than make retries wait out the lease.
+            await asyncio.shield(self._release(key, claim.token))
+            raise
+        return outcome.response()
+
+    async def _claim(self, key: str, digest: str) -> _Claimed | Outcome:
+        for _ in range(2):
+            try:
+                return await self._try_claim(key, digest)
+            except IntegrityError:
+                # A concurrent first request inserted the key between our read and insert (PostgreSQL;
+                # SQLite's BEGIN IMMEDIATE serializes writers); read again to learn its state.
+                continue
+        raise _in_flight()
+
+    async def _try_claim(self, key: str, digest: str) -> _Claimed | Outcome:
+        t = self.table
+        now = self.clock.now()
+        token = uuid.uuid4().hex
+        claim = {
+            "fingerprint": digest,
+            "state": _IN_FLIGHT,
+            "claim_token": token,
+            "locked_until": now + timedelta(seconds=self.lease_s),
+            "response_status": None,
+            "response_body": None,
+            "response_headers": None,
+            "created_at": now,
+            "expires_at": now + timedelta(seconds=self.ttl_s),
+        }
+        async with self.db.write() as conn:
+            row = (await conn.execute(select(t).where(t.c.key == key))).mappings().first()
+            if row is None:
+                await conn.execute(t.insert().values(key=key, **claim))
+                return _Claimed(token)
+            if row["expires_at"] <= now:
+                await conn.execute(t.update().where(t.c.key == key).values(**claim))
+                return _Claimed(token)
+            if row["fingerprint"] != digest:
+                raise ProviderProblem(
+                    422,
+                    "idempotency-key-reused",
+                    "Idempotency-Key reused",
+                    "this key was used for a different request",
+                )
+            if row["state"] == _DONE:
+                return Outcome(
+                    status=int(row["response_status"]),
+                    body=orjson.loads(row["response_body"]),
+                    headers=orjson.loads(row["response_headers"] or "{}"),
+                )
+            if row["locked_until"] > now:
+                raise _in_flight()
+            # The first attempt died (crash, timeout) without committing anything: take the key over.
+            await conn.execute(
+                t.update().where(t.c.key == key).values(claim_token=token, locked_until=claim["locked_until"])
+            )
+            return _Claimed(token)
+
+    async def _complete(self, conn: AsyncConnection, key: str, token: str, outcome: Outcome) -> None:
+        t = self.table
+        done = await conn.execute(
+            t.update()
+            .where(t.c.key == key, t.c.claim_token == token, t.c.state == _IN_FLIGHT)
+            .values(
+                state=_DONE,
+                response_status=outcome.status,
+                response_body=orjson.dumps(outcome.body).decode(),
+                response_headers=orjson.dumps(outcome.headers).decode(),
+            )
+        )
+        if done.rowcount != 1:
+            raise _ClaimLost
+
+    async def _release(self, key: str, token: str) -> None:
+        t = self.table
+        async with self.db.write() as conn:
+            await conn.execute(
+                t.delete().where(t.c.key == key, t.c.claim_token == token, t.c.state == _IN_FLIGHT)
+            )
+
+
+def _in_flight() -> ProviderProblem:
+    return ProviderProblem(
+        409,
+        "idempotency-key-in-flight",
+        "Request in progress",
+        "a request with this Idempotency-Key is still being processed; retry later",
+        headers={"Retry-After": "1"},
+    )

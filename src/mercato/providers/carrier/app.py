@@ -1,0 +1,123 @@
+"""The simulated carrier as a FastAPI app (`create_carrier_app`)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import FastAPI, Header, Query, Request
+from prometheus_client import CollectorRegistry
+from starlette.responses import Response
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.storage import create_database
+from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.kit.web.problems import problem_responses
+from mercato.providers._edge import ProviderApp, add_common_routes, latency_of
+from mercato.providers._idempotency import fingerprint
+from mercato.providers.carrier.models import ShipmentIn, ShipmentOut, ShipmentPage, ShipmentSummary
+from mercato.providers.carrier.service import Carrier
+from mercato.providers.faults import FaultInjector, FaultSettings
+
+__all__ = ["create_carrier_app"]
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", description="Required on every POST; same key + same body replays."),
+]
+_POST_PROBLEMS = problem_responses(400, 404, 409, 422, 500, 503)
+
+
+def create_carrier_app(
+    database_url: str,
+    *,
+    faults: FaultSettings | None = None,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+) -> ProviderApp:
+    """Build the carrier app. No I/O here: tables are created when the app starts (lifespan)."""
+    clock = clock or SystemClock()
+    settings = faults or FaultSettings()
+    rng = rng or random.Random(settings.seed)
+    carrier = Carrier(create_database(database_url), clock=clock, rng=random.Random(rng.random()))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await carrier.start()
+        try:
+            yield
+        finally:
+            await carrier.close()
+
+    app = ProviderApp(
+        provider="carrier",
+        injector=FaultInjector(settings, clock=clock, rng=rng),
+        registry=CollectorRegistry(),
+        title="Mercato simulated carrier",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.carrier = carrier
+    add_common_routes(app, ready=carrier.db.ping)
+
+    @app.post(
+        "/v1/shipments",
+        status_code=201,
+        response_model=ShipmentOut,
+        responses=_POST_PROBLEMS,
+        tags=["shipments"],
+    )
+    async def create_shipment(request: Request, body: ShipmentIn, key: IdempotencyKey = None) -> Response:
+        """Book a shipment for an order."""
+        return await carrier.idempotency.execute(
+            key=key,
+            digest=fingerprint(request.method, request.url.path, body.model_dump(mode="json")),
+            latency_s=latency_of(request),
+            instance=request.url.path,
+            apply=lambda conn: carrier.create(conn, body, key or ""),
+        )
+
+    @app.post(
+        "/v1/shipments/{shipment_id}/cancel",
+        response_model=ShipmentOut,
+        responses=_POST_PROBLEMS,
+        tags=["shipments"],
+    )
+    async def cancel_shipment(request: Request, shipment_id: str, key: IdempotencyKey = None) -> Response:
+        """Cancel a shipment that was created (409 when it already was cancelled)."""
+        return await carrier.idempotency.execute(
+            key=key,
+            digest=fingerprint(request.method, request.url.path, {}),
+            latency_s=latency_of(request),
+            instance=request.url.path,
+            apply=lambda conn: carrier.cancel(conn, shipment_id),
+        )
+
+    # Registered before `/v1/shipments/{shipment_id}` so "summary" is not taken for an id.
+    @app.get("/v1/shipments/summary", response_model=ShipmentSummary, tags=["shipments"])
+    async def shipment_summary(order_reference: str | None = None) -> ShipmentSummary:
+        """Created, cancelled and active shipments per order reference, plus totals."""
+        return await carrier.summary(order_reference=order_reference)
+
+    @app.get(
+        "/v1/shipments", response_model=ShipmentPage, responses=problem_responses(400), tags=["shipments"]
+    )
+    async def list_shipments(
+        order_reference: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+    ) -> ShipmentPage:
+        return await carrier.page(order_reference=order_reference, limit=limit, cursor=cursor)
+
+    @app.get(
+        "/v1/shipments/{shipment_id}",
+        response_model=ShipmentOut,
+        responses=problem_responses(404),
+        tags=["shipments"],
+    )
+    async def get_shipment(shipment_id: str) -> ShipmentOut:
+        return await carrier.get(shipment_id)
+
+    return app

@@ -1,0 +1,70 @@
+"""Fixtures for the simulated providers: their own databases (SQLite file, throwaway PostgreSQL).
+
+The providers' databases are not the shop's: no Alembic here, the apps create their tables at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy import MetaData, text
+
+from mercato.providers import ProviderApp
+from tests.conftest import PG_ADMIN_DSN
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def provider_pg_url() -> Iterator[str]:
+    name = f"mercato_providers_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    host = PG_ADMIN_DSN.split("://", 1)[1].rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+asyncpg://{host}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def provider_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'provider.db'}"
+    return str(request.getfixturevalue("provider_pg_url"))
+
+
+@asynccontextmanager
+async def running(app: ProviderApp, metadata: MetaData) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and talk to it in-process; empty its tables afterwards (shared PG db)."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://provider") as client:
+                yield client
+        finally:
+            db = app.state.psp.db if hasattr(app.state, "psp") else app.state.carrier.db
+            async with db.write() as conn:
+                for table in reversed(metadata.sorted_tables):
+                    await conn.execute(text(f'DELETE FROM "{table.name}"'))
+
+
+InProcess = Callable[[ProviderApp, MetaData], AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def in_process() -> InProcess:
+    """`running`, as a fixture, so test modules load this one as a plugin instead of importing it."""
+    return running
