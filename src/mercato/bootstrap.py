@@ -7,16 +7,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
+
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
+from mercato.kit.messaging import Outbox, SqlLogStream
+from mercato.kit.sagas import RetrySchedule, SagaDefinition, SagaStore
+from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
+from mercato.providers.carrier.client import CarrierClient
+from mercato.providers.psp.client import PspClient
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.service import CatalogService
+from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
+from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.inventory.service import InventoryService
 from mercato.shop.orders.service import OrdersService
@@ -37,8 +46,18 @@ class Container:
     cart: CartService
     orders: OrdersService
     idempotency: IdempotencyStore
+    sagas: SagaStore
+    saga_definitions: dict[str, SagaDefinition]
+    checkout: CheckoutService
+    psp: PspClient
+    carrier: CarrierClient
+    outbox: Outbox
+    stream: SqlLogStream
+    saga_events: OutboxEventSink
 
     async def close(self) -> None:
+        await self.psp.aclose()
+        await self.carrier.aclose()
         await self.db.dispose()
 
 
@@ -77,6 +96,34 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         catalog,
         CartLimits(max_quantity_per_line=shop.max_quantity_per_line, max_lines=shop.max_cart_lines),
     )
+    inventory = InventoryService(db, clock, reservation_ttl_s=shop.reservation_ttl_s)
+    orders = OrdersService(db, clock, cart)
+    providers = settings.providers
+    provider_timeout = httpx.Timeout(settings.checkout.provider_timeout_s, connect=1.0)
+    psp = PspClient(providers.psp_base_url, timeout=provider_timeout)
+    carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout)
+    sagas = SagaStore(db, clock)
+    saga = order_saga(
+        orders=orders,
+        stock=inventory,
+        payments=HttpPaymentGateway(psp),
+        carrier=HttpShippingCarrier(carrier),
+        reservation_ttl_s=shop.reservation_ttl_s,
+        deadline_s=settings.checkout.saga_deadline_s,
+        remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
+        remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
+    )
+    checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga)
+    messaging = settings.messaging
+    outbox = Outbox(clock=clock)
+    stream = SqlLogStream(
+        db,
+        partitions=messaging.partitions,
+        visibility_timeout_s=messaging.visibility_timeout_s,
+        max_attempts=messaging.max_attempts,
+        clock=clock,
+    )
+    orders.attach_checkout(checkout)
     return Container(
         settings=settings,
         clock=clock,
@@ -85,10 +132,18 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         health=health,
         catalog=catalog,
         identity=IdentityService(db, clock, codec, settings.auth),
-        inventory=InventoryService(db, clock, reservation_ttl_s=shop.reservation_ttl_s),
+        inventory=inventory,
         cart=cart,
-        orders=OrdersService(db, clock, cart),
+        orders=orders,
         idempotency=IdempotencyStore(db, clock=clock),
+        sagas=sagas,
+        saga_definitions={saga.name: saga},
+        checkout=checkout,
+        psp=psp,
+        carrier=carrier,
+        outbox=outbox,
+        stream=stream,
+        saga_events=OutboxEventSink(outbox, source="mercato/checkout", clock=clock),
     )
 
 

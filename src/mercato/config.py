@@ -14,8 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mercato.providers.config import ProviderSettings
 
 DEFAULT_AUTH_SECRET = "dev-only-insecure-secret-change-me-0123456789"  # noqa: S105 - refused outside dev
 
@@ -84,6 +86,24 @@ class ShopSettings(BaseModel):
     reservation_ttl_s: int = Field(default=900, ge=1)
 
 
+class CheckoutSettings(BaseModel):
+    # A checkout not finished by then compensates instead (every order reaches a terminal state).
+    saga_deadline_s: float = Field(default=120.0, gt=0)
+    # Per attempt; the PSP's p99 plus margin (guide: "timeouts near p95 of dependency + margin").
+    provider_timeout_s: float = Field(default=3.0, gt=0)
+    provider_attempts: int = Field(default=4, ge=1, le=20)
+    saga_concurrency: int = Field(default=32, ge=1, le=1000)
+    saga_lease_s: float = Field(default=30.0, gt=0)
+
+
+class MessagingSettings(BaseModel):
+    partitions: int = Field(default=8, ge=1, le=1024)
+    visibility_timeout_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    relay_interval_s: float = Field(default=0.2, gt=0)
+    relay_batch: int = Field(default=200, ge=1, le=10_000)
+
+
 class IdempotencySettings(BaseModel):
     ttl_s: int = Field(default=86_400, ge=60)
     # Above the slowest request a client would still wait for, or a retry could run it twice.
@@ -117,6 +137,9 @@ class Settings(BaseSettings):
     shop: ShopSettings = ShopSettings()
     worker: WorkerSettings = WorkerSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    providers: ProviderSettings = ProviderSettings()
+    checkout: CheckoutSettings = CheckoutSettings()
+    messaging: MessagingSettings = MessagingSettings()
 
     @field_validator("env", mode="before")
     @classmethod
@@ -133,6 +156,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _providers_share_the_data_dir(self) -> Settings:
+        if "data_dir" not in self.providers.model_fields_set:
+            self.providers.data_dir = self.data_dir
+        return self
 
     def check_safe_to_start(self) -> None:
         """Refuse configurations that are unsafe outside development."""

@@ -38,6 +38,9 @@ def start_mercato(
             "MERCATO_SEED_PRODUCTS": "1000",
             "MERCATO_AUTH_ARGON2_TIME_COST": "1",
             "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
+            # Several shops may run at once in one test session: each gets its own providers.
+            "MERCATO_PROVIDERS_PSP_PORT": str(free_port()),
+            "MERCATO_PROVIDERS_CARRIER_PORT": str(free_port()),
         }
     )
     env.update(env_extra or {})

@@ -53,3 +53,40 @@ def test_request_id_is_echoed_and_errors_are_problems(shop: RunningShop) -> None
         assert body["type"] == "/problems/product-not-found"
         assert body["request_id"] == "e2e-abc-123"
         assert client.get(body["type"]).json()["title"] == "Product not found"
+
+
+def test_a_customer_checks_out_and_the_order_completes(shop: RunningShop) -> None:
+    """The whole embedded system: API, saga runner, payment provider and carrier in one process."""
+    import time
+
+    from mercato.config import SeedSettings
+    from mercato.demo.seed import demo_accounts
+
+    accounts = demo_accounts(SeedSettings())
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+
+        def login(role: str) -> dict[str, str]:
+            _, email, password = next(a for a in accounts if a[0].value == role)
+            tokens = client.post("/v1/auth/login", json={"email": email, "password": password}).json()
+            return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+        admin, customer = login("admin"), login("customer")
+        products = client.get("/v1/products", params={"limit": 100, "category": "books"}).json()["items"]
+        sku = next(
+            p["sku"]
+            for p in products
+            if client.get(f"/v1/inventory/{p['sku']}", headers=admin).json()["available"] > 0
+        )
+        put = client.put(f"/v1/carts/me/items/{sku}", json={"quantity": 1}, headers=customer)
+        assert put.status_code == 200, put.text
+        accepted = client.post("/v1/checkout", headers={**customer, "Idempotency-Key": "e2e-checkout-1"})
+        assert accepted.status_code == 202, accepted.text
+        location = accepted.headers["location"]
+        deadline = time.monotonic() + 30
+        order = client.get(location, headers=customer).json()
+        while order["status"] == "pending" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            order = client.get(location, headers=customer).json()
+        assert order["status"] == "completed", order
+        assert order["checkout"]["saga_status"] == "completed"
+        assert [s["step"] for s in order["checkout"]["steps"]][-1] == "mark_complete"

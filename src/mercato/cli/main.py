@@ -16,15 +16,18 @@ from rich.table import Table
 
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
+from mercato.cli.dlq import app as dlq_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
 from mercato.providers.cli import app as provider_app
+from mercato.providers.server import serve_providers
 from mercato.shop.identity.contracts import Role
 from mercato.shop.identity.model import EmailTaken, User
 from mercato.workers import run_jobs, shop_jobs
 from mercato.workers.runner import JobMetrics
+from mercato.workers.sagas import build_saga_runner
 
 app = typer.Typer(
     help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -34,6 +37,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(provider_app, name="provider")
 console = Console(stderr=True)
 
@@ -141,7 +145,8 @@ def up(
 
 
 async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
-    """The API and every background job in one event loop, sharing one container."""
+    """The API, the simulated providers, the saga runner and every periodic job in one event
+    loop, sharing one container: the embedded mode's "everything in one process"."""
     from mercato.gateway.app import create_app
 
     app = create_app(settings)
@@ -149,15 +154,27 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
         uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=False)
     )
     container = app.state.container
+    providers = await serve_providers(settings.providers) if settings.providers.enabled else None
+    if providers is not None:
+        console.print(
+            f"  payment provider on {settings.providers.psp_base_url}, "
+            f"carrier on {settings.providers.carrier_base_url}"
+        )
     stop = asyncio.Event()
-    jobs = asyncio.create_task(
-        run_jobs(shop_jobs(container), stop, metrics=JobMetrics(app.state.metrics.registry))
-    )
+    runner = build_saga_runner(container)
+    background = [
+        asyncio.create_task(
+            run_jobs(shop_jobs(container), stop, metrics=JobMetrics(app.state.metrics.registry))
+        ),
+        asyncio.create_task(runner.run(stop)),
+    ]
     try:
         await server.serve()
     finally:
         stop.set()
-        await jobs
+        await asyncio.gather(*background, return_exceptions=True)
+        if providers is not None:
+            await providers.stop()
 
 
 @app.command()
@@ -180,9 +197,12 @@ async def _run_worker(settings: Settings, metrics_port: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    console.print("[bold]Mercato worker[/bold] running: " + ", ".join(j.name for j in shop_jobs(container)))
+    jobs = shop_jobs(container)
+    console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs))
     try:
-        await run_jobs(shop_jobs(container), stop, metrics=JobMetrics(registry))
+        await asyncio.gather(
+            run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
+        )
     finally:
         await container.close()
 

@@ -33,6 +33,7 @@ from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
+from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
 from mercato.shop.inventory.api import router as inventory_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
@@ -44,6 +45,7 @@ ROUTERS = [
     inventory_router,
     cart_router,
     orders_router,
+    checkout_router,
     orders_admin_router,
 ]
 

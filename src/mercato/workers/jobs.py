@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
+from mercato.kit.messaging import OutboxRelay
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,13 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def expire_reservations() -> int:
         return await container.inventory.expire_due(limit=worker.reservation_sweep_batch)
 
+    relay = OutboxRelay(
+        container.db,
+        container.stream,
+        batch_size=container.settings.messaging.relay_batch,
+        clock=container.clock,
+    )
+
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
 
@@ -37,6 +45,12 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             worker.reservation_sweep_s,
             expire_reservations,
             batch=worker.reservation_sweep_batch,
+        ),
+        PeriodicJob(
+            "outbox_relay",
+            container.settings.messaging.relay_interval_s,
+            relay.relay_once,
+            batch=container.settings.messaging.relay_batch,
         ),
         PeriodicJob(
             "purge_idempotency_keys", container.settings.idempotency.purge_interval_s, purge_idempotency_keys

@@ -61,8 +61,27 @@ class OrderSummaryOut(BaseModel):
     updated_at: datetime
 
 
+class CheckoutStepOut(BaseModel):
+    step: str
+    direction: str = Field(description="forward | compensate")
+    attempt: int
+    outcome: str = Field(description="succeeded | failed | timed_out | rejected")
+    error: str | None = None
+    duration_ms: int
+    recorded_at: datetime
+
+
+class CheckoutProgressOut(BaseModel):
+    saga_status: str = Field(description="running | compensating | completed | compensated | failed")
+    failure: str | None = None
+    steps: list[CheckoutStepOut] = Field(default_factory=list)
+
+
 class OrderOut(OrderSummaryOut):
     lines: list[OrderLineOut]
+    checkout: CheckoutProgressOut | None = Field(
+        default=None, description="The order saga's state and step history, for orders placed by checkout."
+    )
 
 
 def _ts(moment: datetime) -> str:
@@ -83,9 +102,10 @@ def summary_dict(order: Order) -> dict[str, Any]:
     }
 
 
-def order_dict(order: Order) -> dict[str, Any]:
+def order_dict(order: Order, checkout: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         **summary_dict(order),
+        "checkout": checkout,
         "lines": [
             {
                 "line_no": line.line_no,
@@ -229,7 +249,7 @@ async def get_order(order_id: OrderIdPath, service: Service, principal: AnyReade
     except ValueError:
         customer = None
     order = await service.get(parsed, customer_id=customer, read_all=read_all)
-    return _json(order_dict(order))
+    return _json(order_dict(order, await service.checkout_progress(order.id)))
 
 
 @admin_router.get(

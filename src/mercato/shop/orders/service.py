@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,6 +54,12 @@ class CartSource(Protocol):
         ...
 
 
+class CheckoutProgress(Protocol):
+    """Where an order's checkout stands (implemented by the checkout context)."""
+
+    async def progress(self, order_id: uuid.UUID) -> dict[str, Any] | None: ...
+
+
 class OrdersService:
     def __init__(
         self, db: Database, clock: Clock, cart: CartSource, repository: OrdersRepository | None = None
@@ -62,6 +68,14 @@ class OrdersService:
         self._clock = clock
         self._cart = cart
         self._repo = repository or OrdersRepository()
+        self._progress: CheckoutProgress | None = None
+
+    def attach_checkout(self, progress: CheckoutProgress) -> None:
+        """Checkout is built after orders (it needs them), so it is attached afterwards."""
+        self._progress = progress
+
+    async def checkout_progress(self, order_id: uuid.UUID) -> dict[str, Any] | None:
+        return await self._progress.progress(order_id) if self._progress is not None else None
 
     async def draft_from_cart(self, customer_id: uuid.UUID) -> Order:
         """A pending order priced from the cart as it is now; nothing is written yet."""

@@ -1,0 +1,35 @@
+"""Reliable messaging: transactional outbox, relay, streams, inbox dedup and dead letters.
+
+Producer: `Outbox.add(conn, message)` in the transaction that changes state; `OutboxRelay` moves
+committed messages to a `Stream`. Consumer: `Consumer` reads the stream and applies each message
+once in effect, recording it in the `Inbox` in the same transaction. `SqlLogStream` is the
+embedded stream backend; broker backends implement the same `Stream` protocol.
+"""
+
+from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook, PrometheusMessagingHook
+from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
+from mercato.kit.messaging.message import InvalidMessage, Message, partition_for
+from mercato.kit.messaging.outbox import Outbox, OutboxBacklog, OutboxRelay
+from mercato.kit.messaging.sql_log import SqlLogStream
+from mercato.kit.messaging.stream import DeadLetter, DeadLetterStatus, Delivery, Publisher, Stream
+
+__all__ = [
+    "Consumer",
+    "DeadLetter",
+    "DeadLetterStatus",
+    "Delivery",
+    "Handler",
+    "Inbox",
+    "InvalidMessage",
+    "Message",
+    "MessagingHook",
+    "NullMessagingHook",
+    "Outbox",
+    "OutboxBacklog",
+    "OutboxRelay",
+    "PrometheusMessagingHook",
+    "Publisher",
+    "SqlLogStream",
+    "Stream",
+    "partition_for",
+]

@@ -1,0 +1,193 @@
+"""Transactional outbox and its relay.
+
+A service writes its state change and the messages announcing it in ONE transaction
+(`Outbox.add(conn, message)` on the caller's connection): both commit or neither does, so there is
+never an event for a change that rolled back, nor a change whose event was lost.
+
+The relay then moves committed rows to the stream, at least once:
+
+1. claim (short write transaction): the oldest unpublished rows whose lease is free, with
+   `FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent relays take disjoint rows (SQLite's write
+   lock serializes claims); the claim is a lease (`claimed_until`) rather than a held lock, so no
+   database transaction stays open while the broker is called;
+2. publish to the stream (idempotent on message id);
+3. mark published, only if the lease is still ours.
+
+A crash after 2 and before 3 republishes once the lease expires: a duplicate the stream's id dedup
+absorbs, and which the consumers' inbox would absorb on a broker without it. Never a loss.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.ids import new_id
+from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
+from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.stream import Publisher
+from mercato.kit.messaging.tables import outbox
+from mercato.kit.storage import Database
+
+__all__ = ["Outbox", "OutboxBacklog", "OutboxRelay"]
+
+
+class Outbox:
+    """Writes messages in the caller's transaction. Holds no connection of its own."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+
+    async def add(self, conn: AsyncConnection, message: Message) -> None:
+        await self.add_many(conn, [message])
+
+    async def add_many(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        now = self._clock.now()
+        await conn.execute(
+            insert(outbox),
+            [
+                {
+                    "id": m.id,
+                    "topic": m.topic,
+                    "key": m.key,
+                    "type": m.type,
+                    "envelope": m.to_json(),
+                    "created_at": now,
+                }
+                for m in messages
+            ],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    messages: int
+    oldest_age_s: float
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows to a `Stream` (any `Publisher`).
+
+    `relay_once` is a `PeriodicJob` callable (`PeriodicJob("outbox_relay", 0.5, relay.relay_once,
+    batch=relay.batch_size)`); several relays may run against one PostgreSQL database.
+
+    Order: rows are published in id (UUIDv7, creation) order. A relay skips rows whose key has an
+    older unpublished row held by another relay, so two relays never publish one aggregate's
+    events out of order; those rows wait for the next pass.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        stream: Publisher,
+        *,
+        batch_size: int = 100,
+        clock: Clock | None = None,
+        lease_s: float = 30.0,
+        hook: MessagingHook | None = None,
+    ) -> None:
+        if batch_size < 1 or lease_s <= 0:
+            raise ValueError("batch_size must be >= 1 and lease_s > 0")
+        self._db = db
+        self._stream = stream
+        self.batch_size = batch_size
+        self._clock = clock or SystemClock()
+        self._lease = timedelta(seconds=lease_s)
+        self._hook = hook or NullMessagingHook()
+
+    async def relay_once(self) -> int:
+        """One pass: claim, publish, mark. Returns how many messages were published."""
+        token = new_id()
+        claimed = await self._claim(token)
+        if claimed:
+            try:
+                await self._stream.publish(claimed)
+            except BaseException:
+                # Free the rows now rather than after the lease: the next pass retries at once.
+                await self._release(token, [m.id for m in claimed], published=False)
+                raise
+            await self._release(token, [m.id for m in claimed], published=True)
+            self._hook.relay_published(count=len(claimed))
+        backlog = await self.backlog()
+        self._hook.outbox_backlog(messages=backlog.messages, oldest_age_s=backlog.oldest_age_s)
+        return len(claimed)
+
+    async def _claim(self, token: uuid.UUID) -> list[Message]:
+        now = self._clock.now()
+        o = outbox.c
+        async with self._db.write() as conn:
+            candidates = list(
+                await conn.execute(
+                    select(o.id, o.key, o.envelope)
+                    .where(o.published_at.is_(None), o.claimed_until.is_(None) | (o.claimed_until < now))
+                    .order_by(o.id)
+                    .limit(self.batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not candidates:
+                return []
+            mine = [row.id for row in candidates]
+            # Unpublished rows older than ours that this relay did not get: another relay holds
+            # them (lease or lock), so our newer rows of the same key must wait. Only rows older
+            # than our newest are read, and those are at most the other relays' batches.
+            blockers: dict[str, uuid.UUID] = {}
+            for key, blocker in await conn.execute(
+                select(o.key, o.id)
+                .where(
+                    o.published_at.is_(None),
+                    o.key.in_({row.key for row in candidates}),
+                    o.id < max(mine),
+                    o.id.not_in(mine),
+                )
+                .order_by(o.id)
+            ):
+                blockers.setdefault(key, blocker)
+            taken = [row for row in candidates if row.key not in blockers or row.id < blockers[row.key]]
+            if taken:
+                await conn.execute(
+                    update(outbox)
+                    .where(o.id.in_([row.id for row in taken]))
+                    .values(claimed_until=now + self._lease, claim_token=token)
+                )
+        return [Message.from_json(row.envelope) for row in taken]
+
+    async def _release(self, token: uuid.UUID, ids: list[uuid.UUID], *, published: bool) -> None:
+        o = outbox.c
+        values = {"claimed_until": None, "claim_token": None}
+        async with self._db.write() as conn:
+            # Only rows still under our lease: if it expired and another relay took over, that
+            # relay owns them now (and has published or will publish them; the stream dedups).
+            await conn.execute(
+                update(outbox)
+                .where(o.id.in_(ids), o.claim_token == token)
+                .values(**values, published_at=self._clock.now() if published else None)
+            )
+
+    async def backlog(self) -> OutboxBacklog:
+        o = outbox.c
+        async with self._db.read() as conn:
+            count, oldest = (
+                await conn.execute(
+                    select(func.count(), func.min(o.created_at)).where(o.published_at.is_(None))
+                )
+            ).one()
+        age = 0.0 if oldest is None else max((self._clock.now() - oldest).total_seconds(), 0.0)
+        return OutboxBacklog(messages=int(count), oldest_age_s=age)
+
+    async def purge_published(self, *, older_than_s: float, limit: int = 1000) -> int:
+        """Delete up to `limit` rows published more than `older_than_s` seconds ago (retention)."""
+        o = outbox.c
+        cutoff = self._clock.now() - timedelta(seconds=older_than_s)
+        async with self._db.write() as conn:
+            ids = select(o.id).where(o.published_at < cutoff).order_by(o.id).limit(limit)
+            result = await conn.execute(delete(outbox).where(o.id.in_(ids.scalar_subquery())))
+        return int(result.rowcount)

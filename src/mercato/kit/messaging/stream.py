@@ -1,0 +1,133 @@
+"""The `Stream` port: a partitioned, replayable log with consumer groups (Kafka's shape).
+
+Every backend (the embedded SQL log today; Redis Streams and NATS JetStream next) gives the same
+guarantees, checked by one contract test suite:
+
+- `publish` is idempotent on `Message.id`: publishing a message twice stores it once.
+- A topic has N partitions; a message goes to `partition_for(message.key)`. Within a partition a
+  group sees messages in publish order, one outstanding batch at a time, so per-key order holds
+  even across redeliveries.
+- Delivery is at-least-once: a delivery not acknowledged within the visibility timeout (consumer
+  crashed) is delivered again, to any consumer of the group. Handlers dedup with the inbox.
+- A message that fails `max_attempts` times (nacks, or visibility timeouts while it was the first
+  unacknowledged message of its partition) moves to the group's dead-letter queue with its last
+  error, and the partition moves on.
+- `replay` rewinds a group to an offset or a time; `replay_dead_letters` hands dead letters back
+  to their group; `lag` counts what the group has not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from mercato.kit.messaging.message import Message
+
+__all__ = ["DeadLetter", "DeadLetterStatus", "Delivery", "Publisher", "Stream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to one consumer of a group.
+
+    `attempt` is 1 on first delivery and grows with each failure. `receipt` is the backend's
+    opaque acknowledgement handle (a NATS reply subject, a Redis entry id, a dead-letter id); only
+    the backend that made the delivery reads it.
+    """
+
+    message: Message
+    topic: str
+    group: str
+    consumer: str
+    partition: int
+    offset: int
+    attempt: int
+    receipt: str = ""
+
+
+class DeadLetterStatus(StrEnum):
+    DEAD = "dead"
+    REPLAYING = "replaying"
+    REPLAYED = "replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: uuid.UUID
+    group: str
+    topic: str
+    partition: int
+    offset: int
+    message: Message
+    attempts: int
+    last_error: str | None
+    dead_at: datetime
+    status: DeadLetterStatus
+    replayed_at: datetime | None
+
+
+class Publisher(Protocol):
+    """The producing half of a `Stream`: all the outbox relay needs."""
+
+    async def publish(self, messages: Sequence[Message]) -> None: ...
+
+
+@runtime_checkable
+class Stream(Protocol):
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Append `messages` durably; a message id already in the stream is skipped."""
+        ...
+
+    async def read(
+        self, topic: str, group: str, consumer: str, *, max_messages: int, block_s: float
+    ) -> list[Delivery]:
+        """Up to `max_messages` deliveries for `consumer` of `group`, waiting up to `block_s`
+        seconds when none is ready. A group that never read a topic starts at its beginning."""
+        ...
+
+    async def ack(self, delivery: Delivery) -> None:
+        """The message was handled; it is not delivered to this group again."""
+        ...
+
+    async def nack(self, delivery: Delivery, *, error: str) -> None:
+        """Handling failed: count an attempt, dead-letter at the limit, else redeliver later.
+
+        Later deliveries of the same partition from the same read are revoked (delivered again
+        after this one) so the partition's order holds."""
+        ...
+
+    async def dead_letters(
+        self, *, topic: str | None = None, group: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally for one topic and/or group."""
+        ...
+
+    async def dead_letter(self, dead_letter_id: uuid.UUID) -> DeadLetter | None: ...
+
+    async def replay_dead_letters(
+        self, *, ids: Sequence[uuid.UUID] | None = None, topic: str | None = None
+    ) -> int:
+        """Queue dead letters (these `ids`, or every dead one, optionally of one topic) for
+        delivery to their group again; returns how many were queued."""
+        ...
+
+    async def replay(
+        self,
+        topic: str,
+        group: str,
+        *,
+        from_offset: int | None = None,
+        from_time: datetime | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Rewind `group` on `topic` (every partition, or one) to `from_offset`, or to the first
+        message appended at or after `from_time`; the group receives those messages again."""
+        ...
+
+    async def lag(self, topic: str, group: str) -> int:
+        """Messages on `topic` that `group` has not acknowledged yet, over all partitions."""
+        ...

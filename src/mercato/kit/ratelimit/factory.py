@@ -1,0 +1,120 @@
+"""The one place that chooses an algorithm and a backend, from configuration values."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from mercato.kit.clock import Clock
+from mercato.kit.ratelimit.algorithms import ALGORITHMS
+from mercato.kit.ratelimit.base import RateLimiter, Shaper
+from mercato.kit.ratelimit.memory import MemoryLimiter, MemoryShaper
+from mercato.kit.ratelimit.metrics import RateLimitMetrics
+from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, RedisLimiter, RedisShaper
+from mercato.kit.ratelimit.resilient import ResilientLimiter
+
+__all__ = ["ALGORITHM_NAMES", "BACKEND_NAMES", "build_limiter", "build_shaper", "redis_client_for_limiter"]
+
+ALGORITHM_NAMES: tuple[str, ...] = tuple(ALGORITHMS)
+BACKEND_NAMES: tuple[str, ...] = ("memory", "redis")
+
+
+def redis_client_for_limiter(redis_url: str, *, socket_timeout_s: float = 0.1) -> Redis:
+    """A client tuned for a limiter: short connect/read timeouts and no client-side retries.
+
+    A limiter sits on every request's path, so a slow Redis must cost at most `socket_timeout_s`; retries
+    are left to the breaker in `ResilientLimiter` (redis-py's default retries with backoff would multiply the
+    wait). No connection is made until the first command.
+    """
+    return Redis.from_url(
+        redis_url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def build_limiter(
+    algorithm: str,
+    backend: str,
+    *,
+    redis_url: str = "redis://127.0.0.1:6379/0",
+    redis_client: Redis | None = None,
+    key_prefix: str = DEFAULT_KEY_PREFIX,
+    fail_open: bool = True,
+    socket_timeout_s: float = 0.1,
+    timeout_s: float = 0.25,
+    failure_threshold: int = 5,
+    reset_timeout_s: float = 5.0,
+    max_keys: int = 100_000,
+    clock: Clock | None = None,
+    metrics: RateLimitMetrics | None = None,
+) -> RateLimiter:
+    """`algorithm` is one of `ALGORITHM_NAMES`, `backend` one of `BACKEND_NAMES`.
+
+    - memory: the pure cores in this process (`max_keys` bounds its table; `clock` is its time source).
+    - redis: one Lua EVALSHA per decision on `redis_client` (or a client built from `redis_url` with
+      `socket_timeout_s`), wrapped in `ResilientLimiter` (`fail_open`, `timeout_s`, `failure_threshold`,
+      `reset_timeout_s`; `clock` drives its breaker, while decisions use the Redis server's time).
+    `leaky_bucket` returns a limiter that is also a `Shaper` (see `build_shaper`).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown rate-limit algorithm {algorithm!r}; choose from {ALGORITHM_NAMES}")
+    if backend == "memory":
+        if algorithm == "leaky_bucket":
+            return MemoryShaper(clock=clock, max_keys=max_keys, metrics=metrics)
+        return MemoryLimiter(ALGORITHMS[algorithm], clock=clock, max_keys=max_keys, metrics=metrics)
+    if backend == "redis":
+        client = redis_client or redis_client_for_limiter(redis_url, socket_timeout_s=socket_timeout_s)
+        inner: RedisLimiter = (
+            RedisShaper(client=client, key_prefix=key_prefix, metrics=metrics)
+            if algorithm == "leaky_bucket"
+            else RedisLimiter(algorithm, client=client, key_prefix=key_prefix, metrics=metrics)
+        )
+        return ResilientLimiter(
+            inner,
+            fail_open=fail_open,
+            timeout_s=timeout_s,
+            failure_threshold=failure_threshold,
+            reset_timeout_s=reset_timeout_s,
+            clock=clock,
+            metrics=metrics,
+        )
+    raise ValueError(f"unknown rate-limit backend {backend!r}; choose from {BACKEND_NAMES}")
+
+
+def build_shaper(
+    backend: str,
+    *,
+    redis_url: str = "redis://127.0.0.1:6379/0",
+    redis_client: Redis | None = None,
+    key_prefix: str = DEFAULT_KEY_PREFIX,
+    fail_open: bool = True,
+    socket_timeout_s: float = 0.1,
+    timeout_s: float = 0.25,
+    failure_threshold: int = 5,
+    reset_timeout_s: float = 5.0,
+    max_keys: int = 100_000,
+    clock: Clock | None = None,
+    metrics: RateLimitMetrics | None = None,
+) -> Shaper:
+    """A leaky-bucket shaper (`acquire`) on `backend`; the options are those of `build_limiter`."""
+    limiter = build_limiter(
+        "leaky_bucket",
+        backend,
+        redis_url=redis_url,
+        redis_client=redis_client,
+        key_prefix=key_prefix,
+        fail_open=fail_open,
+        socket_timeout_s=socket_timeout_s,
+        timeout_s=timeout_s,
+        failure_threshold=failure_threshold,
+        reset_timeout_s=reset_timeout_s,
+        max_keys=max_keys,
+        clock=clock,
+        metrics=metrics,
+    )
+    if not isinstance(limiter, Shaper):  # pragma: no cover - build_limiter returns shapers for leaky_bucket
+        raise TypeError("leaky_bucket limiter does not shape")
+    return limiter

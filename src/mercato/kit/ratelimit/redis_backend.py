@@ -1,0 +1,158 @@
+"""Redis backend: every decision is one EVALSHA of a Lua script, atomic on the server, timed by the server.
+
+- One round trip: the script reads the state, decides and writes it back (no WATCH/MULTI retries, no
+  read-modify-write race between API processes).
+- One clock: the script calls `TIME`, so processes with skewed clocks still share one timeline.
+- Keys vanish: every write sets PEXPIRE to the state's TTL (after which it equals a fresh key).
+- Script loaded once: EVALSHA with the locally computed SHA1; on NOSCRIPT (first use, server restart,
+  SCRIPT FLUSH) it loads the script and retries once.
+- One key per limiter key (`{prefix}{algorithm}:{key}`), so it also works on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from mercato.kit.clock import Clock
+from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
+from mercato.kit.ratelimit.base import BackendError
+from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
+
+__all__ = ["DEFAULT_KEY_PREFIX", "RedisLimiter", "RedisShaper", "load_script_source"]
+
+DEFAULT_KEY_PREFIX = "mercato:rl:"
+
+
+def load_script_source(algorithm: str) -> str:
+    """The full Lua source for `algorithm`: the shared prelude followed by the algorithm's own script."""
+    lua = files("mercato.kit.ratelimit").joinpath("lua")
+    return (
+        lua.joinpath("common.lua").read_text("utf-8")
+        + "\n"
+        + lua.joinpath(f"{algorithm}.lua").read_text("utf-8")
+    )
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+    async def run(self, client: Redis, key: str, args: list[str]) -> Any:
+        try:
+            return await client.evalsha(self.sha, 1, key, *args)  # type: ignore[misc]
+        except NoScriptError:
+            # Loaded lazily and only when missing: steady state stays at one round trip per decision.
+            await client.script_load(self.source)  # type: ignore[misc]
+            return await client.evalsha(self.sha, 1, key, *args)  # type: ignore[misc]
+
+
+def _float(value: Any) -> float:
+    return float(value.decode() if isinstance(value, bytes) else value)
+
+
+class RedisLimiter:
+    """Any algorithm of `ALGORITHMS`, its state in Redis.
+
+    `clock` is a test switch: when given, scripts take `now` from `clock.monotonic()` instead of the
+    server's `TIME`, so a test can replay a scripted timeline against Redis. Never set it in production,
+    where every process must share the server's clock.
+    Errors (connection, timeout, script) are raised as `BackendError`; wrap the limiter in
+    `ResilientLimiter` to turn them into a fail-open/closed decision.
+    """
+
+    def __init__(
+        self,
+        algorithm: str,
+        *,
+        client: Redis,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        metrics: RateLimitMetrics | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown rate-limit algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
+        self._core = ALGORITHMS[algorithm]
+        self._client = client
+        self._prefix = key_prefix
+        self._metrics: RateLimitMetrics = metrics or NoMetrics()
+        self._clock = clock
+        self._script = _Script(load_script_source(algorithm))
+
+    @property
+    def algorithm(self) -> str:
+        return self._core.name
+
+    @property
+    def backend(self) -> str:
+        return "redis"
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    def redis_key(self, key: str) -> str:
+        """The Redis key holding `key`'s state."""
+        return f"{self._prefix}{self.algorithm}:{key}"
+
+    async def hit(self, key: str, limit: Limit, *, cost: int = 1) -> Decision:
+        check_cost(cost, capacity=self._core.capacity(limit))
+        decision = self._decision(limit, await self._call(key, limit, cost=cost, commit=True))
+        outcome = "allowed" if decision.allowed else "limited"
+        self._metrics.decision(algorithm=self.algorithm, backend="redis", outcome=outcome)
+        return decision
+
+    async def peek(self, key: str, limit: Limit) -> Decision:
+        return self._decision(limit, await self._call(key, limit, cost=1, commit=False))
+
+    async def _call(
+        self, key: str, limit: Limit, *, cost: int, commit: bool, max_wait_s: float | None = None
+    ) -> list[Any]:
+        args = [
+            str(limit.rate),
+            repr(float(limit.period_s)),
+            str(limit.capacity),
+            str(cost),
+            "1" if commit else "0",
+            "" if self._clock is None else repr(self._clock.monotonic()),
+            "" if max_wait_s is None else repr(float(max_wait_s)),
+        ]
+        try:
+            reply: list[Any] = await self._script.run(self._client, self.redis_key(key), args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BackendError(f"redis rate limiter failed: {type(exc).__name__}") from exc
+        return reply
+
+    def _decision(self, limit: Limit, reply: list[Any]) -> Decision:
+        capacity = self._core.capacity(limit)
+        return Decision(bool(reply[0]), capacity, int(reply[1]), _float(reply[2]), _float(reply[3]))
+
+
+class RedisShaper(RedisLimiter):
+    """Leaky bucket in Redis: `hit` meters (GCRA), `acquire` shapes (queues within `burst`)."""
+
+    def __init__(
+        self,
+        *,
+        client: Redis,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        metrics: RateLimitMetrics | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__("leaky_bucket", client=client, key_prefix=key_prefix, metrics=metrics, clock=clock)
+
+    async def acquire(self, key: str, limit: Limit, *, max_wait_s: float, cost: int = 1) -> Reservation:
+        check_cost(cost, capacity=limit.capacity)
+        if max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+        reply = await self._call(key, limit, cost=cost, commit=True, max_wait_s=max_wait_s)
+        granted = bool(reply[0])
+        outcome = "allowed" if granted else "limited"
+        self._metrics.decision(algorithm=self.algorithm, backend="redis", outcome=outcome)
+        return Reservation(granted, _float(reply[2]), int(reply[1]), limit.capacity, _float(reply[3]))

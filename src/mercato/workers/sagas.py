@@ -1,0 +1,26 @@
+"""The saga runner process part: drives every checkout saga to a terminal state."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from mercato.bootstrap import Container
+from mercato.kit.sagas import SagaRunner
+
+
+def build_saga_runner(container: Container, *, owner: str | None = None) -> SagaRunner:
+    """A runner for every saga the container defines; in-process checkouts wake it at once."""
+    checkout = container.settings.checkout
+    runner = SagaRunner(
+        container.db,
+        container.sagas,
+        container.saga_definitions,
+        container.clock,
+        owner=owner or f"{socket.gethostname()}:{os.getpid()}",
+        events=container.saga_events,
+        lease_s=checkout.saga_lease_s,
+        concurrency=checkout.saga_concurrency,
+    )
+    container.checkout.on_saga_started(runner.wake)
+    return runner
