@@ -5,16 +5,20 @@ Nothing else decides "am I on PostgreSQL?"; everything else receives what it nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
-from mercato.kit.messaging import Outbox, SqlLogStream
+from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
+from mercato.kit.resilience import BreakerRegistry, PrometheusResilienceHooks
 from mercato.kit.sagas import RetrySchedule, SagaDefinition, SagaStore
 from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.storage import Database, create_database
@@ -25,6 +29,13 @@ from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.service import CatalogService
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
+from mercato.shop.checkout.resilient import (
+    CARRIER,
+    PSP,
+    ProviderCalls,
+    ProviderPolicySettings,
+    build_provider_policy,
+)
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.inventory.service import InventoryService
@@ -52,12 +63,19 @@ class Container:
     psp: PspClient
     carrier: CarrierClient
     outbox: Outbox
-    stream: SqlLogStream
+    stream: Stream
     saga_events: OutboxEventSink
+    # Metrics the container's own components record (the resilience hooks); the app's and the
+    # worker's registries expose them by registering this one as a collector.
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # The breakers in front of the providers ("psp", "carrier"), for /admin/resilience/breakers.
+    breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
 
     async def close(self) -> None:
         await self.psp.aclose()
         await self.carrier.aclose()
+        if isinstance(self.stream, JetStreamStream | RedisStream):
+            await self.stream.aclose()
         await self.db.dispose()
 
 
@@ -102,27 +120,24 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     provider_timeout = httpx.Timeout(settings.checkout.provider_timeout_s, connect=1.0)
     psp = PspClient(providers.psp_base_url, timeout=provider_timeout)
     carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout)
+    metrics_registry = CollectorRegistry()
+    hooks = PrometheusResilienceHooks(metrics_registry)
+    breakers = BreakerRegistry(clock=clock, hooks=[hooks])
+    psp_calls, carrier_calls = build_provider_calls(settings, breakers=breakers, hooks=hooks, clock=clock)
     sagas = SagaStore(db, clock)
     saga = order_saga(
         orders=orders,
         stock=inventory,
-        payments=HttpPaymentGateway(psp),
-        carrier=HttpShippingCarrier(carrier),
+        payments=HttpPaymentGateway(psp, psp_calls),
+        carrier=HttpShippingCarrier(carrier, carrier_calls),
         reservation_ttl_s=shop.reservation_ttl_s,
         deadline_s=settings.checkout.saga_deadline_s,
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
     )
     checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga)
-    messaging = settings.messaging
     outbox = Outbox(clock=clock)
-    stream = SqlLogStream(
-        db,
-        partitions=messaging.partitions,
-        visibility_timeout_s=messaging.visibility_timeout_s,
-        max_attempts=messaging.max_attempts,
-        clock=clock,
-    )
+    stream = build_stream(settings, db, clock=clock)
     orders.attach_checkout(checkout)
     return Container(
         settings=settings,
@@ -144,7 +159,69 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         outbox=outbox,
         stream=stream,
         saga_events=OutboxEventSink(outbox, source="mercato/checkout", clock=clock),
+        metrics_registry=metrics_registry,
+        breakers=breakers,
     )
 
 
-__all__ = ["SCRIPT_LOCATION", "SEED_MARKER", "Container", "build_container", "build_database"]
+def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
+    """The configured `Stream` backend; the SQL log by default, so embedded mode needs no server.
+    Broker clients connect lazily, on first use: building the container does no I/O."""
+    messaging = settings.messaging
+    common: dict[str, Any] = {
+        "partitions": messaging.partitions,
+        "visibility_timeout_s": messaging.visibility_timeout_s,
+        "max_attempts": messaging.max_attempts,
+        "clock": clock,
+    }
+    if messaging.backend == "redis":
+        return RedisStream(
+            Redis.from_url(messaging.redis_url),
+            prefix=f"{messaging.broker_prefix}:stream",
+            dedup_window_s=messaging.dedup_window_s,
+            **common,
+        )
+    if messaging.backend == "nats":
+        return JetStreamStream(
+            servers=messaging.nats_url,
+            prefix=messaging.broker_prefix,
+            dedup_window_s=float(messaging.dedup_window_s),
+            **common,
+        )
+    return SqlLogStream(db, **common)
+
+
+def build_provider_calls(
+    settings: Settings, *, breakers: BreakerRegistry, hooks: PrometheusResilienceHooks, clock: Clock
+) -> tuple[ProviderCalls, ProviderCalls]:
+    """(psp, carrier): each under its own policy, or plain when `checkout.resilience` is off."""
+    checkout = settings.checkout
+    if not checkout.resilience:
+        return ProviderCalls(), ProviderCalls()
+    # The whole call (retries included) gets provider_timeout_s, which the saga step's timeout
+    # (provider_timeout_s + 0.5) encloses; the p95 is capped so one attempt fits in that budget.
+    policy = ProviderPolicySettings(
+        p95_s=min(checkout.provider_p95_s, 0.8 * checkout.provider_timeout_s),
+        total_timeout_s=checkout.provider_timeout_s,
+        max_concurrent=checkout.provider_max_concurrent,
+        minimum_calls=checkout.breaker_minimum_calls,
+        window_s=checkout.breaker_window_s,
+        open_s=checkout.breaker_open_s,
+    )
+
+    def calls(name: str) -> ProviderCalls:
+        return ProviderCalls(
+            build_provider_policy(name, policy, breakers=breakers, hooks=[hooks], clock=clock)
+        )
+
+    return calls(PSP), calls(CARRIER)
+
+
+__all__ = [
+    "SCRIPT_LOCATION",
+    "SEED_MARKER",
+    "Container",
+    "build_container",
+    "build_database",
+    "build_provider_calls",
+]

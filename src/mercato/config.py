@@ -12,7 +12,7 @@ import tomllib
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -94,9 +94,29 @@ class CheckoutSettings(BaseModel):
     provider_attempts: int = Field(default=4, ge=1, le=20)
     saga_concurrency: int = Field(default=32, ge=1, le=1000)
     saga_lease_s: float = Field(default=30.0, gt=0)
+    # Provider calls go through a resilience policy per dependency (breaker, bulkhead, timeouts,
+    # budgeted retries); `MERCATO_CHECKOUT_RESILIENCE=off` leaves only the saga's step retries
+    # (the baseline `mercato lab breaker` compares against).
+    resilience: bool = True
+    # The providers' observed p95: the per-attempt timeout is p95 + 25 % (capped by
+    # provider_timeout_s, the whole call's budget, which sits inside the saga step's timeout).
+    provider_p95_s: float = Field(default=0.8, gt=0)
+    provider_max_concurrent: int = Field(default=64, ge=1, le=10_000)
+    breaker_minimum_calls: int = Field(default=20, ge=1)
+    breaker_window_s: float = Field(default=10.0, gt=0)
+    breaker_open_s: float = Field(default=5.0, ge=0)
 
 
 class MessagingSettings(BaseModel):
+    # Stream backend: "sql" (the embedded log in the app's database: `mercato up` needs no server),
+    # "redis" (Redis Streams at `redis_url`) or "nats" (NATS JetStream at `nats_url`).
+    backend: Literal["sql", "redis", "nats"] = "sql"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Key prefix (Redis) / stream-name prefix (NATS): several deployments can share one server.
+    broker_prefix: str = Field(default="mercato", pattern=r"^[A-Za-z0-9_-]+$")
+    # How long a broker remembers a published message id for dedup (outbox republish window).
+    dedup_window_s: int = Field(default=86_400, ge=60)
     partitions: int = Field(default=8, ge=1, le=1024)
     visibility_timeout_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
@@ -109,6 +129,78 @@ class IdempotencySettings(BaseModel):
     # Above the slowest request a client would still wait for, or a retry could run it twice.
     lock_timeout_s: float = Field(default=60.0, gt=0)
     purge_interval_s: float = Field(default=300.0, gt=0)
+
+
+class BackpressureSettings(BaseModel):
+    """The per-process load shedder (ADR 'load shedding'); `enabled=false` serves everything it gets."""
+
+    enabled: bool = True
+    # Little's law: capacity (req/s) x the latency we accept (s). ~2 000/s x ~30 ms on one worker.
+    max_inflight: int = Field(default=64, ge=1, le=100_000)
+    # Fractions of max_inflight each class may fill; the rest is headroom for the classes above.
+    normal_share: float = Field(default=0.85, gt=0, le=1)
+    sheddable_share: float = Field(default=0.6, gt=0, le=1)
+    queue_size: int = Field(default=16, ge=0, le=10_000)
+    # Under 5 ms so a refusal is still "fast"; critical work (checkout, probes) may wait longer.
+    queue_timeout_ms: float = Field(default=4.0, ge=0, le=1000)
+    critical_queue_timeout_ms: float = Field(default=100.0, ge=0, le=10_000)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _shares_ordered(self) -> BackpressureSettings:
+        if self.sheddable_share > self.normal_share:
+            raise ValueError("sheddable_share must not exceed normal_share")
+        return self
+
+
+class EdgeCacheSettings(BaseModel):
+    """Cache-Control lifetimes for public catalog reads (a CDN or reverse proxy may store them)."""
+
+    product_max_age_s: int = Field(default=60, ge=0, le=86_400)
+    product_stale_while_revalidate_s: int = Field(default=300, ge=0, le=86_400)
+    list_max_age_s: int = Field(default=15, ge=0, le=86_400)
+    list_stale_while_revalidate_s: int = Field(default=60, ge=0, le=86_400)
+
+
+DEFAULT_SIGNING_KEY = "dev-only-insecure-url-signing-key-change-me-0123456789"
+
+
+class SigningSettings(BaseModel):
+    """Keys for signed media URLs. The current key signs; every listed key verifies (rotation).
+
+    Env: `MERCATO_SIGNING_KEYS='{"k2": "...", "k1": "..."}'`, `MERCATO_SIGNING_CURRENT_KID=k2`.
+    """
+
+    keys: dict[str, SecretStr] = Field(default_factory=lambda: {"dev": SecretStr(DEFAULT_SIGNING_KEY)})
+    current_kid: str = "dev"
+    url_ttl_s: int = Field(default=3600, ge=60, le=7 * 86_400)
+    # Expiries are rounded up to this, so one URL (one CDN object) serves everyone in a window.
+    url_granularity_s: int = Field(default=300, ge=1, le=86_400)
+
+    @model_validator(mode="after")
+    def _current_is_known(self) -> SigningSettings:
+        if self.current_kid not in self.keys:
+            raise ValueError(f"current_kid {self.current_kid!r} is not among the signing keys")
+        return self
+
+
+class RateLimitSettings(BaseModel):
+    """The edge limiter (ADR 0010). Rules live in `policy_file` (TOML, re-read when it changes);
+    `backend` is the store for rules that do not name one: `memory` (per process) or `redis` (shared)."""
+
+    enabled: bool = True
+    policy_file: Path | None = None  # None: the policies shipped in mercato/gateway/ratelimit.toml
+    reload_interval_s: float = Field(default=2.0, ge=0, le=3600)
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "mercato:rl:"
+    api_key_header: str = "X-API-Key"
+    tenant_header: str = "X-Tenant-ID"
+    # A limiter is on every request's path: a slow Redis costs at most this, then the breaker opens.
+    socket_timeout_s: float = Field(default=0.1, gt=0, le=5)
+    timeout_s: float = Field(default=0.25, gt=0, le=5)
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    reset_timeout_s: float = Field(default=5.0, gt=0, le=600)
 
 
 class WorkerSettings(BaseModel):
@@ -140,6 +232,10 @@ class Settings(BaseSettings):
     providers: ProviderSettings = ProviderSettings()
     checkout: CheckoutSettings = CheckoutSettings()
     messaging: MessagingSettings = MessagingSettings()
+    backpressure: BackpressureSettings = BackpressureSettings()
+    edge_cache: EdgeCacheSettings = EdgeCacheSettings()
+    signing: SigningSettings = SigningSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
 
     @field_validator("env", mode="before")
     @classmethod
@@ -173,6 +269,12 @@ class Settings(BaseSettings):
                 )
             if len(self.auth.secret.get_secret_value()) < 32:
                 raise UnsafeConfiguration("MERCATO_AUTH_SECRET must be at least 32 characters")
+            for kid, key in self.signing.keys.items():
+                if key.get_secret_value() == DEFAULT_SIGNING_KEY or len(key.get_secret_value()) < 32:
+                    raise UnsafeConfiguration(
+                        f"signing key {kid!r} is the development key or shorter than 32 characters; "
+                        "set MERCATO_SIGNING_KEYS before running with MERCATO_ENV=" + self.env.value
+                    )
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with secrets masked (for `mercato config show`)."""
@@ -180,6 +282,7 @@ class Settings(BaseSettings):
         data["auth"]["secret"] = "********"  # noqa: S105 - the mask itself
         data["seed"]["admin_password"] = "********"  # noqa: S105 - the mask itself
         data["database"]["url"] = _mask_url(self.database.url)
+        data["ratelimit"]["redis_url"] = _mask_url(self.ratelimit.redis_url)
         return data
 
 

@@ -123,15 +123,9 @@ async def test_readiness_names_the_failed_dependency_and_liveness_stays_up() -> 
             ready = await http.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["status"] == "unavailable"
-            assert ready.json()["checks"] == [
-                {
-                    "name": "database",
-                    "ok": False,
-                    "duration_ms": ready.json()["checks"][0]["duration_ms"],
-                    "error": ready.json()["checks"][0]["error"],
-                }
-            ]
-            assert ready.json()["checks"][0]["error"]
+            checks = {c["name"]: c for c in ready.json()["checks"]}
+            assert checks["database"]["ok"] is False
+            assert checks["database"]["error"]
             assert (await http.get("/healthz")).status_code == 200
     finally:
         await broken.close()

@@ -3,14 +3,18 @@
 `StreamContract` holds the tests; a backend subclasses it as `Test<Backend>` and implements the
 `make_stream` fixture (a factory taking the stream settings under test). The embedded SQL log runs
 it on SQLite and PostgreSQL here; Redis Streams and NATS JetStream subclass it against real
-servers. Time is a `ManualClock`: visibility timeouts pass by `clock.advance`, never by sleeping.
+servers. Time is a `ManualClock`: visibility timeouts pass by `elapse`, never by sleeping on the SQL
+log. A broker times visibility on its own clock, which a ManualClock cannot move: its subclass sets
+`broker_time_scale`, builds its streams with `visibility_timeout_s * broker_time_scale`, and `elapse`
+then also sleeps `seconds * broker_time_scale` for real, so every test keeps its shape (no delivery
+before the deadline, redelivery after it) with sub-second real timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -66,12 +70,30 @@ async def drain(
     return seen
 
 
+Elapse = Callable[[float], Awaitable[None]]
+
+
 class StreamContract:
     """Subclass and provide `make_stream`; every test below must pass unchanged."""
+
+    # None: the stream follows the test's ManualClock. A float: the backend's visibility timeouts run
+    # on the broker's clock, scaled by this factor (see the module docstring).
+    broker_time_scale: float | None = None
 
     @pytest.fixture
     def make_stream(self) -> StreamFactory:
         raise NotImplementedError("a backend's test class provides make_stream")
+
+    @pytest.fixture
+    def elapse(self, clock: ManualClock) -> Elapse:
+        """Let `seconds` of visibility-timeout time pass, on whichever clock the backend uses."""
+
+        async def elapse(seconds: float) -> None:
+            clock.advance(seconds)
+            if self.broker_time_scale is not None:
+                await asyncio.sleep(seconds * self.broker_time_scale)
+
+        return elapse
 
     async def test_cloudevent_round_trip_keeps_every_field(self) -> None:
         message = make_message("order-1", 7)
@@ -138,36 +160,37 @@ class StreamContract:
             assert sorted(d.message.id for d in await drain(stream, group)) == sorted(m.id for m in messages)
 
     async def test_unacked_delivery_is_redelivered_after_the_visibility_timeout(
-        self, make_stream: StreamFactory, clock: ManualClock
+        self, make_stream: StreamFactory, elapse: Elapse
     ) -> None:
         stream = make_stream(visibility_timeout_s=10)
         message = make_message("order-1")
         await stream.publish([message])
         [first] = await stream.read(TOPIC, "g", "dies", max_messages=10, block_s=0)
         # The consumer dies without acking. Until the deadline nobody gets the message.
-        clock.advance(9)
+        await elapse(9)
         assert await stream.read(TOPIC, "g", "survivor", max_messages=10, block_s=0) == []
-        clock.advance(2)
+        await elapse(2)
         [again] = await stream.read(TOPIC, "g", "survivor", max_messages=10, block_s=0)
         assert again.message == message
         assert (again.attempt, again.consumer, again.offset) == (2, "survivor", first.offset)
         await stream.ack(again)
-        clock.advance(60)
+        # One more full visibility timeout is enough to show it never comes back.
+        await elapse(11)
         assert await stream.read(TOPIC, "g", "survivor", max_messages=10, block_s=0) == []
         assert await stream.lag(TOPIC, "g") == 0
 
     async def test_a_late_ack_from_a_consumer_that_lost_its_lease_is_harmless(
-        self, make_stream: StreamFactory, clock: ManualClock
+        self, make_stream: StreamFactory, elapse: Elapse
     ) -> None:
         stream = make_stream(visibility_timeout_s=10)
         await stream.publish([make_message("order-1")])
         [stale] = await stream.read(TOPIC, "g", "slow", max_messages=10, block_s=0)
-        clock.advance(11)
+        await elapse(11)
         [fresh] = await stream.read(TOPIC, "g", "fast", max_messages=10, block_s=0)
         await stream.ack(stale)
         await stream.ack(fresh)
         assert await stream.lag(TOPIC, "g") == 0
-        clock.advance(60)
+        await elapse(11)
         assert await stream.read(TOPIC, "g", "fast", max_messages=10, block_s=0) == []
 
     async def test_nack_redelivers_the_message_before_the_rest_of_its_partition(
@@ -208,13 +231,13 @@ class StreamContract:
         assert await stream.dead_letters(group="other") == []
 
     async def test_a_message_that_keeps_killing_its_consumer_is_dead_lettered(
-        self, make_stream: StreamFactory, clock: ManualClock
+        self, make_stream: StreamFactory, elapse: Elapse
     ) -> None:
         stream = make_stream(partitions=1, visibility_timeout_s=5, max_attempts=2)
         await stream.publish([make_message("order-1")])
         for _ in range(2):
             assert len(await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)) == 1
-            clock.advance(6)
+            await elapse(6)
         assert await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0) == []
         [letter] = await stream.dead_letters()
         assert letter.attempts == 2

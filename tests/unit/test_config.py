@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from mercato.config import AuthSettings, Environment, Settings, UnsafeConfiguration
+from mercato.config import AuthSettings, Environment, Settings, SigningSettings, UnsafeConfiguration
 
 
 def test_env_vars_map_to_sections(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,7 +27,11 @@ def test_production_refuses_the_default_secret() -> None:
         Settings(env=Environment.PROD).check_safe_to_start()
     Settings(env=Environment.DEV).check_safe_to_start()
     strong = AuthSettings(secret=SecretStr("s" * 48))
-    Settings(env=Environment.PROD, auth=strong).check_safe_to_start()
+    # The media-URL signing key is refused the same way while it is the development default.
+    with pytest.raises(UnsafeConfiguration, match="signing key"):
+        Settings(env=Environment.PROD, auth=strong).check_safe_to_start()
+    signing = SigningSettings(keys={"k1": SecretStr("k" * 48)}, current_kid="k1")
+    Settings(env=Environment.PROD, auth=strong, signing=signing).check_safe_to_start()
 
 
 def test_masked_config_hides_secrets_and_passwords_in_urls() -> None:

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mercato.bench.checkout_cli import checkout as checkout_command
+from mercato.bench.ratelimit import ratelimit_command
 from mercato.bench.runner import TARGETS, BenchOptions, BenchReport, run_http_bench
 from mercato.bench.search import SearchPolicy
 from mercato.bench.stats import Slo, StepResult
@@ -170,3 +172,44 @@ def http(
         if share is None or share < min_ratio:
             console.print(f"[red]product-by-id is {share or 0:.0%} of bare, below {min_ratio:.0%}[/red]")
             raise typer.Exit(1)
+
+
+# `mercato bench checkout` lives in its own module; registered here so `bench` has one sub-app.
+app.command("checkout")(checkout_command)
+# `mercato bench ratelimit`: limiter overhead at the edge and Redis decisions/s vs redis-benchmark.
+app.command("ratelimit")(ratelimit_command)
+
+
+@app.command("streams")
+def streams(
+    backends: Annotated[str, typer.Option(help="Comma-separated: redis,nats")] = "redis,nats",
+    messages: Annotated[int, typer.Option(help="Messages per run", min=100)] = 5000,
+    batch: Annotated[int, typer.Option(help="Publish and read batch size", min=1)] = 100,
+    redis_url: Annotated[str, typer.Option(help="Redis server")] = "redis://127.0.0.1:6379/0",
+    nats_url: Annotated[str, typer.Option(help="NATS server")] = "nats://127.0.0.1:4222",
+) -> None:
+    """Publish+consume msgs/s through our `Stream` adapters vs the raw client (goal: >= 70% of raw)."""
+    import asyncio
+
+    from mercato.bench.streams import run_streams_bench
+
+    results = asyncio.run(
+        run_streams_bench(
+            backends=[b.strip() for b in backends.split(",") if b.strip()],
+            messages=messages,
+            batch_size=batch,
+            redis_url=redis_url,
+            nats_url=nats_url,
+        )
+    )
+    table = Table(title=f"Publish+consume, {messages} messages, batch {batch}, ack per message")
+    for column in ("backend", "ours msgs/s", "raw msgs/s", "ours/raw"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for r in results:
+        table.add_row(
+            r.backend,
+            f"{r.ours_per_s:,.0f}",
+            "—" if r.raw_per_s is None else f"{r.raw_per_s:,.0f}",
+            "—" if r.ratio is None else f"{r.ratio:.0%}",
+        )
+    Console().print(table)

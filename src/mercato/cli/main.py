@@ -21,6 +21,7 @@ from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
 from mercato.kit.storage.migrations import upgrade
+from mercato.lab.cli import app as lab_app
 from mercato.providers.cli import app as provider_app
 from mercato.providers.server import serve_providers
 from mercato.shop.identity.contracts import Role
@@ -38,6 +39,7 @@ app.add_typer(bench_app, name="bench")
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(lab_app, name="lab")
 app.add_typer(provider_app, name="provider")
 console = Console(stderr=True)
 

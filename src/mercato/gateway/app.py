@@ -16,9 +16,17 @@ from prometheus_client import CollectorRegistry
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
 from mercato.config import Settings, get_settings
+from mercato.gateway.admin import router as admin_router
+from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
 from mercato.gateway.errors import install_error_handlers
+from mercato.gateway.media import build_signer
+from mercato.gateway.media import router as media_router
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from mercato.gateway.probes import router as probes_router
+from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
+from mercato.gateway.shedding import SheddingMiddleware, build_limiter
+from mercato.gateway.versioning import VersioningMiddleware, VersionMetrics, document_versioning
+from mercato.kit.backpressure import PrometheusBackpressureMetrics
 from mercato.kit.idempotency import IdempotencyMiddleware, PrometheusIdempotencyMetrics
 from mercato.kit.observability import (
     HttpMetrics,
@@ -28,16 +36,20 @@ from mercato.kit.observability import (
     instrument_engine,
     register_pool_gauges,
 )
+from mercato.kit.resilience import DeadlineMiddleware
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revisions, head_revisions
+from mercato.kit.web.etags import PreconditionRequired, precondition_required_handler
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
+from mercato.shop.catalog.api_v2 import router as catalog_v2_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
 from mercato.shop.inventory.api import router as inventory_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
 from mercato.shop.orders.api import router as orders_router
+from mercato.shop.orders.api_v2 import router as orders_v2_router
 
 ROUTERS = [
     catalog_router,
@@ -47,6 +59,10 @@ ROUTERS = [
     orders_router,
     checkout_router,
     orders_admin_router,
+    admin_router,
+    media_router,
+    catalog_v2_router,
+    orders_v2_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
@@ -73,6 +89,8 @@ def create_app(
         try:
             yield
         finally:
+            if rate_limiting is not None:
+                await rate_limiting.aclose()
             await container.close()
             if tracer_provider is not None:
                 tracer_provider.shutdown()
@@ -93,7 +111,13 @@ def create_app(
     registry = CollectorRegistry(auto_describe=True)
     metrics = HttpMetrics(registry)
     register_pool_gauges(registry, container.db.pool_status)
+    # The container's own metrics (breakers, retries, bulkheads in front of the providers) are served
+    # here too; registered as a collector because several apps may share one container (tests).
+    registry.register(container.metrics_registry)
     app.state.metrics = metrics
+    app.state.signing_settings = settings.signing
+    app.state.url_signer = build_signer(settings.signing, clock=container.clock)
+    app.state.cache_policies = public_catalog_policies(settings.edge_cache)
 
     tracer_provider = build_tracer_provider(
         service_name=settings.telemetry.service_name,
@@ -107,6 +131,8 @@ def create_app(
         instrument_engine(container.db.engine, tracer)
 
     install_error_handlers(app)
+    # 428 is no domain error kind: a conditional-request rule of the HTTP edge (RFC 6585).
+    app.add_exception_handler(PreconditionRequired, precondition_required_handler)
     app.include_router(probes_router)
     for router in ROUTERS:
         app.include_router(router)
@@ -123,7 +149,38 @@ def create_app(
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         hook=PrometheusIdempotencyMetrics(registry),
     )
+    # Before routing and idempotency (both must see the version the request was rewritten to):
+    # `Accept: application/vnd.mercato.v2+json` selects /v2, and v1 answers carry Deprecation/Sunset.
+    app.add_middleware(
+        VersioningMiddleware,
+        routes=[route for router in ROUTERS for route in router.routes],
+        metrics=VersionMetrics(registry),
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.http.max_body_bytes)
+    # Right inside the request context: an incoming X-Request-Deadline bounds everything the request
+    # does (every provider call reads it), and a DeadlineExceeded still gets the request id.
+    app.add_middleware(DeadlineMiddleware)
+    # Public catalog reads tell a CDN or reverse proxy how long it may keep them (RFC 9111).
+    app.add_middleware(EdgeCacheMiddleware, policies=app.state.cache_policies)
+    # Inside the load shedder (a shed request costs no limiter call) and the request context (a 429
+    # gets the request id and RED metrics), outside routing, idempotency and the body limit.
+    rate_limiting = install_rate_limiting(
+        app,
+        settings=settings.ratelimit,
+        codec=container.token_codec,
+        health=container.health,
+        registry=registry,
+        clock=container.clock,
+    )
+    if settings.backpressure.enabled:
+        # Right inside the request context (a 503 still gets the request id and RED metrics) and
+        # outside everything else, so a shed request costs no routing, auth or database work.
+        app.add_middleware(
+            SheddingMiddleware,
+            limiter=build_limiter(
+                settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
+            ),
+        )
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, tracer=tracer, access_log=settings.http.access_log
     )
@@ -186,5 +243,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
             responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
+    document_cache_headers(schema, app.state.cache_policies)
+    document_rate_limits(schema)
+    document_versioning(schema)
     app.openapi_schema = schema
     return schema

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from mercato.kit.errors import (
     Unauthenticated,
 )
 from mercato.kit.observability import current_request_id
+from mercato.kit.resilience import BulkheadFull, CircuitOpen, DeadlineExceeded
 from mercato.kit.web.problems import problem_response
 
 _STATUS_BY_KIND: list[tuple[type[DomainError], int]] = [
@@ -43,6 +45,16 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
     "unsupported-media-type": ("Unsupported media type", "Send JSON with Content-Type: application/json."),
     "internal-error": ("Internal error", "An unexpected error; the body carries only the request id."),
     "dependency-unavailable": ("Dependency unavailable", "A required backend did not answer in time."),
+    "rate-limited": (
+        "Too many requests",
+        "A rate-limit rule refused the request: wait `Retry-After` seconds. The `RateLimit-*` headers and "
+        "GET /v1/rate-limit/status tell your standing.",
+    ),
+    "overloaded": ("Server overloaded", "The server is shedding load; retry after `Retry-After` seconds."),
+    "deadline-exceeded": (
+        "Deadline exceeded",
+        "The request's deadline (X-Request-Deadline, or the server's own) passed before the work finished.",
+    ),
 }
 
 _SLUG_BY_STATUS = {
@@ -130,7 +142,35 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     )
 
 
+async def resilience_error_handler(request: Request, exc: Exception) -> Response:
+    """An open breaker or a full bulkhead is a 503 with Retry-After; a passed deadline a 504."""
+    assert isinstance(exc, CircuitOpen | BulkheadFull | DeadlineExceeded)
+    # Only the dependency's role name ("psp") reaches the client, never a host or an error text.
+    about = f" (dependency {exc.dependency!r})" if exc.dependency else ""
+    headers: dict[str, str] | None = None
+    if isinstance(exc, DeadlineExceeded):
+        status, slug = 504, "deadline-exceeded"
+        detail = "the request deadline passed" + about
+    else:
+        # Retry once the breaker admits probes again; a full bulkhead drains within a second.
+        retry_after_s = exc.retry_after_s if isinstance(exc, CircuitOpen) else 1.0
+        status, slug = 503, "dependency-unavailable"
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        detail = "a dependency is not accepting calls right now" + about
+    return problem_response(
+        status=status,
+        slug=slug,
+        title=EDGE_PROBLEMS[slug][0],
+        detail=detail,
+        instance=request.url.path,
+        request_id=current_request_id(),
+        headers=headers,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error_handler)
+    for kind in (CircuitOpen, BulkheadFull, DeadlineExceeded):
+        app.add_exception_handler(kind, resilience_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)

@@ -9,7 +9,9 @@ embedded stream backend; broker backends implement the same `Stream` protocol.
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook, PrometheusMessagingHook
 from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
 from mercato.kit.messaging.message import InvalidMessage, Message, partition_for
+from mercato.kit.messaging.nats_jetstream import JetStreamStream
 from mercato.kit.messaging.outbox import Outbox, OutboxBacklog, OutboxRelay
+from mercato.kit.messaging.redis_streams import RedisStream
 from mercato.kit.messaging.sql_log import SqlLogStream
 from mercato.kit.messaging.stream import DeadLetter, DeadLetterStatus, Delivery, Publisher, Stream
 
@@ -21,6 +23,7 @@ __all__ = [
     "Handler",
     "Inbox",
     "InvalidMessage",
+    "JetStreamStream",
     "Message",
     "MessagingHook",
     "NullMessagingHook",
@@ -29,6 +32,7 @@ __all__ = [
     "OutboxRelay",
     "PrometheusMessagingHook",
     "Publisher",
+    "RedisStream",
     "SqlLogStream",
     "Stream",
     "partition_for",

@@ -99,7 +99,7 @@ class Consumer:
         handled = 0
         labels = {"group": self.group, "topic": self.topic}
         for delivery in deliveries:
-            if delivery.partition in failed and not delivery.receipt:
+            if delivery.partition in failed and not delivery.from_dead_letters:
                 continue
             if delivery.attempt > 1:
                 self._hook.consumer_redelivered(**labels)
@@ -120,7 +120,7 @@ class Consumer:
                     error=repr(exc),
                 )
                 await self._stream.nack(delivery, error=f"{type(exc).__name__}: {exc}")
-                if not delivery.receipt:
+                if not delivery.from_dead_letters:
                     failed.add(delivery.partition)
                 continue
             await self._stream.ack(delivery)

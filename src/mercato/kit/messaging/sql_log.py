@@ -27,7 +27,7 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
-from mercato.kit.messaging.stream import DeadLetter, DeadLetterStatus, Delivery
+from mercato.kit.messaging.stream import DEAD_LETTER_RECEIPT_PREFIX, DeadLetter, DeadLetterStatus, Delivery
 from mercato.kit.messaging.tables import (
     dead_letters,
     stream_attempts,
@@ -39,7 +39,7 @@ from mercato.kit.storage import Database
 
 __all__ = ["SqlLogStream"]
 
-_DLQ_RECEIPT = "dlq:"
+_DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 
 
 async def insert_ignore(

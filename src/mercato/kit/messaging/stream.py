@@ -48,6 +48,15 @@ class Delivery:
     attempt: int
     receipt: str = ""
 
+    @property
+    def from_dead_letters(self) -> bool:
+        """A replayed dead letter: outside its partition's order, so one failing does not block it."""
+        return self.receipt.startswith(DEAD_LETTER_RECEIPT_PREFIX)
+
+
+# Every backend marks deliveries of replayed dead letters with receipts starting with this.
+DEAD_LETTER_RECEIPT_PREFIX = "dlq:"
+
 
 class DeadLetterStatus(StrEnum):
     DEAD = "dead"

@@ -120,12 +120,23 @@ class SagaRunner:
             return False
         definition = self._definitions[saga.saga_type]
         if saga.status is SagaStatus.RUNNING:
-            if self._clock.now() >= saga.deadline_at:
-                await self._begin_compensation(saga, token, saga.step_index - 1, "saga deadline exceeded")
-                return True
+            # Every step done (the last one committed, then the runner died or the pass ended before
+            # finishing): the saga completed, whatever the clock says. Checking the deadline first
+            # would "compensate" a completed order: refund it, cancel its shipment, and fail on the
+            # reservation it already committed.
             if saga.step_index >= len(definition.steps):
                 await self._finish(saga, token, definition, SagaStatus.COMPLETED)
                 return False
+            if self._clock.now() >= saga.deadline_at:
+                # The step due next may already have taken effect: a remote call whose answer was
+                # lost (its retry parked: attempt > 0) or one cut off by a crashed runner (a later
+                # lease term: token > 1). Then, like a remote step out of attempts, it is compensated
+                # too (its compensation asks the provider what exists); a local step rolled back.
+                step = definition.steps[saga.step_index]
+                may_have_run = not step.local and (saga.attempt > 0 or token > 1)
+                start_from = saga.step_index if may_have_run else saga.step_index - 1
+                await self._begin_compensation(saga, token, start_from, "saga deadline exceeded")
+                return True
             return await self._forward(saga, token, definition.steps[saga.step_index])
         if saga.step_index < 0:
             await self._finish(saga, token, definition, SagaStatus.COMPENSATED)

@@ -6,12 +6,13 @@ import uuid
 from typing import Annotated, Any, cast
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
 from mercato.kit.web import problem_responses, require_scopes
+from mercato.kit.web.etags import ETAG_HEADER_DOC, IF_NONE_MATCH_MAX_LENGTH, content_etag, not_modified
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import STORAGE_MAX_QUANTITY
@@ -77,10 +78,6 @@ def cart_dict(cart: CartView) -> dict[str, Any]:
     }
 
 
-def _json(content: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
-
-
 def cart_service(request: Request) -> CartService:
     return cast(CartService, request.app.state.cart)
 
@@ -100,8 +97,37 @@ SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A
 _PRIVATE_HEADER = PRIVATE_HEADER_DOC
 
 
-def _ok(description: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"description": description, "headers": _PRIVATE_HEADER}}
+# The cart is priced from the catalog each time it is read, so no stored version describes its
+# representation: the ETag is a digest of the bytes sent. A price change changes it too.
+IfNoneMatch = Annotated[
+    str | None,
+    Header(
+        max_length=IF_NONE_MATCH_MAX_LENGTH,
+        description="ETag(s) the client holds; a match answers 304 without a body.",
+    ),
+]
+
+
+def _tagged(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description, "headers": {**_PRIVATE_HEADER, **ETAG_HEADER_DOC}}}
+
+
+def _not_modified_doc() -> dict[int | str, dict[str, Any]]:
+    return {
+        304: {
+            "description": "Not modified: If-None-Match matched the current ETag",
+            "headers": {**_PRIVATE_HEADER, **ETAG_HEADER_DOC},
+        }
+    }
+
+
+def _cart_response(cart: CartView, if_none_match: str | None = None) -> Response:
+    body = orjson.dumps(cart_dict(cart))
+    etag = content_etag(body)
+    unchanged = not_modified(if_none_match, etag)
+    if unchanged is not None:
+        return unchanged
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 def _no_content(description: str) -> dict[int | str, dict[str, Any]]:
@@ -113,10 +139,10 @@ def _no_content(description: str) -> dict[int | str, dict[str, Any]]:
     response_model=CartOut,
     summary="Get my cart",
     description="Lines priced from the catalog now; archived products are flagged unavailable.",
-    responses={**problem_responses(401, 403), **_ok("The cart")},
+    responses={**problem_responses(401, 403), **_tagged("The cart"), **_not_modified_doc()},
 )
-async def get_cart(service: Service, principal: Reader) -> Response:
-    return _json(cart_dict(await service.view(customer_id(principal))))
+async def get_cart(service: Service, principal: Reader, if_none_match: IfNoneMatch = None) -> Response:
+    return _cart_response(await service.view(customer_id(principal)), if_none_match)
 
 
 @router.put(
@@ -127,10 +153,10 @@ async def get_cart(service: Service, principal: Reader) -> Response:
         "Sets the line for `sku` to `quantity`, adding it if absent. 422 for an unknown or "
         "archived SKU, a quantity over the limit, a full cart or a product in another currency."
     ),
-    responses={**problem_responses(401, 403, 422), **_ok("The cart after the change")},
+    responses={**problem_responses(401, 403, 422), **_tagged("The cart after the change")},
 )
 async def put_item(sku: SkuPath, body: CartItemIn, service: Service, principal: Writer) -> Response:
-    return _json(cart_dict(await service.set_item(customer_id(principal), sku, body.quantity)))
+    return _cart_response(await service.set_item(customer_id(principal), sku, body.quantity))
 
 
 @router.delete(

@@ -7,12 +7,20 @@ from datetime import datetime
 from typing import Annotated, Any, cast
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mercato.kit.auth import Principal
 from mercato.kit.ids import parse_id
 from mercato.kit.web import Cursor, CursorError, Page, problem_responses, require_scopes
+from mercato.kit.web.etags import (
+    ETAG_HEADER_DOC,
+    IF_MATCH_MAX_LENGTH,
+    IF_NONE_MATCH_MAX_LENGTH,
+    VersionTag,
+    if_match_versions,
+    not_modified,
+)
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.shop.catalog.model import (
     InvalidProduct,
@@ -99,6 +107,11 @@ def product_dict(product: Product) -> dict[str, Any]:
     }
 
 
+def product_etag(product: Product, representation: str = "v1") -> str:
+    """Strong ETag of one stored version in one representation; every change bumps `version`."""
+    return VersionTag("product", str(product.id), product.version, representation).render()
+
+
 def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers
@@ -112,6 +125,29 @@ def catalog_service(request: Request) -> CatalogService:
 Service = Annotated[CatalogService, Depends(catalog_service)]
 Admin = Annotated[Principal, Depends(require_scopes("catalog:write"))]
 ProductIdPath = Annotated[str, Path(min_length=1, max_length=64)]
+IfNoneMatch = Annotated[
+    str | None,
+    Header(
+        max_length=IF_NONE_MATCH_MAX_LENGTH,
+        description="ETag(s) the client holds; a match answers 304 without a body.",
+    ),
+]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        max_length=IF_MATCH_MAX_LENGTH,
+        description=(
+            "Required: the ETag of the product the change is based on. Missing: 428; no longer "
+            "current: 412, and nothing is written."
+        ),
+    ),
+]
+
+# OpenAPI entries for the conditional-request answers of a single product.
+ETAG_OK: dict[int | str, dict[str, Any]] = {200: {"description": "The product", "headers": ETAG_HEADER_DOC}}
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: If-None-Match matched the current ETag", "headers": ETAG_HEADER_DOC}
+}
 
 
 def _product_id(raw: str) -> uuid.UUID:
@@ -140,6 +176,31 @@ async def list_products(
     max_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
 ) -> Response:
+    items, next_cursor = await browse_page(
+        service,
+        limit=limit,
+        cursor=cursor,
+        sort=sort,
+        category=category,
+        min_price_minor=min_price_minor,
+        max_price_minor=max_price_minor,
+        q=q,
+    )
+    return _json({"items": [product_dict(p) for p in items], "next_cursor": next_cursor})
+
+
+async def browse_page(
+    service: CatalogService,
+    *,
+    limit: int,
+    cursor: str | None,
+    sort: ProductSort,
+    category: str | None,
+    min_price_minor: int | None,
+    max_price_minor: int | None,
+    q: str | None,
+) -> tuple[list[Product], str | None]:
+    """One page of live products and the cursor of the next; shared by every API version."""
     after_value: Any = None
     after_id: uuid.UUID | None = None
     if cursor is not None:
@@ -170,7 +231,7 @@ async def list_products(
     if more and items:
         last = items[-1]
         next_cursor = Cursor(sort=sort.value, value=last.sort_value(sort), id=str(last.id)).encode()
-    return _json({"items": [product_dict(p) for p in items], "next_cursor": next_cursor})
+    return items, next_cursor
 
 
 class InvalidCursor(InvalidProduct):
@@ -183,11 +244,16 @@ class InvalidCursor(InvalidProduct):
     "/{product_id}",
     response_model=ProductOut,
     summary="Get a product",
-    responses=problem_responses(404),
+    responses={**problem_responses(404), **ETAG_OK, **NOT_MODIFIED},
 )
-async def get_product(product_id: ProductIdPath, service: Service) -> Response:
+async def get_product(
+    product_id: ProductIdPath, service: Service, if_none_match: IfNoneMatch = None
+) -> Response:
     product = await service.get(_product_id(product_id))
-    return _json(product_dict(product))
+    etag = product_etag(product)
+    if (unchanged := not_modified(if_none_match, etag)) is not None:
+        return unchanged
+    return _json(product_dict(product), headers={"ETag": etag})
 
 
 @router.post(
@@ -197,7 +263,10 @@ async def get_product(product_id: ProductIdPath, service: Service) -> Response:
     summary="Create a product",
     responses={
         **problem_responses(401, 403, 409, 422),
-        201: {"description": "Created", "headers": {"Location": {"schema": {"type": "string"}}}},
+        201: {
+            "description": "Created",
+            "headers": {"Location": {"schema": {"type": "string"}}, **ETAG_HEADER_DOC},
+        },
     },
 )
 async def create_product(body: ProductIn, service: Service, _admin: Admin) -> Response:
@@ -212,18 +281,34 @@ async def create_product(body: ProductIn, service: Service, _admin: Admin) -> Re
             attributes=dict(body.attributes),
         )
     )
-    return _json(product_dict(product), 201, {"Location": f"/v1/products/{product.id}"})
+    return _json(
+        product_dict(product), 201, {"Location": f"/v1/products/{product.id}", "ETag": product_etag(product)}
+    )
 
 
 @router.patch(
     "/{product_id}",
     response_model=ProductOut,
     summary="Update a product",
-    responses=problem_responses(401, 403, 404, 409, 422),
+    description=(
+        "A conditional write: `If-Match` must carry the product's current ETag (from GET or the last "
+        "write). Without it: 428 `precondition-required`; when another change got there first: 412 "
+        "`precondition-failed` and nothing is written, so no update is ever silently lost."
+    ),
+    responses={
+        **problem_responses(401, 403, 404, 409, 412, 422, 428),
+        200: {"description": "The updated product", "headers": ETAG_HEADER_DOC},
+    },
 )
 async def update_product(
-    product_id: ProductIdPath, body: ProductPatch, service: Service, _admin: Admin
+    product_id: ProductIdPath,
+    body: ProductPatch,
+    service: Service,
+    _admin: Admin,
+    if_match: IfMatch = None,
 ) -> Response:
+    parsed_id = _product_id(product_id)
+    expected = if_match_versions(if_match, kind="product", resource_id=str(parsed_id))
     changes = ProductChanges(
         name=body.name,
         description=body.description,
@@ -232,8 +317,8 @@ async def update_product(
         category=body.category,
         attributes=dict(body.attributes) if body.attributes is not None else None,
     )
-    product = await service.update(_product_id(product_id), changes)
-    return _json(product_dict(product))
+    product = await service.update(parsed_id, changes, expected_versions=expected)
+    return _json(product_dict(product), headers={"ETag": product_etag(product)})
 
 
 @router.post(
@@ -241,8 +326,11 @@ async def update_product(
     response_model=ProductOut,
     summary="Archive a product",
     description="Hides the product from the public catalog; existing orders keep their lines.",
-    responses=problem_responses(401, 403, 404, 409),
+    responses={
+        **problem_responses(401, 403, 404, 409),
+        200: {"description": "The archived product", "headers": ETAG_HEADER_DOC},
+    },
 )
 async def archive_product(product_id: ProductIdPath, service: Service, _admin: Admin) -> Response:
     product = await service.archive(_product_id(product_id))
-    return _json(product_dict(product))
+    return _json(product_dict(product), headers={"ETag": product_etag(product)})

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from mercato.kit.clock import Clock
-from mercato.kit.errors import Conflict
+from mercato.kit.errors import Conflict, PreconditionFailed
 from mercato.kit.ids import new_id
 from mercato.kit.storage import Database
 from mercato.shop.catalog.contracts import PriceQuote
@@ -24,6 +24,15 @@ class ConcurrentProductUpdate(Conflict):
     slug = "concurrent-update"
     title = "Concurrent update"
     description = "The resource changed while this update was being applied; fetch it and retry."
+
+
+class StaleProduct(PreconditionFailed):
+    slug = "precondition-failed"
+    title = "Precondition failed"
+    description = (
+        "The resource changed since the ETag sent in `If-Match` was issued; GET it again, reapply "
+        "the change and retry with the new ETag."
+    )
 
 
 class CatalogService:
@@ -58,15 +67,33 @@ class CatalogService:
             await self._repo.add_many(conn, batch)
         return batch
 
-    async def update(self, product_id: uuid.UUID, changes: ProductChanges) -> Product:
+    async def update(
+        self,
+        product_id: uuid.UUID,
+        changes: ProductChanges,
+        *,
+        expected_versions: Collection[int] | None = None,
+    ) -> Product:
+        """Apply `changes`; with `expected_versions` (an If-Match), only to one of those versions.
+
+        The version check is the UPDATE's own `WHERE version = :expected` (the version read, once
+        it is one the caller named), so two writers holding
+        the same version cannot both win: the second one's UPDATE matches no row and it gets
+        `StaleProduct` (412), never a silent overwrite. The read before it only tells a stale
+        version (412) from a missing product (404) and computes the new values.
+        """
         async with self._db.write() as conn:
             current = await self._repo.get(conn, product_id)
             if current is None:
                 raise ProductNotFound(f"product {product_id} not found")
+            if expected_versions is not None and current.version not in expected_versions:
+                raise StaleProduct(f"product {product_id} is at a newer version than If-Match names")
             updated = current.with_changes(changes, now=self._clock.now())
             if updated is current:
                 return current
             if not await self._repo.save(conn, updated, expected_version=current.version):
+                if expected_versions is not None:
+                    raise StaleProduct(f"product {product_id} was changed by a concurrent update")
                 raise ConcurrentProductUpdate(f"product {product_id} was changed concurrently")
         return updated
 

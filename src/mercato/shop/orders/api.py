@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any, cast
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
@@ -20,6 +20,7 @@ from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
 from mercato.kit.ids import parse_id
 from mercato.kit.web import Cursor, CursorError, Page, authenticated, problem_responses, require_scopes
+from mercato.kit.web.etags import ETAG_HEADER_DOC, IF_NONE_MATCH_MAX_LENGTH, content_etag, not_modified
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.kit.web.security import InsufficientScope
@@ -158,6 +159,32 @@ CursorQuery = Annotated[
 ]
 
 _PRIVATE_HEADER = PRIVATE_HEADER_DOC
+IfNoneMatch = Annotated[
+    str | None,
+    Header(
+        max_length=IF_NONE_MATCH_MAX_LENGTH,
+        description="ETag(s) the client holds; a match answers 304 without a body.",
+    ),
+]
+# The order's body includes its checkout saga's progress, which moves without the order's own
+# `version` changing; so its ETag is a digest of the bytes sent, not the version.
+ORDER_ETAG_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The order", "headers": {**_PRIVATE_HEADER, **ETAG_HEADER_DOC}},
+    304: {
+        "description": "Not modified: If-None-Match matched the current ETag",
+        "headers": {**_PRIVATE_HEADER, **ETAG_HEADER_DOC},
+    },
+}
+
+
+def conditional_json(content: Any, if_none_match: str | None) -> Response:
+    """200 with a content ETag, or 304 when the client's If-None-Match already names it."""
+    body = orjson.dumps(content)
+    etag = content_etag(body)
+    unchanged = not_modified(if_none_match, etag)
+    if unchanged is not None:
+        return unchanged
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 def _after(cursor: str | None) -> uuid.UUID | None:
@@ -234,12 +261,19 @@ async def list_my_orders(
     response_model=OrderOut,
     summary="Get an order",
     description="The caller's own order; with `orders:read_all`, any order. Another customer's order is 404.",
-    responses={
-        **problem_responses(401, 403, 404),
-        200: {"description": "The order", "headers": _PRIVATE_HEADER},
-    },
+    responses={**problem_responses(401, 403, 404), **ORDER_ETAG_RESPONSES},
 )
-async def get_order(order_id: OrderIdPath, service: Service, principal: AnyReader) -> Response:
+async def get_order(
+    order_id: OrderIdPath, service: Service, principal: AnyReader, if_none_match: IfNoneMatch = None
+) -> Response:
+    order, checkout = await visible_order(order_id, service, principal)
+    return conditional_json(order_dict(order, checkout), if_none_match)
+
+
+async def visible_order(
+    order_id: str, service: OrdersService, principal: Principal
+) -> tuple[Order, dict[str, Any] | None]:
+    """The order and its checkout progress, if the caller may see it (else OrderNotFound)."""
     parsed = parse_id(order_id)
     if parsed is None:
         raise OrderNotFound(f"order {order_id} not found")
@@ -249,7 +283,7 @@ async def get_order(order_id: OrderIdPath, service: Service, principal: AnyReade
     except ValueError:
         customer = None
     order = await service.get(parsed, customer_id=customer, read_all=read_all)
-    return _json(order_dict(order, await service.checkout_progress(order.id)))
+    return order, await service.checkout_progress(order.id)
 
 
 @admin_router.get(

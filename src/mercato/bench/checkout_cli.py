@@ -1,0 +1,170 @@
+"""``mercato bench checkout``: the command (registered on the ``bench`` sub-app in `mercato.bench.cli`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mercato.bench.checkout import MODES, CheckoutBenchOptions, CheckoutBenchReport, run_checkout_bench
+from mercato.bench.checkout_report import CheckoutStep, rate_ladder
+
+console = Console(stderr=True)
+
+
+def parse_rates(value: str | None) -> tuple[float, ...]:
+    if not value:
+        return rate_ladder()
+    try:
+        return rate_ladder(float(item) for item in value.split(",") if item.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"rates are comma-separated positive numbers, e.g. 25,50,100 ({exc})"
+        ) from exc
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+def steps_table(report: CheckoutBenchReport) -> Table:
+    table = Table(title=f"Checkouts, {report.database}, {report.options.mode} (latencies in ms)")
+    columns = (
+        "offered/s",
+        "accepted/s",
+        "completed/s",
+        "errors",
+        "POST p50",
+        "POST p99",
+        "accept p50",
+        "accept p95",
+        "accept p99",
+        "bare p50",
+        "bare p99",
+        "accept÷bare p50",
+        "done p50",
+        "done p95",
+        "done p99",
+    )
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for step in report.steps:
+        d = step.to_dict()
+        base = d["baseline"] or {}
+        share = d["accept_p50_vs_bare_p50"]
+        table.add_row(
+            f"{step.offered_rate:g}",
+            f"{step.accepted_rate:.1f}",
+            f"{step.completed_rate:.1f}",
+            str(step.counts.errors + step.completion.compensated + step.completion.failed),
+            _ms(d["post"]["p50_ms"]),
+            _ms(d["post"]["p99_ms"]),
+            _ms(d["accept"]["p50_ms"]),
+            _ms(d["accept"]["p95_ms"]),
+            _ms(d["accept"]["p99_ms"]),
+            _ms(base.get("p50_ms", 0.0)),
+            _ms(base.get("p99_ms", 0.0)),
+            "—" if share is None else f"{share:.0f}×",
+            _ms(d["completion"]["p50_ms"]),
+            _ms(d["completion"]["p95_ms"]),
+            _ms(d["completion"]["p99_ms"]),
+        )
+    return table
+
+
+def round_trips_table(step: CheckoutStep) -> Table:
+    table = Table(title=f"DB statements per completed checkout at {step.offered_rate:g}/s")
+    for column in ("phase", "statements", "transactions"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    stmts = step.round_trips_per_checkout()
+    txs = step.to_dict()["transactions_per_checkout"]
+    for phase, value in stmts.items():
+        table.add_row(phase, f"{value:.2f}", f"{txs.get(phase, 0.0):.2f}")
+    table.add_row("[bold]total[/bold]", f"{sum(stmts.values()):.2f}", f"{sum(txs.values()):.2f}")
+    return table
+
+
+def checkout(
+    rates: Annotated[str | None, typer.Option(help="Arrival rates (checkouts/s), e.g. 25,50,100,200")] = None,
+    duration: Annotated[float, typer.Option(help="Seconds per fixed-rate step", min=0.5)] = 5.0,
+    warmup: Annotated[
+        float, typer.Option(help="Warm-up seconds at the first rate (not reported)", min=0)
+    ] = 2.0,
+    drain: Annotated[float, typer.Option(help="Longest wait for a step's sagas to finish (s)", min=1)] = 30.0,
+    mode: Annotated[str, typer.Option(help="distributed (api + worker + providers) or embedded (up)")] = (
+        "distributed"
+    ),
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Benchmark on this database (e.g. PostgreSQL) instead of a temporary SQLite file"),
+    ] = None,
+    create_database: Annotated[
+        bool,
+        typer.Option(help="Create the --database-url database first and drop it afterwards (PostgreSQL)"),
+    ] = False,
+    customers: Annotated[
+        int, typer.Option(help="Customer accounts to rotate through", min=1, max=1000)
+    ] = 400,
+    timeout: Annotated[float, typer.Option(help="Per-checkout timeout from its intended time (s)")] = 5.0,
+    keep_going: Annotated[
+        bool, typer.Option(help="Run every rate even after one completes < 50% of its offered rate")
+    ] = False,
+    profile_dir: Annotated[
+        Path | None, typer.Option(help="py-spy (raw format) the Mercato processes during the last step")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Completed checkouts/s and p50/p99 at fixed arrival rates, with the bare baseline side by side."""
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode is one of {', '.join(MODES)}")
+    options = CheckoutBenchOptions(
+        rates=parse_rates(rates),
+        duration_s=duration,
+        warmup_s=warmup,
+        drain_s=drain,
+        mode=mode,
+        database_url=database_url,
+        create_database=create_database,
+        customers=customers,
+        products=max(400, customers),
+        timeout_s=timeout,
+        stop_when_saturated=not keep_going,
+        profile_dir=profile_dir,
+    )
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    )
+    task = progress.add_task("preparing", total=None)
+
+    def on_phase(message: str) -> None:
+        progress.update(task, description=message)
+
+    def on_step(step: CheckoutStep) -> None:
+        d = step.to_dict()
+        progress.console.print(
+            f"  {step.offered_rate:>6g}/s  accepted {step.accepted_rate:7.1f}/s  completed "
+            f"{step.completed_rate:7.1f}/s  POST p99 {d['post']['p99_ms']:8.1f} ms  done p99 "
+            f"{d['completion']['p99_ms']:8.1f} ms  errors {step.counts.errors}"
+            + ("  [red]saturated[/red]" if step.saturated else "")
+        )
+
+    try:
+        with progress:
+            report = run_checkout_bench(options, on_phase=on_phase, on_step=on_step)
+    except (RuntimeError, OSError, ValueError) as exc:
+        console.print(f"[red]benchmark failed:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        out = Console(width=max(Console().width, 180))
+        out.print(steps_table(report))
+        if report.steps:
+            out.print(round_trips_table(report.steps[-1]))
+    if not report.steps or any(s.counts.errors or s.completion.unknown for s in report.steps):
+        raise typer.Exit(1)

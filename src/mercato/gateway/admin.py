@@ -1,0 +1,148 @@
+"""Operator routes: the providers' circuit breakers and the sagas that need attention.
+
+Read-only views for the admin role (scope `orders:read_all`): what an on-call engineer checks first
+when checkouts stall ("is the PSP's breaker open?", "which orders failed to compensate, and why?").
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, cast
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from mercato.bootstrap import Container
+from mercato.kit.auth import Principal
+from mercato.kit.sagas import SagaStatus
+from mercato.kit.sagas.store import SagaInstance
+from mercato.kit.web import problem_responses, require_scopes
+from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=PrivateRoute)
+
+Operator = Annotated[Principal, Depends(require_scopes("orders:read_all"))]
+MAX_SAGA_LIMIT = 100
+
+
+class BreakerOut(BaseModel):
+    name: str = Field(description="The dependency (`psp`, `carrier`).")
+    state: str = Field(description="`closed`, `open` or `half_open`.")
+    calls: int = Field(description="Calls recorded in the rolling window.")
+    failures: int
+    slow_calls: int
+    failure_rate: float = Field(description="failures / calls over the window.")
+    slow_call_rate: float = Field(description="slow_calls / calls over the window.")
+    opened_at: str | None = Field(description="When it last opened (RFC 3339), while not closed.")
+    retry_after_s: float | None = Field(description="Seconds until it admits probes, while open.")
+    half_open_probes_in_flight: int
+    rejections: int = Field(description="Calls refused since start.")
+    transitions: int = Field(description="State changes since start.")
+    config: dict[str, float | int]
+
+
+class BreakersOut(BaseModel):
+    items: list[BreakerOut]
+
+
+class SagaOut(BaseModel):
+    id: str
+    saga_type: str
+    status: str
+    step: str | None = Field(description="The step it is on (forward) or compensating; null when done.")
+    attempt: int = Field(description="Failed attempts of the current step so far.")
+    failure: str | None = Field(description="Why it compensated or failed.")
+    correlation_id: str = Field(description="The request id of the checkout that started it.")
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime
+    finished_at: datetime | None
+
+
+class SagasOut(BaseModel):
+    items: list[SagaOut]
+
+
+class SagaStatsOut(BaseModel):
+    counts: dict[str, int] = Field(description="Sagas by status; every status is present.")
+    total: int
+    needs_attention: int = Field(description="Sagas in `failed`: a compensation gave up.")
+
+
+def _container(request: Request) -> Container:
+    return cast(Container, request.app.state.container)
+
+
+@router.get(
+    "/resilience/breakers",
+    response_model=BreakersOut,
+    summary="Circuit breakers in front of the providers",
+    description="Each breaker's state, its rolling-window counts and rates, and when it admits probes.",
+    responses={
+        **problem_responses(401, 403),
+        200: {"description": "Breakers", "headers": PRIVATE_HEADER_DOC},
+    },
+)
+async def list_breakers(request: Request, _: Operator) -> BreakersOut:
+    snapshot = _container(request).breakers.snapshot()
+    return BreakersOut(items=[BreakerOut.model_validate(dict(item)) for item in snapshot.values()])
+
+
+def _saga_out(container: Container, saga: SagaInstance) -> SagaOut:
+    definition = container.saga_definitions.get(saga.saga_type)
+    step = None
+    if definition is not None and not saga.status.terminal and 0 <= saga.step_index < len(definition.steps):
+        step = definition.steps[saga.step_index].name
+    return SagaOut(
+        id=str(saga.id),
+        saga_type=saga.saga_type,
+        status=saga.status.value,
+        step=step,
+        attempt=saga.attempt,
+        failure=saga.failure,
+        correlation_id=saga.correlation_id,
+        created_at=saga.created_at,
+        updated_at=saga.updated_at,
+        next_attempt_at=saga.next_attempt_at,
+        finished_at=saga.finished_at,
+    )
+
+
+@router.get(
+    "/sagas",
+    response_model=SagasOut,
+    summary="Sagas by status (newest first)",
+    description=(
+        "`status=failed` is the needs-attention list: sagas whose compensation gave up, with the "
+        "failure text and the correlation id of the checkout request that started them."
+    ),
+    responses={
+        **problem_responses(400, 401, 403),
+        200: {"description": "Sagas", "headers": PRIVATE_HEADER_DOC},
+    },
+)
+async def list_sagas(
+    request: Request,
+    _: Operator,
+    status: Annotated[SagaStatus | None, Query(description="Only sagas in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_SAGA_LIMIT, description="At most this many.")] = 20,
+) -> SagasOut:
+    container = _container(request)
+    sagas = await container.sagas.find(status=status, limit=limit)
+    return SagasOut(items=[_saga_out(container, saga) for saga in sagas])
+
+
+@router.get(
+    "/sagas/stats",
+    response_model=SagaStatsOut,
+    summary="Saga counts by status",
+    responses={**problem_responses(401, 403), 200: {"description": "Counts", "headers": PRIVATE_HEADER_DOC}},
+)
+async def saga_stats(request: Request, _: Operator) -> SagaStatsOut:
+    found = await _container(request).sagas.counts()
+    counts = {status.value: found.get(status.value, 0) for status in SagaStatus}
+    return SagaStatsOut(
+        counts=counts, total=sum(counts.values()), needs_attention=counts[SagaStatus.FAILED.value]
+    )

@@ -1,0 +1,120 @@
+"""Edge caching headers for public reads, applied per route by one small ASGI middleware.
+
+RFC 9111 lets a shared cache (CDN, reverse proxy) store a response only as long as the origin says.
+Public catalog reads say ``Cache-Control: public, max-age=N, stale-while-revalidate=M`` (RFC 5861:
+serve the stale copy for M more seconds while refetching, so a popular product never stampedes the
+origin when it expires) and ``Vary: Accept, Accept-Encoding``: media-type versioning means ``Accept``
+selects the representation, and compression selects the bytes, so both belong in the cache key.
+
+Only 200 and 304 responses to GET/HEAD are marked (a 304 repeats the headers the 200 would carry,
+RFC 9111 §4.3.4); errors are left alone so a transient 404 or 5xx is never pinned at the edge. A
+route that set its own ``Cache-Control`` keeps it; ``Vary`` is merged, never replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mercato.config import EdgeCacheSettings
+
+__all__ = ["CachePolicy", "EdgeCacheMiddleware", "document_cache_headers", "public_catalog_policies"]
+
+_CACHEABLE_STATUS = (200, 304)
+DEFAULT_VARY = ("Accept", "Accept-Encoding")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    max_age_s: int
+    stale_while_revalidate_s: int
+    vary: tuple[str, ...] = DEFAULT_VARY
+
+    @property
+    def cache_control(self) -> str:
+        return f"public, max-age={self.max_age_s}, stale-while-revalidate={self.stale_while_revalidate_s}"
+
+
+Policies = Sequence[tuple[re.Pattern[str], CachePolicy]]
+
+
+def public_catalog_policies(settings: EdgeCacheSettings) -> list[tuple[re.Pattern[str], CachePolicy]]:
+    """`/v{N}/products` (lists change often: short) and `/v{N}/products/{id}` (longer)."""
+    return [
+        (
+            re.compile(r"^/v\d+/products$"),
+            CachePolicy(settings.list_max_age_s, settings.list_stale_while_revalidate_s),
+        ),
+        (
+            re.compile(r"^/v\d+/products/[^/]+$"),
+            CachePolicy(settings.product_max_age_s, settings.product_stale_while_revalidate_s),
+        ),
+    ]
+
+
+def _policy_for(policies: Policies, path: str) -> CachePolicy | None:
+    for pattern, policy in policies:
+        if pattern.match(path):
+            return policy
+    return None
+
+
+def merge_vary(existing: str | None, extra: Sequence[str]) -> str:
+    values = [v.strip() for v in (existing or "").split(",") if v.strip()]
+    seen = {v.lower() for v in values}
+    values.extend(v for v in extra if v.lower() not in seen)
+    return ", ".join(values)
+
+
+class EdgeCacheMiddleware:
+    def __init__(self, app: ASGIApp, *, policies: Policies) -> None:
+        self.app = app
+        self.policies = tuple(policies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        policy = None
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            policy = _policy_for(self.policies, scope["path"])
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in _CACHEABLE_STATUS:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"vary"]
+                vary = next((v for k, v in message.get("headers", []) if k.lower() == b"vary"), None)
+                merged = merge_vary(vary.decode("latin-1") if vary else None, policy.vary)
+                headers.append((b"vary", merged.encode("latin-1")))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", policy.cache_control.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def document_cache_headers(schema: dict[str, Any], policies: Policies) -> None:
+    """Add `Cache-Control` and `Vary` to the documented 200 response of each matching GET route."""
+    for path, item in schema.get("paths", {}).items():
+        policy = _policy_for(policies, path)
+        operation = item.get("get")
+        if policy is None or operation is None:
+            continue
+        ok = operation.get("responses", {}).get("200")
+        if ok is None:
+            continue
+        headers = ok.setdefault("headers", {})
+        headers.setdefault(
+            "Cache-Control",
+            {
+                "schema": {"type": "string"},
+                "description": f"Shared caches may store it: `{policy.cache_control}`",
+            },
+        )
+        headers.setdefault(
+            "Vary", {"schema": {"type": "string"}, "description": "Includes `" + ", ".join(policy.vary) + "`"}
+        )

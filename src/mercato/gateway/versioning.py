@@ -1,0 +1,307 @@
+"""API versions at the edge: media-type negotiation, deprecation headers and adoption metrics.
+
+A version is chosen by the URL (`/v1/...`, `/v2/...`) or, on any versioned path, by
+`Accept: application/vnd.mercato.v2+json`: when the requested version has a route for the same
+method and path, the request is rewritten to it before routing, so one handler serves both ways
+in. A request for a version without such a route is served by the path's version (never a 406:
+a client that prefers v2 everywhere keeps working on resources that have only a v1).
+
+Responses of an operation with a newer successor carry RFC 9745 `Deprecation` (`@<unix-seconds>`),
+RFC 8594 `Sunset` (an HTTP-date) and `Link: </v2/...>; rel="successor-version"`. Responses that
+`Accept` could have changed say `Vary: Accept`; a JSON body sent because the client asked for a
+vendor media type is labelled with it. Every versioned request counts once in
+`mercato_http_requests_by_version_total{version, selected_by}` (`path` or `accept`), the adoption
+figure that decides when a sunset can actually happen.
+
+The scope is rewritten in place, not copied: the request-context middleware outside reads the
+matched route from the same dict, so metrics and spans name the route that really ran.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Final
+from urllib.parse import quote
+
+from prometheus_client import CollectorRegistry, Counter
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "V1_POLICY",
+    "DeprecationPolicy",
+    "VersionMetrics",
+    "VersioningMiddleware",
+    "document_versioning",
+    "requested_version",
+    "vendor_media_type",
+]
+
+LATEST_VERSION: Final = 2
+
+_VERSIONED_PATH = re.compile(r"^/v([0-9]{1,3})(/.*)?$")
+_VENDOR_RANGE = re.compile(r"^application/vnd\.mercato\.v([0-9]{1,3})\+json$")
+_JSON = b"application/json"
+_RAW_VERSION_PREFIX = re.compile(rb"^/v[0-9]{1,3}(?=/|$)")
+
+
+def vendor_media_type(version: int) -> str:
+    return f"application/vnd.mercato.v{version}+json"
+
+
+@dataclass(frozen=True, slots=True)
+class DeprecationPolicy:
+    """When a version was deprecated and when it stops being served (policy: at least 12 months)."""
+
+    deprecated_at: datetime
+    sunset_at: datetime
+
+    def __post_init__(self) -> None:
+        if self.sunset_at <= self.deprecated_at:
+            raise ValueError("a sunset comes after the deprecation")
+
+    @property
+    def deprecation_header(self) -> str:
+        # RFC 9745: a structured-field Date, `@` and the Unix time in seconds.
+        return f"@{int(self.deprecated_at.timestamp())}"
+
+    @property
+    def sunset_header(self) -> str:
+        # RFC 8594: an IMF-fixdate, e.g. `Tue, 30 Nov 2027 23:59:59 GMT`.
+        return format_datetime(self.sunset_at.astimezone(UTC), usegmt=True)
+
+
+# v1 of every resource that has a v2: deprecated the day v2 shipped, served for 12 more months.
+V1_POLICY: Final = DeprecationPolicy(
+    deprecated_at=datetime(2026, 11, 25, tzinfo=UTC),
+    sunset_at=datetime(2027, 11, 30, 23, 59, 59, tzinfo=UTC),
+)
+
+
+class VersionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "mercato_http_requests_by_version_total",
+            "Requests to versioned routes, by the API version served and how it was selected "
+            "(path or accept).",
+            ["version", "selected_by"],
+            registry=registry,
+        )
+
+    def observe(self, *, version: int, selected_by: str) -> None:
+        self.requests.labels(f"v{version}", selected_by).inc()
+
+
+def requested_version(accept: str | None) -> int | None:
+    """The vendor version the Accept header prefers (highest q, then first listed), if any."""
+    if not accept:
+        return None
+    best: tuple[float, int] | None = None
+    # Bounded: a header with thousands of ranges is not worth parsing past the first few dozen.
+    for media_range in accept.split(",")[:32]:
+        media, *params = (part.strip() for part in media_range.split(";"))
+        match = _VENDOR_RANGE.match(media.lower())
+        if match is None:
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality <= 0:
+            continue
+        if best is None or quality > best[0]:
+            best = (quality, int(match.group(1)))
+    return best[1] if best else None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class _RouteIndex:
+    """Which versioned (method, path) pairs have a route.
+
+    Built once from the routers' own routes (their paths carry the `/vN` prefix) and grouped by
+    version, so a lookup tries only that version's compiled path regexes, the ones the router uses.
+    """
+
+    def __init__(self, routes: Iterable[BaseRoute]) -> None:
+        self._by_version: dict[int, list[tuple[re.Pattern[str], frozenset[str]]]] = {}
+        for route in routes:
+            if not isinstance(route, Route) or not route.methods:
+                continue
+            match = _VERSIONED_PATH.match(route.path)
+            if match is not None:
+                entry = (route.path_regex, frozenset(route.methods))
+                self._by_version.setdefault(int(match.group(1)), []).append(entry)
+
+    def exists(self, version: int, rest: str, method: str) -> bool:
+        path = f"/v{version}{rest}"
+        return any(
+            method in methods and regex.match(path) is not None
+            for regex, methods in self._by_version.get(version, ())
+        )
+
+
+class VersioningMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Iterable[BaseRoute],
+        metrics: VersionMetrics,
+        policies: dict[int, DeprecationPolicy] | None = None,
+        latest: int = LATEST_VERSION,
+    ) -> None:
+        self.app = app
+        self.routes = _RouteIndex(routes)
+        self.metrics = metrics
+        self.policies = policies if policies is not None else {1: V1_POLICY}
+        self.latest = latest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _VERSIONED_PATH.match(scope["path"]) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        path_version, rest = int(match.group(1)), match.group(2) or ""
+        requested = requested_version(_header(scope, b"accept"))
+        served, selected_by = path_version, "path"
+        if (
+            requested is not None
+            and requested != path_version
+            and self.routes.exists(requested, rest, method)
+        ):
+            served, selected_by = requested, "accept"
+            scope["path"] = f"/v{served}{rest}"
+            scope["raw_path"] = _with_version(_raw_path(scope), served)
+        self.metrics.observe(version=served, selected_by=selected_by)
+
+        extra: list[tuple[bytes, bytes]] = []
+        policy = self.policies.get(served)
+        successor = served != self.latest and self.routes.exists(self.latest, rest, method)
+        if policy is not None and successor:
+            # Built from the raw (percent-encoded) bytes: the decoded path may hold any character,
+            # and a header value may only hold bytes a client can read back unchanged.
+            query: bytes = scope.get("query_string", b"")
+            target = _with_version(_raw_path(scope), self.latest) + (b"?" + query if query else b"")
+            extra += [
+                (b"deprecation", policy.deprecation_header.encode("latin-1")),
+                (b"sunset", policy.sunset_header.encode("latin-1")),
+                (b"link", b"<" + _header_safe(target) + b'>; rel="successor-version"'),
+            ]
+        negotiable = successor or any(
+            other != served and self.routes.exists(other, rest, method) for other in range(1, self.latest + 1)
+        )
+        labelled = vendor_media_type(served).encode("latin-1") if requested == served else None
+        if not extra and not negotiable and labelled is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": _rewrite(message, extra, negotiable, labelled)}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _raw_path(scope: Scope) -> bytes:
+    raw: bytes | None = scope.get("raw_path")
+    return raw if raw else quote(scope["path"]).encode("ascii")
+
+
+def _with_version(raw_path: bytes, version: int) -> bytes:
+    """`/v1/products/x` -> `/v2/products/x`, on the raw bytes (the version prefix is plain ASCII)."""
+    return _RAW_VERSION_PREFIX.sub(b"/v" + str(version).encode("ascii"), raw_path, count=1)
+
+
+def _header_safe(value: bytes) -> bytes:
+    # Percent-encode anything outside visible ASCII (and `<`, `>`), so it cannot end the link early.
+    return quote(value, safe="/?=&%:@!$'()*+,;~-._").encode("ascii")
+
+
+def _rewrite(
+    message: Message, extra: list[tuple[bytes, bytes]], negotiable: bool, labelled: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    vary: list[bytes] = []
+    for key, value in message.get("headers", []):
+        lower = key.lower()
+        if lower == b"vary":
+            vary.append(value)
+        elif lower == b"content-type" and labelled is not None and value.split(b";")[0].strip() == _JSON:
+            headers.append((key, labelled))
+        else:
+            headers.append((key, value))
+    if negotiable:
+        values = [v.strip() for item in vary for v in item.split(b",") if v.strip()]
+        if b"accept" not in {v.lower() for v in values}:
+            values.append(b"Accept")
+        vary = [b", ".join(values)]
+    headers.extend((b"vary", value) for value in vary)
+    headers.extend(extra)
+    return headers
+
+
+_HEADER_DOCS: Final[dict[str, dict[str, Any]]] = {
+    "Deprecation": {
+        "schema": {"type": "string", "pattern": "^@[0-9]+$"},
+        "description": "RFC 9745: when this version was deprecated, `@<unix-seconds>`.",
+    },
+    "Sunset": {
+        "schema": {"type": "string"},
+        "description": "RFC 8594: the HTTP-date after which this version is no longer served.",
+    },
+    "Link": {
+        "schema": {"type": "string"},
+        "description": 'The successor: `</v2/...>; rel="successor-version"`.',
+    },
+}
+_VARY_DOC: Final = {"schema": {"type": "string"}, "description": "Includes `Accept` (media-type versioning)."}
+
+
+def document_versioning(schema: dict[str, Any], *, latest: int = LATEST_VERSION) -> None:
+    """Mark v1 operations that have a successor deprecated, with their headers and v2 media type.
+
+    Every response of such an operation documents `Deprecation`, `Sunset` and `Link`; its 200 also
+    documents the successor's body under `application/vnd.mercato.v2+json`, which is what `Accept`
+    selects. The successor's own 200 documents that media type too.
+    """
+    paths: dict[str, dict[str, Any]] = schema.get("paths", {})
+    for path, item in paths.items():
+        match = _VERSIONED_PATH.match(path)
+        if match is None or int(match.group(1)) == latest:
+            continue
+        successor_item = paths.get(f"/v{latest}{match.group(2) or ''}", {})
+        for method, operation in item.items():
+            successor = successor_item.get(method)
+            if not isinstance(operation, dict) or not isinstance(successor, dict):
+                continue
+            operation["deprecated"] = True
+            for response in operation.get("responses", {}).values():
+                headers = response.setdefault("headers", {})
+                for name, doc in _HEADER_DOCS.items():
+                    headers.setdefault(name, doc)
+                headers.setdefault("Vary", _VARY_DOC)
+            ok = successor.get("responses", {}).get("200", {})
+            successor_body = ok.get("content", {}).get("application/json")
+            if successor_body is None:
+                continue
+            ok.setdefault("content", {})[vendor_media_type(latest)] = successor_body
+            ok.setdefault("headers", {}).setdefault("Vary", _VARY_DOC)
+            own = operation.get("responses", {}).get("200")
+            if own is not None:
+                own.setdefault("content", {})[vendor_media_type(latest)] = successor_body

@@ -1,0 +1,1 @@
+"""Experiments: each tests one claim of the guide with a hypothesis, a run and a measured result."""

@@ -1,0 +1,523 @@
+"""`mercato lab breaker`: a PSP outage under steady checkout load, with and without the breaker.
+
+Hypothesis (guide §1): with a circuit breaker and a retry budget in front of the payment provider, an
+outage costs each checkout about the fail-fast time, and the provider stops receiving the retry storm
+(it sees a few half-open probes a second instead of `rate x attempts`).
+
+Method: the shop's container in this process (saga runner, both simulated providers on local ports,
+SQLite), an open-loop load of checkouts at `rate` per second for `duration_s` (request i is due at
+`t0 + i / rate` whatever happened to earlier ones, as in the bench's timetable), and an outage of the
+PSP for `outage_s` in the middle (`PUT /admin/faults` with an outage window: every business request
+answers 503). The same load runs twice, resilience on and off (`CheckoutSettings.resilience`; off
+leaves the saga's own step retries only).
+
+`POST /v1/checkout` only starts the saga (one database transaction, then 202) and never waits for a
+provider, so the load calls `CheckoutService.start`, the use case behind that route, directly: the
+architecture's layers keep `lab` from importing the gateway, the workers or the bench, and the HTTP
+edge is not what an outage changes. What the claim is about is measured behind it:
+
+- payment-call latency: every attempt of the saga's `authorize_payment` step (its duration as the
+  saga recorded it; with the policy on, its inner retries are inside one attempt);
+- time-to-terminal: from the checkout until the saga completed or compensated;
+- PSP received requests per second: the PSP's own `mercato_provider_requests_received_total`
+  (`/v1/...` routes), sampled every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+
+from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
+from mercato.config import AuthSettings, CheckoutSettings, DatabaseSettings, Environment, Settings
+from mercato.demo.seed import demo_products
+from mercato.kit.sagas import SagaRunner
+from mercato.kit.storage.migrations import upgrade
+from mercato.providers.config import ProviderSettings
+from mercato.providers.server import serve_providers
+
+__all__ = [
+    "BreakerOptions",
+    "ExperimentReport",
+    "RunResult",
+    "breaker_command",
+    "plot_report",
+    "run_experiment",
+    "run_mode",
+]
+
+PAYMENT_STEP = "authorize_payment"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerOptions:
+    outage_s: float = 30.0
+    rate: float = 10.0
+    duration_s: float = 60.0
+    # After the load stops, wait this long at most for every saga to reach a terminal state.
+    drain_s: float = 60.0
+    breaker_minimum_calls: int = 20
+    breaker_open_s: float = 5.0
+    seed: int = 7
+    # A PostgreSQL server URL (a throwaway database is made on it per run); None = SQLite files.
+    # SQLite's single writer is what an outage's pile-up of parked sagas saturates first at ~10/s.
+    database_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.outage_s <= 0 or self.rate <= 0 or self.duration_s <= self.outage_s:
+            raise ValueError("need outage_s > 0, rate > 0 and duration_s > outage_s")
+
+    @property
+    def outage_start_s(self) -> float:
+        """The outage sits in the middle of the load."""
+        return (self.duration_s - self.outage_s) / 2
+
+    @property
+    def outage_end_s(self) -> float:
+        return self.outage_start_s + self.outage_s
+
+
+@dataclass
+class RunResult:
+    """One run's raw observations; times are seconds since the load started."""
+
+    mode: str  # "on" | "off"
+    # (t, seconds, outcome) per authorize_payment attempt
+    attempts: list[tuple[float, float, str]] = field(default_factory=list)
+    # (t started, seconds to terminal, status) per checkout
+    checkouts: list[tuple[float, float, str]] = field(default_factory=list)
+    # seconds of CheckoutService.start (what POST /v1/checkout waits for), and its failures
+    start_latencies_s: list[float] = field(default_factory=list)
+    start_errors: int = 0
+    # (t, PSP /v1 requests received in the second ending at t)
+    psp_rate: list[tuple[float, float]] = field(default_factory=list)
+    psp_total: int = 0
+    breaker_opened: int = 0
+    breaker_transitions: int = 0
+    unfinished: int = 0
+
+
+def percentile_ms(values_s: Sequence[float], percentile: float) -> float:
+    """Nearest-rank percentile (0-100) of durations in seconds, in ms; 0.0 when there are none."""
+    if not values_s:
+        return 0.0
+    ordered = sorted(values_s)
+    rank = max(1, math.ceil(percentile / 100.0 * len(ordered)))
+    return round(ordered[rank - 1] * 1000.0, 1)
+
+
+def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
+    """The table row of one run. "During the outage" = attempts/checkouts/samples in its window."""
+    start, end = options.outage_start_s, options.outage_end_s
+    all_attempts = [s for _, s, _ in run.attempts]
+    outage_attempts = [s for t, s, _ in run.attempts if start <= t < end]
+    outage_terminal = [s for t, s, _ in run.checkouts if start <= t < end]
+    # A sample at t counts the second (t-1, t]: it belongs to the outage if that second does.
+    rates = [r for t, r in run.psp_rate if start < t <= end + 1e-9]
+    statuses: dict[str, int] = {}
+    for _, _, status in run.checkouts:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "mode": run.mode,
+        "checkouts": len(run.checkouts),
+        "statuses": statuses,
+        "unfinished": run.unfinished,
+        "checkout_start_p99_ms": percentile_ms(run.start_latencies_s, 99),
+        "checkout_start_errors": run.start_errors,
+        "payment_attempts": len(run.attempts),
+        "payment_p50_ms": percentile_ms(all_attempts, 50),
+        "payment_p99_ms": percentile_ms(all_attempts, 99),
+        "payment_outage_p50_ms": percentile_ms(outage_attempts, 50),
+        "payment_outage_p99_ms": percentile_ms(outage_attempts, 99),
+        "terminal_outage_p50_ms": percentile_ms(outage_terminal, 50),
+        "terminal_outage_p99_ms": percentile_ms(outage_terminal, 99),
+        "psp_outage_rps": round(sum(rates) / len(rates), 2) if rates else 0.0,
+        "psp_total_requests": run.psp_total,
+        "breaker_opened": run.breaker_opened,
+        "breaker_transitions": run.breaker_transitions,
+    }
+
+
+@dataclass
+class ExperimentReport:
+    options: BreakerOptions
+    runs: list[RunResult]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [summarize(run, self.options) for run in self.runs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "options": asdict(self.options),
+            "outage_window_s": [self.options.outage_start_s, self.options.outage_end_s],
+            "runs": self.rows(),
+            "series": {run.mode: per_second(run, self.options) for run in self.runs},
+        }
+
+
+def per_second(run: RunResult, options: BreakerOptions) -> dict[str, list[float]]:
+    """The plot's series: PSP req/s and the p99 of payment attempts, per whole second of the run."""
+    seconds = math.ceil(options.duration_s + options.drain_s)
+    buckets: dict[int, list[float]] = {}
+    for t, s, _ in run.attempts:
+        buckets.setdefault(int(t), []).append(s)
+    last = max([int(t) for t, _ in run.psp_rate] + list(buckets) + [0])
+    xs = list(range(min(seconds, last + 1)))
+    p99 = [percentile_ms(buckets[x], 99) if x in buckets else float("nan") for x in xs]
+    return {
+        "psp_t": [t for t, _ in run.psp_rate],
+        "psp_rps": [r for _, r in run.psp_rate],
+        "t": [float(x) for x in xs],
+        "payment_p99_ms": p99,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _psp_received(metrics_text: str) -> int:
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "mercato_provider_requests_received_total" and sample.labels.get(
+                "route", ""
+            ).startswith("/v1/"):
+                total += sample.value
+    return int(total)
+
+
+def _breaker_counts(container: Container) -> tuple[int, int]:
+    """(times opened, transitions) of the PSP's breaker, from the container's metrics."""
+    opened = transitions = 0.0
+    for family in container.metrics_registry.collect():
+        for sample in family.samples:
+            if sample.name != "mercato_breaker_transitions_total" or sample.labels["dependency"] != "psp":
+                continue
+            transitions += sample.value
+            if sample.labels["to_state"] == "open":
+                opened += sample.value
+    return int(opened), int(transitions)
+
+
+@contextlib.asynccontextmanager
+async def _database(options: BreakerOptions, workdir: Path) -> AsyncIterator[str]:
+    """The shop's database for one run: a SQLite file, or a fresh PostgreSQL database dropped after."""
+    if options.database_url is None or not options.database_url.startswith("postgresql"):
+        yield options.database_url or f"sqlite+aiosqlite:///{workdir / 'shop.db'}"
+        return
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(options.database_url)
+    admin_dsn = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    name = f"mercato_lab_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+def _settings(workdir: Path, database_url: str, options: BreakerOptions, *, resilience: bool) -> Settings:
+    return Settings(
+        env=Environment.DEV,
+        data_dir=workdir,
+        database=DatabaseSettings(url=database_url, pool_size=20, max_overflow=20),
+        auth=AuthSettings(argon2_time_cost=1, argon2_memory_kib=8192),
+        providers=ProviderSettings(
+            psp_port=_free_port(), carrier_port=_free_port(), data_dir=workdir, graceful_shutdown_s=1
+        ),
+        checkout=CheckoutSettings(
+            resilience=resilience,
+            breaker_minimum_calls=options.breaker_minimum_calls,
+            breaker_open_s=options.breaker_open_s,
+        ),
+    )
+
+
+async def run_mode(
+    options: BreakerOptions,
+    *,
+    resilience: bool,
+    workdir: Path,
+    on_progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """One run of the load and the outage, on a fresh shop database and fresh providers."""
+    say = on_progress or (lambda _message: None)
+    mode = "on" if resilience else "off"
+    async with _database(options, workdir) as database_url:
+        return await _run_mode(
+            options, _settings(workdir, database_url, options, resilience=resilience), mode, say
+        )
+
+
+async def _run_mode(
+    options: BreakerOptions, settings: Settings, mode: str, say: Callable[[str], None]
+) -> RunResult:
+    # Migrations run in a thread: Alembic drives its own event loop for the async engine.
+    await asyncio.to_thread(upgrade, SCRIPT_LOCATION, settings.database.url)
+    providers = await serve_providers(settings.providers)
+    container = build_container(settings)
+    result = RunResult(mode=mode)
+    stop = asyncio.Event()
+    checkout_settings = settings.checkout
+    # Built as `mercato worker` builds it (workers.sagas), which the layers keep out of reach.
+    runner = SagaRunner(
+        container.db,
+        container.sagas,
+        container.saga_definitions,
+        container.clock,
+        owner=f"lab-{mode}",
+        events=container.saga_events,
+        lease_s=checkout_settings.saga_lease_s,
+        concurrency=checkout_settings.saga_concurrency,
+    )
+    container.checkout.on_saga_started(runner.wake)
+    runner_task = asyncio.create_task(runner.run(stop))
+    started: list[tuple[uuid.UUID, float]] = []
+    try:
+        [product] = await container.catalog.create_many(demo_products(1, random.Random(options.seed)))
+        await container.inventory.set_available(product.sku, 1_000_000)
+        psp_url = settings.providers.psp_base_url
+        async with httpx.AsyncClient(base_url=psp_url, timeout=5.0) as psp:
+            outage = {"start_s": options.outage_start_s, "end_s": options.outage_end_s}
+            (await psp.put("/admin/faults", json={"outages": [outage]})).raise_for_status()
+            t0 = time.monotonic()
+            wall0 = container.clock.now()
+            say(f"[{mode}] load {options.rate:g}/s for {options.duration_s:g}s, PSP outage {outage}")
+
+            async def checkout(index: int) -> None:
+                customer = uuid.uuid4()
+                sent = time.monotonic()
+                try:
+                    await container.cart.set_item(customer, product.sku, 1)
+                    sent = time.monotonic()
+                    order = await container.checkout.start(customer, correlation_id=f"lab-{mode}-{index}")
+                except Exception:  # noqa: BLE001 - counted: the experiment reports failed starts
+                    result.start_errors += 1
+                    return
+                finally:
+                    result.start_latencies_s.append(time.monotonic() - sent)
+                started.append((order.id, sent - t0))
+
+            async def sample_psp() -> None:
+                previous = _psp_received((await psp.get("/metrics")).text)
+                first = previous
+                tick = 1
+                while True:
+                    await asyncio.sleep(max(0.0, t0 + tick - time.monotonic()))
+                    current = _psp_received((await psp.get("/metrics")).text)
+                    result.psp_rate.append((float(tick), float(current - previous)))
+                    result.psp_total = current - first
+                    previous, tick = current, tick + 1
+
+            sampler = asyncio.create_task(sample_psp())
+            try:
+                pending = await _load_and_drain(options, checkout, started, container)
+                # One more second of samples so the tail of the run is in the series.
+                await asyncio.sleep(max(0.0, t0 + math.ceil(time.monotonic() - t0) + 0.05 - time.monotonic()))
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+        result.unfinished = len(pending)
+        await _collect(container, started, wall0, result)
+        result.breaker_opened, result.breaker_transitions = _breaker_counts(container)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await runner_task
+        await container.close()
+        await providers.stop()
+    return result
+
+
+async def _load_and_drain(
+    options: BreakerOptions,
+    checkout: Callable[[int], Coroutine[Any, Any, None]],
+    started: list[tuple[uuid.UUID, float]],
+    container: Container,
+) -> set[uuid.UUID]:
+    """Send the open-loop load, then wait (up to `drain_s`) for its sagas; returns those unfinished."""
+    t0 = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+    # Open loop: checkout j is due at t0 + j / rate, whether or not earlier ones are done.
+    for j in range(int(options.rate * options.duration_s)):
+        await asyncio.sleep(max(0.0, t0 + j / options.rate - time.monotonic()))
+        tasks.append(asyncio.create_task(checkout(j)))
+    await asyncio.gather(*tasks)
+    drain_until = time.monotonic() + options.drain_s
+    pending = {order_id for order_id, _ in started}
+    while pending and time.monotonic() < drain_until:
+        await asyncio.sleep(0.5)
+        for order_id in list(pending):
+            saga = await container.sagas.get(order_id)
+            if saga is not None and saga.status.terminal:
+                pending.discard(order_id)
+    return pending
+
+
+async def _collect(
+    container: Container, started: list[tuple[uuid.UUID, float]], wall0: datetime, result: RunResult
+) -> None:
+    for order_id, t_start in started:
+        saga = await container.sagas.get(order_id)
+        if saga is None:
+            continue
+        if saga.status.terminal and saga.finished_at is not None:
+            done_s = (saga.finished_at - wall0).total_seconds()
+            result.checkouts.append((t_start, max(0.0, done_s - t_start), saga.status.value))
+        for record in await container.sagas.history(order_id):
+            if record.step == PAYMENT_STEP and record.direction == "forward":
+                t = (record.recorded_at - wall0).total_seconds()
+                result.attempts.append((t, record.duration_ms / 1000.0, record.outcome))
+    result.checkouts.sort()
+    result.attempts.sort()
+
+
+async def run_experiment(
+    options: BreakerOptions, *, on_progress: Callable[[str], None] | None = None
+) -> ExperimentReport:
+    """Resilience on, then off, each on its own fresh databases and providers."""
+    runs = []
+    for resilience in (True, False):
+        with tempfile.TemporaryDirectory(prefix="mercato-lab-breaker-") as tmp:
+            runs.append(
+                await run_mode(options, resilience=resilience, workdir=Path(tmp), on_progress=on_progress)
+            )
+    return ExperimentReport(options=options, runs=runs)
+
+
+def plot_report(report: ExperimentReport, path: Path) -> Path:
+    """PSP received req/s (top) and per-second p99 payment-attempt latency (bottom), outage shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    options = report.options
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    styles = {
+        "on": ("tab:blue", "breaker + retry budget"),
+        "off": ("tab:red", "no breaker (saga retries only)"),
+    }
+    for run in report.runs:
+        series = per_second(run, options)
+        color, label = styles.get(run.mode, ("tab:gray", run.mode))
+        top.plot(series["psp_t"], series["psp_rps"], color=color, label=label)
+        bottom.plot(series["t"], series["payment_p99_ms"], color=color, marker=".", label=label)
+    for axis in (top, bottom):
+        axis.axvspan(options.outage_start_s, options.outage_end_s, color="0.85", label="PSP outage")
+        axis.grid(alpha=0.3)
+    top.set_ylabel("PSP requests received / s")
+    top.set_title(f"PSP outage of {options.outage_s:g} s under {options.rate:g} checkouts/s (open loop)")
+    top.legend(loc="upper right")
+    bottom.set_ylabel("p99 authorize_payment attempt (ms)")
+    bottom.set_yscale("symlog", linthresh=10)
+    bottom.set_xlabel("seconds since the load started")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(report: ExperimentReport) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"PSP outage {report.options.outage_s:g} s at {report.options.rate:g} checkouts/s")
+    columns = [
+        ("resilience", "mode"),
+        ("payment p50 ms", "payment_outage_p50_ms"),
+        ("payment p99 ms", "payment_outage_p99_ms"),
+        ("terminal p50 ms", "terminal_outage_p50_ms"),
+        ("terminal p99 ms", "terminal_outage_p99_ms"),
+        ("PSP req/s in outage", "psp_outage_rps"),
+        ("PSP requests", "psp_total_requests"),
+        ("breaker opened", "breaker_opened"),
+        ("transitions", "breaker_transitions"),
+        ("outcomes", "statuses"),
+    ]
+    for title, _ in columns:
+        table.add_column(title, justify="left" if title in ("resilience", "outcomes") else "right")
+    for row in report.rows():
+        cells = []
+        for _, key in columns:
+            value = row[key]
+            cells.append(
+                ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
+                if isinstance(value, dict)
+                else str(value)
+            )
+        table.add_row(*cells)
+    table.caption = (
+        "payment = authorize_payment attempts during the outage; terminal = checkouts started in it"
+    )
+    return table
+
+
+def breaker_command(
+    outage_s: Annotated[float, typer.Option("--outage-s", help="How long the PSP is down")] = 30.0,
+    rate: Annotated[float, typer.Option(help="Checkouts per second (open loop)")] = 10.0,
+    duration_s: Annotated[
+        float, typer.Option("--duration-s", help="Load duration; the outage is centred")
+    ] = 60.0,
+    drain_s: Annotated[
+        float, typer.Option("--drain-s", help="Wait at most this long for sagas to finish")
+    ] = 60.0,
+    plot: Annotated[Path, typer.Option(help="Where to write the PNG")] = Path("docs/lab/breaker.png"),
+    database_url: Annotated[
+        str | None, typer.Option(help="A PostgreSQL server URL for the shop (default: SQLite files)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """PSP outage under steady checkout load, with and without breaker + retry budget."""
+    import orjson
+    from rich.console import Console
+
+    from mercato.kit.observability import configure_logging
+
+    # Thousands of saga log lines would bury the result; warnings and errors still show.
+    configure_logging(level="warning", fmt="console")
+    console = Console(stderr=True)
+    try:
+        options = BreakerOptions(
+            outage_s=outage_s, rate=rate, duration_s=duration_s, drain_s=drain_s, database_url=database_url
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    # markup=False: "[on]"/"[off]" would otherwise be read as rich style tags and vanish.
+    report = asyncio.run(run_experiment(options, on_progress=lambda line: console.print(line, markup=False)))
+    written = plot_report(report, plot)
+    if as_json:
+        body = {**report.to_dict(), "plot": str(written)}
+        typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+    else:
+        Console(width=180).print(_table(report))
+        console.print(f"plot: {written}")

@@ -1,0 +1,88 @@
+"""Operator routes: /admin/resilience/breakers, /admin/sagas and /admin/sagas/stats."""
+
+from __future__ import annotations
+
+import uuid
+
+from mercato.bootstrap import Container
+from mercato.kit.sagas import SagaStatus
+from tests.integration.shop_support import admin, api, customer, product
+
+
+async def _running_saga(container: Container, sku: str) -> uuid.UUID:
+    buyer = uuid.uuid4()
+    await container.cart.set_item(buyer, sku, 1)
+    order = await container.checkout.start(buyer, correlation_id="req-admin-1")
+    return order.id
+
+
+async def _fail(container: Container, saga_id: uuid.UUID, why: str) -> None:
+    token = await container.sagas.claim(saga_id, owner="test", lease_s=30)
+    assert token is not None
+    async with container.db.write() as conn:
+        await container.sagas.fenced_update(conn, saga_id, token, status=SagaStatus.FAILED.value, failure=why)
+
+
+async def test_breakers_list_every_provider_for_admins_only(container: Container) -> None:
+    async with api(container) as client:
+        ok = await client.get("/admin/resilience/breakers", headers=admin(container))
+        _, buyer = customer(container)
+        forbidden = await client.get("/admin/resilience/breakers", headers=buyer)
+        anonymous = await client.get("/admin/resilience/breakers")
+    assert ok.status_code == 200
+    assert ok.headers["cache-control"] == "private, no-store"
+    items = {item["name"]: item for item in ok.json()["items"]}
+    assert set(items) == {"carrier", "psp"}
+    assert items["psp"]["state"] == "closed"
+    assert items["psp"]["retry_after_s"] is None
+    assert {"failure_rate", "slow_call_rate", "calls", "config"} <= set(items["psp"])
+    assert forbidden.status_code == 403
+    assert forbidden.headers["content-type"] == "application/problem+json"
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_sagas_by_status_and_their_counts(container: Container) -> None:
+    sku = "ADM-1"
+    await product(container, sku, 1500)
+    await container.inventory.set_available(sku, 10)
+    running = await _running_saga(container, sku)
+    failed = await _running_saga(container, sku)
+    await _fail(container, failed, "compensation void_payment failed after 20 attempts: CircuitOpen")
+    headers = admin(container)
+    async with api(container) as client:
+        needs_attention = await client.get("/admin/sagas", params={"status": "failed"}, headers=headers)
+        active = await client.get("/admin/sagas", params={"status": "running", "limit": 5}, headers=headers)
+        everything = await client.get("/admin/sagas", headers=headers)
+        stats = await client.get("/admin/sagas/stats", headers=headers)
+        too_many = await client.get("/admin/sagas", params={"limit": 101}, headers=headers)
+        bad_status = await client.get("/admin/sagas", params={"status": "lost"}, headers=headers)
+        _, buyer = customer(container)
+        forbidden = await client.get("/admin/sagas/stats", headers=buyer)
+    assert needs_attention.status_code == 200
+    [item] = needs_attention.json()["items"]
+    assert item["id"] == str(failed)
+    assert item["failure"].endswith("CircuitOpen")
+    assert item["correlation_id"] == "req-admin-1"
+    assert item["step"] is None  # a failed saga is on no step any more
+    [item] = active.json()["items"]
+    assert (item["id"], item["step"], item["status"]) == (str(running), "reserve_inventory", "running")
+    assert [i["id"] for i in everything.json()["items"]] == [str(failed), str(running)]  # newest first
+    assert stats.json() == {
+        "counts": {"running": 1, "compensating": 0, "completed": 0, "compensated": 0, "failed": 1},
+        "total": 2,
+        "needs_attention": 1,
+    }
+    assert too_many.status_code == 400
+    assert bad_status.status_code == 400
+    assert forbidden.status_code == 403
+
+
+async def test_admin_routes_are_documented_with_their_problems(container: Container) -> None:
+    async with api(container) as client:
+        schema = (await client.get("/openapi.json")).json()
+    for path in ("/admin/resilience/breakers", "/admin/sagas", "/admin/sagas/stats"):
+        responses = schema["paths"][path]["get"]["responses"]
+        assert {"200", "401", "403"} <= set(responses), path
+        assert "application/problem+json" in responses["403"]["content"]
+    assert "400" in schema["paths"]["/admin/sagas"]["get"]["responses"]

@@ -1,0 +1,156 @@
+"""`JetStreamStream` against the real NATS JetStream on this machine: the shared contract, then a
+private `nats-server` killed with SIGKILL mid-stream and restarted on its own store directory.
+
+Every contract test uses a fresh name prefix and deletes its streams afterwards: the server on 4222
+is shared. The restart test never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from mercato.kit.clock import ManualClock
+from mercato.kit.messaging import JetStreamStream, Stream
+
+from .test_stream_contract import TOPIC, StreamContract, drain, make_message
+
+NATS_URL = os.environ.get("MERCATO_TEST_NATS_URL", "nats://127.0.0.1:4222")
+NATS_SERVER = os.environ.get("MERCATO_TEST_NATS_SERVER", "/usr/sbin/nats-server")
+
+
+@pytest.fixture
+async def nats_client() -> AsyncIterator[NatsClient]:
+    client = await nats.connect(NATS_URL)
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+class TestJetStreamStream(StreamContract):
+    # Visibility timeouts of the contract (5-10 s) become an AckWait of 0.5-1 s on the server.
+    broker_time_scale = 0.1
+
+    @pytest.fixture
+    async def make_stream(
+        self, nats_client: NatsClient, clock: ManualClock
+    ) -> AsyncIterator[Callable[..., Stream]]:
+        built: list[JetStreamStream] = []
+
+        def build(
+            *, partitions: int = 4, visibility_timeout_s: float = 30.0, max_attempts: int = 3
+        ) -> Stream:
+            stream = JetStreamStream(
+                client=nats_client,
+                prefix=f"t{uuid.uuid4().hex[:16]}",
+                partitions=partitions,
+                visibility_timeout_s=visibility_timeout_s * (self.broker_time_scale or 1.0),
+                max_attempts=max_attempts,
+                poll_interval_s=0.01,
+                clock=clock,
+            )
+            built.append(stream)
+            return stream
+
+        yield build
+        for stream in built:
+            await stream.delete_all([TOPIC])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Starts (and restarts) a nats-server of our own with JetStream on a free port and a temporary
+    store directory. JetStream answers a publish only after the message is written to the stream's
+    file (its own fsync policy syncs every 2 minutes by default: a SIGKILL of the process loses
+    nothing written, a power cut could lose the unsynced tail)."""
+    port = _free_port()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        return proc
+
+    start.port = port  # type: ignore[attr-defined]
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _connect(port: int) -> NatsClient:
+    for _ in range(200):
+        try:
+            return await nats.connect(
+                f"nats://127.0.0.1:{port}",
+                connect_timeout=0.5,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+            )
+        except Exception:  # the server is still starting
+            await asyncio.sleep(0.02)
+    raise RuntimeError("private nats-server did not start")
+
+
+async def test_no_confirmed_message_is_lost_when_nats_is_killed_mid_stream(
+    private_nats: Callable[[], subprocess.Popen[bytes]], clock: ManualClock
+) -> None:
+    port = private_nats.port  # type: ignore[attr-defined]
+    server = private_nats()
+    client = await _connect(port)
+    stream = JetStreamStream(client=client, prefix="restart", partitions=4, request_timeout_s=1, clock=clock)
+    confirmed: list[uuid.UUID] = []
+    enough = asyncio.Event()
+
+    async def publish_forever() -> None:
+        n = 0
+        while True:
+            batch = [make_message(f"order-{(n + i) % 13}", n + i) for i in range(10)]
+            await stream.publish(batch)
+            confirmed.extend(m.id for m in batch)  # only after every PubAck arrived
+            if len(confirmed) >= 300:
+                enough.set()
+            n += 10
+
+    publisher = asyncio.create_task(publish_forever())
+    await asyncio.wait_for(enough.wait(), timeout=20)
+    server.send_signal(signal.SIGKILL)  # mid-stream: the publisher is still writing
+    server.wait()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises on a dead server
+        await asyncio.wait_for(publisher, timeout=10)
+    await client.close()
+
+    private_nats()
+    client = await _connect(port)
+    stream = JetStreamStream(client=client, prefix="restart", partitions=4, request_timeout_s=1, clock=clock)
+    delivered = await drain(stream, "after-restart", max_messages=200)
+    got = {d.message.id for d in delivered}
+    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed messages lost"
+    assert len(got) == len(delivered)
+    for key in {d.message.key for d in delivered}:
+        ns = [d.message.data["n"] for d in delivered if d.message.key == key]
+        assert ns == sorted(ns)
+    assert await stream.lag(TOPIC, "after-restart") == 0
+    await client.close()

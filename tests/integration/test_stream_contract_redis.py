@@ -1,0 +1,172 @@
+"""`RedisStream` against the real Redis on this machine: the shared contract, then what only a
+broker can show, a `redis-server` killed with SIGKILL mid-stream and restarted on its own files.
+
+Every test works under a fresh key prefix and deletes it afterwards: the server is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from mercato.kit.clock import ManualClock
+from mercato.kit.messaging import RedisStream, Stream
+
+from .test_stream_contract import TOPIC, StreamContract, drain, make_message
+
+REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class TestRedisStream(StreamContract):
+    # Visibility timeouts of the contract (5-10 s) become 0.5-1 s of Redis idle time.
+    broker_time_scale = 0.1
+
+    @pytest.fixture
+    async def make_stream(
+        self, redis_client: Redis, clock: ManualClock
+    ) -> AsyncIterator[Callable[..., Stream]]:
+        built: list[RedisStream] = []
+
+        def build(
+            *, partitions: int = 4, visibility_timeout_s: float = 30.0, max_attempts: int = 3
+        ) -> Stream:
+            stream = RedisStream(
+                redis_client,
+                prefix=f"test:{uuid.uuid4().hex}",
+                partitions=partitions,
+                visibility_timeout_s=visibility_timeout_s * (self.broker_time_scale or 1.0),
+                max_attempts=max_attempts,
+                poll_interval_s=0.01,
+                clock=clock,
+            )
+            built.append(stream)
+            return stream
+
+        yield build
+        for stream in built:
+            await stream.delete_all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Starts (and restarts) a redis-server of our own on a free port and a temporary directory.
+
+    `appendonly yes` + `appendfsync always`: every write is appended to the AOF and fsynced before
+    Redis replies, so an acknowledged XADD survives SIGKILL (and a power cut). RDB snapshots are off
+    so the AOF is the only source on restart.
+    """
+    port = _free_port()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(tmp_path),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        return proc
+
+    start.port = port  # type: ignore[attr-defined]
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _connect(port: int) -> Redis:
+    for _ in range(200):
+        client = Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            await client.ping()
+            return client
+        except Exception:  # the server is still starting
+            await client.aclose()
+            await asyncio.sleep(0.02)
+    raise RuntimeError("private redis-server did not start")
+
+
+async def test_no_confirmed_message_is_lost_when_redis_is_killed_mid_stream(
+    private_redis: Callable[[], subprocess.Popen[bytes]], clock: ManualClock
+) -> None:
+    port = private_redis.port  # type: ignore[attr-defined]
+    server = private_redis()
+    client = await _connect(port)
+    stream = RedisStream(client, prefix="restart", partitions=4, clock=clock)
+    confirmed: list[uuid.UUID] = []
+    enough = asyncio.Event()
+
+    async def publish_forever() -> None:
+        n = 0
+        while True:
+            batch = [make_message(f"order-{(n + i) % 13}", n + i) for i in range(10)]
+            await stream.publish(batch)
+            confirmed.extend(m.id for m in batch)  # only after Redis replied
+            if len(confirmed) >= 300:
+                enough.set()
+            n += 10
+
+    publisher = asyncio.create_task(publish_forever())
+    await asyncio.wait_for(enough.wait(), timeout=20)
+    server.send_signal(signal.SIGKILL)  # mid-stream: the publisher is still writing
+    server.wait()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises on a dead server
+        await publisher
+    await client.aclose()
+
+    private_redis()
+    client = await _connect(port)
+    stream = RedisStream(client, prefix="restart", partitions=4, clock=clock)
+    delivered = await drain(stream, "after-restart", max_messages=200)
+    got = {d.message.id for d in delivered}
+    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed messages lost"
+    assert len(got) == len(delivered)
+    # Per-key order survived the crash too.
+    for key in {d.message.key for d in delivered}:
+        ns = [d.message.data["n"] for d in delivered if d.message.key == key]
+        assert ns == sorted(ns)
+    assert await stream.lag(TOPIC, "after-restart") == 0
+    await client.aclose()
