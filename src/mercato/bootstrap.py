@@ -135,8 +135,9 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
     )
-    checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga)
     outbox = Outbox(clock=clock)
+    saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock)
+    checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
     stream = build_stream(settings, db, clock=clock)
     orders.attach_checkout(checkout)
     return Container(
@@ -158,7 +159,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         carrier=carrier,
         outbox=outbox,
         stream=stream,
-        saga_events=OutboxEventSink(outbox, source="mercato/checkout", clock=clock),
+        saga_events=saga_events,
         metrics_registry=metrics_registry,
         breakers=breakers,
     )

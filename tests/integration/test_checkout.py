@@ -108,13 +108,16 @@ async def test_a_checkout_completes_pays_once_and_ships(shop: Shop) -> None:
     assert [s.status for s in shipments.items] == ["created"]
     # The saga's events went through the outbox, in the steps' own transactions, to the stream.
     relay = next(j for j in shop_jobs(shop.container) if j.name == "outbox_relay")
-    assert await relay.run() == 2
+    # order_placed (with the order, in the checkout request's transaction), payment_authorized,
+    # payment_captured and order_completed.
+    assert await relay.run() == 4
     assert await relay.run() == 0
     orders_events = await shop.container.stream.read(
         "mercato.orders", "test", "c1", max_messages=10, block_s=0
     )
     assert [(d.message.type, d.message.subject) for d in orders_events] == [
-        ("mercato.orders.order_completed", str(order_id))
+        ("mercato.orders.order_placed", str(order_id)),
+        ("mercato.orders.order_completed", str(order_id)),
     ]
     assert orders_events[0].message.correlation_id == "test"
     progress = await shop.container.checkout.progress(order_id)

@@ -20,7 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.errors import Conflict
-from mercato.kit.sagas import RetrySchedule, SagaDefinition, SagaStore, Step, StepContext, StepRejected
+from mercato.kit.sagas import (
+    EventSink,
+    RetrySchedule,
+    SagaDefinition,
+    SagaStore,
+    Step,
+    StepContext,
+    StepRejected,
+)
 from mercato.kit.storage import Database
 from mercato.shop.checkout.model import (
     ORDER_SAGA,
@@ -123,7 +131,15 @@ def order_saga(
 ) -> SagaDefinition:
     async def cancel_order(ctx: StepContext) -> None:
         await orders.move_to(uuid.UUID(ctx.data["order_id"]), "cancelled", conn=ctx.conn)
-        ctx.emit("mercato.orders.order_cancelled", {"order_id": ctx.data["order_id"]})
+        ctx.emit(
+            "mercato.orders.order_cancelled",
+            {
+                "order_id": ctx.data["order_id"],
+                "customer_id": ctx.data["customer_id"],
+                "total_minor": int(ctx.data["amount_minor"]),
+                "currency": ctx.data["currency"],
+            },
+        )
 
     async def create_order(ctx: StepContext) -> Mapping[str, Any] | None:
         # Done by the checkout request in the transaction that started this saga.
@@ -143,6 +159,15 @@ def order_saga(
         auth = await _authorize(ctx)
         if not auth.approved:
             raise StepRejected(f"payment declined: {auth.decline_reason or 'no reason given'}")
+        ctx.emit(
+            "mercato.payments.payment_authorized",
+            {
+                "order_id": ctx.data["order_id"],
+                "authorization_id": auth.authorization_id,
+                "amount_minor": int(ctx.data["amount_minor"]),
+                "currency": ctx.data["currency"],
+            },
+        )
         return {"authorization_id": auth.authorization_id}
 
     async def _authorize(ctx: StepContext) -> Authorization:
@@ -174,6 +199,10 @@ def order_saga(
                 )
             except ProviderConflict:
                 continue  # captured (the capture's compensation refunds it) or already voided
+            ctx.emit(
+                "mercato.payments.payment_voided",
+                {"order_id": ctx.data["order_id"], "authorization_id": authorization_id},
+            )
 
     async def ship(ctx: StepContext) -> Mapping[str, Any]:
         shipment = await carrier.create_shipment(
@@ -206,7 +235,13 @@ def order_saga(
         )
         ctx.emit(
             "mercato.payments.payment_captured",
-            {"order_id": ctx.data["order_id"], "amount_minor": ctx.data["amount_minor"]},
+            {
+                "order_id": ctx.data["order_id"],
+                "authorization_id": str(ctx.data["authorization_id"]),
+                "capture_id": result.capture_id,
+                "amount_minor": int(ctx.data["amount_minor"]),
+                "currency": ctx.data["currency"],
+            },
         )
         return {"capture_id": result.capture_id}
 
@@ -226,11 +261,29 @@ def order_saga(
                 )
             except ProviderConflict:
                 continue  # already refunded
+            ctx.emit(
+                "mercato.payments.payment_refunded",
+                {
+                    "order_id": ctx.data["order_id"],
+                    "capture_id": capture_id,
+                    "amount_minor": int(ctx.data["amount_minor"]),
+                    "currency": ctx.data["currency"],
+                },
+            )
 
     async def mark_complete(ctx: StepContext) -> Mapping[str, Any] | None:
         await stock.commit_reference(ctx.data["order_id"], conn=ctx.conn)
         await orders.move_to(uuid.UUID(ctx.data["order_id"]), "completed", conn=ctx.conn)
-        ctx.emit("mercato.orders.order_completed", {"order_id": ctx.data["order_id"]})
+        ctx.emit(
+            "mercato.orders.order_completed",
+            {
+                "order_id": ctx.data["order_id"],
+                "customer_id": ctx.data["customer_id"],
+                "total_minor": int(ctx.data["amount_minor"]),
+                "currency": ctx.data["currency"],
+                "items": [{"sku": sku, "quantity": qty} for sku, qty in _items(ctx)],
+            },
+        )
         return None
 
     def remote(name: OrderStep, action: Any, compensation: Any) -> Step:
@@ -266,8 +319,10 @@ class CheckoutService:
         orders: OrderDesk,
         sagas: SagaStore,
         saga: SagaDefinition,
+        events: EventSink | None = None,
         wake_runner: Callable[[], None] | None = None,
     ) -> None:
+        self._events = events
         self._db = db
         self._clock = clock
         self._orders = orders
@@ -302,6 +357,33 @@ class CheckoutService:
                     **({"card_token": card_token} if card_token else {}),
                 },
             )
+            if self._events is not None:
+                await self._events.add(
+                    conn,
+                    [
+                        {
+                            "type": "mercato.orders.order_placed",
+                            "saga_id": str(order.id),
+                            "correlation_id": correlation_id,
+                            "step": "create_order",
+                            "data": {
+                                "order_id": str(order.id),
+                                "customer_id": str(order.customer_id),
+                                "total_minor": order.total_minor,
+                                "currency": order.currency,
+                                "items": [
+                                    {
+                                        "sku": item.sku,
+                                        "product_id": str(item.product_id),
+                                        "quantity": item.quantity,
+                                        "unit_price_minor": item.unit_price_minor,
+                                    }
+                                    for item in order.items
+                                ],
+                            },
+                        }
+                    ],
+                )
         if self._wake is not None:
             self._wake()
         return order
