@@ -25,6 +25,7 @@ from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.psp.client import PspClient
+from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.service import CatalogService
@@ -40,6 +41,7 @@ from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.inventory.service import InventoryService
 from mercato.shop.orders.service import OrdersService
+from mercato.shop.payments.service import PaymentsService
 
 SEED_MARKER = "seed_completed_at"
 
@@ -65,6 +67,8 @@ class Container:
     outbox: Outbox
     stream: Stream
     saga_events: OutboxEventSink
+    # Each order's event-sourced payment ledger, kept by the `mercato.payments` consumer (a worker job).
+    payments: PaymentsService
     # Metrics the container's own components record (the resilience hooks); the app's and the
     # worker's registries expose them by registering this one as a collector.
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -136,7 +140,8 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
     )
     outbox = Outbox(clock=clock)
-    saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock)
+    # Every event is stamped with its schema version and validated before it reaches the outbox.
+    saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock, contract=event_catalog())
     checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
     stream = build_stream(settings, db, clock=clock)
     orders.attach_checkout(checkout)
@@ -160,6 +165,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         outbox=outbox,
         stream=stream,
         saga_events=saga_events,
+        payments=PaymentsService(db, clock),
         metrics_registry=metrics_registry,
         breakers=breakers,
     )

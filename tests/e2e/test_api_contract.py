@@ -64,4 +64,17 @@ schema = schemathesis.openapi.from_dict(_schema_document())
 def test_api_honours_its_contract(
     case: schemathesis.Case, shop: RunningShop, admin_headers: dict[str, str]
 ) -> None:
-    case.call_and_validate(base_url=shop.base_url, headers=admin_headers, checks=CHECKS)
+    case.call_and_validate(
+        base_url=shop.base_url, headers=_credentials_for(case, admin_headers), checks=CHECKS
+    )
+
+
+def _credentials_for(case: schemathesis.Case, admin_headers: dict[str, str]) -> dict[str, str]:
+    """The admin token, unless this negative case is about a missing Authorization header.
+
+    Adding the token back would undo schemathesis' own mutation and make a correctly accepted
+    request look like accepted invalid input.
+    """
+    phase = getattr(getattr(case, "meta", None), "phase", None)
+    description = str(getattr(getattr(phase, "data", None), "description", "") or "")
+    return {} if "Authorization" in description else admin_headers

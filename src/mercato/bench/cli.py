@@ -11,6 +11,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mercato.bench.checkout_cli import checkout as checkout_command
+from mercato.bench.eventstore import eventstore_command
 from mercato.bench.ratelimit import ratelimit_command
 from mercato.bench.runner import TARGETS, BenchOptions, BenchReport, run_http_bench
 from mercato.bench.search import SearchPolicy
@@ -178,6 +179,8 @@ def http(
 app.command("checkout")(checkout_command)
 # `mercato bench ratelimit`: limiter overhead at the edge and Redis decisions/s vs redis-benchmark.
 app.command("ratelimit")(ratelimit_command)
+# `mercato bench eventstore`: append/replay events/s, our event store vs the `eventsourcing` library.
+app.command("eventstore")(eventstore_command)
 
 
 @app.command("streams")

@@ -17,6 +17,8 @@ from rich.table import Table
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.dlq import app as dlq_app
+from mercato.cli.projections import app as projections_app
+from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
@@ -41,6 +43,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(lab_app, name="lab")
 app.add_typer(provider_app, name="provider")
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(projections_app, name="projections")
 console = Console(stderr=True)
 
 

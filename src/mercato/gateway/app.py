@@ -47,9 +47,13 @@ from mercato.shop.catalog.api_v2 import router as catalog_v2_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
 from mercato.shop.inventory.api import router as inventory_router
+from mercato.shop.notifications.api import admin_router as notifications_admin_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
 from mercato.shop.orders.api import router as orders_router
 from mercato.shop.orders.api_v2 import router as orders_v2_router
+from mercato.shop.payments.api import router as payments_router
+from mercato.shop.reporting.api import admin_router as reporting_admin_router
+from mercato.shop.reporting.api import router as reporting_router
 
 ROUTERS = [
     catalog_router,
@@ -63,6 +67,10 @@ ROUTERS = [
     media_router,
     catalog_v2_router,
     orders_v2_router,
+    payments_router,
+    reporting_router,
+    reporting_admin_router,
+    notifications_admin_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)

@@ -6,11 +6,13 @@ import typer
 
 from mercato.lab.breaker import breaker_command
 from mercato.lab.chaos_cli import chaos_command
+from mercato.lab.delivery import delivery_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
 
 app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_is_help=True)
 app.command("breaker")(breaker_command)
 app.command("chaos")(chaos_command)
+app.command("delivery")(delivery_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)

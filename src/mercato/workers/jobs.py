@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
+from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,5 +55,30 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         ),
         PeriodicJob(
             "purge_idempotency_keys", container.settings.idempotency.purge_interval_s, purge_idempotency_keys
+        ),
+        # The payment ledgers follow `mercato.payments` (inbox-deduplicated, so redeliveries apply once).
+        PeriodicJob(
+            "payments_ledger",
+            container.settings.messaging.relay_interval_s,
+            container.payments.consumer(container.stream).run_once,
+            batch=100,
+        ),
+        # Read models follow the log as often as the relay feeds it, which keeps the read-your-
+        # writes gap of the order summaries short in embedded mode (see shop/reporting/api.py).
+        *(
+            PeriodicJob(
+                f"projection:{name}",
+                container.settings.messaging.relay_interval_s,
+                projector.run_once,
+                batch=PROJECTOR_BATCH,
+            )
+            for name, projector in build_projectors(container).items()
+        ),
+        # Choreography: notifications react to order events on their own (inbox-deduplicated).
+        PeriodicJob(
+            "notifications",
+            container.settings.messaging.relay_interval_s,
+            notifications_consumer(container).run_once,
+            batch=100,
         ),
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -12,18 +12,31 @@ from mercato.kit.ids import new_id
 from mercato.kit.messaging import Message, Outbox
 
 
+class EventContract(Protocol):
+    """The schema side of producing an event (e.g. `kit.schemas.SchemaCatalog`), injected so
+    this module knows no schema files: validate `data` against the type's current schema and
+    return the `dataschema` URI to stamp. Raises (a `ValueError`) when `data` does not match:
+    the producer has a bug, and the event must not reach the outbox."""
+
+    def dataschema_for(self, event_type: str, data: Mapping[str, Any]) -> str: ...
+
+
 class OutboxEventSink:
     """Turns each event a step emits into an outbox message in the step's own transaction.
 
     `type` is the CloudEvents type (`mercato.orders.order_completed`); the topic is the type
     without its last word (`mercato.orders`); the subject and partition key is the aggregate id
-    (`data["order_id"]`, else the saga id); the saga id is the causation id.
+    (`data["order_id"]`, else the saga id); the saga id is the causation id. With a `contract`,
+    each event is validated and stamped with its schema version (`dataschema`) before it is written.
     """
 
-    def __init__(self, outbox: Outbox, *, source: str, clock: Clock) -> None:
+    def __init__(
+        self, outbox: Outbox, *, source: str, clock: Clock, contract: EventContract | None = None
+    ) -> None:
         self._outbox = outbox
         self._source = source
         self._clock = clock
+        self._contract = contract
 
     async def add(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> None:
         await self._outbox.add_many(conn, [self.message(event) for event in events])
@@ -32,6 +45,7 @@ class OutboxEventSink:
         event_type = str(event["type"])
         data = dict(event.get("data", {}))
         subject = str(data.get("order_id") or event["saga_id"])
+        dataschema = None if self._contract is None else self._contract.dataschema_for(event_type, data)
         return Message(
             id=new_id(),
             source=self._source,
@@ -41,6 +55,7 @@ class OutboxEventSink:
             data=data,
             topic=event_type.rsplit(".", 1)[0],
             key=subject,
+            dataschema=dataschema,
             correlation_id=str(event.get("correlation_id") or "") or None,
             causation_id=str(event["saga_id"]),
         )

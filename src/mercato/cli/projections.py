@@ -1,0 +1,109 @@
+"""`mercato projections list|lag|rebuild NAME`: inspect and rebuild the CQRS read models.
+
+`rebuild` replays the stream log from offset zero into fresh tables and swaps them in atomically
+(see `mercato.kit.projections`); the API keeps serving the old tables until the swap commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mercato.bootstrap import build_container
+from mercato.config import get_settings
+from mercato.kit.projections import Projector
+from mercato.workers.projections import build_projectors
+
+app = typer.Typer(help="Inspect and rebuild read models (projections).", no_args_is_help=True)
+_out = Console()
+_err = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def _run(action: Callable[[dict[str, Projector]], Awaitable[T]]) -> T:
+    async def main() -> T:
+        container = build_container(get_settings())
+        try:
+            return await action(build_projectors(container))
+        finally:
+            await container.close()
+
+    return asyncio.run(main())
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    name: str
+    topics: list[str]
+    tables: list[str]
+    lag_messages: int
+
+
+async def _lags(projectors: dict[str, Projector]) -> list[_Row]:
+    return [
+        _Row(name, list(p.projection.topics), [t.name for t in p.projection.tables], await p.lag())
+        for name, p in projectors.items()
+    ]
+
+
+@app.command("list")
+def list_projections(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """The projections, their topics, tables and lag."""
+    rows = _run(_lags)
+    if as_json:
+        typer.echo(json.dumps({"items": [asdict(r) for r in rows]}))
+        return
+    table = Table("name", "topics", "tables", "lag (messages)")
+    for row in rows:
+        table.add_row(row.name, ", ".join(row.topics), ", ".join(row.tables), str(row.lag_messages))
+    _out.print(table)
+
+
+@app.command("lag")
+def lag(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Messages each projection has not applied yet."""
+    rows = _run(_lags)
+    if as_json:
+        typer.echo(json.dumps({r.name: r.lag_messages for r in rows}))
+        return
+    for row in rows:
+        _out.print(f"{row.name}: {row.lag_messages}")
+
+
+@app.command("rebuild")
+def rebuild(
+    name: Annotated[str, typer.Argument(help="The projection to rebuild")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Replay the log from zero into new tables and swap them in atomically."""
+
+    async def action(projectors: dict[str, Projector]) -> dict[str, object]:
+        projector = projectors.get(name)
+        if projector is None:
+            _err.print(f"[red]error:[/red] no projection {name!r}; known: {', '.join(sorted(projectors))}")
+            raise typer.Exit(2)
+        with _err.status(f"Rebuilding {name}"):
+            report = await projector.rebuild()
+        return {
+            "name": report.projection,
+            "messages": report.messages,
+            "duration_s": round(report.duration_s, 3),
+            "tables": list(report.tables),
+        }
+
+    result = _run(action)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    _out.print(
+        f"[green]✓[/green] rebuilt {result['name']} from {result['messages']} messages "
+        f"in {result['duration_s']} s"
+    )

@@ -1,0 +1,210 @@
+"""The event store: append with an expected version, load a stream, read the whole log, snapshots.
+
+Every method takes the caller's connection, so events commit in the same transaction as whatever
+else the use case writes (an inbox record, an outbox message) and never without it.
+
+Ordering: on PostgreSQL a sequence hands out positions at insert time but transactions commit in
+any order, so a subscriber reading `position > p` could pass a position that commits later and
+never see it. Appends therefore take one transaction-scoped advisory lock before inserting: the
+log grows in commit order, like the SQL stream log's per-partition head row. SQLite serializes
+writers already (`BEGIN IMMEDIATE`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.eventstore.tables import events, snapshots
+
+__all__ = ["ConcurrencyConflict", "EventStore", "NewEvent", "RecordedEvent", "Snapshot"]
+
+# Any fixed 64-bit key: only the event store takes it. (crc32 of "mercato.eventstore.append".)
+_APPEND_LOCK_KEY = 0x2D5F_4E17
+_UNIQUE_NAMES = ("uq_eventstore_events_stream_id_version", "eventstore_events.stream_id")
+
+
+class ConcurrencyConflict(Exception):
+    """Another writer appended to the stream since the caller read it: reload, decide again, retry."""
+
+    def __init__(self, stream_id: str, *, expected_version: int, actual_version: int | None) -> None:
+        found = "a concurrent append" if actual_version is None else f"version {actual_version}"
+        super().__init__(f"stream {stream_id!r}: expected version {expected_version}, found {found}")
+        self.stream_id = stream_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: its `type`, JSON-serializable `data`, and `metadata` (causation, ...)."""
+
+    type: str
+    data: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    stream_id: str
+    version: int
+    state: dict[str, Any]
+    recorded_at: datetime
+
+
+class EventStore:
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+
+    async def append(
+        self, conn: AsyncConnection, stream_id: str, new_events: Sequence[NewEvent], *, expected_version: int
+    ) -> list[RecordedEvent]:
+        """Append `new_events` as versions `expected_version + 1 ...` of `stream_id`.
+
+        `expected_version` is the version the caller's decision was based on (0: a new stream).
+        Raises `ConcurrencyConflict` when the stream is at another version; the caller's
+        transaction stays usable (the insert runs in a savepoint), so it can reload and retry.
+        """
+        if expected_version < 0:
+            raise ValueError("expected_version must be >= 0")
+        if not new_events:
+            return []
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _APPEND_LOCK_KEY})
+        # Under the lock (or SQLite's write lock) this read is current, so a stale writer is told
+        # the version it missed; the unique constraint still guards anyone not taking the lock.
+        actual = await self.stream_version(conn, stream_id)
+        if actual != expected_version:
+            raise ConcurrencyConflict(stream_id, expected_version=expected_version, actual_version=actual)
+        now = self._clock.now()
+        rows: list[dict[str, Any]] = [
+            {
+                "stream_id": stream_id,
+                "version": expected_version + offset,
+                "type": event.type,
+                "data": dict(event.data),
+                "metadata": dict(event.metadata),
+                "recorded_at": now,
+            }
+            for offset, event in enumerate(new_events, start=1)
+        ]
+        try:
+            async with conn.begin_nested():
+                result = await conn.execute(
+                    events.insert().returning(events.c.position, sort_by_parameter_order=True), rows
+                )
+                positions = [int(row[0]) for row in result]
+        except IntegrityError as exc:
+            if not any(name in str(exc.orig) for name in _UNIQUE_NAMES):
+                raise
+            raise ConcurrencyConflict(
+                stream_id, expected_version=expected_version, actual_version=None
+            ) from exc
+        return [
+            RecordedEvent(
+                position=position,
+                stream_id=stream_id,
+                version=int(row["version"]),
+                type=str(row["type"]),
+                data=row["data"],
+                metadata=row["metadata"],
+                recorded_at=now,
+            )
+            for position, row in zip(positions, rows, strict=True)
+        ]
+
+    async def stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
+        """The version of the stream's last event; 0 for a stream with none."""
+        found = await conn.scalar(select(func.max(events.c.version)).where(events.c.stream_id == stream_id))
+        return int(found or 0)
+
+    async def load(
+        self, conn: AsyncConnection, stream_id: str, *, after_version: int = 0
+    ) -> list[RecordedEvent]:
+        """The stream's events with a version above `after_version`, in version order."""
+        result = await conn.execute(
+            select(events)
+            .where(events.c.stream_id == stream_id, events.c.version > after_version)
+            .order_by(events.c.version)
+        )
+        return [_recorded(row) for row in result.mappings()]
+
+    async def read_all(
+        self, conn: AsyncConnection, *, after_position: int = 0, limit: int = 1000
+    ) -> list[RecordedEvent]:
+        """Up to `limit` events of every stream after `after_position`, in position (commit) order.
+
+        A subscriber keeps the last position it handled and asks for what follows.
+        """
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        result = await conn.execute(
+            select(events).where(events.c.position > after_position).order_by(events.c.position).limit(limit)
+        )
+        return [_recorded(row) for row in result.mappings()]
+
+    async def save_snapshot(
+        self, conn: AsyncConnection, stream_id: str, *, version: int, state: Mapping[str, Any]
+    ) -> None:
+        """Record the stream's state folded up to `version`. Saving one version twice keeps the first
+        (both are the same fold of the same events)."""
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        await conn.execute(
+            dialect_insert(snapshots)
+            .values(stream_id=stream_id, version=version, state=dict(state), recorded_at=self._clock.now())
+            .on_conflict_do_nothing(index_elements=["stream_id", "version"])
+        )
+
+    async def latest_snapshot(self, conn: AsyncConnection, stream_id: str) -> Snapshot | None:
+        row = (
+            (
+                await conn.execute(
+                    select(snapshots)
+                    .where(snapshots.c.stream_id == stream_id)
+                    .order_by(snapshots.c.version.desc())
+                    .limit(1)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        return Snapshot(
+            stream_id=str(row["stream_id"]),
+            version=int(row["version"]),
+            state=dict(row["state"]),
+            recorded_at=row["recorded_at"],
+        )
+
+
+def _recorded(row: RowMapping) -> RecordedEvent:
+    return RecordedEvent(
+        position=int(row["position"]),
+        stream_id=str(row["stream_id"]),
+        version=int(row["version"]),
+        type=str(row["type"]),
+        data=dict(row["data"]),
+        metadata=dict(row["metadata"]),
+        recorded_at=row["recorded_at"],
+    )

@@ -1,0 +1,25 @@
+"""CQRS read models: projectors that apply the stream log to tables, with a transactional
+checkpoint (never a double apply after a crash), a lag metric, and rebuild-from-zero with an
+atomic swap. Generic: a projection names its topics, its tables and its apply function."""
+
+from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook, PrometheusProjectionHook
+from mercato.kit.projections.projector import (
+    REBUILD_SUFFIX,
+    Projection,
+    ProjectionHandler,
+    Projector,
+    RebuildReport,
+)
+from mercato.kit.projections.tables import projection_checkpoints
+
+__all__ = [
+    "REBUILD_SUFFIX",
+    "NullProjectionHook",
+    "Projection",
+    "ProjectionHandler",
+    "ProjectionHook",
+    "Projector",
+    "PrometheusProjectionHook",
+    "RebuildReport",
+    "projection_checkpoints",
+]

@@ -1,0 +1,341 @@
+"""`Projector`: keeps a read model up to date from the SQL stream log, and rebuilds it from zero.
+
+A projection is a name, the topics it reads, the tables it owns and an `apply(conn, message,
+tables)` function. The projector reads the log from the projection's checkpoint (one position per
+topic partition) and, in ONE transaction, applies a batch and moves the checkpoint past it. The
+effect and the position commit together or not at all: a crash (process killed, task cancelled,
+`apply` raising) after applying some messages but before the commit rolls both back, and the next
+pass starts again from the old checkpoint. So a message is never applied twice and never skipped,
+without the inbox: the checkpoint is the dedup record, and it costs one row per partition, not one
+per message. `apply` needs no idempotency of its own; it must only be deterministic, so a rebuild
+gives the same rows as the live projection.
+
+Why read the log table rather than use a consumer group: a group's acknowledgements live outside
+the read model's transaction (an ack after commit is at-least-once), and a rebuild needs to start
+at offset zero without disturbing the live group. Reading the log by offset gives both.
+
+The log keeps order within a partition (one aggregate's events), not across partitions or topics:
+`apply` must not depend on the interleaving of different partitions or topics.
+
+`rebuild()` replays from position zero into fresh copies of the tables (`<table>__rebuild`, no
+secondary indexes while loading), in short transactions so live traffic goes on; then one
+transaction locks the live checkpoint (the live projector waits), catches the copies up to the
+log's head, swaps each copy in by renaming (live -> `__old`, copy -> live, drop `__old`),
+recreates the indexes under their canonical names and sets the checkpoint to the copies' positions.
+Both PostgreSQL and SQLite run DDL inside transactions, so readers see the old table or the new
+one, never neither: on PostgreSQL `ALTER TABLE` takes an ACCESS EXCLUSIVE lock, so readers wait
+for the swap's commit and then re-resolve the name to the new table; on SQLite the swap holds the
+single write lock and readers keep the snapshot they began with, then re-prepare against the new
+schema. Run one rebuild of a projection at a time (the CLI does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import MetaData, Table, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import conv
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.sql_log import insert_ignore
+from mercato.kit.messaging.tables import stream_heads, stream_log
+from mercato.kit.observability import get_logger
+from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
+from mercato.kit.projections.tables import projection_checkpoints
+from mercato.kit.storage import Database
+
+__all__ = ["REBUILD_SUFFIX", "Projection", "ProjectionHandler", "Projector", "RebuildReport"]
+
+_log = get_logger("mercato.projections")
+
+REBUILD_SUFFIX = "__rebuild"
+_OLD_SUFFIX = "__old"
+
+ProjectionHandler = Callable[[AsyncConnection, Message, Mapping[str, Table]], Awaitable[None]]
+"""Applies one message to the read model. `tables` maps each owned table's canonical name to the
+table to write (the live one, or its rebuild copy): always write through it, never the global."""
+
+_Key = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """A read model: what it reads, what it owns, how it applies a message.
+
+    Owned tables may declare a primary key and indexes; rebuild copies the columns and primary
+    key, loads without indexes, and recreates the indexes after the swap.
+    """
+
+    name: str
+    topics: tuple[str, ...]
+    tables: tuple[Table, ...]
+    apply: ProjectionHandler
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.topics or not self.tables:
+            raise ValueError("a projection needs a name, at least one topic and at least one table")
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildReport:
+    projection: str
+    messages: int
+    duration_s: float
+    tables: tuple[str, ...]
+
+
+class Projector:
+    """Runs one projection. `run_once` is a `PeriodicJob` callable (messages applied per pass)."""
+
+    def __init__(
+        self,
+        db: Database,
+        projection: Projection,
+        *,
+        batch_size: int = 500,
+        clock: Clock | None = None,
+        hook: ProjectionHook | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._db = db
+        self.projection = projection
+        self.batch_size = batch_size
+        self._clock = clock or SystemClock()
+        self._hook = hook or NullProjectionHook()
+        self._live = {t.name: t for t in projection.tables}
+        # Rotates the first partition of a pass, so one busy partition cannot starve the others.
+        self._next_start = 0
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    # ---- live ----------------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        # An idle pass only reads: it must not take the (SQLite: single) write lock every poll.
+        if await self.lag() == 0:
+            return 0
+        async with self._db.write() as conn:
+            heads = await self._heads(conn)
+            positions = await self._lock_checkpoint(conn, heads)
+            applied, moved = await self._apply_batch(conn, positions, heads, self._live, self.batch_size)
+            await self._save(conn, moved)
+        if applied:
+            self._hook.applied(projection=self.name, messages=applied)
+        await self.lag()
+        return applied
+
+    async def lag(self) -> int:
+        """Messages on the projection's topics not applied yet; also reported to the hook."""
+        async with self._db.read() as conn:
+            heads = await self._heads(conn)
+            done = await self._positions(conn)
+        behind = sum(max(head - done.get(key, 0), 0) for key, head in heads.items())
+        self._hook.lag(projection=self.name, messages=behind)
+        return behind
+
+    async def positions(self) -> dict[_Key, int]:
+        """The checkpoint: (topic, partition) -> offset of the next message to apply."""
+        async with self._db.read() as conn:
+            return await self._positions(conn)
+
+    # ---- rebuild -------------------------------------------------------------------------------
+
+    async def rebuild(self) -> RebuildReport:
+        """Replay the whole log into fresh tables and swap them in atomically (see module doc)."""
+        started = time.perf_counter()
+        copies = {name: _copy(table) for name, table in self._live.items()}
+        async with self._db.write() as conn:
+            for copy in copies.values():
+                # A copy left by a rebuild that crashed is stale: start it over.
+                await conn.run_sync(copy.drop, checkfirst=True)
+                await conn.run_sync(copy.create)
+        positions: dict[_Key, int] = {}
+        total = 0
+        try:
+            # Bulk of the replay: short transactions, the live projector keeps running meanwhile.
+            while True:
+                async with self._db.write() as conn:
+                    heads = await self._heads(conn)
+                    for key in heads:
+                        positions.setdefault(key, 0)
+                    applied, moved = await self._apply_batch(conn, positions, heads, copies, self.batch_size)
+                positions.update(moved)
+                total += applied
+                if applied < self.batch_size:
+                    break
+            async with self._db.write() as conn:
+                heads = await self._heads(conn)
+                await self._lock_checkpoint(conn, heads)
+                for key in heads:
+                    positions.setdefault(key, 0)
+                # Under the checkpoint lock: catch up with whatever arrived during the replay.
+                while True:
+                    applied, moved = await self._apply_batch(conn, positions, heads, copies, self.batch_size)
+                    positions.update(moved)
+                    total += applied
+                    if applied == 0:
+                        break
+                for name, table in self._live.items():
+                    await _swap(conn, table, copies[name])
+                await self._save(conn, positions)
+        except BaseException:
+            await self._drop_copies(copies)
+            raise
+        duration = time.perf_counter() - started
+        self._hook.rebuilt(projection=self.name, messages=total, duration_s=duration)
+        _log.info("projection_rebuilt", projection=self.name, messages=total, duration_s=round(duration, 3))
+        await self.lag()
+        return RebuildReport(self.name, total, duration, tuple(self._live))
+
+    async def _drop_copies(self, copies: Mapping[str, Table]) -> None:
+        try:
+            async with self._db.write() as conn:
+                for copy in copies.values():
+                    await conn.run_sync(copy.drop, checkfirst=True)
+        except Exception:  # noqa: BLE001 - the original failure is the one worth raising
+            _log.warning("projection_rebuild_cleanup_failed", projection=self.name)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    async def _heads(self, conn: AsyncConnection) -> dict[_Key, int]:
+        h = stream_heads.c
+        rows = await conn.execute(
+            select(h.topic, h.partition, h.next_offset).where(h.topic.in_(self.projection.topics))
+        )
+        return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+    async def _positions(self, conn: AsyncConnection) -> dict[_Key, int]:
+        c = projection_checkpoints.c
+        rows = await conn.execute(select(c.topic, c.partition, c.position).where(c.name == self.name))
+        return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+    async def _lock_checkpoint(self, conn: AsyncConnection, heads: Mapping[_Key, int]) -> dict[_Key, int]:
+        """The checkpoint rows, locked until commit: a second projector of the same projection
+        (another worker, or a rebuild's swap) waits here, then reads the advanced positions."""
+        now = self._clock.now()
+        await insert_ignore(
+            conn,
+            projection_checkpoints,
+            [
+                {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
+                for t, p in sorted(heads)
+            ],
+            conflict=["name", "topic", "partition"],
+        )
+        c = projection_checkpoints.c
+        rows = await conn.execute(
+            select(c.topic, c.partition, c.position)
+            .where(c.name == self.name)
+            .order_by(c.topic, c.partition)
+            .with_for_update()
+        )
+        return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+    async def _apply_batch(
+        self,
+        conn: AsyncConnection,
+        positions: Mapping[_Key, int],
+        heads: Mapping[_Key, int],
+        targets: Mapping[str, Table],
+        limit: int,
+    ) -> tuple[int, dict[_Key, int]]:
+        """Apply up to `limit` messages past `positions`; returns (count, positions moved)."""
+        keys = sorted(k for k, position in positions.items() if position < heads.get(k, 0))
+        if not keys:
+            return 0, {}
+        start = self._next_start % len(keys)
+        self._next_start += 1
+        moved: dict[_Key, int] = {}
+        applied = 0
+        log = stream_log.c
+        for topic, partition in keys[start:] + keys[:start]:
+            if applied >= limit:
+                break
+            rows = await conn.execute(
+                select(log.offset, log.envelope)
+                .where(
+                    log.topic == topic,
+                    log.partition == partition,
+                    log.offset >= positions[(topic, partition)],
+                )
+                .order_by(log.offset)
+                .limit(limit - applied)
+            )
+            for offset, envelope in rows.all():
+                await self.projection.apply(conn, Message.from_json(envelope), targets)
+                moved[(topic, partition)] = int(offset) + 1
+                applied += 1
+        return applied, moved
+
+    async def _save(self, conn: AsyncConnection, positions: Mapping[_Key, int]) -> None:
+        if not positions:
+            return
+        now = self._clock.now()
+        await insert_ignore(
+            conn,
+            projection_checkpoints,
+            [
+                {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
+                for t, p in sorted(positions)
+            ],
+            conflict=["name", "topic", "partition"],
+        )
+        c = projection_checkpoints.c
+        for (topic, partition), position in sorted(positions.items()):
+            await conn.execute(
+                update(projection_checkpoints)
+                .where(c.name == self.name, c.topic == topic, c.partition == partition)
+                .values(position=position, updated_at=now)
+            )
+
+
+def _copy(table: Table) -> Table:
+    """Same columns and primary key under `<name>__rebuild`; no indexes while loading (faster,
+    and index names are database-wide, so the live table's would collide)."""
+    copy = table.to_metadata(
+        MetaData(naming_convention=table.metadata.naming_convention), name=table.name + REBUILD_SUFFIX
+    )
+    copy.indexes.clear()
+    # Named constraints (the naming convention names them at definition) would collide with the
+    # live table's on PostgreSQL, where constraint-backed index names are schema-wide.
+    for constraint in copy.constraints:
+        if isinstance(constraint.name, str) and table.name in constraint.name:
+            constraint.name = conv(constraint.name.replace(table.name, copy.name))
+    return copy
+
+
+async def _swap(conn: AsyncConnection, live: Table, copy: Table) -> None:
+    quote = conn.dialect.identifier_preparer.quote
+    old = live.name + _OLD_SUFFIX
+    await conn.execute(text(f"ALTER TABLE {quote(live.name)} RENAME TO {quote(old)}"))
+    await conn.execute(text(f"ALTER TABLE {quote(copy.name)} RENAME TO {quote(live.name)}"))
+    await conn.execute(text(f"DROP TABLE {quote(old)}"))
+    if conn.dialect.name == "postgresql":
+        # PostgreSQL constraint names are schema objects (the primary key's index too): give the
+        # swapped-in table its canonical ones back, so later migrations find them by name.
+        names = await conn.execute(
+            text("SELECT conname FROM pg_constraint WHERE conrelid = CAST(:t AS regclass)"),
+            {"t": quote(live.name)},
+        )
+        for (name,) in names.all():
+            if copy.name in name:
+                await conn.execute(
+                    text(
+                        f"ALTER TABLE {quote(live.name)} RENAME CONSTRAINT {quote(name)} "
+                        f"TO {quote(name.replace(copy.name, live.name))}"
+                    )
+                )
+    for index in live.indexes:
+        await conn.run_sync(_create_index, index)
+
+
+def _create_index(sync_conn: Any, index: Any) -> None:
+    index.create(sync_conn)

@@ -1,0 +1,98 @@
+"""Notifications use cases: react to order events (a `Consumer` handler) and list the records."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock
+from mercato.kit.ids import new_id
+from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
+from mercato.kit.storage import Database
+from mercato.shop.notifications.model import drafts_for
+from mercato.shop.notifications.tables import notifications
+
+CONSUMER_GROUP = "notifications"
+TOPIC = "mercato.orders"
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    channel: str
+    order_id: uuid.UUID
+    recipient: str
+    subject: str
+    body: str
+    status: str
+    created_at: datetime
+
+
+class NotificationsService:
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+
+    def consumer(
+        self, stream: Stream, *, name: str, max_messages: int = 100, hook: MessagingHook | None = None
+    ) -> Consumer:
+        """The `mercato.orders` subscriber: inbox dedup and `handle` in one transaction."""
+        return Consumer(
+            self._db,
+            stream,
+            topic=TOPIC,
+            group=CONSUMER_GROUP,
+            name=name,
+            handler=self.handle,
+            max_messages=max_messages,
+            hook=hook,
+        )
+
+    async def handle(self, conn: AsyncConnection, message: Message) -> None:
+        """Record the event's notifications in the caller's transaction; returns quietly for a
+        (event, channel) already recorded, so it is safe even without the inbox in front."""
+        drafts = drafts_for(message.type, str(message.id), message.data)
+        if not drafts:
+            return
+        n = notifications.c
+        existing = set((await conn.execute(select(n.channel).where(n.event_id == message.id))).scalars())
+        now = self._clock.now()
+        rows = [
+            {
+                "id": new_id(),
+                "event_id": message.id,
+                "event_type": message.type,
+                "channel": d.channel.value,
+                "order_id": uuid.UUID(str(message.data["order_id"])),
+                "recipient": d.recipient,
+                "subject": d.subject,
+                "body": d.body,
+                "status": "pending",
+                "created_at": now,
+            }
+            for d in drafts
+            if d.channel.value not in existing
+        ]
+        if rows:
+            await conn.execute(insert(notifications), rows)
+
+    async def list(
+        self, *, order_id: uuid.UUID | None, limit: int, after_id: uuid.UUID | None = None
+    ) -> tuple[list[Notification], bool]:
+        """Newest first, keyset by id (UUIDv7); and whether more follow."""
+        n = notifications.c
+        stmt = select(notifications)
+        if order_id is not None:
+            stmt = stmt.where(n.order_id == order_id)
+        if after_id is not None:
+            stmt = stmt.where(n.id < after_id)
+        stmt = stmt.order_by(n.id.desc()).limit(limit + 1)
+        async with self._db.read() as conn:
+            rows = [Notification(**dict(r._mapping)) for r in await conn.execute(stmt)]
+        return rows[:limit], len(rows) > limit

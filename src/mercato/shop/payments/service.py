@@ -1,0 +1,151 @@
+"""Payments use cases: keep each order's ledger from the payment events, and read it back.
+
+The ledger consumer is a kit `Consumer` on `mercato.payments`: each delivery runs in one write
+transaction with its inbox record, so a redelivered message finds the record and changes nothing.
+Inside that transaction a concurrent writer of the same ledger (another consumer instance during a
+rebalance) loses the append with a `ConcurrencyConflict`; the handler reloads and decides again in
+a savepoint rather than failing the whole delivery.
+
+An event that breaks a ledger rule (a refund of a capture the ledger never saw) fails the delivery:
+after the stream's attempts it is dead-lettered for a person to look at, never silently applied.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock
+from mercato.kit.eventstore import AggregateRepository, EventStore, RecordedEvent, retry_on_conflict
+from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
+from mercato.kit.observability import get_logger
+from mercato.kit.storage import Database
+from mercato.shop.payments.contracts import (
+    PAYMENT_AUTHORIZED,
+    PAYMENT_CAPTURED,
+    PAYMENT_REFUNDED,
+    PAYMENT_VOIDED,
+    PAYMENTS_TOPIC,
+)
+from mercato.shop.payments.model import PaymentLedger, PaymentLedgerNotFound
+
+__all__ = ["LEDGER_GROUP", "LedgerView", "PaymentsService"]
+
+LEDGER_GROUP = "payments-ledger"
+
+_log = get_logger("mercato.payments")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerView:
+    ledger: PaymentLedger
+    history: list[RecordedEvent]
+
+
+class PaymentsService:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        store: EventStore | None = None,
+        snapshot_every: int = 20,
+        conflict_attempts: int = 5,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self.ledgers = AggregateRepository(
+            store or EventStore(clock=clock), PaymentLedger, snapshot_every=snapshot_every
+        )
+        self._conflict_attempts = conflict_attempts
+
+    async def handle(self, conn: AsyncConnection, message: Message) -> None:
+        """The `mercato.payments` handler: one ledger command per payment event (a kit `Handler`)."""
+        data = message.data
+        order_id = str(data.get("order_id") or message.subject)
+
+        async def decide(tx: AsyncConnection) -> None:
+            ledger = await self.ledgers.load(tx, order_id)
+            if not _apply_command(ledger, message.type, data):
+                return
+            await self.ledgers.save(tx, ledger, metadata=_metadata(message))
+
+        await retry_on_conflict(self._db, decide, conn=conn, max_attempts=self._conflict_attempts)
+
+    async def ledger(self, order_id: str) -> LedgerView:
+        """The order's ledger and every event in it, oldest first."""
+        async with self._db.read() as conn:
+            ledger = await self.ledgers.load(conn, order_id)
+            if ledger.version == 0:
+                raise PaymentLedgerNotFound(f"no payment recorded for order {order_id}")
+            history = await self.ledgers.history(conn, order_id)
+        return LedgerView(ledger, history)
+
+    def consumer(
+        self,
+        stream: Stream,
+        *,
+        name: str | None = None,
+        max_messages: int = 100,
+        hook: MessagingHook | None = None,
+    ) -> Consumer:
+        """The ledger's consumer on `mercato.payments`; run `run_once` as a periodic job.
+
+        The member name defaults to host + pid: each worker process is its own group member, so the
+        stream's ownership of a delivered batch never confuses two processes.
+        """
+        return Consumer(
+            self._db,
+            stream,
+            topic=PAYMENTS_TOPIC,
+            group=LEDGER_GROUP,
+            name=name or f"payments-ledger-{socket.gethostname()}-{os.getpid()}",
+            handler=self.handle,
+            max_messages=max_messages,
+            hook=hook,
+        )
+
+
+def _apply_command(ledger: PaymentLedger, event_type: str, data: dict[str, Any]) -> bool:
+    """Run the ledger command for one payment event; False for a type the ledger does not keep."""
+    if event_type == PAYMENT_AUTHORIZED:
+        ledger.authorize(
+            authorization_id=str(data["authorization_id"]),
+            amount_minor=int(data["amount_minor"]),
+            currency=str(data["currency"]),
+        )
+    elif event_type == PAYMENT_CAPTURED:
+        ledger.capture(
+            authorization_id=str(data["authorization_id"]),
+            capture_id=str(data["capture_id"]),
+            amount_minor=int(data["amount_minor"]),
+            currency=str(data["currency"]),
+        )
+    elif event_type == PAYMENT_VOIDED:
+        ledger.void(authorization_id=str(data["authorization_id"]))
+    elif event_type == PAYMENT_REFUNDED:
+        ledger.refund(
+            capture_id=str(data["capture_id"]),
+            amount_minor=int(data["amount_minor"]),
+            currency=str(data["currency"]),
+        )
+    else:
+        # A newer event type on the topic: acknowledged (recorded in the inbox) and left alone.
+        _log.info("payment_event_ignored", type=event_type)
+        return False
+    return True
+
+
+def _metadata(message: Message) -> dict[str, Any]:
+    """Where each ledger event came from: the integration event id is its causation."""
+    return {
+        "message_id": str(message.id),
+        "message_type": message.type,
+        "source": message.source,
+        "correlation_id": message.correlation_id,
+        "occurred_at": message.time.isoformat(),
+    }

@@ -1,0 +1,99 @@
+"""The reporting projections: how each read model applies the events it reads.
+
+Every write goes through the `tables` mapping the projector passes (the live table or its rebuild
+copy). The projector serializes a projection's passes on its checkpoint lock, so a read-then-write
+here never races another writer of the same rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.messaging import Message
+from mercato.kit.projections import Projection
+from mercato.shop.reporting.model import ORDER_COMPLETED, PaymentState, Summary, fold, relevant
+from mercato.shop.reporting.tables import order_summary, sales_by_day
+
+__all__ = ["ORDER_SUMMARY", "PROJECTIONS", "SALES_BY_DAY", "summary_from_row"]
+
+ORDERS_TOPIC = "mercato.orders"
+PAYMENTS_TOPIC = "mercato.payments"
+
+
+def summary_from_row(row: Any) -> Summary:
+    return Summary(
+        order_id=str(row.order_id),
+        customer_id=str(row.customer_id) if row.customer_id is not None else None,
+        status=row.status,
+        currency=row.currency,
+        total_minor=int(row.total_minor) if row.total_minor is not None else None,
+        item_count=int(row.item_count),
+        items=tuple(row.items),
+        payment_state=PaymentState(row.payment_state),
+        placed_at=row.placed_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _values(summary: Summary) -> dict[str, Any]:
+    return {
+        "customer_id": uuid.UUID(summary.customer_id) if summary.customer_id else None,
+        "status": summary.status,
+        "currency": summary.currency,
+        "total_minor": summary.total_minor,
+        "item_count": summary.item_count,
+        "items": list(summary.items),
+        "payment_state": summary.payment_state.value,
+        "placed_at": summary.placed_at,
+        "updated_at": summary.updated_at,
+    }
+
+
+async def apply_order_summary(conn: AsyncConnection, message: Message, tables: Mapping[str, Table]) -> None:
+    if not relevant(message.type):
+        return
+    table = tables[order_summary.name]
+    order_id = uuid.UUID(str(message.data["order_id"]))
+    row = (await conn.execute(select(table).where(table.c.order_id == order_id))).first()
+    current = summary_from_row(row) if row is not None else None
+    after = fold(current, message.type, message.data, message.time)
+    if row is None:
+        await conn.execute(insert(table).values(order_id=order_id, **_values(after)))
+    elif after != current:
+        await conn.execute(update(table).where(table.c.order_id == order_id).values(**_values(after)))
+
+
+async def apply_sales_by_day(conn: AsyncConnection, message: Message, tables: Mapping[str, Table]) -> None:
+    if message.type != ORDER_COMPLETED:
+        return
+    table = tables[sales_by_day.name]
+    # The day the order completed, in UTC: the event's own time, so a replay files it the same.
+    day = message.time.astimezone(UTC).date()
+    currency = str(message.data["currency"])
+    total = int(message.data["total_minor"])
+    key = (table.c.day == day, table.c.currency == currency)
+    result = await conn.execute(
+        update(table)
+        .where(*key)
+        .values(orders=table.c.orders + 1, revenue_minor=table.c.revenue_minor + total)
+    )
+    if result.rowcount == 0:
+        await conn.execute(insert(table).values(day=day, currency=currency, orders=1, revenue_minor=total))
+
+
+ORDER_SUMMARY = Projection(
+    name="order_summary",
+    topics=(ORDERS_TOPIC, PAYMENTS_TOPIC),
+    tables=(order_summary,),
+    apply=apply_order_summary,
+)
+SALES_BY_DAY = Projection(
+    name="sales_by_day", topics=(ORDERS_TOPIC,), tables=(sales_by_day,), apply=apply_sales_by_day
+)
+PROJECTIONS: tuple[Projection, ...] = (ORDER_SUMMARY, SALES_BY_DAY)

@@ -1,0 +1,153 @@
+"""The payment ledger consumer and route on real SQLite and PostgreSQL: each event applies once."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from mercato.bootstrap import Container
+from mercato.kit.clock import ManualClock
+from mercato.kit.ids import new_id
+from mercato.kit.messaging import Consumer, Delivery, Message, SqlLogStream
+from mercato.shop.payments import LedgerStatus, PaymentLedgerNotFound
+from mercato.shop.payments.contracts import (
+    PAYMENT_AUTHORIZED,
+    PAYMENT_CAPTURED,
+    PAYMENT_REFUNDED,
+    PAYMENTS_TOPIC,
+)
+from mercato.workers.jobs import shop_jobs
+from tests.integration.shop_support import admin, api, customer
+
+
+@pytest.fixture
+def stream(container: Container, clock: ManualClock) -> SqlLogStream:
+    return SqlLogStream(container.db, partitions=2, visibility_timeout_s=10, max_attempts=3, clock=clock)
+
+
+def payment_event(event_type: str, order_id: str, /, **data: Any) -> Message:
+    return Message(
+        id=new_id(),
+        source="mercato/checkout",
+        type=event_type,
+        subject=order_id,
+        time=datetime(2026, 11, 25, 12, 0, tzinfo=UTC),
+        data={"order_id": order_id, **data},
+        topic=PAYMENTS_TOPIC,
+    )
+
+
+def paid_and_refunded(order_id: str) -> list[Message]:
+    return [
+        payment_event(
+            PAYMENT_AUTHORIZED, order_id, authorization_id="auth-1", amount_minor=2_500, currency="EUR"
+        ),
+        payment_event(
+            PAYMENT_CAPTURED,
+            order_id,
+            authorization_id="auth-1",
+            capture_id="cap-1",
+            amount_minor=2_500,
+            currency="EUR",
+        ),
+        payment_event(PAYMENT_REFUNDED, order_id, capture_id="cap-1", amount_minor=1_000, currency="EUR"),
+    ]
+
+
+async def test_redelivered_payment_events_apply_once(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    class AckLost:
+        """The real stream, except that acks never arrive (the consumer dies after each commit)."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(stream, name)
+
+        async def ack(self, delivery: Delivery) -> None:
+            raise ConnectionError("consumer died after commit, before ack")
+
+    order_id = str(uuid.uuid4())
+    messages = paid_and_refunded(order_id)
+    await stream.publish(messages)
+    dying = container.payments.consumer(AckLost())  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        await dying.run_once()
+    first = await container.payments.ledger(order_id)
+    assert first.ledger.version == 1  # the first delivery committed, then the process died
+    healthy = container.payments.consumer(stream)
+    clock.advance(11)  # past the visibility timeout: everything is redelivered
+    assert await healthy.run_once() == 3
+    # The relay publishing them all again (and a retry with a new message id) changes nothing.
+    await stream.publish(messages)
+    await stream.publish([payment_event(PAYMENT_CAPTURED, order_id, **messages[1].data)])
+    assert await healthy.run_once() == 1
+    view = await container.payments.ledger(order_id)
+    ledger = view.ledger
+    assert (ledger.status, ledger.version) == (LedgerStatus.PARTIALLY_REFUNDED, 3)
+    assert (ledger.authorized_minor, ledger.captured_minor, ledger.refunded_minor) == (2_500, 2_500, 1_000)
+    assert [e.type for e in view.history] == ["payment_authorized", "payment_captured", "payment_refunded"]
+    assert [e.metadata["message_id"] for e in view.history] == [str(m.id) for m in messages]
+
+
+async def test_an_event_breaking_a_ledger_rule_is_dead_lettered_not_applied(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    order_id = str(uuid.uuid4())
+    authorize, capture, _ = paid_and_refunded(order_id)
+    too_much = payment_event(
+        PAYMENT_CAPTURED, order_id, **{**capture.data, "capture_id": "cap-2", "amount_minor": 9}
+    )
+    await stream.publish([authorize, capture, too_much])
+    consumer: Consumer = container.payments.consumer(stream)
+    for _ in range(3):
+        await consumer.run_once()
+        clock.advance(60)
+    ledger = (await container.payments.ledger(order_id)).ledger
+    assert (ledger.captured_minor, ledger.version) == (2_500, 2)
+    dead = await stream.dead_letters(group="payments-ledger")
+    assert [d.message.id for d in dead] == [too_much.id]
+
+
+async def test_the_worker_runs_the_ledger_consumer(container: Container) -> None:
+    order_id = str(uuid.uuid4())
+    await container.stream.publish(paid_and_refunded(order_id)[:1])
+    job = next(job for job in shop_jobs(container) if job.name == "payments_ledger")
+    assert await job.run() == 1
+    assert (await container.payments.ledger(order_id)).ledger.status is LedgerStatus.AUTHORIZED
+
+
+async def test_get_payment_ledger_route(container: Container, stream: SqlLogStream) -> None:
+    order_id = str(uuid.uuid4())
+    await stream.publish(paid_and_refunded(order_id))
+    await container.payments.consumer(stream).run_once()
+    _, customer_headers = customer(container)
+    async with api(container) as client:
+        response = await client.get(f"/v1/payments/{order_id}", headers=admin(container))
+        assert response.status_code == 200, response.text
+        assert response.headers["cache-control"] == "private, no-store"
+        body = response.json()
+        assert {
+            k: body[k] for k in ("order_id", "status", "captured_minor", "refundable_minor", "version")
+        } == {
+            "order_id": order_id,
+            "status": "partially_refunded",
+            "captured_minor": 2_500,
+            "refundable_minor": 1_500,
+            "version": 3,
+        }
+        assert [(e["version"], e["type"]) for e in body["events"]] == [
+            (1, "payment_authorized"),
+            (2, "payment_captured"),
+            (3, "payment_refunded"),
+        ]
+        assert body["events"][1]["data"]["capture_id"] == "cap-1"
+        missing = await client.get(f"/v1/payments/{uuid.uuid4()}", headers=admin(container))
+        assert missing.status_code == 404
+        assert missing.headers["content-type"].startswith("application/problem+json")
+        assert missing.json()["type"].endswith(PaymentLedgerNotFound.slug)
+        assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 403
+        assert (await client.get(f"/v1/payments/{order_id}")).status_code == 401
+        assert "/v1/payments/{order_id}" in (await client.get("/openapi.json")).json()["paths"]
