@@ -185,7 +185,9 @@ app.command("eventstore")(eventstore_command)
 
 @app.command("streams")
 def streams(
-    backends: Annotated[str, typer.Option(help="Comma-separated: redis,nats")] = "redis,nats",
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated: redis,nats,sqlite,postgresql (the SQL log)")
+    ] = "redis,nats,sqlite,postgresql",
     messages: Annotated[int, typer.Option(help="Messages per run", min=100)] = 5000,
     batch: Annotated[int, typer.Option(help="Publish and read batch size", min=1)] = 100,
     redis_url: Annotated[str, typer.Option(help="Redis server")] = "redis://127.0.0.1:6379/0",
