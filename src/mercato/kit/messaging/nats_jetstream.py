@@ -52,7 +52,13 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
-from mercato.kit.messaging.stream import DEAD_LETTER_RECEIPT_PREFIX, DeadLetter, DeadLetterStatus, Delivery
+from mercato.kit.messaging.stream import (
+    DEAD_LETTER_RECEIPT_PREFIX,
+    DeadLetter,
+    DeadLetterStatus,
+    Delivery,
+    poll_read,
+)
 
 __all__ = ["JetStreamStream"]
 
@@ -277,16 +283,12 @@ class JetStreamStream:
     async def read(
         self, topic: str, group: str, consumer: str, *, max_messages: int, block_s: float
     ) -> list[Delivery]:
-        if max_messages < 1:
-            raise ValueError("max_messages must be at least 1")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + block_s
-        while True:
-            deliveries = await self._read_once(topic, group, consumer, max_messages)
-            remaining = deadline - loop.time()
-            if deliveries or remaining <= 0:
-                return deliveries
-            await asyncio.sleep(min(self.poll_interval_s, remaining))
+        return await poll_read(
+            lambda: self._read_once(topic, group, consumer, max_messages),
+            max_messages=max_messages,
+            block_s=block_s,
+            poll_interval_s=self.poll_interval_s,
+        )
 
     async def _read_once(self, topic: str, group: str, consumer: str, max_messages: int) -> list[Delivery]:
         stream = await self._ensure_topic(topic)

@@ -18,8 +18,9 @@ guarantees, checked by one contract test suite:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -140,3 +141,25 @@ class Stream(Protocol):
     async def lag(self, topic: str, group: str) -> int:
         """Messages on `topic` that `group` has not acknowledged yet, over all partitions."""
         ...
+
+
+async def poll_read(
+    read_once: Callable[[], Awaitable[list[Delivery]]],
+    *,
+    max_messages: int,
+    block_s: float,
+    poll_interval_s: float,
+) -> list[Delivery]:
+    """`Stream.read` semantics over a non-blocking `read_once`: poll until something arrives or
+    `block_s` has passed. Shared by the backends whose read must stay one atomic step (a SQL
+    transaction, a Lua script, a per-partition pull) and so cannot block inside the server."""
+    if max_messages < 1:
+        raise ValueError("max_messages must be at least 1")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + block_s
+    while True:
+        deliveries = await read_once()
+        remaining = deadline - loop.time()
+        if deliveries or remaining <= 0:
+            return deliveries
+        await asyncio.sleep(min(poll_interval_s, remaining))
