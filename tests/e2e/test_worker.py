@@ -44,6 +44,7 @@ def test_worker_process_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> N
                 pass
             time.sleep(0.1)
         assert 'job="expire_reservations"' in text
+        assert "mercato_breaker_state" in text  # the provider breakers' metrics are served too
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

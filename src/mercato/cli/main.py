@@ -199,6 +199,8 @@ async def _run_worker(settings: Settings, metrics_port: int) -> None:
     if metrics_port:
         start_http_server(metrics_port, addr=settings.http.host, registry=registry)
     container = build_container(settings)
+    # Breakers, retries and bulkheads in front of the providers live in the worker too.
+    registry.register(container.metrics_registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
