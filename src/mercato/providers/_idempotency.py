@@ -18,15 +18,17 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock
 from mercato.kit.storage import Database, UTCDateTime
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
-from mercato.providers._edge import ProviderProblem
+from mercato.providers._edge import ProviderProblem, latency_of
 
 __all__ = ["IdempotencyStore", "Outcome", "fingerprint", "idempotency_table"]
 
@@ -97,6 +99,20 @@ class IdempotencyStore:
         self.clock = clock
         self.lease_s = lease_s
         self.ttl_s = ttl_s
+
+    async def handle(
+        self, request: Request, *, key: str | None, body: BaseModel | None, apply: Apply
+    ) -> Response:
+        """`execute` for a route: the fingerprint covers method, path and body; the latency is the
+        one the fault edge drew for this request."""
+        payload = body.model_dump(mode="json") if body is not None else {}
+        return await self.execute(
+            key=key,
+            digest=fingerprint(request.method, request.url.path, payload),
+            latency_s=latency_of(request),
+            instance=request.url.path,
+            apply=apply,
+        )
 
     async def execute(
         self, *, key: str | None, digest: str, latency_s: float, instance: str, apply: Apply

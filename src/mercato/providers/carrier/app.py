@@ -15,8 +15,7 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.storage import create_database
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
-from mercato.providers._edge import ProviderApp, add_common_routes, latency_of
-from mercato.providers._idempotency import fingerprint
+from mercato.providers._edge import ProviderApp, add_common_routes
 from mercato.providers.carrier.models import ShipmentIn, ShipmentOut, ShipmentPage, ShipmentSummary
 from mercato.providers.carrier.service import Carrier
 from mercato.providers.faults import FaultInjector, FaultSettings
@@ -71,12 +70,8 @@ def create_carrier_app(
     )
     async def create_shipment(request: Request, body: ShipmentIn, key: IdempotencyKey = None) -> Response:
         """Book a shipment for an order."""
-        return await carrier.idempotency.execute(
-            key=key,
-            digest=fingerprint(request.method, request.url.path, body.model_dump(mode="json")),
-            latency_s=latency_of(request),
-            instance=request.url.path,
-            apply=lambda conn: carrier.create(conn, body, key or ""),
+        return await carrier.idempotency.handle(
+            request, key=key, body=body, apply=lambda conn: carrier.create(conn, body, key or "")
         )
 
     @app.post(
@@ -87,12 +82,8 @@ def create_carrier_app(
     )
     async def cancel_shipment(request: Request, shipment_id: str, key: IdempotencyKey = None) -> Response:
         """Cancel a shipment that was created (409 when it already was cancelled)."""
-        return await carrier.idempotency.execute(
-            key=key,
-            digest=fingerprint(request.method, request.url.path, {}),
-            latency_s=latency_of(request),
-            instance=request.url.path,
-            apply=lambda conn: carrier.cancel(conn, shipment_id),
+        return await carrier.idempotency.handle(
+            request, key=key, body=None, apply=lambda conn: carrier.cancel(conn, shipment_id)
         )
 
     # Registered before `/v1/shipments/{shipment_id}` so "summary" is not taken for an id.

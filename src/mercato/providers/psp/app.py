@@ -9,15 +9,13 @@ from typing import Annotated
 
 from fastapi import FastAPI, Header, Query, Request
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.storage import create_database
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
-from mercato.providers._edge import ProviderApp, add_common_routes, latency_of
-from mercato.providers._idempotency import fingerprint
+from mercato.providers._edge import ProviderApp, add_common_routes
 from mercato.providers.faults import FaultInjector, FaultSettings
 from mercato.providers.psp.models import (
     AuthorizationOut,
@@ -76,10 +74,6 @@ def create_psp_app(
     app.state.psp = psp
     add_common_routes(app, ready=psp.db.ping)
 
-    def digest(request: Request, body: BaseModel | None) -> str:
-        payload = body.model_dump(mode="json") if body is not None else {}
-        return fingerprint(request.method, request.url.path, payload)
-
     @app.post(
         "/v1/authorizations",
         status_code=201,
@@ -89,12 +83,8 @@ def create_psp_app(
     )
     async def authorize(request: Request, body: AuthorizeIn, key: IdempotencyKey = None) -> Response:
         """Authorize (hold) an amount; `status` says `authorized` or `declined`."""
-        return await psp.idempotency.execute(
-            key=key,
-            digest=digest(request, body),
-            latency_s=latency_of(request),
-            instance=request.url.path,
-            apply=lambda conn: psp.authorize(conn, body, key or ""),
+        return await psp.idempotency.handle(
+            request, key=key, body=body, apply=lambda conn: psp.authorize(conn, body, key or "")
         )
 
     @app.post(
@@ -108,11 +98,10 @@ def create_psp_app(
         request: Request, authorization_id: str, body: CaptureIn, key: IdempotencyKey = None
     ) -> Response:
         """Capture up to the authorized amount, once."""
-        return await psp.idempotency.execute(
+        return await psp.idempotency.handle(
+            request,
             key=key,
-            digest=digest(request, body),
-            latency_s=latency_of(request),
-            instance=request.url.path,
+            body=body,
             apply=lambda conn: psp.capture(conn, authorization_id, body.amount_minor, key or ""),
         )
 
@@ -124,12 +113,8 @@ def create_psp_app(
     )
     async def void(request: Request, authorization_id: str, key: IdempotencyKey = None) -> Response:
         """Release an authorization that was not captured."""
-        return await psp.idempotency.execute(
-            key=key,
-            digest=digest(request, None),
-            latency_s=latency_of(request),
-            instance=request.url.path,
-            apply=lambda conn: psp.void(conn, authorization_id, key or ""),
+        return await psp.idempotency.handle(
+            request, key=key, body=None, apply=lambda conn: psp.void(conn, authorization_id, key or "")
         )
 
     @app.post(
@@ -143,11 +128,10 @@ def create_psp_app(
         request: Request, capture_id: str, body: RefundIn, key: IdempotencyKey = None
     ) -> Response:
         """Refund up to what was captured and not yet refunded (several partial refunds allowed)."""
-        return await psp.idempotency.execute(
+        return await psp.idempotency.handle(
+            request,
             key=key,
-            digest=digest(request, body),
-            latency_s=latency_of(request),
-            instance=request.url.path,
+            body=body,
             apply=lambda conn: psp.refund(conn, capture_id, body.amount_minor, key or ""),
         )
 
