@@ -41,6 +41,7 @@ from mercato.kit.messaging.stream import (
     DeadLetter,
     DeadLetterStatus,
     Delivery,
+    check_replay_start,
     poll_read,
 )
 
@@ -549,10 +550,7 @@ class RedisStream:
         from_time: datetime | None = None,
         partition: int | None = None,
     ) -> None:
-        if (from_offset is None) == (from_time is None):
-            raise ValueError("give exactly one of from_offset and from_time")
-        if from_offset is not None and from_offset < 0:
-            raise ValueError("from_offset must not be negative")
+        check_replay_start(from_offset, from_time)
         if from_offset is not None:
             mode, value = "offset", from_offset
         else:

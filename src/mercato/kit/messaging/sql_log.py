@@ -31,6 +31,7 @@ from mercato.kit.messaging.stream import (
     DeadLetter,
     DeadLetterStatus,
     Delivery,
+    check_replay_start,
     poll_read,
 )
 from mercato.kit.messaging.tables import (
@@ -604,10 +605,7 @@ class SqlLogStream:
         from_time: datetime | None = None,
         partition: int | None = None,
     ) -> None:
-        if (from_offset is None) == (from_time is None):
-            raise ValueError("give exactly one of from_offset and from_time")
-        if from_offset is not None and from_offset < 0:
-            raise ValueError("from_offset must not be negative")
+        check_replay_start(from_offset, from_time)
         async with self._db.write() as conn:
             heads = {
                 int(p): int(n)

@@ -163,3 +163,11 @@ async def poll_read(
         if deliveries or remaining <= 0:
             return deliveries
         await asyncio.sleep(min(poll_interval_s, remaining))
+
+
+def check_replay_start(from_offset: int | None, from_time: datetime | None) -> None:
+    """`Stream.replay` takes exactly one start: an offset (not negative) or a time."""
+    if (from_offset is None) == (from_time is None):
+        raise ValueError("give exactly one of from_offset and from_time")
+    if from_offset is not None and from_offset < 0:
+        raise ValueError("from_offset must not be negative")
