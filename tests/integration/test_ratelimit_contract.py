@@ -24,6 +24,7 @@ from mercato.kit.ratelimit import (
     ALGORITHMS,
     Limit,
     MemoryLimiter,
+    PipelinedRedis,
     RateLimiter,
     RedisLimiter,
     build_limiter,
@@ -42,6 +43,19 @@ async def redis() -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+@pytest.fixture(params=["redis-py", "pipelined"])
+async def store(request: pytest.FixtureRequest, redis: Redis) -> AsyncIterator[Redis | PipelinedRedis]:
+    """The client the Redis limiter runs its scripts on: redis-py, or the auto-pipelined connection."""
+    if request.param == "redis-py":
+        yield redis
+        return
+    pipelined = PipelinedRedis(REDIS_URL, socket_timeout_s=1.0)
+    try:
+        yield pipelined
+    finally:
+        await pipelined.aclose()
+
+
 @pytest.fixture
 async def prefix(redis: Redis) -> AsyncIterator[str]:
     """A key prefix no one else uses; everything under it is deleted after the test."""
@@ -52,8 +66,8 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
         await redis.delete(*keys)
 
 
-def make(algorithm: str, backend: str, redis: Redis, prefix: str) -> RateLimiter:
-    return build_limiter(algorithm, backend, redis_client=redis, key_prefix=prefix, fail_open=False)
+def make(algorithm: str, backend: str, store: Redis | PipelinedRedis, prefix: str) -> RateLimiter:
+    return build_limiter(algorithm, backend, redis_client=store, key_prefix=prefix, fail_open=False)
 
 
 async def hits(limiter: RateLimiter, key: str, limit: Limit, n: int) -> list[Any]:
@@ -69,12 +83,12 @@ SCRIPT += [(0.25, 1)] * 12 + [(5.0, 2), (0.0, 2), (0.0, 2), (0.01, 1), (2.0, 1)]
 
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 async def test_memory_and_redis_decide_identically_on_a_scripted_timeline(
-    algorithm: str, redis: Redis, prefix: str
+    algorithm: str, store: Redis | PipelinedRedis, prefix: str
 ) -> None:
     limit = Limit(rate=4, period_s=1.0, burst=6)
     memory_clock, redis_clock = ManualClock(), ManualClock()
     memory = MemoryLimiter(ALGORITHMS[algorithm], clock=memory_clock)
-    remote = RedisLimiter(algorithm, client=redis, key_prefix=prefix, clock=redis_clock)
+    remote = RedisLimiter(algorithm, client=store, key_prefix=prefix, clock=redis_clock)
     # Start far from 0 like a real clock, so window arithmetic on large times is exercised too.
     for clock in (memory_clock, redis_clock):
         clock.advance(1_700_000_000.0)
@@ -97,13 +111,15 @@ async def test_memory_and_redis_decide_identically_on_a_scripted_timeline(
     assert outcomes == {True, False}, "the script must exercise both admissions and refusals"
 
 
-async def test_shaper_reserves_identically_on_memory_and_redis(redis: Redis, prefix: str) -> None:
+async def test_shaper_reserves_identically_on_memory_and_redis(
+    store: Redis | PipelinedRedis, prefix: str
+) -> None:
     from mercato.kit.ratelimit import MemoryShaper, RedisShaper
 
     limit = Limit(rate=10, period_s=1.0, burst=4)
     memory_clock, redis_clock = ManualClock(), ManualClock()
     memory = MemoryShaper(clock=memory_clock)
-    remote = RedisShaper(client=redis, key_prefix=prefix, clock=redis_clock)
+    remote = RedisShaper(client=store, key_prefix=prefix, clock=redis_clock)
     for advance_s, max_wait_s in [(0, 1.0)] * 5 + [(0.05, 0.2), (0.0, 0.2), (0.3, 0.15), (0.0, 1.0)]:
         memory_clock.advance(advance_s)
         redis_clock.advance(advance_s)
@@ -123,9 +139,9 @@ LONG = Limit(rate=5, period_s=3600.0, burst=5)
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 async def test_burst_is_admitted_then_refused_with_consistent_headers(
-    algorithm: str, backend: str, redis: Redis, prefix: str
+    algorithm: str, backend: str, store: Redis | PipelinedRedis, prefix: str
 ) -> None:
-    limiter = make(algorithm, backend, redis, prefix)
+    limiter = make(algorithm, backend, store, prefix)
     first = await limiter.peek("k", LONG)
     assert (first.allowed, first.remaining, first.limit) == (True, 5, 5)
     decisions = await hits(limiter, "k", LONG, 7)
@@ -147,9 +163,9 @@ async def test_burst_is_admitted_then_refused_with_consistent_headers(
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 async def test_cost_consumes_several_units_and_refuses_what_does_not_fit(
-    algorithm: str, backend: str, redis: Redis, prefix: str
+    algorithm: str, backend: str, store: Redis | PipelinedRedis, prefix: str
 ) -> None:
-    limiter = make(algorithm, backend, redis, prefix)
+    limiter = make(algorithm, backend, store, prefix)
     assert (await limiter.hit("k", LONG, cost=3)).remaining == 2
     refused = await limiter.hit("k", LONG, cost=3)
     assert (refused.allowed, refused.remaining) == (False, 2)
@@ -162,9 +178,9 @@ async def test_cost_consumes_several_units_and_refuses_what_does_not_fit(
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 async def test_quota_comes_back_after_the_period(
-    algorithm: str, backend: str, redis: Redis, prefix: str
+    algorithm: str, backend: str, store: Redis | PipelinedRedis, prefix: str
 ) -> None:
-    limiter = make(algorithm, backend, redis, prefix)
+    limiter = make(algorithm, backend, store, prefix)
     short = Limit(rate=2, period_s=0.2)
     assert [d.allowed for d in await hits(limiter, "k", short, 3)][:2] == [True, True]
     await asyncio.sleep(0.45)  # longer than two periods: even the sliding counter has forgotten

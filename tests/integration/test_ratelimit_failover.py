@@ -22,6 +22,7 @@ from mercato.kit.health import HealthRegistry
 from mercato.kit.ratelimit import (
     BreakerState,
     Limit,
+    PipelinedRedis,
     PrometheusRateLimitMetrics,
     RedisLimiter,
     ResilientLimiter,
@@ -52,10 +53,27 @@ def port() -> int:
     return free_port()
 
 
-@pytest.fixture
-async def client(port: int) -> AsyncIterator[CountingRedis]:
-    built = redis_client_for_limiter(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.05)
-    counting = CountingRedis(connection_pool=built.connection_pool)
+class CountingPipelined(PipelinedRedis):
+    attempts = 0
+
+    async def execute(self, *args: Any) -> Any:
+        self.attempts += 1
+        return await super().execute(*args)
+
+
+Counting = CountingRedis | CountingPipelined
+
+
+@pytest.fixture(params=["redis-py", "pipelined"])
+async def client(request: pytest.FixtureRequest, port: int) -> AsyncIterator[Counting]:
+    """The limiter's store client, both kinds: redis-py, and the auto-pipelined connection (ADR 0020)."""
+    url = f"redis://127.0.0.1:{port}/0"
+    counting: Counting
+    if request.param == "redis-py":
+        built = redis_client_for_limiter(url, socket_timeout_s=0.05)
+        counting = CountingRedis(connection_pool=built.connection_pool)
+    else:
+        counting = CountingPipelined(url, socket_timeout_s=0.05)
     try:
         yield counting
     finally:
@@ -107,7 +125,7 @@ def state_of(limiter: ResilientLimiter) -> BreakerState:
 
 
 def resilient(
-    client: Redis, prefix: str, clock: ManualClock, *, fail_open: bool, **kw: Any
+    client: Redis | PipelinedRedis, prefix: str, clock: ManualClock, *, fail_open: bool, **kw: Any
 ) -> ResilientLimiter:
     limiter = build_limiter(
         "token_bucket",
@@ -124,7 +142,7 @@ def resilient(
     return limiter
 
 
-async def test_fail_open_admits_degraded_and_fail_closed_refuses(client: CountingRedis, prefix: str) -> None:
+async def test_fail_open_admits_degraded_and_fail_closed_refuses(client: Counting, prefix: str) -> None:
     clock = ManualClock()
     opened = resilient(client, prefix, clock, fail_open=True)
     closed = resilient(client, prefix, clock, fail_open=False)
@@ -137,7 +155,7 @@ async def test_fail_open_admits_degraded_and_fail_closed_refuses(client: Countin
 
 
 async def test_breaker_stops_calling_after_n_failures_then_recovers_when_the_port_is_fixed(
-    client: CountingRedis, port: int, prefix: str
+    client: Counting, port: int, prefix: str
 ) -> None:
     clock = ManualClock()
     registry = CollectorRegistry()
@@ -175,7 +193,7 @@ async def test_breaker_stops_calling_after_n_failures_then_recovers_when_the_por
         await client.aclose()  # drop pooled connections before the forwarder goes away
 
 
-async def test_failed_trial_reopens_the_breaker(client: CountingRedis, prefix: str) -> None:
+async def test_failed_trial_reopens_the_breaker(client: Counting, prefix: str) -> None:
     clock = ManualClock()
     limiter = resilient(client, prefix, clock, fail_open=True)
     for _ in range(3):
@@ -189,7 +207,8 @@ async def test_failed_trial_reopens_the_breaker(client: CountingRedis, prefix: s
     assert client.attempts == 4, "re-opened for a full reset_timeout_s"
 
 
-async def test_a_silent_redis_times_out_quickly(prefix: str) -> None:
+@pytest.mark.parametrize("kind", ["redis-py", "pipelined"])
+async def test_a_silent_redis_times_out_quickly(kind: str, prefix: str) -> None:
     writers: list[asyncio.StreamWriter] = []
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -199,7 +218,12 @@ async def test_a_silent_redis_times_out_quickly(prefix: str) -> None:
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    silent = redis_client_for_limiter(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.05)
+    url = f"redis://127.0.0.1:{port}/0"
+    silent: Redis | PipelinedRedis = (
+        redis_client_for_limiter(url, socket_timeout_s=0.05)
+        if kind == "redis-py"
+        else PipelinedRedis(url, socket_timeout_s=0.05)
+    )
     try:
         limiter = resilient(silent, prefix, ManualClock(), fail_open=True, timeout_s=1.0)
         loop = asyncio.get_running_loop()
@@ -216,7 +240,7 @@ async def test_a_silent_redis_times_out_quickly(prefix: str) -> None:
         await server.wait_closed()
 
 
-async def test_the_shaper_degrades_by_policy_too(client: CountingRedis, prefix: str) -> None:
+async def test_the_shaper_degrades_by_policy_too(client: Counting, prefix: str) -> None:
     shaper = build_shaper("redis", redis_client=client, key_prefix=prefix, fail_open=False)
     reservation = await shaper.acquire("k", LIMIT, max_wait_s=1.0)
     assert (reservation.granted, reservation.degraded) == (False, True)

@@ -58,7 +58,7 @@ from mercato.bench.runner import (
 from mercato.bench.search import SearchPolicy
 from mercato.bench.servers import ServerProcess, _clean_env, body_size, free_port, start_server
 from mercato.bench.stats import Slo, StepResult
-from mercato.kit.ratelimit import Limit, RateLimiter, RedisLimiter, build_limiter
+from mercato.kit.ratelimit import Limit, PipelinedRedis, RateLimiter, RedisLimiter, build_limiter
 from mercato.kit.ratelimit.redis_backend import load_script_source
 
 __all__ = [
@@ -157,7 +157,10 @@ def start_variant(variant: str, *, workdir: Path, workers: int, redis_url: str, 
 class DecisionRates:
     """Token-bucket decisions per second on one Redis, by client."""
 
-    client_loop: float  # RedisLimiter.hit from `concurrency` asyncio tasks (what the gateway does)
+    client_loop: float  # RedisLimiter.hit on the pipelined connection from `concurrency` tasks (the gateway)
+    client_loop_redis_py: float  # the same loop on a redis-py client (pool of `concurrency` connections)
+    client_loop_cpu_us: float  # client CPU per decision, pipelined connection
+    client_loop_redis_py_cpu_us: float  # client CPU per decision, redis-py
     client_pipelined: float  # raw EVALSHA in pipelines of `batch` (the Python client's ceiling)
     redis_benchmark: float | None  # redis-benchmark, same EVALSHA, `bench_clients` connections
     redis_benchmark_pipelined: float | None  # the same with -P `batch`
@@ -172,8 +175,15 @@ class DecisionRates:
         return dict(self.__dict__)
 
 
-async def _client_loop(redis_url: str, prefix: str, *, seconds: float, concurrency: int) -> float:
-    client = Redis.from_url(redis_url, max_connections=concurrency)
+async def _client_loop(
+    redis_url: str, prefix: str, *, seconds: float, concurrency: int, pipelined: bool = True
+) -> tuple[float, float]:
+    """Decisions/s and this process's CPU µs per decision (Redis runs in its own process)."""
+    client: Redis | PipelinedRedis = (
+        PipelinedRedis(redis_url, socket_timeout_s=1.0)
+        if pipelined
+        else Redis.from_url(redis_url, max_connections=concurrency)
+    )
     limiter = RedisLimiter("token_bucket", client=client, key_prefix=prefix)
     count = 0
     try:
@@ -188,9 +198,10 @@ async def _client_loop(redis_url: str, prefix: str, *, seconds: float, concurren
                 n += concurrency
                 count += 1
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        return count / (time.perf_counter() - started)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        return count / elapsed, cpu / max(count, 1) * 1e6
     finally:
         await client.aclose()
 
@@ -269,7 +280,12 @@ def measure_decisions(
 
     try:
         sha = asyncio.run(load())
-        loop_rate = asyncio.run(_client_loop(redis_url, prefix, seconds=seconds, concurrency=concurrency))
+        loop_rate, loop_cpu = asyncio.run(
+            _client_loop(redis_url, prefix, seconds=seconds, concurrency=concurrency)
+        )
+        loop_rate_redis_py, loop_cpu_redis_py = asyncio.run(
+            _client_loop(redis_url, prefix, seconds=seconds, concurrency=concurrency, pipelined=False)
+        )
         piped = asyncio.run(_pipelined(redis_url, prefix, sha, seconds=seconds, batch=batch))
         notes: list[str] = []
         plain = piped_bench = None
@@ -289,6 +305,9 @@ def measure_decisions(
         asyncio.run(_cleanup(redis_url, prefix))
     return DecisionRates(
         client_loop=loop_rate,
+        client_loop_redis_py=loop_rate_redis_py,
+        client_loop_cpu_us=loop_cpu,
+        client_loop_redis_py_cpu_us=loop_cpu_redis_py,
         client_pipelined=piped,
         redis_benchmark=plain,
         redis_benchmark_pipelined=piped_bench,
@@ -471,27 +490,39 @@ def _decisions_table(rates: DecisionRates) -> Table:
     table.add_column("client", no_wrap=True)
     table.add_column("decisions/s", justify="right")
     table.add_column("vs redis-benchmark -P 1", justify="right")
+    table.add_column("client CPU µs / decision", justify="right")
 
     def share(value: float) -> str:
         return "—" if not rates.redis_benchmark else f"{value / rates.redis_benchmark:.0%}"
 
     table.add_row(
-        f"RedisLimiter.hit, {rates.concurrency} asyncio tasks",
+        f"RedisLimiter.hit, {rates.concurrency} asyncio tasks, pipelined connection (gateway)",
         _fmt(rates.client_loop),
         share(rates.client_loop),
+        f"{rates.client_loop_cpu_us:.1f}",
+    )
+    table.add_row(
+        f"RedisLimiter.hit, {rates.concurrency} asyncio tasks, redis-py pool",
+        _fmt(rates.client_loop_redis_py),
+        share(rates.client_loop_redis_py),
+        f"{rates.client_loop_redis_py_cpu_us:.1f}",
     )
     table.add_row(
         f"redis-py pipeline, batches of {rates.batch}",
         _fmt(rates.client_pipelined),
         share(rates.client_pipelined),
+        "",
     )
     if rates.redis_benchmark is not None:
-        table.add_row(f"redis-benchmark -c {rates.bench_clients} -P 1", _fmt(rates.redis_benchmark), "100%")
+        table.add_row(
+            f"redis-benchmark -c {rates.bench_clients} -P 1", _fmt(rates.redis_benchmark), "100%", ""
+        )
     if rates.redis_benchmark_pipelined is not None:
         table.add_row(
             f"redis-benchmark -c {rates.bench_clients} -P {rates.batch}",
             _fmt(rates.redis_benchmark_pipelined),
             share(rates.redis_benchmark_pipelined),
+            "",
         )
     return table
 

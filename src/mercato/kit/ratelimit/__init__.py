@@ -15,11 +15,13 @@ from mercato.kit.ratelimit.factory import (
     BACKEND_NAMES,
     build_limiter,
     build_shaper,
+    pipelined_client_for_limiter,
     redis_client_for_limiter,
 )
 from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
 from mercato.kit.ratelimit.memory import MemoryLimiter, MemoryShaper
 from mercato.kit.ratelimit.metrics import NoMetrics, PrometheusRateLimitMetrics, RateLimitMetrics
+from mercato.kit.ratelimit.pipelined import PipelinedRedis
 from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, RedisLimiter, RedisShaper
 from mercato.kit.ratelimit.resilient import BreakerState, ConsecutiveFailureBreaker, ResilientLimiter
 
@@ -36,6 +38,7 @@ __all__ = [
     "MemoryLimiter",
     "MemoryShaper",
     "NoMetrics",
+    "PipelinedRedis",
     "PrometheusRateLimitMetrics",
     "RateLimitMetrics",
     "RateLimiter",
@@ -46,5 +49,6 @@ __all__ = [
     "Shaper",
     "build_limiter",
     "build_shaper",
+    "pipelined_client_for_limiter",
     "redis_client_for_limiter",
 ]

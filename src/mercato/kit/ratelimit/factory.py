@@ -11,10 +11,18 @@ from mercato.kit.ratelimit.algorithms import ALGORITHMS
 from mercato.kit.ratelimit.base import RateLimiter, Shaper
 from mercato.kit.ratelimit.memory import MemoryLimiter, MemoryShaper
 from mercato.kit.ratelimit.metrics import RateLimitMetrics
-from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, RedisLimiter, RedisShaper
+from mercato.kit.ratelimit.pipelined import PipelinedRedis
+from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, LimiterRedis, RedisLimiter, RedisShaper
 from mercato.kit.ratelimit.resilient import ResilientLimiter
 
-__all__ = ["ALGORITHM_NAMES", "BACKEND_NAMES", "build_limiter", "build_shaper", "redis_client_for_limiter"]
+__all__ = [
+    "ALGORITHM_NAMES",
+    "BACKEND_NAMES",
+    "build_limiter",
+    "build_shaper",
+    "pipelined_client_for_limiter",
+    "redis_client_for_limiter",
+]
 
 ALGORITHM_NAMES: tuple[str, ...] = tuple(ALGORITHMS)
 BACKEND_NAMES: tuple[str, ...] = ("memory", "redis")
@@ -35,12 +43,17 @@ def redis_client_for_limiter(redis_url: str, *, socket_timeout_s: float = 0.1) -
     )
 
 
+def pipelined_client_for_limiter(redis_url: str, *, socket_timeout_s: float = 0.1) -> PipelinedRedis:
+    """The limiter's default client: one auto-pipelined connection (ADR 0020), same timeouts, no retries."""
+    return PipelinedRedis(redis_url, socket_timeout_s=socket_timeout_s)
+
+
 def build_limiter(
     algorithm: str,
     backend: str,
     *,
     redis_url: str = "redis://127.0.0.1:6379/0",
-    redis_client: Redis | None = None,
+    redis_client: LimiterRedis | None = None,
     key_prefix: str = DEFAULT_KEY_PREFIX,
     fail_open: bool = True,
     socket_timeout_s: float = 0.1,
@@ -54,8 +67,8 @@ def build_limiter(
     """`algorithm` is one of `ALGORITHM_NAMES`, `backend` one of `BACKEND_NAMES`.
 
     - memory: the pure cores in this process (`max_keys` bounds its table; `clock` is its time source).
-    - redis: one Lua EVALSHA per decision on `redis_client` (or a client built from `redis_url` with
-      `socket_timeout_s`), wrapped in `ResilientLimiter` (`fail_open`, `timeout_s`, `failure_threshold`,
+    - redis: one Lua EVALSHA per decision on `redis_client` (or an auto-pipelined connection to `redis_url`
+      with `socket_timeout_s`), wrapped in `ResilientLimiter` (`fail_open`, `timeout_s`, `failure_threshold`,
       `reset_timeout_s`; `clock` drives its breaker, while decisions use the Redis server's time).
     `leaky_bucket` returns a limiter that is also a `Shaper` (see `build_shaper`).
     """
@@ -66,7 +79,7 @@ def build_limiter(
             return MemoryShaper(clock=clock, max_keys=max_keys, metrics=metrics)
         return MemoryLimiter(ALGORITHMS[algorithm], clock=clock, max_keys=max_keys, metrics=metrics)
     if backend == "redis":
-        client = redis_client or redis_client_for_limiter(redis_url, socket_timeout_s=socket_timeout_s)
+        client = redis_client or pipelined_client_for_limiter(redis_url, socket_timeout_s=socket_timeout_s)
         inner: RedisLimiter = (
             RedisShaper(client=client, key_prefix=key_prefix, metrics=metrics)
             if algorithm == "leaky_bucket"
@@ -88,7 +101,7 @@ def build_shaper(
     backend: str,
     *,
     redis_url: str = "redis://127.0.0.1:6379/0",
-    redis_client: Redis | None = None,
+    redis_client: LimiterRedis | None = None,
     key_prefix: str = DEFAULT_KEY_PREFIX,
     fail_open: bool = True,
     socket_timeout_s: float = 0.1,

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit.base import BackendError, RateLimiter
@@ -50,10 +48,11 @@ from mercato.kit.ratelimit.factory import (
     ALGORITHM_NAMES,
     BACKEND_NAMES,
     build_limiter,
-    redis_client_for_limiter,
+    pipelined_client_for_limiter,
 )
 from mercato.kit.ratelimit.limit import Decision, Limit
 from mercato.kit.ratelimit.metrics import RateLimitMetrics
+from mercato.kit.ratelimit.pipelined import PipelinedRedis
 from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX
 from mercato.kit.ratelimit.resilient import ResilientLimiter
 
@@ -417,7 +416,7 @@ class LimiterPool:
         self._clock = clock
         self._metrics = metrics
         self._degraded_states: dict[Any, bool] = {}
-        self._redis: Redis | None = None
+        self._redis: PipelinedRedis | None = None
         self._limiters: dict[tuple[str, str, bool], RateLimiter] = {}
 
     def backend_of(self, rule: Rule) -> str:
@@ -448,9 +447,10 @@ class LimiterPool:
             self._limiters[spec] = limiter
         return limiter
 
-    def _client(self) -> Redis:
+    def _client(self) -> PipelinedRedis:
         if self._redis is None:
-            self._redis = redis_client_for_limiter(self._redis_url, socket_timeout_s=self._socket_timeout_s)
+            timeout_s = self._socket_timeout_s
+            self._redis = pipelined_client_for_limiter(self._redis_url, socket_timeout_s=timeout_s)
         return self._redis
 
     def degraded(self) -> list[str]:

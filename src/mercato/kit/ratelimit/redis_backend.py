@@ -23,10 +23,15 @@ from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
 from mercato.kit.ratelimit.base import BackendError
 from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
 from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
+from mercato.kit.ratelimit.pipelined import PipelinedRedis
 
-__all__ = ["DEFAULT_KEY_PREFIX", "RedisLimiter", "RedisShaper", "load_script_source"]
+__all__ = ["DEFAULT_KEY_PREFIX", "LimiterRedis", "RedisLimiter", "RedisShaper", "load_script_source"]
 
 DEFAULT_KEY_PREFIX = "mercato:rl:"
+
+# Either client runs the scripts: the gateway uses the auto-pipelined connection (ADR 0020), redis-py
+# stays supported (and is what tests use to count commands).
+LimiterRedis = Redis | PipelinedRedis
 
 
 def load_script_source(algorithm: str) -> str:
@@ -44,7 +49,7 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
 
-    async def run(self, client: Redis, key: str, args: list[str]) -> Any:
+    async def run(self, client: LimiterRedis, key: str, args: list[str]) -> Any:
         try:
             return await client.evalsha(self.sha, 1, key, *args)  # type: ignore[misc]
         except NoScriptError:
@@ -71,7 +76,7 @@ class RedisLimiter:
         self,
         algorithm: str,
         *,
-        client: Redis,
+        client: LimiterRedis,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         metrics: RateLimitMetrics | None = None,
         clock: Clock | None = None,
@@ -94,7 +99,7 @@ class RedisLimiter:
         return "redis"
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> LimiterRedis:
         return self._client
 
     def redis_key(self, key: str) -> str:
@@ -140,7 +145,7 @@ class RedisShaper(RedisLimiter):
     def __init__(
         self,
         *,
-        client: Redis,
+        client: LimiterRedis,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         metrics: RateLimitMetrics | None = None,
         clock: Clock | None = None,
