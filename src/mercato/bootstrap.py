@@ -18,6 +18,7 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
+from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.resilience import BreakerRegistry, PrometheusResilienceHooks
 from mercato.kit.sagas import RetrySchedule, SagaDefinition, SagaStore
 from mercato.kit.sagas.events import OutboxEventSink
@@ -196,6 +197,18 @@ def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
             **common,
         )
     return SqlLogStream(db, **common)
+
+
+def build_projector(
+    container: Container, projection: Projection, *, batch_size: int, hook: ProjectionHook | None = None
+) -> Projector:
+    """A projector fed by the configured stream: the SQL log's table read by offset, or, on a broker,
+    a consumer group with the checkpoint as dedup (`StreamProjector`)."""
+    if isinstance(container.stream, SqlLogStream):
+        return Projector(container.db, projection, batch_size=batch_size, clock=container.clock, hook=hook)
+    return StreamProjector(
+        container.db, projection, container.stream, batch_size=batch_size, clock=container.clock, hook=hook
+    )
 
 
 def build_provider_calls(

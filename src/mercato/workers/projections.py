@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-from mercato.bootstrap import Container
+from mercato.bootstrap import Container, build_projector
 from mercato.kit.messaging import Consumer
 from mercato.kit.projections import Projector, PrometheusProjectionHook
 from mercato.shop.notifications import NotificationsService
@@ -20,10 +20,7 @@ PROJECTOR_BATCH = 500
 
 def build_projectors(container: Container) -> dict[str, Projector]:
     hook = PrometheusProjectionHook.for_registry(container.metrics_registry)
-    return {
-        p.name: Projector(container.db, p, batch_size=PROJECTOR_BATCH, clock=container.clock, hook=hook)
-        for p in PROJECTIONS
-    }
+    return {p.name: build_projector(container, p, batch_size=PROJECTOR_BATCH, hook=hook) for p in PROJECTIONS}
 
 
 def notifications_consumer(container: Container) -> Consumer:

@@ -1,6 +1,7 @@
-"""CQRS read models: projectors that apply the stream log to tables, with a transactional
-checkpoint (never a double apply after a crash), a lag metric, and rebuild-from-zero with an
-atomic swap. Generic: a projection names its topics, its tables and its apply function."""
+"""CQRS read models: projectors that apply the SQL stream log (`Projector`) or a broker's stream
+(`StreamProjector`) to tables, with a transactional checkpoint (never a double apply after a
+crash), a lag metric, and rebuild-from-zero with an atomic swap. Generic: a projection names its
+topics, its tables and its apply function."""
 
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook, PrometheusProjectionHook
 from mercato.kit.projections.projector import (
@@ -10,6 +11,7 @@ from mercato.kit.projections.projector import (
     Projector,
     RebuildReport,
 )
+from mercato.kit.projections.stream_projector import StreamProjector
 from mercato.kit.projections.tables import projection_checkpoints
 
 __all__ = [
@@ -21,5 +23,6 @@ __all__ = [
     "Projector",
     "PrometheusProjectionHook",
     "RebuildReport",
+    "StreamProjector",
     "projection_checkpoints",
 ]
