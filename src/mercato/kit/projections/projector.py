@@ -151,12 +151,7 @@ class Projector:
     async def rebuild(self) -> RebuildReport:
         """Replay the whole log into fresh tables and swap them in atomically (see module doc)."""
         started = time.perf_counter()
-        copies = {name: _copy(table) for name, table in self._live.items()}
-        async with self._db.write() as conn:
-            for copy in copies.values():
-                # A copy left by a rebuild that crashed is stale: start it over.
-                await conn.run_sync(copy.drop, checkfirst=True)
-                await conn.run_sync(copy.create)
+        copies = await self._fresh_copies()
         positions: dict[_Key, int] = {}
         total = 0
         try:
@@ -183,17 +178,34 @@ class Projector:
                     total += applied
                     if applied == 0:
                         break
-                for name, table in self._live.items():
-                    await _swap(conn, table, copies[name])
+                await self._swap_in(conn, copies)
                 await self._save(conn, positions)
         except BaseException:
             await self._drop_copies(copies)
             raise
-        duration = time.perf_counter() - started
-        self._hook.rebuilt(projection=self.name, messages=total, duration_s=duration)
-        _log.info("projection_rebuilt", projection=self.name, messages=total, duration_s=round(duration, 3))
+        report = self._rebuilt(total, started)
         await self.lag()
-        return RebuildReport(self.name, total, duration, tuple(self._live))
+        return report
+
+    async def _fresh_copies(self) -> dict[str, Table]:
+        copies = {name: _copy(table) for name, table in self._live.items()}
+        async with self._db.write() as conn:
+            for copy in copies.values():
+                # A copy left by a rebuild that crashed is stale: start it over.
+                await conn.run_sync(copy.drop, checkfirst=True)
+                await conn.run_sync(copy.create)
+        return copies
+
+    async def _swap_in(self, conn: AsyncConnection, copies: Mapping[str, Table]) -> None:
+        for name, table in self._live.items():
+            await _swap(conn, table, copies[name])
+
+    def _rebuilt(self, messages: int, started: float) -> RebuildReport:
+        duration = time.perf_counter() - started
+        self._hook.rebuilt(projection=self.name, messages=messages, duration_s=duration)
+        rounded = round(duration, 3)
+        _log.info("projection_rebuilt", projection=self.name, messages=messages, duration_s=rounded)
+        return RebuildReport(self.name, messages, duration, tuple(self._live))
 
     async def _drop_copies(self, copies: Mapping[str, Table]) -> None:
         try:

@@ -43,7 +43,7 @@ from mercato.kit.messaging.inbox import Inbox
 from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.projections.hooks import ProjectionHook
-from mercato.kit.projections.projector import Projection, Projector, RebuildReport, _copy, _swap
+from mercato.kit.projections.projector import Projection, Projector, RebuildReport
 from mercato.kit.storage import Database
 
 __all__ = ["StreamProjector"]
@@ -100,11 +100,7 @@ class StreamProjector(Projector):
 
     async def rebuild(self) -> RebuildReport:
         started = time.perf_counter()
-        copies = {name: _copy(table) for name, table in self._live.items()}
-        async with self._db.write() as conn:
-            for copy in copies.values():
-                await conn.run_sync(copy.drop, checkfirst=True)
-                await conn.run_sync(copy.create)
+        copies = await self._fresh_copies()
         for topic in self.projection.topics:
             # Creates the group at the start if it is new; rewinds the one a previous rebuild left.
             await self._stream.read(topic, self.rebuild_group, self._consumer, max_messages=1, block_s=0)
@@ -124,16 +120,12 @@ class StreamProjector(Projector):
                 while batch := await self._read_rebuild():  # under the lock: whatever arrived meanwhile
                     total += await self._apply_in(conn, batch, positions, copies)
                     await self._ack(batch)
-                for name, table in self._live.items():
-                    await _swap(conn, table, copies[name])
+                await self._swap_in(conn, copies)
                 await self._save(conn, positions)
         except BaseException:
             await self._drop_copies(copies)
             raise
-        duration = time.perf_counter() - started
-        self._hook.rebuilt(projection=self.name, messages=total, duration_s=duration)
-        _log.info("projection_rebuilt", projection=self.name, messages=total, duration_s=round(duration, 3))
-        return RebuildReport(self.name, total, duration, tuple(self._live))
+        return self._rebuilt(total, started)
 
     async def _read_rebuild(self) -> list[Delivery]:
         out: list[Delivery] = []
