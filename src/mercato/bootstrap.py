@@ -123,8 +123,14 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     orders = OrdersService(db, clock, cart)
     providers = settings.providers
     provider_timeout = httpx.Timeout(settings.checkout.provider_timeout_s, connect=1.0)
-    psp = PspClient(providers.psp_base_url, timeout=provider_timeout)
-    carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout)
+    network = settings.network
+    pool = httpx.Limits(
+        max_connections=network.client_max_connections,
+        max_keepalive_connections=network.client_max_keepalive_connections,
+        keepalive_expiry=network.client_keepalive_expiry_s,
+    )
+    psp = PspClient(providers.psp_base_url, timeout=provider_timeout, limits=pool)
+    carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout, limits=pool)
     metrics_registry = CollectorRegistry()
     hooks = PrometheusResilienceHooks(metrics_registry)
     breakers = BreakerRegistry(clock=clock, hooks=[hooks])

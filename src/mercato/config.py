@@ -7,15 +7,17 @@ by `MERCATO_CONFIG_FILE`.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import tomllib
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mercato.providers.config import ProviderSettings
 
@@ -203,6 +205,48 @@ class RateLimitSettings(BaseModel):
     reset_timeout_s: float = Field(default=5.0, gt=0, le=600)
 
 
+class NetworkSettings(BaseModel):
+    """How the service sits on the network (ADR 0019, guide §28).
+
+    `trusted_proxies`: addresses or CIDRs of the reverse proxies / CDN edges in front of the API. Only
+    when the socket peer is one of them is `forwarded_header` read, walked from the right, to find the
+    client (rate limits, logs). Empty, the default, trusts nobody: the client is the socket peer.
+    Env: `MERCATO_NETWORK_TRUSTED_PROXIES='10.0.0.0/8,192.168.1.5'` (or a JSON list).
+    `forwarded_header` must be the one header the proxies write: one they pass through untouched is
+    the client's to forge.
+
+    `client_*`: the keep-alive pool of each outgoing HTTP client (the payment provider, the carrier).
+    The idle expiry stays under the servers' keep-alive timeout (uvicorn: 5 s), so the client never
+    sends on a connection the server is closing.
+    """
+
+    # NoDecode: the environment gives a comma list (the validator splits it), not only JSON.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+    client_max_connections: int = Field(default=100, ge=1, le=10_000)
+    client_max_keepalive_connections: int = Field(default=20, ge=0, le=10_000)
+    client_keepalive_expiry_s: float = Field(default=4.0, ge=0, le=600)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)
+        if isinstance(value, str):
+            return [item for item in (part.strip() for part in value.split(",")) if item]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: not an IP address or CIDR: {entry!r}") from exc
+        return [entry.strip() for entry in value]
+
+
 class WorkerSettings(BaseModel):
     # How often expired inventory reservations give their units back.
     reservation_sweep_s: float = Field(default=5.0, gt=0, le=3600)
@@ -236,6 +280,7 @@ class Settings(BaseSettings):
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     signing: SigningSettings = SigningSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
+    network: NetworkSettings = NetworkSettings()
 
     @field_validator("env", mode="before")
     @classmethod

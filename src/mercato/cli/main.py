@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -118,9 +119,24 @@ def api(
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
     port: Annotated[int | None, typer.Option(help="Port")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes")] = None,
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, readable=True, help="Serve HTTPS: the PEM certificate (chain)"
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="Serve HTTPS: the PEM private key"),
+    ] = None,
 ) -> None:
-    """Serve the HTTP API (expects migrations applied)."""
+    """Serve the HTTP API (expects migrations applied); HTTPS with --ssl-certfile and --ssl-keyfile."""
     settings = _settings()
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        console.print("[red]error:[/red] --ssl-certfile and --ssl-keyfile go together")
+        raise typer.Exit(2)
+    # proxy_headers off: the app itself decides whom to believe (MERCATO_NETWORK_TRUSTED_PROXIES,
+    # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
     uvicorn.run(
         "mercato.gateway.app:create_app",
         factory=True,
@@ -130,6 +146,8 @@ def api(
         access_log=False,
         log_config=None,
         proxy_headers=False,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
 
 

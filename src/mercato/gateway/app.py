@@ -40,6 +40,7 @@ from mercato.kit.resilience import DeadlineMiddleware
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.web.etags import PreconditionRequired, precondition_required_handler
+from mercato.kit.web.forwarded import TrustedProxies
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
@@ -190,7 +191,12 @@ def create_app(
             ),
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, tracer=tracer, access_log=settings.http.access_log
+        RequestContextMiddleware,
+        metrics=metrics,
+        tracer=tracer,
+        access_log=settings.http.access_log,
+        trusted_proxies=TrustedProxies.parse(settings.network.trusted_proxies),
+        forwarded_header=settings.network.forwarded_header,
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -1,7 +1,8 @@
 """Pure ASGI middleware for the edge (no BaseHTTPMiddleware: it costs a task per request).
 
-`RequestContextMiddleware` gives every request an id, a server span, RED metrics, an access log
-line and a last-resort 500 that carries only the request id. `BodyLimitMiddleware` refuses
+`RequestContextMiddleware` gives every request an id, its client address (the socket peer, or the
+client a trusted proxy forwarded for: ADR 0019), a server span, RED metrics, an access log line and a
+last-resort 500 that carries only the request id. `BodyLimitMiddleware` refuses
 bodies over the configured size before they are read into memory.
 """
 
@@ -12,12 +13,14 @@ import time
 import uuid
 from typing import Any
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.web.forwarded import X_FORWARDED_FOR, ForwardedHeader, TrustedProxies, resolve_client_address
 from mercato.kit.web.problems import problem_response
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -32,6 +35,26 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _headers(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope.get("headers", ()) if key == name]
+
+
+def _with_client_address(scope: Scope, trusted: TrustedProxies, header: ForwardedHeader) -> Scope:
+    """The scope with `client` set to the resolved client, so every layer inside (the limiter, the
+    idempotency scope, routes' `request.client`) sees one answer, computed once."""
+    peer = scope.get("client")
+    if not trusted:
+        return scope  # trust nobody: the peer is the client, and the headers are not even read
+    peer_host = peer[0] if peer else None
+    client = resolve_client_address(
+        peer_host, _headers(scope, header.encode("latin-1")), trusted=trusted, header=header
+    )
+    if client == peer_host or client is None:
+        return scope
+    # The port a proxy saw is not ours to know; 0 says "unknown" as uvicorn's proxy middleware does.
+    return {**scope, "client": (client, 0)}
+
+
 def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -40,12 +63,21 @@ def _route_template(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: HttpMetrics, tracer: Tracer | None, access_log: bool = False
+        self,
+        app: ASGIApp,
+        *,
+        metrics: HttpMetrics,
+        tracer: Tracer | None,
+        access_log: bool = False,
+        trusted_proxies: TrustedProxies | None = None,
+        forwarded_header: ForwardedHeader = X_FORWARDED_FOR,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
         self.access_log = access_log
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self.forwarded_header = forwarded_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,6 +86,15 @@ class RequestContextMiddleware:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        peer = scope.get("client")
+        scope = _with_client_address(scope, self.trusted_proxies, self.forwarded_header)
+        client = scope.get("client")
+        client_ip = client[0] if client else None
+        # Every log line of this request names its client; the peer too when a proxy spoke for it.
+        log_context = {"client_ip": client_ip}
+        if peer is not None and client is not peer:
+            log_context["peer_ip"] = peer[0]
+        log_tokens = structlog.contextvars.bind_contextvars(**log_context)
         start = time.perf_counter()
         status = 500
         started = False
@@ -120,6 +161,7 @@ class RequestContextMiddleware:
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )
+            structlog.contextvars.reset_contextvars(**log_tokens)
             request_id_var.reset(token)
 
 

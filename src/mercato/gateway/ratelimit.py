@@ -1,9 +1,10 @@
 """The limiter at the edge: policies from a file, applied by an ASGI middleware before any route runs.
 
 - Dimensions come from the request: `X-API-Key`, the bearer token's subject (verified here, but a bad token
-  only means "no user": refusing it stays the route's job), the client address, `X-Tenant-ID`, the route
-  template, and JSON body fields (`body.email` for login), read from a bounded buffer and replayed to
-  the app unchanged.
+  only means "no user": refusing it stays the route's job), the client address (as the request context
+  resolved it: the socket peer, or the client a trusted proxy forwarded for, ADR 0019), `X-Tenant-ID`,
+  the route template, and JSON body fields (`body.email` for login), read from a bounded buffer and
+  replayed to the app unchanged.
 - Probes and metrics (`/healthz`, `/readyz`, `/startupz`, `/metrics`) are never limited, whatever the file
   says: an orchestrator must always see the truth about a process.
 - A limited route's responses carry `RateLimit-*` and `X-RateLimit-*` of the most restrictive rule; a

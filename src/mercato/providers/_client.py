@@ -6,10 +6,14 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DEFAULT_TIMEOUT", "ProviderError", "ProviderHttpClient"]
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_TIMEOUT", "ProviderError", "ProviderHttpClient"]
 
 # Explicit and short: the saga's resilience layer decides about retries, deadlines and breakers.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=1.0, read=5.0, write=5.0, pool=1.0)
+# One keep-alive pool per client (guide §28: reuse saves a TCP handshake per call). Idle connections
+# expire under the providers' 5 s keep-alive timeout (uvicorn's default), so a request is never sent
+# on a connection the server is closing at that moment.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=4.0)
 
 
 class ProviderError(Exception):
@@ -36,11 +40,12 @@ class ProviderHttpClient:
         base_url: str,
         *,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=timeout, transport=transport, headers=headers
+            base_url=base_url, timeout=timeout, limits=limits, transport=transport, headers=headers
         )
 
     async def aclose(self) -> None:

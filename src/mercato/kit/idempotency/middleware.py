@@ -106,8 +106,8 @@ async def default_scope_resolver(scope: Scope) -> str:
 
     Runs before routing, so it cannot use the route's auth dependency: it verifies the token itself
     with `app.state.token_codec` when the app has one. An invalid token falls back to the address;
-    the route will answer 401 anyway. Behind a proxy the address is only the client's when the server
-    rewrites it from forwarding headers (uvicorn `--proxy-headers` with trusted `--forwarded-allow-ips`).
+    the route will answer 401 anyway. Behind a proxy the address is the client's because the gateway's
+    request context has already resolved it from trusted proxies' forwarding headers (ADR 0019).
     """
     app = scope.get("app")
     codec = getattr(getattr(app, "state", None), "token_codec", None)
