@@ -129,12 +129,51 @@ def api(
         Path | None,
         typer.Option(exists=True, dir_okay=False, readable=True, help="Serve HTTPS: the PEM private key"),
     ] = None,
+    http2: Annotated[
+        bool,
+        typer.Option(
+            "--http2",
+            help="Serve HTTP/2 and HTTP/1.1 (by ALPN) with hypercorn; needs --ssl-certfile/--ssl-keyfile",
+        ),
+    ] = False,
+    h2c: Annotated[
+        bool,
+        typer.Option(
+            "--h2c",
+            help="With --http2: cleartext HTTP/2 without TLS, for behind a TLS-terminating proxy only",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the HTTP API (expects migrations applied); HTTPS with --ssl-certfile and --ssl-keyfile."""
+    """Serve the HTTP API (expects migrations applied); HTTPS with --ssl-certfile and --ssl-keyfile,
+    HTTP/2 as well with --http2."""
     settings = _settings()
     if (ssl_certfile is None) != (ssl_keyfile is None):
         console.print("[red]error:[/red] --ssl-certfile and --ssl-keyfile go together")
         raise typer.Exit(2)
+    if h2c and not http2:
+        console.print("[red]error:[/red] --h2c goes with --http2")
+        raise typer.Exit(2)
+    if http2:
+        # Imported here: hypercorn is an optional extra, and `mercato` must start without it.
+        from rich.markup import escape
+
+        from mercato.cli.serve_http2 import Http2Options, Http2Unavailable, Http2UsageError, serve_http2
+
+        try:
+            options = Http2Options(
+                host=host or settings.http.host,
+                port=port if port is not None else settings.http.port,
+                workers=workers or settings.http.workers,
+                certfile=ssl_certfile,
+                keyfile=ssl_keyfile,
+                h2c=h2c,
+            )
+            exit_code = serve_http2(options)
+        except (Http2UsageError, Http2Unavailable) as exc:
+            # escape: the message names the `mercato[http2]` extra, which rich would take for markup.
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+        raise typer.Exit(exit_code)
     # proxy_headers off: the app itself decides whom to believe (MERCATO_NETWORK_TRUSTED_PROXIES,
     # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
     uvicorn.run(
