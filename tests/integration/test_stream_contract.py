@@ -13,6 +13,7 @@ before the deadline, redelivery after it) with sub-second real timeouts.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -361,3 +362,82 @@ class TestSqlLogStream(StreamContract):
             )
 
         return build
+
+    async def test_an_ack_from_a_consumer_that_lost_its_claim_is_refused(
+        self, make_stream: StreamFactory, clock: ManualClock
+    ) -> None:
+        stream = make_stream(visibility_timeout_s=10)
+        await stream.publish([make_message("order-1")])
+        [stale] = await stream.read(TOPIC, "g", "slow", max_messages=10, block_s=0)
+        clock.advance(11)
+        [fresh] = await stream.read(TOPIC, "g", "fast", max_messages=10, block_s=0)
+        await stream.ack(stale)
+        await stream.nack(stale, error="late")
+        # Neither counted: the message is still the new owner's, on its second attempt.
+        assert await stream.lag(TOPIC, "g") == 1
+        assert await stream.dead_letters() == []
+        await stream.ack(fresh)
+        assert await stream.lag(TOPIC, "g") == 0
+        clock.advance(11)
+        assert await stream.read(TOPIC, "g", "fast", max_messages=10, block_s=0) == []
+
+    async def test_acks_out_of_order_complete_the_batch_without_waiting_for_its_deadline(
+        self, make_stream: StreamFactory
+    ) -> None:
+        stream = make_stream(partitions=1)
+        await stream.publish([make_message("order-1", n) for n in range(4)])
+        batch = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
+        for delivery in (batch[2], batch[1], batch[3], batch[0]):
+            await stream.ack(delivery)
+        assert await stream.lag(TOPIC, "g") == 0
+        later = make_message("order-1", 4)
+        await stream.publish([later])
+        [next_one] = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
+        assert (next_one.message.id, next_one.offset, next_one.attempt) == (later.id, 4, 1)
+
+    async def test_concurrent_acks_of_one_batch_in_any_order_all_count(
+        self, make_stream: StreamFactory, clock: ManualClock
+    ) -> None:
+        # On PostgreSQL the acks run on several connections at once, so in-order acks (one
+        # statement) race out-of-order ones (the general path) for the cursor row.
+        stream = make_stream(partitions=1, visibility_timeout_s=10)
+        rng = random.Random(7)
+        for round_ in range(5):
+            await stream.publish([make_message("order-1", round_ * 20 + n) for n in range(20)])
+            batch = await stream.read(TOPIC, "g", "c1", max_messages=20, block_s=0)
+            assert [d.message.data["n"] for d in batch] == [round_ * 20 + n for n in range(20)]
+            rng.shuffle(batch)
+            await asyncio.gather(*(stream.ack(delivery) for delivery in batch))
+            assert await stream.lag(TOPIC, "g") == 0
+        clock.advance(11)
+        assert await stream.read(TOPIC, "g", "c1", max_messages=20, block_s=0) == []
+
+    async def test_an_in_order_ack_waiting_on_an_out_of_order_one_still_completes_the_batch(
+        self, make_stream: StreamFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        stream = make_stream(partitions=1)
+        assert isinstance(stream, SqlLogStream)
+        await stream.publish([make_message("order-1", n) for n in range(2)])
+        first, second = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
+        holding = asyncio.Event()
+        advance = stream._advance
+
+        async def advance_slowly(*args: Any) -> int:
+            # The ack of `second` holds the cursor row here, its own ack recorded, while the ack
+            # of `first` arrives and waits for the row.
+            holding.set()
+            await asyncio.sleep(0.2)
+            return await advance(*args)
+
+        monkeypatch.setattr(stream, "_advance", advance_slowly)
+
+        async def ack_first_meanwhile() -> None:
+            await holding.wait()
+            await stream.ack(first)
+
+        await asyncio.gather(stream.ack(second), ack_first_meanwhile())
+        assert await stream.lag(TOPIC, "g") == 0
+        later = make_message("order-1", 2)
+        await stream.publish([later])
+        [next_one] = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
+        assert next_one.message.id == later.id

@@ -8,19 +8,48 @@ Appends lock the partition's head row, so offsets within a partition commit in o
 reader never acknowledges past a gap that a slower publisher fills later. A group has at most one
 batch out per partition: the next batch starts after the previous one is acknowledged, or after its
 visibility deadline (a dead consumer), so a partition is consumed in order even across redeliveries.
+
+Throughput (ADR 0018): the common read and publish run their prepared Core statements on the
+driver's connection (one aiosqlite thread hop or asyncpg round trip each, where SQLAlchemy's async
+adapter costs several), and anything uncommon (a first publish to a partition, a group's first
+read, an expired batch, a replayed dead letter) rolls back and runs again through SQLAlchemy. The
+common ack, the first unacknowledged offset of the batch acknowledged by its holder, is one
+autocommitted conditional UPDATE; any other ack takes the general, locking path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
-from sqlalchemy import Table, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    ClauseElement,
+    Dialect,
+    Executable,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
@@ -46,6 +75,387 @@ from mercato.kit.storage import Database
 __all__ = ["SqlLogStream"]
 
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
+_T = TypeVar("_T")
+
+
+# The statements of every publish and read, built once: SQLAlchemy then reuses their compiled
+# form without rebuilding the expression and its cache key per call.
+_h, _c, _log, _a = stream_heads.c, stream_cursors.c, stream_log.c, stream_attempts.c
+
+_LOCK_HEAD = (
+    select(_h.next_offset)
+    .where(_h.topic == bindparam("topic"), _h.partition == bindparam("partition"))
+    .with_for_update()
+)
+_MOVE_HEAD = (
+    update(stream_heads)
+    .where(_h.topic == bindparam("b_topic"), _h.partition == bindparam("b_partition"))
+    .values(next_offset=bindparam("next_offset_value"))
+)
+_APPEND = insert(stream_log)
+_STORED_IDS_CHUNK = 100
+
+# Which partitions the topic has and which of them the group has no cursor for yet.
+_HEADS_AND_CURSORS = (
+    select(_h.partition, _h.next_offset, _c.next_offset)
+    .select_from(
+        stream_heads.outerjoin(
+            stream_cursors,
+            and_(_c.group == bindparam("group"), _c.topic == _h.topic, _c.partition == _h.partition),
+        )
+    )
+    .where(_h.topic == bindparam("topic"))
+)
+_LOCK_CURSORS = (
+    select(_c.partition, _c.next_offset, _c.batch_end, _c.owner, _c.lease_until)
+    .where(_c.group == bindparam("group"), _c.topic == bindparam("topic"))
+    .order_by(_c.partition)
+    .with_for_update(skip_locked=True)
+)
+# The next messages of a partition with the group's record of each (none for most).
+_NEXT_BATCH = (
+    select(_log.offset, _log.envelope, _a.failures, _a.acked)
+    .select_from(
+        stream_log.outerjoin(
+            stream_attempts,
+            and_(
+                _a.group == bindparam("group"),
+                _a.topic == _log.topic,
+                _a.partition == _log.partition,
+                _a.offset == _log.offset,
+            ),
+        )
+    )
+    .where(
+        _log.topic == bindparam("topic"),
+        _log.partition == bindparam("partition"),
+        _log.offset >= bindparam("from_offset"),
+    )
+    .order_by(_log.offset)
+    .limit(bindparam("limit"))
+)
+_d = dead_letters.c
+# Dead letters queued for the group again whose (re)delivery is due.
+_REPLAYS = (
+    select(_d.id, _d.partition, _d.offset, _d.envelope, _d.attempts)
+    .where(
+        _d.group == bindparam("group"),
+        _d.topic == bindparam("topic"),
+        _d.status == DeadLetterStatus.REPLAYING.value,
+        _d.visible_at.is_(None) | (_d.visible_at <= bindparam("now")),
+    )
+    .order_by(_d.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_SET_CURSOR = (
+    update(stream_cursors)
+    .where(
+        _c.group == bindparam("b_group"),
+        _c.topic == bindparam("b_topic"),
+        _c.partition == bindparam("b_partition"),
+    )
+    .values(
+        next_offset=bindparam("next_offset_value"),
+        batch_end=bindparam("batch_end_value"),
+        owner=bindparam("owner_value"),
+        lease_until=bindparam("lease_until_value"),
+    )
+)
+
+
+class _Cursor(NamedTuple):
+    next_offset: int
+    batch_end: int
+    lease_until: datetime | None
+
+
+# The in-order ack (see `SqlLogStream._ack_in_order`). Both engines evaluate SET expressions on
+# the row's old values, so `lease_until` is cleared exactly when this ack completes the batch (its
+# end is the new watermark).
+_ACK_IN_ORDER = (
+    update(stream_cursors)
+    .where(
+        _c.group == bindparam("b_group"),
+        _c.topic == bindparam("b_topic"),
+        _c.partition == bindparam("b_partition"),
+        _c.next_offset == bindparam("b_offset"),
+        _c.batch_end > bindparam("b_offset"),
+        _c.owner == bindparam("b_owner"),
+        _c.lease_until == bindparam("b_lease"),
+        ~exists().where(
+            _a.group == bindparam("b_group"),
+            _a.topic == bindparam("b_topic"),
+            _a.partition == bindparam("b_partition"),
+            _a.offset >= bindparam("b_offset"),
+        ),
+    )
+    .values(
+        next_offset=bindparam("b_next"),
+        lease_until=case((_c.batch_end == bindparam("b_next"), null()), else_=_c.lease_until),
+    )
+    .returning(_c.next_offset)
+)
+
+
+_STORED_IDS_STATEMENTS: dict[int, Select[tuple[uuid.UUID]]] = {}
+
+
+def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
+    """Which of `count` message ids (`id0`...) the log holds: one statement per batch size, so its
+    compiled form is reused (an expanding IN is rendered anew on every call)."""
+    statement = _STORED_IDS_STATEMENTS.get(count)
+    if statement is None:
+        statement = select(_log.message_id).where(
+            _log.message_id.in_([bindparam(f"id{n}", type_=_log.message_id.type) for n in range(count)])
+        )
+        _STORED_IDS_STATEMENTS[count] = statement
+        _PREPARED.add(statement)
+    return statement
+
+
+# What the driver path runs; any other statement sends the operation back through SQLAlchemy.
+_PREPARED: set[ClauseElement] = {
+    _LOCK_HEAD,
+    _MOVE_HEAD,
+    _APPEND,
+    _HEADS_AND_CURSORS,
+    _LOCK_CURSORS,
+    _NEXT_BATCH,
+    _REPLAYS,
+    _SET_CURSOR,
+    _ACK_IN_ORDER,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _DriverStatement:
+    """A Core statement compiled once for one dialect, with its parameter order and the column
+    types' conversions, to run on the driver's connection."""
+
+    sql: str
+    names: tuple[str, ...]
+    binds: tuple[Callable[[Any], Any] | None, ...]
+    results: tuple[Callable[[Any], Any] | None, ...]
+    # The values written into the statement itself (`status == 'replaying'`): bound like the rest.
+    fixed: dict[str, Any]
+
+    @classmethod
+    def compile(cls, statement: ClauseElement, dialect: Dialect) -> _DriverStatement:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        names = tuple(compiled.positiontup or ())
+        columns = statement.selected_columns if isinstance(statement, Select) else ()
+        return cls(
+            sql=str(compiled),
+            names=names,
+            binds=tuple(
+                compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+            ),
+            results=tuple(
+                column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+            ),
+            fixed={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
+        )
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [
+            value if process is None else process(value)
+            for process, value in zip(
+                self.binds, (values[n] if n in values else self.fixed[n] for n in self.names), strict=True
+            )
+        ]
+
+    def rows(self, records: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if not any(self.results):
+            return [tuple(record) for record in records]
+        return [
+            tuple(v if process is None else process(v) for process, v in zip(self.results, r, strict=True))
+            for r in records
+        ]
+
+
+class _Unprepared(Exception):
+    """The driver path met a statement it does not carry: redo the operation through SQLAlchemy."""
+
+
+class _Executor(Protocol):
+    """Runs this module's statements in one transaction; rows come back as plain tuples."""
+
+    async def rows(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]: ...
+
+    async def run(
+        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> None: ...
+
+    async def insert_ignore(
+        self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]
+    ) -> None: ...
+
+
+class _SqlAlchemyExecutor:
+    """Every statement, through a SQLAlchemy connection: the general path."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def rows(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        result = await self._conn.execute(cast(Executable, statement), params)
+        return [tuple(row) for row in result]
+
+    async def run(
+        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> None:
+        await self._conn.execute(cast(Executable, statement), params)
+
+    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
+        await insert_ignore(self._conn, table, rows, conflict=conflict)
+
+
+class _Statements:
+    """One dialect's compiled forms of the `_PREPARED` statements, compiled on first use."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._compiled: dict[int, _DriverStatement] = {}
+
+    def get(self, statement: ClauseElement) -> _DriverStatement:
+        compiled = self._compiled.get(id(statement))
+        if compiled is None:
+            if statement not in _PREPARED:
+                raise _Unprepared
+            compiled = self._compiled[id(statement)] = _DriverStatement.compile(statement, self._dialect)
+        return compiled
+
+
+class _DriverExecutor:
+    """The hot path: prepared statements on the driver's connection, one thread hop (aiosqlite)
+    or one round trip (asyncpg) each, where SQLAlchemy's async adapter costs several."""
+
+    def __init__(self, conn: Any, statements: _Statements, *, postgresql: bool) -> None:
+        self._conn = conn
+        self._statements = statements
+        self._postgresql = postgresql
+
+    async def rows(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        prepared = self._statements.get(statement)
+        args = prepared.args(params or {})
+        if self._postgresql:
+            return prepared.rows(await self._conn.fetch(prepared.sql, *args))
+        return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
+
+    async def run(
+        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> None:
+        prepared = self._statements.get(statement)
+        if isinstance(params, list):
+            await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
+        elif self._postgresql:
+            await self._conn.execute(prepared.sql, *prepared.args(params or {}))
+        else:
+            await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
+
+    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
+        raise _Unprepared
+
+
+@asynccontextmanager
+async def _driver_connection(db: Database) -> AsyncIterator[Any]:
+    """The driver's connection (asyncpg's, aiosqlite's) from `db`'s pool, in autocommit.
+
+    No SQLAlchemy `Connection` around it, so nothing emits BEGIN: each statement commits on its
+    own unless the caller begins a transaction. Checkin and invalidation run in a greenlet
+    because the pool may close the connection (an overflow connection, a failed one), which the
+    async drivers only do awaited. A failure discards the connection (after a cancellation
+    mid-statement its state is unknown), except `_Unprepared`, raised after a clean rollback.
+    """
+    pooled = await db.engine.raw_connection()
+    try:
+        yield pooled.driver_connection
+    except _Unprepared:
+        await greenlet_spawn(pooled.close)
+        raise
+    except BaseException:
+        await greenlet_spawn(pooled.invalidate)
+        raise
+    await greenlet_spawn(pooled.close)
+
+
+class _AckConnection:
+    """One pooled driver connection shared by back-to-back in-order acks.
+
+    A consumer acknowledges a batch one message at a time; checking a connection out of the pool
+    and back in around each one-statement ack cost about a quarter of the ack. The connection goes
+    back to the pool as soon as the event loop runs with no ack using it (the consumer awaited
+    something else), so it is never held while the consumer is idle. An ack arriving while another
+    one uses it takes its own connection from the pool, so concurrent acks never queue.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pooled: PoolProxiedConnection | None = None
+        self._busy = False
+        self._release_scheduled = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[Any]:
+        if self._busy:
+            async with _driver_connection(self._db) as conn:
+                yield conn
+            return
+        self._busy = True
+        try:
+            if self._pooled is None:
+                self._pooled = await self._db.engine.raw_connection()
+            pooled = self._pooled
+            try:
+                yield pooled.driver_connection
+            except BaseException:
+                # Its state is unknown after a failure or a cancellation mid-statement.
+                self._pooled = None
+                await greenlet_spawn(pooled.invalidate)
+                raise
+        finally:
+            self._busy = False
+            if self._pooled is not None and not self._release_scheduled:
+                self._release_scheduled = True
+                asyncio.get_running_loop().call_soon(self._release_if_unused)
+
+    def _release_if_unused(self) -> None:
+        self._release_scheduled = False
+        if self._busy or self._pooled is None:
+            return  # the ack using it schedules the release again when it is done
+        pooled, self._pooled = self._pooled, None
+        # The pool's checkin may close the connection, which the async drivers only do awaited.
+        task = asyncio.get_running_loop().create_task(greenlet_spawn(pooled.close))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+@asynccontextmanager
+async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIterator[_Executor]:
+    """A write transaction on the driver's connection, committed on success: BEGIN IMMEDIATE on
+    SQLite (the write lock up front, as `Database.write` does), BEGIN on PostgreSQL."""
+    postgresql = db.dialect == "postgresql"
+    async with _driver_connection(db) as conn:
+        transaction = conn.transaction() if postgresql else None
+        if transaction is not None:
+            await transaction.start()
+        else:
+            await conn.execute_fetchall("BEGIN IMMEDIATE")
+        try:
+            yield _DriverExecutor(conn, statements, postgresql=postgresql)
+        except _Unprepared:
+            await (transaction.rollback() if transaction is not None else conn.rollback())
+            raise
+        await (transaction.commit() if transaction is not None else conn.commit())
 
 
 async def insert_ignore(
@@ -98,6 +508,20 @@ class SqlLogStream:
         self._hook = hook or NullMessagingHook()
         # Rotates the partition a read starts at, so a small max_messages does not starve the rest.
         self._next_start = 0
+        self._statements = _Statements(db.engine.dialect)
+        self._ack_connection = _AckConnection(db)
+
+    async def _transaction(self, work: Callable[[_Executor], Awaitable[_T]]) -> _T:
+        """`work` in one write transaction on the driver path; when it needs a statement that path
+        does not carry (a first publish to a partition, a group's first read, an expired batch, a
+        replayed dead letter), rolled back and run again from the start through SQLAlchemy."""
+        try:
+            async with _driver_transaction(self._db, self._statements) as executor:
+                return await work(executor)
+        except _Unprepared:
+            pass
+        async with self._db.write() as conn:
+            return await work(_SqlAlchemyExecutor(conn))
 
     # ---- publishing ----------------------------------------------------------------------------
 
@@ -110,33 +534,33 @@ class SqlLogStream:
         if not by_partition:
             return
         now = self._clock.now()
-        async with self._db.write() as conn:
-            # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
-            for (topic, partition), batch in sorted(by_partition.items()):
-                await self._append(conn, topic, partition, batch, now)
+        # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
+        batches = sorted(by_partition.items())
+
+        async def append_all(executor: _Executor) -> None:
+            for (topic, partition), batch in batches:
+                await self._append(executor, topic, partition, batch, now)
+
+        await self._transaction(append_all)
 
     async def _append(
-        self, conn: AsyncConnection, topic: str, partition: int, batch: list[Message], now: datetime
+        self, executor: _Executor, topic: str, partition: int, batch: list[Message], now: datetime
     ) -> None:
-        await insert_ignore(
-            conn,
-            stream_heads,
-            [{"topic": topic, "partition": partition, "next_offset": 0}],
-            conflict=["topic", "partition"],
-        )
-        head = stream_heads.c
-        where = and_(head.topic == topic, head.partition == partition)
-        next_offset = int(
-            (await conn.execute(select(head.next_offset).where(where).with_for_update())).scalar_one()
-        )
+        key = {"topic": topic, "partition": partition}
+        head = await executor.rows(_LOCK_HEAD, key)
+        if not head:
+            await executor.insert_ignore(
+                stream_heads, [{**key, "next_offset": 0}], conflict=["topic", "partition"]
+            )
+            head = await executor.rows(_LOCK_HEAD, key)
+        next_offset = int(head[0][0])
         # Checked under the head lock: a duplicate of the same message hashes to this partition,
         # so a concurrent publisher of it waits here and then sees it.
-        ids = [m.id for m in batch]
-        stored = set(
-            (
-                await conn.execute(select(stream_log.c.message_id).where(stream_log.c.message_id.in_(ids)))
-            ).scalars()
-        )
+        stored: set[uuid.UUID] = set()
+        for start in range(0, len(batch), _STORED_IDS_CHUNK):
+            ids = [m.id for m in batch[start : start + _STORED_IDS_CHUNK]]
+            found = await executor.rows(_stored_ids(len(ids)), {f"id{n}": i for n, i in enumerate(ids)})
+            stored.update(row[0] for row in found)
         rows: list[dict[str, Any]] = []
         for message in batch:
             if message.id in stored:
@@ -154,8 +578,11 @@ class SqlLogStream:
                 }
             )
         if rows:
-            await conn.execute(insert(stream_log), rows)
-            await conn.execute(update(stream_heads).where(where).values(next_offset=next_offset + len(rows)))
+            await executor.run(_APPEND, rows)
+            await executor.run(
+                _MOVE_HEAD,
+                {"b_topic": topic, "b_partition": partition, "next_offset_value": next_offset + len(rows)},
+            )
 
     # ---- consuming -----------------------------------------------------------------------------
 
@@ -172,126 +599,130 @@ class SqlLogStream:
     async def _read_once(self, topic: str, group: str, consumer: str, max_messages: int) -> list[Delivery]:
         now = self._clock.now()
         lease_until = now + timedelta(seconds=self.visibility_timeout_s)
-        async with self._db.write() as conn:
-            out = await self._take_replays(conn, topic, group, consumer, now, lease_until, max_messages)
-            heads = {
-                int(p): int(n)
-                for p, n in await conn.execute(
-                    select(stream_heads.c.partition, stream_heads.c.next_offset).where(
-                        stream_heads.c.topic == topic
-                    )
-                )
-            }
-            if not heads or len(out) >= max_messages:
-                return out
-            await insert_ignore(
-                conn,
+
+        async def take(executor: _Executor) -> list[Delivery]:
+            return await self._take(executor, topic, group, consumer, max_messages, now, lease_until)
+
+        return await self._transaction(take)
+
+    async def _take(
+        self,
+        executor: _Executor,
+        topic: str,
+        group: str,
+        consumer: str,
+        max_messages: int,
+        now: datetime,
+        lease_until: datetime,
+    ) -> list[Delivery]:
+        out = await self._take_replays(executor, topic, group, consumer, now, lease_until, max_messages)
+        if len(out) >= max_messages:
+            return out
+        heads: dict[int, int] = {}
+        missing: list[int] = []
+        for partition, head, cursor_offset in await executor.rows(
+            _HEADS_AND_CURSORS, {"topic": topic, "group": group}
+        ):
+            heads[int(partition)] = int(head)
+            if cursor_offset is None:
+                missing.append(int(partition))
+        if not heads:
+            return out
+        if missing:
+            await executor.insert_ignore(
                 stream_cursors,
                 [
                     {"group": group, "topic": topic, "partition": p, "next_offset": 0, "batch_end": 0}
-                    for p in sorted(heads)
+                    for p in missing
                 ],
                 conflict=["group", "topic", "partition"],
             )
-            c = stream_cursors.c
-            # SKIP LOCKED: a partition another consumer of the group is reading right now is simply
-            # not ours this time; consumers spread over partitions instead of queueing.
-            cursors = list(
-                await conn.execute(
-                    select(c.partition, c.next_offset, c.batch_end, c.owner, c.lease_until)
-                    .where(c.group == group, c.topic == topic)
-                    .order_by(c.partition)
-                    .with_for_update(skip_locked=True)
+        # SKIP LOCKED: a partition another consumer of the group is reading right now is simply
+        # not ours this time; consumers spread over partitions instead of queueing.
+        cursors = await executor.rows(_LOCK_CURSORS, {"group": group, "topic": topic})
+        start = self._next_start % max(len(cursors), 1)
+        self._next_start += 1
+        for partition, next_offset, batch_end, owner, leased_until in cursors[start:] + cursors[:start]:
+            if len(out) >= max_messages:
+                break
+            if batch_end > next_offset:
+                if leased_until is not None and leased_until > now:
+                    continue
+                # The batch's deadline passed: its consumer died or stalled. The first
+                # unacknowledged message is the likely culprit, so it is charged the attempt.
+                error = f"visibility timeout expired (consumer {owner})"
+                next_offset = await self._fail(
+                    executor, group, topic, partition, next_offset, next_offset, error
                 )
+            elif leased_until is not None and leased_until > now:
+                continue
+            if next_offset >= heads.get(partition, 0):
+                # Caught up. Write only if an expired batch was just settled: an idle poll
+                # must not rewrite every cursor row.
+                if (next_offset, batch_end, leased_until) != (next_offset, next_offset, None):
+                    await self._set_cursor(
+                        executor, group, topic, partition, next_offset, next_offset, None, None
+                    )
+                continue
+            taken = await self._deliver(
+                executor,
+                topic,
+                group,
+                consumer,
+                partition,
+                next_offset,
+                max_messages - len(out),
+                lease_until,
             )
-            start = self._next_start % max(len(cursors), 1)
-            self._next_start += 1
-            for cursor in cursors[start:] + cursors[:start]:
-                if len(out) >= max_messages:
-                    break
-                partition = int(cursor.partition)
-                next_offset, batch_end = int(cursor.next_offset), int(cursor.batch_end)
-                if batch_end > next_offset:
-                    if cursor.lease_until is not None and cursor.lease_until > now:
-                        continue
-                    # The batch's deadline passed: its consumer died or stalled. The first
-                    # unacknowledged message is the likely culprit, so it is charged the attempt.
-                    error = f"visibility timeout expired (consumer {cursor.owner})"
-                    next_offset = await self._fail(
-                        conn, group, topic, partition, next_offset, next_offset, error
-                    )
-                elif cursor.lease_until is not None and cursor.lease_until > now:
-                    continue
-                if next_offset >= heads.get(partition, 0):
-                    # Caught up. Write only if an expired batch was just settled: an idle poll
-                    # must not rewrite every cursor row.
-                    if (next_offset, batch_end, cursor.lease_until) != (next_offset, next_offset, None):
-                        await self._set_cursor(
-                            conn, group, topic, partition, next_offset, next_offset, None, None
-                        )
-                    continue
-                taken = await self._deliver(
-                    conn, topic, group, consumer, partition, next_offset, max_messages - len(out)
+            if taken:
+                out.extend(taken)
+                end = taken[-1].offset + 1
+                await self._set_cursor(
+                    executor, group, topic, partition, next_offset, end, consumer, lease_until
                 )
-                if taken:
-                    out.extend(taken)
-                    end = taken[-1].offset + 1
-                    await self._set_cursor(
-                        conn, group, topic, partition, next_offset, end, consumer, lease_until
-                    )
-                else:
-                    await self._set_cursor(
-                        conn, group, topic, partition, next_offset, next_offset, None, None
-                    )
-            return out
+            else:
+                await self._set_cursor(
+                    executor, group, topic, partition, next_offset, next_offset, None, None
+                )
+        return out
 
     async def _deliver(
         self,
-        conn: AsyncConnection,
+        executor: _Executor,
         topic: str,
         group: str,
         consumer: str,
         partition: int,
         from_offset: int,
         limit: int,
+        lease_until: datetime,
     ) -> list[Delivery]:
-        log = stream_log.c
-        rows = list(
-            await conn.execute(
-                select(log.offset, log.envelope)
-                .where(log.topic == topic, log.partition == partition, log.offset >= from_offset)
-                .order_by(log.offset)
-                .limit(limit)
-            )
+        # The batch's claim, which an in-order ack must still match (see `_ack_in_order`).
+        receipt = lease_until.isoformat()
+        rows = await executor.rows(
+            _NEXT_BATCH,
+            {
+                "group": group,
+                "topic": topic,
+                "partition": partition,
+                "from_offset": from_offset,
+                "limit": limit,
+            },
         )
-        if not rows:
-            return []
-        a = stream_attempts.c
-        attempts = {
-            int(r.offset): (int(r.failures), bool(r.acked))
-            for r in await conn.execute(
-                select(a.offset, a.failures, a.acked).where(
-                    a.group == group,
-                    a.topic == topic,
-                    a.partition == partition,
-                    a.offset.between(int(rows[0].offset), int(rows[-1].offset)),
-                )
-            )
-        }
         deliveries = []
-        for row in rows:
-            failures, acked = attempts.get(int(row.offset), (0, False))
+        for offset, envelope, failures, acked in rows:
             if acked:
                 continue
             deliveries.append(
                 Delivery(
-                    message=Message.from_json(row.envelope),
+                    message=Message.from_json(envelope),
                     topic=topic,
                     group=group,
                     consumer=consumer,
                     partition=partition,
-                    offset=int(row.offset),
-                    attempt=failures + 1,
+                    offset=int(offset),
+                    attempt=int(failures or 0) + 1,
+                    receipt=receipt,
                 )
             )
         return deliveries
@@ -300,19 +731,68 @@ class SqlLogStream:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
             await self._settle_replay(delivery, error=None)
             return
+        if await self._ack_in_order(delivery):
+            return
         async with self._db.write() as conn:
             cursor = await self._lock_cursor(conn, delivery)
             if cursor is None:
                 return
-            next_offset, batch_end = cursor
             await self._mark_acked(conn, delivery.group, delivery.topic, delivery.partition, delivery.offset)
             advanced = await self._advance(
-                conn, delivery.group, delivery.topic, delivery.partition, next_offset
+                _SqlAlchemyExecutor(conn),
+                delivery.group,
+                delivery.topic,
+                delivery.partition,
+                cursor.next_offset,
             )
-            values: dict[str, Any] = {"next_offset": advanced}
-            if advanced >= batch_end:
-                values.update(batch_end=advanced, lease_until=None)
-            await conn.execute(update(stream_cursors).where(*self._cursor_key(delivery)).values(**values))
+            done = advanced >= cursor.batch_end
+            lease_until = None if done else cursor.lease_until
+            if lease_until is not None and advanced <= delivery.offset:
+                # This ack stays recorded above the watermark. On PostgreSQL an in-order ack of the
+                # batch waiting for our row lock rechecks the cursor row when we commit but not the
+                # attempts table (its subquery keeps its snapshot): it would step the watermark onto
+                # this acknowledged offset and leave it there. It also requires the lease its
+                # delivery was made under, so moving the deadline by a microsecond turns it (and the
+                # batch's later in-order acks) to this path, which sees our ack.
+                lease_until += timedelta(microseconds=1)
+            await conn.execute(
+                update(stream_cursors)
+                .where(*self._cursor_key(delivery))
+                .values(
+                    next_offset=advanced,
+                    batch_end=advanced if done else cursor.batch_end,
+                    lease_until=lease_until,
+                )
+            )
+
+    async def _ack_in_order(self, delivery: Delivery) -> bool:
+        """The common ack, in one autocommitted statement: `delivery` is the first unacknowledged
+        offset of the batch its consumer still holds under the same lease (its receipt), and no
+        failure or out-of-order ack is recorded at or after it, so acknowledging it is moving the
+        watermark by one. False when any of that does not hold (or the ack is stale): the caller
+        takes the general path, which decides.
+
+        Sent on the driver's own connection, outside SQLAlchemy's execution layer: at one
+        statement per message its per-statement cost was most of the ack's time (see
+        docs/decisions/0018-sql-log-driver-hot-path.md)."""
+        if not delivery.receipt:
+            return False
+        statement = self._statements.get(_ACK_IN_ORDER)
+        args = statement.args(
+            {
+                "b_group": delivery.group,
+                "b_topic": delivery.topic,
+                "b_partition": delivery.partition,
+                "b_offset": delivery.offset,
+                "b_owner": delivery.consumer,
+                "b_next": delivery.offset + 1,
+                "b_lease": datetime.fromisoformat(delivery.receipt),
+            }
+        )
+        async with self._ack_connection.use() as driver:
+            if self._db.dialect == "postgresql":
+                return await driver.fetchval(statement.sql, *args) is not None
+            return bool(await driver.execute_fetchall(statement.sql, args))
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
@@ -322,9 +802,14 @@ class SqlLogStream:
             cursor = await self._lock_cursor(conn, delivery)
             if cursor is None:
                 return
-            next_offset, _ = cursor
             advanced = await self._fail(
-                conn, delivery.group, delivery.topic, delivery.partition, next_offset, delivery.offset, error
+                _SqlAlchemyExecutor(conn),
+                delivery.group,
+                delivery.topic,
+                delivery.partition,
+                cursor.next_offset,
+                delivery.offset,
+                error,
             )
             # Rewind to the first unacknowledged offset: the rest of the batch is revoked and comes
             # again after this message, keeping the partition's order.
@@ -340,22 +825,29 @@ class SqlLogStream:
         c = stream_cursors.c
         return (c.group == delivery.group, c.topic == delivery.topic, c.partition == delivery.partition)
 
-    async def _lock_cursor(self, conn: AsyncConnection, delivery: Delivery) -> tuple[int, int] | None:
-        """(next_offset, batch_end) when `delivery` is still outstanding; None when it is stale
-        (already acknowledged, revoked by a nack, or rewound by a replay)."""
+    async def _lock_cursor(self, conn: AsyncConnection, delivery: Delivery) -> _Cursor | None:
+        """The partition's cursor when `delivery` is still outstanding and its consumer still
+        holds the batch; None when it is stale (already acknowledged, revoked by a nack, rewound
+        by a replay, or redelivered to another consumer after its visibility deadline)."""
         c = stream_cursors.c
         row = (
             await conn.execute(
-                select(c.next_offset, c.batch_end).where(*self._cursor_key(delivery)).with_for_update()
+                select(c.next_offset, c.batch_end, c.owner, c.lease_until)
+                .where(*self._cursor_key(delivery))
+                .with_for_update()
             )
         ).first()
-        if row is None or not int(row.next_offset) <= delivery.offset < int(row.batch_end):
+        if (
+            row is None
+            or row.owner != delivery.consumer
+            or not int(row.next_offset) <= delivery.offset < int(row.batch_end)
+        ):
             return None
-        return int(row.next_offset), int(row.batch_end)
+        return _Cursor(int(row.next_offset), int(row.batch_end), row.lease_until)
 
     async def _set_cursor(
         self,
-        conn: AsyncConnection,
+        executor: _Executor,
         group: str,
         topic: str,
         partition: int,
@@ -364,11 +856,17 @@ class SqlLogStream:
         owner: str | None,
         lease_until: datetime | None,
     ) -> None:
-        c = stream_cursors.c
-        await conn.execute(
-            update(stream_cursors)
-            .where(c.group == group, c.topic == topic, c.partition == partition)
-            .values(next_offset=next_offset, batch_end=batch_end, owner=owner, lease_until=lease_until)
+        await executor.run(
+            _SET_CURSOR,
+            {
+                "b_group": group,
+                "b_topic": topic,
+                "b_partition": partition,
+                "next_offset_value": next_offset,
+                "batch_end_value": batch_end,
+                "owner_value": owner,
+                "lease_until_value": lease_until,
+            },
         )
 
     async def _mark_acked(
@@ -397,28 +895,24 @@ class SqlLogStream:
         )
 
     async def _advance(
-        self, conn: AsyncConnection, group: str, topic: str, partition: int, next_offset: int
+        self, executor: _Executor, group: str, topic: str, partition: int, next_offset: int
     ) -> int:
         """Move the watermark over acknowledged offsets; forget the per-offset rows below it."""
         a = stream_attempts.c
         in_partition = (a.group == group, a.topic == topic, a.partition == partition)
-        acked = (
-            await conn.execute(
-                select(a.offset)
-                .where(*in_partition, a.acked == 1, a.offset >= next_offset)
-                .order_by(a.offset)
-            )
-        ).scalars()
-        for offset in acked:
+        acked = await executor.rows(
+            select(a.offset).where(*in_partition, a.acked == 1, a.offset >= next_offset).order_by(a.offset)
+        )
+        for (offset,) in acked:
             if int(offset) != next_offset:
                 break
             next_offset += 1
-        await conn.execute(delete(stream_attempts).where(*in_partition, a.offset < next_offset))
+        await executor.run(delete(stream_attempts).where(*in_partition, a.offset < next_offset))
         return next_offset
 
     async def _fail(
         self,
-        conn: AsyncConnection,
+        executor: _Executor,
         group: str,
         topic: str,
         partition: int,
@@ -429,8 +923,7 @@ class SqlLogStream:
         """Charge `offset` one failed attempt; dead-letter it at the limit. Returns the watermark."""
         a = stream_attempts.c
         where = (a.group == group, a.topic == topic, a.partition == partition, a.offset == offset)
-        await insert_ignore(
-            conn,
+        await executor.insert_ignore(
             stream_attempts,
             [
                 {
@@ -444,52 +937,46 @@ class SqlLogStream:
             ],
             conflict=["group", "topic", "partition", "offset"],
         )
-        failures = int(
-            (
-                await conn.execute(
-                    update(stream_attempts)
-                    .where(*where)
-                    .values(failures=a.failures + 1, last_error=error[:4000])
-                    .returning(a.failures)
-                )
-            ).scalar_one()
+        [(failures,)] = await executor.rows(
+            update(stream_attempts)
+            .where(*where)
+            .values(failures=a.failures + 1, last_error=error[:4000])
+            .returning(a.failures)
         )
         if failures < self.max_attempts:
             return next_offset
         log = stream_log.c
-        row = (
-            await conn.execute(
-                select(log.message_id, log.envelope).where(
-                    log.topic == topic, log.partition == partition, log.offset == offset
-                )
+        [(message_id, envelope)] = await executor.rows(
+            select(log.message_id, log.envelope).where(
+                log.topic == topic, log.partition == partition, log.offset == offset
             )
-        ).one()
-        message = Message.from_json(row.envelope)
-        await conn.execute(
+        )
+        message = Message.from_json(envelope)
+        await executor.run(
             insert(dead_letters).values(
                 id=new_id(),
                 group=group,
                 topic=topic,
                 partition=partition,
                 offset=offset,
-                message_id=row.message_id,
+                message_id=message_id,
                 type=message.type,
-                envelope=row.envelope,
+                envelope=envelope,
                 attempts=failures,
                 last_error=error[:4000],
                 dead_at=self._clock.now(),
                 status=DeadLetterStatus.DEAD.value,
             )
         )
-        await conn.execute(update(stream_attempts).where(*where).values(acked=1))
+        await executor.run(update(stream_attempts).where(*where).values(acked=1))
         self._hook.dead_lettered(group=group, topic=topic)
-        return await self._advance(conn, group, topic, partition, next_offset)
+        return await self._advance(executor, group, topic, partition, next_offset)
 
     # ---- dead letters --------------------------------------------------------------------------
 
     async def _take_replays(
         self,
-        conn: AsyncConnection,
+        executor: _Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -497,38 +984,25 @@ class SqlLogStream:
         lease_until: datetime,
         limit: int,
     ) -> list[Delivery]:
-        d = dead_letters.c
-        rows = list(
-            await conn.execute(
-                select(d.id, d.partition, d.offset, d.envelope, d.attempts)
-                .where(
-                    d.group == group,
-                    d.topic == topic,
-                    d.status == DeadLetterStatus.REPLAYING.value,
-                    (d.visible_at.is_(None)) | (d.visible_at <= now),
-                )
-                .order_by(d.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-        )
+        rows = await executor.rows(_REPLAYS, {"group": group, "topic": topic, "now": now, "limit": limit})
         if not rows:
             return []
-        await conn.execute(
-            update(dead_letters).where(d.id.in_([r.id for r in rows])).values(visible_at=lease_until)
+        d = dead_letters.c
+        await executor.run(
+            update(dead_letters).where(d.id.in_([r[0] for r in rows])).values(visible_at=lease_until)
         )
         return [
             Delivery(
-                message=Message.from_json(r.envelope),
+                message=Message.from_json(envelope),
                 topic=topic,
                 group=group,
                 consumer=consumer,
-                partition=int(r.partition),
-                offset=int(r.offset),
-                attempt=int(r.attempts) + 1,
-                receipt=f"{_DLQ_RECEIPT}{r.id}",
+                partition=int(partition),
+                offset=int(offset),
+                attempt=int(attempts) + 1,
+                receipt=f"{_DLQ_RECEIPT}{dead_letter_id}",
             )
-            for r in rows
+            for dead_letter_id, partition, offset, envelope, attempts in rows
         ]
 
     async def _settle_replay(self, delivery: Delivery, *, error: str | None) -> None:
@@ -639,7 +1113,7 @@ class SqlLogStream:
                         )
                     ).scalar_one()
                     target = heads.get(p, 0) if first is None else int(first)
-                await self._set_cursor(conn, group, topic, p, target, target, None, None)
+                await self._set_cursor(_SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
                 # A rewound group starts these messages afresh: earlier failures do not count.
                 await conn.execute(
                     delete(stream_attempts).where(a.group == group, a.topic == topic, a.partition == p)

@@ -36,8 +36,8 @@ class Delivery:
     """One message handed to one consumer of a group.
 
     `attempt` is 1 on first delivery and grows with each failure. `receipt` is the backend's
-    opaque acknowledgement handle (a NATS reply subject, a Redis entry id, a dead-letter id); only
-    the backend that made the delivery reads it.
+    opaque acknowledgement handle (a NATS reply subject, a Redis entry id, a dead-letter id, the
+    SQL log's batch lease); only the backend that made the delivery reads it.
     """
 
     message: Message
