@@ -20,7 +20,7 @@ from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.resilience import BreakerRegistry, PrometheusResilienceHooks
-from mercato.kit.sagas import RetrySchedule, SagaDefinition, SagaStore
+from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
 from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
@@ -33,7 +33,9 @@ from mercato.shop.catalog.service import CatalogService
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
 from mercato.shop.checkout.resilient import (
     CARRIER,
+    CARRIER_READS,
     PSP,
+    PSP_READS,
     ProviderCalls,
     ProviderPolicySettings,
     build_provider_policy,
@@ -73,7 +75,10 @@ class Container:
     # Metrics the container's own components record (the resilience hooks); the app's and the
     # worker's registries expose them by registering this one as a collector.
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    # The breakers in front of the providers ("psp", "carrier"), for /admin/resilience/breakers.
+    # How runners in other processes hear of new sagas (PostgreSQL NOTIFY); None: they poll.
+    saga_wakeups: SagaWakeups | None = None
+    # The breakers in front of the providers ("psp", "carrier", and "psp-reads"/"carrier-reads" for
+    # their record lookups), for /admin/resilience/breakers.
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
 
     async def close(self) -> None:
@@ -98,7 +103,12 @@ def build_database(settings: Settings) -> Database:
     )
 
 
-def build_container(settings: Settings, *, clock: Clock | None = None) -> Container:
+def build_container(
+    settings: Settings, *, clock: Clock | None = None, separate_read_breakers: bool = True
+) -> Container:
+    """The shop, wired. `separate_read_breakers=False` puts the providers' record lookups behind the
+    writes' breakers (what `mercato lab breaker` compares against); every deployment keeps the default.
+    """
     clock = clock or SystemClock()
     db = build_database(settings)
     codec = TokenCodec(
@@ -134,13 +144,16 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
     metrics_registry = CollectorRegistry()
     hooks = PrometheusResilienceHooks(metrics_registry)
     breakers = BreakerRegistry(clock=clock, hooks=[hooks])
-    psp_calls, carrier_calls = build_provider_calls(settings, breakers=breakers, hooks=hooks, clock=clock)
-    sagas = SagaStore(db, clock)
+    calls = build_provider_calls(
+        settings, breakers=breakers, hooks=hooks, clock=clock, separate_reads=separate_read_breakers
+    )
+    saga_wakeups = PostgresSagaWakeups(db) if db.dialect == "postgresql" else None
+    sagas = SagaStore(db, clock, wakeups=saga_wakeups)
     saga = order_saga(
         orders=orders,
         stock=inventory,
-        payments=HttpPaymentGateway(psp, psp_calls),
-        carrier=HttpShippingCarrier(carrier, carrier_calls),
+        payments=HttpPaymentGateway(psp, calls.psp, reads=calls.psp_reads),
+        carrier=HttpShippingCarrier(carrier, calls.carrier, reads=calls.carrier_reads),
         reservation_ttl_s=shop.reservation_ttl_s,
         deadline_s=settings.checkout.saga_deadline_s,
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
@@ -174,6 +187,7 @@ def build_container(settings: Settings, *, clock: Clock | None = None) -> Contai
         saga_events=saga_events,
         payments=PaymentsService(db, clock),
         metrics_registry=metrics_registry,
+        saga_wakeups=saga_wakeups,
         breakers=breakers,
     )
 
@@ -217,13 +231,33 @@ def build_projector(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderCallSet:
+    """The policies checkout's provider calls go through: writes and record lookups per provider."""
+
+    psp: ProviderCalls
+    psp_reads: ProviderCalls
+    carrier: ProviderCalls
+    carrier_reads: ProviderCalls
+
+
 def build_provider_calls(
-    settings: Settings, *, breakers: BreakerRegistry, hooks: PrometheusResilienceHooks, clock: Clock
-) -> tuple[ProviderCalls, ProviderCalls]:
-    """(psp, carrier): each under its own policy, or plain when `checkout.resilience` is off."""
+    settings: Settings,
+    *,
+    breakers: BreakerRegistry,
+    hooks: PrometheusResilienceHooks,
+    clock: Clock,
+    separate_reads: bool = True,
+) -> ProviderCallSet:
+    """Each provider under its own policy, or plain when `checkout.resilience` is off.
+
+    With `separate_reads` each provider's lookups get a policy and breaker of their own (see
+    `shop/checkout/resilient.py`); without it they share the writes' policy.
+    """
     checkout = settings.checkout
     if not checkout.resilience:
-        return ProviderCalls(), ProviderCalls()
+        plain = ProviderCalls()
+        return ProviderCallSet(psp=plain, psp_reads=plain, carrier=plain, carrier_reads=plain)
     # The whole call (retries included) gets provider_timeout_s, which the saga step's timeout
     # (provider_timeout_s + 0.5) encloses; the p95 is capped so one attempt fits in that budget.
     policy = ProviderPolicySettings(
@@ -240,13 +274,19 @@ def build_provider_calls(
             build_provider_policy(name, policy, breakers=breakers, hooks=[hooks], clock=clock)
         )
 
-    return calls(PSP), calls(CARRIER)
+    psp, carrier = calls(PSP), calls(CARRIER)
+    if not separate_reads:
+        return ProviderCallSet(psp=psp, psp_reads=psp, carrier=carrier, carrier_reads=carrier)
+    return ProviderCallSet(
+        psp=psp, psp_reads=calls(PSP_READS), carrier=carrier, carrier_reads=calls(CARRIER_READS)
+    )
 
 
 __all__ = [
     "SCRIPT_LOCATION",
     "SEED_MARKER",
     "Container",
+    "ProviderCallSet",
     "build_container",
     "build_database",
     "build_provider_calls",

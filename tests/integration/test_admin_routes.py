@@ -32,7 +32,8 @@ async def test_breakers_list_every_provider_for_admins_only(container: Container
     assert ok.status_code == 200
     assert ok.headers["cache-control"] == "private, no-store"
     items = {item["name"]: item for item in ok.json()["items"]}
-    assert set(items) == {"carrier", "psp"}
+    # Each provider's writes and its record lookups (what compensations read) have a breaker each.
+    assert set(items) == {"carrier", "carrier-reads", "psp", "psp-reads"}
     assert items["psp"]["state"] == "closed"
     assert items["psp"]["retry_after_s"] is None
     assert {"failure_rate", "slow_call_rate", "calls", "config"} <= set(items["psp"])

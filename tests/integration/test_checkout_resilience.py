@@ -35,6 +35,7 @@ from mercato.kit.resilience import (
 )
 from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.kit.storage import metadata
+from mercato.providers._client import ProviderError
 from mercato.providers.config import ProviderSettings
 from mercato.providers.server import RunningProviders, serve_providers
 from mercato.shop.checkout.adapters import HttpPaymentGateway
@@ -181,10 +182,10 @@ async def test_a_psp_outage_opens_the_breaker_and_rejected_attempts_never_reach_
 async def test_refusals_count_as_successes_and_are_not_retried(shop: Shop) -> None:
     registry = BreakerRegistry()
     hooks = PrometheusResilienceHooks(CollectorRegistry())
-    psp_calls, _ = build_provider_calls(
+    calls = build_provider_calls(
         shop.container.settings, breakers=registry, hooks=hooks, clock=shop.container.clock
     )
-    gateway = HttpPaymentGateway(shop.container.psp, psp_calls)
+    gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads)
     sent_before = await psp_posts_received(shop)
     for _ in range(6):
         with pytest.raises(ProviderRejected):  # the PSP answers 404: a definite no
@@ -196,6 +197,45 @@ async def test_refusals_count_as_successes_and_are_not_retried(shop: Shop) -> No
     snapshot = registry.snapshot()["psp"]
     assert (snapshot["state"], snapshot["calls"], snapshot["failures"]) == ("closed", 6, 0)
     assert await psp_posts_received(shop) - sent_before == 6  # one attempt each: no retries
+
+
+@pytest.mark.parametrize("separate_reads", [True, False])
+async def test_lookups_have_their_own_breaker_so_compensations_read_through_a_write_outage(
+    shop: Shop, separate_reads: bool
+) -> None:
+    base = shop.container.settings
+    # Open for a minute: whatever the lookups meet below, it is not a half-open probe.
+    settings = base.model_copy(update={"checkout": base.checkout.model_copy(update={"breaker_open_s": 60})})
+    registry = BreakerRegistry()
+    calls = build_provider_calls(
+        settings,
+        breakers=registry,
+        hooks=PrometheusResilienceHooks(CollectorRegistry()),
+        clock=shop.container.clock,
+        separate_reads=separate_reads,
+    )
+    gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads)
+    order = str(uuid.uuid4())
+    held = await gateway.authorize(
+        order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
+    )
+    await set_psp_faults(shop, {"outage_for_s": 60})
+    for _ in range(4):
+        with pytest.raises((ProviderError, CircuitOpen)):
+            await gateway.authorize(
+                order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
+            )
+    assert registry.snapshot()["psp"]["state"] == "open"
+    with pytest.raises(CircuitOpen):  # the write a compensation would make waits for the provider
+        await gateway.void(authorization_id=held.authorization_id, idempotency_key=str(uuid.uuid4()))
+    if separate_reads:
+        records = await gateway.payments_for(order)
+        assert [r.authorization_id for r in records] == [held.authorization_id]
+        assert registry.snapshot()["psp-reads"]["state"] == "closed"
+    else:
+        with pytest.raises(CircuitOpen):  # the lookup is refused by the writes' breaker
+            await gateway.payments_for(order)
+        assert "psp-reads" not in registry.snapshot()
 
 
 async def test_5xx_are_retried_within_the_budget_and_counted_as_failures(shop: Shop) -> None:

@@ -7,9 +7,11 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,6 +19,7 @@ from mercato.bootstrap import Container
 from mercato.kit.clock import ManualClock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.sagas import (
+    PostgresSagaWakeups,
     RetrySchedule,
     SagaDefinition,
     SagaRunner,
@@ -357,3 +360,135 @@ async def test_two_runners_never_run_a_step_twice(
     assert statuses == [SagaStatus.COMPLETED] * 12
     assert rec.calls[("reserve", "do")] == 12
     assert rec.calls[("authorize", "do")] == 12
+
+
+class TransactionCounter:
+    """Statements and non-empty transactions on one engine, as the database sees them."""
+
+    def __init__(self, container: Container) -> None:
+        self.statements: list[str] = []
+        self.transactions = 0
+        self._engine = container.db.engine.sync_engine
+        self._dirty = False
+
+    def __enter__(self) -> TransactionCounter:
+        sa_event.listen(self._engine, "before_cursor_execute", self._statement)
+        sa_event.listen(self._engine, "commit", self._end)
+        sa_event.listen(self._engine, "rollback", self._end)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        sa_event.remove(self._engine, "before_cursor_execute", self._statement)
+        sa_event.remove(self._engine, "commit", self._end)
+        sa_event.remove(self._engine, "rollback", self._end)
+
+    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.statements.append(statement)
+        self._dirty = True
+
+    def _end(self, _conn: Any) -> None:
+        if self._dirty:
+            self.transactions += 1
+        self._dirty = False
+
+
+async def test_one_transaction_per_move_and_no_read_back_between_moves(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec, sink = Recorder(), ListSink()
+    definition = SagaDefinition(
+        "order", (local("reserve", rec), remote("authorize", rec), remote("ship", rec))
+    )
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock, sink=sink)
+    with TransactionCounter(container) as counted:
+        assert await runner.run_once() == 1
+    # The claim (which returns the row), then one write per step; the last one also finishes the
+    # saga, and the lease (10 s) outlives each remote step (0.2 s), so no renewal of its own.
+    assert counted.transactions == 1 + 3
+    assert not [s for s in counted.statements if s.lstrip().upper().startswith("SELECT")]
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert (saga.status, saga.step_index, saga.lease_expires_at) == (SagaStatus.COMPLETED, 3, None)
+    assert saga.data["ship_ref"] == "ref-ship"
+    assert [h.step for h in await store.history(saga_id)] == ["reserve", "authorize", "ship"]
+
+
+async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    slow = replace(remote("authorize", rec), timeout_s=30.0)
+    definition = SagaDefinition("order", (local("reserve", rec), slow))
+    saga_id = await start(container, store, definition)
+    runner = SagaRunner(container.db, store, {"order": definition}, clock, owner="a", lease_s=5)
+    with TransactionCounter(container) as counted:
+        assert await runner.run_once() == 1
+    assert counted.transactions == 1 + 1 + 1 + 1  # claim, reserve, renewal, authorize + finish
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+
+
+async def test_a_runner_elsewhere_is_woken_by_a_notification_not_by_its_poll(
+    container: Container, clock: ManualClock
+) -> None:
+    if container.db.dialect != "postgresql":
+        pytest.skip("LISTEN/NOTIFY wake-ups are PostgreSQL's; SQLite runners share one process")
+    rec = Recorder()
+    definition = SagaDefinition("order", (local("reserve", rec),))
+    # Two stores as two processes would have them: the starter's notifies, the runner's listens.
+    starter = SagaStore(container.db, clock, wakeups=PostgresSagaWakeups(container.db))
+    listening = PostgresSagaWakeups(container.db)
+    runner = SagaRunner(
+        container.db,
+        SagaStore(container.db, clock),
+        {"order": definition},
+        clock,
+        owner="far",
+        poll_s=60.0,
+        wakeups=listening,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # the listener connects, and the first (idle) poll has passed
+        saga_id = await start(container, starter, definition)
+        await asyncio.wait_for(rec.first_call.wait(), 5)  # far sooner than the 60 s poll
+    finally:
+        stop.set()
+        await task  # lets the saga's move commit
+    saga = await starter.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+
+
+async def test_a_notification_is_sent_only_if_the_starting_transaction_commits(
+    container: Container, clock: ManualClock
+) -> None:
+    if container.db.dialect != "postgresql":
+        pytest.skip("LISTEN/NOTIFY wake-ups are PostgreSQL's")
+    woken = asyncio.Event()
+    stop = asyncio.Event()
+    wakeups = PostgresSagaWakeups(container.db)
+    listener = asyncio.create_task(wakeups.listen(woken.set, stop))
+    store = SagaStore(container.db, clock, wakeups=wakeups)
+    try:
+        await asyncio.wait_for(woken.wait(), 5)  # the listener's own "look now" once connected
+        woken.clear()
+
+        async def failed_checkout() -> None:
+            async with container.db.write() as conn:
+                await store.start(conn, saga_type="order", data={}, correlation_id="c", deadline_s=60)
+                raise RuntimeError("the checkout failed after starting its saga")
+
+        with pytest.raises(RuntimeError):
+            await failed_checkout()
+        await asyncio.sleep(0.3)
+        assert not woken.is_set()
+        async with container.db.write() as conn:
+            await store.start(conn, saga_type="order", data={}, correlation_id="c", deadline_s=60)
+        await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        stop.set()
+        await listener

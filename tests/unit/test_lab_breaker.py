@@ -35,6 +35,8 @@ def _run(mode: str, outage_rps: float) -> RunResult:
         psp_total=50,
         breaker_opened=1 if mode == "on" else 0,
         breaker_transitions=3 if mode == "on" else 0,
+        read_breaker_rejections=2 if mode == "shared" else 0,
+        compensations_refused=5 if mode == "shared" else 0,
     )
 
 
@@ -50,12 +52,23 @@ def test_the_outage_is_centred_and_must_fit_in_the_run() -> None:
         BreakerOptions(outage_s=10, duration_s=10)
 
 
+def test_hangs_and_every_variant_by_default_and_unknown_choices_are_refused() -> None:
+    assert (OPTIONS.outage_mode, OPTIONS.variants) == ("hang", ("on", "shared", "off"))
+    with pytest.raises(ValueError):
+        BreakerOptions(outage_mode="slow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        BreakerOptions(variants=())
+    with pytest.raises(ValueError):
+        BreakerOptions(variants=("on", "sometimes"))  # type: ignore[arg-type]
+
+
 def test_summary_counts_only_what_happened_during_the_outage() -> None:
     row = summarize(_run("on", outage_rps=1.0), OPTIONS)
     assert row["payment_outage_p50_ms"] == 2.0
     assert row["payment_outage_p99_ms"] == 4.0
     assert row["payment_p99_ms"] == 10.0
     assert row["terminal_outage_p99_ms"] == 3000.0  # the checkout started at 2.4 s
+    assert (row["terminal_p50_ms"], row["terminal_p99_ms"]) == (300.0, 3000.0)
     assert row["psp_outage_rps"] == 1.0  # samples at 3, 4, 5, 6 cover the seconds (2, 6]
     assert row["statuses"] == {"completed": 2, "compensated": 1}
     assert (row["breaker_opened"], row["breaker_transitions"]) == (1, 3)
@@ -66,7 +79,10 @@ def test_per_second_series_and_the_plot(tmp_path: Path) -> None:
     assert series["t"][:3] == [0.0, 1.0, 2.0]
     assert series["payment_p99_ms"][0] == 10.0
     assert math.isnan(series["payment_p99_ms"][1])
-    report = ExperimentReport(options=OPTIONS, runs=[_run("on", 1.0), _run("off", 20.0)])
-    assert [row["mode"] for row in report.to_dict()["runs"]] == ["on", "off"]
+    report = ExperimentReport(options=OPTIONS, runs=[_run("on", 1.0), _run("shared", 1.0), _run("off", 20.0)])
+    rows = report.to_dict()["runs"]
+    assert [row["mode"] for row in rows] == ["on", "shared", "off"]
+    assert [row["read_breaker_rejections"] for row in rows] == [0, 2, 0]
+    assert [row["compensations_refused"] for row in rows] == [0, 5, 0]
     written = plot_report(report, tmp_path / "lab" / "breaker.png")
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""A CI-sized run of `mercato lab breaker`: real providers, real saga runner, a 3 s PSP outage."""
+"""A CI-sized run of `mercato lab breaker`: real providers, real saga runner, a 5 s PSP outage of hangs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ async def test_the_breaker_opens_and_the_psp_sees_fewer_requests_during_the_outa
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("two runs with a drain take ~30 s: run it with -m slow")
     options = BreakerOptions(
-        outage_s=3.0, rate=8.0, duration_s=7.0, drain_s=25.0, breaker_minimum_calls=10, breaker_open_s=2.0
+        # Long enough that the hung attempts (1 s each before they count) outweigh the successes in
+        # the breaker's 10 s window.
+        outage_s=5.0,
+        rate=8.0,
+        duration_s=9.0,
+        drain_s=30.0,
+        breaker_minimum_calls=10,
+        breaker_open_s=2.0,
+        outage_mode="hang",
+        variants=("on", "off"),
     )
     report = await run_experiment(options)
     on, off = (summarize(run, options) for run in report.runs)
@@ -23,5 +32,8 @@ async def test_the_breaker_opens_and_the_psp_sees_fewer_requests_during_the_outa
     assert on["breaker_opened"] >= 1
     assert off["breaker_opened"] == 0
     assert on["psp_outage_rps"] < off["psp_outage_rps"]
+    # Hangs: without the breaker an attempt lasts its whole timeout; with it, most fail fast.
+    assert on["payment_outage_p50_ms"] < off["payment_outage_p50_ms"]
+    assert on["read_breaker_rejections"] == 0
     assert on["unfinished"] == off["unfinished"] == 0
-    assert sum(on["statuses"].values()) == sum(off["statuses"].values()) == 56
+    assert sum(on["statuses"].values()) == sum(off["statuses"].values()) == 72

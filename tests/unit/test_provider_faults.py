@@ -92,6 +92,19 @@ def test_outage_windows_are_relative_to_when_settings_were_applied() -> None:
     assert injector.decide().kind is FaultKind.NONE
 
 
+def test_a_hang_outage_leaves_every_request_unanswered_for_its_window() -> None:
+    clock = ManualClock()
+    windows = [OutageWindow(start_s=1, end_s=3, mode="hang"), OutageWindow(start_s=5, end_s=6)]
+    injector = FaultInjector(FaultSettings(outages=windows, error_rate=1.0, seed=1), clock=clock)
+    assert injector.decide().kind is FaultKind.ERROR
+    clock.advance(1)
+    hung = injector.decide()
+    assert (hung.kind, hung.responds, hung.latency_s) == (FaultKind.HANG, False, 0.0)
+    assert injector.outage_remaining_s() == pytest.approx(2)
+    clock.advance(4)  # the second window is the default kind: fast 503s
+    assert injector.decide().kind is FaultKind.OUTAGE
+
+
 def test_outage_for_is_an_outage_starting_now_and_update_restarts_the_windows() -> None:
     clock = ManualClock()
     injector = FaultInjector(FaultSettings(outage_for_s=10), clock=clock)

@@ -135,12 +135,15 @@ def _marking(phase: Callable[..., str], method: Callable[..., Awaitable[Any]]) -
 
 def mark_saga_phases() -> None:
     """Label the saga runner's statements by what it is doing (bench processes only)."""
-    setattr(SagaStore, "due", _marking(lambda *a: "saga:poll due", SagaStore.due))  # noqa: B010
-    setattr(SagaStore, "claim", _marking(lambda *a: "saga:claim", SagaStore.claim))  # noqa: B010
+    claim_due = _marking(lambda *a, **k: "saga:claim due", SagaStore.claim_due)
+    setattr(SagaStore, "claim_due", claim_due)  # noqa: B010
+    claim_one = _marking(lambda *a, **k: "saga:claim", SagaStore.claim_instance)
+    setattr(SagaStore, "claim_instance", claim_one)  # noqa: B010
     setattr(SagaStore, "get", _marking(lambda *a: "saga:load", SagaStore.get))  # noqa: B010
-    forward = _marking(lambda saga, token, step: f"saga:{step.name}", SagaRunner._forward)
+    setattr(SagaStore, "renew", _marking(lambda *a, **k: "saga:renew lease", SagaStore.renew))  # noqa: B010
+    forward = _marking(lambda saga, definition, step: f"saga:{step.name}", SagaRunner._forward)
     setattr(SagaRunner, "_forward", forward)  # noqa: B010
-    compensate = _marking(lambda saga, token, step: f"saga:undo {step.name}", SagaRunner._compensate)
+    compensate = _marking(lambda saga, definition, step: f"saga:undo {step.name}", SagaRunner._compensate)
     setattr(SagaRunner, "_compensate", compensate)  # noqa: B010
     setattr(SagaRunner, "_finish", _marking(lambda *a: "saga:finish", SagaRunner._finish))  # noqa: B010
 

@@ -5,11 +5,21 @@ outage costs each checkout about the fail-fast time, and the provider stops rece
 (it sees a few half-open probes a second instead of `rate x attempts`).
 
 Method: the shop's container in this process (saga runner, both simulated providers on local ports,
-SQLite), an open-loop load of checkouts at `rate` per second for `duration_s` (request i is due at
-`t0 + i / rate` whatever happened to earlier ones, as in the bench's timetable), and an outage of the
-PSP for `outage_s` in the middle (`PUT /admin/faults` with an outage window: every business request
-answers 503). The same load runs twice, resilience on and off (`CheckoutSettings.resilience`; off
-leaves the saga's own step retries only).
+SQLite or PostgreSQL), an open-loop load of checkouts at `rate` per second for `duration_s` (request i
+is due at `t0 + i / rate` whatever happened to earlier ones, as in the bench's timetable), and an
+outage of the PSP for `outage_s` in the middle (`PUT /admin/faults` with an outage window). The
+outage is made of hangs by default (`outage_mode="hang"`: no business request is ever answered, so a
+caller without a breaker waits out its whole per-attempt timeout, then retries), or of immediate 503s
+(`"error"`). The same load runs once per variant:
+
+- `on`: resilience policy (bulkhead, breaker, per-attempt timeout, budgeted retries), and the PSP's
+  record lookups (the compensations' "what did I do?") behind a breaker of their own;
+- `shared`: the same policy, with the lookups behind the writes' breaker (the wiring before the
+  lookups had their own), so an open circuit refuses compensations too;
+- `off`: `CheckoutSettings.resilience` off: the saga's own step retries only.
+
+The simulated PSP never faults its reads (they are the tests' oracle), so `on` shows what separate
+lookups buy when the provider's write path alone is down.
 
 `POST /v1/checkout` only starts the saga (one database transaction, then 202) and never waits for a
 provider, so the load calls `CheckoutService.start`, the use case behind that route, directly: the
@@ -20,7 +30,9 @@ edge is not what an outage changes. What the claim is about is measured behind i
   saga recorded it; with the policy on, its inner retries are inside one attempt);
 - time-to-terminal: from the checkout until the saga completed or compensated;
 - PSP received requests per second: the PSP's own `mercato_provider_requests_received_total`
-  (`/v1/...` routes), sampled every second.
+  (`POST /v1/...`: the operations an outage faults and a retry storm repeats), sampled every second;
+  its reads (`GET /v1/...`, the compensations' lookups) are counted apart;
+- compensation attempts refused by an open circuit (`CircuitOpen` in the saga's step history).
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast, get_args
 
 import httpx
 import typer
@@ -50,6 +62,7 @@ from mercato.kit.sagas import SagaRunner
 from mercato.kit.storage.migrations import upgrade
 from mercato.providers.config import ProviderSettings
 from mercato.providers.server import serve_providers
+from mercato.shop.checkout.resilient import PSP, PSP_READS
 
 __all__ = [
     "BreakerOptions",
@@ -63,6 +76,10 @@ __all__ = [
 
 PAYMENT_STEP = "authorize_payment"
 
+OutageMode = Literal["hang", "error"]
+Variant = Literal["on", "shared", "off"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
+
 
 @dataclass(frozen=True, kw_only=True)
 class BreakerOptions:
@@ -73,14 +90,24 @@ class BreakerOptions:
     drain_s: float = 60.0
     breaker_minimum_calls: int = 20
     breaker_open_s: float = 5.0
+    outage_mode: OutageMode = "hang"
+    variants: tuple[Variant, ...] = VARIANTS
     seed: int = 7
     # A PostgreSQL server URL (a throwaway database is made on it per run); None = SQLite files.
     # SQLite's single writer is what an outage's pile-up of parked sagas saturates first at ~10/s.
     database_url: str | None = None
+    # The throwaway databases are named `<prefix>_<12 hex>` (sharing a server: a prefix of your own).
+    database_prefix: str = "mercato_lab"
 
     def __post_init__(self) -> None:
         if self.outage_s <= 0 or self.rate <= 0 or self.duration_s <= self.outage_s:
             raise ValueError("need outage_s > 0, rate > 0 and duration_s > outage_s")
+        if self.outage_mode not in get_args(OutageMode):
+            raise ValueError(f"outage_mode must be one of {get_args(OutageMode)}")
+        if not self.database_prefix.replace("_", "").isalnum():
+            raise ValueError("database_prefix: letters, digits and underscores only")
+        if not self.variants or any(v not in VARIANTS for v in self.variants):
+            raise ValueError(f"variants must be a non-empty selection of {VARIANTS}")
 
     @property
     def outage_start_s(self) -> float:
@@ -96,7 +123,7 @@ class BreakerOptions:
 class RunResult:
     """One run's raw observations; times are seconds since the load started."""
 
-    mode: str  # "on" | "off"
+    mode: str  # a Variant: "on" | "shared" | "off"
     # (t, seconds, outcome) per authorize_payment attempt
     attempts: list[tuple[float, float, str]] = field(default_factory=list)
     # (t started, seconds to terminal, status) per checkout
@@ -107,8 +134,13 @@ class RunResult:
     # (t, PSP /v1 requests received in the second ending at t)
     psp_rate: list[tuple[float, float]] = field(default_factory=list)
     psp_total: int = 0
+    psp_reads_total: int = 0
+    # compensation attempts the saga recorded as refused by an open circuit (nothing was sent)
+    compensations_refused: int = 0
     breaker_opened: int = 0
     breaker_transitions: int = 0
+    # calls refused by the open circuit of the PSP's lookups' own breaker ("psp-reads")
+    read_breaker_rejections: int = 0
     unfinished: int = 0
 
 
@@ -127,6 +159,7 @@ def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
     all_attempts = [s for _, s, _ in run.attempts]
     outage_attempts = [s for t, s, _ in run.attempts if start <= t < end]
     outage_terminal = [s for t, s, _ in run.checkouts if start <= t < end]
+    all_terminal = [s for _, s, _ in run.checkouts]
     # A sample at t counts the second (t-1, t]: it belongs to the outage if that second does.
     rates = [r for t, r in run.psp_rate if start < t <= end + 1e-9]
     statuses: dict[str, int] = {}
@@ -146,10 +179,15 @@ def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
         "payment_outage_p99_ms": percentile_ms(outage_attempts, 99),
         "terminal_outage_p50_ms": percentile_ms(outage_terminal, 50),
         "terminal_outage_p99_ms": percentile_ms(outage_terminal, 99),
+        "terminal_p50_ms": percentile_ms(all_terminal, 50),
+        "terminal_p99_ms": percentile_ms(all_terminal, 99),
         "psp_outage_rps": round(sum(rates) / len(rates), 2) if rates else 0.0,
         "psp_total_requests": run.psp_total,
+        "psp_reads_total": run.psp_reads_total,
+        "compensations_refused": run.compensations_refused,
         "breaker_opened": run.breaker_opened,
         "breaker_transitions": run.breaker_transitions,
+        "read_breaker_rejections": run.read_breaker_rejections,
     }
 
 
@@ -193,28 +231,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _psp_received(metrics_text: str) -> int:
+def _psp_received(metrics_text: str, method: str = "POST") -> int:
+    """Requests the PSP received on its `/v1/...` routes with this method, from its `/metrics`."""
     total = 0.0
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.name == "mercato_provider_requests_received_total" and sample.labels.get(
-                "route", ""
-            ).startswith("/v1/"):
+            if (
+                sample.name == "mercato_provider_requests_received_total"
+                and sample.labels.get("method") == method
+                and sample.labels.get("route", "").startswith("/v1/")
+            ):
                 total += sample.value
     return int(total)
 
 
-def _breaker_counts(container: Container) -> tuple[int, int]:
-    """(times opened, transitions) of the PSP's breaker, from the container's metrics."""
-    opened = transitions = 0.0
+def _breaker_counts(container: Container) -> tuple[int, int, int]:
+    """(times opened, transitions) of the PSP's breaker and the rejections of its lookups' breaker."""
+    opened = transitions = read_rejections = 0.0
     for family in container.metrics_registry.collect():
         for sample in family.samples:
-            if sample.name != "mercato_breaker_transitions_total" or sample.labels["dependency"] != "psp":
+            dependency = sample.labels.get("dependency")
+            if sample.name == "mercato_breaker_rejections_total" and dependency == PSP_READS:
+                read_rejections += sample.value
+            if sample.name != "mercato_breaker_transitions_total" or dependency != PSP:
                 continue
             transitions += sample.value
             if sample.labels["to_state"] == "open":
                 opened += sample.value
-    return int(opened), int(transitions)
+    return int(opened), int(transitions), int(read_rejections)
 
 
 @contextlib.asynccontextmanager
@@ -228,7 +272,7 @@ async def _database(options: BreakerOptions, workdir: Path) -> AsyncIterator[str
 
     url = make_url(options.database_url)
     admin_dsn = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    name = f"mercato_lab_{uuid.uuid4().hex[:12]}"
+    name = f"{options.database_prefix}_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -264,26 +308,24 @@ def _settings(workdir: Path, database_url: str, options: BreakerOptions, *, resi
 async def run_mode(
     options: BreakerOptions,
     *,
-    resilience: bool,
+    variant: Variant,
     workdir: Path,
     on_progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """One run of the load and the outage, on a fresh shop database and fresh providers."""
     say = on_progress or (lambda _message: None)
-    mode = "on" if resilience else "off"
     async with _database(options, workdir) as database_url:
-        return await _run_mode(
-            options, _settings(workdir, database_url, options, resilience=resilience), mode, say
-        )
+        settings = _settings(workdir, database_url, options, resilience=variant != "off")
+        return await _run_mode(options, settings, variant, say)
 
 
 async def _run_mode(
-    options: BreakerOptions, settings: Settings, mode: str, say: Callable[[str], None]
+    options: BreakerOptions, settings: Settings, mode: Variant, say: Callable[[str], None]
 ) -> RunResult:
     # Migrations run in a thread: Alembic drives its own event loop for the async engine.
     await asyncio.to_thread(upgrade, SCRIPT_LOCATION, settings.database.url)
     providers = await serve_providers(settings.providers)
-    container = build_container(settings)
+    container = build_container(settings, separate_read_breakers=mode != "shared")
     result = RunResult(mode=mode)
     stop = asyncio.Event()
     checkout_settings = settings.checkout
@@ -306,7 +348,11 @@ async def _run_mode(
         await container.inventory.set_available(product.sku, 1_000_000)
         psp_url = settings.providers.psp_base_url
         async with httpx.AsyncClient(base_url=psp_url, timeout=5.0) as psp:
-            outage = {"start_s": options.outage_start_s, "end_s": options.outage_end_s}
+            outage = {
+                "start_s": options.outage_start_s,
+                "end_s": options.outage_end_s,
+                "mode": options.outage_mode,
+            }
             (await psp.put("/admin/faults", json={"outages": [outage]})).raise_for_status()
             t0 = time.monotonic()
             wall0 = container.clock.now()
@@ -327,14 +373,17 @@ async def _run_mode(
                 started.append((order.id, sent - t0))
 
             async def sample_psp() -> None:
-                previous = _psp_received((await psp.get("/metrics")).text)
-                first = previous
+                text = (await psp.get("/metrics")).text
+                previous = _psp_received(text)
+                first, first_reads = previous, _psp_received(text, "GET")
                 tick = 1
                 while True:
                     await asyncio.sleep(max(0.0, t0 + tick - time.monotonic()))
-                    current = _psp_received((await psp.get("/metrics")).text)
+                    text = (await psp.get("/metrics")).text
+                    current = _psp_received(text)
                     result.psp_rate.append((float(tick), float(current - previous)))
                     result.psp_total = current - first
+                    result.psp_reads_total = _psp_received(text, "GET") - first_reads
                     previous, tick = current, tick + 1
 
             sampler = asyncio.create_task(sample_psp())
@@ -348,7 +397,9 @@ async def _run_mode(
                     await sampler
         result.unfinished = len(pending)
         await _collect(container, started, wall0, result)
-        result.breaker_opened, result.breaker_transitions = _breaker_counts(container)
+        result.breaker_opened, result.breaker_transitions, result.read_breaker_rejections = _breaker_counts(
+            container
+        )
     finally:
         stop.set()
         with contextlib.suppress(Exception):
@@ -394,6 +445,8 @@ async def _collect(
             done_s = (saga.finished_at - wall0).total_seconds()
             result.checkouts.append((t_start, max(0.0, done_s - t_start), saga.status.value))
         for record in await container.sagas.history(order_id):
+            if record.direction == "compensate" and "CircuitOpen" in (record.error or ""):
+                result.compensations_refused += 1
             if record.step == PAYMENT_STEP and record.direction == "forward":
                 t = (record.recorded_at - wall0).total_seconds()
                 result.attempts.append((t, record.duration_ms / 1000.0, record.outcome))
@@ -404,13 +457,11 @@ async def _collect(
 async def run_experiment(
     options: BreakerOptions, *, on_progress: Callable[[str], None] | None = None
 ) -> ExperimentReport:
-    """Resilience on, then off, each on its own fresh databases and providers."""
+    """Each of `options.variants` in turn, each on its own fresh databases and providers."""
     runs = []
-    for resilience in (True, False):
+    for variant in options.variants:
         with tempfile.TemporaryDirectory(prefix="mercato-lab-breaker-") as tmp:
-            runs.append(
-                await run_mode(options, resilience=resilience, workdir=Path(tmp), on_progress=on_progress)
-            )
+            runs.append(await run_mode(options, variant=variant, workdir=Path(tmp), on_progress=on_progress))
     return ExperimentReport(options=options, runs=runs)
 
 
@@ -424,7 +475,8 @@ def plot_report(report: ExperimentReport, path: Path) -> Path:
     options = report.options
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     styles = {
-        "on": ("tab:blue", "breaker + retry budget"),
+        "on": ("tab:blue", "breaker + retry budget, lookups on their own breaker"),
+        "shared": ("tab:green", "breaker + retry budget, lookups share it"),
         "off": ("tab:red", "no breaker (saga retries only)"),
     }
     for run in report.runs:
@@ -435,8 +487,11 @@ def plot_report(report: ExperimentReport, path: Path) -> Path:
     for axis in (top, bottom):
         axis.axvspan(options.outage_start_s, options.outage_end_s, color="0.85", label="PSP outage")
         axis.grid(alpha=0.3)
-    top.set_ylabel("PSP requests received / s")
-    top.set_title(f"PSP outage of {options.outage_s:g} s under {options.rate:g} checkouts/s (open loop)")
+    top.set_ylabel("PSP writes (POST) received / s")
+    top.set_title(
+        f"PSP outage ({options.outage_mode}s) of {options.outage_s:g} s"
+        f" under {options.rate:g} checkouts/s (open loop)"
+    )
     top.legend(loc="upper right")
     bottom.set_ylabel("p99 authorize_payment attempt (ms)")
     bottom.set_yscale("symlog", linthresh=10)
@@ -451,17 +506,25 @@ def plot_report(report: ExperimentReport, path: Path) -> Path:
 def _table(report: ExperimentReport) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"PSP outage {report.options.outage_s:g} s at {report.options.rate:g} checkouts/s")
+    options = report.options
+    table = Table(
+        title=f"PSP outage ({options.outage_mode}) {options.outage_s:g} s at {options.rate:g} checkouts/s"
+    )
     columns = [
         ("resilience", "mode"),
         ("payment p50 ms", "payment_outage_p50_ms"),
         ("payment p99 ms", "payment_outage_p99_ms"),
         ("terminal p50 ms", "terminal_outage_p50_ms"),
         ("terminal p99 ms", "terminal_outage_p99_ms"),
-        ("PSP req/s in outage", "psp_outage_rps"),
-        ("PSP requests", "psp_total_requests"),
+        ("all terminal p99 ms", "terminal_p99_ms"),
+        ("PSP writes/s in outage", "psp_outage_rps"),
+        ("PSP writes", "psp_total_requests"),
+        ("PSP reads", "psp_reads_total"),
+        ("undo refused", "compensations_refused"),
         ("breaker opened", "breaker_opened"),
         ("transitions", "breaker_transitions"),
+        ("lookups refused", "read_breaker_rejections"),
+        ("unfinished", "unfinished"),
         ("outcomes", "statuses"),
     ]
     for title, _ in columns:
@@ -477,7 +540,10 @@ def _table(report: ExperimentReport) -> Any:
             )
         table.add_row(*cells)
     table.caption = (
-        "payment = authorize_payment attempts during the outage; terminal = checkouts started in it"
+        "payment = authorize_payment attempts during the outage; terminal = from checkout to the saga's"
+        " terminal state, for checkouts started in it; PSP writes/reads = POST/GET it received;"
+        " undo refused = compensation attempts met by an open circuit;"
+        " lookups refused = by the psp-reads breaker"
     )
     return table
 
@@ -491,10 +557,19 @@ def breaker_command(
     drain_s: Annotated[
         float, typer.Option("--drain-s", help="Wait at most this long for sagas to finish")
     ] = 60.0,
+    outage: Annotated[
+        str, typer.Option(help="hang: requests never answered; error: answered 503 at once")
+    ] = "hang",
+    variants: Annotated[
+        str, typer.Option(help="Comma-separated runs: on (own lookup breaker), shared, off")
+    ] = ",".join(VARIANTS),
     plot: Annotated[Path, typer.Option(help="Where to write the PNG")] = Path("docs/lab/breaker.png"),
     database_url: Annotated[
         str | None, typer.Option(help="A PostgreSQL server URL for the shop (default: SQLite files)")
     ] = None,
+    database_prefix: Annotated[
+        str, typer.Option(help="Name prefix of the throwaway PostgreSQL databases")
+    ] = "mercato_lab",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """PSP outage under steady checkout load, with and without breaker + retry budget."""
@@ -507,8 +582,17 @@ def breaker_command(
     configure_logging(level="warning", fmt="console")
     console = Console(stderr=True)
     try:
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
         options = BreakerOptions(
-            outage_s=outage_s, rate=rate, duration_s=duration_s, drain_s=drain_s, database_url=database_url
+            outage_s=outage_s,
+            rate=rate,
+            duration_s=duration_s,
+            drain_s=drain_s,
+            database_url=database_url,
+            database_prefix=database_prefix,
+            # Both are checked against their Literal by BreakerOptions.__post_init__.
+            outage_mode=cast(OutageMode, outage),
+            variants=cast(tuple[Variant, ...], chosen),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -516,8 +600,10 @@ def breaker_command(
     report = asyncio.run(run_experiment(options, on_progress=lambda line: console.print(line, markup=False)))
     written = plot_report(report, plot)
     if as_json:
+        # The table still goes to stderr, so one run gives both the record and the reading.
+        Console(width=200, stderr=True).print(_table(report))
         body = {**report.to_dict(), "plot": str(written)}
         typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
     else:
-        Console(width=180).print(_table(report))
+        Console(width=200).print(_table(report))
         console.print(f"plot: {written}")

@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,12 +42,18 @@ class FaultKind(StrEnum):
 
 
 class OutageWindow(BaseModel):
-    """`[start_s, end_s)` in seconds after the settings were applied."""
+    """`[start_s, end_s)` in seconds after the settings were applied.
+
+    `mode="error"` answers every business request 503 at once (a provider that is down and says so);
+    `mode="hang"` never answers them (a provider that is down and does not say so: the client pays its
+    whole timeout), which is the outage a circuit breaker's fail-fast exists for.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     start_s: float = Field(ge=0)
     end_s: float = Field(gt=0)
+    mode: Literal["error", "hang"] = "error"
 
     @model_validator(mode="after")
     def _ordered(self) -> OutageWindow:
@@ -172,10 +179,16 @@ class FaultInjector:
     def elapsed_s(self) -> float:
         return self.clock.monotonic() - self._applied_at
 
+    def current_outage(self) -> OutageWindow | None:
+        """The outage in progress (the one ending last when windows overlap), or None."""
+        elapsed = self.elapsed_s()
+        active = [w for w in self._settings.windows() if w.contains(elapsed)]
+        return max(active, key=lambda w: w.end_s, default=None)
+
     def outage_remaining_s(self) -> float:
         """Seconds until the current outage ends (0 when none is in progress)."""
-        elapsed = self.elapsed_s()
-        return max((w.end_s - elapsed for w in self._settings.windows() if w.contains(elapsed)), default=0.0)
+        window = self.current_outage()
+        return 0.0 if window is None else window.end_s - self.elapsed_s()
 
     def sample_latency_s(self) -> float:
         if self._mu_sigma is None:
@@ -185,6 +198,9 @@ class FaultInjector:
 
     def decide(self) -> FaultDecision:
         """The fault for one request. An outage wins over everything and costs no latency draw."""
+        window = self.current_outage()
+        if window is not None and window.mode == "hang":
+            return FaultDecision(kind=FaultKind.HANG)
         remaining = self.outage_remaining_s()
         if remaining > 0:
             return FaultDecision(

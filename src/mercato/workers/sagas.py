@@ -10,7 +10,8 @@ from mercato.kit.sagas import SagaRunner
 
 
 def build_saga_runner(container: Container, *, owner: str | None = None) -> SagaRunner:
-    """A runner for every saga the container defines; in-process checkouts wake it at once."""
+    """A runner for every saga the container defines; in-process checkouts wake it at once, and on
+    PostgreSQL so do checkouts committed by other processes (`mercato api` beside this worker)."""
     checkout = container.settings.checkout
     runner = SagaRunner(
         container.db,
@@ -21,6 +22,7 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         events=container.saga_events,
         lease_s=checkout.saga_lease_s,
         concurrency=checkout.saga_concurrency,
+        wakeups=container.saga_wakeups,
     )
     container.checkout.on_saga_started(runner.wake)
     return runner

@@ -17,9 +17,11 @@ from mercato.kit.sagas.definition import (
 )
 from mercato.kit.sagas.runner import SagaRunner
 from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStepRecord, SagaStore
+from mercato.kit.sagas.wakeups import PostgresSagaWakeups, SagaWakeups
 
 __all__ = [
     "EventSink",
+    "PostgresSagaWakeups",
     "RetrySchedule",
     "SagaDefinition",
     "SagaInstance",
@@ -27,6 +29,7 @@ __all__ = [
     "SagaStatus",
     "SagaStepRecord",
     "SagaStore",
+    "SagaWakeups",
     "Step",
     "StepContext",
     "StepRejected",

@@ -1,9 +1,17 @@
 """Drives sagas: forward through their steps, backward through compensations, after any crash.
 
-Each pass claims due sagas (a new lease term each), and drives each until it finishes, waits
-for a retry, or loses its lease. Every state change is a fenced write; a local step's action runs
-inside that same transaction, so its effects, the saga's progress and its events commit or roll
-back together.
+The runner claims due sagas (a new lease term each, one `UPDATE … RETURNING` for the whole batch)
+and drives each until it finishes, waits for a retry, or loses its lease, keeping up to
+`concurrency` sagas in flight: a slot freed by one saga is refilled at once, not at the end of a
+batch. Every state change is a fenced write; a local step's action runs inside that same
+transaction, so its effects, the saga's progress and its events commit or roll back together.
+
+Costs, per move: one transaction. The claim returns the rows, and the runner keeps the saga's state
+from its own committed writes instead of reading it back before each move: only the lease holder
+writes a saga, and any write of a stale term matches no row and raises `LeaseLost`. Every progress
+write also extends the lease, so a remote step renews it in a transaction of its own only when the
+remaining term would not cover the step's timeout. The last step's write also finishes the saga, and
+a failure's record and what follows it (park, compensate, give up) are one write.
 
 Failure rules (guide §2, "Resilient Payment Workflow"):
 - `StepRejected` — definite, no effect: compensate the steps *before* it.
@@ -33,9 +41,14 @@ from mercato.kit.coordination import LeaseLost
 from mercato.kit.observability import get_logger
 from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
 from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStore
+from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database
 
 _log = get_logger("mercato.sagas")
+
+# A remote step starts only if the lease outlives its timeout by this much: room to write its result
+# before another runner may take the saga over.
+LEASE_MARGIN_S = 1.0
 
 
 class SagaRunner:
@@ -52,6 +65,7 @@ class SagaRunner:
         concurrency: int = 32,
         poll_s: float = 0.2,
         rng: random.Random | None = None,
+        wakeups: SagaWakeups | None = None,
     ) -> None:
         self._db = db
         self._store = store
@@ -63,6 +77,7 @@ class SagaRunner:
         self._concurrency = concurrency
         self._poll_s = poll_s
         self._rng = rng or random.Random()
+        self._wakeups = wakeups
         self._wake = asyncio.Event()
         self._driving: set[uuid.UUID] = set()
 
@@ -71,53 +86,95 @@ class SagaRunner:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Drive sagas until `stop` is set; idle passes wait `poll_s` or until woken."""
-        while not stop.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception:  # noqa: BLE001 - the runner outlives a failed pass (e.g. DB restart)
-                _log.exception("saga_pass_failed")
-                handled = 0
-            if handled:
-                continue
-            self._wake.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+        """Drive sagas until `stop` is set, up to `concurrency` at a time; idle, wait `poll_s` or a wake.
+
+        On stop, no new saga is claimed and the ones in flight are driven to their next pause. With
+        `wakeups`, sagas started by other processes wake it too.
+        """
+        tasks: set[asyncio.Task[None]] = set()
+        listener = (
+            None
+            if self._wakeups is None
+            else asyncio.create_task(self._wakeups.listen(self.wake, stop), name="saga-wakeups")
+        )
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if len(tasks) == self._concurrency - 1:
+                self._wake.set()  # a slot opened after a full pass: there may be more due
+
+        try:
+            while not stop.is_set():
+                # Cleared before claiming, so a wake during the claim is not lost.
+                self._wake.clear()
+                free = self._concurrency - len(tasks)
+                claimed: list[SagaInstance] = []
+                if free > 0:
+                    try:
+                        claimed = await self._store.claim_due(
+                            owner=self._owner, lease_s=self._lease_s, limit=free
+                        )
+                    except Exception:  # noqa: BLE001 - the runner outlives a failed pass (DB restart)
+                        _log.exception("saga_pass_failed")
+                for saga in claimed:
+                    task = asyncio.create_task(self._drive_logged(saga), name=f"saga:{saga.id}")
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+                # Idle until a wake (a new saga here, a slot freed after a full claim) or the poll.
+                await self._idle(stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+            await asyncio.gather(*tasks, *([listener] if listener else []), return_exceptions=True)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def run_once(self) -> int:
         """Claim due sagas (up to the concurrency bound) and drive them; returns how many."""
-        due = [i for i in await self._store.due(limit=self._concurrency) if i not in self._driving]
-        if not due:
+        free = self._concurrency - len(self._driving)
+        if free <= 0:
             return 0
-        results = await asyncio.gather(*(self.drive(saga_id) for saga_id in due))
-        return sum(results)
+        claimed = await self._store.claim_due(owner=self._owner, lease_s=self._lease_s, limit=free)
+        await asyncio.gather(*(self._drive_claimed(saga) for saga in claimed))
+        return len(claimed)
 
     async def drive(self, saga_id: uuid.UUID) -> int:
         """Claim one saga and drive it as far as it goes now; 1 if it was claimed, else 0."""
         if saga_id in self._driving:
             return 0
-        token = await self._store.claim(saga_id, owner=self._owner, lease_s=self._lease_s)
-        if token is None:
+        saga = await self._store.claim_instance(saga_id, owner=self._owner, lease_s=self._lease_s)
+        if saga is None:
             return 0
-        self._driving.add(saga_id)
-        try:
-            while await self._advance(saga_id, token):
-                pass
-        except LeaseLost:
-            _log.warning("saga_lease_lost", saga_id=str(saga_id), token=token)
-        finally:
-            self._driving.discard(saga_id)
+        await self._drive_claimed(saga)
         return 1
 
-    async def _advance(self, saga_id: uuid.UUID, token: int) -> bool:
-        """One move; False when the saga is finished or parked until a retry is due."""
-        saga = await self._store.get(saga_id)
-        if saga is None or saga.status.terminal or saga.lease_token != token:
-            return False
+    async def _drive_claimed(self, saga: SagaInstance) -> None:
+        self._driving.add(saga.id)
+        try:
+            current: SagaInstance | None = saga
+            while current is not None:
+                current = await self._advance(current)
+        except LeaseLost:
+            _log.warning("saga_lease_lost", saga_id=str(saga.id), token=saga.lease_token)
+        finally:
+            self._driving.discard(saga.id)
+
+    async def _drive_logged(self, saga: SagaInstance) -> None:
+        try:
+            await self._drive_claimed(saga)
+        except Exception:  # noqa: BLE001 - e.g. the database went away mid-move: the lease expires
+            _log.exception("saga_move_failed", saga_id=str(saga.id))
+
+    async def _advance(self, saga: SagaInstance) -> SagaInstance | None:
+        """One move; the saga as it now stands, or None when it is finished or parked for a retry."""
+        if saga.status.terminal:
+            return None
         definition = self._definitions[saga.saga_type]
         if saga.status is SagaStatus.RUNNING:
             # Every step done (the last one committed, then the runner died or the pass ended before
@@ -125,23 +182,23 @@ class SagaRunner:
             # would "compensate" a completed order: refund it, cancel its shipment, and fail on the
             # reservation it already committed.
             if saga.step_index >= len(definition.steps):
-                await self._finish(saga, token, definition, SagaStatus.COMPLETED)
-                return False
+                await self._finish(saga, definition, SagaStatus.COMPLETED)
+                return None
             if self._clock.now() >= saga.deadline_at:
                 # The step due next may already have taken effect: a remote call whose answer was
                 # lost (its retry parked: attempt > 0) or one cut off by a crashed runner (a later
                 # lease term: token > 1). Then, like a remote step out of attempts, it is compensated
                 # too (its compensation asks the provider what exists); a local step rolled back.
                 step = definition.steps[saga.step_index]
-                may_have_run = not step.local and (saga.attempt > 0 or token > 1)
+                may_have_run = not step.local and (saga.attempt > 0 or saga.lease_token > 1)
                 start_from = saga.step_index if may_have_run else saga.step_index - 1
-                await self._begin_compensation(saga, token, start_from, "saga deadline exceeded")
-                return True
-            return await self._forward(saga, token, definition.steps[saga.step_index])
+                async with self._db.write() as conn:
+                    return await self._begin_compensation(conn, saga, start_from, "saga deadline exceeded")
+            return await self._forward(saga, definition, definition.steps[saga.step_index])
         if saga.step_index < 0:
-            await self._finish(saga, token, definition, SagaStatus.COMPENSATED)
-            return False
-        return await self._compensate(saga, token, definition.steps[saga.step_index])
+            await self._finish(saga, definition, SagaStatus.COMPENSATED)
+            return None
+        return await self._compensate(saga, definition, definition.steps[saga.step_index])
 
     def _context(self, saga: SagaInstance, step: Step, attempt: int) -> StepContext:
         return StepContext(
@@ -153,129 +210,113 @@ class SagaRunner:
             data=dict(saga.data),
         )
 
-    async def _forward(self, saga: SagaInstance, token: int, step: Step) -> bool:
+    async def _write(self, conn: AsyncConnection, saga: SagaInstance, **values: Any) -> SagaInstance:
+        """The fenced progress write; it extends the lease unless told what the lease becomes."""
+        now = self._clock.now()
+        values.setdefault("updated_at", now)
+        values.setdefault("lease_expires_at", now + timedelta(seconds=self._lease_s))
+        await self._store.fenced_update(conn, saga.id, saga.lease_token, **values)
+        return saga.with_values(values)
+
+    async def _hold_lease_for(self, saga: SagaInstance, step: Step) -> SagaInstance:
+        """Make sure the lease outlasts the remote step about to run (renewing costs a transaction)."""
+        needed = self._clock.now() + timedelta(seconds=step.timeout_s + LEASE_MARGIN_S)
+        if saga.lease_expires_at is not None and saga.lease_expires_at >= needed:
+            return saga
+        expires_at = await self._store.renew(saga.id, saga.lease_token, lease_s=self._lease_s)
+        return saga.with_values({"lease_expires_at": expires_at})
+
+    async def _forward(
+        self, saga: SagaInstance, definition: SagaDefinition, step: Step
+    ) -> SagaInstance | None:
         attempt = saga.attempt + 1
         ctx = self._context(saga, step, attempt)
         started = time.perf_counter()
+        next_index = saga.step_index + 1
         try:
             if step.local:
                 async with self._db.write() as conn:
                     ctx.conn = conn
                     result = await asyncio.wait_for(step.action(ctx), timeout=step.timeout_s)
-                    await self._record_success(
-                        conn,
-                        saga,
-                        token,
-                        step,
-                        ctx,
-                        result,
-                        "forward",
-                        started,
-                        next_index=saga.step_index + 1,
+                    return await self._record_success(
+                        conn, saga, definition, step, ctx, result, "forward", started, next_index=next_index
                     )
-            else:
-                await self._store.renew(saga.id, token, lease_s=self._lease_s)
-                result = await asyncio.wait_for(step.action(ctx), timeout=step.timeout_s)
-                async with self._db.write() as conn:
-                    await self._record_success(
-                        conn,
-                        saga,
-                        token,
-                        step,
-                        ctx,
-                        result,
-                        "forward",
-                        started,
-                        next_index=saga.step_index + 1,
-                    )
+            saga = await self._hold_lease_for(saga, step)
+            result = await asyncio.wait_for(step.action(ctx), timeout=step.timeout_s)
+            async with self._db.write() as conn:
+                return await self._record_success(
+                    conn, saga, definition, step, ctx, result, "forward", started, next_index=next_index
+                )
         except LeaseLost:
             raise
         except StepRejected as exc:
-            await self._record_failure(saga, token, step, "forward", attempt, "rejected", exc, started)
-            await self._begin_compensation(saga, token, saga.step_index - 1, f"{step.name}: {exc}")
-            return True
+            async with self._db.write() as conn:
+                await self._store_step(conn, saga, step, "forward", attempt, "rejected", exc, started)
+                return await self._begin_compensation(conn, saga, saga.step_index - 1, f"{step.name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - any other failure is uncertain: retry, then undo
             outcome = "timed_out" if isinstance(exc, TimeoutError) else "failed"
-            await self._record_failure(saga, token, step, "forward", attempt, outcome, exc, started)
-            if attempt < step.retry.max_attempts:
-                await self._park(saga, token, attempt, step.retry.delay_s(attempt, self._rng))
-                return False
-            # A failed local step rolled back; a remote one may have happened: undo it too.
-            start_from = saga.step_index - 1 if step.local else saga.step_index
-            await self._begin_compensation(
-                saga, token, start_from, f"{step.name} failed after {attempt} attempts: {_describe(exc)}"
-            )
-        return True
+            async with self._db.write() as conn:
+                await self._store_step(conn, saga, step, "forward", attempt, outcome, exc, started)
+                if attempt < step.retry.max_attempts:
+                    await self._park(conn, saga, attempt, step.retry.delay_s(attempt, self._rng))
+                    return None
+                # A failed local step rolled back; a remote one may have happened: undo it too.
+                start_from = saga.step_index - 1 if step.local else saga.step_index
+                return await self._begin_compensation(
+                    conn, saga, start_from, f"{step.name} failed after {attempt} attempts: {_describe(exc)}"
+                )
 
-    async def _compensate(self, saga: SagaInstance, token: int, step: Step) -> bool:
+    async def _compensate(
+        self, saga: SagaInstance, definition: SagaDefinition, step: Step
+    ) -> SagaInstance | None:
         if step.compensation is None:
             async with self._db.write() as conn:
-                await self._store.fenced_update(
-                    conn, saga.id, token, step_index=saga.step_index - 1, attempt=0
-                )
-            return True
+                return await self._write(conn, saga, step_index=saga.step_index - 1, attempt=0)
         compensation = step.compensation
         attempt = saga.attempt + 1
         ctx = self._context(saga, step, attempt)
         started = time.perf_counter()
+        next_index = saga.step_index - 1
         try:
             if step.local:
                 async with self._db.write() as conn:
                     ctx.conn = conn
                     await asyncio.wait_for(compensation(ctx), timeout=step.timeout_s)
-                    await self._record_success(
-                        conn,
-                        saga,
-                        token,
-                        step,
-                        ctx,
-                        None,
-                        "compensate",
-                        started,
-                        next_index=saga.step_index - 1,
+                    return await self._record_success(
+                        conn, saga, definition, step, ctx, None, "compensate", started, next_index=next_index
                     )
-            else:
-                await self._store.renew(saga.id, token, lease_s=self._lease_s)
-                await asyncio.wait_for(compensation(ctx), timeout=step.timeout_s)
-                async with self._db.write() as conn:
-                    await self._record_success(
-                        conn,
-                        saga,
-                        token,
-                        step,
-                        ctx,
-                        None,
-                        "compensate",
-                        started,
-                        next_index=saga.step_index - 1,
-                    )
+            saga = await self._hold_lease_for(saga, step)
+            await asyncio.wait_for(compensation(ctx), timeout=step.timeout_s)
+            async with self._db.write() as conn:
+                return await self._record_success(
+                    conn, saga, definition, step, ctx, None, "compensate", started, next_index=next_index
+                )
         except LeaseLost:
             raise
         except Exception as exc:  # noqa: BLE001 - compensations are retried until they succeed
             outcome = "timed_out" if isinstance(exc, TimeoutError) else "failed"
-            await self._record_failure(saga, token, step, "compensate", attempt, outcome, exc, started)
-            if attempt < step.compensation_retry.max_attempts:
-                await self._park(saga, token, attempt, step.compensation_retry.delay_s(attempt, self._rng))
-                return False
             async with self._db.write() as conn:
-                await self._store.fenced_update(
+                await self._store_step(conn, saga, step, "compensate", attempt, outcome, exc, started)
+                if attempt < step.compensation_retry.max_attempts:
+                    await self._park(conn, saga, attempt, step.compensation_retry.delay_s(attempt, self._rng))
+                    return None
+                await self._write(
                     conn,
-                    saga.id,
-                    token,
+                    saga,
+                    attempt=attempt,
                     status=SagaStatus.FAILED.value,
                     failure=f"compensation {step.name} failed after {attempt} attempts: {_describe(exc)}",
                     finished_at=self._clock.now(),
                     lease_expires_at=None,
                 )
             _log.error("saga_needs_attention", saga_id=str(saga.id), step=step.name)
-            return False
-        return True
+            return None
 
     async def _record_success(
         self,
         conn: AsyncConnection,
         saga: SagaInstance,
-        token: int,
+        definition: SagaDefinition,
         step: Step,
         ctx: StepContext,
         result: Mapping[str, Any] | None,
@@ -283,9 +324,24 @@ class SagaRunner:
         started: float,
         *,
         next_index: int,
-    ) -> None:
-        data = {**saga.data, **(dict(result) if result else {})}
-        await self._store.fenced_update(conn, saga.id, token, step_index=next_index, attempt=0, data=data)
+    ) -> SagaInstance | None:
+        """The step's outcome, its events and the saga's progress in one write; None once finished.
+
+        The last step forward (or the first one undone) also finishes the saga in that transaction.
+        """
+        values: dict[str, Any] = {
+            "step_index": next_index,
+            "attempt": 0,
+            "data": {**saga.data, **(dict(result) if result else {})},
+        }
+        done: SagaStatus | None = None
+        if direction == "forward" and next_index >= len(definition.steps):
+            done = SagaStatus.COMPLETED
+        elif direction == "compensate" and next_index < 0:
+            done = SagaStatus.COMPENSATED
+        if done is not None:
+            values.update(status=done.value, finished_at=self._clock.now(), lease_expires_at=None)
+        saga = await self._write(conn, saga, **values)
         await self._store.record_step(
             conn,
             saga.id,
@@ -297,11 +353,15 @@ class SagaRunner:
         )
         if ctx.events and self._events is not None:
             await self._events.add(conn, ctx.events)
+        if done is None:
+            return saga
+        await self._run_finish_hook(conn, saga, definition, done)
+        return None
 
-    async def _record_failure(
+    async def _store_step(
         self,
+        conn: AsyncConnection,
         saga: SagaInstance,
-        token: int,
         step: Step,
         direction: str,
         attempt: int,
@@ -309,71 +369,68 @@ class SagaRunner:
         exc: BaseException,
         started: float,
     ) -> None:
-        async with self._db.write() as conn:
-            await self._store.fenced_update(conn, saga.id, token, attempt=attempt)
-            await self._store.record_step(
-                conn,
-                saga.id,
-                step=step.name,
-                direction=direction,
-                attempt=attempt,
-                outcome=outcome,
-                error=_describe(exc),
-                duration_ms=_elapsed_ms(started),
-            )
+        await self._store.record_step(
+            conn,
+            saga.id,
+            step=step.name,
+            direction=direction,
+            attempt=attempt,
+            outcome=outcome,
+            error=_describe(exc),
+            duration_ms=_elapsed_ms(started),
+        )
 
-    async def _park(self, saga: SagaInstance, token: int, attempt: int, delay_s: float) -> None:
+    async def _park(self, conn: AsyncConnection, saga: SagaInstance, attempt: int, delay_s: float) -> None:
         """Wait for the retry outside any lease: whichever runner is free when it is due takes it."""
         now = self._clock.now()
-        async with self._db.write() as conn:
-            await self._store.fenced_update(
-                conn,
-                saga.id,
-                token,
-                attempt=attempt,
-                next_attempt_at=now + timedelta(seconds=delay_s),
-                lease_expires_at=now,
-            )
+        await self._write(
+            conn,
+            saga,
+            attempt=attempt,
+            next_attempt_at=now + timedelta(seconds=delay_s),
+            lease_expires_at=now,
+        )
 
-    async def _begin_compensation(self, saga: SagaInstance, token: int, from_index: int, why: str) -> None:
-        async with self._db.write() as conn:
-            await self._store.fenced_update(
-                conn,
-                saga.id,
-                token,
-                status=SagaStatus.COMPENSATING.value,
-                step_index=from_index,
-                attempt=0,
-                failure=why[:2000],
-            )
+    async def _begin_compensation(
+        self, conn: AsyncConnection, saga: SagaInstance, from_index: int, why: str
+    ) -> SagaInstance:
+        saga = await self._write(
+            conn,
+            saga,
+            status=SagaStatus.COMPENSATING.value,
+            step_index=from_index,
+            attempt=0,
+            failure=why[:2000],
+        )
         _log.info("saga_compensating", saga_id=str(saga.id), reason=why)
+        return saga
 
-    async def _finish(
-        self, saga: SagaInstance, token: int, definition: SagaDefinition, status: SagaStatus
+    async def _finish(self, saga: SagaInstance, definition: SagaDefinition, status: SagaStatus) -> None:
+        """Finish a saga whose last move committed without finishing it (a resumed saga)."""
+        async with self._db.write() as conn:
+            await self._run_finish_hook(conn, saga, definition, status)
+            await self._write(
+                conn, saga, status=status.value, finished_at=self._clock.now(), lease_expires_at=None
+            )
+
+    async def _run_finish_hook(
+        self, conn: AsyncConnection, saga: SagaInstance, definition: SagaDefinition, status: SagaStatus
     ) -> None:
         hook = definition.on_completed if status is SagaStatus.COMPLETED else definition.on_compensated
-        async with self._db.write() as conn:
-            if hook is not None:
-                ctx = StepContext(
-                    saga_id=saga.id,
-                    saga_type=saga.saga_type,
-                    correlation_id=saga.correlation_id,
-                    step=status.value,
-                    attempt=1,
-                    data=dict(saga.data),
-                    conn=conn,
-                )
-                await hook(ctx)
-                if ctx.events and self._events is not None:
-                    await self._events.add(conn, ctx.events)
-            await self._store.fenced_update(
-                conn,
-                saga.id,
-                token,
-                status=status.value,
-                finished_at=self._clock.now(),
-                lease_expires_at=None,
-            )
+        if hook is None:
+            return
+        ctx = StepContext(
+            saga_id=saga.id,
+            saga_type=saga.saga_type,
+            correlation_id=saga.correlation_id,
+            step=status.value,
+            attempt=1,
+            data=dict(saga.data),
+            conn=conn,
+        )
+        await hook(ctx)
+        if ctx.events and self._events is not None:
+            await self._events.add(conn, ctx.events)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,9 +1,14 @@
-"""Saga persistence: instances, their step history, claims with fencing tokens."""
+"""Saga persistence: instances, their step history, claims with fencing tokens.
+
+The runner's hot path is a handful of single statements: one `UPDATE … RETURNING` claims a batch of
+due sagas and hands back their rows (no separate poll, claim and reload), and every progress write is
+one fenced `UPDATE` that can also extend the lease, so renewing it costs no transaction of its own.
+"""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -26,10 +31,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.ids import new_id
+from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database, UTCDateTime, metadata
 
 saga_instances = Table(
@@ -86,6 +93,19 @@ class SagaStatus(StrEnum):
 ACTIVE = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 
 
+def _is_active() -> ColumnElement[bool]:
+    # Two equalities, not `status IN (...)`: an expanding IN is re-rendered on every execution and
+    # its SQL text defeats asyncpg's prepared-statement cache; this one is compiled once.
+    return or_(
+        saga_instances.c.status == SagaStatus.RUNNING.value,
+        saga_instances.c.status == SagaStatus.COMPENSATING.value,
+    )
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return or_(saga_instances.c.lease_expires_at.is_(None), saga_instances.c.lease_expires_at <= now)
+
+
 @dataclass(frozen=True, slots=True)
 class SagaInstance:
     id: uuid.UUID
@@ -102,6 +122,17 @@ class SagaInstance:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    lease_expires_at: datetime | None = None
+
+    def with_values(self, values: dict[str, Any]) -> SagaInstance:
+        """This instance after a `fenced_update(**values)` succeeded: the row as now committed."""
+        changes = {k: v for k, v in values.items() if k in _INSTANCE_FIELDS}
+        if "status" in changes:
+            changes["status"] = SagaStatus(changes["status"])
+        return replace(self, **changes)
+
+
+_INSTANCE_FIELDS = frozenset(SagaInstance.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +162,15 @@ def _instance(row: Any) -> SagaInstance:
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        lease_expires_at=row.lease_expires_at,
     )
 
 
 class SagaStore:
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, *, wakeups: SagaWakeups | None = None) -> None:
         self._db = db
         self._clock = clock
+        self._wakeups = wakeups
 
     async def start(
         self,
@@ -153,7 +186,8 @@ class SagaStore:
         """Create a saga in the caller's transaction, so it exists iff the caller's change does.
 
         `completed_steps` counts steps the caller already did in this same transaction (the
-        order saga's CreateOrder happens in the checkout request itself).
+        order saga's CreateOrder happens in the checkout request itself). With `wakeups`, runners
+        in other processes hear of it when the transaction commits.
         """
         now = self._clock.now()
         saga_id = saga_id or new_id()
@@ -177,6 +211,8 @@ class SagaStore:
                 finished_at=None,
             )
         )
+        if self._wakeups is not None:
+            await self._wakeups.notify(conn)
         return saga_id
 
     async def due(self, *, limit: int) -> list[uuid.UUID]:
@@ -185,45 +221,58 @@ class SagaStore:
         async with self._db.read() as conn:
             rows = await conn.execute(
                 select(saga_instances.c.id)
-                .where(
-                    saga_instances.c.status.in_(ACTIVE),
-                    saga_instances.c.next_attempt_at <= now,
-                    or_(
-                        saga_instances.c.lease_expires_at.is_(None),
-                        saga_instances.c.lease_expires_at <= now,
-                    ),
-                )
+                .where(_is_active(), saga_instances.c.next_attempt_at <= now, _lease_free(now))
                 .order_by(saga_instances.c.next_attempt_at)
                 .limit(limit)
             )
             return [row.id for row in rows]
 
-    async def claim(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> int | None:
-        """Start a new lease term on an active saga; its fencing token, or None if held/finished."""
+    async def claim_due(self, *, owner: str, lease_s: float, limit: int) -> list[SagaInstance]:
+        """Start a lease term on up to `limit` due sagas in one statement; their rows as claimed.
+
+        `FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite has one writer and ignores it) lets several
+        runners claim at once without waiting on each other's rows; the outer conditions are checked
+        again on the locked rows, so a saga is never claimed twice in one term.
+        """
+        now = self._clock.now()
+        due = (
+            select(saga_instances.c.id)
+            .where(_is_active(), saga_instances.c.next_attempt_at <= now, _lease_free(now))
+            .order_by(saga_instances.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._db.write() as conn:
+            rows = await conn.execute(self._claiming(owner, lease_s, now, saga_instances.c.id.in_(due)))
+            claimed = [_instance(row) for row in rows]
+        return sorted(claimed, key=lambda saga: saga.next_attempt_at)
+
+    async def claim_instance(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> SagaInstance | None:
+        """Start a new lease term on one active saga; its row as claimed, or None if held/finished."""
         now = self._clock.now()
         async with self._db.write() as conn:
-            result = await conn.execute(
-                update(saga_instances)
-                .where(
-                    saga_instances.c.id == saga_id,
-                    saga_instances.c.status.in_(ACTIVE),
-                    or_(
-                        saga_instances.c.lease_expires_at.is_(None),
-                        saga_instances.c.lease_expires_at <= now,
-                    ),
-                )
-                .values(
-                    owner=owner,
-                    lease_token=saga_instances.c.lease_token + 1,
-                    lease_expires_at=now + timedelta(seconds=lease_s),
-                )
+            row = (
+                await conn.execute(self._claiming(owner, lease_s, now, saga_instances.c.id == saga_id))
+            ).first()
+        return _instance(row) if row else None
+
+    async def claim(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> int | None:
+        """Start a new lease term on an active saga; its fencing token, or None if held/finished."""
+        saga = await self.claim_instance(saga_id, owner=owner, lease_s=lease_s)
+        return None if saga is None else saga.lease_token
+
+    @staticmethod
+    def _claiming(owner: str, lease_s: float, now: datetime, which: ColumnElement[bool]) -> Any:
+        return (
+            update(saga_instances)
+            .where(which, _is_active(), _lease_free(now))
+            .values(
+                owner=owner,
+                lease_token=saga_instances.c.lease_token + 1,
+                lease_expires_at=now + timedelta(seconds=lease_s),
             )
-            if result.rowcount != 1:
-                return None
-            token = (
-                await conn.execute(select(saga_instances.c.lease_token).where(saga_instances.c.id == saga_id))
-            ).scalar_one()
-        return int(token)
+            .returning(*saga_instances.c)
+        )
 
     async def load(self, conn: AsyncConnection, saga_id: uuid.UUID) -> SagaInstance | None:
         row = (await conn.execute(select(saga_instances).where(saga_instances.c.id == saga_id))).first()
@@ -250,11 +299,12 @@ class SagaStore:
         if result.rowcount != 1:
             raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
 
-    async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> None:
+    async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> datetime:
+        """Extend the lease by `lease_s` from now; the new expiry (raises `LeaseLost` if taken over)."""
+        expires_at = self._clock.now() + timedelta(seconds=lease_s)
         async with self._db.write() as conn:
-            await self.fenced_update(
-                conn, saga_id, token, lease_expires_at=self._clock.now() + timedelta(seconds=lease_s)
-            )
+            await self.fenced_update(conn, saga_id, token, lease_expires_at=expires_at)
+        return expires_at
 
     async def record_step(
         self,

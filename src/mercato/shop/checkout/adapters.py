@@ -7,7 +7,9 @@ exception the saga treats as an uncertain outcome, to retry with the same idempo
 
 Each adapter runs every provider call through its `ProviderCalls` (the dependency's resilience
 policy, see `resilient.py`); translation happens outside the policy, so retries and the breaker see
-the provider's own errors.
+the provider's own errors. The lookups compensations make ("what did I do?") can go through a policy
+of their own (`reads`): an outage of the provider's write path then trips the writes' breaker only,
+and compensations keep reading the provider's records instead of parking behind that open circuit.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ async def _translated() -> AsyncIterator[None]:
 
 
 class HttpPaymentGateway:
-    def __init__(self, client: PspClient, calls: ProviderCalls | None = None) -> None:
+    def __init__(
+        self, client: PspClient, calls: ProviderCalls | None = None, *, reads: ProviderCalls | None = None
+    ) -> None:
         self._client = client
         self._calls = calls or ProviderCalls()
+        self._reads = reads or self._calls
 
     async def authorize(
         self,
@@ -97,13 +102,13 @@ class HttpPaymentGateway:
 
     async def payments_for(self, order_reference: str) -> list[PaymentRecord]:
         async with _translated():
-            page = await self._calls(lambda: self._client.ledger(order_reference=order_reference, limit=100))
+            page = await self._reads(lambda: self._client.ledger(order_reference=order_reference, limit=100))
             authorization_ids = sorted(
                 {e.authorization_id for e in page.items if e.kind == LedgerKind.AUTHORIZATION}
             )
             records = []
             for authorization_id in authorization_ids:
-                auth = await self._calls(partial(self._client.get_authorization, authorization_id))
+                auth = await self._reads(partial(self._client.get_authorization, authorization_id))
                 records.append(
                     PaymentRecord(
                         authorization_id=auth.authorization_id,
@@ -115,9 +120,12 @@ class HttpPaymentGateway:
 
 
 class HttpShippingCarrier:
-    def __init__(self, client: CarrierClient, calls: ProviderCalls | None = None) -> None:
+    def __init__(
+        self, client: CarrierClient, calls: ProviderCalls | None = None, *, reads: ProviderCalls | None = None
+    ) -> None:
         self._client = client
         self._calls = calls or ProviderCalls()
+        self._reads = reads or self._calls
 
     async def create_shipment(
         self, *, order_reference: str, items: Sequence[tuple[str, int]], idempotency_key: str
@@ -140,7 +148,7 @@ class HttpShippingCarrier:
 
     async def active_shipments_for(self, order_reference: str) -> list[Shipment]:
         async with _translated():
-            page = await self._calls(
+            page = await self._reads(
                 lambda: self._client.shipments(order_reference=order_reference, limit=100)
             )
         return [

@@ -1,7 +1,10 @@
 """The resilience policy every call checkout makes to the payment provider and the carrier goes through.
 
 One `ResiliencePolicy` per dependency ("psp", "carrier"), composed by the kit in its documented order:
-deadline → retry (+ budget) → circuit breaker → bulkhead → per-attempt timeout → call.
+deadline → retry (+ budget) → circuit breaker → bulkhead → per-attempt timeout → call. Each provider's
+record lookups (the reads a compensation makes to learn what exists) get a second policy, with its own
+breaker ("psp-reads", "carrier-reads"): a write path that is down must not stop the compensations
+that would undo its partial effects (measured by `mercato lab breaker`).
 
 How provider answers are classified (what the breaker counts, what the retry loop retries):
 
@@ -51,7 +54,9 @@ from mercato.providers._client import ProviderError
 
 __all__ = [
     "CARRIER",
+    "CARRIER_READS",
     "PSP",
+    "PSP_READS",
     "ProviderCalls",
     "ProviderPolicySettings",
     "TransientProviderError",
@@ -63,6 +68,8 @@ T = TypeVar("T")
 
 PSP = "psp"
 CARRIER = "carrier"
+PSP_READS = "psp-reads"
+CARRIER_READS = "carrier-reads"
 
 
 class TransientProviderError(ProviderError):
