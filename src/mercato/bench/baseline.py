@@ -70,16 +70,22 @@ _START = {
 _BODY = {"type": "http.response.body", "body": BODY}
 
 
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol for an app with nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def bare_asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Raw ASGI: no framework at all (the floor under the Starlette baseline)."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     await send(_START)
     await send(_BODY)
 

@@ -54,6 +54,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from starlette.types import Receive, Scope, Send
 
+from mercato.bench.baseline import answer_lifespan
+
 __all__ = [
     "ExperimentConfig",
     "NetworkReport",
@@ -78,13 +80,8 @@ async def lab_app(scope: Scope, receive: Receive, send: Send) -> None:
     The port in the answer is how the client counts the connections a scenario really used.
     """
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     more = True
