@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.privacy import network_prefix
 from mercato.kit.web.forwarded import X_FORWARDED_FOR, ForwardedHeader, TrustedProxies, resolve_client_address
 from mercato.kit.web.problems import problem_response
 
@@ -90,10 +91,11 @@ class RequestContextMiddleware:
         scope = _with_client_address(scope, self.trusted_proxies, self.forwarded_header)
         client = scope.get("client")
         client_ip = client[0] if client else None
-        # Every log line of this request names its client; the peer too when a proxy spoke for it.
-        log_context = {"client_ip": client_ip}
+        # Every log line of this request names its client's network (never the address: ADR 0019); the
+        # proxy's too when one spoke for it.
+        log_context = {"client_net": network_prefix(client_ip)}
         if peer is not None and client is not peer:
-            log_context["peer_ip"] = peer[0]
+            log_context["peer_net"] = network_prefix(peer[0])
         log_tokens = structlog.contextvars.bind_contextvars(**log_context)
         start = time.perf_counter()
         status = 500
