@@ -153,6 +153,9 @@ def api(
     if h2c and not http2:
         console.print("[red]error:[/red] --h2c goes with --http2")
         raise typer.Exit(2)
+    bind_host = host or settings.http.host
+    bind_port = port if port is not None else settings.http.port
+    bind_workers = workers or settings.http.workers
     if http2:
         # Imported here: hypercorn is an optional extra, and `mercato` must start without it.
         from rich.markup import escape
@@ -161,9 +164,9 @@ def api(
 
         try:
             options = Http2Options(
-                host=host or settings.http.host,
-                port=port if port is not None else settings.http.port,
-                workers=workers or settings.http.workers,
+                host=bind_host,
+                port=bind_port,
+                workers=bind_workers,
                 certfile=ssl_certfile,
                 keyfile=ssl_keyfile,
                 h2c=h2c,
@@ -179,9 +182,9 @@ def api(
     uvicorn.run(
         "mercato.gateway.app:create_app",
         factory=True,
-        host=host or settings.http.host,
-        port=port if port is not None else settings.http.port,
-        workers=workers or settings.http.workers,
+        host=bind_host,
+        port=bind_port,
+        workers=bind_workers,
         access_log=False,
         log_config=None,
         proxy_headers=False,
