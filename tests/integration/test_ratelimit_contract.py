@@ -234,6 +234,37 @@ async def test_noscript_is_handled_by_loading_once(counting: CountingRedis, pref
     assert counting.commands == ["EVALSHA"]
 
 
+class CountingPipelined(PipelinedRedis):
+    """Records each command's name from the packed payload it sends (what reaches the wire)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, socket_timeout_s=1.0)
+        self.commands: list[str] = []
+
+    async def execute_packed(self, payload: bytes) -> Any:
+        name = payload.split(b"\r\n")[2].decode()
+        self.commands.append("SCRIPT LOAD" if name == "SCRIPT" else name)
+        return await super().execute_packed(payload)
+
+
+async def test_noscript_on_the_pipelined_hot_path_loads_once_and_packs_the_same_command(prefix: str) -> None:
+    client = CountingPipelined(REDIS_URL)
+    try:
+        limiter = RedisLimiter("token_bucket", client=client, key_prefix=prefix)
+        limiter._script = _Script(load_script_source("token_bucket") + f"\n-- {uuid.uuid4().hex}\n")
+        limit = Limit(rate=4, period_s=60.0)
+        assert (await limiter.hit("k", limit)).remaining == 3
+        assert client.commands == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
+        client.commands.clear()
+        # A second limit and a cost of 2 get their own packed arguments, not the first one's.
+        assert (await limiter.hit("k", limit, cost=2)).remaining == 1
+        assert (await limiter.hit("other", Limit(rate=9, period_s=60.0))).remaining == 8
+        assert (await limiter.peek("k", limit)).remaining == 1, "a peek consumes nothing"
+        assert client.commands == ["EVALSHA"] * 3
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHM_NAMES)
 async def test_every_key_has_a_ttl_no_longer_than_its_state_matters(
     algorithm: str, redis: Redis, prefix: str

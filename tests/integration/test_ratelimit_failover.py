@@ -56,9 +56,9 @@ def port() -> int:
 class CountingPipelined(PipelinedRedis):
     attempts = 0
 
-    async def execute(self, *args: Any) -> Any:
+    async def execute_packed(self, payload: bytes) -> Any:  # every command goes through it
         self.attempts += 1
-        return await super().execute(*args)
+        return await super().execute_packed(payload)
 
 
 Counting = CountingRedis | CountingPipelined

@@ -112,7 +112,10 @@ async def _edge(
             redis_url=redis_url,
             key_prefix=prefix,
             reload_interval_s=1.0,
-            socket_timeout_s=0.05,
+            # Generous: a loaded CI machine can stall a reply past 50 ms, and no test here times Redis out
+            # (the store that is down is a closed port, refused at once).
+            socket_timeout_s=0.5,
+            timeout_s=1.0,
         ),
     )
     container = build_container(settings, clock=clock)

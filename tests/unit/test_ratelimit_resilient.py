@@ -79,3 +79,28 @@ async def test_caller_errors_are_not_store_failures() -> None:
     assert limiter.healthy()
     with pytest.raises(TypeError, match="does not shape"):
         await limiter.acquire("k", LIMIT, max_wait_s=1.0)
+
+
+class Bounded(Scripted):
+    """Declares how long any of its calls can take at most, as the pipelined Redis connection does."""
+
+    def __init__(self, call_bound_s: float) -> None:
+        super().__init__()
+        self.call_bound_s = call_bound_s
+
+
+async def test_the_timer_is_skipped_only_when_the_inner_call_bounds_itself_within_the_budget() -> None:
+    assert ResilientLimiter(Scripted(), fail_open=True, timeout_s=0.25).timer_needed
+    assert ResilientLimiter(Bounded(0.5), fail_open=True, timeout_s=0.25).timer_needed
+    assert not ResilientLimiter(Bounded(0.2), fail_open=True, timeout_s=0.25).timer_needed
+
+
+async def test_an_unbounded_inner_call_that_hangs_is_cut_at_the_timeout() -> None:
+    inner = Scripted()
+    inner.gate = asyncio.Event()  # never set: the store hangs
+    limiter = ResilientLimiter(inner, fail_open=True, timeout_s=0.05)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    decision = await limiter.hit("k", LIMIT)
+    assert (decision.allowed, decision.degraded) == (True, True)
+    assert loop.time() - start < 0.5

@@ -94,7 +94,7 @@ class LimitedApp:
             return
         key = "bench:" + scope.get("query_string", b"").decode("latin-1")
         decision = await self.limiter.hit(key, self.limit)
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in decision.headers().items()]
+        headers = decision.header_pairs()
         if not decision.allowed:
             await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": b""})

@@ -236,11 +236,10 @@ class RateLimitMiddleware:
         self._observe(verdict, time.perf_counter() - started)
         headline = verdict.headline
         assert headline is not None  # keyed is not empty
-        headers = headline.decision.headers()
         if not verdict.allowed:
-            await _refusal(verdict, headers, scope)(scope, receive, send)
+            await _refusal(verdict, headline.decision.headers(), scope)(scope, receive, send)
             return
-        raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        raw = headline.decision.header_pairs()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

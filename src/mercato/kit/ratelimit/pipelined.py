@@ -51,13 +51,15 @@ def _encode(arg: Arg) -> bytes:
     return str(arg).encode("utf-8")
 
 
+def pack_bulk(arg: Arg) -> bytes:
+    """One RESP bulk string: a command's name or argument."""
+    data = _encode(arg)
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 def pack_command(*args: Arg) -> bytes:
     """The RESP array for one command."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = _encode(arg)
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(args) + b"".join([pack_bulk(arg) for arg in args])
 
 
 class _Protocol(asyncio.Protocol):
@@ -168,12 +170,25 @@ class PipelinedRedis:
         self._connecting: asyncio.Task[_Protocol] | None = None
         self.connects = 0
 
+    @property
+    def call_bound_s(self) -> float:
+        """The longest one `execute` can wait: a connect, then a reply, each bounded by `socket_timeout_s`."""
+        return 2 * self._timeout_s
+
     async def execute(self, *args: Arg) -> Any:
         """Send one command and wait for its reply."""
+        return await self.execute_packed(pack_command(*args))
+
+    async def execute_packed(self, payload: bytes) -> Any:
+        """Send one command already packed as a RESP array (see `pack_command`) and wait for its reply.
+
+        For callers that send the same command shape on every request and can keep its constant parts
+        packed: most of a command's client cost is packing it.
+        """
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
-        return await protocol.send(pack_command(*args))
+        return await protocol.send(payload)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return await self.execute("EVALSHA", sha, numkeys, *keys_and_args)

@@ -23,7 +23,7 @@ from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
 from mercato.kit.ratelimit.base import BackendError
 from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
 from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
-from mercato.kit.ratelimit.pipelined import PipelinedRedis
+from mercato.kit.ratelimit.pipelined import PipelinedRedis, pack_bulk
 
 __all__ = ["DEFAULT_KEY_PREFIX", "LimiterRedis", "RedisLimiter", "RedisShaper", "load_script_source"]
 
@@ -44,10 +44,17 @@ def load_script_source(algorithm: str) -> str:
     )
 
 
+# Limits, costs and modes seen by one limiter are few (they come from the policy file); the bound only
+# protects memory from a caller that varies `cost` without end.
+_MAX_PACKED_TAILS = 1024
+
+
 class _Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
+        # EVALSHA <sha> 1, packed once: the array header is written per call (it counts the arguments).
+        self.packed_head = pack_bulk("EVALSHA") + pack_bulk(self.sha) + pack_bulk(1)
 
     async def run(self, client: LimiterRedis, key: str, args: list[str]) -> Any:
         try:
@@ -56,6 +63,15 @@ class _Script:
             # Loaded lazily and only when missing: steady state stays at one round trip per decision.
             await client.script_load(self.source)  # type: ignore[misc]
             return await client.evalsha(self.sha, 1, key, *args)  # type: ignore[misc]
+
+    async def run_packed(self, client: PipelinedRedis, key: str, tail: bytes, count: int) -> Any:
+        """The same call with its arguments already packed (`tail`, `count` of them)."""
+        payload = b"*%d\r\n%s%s%s" % (count + 4, self.packed_head, pack_bulk(key), tail)
+        try:
+            return await client.execute_packed(payload)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.execute_packed(payload)
 
 
 def _float(value: Any) -> float:
@@ -89,6 +105,8 @@ class RedisLimiter:
         self._metrics: RateLimitMetrics = metrics or NoMetrics()
         self._clock = clock
         self._script = _Script(load_script_source(algorithm))
+        self._pipelined = client if isinstance(client, PipelinedRedis) else None
+        self._packed_tails: dict[tuple[Limit, int, bool], tuple[bytes, int]] = {}
 
     @property
     def algorithm(self) -> str:
@@ -101,6 +119,16 @@ class RedisLimiter:
     @property
     def client(self) -> LimiterRedis:
         return self._client
+
+    @property
+    def call_bound_s(self) -> float | None:
+        """How long one decision can take at most when the client bounds its own calls, else None.
+
+        The pipelined connection does (its watchdog fails an overdue reply); redis-py's pool is not
+        relied on for it. A script reload after NOSCRIPT (the first call, or after a Redis restart) adds
+        two more round trips to that one call.
+        """
+        return self._client.call_bound_s if isinstance(self._client, PipelinedRedis) else None
 
     def redis_key(self, key: str) -> str:
         """The Redis key holding `key`'s state."""
@@ -119,7 +147,24 @@ class RedisLimiter:
     async def _call(
         self, key: str, limit: Limit, *, cost: int, commit: bool, max_wait_s: float | None = None
     ) -> list[Any]:
-        args = [
+        try:
+            if self._pipelined is not None and self._clock is None and max_wait_s is None:
+                # The hot path: everything after the key depends only on (limit, cost, commit).
+                packed = self._packed_tails.get((limit, cost, commit))
+                if packed is None:
+                    packed = self._pack_tail(limit, cost=cost, commit=commit)
+                redis_key = self.redis_key(key)
+                reply: list[Any] = await self._script.run_packed(self._pipelined, redis_key, *packed)
+            else:
+                args = self._args(limit, cost=cost, commit=commit, max_wait_s=max_wait_s)
+                reply = await self._script.run(self._client, self.redis_key(key), args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BackendError(f"redis rate limiter failed: {type(exc).__name__}") from exc
+        return reply
+
+    def _args(self, limit: Limit, *, cost: int, commit: bool, max_wait_s: float | None) -> list[str]:
+        """The script's ARGV, in the order every `lua/*.lua` reads them."""
+        return [
             str(limit.rate),
             repr(float(limit.period_s)),
             str(limit.capacity),
@@ -128,11 +173,14 @@ class RedisLimiter:
             "" if self._clock is None else repr(self._clock.monotonic()),
             "" if max_wait_s is None else repr(float(max_wait_s)),
         ]
-        try:
-            reply: list[Any] = await self._script.run(self._client, self.redis_key(key), args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise BackendError(f"redis rate limiter failed: {type(exc).__name__}") from exc
-        return reply
+
+    def _pack_tail(self, limit: Limit, *, cost: int, commit: bool) -> tuple[bytes, int]:
+        args = self._args(limit, cost=cost, commit=commit, max_wait_s=None)
+        packed = (b"".join([pack_bulk(arg) for arg in args]), len(args))
+        if len(self._packed_tails) >= _MAX_PACKED_TAILS:
+            self._packed_tails.clear()
+        self._packed_tails[(limit, cost, commit)] = packed
+        return packed
 
     def _decision(self, limit: Limit, reply: list[Any]) -> Decision:
         capacity = self._core.capacity(limit)
