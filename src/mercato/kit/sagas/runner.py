@@ -20,8 +20,10 @@ Failure rules (guide §2, "Resilient Payment Workflow"):
   taken effect though its answer was lost), except for local steps, whose failed transaction
   rolled their effects back.
 - a compensation is retried on its own, longer schedule; if it still fails the saga is `failed`
-  and needs attention (listed by `SagaStore.find(status=FAILED)`).
-- a saga past its deadline stops moving forward and compensates.
+  and needs attention (listed by `SagaStore.find(status=FAILED)`). One refused by an open circuit
+  breaker (`CircuitOpen`: nothing was sent) spends no attempt and waits for the breaker instead.
+- a saga past its deadline stops moving forward and compensates; a forward retry is never parked
+  past the deadline, and runners claim due sagas earliest deadline first (`SagaStore.claim_due`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.observability import get_logger
+from mercato.kit.resilience import CircuitOpen
 from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
 from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStore
 from mercato.kit.sagas.wakeups import SagaWakeups
@@ -49,6 +52,9 @@ _log = get_logger("mercato.sagas")
 # A remote step starts only if the lease outlives its timeout by this much: room to write its result
 # before another runner may take the saga over.
 LEASE_MARGIN_S = 1.0
+# A compensation refused by an open breaker retries once the breaker admits calls, spread over this
+# much so the sagas parked on one breaker do not all meet its few half-open probes at once.
+REFUSAL_JITTER_S = 1.0
 
 
 class SagaRunner:
@@ -297,6 +303,14 @@ class SagaRunner:
             outcome = "timed_out" if isinstance(exc, TimeoutError) else "failed"
             async with self._db.write() as conn:
                 await self._store_step(conn, saga, step, "compensate", attempt, outcome, exc, started)
+                if isinstance(exc, CircuitOpen):
+                    # Refused before anything was sent: not an attempt. Counting it would spend the
+                    # attempts that lead to `failed` and escalate the backoff while the breaker is
+                    # open (seen in the chaos run: 12 refusals in a row, then waits of up to 10 s
+                    # once the provider took calls again); wait for the breaker to admit calls.
+                    delay_s = exc.retry_after_s + self._rng.uniform(0.0, REFUSAL_JITTER_S)
+                    await self._park(conn, saga, saga.attempt, delay_s)
+                    return None
                 if attempt < step.compensation_retry.max_attempts:
                     await self._park(conn, saga, attempt, step.compensation_retry.delay_s(attempt, self._rng))
                     return None
@@ -381,15 +395,16 @@ class SagaRunner:
         )
 
     async def _park(self, conn: AsyncConnection, saga: SagaInstance, attempt: int, delay_s: float) -> None:
-        """Wait for the retry outside any lease: whichever runner is free when it is due takes it."""
+        """Wait for the retry outside any lease: whichever runner is free when it is due takes it.
+
+        A forward retry is due at the deadline at the latest: past it the saga no longer retries
+        but compensates, and waiting out the rest of a backoff would only delay that.
+        """
         now = self._clock.now()
-        await self._write(
-            conn,
-            saga,
-            attempt=attempt,
-            next_attempt_at=now + timedelta(seconds=delay_s),
-            lease_expires_at=now,
-        )
+        due_at = now + timedelta(seconds=delay_s)
+        if saga.status is SagaStatus.RUNNING:
+            due_at = min(due_at, max(now, saga.deadline_at))
+        await self._write(conn, saga, attempt=attempt, next_attempt_at=due_at, lease_expires_at=now)
 
     async def _begin_compensation(
         self, conn: AsyncConnection, saga: SagaInstance, from_index: int, why: str
