@@ -265,8 +265,11 @@ def build_provider_calls(
         total_timeout_s=checkout.provider_timeout_s,
         max_concurrent=checkout.provider_max_concurrent,
         minimum_calls=checkout.breaker_minimum_calls,
+        consecutive_failures=checkout.breaker_consecutive_failures,
         window_s=checkout.breaker_window_s,
         open_s=checkout.breaker_open_s,
+        max_open_s=checkout.breaker_max_open_s,
+        half_open_probes=checkout.breaker_half_open_probes,
     )
 
     def calls(name: str) -> ProviderCalls:

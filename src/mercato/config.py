@@ -104,9 +104,15 @@ class CheckoutSettings(BaseModel):
     # provider_timeout_s, the whole call's budget, which sits inside the saga step's timeout).
     provider_p95_s: float = Field(default=0.8, gt=0)
     provider_max_concurrent: int = Field(default=64, ge=1, le=10_000)
+    # The providers' breakers (ADR 0021): trip on the window's rates once minimum_calls were made, or
+    # on consecutive_failures in a row (0: off); open breaker_open_s, doubled per failed probe up to
+    # breaker_max_open_s; half_open_probes calls in flight while half-open.
     breaker_minimum_calls: int = Field(default=20, ge=1)
+    breaker_consecutive_failures: int = Field(default=8, ge=0)
     breaker_window_s: float = Field(default=10.0, gt=0)
     breaker_open_s: float = Field(default=5.0, ge=0)
+    breaker_max_open_s: float = Field(default=30.0, ge=0)
+    breaker_half_open_probes: int = Field(default=1, ge=1, le=100)
 
 
 class MessagingSettings(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from random import Random
 
 import pytest
 from hypothesis import settings
@@ -32,6 +33,9 @@ CONFIG = BreakerConfig(
     window_s=10.0,
     window_buckets=10,
     wait_s=5.0,
+    wait_multiplier=2.0,
+    max_wait_s=40.0,
+    wait_jitter=0.0,  # exact waits; the jitter has tests of its own
     half_open_probes=3,
 )
 
@@ -146,9 +150,11 @@ def test_half_open_admits_exactly_n_probes_and_closes_when_they_succeed() -> Non
     assert breaker.state is BreakerState.HALF_OPEN
     probes = [breaker.acquire() for _ in range(CONFIG.half_open_probes)]
     assert breaker.probes_in_flight == 3
+    clock.advance(0.25)
     with pytest.raises(CircuitOpen) as caught:
         breaker.acquire()
-    assert caught.value.retry_after_s == 0.0
+    # By then the oldest probe is back or judged slow: the earliest the state can have moved for sure.
+    assert caught.value.retry_after_s == pytest.approx(CONFIG.slow_call_duration_s - 0.25)
     for probe in probes:
         probe.success(duration_s=0.01)
     assert breaker.state is BreakerState.CLOSED
@@ -162,28 +168,30 @@ def test_half_open_admits_exactly_n_probes_and_closes_when_they_succeed() -> Non
 
 
 @pytest.mark.parametrize(
-    ("outcomes", "expected"),
+    ("outcomes", "expected", "decided_after"),
     [
-        ([Outcome.SUCCESS, Outcome.SUCCESS, Outcome.FAILURE], BreakerState.CLOSED),  # 33 % < 50 %
-        ([Outcome.FAILURE, Outcome.SUCCESS, Outcome.FAILURE], BreakerState.OPEN),
-        ([Outcome.FAILURE, Outcome.FAILURE, Outcome.FAILURE], BreakerState.OPEN),
+        # 1 failure in 3 planned probes stays below 50 %: closes only once all three are back.
+        ([Outcome.SUCCESS, Outcome.SUCCESS, Outcome.FAILURE], BreakerState.CLOSED, 3),
+        ([Outcome.FAILURE, Outcome.SUCCESS, Outcome.FAILURE], BreakerState.OPEN, 3),
+        # 2 of 3 planned already reach 50 % whatever the third says: reopens at once.
+        ([Outcome.FAILURE, Outcome.FAILURE, Outcome.SUCCESS], BreakerState.OPEN, 2),
     ],
 )
-def test_half_open_decides_on_the_probes_rate(outcomes: list[Outcome], expected: BreakerState) -> None:
+def test_half_open_decides_on_the_probes_rate_and_reopens_as_soon_as_it_is_certain(
+    outcomes: list[Outcome], expected: BreakerState, decided_after: int
+) -> None:
     clock = ManualClock()
     breaker, _ = make(clock)
     trip(breaker)
     clock.advance(CONFIG.wait_s)
     probes = [breaker.acquire() for _ in outcomes]
-    for probe, outcome in zip(probes[:-1], outcomes[:-1], strict=True):
+    for done, (probe, outcome) in enumerate(zip(probes, outcomes, strict=True), start=1):
         probe.record(outcome, duration_s=0.01)
-        assert breaker.state is BreakerState.HALF_OPEN  # undecided until all probes are back
-    probes[-1].record(outcomes[-1], duration_s=0.01)
-    assert breaker.state is expected
+        assert breaker.state is (expected if done >= decided_after else BreakerState.HALF_OPEN)
     if expected is BreakerState.OPEN:
         with pytest.raises(CircuitOpen) as caught:
             breaker.acquire()
-        assert caught.value.retry_after_s == CONFIG.wait_s  # the wait starts again
+        assert caught.value.retry_after_s == 2 * CONFIG.wait_s  # a failed round doubles the wait
 
 
 def test_slow_probes_reopen_the_circuit() -> None:
@@ -344,6 +352,148 @@ def test_config_is_validated() -> None:
         BreakerConfig(failure_rate_threshold=0.0)
     with pytest.raises(ValueError):
         BreakerConfig(half_open_probes=0)
+    for bad in (
+        {"consecutive_failures": -1},
+        {"wait_multiplier": 0.5},
+        {"max_wait_s": -1.0},
+        {"wait_jitter": 1.0},
+        {"wait_jitter": -0.1},
+    ):
+        with pytest.raises(ValueError):
+            BreakerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_defaults_one_probe_growing_jittered_waits_and_no_run_trip() -> None:
+    config = BreakerConfig()
+    assert config.half_open_probes == 1
+    assert (config.wait_s, config.wait_multiplier, config.max_wait_s) == (5.0, 2.0, 60.0)
+    assert config.wait_jitter == 0.2
+    assert config.consecutive_failures == 0
+    # A cap below the first wait never shortens it: the wait simply does not grow.
+    assert BreakerConfig(wait_s=10.0, max_wait_s=3.0).wait_cap_s == 10.0
+
+
+def test_one_probe_in_flight_refuses_everything_else_until_it_is_back() -> None:
+    clock = ManualClock()
+    breaker, hooks = make(clock, BreakerConfig(minimum_calls=10, wait_jitter=0.0))
+    trip(breaker)
+    clock.advance(5.0)
+    probe = breaker.acquire()
+    assert probe.probe
+    assert breaker.probes_in_flight == 1
+    for _ in range(50):
+        with pytest.raises(CircuitOpen):
+            breaker.acquire()
+    assert hooks.rejected == 50
+    probe.success(duration_s=0.05)
+    assert breaker.state is BreakerState.CLOSED
+    assert not breaker.acquire().probe
+
+
+def test_a_probe_out_longer_than_the_slow_call_duration_reopens_before_it_returns() -> None:
+    clock = ManualClock()
+    breaker, hooks = make(clock, BreakerConfig(minimum_calls=10, slow_call_duration_s=0.8, wait_jitter=0.0))
+    trip(breaker)
+    clock.advance(5.0)
+    probe = breaker.acquire()
+    clock.advance(0.79)
+    assert breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpen) as caught:
+        breaker.acquire()
+    assert caught.value.retry_after_s == pytest.approx(0.01)
+    clock.advance(0.01)
+    # Its duration can only grow: slow now, whatever it reports later (a hang times out at 1 s or more).
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.retry_after_s() == pytest.approx(10.0)
+    clock.advance(0.2)
+    probe.success()
+    assert breaker.state is BreakerState.OPEN  # its late answer is no verdict
+    assert hooks.calls[-1] == (Outcome.SUCCESS, pytest.approx(1.0))
+
+
+def test_the_open_wait_doubles_per_failed_probe_up_to_the_cap_and_resets_on_close() -> None:
+    clock = ManualClock()
+    breaker, hooks = make(clock, BreakerConfig(minimum_calls=10, wait_jitter=0.0, max_wait_s=30.0))
+    trip(breaker)
+    waits = []
+    for _ in range(5):
+        waits.append(breaker.retry_after_s())
+        clock.advance(breaker.retry_after_s())
+        breaker.acquire().failure(duration_s=0.01)
+        assert breaker.state is BreakerState.OPEN
+    assert waits == [5.0, 10.0, 20.0, 30.0, 30.0]
+    assert breaker.snapshot()["reopenings"] == 5
+    assert breaker.snapshot()["open_wait_s"] == 30.0
+    clock.advance(30.0)
+    breaker.acquire().success(duration_s=0.01)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot()["reopenings"] == 0
+    trip(breaker)
+    assert breaker.retry_after_s() == 5.0  # a fresh outage starts from the base wait
+    assert hooks.changes.count((BreakerState.HALF_OPEN, BreakerState.OPEN)) == 5
+
+
+def test_the_open_wait_is_jittered_down_never_up() -> None:
+    config = BreakerConfig(minimum_calls=10, wait_s=5.0, wait_jitter=0.2, max_wait_s=20.0)
+
+    def waits(seed: int) -> list[float]:
+        clock = ManualClock()
+        breaker = CircuitBreaker("payments", config=config, clock=clock, rng=Random(seed))
+        trip(breaker)
+        seen = []
+        for _ in range(4):
+            seen.append(breaker.open_wait_s)
+            clock.advance(breaker.open_wait_s + 1e-9)  # past it despite float rounding
+            breaker.acquire().failure(duration_s=0.01)
+        return seen
+
+    first = waits(1)
+    for wait, nominal in zip(first, [5.0, 10.0, 20.0, 20.0], strict=True):
+        assert 0.8 * nominal <= wait <= nominal
+    assert first == waits(1)  # the seeded Random makes it reproducible
+    assert first != waits(2)
+    assert len(set(first[2:])) == 2  # at the cap, each opening still draws its own jitter
+
+
+def test_a_run_of_consecutive_failures_trips_whatever_the_window_holds() -> None:
+    clock = ManualClock()
+    config = BreakerConfig(minimum_calls=10, consecutive_failures=4, wait_jitter=0.0)
+    breaker, _ = make(clock, config)
+    feed(breaker, 100, Outcome.SUCCESS)  # a healthy dependency's calls fill the window
+    feed(breaker, 3, Outcome.FAILURE)
+    breaker.acquire().success(duration_s=0.01)  # a success breaks the run
+    feed(breaker, 3, Outcome.FAILURE)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot()["consecutive_failures"] == 3
+    breaker.acquire().ignore()  # refused before reaching the dependency: neither breaks nor extends it
+    feed(breaker, 1, Outcome.FAILURE)
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.snapshot()["failure_rate"] == pytest.approx(7 / 108, abs=1e-4)  # far below 50 %
+    # Without the run rule the same calls leave it closed.
+    plain, _ = make(clock, BreakerConfig(minimum_calls=10))
+    feed(plain, 100, Outcome.SUCCESS)
+    feed(plain, 8, Outcome.FAILURE)
+    assert plain.state is BreakerState.CLOSED
+
+
+def test_a_registry_shares_its_random_and_hooks_added_later_see_every_breaker() -> None:
+    clock = ManualClock()
+    config = BreakerConfig(minimum_calls=10)
+    registry = BreakerRegistry(defaults=config, clock=clock, rng=Random(3))
+    early = registry.get("psp")
+    late_hooks = Transitions()
+    registry.add_hooks(late_hooks)
+    late = registry.get("carrier")
+    trip(early)
+    trip(late)
+    assert late_hooks.changes == [
+        (None, BreakerState.CLOSED),  # "carrier" is born with it
+        (BreakerState.CLOSED, BreakerState.OPEN),
+        (BreakerState.CLOSED, BreakerState.OPEN),
+    ]
+    twin = BreakerRegistry(defaults=config, clock=clock, rng=Random(3))
+    trip(twin.get("psp"))
+    assert twin.get("psp").open_wait_s == early.open_wait_s
 
 
 class BreakerMachine(RuleBasedStateMachine):
@@ -355,13 +505,17 @@ class BreakerMachine(RuleBasedStateMachine):
         self.hooks = Transitions()
         self.config = BreakerConfig(
             minimum_calls=4,
+            consecutive_failures=3,
             window_s=4.0,
             window_buckets=4,
             wait_s=2.0,
+            max_wait_s=8.0,
             half_open_probes=2,
             slow_call_duration_s=1.0,
         )
-        self.breaker = CircuitBreaker("dep", config=self.config, clock=self.clock, hooks=[self.hooks])
+        self.breaker = CircuitBreaker(
+            "dep", config=self.config, clock=self.clock, rng=Random(0), hooks=[self.hooks]
+        )
         self.permits: list[Permit] = []
 
     @rule()
@@ -421,7 +575,19 @@ class BreakerMachine(RuleBasedStateMachine):
         assert 0 <= snap["slow_calls"] <= snap["calls"]
         assert (snap["retry_after_s"] is not None) == (snap["state"] == "open")
         if snap["retry_after_s"] is not None:
-            assert 0 <= snap["retry_after_s"] <= self.config.wait_s
+            assert 0 <= snap["retry_after_s"] <= self.config.wait_cap_s
+
+    @invariant()
+    def open_wait_stays_within_its_jitter_and_cap(self) -> None:
+        wait_s = self.breaker.open_wait_s
+        assert (1 - self.config.wait_jitter) * self.config.wait_s <= wait_s <= self.config.wait_cap_s
+
+    @invariant()
+    def no_pending_probe_is_overdue(self) -> None:
+        if self.breaker.state is BreakerState.HALF_OPEN:
+            now = self.clock.monotonic()
+            for permit in self.breaker._probes_pending:
+                assert now - permit.started_s < self.config.slow_call_duration_s
 
 
 TestBreakerMachine = BreakerMachine.TestCase

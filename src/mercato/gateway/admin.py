@@ -35,8 +35,13 @@ class BreakerOut(BaseModel):
     slow_calls: int
     failure_rate: float = Field(description="failures / calls over the window.")
     slow_call_rate: float = Field(description="slow_calls / calls over the window.")
+    consecutive_failures: int = Field(description="Failures in a row since the last success.")
     opened_at: str | None = Field(description="When it last opened (RFC 3339), while not closed.")
     retry_after_s: float | None = Field(description="Seconds until it admits probes, while open.")
+    open_wait_s: float | None = Field(
+        description="Wait before probing, doubled per failed probe (ADR 0021); while not closed."
+    )
+    reopenings: int = Field(description="Failed probes since the circuit last closed.")
     half_open_probes_in_flight: int
     rejections: int = Field(description="Calls refused since start.")
     transitions: int = Field(description="State changes since start.")

@@ -2,7 +2,7 @@
 
 Hypothesis (guide §1): with a circuit breaker and a retry budget in front of the payment provider, an
 outage costs each checkout about the fail-fast time, and the provider stops receiving the retry storm
-(it sees a few half-open probes a second instead of `rate x attempts`).
+(it sees one half-open probe per open wait instead of `rate x attempts`).
 
 Method: the shop's container in this process (saga runner, both simulated providers on local ports,
 SQLite or PostgreSQL), an open-loop load of checkouts at `rate` per second for `duration_s` (request i
@@ -27,7 +27,14 @@ architecture's layers keep `lab` from importing the gateway, the workers or the 
 edge is not what an outage changes. What the claim is about is measured behind it:
 
 - payment-call latency: every attempt of the saga's `authorize_payment` step (its duration as the
-  saga recorded it; with the policy on, its inner retries are inside one attempt);
+  saga recorded it; with the policy on, its inner retries are inside one attempt), placed on the
+  timeline where it started;
+- the same per phase of the outage, cut at the PSP breaker's own transitions (recorded by a hook):
+  `before` the outage, `detection` (outage start until the breaker first opens: these attempts hang
+  until their timeout, whatever the breaker), `open` (first trip until the outage ends: the fail-fast
+  time plus the half-open probes) and `recovery` (after the outage; the breaker may still be open
+  until its next probe). Without a breaker the whole outage is `detection`;
+- the checkout call itself (`CheckoutService.start`, what `POST /v1/checkout` waits for), per phase;
 - time-to-terminal: from the checkout until the saga completed or compensated;
 - PSP received requests per second: the PSP's own `mercato_provider_requests_received_total`
   (`POST /v1/...`: the operations an outage faults and a retry storm repeats), sampled every second;
@@ -58,6 +65,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.config import AuthSettings, CheckoutSettings, DatabaseSettings, Environment, Settings
 from mercato.demo.seed import demo_products
+from mercato.kit.resilience import BreakerState, Outcome
 from mercato.kit.sagas import SagaRunner
 from mercato.kit.storage.migrations import upgrade
 from mercato.providers.config import ProviderSettings
@@ -69,12 +77,19 @@ __all__ = [
     "ExperimentReport",
     "RunResult",
     "breaker_command",
+    "phase_bounds",
     "plot_report",
+    "report_table",
     "run_experiment",
     "run_mode",
 ]
 
 PAYMENT_STEP = "authorize_payment"
+# An attempt this long waited on the PSP: fail-fast refusals and healthy calls take milliseconds, a
+# hung attempt the per-attempt timeout (1 s) or more.
+SLOW_ATTEMPT_S = 0.5
+PHASES = ("before", "detection", "open", "recovery")
+_CHECKOUT_DEFAULTS = CheckoutSettings()
 
 OutageMode = Literal["hang", "error"]
 Variant = Literal["on", "shared", "off"]
@@ -88,8 +103,12 @@ class BreakerOptions:
     duration_s: float = 60.0
     # After the load stops, wait this long at most for every saga to reach a terminal state.
     drain_s: float = 60.0
-    breaker_minimum_calls: int = 20
-    breaker_open_s: float = 5.0
+    # The PSP breaker's knobs; the defaults are the shop's (`CheckoutSettings`).
+    breaker_minimum_calls: int = _CHECKOUT_DEFAULTS.breaker_minimum_calls
+    breaker_consecutive_failures: int = _CHECKOUT_DEFAULTS.breaker_consecutive_failures
+    breaker_open_s: float = _CHECKOUT_DEFAULTS.breaker_open_s
+    breaker_max_open_s: float = _CHECKOUT_DEFAULTS.breaker_max_open_s
+    breaker_half_open_probes: int = _CHECKOUT_DEFAULTS.breaker_half_open_probes
     outage_mode: OutageMode = "hang"
     variants: tuple[Variant, ...] = VARIANTS
     seed: int = 7
@@ -108,6 +127,10 @@ class BreakerOptions:
             raise ValueError("database_prefix: letters, digits and underscores only")
         if not self.variants or any(v not in VARIANTS for v in self.variants):
             raise ValueError(f"variants must be a non-empty selection of {VARIANTS}")
+        if self.breaker_half_open_probes < 1 or self.breaker_consecutive_failures < 0:
+            raise ValueError("need breaker_half_open_probes >= 1 and breaker_consecutive_failures >= 0")
+        if self.breaker_minimum_calls < 1 or min(self.breaker_open_s, self.breaker_max_open_s) < 0:
+            raise ValueError("need breaker_minimum_calls >= 1 and open waits >= 0")
 
     @property
     def outage_start_s(self) -> float:
@@ -124,13 +147,15 @@ class RunResult:
     """One run's raw observations; times are seconds since the load started."""
 
     mode: str  # a Variant: "on" | "shared" | "off"
-    # (t, seconds, outcome) per authorize_payment attempt
+    # (t started, seconds, outcome) per authorize_payment attempt
     attempts: list[tuple[float, float, str]] = field(default_factory=list)
     # (t started, seconds to terminal, status) per checkout
     checkouts: list[tuple[float, float, str]] = field(default_factory=list)
-    # seconds of CheckoutService.start (what POST /v1/checkout waits for), and its failures
-    start_latencies_s: list[float] = field(default_factory=list)
+    # (t sent, seconds) of CheckoutService.start (what POST /v1/checkout waits for), and its failures
+    starts: list[tuple[float, float]] = field(default_factory=list)
     start_errors: int = 0
+    # (t, from, to) per transition of the PSP writes' breaker
+    breaker_log: list[tuple[float, str, str]] = field(default_factory=list)
     # (t, PSP /v1 requests received in the second ending at t)
     psp_rate: list[tuple[float, float]] = field(default_factory=list)
     psp_total: int = 0
@@ -153,6 +178,36 @@ def percentile_ms(values_s: Sequence[float], percentile: float) -> float:
     return round(ordered[rank - 1] * 1000.0, 1)
 
 
+def phase_bounds(run: RunResult, options: BreakerOptions) -> dict[str, tuple[float, float]]:
+    """`[from, to)` of each phase on the run's timeline (see the module docstring); `open` is empty
+    when the breaker never opened during the outage."""
+    start, end = options.outage_start_s, options.outage_end_s
+    trip = next((t for t, _, new in run.breaker_log if new == "open" and start <= t < end), end)
+    return {
+        "before": (-math.inf, start),
+        "detection": (start, trip),
+        "open": (trip, end),
+        "recovery": (end, math.inf),
+    }
+
+
+def _phase_row(run: RunResult, low: float, high: float) -> dict[str, Any]:
+    attempts = [s for t, s, _ in run.attempts if low <= t < high]
+    starts = [s for t, s in run.starts if low <= t < high]
+    # A sample at t counts the second (t-1, t]: it belongs to the phase if most of that second does.
+    rates = [r for t, r in run.psp_rate if low <= t - 0.5 < high]
+    return {
+        "span_s": round(high - low, 2) if math.isfinite(high - low) else None,
+        "payment_attempts": len(attempts),
+        "payment_slow_attempts": sum(1 for s in attempts if s >= SLOW_ATTEMPT_S),
+        "payment_p50_ms": percentile_ms(attempts, 50),
+        "payment_p99_ms": percentile_ms(attempts, 99),
+        "checkout_start_p50_ms": percentile_ms(starts, 50),
+        "checkout_start_p99_ms": percentile_ms(starts, 99),
+        "psp_rps": round(sum(rates) / len(rates), 2) if rates else None,
+    }
+
+
 def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
     """The table row of one run. "During the outage" = attempts/checkouts/samples in its window."""
     start, end = options.outage_start_s, options.outage_end_s
@@ -160,21 +215,28 @@ def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
     outage_attempts = [s for t, s, _ in run.attempts if start <= t < end]
     outage_terminal = [s for t, s, _ in run.checkouts if start <= t < end]
     all_terminal = [s for _, s, _ in run.checkouts]
+    all_starts = [s for _, s in run.starts]
     # A sample at t counts the second (t-1, t]: it belongs to the outage if that second does.
     rates = [r for t, r in run.psp_rate if start < t <= end + 1e-9]
     statuses: dict[str, int] = {}
     for _, _, status in run.checkouts:
         statuses[status] = statuses.get(status, 0) + 1
+    bounds = phase_bounds(run, options)
+    tripped = bounds["open"][0] < end
+    reclosed = next((t for t, _, new in run.breaker_log if new == "closed" and t >= end), None)
     return {
         "mode": run.mode,
         "checkouts": len(run.checkouts),
         "statuses": statuses,
         "unfinished": run.unfinished,
-        "checkout_start_p99_ms": percentile_ms(run.start_latencies_s, 99),
+        "checkout_start_p50_ms": percentile_ms(all_starts, 50),
+        "checkout_start_p99_ms": percentile_ms(all_starts, 99),
         "checkout_start_errors": run.start_errors,
         "payment_attempts": len(run.attempts),
         "payment_p50_ms": percentile_ms(all_attempts, 50),
         "payment_p99_ms": percentile_ms(all_attempts, 99),
+        "payment_outage_attempts": len(outage_attempts),
+        "payment_outage_slow_attempts": sum(1 for s in outage_attempts if s >= SLOW_ATTEMPT_S),
         "payment_outage_p50_ms": percentile_ms(outage_attempts, 50),
         "payment_outage_p99_ms": percentile_ms(outage_attempts, 99),
         "terminal_outage_p50_ms": percentile_ms(outage_terminal, 50),
@@ -188,6 +250,10 @@ def summarize(run: RunResult, options: BreakerOptions) -> dict[str, Any]:
         "breaker_opened": run.breaker_opened,
         "breaker_transitions": run.breaker_transitions,
         "read_breaker_rejections": run.read_breaker_rejections,
+        "trip_after_s": round(bounds["open"][0] - start, 2) if tripped else None,
+        # From the outage's end until the breaker closed again (its next probe succeeded).
+        "reclosed_after_s": round(reclosed - end, 2) if reclosed is not None else None,
+        "phases": {name: _phase_row(run, low, high) for name, (low, high) in bounds.items()},
     }
 
 
@@ -205,6 +271,8 @@ class ExperimentReport:
             "outage_window_s": [self.options.outage_start_s, self.options.outage_end_s],
             "runs": self.rows(),
             "series": {run.mode: per_second(run, self.options) for run in self.runs},
+            # (t, from, to) of the PSP writes' breaker: where the phases were cut, and every probe.
+            "breaker_transitions": {run.mode: run.breaker_log for run in self.runs},
         }
 
 
@@ -223,6 +291,24 @@ def per_second(run: RunResult, options: BreakerOptions) -> dict[str, list[float]
         "t": [float(x) for x in xs],
         "payment_p99_ms": p99,
     }
+
+
+class _TransitionLog:
+    """`BreakerHooks` that note the PSP writes' breaker transitions on the load's timeline."""
+
+    def __init__(self, log: list[tuple[float, str, str]]) -> None:
+        self._log = log
+        self.t0 = time.monotonic()
+
+    def on_state_change(self, name: str, old: BreakerState | None, new: BreakerState) -> None:
+        if name == PSP and old is not None:
+            self._log.append((time.monotonic() - self.t0, old.value, new.value))
+
+    def on_call(self, name: str, outcome: Outcome, duration_s: float) -> None:
+        return None
+
+    def on_rejected(self, name: str) -> None:
+        return None
 
 
 def _free_port() -> int:
@@ -300,7 +386,10 @@ def _settings(workdir: Path, database_url: str, options: BreakerOptions, *, resi
         checkout=CheckoutSettings(
             resilience=resilience,
             breaker_minimum_calls=options.breaker_minimum_calls,
+            breaker_consecutive_failures=options.breaker_consecutive_failures,
             breaker_open_s=options.breaker_open_s,
+            breaker_max_open_s=options.breaker_max_open_s,
+            breaker_half_open_probes=options.breaker_half_open_probes,
         ),
     )
 
@@ -327,6 +416,8 @@ async def _run_mode(
     providers = await serve_providers(settings.providers)
     container = build_container(settings, separate_read_breakers=mode != "shared")
     result = RunResult(mode=mode)
+    transitions = _TransitionLog(result.breaker_log)
+    container.breakers.add_hooks(transitions)
     stop = asyncio.Event()
     checkout_settings = settings.checkout
     # Built as `mercato worker` builds it (workers.sagas), which the layers keep out of reach.
@@ -355,6 +446,7 @@ async def _run_mode(
             }
             (await psp.put("/admin/faults", json={"outages": [outage]})).raise_for_status()
             t0 = time.monotonic()
+            transitions.t0 = t0
             wall0 = container.clock.now()
             say(f"[{mode}] load {options.rate:g}/s for {options.duration_s:g}s, PSP outage {outage}")
 
@@ -369,7 +461,7 @@ async def _run_mode(
                     result.start_errors += 1
                     return
                 finally:
-                    result.start_latencies_s.append(time.monotonic() - sent)
+                    result.starts.append((sent - t0, time.monotonic() - sent))
                 started.append((order.id, sent - t0))
 
             async def sample_psp() -> None:
@@ -448,10 +540,14 @@ async def _collect(
             if record.direction == "compensate" and "CircuitOpen" in (record.error or ""):
                 result.compensations_refused += 1
             if record.step == PAYMENT_STEP and record.direction == "forward":
-                t = (record.recorded_at - wall0).total_seconds()
-                result.attempts.append((t, record.duration_ms / 1000.0, record.outcome))
+                # Recorded when it ended: its phase is the one it started in (a hang that began
+                # before the trip is a cost of detection, even if it timed out after).
+                seconds = record.duration_ms / 1000.0
+                t = (record.recorded_at - wall0).total_seconds() - seconds
+                result.attempts.append((t, seconds, record.outcome))
     result.checkouts.sort()
     result.attempts.sort()
+    result.starts.sort()
 
 
 async def run_experiment(
@@ -503,47 +599,85 @@ def plot_report(report: ExperimentReport, path: Path) -> Path:
     return path
 
 
-def _table(report: ExperimentReport) -> Any:
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:g}"
+
+
+def _phase_cell(row: dict[str, Any], phase: str) -> str:
+    """`n (slow) p50 / p99` of the payment attempts that started in `phase`; "-" if there were none."""
+    cell = row["phases"][phase]
+    if not cell["payment_attempts"]:
+        return "-"
+    return (
+        f"{cell['payment_attempts']} ({cell['payment_slow_attempts']})"
+        f" {_ms(cell['payment_p50_ms'])} / {_ms(cell['payment_p99_ms'])}"
+    )
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+Render = Callable[[dict[str, Any]], str]
+
+
+def _key(key: str) -> Render:
+    return lambda row: _cell(row[key])
+
+
+def _pair(p50: str, p99: str) -> Render:
+    return lambda row: f"{_ms(row[p50])} / {_ms(row[p99])}"
+
+
+def _phase(phase: str) -> Render:
+    return lambda row: _phase_cell(row, phase)
+
+
+def report_table(report: ExperimentReport) -> Any:
     from rich.table import Table
 
     options = report.options
     table = Table(
         title=f"PSP outage ({options.outage_mode}) {options.outage_s:g} s at {options.rate:g} checkouts/s"
     )
-    columns = [
-        ("resilience", "mode"),
-        ("payment p50 ms", "payment_outage_p50_ms"),
-        ("payment p99 ms", "payment_outage_p99_ms"),
-        ("terminal p50 ms", "terminal_outage_p50_ms"),
-        ("terminal p99 ms", "terminal_outage_p99_ms"),
-        ("all terminal p99 ms", "terminal_p99_ms"),
-        ("PSP writes/s in outage", "psp_outage_rps"),
-        ("PSP writes", "psp_total_requests"),
-        ("PSP reads", "psp_reads_total"),
-        ("undo refused", "compensations_refused"),
-        ("breaker opened", "breaker_opened"),
-        ("transitions", "breaker_transitions"),
-        ("lookups refused", "read_breaker_rejections"),
-        ("unfinished", "unfinished"),
-        ("outcomes", "statuses"),
+    columns: list[tuple[str, Render]] = [
+        ("resilience", _key("mode")),
+        ("payment p50 ms", _key("payment_outage_p50_ms")),
+        ("payment p99 ms", _key("payment_outage_p99_ms")),
+        ("terminal p50 ms", _key("terminal_outage_p50_ms")),
+        ("terminal p99 ms", _key("terminal_outage_p99_ms")),
+        ("all terminal p99 ms", _key("terminal_p99_ms")),
+        ("PSP writes/s in outage", _key("psp_outage_rps")),
+        ("PSP writes", _key("psp_total_requests")),
+        ("PSP reads", _key("psp_reads_total")),
+        ("undo refused", _key("compensations_refused")),
+        ("breaker opened", _key("breaker_opened")),
+        ("transitions", _key("breaker_transitions")),
+        ("lookups refused", _key("read_breaker_rejections")),
+        ("unfinished", _key("unfinished")),
+        ("tripped after s", _key("trip_after_s")),
+        *[(f"{phase} ms", _phase(phase)) for phase in PHASES[1:]],
+        ("closed after outage s", _key("reclosed_after_s")),
+        ("checkout call ms", _pair("checkout_start_p50_ms", "checkout_start_p99_ms")),
+        ("outcomes", _key("statuses")),
     ]
     for title, _ in columns:
         table.add_column(title, justify="left" if title in ("resilience", "outcomes") else "right")
     for row in report.rows():
-        cells = []
-        for _, key in columns:
-            value = row[key]
-            cells.append(
-                ", ".join(f"{k} {v}" for k, v in sorted(value.items()))
-                if isinstance(value, dict)
-                else str(value)
-            )
-        table.add_row(*cells)
+        table.add_row(*(render(row) for _, render in columns))
     table.caption = (
         "payment = authorize_payment attempts during the outage; terminal = from checkout to the saga's"
         " terminal state, for checkouts started in it; PSP writes/reads = POST/GET it received;"
         " undo refused = compensation attempts met by an open circuit;"
-        " lookups refused = by the psp-reads breaker"
+        " lookups refused = by the psp-reads breaker;"
+        " detection / open / recovery = payment attempts that started between the outage's start and"
+        " the first trip / the trip and the outage's end / after it, as `n (slow) p50 / p99`"
+        f" (slow = at least {SLOW_ATTEMPT_S:g} s);"
+        " checkout call = CheckoutService.start (what POST /v1/checkout waits for), p50 / p99"
     )
     return table
 
@@ -571,6 +705,23 @@ def breaker_command(
         str, typer.Option(help="Name prefix of the throwaway PostgreSQL databases")
     ] = "mercato_lab",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    breaker_probes: Annotated[
+        int, typer.Option("--breaker-probes", help="Half-open probes of the PSP breaker")
+    ] = _CHECKOUT_DEFAULTS.breaker_half_open_probes,
+    breaker_consecutive_failures: Annotated[
+        int,
+        typer.Option("--breaker-consecutive-failures", help="Trip on this many failures in a row (0: off)"),
+    ] = _CHECKOUT_DEFAULTS.breaker_consecutive_failures,
+    breaker_minimum_calls: Annotated[
+        int, typer.Option("--breaker-minimum-calls", help="Calls in the window before its rates count")
+    ] = _CHECKOUT_DEFAULTS.breaker_minimum_calls,
+    breaker_open_s: Annotated[
+        float, typer.Option("--breaker-open-s", help="First open wait of the PSP breaker")
+    ] = _CHECKOUT_DEFAULTS.breaker_open_s,
+    breaker_max_open_s: Annotated[
+        float,
+        typer.Option("--breaker-max-open-s", help="Cap of the doubling open wait (<= open-s: no growth)"),
+    ] = _CHECKOUT_DEFAULTS.breaker_max_open_s,
 ) -> None:
     """PSP outage under steady checkout load, with and without breaker + retry budget."""
     import orjson
@@ -590,6 +741,11 @@ def breaker_command(
             drain_s=drain_s,
             database_url=database_url,
             database_prefix=database_prefix,
+            breaker_half_open_probes=breaker_probes,
+            breaker_consecutive_failures=breaker_consecutive_failures,
+            breaker_minimum_calls=breaker_minimum_calls,
+            breaker_open_s=breaker_open_s,
+            breaker_max_open_s=breaker_max_open_s,
             # Both are checked against their Literal by BreakerOptions.__post_init__.
             outage_mode=cast(OutageMode, outage),
             variants=cast(tuple[Variant, ...], chosen),
@@ -601,9 +757,9 @@ def breaker_command(
     written = plot_report(report, plot)
     if as_json:
         # The table still goes to stderr, so one run gives both the record and the reading.
-        Console(width=200, stderr=True).print(_table(report))
+        Console(width=400, stderr=True).print(report_table(report))
         body = {**report.to_dict(), "plot": str(written)}
         typer.echo(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
     else:
-        Console(width=200).print(_table(report))
+        Console(width=400).print(report_table(report))
         console.print(f"plot: {written}")

@@ -116,13 +116,17 @@ class ResiliencePolicy:
         - `max_attempts` 3 with full-jitter backoff from 50 ms, capped at 1 s;
         - a retry budget of 10 % of calls plus 1 retry/s;
         - a breaker tripping at 50 % failures or 50 % of calls slower than `p95_s` (normally 5 % are),
-          over 10 s with at least 20 calls, open for 5 s, then 3 probes;
+          over 10 s with at least 20 calls, or on 8 failures in a row (a dependency that went dead
+          trips one timeout after it did, not once the window's successes slid out); open for 5 s,
+          doubled per failed probe up to 60 s and jittered down by up to 20 %, then 1 probe;
         - a bulkhead of `max_concurrent` with a queue as long and a 100 ms queue wait;
         - hedging (for reads that ask for it) after the observed p95, `p95_s` while cold.
         """
         clock = clock or SystemClock()
         timeout_s = p95_s + max(margin_s, 0.25 * p95_s)
-        config = BreakerConfig(slow_call_duration_s=p95_s, slow_call_rate_threshold=0.5)
+        config = BreakerConfig(
+            slow_call_duration_s=p95_s, slow_call_rate_threshold=0.5, consecutive_failures=8
+        )
         if breakers is not None:
             breaker = breakers.get(name, config=config)
         else:

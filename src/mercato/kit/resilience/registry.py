@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from random import Random
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.resilience.breaker import BreakerConfig, BreakerSnapshot, CircuitBreaker
@@ -12,17 +13,20 @@ __all__ = ["BreakerRegistry"]
 
 
 class BreakerRegistry:
-    """One `CircuitBreaker` per dependency, sharing a clock and hooks; created on first use."""
+    """One `CircuitBreaker` per dependency, sharing a clock, a `Random` (for the open waits' jitter)
+    and hooks; created on first use."""
 
     def __init__(
         self,
         *,
         defaults: BreakerConfig | None = None,
         clock: Clock | None = None,
+        rng: Random | None = None,
         hooks: Sequence[BreakerHooks] = (),
     ) -> None:
         self._defaults = defaults or BreakerConfig()
         self._clock: Clock = clock or SystemClock()
+        self._rng = rng or Random()
         self._hooks = tuple(hooks)
         self._breakers: dict[str, CircuitBreaker] = {}
 
@@ -31,10 +35,16 @@ class BreakerRegistry:
         breaker = self._breakers.get(name)
         if breaker is None:
             breaker = CircuitBreaker(
-                name, config=config or self._defaults, clock=self._clock, hooks=self._hooks
+                name, config=config or self._defaults, clock=self._clock, rng=self._rng, hooks=self._hooks
             )
             self._breakers[name] = breaker
         return breaker
+
+    def add_hooks(self, *hooks: BreakerHooks) -> None:
+        """Subscribe more hooks to every breaker, those made so far and those still to come."""
+        self._hooks = (*self._hooks, *hooks)
+        for breaker in self._breakers.values():
+            breaker.add_hooks(*hooks)
 
     def __contains__(self, name: object) -> bool:
         return name in self._breakers
