@@ -3,10 +3,20 @@
 Reads use a plain (deferred) transaction. Writes on SQLite start with `BEGIN IMMEDIATE`, taking
 the write lock up front: a deferred transaction that reads and then writes fails at once with
 SQLITE_BUSY when another writer committed in between, instead of waiting its turn.
+
+SQLite has one writer per file, and a writer that finds the lock taken waits in SQLite's busy
+handler, which sleeps and polls (1, 2, 5, ... up to 100 ms between tries): the lock can sit free for
+tens of milliseconds while everyone sleeps. So the writers of one process queue on an asyncio lock
+first and take the file lock one after another, each the moment the previous one commits; only the
+other processes' writers still meet the busy handler. A wait on that queue longer than the busy
+timeout stops queueing and goes to SQLite as before (a nested write would otherwise wait forever).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +30,14 @@ _WRITE_OPTION = "mercato_write"
 
 
 class Database:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, write_queue_timeout_s: float = 10.0) -> None:
         self.engine = engine
+        self._serialize_writes = engine.dialect.name == "sqlite"
+        self._write_queue_timeout_s = write_queue_timeout_s
+        # One lock per event loop: a Database may outlive a loop (tests, CLI commands run in turn).
+        self._write_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def dialect(self) -> str:
@@ -43,10 +59,40 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A connection in a write transaction: committed on success, rolled back on error."""
+        if not self._serialize_writes:
+            async with self._write_transaction() as conn:
+                yield conn
+            return
+        lock = self._write_lock()
+        queued = False
+        if not lock.locked():
+            await lock.acquire()  # free: taken at once, no timer needed
+            queued = True
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._write_queue_timeout_s):
+                    await lock.acquire()
+                    queued = True
+        try:
+            async with self._write_transaction() as conn:
+                yield conn
+        finally:
+            if queued:
+                lock.release()
+
+    @asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
             async with conn.begin():
                 yield conn
+
+    def _write_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._write_locks.get(loop)
+        if lock is None:
+            lock = self._write_locks[loop] = asyncio.Lock()
+        return lock
 
     @asynccontextmanager
     async def join(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
@@ -115,11 +161,11 @@ def create_database(
             }
     engine = create_async_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine)
-    return Database(engine)
+        _configure_sqlite(engine, busy_timeout_s=statement_timeout_s)
+    return Database(engine, write_queue_timeout_s=statement_timeout_s)
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -130,7 +176,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
