@@ -1,11 +1,16 @@
 """``mercato bench ratelimit``: what the limiter costs at the edge, and how fast its Redis backend can decide.
 
-1. Overhead. One bare endpoint served three ways on identical uvicorn settings: alone, behind a token bucket
-   in process memory, and behind a token bucket in Redis (one EVALSHA per request, through the resilient
-   wrapper the gateway uses). The limit is far above any offered rate, so every request is admitted and the
-   difference in maximum sustainable rate is the decision's cost. Requests cycle over 1 000 query strings,
-   each its own quota key, so Redis sees many keys rather than one hot one. The open-loop generator and
-   the rate search are those of ``mercato bench http``.
+1. Overhead. One endpoint served three ways on identical server settings: without a limiter, behind a
+   token bucket in process memory, and behind a token bucket in Redis (one EVALSHA per request, through
+   the resilient wrapper the gateway uses). The limit is far above any offered rate, so every request is
+   admitted and the difference in maximum sustainable rate is the decision's cost. Two endpoints:
+   - ``empty`` (the default): the bare Starlette endpoint of ``bench http``, the worst case, where the
+     decision is compared with almost nothing. Requests cycle over 1 000 query strings, each its own quota
+     key, so Redis sees many keys rather than one hot one.
+   - ``product``: the shop's own ``GET /v1/products/{id}`` (``mercato api`` on a seeded SQLite catalog),
+     with the limiter switched off (``MERCATO_RATELIMIT_ENABLED=false``) or on with one rule, the real
+     gateway middleware (policy file, dimensions, headers) deciding per client address.
+   The open-loop generator and the rate search are those of ``mercato bench http``.
 2. Decisions per second on Redis, the same token-bucket script: our asyncio client in a tight loop
    (concurrent `hit` calls, as the gateway makes them; and raw pipelined EVALSHA batches), against
    ``redis-benchmark`` sending the same EVALSHA (C client, many connections, optionally pipelined): the
@@ -56,7 +61,16 @@ from mercato.bench.runner import (
     machine_facts,
 )
 from mercato.bench.search import SearchPolicy
-from mercato.bench.servers import ServerProcess, _clean_env, body_size, free_port, start_server
+from mercato.bench.servers import (
+    ServerProcess,
+    _clean_env,
+    body_size,
+    free_port,
+    migrate_and_seed,
+    product_paths,
+    start_mercato,
+    start_server,
+)
 from mercato.bench.stats import Slo, StepResult
 from mercato.kit.ratelimit import Limit, PipelinedRedis, RateLimiter, RedisLimiter, build_limiter
 from mercato.kit.ratelimit.redis_backend import load_script_source
@@ -72,6 +86,7 @@ __all__ = [
 ]
 
 VARIANTS = ("bare", "memory", "redis")
+ENDPOINTS = ("empty", "product")
 # Far above any rate the machine can serve: every request is admitted, so only the decision's cost shows.
 NEVER_LIMITS = Limit(rate=10_000_000, period_s=1.0, burst=10_000_000)
 KEYS = 1000
@@ -335,16 +350,48 @@ class RateLimitBenchReport:
         }
 
 
-def _targets() -> list[Target]:
-    paths = tuple(f"{BARE_PATH}?k={i}" for i in range(KEYS))
+def _targets(endpoint: str = f"GET {BARE_PATH}", paths: tuple[str, ...] | None = None) -> list[Target]:
+    paths = paths or tuple(f"{BARE_PATH}?k={i}" for i in range(KEYS))
     return [
-        Target(BASELINE, f"GET {BARE_PATH} (bare)", "bare", paths),
-        Target("token-bucket-memory", f"GET {BARE_PATH} + token bucket, memory", "memory", paths),
-        Target("token-bucket-redis", f"GET {BARE_PATH} + token bucket, Redis", "redis", paths),
+        Target(BASELINE, f"{endpoint} (bare)", "bare", paths),
+        Target("token-bucket-memory", f"{endpoint} + token bucket, memory", "memory", paths),
+        Target("token-bucket-redis", f"{endpoint} + token bucket, Redis", "redis", paths),
     ]
 
 
 DEFAULT_LADDER = (500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0, 4000.0, 5000.0, 6000.0, 7000.0, 8000.0)
+# GET /v1/products/{id} serves ~1,000/s on one SQLite worker here: steps of ~5 % near the top, so that a
+# 90 % ratio can be told from 85 %.
+PRODUCT_LADDER: tuple[float, ...] = (200.0, 400.0, 500.0, 600.0, 650.0, 700.0, 750.0, 800.0, 850.0, 900.0)
+PRODUCT_LADDER += (950.0, 1000.0, 1050.0, 1100.0, 1150.0, 1200.0, 1300.0, 1400.0, 1500.0)
+
+# The product variant's one rule: every request to the catalog, per client address, never reached.
+_PRODUCT_POLICY = f"""
+[defaults]
+algorithm = "token_bucket"
+fail_open = false  # a benchmark that silently stopped limiting would measure nothing
+
+[[rules]]
+name = "bench-catalog"
+dimensions = ["ip"]
+match = {{ path_prefix = "/v1/products" }}
+limit = {{ rate = {NEVER_LIMITS.rate}, period_s = 1, burst = {NEVER_LIMITS.capacity} }}
+"""
+
+
+def _product_settings(variant: str, *, policy_file: Path, redis_url: str, prefix: str) -> dict[str, str]:
+    if variant == "bare":
+        return {"MERCATO_RATELIMIT_ENABLED": "false"}
+    return {
+        "MERCATO_RATELIMIT_ENABLED": "true",
+        "MERCATO_RATELIMIT_BACKEND": variant,
+        "MERCATO_RATELIMIT_POLICY_FILE": str(policy_file),
+        "MERCATO_RATELIMIT_REDIS_URL": redis_url,
+        "MERCATO_RATELIMIT_KEY_PREFIX": prefix,
+        # As for the empty endpoint: capacity is measured, not the production 100 ms socket timeout.
+        "MERCATO_RATELIMIT_SOCKET_TIMEOUT_S": "1.0",
+        "MERCATO_RATELIMIT_TIMEOUT_S": "2.0",
+    }
 
 
 async def _interleaved(
@@ -399,25 +446,36 @@ def run_overhead_bench(
     options: BenchOptions,
     *,
     redis_url: str,
+    endpoint: str = "empty",
     on_phase: Callable[[str], None] = lambda _msg: None,
     on_step: ProgressHook = lambda *_args: None,
 ) -> BenchReport:
     """Start the three variants, measure them interleaved on one rate ladder, stop them."""
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; choose from {ENDPOINTS}")
     machine = machine_facts()
     prefix = f"mercato:bench:rl:{uuid.uuid4().hex[:12]}:"
     servers: dict[str, ServerProcess] = {}
+    database = "none"
     try:
         with tempfile.TemporaryDirectory(prefix="mercato-bench-rl-") as tmp:
-            on_phase("starting the three variants")
-            for variant in VARIANTS:
-                servers[variant] = start_variant(
-                    variant, workdir=Path(tmp), workers=options.workers, redis_url=redis_url, prefix=prefix
+            workdir = Path(tmp)
+            if endpoint == "empty":
+                on_phase("starting the three variants")
+                for variant in VARIANTS:
+                    servers[variant] = start_variant(
+                        variant, workdir=workdir, workers=options.workers, redis_url=redis_url, prefix=prefix
+                    )
+                targets, body = _targets(), body_size(servers["bare"].base_url, BARE_PATH)
+            else:
+                targets, body = _start_product_variants(
+                    servers, options, workdir=workdir, redis_url=redis_url, prefix=prefix, on_phase=on_phase
                 )
-            body = body_size(servers["bare"].base_url, BARE_PATH)
+                database = "sqlite"
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=options.generators, mp_context=context) as executor:
                 bench = Bench(options, executor)
-                reports = asyncio.run(_interleaved(bench, _targets(), servers, on_step))
+                reports = asyncio.run(_interleaved(bench, targets, servers, on_step))
     finally:
         for server in servers.values():
             server.stop()
@@ -425,8 +483,37 @@ def run_overhead_bench(
     with contextlib.suppress(OSError):
         machine["loadavg_at_end"] = os.getloadavg()
     return BenchReport(
-        options=options, machine=machine, database="none", body_bytes={BASELINE: body}, targets=reports
+        options=options, machine=machine, database=database, body_bytes={BASELINE: body}, targets=reports
     )
+
+
+def _start_product_variants(
+    servers: dict[str, ServerProcess],
+    options: BenchOptions,
+    *,
+    workdir: Path,
+    redis_url: str,
+    prefix: str,
+    on_phase: Callable[[str], None],
+) -> tuple[list[Target], int]:
+    """Three `mercato api` processes on one seeded SQLite catalog (read only while measured)."""
+    url = f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
+    on_phase("migrating and seeding the demo catalog")
+    migrate_and_seed(url, workdir, products=options.products)
+    policy_file = workdir / "ratelimit.toml"
+    policy_file.write_text(_PRODUCT_POLICY, encoding="utf-8")
+    on_phase("starting the three variants")
+    for variant in VARIANTS:
+        settings = _product_settings(variant, policy_file=policy_file, redis_url=redis_url, prefix=prefix)
+        servers[variant] = start_mercato(
+            database_url=url,
+            workdir=workdir,
+            workers=options.workers,
+            name=f"mercato-{variant}",
+            settings_env=settings,
+        )
+    paths = tuple(product_paths(servers["bare"].base_url, sample=options.id_sample))
+    return _targets("GET /v1/products/{id}", paths), body_size(servers["bare"].base_url, paths[0])
 
 
 def run_ratelimit_bench(
@@ -436,11 +523,16 @@ def run_ratelimit_bench(
     http: bool = True,
     decisions: bool = True,
     decision_seconds: float = 5.0,
+    endpoint: str = "empty",
     on_phase: Callable[[str], None] = lambda _msg: None,
     on_step: ProgressHook = lambda *_args: None,
 ) -> RateLimitBenchReport:
     overhead = (
-        run_overhead_bench(options, redis_url=redis_url, on_phase=on_phase, on_step=on_step) if http else None
+        run_overhead_bench(
+            options, redis_url=redis_url, endpoint=endpoint, on_phase=on_phase, on_step=on_step
+        )
+        if http
+        else None
     )
     rates = None
     if decisions:
@@ -537,8 +629,17 @@ def _decisions_table(rates: DecisionRates) -> Table:
 def ratelimit_command(
     duration: Annotated[float, typer.Option(help="Seconds per constant-rate step", min=0.5)] = 5.0,
     warmup: Annotated[float, typer.Option(help="Warm-up seconds per variant (not measured)", min=0)] = 2.0,
+    endpoint: Annotated[
+        str,
+        typer.Option(
+            help="empty: the bare Starlette endpoint (worst case); product: the shop's GET /v1/products/{id}"
+        ),
+    ] = "empty",
     rates: Annotated[
-        str | None, typer.Option(help="The rate ladder, comma-separated (default 500 ... 8000 req/s)")
+        str | None,
+        typer.Option(
+            help="The rate ladder, comma-separated (default 500 ... 8000 req/s; product: 200 ... 1500)"
+        ),
     ] = None,
     p99_ms: Annotated[float, typer.Option(help="Sustainable only while p99 is below this (ms)")] = 100.0,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes per variant", min=1)] = 1,
@@ -554,8 +655,11 @@ def ratelimit_command(
 ) -> None:
     """Bare endpoint vs token bucket on memory vs on Redis; Redis decisions/s vs redis-benchmark."""
     console = Console(stderr=True)
+    if endpoint not in ENDPOINTS:
+        raise typer.BadParameter(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    default = PRODUCT_LADDER if endpoint == "product" else DEFAULT_LADDER
     try:
-        ladder = tuple(float(item) for item in rates.split(",") if item.strip()) if rates else DEFAULT_LADDER
+        ladder = tuple(float(item) for item in rates.split(",") if item.strip()) if rates else default
     except ValueError as exc:
         raise typer.BadParameter("rates are comma-separated numbers, e.g. 500,1000,2000") from exc
     if not ladder or any(rate <= 0 for rate in ladder):
@@ -594,6 +698,7 @@ def ratelimit_command(
                 http=http,
                 decisions=decisions,
                 decision_seconds=decision_seconds,
+                endpoint=endpoint,
                 on_phase=lambda message: progress.update(task, description=message),
                 on_step=on_step,
             )

@@ -126,13 +126,23 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_mercato(*, database_url: str, workdir: Path, workers: int) -> ServerProcess:
-    """``mercato api`` on a free port against ``database_url`` (settings otherwise default)."""
+def start_mercato(
+    *,
+    database_url: str,
+    workdir: Path,
+    workers: int,
+    name: str = "mercato",
+    settings_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """``mercato api`` on a free port against ``database_url`` (settings otherwise default, or
+    ``settings_env``'s ``MERCATO_*`` overrides)."""
     port = free_port()
-    env = _clean_env({"MERCATO_DATABASE_URL": database_url, "MERCATO_DATA_DIR": str(workdir)})
+    env = _clean_env(
+        {"MERCATO_DATABASE_URL": database_url, "MERCATO_DATA_DIR": str(workdir), **(settings_env or {})}
+    )
     args = ["-m", "mercato.cli.main", "api", "--host", ALLOWED_HOST, "--port", str(port)]
     args += ["--workers", str(workers)]
-    return start_server("mercato", args, port=port, workdir=workdir, env=env, ready_path="/startupz")
+    return start_server(name, args, port=port, workdir=workdir, env=env, ready_path="/startupz")
 
 
 def start_baseline(*, workdir: Path, workers: int, kind: str) -> ServerProcess:
