@@ -34,8 +34,10 @@ from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarri
 from mercato.shop.checkout.resilient import (
     CARRIER,
     CARRIER_READS,
+    CARRIER_UNDO,
     PSP,
     PSP_READS,
+    PSP_UNDO,
     ProviderCalls,
     ProviderPolicySettings,
     build_provider_policy,
@@ -77,8 +79,8 @@ class Container:
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     # How runners in other processes hear of new sagas (PostgreSQL NOTIFY); None: they poll.
     saga_wakeups: SagaWakeups | None = None
-    # The breakers in front of the providers ("psp", "carrier", and "psp-reads"/"carrier-reads" for
-    # their record lookups), for /admin/resilience/breakers.
+    # The breakers in front of the providers ("psp", "carrier"; "psp-reads"/"carrier-reads" for their
+    # record lookups, "psp-undo"/"carrier-undo" for compensations), for /admin/resilience/breakers.
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
 
     async def close(self) -> None:
@@ -152,8 +154,10 @@ def build_container(
     saga = order_saga(
         orders=orders,
         stock=inventory,
-        payments=HttpPaymentGateway(psp, calls.psp, reads=calls.psp_reads),
-        carrier=HttpShippingCarrier(carrier, calls.carrier, reads=calls.carrier_reads),
+        payments=HttpPaymentGateway(psp, calls.psp, reads=calls.psp_reads, undo=calls.psp_undo),
+        carrier=HttpShippingCarrier(
+            carrier, calls.carrier, reads=calls.carrier_reads, undo=calls.carrier_undo
+        ),
         reservation_ttl_s=shop.reservation_ttl_s,
         deadline_s=settings.checkout.saga_deadline_s,
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
@@ -233,12 +237,15 @@ def build_projector(
 
 @dataclass(frozen=True, slots=True)
 class ProviderCallSet:
-    """The policies checkout's provider calls go through: writes and record lookups per provider."""
+    """The policies checkout's provider calls go through, per provider: the forward writes, the
+    record lookups, and the compensations' writes."""
 
     psp: ProviderCalls
     psp_reads: ProviderCalls
+    psp_undo: ProviderCalls
     carrier: ProviderCalls
     carrier_reads: ProviderCalls
+    carrier_undo: ProviderCalls
 
 
 def build_provider_calls(
@@ -251,13 +258,13 @@ def build_provider_calls(
 ) -> ProviderCallSet:
     """Each provider under its own policy, or plain when `checkout.resilience` is off.
 
-    With `separate_reads` each provider's lookups get a policy and breaker of their own (see
-    `shop/checkout/resilient.py`); without it they share the writes' policy.
+    With `separate_reads` each provider's lookups and compensating writes get policies and breakers
+    of their own (see `shop/checkout/resilient.py`); without it everything shares the writes' policy.
     """
     checkout = settings.checkout
     if not checkout.resilience:
         plain = ProviderCalls()
-        return ProviderCallSet(psp=plain, psp_reads=plain, carrier=plain, carrier_reads=plain)
+        return ProviderCallSet(plain, plain, plain, plain, plain, plain)
     # The whole call (retries included) gets provider_timeout_s, which the saga step's timeout
     # (provider_timeout_s + 0.5) encloses; the p95 is capped so one attempt fits in that budget.
     policy = ProviderPolicySettings(
@@ -279,9 +286,14 @@ def build_provider_calls(
 
     psp, carrier = calls(PSP), calls(CARRIER)
     if not separate_reads:
-        return ProviderCallSet(psp=psp, psp_reads=psp, carrier=carrier, carrier_reads=carrier)
+        return ProviderCallSet(psp, psp, psp, carrier, carrier, carrier)
     return ProviderCallSet(
-        psp=psp, psp_reads=calls(PSP_READS), carrier=carrier, carrier_reads=calls(CARRIER_READS)
+        psp=psp,
+        psp_reads=calls(PSP_READS),
+        psp_undo=calls(PSP_UNDO),
+        carrier=carrier,
+        carrier_reads=calls(CARRIER_READS),
+        carrier_undo=calls(CARRIER_UNDO),
     )
 
 

@@ -33,7 +33,7 @@ async def test_breakers_list_every_provider_for_admins_only(container: Container
     assert ok.headers["cache-control"] == "private, no-store"
     items = {item["name"]: item for item in ok.json()["items"]}
     # Each provider's writes and its record lookups (what compensations read) have a breaker each.
-    assert set(items) == {"carrier", "carrier-reads", "psp", "psp-reads"}
+    assert set(items) == {"carrier", "carrier-reads", "carrier-undo", "psp", "psp-reads", "psp-undo"}
     assert items["psp"]["state"] == "closed"
     assert items["psp"]["retry_after_s"] is None
     assert {"failure_rate", "slow_call_rate", "calls", "config"} <= set(items["psp"])

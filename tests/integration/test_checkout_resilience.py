@@ -200,7 +200,7 @@ async def test_refusals_count_as_successes_and_are_not_retried(shop: Shop) -> No
 
 
 @pytest.mark.parametrize("separate_reads", [True, False])
-async def test_lookups_have_their_own_breaker_so_compensations_read_through_a_write_outage(
+async def test_lookups_and_undo_writes_have_their_own_breakers_so_compensations_get_through(
     shop: Shop, separate_reads: bool
 ) -> None:
     base = shop.container.settings
@@ -214,7 +214,7 @@ async def test_lookups_have_their_own_breaker_so_compensations_read_through_a_wr
         clock=shop.container.clock,
         separate_reads=separate_reads,
     )
-    gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads)
+    gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads, undo=calls.psp_undo)
     order = str(uuid.uuid4())
     held = await gateway.authorize(
         order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
@@ -226,13 +226,20 @@ async def test_lookups_have_their_own_breaker_so_compensations_read_through_a_wr
                 order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
             )
     assert registry.snapshot()["psp"]["state"] == "open"
-    with pytest.raises(CircuitOpen):  # the write a compensation would make waits for the provider
-        await gateway.void(authorization_id=held.authorization_id, idempotency_key=str(uuid.uuid4()))
     if separate_reads:
         records = await gateway.payments_for(order)
         assert [r.authorization_id for r in records] == [held.authorization_id]
         assert registry.snapshot()["psp-reads"]["state"] == "closed"
+        # The compensation's own write is sent (and meets the outage), not refused by the writes' circuit.
+        with pytest.raises(ProviderError):
+            await gateway.void(authorization_id=held.authorization_id, idempotency_key=str(uuid.uuid4()))
+        assert registry.snapshot()["psp-undo"]["calls"] >= 1
+        await set_psp_faults(shop, {})
+        await gateway.void(authorization_id=held.authorization_id, idempotency_key=str(uuid.uuid4()))
+        assert [r.status for r in await gateway.payments_for(order)] == ["voided"]
     else:
+        with pytest.raises(CircuitOpen):  # the compensation's write waits for the writes' circuit
+            await gateway.void(authorization_id=held.authorization_id, idempotency_key=str(uuid.uuid4()))
         with pytest.raises(CircuitOpen):  # the lookup is refused by the writes' breaker
             await gateway.payments_for(order)
         assert "psp-reads" not in registry.snapshot()

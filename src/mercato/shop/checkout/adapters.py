@@ -48,11 +48,17 @@ async def _translated() -> AsyncIterator[None]:
 
 class HttpPaymentGateway:
     def __init__(
-        self, client: PspClient, calls: ProviderCalls | None = None, *, reads: ProviderCalls | None = None
+        self,
+        client: PspClient,
+        calls: ProviderCalls | None = None,
+        *,
+        reads: ProviderCalls | None = None,
+        undo: ProviderCalls | None = None,
     ) -> None:
         self._client = client
         self._calls = calls or ProviderCalls()
         self._reads = reads or self._calls
+        self._undo = undo or self._calls  # the compensations' writes (void, refund, cancel)
 
     async def authorize(
         self,
@@ -90,11 +96,11 @@ class HttpPaymentGateway:
 
     async def void(self, *, authorization_id: str, idempotency_key: str) -> None:
         async with _translated():
-            await self._calls(lambda: self._client.void(authorization_id, idempotency_key=idempotency_key))
+            await self._undo(lambda: self._client.void(authorization_id, idempotency_key=idempotency_key))
 
     async def refund(self, *, capture_id: str, amount_minor: int, idempotency_key: str) -> None:
         async with _translated():
-            await self._calls(
+            await self._undo(
                 lambda: self._client.refund(
                     capture_id, amount_minor=amount_minor, idempotency_key=idempotency_key
                 )
@@ -121,11 +127,17 @@ class HttpPaymentGateway:
 
 class HttpShippingCarrier:
     def __init__(
-        self, client: CarrierClient, calls: ProviderCalls | None = None, *, reads: ProviderCalls | None = None
+        self,
+        client: CarrierClient,
+        calls: ProviderCalls | None = None,
+        *,
+        reads: ProviderCalls | None = None,
+        undo: ProviderCalls | None = None,
     ) -> None:
         self._client = client
         self._calls = calls or ProviderCalls()
         self._reads = reads or self._calls
+        self._undo = undo or self._calls  # the compensations' writes (void, refund, cancel)
 
     async def create_shipment(
         self, *, order_reference: str, items: Sequence[tuple[str, int]], idempotency_key: str
@@ -142,7 +154,7 @@ class HttpShippingCarrier:
 
     async def cancel_shipment(self, *, shipment_id: str, idempotency_key: str) -> None:
         async with _translated():
-            await self._calls(
+            await self._undo(
                 lambda: self._client.cancel_shipment(shipment_id, idempotency_key=idempotency_key)
             )
 

@@ -3,8 +3,11 @@
 One `ResiliencePolicy` per dependency ("psp", "carrier"), composed by the kit in its documented order:
 deadline → retry (+ budget) → circuit breaker → bulkhead → per-attempt timeout → call. Each provider's
 record lookups (the reads a compensation makes to learn what exists) get a second policy, with its own
-breaker ("psp-reads", "carrier-reads"): a write path that is down must not stop the compensations
-that would undo its partial effects (measured by `mercato lab breaker`).
+breaker ("psp-reads", "carrier-reads"), and the compensations' own writes (void, refund, cancel
+shipment) a third ("psp-undo", "carrier-undo"): a forward path whose circuit is open must not stop the
+compensations that would undo its partial effects (measured by `mercato lab breaker`; in the chaos
+run, compensations queued behind the writes' breaker were the last orders to finish late). Each still
+has a breaker, so an undo path that is itself failing stops being hammered.
 
 How provider answers are classified (what the breaker counts, what the retry loop retries):
 
@@ -55,8 +58,10 @@ from mercato.providers._client import ProviderError
 __all__ = [
     "CARRIER",
     "CARRIER_READS",
+    "CARRIER_UNDO",
     "PSP",
     "PSP_READS",
+    "PSP_UNDO",
     "ProviderCalls",
     "ProviderPolicySettings",
     "TransientProviderError",
@@ -70,6 +75,8 @@ PSP = "psp"
 CARRIER = "carrier"
 PSP_READS = "psp-reads"
 CARRIER_READS = "carrier-reads"
+PSP_UNDO = "psp-undo"
+CARRIER_UNDO = "carrier-undo"
 
 
 class TransientProviderError(ProviderError):
