@@ -5,7 +5,7 @@ Nothing else decides "am I on PostgreSQL?"; everything else receives what it nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -279,9 +279,15 @@ def build_provider_calls(
         half_open_probes=checkout.breaker_half_open_probes,
     )
 
-    def calls(name: str) -> ProviderCalls:
+    # Compensations' writes keep a breaker (an undo path that is itself failing stops being hammered)
+    # but not the growing wait: they are few, every saga's deadline waits on them, and a breaker that
+    # flaps under a high error rate would otherwise park each of them for 5 + 10 + 20 s (seen in the
+    # SQLite chaos run: the last late orders were compensations waiting out those waits).
+    undo_policy = replace(policy, max_open_s=policy.open_s)
+
+    def calls(name: str, knobs: ProviderPolicySettings = policy) -> ProviderCalls:
         return ProviderCalls(
-            build_provider_policy(name, policy, breakers=breakers, hooks=[hooks], clock=clock)
+            build_provider_policy(name, knobs, breakers=breakers, hooks=[hooks], clock=clock)
         )
 
     psp, carrier = calls(PSP), calls(CARRIER)
@@ -290,10 +296,10 @@ def build_provider_calls(
     return ProviderCallSet(
         psp=psp,
         psp_reads=calls(PSP_READS),
-        psp_undo=calls(PSP_UNDO),
+        psp_undo=calls(PSP_UNDO, undo_policy),
         carrier=carrier,
         carrier_reads=calls(CARRIER_READS),
-        carrier_undo=calls(CARRIER_UNDO),
+        carrier_undo=calls(CARRIER_UNDO, undo_policy),
     )
 
 

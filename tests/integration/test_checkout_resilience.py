@@ -323,3 +323,18 @@ async def test_resilience_errors_become_503_and_504_problems(container: Containe
     assert "retry-after" not in late.headers
     assert 0 < with_deadline.json()["remaining_s"] <= 1.5
     assert without.json()["remaining_s"] is None
+
+
+async def test_undo_breakers_keep_a_constant_open_wait_while_the_forward_ones_grow(shop: Shop) -> None:
+    registry = BreakerRegistry()
+    build_provider_calls(
+        shop.container.settings,
+        breakers=registry,
+        hooks=PrometheusResilienceHooks(CollectorRegistry()),
+        clock=shop.container.clock,
+    )
+    configs = {name: item["config"] for name, item in registry.snapshot().items()}
+    open_s = shop.container.settings.checkout.breaker_open_s
+    for undo in ("psp-undo", "carrier-undo"):
+        assert configs[undo]["max_wait_s"] == open_s, "a compensation never waits out a doubled wait"
+    assert configs["psp"]["max_wait_s"] == shop.container.settings.checkout.breaker_max_open_s > open_s
