@@ -257,7 +257,7 @@ class StreamContract:
         [letter] = await stream.dead_letters()
         assert await stream.replay_dead_letters(ids=[letter.id]) == 1
         assert await stream.read(TOPIC, "shipping", "c1", max_messages=10, block_s=0) == []
-        [replayed] = await stream.read(TOPIC, "billing", "c2", max_messages=10, block_s=0)
+        [replayed] = await stream.read(TOPIC, "billing", "c2", max_messages=10, block_s=3.0)
         assert replayed.message == message
         assert replayed.attempt == 2
         await stream.ack(replayed)
@@ -276,7 +276,9 @@ class StreamContract:
         [delivery] = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
         await stream.nack(delivery, error="first")
         assert await stream.replay_dead_letters(topic=TOPIC) == 1
-        [replayed] = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
+        # Blocking: on JetStream the replayed letter reaches its replay consumer asynchronously, and a
+        # read checks for replays at most once a second (`replay_check_interval_s`).
+        [replayed] = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=3.0)
         await stream.nack(replayed, error="second")
         [letter] = await stream.dead_letters()
         assert (letter.status, letter.attempts, letter.last_error) == (DeadLetterStatus.DEAD, 2, "second")
