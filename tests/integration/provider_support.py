@@ -68,3 +68,22 @@ InProcess = Callable[[ProviderApp, MetaData], AbstractAsyncContextManager[httpx.
 def in_process() -> InProcess:
     """`running`, as a fixture, so test modules load this one as a plugin instead of importing it."""
     return running
+
+
+async def warm_up(psp_url: str, carrier_url: str) -> None:
+    """One read and one refused write on each simulator before a test starts its clock.
+
+    A provider's first requests pay for its cold caches (compiled statements, models, the first
+    connections); with the 0.5 s budgets the checkout tests give the shop, that first call alone
+    could time out on a loaded CI machine. The write is refused (404: no such authorization /
+    shipment), so no ledger entry or shipment exists afterwards.
+    """
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        (await client.get(f"{psp_url}/v1/ledger", params={"limit": 1})).raise_for_status()
+        missing = await client.post(
+            f"{psp_url}/v1/authorizations/auth_warm_up/capture",
+            json={"amount_minor": 1},
+            headers={"Idempotency-Key": str(uuid.uuid4())},
+        )
+        assert missing.status_code in (404, 422), missing.text
+        (await client.get(f"{carrier_url}/v1/shipments", params={"limit": 1})).raise_for_status()

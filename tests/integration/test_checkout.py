@@ -32,6 +32,7 @@ from mercato.providers.server import RunningProviders, serve_providers
 from mercato.workers import shop_jobs
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
+from tests.integration.provider_support import warm_up
 
 
 def _free_port() -> int:
@@ -63,6 +64,7 @@ async def shop(database_url: str, tmp_path: Path) -> AsyncIterator[Shop]:
         checkout=CheckoutSettings(provider_timeout_s=0.5, provider_attempts=3, saga_deadline_s=60),
     )
     providers = await serve_providers(providers_settings)
+    await warm_up(providers_settings.psp_base_url, providers_settings.carrier_base_url)
     container = build_container(settings)
     audit = httpx.Timeout(10.0)
     psp = PspClient(providers_settings.psp_base_url, timeout=audit)

@@ -42,6 +42,7 @@ from mercato.shop.checkout.adapters import HttpPaymentGateway
 from mercato.shop.checkout.model import ProviderRejected
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
+from tests.integration.provider_support import warm_up
 
 
 def _free_port() -> int:
@@ -77,6 +78,7 @@ async def _shop(database_url: str, tmp_path: Path, *, resilience: bool) -> Async
         ),
     )
     providers = await serve_providers(providers_settings)
+    await warm_up(providers_settings.psp_base_url, providers_settings.carrier_base_url)
     container = build_container(settings)
     try:
         [product] = await container.catalog.create_many(demo_products(1, random.Random(9)))
