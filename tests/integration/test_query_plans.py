@@ -21,6 +21,7 @@ from mercato.bootstrap import Container, build_container
 from mercato.demo.seed import demo_products
 from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
+from mercato.kit.sagas.store import saga_instances
 from mercato.kit.storage import metadata
 from mercato.shop.catalog.model import ProductQuery, ProductSort
 from mercato.shop.catalog.repository import CatalogRepository
@@ -143,3 +144,58 @@ async def test_product_lists_use_their_live_index(pg: Container, query: ProductQ
     async with pg.db.read() as conn:
         used = await explain(conn, sql, tuple(params))
     assert index in used, (used, sql)
+
+
+async def test_the_saga_claim_walks_the_active_deadline_index(pg: Container) -> None:
+    """A backlog of finished sagas and a thousand due ones: the claim reads the active sagas in
+    deadline order from their partial index and stops at its limit, rather than sorting them all."""
+    rng = random.Random(5)
+    now = pg.clock.now()
+    rows: list[dict[str, Any]] = []
+    for n in range(20_000):
+        active = n % 20 == 0
+        status = (
+            rng.choice(["running", "compensating"]) if active else rng.choice(["completed", "compensated"])
+        )
+        rows.append(
+            {
+                "id": new_id(),
+                "saga_type": "order",
+                "status": status,
+                "step_index": 0,
+                "attempt": 0,
+                "data": {},
+                "correlation_id": "plan",
+                "owner": None,
+                "lease_token": 0,
+                "lease_expires_at": None,
+                "next_attempt_at": now - timedelta(seconds=rng.randrange(1, 600)),
+                "deadline_at": now + timedelta(seconds=rng.randrange(-300, 300)),
+                "created_at": now - timedelta(minutes=10),
+                "updated_at": now - timedelta(minutes=10),
+                "finished_at": None if active else now,
+            }
+        )
+    async with pg.db.write() as conn:
+        for start in range(0, len(rows), 5000):
+            await conn.execute(insert(saga_instances), rows[start : start + 5000])
+    async with pg.db.write() as conn:
+        await conn.exec_driver_sql("ANALYZE saga_instances")
+
+    capture = _Capture()
+    sync_engine = pg.db.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", capture)
+    try:
+        claimed = await pg.sagas.claim_due(owner="plan", lease_s=30.0, limit=32)
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", capture)
+    deadlines = [saga.deadline_at for saga in claimed]
+    assert len(claimed) == 32
+    assert deadlines == sorted(deadlines)
+    active = sorted(r["deadline_at"] for r in rows if r["status"] in ("running", "compensating"))
+    assert deadlines == active[:32], "the 32 earliest deadlines, from every active saga"
+    (sql, params), *_ = [c for c in capture.calls if "saga_instances" in c[0]]
+
+    async with pg.db.read() as conn:
+        used = await explain(conn, sql, tuple(params))
+    assert "ix_saga_instances_active_deadline" in used, (used, sql)
