@@ -97,13 +97,25 @@ async def test_customer_order_list_uses_the_customer_index(pg: Container) -> Non
 
 
 class _Capture:
-    """Records the SQL and parameters the driver receives while it is installed."""
+    """Records the SQL and parameters the driver receives inside `with _Capture(container) as c:`."""
 
-    def __init__(self) -> None:
+    def __init__(self, container: Container) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self._engine = container.db.engine.sync_engine
+
+    def __enter__(self) -> _Capture:
+        event.listen(self._engine, "before_cursor_execute", self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        event.remove(self._engine, "before_cursor_execute", self)
 
     def __call__(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         self.calls.append((statement, parameters))
+
+    def first(self, table: str) -> tuple[str, Any]:
+        """The first statement that named `table`, with its parameters."""
+        return next(call for call in self.calls if table in call[0])
 
 
 @pytest.mark.parametrize(
@@ -131,15 +143,10 @@ async def test_product_lists_use_their_live_index(pg: Container, query: ProductQ
     async with pg.db.write() as conn:
         await conn.exec_driver_sql("ANALYZE catalog_products")
 
-    capture = _Capture()
-    sync_engine = pg.db.engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", capture)
-    try:
+    with _Capture(pg) as capture:
         async with pg.db.read() as conn:
             assert await CatalogRepository().page(conn, query)
-    finally:
-        event.remove(sync_engine, "before_cursor_execute", capture)
-    (sql, params), *_ = [c for c in capture.calls if "catalog_products" in c[0]]
+    sql, params = capture.first("catalog_products")
 
     async with pg.db.read() as conn:
         used = await explain(conn, sql, tuple(params))
@@ -182,19 +189,14 @@ async def test_the_saga_claim_walks_the_active_deadline_index(pg: Container) -> 
     async with pg.db.write() as conn:
         await conn.exec_driver_sql("ANALYZE saga_instances")
 
-    capture = _Capture()
-    sync_engine = pg.db.engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", capture)
-    try:
+    with _Capture(pg) as capture:
         claimed = await pg.sagas.claim_due(owner="plan", lease_s=30.0, limit=32)
-    finally:
-        event.remove(sync_engine, "before_cursor_execute", capture)
     deadlines = [saga.deadline_at for saga in claimed]
     assert len(claimed) == 32
     assert deadlines == sorted(deadlines)
     active = sorted(r["deadline_at"] for r in rows if r["status"] in ("running", "compensating"))
     assert deadlines == active[:32], "the 32 earliest deadlines, from every active saga"
-    (sql, params), *_ = [c for c in capture.calls if "saga_instances" in c[0]]
+    sql, params = capture.first("saga_instances")
 
     async with pg.db.read() as conn:
         used = await explain(conn, sql, tuple(params))
