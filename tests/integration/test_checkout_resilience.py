@@ -37,6 +37,7 @@ from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.kit.storage import metadata
 from mercato.providers._client import ProviderError
 from mercato.providers.config import ProviderSettings
+from mercato.providers.psp.client import PspClient
 from mercato.providers.server import RunningProviders, serve_providers
 from mercato.shop.checkout.adapters import HttpPaymentGateway
 from mercato.shop.checkout.model import ProviderRejected
@@ -218,9 +219,15 @@ async def test_lookups_and_undo_writes_have_their_own_breakers_so_compensations_
     )
     gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads, undo=calls.psp_undo)
     order = str(uuid.uuid4())
-    held = await gateway.authorize(
-        order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
-    )
+    # The authorization to undo is set-up, made outside the policy under test (whose 0.5 s budget a
+    # loaded CI machine exceeded on this first write to a fresh provider database).
+    setup = PspClient(shop.psp_url, timeout=httpx.Timeout(10.0))
+    try:
+        held = await setup.authorize(
+            order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())
+        )
+    finally:
+        await setup.aclose()
     await set_psp_faults(shop, {"outage_for_s": 60})
     for _ in range(4):
         with pytest.raises((ProviderError, CircuitOpen)):
