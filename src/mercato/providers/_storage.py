@@ -11,9 +11,10 @@ from pathlib import Path
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from mercato.kit.storage import Database
+from mercato.kit.storage import Database, create_database
+from mercato.kit.storage.inline_sqlite import InlineSqliteDatabase, SqlDatabase
 
-__all__ = ["create_tables", "new_metadata"]
+__all__ = ["create_tables", "new_metadata", "provider_database"]
 
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -27,8 +28,21 @@ def new_metadata() -> MetaData:
     return MetaData(naming_convention=_NAMING)
 
 
-async def create_tables(db: Database, metadata: MetaData) -> None:
+def provider_database(url: str) -> SqlDatabase:
+    """A simulator's own database: SQLite inline on the loop's thread (one process owns the file,
+    and aiosqlite's thread hops were most of a provider request's CPU), anything else async."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return InlineSqliteDatabase(url)
+    return create_database(url)
+
+
+async def create_tables(db: SqlDatabase, metadata: MetaData) -> None:
     """Create missing tables (idempotent), making a SQLite file's directory first."""
+    if isinstance(db, InlineSqliteDatabase):
+        async with db.write() as conn:
+            metadata.create_all(conn.sync_connection)
+        return
+    assert isinstance(db, Database)
     url = make_url(str(db.url))
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 Every operation is one short write transaction, never held while the handler runs:
 
-- `claim` INSERTs an in-flight row. The primary key (scope, key) is the arbiter between concurrent
-  requests on every backend: on PostgreSQL a second INSERT waits for the first transaction and then
-  fails with a unique violation; on SQLite `BEGIN IMMEDIATE` serialises the writers outright. The
-  loser reads the existing row and learns whether to replay, refuse (422/409) or take it over.
+- `claim` INSERTs an in-flight row, `ON CONFLICT (scope, key) DO NOTHING`. The primary key is the
+  arbiter between concurrent requests on every backend: on PostgreSQL a second INSERT waits for the
+  first transaction and then inserts nothing; on SQLite `BEGIN IMMEDIATE` serialises the writers
+  outright. The loser (no row inserted) reads the existing row and learns whether to replay, refuse
+  (422/409) or take it over. A new key is one statement: no savepoint to survive a unique violation.
 - Take-overs (the row expired, or its in-flight lock lapsed because its request crashed) are
   compare-and-set on the row's `claim_token`, so of two requests racing to take over one wins.
 - `complete` and `release` also match on `claim_token`: a request whose lock lapsed and was taken
@@ -20,9 +21,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, insert, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.idempotency.tables import COMPLETED, IN_FLIGHT, PATH_LENGTH, idempotency_keys
@@ -45,6 +48,25 @@ _t = idempotency_keys.c
 # A claim attempt that keeps losing races (row deleted or taken over between our INSERT and
 # SELECT) retries a few times; more than that would mean a livelock worth surfacing.
 _CLAIM_ATTEMPTS = 5
+
+
+# Built once, values as parameters: every checkout stores its response through it.
+_COMPLETE = update(idempotency_keys).where(
+    _t.scope == bindparam("b_scope"),
+    _t.key == bindparam("b_key"),
+    _t.claim_token == bindparam("b_token"),
+    _t.state == IN_FLIGHT,
+)
+
+
+def _insert_if_absent(dialect: str) -> Insert | None:
+    """`INSERT ... ON CONFLICT (scope, key) DO NOTHING` where the dialect has it."""
+    module: Any = {"postgresql": postgresql, "sqlite": sqlite}.get(dialect)
+    if module is None:
+        return None
+    return module.insert(idempotency_keys).on_conflict_do_nothing(  # type: ignore[no-any-return]
+        index_elements=[_t.scope, _t.key]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +134,7 @@ class IdempotencyStore:
     def __init__(self, db: Database, *, clock: Clock | None = None) -> None:
         self._db = db
         self._clock = clock or SystemClock()
+        self._insert_if_absent = _insert_if_absent(db.dialect)
 
     @property
     def clock(self) -> Clock:
@@ -151,7 +174,9 @@ class IdempotencyStore:
                 "created_at": now,
                 "expires_at": now + timedelta(seconds=ttl_s),
             }
-            async with self._db.write() as conn:
+            # Autocommit where the database has it: the insert-if-absent and the guarded take-over
+            # below are each safe alone, so a transaction would only add two round trips.
+            async with self._db.autocommit() as conn:
                 if await self._insert(conn, {"scope": scope, "key": key, **fresh}):
                     return Claimed(scope=scope, key=key, claim_token=token)
                 row = await self._row(conn, scope, key)
@@ -182,24 +207,26 @@ class IdempotencyStore:
         not stored, because the row belongs to another request.
         """
         now = self._clock.now()
-        async with self._db.write() as conn:
+        async with self._db.autocommit() as conn:
             result = await conn.execute(
-                update(idempotency_keys)
-                .where(self._owned(claim))
-                .values(
-                    state=COMPLETED,
-                    locked_until=None,
-                    response_status=response.status,
-                    response_headers=orjson.dumps([list(pair) for pair in response.headers]).decode(),
-                    response_body=response.body,
-                    expires_at=now + timedelta(seconds=ttl_s),
-                )
+                _COMPLETE,
+                {
+                    "b_scope": claim.scope,
+                    "b_key": claim.key,
+                    "b_token": claim.claim_token,
+                    "state": COMPLETED,
+                    "locked_until": None,
+                    "response_status": response.status,
+                    "response_headers": orjson.dumps([list(pair) for pair in response.headers]).decode(),
+                    "response_body": response.body,
+                    "expires_at": now + timedelta(seconds=ttl_s),
+                },
             )
         return bool(result.rowcount == 1)
 
     async def release(self, claim: Claimed) -> bool:
         """Delete the in-flight row so the same key may be used again (a retry runs the handler)."""
-        async with self._db.write() as conn:
+        async with self._db.autocommit() as conn:
             result = await conn.execute(delete(idempotency_keys).where(self._owned(claim)))
         return bool(result.rowcount == 1)
 
@@ -228,8 +255,11 @@ class IdempotencyStore:
             _t.state == IN_FLIGHT,
         )
 
-    @staticmethod
-    async def _insert(conn: AsyncConnection, values: dict[str, Any]) -> bool:
+    async def _insert(self, conn: AsyncConnection, values: dict[str, Any]) -> bool:
+        """Whether the row was inserted (False: a row for the key exists)."""
+        if self._insert_if_absent is not None:
+            result = await conn.execute(self._insert_if_absent, values)
+            return bool(result.rowcount == 1)
         # A savepoint, because on PostgreSQL a failed statement aborts the whole transaction and we
         # still need to read the existing row in this one.
         try:

@@ -6,7 +6,7 @@ never an event for a change that rolled back, nor a change whose event was lost.
 
 The relay then moves committed rows to the stream, at least once:
 
-1. claim (short write transaction): the oldest unpublished rows whose lease is free, with
+1. claim (one statement): the oldest unpublished rows whose lease is free, with
    `FOR UPDATE SKIP LOCKED` on PostgreSQL so concurrent relays take disjoint rows (SQLite's write
    lock serializes claims); the claim is a lease (`claimed_until`) rather than a held lock, so no
    database transaction stays open while the broker is called;
@@ -19,12 +19,13 @@ absorbs, and which the consumers' inbox would absorb on a broker without it. Nev
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
@@ -93,15 +94,18 @@ class OutboxRelay:
         clock: Clock | None = None,
         lease_s: float = 30.0,
         hook: MessagingHook | None = None,
+        backlog_interval_s: float = 5.0,
     ) -> None:
-        if batch_size < 1 or lease_s <= 0:
-            raise ValueError("batch_size must be >= 1 and lease_s > 0")
+        if batch_size < 1 or lease_s <= 0 or backlog_interval_s < 0:
+            raise ValueError("batch_size must be >= 1, lease_s > 0 and backlog_interval_s >= 0")
         self._db = db
         self._stream = stream
         self.batch_size = batch_size
         self._clock = clock or SystemClock()
         self._lease = timedelta(seconds=lease_s)
         self._hook = hook or NullMessagingHook()
+        self.backlog_interval_s = backlog_interval_s
+        self._backlog_due = 0.0  # time.monotonic() of the next backlog gauge update
 
     async def relay_once(self) -> int:
         """One pass: claim, publish, mark. Returns how many messages were published."""
@@ -116,49 +120,49 @@ class OutboxRelay:
                 raise
             await self._release(token, [m.id for m in claimed], published=True)
             self._hook.relay_published(count=len(claimed))
-        backlog = await self.backlog()
-        self._hook.outbox_backlog(messages=backlog.messages, oldest_age_s=backlog.oldest_age_s)
+        # The gauge's count is a scan of the unpublished rows in a statement of its own: at most
+        # once per interval, not on every pass (several per second when the relay is busy).
+        if time.monotonic() >= self._backlog_due:
+            self._backlog_due = time.monotonic() + self.backlog_interval_s
+            backlog = await self.backlog()
+            self._hook.outbox_backlog(messages=backlog.messages, oldest_age_s=backlog.oldest_age_s)
         return len(claimed)
 
     async def _claim(self, token: uuid.UUID) -> list[Message]:
         now = self._clock.now()
         o = outbox.c
-        async with self._db.write() as conn:
-            candidates = list(
-                await conn.execute(
-                    select(o.id, o.key, o.envelope)
-                    .where(o.published_at.is_(None), o.claimed_until.is_(None) | (o.claimed_until < now))
-                    .order_by(o.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                )
+        candidates = (
+            select(o.id, o.key)
+            .where(o.published_at.is_(None), o.claimed_until.is_(None) | (o.claimed_until < now))
+            .order_by(o.id)
+            .limit(self.batch_size)
+            .with_for_update(skip_locked=True)
+            .cte("candidates")
+        )
+        # A candidate waits when an older unpublished row of its key is not a candidate: another
+        # relay holds it (lease or lock), so publishing ours now could overtake it.
+        older = outbox.alias("older")
+        free = select(candidates.c.id).where(
+            ~exists().where(
+                older.c.published_at.is_(None),
+                older.c.key == candidates.c.key,
+                older.c.id < candidates.c.id,
+                older.c.id.not_in(select(candidates.c.id)),
             )
-            if not candidates:
-                return []
-            mine = [row.id for row in candidates]
-            # Unpublished rows older than ours that this relay did not get: another relay holds
-            # them (lease or lock), so our newer rows of the same key must wait. Only rows older
-            # than our newest are read, and those are at most the other relays' batches.
-            blockers: dict[str, uuid.UUID] = {}
-            for key, blocker in await conn.execute(
-                select(o.key, o.id)
-                .where(
-                    o.published_at.is_(None),
-                    o.key.in_({row.key for row in candidates}),
-                    o.id < max(mine),
-                    o.id.not_in(mine),
-                )
-                .order_by(o.id)
-            ):
-                blockers.setdefault(key, blocker)
-            taken = [row for row in candidates if row.key not in blockers or row.id < blockers[row.key]]
-            if taken:
+        )
+        # Pick, order check and lease in one statement (PostgreSQL evaluates the locking CTE
+        # once); the statement's snapshot sees what the separate order-check query saw.
+        async with self._db.write() as conn:
+            rows = list(
                 await conn.execute(
                     update(outbox)
-                    .where(o.id.in_([row.id for row in taken]))
+                    .where(o.id.in_(free))
                     .values(claimed_until=now + self._lease, claim_token=token)
+                    .returning(o.id, o.envelope)
                 )
-        return [Message.from_json(row.envelope) for row in taken]
+            )
+        # RETURNING has no order: id (UUIDv7) order is the publishing order.
+        return [Message.from_json(envelope) for _, envelope in sorted(rows, key=lambda row: row[0])]
 
     async def _release(self, token: uuid.UUID, ids: list[uuid.UUID], *, published: bool) -> None:
         o = outbox.c

@@ -11,16 +11,21 @@ visibility deadline (a dead consumer), so a partition is consumed in order even 
 
 Throughput (ADR 0018): the common read and publish run their prepared Core statements on the
 driver's connection (one aiosqlite thread hop or asyncpg round trip each, where SQLAlchemy's async
-adapter costs several), and anything uncommon (a first publish to a partition, a group's first
-read, an expired batch, a replayed dead letter) rolls back and runs again through SQLAlchemy. The
+adapter costs several), and anything uncommon (a group's first read, an expired batch, a replayed
+dead letter) rolls back and runs again through SQLAlchemy. A publish is three statements whatever
+its partitions (one upsert reserves every head's offsets, one dedup lookup, one append). A poll
+first runs one autocommitted probe and opens no transaction when there is nothing to take. The
 common ack, the first unacknowledged offset of the batch acknowledged by its holder, is one
-autocommitted conditional UPDATE; any other ack takes the general, locking path.
+autocommitted conditional UPDATE; any other ack takes the general, locking path. Statements on
+the driver path bypass SQLAlchemy's engine events: `add_driver_listener` observes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -29,9 +34,12 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from sqlalchemy import (
+    BigInteger,
     ClauseElement,
     Dialect,
     Executable,
+    Insert,
+    Integer,
     Select,
     Table,
     and_,
@@ -61,7 +69,6 @@ from mercato.kit.messaging.stream import (
     DeadLetterStatus,
     Delivery,
     check_replay_start,
-    poll_read,
 )
 from mercato.kit.messaging.tables import (
     dead_letters,
@@ -72,21 +79,17 @@ from mercato.kit.messaging.tables import (
 )
 from mercato.kit.storage import Database
 
-__all__ = ["SqlLogStream"]
+__all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepared"]
 
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=ClauseElement)
 
 
 # The statements of every publish and read, built once: SQLAlchemy then reuses their compiled
 # form without rebuilding the expression and its cache key per call.
 _h, _c, _log, _a = stream_heads.c, stream_cursors.c, stream_log.c, stream_attempts.c
 
-_LOCK_HEAD = (
-    select(_h.next_offset)
-    .where(_h.topic == bindparam("topic"), _h.partition == bindparam("partition"))
-    .with_for_update()
-)
 _MOVE_HEAD = (
     update(stream_heads)
     .where(_h.topic == bindparam("b_topic"), _h.partition == bindparam("b_partition"))
@@ -95,9 +98,24 @@ _MOVE_HEAD = (
 _APPEND = insert(stream_log)
 _STORED_IDS_CHUNK = 100
 
-# Which partitions the topic has and which of them the group has no cursor for yet.
-_HEADS_AND_CURSORS = (
-    select(_h.partition, _h.next_offset, _c.next_offset)
+# The poll's first, autocommitted look (no transaction): every partition's head next to the group's
+# cursor, and whether a replayed dead letter is due. Most polls of an idle group end here.
+_PROBE = (
+    select(
+        _h.partition,
+        _h.next_offset,
+        _c.next_offset,
+        _c.batch_end,
+        _c.lease_until,
+        exists()
+        .where(
+            dead_letters.c.group == bindparam("group"),
+            dead_letters.c.topic == bindparam("topic"),
+            dead_letters.c.status == DeadLetterStatus.REPLAYING.value,
+            dead_letters.c.visible_at.is_(None) | (dead_letters.c.visible_at <= bindparam("now")),
+        )
+        .label("replays_due"),
+    )
     .select_from(
         stream_heads.outerjoin(
             stream_cursors,
@@ -106,6 +124,18 @@ _HEADS_AND_CURSORS = (
     )
     .where(_h.topic == bindparam("topic"))
 )
+_done = func.coalesce(_c.next_offset, 0)
+_LAG = (
+    select(func.coalesce(func.sum(case((_h.next_offset > _done, _h.next_offset - _done), else_=0)), 0))
+    .select_from(
+        stream_heads.outerjoin(
+            stream_cursors,
+            and_(_c.group == bindparam("group"), _c.topic == _h.topic, _c.partition == _h.partition),
+        )
+    )
+    .where(_h.topic == bindparam("topic"))
+)
+
 _LOCK_CURSORS = (
     select(_c.partition, _c.next_offset, _c.batch_end, _c.owner, _c.lease_until)
     .where(_c.group == bindparam("group"), _c.topic == bindparam("topic"))
@@ -164,6 +194,13 @@ _SET_CURSOR = (
 )
 
 
+class _Probe(NamedTuple):
+    heads: dict[int, int]
+    # Partitions the group has no cursor for yet.
+    missing: list[int]
+    replays: bool
+
+
 class _Cursor(NamedTuple):
     next_offset: int
     batch_end: int
@@ -199,6 +236,36 @@ _ACK_IN_ORDER = (
 
 
 _STORED_IDS_STATEMENTS: dict[int, Select[tuple[uuid.UUID]]] = {}
+_ALLOCATE_STATEMENTS: dict[tuple[str, int], Insert] = {}
+
+
+def _allocate_heads(dialect: str, count: int) -> Insert:
+    """Reserve offsets on `count` partitions in one statement: each head (`t0`, `p0`, `n0`...) moves
+    by its batch's size, created at that size if new, and comes back as the new head.
+
+    The upsert takes the head rows' locks as a SELECT ... FOR UPDATE did, in VALUES order (the
+    caller sorts the partitions, so concurrent publishers lock in one order and cannot deadlock),
+    and holds them to commit: offsets of a partition still commit in offset order."""
+    statement = _ALLOCATE_STATEMENTS.get((dialect, count))
+    if statement is None:
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        values = dialect_insert(stream_heads).values(
+            [
+                {
+                    "topic": bindparam(f"t{n}", type_=_h.topic.type),
+                    "partition": bindparam(f"p{n}", type_=Integer()),
+                    "next_offset": bindparam(f"n{n}", type_=BigInteger()),
+                }
+                for n in range(count)
+            ]
+        )
+        statement = values.on_conflict_do_update(
+            index_elements=["topic", "partition"],
+            set_={"next_offset": _h.next_offset + values.excluded.next_offset},
+        ).returning(_h.topic, _h.partition, _h.next_offset)
+        _ALLOCATE_STATEMENTS[(dialect, count)] = statement
+        _PREPARED.add(statement)
+    return statement
 
 
 def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
@@ -216,16 +283,40 @@ def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
 
 # What the driver path runs; any other statement sends the operation back through SQLAlchemy.
 _PREPARED: set[ClauseElement] = {
-    _LOCK_HEAD,
     _MOVE_HEAD,
     _APPEND,
-    _HEADS_AND_CURSORS,
+    _PROBE,
+    _LAG,
     _LOCK_CURSORS,
     _NEXT_BATCH,
     _REPLAYS,
     _SET_CURSOR,
     _ACK_IN_ORDER,
 }
+
+
+def driver_prepared(statement: _S) -> _S:
+    """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
+    on the driver path, e.g. through `DriverReads`."""
+    _PREPARED.add(statement)
+    return statement
+
+
+DriverListener = Callable[[str | None], None]
+_DRIVER_LISTENERS: list[DriverListener] = []
+
+
+def add_driver_listener(listener: DriverListener) -> Callable[[], None]:
+    """Observe what the driver path sends, which SQLAlchemy's engine events never see: `listener`
+    gets each statement's SQL, and None at the end (commit or rollback) of each driver-path
+    transaction that ran one. For statement counters (tests, the bench probe); returns the remover."""
+    _DRIVER_LISTENERS.append(listener)
+    return lambda: _DRIVER_LISTENERS.remove(listener)
+
+
+def _observe(sql: str | None) -> None:
+    for listener in _DRIVER_LISTENERS:
+        listener(sql)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +437,7 @@ class _DriverExecutor:
     ) -> list[tuple[Any, ...]]:
         prepared = self._statements.get(statement)
         args = prepared.args(params or {})
+        _observe(prepared.sql)
         if self._postgresql:
             return prepared.rows(await self._conn.fetch(prepared.sql, *args))
         return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
@@ -354,6 +446,7 @@ class _DriverExecutor:
         self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
     ) -> None:
         prepared = self._statements.get(statement)
+        _observe(prepared.sql)
         if isinstance(params, list):
             await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
         elif self._postgresql:
@@ -388,7 +481,8 @@ async def _driver_connection(db: Database) -> AsyncIterator[Any]:
 
 
 class _AckConnection:
-    """One pooled driver connection shared by back-to-back in-order acks.
+    """One pooled driver connection shared by back-to-back autocommitted statements: in-order
+    acks, and the poll probes and lag reads.
 
     A consumer acknowledges a batch one message at a time; checking a connection out of the pool
     and back in around each one-statement ack cost about a quarter of the ack. The connection goes
@@ -439,6 +533,43 @@ class _AckConnection:
         task.add_done_callback(self._closing.discard)
 
 
+async def _autocommit_rows(
+    connection: _AckConnection,
+    statements: _Statements,
+    statement: ClauseElement,
+    params: dict[str, Any],
+    *,
+    postgresql: bool,
+) -> list[tuple[Any, ...]]:
+    """One prepared statement, autocommitted on the shared driver connection: one round trip, no
+    BEGIN/COMMIT, no pool checkout when the connection is already out."""
+    prepared = statements.get(statement)
+    args = prepared.args(params)
+    async with connection.use() as driver:
+        _observe(prepared.sql)
+        if postgresql:
+            records = await driver.fetch(prepared.sql, *args)
+        else:
+            records = await driver.execute_fetchall(prepared.sql, args)
+    return prepared.rows(records)
+
+
+class DriverReads:
+    """Single SELECTs run alone, autocommitted on the driver's connection (the poll probes of this
+    module, a projector's): one round trip each where `Database.read` adds BEGIN and ROLLBACK and
+    SQLAlchemy's adapter overhead. Statements must be registered with `driver_prepared`."""
+
+    def __init__(self, db: Database) -> None:
+        self._postgresql = db.dialect == "postgresql"
+        self._statements = _Statements(db.engine.dialect)
+        self._connection = _AckConnection(db)
+
+    async def rows(self, statement: ClauseElement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return await _autocommit_rows(
+            self._connection, self._statements, statement, params, postgresql=self._postgresql
+        )
+
+
 @asynccontextmanager
 async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIterator[_Executor]:
     """A write transaction on the driver's connection, committed on success: BEGIN IMMEDIATE on
@@ -454,8 +585,10 @@ async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIte
             yield _DriverExecutor(conn, statements, postgresql=postgresql)
         except _Unprepared:
             await (transaction.rollback() if transaction is not None else conn.rollback())
+            _observe(None)
             raise
         await (transaction.commit() if transaction is not None else conn.commit())
+        _observe(None)
 
 
 async def insert_ignore(
@@ -510,11 +643,24 @@ class SqlLogStream:
         self._next_start = 0
         self._statements = _Statements(db.engine.dialect)
         self._ack_connection = _AckConnection(db)
+        # Set by every publish through this instance: a blocking read of this process wakes at
+        # once instead of sleeping out its poll interval. One per event loop: an instance may
+        # outlive a loop (tests, CLI commands run in turn) and an Event binds to the first.
+        self._wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _published(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        event = self._wakeups.get(loop)
+        if event is None:
+            event = self._wakeups[loop] = asyncio.Event()
+        return event
 
     async def _transaction(self, work: Callable[[_Executor], Awaitable[_T]]) -> _T:
         """`work` in one write transaction on the driver path; when it needs a statement that path
-        does not carry (a first publish to a partition, a group's first read, an expired batch, a
-        replayed dead letter), rolled back and run again from the start through SQLAlchemy."""
+        does not carry (a group's first read, an expired batch, a replayed dead letter), rolled back
+        and run again from the start through SQLAlchemy."""
         try:
             async with _driver_transaction(self._db, self._statements) as executor:
                 return await work(executor)
@@ -526,84 +672,137 @@ class SqlLogStream:
     # ---- publishing ----------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        by_partition: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        by_partition: dict[tuple[str, int], dict[uuid.UUID, Message]] = defaultdict(dict)
         for message in messages:
-            by_partition[(message.topic, partition_for(message.key, partitions=self.partitions))].append(
-                message
+            # A message given twice in one call is stored once (the first time).
+            by_partition[(message.topic, partition_for(message.key, partitions=self.partitions))].setdefault(
+                message.id, message
             )
         if not by_partition:
             return
         now = self._clock.now()
         # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
-        batches = sorted(by_partition.items())
+        batches = [(key, list(batch.values())) for key, batch in sorted(by_partition.items())]
 
         async def append_all(executor: _Executor) -> None:
-            for (topic, partition), batch in batches:
-                await self._append(executor, topic, partition, batch, now)
+            await self._append(executor, batches, now)
 
         await self._transaction(append_all)
+        self._published().set()
 
     async def _append(
-        self, executor: _Executor, topic: str, partition: int, batch: list[Message], now: datetime
+        self,
+        executor: _Executor,
+        batches: list[tuple[tuple[str, int], list[Message]]],
+        now: datetime,
     ) -> None:
-        key = {"topic": topic, "partition": partition}
-        head = await executor.rows(_LOCK_HEAD, key)
-        if not head:
-            await executor.insert_ignore(
-                stream_heads, [{**key, "next_offset": 0}], conflict=["topic", "partition"]
+        """Every partition's batch in three statements, however many partitions: reserve the
+        offsets (locking the heads), find the ids already stored, insert the new rows."""
+        params: dict[str, Any] = {}
+        for n, ((topic, partition), batch) in enumerate(batches):
+            params.update({f"t{n}": topic, f"p{n}": partition, f"n{n}": len(batch)})
+        heads = {
+            (str(topic), int(partition)): int(head)
+            for topic, partition, head in await executor.rows(
+                _allocate_heads(self._db.dialect, len(batches)), params
             )
-            head = await executor.rows(_LOCK_HEAD, key)
-        next_offset = int(head[0][0])
-        # Checked under the head lock: a duplicate of the same message hashes to this partition,
-        # so a concurrent publisher of it waits here and then sees it.
+        }
+        # Checked under the head locks: a duplicate of the same message hashes to the same
+        # partition, so a concurrent publisher of it waits above and then sees it here.
+        ids = [m.id for _, batch in batches for m in batch]
         stored: set[uuid.UUID] = set()
-        for start in range(0, len(batch), _STORED_IDS_CHUNK):
-            ids = [m.id for m in batch[start : start + _STORED_IDS_CHUNK]]
-            found = await executor.rows(_stored_ids(len(ids)), {f"id{n}": i for n, i in enumerate(ids)})
+        for start in range(0, len(ids), _STORED_IDS_CHUNK):
+            chunk = ids[start : start + _STORED_IDS_CHUNK]
+            found = await executor.rows(_stored_ids(len(chunk)), {f"id{n}": i for n, i in enumerate(chunk)})
             stored.update(row[0] for row in found)
         rows: list[dict[str, Any]] = []
-        for message in batch:
-            if message.id in stored:
-                continue
-            stored.add(message.id)
-            rows.append(
+        for (topic, partition), batch in batches:
+            first = heads[(topic, partition)] - len(batch)
+            fresh = [m for m in batch if m.id not in stored]
+            rows.extend(
                 {
                     "topic": topic,
                     "partition": partition,
-                    "offset": next_offset + len(rows),
+                    "offset": first + n,
                     "message_id": message.id,
                     "key": message.key,
                     "envelope": message.to_json(),
                     "appended_at": now,
                 }
+                for n, message in enumerate(fresh)
             )
+            if len(fresh) < len(batch):
+                # Offsets were reserved for the duplicates too: hand them back, or the partition
+                # would have a gap no consumer's watermark could step over. Rare (a relay retry).
+                await executor.run(
+                    _MOVE_HEAD,
+                    {"b_topic": topic, "b_partition": partition, "next_offset_value": first + len(fresh)},
+                )
         if rows:
             await executor.run(_APPEND, rows)
-            await executor.run(
-                _MOVE_HEAD,
-                {"b_topic": topic, "b_partition": partition, "next_offset_value": next_offset + len(rows)},
-            )
 
     # ---- consuming -----------------------------------------------------------------------------
 
     async def read(
         self, topic: str, group: str, consumer: str, *, max_messages: int, block_s: float
     ) -> list[Delivery]:
-        return await poll_read(
-            lambda: self._read_once(topic, group, consumer, max_messages),
-            max_messages=max_messages,
-            block_s=block_s,
-            poll_interval_s=self.poll_interval_s,
-        )
+        if max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_s
+        while True:
+            # Cleared before the look, so a publish landing after it wakes the wait below.
+            self._published().clear()
+            deliveries = await self._read_once(topic, group, consumer, max_messages)
+            remaining = deadline - loop.time()
+            if deliveries or remaining <= 0:
+                return deliveries
+            # Woken at once by a publish from this process; other processes' are polled for.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self.poll_interval_s, remaining)):
+                    await self._published().wait()
 
     async def _read_once(self, topic: str, group: str, consumer: str, max_messages: int) -> list[Delivery]:
         now = self._clock.now()
+        probe = await self._probe(topic, group, now)
+        if probe is None:
+            return []
         lease_until = now + timedelta(seconds=self.visibility_timeout_s)
 
         async def take(executor: _Executor) -> list[Delivery]:
-            return await self._take(executor, topic, group, consumer, max_messages, now, lease_until)
+            return await self._take(executor, topic, group, consumer, max_messages, now, lease_until, probe)
 
         return await self._transaction(take)
+
+    async def _probe(self, topic: str, group: str, now: datetime) -> _Probe | None:
+        """One autocommitted statement: None when the group has nothing to take on `topic` (no new
+        message, no expired batch, no due replay), so an idle poll opens no transaction; else what
+        the read's transaction needs to know. Everything it reports is rechecked under the cursor
+        locks, except a head that grew since, which the next poll sees."""
+        rows = await _autocommit_rows(
+            self._ack_connection,
+            self._statements,
+            _PROBE,
+            {"topic": topic, "group": group, "now": now},
+            postgresql=self._db.dialect == "postgresql",
+        )
+        heads: dict[int, int] = {}
+        missing: list[int] = []
+        work = False
+        replays = False
+        for partition, head, next_offset, batch_end, lease_until, replays_due in rows:
+            heads[int(partition)] = int(head)
+            replays = replays or bool(replays_due)
+            if next_offset is None:
+                missing.append(int(partition))
+                work = work or int(head) > 0
+            elif lease_until is not None and lease_until > now:
+                continue  # a batch out under a live lease, or a nack's pause: not ours yet
+            elif batch_end > next_offset or next_offset < head:
+                work = True  # an expired batch to settle, or messages to deliver
+        if not (work or replays):
+            return None
+        return _Probe(heads, missing, replays)
 
     async def _take(
         self,
@@ -614,26 +813,22 @@ class SqlLogStream:
         max_messages: int,
         now: datetime,
         lease_until: datetime,
+        probe: _Probe,
     ) -> list[Delivery]:
-        out = await self._take_replays(executor, topic, group, consumer, now, lease_until, max_messages)
+        out: list[Delivery] = []
+        if probe.replays:
+            out = await self._take_replays(executor, topic, group, consumer, now, lease_until, max_messages)
         if len(out) >= max_messages:
             return out
-        heads: dict[int, int] = {}
-        missing: list[int] = []
-        for partition, head, cursor_offset in await executor.rows(
-            _HEADS_AND_CURSORS, {"topic": topic, "group": group}
-        ):
-            heads[int(partition)] = int(head)
-            if cursor_offset is None:
-                missing.append(int(partition))
+        heads = probe.heads
         if not heads:
             return out
-        if missing:
+        if probe.missing:
             await executor.insert_ignore(
                 stream_cursors,
                 [
                     {"group": group, "topic": topic, "partition": p, "next_offset": 0, "batch_end": 0}
-                    for p in missing
+                    for p in probe.missing
                 ],
                 conflict=["group", "topic", "partition"],
             )
@@ -790,6 +985,7 @@ class SqlLogStream:
             }
         )
         async with self._ack_connection.use() as driver:
+            _observe(statement.sql)
             if self._db.dialect == "postgresql":
                 return await driver.fetchval(statement.sql, *args) is not None
             return bool(await driver.execute_fetchall(statement.sql, args))
@@ -1120,19 +1316,14 @@ class SqlLogStream:
                 )
 
     async def lag(self, topic: str, group: str) -> int:
-        h, c = stream_heads.c, stream_cursors.c
-        async with self._db.read() as conn:
-            heads = {
-                int(p): int(n)
-                for p, n in await conn.execute(select(h.partition, h.next_offset).where(h.topic == topic))
-            }
-            done = {
-                int(p): int(n)
-                for p, n in await conn.execute(
-                    select(c.partition, c.next_offset).where(c.group == group, c.topic == topic)
-                )
-            }
-        return sum(max(head - done.get(p, 0), 0) for p, head in heads.items())
+        [(behind,)] = await _autocommit_rows(
+            self._ack_connection,
+            self._statements,
+            _LAG,
+            {"topic": topic, "group": group},
+            postgresql=self._db.dialect == "postgresql",
+        )
+        return int(behind)
 
 
 def _dead_letter(row: Any) -> DeadLetter:

@@ -36,13 +36,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import MetaData, Table, select, text, update
+from sqlalchemy import MetaData, Select, Table, and_, bindparam, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import conv
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.message import Message
-from mercato.kit.messaging.sql_log import insert_ignore
+from mercato.kit.messaging.sql_log import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
@@ -61,6 +62,29 @@ ProjectionHandler = Callable[[AsyncConnection, Message, Mapping[str, Table]], Aw
 table to write (the live one, or its rebuild copy): always write through it, never the global."""
 
 _Key = tuple[str, int]
+
+
+_PROBES: dict[int, Select[tuple[str, int, int, int | None]]] = {}
+
+
+def _probe_statement(topics: int) -> Select[tuple[str, int, int, int | None]]:
+    """Each partition's head next to the projection's position in it (NULL: no checkpoint row
+    yet): the lag, and whether a pass has anything to do, in one autocommitted statement. One per
+    topic count (the projection's name and topics are parameters), prepared once."""
+    statement = _PROBES.get(topics)
+    if statement is None:
+        h, c = stream_heads.c, projection_checkpoints.c
+        statement = _PROBES[topics] = driver_prepared(
+            select(h.topic, h.partition, h.next_offset, c.position)
+            .select_from(
+                stream_heads.outerjoin(
+                    projection_checkpoints,
+                    and_(c.name == bindparam("name"), c.topic == h.topic, c.partition == h.partition),
+                )
+            )
+            .where(h.topic.in_([bindparam(f"topic{n}", type_=h.topic.type) for n in range(topics)]))
+        )
+    return statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +135,10 @@ class Projector:
         self._live = {t.name: t for t in projection.tables}
         # Rotates the first partition of a pass, so one busy partition cannot starve the others.
         self._next_start = 0
+        self._probe = _probe_statement(len(projection.topics))
+        topics = projection.topics
+        self._probe_params = {"name": projection.name} | {f"topic{n}": t for n, t in enumerate(topics)}
+        self._reads = DriverReads(db)
 
     @property
     def name(self) -> str:
@@ -119,24 +147,36 @@ class Projector:
     # ---- live ----------------------------------------------------------------------------------
 
     async def run_once(self) -> int:
-        # An idle pass only reads: it must not take the (SQLite: single) write lock every poll.
-        if await self.lag() == 0:
+        # An idle pass is one read and no transaction: it must not take the (SQLite: single)
+        # write lock every poll.
+        heads, done = await self._heads_and_positions()
+        if self._report_lag(heads, done) == 0:
             return 0
         async with self._db.write() as conn:
-            heads = await self._heads(conn)
-            positions = await self._lock_checkpoint(conn, heads)
+            # The heads are the probe's: one that grew since is the next pass's work.
+            positions = await self._lock_checkpoint(conn, heads, create=not heads.keys() <= done.keys())
             applied, moved = await self._apply_batch(conn, positions, heads, self._live, self.batch_size)
             await self._save(conn, moved)
         if applied:
             self._hook.applied(projection=self.name, messages=applied)
-        await self.lag()
+        self._report_lag(heads, positions | moved)
         return applied
 
     async def lag(self) -> int:
         """Messages on the projection's topics not applied yet; also reported to the hook."""
-        async with self._db.read() as conn:
-            heads = await self._heads(conn)
-            done = await self._positions(conn)
+        return self._report_lag(*await self._heads_and_positions())
+
+    async def _heads_and_positions(self) -> tuple[dict[_Key, int], dict[_Key, int]]:
+        heads: dict[_Key, int] = {}
+        done: dict[_Key, int] = {}
+        for topic, partition, head, position in await self._reads.rows(self._probe, self._probe_params):
+            key = (str(topic), int(partition))
+            heads[key] = int(head)
+            if position is not None:
+                done[key] = int(position)
+        return heads, done
+
+    def _report_lag(self, heads: Mapping[_Key, int], done: Mapping[_Key, int]) -> int:
         behind = sum(max(head - done.get(key, 0), 0) for key, head in heads.items())
         self._hook.lag(projection=self.name, messages=behind)
         return behind
@@ -229,19 +269,24 @@ class Projector:
         rows = await conn.execute(select(c.topic, c.partition, c.position).where(c.name == self.name))
         return {(str(t), int(p)): int(n) for t, p, n in rows}
 
-    async def _lock_checkpoint(self, conn: AsyncConnection, heads: Mapping[_Key, int]) -> dict[_Key, int]:
+    async def _lock_checkpoint(
+        self, conn: AsyncConnection, heads: Mapping[_Key, int], *, create: bool = True
+    ) -> dict[_Key, int]:
         """The checkpoint rows, locked until commit: a second projector of the same projection
-        (another worker, or a rebuild's swap) waits here, then reads the advanced positions."""
+        (another worker, or a rebuild's swap) waits here, then reads the advanced positions.
+        `create=False` when the caller just saw a row for every key in `heads` (rows are never
+        deleted), which saves the insert."""
         now = self._clock.now()
-        await insert_ignore(
-            conn,
-            projection_checkpoints,
-            [
-                {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
-                for t, p in sorted(heads)
-            ],
-            conflict=["name", "topic", "partition"],
-        )
+        if create:
+            await insert_ignore(
+                conn,
+                projection_checkpoints,
+                [
+                    {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
+                    for t, p in sorted(heads)
+                ],
+                conflict=["name", "topic", "partition"],
+            )
         c = projection_checkpoints.c
         rows = await conn.execute(
             select(c.topic, c.partition, c.position)
@@ -291,22 +336,20 @@ class Projector:
         if not positions:
             return
         now = self._clock.now()
-        await insert_ignore(
-            conn,
-            projection_checkpoints,
+        # Every moved position in one upsert, however many partitions the batch touched.
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        upsert = dialect_insert(projection_checkpoints).values(
             [
-                {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
-                for t, p in sorted(positions)
-            ],
-            conflict=["name", "topic", "partition"],
+                {"name": self.name, "topic": t, "partition": p, "position": position, "updated_at": now}
+                for (t, p), position in sorted(positions.items())
+            ]
         )
-        c = projection_checkpoints.c
-        for (topic, partition), position in sorted(positions.items()):
-            await conn.execute(
-                update(projection_checkpoints)
-                .where(c.name == self.name, c.topic == topic, c.partition == partition)
-                .values(position=position, updated_at=now)
+        await conn.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["name", "topic", "partition"],
+                set_={"position": upsert.excluded.position, "updated_at": upsert.excluded.updated_at},
             )
+        )
 
 
 def _copy(table: Table) -> Table:

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.storage import create_database
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
 from mercato.providers._edge import ProviderApp, add_common_routes
+from mercato.providers._storage import provider_database
 from mercato.providers.carrier.models import ShipmentIn, ShipmentOut, ShipmentPage, ShipmentSummary
 from mercato.providers.carrier.service import Carrier
 from mercato.providers.faults import FaultInjector, FaultSettings
@@ -40,7 +40,7 @@ def create_carrier_app(
     clock = clock or SystemClock()
     settings = faults or FaultSettings()
     rng = rng or random.Random(settings.seed)
-    carrier = Carrier(create_database(database_url), clock=clock, rng=random.Random(rng.random()))
+    carrier = Carrier(provider_database(database_url), clock=clock, rng=random.Random(rng.random()))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Column, Index, String, Table, Text, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
-from mercato.kit.storage import Database, UTCDateTime
+from mercato.kit.storage import UTCDateTime
+from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.pagination import Cursor, CursorError
 from mercato.providers._edge import ProviderProblem
 from mercato.providers._idempotency import IdempotencyStore, Outcome, idempotency_table
@@ -65,7 +65,7 @@ def _out(row: Any) -> ShipmentOut:
 
 
 class Carrier:
-    def __init__(self, db: Database, *, clock: Clock, rng: random.Random) -> None:
+    def __init__(self, db: SqlDatabase, *, clock: Clock, rng: random.Random) -> None:
         self.db = db
         self.clock = clock
         self.rng = rng
@@ -77,7 +77,7 @@ class Carrier:
     async def close(self) -> None:
         await self.db.dispose()
 
-    async def create(self, conn: AsyncConnection, body: ShipmentIn, key: str) -> Outcome:
+    async def create(self, conn: SqlConnection, body: ShipmentIn, key: str) -> Outcome:
         shipment_id = str(new_id())
         row = {
             "id": shipment_id,
@@ -93,7 +93,7 @@ class Carrier:
         await conn.execute(shipments.insert().values(**row))
         return Outcome(201, _out(row).model_dump(mode="json"), {"Location": f"/v1/shipments/{shipment_id}"})
 
-    async def cancel(self, conn: AsyncConnection, shipment_id: str) -> Outcome:
+    async def cancel(self, conn: SqlConnection, shipment_id: str) -> Outcome:
         updated = await conn.execute(
             shipments.update()
             .where(shipments.c.id == shipment_id, shipments.c.status == ShipmentStatus.CREATED.value)

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.storage import create_database
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
 from mercato.providers._edge import ProviderApp, add_common_routes
+from mercato.providers._storage import provider_database
 from mercato.providers.faults import FaultInjector, FaultSettings
 from mercato.providers.psp.models import (
     AuthorizationOut,
@@ -52,7 +52,10 @@ def create_psp_app(
     rng = rng or random.Random(settings.seed)
     # Declines draw from their own stream so changing fault settings does not reshuffle them.
     psp = PaymentProvider(
-        create_database(database_url), clock=clock, rng=random.Random(rng.random()), decline_rate=decline_rate
+        provider_database(database_url),
+        clock=clock,
+        rng=random.Random(rng.random()),
+        decline_rate=decline_rate,
     )
 
     @asynccontextmanager

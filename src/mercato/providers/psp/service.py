@@ -11,11 +11,11 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Table, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
-from mercato.kit.storage import Database, UTCDateTime
+from mercato.kit.storage import UTCDateTime
+from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.pagination import Cursor, CursorError
 from mercato.providers._edge import ProviderProblem
 from mercato.providers._idempotency import IdempotencyStore, Outcome, idempotency_table
@@ -123,7 +123,9 @@ def _capture_out(row: Any) -> CaptureOut:
 class PaymentProvider:
     """Authorize, capture, void and refund, each behind its `Idempotency-Key`, plus the ledger reads."""
 
-    def __init__(self, db: Database, *, clock: Clock, rng: random.Random, decline_rate: float = 0.0) -> None:
+    def __init__(
+        self, db: SqlDatabase, *, clock: Clock, rng: random.Random, decline_rate: float = 0.0
+    ) -> None:
         if not 0.0 <= decline_rate <= 1.0:
             raise ValueError("decline_rate must be within [0, 1]")
         self.db = db
@@ -140,7 +142,7 @@ class PaymentProvider:
 
     # -- operations: each runs inside the idempotency store's write transaction --------------------
 
-    async def authorize(self, conn: AsyncConnection, body: AuthorizeIn, key: str) -> Outcome:
+    async def authorize(self, conn: SqlConnection, body: AuthorizeIn, key: str) -> Outcome:
         now = self.clock.now()
         reason = DECLINING_TOKENS.get(body.card_token or "")
         if reason is None and self.decline_rate > 0 and self.rng.random() < self.decline_rate:
@@ -159,7 +161,7 @@ class PaymentProvider:
             "created_at": now,
             "updated_at": now,
         }
-        await conn.execute(authorizations.insert().values(**row))
+        await conn.execute(authorizations.insert(), row)
         kind = LedgerKind.DECLINE if reason else LedgerKind.AUTHORIZATION
         await self._record(conn, kind, row, amount_minor=body.amount_minor, key=key)
         return Outcome(
@@ -168,7 +170,7 @@ class PaymentProvider:
             {"Location": f"/v1/authorizations/{auth_id}"},
         )
 
-    async def capture(self, conn: AsyncConnection, auth_id: str, amount_minor: int, key: str) -> Outcome:
+    async def capture(self, conn: SqlConnection, auth_id: str, amount_minor: int, key: str) -> Outcome:
         auth = await self._authorization_for_update(conn, auth_id)
         if amount_minor > auth["amount_minor"]:
             raise ProviderProblem(
@@ -191,7 +193,7 @@ class PaymentProvider:
             "refunded_minor": 0,
             "created_at": now,
         }
-        await conn.execute(captures.insert().values(**capture))
+        await conn.execute(captures.insert(), capture)
         await self._record(
             conn, LedgerKind.CAPTURE, auth, amount_minor=amount_minor, key=key, capture_id=capture_id
         )
@@ -199,7 +201,7 @@ class PaymentProvider:
             201, _capture_out(capture).model_dump(mode="json"), {"Location": f"/v1/captures/{capture_id}"}
         )
 
-    async def void(self, conn: AsyncConnection, auth_id: str, key: str) -> Outcome:
+    async def void(self, conn: SqlConnection, auth_id: str, key: str) -> Outcome:
         auth = await self._authorization_for_update(conn, auth_id)
         await self._transition(conn, auth, AuthorizationStatus.VOIDED)
         await self._record(conn, LedgerKind.VOID, auth, amount_minor=auth["amount_minor"], key=key)
@@ -210,7 +212,7 @@ class PaymentProvider:
         )
         return Outcome(200, _auth_out(row).model_dump(mode="json"))
 
-    async def refund(self, conn: AsyncConnection, capture_id: str, amount_minor: int, key: str) -> Outcome:
+    async def refund(self, conn: SqlConnection, capture_id: str, amount_minor: int, key: str) -> Outcome:
         row = (await conn.execute(select(captures).where(captures.c.id == capture_id))).mappings().first()
         if row is None:
             raise ProviderProblem(404, "capture-not-found", "Capture not found", f"no capture {capture_id}")
@@ -328,7 +330,7 @@ class PaymentProvider:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _authorization_for_update(self, conn: AsyncConnection, auth_id: str) -> Any:
+    async def _authorization_for_update(self, conn: SqlConnection, auth_id: str) -> Any:
         row = (
             (await conn.execute(select(authorizations).where(authorizations.c.id == auth_id)))
             .mappings()
@@ -339,7 +341,7 @@ class PaymentProvider:
         return row
 
     async def _transition(
-        self, conn: AsyncConnection, auth: Any, target: AuthorizationStatus, **values: Any
+        self, conn: SqlConnection, auth: Any, target: AuthorizationStatus, **values: Any
     ) -> None:
         updated = await conn.execute(
             authorizations.update()
@@ -358,7 +360,7 @@ class PaymentProvider:
 
     async def _record(
         self,
-        conn: AsyncConnection,
+        conn: SqlConnection,
         kind: LedgerKind,
         source: Any,
         *,
@@ -368,18 +370,21 @@ class PaymentProvider:
         authorization_id: str | None = None,
     ) -> str:
         entry_id = str(new_id())
+        # Values as parameters, not `.values(...)`: a statement built per call costs more CPU than
+        # the whole SQLite insert (its elements and cache key are rebuilt every time).
         await conn.execute(
-            ledger.insert().values(
-                id=entry_id,
-                kind=kind.value,
-                order_reference=source["order_reference"],
-                authorization_id=authorization_id or source["id"],
-                capture_id=capture_id,
-                amount_minor=amount_minor,
-                currency=source["currency"],
-                idempotency_key=key,
-                created_at=self.clock.now(),
-            )
+            ledger.insert(),
+            {
+                "id": entry_id,
+                "kind": kind.value,
+                "order_reference": source["order_reference"],
+                "authorization_id": authorization_id or source["id"],
+                "capture_id": capture_id,
+                "amount_minor": amount_minor,
+                "currency": source["currency"],
+                "idempotency_key": key,
+                "created_at": self.clock.now(),
+            },
         )
         return entry_id
 

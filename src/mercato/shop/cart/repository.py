@@ -5,13 +5,56 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import CompoundSelect, Select, bindparam, delete, insert, null, select, tuple_, union_all
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
 
 from mercato.shop.cart.model import CartItem
 from mercato.shop.cart.tables import cart_items
+
+_c = cart_items.c
+
+# Built once (see CatalogService.quoting): the cart's hot statements are then bind and execute only.
+_LINES = select(_c.sku, _c.quantity, _c.added_at, _c.updated_at).where(
+    _c.customer_id == bindparam("customer_id")
+)
+# The lines plus one row for `probe_sku` with a NULL quantity, so a single join with the catalog
+# prices both the cart and the SKU about to be put in it (which may not be a line yet).
+_LINES_AND_PROBE = union_all(
+    _LINES, select(bindparam("probe_sku", type_=_c.sku.type), null(), null(), null())
+)
+_TAKE_EXACTLY = (
+    delete(cart_items)
+    .where(
+        _c.customer_id == bindparam("customer_id"),
+        tuple_(_c.sku, _c.quantity).in_(bindparam("lines", expanding=True)),
+    )
+    .returning(_c.sku)
+)
+
+
+def _upsert(dialect: str) -> Insert:
+    """Insert the line, or on (customer_id, sku) set its quantity, returning when it was first added."""
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(cart_items)
+    return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+        index_elements=[_c.customer_id, _c.sku],
+        set_={"quantity": stmt.excluded.quantity, "updated_at": stmt.excluded.updated_at},
+    ).returning(_c.added_at)
+
+
+_UPSERTS = {dialect: _upsert(dialect) for dialect in ("postgresql", "sqlite")}
+
+
+def item_from_row(row: Any) -> CartItem | None:
+    """The cart line in a row of `lines_statement`, None for `probe_sku`'s row."""
+    if row.quantity is None:
+        return None
+    return CartItem(row.sku, int(row.quantity), row.added_at, row.updated_at)
 
 
 class DuplicateItem(Exception):
@@ -21,23 +64,32 @@ class DuplicateItem(Exception):
 class CartRepository:
     """Queries on `cart_items`. Every method runs on the connection it is given."""
 
-    async def items(self, conn: AsyncConnection, customer_id: uuid.UUID) -> list[CartItem]:
-        rows = await conn.execute(
-            select(cart_items)
-            .where(cart_items.c.customer_id == customer_id)
-            .order_by(cart_items.c.added_at, cart_items.c.sku)
-        )
-        return [CartItem(r.sku, int(r.quantity), r.added_at, r.updated_at) for r in rows]
+    @staticmethod
+    def lines_statement(*, with_probe: bool) -> Select[Any] | CompoundSelect[Any]:
+        """The customer's lines (`customer_id`), and with `with_probe` a row for `probe_sku`."""
+        return _LINES_AND_PROBE if with_probe else _LINES
 
-    async def set_quantity(
+    async def upsert(
         self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str, quantity: int, now: datetime
-    ) -> bool:
-        result = await conn.execute(
-            update(cart_items)
-            .where(cart_items.c.customer_id == customer_id, cart_items.c.sku == sku)
-            .values(quantity=quantity, updated_at=now)
-        )
-        return result.rowcount == 1
+    ) -> datetime:
+        """Set the line's quantity, adding it if absent; when the line was first added.
+
+        One statement where update-then-insert took two, and a concurrent first insert of the
+        same line cannot fail it: the loser updates the winner's row.
+        """
+        line = {"customer_id": customer_id, "sku": sku, "quantity": quantity}
+        line |= {"added_at": now, "updated_at": now}
+        added_at: datetime = (await conn.execute(_UPSERTS[conn.dialect.name], line)).scalar_one()
+        return added_at
+
+    async def take_exactly(
+        self, conn: AsyncConnection, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]
+    ) -> set[str]:
+        """Delete the lines that still have these exact quantities, in one statement; their SKUs."""
+        if not lines:
+            return set()
+        rows = await conn.execute(_TAKE_EXACTLY, {"customer_id": customer_id, "lines": list(lines)})
+        return {row.sku for row in rows}
 
     async def insert(
         self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str, quantity: int, now: datetime
@@ -55,19 +107,6 @@ class CartRepository:
         await conn.execute(
             delete(cart_items).where(cart_items.c.customer_id == customer_id, cart_items.c.sku == sku)
         )
-
-    async def remove_exact(
-        self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str, quantity: int
-    ) -> bool:
-        """Delete the line only if it still has `quantity`: a line edited meanwhile stays."""
-        result = await conn.execute(
-            delete(cart_items).where(
-                cart_items.c.customer_id == customer_id,
-                cart_items.c.sku == sku,
-                cart_items.c.quantity == quantity,
-            )
-        )
-        return result.rowcount == 1
 
     async def clear(self, conn: AsyncConnection, customer_id: uuid.UUID) -> None:
         await conn.execute(delete(cart_items).where(cart_items.c.customer_id == customer_id))

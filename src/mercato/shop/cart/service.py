@@ -10,8 +10,11 @@ not an exact count.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
+from sqlalchemy import CompoundSelect, Row, Select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
@@ -19,13 +22,25 @@ from mercato.kit.storage import Database
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import (
     CartChanged,
+    CartItem,
     CartLimits,
     CatalogPrice,
     check_set_item,
     price_cart,
 )
-from mercato.shop.cart.repository import CartRepository, DuplicateItem
-from mercato.shop.catalog.contracts import PriceBook, PriceQuote
+from mercato.shop.cart.repository import CartRepository, item_from_row
+from mercato.shop.catalog.contracts import PriceQuote
+
+
+class CartPrices(Protocol):
+    """The catalog as the cart uses it (implemented by CatalogService): quotes joined onto the
+    cart's own rows in one statement, on the cart's connection."""
+
+    def quoting(self, keyed: Select[Any] | CompoundSelect[Any]) -> Select[Any]: ...
+
+    async def quoted_rows(
+        self, conn: AsyncConnection, statement: Select[Any], params: Mapping[str, Any]
+    ) -> list[tuple[Row[Any], PriceQuote | None]]: ...
 
 
 def _price(quote: PriceQuote) -> CatalogPrice:
@@ -38,12 +53,18 @@ def _price(quote: PriceQuote) -> CatalogPrice:
     )
 
 
+def _first_untaken(lines: Sequence[tuple[str, int]], taken: set[str]) -> str | None:
+    """The first SKU, in order, that the DELETE did not remove (a SKU asked twice is removed once)."""
+    asked = Counter(sku for sku, _ in lines)
+    return next((sku for sku in sorted(asked) if sku not in taken or asked[sku] > 1), None)
+
+
 class CartService:
     def __init__(
         self,
         db: Database,
         clock: Clock,
-        prices: PriceBook,
+        prices: CartPrices,
         limits: CartLimits,
         repository: CartRepository | None = None,
     ) -> None:
@@ -52,48 +73,53 @@ class CartService:
         self._prices = prices
         self._limits = limits
         self._repo = repository or CartRepository()
+        self._priced_lines = prices.quoting(self._repo.lines_statement(with_probe=False))
+        self._priced_lines_and_sku = prices.quoting(self._repo.lines_statement(with_probe=True))
 
     @property
     def limits(self) -> CartLimits:
         return self._limits
 
-    async def _priced(self, skus: Sequence[str]) -> dict[str, CatalogPrice]:
-        if not skus:
-            return {}
-        quotes = await self._prices.quote_skus(list(skus))
-        return {sku: _price(q) for sku, q in quotes.items()}
+    async def _read(
+        self, conn: AsyncConnection, customer_id: uuid.UUID, also: str | None = None
+    ) -> tuple[list[CartItem], dict[str, CatalogPrice]]:
+        """The lines and the prices of their SKUs (and of `also`), in one SELECT on `conn`."""
+        statement = self._priced_lines
+        params: dict[str, Any] = {"customer_id": customer_id}
+        if also is not None:
+            statement, params["probe_sku"] = self._priced_lines_and_sku, also
+        items: list[CartItem] = []
+        prices: dict[str, CatalogPrice] = {}
+        for row, quote in await self._prices.quoted_rows(conn, statement, params):
+            item = item_from_row(row)
+            if item is not None:
+                items.append(item)
+            if quote is not None:
+                prices[quote.sku] = _price(quote)
+        return items, prices
 
-    async def view(self, customer_id: uuid.UUID) -> CartView:
-        async with self._db.read() as conn:
-            items = await self._repo.items(conn, customer_id)
-        prices = await self._priced([i.sku for i in items])
-        return price_cart(customer_id, items, prices)
+    async def view(self, customer_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> CartView:
+        """The cart priced now; with `conn`, read in the caller's transaction (checkout prices the
+        order it writes from the very lines it takes)."""
+        if conn is not None:
+            return price_cart(customer_id, *await self._read(conn, customer_id))
+        async with self._db.read() as own:
+            return price_cart(customer_id, *await self._read(own, customer_id))
 
     async def set_item(self, customer_id: uuid.UUID, sku: str, quantity: int) -> CartView:
-        """Put `quantity` of `sku` in the cart (adds the line or replaces its quantity)."""
-        async with self._db.read() as conn:
-            before = await self._repo.items(conn, customer_id)
-        # One catalog round trip for the new SKU and every line the currency rule compares with.
-        prices = await self._priced(sorted({sku, *(i.sku for i in before)}))
-        for attempt in range(2):
-            try:
-                await self._write_item(customer_id, sku, quantity, prices)
-                break
-            except DuplicateItem:
-                # A concurrent first insert of this line won; the second pass updates it.
-                if attempt == 1:
-                    raise
-        return await self.view(customer_id)
+        """Put `quantity` of `sku` in the cart (adds the line or replaces its quantity).
 
-    async def _write_item(
-        self, customer_id: uuid.UUID, sku: str, quantity: int, prices: dict[str, CatalogPrice]
-    ) -> None:
+        One write transaction: the rules see the lines and prices it reads, and the cart it answers
+        with is those lines with this change applied, so no second read is needed.
+        """
         now = self._clock.now()
         async with self._db.write() as conn:
-            items = await self._repo.items(conn, customer_id)
-            check_set_item(items, sku, quantity, prices, self._limits)
-            if not await self._repo.set_quantity(conn, customer_id, sku, quantity, now):
-                await self._repo.insert(conn, customer_id, sku, quantity, now)
+            before, prices = await self._read(conn, customer_id, also=sku)
+            check_set_item(before, sku, quantity, prices, self._limits)
+            added_at = await self._repo.upsert(conn, customer_id, sku, quantity, now)
+        after = [item for item in before if item.sku != sku]
+        after.append(CartItem(sku, quantity, added_at, now))
+        return price_cart(customer_id, after, prices)
 
     async def remove_item(self, customer_id: uuid.UUID, sku: str) -> None:
         async with self._db.write() as conn:
@@ -112,11 +138,14 @@ class CartService:
         with the order it becomes).
         """
         async with self._db.join(conn) as conn:
-            # Sorted: the same lock order as any other multi-line delete, so no deadlock.
-            for sku, quantity in sorted(lines):
-                if not await self._repo.remove_exact(conn, customer_id, sku, quantity):
-                    # Raising rolls back the lines already removed: all or none.
-                    raise CartChanged(f"line {sku} changed or left the cart meanwhile", sku=sku)
+            # One DELETE matching (sku, quantity): a line edited or removed meanwhile is not
+            # deleted, and RETURNING says which were. Its row locks are taken in index order, as
+            # by any other such DELETE, so concurrent takes cannot deadlock.
+            taken = await self._repo.take_exactly(conn, customer_id, lines)
+            sku = _first_untaken(lines, taken)
+            if sku is not None:
+                # Raising rolls back the lines already removed: all or none.
+                raise CartChanged(f"line {sku} changed or left the cart meanwhile", sku=sku)
 
     async def restore(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
         now = self._clock.now()

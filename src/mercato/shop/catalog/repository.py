@@ -8,6 +8,9 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
+    Row,
+    Select,
     bindparam,
     func,
     insert,
@@ -31,6 +34,19 @@ _SORT_COLUMNS: dict[str, Any] = {
 # Built once: the hottest read is then only parameter binding plus a compiled-cache hit, instead of
 # constructing and cache-keying a fresh statement on every call.
 _GET_BY_ID = select(products).where(products.c.id == bindparam("product_id"))
+
+# What a price quote needs, and no more: the description and the attributes (JSON) are the bulk of
+# a row and quoting never reads them.
+_QUOTE_COLUMNS = (
+    products.c.id,
+    products.c.sku,
+    products.c.name,
+    products.c.price_minor,
+    products.c.currency,
+    products.c.archived,
+)
+# Prefixed, so the caller's own columns (its `sku` first) keep their names beside them.
+QUOTE_PREFIX = "quote_"
 
 
 def _row_to_product(row: Any) -> Product:
@@ -85,6 +101,22 @@ class CatalogRepository:
             return []
         rows = await conn.execute(select(products).where(products.c.sku.in_(list(skus))))
         return [_row_to_product(r) for r in rows]
+
+    async def quote_rows_by_skus(self, conn: AsyncConnection, skus: Sequence[str]) -> list[Row[Any]]:
+        if not skus:
+            return []
+        return list(await conn.execute(select(*_QUOTE_COLUMNS).where(products.c.sku.in_(list(skus)))))
+
+    @staticmethod
+    def with_quote_columns(keyed: Select[Any] | CompoundSelect[Any]) -> Select[Any]:
+        """Every row of `keyed` (a SELECT with a `sku` column) beside the quote columns of the product
+        with that SKU, each named `QUOTE_PREFIX + column` (all NULL when the catalog has no such SKU).
+
+        One statement instead of a read of the caller's rows and then one of their products.
+        """
+        rows = keyed.subquery("keyed")
+        quoted = [column.label(QUOTE_PREFIX + column.name) for column in _QUOTE_COLUMNS]
+        return select(rows, *quoted).select_from(rows.outerjoin(products, products.c.sku == rows.c.sku))
 
     async def add(self, conn: AsyncConnection, product: Product) -> None:
         try:

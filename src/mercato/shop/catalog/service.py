@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import CompoundSelect, Row, Select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.errors import Conflict, PreconditionFailed
@@ -17,7 +21,7 @@ from mercato.shop.catalog.model import (
     ProductNotFound,
     ProductQuery,
 )
-from mercato.shop.catalog.repository import CatalogRepository
+from mercato.shop.catalog.repository import QUOTE_PREFIX, CatalogRepository
 
 
 class ConcurrentProductUpdate(Conflict):
@@ -120,8 +124,44 @@ class CatalogService:
 
     async def quote_skus(self, skus: list[str]) -> dict[str, PriceQuote]:
         async with self._db.read() as conn:
-            found = await self._repo.get_by_skus(conn, sorted(set(skus)))
-        return {p.sku: _quote(p) for p in found}
+            rows = await self._repo.quote_rows_by_skus(conn, sorted(set(skus)))
+        return {quote.sku: quote for quote in map(_quote_from_columns, rows)}
+
+    def quoting(self, keyed: Select[Any] | CompoundSelect[Any]) -> Select[Any]:
+        """A statement for `quoted_rows`: `keyed` (a SELECT with a `sku` column) with each row's quote.
+
+        Build it once and keep it: executing the same statement object again skips SQLAlchemy's
+        statement construction and cache-key work, which costs as much CPU as a round trip does.
+        """
+        return self._repo.with_quote_columns(keyed)
+
+    async def quoted_rows(
+        self, conn: AsyncConnection, statement: Select[Any], params: Mapping[str, Any]
+    ) -> list[tuple[Row[Any], PriceQuote | None]]:
+        """Run a `quoting` statement on the caller's connection (so in its transaction): each of its
+        rows with the quote for its SKU, archived products included (flagged), None for an unknown SKU.
+        """
+        rows = await conn.execute(statement, dict(params))
+        return [(row, _joined_quote(row)) for row in rows]
+
+
+def _quote_from_columns(row: Any, prefix: str = "") -> PriceQuote:
+    columns = row._mapping
+    return PriceQuote(
+        product_id=columns[prefix + "id"],
+        sku=columns[prefix + "sku"],
+        name=columns[prefix + "name"],
+        unit_price_minor=int(columns[prefix + "price_minor"]),
+        currency=columns[prefix + "currency"],
+        available_for_sale=not columns[prefix + "archived"],
+    )
+
+
+def _joined_quote(row: Row[Any]) -> PriceQuote | None:
+    # The outer join leaves every quote column NULL when no product has the row's SKU.
+    if row._mapping[QUOTE_PREFIX + "id"] is None:
+        return None
+    return _quote_from_columns(row, QUOTE_PREFIX)
 
 
 def _quote(product: Product) -> PriceQuote:

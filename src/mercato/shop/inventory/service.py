@@ -232,7 +232,7 @@ class InventoryService:
             found = await self._repo.get_by_reference(tx, reference)
             if found is None:
                 return False
-            await self.release(found.id, conn=tx)
+            await self._end(found.id, ReservationStatus.RELEASED, conn=tx, loaded=found)
         return True
 
     async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> Reservation:
@@ -241,7 +241,7 @@ class InventoryService:
             found = await self._repo.get_by_reference(tx, reference)
             if found is None:
                 raise ReservationNotFound(f"no reservation for reference {reference}")
-            return await self.commit(found.id, conn=tx)
+            return await self._commit(found.id, conn=tx, loaded=found)
 
     async def commit(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Turn the reserved units into committed (sold) ones. Committing twice is a no-op.
@@ -249,7 +249,14 @@ class InventoryService:
         A reservation past its expiry is expired here instead, and the commit refused: its
         time to live is a promise to the other shoppers waiting for those units.
         """
-        reservation, expired = await self._end(reservation_id, ReservationStatus.COMMITTED, conn=conn)
+        return await self._commit(reservation_id, conn=conn)
+
+    async def _commit(
+        self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None, loaded: Reservation | None = None
+    ) -> Reservation:
+        reservation, expired = await self._end(
+            reservation_id, ReservationStatus.COMMITTED, conn=conn, loaded=loaded
+        )
         if expired:
             raise ReservationExpired(
                 f"reservation {reservation_id} expired at {reservation.expires_at.isoformat()}"
@@ -274,12 +281,20 @@ class InventoryService:
         return len(claimed)
 
     async def _end(
-        self, reservation_id: uuid.UUID, target: ReservationStatus, *, conn: AsyncConnection | None = None
+        self,
+        reservation_id: uuid.UUID,
+        target: ReservationStatus,
+        *,
+        conn: AsyncConnection | None = None,
+        loaded: Reservation | None = None,
     ) -> tuple[Reservation, bool]:
+        """End an active reservation. `loaded` is the reservation as already read in `conn`'s
+        transaction (saves reading it again); the status flip below is conditional, so a stale
+        copy can never move stock twice."""
         now = self._clock.now()
         expired = False
         async with self._db.join(conn) as conn:
-            current = await self._repo.get_reservation(conn, reservation_id)
+            current = loaded if loaded is not None else await self._repo.get_reservation(conn, reservation_id)
             if current is None:
                 raise ReservationNotFound(f"reservation {reservation_id} not found")
             if target is ReservationStatus.COMMITTED and current.is_due(now):

@@ -68,6 +68,11 @@ ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
 }
 
 
+def sources_of(target: OrderStatus) -> tuple[OrderStatus, ...]:
+    """The states that may move to `target` (not `target` itself)."""
+    return tuple(source for source, targets in ALLOWED_TRANSITIONS.items() if target in targets)
+
+
 class IllegalTransition(RuleViolated):
     slug = "illegal-order-transition"
     title = "Illegal order state change"

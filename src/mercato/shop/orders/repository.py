@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, select, update
+from sqlalchemy import Select, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.shop.orders.model import Order, OrderLine, OrderStatus
@@ -75,6 +76,27 @@ class OrdersRepository:
         result = await conn.execute(
             update(orders)
             .where(orders.c.id == order_id, orders.c.status == expected.value)
+            .values(status=target.value, version=orders.c.version + 1, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    async def set_status_from(
+        self,
+        conn: AsyncConnection,
+        order_id: uuid.UUID,
+        *,
+        sources: Sequence[OrderStatus],
+        target: OrderStatus,
+        now: datetime,
+    ) -> bool:
+        """Move the order to `target` if it is in one of `sources`; False otherwise."""
+        if not sources:
+            return False
+        # Equalities, not IN: an expanding IN is re-rendered on every execution.
+        in_source = or_(*(orders.c.status == source.value for source in sources))
+        result = await conn.execute(
+            update(orders)
+            .where(orders.c.id == order_id, in_source)
             .values(status=target.value, version=orders.c.version + 1, updated_at=now)
         )
         return result.rowcount == 1

@@ -30,6 +30,7 @@ from mercato.shop.orders.model import (
     OrderStatus,
     UnavailableItems,
     place_order,
+    sources_of,
 )
 from mercato.shop.orders.repository import OrdersRepository
 
@@ -37,8 +38,8 @@ from mercato.shop.orders.repository import OrdersRepository
 class CartSource(Protocol):
     """The cart as the orders context sees it."""
 
-    async def view(self, customer_id: uuid.UUID) -> CartView:
-        """The cart priced now."""
+    async def view(self, customer_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> CartView:
+        """The cart priced now; with `conn`, read in the caller's transaction."""
         ...
 
     async def take(
@@ -77,9 +78,10 @@ class OrdersService:
     async def checkout_progress(self, order_id: uuid.UUID) -> dict[str, Any] | None:
         return await self._progress.progress(order_id) if self._progress is not None else None
 
-    async def draft_from_cart(self, customer_id: uuid.UUID) -> Order:
-        """A pending order priced from the cart as it is now; nothing is written yet."""
-        cart = await self._cart.view(customer_id)
+    async def draft_from_cart(self, customer_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Order:
+        """A pending order priced from the cart as it is now; nothing is written yet. With `conn`,
+        the cart is read in the caller's transaction."""
+        cart = await self._cart.view(customer_id, conn=conn)
         if not cart.lines:
             raise EmptyCart("the cart is empty")
         if cart.has_unavailable_lines:
@@ -115,14 +117,26 @@ class OrdersService:
         await self._repo.add(conn, order)
 
     async def open_from_cart(self, conn: AsyncConnection, customer_id: uuid.UUID) -> OrderSnapshot:
-        """Draft the order from the cart and record it in the caller's transaction (checkout)."""
-        order = await self.draft_from_cart(customer_id)
+        """Draft the order from the cart and record it in the caller's transaction (checkout).
+
+        The cart and its prices are read in that transaction too: no read transaction of its own,
+        and the lines taken from the cart are the ones the order was priced from.
+        """
+        order = await self.draft_from_cart(customer_id, conn=conn)
         await self.record_from_cart(conn, order)
         return snapshot(order)
 
     async def move_to(self, order_id: uuid.UUID, status: str, *, conn: AsyncConnection | None = None) -> None:
-        """`transition` by status name, for contexts that only know the contract."""
-        await self.transition(order_id, OrderStatus(status), conn=conn)
+        """`transition` by status name, for contexts that only know the contract (saga steps)."""
+        target = OrderStatus(status)
+        async with self._db.join(conn) as tx:
+            # The usual case in one statement: the order is in a state that may become `target`.
+            moved = await self._repo.set_status_from(
+                tx, order_id, sources=sources_of(target), target=target, now=self._clock.now()
+            )
+            if not moved:
+                # Already there (a no-op), not found or not allowed: `transition` says which.
+                await self.transition(order_id, target, conn=tx)
 
     async def place_from_cart(self, customer_id: uuid.UUID) -> Order:
         order = await self.draft_from_cart(customer_id)

@@ -1,0 +1,154 @@
+"""SQLite run on the event loop's own thread: `Database`'s interface without aiosqlite's thread hops.
+
+aiosqlite runs every call on a worker thread: a statement is 3–4 hand-offs (cursor, execute,
+fetch, close), each a queue put, a thread wake-up and a self-pipe write back to the loop. On this
+kind of VM a hand-off costs tens of microseconds of CPU, so a simulated PSP request (two small
+transactions) spent ~7 ms of CPU, nearly all of it in hand-offs, while SQLite itself needs a few
+hundred microseconds for the same work (WAL, `synchronous=NORMAL`: a commit does not fsync).
+
+Running SQLite inline blocks the loop for as long as a statement takes, and a writer that finds the
+file locked would block it for the whole busy timeout. So this is only for a database that one
+process owns and whose statements are short: the simulated providers' own ledgers
+(`mercato provider psp|carrier`, and the same apps inside `mercato up`). Their writers queue on an
+asyncio lock like `Database`'s, and a transaction never awaits anything but its own statements
+(checked: the lock is held across the whole `write()` scope, so two coroutines never interleave
+statements on the one connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.base import Executable
+
+__all__ = ["InlineConnection", "InlineSqliteDatabase", "SqlConnection", "SqlDatabase"]
+
+_T = TypeVar("_T")
+
+
+class SqlConnection(Protocol):
+    """What the providers' code asks of a connection: an `AsyncConnection` or an `InlineConnection`."""
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[Any]: ...
+
+
+class SqlDatabase(Protocol):
+    """The part of `Database` the providers use, met by `Database` and `InlineSqliteDatabase`."""
+
+    @property
+    def url(self) -> URL: ...
+
+    def read(self) -> Any: ...
+
+    def write(self) -> Any: ...
+
+    async def ping(self) -> None: ...
+
+    async def dispose(self) -> None: ...
+
+
+class InlineConnection:
+    """An awaitable face on a synchronous connection: each call runs at once, on this thread."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.sync_connection = connection
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[Any]:
+        result: CursorResult[Any] = self.sync_connection.execute(statement, parameters)
+        return result
+
+    async def run_sync(self, fn: Callable[..., _T], *arg: Any, **kw: Any) -> _T:
+        return fn(self.sync_connection, *arg, **kw)
+
+
+class InlineSqliteDatabase:
+    """One SQLite connection used from the loop's thread; reads and writes take turns on it."""
+
+    def __init__(self, url: str | URL, *, busy_timeout_s: float = 5.0) -> None:
+        parsed = make_url(url)
+        if parsed.get_backend_name() != "sqlite":
+            raise ValueError(f"inline SQLite needs a sqlite URL, not {parsed.get_backend_name()}")
+        sync_url = parsed.set(drivername="sqlite+pysqlite")
+        if sync_url.database and sync_url.database != ":memory:":
+            Path(sync_url.database).parent.mkdir(parents=True, exist_ok=True)
+        # One connection for the process (StaticPool): statements never overlap, so a second one
+        # would only add a second lock holder for SQLite to arbitrate.
+        self.engine: Engine = create_engine(
+            sync_url,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
+        )
+        self._url = parsed
+        _configure(self.engine, busy_timeout_s=busy_timeout_s)
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def url(self) -> URL:
+        return self._url
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite"
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[InlineConnection]:
+        async with self._turn(), self._transaction(write=False) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[InlineConnection]:
+        async with self._turn(), self._transaction(write=True) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[InlineConnection]:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield InlineConnection(conn)
+            except BaseException:
+                conn.rollback()
+                raise
+            if write:
+                conn.commit()
+            else:
+                conn.rollback()
+
+    def _turn(self) -> asyncio.Lock:
+        # A scope may await between its statements (the callers' code is async): without taking
+        # turns, a second coroutine's BEGIN would land inside the first one's transaction.
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+    async def ping(self) -> None:
+        async with self.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure(engine: Engine, *, busy_timeout_s: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Transactions are ours to begin (above), not the driver's.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()

@@ -1,0 +1,107 @@
+"""Round-trip budgets for the checkout bench's two requests: PUT a cart line, POST /v1/checkout.
+
+Every statement and every transaction costs client CPU (and on PostgreSQL network round trips), so
+the number each request issues is part of its contract. The counts are taken the way the bench's
+probe takes them (`mercato.bench.checkout_probe`): one per `before_cursor_execute`, and one
+transaction per commit or rollback of a connection that executed at least one statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+
+from mercato.bootstrap import Container
+from tests.integration.shop_support import api, customer, product
+
+_DIRTY = "_budget_statements_in_tx"
+
+
+@dataclass
+class Tally:
+    statements: list[str] = field(default_factory=list)
+    transactions: int = 0
+
+    def report(self) -> str:
+        return f"{self.transactions} transactions:\n" + "\n".join(self.statements)
+
+
+@contextmanager
+def counting(container: Container) -> Iterator[Tally]:
+    tally = Tally()
+    engine = container.db.engine.sync_engine
+
+    def statement(conn: Connection, _cursor: Any, sql: str, *_args: Any) -> None:
+        conn.info[_DIRTY] = True
+        tally.statements.append(" ".join(sql.split())[:160])
+
+    def end(conn: Connection) -> None:
+        if conn.info.pop(_DIRTY, False):
+            tally.transactions += 1
+
+    listeners = [("before_cursor_execute", statement), ("commit", end), ("rollback", end)]
+    for name, fn in listeners:
+        event.listen(engine, name, fn)
+    try:
+        yield tally
+    finally:
+        for name, fn in listeners:
+            event.remove(engine, name, fn)
+
+
+def _verbs(tally: Tally) -> list[str]:
+    return [sql.split(None, 1)[0].upper() for sql in tally.statements]
+
+
+def _work(tally: Tally, *, sqlite: bool) -> tuple[int, int]:
+    """(statements besides BEGIN, transactions), after checking the BEGINs.
+
+    On SQLite the app sends BEGIN itself (BEGIN IMMEDIATE for writes), one statement per
+    transaction; asyncpg's BEGIN is not a cursor execute, so none is seen on PostgreSQL.
+    """
+    begins = sum(1 for verb in _verbs(tally) if verb == "BEGIN")
+    assert begins == (tally.transactions if sqlite else 0), tally.report()
+    return len(tally.statements) - begins, tally.transactions
+
+
+async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
+    container: Container,
+) -> None:
+    await product(container, "BUDGET-1", 1250)
+    await product(container, "BUDGET-2", 199)
+    _, auth = customer(container)
+    sqlite = container.db.dialect == "sqlite"
+    async with api(container) as client:
+        first = await client.put("/v1/carts/me/items/BUDGET-1", json={"quantity": 2}, headers=auth)
+        assert first.status_code == 200, first.text
+
+        with counting(container) as put:
+            added = await client.put("/v1/carts/me/items/BUDGET-2", json={"quantity": 3}, headers=auth)
+        assert added.status_code == 200, added.text
+        assert [line["sku"] for line in added.json()["lines"]] == ["BUDGET-1", "BUDGET-2"]
+        assert added.json()["total_minor"] == 2 * 1250 + 3 * 199
+
+        with counting(container) as post:
+            placed = await client.post(
+                "/v1/checkout", json={}, headers={**auth, "Idempotency-Key": uuid.uuid4().hex}
+            )
+        assert placed.status_code == 202, placed.text
+        assert placed.json()["total_minor"] == 2 * 1250 + 3 * 199
+        cart = await client.get("/v1/carts/me", headers=auth)
+        assert cart.json()["lines"] == []
+
+    # Was 7 statements in 5 transactions: one write transaction that reads the cart joined with
+    # its prices, then upserts the line; the answer is built from what it read.
+    assert _work(put, sqlite=sqlite) == (2, 1), put.report()
+    assert _verbs(put) == [*(["BEGIN"] if sqlite else []), "SELECT", "INSERT"], put.report()
+    # Was 12 (13 on PostgreSQL) in 5 with two lines: claim the key (one INSERT, no savepoint);
+    # read the priced cart, take it (one DELETE), write the order, its lines, the saga, the event
+    # (and the saga wake-up NOTIFY on PostgreSQL); store the response.
+    assert _work(post, sqlite=sqlite) == (8 if sqlite else 9, 3), post.report()
+    assert not {"SAVEPOINT", "RELEASE"} & set(_verbs(post)), post.report()

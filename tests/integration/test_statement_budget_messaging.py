@@ -1,0 +1,173 @@
+"""Round-trip budgets of the messaging hot paths: relaying an outbox batch, a consumer's poll.
+
+The worker's relay, consumers and projectors poll several times a second, and on a CPU-bound host
+each statement (~300 µs of client CPU through SQLAlchemy on asyncpg) and each transaction (BEGIN
+and COMMIT/ROLLBACK, a pool checkout: ~450 µs more) counts. Statements are counted the way the
+bench's probe counts them (`mercato.bench.checkout_probe`: every `before_cursor_execute`, and a
+transaction per commit or rollback of a connection that executed one), plus what the SQL log's
+driver path sends past SQLAlchemy (`add_driver_listener`), which those events never see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.bootstrap import Container
+from mercato.kit.clock import ManualClock
+from mercato.kit.messaging import Consumer, Message, Outbox, OutboxRelay, SqlLogStream
+from mercato.kit.messaging.sql_log import add_driver_listener
+from mercato.kit.projections import Projection, Projector
+from tests.integration.test_projections import counts
+from tests.integration.test_stream_contract import TOPIC, make_message
+
+_DIRTY = "_budget_statements_in_tx"
+
+
+@dataclass
+class Tally:
+    statements: list[str] = field(default_factory=list)
+    transactions: int = 0
+
+    def report(self) -> str:
+        return f"{len(self.statements)} statements, {self.transactions} transactions:\n" + "\n".join(
+            self.statements
+        )
+
+
+@contextmanager
+def counting(container: Container) -> Iterator[Tally]:
+    tally = Tally()
+    engine = container.db.engine.sync_engine
+
+    def statement(conn: Connection, _cursor: Any, sql: str, *_args: Any) -> None:
+        conn.info[_DIRTY] = True
+        # SQLite's BEGIN IMMEDIATE is sent as a statement, asyncpg's BEGIN is not: both are the
+        # transaction's cost, counted there.
+        if not sql.lstrip().upper().startswith("BEGIN"):
+            tally.statements.append(" ".join(sql.split())[:160])
+
+    def end(conn: Connection) -> None:
+        if conn.info.pop(_DIRTY, False):
+            tally.transactions += 1
+
+    def driver(sql: str | None) -> None:
+        if sql is None:
+            tally.transactions += 1
+        else:
+            tally.statements.append("driver: " + " ".join(sql.split())[:152])
+
+    listeners = [("before_cursor_execute", statement), ("commit", end), ("rollback", end)]
+    for name, fn in listeners:
+        event.listen(engine, name, fn)
+    remove_driver = add_driver_listener(driver)
+    try:
+        yield tally
+    finally:
+        remove_driver()
+        for name, fn in listeners:
+            event.remove(engine, name, fn)
+
+
+@pytest.fixture
+def stream(container: Container, clock: ManualClock) -> SqlLogStream:
+    return SqlLogStream(container.db, partitions=8, visibility_timeout_s=10, clock=clock)
+
+
+async def add_to_outbox(container: Container, clock: ManualClock, messages: list[Message]) -> None:
+    async with container.db.write() as conn:
+        await Outbox(clock=clock).add_many(conn, messages)
+
+
+async def test_relaying_a_batch_costs_three_transactions_whatever_its_partitions(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    relay = OutboxRelay(container.db, stream, batch_size=100, clock=clock)
+    keys = [f"order-{n}" for n in range(4)]
+    # The keys' partitions already have heads: the steady state, not a topic's first message.
+    await add_to_outbox(container, clock, [make_message(key) for key in keys])
+    assert await relay.relay_once() == 4
+    batch = [make_message(keys[n % 4], n=n) for n in range(20)]
+    await add_to_outbox(container, clock, batch)
+
+    with counting(container) as relayed:
+        assert await relay.relay_once() == 20
+
+    # Claim (pick + order check + lease: one UPDATE ... RETURNING), publish (reserve the offsets of
+    # every partition in one upsert, the dedup lookup, one multi-row append), mark published. The
+    # backlog gauge's count ran on the first pass and waits for its interval. Before: the claim
+    # was three statements, the publish four per partition, and the gauge a fourth transaction.
+    assert (len(relayed.statements), relayed.transactions) == (5, 3), relayed.report()
+    deliveries = await stream.read(TOPIC, "g", "c", max_messages=100, block_s=0)
+    by_key: dict[str, list[int]] = {}
+    for delivery in deliveries:
+        by_key.setdefault(delivery.message.key, []).append(int(delivery.message.data["n"]))
+    assert by_key == {key: [0, *range(n, 20, 4)] for n, key in enumerate(keys)}
+
+
+def consumer(container: Container, stream: SqlLogStream, clock: ManualClock) -> Consumer:
+    async def handle(_conn: AsyncConnection, _message: Message) -> None:
+        return None  # the messaging's own cost only: no effect statements
+
+    return Consumer(container.db, stream, topic=TOPIC, group="budget", name="c1", handler=handle)
+
+
+async def test_an_idle_consumer_poll_is_one_statement_and_no_transaction(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    await stream.publish([make_message(f"order-{n}") for n in range(3)])
+    reader = consumer(container, stream, clock)
+    assert await reader.run_once() == 3
+
+    with counting(container) as idle:
+        assert await reader.run_once() == 0
+
+    # The probe (heads joined with the group's cursors, and any due replay) says there is nothing
+    # to take, and the lag gauge was just reported. Before: a read transaction of three
+    # statements, then the lag in a second one of two.
+    assert (len(idle.statements), idle.transactions) == (1, 0), idle.report()
+
+
+async def test_a_consumer_poll_of_k_messages_costs_one_read_transaction_plus_one_per_message(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    reader = consumer(container, stream, clock)
+    await stream.publish([make_message("order-0")])
+    assert await reader.run_once() == 1
+    k = 5
+    await stream.publish([make_message("order-0", n=n) for n in range(k)])
+
+    with counting(container) as busy:
+        assert await reader.run_once() == k
+
+    # Probe; the read (lock the cursors, the batch, move the cursor); per message the inbox
+    # insert in its own transaction with the (here empty) effect, then the one-statement ack;
+    # the lag. Before: the read also looked for replays and heads again (two more), and the lag
+    # was two statements in a transaction of its own.
+    assert (len(busy.statements), busy.transactions) == (5 + 2 * k, 1 + k), busy.report()
+    assert await stream.lag(TOPIC, "budget") == 0
+
+
+async def test_an_idle_projector_pass_is_one_statement_and_no_transaction(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    async def apply(_conn: AsyncConnection, _message: Message, _tables: Any) -> None:
+        return None
+
+    projection = Projection(name="budget", topics=(TOPIC,), tables=(counts,), apply=apply)
+    projector = Projector(container.db, projection, clock=clock)
+    await stream.publish([make_message(f"order-{n}") for n in range(3)])
+    assert await projector.run_once() == 3
+
+    with counting(container) as idle:
+        assert await projector.run_once() == 0
+
+    # Heads joined with the checkpoint, autocommitted. Before: two statements in a transaction.
+    assert (len(idle.statements), idle.transactions) == (1, 0), idle.report()
