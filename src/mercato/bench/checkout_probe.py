@@ -9,7 +9,8 @@ What is counted, per phase:
 
 - **statements**: every ``before_cursor_execute`` (one SQL statement sent; on PostgreSQL one network
   round trip with asyncpg's cached prepared statements, on SQLite one hop to aiosqlite's thread);
-- **transactions**: every commit or rollback of a connection that executed at least one statement.
+- **transactions**: every commit or rollback of a connection that executed at least one statement
+  (not counted for autocommit connections, which send no BEGIN/COMMIT).
   On asyncpg each such transaction adds two round trips (``BEGIN``, sent lazily before the first
   statement, and ``COMMIT``/``ROLLBACK``); an empty one adds none.
 
@@ -37,6 +38,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from mercato.bench.client import ALLOWED_HOST
+from mercato.kit.messaging.sql_log import add_driver_listener
 from mercato.kit.observability import request_id_var
 from mercato.kit.sagas.runner import SagaRunner
 from mercato.kit.sagas.store import SagaStore
@@ -124,13 +126,27 @@ def _before_cursor_execute(
 
 
 def _end_transaction(conn: Connection) -> None:
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        # Each statement committed on its own: no BEGIN/COMMIT was sent, so no transaction to count.
+        conn.info.pop(_DIRTY, None)
+        return
     if conn.info.pop(_DIRTY, False):
         if _TRACE_FILE is not None:
             _TRACE_FILE.write(f"{request_id_var.get() or '-'}\t{current_phase()}\tCOMMIT/ROLLBACK\n")
         COUNTER.transaction(current_phase(conn.engine.url.database))
 
 
+def _driver_path(sql: str | None) -> None:
+    """The SQL stream's statements sent on the driver's connection (no engine events for them)."""
+    phase = current_phase()
+    if sql is None:
+        COUNTER.transaction(phase)
+    else:
+        COUNTER.statement(phase, sql)
+
+
 def install_listeners() -> None:
+    add_driver_listener(_driver_path)
     event.listen(Engine, "before_cursor_execute", _before_cursor_execute)
     event.listen(Engine, "commit", _end_transaction)
     event.listen(Engine, "rollback", _end_transaction)

@@ -6,6 +6,7 @@ topics, its tables and its apply function."""
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook, PrometheusProjectionHook
 from mercato.kit.projections.projector import (
     REBUILD_SUFFIX,
+    BatchHandler,
     Projection,
     ProjectionHandler,
     Projector,
@@ -16,6 +17,7 @@ from mercato.kit.projections.tables import projection_checkpoints
 
 __all__ = [
     "REBUILD_SUFFIX",
+    "BatchHandler",
     "NullProjectionHook",
     "Projection",
     "ProjectionHandler",

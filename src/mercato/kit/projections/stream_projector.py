@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.messaging.inbox import Inbox
+from mercato.kit.messaging.message import Message
 from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.projections.hooks import ProjectionHook
@@ -185,6 +186,7 @@ class StreamProjector(Projector):
         """Apply what is past the checkpoint; `positions` is advanced in place and saved with it."""
         applied = 0
         moved: dict[_Key, int] = {}
+        pending: list[Message] = []
         for delivery in deliveries:
             key = (delivery.topic, delivery.partition)
             if delivery.from_dead_letters:
@@ -193,14 +195,17 @@ class StreamProjector(Projector):
                     conn, consumer=self.group, message_id=delivery.message.id
                 )
                 if not seen:
+                    await self.projection.apply_all(conn, pending, targets)
+                    pending = []
                     await self.projection.apply(conn, delivery.message, targets)
                     applied += 1
                 continue
             if delivery.offset < positions.get(key, 0):
                 continue  # applied and committed before; this is a redelivery
-            await self.projection.apply(conn, delivery.message, targets)
+            pending.append(delivery.message)
             positions[key] = moved[key] = delivery.offset + 1
             applied += 1
+        await self.projection.apply_all(conn, pending, targets)
         await self._save(conn, moved)
         return applied
 

@@ -8,11 +8,11 @@ here never races another writer of the same rows.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from datetime import UTC
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date
 from typing import Any
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.messaging import Message
@@ -87,13 +87,69 @@ async def apply_sales_by_day(conn: AsyncConnection, message: Message, tables: Ma
         await conn.execute(insert(table).values(day=day, currency=currency, orders=1, revenue_minor=total))
 
 
+async def apply_order_summaries(
+    conn: AsyncConnection, messages: Sequence[Message], tables: Mapping[str, Table]
+) -> None:
+    """`apply_order_summary` over a batch: one read of the orders it touches, one insert of the
+    new ones and one executemany update of the changed ones (each order's events folded in order)."""
+    wanted = [m for m in messages if relevant(m.type)]
+    if not wanted:
+        return
+    table = tables[order_summary.name]
+    ids = list(dict.fromkeys(uuid.UUID(str(m.data["order_id"])) for m in wanted))
+    found = await conn.execute(select(table).where(table.c.order_id.in_(ids)))
+    before = {row.order_id: summary_from_row(row) for row in found}
+    after: dict[uuid.UUID, Summary] = dict(before)
+    for message in wanted:
+        order_id = uuid.UUID(str(message.data["order_id"]))
+        after[order_id] = fold(after.get(order_id), message.type, message.data, message.time)
+    new = [{"order_id": oid, **_values(s)} for oid, s in after.items() if oid not in before]
+    changed = [
+        {"b_order_id": oid, **_values(s)} for oid, s in after.items() if oid in before and s != before[oid]
+    ]
+    if new:
+        await conn.execute(insert(table), new)
+    if changed:
+        await conn.execute(update(table).where(table.c.order_id == bindparam("b_order_id")), changed)
+
+
+async def apply_sales_by_days(
+    conn: AsyncConnection, messages: Sequence[Message], tables: Mapping[str, Table]
+) -> None:
+    """`apply_sales_by_day` over a batch: the completions summed per (day, currency) first."""
+    totals: dict[tuple[date, str], list[int]] = {}
+    for message in messages:
+        if message.type != ORDER_COMPLETED:
+            continue
+        key = (message.time.astimezone(UTC).date(), str(message.data["currency"]))
+        total = totals.setdefault(key, [0, 0])
+        total[0] += 1
+        total[1] += int(message.data["total_minor"])
+    table = tables[sales_by_day.name]
+    for (day, currency), (orders, revenue) in sorted(totals.items()):
+        result = await conn.execute(
+            update(table)
+            .where(table.c.day == day, table.c.currency == currency)
+            .values(orders=table.c.orders + orders, revenue_minor=table.c.revenue_minor + revenue)
+        )
+        if result.rowcount == 0:
+            await conn.execute(
+                insert(table).values(day=day, currency=currency, orders=orders, revenue_minor=revenue)
+            )
+
+
 ORDER_SUMMARY = Projection(
     name="order_summary",
     topics=(ORDERS_TOPIC, PAYMENTS_TOPIC),
     tables=(order_summary,),
     apply=apply_order_summary,
+    apply_batch=apply_order_summaries,
 )
 SALES_BY_DAY = Projection(
-    name="sales_by_day", topics=(ORDERS_TOPIC,), tables=(sales_by_day,), apply=apply_sales_by_day
+    name="sales_by_day",
+    topics=(ORDERS_TOPIC,),
+    tables=(sales_by_day,),
+    apply=apply_sales_by_day,
+    apply_batch=apply_sales_by_days,
 )
 PROJECTIONS: tuple[Projection, ...] = (ORDER_SUMMARY, SALES_BY_DAY)
