@@ -91,7 +91,8 @@ async def _apply(container: Container, batches: Sequence[Sequence[Message]]) -> 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_batched_apply_equals_one_message_at_a_time(container: Container, seed: int) -> None:
-    assert ORDER_SUMMARY.apply_batch is not None and SALES_BY_DAY.apply_batch is not None
+    assert ORDER_SUMMARY.apply_batch is not None
+    assert SALES_BY_DAY.apply_batch is not None
     rng = random.Random(seed)
     messages = _history(rng, orders=12)
     await _clear(container)
