@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import httpx
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -24,6 +23,7 @@ from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition
 from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.storage import Database, create_database
 from mercato.migrations import SCRIPT_LOCATION
+from mercato.providers._client import ProviderPool, ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.psp.client import PspClient
 from mercato.schemas import catalog as event_catalog
@@ -134,15 +134,12 @@ def build_container(
     inventory = InventoryService(db, clock, reservation_ttl_s=shop.reservation_ttl_s)
     orders = OrdersService(db, clock, cart)
     providers = settings.providers
-    provider_timeout = httpx.Timeout(settings.checkout.provider_timeout_s, connect=1.0)
+    provider_timeout = ProviderTimeout(read_s=settings.checkout.provider_timeout_s, connect_s=1.0)
     network = settings.network
-    pool = httpx.Limits(
-        max_connections=network.client_max_connections,
-        max_keepalive_connections=network.client_max_keepalive_connections,
-        keepalive_expiry=network.client_keepalive_expiry_s,
-    )
-    psp = PspClient(providers.psp_base_url, timeout=provider_timeout, limits=pool)
-    carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout, limits=pool)
+    keepalive_s = network.client_keepalive_expiry_s if network.client_max_keepalive_connections else 0.0
+    pool = ProviderPool(max_connections=network.client_max_connections, keepalive_expiry_s=keepalive_s)
+    psp = PspClient(providers.psp_base_url, timeout=provider_timeout, pool=pool)
+    carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout, pool=pool)
     metrics_registry = CollectorRegistry()
     hooks = PrometheusResilienceHooks(metrics_registry)
     breakers = BreakerRegistry(clock=clock, hooks=[hooks])

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from mercato.providers import CarrierClient, ProviderSettings, PspClient, serve_providers
+from mercato.providers._client import ProviderTimeout, ProviderUnavailable
 from mercato.providers.carrier import ShipmentItem
 from tests.e2e.conftest import free_port
 
@@ -70,7 +71,7 @@ async def test_psp_process_faults_and_durable_ledger(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     proc = _start_psp(tmp_path, port, "--seed", "5")
     try:
-        client = PspClient(base, timeout=httpx.Timeout(2.0, read=0.5))
+        client = PspClient(base, timeout=ProviderTimeout(read_s=0.5, connect_s=2.0))
         admin = httpx.AsyncClient(base_url=base, timeout=2.0)
         try:
             paid = await client.authorize(
@@ -80,7 +81,7 @@ async def test_psp_process_faults_and_durable_ledger(tmp_path: Path) -> None:
 
             # Lost response: the client sees the connection die without a response...
             assert (await admin.put("/admin/faults", json={"lost_response_rate": 1.0})).status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):
+            with pytest.raises(ProviderUnavailable):
                 await client.authorize(
                     amount_minor=900, currency="EUR", order_reference="o-2", idempotency_key="a-2"
                 )
@@ -96,7 +97,7 @@ async def test_psp_process_faults_and_durable_ledger(tmp_path: Path) -> None:
 
             # Hang: no answer at all; the client's own read timeout is what ends the wait.
             await admin.put("/admin/faults", json={"hang_rate": 1.0})
-            with pytest.raises(httpx.ReadTimeout):
+            with pytest.raises(ProviderUnavailable, match="Timeout"):
                 await client.authorize(
                     amount_minor=1, currency="EUR", order_reference="o-3", idempotency_key="a-3"
                 )

@@ -6,6 +6,7 @@ The providers' databases are not the shop's: no Alembic here, the apps create th
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from sqlalchemy import MetaData, text
 
 from mercato.providers import ProviderApp
@@ -55,13 +57,48 @@ async def running(app: ProviderApp, metadata: MetaData) -> AsyncIterator[httpx.A
             async with httpx.AsyncClient(transport=transport, base_url="http://provider") as client:
                 yield client
         finally:
-            db = app.state.psp.db if hasattr(app.state, "psp") else app.state.carrier.db
-            async with db.write() as conn:
-                for table in reversed(metadata.sorted_tables):
-                    await conn.execute(text(f'DELETE FROM "{table.name}"'))
+            await _empty(app, metadata)
+
+
+async def _empty(app: ProviderApp, metadata: MetaData) -> None:
+    db = app.state.psp.db if hasattr(app.state, "psp") else app.state.carrier.db
+    async with db.write() as conn:
+        for table in reversed(metadata.sorted_tables):
+            await conn.execute(text(f'DELETE FROM "{table.name}"'))
+
+
+@asynccontextmanager
+async def served(app: ProviderApp, metadata: MetaData) -> AsyncIterator[str]:
+    """Serve the app on a free loopback port in this event loop (for the real HTTP clients, which
+    have no in-process transport); yields its base URL and empties its tables afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or serving.done():
+            break
+        await asyncio.sleep(0.02)
+    assert server.started, "the provider did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await _empty(app, metadata)
+        server.should_exit = True
+        await serving
 
 
 InProcess = Callable[[ProviderApp, MetaData], AbstractAsyncContextManager[httpx.AsyncClient]]
+Served = Callable[[ProviderApp, MetaData], AbstractAsyncContextManager[str]]
+
+
+@pytest.fixture
+def on_a_port() -> Served:
+    """`served`, as a fixture (same reason as `in_process`)."""
+    return served
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from mercato.providers.carrier import Address, ShipmentItem, create_carrier_app
 from mercato.providers.carrier.service import carrier_metadata
 
 if TYPE_CHECKING:
-    from tests.integration.provider_support import InProcess
+    from tests.integration.provider_support import InProcess, Served
 
 pytest_plugins = ["tests.integration.provider_support"]
 
@@ -140,9 +140,9 @@ async def test_faults_hit_business_calls_only(carrier: httpx.AsyncClient, carrie
         assert f'fault="{fault}",method="POST",provider="carrier",route="/v1/shipments"}} 1.0' in metrics
 
 
-async def test_client_round_trip(carrier_app: ProviderApp, in_process: InProcess) -> None:
-    async with in_process(carrier_app, carrier_metadata):
-        client = CarrierClient("http://carrier", transport=httpx.ASGITransport(app=carrier_app))
+async def test_client_round_trip(carrier_app: ProviderApp, on_a_port: Served) -> None:
+    async with on_a_port(carrier_app, carrier_metadata) as base_url:
+        client = CarrierClient(base_url)
         try:
             order = _order()
             shipment = await client.create_shipment(

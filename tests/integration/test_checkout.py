@@ -24,6 +24,7 @@ from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
 from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.kit.storage import metadata
+from mercato.providers._client import ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.config import ProviderSettings
 from mercato.providers.faults import FaultSettings
@@ -66,7 +67,7 @@ async def shop(database_url: str, tmp_path: Path) -> AsyncIterator[Shop]:
     providers = await serve_providers(providers_settings)
     await warm_up(providers_settings.psp_base_url, providers_settings.carrier_base_url)
     container = build_container(settings)
-    audit = httpx.Timeout(10.0)
+    audit = ProviderTimeout(read_s=10.0, connect_s=10.0)
     psp = PspClient(providers_settings.psp_base_url, timeout=audit)
     carrier = CarrierClient(providers_settings.carrier_base_url, timeout=audit)
     try:
@@ -137,13 +138,17 @@ async def test_a_checkout_completes_pays_once_and_ships(shop: Shop) -> None:
     assert orders_events[0].message.correlation_id == "test"
     progress = await shop.container.checkout.progress(order_id)
     assert progress is not None
-    assert [s["step"] for s in progress["steps"]] == [
+    # A loaded machine may make a remote step miss its 0.5 s budget once: a retry is the engine at work.
+    # What must hold is one success per step, in order, and no compensation.
+    steps = progress["steps"]
+    assert [s["step"] for s in steps if s["outcome"] == "succeeded"] == [
         "reserve_inventory",
         "authorize_payment",
         "create_shipment",
         "capture_payment",
         "mark_complete",
-    ]
+    ], steps
+    assert all(s["direction"] == "forward" for s in steps), steps
 
 
 async def test_a_declined_payment_releases_the_stock_and_cancels_the_order(shop: Shop) -> None:
@@ -179,7 +184,6 @@ async def test_out_of_stock_cancels_without_touching_the_payment_provider(shop: 
 
 
 async def _set_faults(base_url: str, faults: FaultSettings) -> None:
-    import httpx
 
     async with httpx.AsyncClient(base_url=base_url) as client:
         response = await client.put("/admin/faults", json=faults.model_dump(mode="json"))
@@ -187,7 +191,6 @@ async def _set_faults(base_url: str, faults: FaultSettings) -> None:
 
 
 async def test_checkout_over_http_is_idempotent_and_shows_its_progress(shop: Shop) -> None:
-    import httpx
 
     from mercato.gateway.app import create_app
     from mercato.kit.auth import Principal

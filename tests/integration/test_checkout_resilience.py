@@ -35,7 +35,7 @@ from mercato.kit.resilience import (
 )
 from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.kit.storage import metadata
-from mercato.providers._client import ProviderError
+from mercato.providers._client import ProviderError, ProviderTimeout
 from mercato.providers.config import ProviderSettings
 from mercato.providers.psp.client import PspClient
 from mercato.providers.server import RunningProviders, serve_providers
@@ -221,7 +221,7 @@ async def test_lookups_and_undo_writes_have_their_own_breakers_so_compensations_
     order = str(uuid.uuid4())
     # The authorization to undo is set-up, made outside the policy under test (whose 0.5 s budget a
     # loaded CI machine exceeded on this first write to a fresh provider database).
-    setup = PspClient(shop.psp_url, timeout=httpx.Timeout(10.0))
+    setup = PspClient(shop.psp_url, timeout=ProviderTimeout(read_s=10.0, connect_s=10.0))
     try:
         held = await setup.authorize(
             order_reference=order, amount_minor=500, currency="EUR", idempotency_key=str(uuid.uuid4())

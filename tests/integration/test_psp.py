@@ -23,7 +23,7 @@ from mercato.providers import (
 from mercato.providers.psp.service import psp_metadata
 
 if TYPE_CHECKING:
-    from tests.integration.provider_support import InProcess
+    from tests.integration.provider_support import InProcess, Served
 
 pytest_plugins = ["tests.integration.provider_support"]
 
@@ -322,9 +322,9 @@ async def test_ledger_lists_entries_with_keyset_pagination(psp: httpx.AsyncClien
     assert (await psp.get("/v1/ledger", params={"cursor": "garbage"})).status_code == 400
 
 
-async def test_client_wraps_the_api_and_raises_problems(psp_app: ProviderApp, in_process: InProcess) -> None:
-    async with in_process(psp_app, psp_metadata):
-        client = PspClient("http://psp", transport=httpx.ASGITransport(app=psp_app))
+async def test_client_wraps_the_api_and_raises_problems(psp_app: ProviderApp, on_a_port: Served) -> None:
+    async with on_a_port(psp_app, psp_metadata) as base_url:
+        client = PspClient(base_url)
         try:
             order = _order()
             auth = await client.authorize(

@@ -77,6 +77,8 @@ async def hits(limiter: RateLimiter, key: str, limit: Limit, n: int) -> list[Any
 # --- scripted timeline: identical decisions ----------------------------------------------------------------
 
 # (seconds to advance, cost): bursts, refusals, partial refills, window boundaries and long idle gaps.
+_REAL_TIME_SLACK_S = 0.25
+
 SCRIPT = [(0.0, 1)] * 7 + [(0.1, 1), (0.3, 2), (0.05, 1), (0.6, 1), (0.0, 1), (1.2, 3), (0.0, 1)]
 SCRIPT += [(0.25, 1)] * 12 + [(5.0, 2), (0.0, 2), (0.0, 2), (0.01, 1), (2.0, 1)]
 
@@ -106,7 +108,11 @@ async def test_memory_and_redis_decide_identically_on_a_scripted_timeline(
         assert got.reset_after_s == pytest.approx(expected.reset_after_s, abs=1e-6)
         assert got.retry_after_s == pytest.approx(expected.retry_after_s, abs=1e-6)
         peeked, remote_peek = await memory.peek("k", limit), await remote.peek("k", limit)
-        assert (remote_peek.allowed, remote_peek.remaining) == (peeked.allowed, peeked.remaining)
+        # Redis expires the key in real time (PEXPIRE) while this test's clocks stand still: a state
+        # due to reset within milliseconds may already be gone when the peek arrives on a loaded
+        # machine. Compare peeks only where the key has real time to spare.
+        if expected.reset_after_s > _REAL_TIME_SLACK_S:
+            assert (remote_peek.allowed, remote_peek.remaining) == (peeked.allowed, peeked.remaining)
         outcomes.add(got.allowed)
     assert outcomes == {True, False}, "the script must exercise both admissions and refusals"
 

@@ -39,8 +39,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
-
 from mercato.kit.clock import Clock
 from mercato.kit.resilience import (
     BreakerConfig,
@@ -99,8 +97,7 @@ def is_provider_failure(exc: BaseException) -> bool:
 
 _RETRY_ON: tuple[type[BaseException], ...] = (
     TimeoutError,
-    ConnectionError,
-    httpx.TransportError,
+    ConnectionError,  # ProviderUnavailable: no answer, outcome unknown
     TransientProviderError,
 )
 
