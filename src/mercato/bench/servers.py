@@ -65,6 +65,16 @@ def process_tree_cpu_s(pid: int) -> float | None:
     return total / _clock_ticks()
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores, every process), from /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / _clock_ticks()
+
+
 @dataclass
 class ServerProcess:
     name: str

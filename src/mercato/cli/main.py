@@ -24,6 +24,7 @@ from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
+from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.lab.cli import app as lab_app
 from mercato.providers.cli import app as provider_app
@@ -180,6 +181,7 @@ def api(
         raise typer.Exit(exit_code)
     # proxy_headers off: the app itself decides whom to believe (MERCATO_NETWORK_TRUSTED_PROXIES,
     # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
+    tune_gc_for_service()
     uvicorn.run(
         "mercato.gateway.app:create_app",
         factory=True,
@@ -200,6 +202,7 @@ def _run_service(main: Coroutine[Any, Any, None]) -> None:
     On this kind of VM a database or HTTP round trip costs the client ~165 µs of CPU on asyncio's
     own loop and ~80 µs on uvloop (measured with asyncpg), and the worker is all round trips.
     """
+    tune_gc_for_service()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from mercato.kit.observability import configure_logging
+from mercato.kit.runtime import tune_gc_for_service
 from mercato.providers.carrier.app import create_carrier_app
 from mercato.providers.config import ProviderSettings
 from mercato.providers.faults import FaultSettings
@@ -85,6 +86,7 @@ def psp(
     configure_logging()
     application = create_psp_app(settings.psp_url(), faults=faults, decline_rate=settings.decline_rate)
     _console.print(f"[bold]Simulated PSP[/bold] on http://{host}:{port}  (faults: /admin/faults)")
+    tune_gc_for_service()
     provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
 
 
@@ -112,4 +114,5 @@ def carrier(
     configure_logging()
     application = create_carrier_app(settings.carrier_url(), faults=faults)
     _console.print(f"[bold]Simulated carrier[/bold] on http://{host}:{port}  (faults: /admin/faults)")
+    tune_gc_for_service()
     provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
