@@ -9,68 +9,20 @@ transaction per commit or rollback of a connection that executed at least one st
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
 
 from mercato.bootstrap import Container
 from tests.integration.shop_support import api, customer, product
-
-_DIRTY = "_budget_statements_in_tx"
-
-
-@dataclass
-class Tally:
-    statements: list[str] = field(default_factory=list)
-    transactions: int = 0
-
-    def report(self) -> str:
-        return f"{self.transactions} transactions:\n" + "\n".join(self.statements)
-
-
-@contextmanager
-def counting(container: Container) -> Iterator[Tally]:
-    tally = Tally()
-    engine = container.db.engine.sync_engine
-
-    def statement(conn: Connection, _cursor: Any, sql: str, *_args: Any) -> None:
-        conn.info[_DIRTY] = True
-        tally.statements.append(" ".join(sql.split())[:160])
-
-    def end(conn: Connection) -> None:
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            conn.info.pop(_DIRTY, None)  # statements that committed alone: no BEGIN/COMMIT sent
-            return
-        if conn.info.pop(_DIRTY, False):
-            tally.transactions += 1
-
-    listeners = [("before_cursor_execute", statement), ("commit", end), ("rollback", end)]
-    for name, fn in listeners:
-        event.listen(engine, name, fn)
-    try:
-        yield tally
-    finally:
-        for name, fn in listeners:
-            event.remove(engine, name, fn)
-
-
-def _verbs(tally: Tally) -> list[str]:
-    return [sql.split(None, 1)[0].upper() for sql in tally.statements]
+from tests.integration.statement_budget import Tally, counting, verbs
 
 
 def _work(tally: Tally, *, sqlite: bool) -> tuple[int, int]:
     """(statements besides BEGIN, transactions), after checking the BEGINs.
 
-    On SQLite the app sends BEGIN itself (BEGIN IMMEDIATE for writes), one statement per
-    transaction; asyncpg's BEGIN is not a cursor execute, so none is seen on PostgreSQL.
+    On SQLite the app sends BEGIN itself (BEGIN IMMEDIATE for writes), one per transaction;
+    asyncpg's BEGIN is not a cursor execute, so none is seen on PostgreSQL.
     """
-    begins = sum(1 for verb in _verbs(tally) if verb == "BEGIN")
-    assert begins == (tally.transactions if sqlite else 0), tally.report()
-    return len(tally.statements) - begins, tally.transactions
+    assert tally.begins == (tally.transactions if sqlite else 0), tally.report()
+    return len(tally.statements), tally.transactions
 
 
 async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
@@ -102,11 +54,11 @@ async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
     # Was 7 statements in 5 transactions: one write transaction that reads the cart joined with
     # its prices, then upserts the line; the answer is built from what it read.
     assert _work(put, sqlite=sqlite) == (2, 1), put.report()
-    assert _verbs(put) == [*(["BEGIN"] if sqlite else []), "SELECT", "INSERT"], put.report()
+    assert verbs(put) == ["SELECT", "INSERT"], put.report()
     # Was 12 (13 on PostgreSQL) in 5 with two lines: claim the key (one INSERT, no savepoint);
     # read the priced cart, take it (one DELETE), write the order, its lines, the saga, the event
     # (and the saga wake-up NOTIFY on PostgreSQL); store the response.
     # On PostgreSQL the key's claim and the stored response are autocommitted single statements
     # (`Database.autocommit`), so only the order's own write is a transaction.
     assert _work(post, sqlite=sqlite) == (8, 3) if sqlite else (9, 1), post.report()
-    assert not {"SAVEPOINT", "RELEASE"} & set(_verbs(post)), post.report()
+    assert not {"SAVEPOINT", "RELEASE"} & set(verbs(post)), post.report()

@@ -10,70 +10,18 @@ driver path sends past SQLAlchemy (`add_driver_listener`), which those events ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.bootstrap import Container
 from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import Consumer, Message, Outbox, OutboxRelay, SqlLogStream
-from mercato.kit.messaging.sql_log import add_driver_listener
 from mercato.kit.projections import Projection, Projector
+from tests.integration.statement_budget import counting
 from tests.integration.test_projections import counts
 from tests.integration.test_stream_contract import TOPIC, make_message
-
-_DIRTY = "_budget_statements_in_tx"
-
-
-@dataclass
-class Tally:
-    statements: list[str] = field(default_factory=list)
-    transactions: int = 0
-
-    def report(self) -> str:
-        return f"{len(self.statements)} statements, {self.transactions} transactions:\n" + "\n".join(
-            self.statements
-        )
-
-
-@contextmanager
-def counting(container: Container) -> Iterator[Tally]:
-    tally = Tally()
-    engine = container.db.engine.sync_engine
-
-    def statement(conn: Connection, _cursor: Any, sql: str, *_args: Any) -> None:
-        conn.info[_DIRTY] = True
-        # SQLite's BEGIN IMMEDIATE is sent as a statement, asyncpg's BEGIN is not: both are the
-        # transaction's cost, counted there.
-        if not sql.lstrip().upper().startswith("BEGIN"):
-            tally.statements.append(" ".join(sql.split())[:160])
-
-    def end(conn: Connection) -> None:
-        if conn.info.pop(_DIRTY, False):
-            tally.transactions += 1
-
-    def driver(sql: str | None) -> None:
-        if sql is None:
-            tally.transactions += 1
-        else:
-            tally.statements.append("driver: " + " ".join(sql.split())[:152])
-
-    listeners = [("before_cursor_execute", statement), ("commit", end), ("rollback", end)]
-    for name, fn in listeners:
-        event.listen(engine, name, fn)
-    remove_driver = add_driver_listener(driver)
-    try:
-        yield tally
-    finally:
-        remove_driver()
-        for name, fn in listeners:
-            event.remove(engine, name, fn)
 
 
 @pytest.fixture

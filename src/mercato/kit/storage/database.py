@@ -186,19 +186,24 @@ def create_database(
     return Database(engine, write_queue_timeout_s=statement_timeout_s)
 
 
+def prepare_sqlite_connection(dbapi_connection: Any, *, busy_timeout_s: float) -> None:
+    """Every SQLite connection of ours: WAL, no fsync per commit, foreign keys, a busy timeout, and
+    transaction control taken from the driver so BEGIN is ours to emit."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+    cursor.close()
+
+
 def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        # Take transaction control from the driver so BEGIN is ours to emit.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        cursor.close()
+        prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

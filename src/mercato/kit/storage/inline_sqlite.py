@@ -29,6 +29,8 @@ from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.base import Executable
 
+from mercato.kit.storage.database import prepare_sqlite_connection
+
 __all__ = ["InlineConnection", "InlineSqliteDatabase", "SqlConnection", "SqlDatabase"]
 
 _T = TypeVar("_T")
@@ -144,11 +146,4 @@ class InlineSqliteDatabase:
 def _configure(engine: Engine, *, busy_timeout_s: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Transactions are ours to begin (above), not the driver's.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-        cursor.close()
+        prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s)
