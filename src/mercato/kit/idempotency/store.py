@@ -1,6 +1,7 @@
 """The database-backed idempotency key store: claim, complete, release, look up, purge.
 
-Every operation is one short write transaction, never held while the handler runs:
+Every operation is one short write, never held while the handler runs (a write transaction on
+SQLite; on PostgreSQL its statements are autocommitted, each safe on its own, ADR 0022):
 
 - `claim` INSERTs an in-flight row, `ON CONFLICT (scope, key) DO NOTHING`. The primary key is the
   arbiter between concurrent requests on every backend: on PostgreSQL a second INSERT waits for the

@@ -5,6 +5,9 @@ cart" cannot be one commit. The cart's lines are taken first (atomically, only i
 then the order is written; if writing fails the lines are put back. Taking first means a double
 submit produces one order and one `cart-changed` conflict, never two orders; the price is that
 a crash between the two steps loses the cart's contents rather than duplicating an order.
+
+That is `place_from_cart`. Checkout's `open_from_cart` does better: the cart service joins the
+checkout's transaction, so the lines are taken and the order written in one commit.
 """
 
 from __future__ import annotations
