@@ -18,6 +18,10 @@ The phase of a statement is, in this order: the HTTP request it serves, recognis
 the bench sends (``<tag>-<i>.cart`` for the cart PUT, ``<tag>-<i>`` for the checkout POST); the saga
 runner's current move (set by thin wrappers around `SagaStore`/`SagaRunner` methods, below); the
 periodic job whose task runs it (``job:<name>``); else ``other``.
+
+``BENCH_STATEMENT_TRACE=<file>`` in the bench's environment also appends one line per statement
+(request id, phase, the statement, ``BEGIN`` marking a transaction's first) and per commit or
+rollback: the way to read which statements one checkout costs.
 """
 
 from __future__ import annotations

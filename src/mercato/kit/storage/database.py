@@ -43,9 +43,7 @@ class Database:
         self._serialize_writes = engine.dialect.name == "sqlite"
         self._write_queue_timeout_s = write_queue_timeout_s
         # One lock per event loop: a Database may outlive a loop (tests, CLI commands run in turn).
-        self._write_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._write_locks: LoopLocks = weakref.WeakKeyDictionary()
 
     @property
     def dialect(self) -> str:
@@ -109,11 +107,7 @@ class Database:
                 yield conn
 
     def _write_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        lock = self._write_locks.get(loop)
-        if lock is None:
-            lock = self._write_locks[loop] = asyncio.Lock()
-        return lock
+        return loop_lock(self._write_locks)
 
     @asynccontextmanager
     async def join(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
@@ -184,6 +178,19 @@ def create_database(
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, busy_timeout_s=statement_timeout_s)
     return Database(engine, write_queue_timeout_s=statement_timeout_s)
+
+
+LoopLocks = weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]
+
+
+def loop_lock(locks: LoopLocks) -> asyncio.Lock:
+    """The running loop's lock in `locks`, made on first use: a database object may outlive an
+    event loop (tests, CLI commands run in turn), and an asyncio.Lock belongs to one loop."""
+    loop = asyncio.get_running_loop()
+    lock = locks.get(loop)
+    if lock is None:
+        lock = locks[loop] = asyncio.Lock()
+    return lock
 
 
 def prepare_sqlite_connection(dbapi_connection: Any, *, busy_timeout_s: float) -> None:

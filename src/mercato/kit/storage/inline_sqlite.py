@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.base import Executable
 
-from mercato.kit.storage.database import prepare_sqlite_connection
+from mercato.kit.storage.database import LoopLocks, loop_lock, prepare_sqlite_connection
 
 __all__ = ["InlineConnection", "InlineSqliteDatabase", "SqlConnection", "SqlDatabase"]
-
-_T = TypeVar("_T")
 
 
 class SqlConnection(Protocol):
@@ -67,9 +65,6 @@ class InlineConnection:
         result: CursorResult[Any] = self.sync_connection.execute(statement, parameters)
         return result
 
-    async def run_sync(self, fn: Callable[..., _T], *arg: Any, **kw: Any) -> _T:
-        return fn(self.sync_connection, *arg, **kw)
-
 
 class InlineSqliteDatabase:
     """One SQLite connection used from the loop's thread; reads and writes take turns on it."""
@@ -90,17 +85,11 @@ class InlineSqliteDatabase:
         )
         self._url = parsed
         _configure(self.engine, busy_timeout_s=busy_timeout_s)
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._locks: LoopLocks = weakref.WeakKeyDictionary()
 
     @property
     def url(self) -> URL:
         return self._url
-
-    @property
-    def dialect(self) -> str:
-        return "sqlite"
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[InlineConnection]:
@@ -129,11 +118,7 @@ class InlineSqliteDatabase:
     def _turn(self) -> asyncio.Lock:
         # A scope may await between its statements (the callers' code is async): without taking
         # turns, a second coroutine's BEGIN would land inside the first one's transaction.
-        loop = asyncio.get_running_loop()
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks[loop] = asyncio.Lock()
-        return lock
+        return loop_lock(self._locks)
 
     async def ping(self) -> None:
         async with self.read() as conn:
