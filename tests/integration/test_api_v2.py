@@ -55,7 +55,8 @@ async def test_v2_orders_show_totals_and_line_prices_as_money(container: Contain
     _, me = customer(container)
     async with api(container) as client:
         await client.put("/v1/carts/me/items/V2-ORD", json={"quantity": 3}, headers=me)
-        v1 = (await client.post("/v1/orders", headers=me)).json()
+        placed = await client.post("/v1/checkout", headers={**me, "Idempotency-Key": "v2-ord"})
+        v1 = (await client.get(placed.headers["location"], headers=me)).json()
 
         order = (await client.get(f"/v2/orders/{v1['id']}", headers=me)).json()
         assert order["total"] == {"amount": "37.50", "currency": "EUR"}

@@ -179,7 +179,8 @@ async def test_order_etags_revalidate_each_representation(container: Container) 
     _, me = customer(container)
     async with api(container) as client:
         await client.put("/v1/carts/me/items/TAG-ORD", json={"quantity": 1}, headers=me)
-        order_id = (await client.post("/v1/orders", headers=me)).json()["id"]
+        placed = await client.post("/v1/checkout", headers={**me, "Idempotency-Key": "tag-ord"})
+        order_id = placed.json()["order_id"]
         for version in ("v1", "v2"):
             url = f"/{version}/orders/{order_id}"
             first = await client.get(url, headers=me)

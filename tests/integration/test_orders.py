@@ -1,4 +1,7 @@
-"""Orders on real databases: placing from the cart, visibility, keyset pages, and the routes."""
+"""Orders on real databases: placing from the cart, visibility, keyset pages, and the routes.
+
+Orders are placed the only way there is, checkout, which starts the saga in the same transaction.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,14 @@ from mercato.bootstrap import Container
 from mercato.kit.clock import ManualClock
 from mercato.shop.cart.model import CartChanged
 from mercato.shop.catalog.model import ProductChanges
-from mercato.shop.orders.model import EmptyCart, OrderNotFound, OrderStatus, UnavailableItems
+from mercato.shop.orders.model import EmptyCart, Order, OrderNotFound, OrderStatus, UnavailableItems
 from tests.integration.shop_support import admin, api, bearer, customer, product, service_account
+
+
+async def place(container: Container, customer_id: uuid.UUID) -> Order:
+    """Check the cart out (the order and its saga, one commit) and read the order back."""
+    snapshot = await container.checkout.start(customer_id, correlation_id=str(uuid.uuid4()))
+    return await container.orders.get(snapshot.id, customer_id=customer_id, read_all=False)
 
 
 async def test_place_copies_prices_and_empties_the_cart(container: Container) -> None:
@@ -22,7 +31,7 @@ async def test_place_copies_prices_and_empties_the_cart(container: Container) ->
     await container.cart.set_item(me, "ORD-1", 2)
     await container.cart.set_item(me, "ORD-2", 3)
 
-    order = await container.orders.place_from_cart(me)
+    order = await place(container, me)
 
     assert order.status is OrderStatus.PENDING
     assert (order.total_minor, order.item_count, order.currency) == (4748, 5, "EUR")
@@ -39,12 +48,12 @@ async def test_place_copies_prices_and_empties_the_cart(container: Container) ->
 async def test_empty_or_unorderable_carts_are_refused(container: Container) -> None:
     me = uuid.uuid4()
     with pytest.raises(EmptyCart):
-        await container.orders.place_from_cart(me)
+        await place(container, me)
     gone = await product(container, "GONE-1", 100)
     await container.cart.set_item(me, "GONE-1", 1)
     await container.catalog.archive(gone.id)
     with pytest.raises(UnavailableItems):
-        await container.orders.place_from_cart(me)
+        await place(container, me)
     assert len((await container.cart.view(me)).lines) == 1
 
 
@@ -52,9 +61,7 @@ async def test_a_double_submit_makes_one_order(container: Container) -> None:
     await product(container, "TWICE-1", 100)
     me = uuid.uuid4()
     await container.cart.set_item(me, "TWICE-1", 1)
-    outcomes = await asyncio.gather(
-        container.orders.place_from_cart(me), container.orders.place_from_cart(me), return_exceptions=True
-    )
+    outcomes = await asyncio.gather(place(container, me), place(container, me), return_exceptions=True)
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(errors) == 1
     assert isinstance(errors[0], (CartChanged, EmptyCart))
@@ -67,7 +74,7 @@ async def test_other_customers_orders_are_not_found(container: Container) -> Non
     await product(container, "MINE-1", 100)
     me, other = uuid.uuid4(), uuid.uuid4()
     await container.cart.set_item(me, "MINE-1", 1)
-    order = await container.orders.place_from_cart(me)
+    order = await place(container, me)
     with pytest.raises(OrderNotFound):
         await container.orders.get(order.id, customer_id=other, read_all=False)
     assert (await container.orders.get(order.id, customer_id=None, read_all=True)).id == order.id
@@ -79,7 +86,7 @@ async def _place_orders(
     ids = []
     for _ in range(count):
         await container.cart.set_item(customer_id, "MANY-1", 1)
-        ids.append(str((await container.orders.place_from_cart(customer_id)).id))
+        ids.append(str((await place(container, customer_id)).id))
         clock.advance(1)
     return ids
 
@@ -89,37 +96,34 @@ async def test_order_routes(container: Container, clock: ManualClock) -> None:
     _, my_headers = customer(container)
     _, other_headers = customer(container)
     async with api(container) as client:
-        assert (await client.post("/v1/orders")).status_code == 401
         anonymous = await client.get("/v1/orders")
         assert anonymous.status_code == 401
         assert anonymous.headers["cache-control"] == "private, no-store"
-        _, read_only = customer(container, frozenset({"orders:read"}))
-        assert (await client.post("/v1/orders", headers=read_only)).status_code == 403
-
-        empty = await client.post("/v1/orders", headers=my_headers)
-        assert empty.status_code == 422
-        assert empty.json()["type"] == "/problems/empty-cart"
 
         await client.put("/v1/carts/me/items/MANY-1", json={"quantity": 3}, headers=my_headers)
-        created = await client.post("/v1/orders", headers=my_headers)
-        assert created.status_code == 201
-        assert created.headers["cache-control"] == "private, no-store"
-        order = created.json()
-        assert created.headers["location"] == f"/v1/orders/{order['id']}"
-        assert (order["status"], order["total_minor"], order["item_count"]) == ("pending", 1500, 3)
-        assert order["created_at"].endswith("Z")
+        placed = await client.post("/v1/checkout", headers={**my_headers, "Idempotency-Key": "k-1"})
+        assert placed.status_code == 202
+        location = placed.headers["location"]
+        assert location == f"/v1/orders/{placed.json()['order_id']}"
         assert (await client.get("/v1/carts/me", headers=my_headers)).json()["lines"] == []
 
-        mine = await client.get(created.headers["location"], headers=my_headers)
+        created = await client.get(location, headers=my_headers)
+        assert created.headers["cache-control"] == "private, no-store"
+        order = created.json()
+        assert (order["status"], order["total_minor"], order["item_count"]) == ("pending", 1500, 3)
+        assert order["created_at"].endswith("Z")
+        assert order["checkout"]["saga_status"] in {"running", "compensating", "completed", "failed"}
+
+        mine = await client.get(location, headers=my_headers)
         assert mine.status_code == 200
         assert mine.json() == order
-        theirs = await client.get(created.headers["location"], headers=other_headers)
+        theirs = await client.get(location, headers=other_headers)
         assert theirs.status_code == 404
         assert theirs.json()["type"] == "/problems/order-not-found"
         assert "customer_id" not in theirs.text
         assert (await client.get("/v1/orders/not-an-id", headers=my_headers)).status_code == 404
         for operator in (admin(container), service_account(container)):
-            seen = await client.get(created.headers["location"], headers=operator)
+            seen = await client.get(location, headers=operator)
             assert seen.status_code == 200
             assert seen.json()["id"] == order["id"]
         assert (await client.get("/admin/orders", headers=my_headers)).status_code == 403

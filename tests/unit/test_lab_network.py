@@ -41,8 +41,8 @@ def test_a_tiny_run_uses_the_connections_each_scenario_claims(tmp_path: Path) ->
     assert claims["new_tls_connection_adds_ms"] is not None
 
 
-def test_the_command_prints_json_and_writes_the_plot(tmp_path: Path) -> None:
-    figure = tmp_path / "out" / "network.png"
+def test_the_command_prints_json_and_writes_its_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "out"
     result = CliRunner().invoke(
         lab_app,
         [
@@ -54,8 +54,8 @@ def test_the_command_prints_json_and_writes_the_plot(tmp_path: Path) -> None:
             "--no-http2",
             "--no-nagle",
             "--json",
-            "--plot",
-            str(figure),
+            "--out",
+            str(run),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -74,7 +74,10 @@ def test_the_command_prints_json_and_writes_the_plot(tmp_path: Path) -> None:
         "TLS handshake alone",
     }
     assert all(s["requests"] == 6 for s in data["scenarios"])
-    assert figure.exists()
+    assert (run / "network.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "report.json").read_text())["scenarios"] == data["scenarios"]
+    assert "socket keep-alive" in (run / "table.txt").read_text()
+    assert "TLS" in (run / "verdict.txt").read_text()
 
 
 def test_bad_options_are_refused_with_a_usage_error() -> None:

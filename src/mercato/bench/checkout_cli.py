@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mercato.bench.checkout import MODES, CheckoutBenchOptions, CheckoutBenchReport, run_checkout_bench
 from mercato.bench.checkout_report import CheckoutStep, rate_ladder
+from mercato.bench.harness import OutOption, RunFolder
 
 console = Console(stderr=True)
 
@@ -118,6 +119,7 @@ def checkout(
         Path | None, typer.Option(help="py-spy (raw format) the Mercato processes during the last step")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    out: OutOption = None,
 ) -> None:
     """Completed checkouts/s and p50/p99 at fixed arrival rates, with the bare baseline side by side."""
     if mode not in MODES:
@@ -159,12 +161,13 @@ def checkout(
     except (RuntimeError, OSError, ValueError) as exc:
         console.print(f"[red]benchmark failed:[/red] {exc}")
         raise typer.Exit(1) from exc
+    tables = [steps_table(report), *([round_trips_table(report.steps[-1])] if report.steps else [])]
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        out = Console(width=max(Console().width, 180))
-        out.print(steps_table(report))
-        if report.steps:
-            out.print(round_trips_table(report.steps[-1]))
+        screen = Console(width=max(Console().width, 180))
+        for table in tables:
+            screen.print(table)
+    RunFolder.open("bench-checkout", out).record(data=report.to_dict(), tables=tables, console=console)
     if not report.steps or any(s.counts.errors or s.completion.unknown for s in report.steps):
         raise typer.Exit(1)

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from mercato.bench.checkout_cli import checkout as checkout_command
 from mercato.bench.eventstore import eventstore_command
-from mercato.bench.ratelimit import ratelimit_command
+from mercato.bench.harness import OutOption, RunFolder
+from mercato.bench.ratelimit_cli import ratelimit_command
 from mercato.bench.runner import TARGETS, BenchOptions, BenchReport, run_http_bench
 from mercato.bench.search import SearchPolicy
 from mercato.bench.stats import Slo, StepResult
@@ -95,6 +96,7 @@ def http(
         float | None, typer.Option(help="Fail (exit 1) if product-by-id's ratio vs bare is below this")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    out: OutOption = None,
 ) -> None:
     """Find the maximum sustainable rate of the bare baseline and of catalog reads, side by side."""
     targets = tuple(target) if target else TARGETS
@@ -164,6 +166,7 @@ def http(
             f"load average start/end: {report.machine.get('loadavg_at_start')} / "
             f"{report.machine.get('loadavg_at_end')}"
         )
+    RunFolder.open("bench-http", out).record(data=report.to_dict(), tables=[_table(report)], console=console)
     if not report.complete:
         console.print("[red]a target never met the SLO at any rate tried[/red]")
         raise typer.Exit(1)
@@ -192,6 +195,7 @@ def streams(
     batch: Annotated[int, typer.Option(help="Publish and read batch size", min=1)] = 100,
     redis_url: Annotated[str, typer.Option(help="Redis server")] = "redis://127.0.0.1:6379/0",
     nats_url: Annotated[str, typer.Option(help="NATS server")] = "nats://127.0.0.1:4222",
+    out: OutOption = None,
 ) -> None:
     """Publish+consume msgs/s through our `Stream` adapters vs the raw client (goal: >= 70% of raw)."""
     import asyncio
@@ -218,3 +222,17 @@ def streams(
             "—" if r.ratio is None else f"{r.ratio:.0%}",
         )
     Console().print(table)
+    data = {
+        "messages": messages,
+        "batch": batch,
+        "results": [
+            {
+                "backend": r.backend,
+                "ours_per_s": r.ours_per_s,
+                "raw_per_s": r.raw_per_s,
+                "ratio": None if r.ratio is None else round(r.ratio, 3),
+            }
+            for r in results
+        ],
+    }
+    RunFolder.open("bench-streams", out).record(data=data, tables=[table], console=console)

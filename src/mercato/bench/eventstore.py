@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+from mercato.bench.harness import OutOption, RunFolder
 from mercato.kit.eventstore import EventStore, NewEvent, events, snapshots
 from mercato.kit.storage import Database, create_database, metadata
 
@@ -235,6 +236,7 @@ def eventstore_command(
     pg_dsn: Annotated[
         str, typer.Option(help="PostgreSQL admin DSN; the run creates and drops its own databases")
     ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    out: OutOption = None,
 ) -> None:
     """Append and replay events/s: our event store vs the `eventsourcing` library, same run, same work."""
     results = asyncio.run(
@@ -261,3 +263,13 @@ def eventstore_command(
             f"{r.replay_ratio:.0%}",
         )
     Console().print(table)
+    data = {
+        "aggregates": aggregates,
+        "events_per_aggregate": events,
+        "batch": batch,
+        "results": [
+            {**asdict(r), "append_ratio": round(r.append_ratio, 3), "replay_ratio": round(r.replay_ratio, 3)}
+            for r in results
+        ],
+    }
+    RunFolder.open("bench-eventstore", out).record(data=data, tables=[table], console=Console(stderr=True))

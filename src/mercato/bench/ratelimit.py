@@ -16,40 +16,28 @@
    ``redis-benchmark`` sending the same EVALSHA (C client, many connections, optionally pipelined): the
    backend's physical limit on this machine.
 
-``python -m mercato.bench.ratelimit --port N --variant bare|memory|redis [--workers W]`` serves one variant.
+``python -m mercato.bench.ratelimit_server --port N --variant bare|memory|redis [--workers W]`` serves one
+variant. This module runs the comparison; the servers are in `ratelimit_server`, the decisions/s
+measurement in `ratelimit_decisions`, the command and its tables in `ratelimit_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import csv
-import io
-import json
 import multiprocessing
 import os
-import shutil
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import urlparse
+from typing import Any
 
-import typer
-import uvicorn
-from redis.asyncio import Redis
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from mercato.bench.baseline import BARE_PATH, create_starlette_app
+from mercato.bench.baseline import BARE_PATH
+from mercato.bench.ratelimit_decisions import DecisionRates, cleanup_keys, measure_decisions
+from mercato.bench.ratelimit_server import ENDPOINTS, KEYS, NEVER_LIMITS, VARIANTS, create_app, start_variant
 from mercato.bench.runner import (
     BASELINE,
     Bench,
@@ -60,20 +48,13 @@ from mercato.bench.runner import (
     TargetReport,
     machine_facts,
 )
-from mercato.bench.search import SearchPolicy
 from mercato.bench.servers import (
     ServerProcess,
-    _clean_env,
     body_size,
-    free_port,
     migrate_and_seed,
     product_paths,
     start_mercato,
-    start_server,
 )
-from mercato.bench.stats import Slo, StepResult
-from mercato.kit.ratelimit import Limit, PipelinedRedis, RateLimiter, RedisLimiter, build_limiter
-from mercato.kit.ratelimit.redis_backend import load_script_source
 
 __all__ = [
     "VARIANTS",
@@ -81,258 +62,8 @@ __all__ = [
     "RateLimitBenchReport",
     "create_app",
     "measure_decisions",
-    "ratelimit_command",
     "run_ratelimit_bench",
 ]
-
-VARIANTS = ("bare", "memory", "redis")
-ENDPOINTS = ("empty", "product")
-# Far above any rate the machine can serve: every request is admitted, so only the decision's cost shows.
-NEVER_LIMITS = Limit(rate=10_000_000, period_s=1.0, burst=10_000_000)
-KEYS = 1000
-_ENV_VARIANT = "MERCATO_BENCH_RL_VARIANT"
-_ENV_REDIS = "MERCATO_BENCH_RL_REDIS_URL"
-_ENV_PREFIX = "MERCATO_BENCH_RL_PREFIX"
-
-
-class LimitedApp:
-    """The endpoint behind a limiter: one `hit` per request, keyed by the query string, headers added."""
-
-    def __init__(self, app: ASGIApp, limiter: RateLimiter, limit: Limit) -> None:
-        self.app = app
-        self.limiter = limiter
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        key = "bench:" + scope.get("query_string", b"").decode("latin-1")
-        decision = await self.limiter.hit(key, self.limit)
-        headers = decision.header_pairs()
-        if not decision.allowed:
-            await send({"type": "http.response.start", "status": 429, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *headers]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-def create_app() -> ASGIApp:
-    """The variant named by the environment (uvicorn workers re-import this factory)."""
-    variant = os.environ.get(_ENV_VARIANT, "bare")
-    bare = create_starlette_app()
-    if variant == "bare":
-        return bare
-    limiter = build_limiter(
-        "token_bucket",
-        variant,
-        redis_url=os.environ.get(_ENV_REDIS, "redis://127.0.0.1:6379/0"),
-        key_prefix=os.environ.get(_ENV_PREFIX, "mercato:bench:rl:"),
-        fail_open=False,  # a benchmark that silently stopped limiting would measure nothing
-        # Capacity, not timeouts, is measured: on a loaded machine the production 100 ms socket timeout
-        # opens the breaker and every refusal would count as an error. The p99 SLO still bounds latency.
-        socket_timeout_s=1.0,
-        timeout_s=2.0,
-    )
-    return LimitedApp(bare, limiter, NEVER_LIMITS)
-
-
-def serve(*, port: int, workers: int, variant: str, host: str = "127.0.0.1") -> None:
-    os.environ[_ENV_VARIANT] = variant
-    uvicorn.run(
-        "mercato.bench.ratelimit:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        log_config=None,
-        proxy_headers=False,
-    )
-
-
-def start_variant(variant: str, *, workdir: Path, workers: int, redis_url: str, prefix: str) -> ServerProcess:
-    port = free_port()
-    args = ["-m", "mercato.bench.ratelimit", "--port", str(port), "--workers", str(workers)]
-    args += ["--variant", variant]
-    env = _clean_env({_ENV_REDIS: redis_url, _ENV_PREFIX: prefix})
-    return start_server(variant, args, port=port, workdir=workdir, env=env, ready_path=BARE_PATH)
-
-
-# --- decisions per second ------------------------------------------------------------------------------
-
-
-@dataclass
-class DecisionRates:
-    """Token-bucket decisions per second on one Redis, by client."""
-
-    client_loop: float  # RedisLimiter.hit on the pipelined connection from `concurrency` tasks (the gateway)
-    client_loop_redis_py: float  # the same loop on a redis-py client (pool of `concurrency` connections)
-    client_loop_cpu_us: float  # client CPU per decision, pipelined connection
-    client_loop_redis_py_cpu_us: float  # client CPU per decision, redis-py
-    client_pipelined: float  # raw EVALSHA in pipelines of `batch` (the Python client's ceiling)
-    redis_benchmark: float | None  # redis-benchmark, same EVALSHA, `bench_clients` connections
-    redis_benchmark_pipelined: float | None  # the same with -P `batch`
-    concurrency: int
-    batch: int
-    bench_clients: int
-    seconds: float
-    script_sha: str
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-async def _client_loop(
-    redis_url: str, prefix: str, *, seconds: float, concurrency: int, pipelined: bool = True
-) -> tuple[float, float]:
-    """Decisions/s and this process's CPU µs per decision (Redis runs in its own process)."""
-    client: Redis | PipelinedRedis = (
-        PipelinedRedis(redis_url, socket_timeout_s=1.0)
-        if pipelined
-        else Redis.from_url(redis_url, max_connections=concurrency)
-    )
-    limiter = RedisLimiter("token_bucket", client=client, key_prefix=prefix)
-    count = 0
-    try:
-        await limiter.hit("warm", NEVER_LIMITS)  # loads the script once
-        stop = time.perf_counter() + seconds
-
-        async def worker(offset: int) -> None:
-            nonlocal count
-            n = offset
-            while time.perf_counter() < stop:
-                await limiter.hit(f"k{n % KEYS}", NEVER_LIMITS)
-                n += concurrency
-                count += 1
-
-        started, cpu_started = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        return count / elapsed, cpu / max(count, 1) * 1e6
-    finally:
-        await client.aclose()
-
-
-def _script_args() -> list[str]:
-    limit = NEVER_LIMITS
-    return [str(limit.rate), repr(float(limit.period_s)), str(limit.capacity), "1", "1", "", ""]
-
-
-async def _pipelined(redis_url: str, prefix: str, sha: str, *, seconds: float, batch: int) -> float:
-    client = Redis.from_url(redis_url)
-    args = _script_args()
-    count = 0
-    try:
-        stop = time.perf_counter() + seconds
-        started = time.perf_counter()
-        n = 0
-        while time.perf_counter() < stop:
-            pipe = client.pipeline(transaction=False)
-            for _ in range(batch):
-                pipe.evalsha(sha, 1, f"{prefix}token_bucket:p{n % KEYS}", *args)
-                n += 1
-            await pipe.execute()
-            count += batch
-        return count / (time.perf_counter() - started)
-    finally:
-        await client.aclose()
-
-
-def _redis_benchmark(
-    redis_url: str, prefix: str, sha: str, *, requests: int, clients: int, pipeline: int
-) -> float:
-    url = urlparse(redis_url)
-    binary = shutil.which("redis-benchmark")
-    if binary is None:
-        raise FileNotFoundError("redis-benchmark is not on PATH (Debian: apt-get install redis-tools)")
-    command = [binary, "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379)]
-    if url.path and url.path.strip("/"):
-        command += ["--dbnum", url.path.strip("/")]
-    command += ["-n", str(requests), "-c", str(clients), "-P", str(pipeline), "-r", str(KEYS), "--csv"]
-    command += ["EVALSHA", sha, "1", f"{prefix}token_bucket:b__rand_int__", *_script_args()]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout  # noqa: S603
-    rows = list(csv.reader(io.StringIO(out)))
-    return float(rows[-1][1])
-
-
-async def _cleanup(redis_url: str, prefix: str) -> None:
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for start in range(0, len(keys), 1000):
-            await client.delete(*keys[start : start + 1000])
-    finally:
-        await client.aclose()
-
-
-def measure_decisions(
-    redis_url: str,
-    *,
-    seconds: float = 5.0,
-    concurrency: int = 32,
-    batch: int = 16,
-    bench_clients: int = 50,
-    run_redis_benchmark: bool = True,
-) -> DecisionRates:
-    """Token-bucket decisions/s on Redis from our client and from redis-benchmark (keys cleaned up after)."""
-    prefix = f"mercato:bench:rl:{uuid.uuid4().hex[:12]}:"
-    source = load_script_source("token_bucket")
-
-    async def load() -> str:
-        client = Redis.from_url(redis_url)
-        try:
-            return str(await client.script_load(source))  # type: ignore[misc]
-        finally:
-            await client.aclose()
-
-    try:
-        sha = asyncio.run(load())
-        loop_rate, loop_cpu = asyncio.run(
-            _client_loop(redis_url, prefix, seconds=seconds, concurrency=concurrency)
-        )
-        loop_rate_redis_py, loop_cpu_redis_py = asyncio.run(
-            _client_loop(redis_url, prefix, seconds=seconds, concurrency=concurrency, pipelined=False)
-        )
-        piped = asyncio.run(_pipelined(redis_url, prefix, sha, seconds=seconds, batch=batch))
-        notes: list[str] = []
-        plain = piped_bench = None
-        if run_redis_benchmark:
-            try:
-                # About `seconds` worth of requests at the rate the pipelined client reached.
-                n = max(20_000, int(piped * seconds))
-                plain = _redis_benchmark(
-                    redis_url, prefix, sha, requests=n, clients=bench_clients, pipeline=1
-                )
-                piped_bench = _redis_benchmark(
-                    redis_url, prefix, sha, requests=n * 2, clients=bench_clients, pipeline=batch
-                )
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-                notes.append(f"redis-benchmark not run: {exc}")
-    finally:
-        asyncio.run(_cleanup(redis_url, prefix))
-    return DecisionRates(
-        client_loop=loop_rate,
-        client_loop_redis_py=loop_rate_redis_py,
-        client_loop_cpu_us=loop_cpu,
-        client_loop_redis_py_cpu_us=loop_cpu_redis_py,
-        client_pipelined=piped,
-        redis_benchmark=plain,
-        redis_benchmark_pipelined=piped_bench,
-        concurrency=concurrency,
-        batch=batch,
-        bench_clients=bench_clients,
-        seconds=seconds,
-        script_sha=sha,
-        notes=notes,
-    )
 
 
 # --- the whole run -----------------------------------------------------------------------------------------
@@ -479,7 +210,7 @@ def run_overhead_bench(
     finally:
         for server in servers.values():
             server.stop()
-        asyncio.run(_cleanup(redis_url, prefix))
+        asyncio.run(cleanup_keys(redis_url, prefix))
     with contextlib.suppress(OSError):
         machine["loadavg_at_end"] = os.getloadavg()
     return BenchReport(
@@ -539,182 +270,3 @@ def run_ratelimit_bench(
         on_phase("Redis decisions per second: client loop, pipelined client, redis-benchmark")
         rates = measure_decisions(redis_url, seconds=decision_seconds)
     return RateLimitBenchReport(http=overhead, decisions=rates)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the bare endpoint, optionally behind a limiter.")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--variant", choices=VARIANTS, default="bare")
-    args = parser.parse_args(argv)
-    serve(port=args.port, workers=args.workers, variant=args.variant)
-
-
-if __name__ == "__main__":
-    main()
-
-
-# --- the command -------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, unit: str = "/s") -> str:
-    return "—" if value is None else f"{value:,.0f}{unit}"
-
-
-def _overhead_table(report: BenchReport) -> Table:
-    table = Table(
-        title=f"Limiter overhead: max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors)"
-    )
-    for column in ("variant", "max rate", "vs bare", "goal", "p50 ms", "p99 ms", "server CPU"):
-        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
-    goals = {"token-bucket-memory": "≥ 90%", "token-bucket-redis": "≥ 75%"}
-    for item in report.targets:
-        step = item.best_step
-        share = report.ratio(item)
-        cpu = step.server_cpu if step else None
-        table.add_row(
-            item.target.endpoint,
-            _fmt(item.best_rate),
-            "—" if share is None else f"{share:.0%}",
-            goals.get(item.target.name, ""),
-            f"{step.p50_ms:.2f}" if step else "—",
-            f"{step.p99_ms:.2f}" if step else "—",
-            "—" if cpu is None else f"{cpu:.0%}",
-        )
-    return table
-
-
-def _decisions_table(rates: DecisionRates) -> Table:
-    table = Table(title="Token-bucket decisions per second on Redis (the same EVALSHA script)")
-    table.add_column("client", no_wrap=True)
-    table.add_column("decisions/s", justify="right")
-    table.add_column("vs redis-benchmark -P 1", justify="right")
-    table.add_column("client CPU µs / decision", justify="right")
-
-    def share(value: float) -> str:
-        return "—" if not rates.redis_benchmark else f"{value / rates.redis_benchmark:.0%}"
-
-    table.add_row(
-        f"RedisLimiter.hit, {rates.concurrency} asyncio tasks, pipelined connection (gateway)",
-        _fmt(rates.client_loop),
-        share(rates.client_loop),
-        f"{rates.client_loop_cpu_us:.1f}",
-    )
-    table.add_row(
-        f"RedisLimiter.hit, {rates.concurrency} asyncio tasks, redis-py pool",
-        _fmt(rates.client_loop_redis_py),
-        share(rates.client_loop_redis_py),
-        f"{rates.client_loop_redis_py_cpu_us:.1f}",
-    )
-    table.add_row(
-        f"redis-py pipeline, batches of {rates.batch}",
-        _fmt(rates.client_pipelined),
-        share(rates.client_pipelined),
-        "",
-    )
-    if rates.redis_benchmark is not None:
-        table.add_row(
-            f"redis-benchmark -c {rates.bench_clients} -P 1", _fmt(rates.redis_benchmark), "100%", ""
-        )
-    if rates.redis_benchmark_pipelined is not None:
-        table.add_row(
-            f"redis-benchmark -c {rates.bench_clients} -P {rates.batch}",
-            _fmt(rates.redis_benchmark_pipelined),
-            share(rates.redis_benchmark_pipelined),
-            "",
-        )
-    return table
-
-
-def ratelimit_command(
-    duration: Annotated[float, typer.Option(help="Seconds per constant-rate step", min=0.5)] = 5.0,
-    warmup: Annotated[float, typer.Option(help="Warm-up seconds per variant (not measured)", min=0)] = 2.0,
-    endpoint: Annotated[
-        str,
-        typer.Option(
-            help="empty: the bare Starlette endpoint (worst case); product: the shop's GET /v1/products/{id}"
-        ),
-    ] = "empty",
-    rates: Annotated[
-        str | None,
-        typer.Option(
-            help="The rate ladder, comma-separated (default 500 ... 8000 req/s; product: 150 ... 1000)"
-        ),
-    ] = None,
-    p99_ms: Annotated[float, typer.Option(help="Sustainable only while p99 is below this (ms)")] = 100.0,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes per variant", min=1)] = 1,
-    generators: Annotated[int, typer.Option(help="Load generator processes", min=1, max=16)] = 1,
-    connections: Annotated[int, typer.Option(help="Connection pool bound (all generators)", min=1)] = 256,
-    redis_url: Annotated[str, typer.Option(help="The Redis to measure")] = "redis://127.0.0.1:6379/0",
-    decision_seconds: Annotated[
-        float, typer.Option(help="Seconds per client-side decision loop", min=0.5)
-    ] = 5.0,
-    http: Annotated[bool, typer.Option(help="Run the HTTP overhead comparison")] = True,
-    decisions: Annotated[bool, typer.Option(help="Run the Redis decisions/s comparison")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
-) -> None:
-    """Bare endpoint vs token bucket on memory vs on Redis; Redis decisions/s vs redis-benchmark."""
-    console = Console(stderr=True)
-    if endpoint not in ENDPOINTS:
-        raise typer.BadParameter(f"endpoint must be one of {', '.join(ENDPOINTS)}")
-    default = PRODUCT_LADDER if endpoint == "product" else DEFAULT_LADDER
-    try:
-        ladder = tuple(float(item) for item in rates.split(",") if item.strip()) if rates else default
-    except ValueError as exc:
-        raise typer.BadParameter("rates are comma-separated numbers, e.g. 500,1000,2000") from exc
-    if not ladder or any(rate <= 0 for rate in ladder):
-        raise typer.BadParameter("rates must be positive")
-    options = BenchOptions(
-        duration_s=duration,
-        warmup_s=warmup,
-        policy=SearchPolicy(start_rate=min(ladder)),
-        rates=ladder,
-        slo=Slo(p99_ms=p99_ms),
-        workers=workers,
-        generators=generators,
-        max_connections=connections,
-    )
-    progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-    )
-    task = progress.add_task("preparing", total=None)
-
-    def on_step(name: str, number: int, rate: float, result: StepResult | None) -> None:
-        if result is None:
-            label = "warm-up" if number == 0 else f"step {number}: {rate:,.0f}/s"
-            progress.update(task, description=f"[bold]{name}[/bold] {label}")
-            return
-        verdict = "[green]ok[/green]" if not result.notes else f"[red]{'; '.join(result.notes)}[/red]"
-        progress.console.print(
-            f"  {name:<20} {rate:>9,.0f}/s  achieved {result.achieved_rate:>9,.0f}/s  "
-            f"p99 {result.p99_ms:8.2f} ms  errors {result.counts.errors:<5} {verdict}"
-        )
-
-    try:
-        with progress:
-            report = run_ratelimit_bench(
-                options,
-                redis_url=redis_url,
-                http=http,
-                decisions=decisions,
-                decision_seconds=decision_seconds,
-                endpoint=endpoint,
-                on_phase=lambda message: progress.update(task, description=message),
-                on_step=on_step,
-            )
-    except (RuntimeError, OSError, ValueError) as exc:
-        console.print(f"[red]benchmark failed:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    if report.http is not None:
-        Console().print(_overhead_table(report.http))
-        machine = report.http.machine
-        console.print(
-            f"load average start/end: {machine.get('loadavg_at_start')} / {machine.get('loadavg_at_end')}"
-        )
-    if report.decisions is not None:
-        Console().print(_decisions_table(report.decisions))
-        for note in report.decisions.notes:
-            console.print(f"[yellow]{note}[/yellow]")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mercato.bench.harness import OutOption, RunFolder
 from mercato.lab.chaos import ChaosConfig, ChaosReport, run_chaos
 
 __all__ = ["chaos_command"]
@@ -38,13 +39,23 @@ def _table(report: ChaosReport) -> Table:
     return table
 
 
-def _counts(report: ChaosReport) -> Table:
+def _counts_table(report: ChaosReport) -> Table:
     table = Table(title="Counts")
     table.add_column("what")
     table.add_column("count", justify="right")
     for name, value in report.counts.items():
         table.add_row(name, str(value))
     return table
+
+
+def verdict_lines(report: ChaosReport) -> list[str]:
+    """One line per invariant, and whether the run settled within its bound."""
+    lines = [
+        f"{v.name}: {'holds' if v.ok else 'VIOLATED'} ({v.checked} checked, {v.violations} violations)"
+        for v in report.verdicts
+    ]
+    lines.append(f"settled within the bound: {'yes' if report.settled else 'NO'}")
+    return lines
 
 
 def chaos_command(
@@ -66,6 +77,7 @@ def chaos_command(
     ] = 60.0,
     seed: Annotated[int, typer.Option(help="Seed for the faults, the kills and the carts")] = 11,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    out: OutOption = None,
 ) -> None:
     """Checkouts under PSP faults (30 % errors, 10 % hangs, 5 % lost answers), carrier faults (10 %)
     and worker SIGKILLs; then check every order, payment, shipment, unit of stock and event."""
@@ -100,7 +112,13 @@ def chaos_command(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _console.print(_table(report))
-        _console.print(_counts(report))
+        _console.print(_counts_table(report))
+    RunFolder.open("chaos", out).record(
+        data=report.to_dict(),
+        tables=[_table(report), _counts_table(report)],
+        verdict=verdict_lines(report),
+        console=_console,
+    )
     if not report.ok:
         _console.print(f"[red]invariants broken[/red]; logs and databases kept in {report.workdir}")
         raise typer.Exit(1)

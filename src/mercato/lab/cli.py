@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from mercato.lab.breaker import breaker_command
+from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
-from mercato.lab.network import network_command
+from mercato.lab.network_cli import network_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
 

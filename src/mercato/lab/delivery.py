@@ -20,7 +20,7 @@ import random
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +31,7 @@ from rich.table import Table as RichTable
 from sqlalchemy import Column, Integer, MetaData, String, Table, Uuid, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mercato.bench.harness import OutOption, RunFolder
 from mercato.bootstrap import SCRIPT_LOCATION
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Consumer, Message, NullMessagingHook, SqlLogStream
@@ -272,6 +273,7 @@ def delivery_command(
         str | None, typer.Option(help="Database (default: a fresh SQLite file in a temp dir)")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for kill timing and duplicate choice")] = 7,
+    out: OutOption = None,
 ) -> None:
     """Kill consumers mid-batch, duplicate deliveries on purpose: duplicates seen vs applied (must be 0)."""
 
@@ -289,5 +291,15 @@ def delivery_command(
         upgrade(SCRIPT_LOCATION, url)  # runs its own event loop: before ours starts
         results = asyncio.run(main(url))
     Console(width=160).print(table(results))
+    RunFolder.open("delivery", out).record(
+        data={"results": [asdict(r) for r in results]},
+        tables=[table(results)],
+        verdict=[
+            f"{r.runner}: {r.duplicates_seen} duplicates seen, {r.duplicates_applied} applied, "
+            f"{r.missing} missing (both must be 0)"
+            for r in results
+        ],
+        console=Console(stderr=True),
+    )
     if any(r.duplicates_applied or r.missing for r in results):
         raise typer.Exit(1)

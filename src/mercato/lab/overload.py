@@ -30,6 +30,7 @@ from typing import Annotated, Any
 import typer
 
 from mercato.bench.client import ALLOWED_HOST, GeneratorConfig, GeneratorResult, OpenLoopGenerator
+from mercato.bench.harness import OutOption, RunFolder, UpdateDocsOption, check_docs_target
 from mercato.bench.runner import Bench, BenchOptions, Target, machine_facts
 from mercato.bench.search import SearchPolicy
 from mercato.bench.servers import (
@@ -500,6 +501,15 @@ def _table(report: OverloadReport) -> Any:
     return table
 
 
+def _verdict(report: OverloadReport) -> list[str]:
+    """Per round, what shedding did to goodput and to the admitted requests' p99."""
+    return [
+        f"shedding {'on' if run.shedding else 'off'}: goodput {run.goodput:,.0f}/s, admitted p99 "
+        f"{run.admitted_p99_ms:,.1f} ms, shed {100 * run.shed_share:.1f} %, timeouts {run.counts.timeouts:,}"
+        for run in report.runs
+    ]
+
+
 def overload_command(
     duration_s: Annotated[float, typer.Option("--duration-s", help="Seconds of overload per round")] = 8.0,
     rounds: Annotated[int, typer.Option(help="Alternating OFF/ON rounds (shared-machine noise)")] = 2,
@@ -512,8 +522,9 @@ def overload_command(
     ] = 50.0,
     max_inflight: Annotated[int, typer.Option("--max-inflight", help="Shedder's in-flight limit")] = 64,
     database_url: Annotated[str | None, typer.Option(help="Default: a fresh SQLite file")] = None,
-    plot: Annotated[Path, typer.Option(help="Where to write the PNG")] = Path("docs/lab/overload.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    out: OutOption = None,
+    update_docs: UpdateDocsOption = False,
 ) -> None:
     """Offer 2x capacity with load shedding off and on: goodput, admitted p99, shed rate."""
     import orjson
@@ -532,12 +543,21 @@ def overload_command(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if update_docs:
+        check_docs_target("overload")
     report = run_overload(options, on_phase=console.print)
-    written = plot_report(report, plot)
+    run = RunFolder.open("overload", out)
+    written = plot_report(report, run.figure)
     if as_json:
         typer.echo(
             orjson.dumps({**report.to_dict(), "plot": str(written)}, option=orjson.OPT_INDENT_2).decode()
         )
     else:
         Console().print(_table(report))
-        console.print(f"plot: {written}")
+    run.record(
+        data=report.to_dict(),
+        tables=[_table(report)],
+        verdict=_verdict(report),
+        update_docs=update_docs,
+        console=console,
+    )

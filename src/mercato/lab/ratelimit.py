@@ -13,7 +13,8 @@ Run: one deterministic traffic trace (steady load, Poisson arrivals, bursts, and
 fixed-window edge) is replayed against each algorithm on the memory backend with a manual clock, so the
 time series are exact and repeatable. Memory per key is measured on both backends (tracemalloc for the
 in-process table; `MEMORY USAGE` on Redis), and decision cost (µs per decision: in-process call, and one
-Redis round trip with the EVALSHA) on both backends. Output: a table and ``docs/lab/ratelimit.png``.
+Redis round trip with the EVALSHA) on both backends. Output: a table and a figure in the run folder
+(``--update-docs`` refreshes ``docs/lab/ratelimit.png``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from mercato.bench.harness import OutOption, RunFolder, UpdateDocsOption, check_docs_target
 from mercato.kit.clock import ManualClock
 from mercato.kit.ratelimit import ALGORITHM_NAMES, Limit, RateLimiter, RedisLimiter, build_limiter
 
@@ -305,23 +307,35 @@ def ratelimit_command(
         str, typer.Option(help="Redis for the Redis-side measures")
     ] = "redis://127.0.0.1:6379/0",
     no_redis: Annotated[bool, typer.Option("--no-redis", help="Memory backend only")] = False,
-    out: Annotated[Path, typer.Option(help="Where to write the figure")] = Path("docs/lab/ratelimit.png"),
     seed: Annotated[int, typer.Option(help="Seed of the traffic trace")] = 42,
+    out: OutOption = None,
+    update_docs: UpdateDocsOption = False,
 ) -> None:
     """Five algorithms, one bursty trace: admitted rate, window-edge bursts, memory per key, decision cost."""
+    if update_docs:
+        check_docs_target("ratelimit")
     trace, results = run_experiment(redis_url=None if no_redis else redis_url, seed=seed)
     console = Console(width=160)
     console.print(table(trace, results))
-    for result in results:
-        for note in result.notes:
-            console.print(f"[yellow]{result.algorithm}: {note}[/yellow]")
-    plot(trace, results, out)
+    notes = [f"{result.algorithm}: {note}" for result in results for note in result.notes]
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    run = RunFolder.open("ratelimit", out)
+    plot(trace, results, run.figure)
     fixed = next(r for r in results if r.algorithm == "fixed_window")
     log = next(r for r in results if r.algorithm == "sliding_log")
-    console.print(
+    verdict = (
         f"fixed window admitted {fixed.max_in_any_period} in one second across the edge at "
         f"t={trace.edge_s:g} s ({fixed.burst_ratio:.2f}x the limit); the sliding log at most "
-        f"{log.max_in_any_period}. Figure: {out}"
+        f"{log.max_in_any_period}."
+    )
+    console.print(verdict)
+    run.record(
+        data={"seed": seed, "limit": str(LIMIT), "algorithms": summary(results)},
+        tables=[table(trace, results)],
+        verdict=[verdict, *notes],
+        update_docs=update_docs,
+        console=Console(stderr=True),
     )
 
 

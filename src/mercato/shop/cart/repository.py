@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CompoundSelect, Select, bindparam, delete, insert, null, select, tuple_, union_all
+from sqlalchemy import CompoundSelect, Select, bindparam, delete, null, select, tuple_, union_all
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
@@ -57,10 +56,6 @@ def item_from_row(row: Any) -> CartItem | None:
     return CartItem(row.sku, int(row.quantity), row.added_at, row.updated_at)
 
 
-class DuplicateItem(Exception):
-    """A concurrent request inserted the same (customer, sku) line first."""
-
-
 class CartRepository:
     """Queries on `cart_items`. Every method runs on the connection it is given."""
 
@@ -91,18 +86,6 @@ class CartRepository:
         rows = await conn.execute(_TAKE_EXACTLY, {"customer_id": customer_id, "lines": list(lines)})
         return {row.sku for row in rows}
 
-    async def insert(
-        self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str, quantity: int, now: datetime
-    ) -> None:
-        try:
-            await conn.execute(
-                insert(cart_items).values(
-                    customer_id=customer_id, sku=sku, quantity=quantity, added_at=now, updated_at=now
-                )
-            )
-        except IntegrityError as exc:
-            raise DuplicateItem(sku) from exc
-
     async def remove(self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str) -> None:
         await conn.execute(
             delete(cart_items).where(cart_items.c.customer_id == customer_id, cart_items.c.sku == sku)
@@ -110,15 +93,3 @@ class CartRepository:
 
     async def clear(self, conn: AsyncConnection, customer_id: uuid.UUID) -> None:
         await conn.execute(delete(cart_items).where(cart_items.c.customer_id == customer_id))
-
-    async def existing_skus(
-        self, conn: AsyncConnection, customer_id: uuid.UUID, skus: Sequence[str]
-    ) -> set[str]:
-        if not skus:
-            return set()
-        rows = await conn.execute(
-            select(cart_items.c.sku).where(
-                cart_items.c.customer_id == customer_id, cart_items.c.sku.in_(list(skus))
-            )
-        )
-        return {r.sku for r in rows}

@@ -146,11 +146,3 @@ class CartService:
             if sku is not None:
                 # Raising rolls back the lines already removed: all or none.
                 raise CartChanged(f"line {sku} changed or left the cart meanwhile", sku=sku)
-
-    async def restore(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
-        now = self._clock.now()
-        async with self._db.write() as conn:
-            present = await self._repo.existing_skus(conn, customer_id, [sku for sku, _ in lines])
-            for sku, quantity in sorted(lines):
-                if sku not in present:
-                    await self._repo.insert(conn, customer_id, sku, quantity, now)

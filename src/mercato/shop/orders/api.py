@@ -3,6 +3,10 @@
 All orders are listed at `GET /admin/orders` rather than `GET /v1/orders?all=true`: one path
 means one meaning ("my orders" never silently widens with a flag), the operator route sits with
 the other operator routes, and each route's OpenAPI entry names the one scope it needs.
+
+There is no `POST /v1/orders`: an order is created only by `POST /v1/checkout`, in the same
+transaction as the saga that drives it to an outcome, so no order is ever left pending with
+nothing to move it (a `POST` here is answered 405, `Allow: GET`).
 """
 
 from __future__ import annotations
@@ -149,7 +153,6 @@ async def order_reader(principal: Annotated[Principal, Depends(authenticated)]) 
 Service = Annotated[OrdersService, Depends(orders_service)]
 OwnReader = Annotated[Principal, Depends(require_scopes("orders:read"))]
 AnyReader = Annotated[Principal, Depends(order_reader)]
-Writer = Annotated[Principal, Depends(require_scopes("orders:write"))]
 AllReader = Annotated[Principal, Depends(require_scopes("orders:read_all"))]
 OrderIdPath = Annotated[str, Path(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"Page size, at most {MAX_PAGE_SIZE}.")]
@@ -209,32 +212,6 @@ def _page(items: list[Order], more: bool) -> Response:
         Cursor(sort=CURSOR_SORT, value=None, id=str(items[-1].id)).encode() if more and items else None
     )
     return _json({"items": [summary_dict(o) for o in items], "next_cursor": next_cursor})
-
-
-@router.post(
-    "",
-    response_model=OrderOut,
-    status_code=201,
-    summary="Place an order from my cart",
-    description=(
-        "Creates a `pending` order from the caller's cart at current prices and empties the cart. "
-        "422 `empty-cart` for an empty cart, 422 `cart-has-unavailable-items` when a line can no "
-        "longer be ordered, 409 `cart-changed` when the cart changed during the request."
-    ),
-    responses={
-        **problem_responses(401, 403, 409, 422),
-        201: {
-            "description": "Created",
-            "headers": {
-                "Location": {"schema": {"type": "string"}, "description": "The new order"},
-                **_PRIVATE_HEADER,
-            },
-        },
-    },
-)
-async def place_order(service: Service, principal: Writer) -> Response:
-    order = await service.place_from_cart(_customer_id(principal))
-    return _json(order_dict(order), 201, {"Location": f"/v1/orders/{order.id}"})
 
 
 @router.get(

@@ -6,8 +6,8 @@ What changed from v1 (docs/decisions/0014-api-versioning-and-etags.md):
   `line_total` replace `unit_price_minor` and `line_total_minor`;
 - `version` left the body: the ETag identifies the representation.
 
-Placing an order stays `POST /v1/orders` (its 201 body is v1), and the operator list stays
-`/admin/orders`: the operator space is not versioned.
+Placing an order is `POST /v1/checkout` (its 202 body names the order to poll), and the operator
+list stays `/admin/orders`: the operator space is not versioned.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Order use cases: turning the caller's cart into a pending order, and reading orders.
 
-The cart lives in another context with its own transactions, so "create the order and empty the
-cart" cannot be one commit. The cart's lines are taken first (atomically, only if unchanged),
-then the order is written; if writing fails the lines are put back. Taking first means a double
-submit produces one order and one `cart-changed` conflict, never two orders; the price is that
-a crash between the two steps loses the cart's contents rather than duplicating an order.
-
-That is `place_from_cart`. Checkout's `open_from_cart` does better: the cart service joins the
-checkout's transaction, so the lines are taken and the order written in one commit.
+An order is written only inside a caller's transaction (`open_from_cart`, called by checkout):
+the cart service joins that transaction, so the lines are taken, the order written and the saga
+that will drive it started in one commit. There is deliberately no "place an order on its own"
+use case: such an order would stay `pending` forever, with no saga to move it and no event to
+report it.
 """
 
 from __future__ import annotations
@@ -51,10 +48,6 @@ class CartSource(Protocol):
         """Remove exactly these (sku, quantity) lines, all or none; raises a Conflict
         (`cart-changed`) if any of them is no longer in the cart with that quantity. With
         `conn`, inside the caller's transaction."""
-        ...
-
-    async def restore(self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]) -> None:
-        """Put taken lines back (a compensation); lines re-added meanwhile are left as they are."""
         ...
 
 
@@ -140,18 +133,6 @@ class OrdersService:
             if not moved:
                 # Already there (a no-op), not found or not allowed: `transition` says which.
                 await self.transition(order_id, target, conn=tx)
-
-    async def place_from_cart(self, customer_id: uuid.UUID) -> Order:
-        order = await self.draft_from_cart(customer_id)
-        taken = [(line.sku, line.quantity) for line in order.lines]
-        await self._cart.take(customer_id, taken)
-        try:
-            async with self._db.write() as conn:
-                await self._repo.add(conn, order)
-        except Exception:
-            await self._cart.restore(customer_id, taken)
-            raise
-        return order
 
     async def transition(
         self, order_id: uuid.UUID, target: OrderStatus, *, conn: AsyncConnection | None = None

@@ -1,9 +1,8 @@
 """Reporting routes: projection-backed order lists and the sales-by-day report.
 
 Why `/v1/order-summaries` beside `/v1/orders` instead of switching `/v1/orders` to the read
-model: orders placed with `POST /v1/orders` (not through checkout) publish no integration event,
-so a projection fed by events never sees them; and `/v1/orders` promises read-your-writes (its
-`version` and `created_at` come from the write model). The summaries are the CQRS read side:
+model: `/v1/orders` promises read-your-writes (its `version` and `created_at` come from the write
+model, so an order is listed the moment `POST /v1/checkout` answers). The summaries are the CQRS read side:
 denormalized (items and payment state in one row, no join), eventually consistent (a just-placed
 order appears once the projector has applied its `order_placed`, typically well under a second in
 embedded mode).
