@@ -287,15 +287,18 @@ def build_provider_calls(
             build_provider_policy(name, knobs, breakers=breakers, hooks=[hooks], clock=clock)
         )
 
+    # Lookups are hedged after their observed p95 (the configured p95 while cold); see resilient.py.
+    reads_policy = replace(policy, hedge_delay_s=policy.p95_s)
+
     psp, carrier = calls(PSP), calls(CARRIER)
     if not separate_reads:
         return ProviderCallSet(psp, psp, psp, carrier, carrier, carrier)
     return ProviderCallSet(
         psp=psp,
-        psp_reads=calls(PSP_READS),
+        psp_reads=calls(PSP_READS, reads_policy),
         psp_undo=calls(PSP_UNDO, undo_policy),
         carrier=carrier,
-        carrier_reads=calls(CARRIER_READS),
+        carrier_reads=calls(CARRIER_READS, reads_policy),
         carrier_undo=calls(CARRIER_UNDO, undo_policy),
     )
 
