@@ -242,7 +242,9 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     if providers is not None:
         console.print(
             f"  payment provider on {settings.providers.psp_base_url}, "
-            f"carrier on {settings.providers.carrier_base_url}"
+            f"carrier on {settings.providers.carrier_base_url}, "
+            f"mail on {settings.providers.mail_base_url}/messages "
+            f"(SMTP {settings.providers.host}:{settings.providers.mail_smtp_port})"
         )
     stop = asyncio.Event()
     runner = build_saga_runner(container)
