@@ -267,6 +267,10 @@ class WorkerSettings(BaseModel):
     notify_backoff_cap_s: float = Field(default=300.0, ge=0, le=86_400)
     notify_timeout_s: float = Field(default=10.0, gt=0, le=300)
     notify_sender: str = "orders@mercato.local"
+    # `mercato worker` serves /healthz, /readyz and /metrics here (0: off), for an orchestrator's probes.
+    http_port: int = Field(default=8081, ge=0, le=65535)
+    # How often each process publishes its breakers for /admin/resilience/breakers (ADR 0025).
+    breaker_report_interval_s: float = Field(default=2.0, gt=0, le=300)
 
 
 class Settings(BaseSettings):

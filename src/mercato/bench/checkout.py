@@ -221,7 +221,7 @@ def mercato_processes(
         if mode == "distributed":
             api = _probe("api", ["api", *bind, "--workers", "1"], port=api_port, workdir=workdir, env=env)
             started.append(api.server)
-            worker = _probe("worker", ["worker"], port=None, workdir=workdir, env=env)
+            worker = _probe("worker", ["worker", "--http-port", "0"], port=None, workdir=workdir, env=env)
             started.append(worker.server)
             probes = [api, worker]
         else:

@@ -756,7 +756,8 @@ async def _run(
             api = _Process(
                 "api", ["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, workdir
             )
-            worker = _Process("worker", ["worker"], env, workdir)
+            # No probe port: several labs (and other users of 8081) may share the machine.
+            worker = _Process("worker", ["worker", "--http-port", "0"], env, workdir)
             processes.extend([psp, carrier, api, worker])
             for process in (psp, carrier, api):
                 process.start()

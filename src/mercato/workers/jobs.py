@@ -43,6 +43,11 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def deliver_notifications() -> int:
         return await notifier.deliver_due(limit=worker.notify_batch)
 
+    async def report_breakers() -> int:
+        if container.breaker_reports is not None:
+            await container.breaker_reports.publish(container.breakers.snapshot())
+        return 0  # not "items": a report every pass is the job's idle state
+
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
 
@@ -89,4 +94,6 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         ),
         # ...and deliver the e-mails they recorded (SMTP to the mail provider; retried, deduplicated).
         PeriodicJob("notifier", worker.notify_interval_s, deliver_notifications, batch=worker.notify_batch),
+        # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
+        PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
     ]

@@ -34,6 +34,7 @@ from mercato.kit.resilience.latency import LatencyTracker
 from mercato.kit.resilience.metrics import PrometheusResilienceHooks
 from mercato.kit.resilience.policy import HedgeConfig, ResiliencePolicy
 from mercato.kit.resilience.registry import BreakerRegistry
+from mercato.kit.resilience.reports import BreakerReport, BreakerReports
 from mercato.kit.resilience.retry import RetryPolicy, is_testing, retry_call, set_testing
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "BreakerConfig",
     "BreakerHooks",
     "BreakerRegistry",
+    "BreakerReport",
+    "BreakerReports",
     "BreakerSnapshot",
     "BreakerState",
     "Bulkhead",
