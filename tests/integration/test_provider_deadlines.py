@@ -32,7 +32,6 @@ from mercato.shop.checkout.resilient import (
     ProviderCalls,
     ProviderPolicySettings,
     build_provider_policy,
-    is_provider_failure,
 )
 
 if TYPE_CHECKING:
@@ -76,7 +75,6 @@ async def test_a_call_whose_deadline_has_passed_is_not_run(provider_db_url: str,
             assert caught.value.status == 504
             assert caught.value.slug == "deadline-exceeded"
             assert elapsed < 0.35  # answered at the deadline, not after the 400 ms of work
-            assert not is_provider_failure(caught.value)  # our deadline, not the provider's health
             await asyncio.sleep(0.5)
             assert await _ledger(base_url, order) == []  # nothing ran after the caller gave up
 
@@ -174,3 +172,34 @@ def test_the_running_system_hedges_lookups_and_never_writes() -> None:
     for writes in (calls.psp, calls.carrier, calls.psp_undo, calls.carrier_undo):
         assert writes.policy is not None
         assert writes.policy.hedge is None
+
+
+async def test_attempts_cut_at_their_deadline_leave_nothing_behind_and_count_as_failures(
+    provider_db_url: str, on_a_port: Served
+) -> None:
+    """A provider slower than the per-attempt timeout: every attempt is abandoned by us and stopped by
+    the provider at the same deadline, so no authorization exists afterwards (without the header, the
+    provider would finish the first attempt after we gave up), and the breaker counts each as a failure."""
+    slow = FaultSettings(latency_p50_ms=400, latency_p99_ms=400)
+    app = create_psp_app(provider_db_url, faults=slow)
+    async with on_a_port(app, psp_metadata) as base_url:
+        order = f"ord-{uuid.uuid4().hex[:8]}"
+        breakers = BreakerRegistry()
+        knobs = ProviderPolicySettings(p95_s=0.1, total_timeout_s=2.0, max_attempts=2)
+        calls = ProviderCalls(build_provider_policy("psp", knobs, breakers=breakers))
+        client = PspClient(base_url)
+        try:
+            with pytest.raises(TimeoutError):
+                await calls(
+                    lambda: client.authorize(
+                        amount_minor=500,
+                        currency="EUR",
+                        order_reference=order,
+                        idempotency_key=uuid.uuid4().hex,
+                    )
+                )
+            await asyncio.sleep(0.6)  # past the provider's 400 ms: whatever it would still do, it did
+            assert await _ledger(base_url, order) == []
+            assert breakers.get("psp").snapshot()["failures"] == 2  # both attempts, retried with one key
+        finally:
+            await client.aclose()

@@ -139,6 +139,24 @@ async def test_a_per_attempt_timeout_is_a_breaker_failure_and_is_retried() -> No
     assert policy.breaker.snapshot()["failures"] == 1
 
 
+async def test_a_per_attempt_timeout_inside_a_total_deadline_is_still_retried() -> None:
+    """The attempt's own timeout (tighter than the deadline) is not the deadline passing."""
+    policy = _policy(ManualClock(), retry=RetryPolicy(max_attempts=2, timeout_s=0.01), total_timeout_s=5.0)
+    attempts = 0
+
+    async def hangs_once() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(10)
+        return "ok"
+
+    assert await policy.call(hangs_once, idempotent=True) == "ok"
+    assert attempts == 2
+    assert policy.breaker is not None
+    assert policy.breaker.snapshot()["failures"] == 1
+
+
 async def test_total_timeout_sets_a_deadline_for_the_call() -> None:
     clock = ManualClock()
     policy = _policy(clock, total_timeout_s=1.0)

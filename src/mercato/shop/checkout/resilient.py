@@ -16,8 +16,10 @@ of a keyed write would meet at the provider as `409 idempotency-key-in-flight`. 
 retry budget, so under an outage hedging adds at most the budget's share of extra load.
 
 Every attempt sends its remaining time downstream (`X-Request-Deadline`, see `providers/_client.py`);
-a provider that answers `504 deadline-exceeded` did not run the call, and that answer says nothing
-about the provider's health, so the breaker does not count it.
+a provider that answers `504 deadline-exceeded` stopped at our deadline without applying the call: the
+same event as our own timeout firing, and classified as one (a failure when the per-attempt timeout
+set the deadline, since the provider was slower than its p95 allows; ignored when the caller's
+tighter deadline did), then retried with the same key like any timeout.
 
 How provider answers are classified (what the breaker counts, what the retry loop retries):
 
@@ -28,7 +30,8 @@ answer                                      breaker            retried
 4xx (a definite refusal: the provider is    success            no
 up and answered)
 409 idempotency-key-in-flight               success            yes
-504 deadline-exceeded (our deadline)        not counted        (deadline gone)
+504 deadline-exceeded (stopped at our       as our own timeout  yes
+deadline, nothing applied)
 5xx                                         failure            yes
 timeout, refused or dropped connection      failure            yes
 CircuitOpen / BulkheadFull / Deadline...    (not a call)       never
@@ -101,7 +104,7 @@ class TransientProviderError(ProviderError):
 def is_provider_failure(exc: BaseException) -> bool:
     """What the breaker counts against the provider's health (see the module table)."""
     if isinstance(exc, ProviderError):
-        return exc.status >= 500 and exc.slug != DEADLINE_EXCEEDED
+        return exc.status >= 500
     if isinstance(exc, ResilienceError):
         return False
     return isinstance(exc, Exception)
@@ -237,6 +240,8 @@ class ProviderCalls:
             except TransientProviderError:
                 raise
             except ProviderError as exc:
+                if exc.slug == DEADLINE_EXCEEDED:
+                    raise TimeoutError(str(exc)) from exc
                 if exc.retryable:
                     raise TransientProviderError(exc.status, exc.problem) from exc
                 raise
