@@ -288,6 +288,8 @@ def _shop_env(
             "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
             "MERCATO_PROVIDERS_PSP_PORT": str(psp_port),
             "MERCATO_PROVIDERS_CARRIER_PORT": str(carrier_port),
+            # No mail provider in this lab: the notifier must not reach another run's on the default port.
+            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(free_port()),
             "MERCATO_CHECKOUT_PROVIDER_TIMEOUT_S": str(config.provider_timeout_s),
             "MERCATO_CHECKOUT_PROVIDER_ATTEMPTS": str(config.provider_attempts),
             "MERCATO_CHECKOUT_SAGA_DEADLINE_S": str(config.saga_deadline_s),
