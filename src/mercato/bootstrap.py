@@ -5,6 +5,8 @@ Nothing else decides "am I on PostgreSQL?"; everything else receives what it nee
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +20,7 @@ from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
-from mercato.kit.resilience import BreakerRegistry, PrometheusResilienceHooks
+from mercato.kit.resilience import BreakerRegistry, BreakerReports, PrometheusResilienceHooks
 from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
 from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.storage import Database, create_database
@@ -82,6 +84,8 @@ class Container:
     # The breakers in front of the providers ("psp", "carrier"; "psp-reads"/"carrier-reads" for their
     # record lookups, "psp-undo"/"carrier-undo" for compensations), for /admin/resilience/breakers.
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    # This process's breakers as published for the others (the API shows the workers'), ADR 0025.
+    breaker_reports: BreakerReports | None = None
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -190,6 +194,13 @@ def build_container(
         metrics_registry=metrics_registry,
         saga_wakeups=saga_wakeups,
         breakers=breakers,
+        breaker_reports=BreakerReports(
+            db,
+            clock,
+            process=f"{socket.gethostname()}:{os.getpid()}",
+            # Three missed reports and the process is taken for gone.
+            ttl_s=max(5.0, 3 * settings.worker.breaker_report_interval_s),
+        ),
     )
 
 
@@ -287,15 +298,18 @@ def build_provider_calls(
             build_provider_policy(name, knobs, breakers=breakers, hooks=[hooks], clock=clock)
         )
 
+    # Lookups are hedged after their observed p95 (the configured p95 while cold); see resilient.py.
+    reads_policy = replace(policy, hedge_delay_s=policy.p95_s)
+
     psp, carrier = calls(PSP), calls(CARRIER)
     if not separate_reads:
         return ProviderCallSet(psp, psp, psp, carrier, carrier, carrier)
     return ProviderCallSet(
         psp=psp,
-        psp_reads=calls(PSP_READS),
+        psp_reads=calls(PSP_READS, reads_policy),
         psp_undo=calls(PSP_UNDO, undo_policy),
         carrier=carrier,
-        carrier_reads=calls(CARRIER_READS),
+        carrier_reads=calls(CARRIER_READS, reads_policy),
         carrier_undo=calls(CARRIER_UNDO, undo_policy),
     )
 

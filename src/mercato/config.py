@@ -258,6 +258,19 @@ class WorkerSettings(BaseModel):
     reservation_sweep_s: float = Field(default=5.0, gt=0, le=3600)
     # Each run handles at most this many, so one sweep never holds the write lock for long.
     reservation_sweep_batch: int = Field(default=500, ge=1, le=100_000)
+    # The notifier: e-mails to the mail provider's SMTP port (providers.host:providers.mail_smtp_port),
+    # `notify_max_attempts` sends with full-jitter backoff (base, cap) before a notification is failed.
+    notify_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    notify_batch: int = Field(default=50, ge=1, le=10_000)
+    notify_max_attempts: int = Field(default=8, ge=1, le=100)
+    notify_backoff_base_s: float = Field(default=1.0, ge=0, le=3600)
+    notify_backoff_cap_s: float = Field(default=300.0, ge=0, le=86_400)
+    notify_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    notify_sender: str = "orders@mercato.local"
+    # `mercato worker` serves /healthz, /readyz and /metrics here (0: off), for an orchestrator's probes.
+    http_port: int = Field(default=8081, ge=0, le=65535)
+    # How often each process publishes its breakers for /admin/resilience/breakers (ADR 0025).
+    breaker_report_interval_s: float = Field(default=2.0, gt=0, le=300)
 
 
 class Settings(BaseSettings):

@@ -20,6 +20,7 @@ class RunningShop:
     base_url: str
     workdir: Path
     output: Path
+    mail_url: str = ""  # the mail provider's HTTP side (GET /messages)
 
 
 def free_port() -> int:
@@ -41,6 +42,9 @@ def start_mercato(
             # Several shops may run at once in one test session: each gets its own providers.
             "MERCATO_PROVIDERS_PSP_PORT": str(free_port()),
             "MERCATO_PROVIDERS_CARRIER_PORT": str(free_port()),
+            "MERCATO_PROVIDERS_MAIL_PORT": str(free_port()),
+            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(free_port()),
+            "MERCATO_WORKER_NOTIFY_INTERVAL_S": "0.2",
         }
     )
     env.update(env_extra or {})
@@ -71,9 +75,12 @@ def start_mercato(
 @pytest.fixture(scope="session")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningShop]:
     workdir = tmp_path_factory.mktemp("shop")
-    proc, base_url, output = start_mercato(workdir, ["up"])
+    mail_port = free_port()
+    proc, base_url, output = start_mercato(workdir, ["up"], {"MERCATO_PROVIDERS_MAIL_PORT": str(mail_port)})
     try:
-        yield RunningShop(base_url=base_url, workdir=workdir, output=output)
+        yield RunningShop(
+            base_url=base_url, workdir=workdir, output=output, mail_url=f"http://127.0.0.1:{mail_port}"
+        )
     finally:
         proc.terminate()
         try:

@@ -90,3 +90,23 @@ def test_a_customer_checks_out_and_the_order_completes(shop: RunningShop) -> Non
         assert order["status"] == "completed", order
         assert order["checkout"]["saga_status"] == "completed"
         assert [s["step"] for s in order["checkout"]["steps"]][-1] == "mark_complete"
+
+        # Choreography: the notifications context records the confirmation and the notifier mails it
+        # to the mail provider `mercato up` started (one mail for this order, to the customer).
+        _, customer_email, _ = next(a for a in accounts if a[0].value == "customer")
+        order_id = location.rstrip("/").rsplit("/", 1)[-1]
+        mails: list[dict[str, object]] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            mails = httpx.get(f"{shop.mail_url}/messages", params={"recipient": customer_email}).json()[
+                "items"
+            ]
+            if any(order_id in str(m["subject"]) for m in mails):
+                break
+            time.sleep(0.2)
+        assert [m for m in mails if order_id in str(m["subject"])], mails
+        assert len([m for m in mails if order_id in str(m["subject"])]) == 1
+        notes = client.get("/admin/notifications", params={"order_id": order_id}, headers=admin).json()[
+            "items"
+        ]
+        assert {(n["channel"], n["status"]) for n in notes} >= {("email", "sent")}

@@ -61,7 +61,10 @@ async def running(app: ProviderApp, metadata: MetaData) -> AsyncIterator[httpx.A
 
 
 async def _empty(app: ProviderApp, metadata: MetaData) -> None:
-    db = app.state.psp.db if hasattr(app.state, "psp") else app.state.carrier.db
+    owner = next(
+        getattr(app.state, name) for name in ("psp", "carrier", "mailbox") if hasattr(app.state, name)
+    )
+    db = owner.db
     async with db.write() as conn:
         for table in reversed(metadata.sorted_tables):
             await conn.execute(text(f'DELETE FROM "{table.name}"'))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import uuid
 
 from mercato.bootstrap import Container
+from mercato.kit.clock import ManualClock
+from mercato.kit.resilience import BreakerConfig, BreakerReports, BreakerState, CircuitBreaker
 from mercato.kit.sagas import SagaStatus
+from mercato.workers import shop_jobs
 from tests.integration.shop_support import admin, api, customer, product
 
 
@@ -87,3 +90,35 @@ async def test_admin_routes_are_documented_with_their_problems(container: Contai
         assert {"200", "401", "403"} <= set(responses), path
         assert "application/problem+json" in responses["403"]["content"]
     assert "400" in schema["paths"]["/admin/sagas"]["get"]["responses"]
+
+
+async def test_breakers_reported_by_other_processes_are_shown_while_fresh(
+    container: Container, clock: ManualClock
+) -> None:
+    """A worker's breakers reach the API through the reports table (ADR 0025); a silent one ages out."""
+    worker = BreakerReports(container.db, clock, process="worker-host:4242", ttl_s=6.0)
+    tripped = CircuitBreaker("psp", config=BreakerConfig(consecutive_failures=1), clock=clock)
+    tripped.acquire().failure(duration_s=0.01)
+    assert tripped.state is BreakerState.OPEN
+    await worker.publish({"psp": tripped.snapshot()})
+    # What the running worker does: the report_breakers job publishes the container's registry.
+    job = next(j for j in shop_jobs(container) if j.name == "report_breakers")
+    await job.run()
+    clock.advance(2)
+    async with api(container) as client:
+        items = (await client.get("/admin/resilience/breakers", headers=admin(container))).json()["items"]
+    reported = [b for b in items if b["process"] == "worker-host:4242"]
+    assert [(b["name"], b["state"], b["failures"]) for b in reported] == [("psp", "open", 1)]
+    assert reported[0]["reported_at"] is not None
+    # The open wait counts down from when it was reported: 2 s have passed since.
+    assert reported[0]["retry_after_s"] is not None
+    assert reported[0]["retry_after_s"] <= tripped.config.wait_s - 2 + 0.001
+    assert container.breaker_reports is not None
+    own = [b for b in items if b["process"] == container.breaker_reports.process]
+    assert len(own) == 6  # this process's live breakers, listed once (its own report is not repeated)
+    assert all(b["reported_at"] is None for b in own)
+
+    clock.advance(10)  # the worker stopped reporting
+    async with api(container) as client:
+        items = (await client.get("/admin/resilience/breakers", headers=admin(container))).json()["items"]
+    assert not [b for b in items if b["process"] == "worker-host:4242"]

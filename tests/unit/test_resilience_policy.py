@@ -1,17 +1,11 @@
-"""The composed policy and the HTTP client at unit level (fakes and an in-process ASGI transport)."""
+"""The composed policy at unit level (fakes, a manual clock)."""
 
 from __future__ import annotations
 
 import asyncio
 from random import Random
 
-import httpx
 import pytest
-from prometheus_client import CollectorRegistry
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from mercato.kit.clock import ManualClock
 from mercato.kit.resilience import (
@@ -25,9 +19,7 @@ from mercato.kit.resilience import (
     DeadlineExceeded,
     HedgeConfig,
     LatencyTracker,
-    PrometheusResilienceHooks,
     ResiliencePolicy,
-    ResilientHttpClient,
     RetryBudget,
     RetryPolicy,
     deadline_scope,
@@ -147,6 +139,24 @@ async def test_a_per_attempt_timeout_is_a_breaker_failure_and_is_retried() -> No
     assert policy.breaker.snapshot()["failures"] == 1
 
 
+async def test_a_per_attempt_timeout_inside_a_total_deadline_is_still_retried() -> None:
+    """The attempt's own timeout (tighter than the deadline) is not the deadline passing."""
+    policy = _policy(ManualClock(), retry=RetryPolicy(max_attempts=2, timeout_s=0.01), total_timeout_s=5.0)
+    attempts = 0
+
+    async def hangs_once() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(10)
+        return "ok"
+
+    assert await policy.call(hangs_once, idempotent=True) == "ok"
+    assert attempts == 2
+    assert policy.breaker is not None
+    assert policy.breaker.snapshot()["failures"] == 1
+
+
 async def test_total_timeout_sets_a_deadline_for_the_call() -> None:
     clock = ManualClock()
     policy = _policy(clock, total_timeout_s=1.0)
@@ -226,100 +236,3 @@ def test_for_dependency_derives_the_guide_defaults_from_p95() -> None:
     assert policy.hedge == HedgeConfig(fallback_delay_s=0.2)
     fast = ResiliencePolicy.for_dependency("cache", p95_s=0.01, clock=clock)
     assert fast.retry.timeout_s == pytest.approx(0.06)
-
-
-# --- ResilientHttpClient against an in-process ASGI app (the real-socket proof is in integration) ---
-
-
-def _flaky_app(fail_first: int) -> tuple[Starlette, dict[str, int]]:
-    counts: dict[str, int] = {}
-
-    async def endpoint(request: Request) -> JSONResponse:
-        key = request.path_params["key"]
-        counts[key] = counts.get(key, 0) + 1
-        if request.path_params["kind"] == "missing":
-            return JSONResponse({"error": "nope"}, status_code=404)
-        if counts[key] <= fail_first:
-            return JSONResponse({"error": "unavailable"}, status_code=503)
-        return JSONResponse({"attempts": counts[key], "deadline": request.headers.get("x-request-deadline")})
-
-    app = Starlette(routes=[Route("/{kind}/{key}", endpoint, methods=["GET", "POST", "PUT"])])
-    return app, counts
-
-
-def _client(
-    app: Starlette, clock: ManualClock, metrics: PrometheusResilienceHooks | None = None
-) -> ResilientHttpClient:
-    hooks = [metrics] if metrics is not None else []
-    breaker = CircuitBreaker("shop-api", config=BreakerConfig(minimum_calls=5), clock=clock, hooks=hooks)
-    policy = ResiliencePolicy(
-        "shop-api",
-        retry=RetryPolicy(max_attempts=3, timeout_s=2.0),
-        breaker=breaker,
-        clock=clock,
-        sleep=_no_sleep,
-        hooks=hooks,
-    )
-    transport = httpx.ASGITransport(app=app)
-    return ResilientHttpClient(httpx.AsyncClient(transport=transport, base_url="http://shop"), policy=policy)
-
-
-async def test_http_get_is_retried_and_carries_the_attempt_deadline() -> None:
-    app, counts = _flaky_app(fail_first=2)
-    clock = ManualClock()
-    registry = CollectorRegistry()
-    client = _client(app, clock, PrometheusResilienceHooks(registry))
-    with deadline_scope(timeout_s=1.5, clock=clock):
-        response = await client.get("/ok/a")
-    assert response.status_code == 200
-    assert response.json() == {
-        "attempts": 3,
-        "deadline": "1500",
-    }  # tighter of 1.5 s and the 2 s attempt timeout
-    assert (
-        registry.get_sample_value("mercato_retry_attempts_total", {"dependency": "shop-api", "kind": "retry"})
-        == 2
-    )
-    assert (
-        registry.get_sample_value(
-            "mercato_breaker_calls_total", {"dependency": "shop-api", "outcome": "failure"}
-        )
-        == 2
-    )
-    assert counts == {"a": 3}
-
-
-async def test_http_post_is_not_retried_without_an_idempotency_key() -> None:
-    app, counts = _flaky_app(fail_first=1)
-    client = _client(app, ManualClock())
-    response = await client.post("/ok/b", json={})
-    assert response.status_code == 503  # the last response is returned, as httpx does
-    assert counts == {"b": 1}
-    response = await client.post("/ok/c", json={}, headers={"Idempotency-Key": "k-1"})
-    assert response.status_code == 200
-    assert counts["c"] == 2
-
-
-async def test_http_4xx_is_a_success_for_the_breaker_and_not_retried() -> None:
-    app, counts = _flaky_app(fail_first=0)
-    clock = ManualClock()
-    client = _client(app, clock)
-    for index in range(10):
-        assert (await client.get(f"/missing/{index}")).status_code == 404
-    breaker = client.policy.breaker
-    assert breaker is not None
-    assert breaker.state is BreakerState.CLOSED
-    assert breaker.snapshot()["failures"] == 0
-    assert set(counts.values()) == {1}
-
-
-async def test_http_breaker_opens_on_5xx_and_then_refuses() -> None:
-    app, counts = _flaky_app(fail_first=1000)
-    client = _client(app, ManualClock())
-    assert (await client.get("/ok/x")).status_code == 503
-    with pytest.raises(CircuitOpen):
-        await client.get("/ok/y")  # the 5th failure opens the circuit, which cuts the 3rd attempt short
-    assert counts == {"x": 3, "y": 2}
-    with pytest.raises(CircuitOpen):
-        await client.get("/ok/z")
-    assert "z" not in counts

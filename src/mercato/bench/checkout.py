@@ -179,6 +179,9 @@ def _mercato_env(url: str, workdir: Path, psp_port: int, carrier_port: int) -> d
             "MERCATO_DATA_DIR": str(workdir),
             "MERCATO_PROVIDERS_PSP_PORT": str(psp_port),
             "MERCATO_PROVIDERS_CARRIER_PORT": str(carrier_port),
+            # `mercato up` also starts the mail provider: free ports, so two runs never meet.
+            "MERCATO_PROVIDERS_MAIL_PORT": str(free_port()),
+            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(free_port()),
             # Logins happen before measuring; cheap hashes keep them (and their re-hash check) quick.
             "MERCATO_AUTH_ARGON2_TIME_COST": "1",
             "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
@@ -221,7 +224,7 @@ def mercato_processes(
         if mode == "distributed":
             api = _probe("api", ["api", *bind, "--workers", "1"], port=api_port, workdir=workdir, env=env)
             started.append(api.server)
-            worker = _probe("worker", ["worker"], port=None, workdir=workdir, env=env)
+            worker = _probe("worker", ["worker", "--http-port", "0"], port=None, workdir=workdir, env=env)
             started.append(worker.server)
             probes = [api, worker]
         else:

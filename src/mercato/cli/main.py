@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from collections.abc import Coroutine
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 import uvicorn
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -242,7 +243,9 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     if providers is not None:
         console.print(
             f"  payment provider on {settings.providers.psp_base_url}, "
-            f"carrier on {settings.providers.carrier_base_url}"
+            f"carrier on {settings.providers.carrier_base_url}, "
+            f"mail on {settings.providers.mail_base_url}/messages "
+            f"(SMTP {settings.providers.host}:{settings.providers.mail_smtp_port})"
         )
     stop = asyncio.Event()
     runner = build_saga_runner(container)
@@ -263,19 +266,25 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
 
 @app.command()
 def worker(
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port (0 = off)")
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port",
+            "--metrics-port",
+            help="Port for /healthz, /readyz and /metrics (0 = off; default MERCATO_WORKER_HTTP_PORT)",
+        ),
     ] = None,
 ) -> None:
-    """Run the background jobs (reservation expiry, ...) without the API (distributed mode)."""
+    """Run the background jobs (sagas, relay, projections, notifier, ...) without the API (distributed
+    mode), with its own probes and metrics on MERCATO_WORKER_HTTP_PORT (8081)."""
     settings = _settings()
-    _run_service(_run_worker(settings, metrics_port or 0))
+    _run_service(_run_worker(settings, settings.worker.http_port if http_port is None else http_port))
 
 
-async def _run_worker(settings: Settings, metrics_port: int) -> None:
+async def _run_worker(settings: Settings, http_port: int) -> None:
+    from mercato.workers.http import serve_worker_http, worker_http_app
+
     registry = CollectorRegistry()
-    if metrics_port:
-        start_http_server(metrics_port, addr=settings.http.host, registry=registry)
     container = build_container(settings)
     # Breakers, retries and bulkheads in front of the providers live in the worker too.
     registry.register(container.metrics_registry)
@@ -283,13 +292,28 @@ async def _run_worker(settings: Settings, metrics_port: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    http = None
+    if http_port:
+        app = worker_http_app(health=container.health, registry=registry, stopping=stop.is_set)
+        try:
+            http = await serve_worker_http(app, host=settings.http.host, port=http_port)
+        except RuntimeError as exc:
+            await container.close()
+            console.print(f"[red]error:[/red] {exc} (set MERCATO_WORKER_HTTP_PORT, 0 to turn it off)")
+            raise SystemExit(1) from exc
     jobs = shop_jobs(container)
-    console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs))
+    probes = f"; probes and metrics on http://{settings.http.host}:{http_port}" if http_port else ""
+    console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs) + probes)
     try:
         await asyncio.gather(
             run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
         )
     finally:
+        if container.breaker_reports is not None:
+            with contextlib.suppress(Exception):
+                await container.breaker_reports.withdraw()
+        if http is not None:
+            await http.stop()
         await container.close()
 
 

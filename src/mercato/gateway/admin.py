@@ -7,7 +7,7 @@ when checkouts stall ("is the PSP's breaker open?", "which orders failed to comp
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
@@ -28,6 +28,10 @@ MAX_SAGA_LIMIT = 100
 
 
 class BreakerOut(BaseModel):
+    process: str = Field(description="The process whose breaker this is (`host:pid`).")
+    reported_at: str | None = Field(
+        description="When that process last reported it (RFC 3339); null for this process's own, live."
+    )
     name: str = Field(description="The dependency (`psp`, `carrier`).")
     state: str = Field(description="`closed`, `open` or `half_open`.")
     calls: int = Field(description="Calls recorded in the rolling window.")
@@ -84,15 +88,34 @@ def _container(request: Request) -> Container:
     "/resilience/breakers",
     response_model=BreakersOut,
     summary="Circuit breakers in front of the providers",
-    description="Each breaker's state, its rolling-window counts and rates, and when it admits probes.",
+    description=(
+        "Each breaker's state, its rolling-window counts and rates, and when it admits probes: this "
+        "process's own, and those the other processes (the workers, which make the provider calls in "
+        "distributed mode) reported within the last few seconds (ADR 0025)."
+    ),
     responses={
         **problem_responses(401, 403),
         200: {"description": "Breakers", "headers": PRIVATE_HEADER_DOC},
     },
 )
 async def list_breakers(request: Request, _: Operator) -> BreakersOut:
-    snapshot = _container(request).breakers.snapshot()
-    return BreakersOut(items=[BreakerOut.model_validate(dict(item)) for item in snapshot.values()])
+    container = _container(request)
+    reports = container.breaker_reports
+    own = reports.process if reports is not None else "local"
+    items = [
+        BreakerOut.model_validate({**item, "process": own, "reported_at": None})
+        for item in container.breakers.snapshot().values()
+    ]
+    for report in await reports.fetch() if reports is not None else []:
+        view: dict[str, Any] = dict(report.snapshot)
+        if view.get("retry_after_s") is not None:
+            # The wait was measured when reported: count down what passed since.
+            view["retry_after_s"] = max(0.0, float(view["retry_after_s"]) - report.age_s)
+        reported_at = report.reported_at.isoformat().replace("+00:00", "Z")
+        items.append(
+            BreakerOut.model_validate({**view, "process": report.process, "reported_at": reported_at})
+        )
+    return BreakersOut(items=items)
 
 
 def _saga_out(container: Container, saga: SagaInstance) -> SagaOut:

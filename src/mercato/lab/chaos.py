@@ -109,6 +109,8 @@ def _shop_env(
             "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
             "MERCATO_PROVIDERS_PSP_PORT": str(psp_port),
             "MERCATO_PROVIDERS_CARRIER_PORT": str(carrier_port),
+            # No mail provider in this lab: the notifier must not reach another run's on the default port.
+            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(free_port()),
             "MERCATO_CHECKOUT_PROVIDER_TIMEOUT_S": str(config.provider_timeout_s),
             "MERCATO_CHECKOUT_PROVIDER_ATTEMPTS": str(config.provider_attempts),
             "MERCATO_CHECKOUT_SAGA_DEADLINE_S": str(config.saga_deadline_s),
@@ -205,7 +207,8 @@ async def _run(
             api = ShopProcess(
                 "api", ["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, workdir
             )
-            worker = ShopProcess("worker", ["worker"], env, workdir)
+            # No probe port: several labs (and other users of 8081) may share the machine.
+            worker = ShopProcess("worker", ["worker", "--http-port", "0"], env, workdir)
             processes.extend([psp, carrier, api, worker])
             for process in (psp, carrier, api):
                 process.start()

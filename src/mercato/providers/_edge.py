@@ -2,6 +2,12 @@
 
 The edge middleware is the outermost ASGI layer (outside Starlette's error middleware) for one reason:
 to make a "lost response" real it needs the server's own `send`, whose owner holds the TCP transport.
+
+It also honours the caller's deadline (`X-Request-Deadline`, remaining milliseconds; API-CONVENTIONS):
+a `/v1/` request that arrives with no time left is answered `504 /problems/deadline-exceeded` without
+running, and one whose injected latency outlasts its deadline is cut there with the same answer, the
+operation not applied. Work nobody waits for any more is never done (the caller has already given up
+or retried; doing it anyway only adds load and, for a write, an effect the caller cannot know of).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.resilience import DEADLINE_HEADER, Deadline, parse_deadline_header
 from mercato.kit.web.problems import problem_response
 from mercato.providers.faults import FaultDecision, FaultInjector, FaultKind, FaultSettings
 
 __all__ = [
+    "DEADLINE_STATE_KEY",
     "FAULT_LATENCY_STATE_KEY",
     "ProviderApp",
     "ProviderMetrics",
@@ -35,6 +43,10 @@ __all__ = [
 ]
 
 FAULT_LATENCY_STATE_KEY = "mercato_fault_latency_s"
+DEADLINE_STATE_KEY = "mercato_request_deadline"
+_DEADLINE_KEY = DEADLINE_HEADER.lower().encode("latin-1")
+# A caller may not pin a simulated operation for longer than this, whatever its header says.
+_MAX_DEADLINE_S = 600.0
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _log = get_logger("mercato.providers")
 
@@ -109,6 +121,46 @@ def _is_business(scope: Scope) -> bool:
     # Faults hit the simulated operations only; reads (ledger, shipment lists) are the tests' oracle and
     # admin/health/metrics must keep working while the provider is "down".
     return scope["method"] == "POST" and str(scope["path"]).startswith("/v1/")
+
+
+def _is_lookup(scope: Scope) -> bool:
+    return scope["method"] == "GET" and str(scope["path"]).startswith("/v1/")
+
+
+def _deadline(scope: Scope, injector: FaultInjector) -> Deadline | None:
+    """The caller's deadline on the injector's clock, for `/v1/` routes (never probes or admin)."""
+    if not str(scope["path"]).startswith("/v1/"):
+        return None
+    for key, value in scope.get("headers", ()):
+        if key == _DEADLINE_KEY:
+            return parse_deadline_header(
+                value.decode("latin-1"), max_timeout_s=_MAX_DEADLINE_S, clock=injector.clock
+            )
+    return None
+
+
+def deadline_exceeded() -> ProviderProblem:
+    return ProviderProblem(
+        504,
+        "deadline-exceeded",
+        "Deadline exceeded",
+        "the caller's X-Request-Deadline passed before the operation ran; it was not applied",
+    )
+
+
+async def sleep_within(deadline: Deadline | None, delay_s: float) -> bool:
+    """Sleep `delay_s`, or only until `deadline`; False when the deadline passed first."""
+    if deadline is None:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        return True
+    remaining_s = deadline.remaining_s()
+    if delay_s >= remaining_s:
+        await asyncio.sleep(remaining_s)
+        return False
+    if delay_s > 0:
+        await asyncio.sleep(delay_s)
+    return not deadline.expired
 
 
 async def _drop_connection(send: Send) -> None:
@@ -192,8 +244,21 @@ class _EdgeMiddleware:
         self, scope: Scope, receive: Receive, raw_send: Send, send: Send, decision: FaultDecision
     ) -> None:
         kind = decision.kind
+        deadline = _deadline(scope, self.owner.injector)
+        if deadline is not None:
+            if deadline.expired:
+                await deadline_exceeded().response(str(scope["path"]))(scope, receive, send)
+                return
+            scope.setdefault("state", {})[DEADLINE_STATE_KEY] = deadline
+        if _is_lookup(scope) and not await sleep_within(
+            deadline, self.owner.injector.sample_read_latency_s()
+        ):
+            await deadline_exceeded().response(str(scope["path"]))(scope, receive, send)
+            return
         if kind in (FaultKind.OUTAGE, FaultKind.ERROR):
-            await asyncio.sleep(decision.latency_s)
+            if not await sleep_within(deadline, decision.latency_s):
+                await deadline_exceeded().response(str(scope["path"]))(scope, receive, send)
+                return
             status = decision.status or 500
             headers = {"Retry-After": str(decision.retry_after_s)} if decision.retry_after_s else None
             slug, title = (
@@ -246,6 +311,12 @@ class ProviderApp(FastAPI):
 def latency_of(request: Request) -> float:
     """The latency the edge drew for this request (0 outside a faulted business call)."""
     return float(request.scope.get("state", {}).get(FAULT_LATENCY_STATE_KEY, 0.0))
+
+
+def deadline_of(request: Request) -> Deadline | None:
+    """The caller's deadline for this request, if it sent one."""
+    deadline = request.scope.get("state", {}).get(DEADLINE_STATE_KEY)
+    return deadline if isinstance(deadline, Deadline) else None
 
 
 def _install_problem_handlers(app: FastAPI) -> None:

@@ -26,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock
+from mercato.kit.resilience import Deadline
 from mercato.kit.storage import UTCDateTime
 from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
-from mercato.providers._edge import ProviderProblem, latency_of
+from mercato.providers._edge import ProviderProblem, deadline_exceeded, deadline_of, latency_of, sleep_within
 
 __all__ = ["IdempotencyStore", "Outcome", "fingerprint", "idempotency_table"]
 
@@ -113,12 +114,24 @@ class IdempotencyStore:
             latency_s=latency_of(request),
             instance=request.url.path,
             apply=apply,
+            deadline=deadline_of(request),
         )
 
     async def execute(
-        self, *, key: str | None, digest: str, latency_s: float, instance: str, apply: Apply
+        self,
+        *,
+        key: str | None,
+        digest: str,
+        latency_s: float,
+        instance: str,
+        apply: Apply,
+        deadline: Deadline | None = None,
     ) -> Response:
         """Run `apply` at most once per key; a `ProviderProblem` it raises is stored like a success.
+
+        The caller's `deadline` is checked once the key is claimed and again after the simulated
+        latency, just before the write: past it, the key is released and the answer is a 504 that
+        is not stored (nothing was applied, so a retry with the same key may still run it).
 
         Storing rejections too is what a real PSP does: a retry of "capture 900 of 500" must keep
         getting the same 422, not a different answer because the state moved on meanwhile.
@@ -133,8 +146,8 @@ class IdempotencyStore:
         if isinstance(claim, Outcome):
             return claim.response(replayed=True)
         try:
-            if latency_s > 0:
-                await asyncio.sleep(latency_s)
+            if not await sleep_within(deadline, latency_s):
+                raise deadline_exceeded()
             async with self.db.write() as conn:
                 try:
                     outcome = await apply(conn)

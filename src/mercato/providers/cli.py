@@ -14,12 +14,15 @@ from mercato.kit.runtime import tune_gc_for_service
 from mercato.providers.carrier.app import create_carrier_app
 from mercato.providers.config import ProviderSettings
 from mercato.providers.faults import FaultSettings
+from mercato.providers.mail.app import create_mail_app
 from mercato.providers.psp.app import create_psp_app
 from mercato.providers.server import provider_server
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Simulated external providers with fault injection.", no_args_is_help=True)
+app = typer.Typer(
+    help="Simulated external providers (PSP, carrier, mail) with fault injection.", no_args_is_help=True
+)
 _console = Console(stderr=True)
 
 Host = Annotated[str, typer.Option(help="Bind address")]
@@ -114,5 +117,37 @@ def carrier(
     configure_logging()
     application = create_carrier_app(settings.carrier_url(), faults=faults)
     _console.print(f"[bold]Simulated carrier[/bold] on http://{host}:{port}  (faults: /admin/faults)")
+    tune_gc_for_service()
+    provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
+
+
+@app.command()
+def mail(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (GET /messages, /admin/faults)")] = 8102,
+    smtp_port: Annotated[int, typer.Option(help="SMTP port")] = 2525,
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = Path("./var"),
+    error_rate: ErrorRate = 0.0,
+    hang_rate: HangRate = 0.0,
+    lost_response_rate: LostRate = 0.0,
+    latency_p50_ms: P50 = 0.0,
+    latency_p99_ms: P99 = 0.0,
+    outage_for_s: OutageFor = None,
+    seed: Seed = None,
+) -> None:
+    """Serve the mail provider: SMTP in (dedup on Message-ID), received mail over HTTP (GET /messages)."""
+    faults = _faults(
+        error_rate, hang_rate, lost_response_rate, latency_p50_ms, latency_p99_ms, outage_for_s, seed
+    )
+    settings = ProviderSettings(
+        host=host, mail_port=port, mail_smtp_port=smtp_port, data_dir=data_dir, mail_database_url=database_url
+    )
+    configure_logging()
+    application = create_mail_app(settings.mail_url(), smtp_host=host, smtp_port=smtp_port, faults=faults)
+    _console.print(
+        f"[bold]Mail provider[/bold]: SMTP on {host}:{smtp_port}, mail on http://{host}:{port}/messages"
+        "  (faults: /admin/faults)"
+    )
     tune_gc_for_service()
     provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()

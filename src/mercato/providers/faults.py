@@ -83,6 +83,12 @@ class FaultSettings(BaseModel):
     )
     latency_p50_ms: float = Field(default=0.0, ge=0, le=600_000)
     latency_p99_ms: float = Field(default=0.0, ge=0, le=600_000)
+    read_latency_p50_ms: float = Field(
+        default=0.0, ge=0, le=600_000, description="Median latency added to record lookups (GET /v1/...)."
+    )
+    read_latency_p99_ms: float = Field(
+        default=0.0, ge=0, le=600_000, description="Their 99th percentile (lognormal tail)."
+    )
     outages: list[OutageWindow] = Field(
         default_factory=list, description="Windows `[start_s, end_s)` after the settings were applied."
     )
@@ -102,6 +108,10 @@ class FaultSettings(BaseModel):
             raise ValueError("latency_p99_ms needs latency_p50_ms > 0")
         if self.latency_p50_ms > 0 and self.latency_p99_ms < self.latency_p50_ms:
             raise ValueError("latency_p99_ms must be at least latency_p50_ms")
+        if self.read_latency_p50_ms == 0 and self.read_latency_p99_ms > 0:
+            raise ValueError("read_latency_p99_ms needs read_latency_p50_ms > 0")
+        if self.read_latency_p50_ms > 0 and self.read_latency_p99_ms < self.read_latency_p50_ms:
+            raise ValueError("read_latency_p99_ms must be at least read_latency_p50_ms")
         return self
 
     def windows(self) -> list[OutageWindow]:
@@ -144,6 +154,9 @@ class FaultInjector:
 
     Outage windows are measured from the moment the settings were applied (`update`), on the clock's
     monotonic time, so "down for the next 30 s" means the same thing whenever it is set.
+
+    Record lookups draw their latency from a second `Random` (seeded from `seed` too), so a test that
+    replays the reads' draws is not disturbed by the writes' and the other way round.
     """
 
     def __init__(
@@ -155,9 +168,11 @@ class FaultInjector:
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random(settings.seed if settings else None)
+        self._read_rng = random.Random(_read_seed(settings.seed if settings else None))
         self._settings = FaultSettings()
         self._applied_at = self.clock.monotonic()
         self._mu_sigma: tuple[float, float] | None = None
+        self._read_mu_sigma: tuple[float, float] | None = None
         self.update(settings or FaultSettings(), reseed=False)
 
     @property
@@ -173,8 +188,14 @@ class FaultInjector:
             if settings.latency_p50_ms > 0
             else None
         )
+        self._read_mu_sigma = (
+            lognormal_params(settings.read_latency_p50_ms, settings.read_latency_p99_ms)
+            if settings.read_latency_p50_ms > 0
+            else None
+        )
         if reseed and settings.seed is not None:
             self._rng.seed(settings.seed)
+            self._read_rng.seed(_read_seed(settings.seed))
 
     def elapsed_s(self) -> float:
         return self.clock.monotonic() - self._applied_at
@@ -195,6 +216,13 @@ class FaultInjector:
             return 0.0
         mu, sigma = self._mu_sigma
         return self._rng.lognormvariate(mu, sigma) / 1000.0
+
+    def sample_read_latency_s(self) -> float:
+        """The latency one record lookup suffers (0 unless `read_latency_p50_ms` is set)."""
+        if self._read_mu_sigma is None:
+            return 0.0
+        mu, sigma = self._read_mu_sigma
+        return self._read_rng.lognormvariate(mu, sigma) / 1000.0
 
     def decide(self) -> FaultDecision:
         """The fault for one request. An outage wins over everything and costs no latency draw."""
@@ -224,3 +252,7 @@ class FaultInjector:
         if draw < settings.lost_response_rate:
             return FaultDecision(kind=FaultKind.LOST_RESPONSE, latency_s=latency_s)
         return FaultDecision(kind=FaultKind.NONE, latency_s=latency_s)
+
+
+def _read_seed(seed: int | None) -> str | None:
+    return None if seed is None else f"reads-{seed}"

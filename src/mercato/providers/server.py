@@ -13,6 +13,7 @@ from mercato.kit.clock import Clock
 from mercato.providers._edge import ProviderApp
 from mercato.providers.carrier.app import create_carrier_app
 from mercato.providers.config import ProviderSettings
+from mercato.providers.mail.app import create_mail_app
 from mercato.providers.psp.app import create_psp_app
 
 __all__ = ["RunningProviders", "provider_server", "serve_providers"]
@@ -57,15 +58,16 @@ async def _serve(server: uvicorn.Server) -> None:
 
 @dataclass
 class RunningProviders:
-    """Both simulators serving in the current loop; `stop()` shuts them down and waits."""
+    """The simulators serving in the current loop; `stop()` shuts them down and waits."""
 
     psp: uvicorn.Server
     carrier: uvicorn.Server
+    mail: uvicorn.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
-    def servers(self) -> tuple[uvicorn.Server, uvicorn.Server]:
-        return (self.psp, self.carrier)
+    def servers(self) -> tuple[uvicorn.Server, ...]:
+        return (self.psp, self.carrier) if self.mail is None else (self.psp, self.carrier, self.mail)
 
     async def stop(self) -> None:
         for server in self.servers:
@@ -76,15 +78,23 @@ class RunningProviders:
 async def serve_providers(
     settings: ProviderSettings, *, clock: Clock | None = None, startup_timeout_s: float = 30.0
 ) -> RunningProviders:
-    """Start the PSP and the carrier as tasks in the running loop and return once both accept requests.
+    """Start the PSP, the carrier and the mail provider as tasks in the running loop and return once
+    all accept requests (the mail provider's SMTP listener opens with its HTTP app).
 
-    Raises `RuntimeError` when either fails to start (port taken, database unreachable); the other is
+    Raises `RuntimeError` when one fails to start (port taken, database unreachable); the other is
     stopped first so nothing is left behind.
     """
     psp_app = create_psp_app(
         settings.psp_url(), faults=settings.psp_faults, decline_rate=settings.decline_rate, clock=clock
     )
     carrier_app = create_carrier_app(settings.carrier_url(), faults=settings.carrier_faults, clock=clock)
+    mail_app = create_mail_app(
+        settings.mail_url(),
+        smtp_host=settings.host,
+        smtp_port=settings.mail_smtp_port,
+        faults=settings.mail_faults,
+        clock=clock,
+    )
     running = RunningProviders(
         psp=provider_server(
             psp_app,
@@ -97,6 +107,13 @@ async def serve_providers(
             carrier_app,
             host=settings.host,
             port=settings.carrier_port,
+            graceful_shutdown_s=settings.graceful_shutdown_s,
+            embedded=True,
+        ),
+        mail=provider_server(
+            mail_app,
+            host=settings.host,
+            port=settings.mail_port,
             graceful_shutdown_s=settings.graceful_shutdown_s,
             embedded=True,
         ),

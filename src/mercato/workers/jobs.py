@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
+from mercato.workers.notifier import build_notifier
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
 
 
@@ -36,6 +37,16 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         batch_size=container.settings.messaging.relay_batch,
         clock=container.clock,
     )
+
+    notifier = build_notifier(container)
+
+    async def deliver_notifications() -> int:
+        return await notifier.deliver_due(limit=worker.notify_batch)
+
+    async def report_breakers() -> int:
+        if container.breaker_reports is not None:
+            await container.breaker_reports.publish(container.breakers.snapshot())
+        return 0  # not "items": a report every pass is the job's idle state
 
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
@@ -81,4 +92,8 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             notifications_consumer(container).run_once,
             batch=100,
         ),
+        # ...and deliver the e-mails they recorded (SMTP to the mail provider; retried, deduplicated).
+        PeriodicJob("notifier", worker.notify_interval_s, deliver_notifications, batch=worker.notify_batch),
+        # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
+        PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
     ]

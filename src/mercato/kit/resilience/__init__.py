@@ -1,7 +1,8 @@
 """Resilience for calls to dependencies: deadlines, timeouts, retries, budgets, breakers, hedging, bulkheads.
 
-Start with `ResiliencePolicy.for_dependency(name, p95_s=...)` (or `ResilientHttpClient` around it); the
-pieces are usable alone. Every component takes an injectable `Clock` (and `Random`, `sleep`) so its
+Start with `ResiliencePolicy.for_dependency(name, p95_s=...)`; the pieces are usable alone. The
+outgoing HTTP clients (`mercato.providers._client`) send `outgoing_deadline_headers()` themselves.
+Every component takes an injectable `Clock` (and `Random`, `sleep`) so its
 state machine is tested without sleeping, and a sequence of hooks for metrics
 (`PrometheusResilienceHooks`). `set_testing(True)` removes backoff pauses in application tests.
 """
@@ -29,20 +30,20 @@ from mercato.kit.resilience.hooks import (
     ResilienceHooks,
     RetryHooks,
 )
-from mercato.kit.resilience.http import IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_METHODS, ResilientHttpClient
 from mercato.kit.resilience.latency import LatencyTracker
 from mercato.kit.resilience.metrics import PrometheusResilienceHooks
 from mercato.kit.resilience.policy import HedgeConfig, ResiliencePolicy
 from mercato.kit.resilience.registry import BreakerRegistry
+from mercato.kit.resilience.reports import BreakerReport, BreakerReports
 from mercato.kit.resilience.retry import RetryPolicy, is_testing, retry_call, set_testing
 
 __all__ = [
     "DEADLINE_HEADER",
-    "IDEMPOTENCY_KEY_HEADER",
-    "IDEMPOTENT_METHODS",
     "BreakerConfig",
     "BreakerHooks",
     "BreakerRegistry",
+    "BreakerReport",
+    "BreakerReports",
     "BreakerSnapshot",
     "BreakerState",
     "Bulkhead",
@@ -61,7 +62,6 @@ __all__ = [
     "ResilienceError",
     "ResilienceHooks",
     "ResiliencePolicy",
-    "ResilientHttpClient",
     "RetryBudget",
     "RetryHooks",
     "RetryPolicy",

@@ -134,12 +134,15 @@ async def retry_call(
             timeout_s = deadline.remaining_s()
             clipped_by_deadline = True
         cause: BaseException | None = None
+        timer = asyncio.timeout(timeout_s)
         try:
             with deadline_scope(timeout_s=timeout_s, clock=clock):
-                async with asyncio.timeout(timeout_s):
+                async with timer:
                     result = await fn()
         except TimeoutError as exc:
-            if clipped_by_deadline:
+            # Only our own timer firing at the deadline is the deadline's doing; a TimeoutError from
+            # inside (a tighter per-attempt timeout, as `ResiliencePolicy` sets) is the attempt's.
+            if clipped_by_deadline and timer.expired():
                 raise DeadlineExceeded(
                     "the request deadline passed during the call", dependency=name
                 ) from exc

@@ -9,6 +9,18 @@ compensations that would undo its partial effects (measured by `mercato lab brea
 run, compensations queued behind the writes' breaker were the last orders to finish late). Each still
 has a breaker, so an undo path that is itself failing stops being hammered.
 
+The lookups are hedged (`hedge_delay_s`): a lookup with no answer after the reads' observed p95 (the
+configured p95 while fewer than 20 were timed) sends one backup copy and keeps the first success, so
+one slow provider instance or a lost packet costs the p95, not the timeout. Only lookups: two copies
+of a keyed write would meet at the provider as `409 idempotency-key-in-flight`. A backup draws on the
+retry budget, so under an outage hedging adds at most the budget's share of extra load.
+
+Every attempt sends its remaining time downstream (`X-Request-Deadline`, see `providers/_client.py`);
+a provider that answers `504 deadline-exceeded` stopped at our deadline without applying the call: the
+same event as our own timeout firing, and classified as one (a failure when the per-attempt timeout
+set the deadline, since the provider was slower than its p95 allows; ignored when the caller's
+tighter deadline did), then retried with the same key like any timeout.
+
 How provider answers are classified (what the breaker counts, what the retry loop retries):
 
 ==========================================  =================  =========
@@ -18,6 +30,8 @@ answer                                      breaker            retried
 4xx (a definite refusal: the provider is    success            no
 up and answered)
 409 idempotency-key-in-flight               success            yes
+504 deadline-exceeded (stopped at our       as our own timeout  yes
+deadline, nothing applied)
 5xx                                         failure            yes
 timeout, refused or dropped connection      failure            yes
 CircuitOpen / BulkheadFull / Deadline...    (not a call)       never
@@ -44,6 +58,7 @@ from mercato.kit.resilience import (
     BreakerConfig,
     BreakerRegistry,
     Bulkhead,
+    HedgeConfig,
     LatencyTracker,
     ResilienceError,
     ResilienceHooks,
@@ -95,6 +110,8 @@ def is_provider_failure(exc: BaseException) -> bool:
     return isinstance(exc, Exception)
 
 
+DEADLINE_EXCEEDED = "deadline-exceeded"
+
 _RETRY_ON: tuple[type[BaseException], ...] = (
     TimeoutError,
     ConnectionError,  # ProviderUnavailable: no answer, outcome unknown
@@ -114,6 +131,8 @@ class ProviderPolicySettings:
       once `minimum_calls` were made, or on `consecutive_failures` failures in a row; it stays open
       `open_s` (jittered down by up to 20 %), then lets `half_open_probes` through; each failed
       probe round doubles the wait, up to `max_open_s`, until the circuit closes again.
+    - `hedge_delay_s`: None, no hedging; else hedge after the observed p95 of the calls, this delay
+      while fewer than 20 were timed (for idempotent lookups only).
 
     Why these breaker numbers (ADR 0021, measured by `mercato lab breaker`): a provider that hangs is
     learnt of only when timeouts fire, so every call admitted until the trip pays the per-attempt
@@ -138,6 +157,7 @@ class ProviderPolicySettings:
     open_s: float = 5.0
     max_open_s: float = 30.0
     half_open_probes: int = 1
+    hedge_delay_s: float | None = None
 
     @property
     def attempt_timeout_s(self) -> float:
@@ -191,6 +211,9 @@ def build_provider_policy(
         ),
         budget=RetryBudget(ratio=settings.retry_ratio, min_retries_per_s=1.0, clock=clock),
         latency=LatencyTracker(),
+        hedge=HedgeConfig(fallback_delay_s=settings.hedge_delay_s)
+        if settings.hedge_delay_s is not None
+        else None,
         is_failure=is_provider_failure,
         clock=clock,
         hooks=hooks,
@@ -217,9 +240,12 @@ class ProviderCalls:
             except TransientProviderError:
                 raise
             except ProviderError as exc:
+                if exc.slug == DEADLINE_EXCEEDED:
+                    raise TimeoutError(str(exc)) from exc
                 if exc.retryable:
                     raise TransientProviderError(exc.status, exc.problem) from exc
                 raise
 
-        # Idempotent: every provider POST carries an Idempotency-Key, the rest are reads.
-        return await self.policy.call(attempt, idempotent=True)
+        # Idempotent: every provider POST carries an Idempotency-Key, the rest are reads. Hedged only
+        # where the policy has a HedgeConfig (the lookups' policies).
+        return await self.policy.call(attempt, idempotent=True, hedge=True)

@@ -40,6 +40,9 @@ class NotificationOut(BaseModel):
     body: str
     status: str = Field(description="pending | sent | failed")
     created_at: datetime
+    attempts: int = Field(description="Delivery attempts so far.")
+    last_error: str | None = Field(description="Why the last attempt failed (null after a success).")
+    sent_at: datetime | None = Field(description="When the provider accepted it.")
 
 
 def notifications_service(request: Request) -> NotificationsService:
@@ -66,6 +69,9 @@ def _out(n: Notification) -> dict[str, Any]:
         "body": n.body,
         "status": n.status,
         "created_at": n.created_at.isoformat().replace("+00:00", "Z"),
+        "attempts": n.attempts,
+        "last_error": n.last_error,
+        "sent_at": n.sent_at.isoformat().replace("+00:00", "Z") if n.sent_at else None,
     }
 
 

@@ -32,6 +32,11 @@ class Notification:
     body: str
     status: str
     created_at: datetime
+    # Delivery (see delivery.py): e-mails only; webhooks stay pending.
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    sent_at: datetime | None = None
 
 
 class NotificationsService:

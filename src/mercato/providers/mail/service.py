@@ -1,0 +1,152 @@
+"""The mailbox: accepted messages on the provider's own tables, deduplicated on `Message-ID`.
+
+A sender that lost our answer (a dropped connection after `DATA`) cannot know whether the message
+was stored, so it sends again with the same `Message-ID`; storing it once and answering the retry
+`250` like the first is what makes "at least once" from the sender "exactly once" in the mailbox.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Column, Index, String, Table, Text, select
+from sqlalchemy.exc import IntegrityError
+
+from mercato.kit.clock import Clock
+from mercato.kit.ids import new_id
+from mercato.kit.storage import UTCDateTime
+from mercato.kit.storage.inline_sqlite import SqlDatabase
+from mercato.kit.web.pagination import Cursor, CursorError
+from mercato.providers._edge import ProviderProblem
+from mercato.providers._storage import create_tables, new_metadata
+from mercato.providers.mail.models import MailOut, MailPage
+
+__all__ = ["Accepted", "Mailbox", "mail_metadata"]
+
+mail_metadata = new_metadata()
+
+messages = Table(
+    "mail_messages",
+    mail_metadata,
+    Column("id", String(36), primary_key=True),
+    Column("message_id", String(998), nullable=False, unique=True),
+    Column("mail_from", String(320), nullable=False),
+    Column("recipients", Text, nullable=False),
+    Column("subject", String(998), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
+# One row per (message, recipient), so `GET /messages?recipient=` is an index range, not a scan.
+recipients = Table(
+    "mail_recipients",
+    mail_metadata,
+    Column("message", String(36), primary_key=True),
+    Column("address", String(320), primary_key=True),
+    Index("ix_mail_recipients_address_message", "address", "message"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: str
+    duplicate: bool
+
+
+def _out(row: Any) -> MailOut:
+    return MailOut(
+        id=row["id"],
+        message_id=row["message_id"],
+        mail_from=row["mail_from"],
+        recipients=list(orjson.loads(row["recipients"])),
+        subject=row["subject"],
+        body=row["body"],
+        received_at=row["received_at"],
+    )
+
+
+def _parse(raw: bytes) -> tuple[str | None, str, str]:
+    """`(Message-ID, Subject, text body)` of a raw RFC 5322 message."""
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    message_id = parsed.get("Message-ID")
+    subject = str(parsed.get("Subject", ""))
+    body = ""
+    part = parsed.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+    if part is not None:
+        body = str(part.get_content()).replace("\r\n", "\n")
+    return (str(message_id).strip() if message_id else None), subject, body
+
+
+class Mailbox:
+    def __init__(self, db: SqlDatabase, *, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+
+    async def start(self) -> None:
+        await create_tables(self.db, mail_metadata)
+
+    async def close(self) -> None:
+        await self.db.dispose()
+
+    async def accept(self, *, mail_from: str, rcpt_tos: list[str], raw: bytes) -> Accepted:
+        """Store the message unless one with its `Message-ID` is already here (then: a duplicate).
+
+        A message without a `Message-ID` gets one of ours and is never a duplicate.
+        """
+        message_id, subject, body = _parse(raw)
+        pk = str(new_id())
+        message_id = message_id or f"<{pk}@mail.mercato.local>"
+        addresses = sorted({address.strip().lower() for address in rcpt_tos})
+        for _ in range(2):
+            try:
+                async with self.db.write() as conn:
+                    existing = (
+                        await conn.execute(select(messages.c.id).where(messages.c.message_id == message_id))
+                    ).scalar()
+                    if existing is not None:
+                        return Accepted(id=str(existing), duplicate=True)
+                    await conn.execute(
+                        messages.insert(),
+                        {
+                            "id": pk,
+                            "message_id": message_id,
+                            "mail_from": mail_from,
+                            "recipients": orjson.dumps(addresses).decode(),
+                            "subject": subject[:998],
+                            "body": body,
+                            "received_at": self.clock.now(),
+                        },
+                    )
+                    await conn.execute(
+                        recipients.insert(), [{"message": pk, "address": address} for address in addresses]
+                    )
+                    return Accepted(id=pk, duplicate=False)
+            except IntegrityError:
+                # PostgreSQL: a concurrent copy inserted it between our read and insert; read again.
+                continue
+        return Accepted(id=pk, duplicate=True)  # pragma: no cover - the second read finds the row
+
+    async def page(self, *, recipient: str | None, limit: int, cursor: str | None) -> MailPage:
+        """Oldest first, keyset by id (UUIDv7); `recipient` narrows to one envelope recipient."""
+        query = select(messages).order_by(messages.c.id).limit(limit + 1)
+        if recipient is not None:
+            query = query.where(
+                messages.c.id.in_(
+                    select(recipients.c.message).where(recipients.c.address == recipient.strip().lower())
+                )
+            )
+        if cursor:
+            try:
+                after = Cursor.decode(cursor, expected_sort="id").id
+            except CursorError as exc:
+                raise ProviderProblem(400, "invalid-cursor", "Invalid cursor", str(exc)) from exc
+            query = query.where(messages.c.id > after)
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        items = [_out(row) for row in rows[:limit]]
+        next_cursor = Cursor(sort="id", value=None, id=items[-1].id).encode() if len(rows) > limit else None
+        return MailPage(items=items, next_cursor=next_cursor)

@@ -1,0 +1,244 @@
+"""Delivering e-mail notifications: claim what is due, send it, record `sent` or `failed`.
+
+At least once from here, exactly once in the mailbox:
+
+- each notification is sent with a `Message-ID` derived from its id (`message_id_for`), the
+  idempotency key the mail provider dedups on; a send whose answer was lost (connection dropped after
+  `DATA`) is retried with the same `Message-ID`, so the customer gets one mail, not two;
+- a sender claims a row before sending by moving its `next_attempt_at` a lease ahead (a conditional
+  UPDATE), so two workers never send the same row at once; a worker that dies mid-send leaves the row
+  to be claimed again when the lease runs out, and the `Message-ID` dedups that resend too;
+- a transient failure (connection refused or dropped, timeout, SMTP 4xx) is retried with full-jitter
+  exponential backoff up to `max_attempts`, then the row is `failed`; a permanent one (SMTP 5xx, no
+  address for the customer) is `failed` at once. Each failure records `attempts` and `last_error`.
+
+Only e-mails are delivered here; webhook records stay `pending` (no webhook sender yet).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import and_, or_, select, update
+
+from mercato.kit.clock import Clock
+from mercato.kit.observability import get_logger
+from mercato.kit.resilience import full_jitter_backoff_s
+from mercato.kit.storage import Database
+from mercato.shop.notifications.model import Channel
+from mercato.shop.notifications.tables import notifications
+
+__all__ = [
+    "DeliveryRejected",
+    "DeliverySettings",
+    "MailSender",
+    "NotificationDelivery",
+    "OutgoingMail",
+    "RecipientDirectory",
+    "message_id_for",
+]
+
+_log = get_logger("mercato.notifications")
+_CUSTOMER_PREFIX = "customer:"
+_MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMail:
+    message_id: str
+    sender: str
+    recipient: str
+    subject: str
+    body: str
+
+
+class DeliveryRejected(Exception):
+    """The provider refused for good (SMTP 5xx): retrying the same message cannot succeed."""
+
+
+class MailSender(Protocol):
+    async def send(self, mail: OutgoingMail) -> None:
+        """Hand the mail over; raise `DeliveryRejected` for a permanent refusal, anything else for
+        a transient one (the outcome is then unknown: the message may have been stored)."""
+        ...
+
+
+class RecipientDirectory(Protocol):
+    async def email_of(self, customer_id: uuid.UUID) -> str | None:
+        """The customer's current address, or None when the account is gone."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliverySettings:
+    """`max_attempts` sends before `failed`; between them `uniform(0, min(cap_s, base_s * 2**n))`;
+    a claimed row is another sender's again after `lease_s` (above the send timeout)."""
+
+    sender_address: str = "orders@mercato.local"
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    lease_s: float = 60.0
+
+
+def message_id_for(notification_id: uuid.UUID) -> str:
+    """The notification's `Message-ID`: the same for every attempt, different for every notification."""
+    return f"<notification-{notification_id}@mercato.local>"
+
+
+@dataclass(frozen=True, slots=True)
+class _Due:
+    id: uuid.UUID
+    recipient: str
+    subject: str
+    body: str
+    attempts: int
+
+
+class NotificationDelivery:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        sender: MailSender,
+        directory: RecipientDirectory,
+        settings: DeliverySettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._sender = sender
+        self._directory = directory
+        self.settings = settings or DeliverySettings()
+        self._rng = rng or random.Random()
+
+    async def deliver_due(self, *, limit: int = 50) -> int:
+        """One pass: claim up to `limit` due e-mails, send each, record the outcome; returns how many."""
+        due = await self._claim(limit)
+        for item in due:
+            await self._deliver(item)
+        return len(due)
+
+    def _is_due(self, now: datetime) -> object:
+        n = notifications.c
+        return and_(
+            n.channel == Channel.EMAIL.value,
+            n.status == "pending",
+            or_(n.next_attempt_at.is_(None), n.next_attempt_at <= now),
+        )
+
+    async def _claim(self, limit: int) -> list[_Due]:
+        n = notifications.c
+        now = self._clock.now()
+        lease_until = now + timedelta(seconds=self.settings.lease_s)
+        claimed: list[_Due] = []
+        async with self._db.write() as conn:
+            rows = (
+                await conn.execute(
+                    select(n.id, n.recipient, n.subject, n.body, n.attempts)
+                    .where(self._is_due(now))  # type: ignore[arg-type]
+                    .order_by(n.id)
+                    .limit(limit)
+                )
+            ).all()
+            for row in rows:
+                # Conditional: another sender that claimed it since our read wins, and we skip it.
+                result = await conn.execute(
+                    update(notifications)
+                    .where(n.id == row.id, self._is_due(now))  # type: ignore[arg-type]
+                    .values(next_attempt_at=lease_until)
+                )
+                if result.rowcount == 1:
+                    claimed.append(_Due(row.id, row.recipient, row.subject, row.body, int(row.attempts)))
+        return claimed
+
+    async def _deliver(self, item: _Due) -> None:
+        attempts = item.attempts + 1
+        try:
+            address = await self._resolve(item.recipient)
+            if address is None:
+                raise DeliveryRejected("the customer has no e-mail address on file")
+            await self._sender.send(
+                OutgoingMail(
+                    message_id=message_id_for(item.id),
+                    sender=self.settings.sender_address,
+                    recipient=address,
+                    subject=item.subject,
+                    body=item.body,
+                )
+            )
+        except DeliveryRejected as exc:
+            await self._record(item.id, status="failed", attempts=attempts, error=_describe(exc))
+            _log.warning("notification_failed", notification=str(item.id), attempts=attempts, permanent=True)
+        except Exception as exc:  # noqa: BLE001 - transient: retried with backoff, then failed
+            if attempts >= self.settings.max_attempts:
+                await self._record(item.id, status="failed", attempts=attempts, error=_describe(exc))
+                _log.warning(
+                    "notification_failed", notification=str(item.id), attempts=attempts, permanent=False
+                )
+                return
+            pause_s = full_jitter_backoff_s(
+                attempts - 1,
+                base_s=self.settings.backoff_base_s,
+                cap_s=self.settings.backoff_cap_s,
+                rng=self._rng,
+            )
+            await self._record(
+                item.id,
+                status="pending",
+                attempts=attempts,
+                error=_describe(exc),
+                next_attempt_at=self._clock.now() + timedelta(seconds=pause_s),
+            )
+            _log.info(
+                "notification_retry",
+                notification=str(item.id),
+                attempts=attempts,
+                retry_in_s=round(pause_s, 3),
+            )
+        else:
+            await self._record(
+                item.id, status="sent", attempts=attempts, error=None, sent_at=self._clock.now()
+            )
+
+    async def _resolve(self, recipient: str) -> str | None:
+        if not recipient.startswith(_CUSTOMER_PREFIX):
+            return None
+        try:
+            customer_id = uuid.UUID(recipient.removeprefix(_CUSTOMER_PREFIX))
+        except ValueError:
+            return None
+        return await self._directory.email_of(customer_id)
+
+    async def _record(
+        self,
+        notification_id: uuid.UUID,
+        *,
+        status: str,
+        attempts: int,
+        error: str | None,
+        next_attempt_at: datetime | None = None,
+        sent_at: datetime | None = None,
+    ) -> None:
+        async with self._db.write() as conn:
+            await conn.execute(
+                update(notifications)
+                .where(notifications.c.id == notification_id, notifications.c.status == "pending")
+                .values(
+                    status=status,
+                    attempts=attempts,
+                    last_error=error,
+                    next_attempt_at=next_attempt_at,
+                    sent_at=sent_at,
+                )
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_ERROR_CHARS]
