@@ -159,6 +159,7 @@ def build_container(
         deadline_s=settings.checkout.saga_deadline_s,
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
+        clock=clock,
     )
     outbox = Outbox(clock=clock)
     # Every event is stamped with its schema version and validated before it reaches the outbox.

@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import conv
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.sql_log import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger
@@ -104,12 +104,18 @@ class Projection:
     # Optional: a pass's messages in one call (one read of the rows they touch, one write each).
     # Must leave the tables as `apply` over the same messages in the same order would.
     apply_batch: BatchHandler | None = None
+    # Optional: how `apply` sees a stored message (its data upcast to the current schema version),
+    # on live passes and rebuilds alike, so the functions are written against the current version.
+    reader: MessageReader | None = None
 
     async def apply_all(
         self, conn: AsyncConnection, messages: Sequence[Message], targets: Mapping[str, Table]
     ) -> None:
+        """Every message through `reader`, then `apply_batch` (or `apply` one by one)."""
         if not messages:
             return
+        if self.reader is not None:
+            messages = [self.reader(message) for message in messages]
         if self.apply_batch is not None and len(messages) > 1:
             await self.apply_batch(conn, messages, targets)
             return

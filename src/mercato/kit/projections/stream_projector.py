@@ -197,7 +197,7 @@ class StreamProjector(Projector):
                 if not seen:
                     await self.projection.apply_all(conn, pending, targets)
                     pending = []
-                    await self.projection.apply(conn, delivery.message, targets)
+                    await self.projection.apply_all(conn, [delivery.message], targets)
                     applied += 1
                 continue
             if delivery.offset < positions.get(key, 0):

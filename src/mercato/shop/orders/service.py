@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -129,13 +130,22 @@ class OrdersService:
         await self.record_from_cart(conn, order)
         return snapshot(order)
 
-    async def move_to(self, order_id: uuid.UUID, status: str, *, conn: AsyncConnection | None = None) -> None:
-        """`transition` by status name, for contexts that only know the contract (saga steps)."""
+    async def move_to(
+        self,
+        order_id: uuid.UUID,
+        status: str,
+        *,
+        conn: AsyncConnection | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """`transition` by status name, for contexts that only know the contract (saga steps).
+        `at` is the moment recorded (`updated_at`; now by default), so an event announcing the move
+        can carry the very same time."""
         target = OrderStatus(status)
         async with self._db.join(conn) as tx:
             # The usual case in one statement: the order is in a state that may become `target`.
             moved = await self._repo.set_status_from(
-                tx, order_id, sources=sources_of(target), target=target, now=self._clock.now()
+                tx, order_id, sources=sources_of(target), target=target, now=at or self._clock.now()
             )
             if not moved:
                 # Already there (a no-op), not found or not allowed: `transition` says which.
