@@ -16,7 +16,16 @@ from mercato.kit.auth import TokenCodec
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
-from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
+from mercato.kit.messaging import (
+    JetStreamStream,
+    MessagingHook,
+    NullMessagingHook,
+    Outbox,
+    PrometheusMessagingHook,
+    RedisStream,
+    SqlLogStream,
+    Stream,
+)
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.resilience import BreakerRegistry, PrometheusResilienceHooks
 from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
@@ -82,6 +91,9 @@ class Container:
     # The breakers in front of the providers ("psp", "carrier"; "psp-reads"/"carrier-reads" for their
     # record lookups, "psp-undo"/"carrier-undo" for compensations), for /admin/resilience/breakers.
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    # `mercato_messaging_*` on `metrics_registry`: the stream (dead letters), the outbox relay
+    # (published, backlog) and every consumer and stream projector (lag, redeliveries, dedup hits).
+    messaging_hook: MessagingHook = field(default_factory=NullMessagingHook)
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -165,7 +177,8 @@ def build_container(
     # Every event is stamped with its schema version and validated before it reaches the outbox.
     saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock, contract=event_catalog())
     checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
-    stream = build_stream(settings, db, clock=clock)
+    messaging_hook = PrometheusMessagingHook(metrics_registry)
+    stream = build_stream(settings, db, clock=clock, hook=messaging_hook)
     orders.attach_checkout(checkout)
     return Container(
         settings=settings,
@@ -191,10 +204,13 @@ def build_container(
         metrics_registry=metrics_registry,
         saga_wakeups=saga_wakeups,
         breakers=breakers,
+        messaging_hook=messaging_hook,
     )
 
 
-def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
+def build_stream(
+    settings: Settings, db: Database, *, clock: Clock, hook: MessagingHook | None = None
+) -> Stream:
     """The configured `Stream` backend; the SQL log by default, so embedded mode needs no server.
     Broker clients connect lazily, on first use: building the container does no I/O."""
     messaging = settings.messaging
@@ -203,6 +219,7 @@ def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
         "visibility_timeout_s": messaging.visibility_timeout_s,
         "max_attempts": messaging.max_attempts,
         "clock": clock,
+        "hook": hook,
     }
     if messaging.backend == "redis":
         return RedisStream(
@@ -229,7 +246,13 @@ def build_projector(
     if isinstance(container.stream, SqlLogStream):
         return Projector(container.db, projection, batch_size=batch_size, clock=container.clock, hook=hook)
     return StreamProjector(
-        container.db, projection, container.stream, batch_size=batch_size, clock=container.clock, hook=hook
+        container.db,
+        projection,
+        container.stream,
+        batch_size=batch_size,
+        clock=container.clock,
+        hook=hook,
+        messaging_hook=container.messaging_hook,
     )
 
 

@@ -35,6 +35,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         container.stream,
         batch_size=container.settings.messaging.relay_batch,
         clock=container.clock,
+        hook=container.messaging_hook,
     )
 
     async def purge_idempotency_keys() -> int:
@@ -60,7 +61,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         PeriodicJob(
             "payments_ledger",
             container.settings.messaging.relay_interval_s,
-            container.payments.consumer(container.stream).run_once,
+            container.payments.consumer(container.stream, hook=container.messaging_hook).run_once,
             batch=100,
         ),
         # Read models follow the log as often as the relay feeds it, which keeps the read-your-
