@@ -9,6 +9,7 @@ from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
+from mercato.workers.retention import MessagingRetention
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,9 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         clock=container.clock,
         hook=container.messaging_hook,
     )
+
+    retention = MessagingRetention(container, relay)
+    messaging = container.settings.messaging
 
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
@@ -74,6 +78,19 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
                 batch=PROJECTOR_BATCH,
             )
             for name, projector in build_projectors(container).items()
+        ),
+        # Retention (ADR 0023): published outbox rows, inbox records and (when configured) the
+        # stream's entries that every consumer group has acknowledged.
+        PeriodicJob(
+            "purge_outbox", messaging.retention_interval_s, retention.purge_outbox, messaging.retention_batch
+        ),
+        PeriodicJob(
+            "purge_inbox", messaging.retention_interval_s, retention.purge_inbox, messaging.retention_batch
+        ),
+        *(
+            [PeriodicJob("trim_stream", messaging.retention_interval_s, retention.trim_stream)]
+            if retention.trims_stream
+            else []
         ),
         # Choreography: notifications react to order events on their own (inbox-deduplicated).
         PeriodicJob(

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from sqlalchemy import delete
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
@@ -50,9 +50,24 @@ class Inbox:
         )
         return inserted == 0
 
-    async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
-        """Forget records older than `before`; keep them longer than any redelivery or replay window."""
-        result = await conn.execute(delete(inbox).where(inbox.c.processed_at < before))
+    async def purge(self, conn: AsyncConnection, *, before: datetime, limit: int | None = None) -> int:
+        """Forget records older than `before`; keep them longer than any redelivery or replay window.
+
+        With `limit`, about that many of the oldest go per call (records sharing the limit-th one's
+        `processed_at` go with it), so one call never holds the write lock for a whole backlog."""
+        old = inbox.c.processed_at < before
+        if limit is not None:
+            nth = (
+                select(inbox.c.processed_at)
+                .where(old)
+                .order_by(inbox.c.processed_at)
+                .offset(limit - 1)
+                .limit(1)
+                .scalar_subquery()
+            )
+            # Fewer than `limit` old records: no limit-th row, so every old one goes.
+            old = and_(old, or_(nth.is_(None), inbox.c.processed_at <= nth))
+        result = await conn.execute(delete(inbox).where(old))
         return int(result.rowcount)
 
 
