@@ -277,6 +277,11 @@ class WorkerSettings(BaseModel):
     reservation_sweep_s: float = Field(default=5.0, gt=0, le=3600)
     # Each run handles at most this many, so one sweep never holds the write lock for long.
     reservation_sweep_batch: int = Field(default=500, ge=1, le=100_000)
+    # Read-model reconciliation (shop/reporting/reconcile.py): a sample of each read model compared
+    # with the write model this often; only rows unchanged for `reconcile_settle_s` are compared.
+    reconcile_interval_s: float = Field(default=600.0, gt=0)
+    reconcile_sample: int = Field(default=200, ge=1, le=100_000)
+    reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
 class Settings(BaseSettings):

@@ -1,7 +1,10 @@
-"""`mercato projections list|lag|rebuild NAME`: inspect and rebuild the CQRS read models.
+"""`mercato projections list|lag|rebuild NAME|verify NAME`: inspect, check and rebuild read models.
 
 `rebuild` replays the stream log from offset zero into fresh tables and swaps them in atomically
 (see `mercato.kit.projections`); the API keeps serving the old tables until the swap commits.
+`verify` compares a read model with the write model (every settled row, or `--sample`), exports
+the drift to the metrics, and with `--repair` rebuilds it and checks again; it exits 1 while drift
+remains (see `shop/reporting/reconcile.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mercato.bootstrap import build_container
+from mercato.bootstrap import Container, build_container
 from mercato.config import get_settings
 from mercato.kit.projections import Projector
+from mercato.shop.reporting.reconcile import RECONCILED, Drift, Mode
 from mercato.workers.projections import build_projectors
+from mercato.workers.reconcile import ReadModelReconciliation
 
 app = typer.Typer(help="Inspect and rebuild read models (projections).", no_args_is_help=True)
 _out = Console()
@@ -29,10 +34,14 @@ T = TypeVar("T")
 
 
 def _run(action: Callable[[dict[str, Projector]], Awaitable[T]]) -> T:
+    return _run_with(lambda _container, projectors: action(projectors))
+
+
+def _run_with(action: Callable[[Container, dict[str, Projector]], Awaitable[T]]) -> T:
     async def main() -> T:
         container = build_container(get_settings())
         try:
-            return await action(build_projectors(container))
+            return await action(container, build_projectors(container))
         finally:
             await container.close()
 
@@ -107,3 +116,61 @@ def rebuild(
         f"[green]✓[/green] rebuilt {result['name']} from {result['messages']} messages "
         f"in {result['duration_s']} s"
     )
+
+
+def _drift_json(drift: Drift) -> dict[str, object]:
+    return {
+        "mode": drift.mode,
+        "checked": drift.checked,
+        "drift_rows": drift.rows,
+        "missing": drift.missing,
+        "wrong": drift.wrong,
+        "extra": drift.extra,
+    }
+
+
+@app.command("verify")
+def verify(
+    name: Annotated[str, typer.Argument(help="The read model to check: order_summary or sales_by_day")],
+    sample: Annotated[bool, typer.Option("--sample", help="Check a random sample, not every row")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="On drift, rebuild and check again")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Compare a read model with the write model; exit 1 while drift remains."""
+    if name not in RECONCILED:
+        _err.print(f"[red]error:[/red] no reconciliation for {name!r}; known: {', '.join(RECONCILED)}")
+        raise typer.Exit(2)
+    mode: Mode = "sample" if sample else "full"
+
+    async def action(container: Container, projectors: dict[str, Projector]) -> dict[str, object]:
+        checks = ReadModelReconciliation(container)
+        found = await checks.check(name, mode=mode)
+        result: dict[str, object] = {"name": name, "found": _drift_json(found)}
+        if repair and found.rows:
+            with _err.status(f"Rebuilding {name}"):
+                report = await projectors[name].rebuild()
+            result["rebuilt_from_messages"] = report.messages
+            after = await checks.check(name, mode=mode)
+            result["after_repair"] = _drift_json(after)
+            found = after
+        result["drift_rows"] = found.rows
+        return result
+
+    result = _run_with(action)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        first = result["found"]
+        assert isinstance(first, dict)
+        _out.print(f"{name} ({mode}): {first['checked']} checked, {first['drift_rows']} drifted")
+        for kind in ("missing", "wrong", "extra"):
+            keys = first[kind]
+            assert isinstance(keys, list)
+            if keys:
+                _out.print(f"  {kind}: {len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
+        if "after_repair" in result:
+            _out.print(
+                f"rebuilt from {result['rebuilt_from_messages']} messages; drift now {result['drift_rows']}"
+            )
+    if result["drift_rows"]:
+        raise typer.Exit(1)

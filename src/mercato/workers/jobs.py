@@ -9,6 +9,7 @@ from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
+from mercato.workers.reconcile import ReadModelReconciliation
 from mercato.workers.retention import MessagingRetention
 
 
@@ -91,6 +92,12 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             [PeriodicJob("trim_stream", messaging.retention_interval_s, retention.trim_stream)]
             if retention.trims_stream
             else []
+        ),
+        # Read models compared with the write model on a sample; the drift becomes a metric.
+        PeriodicJob(
+            "reconcile_read_models",
+            worker.reconcile_interval_s,
+            ReadModelReconciliation(container).sample_pass,
         ),
         # Choreography: notifications react to order events on their own (inbox-deduplicated).
         PeriodicJob(

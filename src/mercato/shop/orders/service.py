@@ -12,6 +12,7 @@ checkout's transaction, so the lines are taken and the order written in one comm
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -209,6 +210,60 @@ class OrdersService:
             rows = await self._repo.page(conn, customer_id=customer_id, after_id=after_id, limit=limit + 1)
         return rows[:limit], len(rows) > limit
 
+    # ---- for read-model reconciliation (reporting's `OrderFacts`) -------------------------------
+
+    async def settled_snapshots(
+        self, *, settled_before: datetime, after_id: uuid.UUID | None = None, limit: int = 500
+    ) -> list[OrderSnapshot]:
+        """A page (id order, after `after_id`) of orders unchanged since before `settled_before`."""
+        async with self._db.read() as conn:
+            found = await self._repo.settled(
+                conn, settled_before=settled_before, after_id=after_id, limit=limit
+            )
+        return [snapshot(o) for o in found]
+
+    async def sample_settled(
+        self, *, settled_before: datetime, size: int, rng: random.Random
+    ) -> list[OrderSnapshot]:
+        """About `size` settled orders from a random point of the id range (wrapping around): a
+        cheap sample, one index range scan, that covers the whole history over repeated calls."""
+        async with self._db.read() as conn:
+            bounds = await self._repo.id_bounds(conn)
+            if bounds is None:
+                return []
+            low, high = bounds[0].int, bounds[1].int
+            pivot = uuid.UUID(int=rng.randint(low, high))
+            first = await self._repo.settled(conn, settled_before=settled_before, after_id=pivot, limit=size)
+            rest = size - len(first)
+            wrapped = (
+                await self._repo.settled(conn, settled_before=settled_before, after_id=None, limit=rest)
+                if rest > 0
+                else []
+            )
+        seen = {o.id for o in first}
+        return [snapshot(o) for o in first + [o for o in wrapped if o.id not in seen]]
+
+    async def completed_between(
+        self, *, start: datetime, end: datetime, page: int = 1000
+    ) -> list[OrderSnapshot]:
+        """Every order that completed in [start, end) (their `updated_at` is the completion time)."""
+        out: list[OrderSnapshot] = []
+        after: uuid.UUID | None = None
+        async with self._db.read() as conn:
+            while True:
+                found = await self._repo.completed_between(
+                    conn, start=start, end=end, after_id=after, limit=page
+                )
+                out += [snapshot(o) for o in found]
+                if len(found) < page:
+                    return out
+                after = found[-1].id
+
+    async def existing(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `ids` are orders."""
+        async with self._db.read() as conn:
+            return await self._repo.existing_ids(conn, ids)
+
 
 def snapshot(order: Order) -> OrderSnapshot:
     return OrderSnapshot(
@@ -226,4 +281,5 @@ def snapshot(order: Order) -> OrderSnapshot:
             )
             for line in order.lines
         ),
+        updated_at=order.updated_at,
     )
