@@ -3,7 +3,7 @@
 `rebuild` replays the stream log from offset zero into fresh tables and swaps them in atomically
 (see `mercato.kit.projections`); the API keeps serving the old tables until the swap commits.
 `verify` compares a read model with the write model (every settled row, or `--sample`), exports
-the drift to the metrics, and with `--repair` rebuilds it and checks again; it exits 1 while drift
+and with `--repair` rebuilds it and checks again; it exits 1 while drift
 remains (see `shop/reporting/reconcile.py`).
 """
 
@@ -24,7 +24,7 @@ from mercato.config import get_settings
 from mercato.kit.projections import Projector
 from mercato.shop.reporting.reconcile import RECONCILED, Drift, Mode
 from mercato.workers.projections import build_projectors
-from mercato.workers.reconcile import ReadModelReconciliation
+from mercato.workers.reconcile import build_reconciler
 
 app = typer.Typer(help="Inspect and rebuild read models (projections).", no_args_is_help=True)
 _out = Console()
@@ -143,14 +143,15 @@ def verify(
     mode: Mode = "sample" if sample else "full"
 
     async def action(container: Container, projectors: dict[str, Projector]) -> dict[str, object]:
-        checks = ReadModelReconciliation(container)
-        found = await checks.check(name, mode=mode)
+        # The worker's job exports the drift as a metric; this one-shot check prints it.
+        reconciler = build_reconciler(container)
+        found = await reconciler.verify(name, mode=mode)
         result: dict[str, object] = {"name": name, "found": _drift_json(found)}
         if repair and found.rows:
             with _err.status(f"Rebuilding {name}"):
                 report = await projectors[name].rebuild()
             result["rebuilt_from_messages"] = report.messages
-            after = await checks.check(name, mode=mode)
+            after = await reconciler.verify(name, mode=mode)
             result["after_repair"] = _drift_json(after)
             found = after
         result["drift_rows"] = found.rows

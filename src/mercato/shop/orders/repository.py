@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, insert, or_, select, update
+from sqlalchemy import Select, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.shop.orders.model import Order, OrderLine, OrderStatus
@@ -161,8 +161,11 @@ class OrdersRepository:
         return set((await conn.execute(select(orders.c.id).where(orders.c.id.in_(ids)))).scalars())
 
     async def id_bounds(self, conn: AsyncConnection) -> tuple[uuid.UUID, uuid.UUID] | None:
-        low, high = (await conn.execute(select(func.min(orders.c.id), func.max(orders.c.id)))).one()
-        return None if low is None else (low, high)
+        # Two index ends rather than min()/max(): PostgreSQL has no min(uuid).
+        first = select(orders.c.id).order_by(orders.c.id).limit(1)
+        low = (await conn.execute(first)).scalar()
+        high = (await conn.execute(select(orders.c.id).order_by(orders.c.id.desc()).limit(1))).scalar()
+        return None if low is None or high is None else (low, high)
 
     def page_statement(
         self, *, customer_id: uuid.UUID | None, after_id: uuid.UUID | None, limit: int
