@@ -24,7 +24,8 @@ from mercato.kit.ids import new_id
 from mercato.kit.messaging import Consumer, Delivery, Inbox, Message, RedisStream, SqlLogStream, Stream
 from mercato.kit.messaging.retention import trim_redis_stream, trim_sql_log
 from mercato.kit.messaging.tables import inbox, outbox, stream_log
-from mercato.kit.projections import projection_checkpoints
+from mercato.kit.projections import Projection, Projector, RebuildIncomplete, projection_checkpoints
+from mercato.shop.reporting.tables import order_summary
 from mercato.workers import shop_jobs
 from tests.conftest import make_settings
 from tests.integration.test_stream_contract import make_message
@@ -89,6 +90,14 @@ async def test_the_sql_log_is_trimmed_by_age_never_below_the_slowest_reader(
     assert await log_offsets(container, topic) == [8, 9, 10]
     assert await trim_sql_log(container.db, before=before) == 2
     assert await log_offsets(container, topic) == [10]
+
+    # A read model can no longer be rebuilt from this log: the replay would miss offsets 0-9.
+    async def nothing(*_: object) -> None:
+        return None
+
+    projection = Projection(name="test_trimmed", topics=(topic,), tables=(order_summary,), apply=nothing)
+    with pytest.raises(RebuildIncomplete, match="trimmed"):
+        await Projector(container.db, projection).rebuild()
     # Numbering goes on past the trimmed range, and a group that never read starts at what is kept.
     await stream.publish([make_message("k", 11, topic=topic)])
     assert await consume(stream, topic, "late", 100) == [10, 11]

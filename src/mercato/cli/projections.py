@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mercato.bootstrap import Container, build_container
 from mercato.config import get_settings
-from mercato.kit.projections import Projector
+from mercato.kit.projections import Projector, RebuildIncomplete, RebuildReport
 from mercato.shop.reporting.reconcile import RECONCILED, Drift, Mode
 from mercato.workers.projections import build_projectors
 from mercato.workers.reconcile import build_reconciler
@@ -87,6 +87,14 @@ def lag(as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = Fa
         _out.print(f"{row.name}: {row.lag_messages}")
 
 
+async def _rebuild(projector: Projector) -> RebuildReport:
+    try:
+        return await projector.rebuild()
+    except RebuildIncomplete as exc:
+        _err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
 @app.command("rebuild")
 def rebuild(
     name: Annotated[str, typer.Argument(help="The projection to rebuild")],
@@ -100,7 +108,7 @@ def rebuild(
             _err.print(f"[red]error:[/red] no projection {name!r}; known: {', '.join(sorted(projectors))}")
             raise typer.Exit(2)
         with _err.status(f"Rebuilding {name}"):
-            report = await projector.rebuild()
+            report = await _rebuild(projector)
         return {
             "name": report.projection,
             "messages": report.messages,
@@ -149,7 +157,7 @@ def verify(
         result: dict[str, object] = {"name": name, "found": _drift_json(found)}
         if repair and found.rows:
             with _err.status(f"Rebuilding {name}"):
-                report = await projectors[name].rebuild()
+                report = await _rebuild(projectors[name])
             result["rebuilt_from_messages"] = report.messages
             after = await reconciler.verify(name, mode=mode)
             result["after_repair"] = _drift_json(after)
