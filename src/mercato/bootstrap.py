@@ -18,7 +18,16 @@ from mercato.kit.auth import TokenCodec
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
-from mercato.kit.messaging import JetStreamStream, Outbox, RedisStream, SqlLogStream, Stream
+from mercato.kit.messaging import (
+    JetStreamStream,
+    MessagingHook,
+    NullMessagingHook,
+    Outbox,
+    PrometheusMessagingHook,
+    RedisStream,
+    SqlLogStream,
+    Stream,
+)
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.resilience import BreakerRegistry, BreakerReports, PrometheusResilienceHooks
 from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
@@ -86,6 +95,9 @@ class Container:
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
     # This process's breakers as published for the others (the API shows the workers'), ADR 0025.
     breaker_reports: BreakerReports | None = None
+    # `mercato_messaging_*` on `metrics_registry`: the stream (dead letters), the outbox relay
+    # (published, backlog) and every consumer and stream projector (lag, redeliveries, dedup hits).
+    messaging_hook: MessagingHook = field(default_factory=NullMessagingHook)
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -163,12 +175,14 @@ def build_container(
         deadline_s=settings.checkout.saga_deadline_s,
         remote_timeout_s=settings.checkout.provider_timeout_s + 0.5,
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
+        clock=clock,
     )
     outbox = Outbox(clock=clock)
     # Every event is stamped with its schema version and validated before it reaches the outbox.
     saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock, contract=event_catalog())
     checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
-    stream = build_stream(settings, db, clock=clock)
+    messaging_hook = PrometheusMessagingHook(metrics_registry)
+    stream = build_stream(settings, db, clock=clock, hook=messaging_hook)
     orders.attach_checkout(checkout)
     return Container(
         settings=settings,
@@ -201,10 +215,13 @@ def build_container(
             # Three missed reports and the process is taken for gone.
             ttl_s=max(5.0, 3 * settings.worker.breaker_report_interval_s),
         ),
+        messaging_hook=messaging_hook,
     )
 
 
-def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
+def build_stream(
+    settings: Settings, db: Database, *, clock: Clock, hook: MessagingHook | None = None
+) -> Stream:
     """The configured `Stream` backend; the SQL log by default, so embedded mode needs no server.
     Broker clients connect lazily, on first use: building the container does no I/O."""
     messaging = settings.messaging
@@ -213,6 +230,7 @@ def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
         "visibility_timeout_s": messaging.visibility_timeout_s,
         "max_attempts": messaging.max_attempts,
         "clock": clock,
+        "hook": hook,
     }
     if messaging.backend == "redis":
         return RedisStream(
@@ -239,7 +257,13 @@ def build_projector(
     if isinstance(container.stream, SqlLogStream):
         return Projector(container.db, projection, batch_size=batch_size, clock=container.clock, hook=hook)
     return StreamProjector(
-        container.db, projection, container.stream, batch_size=batch_size, clock=container.clock, hook=hook
+        container.db,
+        projection,
+        container.stream,
+        batch_size=batch_size,
+        clock=container.clock,
+        hook=hook,
+        messaging_hook=container.messaging_hook,
     )
 
 

@@ -130,6 +130,25 @@ class MessagingSettings(BaseModel):
     max_attempts: int = Field(default=5, ge=1, le=100)
     relay_interval_s: float = Field(default=0.2, gt=0)
     relay_batch: int = Field(default=200, ge=1, le=10_000)
+    # Retention (ADR 0023), applied by the worker's purge/trim jobs every `retention_interval_s`,
+    # at most `retention_batch` rows per statement. Published outbox rows are only history.
+    retention_interval_s: float = Field(default=300.0, gt=0)
+    retention_batch: int = Field(default=1000, ge=1, le=100_000)
+    outbox_retention_s: int = Field(default=86_400, ge=60)
+    # Inbox dedup records must outlive any redelivery or replay of their message: one replayed after
+    # its record is gone is applied again. So at least the stream's retention when that is set.
+    inbox_retention_s: int = Field(default=7 * 86_400, ge=60)
+    # Stream entries older than this are trimmed, never below the slowest consumer group. Unset: the
+    # stream keeps everything, because `mercato projections rebuild` replays it from offset zero.
+    stream_retention_s: int | None = Field(default=None, ge=60)
+
+    @model_validator(mode="after")
+    def _inbox_outlives_the_stream(self) -> MessagingSettings:
+        if self.stream_retention_s is not None and self.inbox_retention_s < self.stream_retention_s:
+            raise ValueError(
+                "inbox_retention_s must be at least stream_retention_s (replays would apply twice)"
+            )
+        return self
 
 
 class IdempotencySettings(BaseModel):
@@ -271,6 +290,11 @@ class WorkerSettings(BaseModel):
     http_port: int = Field(default=8081, ge=0, le=65535)
     # How often each process publishes its breakers for /admin/resilience/breakers (ADR 0025).
     breaker_report_interval_s: float = Field(default=2.0, gt=0, le=300)
+    # Read-model reconciliation (shop/reporting/reconcile.py): a sample of each read model compared
+    # with the write model this often; only rows unchanged for `reconcile_settle_s` are compared.
+    reconcile_interval_s: float = Field(default=600.0, gt=0)
+    reconcile_sample: int = Field(default=200, ge=1, le=100_000)
+    reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
 class Settings(BaseSettings):

@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -136,6 +137,16 @@ async def test_a_checkout_completes_pays_once_and_ships(shop: Shop) -> None:
         ("mercato.orders.order_completed", str(order_id)),
     ]
     assert orders_events[0].message.correlation_id == "test"
+    # order_completed is produced as the current schema version (v2), its new fields filled: the
+    # price each unit sold at, and the completion time the order's own row records.
+    completed = orders_events[1].message
+    assert completed.dataschema == "/schemas/mercato.orders.order_completed/v2"
+    order = await shop.container.orders.get(order_id, customer_id=None, read_all=True)
+    [line] = order.lines
+    assert completed.data["items"] == [
+        {"sku": shop.sku, "quantity": 2, "unit_price_minor": line.unit_price_minor}
+    ]
+    assert datetime.fromisoformat(completed.data["completed_at"]) == order.updated_at
     progress = await shop.container.checkout.progress(order_id)
     assert progress is not None
     # A loaded machine may make a remote step miss its 0.5 s budget once: a retry is the engine at work.

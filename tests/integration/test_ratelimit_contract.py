@@ -117,25 +117,6 @@ async def test_memory_and_redis_decide_identically_on_a_scripted_timeline(
     assert outcomes == {True, False}, "the script must exercise both admissions and refusals"
 
 
-async def test_shaper_reserves_identically_on_memory_and_redis(
-    store: Redis | PipelinedRedis, prefix: str
-) -> None:
-    from mercato.kit.ratelimit import MemoryShaper, RedisShaper
-
-    limit = Limit(rate=10, period_s=1.0, burst=4)
-    memory_clock, redis_clock = ManualClock(), ManualClock()
-    memory = MemoryShaper(clock=memory_clock)
-    remote = RedisShaper(client=store, key_prefix=prefix, clock=redis_clock)
-    for advance_s, max_wait_s in [(0, 1.0)] * 5 + [(0.05, 0.2), (0.0, 0.2), (0.3, 0.15), (0.0, 1.0)]:
-        memory_clock.advance(advance_s)
-        redis_clock.advance(advance_s)
-        expected = await memory.acquire("k", limit, max_wait_s=max_wait_s)
-        got = await remote.acquire("k", limit, max_wait_s=max_wait_s)
-        assert (got.granted, got.queued) == (expected.granted, expected.queued)
-        assert got.wait_s == pytest.approx(expected.wait_s, abs=1e-6)
-        assert got.retry_after_s == pytest.approx(expected.retry_after_s, abs=1e-6)
-
-
 # --- server time: timing-tolerant properties ---------------------------------------------------------------
 
 # A long period, so that no refill or window boundary can fall inside the few milliseconds a test takes.

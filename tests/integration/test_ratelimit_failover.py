@@ -27,7 +27,6 @@ from mercato.kit.ratelimit import (
     RedisLimiter,
     ResilientLimiter,
     build_limiter,
-    build_shaper,
     redis_client_for_limiter,
 )
 
@@ -238,12 +237,6 @@ async def test_a_silent_redis_times_out_quickly(kind: str, prefix: str) -> None:
         for writer in writers:
             writer.close()
         await server.wait_closed()
-
-
-async def test_the_shaper_degrades_by_policy_too(client: Counting, prefix: str) -> None:
-    shaper = build_shaper("redis", redis_client=client, key_prefix=prefix, fail_open=False)
-    reservation = await shaper.acquire("k", LIMIT, max_wait_s=1.0)
-    assert (reservation.granted, reservation.degraded) == (False, True)
 
 
 async def test_a_healthy_store_is_not_degraded(prefix: str) -> None:

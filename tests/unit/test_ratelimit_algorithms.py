@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mercato.kit.clock import ManualClock
-from mercato.kit.ratelimit import ALGORITHMS, Decision, Limit, MemoryLimiter, MemoryShaper, Reservation
+from mercato.kit.ratelimit import ALGORITHMS, Decision, Limit, MemoryLimiter
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -206,7 +206,7 @@ def test_token_bucket_admits_exactly_the_burst_at_once(rate: int, burst: int) ->
     assert refused.retry_after_s == pytest.approx(1 / rate)
 
 
-# --- leaky bucket (meter and shaper) -----------------------------------------------------------------------
+# --- leaky bucket (meter) ---------------------------------------------------------------------------------
 
 
 def check_leaky_bucket(scenario: Scenario) -> None:
@@ -226,55 +226,6 @@ def check_leaky_bucket(scenario: Scenario) -> None:
 @given(scenarios())
 def test_leaky_bucket_meter_matches_model_and_spacing(scenario: Scenario) -> None:
     check_leaky_bucket(scenario)
-
-
-def shape(scenario: Scenario, max_wait_s: float) -> list[tuple[Fraction, Reservation]]:
-    clock = ManualClock()
-    shaper = MemoryShaper(clock=clock)
-    out: list[tuple[Fraction, Reservation]] = []
-    now = Fraction(0)
-
-    async def go() -> None:
-        nonlocal now
-        for gap, cost in scenario.events:
-            clock.advance(float(gap * TICK))
-            now += gap * TICK
-            out.append((now, await shaper.acquire("k", scenario.limit, max_wait_s=max_wait_s, cost=cost)))
-
-    asyncio.run(go())
-    return out
-
-
-@FAST
-@given(scenarios(), st.sampled_from([0.0, 0.25, 1.0, 100.0]))
-def test_shaper_releases_at_the_drained_rate_within_its_bounds(scenario: Scenario, max_wait_s: float) -> None:
-    limit = scenario.limit
-    interval = Fraction(limit.period_s) / limit.rate
-    previous_end = Fraction(-(10**9))
-    for (now, r), (_, cost) in zip(shape(scenario, max_wait_s), scenario.events, strict=True):
-        assert r.queued <= limit.capacity, "queue bound"
-        if not r.granted:
-            assert r.retry_after_s > 0
-            assert r.wait_s == 0
-            continue
-        assert r.wait_s <= max_wait_s + 1e-9, "never asked to wait longer than allowed"
-        release = now + Fraction(r.wait_s).limit_denominator(10**6)
-        # Released work never overlaps: each release starts after the previous units drained.
-        assert release >= previous_end - Fraction(1, 10**6)
-        previous_end = release + cost * interval
-
-
-def test_shaper_queues_a_burst_at_the_emission_interval_then_refuses() -> None:
-    limit = Limit(rate=4, period_s=1.0, burst=3)
-    out = shape(Scenario(limit, [(0, 1)] * 4), max_wait_s=10.0)
-    assert [r.granted for _, r in out] == [True, True, True, False]
-    assert [r.wait_s for _, r in out[:3]] == pytest.approx([0.0, 0.25, 0.5])
-    assert [r.queued for _, r in out] == [1, 2, 3, 3]
-    assert out[3][1].retry_after_s == pytest.approx(0.25)
-    # A tighter max_wait_s refuses sooner, and says when the wait would fit.
-    tight = shape(Scenario(limit, [(0, 1)] * 3), max_wait_s=0.3)
-    assert [r.granted for _, r in tight] == [True, True, False]
-    assert tight[2][1].retry_after_s == pytest.approx(0.2)
 
 
 # --- fixed window ------------------------------------------------------------------------------------------

@@ -3,19 +3,23 @@
 The JSON Schema files beside this module are the contract of every integration event:
 `<type>/v<N>.json`, modes in `subjects.toml`. This module is the one place that knows where they
 live; the kit's `SchemaCatalog` reads any directory, and `kit.sagas` only sees the catalog through
-its `EventContract` protocol.
+its `EventContract` protocol. Every consumer in the running system (the reporting projections on
+the SQL log or a broker, the payment ledger, notifications) reads through `read_message`, so each
+is written against the current version of an event and never sees an older shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from mercato.kit.schemas import SchemaCatalog, Upcasters, parse_dataschema
+from mercato.kit.messaging import Message
+from mercato.kit.schemas import SchemaCatalog, Upcasters, dataschema_uri, parse_dataschema
 
-__all__ = ["SCHEMA_DIR", "UPCASTERS", "catalog", "read_event", "upcast"]
+__all__ = ["SCHEMA_DIR", "UPCASTERS", "catalog", "read_event", "read_message", "upcast"]
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 
@@ -55,3 +59,21 @@ def read_event(event_type: str, dataschema: str | None, data: Mapping[str, Any])
         if stamped_type != event_type:
             raise ValueError(f"dataschema {dataschema!r} does not belong to event type {event_type!r}")
     return upcast(event_type, version, data)
+
+
+def read_message(message: Message) -> Message:
+    """`message` as a consumer of the current schemas sees it (a kit `MessageReader`): its data
+    upcast from the version its `dataschema` names, and `dataschema` naming the current version.
+
+    A type with no shipped schema passes through unchanged (nothing to upcast to); a version newer
+    than the current one raises `UpcastError`, so the delivery fails and, after its attempts, waits
+    in the dead-letter queue until this reader is deployed.
+    """
+    subject = catalog().subjects.get(message.type)
+    if subject is None:
+        return message
+    current = dataschema_uri(message.type, subject.current_version)
+    if message.dataschema == current:
+        return message
+    data = read_event(message.type, message.dataschema, message.data)
+    return dataclasses.replace(message, data=data, dataschema=current)

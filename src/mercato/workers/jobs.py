@@ -10,6 +10,8 @@ from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
 from mercato.workers.notifier import build_notifier
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
+from mercato.workers.reconcile import ReadModelReconciliation
+from mercato.workers.retention import MessagingRetention
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         container.stream,
         batch_size=container.settings.messaging.relay_batch,
         clock=container.clock,
+        hook=container.messaging_hook,
     )
 
     notifier = build_notifier(container)
@@ -47,6 +50,9 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         if container.breaker_reports is not None:
             await container.breaker_reports.publish(container.breakers.snapshot())
         return 0  # not "items": a report every pass is the job's idle state
+
+    retention = MessagingRetention(container, relay)
+    messaging = container.settings.messaging
 
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
@@ -71,7 +77,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         PeriodicJob(
             "payments_ledger",
             container.settings.messaging.relay_interval_s,
-            container.payments.consumer(container.stream).run_once,
+            container.payments.consumer(container.stream, hook=container.messaging_hook).run_once,
             batch=100,
         ),
         # Read models follow the log as often as the relay feeds it, which keeps the read-your-
@@ -84,6 +90,25 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
                 batch=PROJECTOR_BATCH,
             )
             for name, projector in build_projectors(container).items()
+        ),
+        # Retention (ADR 0023): published outbox rows, inbox records and (when configured) the
+        # stream's entries that every consumer group has acknowledged.
+        PeriodicJob(
+            "purge_outbox", messaging.retention_interval_s, retention.purge_outbox, messaging.retention_batch
+        ),
+        PeriodicJob(
+            "purge_inbox", messaging.retention_interval_s, retention.purge_inbox, messaging.retention_batch
+        ),
+        *(
+            [PeriodicJob("trim_stream", messaging.retention_interval_s, retention.trim_stream)]
+            if retention.trims_stream
+            else []
+        ),
+        # Read models compared with the write model on a sample; the drift becomes a metric.
+        PeriodicJob(
+            "reconcile_read_models",
+            worker.reconcile_interval_s,
+            ReadModelReconciliation(container).sample_pass,
         ),
         # Choreography: notifications react to order events on their own (inbox-deduplicated).
         PeriodicJob(

@@ -25,5 +25,7 @@ def build_projectors(container: Container) -> dict[str, Projector]:
 
 def notifications_consumer(container: Container) -> Consumer:
     return NotificationsService(container.db, container.clock).consumer(
-        container.stream, name=f"notifications-{socket.gethostname()}-{os.getpid()}"
+        container.stream,
+        name=f"notifications-{socket.gethostname()}-{os.getpid()}",
+        hook=container.messaging_hook,
     )

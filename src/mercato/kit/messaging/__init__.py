@@ -8,7 +8,7 @@ embedded stream backend; broker backends implement the same `Stream` protocol.
 
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook, PrometheusMessagingHook
 from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
-from mercato.kit.messaging.message import InvalidMessage, Message, partition_for
+from mercato.kit.messaging.message import InvalidMessage, Message, MessageReader, partition_for
 from mercato.kit.messaging.nats_jetstream import JetStreamStream
 from mercato.kit.messaging.outbox import Outbox, OutboxBacklog, OutboxRelay
 from mercato.kit.messaging.redis_streams import RedisStream
@@ -25,6 +25,7 @@ __all__ = [
     "InvalidMessage",
     "JetStreamStream",
     "Message",
+    "MessageReader",
     "MessagingHook",
     "NullMessagingHook",
     "Outbox",

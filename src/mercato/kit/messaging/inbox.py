@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from sqlalchemy import delete
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
-from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.sql_log import insert_ignore
 from mercato.kit.messaging.stream import Stream
 from mercato.kit.messaging.tables import inbox
@@ -50,9 +50,24 @@ class Inbox:
         )
         return inserted == 0
 
-    async def purge(self, conn: AsyncConnection, *, before: datetime) -> int:
-        """Forget records older than `before`; keep them longer than any redelivery or replay window."""
-        result = await conn.execute(delete(inbox).where(inbox.c.processed_at < before))
+    async def purge(self, conn: AsyncConnection, *, before: datetime, limit: int | None = None) -> int:
+        """Forget records older than `before`; keep them longer than any redelivery or replay window.
+
+        With `limit`, about that many of the oldest go per call (records sharing the limit-th one's
+        `processed_at` go with it), so one call never holds the write lock for a whole backlog."""
+        old = inbox.c.processed_at < before
+        if limit is not None:
+            nth = (
+                select(inbox.c.processed_at)
+                .where(old)
+                .order_by(inbox.c.processed_at)
+                .offset(limit - 1)
+                .limit(1)
+                .scalar_subquery()
+            )
+            # Fewer than `limit` old records: no limit-th row, so every old one goes.
+            old = and_(old, or_(nth.is_(None), inbox.c.processed_at <= nth))
+        result = await conn.execute(delete(inbox).where(old))
         return int(result.rowcount)
 
 
@@ -64,7 +79,9 @@ class Consumer:
     exception rolls the transaction back and nacks (dead-lettered after the stream's max attempts);
     the partition's later deliveries of the batch are left for redelivery, to keep their order.
 
-    `run_once` is a `PeriodicJob` callable returning how many deliveries it handled.
+    `run_once` is a `PeriodicJob` callable returning how many deliveries it handled. With a
+    `reader` the handler sees each message as the reader returns it (its data upcast to the
+    current schema version); a message the reader refuses fails like a handler error.
     """
 
     def __init__(
@@ -81,8 +98,10 @@ class Consumer:
         inbox_store: Inbox | None = None,
         hook: MessagingHook | None = None,
         idle_lag_interval_s: float = 5.0,
+        reader: MessageReader | None = None,
     ) -> None:
         self._db = db
+        self._reader = reader
         self._stream = stream
         self.topic = topic
         self.group = group
@@ -113,7 +132,8 @@ class Consumer:
                         conn, consumer=self.group, message_id=delivery.message.id
                     )
                     if not duplicate:
-                        await self._handler(conn, delivery.message)
+                        message = delivery.message
+                        await self._handler(conn, message if self._reader is None else self._reader(message))
             except Exception as exc:  # noqa: BLE001 - any handler failure is a failed attempt
                 _log.warning(
                     "message_failed",

@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-__all__ = ["InvalidMessage", "Message", "partition_for"]
+__all__ = ["InvalidMessage", "Message", "MessageReader", "partition_for"]
 
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/json"
@@ -144,6 +145,11 @@ class Message:
     @classmethod
     def from_json(cls, payload: str | bytes) -> Message:
         return cls.from_cloudevent(orjson.loads(payload))
+
+
+MessageReader = Callable[[Message], Message]
+"""A consumer's view of a stored message: the same envelope with `data` upcast to the current
+schema version (see `mercato.schemas.read_message`). Injected, so the kit knows no schema files."""
 
 
 def _rfc3339(moment: datetime) -> str:

@@ -345,7 +345,7 @@ class RedisStream:
             raise ValueError(
                 "partitions, max_attempts and dedup_window_s must be >= 1, visibility_timeout_s > 0"
             )
-        self._redis = redis
+        self._redis = self.client = redis  # `client`: housekeeping (kit.messaging.retention) uses it
         self.prefix = prefix
         self.partitions = partitions
         self.visibility_timeout_s = visibility_timeout_s

@@ -10,6 +10,7 @@ from mercato.kit.projections.projector import (
     Projection,
     ProjectionHandler,
     Projector,
+    RebuildIncomplete,
     RebuildReport,
 )
 from mercato.kit.projections.stream_projector import StreamProjector
@@ -24,6 +25,7 @@ __all__ = [
     "ProjectionHook",
     "Projector",
     "PrometheusProjectionHook",
+    "RebuildIncomplete",
     "RebuildReport",
     "StreamProjector",
     "projection_checkpoints",

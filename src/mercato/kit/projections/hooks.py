@@ -54,6 +54,18 @@ class PrometheusProjectionHook:
             ["projection"],
             registry=registry,
         )
+        self.drift_rows = Gauge(
+            "mercato_projection_drift_rows",
+            "Read-model rows that disagreed with the write model at the last reconciliation check.",
+            ["projection"],
+            registry=registry,
+        )
+        self.reconciled_total = Counter(
+            "mercato_projection_reconciled_rows_total",
+            "Read-model rows (or keys) compared with the write model by reconciliation checks.",
+            ["projection"],
+            registry=registry,
+        )
         self.rebuild_seconds = Histogram(
             "mercato_projection_rebuild_duration_seconds",
             "Duration of a full replay-and-swap rebuild.",
@@ -76,3 +88,9 @@ class PrometheusProjectionHook:
 
     def rebuilt(self, *, projection: str, messages: int, duration_s: float) -> None:
         self.rebuild_seconds.labels(projection).observe(duration_s)
+
+    def reconciled(self, *, projection: str, checked: int, drift_rows: int) -> None:
+        """A reconciliation check's outcome (not part of `ProjectionHook`: the projector does not
+        check itself; the read side's owner does, against its write model)."""
+        self.reconciled_total.labels(projection).inc(checked)
+        self.drift_rows.labels(projection).set(drift_rows)

@@ -36,13 +36,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import MetaData, Select, Table, and_, bindparam, select, text
+from sqlalchemy import MetaData, Select, Table, and_, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import conv
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.sql_log import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger
@@ -50,7 +50,14 @@ from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
 from mercato.kit.projections.tables import projection_checkpoints
 from mercato.kit.storage import Database
 
-__all__ = ["REBUILD_SUFFIX", "Projection", "ProjectionHandler", "Projector", "RebuildReport"]
+__all__ = [
+    "REBUILD_SUFFIX",
+    "Projection",
+    "ProjectionHandler",
+    "Projector",
+    "RebuildIncomplete",
+    "RebuildReport",
+]
 
 _log = get_logger("mercato.projections")
 
@@ -104,12 +111,18 @@ class Projection:
     # Optional: a pass's messages in one call (one read of the rows they touch, one write each).
     # Must leave the tables as `apply` over the same messages in the same order would.
     apply_batch: BatchHandler | None = None
+    # Optional: how `apply` sees a stored message (its data upcast to the current schema version),
+    # on live passes and rebuilds alike, so the functions are written against the current version.
+    reader: MessageReader | None = None
 
     async def apply_all(
         self, conn: AsyncConnection, messages: Sequence[Message], targets: Mapping[str, Table]
     ) -> None:
+        """Every message through `reader`, then `apply_batch` (or `apply` one by one)."""
         if not messages:
             return
+        if self.reader is not None:
+            messages = [self.reader(message) for message in messages]
         if self.apply_batch is not None and len(messages) > 1:
             await self.apply_batch(conn, messages, targets)
             return
@@ -119,6 +132,10 @@ class Projection:
     def __post_init__(self) -> None:
         if not self.name or not self.topics or not self.tables:
             raise ValueError("a projection needs a name, at least one topic and at least one table")
+
+
+class RebuildIncomplete(RuntimeError):
+    """The log no longer starts at offset zero (retention trimmed it): a rebuild would be partial."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +222,11 @@ class Projector:
     # ---- rebuild -------------------------------------------------------------------------------
 
     async def rebuild(self) -> RebuildReport:
-        """Replay the whole log into fresh tables and swap them in atomically (see module doc)."""
+        """Replay the whole log into fresh tables and swap them in atomically (see module doc).
+
+        Refuses (`RebuildIncomplete`) when retention trimmed the start of the log: a replay would
+        silently leave out the oldest events (`kit.messaging.retention`, ADR 0023)."""
+        await self._check_log_complete()
         started = time.perf_counter()
         copies = await self._fresh_copies()
         positions: dict[_Key, int] = {}
@@ -242,6 +263,21 @@ class Projector:
         report = self._rebuilt(total, started)
         await self.lag()
         return report
+
+    async def _check_log_complete(self) -> None:
+        log = stream_log.c
+        async with self._db.read() as conn:
+            starts = await conn.execute(
+                select(log.topic, log.partition, func.min(log.offset))
+                .where(log.topic.in_(self.projection.topics))
+                .group_by(log.topic, log.partition)
+            )
+            trimmed = [f"{t}/{p} starts at {o}" for t, p, o in starts if o is not None and int(o) > 0]
+        if trimmed:
+            raise RebuildIncomplete(
+                f"cannot rebuild {self.name}: the log was trimmed ({', '.join(sorted(trimmed))}); "
+                "a replay would leave out the events before"
+            )
 
     async def _fresh_copies(self) -> dict[str, Table]:
         copies = {name: _copy(table) for name, table in self._live.items()}

@@ -26,6 +26,10 @@ its transaction rolled back) but at most once, through the inbox.
 to offset 0: replay into `<table>__rebuild` copies in short transactions, then under the live
 checkpoint's lock drain what arrived meanwhile, swap the copies in and set the checkpoint to the
 copies' positions. The live group then finds everything up to there below the checkpoint and skips it.
+
+Being a consumer group, the live projector reports to a `MessagingHook` like any `Consumer` does,
+labelled with its group: redeliveries (attempt > 1), dedup hits (deliveries found below the
+checkpoint, or replayed dead letters the inbox had recorded), messages applied, and lag per topic.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
+from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.inbox import Inbox
 from mercato.kit.messaging.message import Message
 from mercato.kit.messaging.stream import Delivery, Stream
@@ -67,8 +72,12 @@ class StreamProjector(Projector):
         clock: Clock | None = None,
         hook: ProjectionHook | None = None,
         consumer: str | None = None,
+        messaging_hook: MessagingHook | None = None,
     ) -> None:
         super().__init__(db, projection, batch_size=batch_size, clock=clock, hook=hook)
+        self._messaging = messaging_hook or NullMessagingHook()
+        # Deliveries of the transaction in progress found already applied: reported once it commits.
+        self._skipped: list[Delivery] = []
         self._stream = stream
         self.group = f"projection:{projection.name}"
         self.rebuild_group = f"{self.group}:rebuild"
@@ -83,6 +92,9 @@ class StreamProjector(Projector):
             deliveries = await self._stream.read(
                 topic, self.group, self._consumer, max_messages=self.batch_size, block_s=0
             )
+            for delivery in deliveries:
+                if delivery.attempt > 1:
+                    self._messaging.consumer_redelivered(group=delivery.group, topic=delivery.topic)
             if deliveries:
                 applied += await self._consume(deliveries, self._live)
         if applied:
@@ -93,7 +105,9 @@ class StreamProjector(Projector):
     async def lag(self) -> int:
         behind = 0
         for topic in self.projection.topics:
-            behind += await self._stream.lag(topic, self.group)
+            topic_lag = await self._stream.lag(topic, self.group)
+            self._messaging.consumer_lag(group=self.group, topic=topic, messages=topic_lag)
+            behind += topic_lag
         self._hook.lag(projection=self.name, messages=behind)
         return behind
 
@@ -139,14 +153,27 @@ class StreamProjector(Projector):
     # ---- internals -----------------------------------------------------------------------------
 
     async def _consume(self, deliveries: Sequence[Delivery], targets: Mapping[str, Table]) -> int:
+        self._skipped = []
         try:
             async with self._db.write() as conn:
                 positions = await self._lock(conn, {(d.topic, d.partition) for d in deliveries})
                 applied = await self._apply_in(conn, deliveries, positions, targets)
         except Exception:  # noqa: BLE001 - one poison message must not hold the batch: isolate it
             return await self._consume_one_by_one(deliveries, targets)
+        self._report(deliveries)
         await self._ack(deliveries)
         return applied
+
+    def _report(self, committed: Sequence[Delivery]) -> None:
+        """After a live transaction committed: each delivery was either applied or a dedup hit."""
+        skipped = {id(d) for d in self._skipped}
+        for delivery in committed:
+            labels = {"group": delivery.group, "topic": delivery.topic}
+            if id(delivery) in skipped:
+                self._messaging.consumer_dedup_hit(**labels)
+            else:
+                self._messaging.consumer_processed(**labels)
+        self._skipped = []
 
     async def _consume_one_by_one(self, deliveries: Sequence[Delivery], targets: Mapping[str, Table]) -> int:
         applied = 0
@@ -155,6 +182,7 @@ class StreamProjector(Projector):
             key = (delivery.topic, delivery.partition)
             if key in blocked:
                 continue  # behind a failed message: redelivered after it, in order
+            self._skipped = []
             try:
                 async with self._db.write() as conn:
                     positions = await self._lock(conn, {key})
@@ -170,6 +198,7 @@ class StreamProjector(Projector):
                 if not delivery.from_dead_letters:
                     blocked.add(key)
                 continue
+            self._report([delivery])
             await self._stream.ack(delivery)
         return applied
 
@@ -197,10 +226,13 @@ class StreamProjector(Projector):
                 if not seen:
                     await self.projection.apply_all(conn, pending, targets)
                     pending = []
-                    await self.projection.apply(conn, delivery.message, targets)
+                    await self.projection.apply_all(conn, [delivery.message], targets)
                     applied += 1
+                else:
+                    self._skipped.append(delivery)
                 continue
             if delivery.offset < positions.get(key, 0):
+                self._skipped.append(delivery)
                 continue  # applied and committed before; this is a redelivery
             pending.append(delivery.message)
             positions[key] = moved[key] = delivery.offset + 1

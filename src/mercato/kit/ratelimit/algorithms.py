@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.limit import Decision, Limit
 
 __all__ = [
     "ALGORITHMS",
@@ -124,17 +124,13 @@ class GcraState(NamedTuple):
 
 
 class LeakyBucket:
-    """Leaky bucket as a meter (GCRA, virtual scheduling) and as a shaper (`reserve`).
+    """Leaky bucket as a meter (GCRA, virtual scheduling).
 
     Emission interval `T = period_s / rate`, tolerance `tau = burst * T`. With `tat' = max(tat, now)` and
     `new_tat = tat' + cost * T`:
     - meter: admit when `new_tat - now <= tau`; a fresh key admits `burst` at once, then one unit every `T`.
       `remaining = floor((tau - (tat' - now)) / T)`, `reset_after = tat' - now`,
       `retry_after = new_tat - tau - now`.
-    - shaper: the units are released at `tat'`, so the caller waits `wait = tat' - now`; granted when the
-      queue stays within its bound (`new_tat - now <= tau`, i.e. at most `burst` units queued) and
-      `wait <= max_wait_s`. `retry_after = max(new_tat - tau, tat' - max_wait_s) - now`.
-    Both share one state, so metered and shaped traffic on one key drain the same bucket.
     """
 
     name = "leaky_bucket"
@@ -161,24 +157,6 @@ class LeakyBucket:
         retry_after = 0.0 if allowed else new_tat - tau - now_s
         decision = Decision(allowed, limit.capacity, remaining, tat - now_s, retry_after)
         return Step(new_state, decision, tat - now_s)
-
-    def reserve(
-        self, state: GcraState, *, now_s: float, limit: Limit, cost: int, max_wait_s: float
-    ) -> tuple[GcraState, Reservation, float]:
-        interval = limit.period_s / limit.rate
-        tau = limit.capacity * interval
-        tat = max(state.tat_s, now_s)
-        wait = tat - now_s
-        new_tat = tat + cost * interval
-        granted = new_tat - now_s <= tau + EPSILON and wait <= max_wait_s + EPSILON
-        new_state = state
-        if granted:
-            tat = new_tat
-            new_state = GcraState(new_tat)
-        queued = max(0, math.ceil((tat - now_s) / interval - EPSILON))
-        retry_after = 0.0 if granted else max(0.0, max(new_tat - tau, tat - max_wait_s) - now_s)
-        reservation = Reservation(granted, wait if granted else 0.0, queued, limit.capacity, retry_after)
-        return new_state, reservation, tat - now_s
 
 
 # --- fixed window ------------------------------------------------------------------------------------------

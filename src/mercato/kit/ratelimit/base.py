@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.limit import Decision, Limit
 
-__all__ = ["BackendError", "RateLimiter", "Shaper"]
+__all__ = ["BackendError", "RateLimiter"]
 
 
 class BackendError(Exception):
@@ -32,16 +32,3 @@ class RateLimiter(Protocol):
     async def peek(self, key: str, limit: Limit) -> Decision:
         """Would a hit of 1 be admitted now? `remaining`/`reset_after_s` describe the state as stored."""
         ...
-
-
-@runtime_checkable
-class Shaper(RateLimiter, Protocol):
-    """A leaky bucket that queues: work is released at the drained rate instead of being refused.
-
-    Usage: `r = await shaper.acquire(key, limit, max_wait_s=2.0)`; if `r.granted`,
-    `await asyncio.sleep(r.wait_s)` and then do the work; otherwise shed it (429/503 with `Retry-After`).
-    The limiter never sleeps itself, so a cancelled caller holds no connection or lock while it waits (its
-    slot stays reserved; that is the price of not needing a release call).
-    """
-
-    async def acquire(self, key: str, limit: Limit, *, max_wait_s: float, cost: int = 1) -> Reservation: ...

@@ -8,18 +8,17 @@ from redis.backoff import NoBackoff
 
 from mercato.kit.clock import Clock
 from mercato.kit.ratelimit.algorithms import ALGORITHMS
-from mercato.kit.ratelimit.base import RateLimiter, Shaper
-from mercato.kit.ratelimit.memory import MemoryLimiter, MemoryShaper
+from mercato.kit.ratelimit.base import RateLimiter
+from mercato.kit.ratelimit.memory import MemoryLimiter
 from mercato.kit.ratelimit.metrics import RateLimitMetrics
 from mercato.kit.ratelimit.pipelined import PipelinedRedis
-from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, LimiterRedis, RedisLimiter, RedisShaper
+from mercato.kit.ratelimit.redis_backend import DEFAULT_KEY_PREFIX, LimiterRedis, RedisLimiter
 from mercato.kit.ratelimit.resilient import ResilientLimiter
 
 __all__ = [
     "ALGORITHM_NAMES",
     "BACKEND_NAMES",
     "build_limiter",
-    "build_shaper",
     "pipelined_client_for_limiter",
     "redis_client_for_limiter",
 ]
@@ -70,21 +69,14 @@ def build_limiter(
     - redis: one Lua EVALSHA per decision on `redis_client` (or an auto-pipelined connection to `redis_url`
       with `socket_timeout_s`), wrapped in `ResilientLimiter` (`fail_open`, `timeout_s`, `failure_threshold`,
       `reset_timeout_s`; `clock` drives its breaker, while decisions use the Redis server's time).
-    `leaky_bucket` returns a limiter that is also a `Shaper` (see `build_shaper`).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown rate-limit algorithm {algorithm!r}; choose from {ALGORITHM_NAMES}")
     if backend == "memory":
-        if algorithm == "leaky_bucket":
-            return MemoryShaper(clock=clock, max_keys=max_keys, metrics=metrics)
         return MemoryLimiter(ALGORITHMS[algorithm], clock=clock, max_keys=max_keys, metrics=metrics)
     if backend == "redis":
         client = redis_client or pipelined_client_for_limiter(redis_url, socket_timeout_s=socket_timeout_s)
-        inner: RedisLimiter = (
-            RedisShaper(client=client, key_prefix=key_prefix, metrics=metrics)
-            if algorithm == "leaky_bucket"
-            else RedisLimiter(algorithm, client=client, key_prefix=key_prefix, metrics=metrics)
-        )
+        inner = RedisLimiter(algorithm, client=client, key_prefix=key_prefix, metrics=metrics)
         return ResilientLimiter(
             inner,
             fail_open=fail_open,
@@ -95,39 +87,3 @@ def build_limiter(
             metrics=metrics,
         )
     raise ValueError(f"unknown rate-limit backend {backend!r}; choose from {BACKEND_NAMES}")
-
-
-def build_shaper(
-    backend: str,
-    *,
-    redis_url: str = "redis://127.0.0.1:6379/0",
-    redis_client: LimiterRedis | None = None,
-    key_prefix: str = DEFAULT_KEY_PREFIX,
-    fail_open: bool = True,
-    socket_timeout_s: float = 0.1,
-    timeout_s: float = 0.25,
-    failure_threshold: int = 5,
-    reset_timeout_s: float = 5.0,
-    max_keys: int = 100_000,
-    clock: Clock | None = None,
-    metrics: RateLimitMetrics | None = None,
-) -> Shaper:
-    """A leaky-bucket shaper (`acquire`) on `backend`; the options are those of `build_limiter`."""
-    limiter = build_limiter(
-        "leaky_bucket",
-        backend,
-        redis_url=redis_url,
-        redis_client=redis_client,
-        key_prefix=key_prefix,
-        fail_open=fail_open,
-        socket_timeout_s=socket_timeout_s,
-        timeout_s=timeout_s,
-        failure_threshold=failure_threshold,
-        reset_timeout_s=reset_timeout_s,
-        max_keys=max_keys,
-        clock=clock,
-        metrics=metrics,
-    )
-    if not isinstance(limiter, Shaper):  # pragma: no cover - build_limiter returns shapers for leaky_bucket
-        raise TypeError("leaky_bucket limiter does not shape")
-    return limiter

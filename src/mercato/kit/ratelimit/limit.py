@@ -1,4 +1,4 @@
-"""The values every limiter speaks: a `Limit` (the policy) and a `Decision` / `Reservation` (the answer).
+"""The values every limiter speaks: a `Limit` (the policy) and a `Decision` (the answer).
 
 A `Decision` carries exactly what the IETF RateLimit header fields and the older `X-RateLimit-*` /
 `Retry-After` headers need, so HTTP middleware builds its headers from it and nothing else.
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-__all__ = ["Decision", "Limit", "Reservation"]
+__all__ = ["Decision", "Limit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,23 +118,3 @@ _TITLE_NAMES = (
     b"Retry-After",
 )
 _ASGI_NAMES = tuple(name.lower() for name in _TITLE_NAMES)
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """The answer of a leaky-bucket shaper's `acquire`.
-
-    - `granted`: the units joined the queue; the caller must `await asyncio.sleep(wait_s)` before doing the
-      work, which releases work at the drained rate. Refused when the queue would exceed its bound.
-    - `wait_s`: seconds to wait before proceeding (0 when the queue was empty).
-    - `queued`: units in the queue after this call, including these (at most `limit`).
-    - `limit`: the queue bound (the limit's `burst`).
-    - `retry_after_s`: when refused, seconds until the same `acquire` would be granted; 0 when granted.
-    """
-
-    granted: bool
-    wait_s: float
-    queued: int
-    limit: int
-    retry_after_s: float
-    degraded: bool = False

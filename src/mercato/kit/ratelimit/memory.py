@@ -13,11 +13,11 @@ from collections import OrderedDict
 from typing import Generic, TypeVar
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.ratelimit.algorithms import AlgorithmCore, GcraState, LeakyBucket, check_cost
-from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.algorithms import AlgorithmCore, check_cost
+from mercato.kit.ratelimit.limit import Decision, Limit
 from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
 
-__all__ = ["MemoryLimiter", "MemoryShaper"]
+__all__ = ["MemoryLimiter"]
 
 S = TypeVar("S")
 
@@ -94,32 +94,3 @@ class MemoryLimiter(Generic[S]):
             if expires_s > now_s:
                 return
             del self._states[key]
-
-
-class MemoryShaper(MemoryLimiter[GcraState]):
-    """Leaky bucket in memory: `hit` meters (GCRA), `acquire` shapes (queues within `burst`)."""
-
-    def __init__(
-        self,
-        *,
-        clock: Clock | None = None,
-        max_keys: int = 100_000,
-        metrics: RateLimitMetrics | None = None,
-    ) -> None:
-        super().__init__(LeakyBucket(), clock=clock, max_keys=max_keys, metrics=metrics)
-        self._bucket = LeakyBucket()
-
-    async def acquire(self, key: str, limit: Limit, *, max_wait_s: float, cost: int = 1) -> Reservation:
-        check_cost(cost, capacity=limit.capacity)
-        if max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
-        now_s = self._clock.monotonic()
-        state = self._load(key, limit, now_s)
-        new_state, reservation, ttl_s = self._bucket.reserve(
-            state, now_s=now_s, limit=limit, cost=cost, max_wait_s=max_wait_s
-        )
-        if new_state is not state:
-            self._store(key, new_state, now_s=now_s, ttl_s=ttl_s)
-        outcome = "allowed" if reservation.granted else "limited"
-        self._metrics.decision(algorithm=self.algorithm, backend="memory", outcome=outcome)
-        return reservation

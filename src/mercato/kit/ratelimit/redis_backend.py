@@ -21,11 +21,11 @@ from redis.exceptions import NoScriptError, RedisError
 from mercato.kit.clock import Clock
 from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
 from mercato.kit.ratelimit.base import BackendError
-from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.limit import Decision, Limit
 from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
 from mercato.kit.ratelimit.pipelined import PipelinedRedis, pack_bulk
 
-__all__ = ["DEFAULT_KEY_PREFIX", "LimiterRedis", "RedisLimiter", "RedisShaper", "load_script_source"]
+__all__ = ["DEFAULT_KEY_PREFIX", "LimiterRedis", "RedisLimiter", "load_script_source"]
 
 DEFAULT_KEY_PREFIX = "mercato:rl:"
 
@@ -144,11 +144,9 @@ class RedisLimiter:
     async def peek(self, key: str, limit: Limit) -> Decision:
         return self._decision(limit, await self._call(key, limit, cost=1, commit=False))
 
-    async def _call(
-        self, key: str, limit: Limit, *, cost: int, commit: bool, max_wait_s: float | None = None
-    ) -> list[Any]:
+    async def _call(self, key: str, limit: Limit, *, cost: int, commit: bool) -> list[Any]:
         try:
-            if self._pipelined is not None and self._clock is None and max_wait_s is None:
+            if self._pipelined is not None and self._clock is None:
                 # The hot path: everything after the key depends only on (limit, cost, commit).
                 packed = self._packed_tails.get((limit, cost, commit))
                 if packed is None:
@@ -156,13 +154,13 @@ class RedisLimiter:
                 redis_key = self.redis_key(key)
                 reply: list[Any] = await self._script.run_packed(self._pipelined, redis_key, *packed)
             else:
-                args = self._args(limit, cost=cost, commit=commit, max_wait_s=max_wait_s)
+                args = self._args(limit, cost=cost, commit=commit)
                 reply = await self._script.run(self._client, self.redis_key(key), args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BackendError(f"redis rate limiter failed: {type(exc).__name__}") from exc
         return reply
 
-    def _args(self, limit: Limit, *, cost: int, commit: bool, max_wait_s: float | None) -> list[str]:
+    def _args(self, limit: Limit, *, cost: int, commit: bool) -> list[str]:
         """The script's ARGV, in the order every `lua/*.lua` reads them."""
         return [
             str(limit.rate),
@@ -171,11 +169,10 @@ class RedisLimiter:
             str(cost),
             "1" if commit else "0",
             "" if self._clock is None else repr(self._clock.monotonic()),
-            "" if max_wait_s is None else repr(float(max_wait_s)),
         ]
 
     def _pack_tail(self, limit: Limit, *, cost: int, commit: bool) -> tuple[bytes, int]:
-        args = self._args(limit, cost=cost, commit=commit, max_wait_s=None)
+        args = self._args(limit, cost=cost, commit=commit)
         packed = (b"".join([pack_bulk(arg) for arg in args]), len(args))
         if len(self._packed_tails) >= _MAX_PACKED_TAILS:
             self._packed_tails.clear()
@@ -185,27 +182,3 @@ class RedisLimiter:
     def _decision(self, limit: Limit, reply: list[Any]) -> Decision:
         capacity = self._core.capacity(limit)
         return Decision(bool(reply[0]), capacity, int(reply[1]), _float(reply[2]), _float(reply[3]))
-
-
-class RedisShaper(RedisLimiter):
-    """Leaky bucket in Redis: `hit` meters (GCRA), `acquire` shapes (queues within `burst`)."""
-
-    def __init__(
-        self,
-        *,
-        client: LimiterRedis,
-        key_prefix: str = DEFAULT_KEY_PREFIX,
-        metrics: RateLimitMetrics | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__("leaky_bucket", client=client, key_prefix=key_prefix, metrics=metrics, clock=clock)
-
-    async def acquire(self, key: str, limit: Limit, *, max_wait_s: float, cost: int = 1) -> Reservation:
-        check_cost(cost, capacity=limit.capacity)
-        if max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
-        reply = await self._call(key, limit, cost=cost, commit=True, max_wait_s=max_wait_s)
-        granted = bool(reply[0])
-        outcome = "allowed" if granted else "limited"
-        self._metrics.decision(algorithm=self.algorithm, backend="redis", outcome=outcome)
-        return Reservation(granted, _float(reply[2]), int(reply[1]), limit.capacity, _float(reply[3]))

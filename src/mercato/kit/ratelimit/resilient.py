@@ -19,8 +19,8 @@ from typing import TypeVar
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
-from mercato.kit.ratelimit.base import BackendError, RateLimiter, Shaper
-from mercato.kit.ratelimit.limit import Decision, Limit, Reservation
+from mercato.kit.ratelimit.base import BackendError, RateLimiter
+from mercato.kit.ratelimit.limit import Decision, Limit
 from mercato.kit.ratelimit.metrics import NoMetrics, RateLimitMetrics
 
 __all__ = ["BreakerState", "ConsecutiveFailureBreaker", "ResilientLimiter"]
@@ -98,7 +98,7 @@ class ConsecutiveFailureBreaker:
 
 
 class ResilientLimiter:
-    """Wraps a limiter (a `Shaper` too) so that store failures become degraded policy decisions.
+    """Wraps a limiter so that store failures become degraded policy decisions.
 
     Per call: breaker open -> policy answer without calling the store; otherwise the inner call runs under
     `asyncio.timeout(timeout_s)` (a backstop to the client's own socket timeout, left out when the inner
@@ -175,17 +175,6 @@ class ResilientLimiter:
     async def peek(self, key: str, limit: Limit) -> Decision:
         decision = await self._guarded(lambda: self._inner.peek(key, limit))
         return decision if decision is not None else self._policy_decision(limit, cost=1, count=False)
-
-    async def acquire(self, key: str, limit: Limit, *, max_wait_s: float, cost: int = 1) -> Reservation:
-        inner = self._inner
-        if not isinstance(inner, Shaper):
-            raise TypeError(f"{inner.algorithm} on {inner.backend} does not shape (no acquire)")
-        check_cost(cost, capacity=limit.capacity)
-        reservation = await self._guarded(lambda: inner.acquire(key, limit, max_wait_s=max_wait_s, cost=cost))
-        if reservation is not None:
-            return reservation
-        decision = self._policy_decision(limit, cost=cost)
-        return Reservation(decision.allowed, 0.0, 0, limit.capacity, decision.retry_after_s, degraded=True)
 
     async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T | None:
         """The inner call's result, or None when the policy must answer (breaker open, or the call failed)."""

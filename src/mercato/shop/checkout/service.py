@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mercato.kit.clock import Clock
+from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.errors import Conflict
 from mercato.kit.sagas import (
     EventSink,
@@ -50,7 +51,12 @@ class OrderDesk(Protocol):
     async def open_from_cart(self, conn: AsyncConnection, customer_id: uuid.UUID) -> OrderSnapshot: ...
 
     async def move_to(
-        self, order_id: uuid.UUID, status: str, *, conn: AsyncConnection | None = None
+        self,
+        order_id: uuid.UUID,
+        status: str,
+        *,
+        conn: AsyncConnection | None = None,
+        at: datetime | None = None,
     ) -> None: ...
 
 
@@ -118,6 +124,20 @@ def _items(ctx: StepContext) -> list[tuple[str, int]]:
     return [(str(sku), int(qty)) for sku, qty in ctx.data["items"]]
 
 
+def _completed_items(ctx: StepContext) -> list[dict[str, Any]]:
+    """`order_completed` v2's items: each with its price at purchase. A saga started before prices
+    were kept in its data says null (unknown), as the v2 schema allows."""
+    prices = ctx.data.get("unit_prices") or [None] * len(ctx.data["items"])
+    return [
+        {"sku": sku, "quantity": qty, "unit_price_minor": None if price is None else int(price)}
+        for (sku, qty), price in zip(_items(ctx), prices, strict=True)
+    ]
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def order_saga(
     *,
     orders: OrderDesk,
@@ -128,7 +148,10 @@ def order_saga(
     deadline_s: float = 120.0,
     remote_timeout_s: float = 5.0,
     remote_retry: RetrySchedule = RetrySchedule(max_attempts=4, base_s=0.1, cap_s=2.0),
+    clock: Clock | None = None,
 ) -> SagaDefinition:
+    clock = clock or SystemClock()
+
     async def cancel_order(ctx: StepContext) -> None:
         await orders.move_to(uuid.UUID(ctx.data["order_id"]), "cancelled", conn=ctx.conn)
         ctx.emit(
@@ -273,7 +296,10 @@ def order_saga(
 
     async def mark_complete(ctx: StepContext) -> Mapping[str, Any] | None:
         await stock.commit_reference(ctx.data["order_id"], conn=ctx.conn)
-        await orders.move_to(uuid.UUID(ctx.data["order_id"]), "completed", conn=ctx.conn)
+        # One moment for the order's row and its event (v2 `completed_at`), so the sales read
+        # model files the order on the day the write model says it completed.
+        completed_at = clock.now()
+        await orders.move_to(uuid.UUID(ctx.data["order_id"]), "completed", conn=ctx.conn, at=completed_at)
         ctx.emit(
             "mercato.orders.order_completed",
             {
@@ -281,7 +307,8 @@ def order_saga(
                 "customer_id": ctx.data["customer_id"],
                 "total_minor": int(ctx.data["amount_minor"]),
                 "currency": ctx.data["currency"],
-                "items": [{"sku": sku, "quantity": qty} for sku, qty in _items(ctx)],
+                "items": _completed_items(ctx),
+                "completed_at": _rfc3339(completed_at),
             },
         )
         return None
@@ -354,6 +381,7 @@ class CheckoutService:
                     "amount_minor": order.total_minor,
                     "currency": order.currency,
                     "items": [[item.sku, item.quantity] for item in order.items],
+                    "unit_prices": [item.unit_price_minor for item in order.items],
                     **({"card_token": card_token} if card_token else {}),
                 },
             )

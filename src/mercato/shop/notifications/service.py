@@ -13,6 +13,7 @@ from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
 from mercato.kit.storage import Database
+from mercato.schemas import read_message
 from mercato.shop.notifications.model import drafts_for
 from mercato.shop.notifications.tables import notifications
 
@@ -57,6 +58,7 @@ class NotificationsService:
             handler=self.handle,
             max_messages=max_messages,
             hook=hook,
+            reader=read_message,  # `handle` sees every order event as its current schema version
         )
 
     async def handle(self, conn: AsyncConnection, message: Message) -> None:

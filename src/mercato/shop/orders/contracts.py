@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,3 +23,5 @@ class OrderSnapshot:
     currency: str
     total_minor: int
     items: tuple[OrderedItem, ...]
+    # When the order last changed (for a completed order: when it completed); None where unknown.
+    updated_at: datetime | None = None

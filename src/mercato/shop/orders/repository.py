@@ -29,6 +29,18 @@ def _order(row: Any, lines: tuple[OrderLine, ...] = ()) -> Order:
     )
 
 
+def _line(r: Any) -> OrderLine:
+    return OrderLine(
+        line_no=r.line_no,
+        product_id=r.product_id,
+        sku=r.sku,
+        name=r.name,
+        unit_price_minor=int(r.unit_price_minor),
+        quantity=int(r.quantity),
+        line_total_minor=int(r.line_total_minor),
+    )
+
+
 class OrdersRepository:
     """Queries on the orders tables. Every method runs on the connection it is given."""
 
@@ -108,19 +120,52 @@ class OrdersRepository:
         line_rows = await conn.execute(
             select(order_lines).where(order_lines.c.order_id == order_id).order_by(order_lines.c.line_no)
         )
-        lines = tuple(
-            OrderLine(
-                line_no=r.line_no,
-                product_id=r.product_id,
-                sku=r.sku,
-                name=r.name,
-                unit_price_minor=int(r.unit_price_minor),
-                quantity=int(r.quantity),
-                line_total_minor=int(r.line_total_minor),
-            )
-            for r in line_rows
+        return _order(row, tuple(_line(r) for r in line_rows))
+
+    async def with_lines(self, conn: AsyncConnection, *where: Any, limit: int) -> list[Order]:
+        """Up to `limit` orders matching `where`, in id order, each with its lines (two statements)."""
+        rows = list(await conn.execute(select(orders).where(*where).order_by(orders.c.id).limit(limit)))
+        if not rows:
+            return []
+        lines: dict[uuid.UUID, list[OrderLine]] = {}
+        ol = order_lines.c
+        found = await conn.execute(
+            select(order_lines).where(ol.order_id.in_([r.id for r in rows])).order_by(ol.order_id, ol.line_no)
         )
-        return _order(row, lines)
+        for r in found:
+            lines.setdefault(r.order_id, []).append(_line(r))
+        return [_order(r, tuple(lines.get(r.id, ()))) for r in rows]
+
+    async def settled(
+        self, conn: AsyncConnection, *, settled_before: datetime, after_id: uuid.UUID | None, limit: int
+    ) -> list[Order]:
+        """Orders unchanged since before `settled_before`, in id order after `after_id`."""
+        where = [orders.c.updated_at < settled_before]
+        if after_id is not None:
+            where.append(orders.c.id > after_id)
+        return await self.with_lines(conn, *where, limit=limit)
+
+    async def completed_between(
+        self, conn: AsyncConnection, *, start: datetime, end: datetime, after_id: uuid.UUID | None, limit: int
+    ) -> list[Order]:
+        """Completed orders whose completion (their last change) falls in [start, end)."""
+        c = orders.c
+        where = [c.status == OrderStatus.COMPLETED.value, c.updated_at >= start, c.updated_at < end]
+        if after_id is not None:
+            where.append(c.id > after_id)
+        return await self.with_lines(conn, *where, limit=limit)
+
+    async def existing_ids(self, conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        if not ids:
+            return set()
+        return set((await conn.execute(select(orders.c.id).where(orders.c.id.in_(ids)))).scalars())
+
+    async def id_bounds(self, conn: AsyncConnection) -> tuple[uuid.UUID, uuid.UUID] | None:
+        # Two index ends rather than min()/max(): PostgreSQL has no min(uuid).
+        first = select(orders.c.id).order_by(orders.c.id).limit(1)
+        low = (await conn.execute(first)).scalar()
+        high = (await conn.execute(select(orders.c.id).order_by(orders.c.id.desc()).limit(1))).scalar()
+        return None if low is None or high is None else (low, high)
 
     def page_statement(
         self, *, customer_id: uuid.UUID | None, after_id: uuid.UUID | None, limit: int

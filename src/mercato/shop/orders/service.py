@@ -9,9 +9,11 @@ report it.
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -122,13 +124,22 @@ class OrdersService:
         await self.record_from_cart(conn, order)
         return snapshot(order)
 
-    async def move_to(self, order_id: uuid.UUID, status: str, *, conn: AsyncConnection | None = None) -> None:
-        """`transition` by status name, for contexts that only know the contract (saga steps)."""
+    async def move_to(
+        self,
+        order_id: uuid.UUID,
+        status: str,
+        *,
+        conn: AsyncConnection | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        """`transition` by status name, for contexts that only know the contract (saga steps).
+        `at` is the moment recorded (`updated_at`; now by default), so an event announcing the move
+        can carry the very same time."""
         target = OrderStatus(status)
         async with self._db.join(conn) as tx:
             # The usual case in one statement: the order is in a state that may become `target`.
             moved = await self._repo.set_status_from(
-                tx, order_id, sources=sources_of(target), target=target, now=self._clock.now()
+                tx, order_id, sources=sources_of(target), target=target, now=at or self._clock.now()
             )
             if not moved:
                 # Already there (a no-op), not found or not allowed: `transition` says which.
@@ -180,6 +191,60 @@ class OrdersService:
             rows = await self._repo.page(conn, customer_id=customer_id, after_id=after_id, limit=limit + 1)
         return rows[:limit], len(rows) > limit
 
+    # ---- for read-model reconciliation (reporting's `OrderFacts`) -------------------------------
+
+    async def settled_snapshots(
+        self, *, settled_before: datetime, after_id: uuid.UUID | None = None, limit: int = 500
+    ) -> list[OrderSnapshot]:
+        """A page (id order, after `after_id`) of orders unchanged since before `settled_before`."""
+        async with self._db.read() as conn:
+            found = await self._repo.settled(
+                conn, settled_before=settled_before, after_id=after_id, limit=limit
+            )
+        return [snapshot(o) for o in found]
+
+    async def sample_settled(
+        self, *, settled_before: datetime, size: int, rng: random.Random
+    ) -> list[OrderSnapshot]:
+        """About `size` settled orders from a random point of the id range (wrapping around): a
+        cheap sample, one index range scan, that covers the whole history over repeated calls."""
+        async with self._db.read() as conn:
+            bounds = await self._repo.id_bounds(conn)
+            if bounds is None:
+                return []
+            low, high = bounds[0].int, bounds[1].int
+            pivot = uuid.UUID(int=rng.randint(low, high))
+            first = await self._repo.settled(conn, settled_before=settled_before, after_id=pivot, limit=size)
+            rest = size - len(first)
+            wrapped = (
+                await self._repo.settled(conn, settled_before=settled_before, after_id=None, limit=rest)
+                if rest > 0
+                else []
+            )
+        seen = {o.id for o in first}
+        return [snapshot(o) for o in first + [o for o in wrapped if o.id not in seen]]
+
+    async def completed_between(
+        self, *, start: datetime, end: datetime, page: int = 1000
+    ) -> list[OrderSnapshot]:
+        """Every order that completed in [start, end) (their `updated_at` is the completion time)."""
+        out: list[OrderSnapshot] = []
+        after: uuid.UUID | None = None
+        async with self._db.read() as conn:
+            while True:
+                found = await self._repo.completed_between(
+                    conn, start=start, end=end, after_id=after, limit=page
+                )
+                out += [snapshot(o) for o in found]
+                if len(found) < page:
+                    return out
+                after = found[-1].id
+
+    async def existing(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of `ids` are orders."""
+        async with self._db.read() as conn:
+            return await self._repo.existing_ids(conn, ids)
+
 
 def snapshot(order: Order) -> OrderSnapshot:
     return OrderSnapshot(
@@ -197,4 +262,5 @@ def snapshot(order: Order) -> OrderSnapshot:
             )
             for line in order.lines
         ),
+        updated_at=order.updated_at,
     )

@@ -24,6 +24,7 @@ from mercato.kit.eventstore import AggregateRepository, EventStore, RecordedEven
 from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.storage import Database
+from mercato.schemas import read_message
 from mercato.shop.payments.contracts import (
     PAYMENT_AUTHORIZED,
     PAYMENT_CAPTURED,
@@ -107,6 +108,8 @@ class PaymentsService:
             handler=self.handle,
             max_messages=max_messages,
             hook=hook,
+            # Payment events are BACKWARD_TRANSITIVE: every version ever written, read as the current.
+            reader=read_message,
         )
 
 

@@ -1,5 +1,9 @@
 """The reporting projections: how each read model applies the events it reads.
 
+Every message reaches these functions through `read_message` (the projection's `reader`): they are
+written against the current schema version of each event, and a stored v1 `order_completed` arrives
+as v2 (its `completed_at` null, which `_completed_day` reads as "the event's own time").
+
 Every write goes through the `tables` mapping the projector passes (the live table or its rebuild
 copy). The projector serializes a projection's passes on its checkpoint lock, so a read-then-write
 here never races another writer of the same rows.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, insert, select, update
@@ -17,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.messaging import Message
 from mercato.kit.projections import Projection
+from mercato.schemas import read_message
 from mercato.shop.reporting.model import ORDER_COMPLETED, PaymentState, Summary, fold, relevant
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 
@@ -69,12 +74,20 @@ async def apply_order_summary(conn: AsyncConnection, message: Message, tables: M
         await conn.execute(update(table).where(table.c.order_id == order_id).values(**_values(after)))
 
 
+def _completed_day(message: Message) -> date:
+    """The UTC day the order completed: v2's `completed_at` (the order's own completion time, the
+    one the write model keeps), else the event's time; both are in the event, so a replay files it
+    the same."""
+    completed_at = message.data["completed_at"]
+    moment = message.time if completed_at is None else datetime.fromisoformat(str(completed_at))
+    return moment.astimezone(UTC).date()
+
+
 async def apply_sales_by_day(conn: AsyncConnection, message: Message, tables: Mapping[str, Table]) -> None:
     if message.type != ORDER_COMPLETED:
         return
     table = tables[sales_by_day.name]
-    # The day the order completed, in UTC: the event's own time, so a replay files it the same.
-    day = message.time.astimezone(UTC).date()
+    day = _completed_day(message)
     currency = str(message.data["currency"])
     total = int(message.data["total_minor"])
     key = (table.c.day == day, table.c.currency == currency)
@@ -121,7 +134,7 @@ async def apply_sales_by_days(
     for message in messages:
         if message.type != ORDER_COMPLETED:
             continue
-        key = (message.time.astimezone(UTC).date(), str(message.data["currency"]))
+        key = (_completed_day(message), str(message.data["currency"]))
         total = totals.setdefault(key, [0, 0])
         total[0] += 1
         total[1] += int(message.data["total_minor"])
@@ -144,6 +157,7 @@ ORDER_SUMMARY = Projection(
     tables=(order_summary,),
     apply=apply_order_summary,
     apply_batch=apply_order_summaries,
+    reader=read_message,
 )
 SALES_BY_DAY = Projection(
     name="sales_by_day",
@@ -151,5 +165,6 @@ SALES_BY_DAY = Projection(
     tables=(sales_by_day,),
     apply=apply_sales_by_day,
     apply_batch=apply_sales_by_days,
+    reader=read_message,
 )
 PROJECTIONS: tuple[Projection, ...] = (ORDER_SUMMARY, SALES_BY_DAY)

@@ -1,5 +1,5 @@
 -- Prepended to every limiter script. ARGV: rate, period_s, capacity, cost, commit ('1'/'0'),
--- now override ('' = Redis server time), max_wait_s ('' = meter). The maths mirror algorithms.py line for
+-- now override ('' = Redis server time). The maths mirror algorithms.py line for
 -- line, so a script and its Python core give the same floats for the same inputs.
 local EPSILON = 1e-9
 local key = KEYS[1]
