@@ -43,7 +43,9 @@ from mercato.shop.checkout.resilient import (
     build_provider_policy,
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
+from mercato.shop.identity.api_keys import ApiKeyService
 from mercato.shop.identity.service import IdentityService
+from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.inventory.service import InventoryService
 from mercato.shop.orders.service import OrdersService
 from mercato.shop.payments.service import PaymentsService
@@ -82,6 +84,9 @@ class Container:
     # The breakers in front of the providers ("psp", "carrier"; "psp-reads"/"carrier-reads" for their
     # record lookups, "psp-undo"/"carrier-undo" for compensations), for /admin/resilience/breakers.
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    # Revoked access tokens and vanished subjects (the bearer's guard), and partner API keys.
+    sessions: SessionGuard | None = None
+    api_keys: ApiKeyService | None = None
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -122,6 +127,16 @@ def build_container(
     )
     health = HealthRegistry()
     health.add_check("database", db.ping)
+    auth = settings.auth
+    sessions = SessionGuard(
+        db, clock, sync_interval_s=auth.revocation_sync_s, subject_ttl_s=auth.subject_cache_s
+    )
+    api_keys = ApiKeyService(
+        db,
+        clock,
+        hash_key=ApiKeyService.derive_hash_key(auth.secret.get_secret_value()),
+        cache_ttl_s=auth.api_key_cache_s,
+    )
     catalog = CatalogService(db, clock)
     shop = settings.shop
     # The catalog service is the cart's PriceBook; the cart service is the orders' CartSource.
@@ -173,7 +188,7 @@ def build_container(
         token_codec=codec,
         health=health,
         catalog=catalog,
-        identity=IdentityService(db, clock, codec, settings.auth),
+        identity=IdentityService(db, clock, codec, settings.auth, sessions=sessions),
         inventory=inventory,
         cart=cart,
         orders=orders,
@@ -190,6 +205,8 @@ def build_container(
         metrics_registry=metrics_registry,
         saga_wakeups=saga_wakeups,
         breakers=breakers,
+        sessions=sessions,
+        api_keys=api_keys,
     )
 
 

@@ -25,8 +25,8 @@ async def _fail(container: Container, saga_id: uuid.UUID, why: str) -> None:
 
 async def test_breakers_list_every_provider_for_admins_only(container: Container) -> None:
     async with api(container) as client:
-        ok = await client.get("/admin/resilience/breakers", headers=admin(container))
-        _, buyer = customer(container)
+        ok = await client.get("/admin/resilience/breakers", headers=await admin(container))
+        _, buyer = await customer(container)
         forbidden = await client.get("/admin/resilience/breakers", headers=buyer)
         anonymous = await client.get("/admin/resilience/breakers")
     assert ok.status_code == 200
@@ -50,7 +50,7 @@ async def test_sagas_by_status_and_their_counts(container: Container) -> None:
     running = await _running_saga(container, sku)
     failed = await _running_saga(container, sku)
     await _fail(container, failed, "compensation void_payment failed after 20 attempts: CircuitOpen")
-    headers = admin(container)
+    headers = await admin(container)
     async with api(container) as client:
         needs_attention = await client.get("/admin/sagas", params={"status": "failed"}, headers=headers)
         active = await client.get("/admin/sagas", params={"status": "running", "limit": 5}, headers=headers)
@@ -58,7 +58,7 @@ async def test_sagas_by_status_and_their_counts(container: Container) -> None:
         stats = await client.get("/admin/sagas/stats", headers=headers)
         too_many = await client.get("/admin/sagas", params={"limit": 101}, headers=headers)
         bad_status = await client.get("/admin/sagas", params={"status": "lost"}, headers=headers)
-        _, buyer = customer(container)
+        _, buyer = await customer(container)
         forbidden = await client.get("/admin/sagas/stats", headers=buyer)
     assert needs_attention.status_code == 200
     [item] = needs_attention.json()["items"]

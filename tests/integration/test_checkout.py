@@ -194,10 +194,11 @@ async def test_checkout_over_http_is_idempotent_and_shows_its_progress(shop: Sho
 
     from mercato.gateway.app import create_app
     from mercato.kit.auth import Principal
+    from tests.integration.shop_support import account
 
     container = shop.container
     app = create_app(container.settings, container=container, configure_logs=False)
-    customer = uuid.uuid4()
+    customer = await account(container)
     token = container.token_codec.issue(
         Principal(
             str(customer), frozenset({"customer"}), frozenset({"orders:write", "orders:read", "cart:write"})
