@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
 from mercato.config import Settings, get_settings
+from mercato.gateway.access_docs import document_access
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
@@ -129,6 +130,7 @@ def create_app(
     app.state.metrics = metrics
     # Bearer tokens are put to the session guard after verification (revoked, subject gone).
     app.state.token_guard = container.sessions
+    app.state.api_key_header = settings.ratelimit.api_key_header
     app.state.signing_settings = settings.signing
     app.state.url_signer = build_signer(settings.signing, clock=container.clock)
     app.state.cache_policies = public_catalog_policies(settings.edge_cache)
@@ -273,5 +275,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)
     document_versioning(schema)
+    routes = [route for router in ROUTERS for route in router.routes]
+    document_access(schema, routes, api_key_header=app.state.api_key_header)
     app.openapi_schema = schema
     return schema

@@ -78,4 +78,6 @@ def require_scopes(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]
             raise InsufficientScope("requires scope " + " ".join(scopes))
         return principal
 
+    # Read by the OpenAPI post-processing, which marks routes needing staff scopes as such.
+    dependency.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]
     return dependency
