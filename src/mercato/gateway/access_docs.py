@@ -14,6 +14,7 @@ from typing import Any
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.shop.identity.contracts import Scope
 
 __all__ = ["STAFF_SCOPES", "STAFF_TAG", "document_access"]
@@ -52,6 +53,18 @@ def document_access(schema: dict[str, Any], routes: Iterable[Any], *, api_key_he
         "name": api_key_header,
         "description": "A partner API key (`POST /admin/api-keys`); unknown or revoked keys get 401.",
     }
+    # A made-up, expired or revoked X-API-Key is refused on any versioned or operator route.
+    unauthenticated = {
+        "description": "Missing or invalid credentials: a bad bearer token, or an unknown, expired or "
+        "revoked `X-API-Key`",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}},
+    }
+    for path, path_item in paths.items():
+        if path.startswith(("/v1/", "/v2/", "/admin/")):
+            for operation in path_item.values():
+                if isinstance(operation, dict) and "responses" in operation:
+                    operation["responses"].setdefault("401", unauthenticated)
     for route in routes:
         if not isinstance(route, APIRoute) or route.path not in paths:
             continue
