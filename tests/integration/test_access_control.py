@@ -222,3 +222,24 @@ async def test_availability_is_public_and_staff_routes_say_so_in_openapi(contain
     for path, method in (("/v1/payments/{order_id}", "get"), ("/v1/orders/{order_id}", "get")):
         assert "x-staff-only" not in schema["paths"][path][method], path
     assert "security" not in schema["paths"]["/v1/inventory/{sku}/availability"]["get"]
+
+
+async def test_partners_behind_one_address_do_not_share_idempotency_keys(container: Container) -> None:
+    await product(container, "IDEM-1", 100)
+    await container.inventory.set_available("IDEM-1", 10)
+    assert container.api_keys is not None
+    first = (await container.api_keys.create("a", ["inventory:write"])).secret
+    second = (await container.api_keys.create("b", ["inventory:write"])).secret
+    async with client_at(container, "198.51.100.70") as http:
+        answers = [
+            await http.post(
+                "/v1/inventory/reservations",
+                json={"reference": f"ref-{n}", "lines": [{"sku": "IDEM-1", "quantity": 1}]},
+                headers={"X-API-Key": secret, "Idempotency-Key": "same-key"},
+            )
+            for n, secret in enumerate((first, second))
+        ]
+    # Scoped per key, not per address: the second partner's request is its own, not a mismatch (422)
+    # nor a replay of the first partner's reservation.
+    assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    assert answers[1].json()["reference"] == "ref-1"
