@@ -148,6 +148,7 @@ async def test_get_payment_ledger_route(container: Container, stream: SqlLogStre
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")
         assert missing.json()["type"].endswith(PaymentLedgerNotFound.slug)
-        assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 403
+        # A customer reads only its own orders' ledgers; another's is 404, as if it did not exist.
+        assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 404
         assert (await client.get(f"/v1/payments/{order_id}")).status_code == 401
         assert "/v1/payments/{order_id}" in (await client.get("/openapi.json")).json()["paths"]
