@@ -54,7 +54,9 @@ from mercato.shop.checkout.resilient import (
     build_provider_policy,
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
+from mercato.shop.identity.api_keys import ApiKeyService
 from mercato.shop.identity.service import IdentityService
+from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.inventory.service import InventoryService
 from mercato.shop.orders.service import OrdersService
 from mercato.shop.payments.service import PaymentsService
@@ -98,6 +100,9 @@ class Container:
     # `mercato_messaging_*` on `metrics_registry`: the stream (dead letters), the outbox relay
     # (published, backlog) and every consumer and stream projector (lag, redeliveries, dedup hits).
     messaging_hook: MessagingHook = field(default_factory=NullMessagingHook)
+    # Revoked access tokens and vanished subjects (the bearer's guard), and partner API keys.
+    sessions: SessionGuard | None = None
+    api_keys: ApiKeyService | None = None
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -138,6 +143,16 @@ def build_container(
     )
     health = HealthRegistry()
     health.add_check("database", db.ping)
+    auth = settings.auth
+    sessions = SessionGuard(
+        db, clock, sync_interval_s=auth.revocation_sync_s, subject_ttl_s=auth.subject_cache_s
+    )
+    api_keys = ApiKeyService(
+        db,
+        clock,
+        hash_key=ApiKeyService.derive_hash_key(auth.secret.get_secret_value()),
+        cache_ttl_s=auth.api_key_cache_s,
+    )
     catalog = CatalogService(db, clock)
     shop = settings.shop
     # The catalog service is the cart's PriceBook; the cart service is the orders' CartSource.
@@ -191,7 +206,7 @@ def build_container(
         token_codec=codec,
         health=health,
         catalog=catalog,
-        identity=IdentityService(db, clock, codec, settings.auth),
+        identity=IdentityService(db, clock, codec, settings.auth, sessions=sessions),
         inventory=inventory,
         cart=cart,
         orders=orders,
@@ -216,6 +231,8 @@ def build_container(
             ttl_s=max(5.0, 3 * settings.worker.breaker_report_interval_s),
         ),
         messaging_hook=messaging_hook,
+        sessions=sessions,
+        api_keys=api_keys,
     )
 
 

@@ -53,6 +53,11 @@ class AuthSettings(BaseModel):
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=8)
     argon2_parallelism: int = Field(default=1, ge=1)
+    # Staleness bounds of each process's view of shared access state (ADR 0027): a logout made in
+    # another process, a deleted account, a revoked API key are honoured within these.
+    revocation_sync_s: float = Field(default=1.0, ge=0, le=60)
+    subject_cache_s: float = Field(default=5.0, ge=0, le=300)
+    api_key_cache_s: float = Field(default=5.0, ge=0, le=300)
 
 
 class HttpSettings(BaseModel):

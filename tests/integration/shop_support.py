@@ -12,6 +12,9 @@ from mercato.bootstrap import Container
 from mercato.gateway.app import create_app
 from mercato.kit.auth import Principal
 from mercato.shop.catalog.model import NewProduct, Product
+from mercato.shop.identity.contracts import Role
+from mercato.shop.identity.model import User
+from mercato.shop.identity.repository import IdentityRepository
 from tests.conftest import make_settings
 
 CUSTOMER_SCOPES = frozenset({"cart:read", "cart:write", "orders:read", "orders:write"})
@@ -25,26 +28,59 @@ ADMIN_SCOPES = CUSTOMER_SCOPES | {
 SERVICE_SCOPES = frozenset({"inventory:read", "inventory:write", "orders:read_all"})
 
 
-def bearer(container: Container, *, subject: str, roles: set[str], scopes: frozenset[str]) -> dict[str, str]:
+async def account(
+    container: Container, *, role: str = "customer", user_id: uuid.UUID | None = None
+) -> uuid.UUID:
+    """A real account row: the bearer guard refuses tokens whose subject does not exist."""
+    now = container.clock.now()
+    user = User(
+        id=user_id or uuid.uuid4(),
+        email=f"{uuid.uuid4().hex[:12]}@example.com",
+        role=Role(role),
+        display_name="Test",
+        disabled=False,
+        created_at=now,
+        updated_at=now,
+        password_hash="not-a-usable-hash",
+    )
+    async with container.db.write() as conn:
+        await IdentityRepository().add_user(conn, user)
+    return user.id
+
+
+async def bearer(
+    container: Container, *, roles: set[str], scopes: frozenset[str], subject: str | None = None
+) -> dict[str, str]:
+    """A token for a new account with `roles` (or for `subject`, which must exist), carrying `scopes`."""
+    if subject is None:
+        role = next((r for r in ("admin", "service", "customer") if r in roles), "customer")
+        subject = str(await account(container, role=role))
     issued = container.token_codec.issue(
         Principal(subject=subject, roles=frozenset(roles), scopes=frozenset(scopes))
     )
     return {"Authorization": f"Bearer {issued.token}"}
 
 
-def customer(
+async def api_key(container: Container, scopes: frozenset[str]) -> dict[str, str]:
+    """A real partner API key with `scopes` (its principal is no customer account)."""
+    assert container.api_keys is not None
+    issued = await container.api_keys.create("test partner", sorted(scopes))
+    return {"X-API-Key": issued.secret}
+
+
+async def customer(
     container: Container, scopes: frozenset[str] = CUSTOMER_SCOPES
 ) -> tuple[uuid.UUID, dict[str, str]]:
-    user_id = uuid.uuid4()
-    return user_id, bearer(container, subject=str(user_id), roles={"customer"}, scopes=scopes)
+    user_id = await account(container)
+    return user_id, await bearer(container, subject=str(user_id), roles={"customer"}, scopes=scopes)
 
 
-def admin(container: Container) -> dict[str, str]:
-    return bearer(container, subject=str(uuid.uuid4()), roles={"admin"}, scopes=ADMIN_SCOPES)
+async def admin(container: Container) -> dict[str, str]:
+    return await bearer(container, roles={"admin"}, scopes=ADMIN_SCOPES)
 
 
-def service_account(container: Container) -> dict[str, str]:
-    return bearer(container, subject="checkout-service", roles={"service"}, scopes=SERVICE_SCOPES)
+async def service_account(container: Container) -> dict[str, str]:
+    return await bearer(container, roles={"service"}, scopes=SERVICE_SCOPES)
 
 
 @asynccontextmanager

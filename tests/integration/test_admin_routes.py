@@ -28,8 +28,8 @@ async def _fail(container: Container, saga_id: uuid.UUID, why: str) -> None:
 
 async def test_breakers_list_every_provider_for_admins_only(container: Container) -> None:
     async with api(container) as client:
-        ok = await client.get("/admin/resilience/breakers", headers=admin(container))
-        _, buyer = customer(container)
+        ok = await client.get("/admin/resilience/breakers", headers=await admin(container))
+        _, buyer = await customer(container)
         forbidden = await client.get("/admin/resilience/breakers", headers=buyer)
         anonymous = await client.get("/admin/resilience/breakers")
     assert ok.status_code == 200
@@ -53,7 +53,7 @@ async def test_sagas_by_status_and_their_counts(container: Container) -> None:
     running = await _running_saga(container, sku)
     failed = await _running_saga(container, sku)
     await _fail(container, failed, "compensation void_payment failed after 20 attempts: CircuitOpen")
-    headers = admin(container)
+    headers = await admin(container)
     async with api(container) as client:
         needs_attention = await client.get("/admin/sagas", params={"status": "failed"}, headers=headers)
         active = await client.get("/admin/sagas", params={"status": "running", "limit": 5}, headers=headers)
@@ -61,7 +61,7 @@ async def test_sagas_by_status_and_their_counts(container: Container) -> None:
         stats = await client.get("/admin/sagas/stats", headers=headers)
         too_many = await client.get("/admin/sagas", params={"limit": 101}, headers=headers)
         bad_status = await client.get("/admin/sagas", params={"status": "lost"}, headers=headers)
-        _, buyer = customer(container)
+        _, buyer = await customer(container)
         forbidden = await client.get("/admin/sagas/stats", headers=buyer)
     assert needs_attention.status_code == 200
     [item] = needs_attention.json()["items"]
@@ -106,7 +106,7 @@ async def test_breakers_reported_by_other_processes_are_shown_while_fresh(
     await job.run()
     clock.advance(2)
     async with api(container) as client:
-        items = (await client.get("/admin/resilience/breakers", headers=admin(container))).json()["items"]
+        items = (await client.get("/admin/resilience/breakers", headers=await admin(container))).json()["items"]
     reported = [b for b in items if b["process"] == "worker-host:4242"]
     assert [(b["name"], b["state"], b["failures"]) for b in reported] == [("psp", "open", 1)]
     assert reported[0]["reported_at"] is not None
@@ -120,5 +120,5 @@ async def test_breakers_reported_by_other_processes_are_shown_while_fresh(
 
     clock.advance(10)  # the worker stopped reporting
     async with api(container) as client:
-        items = (await client.get("/admin/resilience/breakers", headers=admin(container))).json()["items"]
+        items = (await client.get("/admin/resilience/breakers", headers=await admin(container))).json()["items"]
     assert not [b for b in items if b["process"] == "worker-host:4242"]

@@ -52,7 +52,7 @@ async def test_v2_products_show_money_as_exact_decimal_strings(container: Contai
 
 async def test_v2_orders_show_totals_and_line_prices_as_money(container: Container) -> None:
     await product(container, "V2-ORD", 1250)
-    _, me = customer(container)
+    _, me = await customer(container)
     async with api(container) as client:
         await client.put("/v1/carts/me/items/V2-ORD", json={"quantity": 3}, headers=me)
         placed = await client.post("/v1/checkout", headers={**me, "Idempotency-Key": "v2-ord"})
@@ -125,7 +125,7 @@ async def test_accept_selects_v2_on_a_v1_path(container: Container) -> None:
 
 async def test_resources_without_v2_are_neither_rewritten_nor_deprecated(container: Container) -> None:
     item = await product(container, "NEG-2", 100)
-    _, me = customer(container)
+    _, me = await customer(container)
     async with api(container) as client:
         cart = await client.get("/v1/carts/me", headers={**me, "Accept": V2_MEDIA})
         assert cart.status_code == 200
@@ -138,7 +138,7 @@ async def test_resources_without_v2_are_neither_rewritten_nor_deprecated(contain
         patched = await client.patch(
             f"/v1/products/{item.id}",
             json={"name": "Still v1"},
-            headers={**admin(container), "If-Match": tag, "Accept": V2_MEDIA},
+            headers={**await admin(container), "If-Match": tag, "Accept": V2_MEDIA},
         )
         assert patched.status_code == 200
         assert patched.json()["name"] == "Still v1"

@@ -19,7 +19,7 @@ from mercato.shop.cart.model import (
 )
 from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.model import ProductChanges
-from tests.integration.shop_support import api, bearer, customer, product
+from tests.integration.shop_support import api, api_key, customer, product
 
 
 async def test_cart_is_priced_from_the_catalog_at_read_time(container: Container) -> None:
@@ -133,12 +133,12 @@ async def test_cart_routes(container: Container) -> None:
     await product(container, "API-1", 450)
     archived = await product(container, "API-2", 300)
     await product(container, "API-USD", 300, currency="USD")
-    _, headers = customer(container)
+    _, headers = await customer(container)
     async with api(container) as client:
         anonymous = await client.get("/v1/carts/me")
         assert anonymous.status_code == 401
         assert anonymous.headers["cache-control"] == "private, no-store"
-        _, reader_only = customer(container, frozenset({"cart:read"}))
+        _, reader_only = await customer(container, frozenset({"cart:read"}))
         forbidden = await client.put("/v1/carts/me/items/API-1", json={"quantity": 1}, headers=reader_only)
         assert forbidden.status_code == 403
 
@@ -182,5 +182,5 @@ async def test_cart_routes(container: Container) -> None:
         assert (await client.get("/v1/carts/me", headers=headers)).json()["lines"] == []
 
         scopes = frozenset({"cart:read", "cart:write"})
-        not_customer = bearer(container, subject="svc", roles={"service"}, scopes=scopes)
+        not_customer = await api_key(container, scopes)
         assert (await client.get("/v1/carts/me", headers=not_customer)).status_code == 403

@@ -174,6 +174,33 @@ async def test_a_declined_payment_releases_the_stock_and_cancels_the_order(shop:
     assert shipments.items == []
 
 
+async def test_a_declined_order_tells_its_customer_a_public_reason_and_staff_the_detail(shop: Shop) -> None:
+    from mercato.gateway.app import create_app
+    from tests.integration.shop_support import account, admin, bearer
+
+    container = shop.container
+    owner = await account(container)
+    await container.cart.set_item(owner, shop.sku, 1)
+    order = await container.checkout.start(owner, correlation_id="test", card_token="tok_decline")
+    assert await finish(shop, order.id) is SagaStatus.COMPENSATED
+    mine = await bearer(container, subject=str(owner), roles={"customer"}, scopes=frozenset({"orders:read"}))
+    app = create_app(container.settings, container=container, configure_logs=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        for version in ("/v1", "/v2"):
+            seen = await http.get(f"{version}/orders/{order.id}", headers=mine)
+            assert seen.status_code == 200, seen.text
+            progress = seen.json()["checkout"]
+            assert progress["reason"] == "payment_declined"
+            assert progress["failure"] is None
+            assert all(step["error"] is None for step in progress["steps"])
+            assert "StepRejected" not in seen.text
+            assert "Error" not in seen.text
+        staff = (await http.get(f"/v1/orders/{order.id}", headers=await admin(container))).json()["checkout"]
+    assert staff["reason"] == "payment_declined"
+    assert staff["failure"].startswith("authorize_payment: ")
+    assert any(step["error"] for step in staff["steps"])
+
+
 async def test_a_carrier_outage_voids_the_authorization_and_releases_the_stock(shop: Shop) -> None:
     await _set_faults(shop.container.settings.providers.carrier_base_url, FaultSettings(error_rate=1.0))
     order_id = await checkout(shop, quantity=1)
@@ -205,10 +232,11 @@ async def test_checkout_over_http_is_idempotent_and_shows_its_progress(shop: Sho
 
     from mercato.gateway.app import create_app
     from mercato.kit.auth import Principal
+    from tests.integration.shop_support import account
 
     container = shop.container
     app = create_app(container.settings, container=container, configure_logs=False)
-    customer = uuid.uuid4()
+    customer = await account(container)
     token = container.token_codec.issue(
         Principal(
             str(customer), frozenset({"customer"}), frozenset({"orders:write", "orders:read", "cart:write"})

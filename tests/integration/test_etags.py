@@ -50,7 +50,7 @@ async def test_product_etags_answer_304_and_change_with_every_write(container: C
 
 async def test_patch_needs_if_match_and_refuses_a_stale_one(container: Container) -> None:
     item = await product(container, "TAG-2", 500)
-    headers = admin(container)
+    headers = await admin(container)
     async with api(container) as client:
         url = f"/v1/products/{item.id}"
         missing = await client.patch(url, json={"name": "No precondition"}, headers=headers)
@@ -86,7 +86,7 @@ async def test_patch_needs_if_match_and_refuses_a_stale_one(container: Container
 
 async def test_two_admins_editing_one_product_lose_no_update(container: Container) -> None:
     item = await product(container, "TAG-3", 1000, name="Original")
-    alice, bob = admin(container), admin(container)
+    alice, bob = await admin(container), await admin(container)
     async with api(container) as client:
         url = f"/v1/products/{item.id}"
         alice_tag = (await client.get(url, headers=alice)).headers["etag"]
@@ -115,7 +115,7 @@ async def test_two_admins_editing_one_product_lose_no_update(container: Containe
 
 async def test_concurrent_patches_with_one_if_match_let_exactly_one_win(container: Container) -> None:
     item = await product(container, "TAG-4", 100)
-    headers = admin(container)
+    headers = await admin(container)
     async with api(container) as client:
         url = f"/v1/products/{item.id}"
         tag = (await client.get(url)).headers["etag"]
@@ -153,7 +153,7 @@ async def test_many_writers_holding_one_version_produce_one_write(container: Con
 
 async def test_cart_etag_follows_its_lines_and_its_prices(container: Container) -> None:
     item = await product(container, "TAG-CART", 300)
-    _, me = customer(container)
+    _, me = await customer(container)
     async with api(container) as client:
         empty = await client.get("/v1/carts/me", headers=me)
         tag = empty.headers["etag"]
@@ -176,7 +176,7 @@ async def test_cart_etag_follows_its_lines_and_its_prices(container: Container) 
 
 async def test_order_etags_revalidate_each_representation(container: Container) -> None:
     await product(container, "TAG-ORD", 250)
-    _, me = customer(container)
+    _, me = await customer(container)
     async with api(container) as client:
         await client.put("/v1/carts/me/items/TAG-ORD", json={"quantity": 1}, headers=me)
         placed = await client.post("/v1/checkout", headers={**me, "Idempotency-Key": "tag-ord"})
@@ -193,6 +193,6 @@ async def test_order_etags_revalidate_each_representation(container: Container) 
         v2 = await client.get(f"/v2/orders/{order_id}", headers={**me, "If-None-Match": v1_tag})
         assert v2.status_code == 200
         # Another customer learns nothing, not even by guessing the tag.
-        _, other = customer(container)
+        _, other = await customer(container)
         hidden = await client.get(f"/v1/orders/{order_id}", headers={**other, "If-None-Match": v1_tag})
         assert_problem(hidden, 404, "/problems/order-not-found")

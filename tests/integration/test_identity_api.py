@@ -206,7 +206,8 @@ async def test_disabled_account_token_is_refused_on_me(
     await container.identity.set_disabled(user.id, disabled=True)
     refused = await client.get("/v1/me", headers=_bearer(tokens["access_token"]))
     _assert_unauthenticated(refused)
-    assert refused.json()["type"] == "/problems/account-unavailable"
+    # Refused by the bearer guard, like any token whose subject is gone (ADR 0027).
+    assert refused.json()["type"] == "/problems/unauthenticated"
 
 
 async def test_customer_is_403_and_admin_is_201_on_an_admin_route(

@@ -7,7 +7,7 @@ from tests.integration.shop_support import admin, api, customer, service_account
 
 
 async def test_stock_routes_need_inventory_scopes(container: Container) -> None:
-    _, shopper = customer(container)
+    _, shopper = await customer(container)
     async with api(container) as client:
         missing = await client.get("/v1/inventory/SKU-1")
         assert missing.status_code == 401
@@ -20,7 +20,7 @@ async def test_stock_routes_need_inventory_scopes(container: Container) -> None:
 
 
 async def test_put_sets_and_adjusts_stock(container: Container) -> None:
-    headers = admin(container)
+    headers = await admin(container)
     async with api(container) as client:
         assert (await client.get("/v1/inventory/SKU-1", headers=headers)).status_code == 404
         set_ = await client.put("/v1/inventory/SKU-1", json={"available": 10}, headers=headers)
@@ -53,7 +53,7 @@ async def test_put_sets_and_adjusts_stock(container: Container) -> None:
 async def test_reservation_lifecycle_over_http(container: Container) -> None:
     await container.inventory.set_available("SKU-A", 5)
     await container.inventory.set_available("SKU-B", 1)
-    headers = service_account(container)
+    headers = await service_account(container)
     body = {
         "reference": "order-1",
         "lines": [{"sku": "SKU-A", "quantity": 2}, {"sku": "SKU-B", "quantity": 1}],

@@ -16,12 +16,12 @@ from sqlalchemy import select
 from mercato.bootstrap import Container
 from mercato.kit.sagas.store import SagaStatus, saga_instances
 from mercato.shop.orders.tables import orders
-from tests.integration.shop_support import CUSTOMER_SCOPES, api, bearer, customer, product
+from tests.integration.shop_support import CUSTOMER_SCOPES, account, api, bearer, customer, product
 
 
 async def test_post_v1_orders_is_gone_and_checkout_is_the_way_to_order(container: Container) -> None:
     await product(container, "DEAD-1", 500)
-    _, me = customer(container)
+    _, me = await customer(container)
     async with api(container) as client:
         await client.put("/v1/carts/me/items/DEAD-1", json={"quantity": 1}, headers=me)
         gone = await client.post("/v1/orders", headers={**me, "Idempotency-Key": "dead-1"})
@@ -48,7 +48,7 @@ async def test_every_order_a_customer_can_create_is_moved_by_a_saga(container: C
     sku = "SWEEP-1"
     await product(container, sku, 700)
     await container.inventory.set_available(sku, 1000)
-    me = uuid.uuid4()
+    me = await account(container, role="customer")
     async with api(container) as client:
         spec = (await client.get("/openapi.json")).json()
         calls: list[tuple[str, str]] = [
@@ -62,7 +62,7 @@ async def test_every_order_a_customer_can_create_is_moved_by_a_saga(container: C
         for method, path in calls:
             # A fresh token for the same customer each time (a logout on the way must not blind
             # the rest of the sweep), and a full cart for whichever operation might order it.
-            headers = _same_customer(container, me)
+            headers = await _same_customer(container, me)
             await client.put(f"/v1/carts/me/items/{sku}", json={"quantity": 1}, headers=headers)
             response = await client.request(
                 method,
@@ -86,5 +86,5 @@ async def test_every_order_a_customer_can_create_is_moved_by_a_saga(container: C
     assert all(SagaStatus(sagas[order_id]) is SagaStatus.RUNNING for order_id in order_ids)
 
 
-def _same_customer(container: Container, customer_id: uuid.UUID) -> dict[str, str]:
-    return bearer(container, subject=str(customer_id), roles={"customer"}, scopes=CUSTOMER_SCOPES)
+async def _same_customer(container: Container, customer_id: uuid.UUID) -> dict[str, str]:
+    return await bearer(container, subject=str(customer_id), roles={"customer"}, scopes=CUSTOMER_SCOPES)

@@ -15,7 +15,7 @@ from mercato.kit.clock import ManualClock
 from mercato.shop.cart.model import CartChanged
 from mercato.shop.catalog.model import ProductChanges
 from mercato.shop.orders.model import EmptyCart, Order, OrderNotFound, OrderStatus, UnavailableItems
-from tests.integration.shop_support import admin, api, bearer, customer, product, service_account
+from tests.integration.shop_support import admin, api, api_key, customer, product, service_account
 
 
 async def place(container: Container, customer_id: uuid.UUID) -> Order:
@@ -93,8 +93,8 @@ async def _place_orders(
 
 async def test_order_routes(container: Container, clock: ManualClock) -> None:
     await product(container, "MANY-1", 500)
-    _, my_headers = customer(container)
-    _, other_headers = customer(container)
+    _, my_headers = await customer(container)
+    _, other_headers = await customer(container)
     async with api(container) as client:
         anonymous = await client.get("/v1/orders")
         assert anonymous.status_code == 401
@@ -122,7 +122,7 @@ async def test_order_routes(container: Container, clock: ManualClock) -> None:
         assert theirs.json()["type"] == "/problems/order-not-found"
         assert "customer_id" not in theirs.text
         assert (await client.get("/v1/orders/not-an-id", headers=my_headers)).status_code == 404
-        for operator in (admin(container), service_account(container)):
+        for operator in (await admin(container), await service_account(container)):
             seen = await client.get(location, headers=operator)
             assert seen.status_code == 200
             assert seen.json()["id"] == order["id"]
@@ -131,8 +131,8 @@ async def test_order_routes(container: Container, clock: ManualClock) -> None:
 
 async def test_order_pages_cover_every_order_exactly_once(container: Container, clock: ManualClock) -> None:
     await product(container, "MANY-1", 500)
-    me, my_headers = customer(container)
-    other, _ = customer(container)
+    me, my_headers = await customer(container)
+    other, _ = await customer(container)
     my_ids = await _place_orders(container, me, 23, clock)
     other_ids = await _place_orders(container, other, 4, clock)
     async with api(container) as client:
@@ -159,14 +159,14 @@ async def test_order_pages_cover_every_order_exactly_once(container: Container, 
 
         mine = await walk("/v1/orders", my_headers, 5)
         assert mine == list(reversed(my_ids))
-        everything = await walk("/admin/orders", admin(container), 7)
+        everything = await walk("/admin/orders", await admin(container), 7)
         assert sorted(everything) == sorted(my_ids + other_ids)
         assert len(everything) == len(set(everything))
         assert everything == sorted(everything, reverse=True)
 
 
 async def test_orders_need_a_customer_subject_for_own_lists(container: Container) -> None:
-    headers = bearer(container, subject="svc", roles={"service"}, scopes=frozenset({"orders:read"}))
+    headers = await api_key(container, frozenset({"orders:read"}))
     async with api(container) as client:
         response = await client.get("/v1/orders", headers=headers)
         assert response.status_code == 403

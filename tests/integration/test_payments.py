@@ -123,9 +123,9 @@ async def test_get_payment_ledger_route(container: Container, stream: SqlLogStre
     order_id = str(uuid.uuid4())
     await stream.publish(paid_and_refunded(order_id))
     await container.payments.consumer(stream).run_once()
-    _, customer_headers = customer(container)
+    _, customer_headers = await customer(container)
     async with api(container) as client:
-        response = await client.get(f"/v1/payments/{order_id}", headers=admin(container))
+        response = await client.get(f"/v1/payments/{order_id}", headers=await admin(container))
         assert response.status_code == 200, response.text
         assert response.headers["cache-control"] == "private, no-store"
         body = response.json()
@@ -144,10 +144,11 @@ async def test_get_payment_ledger_route(container: Container, stream: SqlLogStre
             (3, "payment_refunded"),
         ]
         assert body["events"][1]["data"]["capture_id"] == "cap-1"
-        missing = await client.get(f"/v1/payments/{uuid.uuid4()}", headers=admin(container))
+        missing = await client.get(f"/v1/payments/{uuid.uuid4()}", headers=await admin(container))
         assert missing.status_code == 404
         assert missing.headers["content-type"].startswith("application/problem+json")
         assert missing.json()["type"].endswith(PaymentLedgerNotFound.slug)
-        assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 403
+        # A customer reads only its own orders' ledgers; another's is 404, as if it did not exist.
+        assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 404
         assert (await client.get(f"/v1/payments/{order_id}")).status_code == 401
         assert "/v1/payments/{order_id}" in (await client.get("/openapi.json")).json()["paths"]

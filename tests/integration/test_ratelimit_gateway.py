@@ -10,7 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -79,6 +79,14 @@ class Edge:
     clock: ManualClock
     policy_file: Path
     limiting: RateLimiting
+    issued: dict[str, str] = field(default_factory=dict)
+
+    async def key(self, name: str) -> str:
+        """A real API key (an unknown one is refused with 401), one per name."""
+        if name not in self.issued:
+            assert self.container.api_keys is not None
+            self.issued[name] = (await self.container.api_keys.create(name, [])).secret
+        return self.issued[name]
 
 
 def closed_port() -> int:
@@ -165,7 +173,7 @@ def assert_rate_limited(response: httpx.Response, rule: str) -> None:
 
 
 async def test_headers_count_down_then_429_with_retry_after(edge: Edge) -> None:
-    key = {"X-API-Key": "partner-1"}
+    key = {"X-API-Key": await edge.key("partner-1")}
     for remaining in (4, 3, 2, 1, 0):
         response = await edge.http.get("/v1/products", headers=key)
         assert response.status_code == 200, response.text
@@ -174,7 +182,9 @@ async def test_headers_count_down_then_429_with_retry_after(edge: Edge) -> None:
         assert int(response.headers["ratelimit-reset"]) > 0
     assert_rate_limited(await edge.http.get("/v1/products", headers=key), "key")
     # Another key has its own quota; no key at all means the rule does not apply (no headers).
-    assert (await edge.http.get("/v1/products", headers={"X-API-Key": "partner-2"})).status_code == 200
+    assert (
+        await edge.http.get("/v1/products", headers={"X-API-Key": await edge.key("partner-2")})
+    ).status_code == 200
     anonymous = await edge.http.get("/v1/products")
     assert anonymous.status_code == 200
     assert "ratelimit-limit" not in anonymous.headers
@@ -195,7 +205,7 @@ async def test_probes_and_metrics_are_never_limited(edge: Edge) -> None:
 
 
 async def test_combined_rules_all_must_admit_and_headers_show_the_tightest(edge: Edge) -> None:
-    both = {"X-API-Key": "partner-3", "X-Tenant-ID": "globex"}
+    both = {"X-API-Key": await edge.key("partner-3"), "X-Tenant-ID": "globex"}
     first = await edge.http.get("/v1/products", headers=both)
     # key: 4 of 5 left; tenant: 2 of 3 left, the tighter share is reported.
     assert (first.headers["ratelimit-limit"], first.headers["ratelimit-remaining"]) == ("3", "2")
@@ -204,20 +214,20 @@ async def test_combined_rules_all_must_admit_and_headers_show_the_tightest(edge:
     assert last.headers["ratelimit-remaining"] == "0"
     assert_rate_limited(await edge.http.get("/v1/products", headers=both), "tenant")
     # The key still has quota on its own: only the tenant was exhausted.
-    alone = await edge.http.get("/v1/products", headers={"X-API-Key": "partner-3"})
+    alone = await edge.http.get("/v1/products", headers={"X-API-Key": await edge.key("partner-3")})
     assert alone.status_code == 200
     assert alone.headers["ratelimit-remaining"] == "0"  # 5 used: 3 with the tenant, 1 refused, 1 now
 
 
 async def test_checkout_has_its_own_per_key_per_route_limit(edge: Edge) -> None:
-    key = {"X-API-Key": "partner-4", "Idempotency-Key": "k"}
+    key = {"X-API-Key": await edge.key("partner-4"), "Idempotency-Key": "k"}
     for _ in range(2):
         response = await edge.http.post("/v1/checkout", headers=key)
         assert response.status_code != 429, response.text  # the route answers (401: no user)
         assert response.headers["ratelimit-limit"] == "2"
     assert_rate_limited(await edge.http.post("/v1/checkout", headers=key), "key-checkout")
     # Other routes only see the per-key limit (3 of 5 used by the checkouts).
-    other = await edge.http.get("/v1/products", headers={"X-API-Key": "partner-4"})
+    other = await edge.http.get("/v1/products", headers={"X-API-Key": await edge.key("partner-4")})
     assert other.status_code == 200
     assert (other.headers["ratelimit-limit"], other.headers["ratelimit-remaining"]) == ("5", "1")
 
@@ -258,7 +268,7 @@ async def test_login_is_limited_per_account_and_per_ip(edge: Edge) -> None:
 
 async def test_status_reports_standing_without_consuming(edge: Edge) -> None:
     token = edge.container.token_codec.issue(Principal(subject="user-42")).token
-    caller = {"X-API-Key": "partner-5", "Authorization": f"Bearer {token}"}
+    caller = {"X-API-Key": await edge.key("partner-5"), "Authorization": f"Bearer {token}"}
     await edge.http.get("/v1/products", headers=caller)
     for _ in range(2):  # asking twice changes nothing
         status = await edge.http.get("/v1/rate-limit/status", headers=caller)
@@ -291,7 +301,7 @@ def _rewrite(path: Path, text: str, *, mtime_step_s: int) -> None:
 
 async def test_policy_file_reloads_and_an_invalid_file_is_kept_out(memory_edge: Edge) -> None:
     edge = memory_edge
-    key = {"X-API-Key": "partner-6"}
+    key = {"X-API-Key": await edge.key("partner-6")}
     assert (await edge.http.get("/v1/products", headers=key)).headers["ratelimit-limit"] == "5"
     _rewrite(
         edge.policy_file,
@@ -317,7 +327,7 @@ async def test_redis_down_fails_open_or_closed_per_rule_and_readyz_names_the_lim
     edge = down_edge
     # Fail-open rule (per key): admitted, flagged in metrics.
     for _ in range(6):  # past the breaker's threshold of 5 failures
-        response = await edge.http.get("/v1/products", headers={"X-API-Key": "partner-7"})
+        response = await edge.http.get("/v1/products", headers={"X-API-Key": await edge.key("partner-7")})
         assert response.status_code == 200, response.text
     # Fail-closed rules (login): refused with 503 and Retry-After, not a 429 the client earned.
     login = await edge.http.post("/v1/auth/login", json={"email": "ada@example.com", "password": "whatever"})

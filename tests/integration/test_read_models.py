@@ -20,7 +20,7 @@ from mercato.shop.notifications.tables import notifications
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 from mercato.workers import shop_jobs
 from mercato.workers.projections import build_projectors, notifications_consumer
-from tests.integration.shop_support import admin, api, bearer
+from tests.integration.shop_support import account, admin, api, bearer
 from tests.integration.test_checkout import Shop, checkout, finish, shop  # noqa: F401
 
 ORDER_TOPIC = "mercato.orders"
@@ -93,25 +93,28 @@ async def test_order_summary_and_sales_follow_real_checkouts_and_rebuild_equals_
 
     async with api(shop.container) as client:
         customer_id = summaries[done_1]["customer_id"]
-        own = bearer(
+        await account(shop.container, user_id=uuid.UUID(str(customer_id)))
+        own = await bearer(
             shop.container, subject=str(customer_id), roles={"customer"}, scopes=frozenset({"orders:read"})
         )
         mine = (await client.get("/v1/order-summaries", headers=own)).json()
         assert [i["order_id"] for i in mine["items"]] == [str(done_1)]
         assert mine["items"][0]["payment_state"] == "captured"
         everyone = await client.get(
-            "/admin/order-summaries", params={"limit": 2}, headers=admin(shop.container)
+            "/admin/order-summaries", params={"limit": 2}, headers=await admin(shop.container)
         )
         page = everyone.json()
         assert [i["order_id"] for i in page["items"]] == sorted(map(str, summaries), reverse=True)[:2]
         rest = await client.get(
-            "/admin/order-summaries", params={"cursor": page["next_cursor"]}, headers=admin(shop.container)
+            "/admin/order-summaries",
+            params={"cursor": page["next_cursor"]},
+            headers=await admin(shop.container),
         )
         assert [i["order_id"] for i in rest.json()["items"]] == [str(min(summaries))]
         report = await client.get(
             "/admin/reports/sales-by-day",
             params={"from": day.isoformat(), "to": day.isoformat()},
-            headers=admin(shop.container),
+            headers=await admin(shop.container),
         )
         assert report.json() == {
             "items": [{"day": day.isoformat(), "currency": currency, "orders": 2, "revenue_minor": 3 * unit}]
@@ -119,7 +122,7 @@ async def test_order_summary_and_sales_follow_real_checkouts_and_rebuild_equals_
         backwards = await client.get(
             "/admin/reports/sales-by-day",
             params={"from": "2026-02-02", "to": "2026-02-01"},
-            headers=admin(shop.container),
+            headers=await admin(shop.container),
         )
         assert backwards.status_code == 400
 
@@ -158,7 +161,7 @@ async def test_notifications_are_recorded_once_under_redelivery_and_duplicate_pu
 
     async with api(shop.container) as client:
         response = await client.get(
-            "/admin/notifications", params={"order_id": str(declined)}, headers=admin(shop.container)
+            "/admin/notifications", params={"order_id": str(declined)}, headers=await admin(shop.container)
         )
         items = response.json()["items"]
         assert sorted(i["channel"] for i in items) == ["email", "webhook"]

@@ -43,7 +43,7 @@ async def client(container: Container, **overrides: object) -> AsyncIterator[htt
 
 async def test_saturated_process_sheds_catalog_but_serves_probes_and_checkout(container: Container) -> None:
     item = await product(container, "SHED-1", 1500)
-    _, customer_headers = customer(container)
+    _, customer_headers = await customer(container)
     # Four slots; normal and sheddable work may fill two, so two stay for critical work.
     backpressure = BackpressureSettings(max_inflight=4, normal_share=0.5, sheddable_share=0.5, queue_size=0)
     gate = asyncio.Event()
@@ -109,7 +109,7 @@ async def test_shedding_can_be_switched_off(container: Container) -> None:
 
 async def test_public_catalog_reads_are_cacheable_and_private_ones_are_not(container: Container) -> None:
     item = await product(container, "EDGE-1", 990)
-    _, headers = customer(container)
+    _, headers = await customer(container)
     async with client(container) as http:
         listing = await http.get("/v1/products")
         single = await http.get(f"/v1/products/{item.id}")

@@ -30,7 +30,7 @@ async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
 ) -> None:
     await product(container, "BUDGET-1", 1250)
     await product(container, "BUDGET-2", 199)
-    _, auth = customer(container)
+    _, auth = await customer(container)
     sqlite = container.db.dialect == "sqlite"
     async with api(container) as client:
         first = await client.put("/v1/carts/me/items/BUDGET-1", json={"quantity": 2}, headers=auth)

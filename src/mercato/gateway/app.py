@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
 from mercato.config import Settings, get_settings
+from mercato.gateway.access_docs import document_access
 from mercato.gateway.admin import router as admin_router
+from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
@@ -47,6 +49,7 @@ from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.api_v2 import router as catalog_v2_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
+from mercato.shop.identity.api_keys_api import admin_router as api_keys_admin_router
 from mercato.shop.inventory.api import router as inventory_router
 from mercato.shop.notifications.api import admin_router as notifications_admin_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
@@ -72,6 +75,7 @@ ROUTERS = [
     reporting_router,
     reporting_admin_router,
     notifications_admin_router,
+    api_keys_admin_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
@@ -124,6 +128,9 @@ def create_app(
     # here too; registered as a collector because several apps may share one container (tests).
     registry.register(container.metrics_registry)
     app.state.metrics = metrics
+    # Bearer tokens are put to the session guard after verification (revoked, subject gone).
+    app.state.token_guard = container.sessions
+    app.state.api_key_header = settings.ratelimit.api_key_header
     app.state.signing_settings = settings.signing
     app.state.url_signer = build_signer(settings.signing, clock=container.clock)
     app.state.cache_policies = public_catalog_policies(settings.edge_cache)
@@ -153,7 +160,8 @@ def create_app(
         IdempotencyMiddleware,
         store=container.idempotency,
         required_paths=REQUIRE_IDEMPOTENCY_KEY,
-        excluded_paths=(re.compile(r"^/v1/auth/"),),
+        # A new API key's response carries the key itself: never stored either.
+        excluded_paths=(re.compile(r"^/v1/auth/"), re.compile(r"^/admin/api-keys")),
         ttl_s=settings.idempotency.ttl_s,
         lock_timeout_s=settings.idempotency.lock_timeout_s,
         hook=PrometheusIdempotencyMetrics(registry),
@@ -173,6 +181,12 @@ def create_app(
     app.add_middleware(EdgeCacheMiddleware, policies=app.state.cache_policies)
     # Inside the load shedder (a shed request costs no limiter call) and the request context (a 429
     # gets the request id and RED metrics), outside routing, idempotency and the body limit.
+    # Inside the limiter (which charges a request with a made-up key to its address first): an
+    # unknown or revoked X-API-Key is a 401; a verified one is the request's principal.
+    if container.api_keys is not None:
+        app.add_middleware(
+            ApiKeyMiddleware, verifier=container.api_keys, header_name=settings.ratelimit.api_key_header
+        )
     rate_limiting = install_rate_limiting(
         app,
         settings=settings.ratelimit,
@@ -180,6 +194,7 @@ def create_app(
         health=container.health,
         registry=registry,
         clock=container.clock,
+        api_keys=container.api_keys,
     )
     if settings.backpressure.enabled:
         # Right inside the request context (a 503 still gets the request id and RED metrics) and
@@ -260,5 +275,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)
     document_versioning(schema)
+    routes = [route for router in ROUTERS for route in router.routes]
+    document_access(schema, routes, api_key_header=app.state.api_key_header)
     app.openapi_schema = schema
     return schema

@@ -1,10 +1,12 @@
 """The limiter at the edge: policies from a file, applied by an ASGI middleware before any route runs.
 
-- Dimensions come from the request: `X-API-Key`, the bearer token's subject (verified here, but a bad token
-  only means "no user": refusing it stays the route's job), the client address (as the request context
-  resolved it: the socket peer, or the client a trusted proxy forwarded for, ADR 0019), `X-Tenant-ID`,
-  the route template, and JSON body fields (`body.email` for login), read from a bounded buffer and
-  replayed to the app unchanged.
+- Dimensions come from the request: the verified `X-API-Key` (its key id; a key that does not verify
+  makes the request anonymous, and the API-key middleware then answers 401), `anonymous` (set only
+  when the request has neither a verified key nor a validly signed bearer token), the bearer token's
+  subject (verified here, but a bad token only means "no user": refusing it stays the route's job),
+  the client address (as the request context resolved it: the socket peer, or the client a trusted
+  proxy forwarded for, ADR 0019), `X-Tenant-ID`, the route template, and JSON body fields
+  (`body.email` for login), read from a bounded buffer and replayed to the app unchanged.
 - Probes and metrics (`/healthz`, `/readyz`, `/startupz`, `/metrics`) are never limited, whatever the file
   says: an orchestrator must always see the truth about a process.
 - A limited route's responses carry `RateLimit-*` and `X-RateLimit-*` of the most restrictive rule; a
@@ -32,7 +34,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mercato.config import RateLimitSettings
-from mercato.kit.auth import InvalidToken, TokenCodec
+from mercato.gateway.api_keys import verified_api_key
+from mercato.kit.auth import CredentialVerifier, InvalidToken, Principal, TokenCodec
 from mercato.kit.clock import Clock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.observability import request_id_var
@@ -114,8 +117,16 @@ def _body_field(body: bytes | None, name: str) -> str | None:
 class DimensionResolver:
     """Turns a request into the dimension values its rules ask for; each value only when needed."""
 
-    def __init__(self, *, codec: TokenCodec, api_key_header: str, tenant_header: str) -> None:
+    def __init__(
+        self,
+        *,
+        codec: TokenCodec,
+        api_key_header: str,
+        tenant_header: str,
+        api_keys: CredentialVerifier | None = None,
+    ) -> None:
         self._codec = codec
+        self._verifier = api_keys
         self._api_key = api_key_header.lower().encode("latin-1")
         self._tenant = tenant_header.lower().encode("latin-1")
         # (method, path) -> template: a repeat request skips the regex walk over every route. Bounded,
@@ -141,7 +152,15 @@ class DimensionResolver:
         except InvalidToken:
             return None  # an invalid token is "no user" here; the route answers 401 if it needs one
 
-    def resolve(
+    async def _key_id(self, scope: Scope) -> str | None:
+        """The verified key's id; None when no key is sent, or when it does not verify (then the
+        request is anonymous here, and the API-key middleware answers 401 after the limiter)."""
+        if self._verifier is None:
+            return None
+        found = await verified_api_key(scope, self._verifier, self._api_key)
+        return found.token_id if isinstance(found, Principal) else None
+
+    async def resolve(
         self, scope: Scope, dimensions: Iterable[str], *, body: bytes | None, path: str | None = None
     ) -> dict[str, str | None]:
         values: dict[str, str | None] = {}
@@ -149,7 +168,11 @@ class DimensionResolver:
             if dimension in values:
                 continue
             if dimension == "api_key":
-                values[dimension] = _header(scope, self._api_key)
+                values[dimension] = await self._key_id(scope)
+            elif dimension == "anonymous":
+                # Neither a verified API key nor a validly signed bearer token: "1", else no value.
+                known = await self._key_id(scope) or self._user(scope)
+                values[dimension] = None if known else "1"
             elif dimension == "user":
                 values[dimension] = self._user(scope)
             elif dimension == "ip":
@@ -194,11 +217,11 @@ class RateLimiting:
     resolver: DimensionResolver
     metrics: _HttpMetrics | None = None
 
-    def keyed(
+    async def keyed(
         self, rules: list[Rule], scope: Scope, *, body: bytes | None, path: str | None = None
     ) -> list[tuple[Rule, str]]:
         needed = {d for rule in rules for d in rule.dimensions}
-        values = self.resolver.resolve(scope, needed, body=body, path=path) if needed else {}
+        values = await self.resolver.resolve(scope, needed, body=body, path=path) if needed else {}
         out = []
         for rule in rules:
             key = rule.key(values)
@@ -228,7 +251,7 @@ class RateLimitMiddleware:
         body: bytes | None = None
         if any(rule.needs_body for rule in rules):
             body, receive = await _buffer_body(receive)
-        keyed = limiting.keyed(rules, scope, body=body)
+        keyed = await limiting.keyed(rules, scope, body=body)
         if not keyed:
             await self.app(scope, receive, send)
             return
@@ -375,7 +398,7 @@ async def rate_limit_status(
         rules = [rule for rule in policies.rules if not rule.needs_body and "route" not in rule.dimensions]
     scope = request.scope
     needed = {d for rule in rules for d in rule.dimensions}
-    values = limiting.resolver.resolve(scope, needed, body=None, path=path)
+    values = await limiting.resolver.resolve(scope, needed, body=None, path=path)
     keyed = [(rule, key) for rule in rules if (key := rule.key(values)) is not None]
     verdict = await limiting.enforcer.standing(keyed)
     body = {
@@ -420,6 +443,7 @@ def install_rate_limiting(
     health: HealthRegistry,
     registry: CollectorRegistry,
     clock: Clock,
+    api_keys: CredentialVerifier | None = None,
 ) -> RateLimiting | None:
     """Build the limiter from settings, register its readiness check, route and middleware.
 
@@ -455,7 +479,10 @@ def install_rate_limiting(
     limiting = RateLimiting(
         enforcer=enforcer,
         resolver=DimensionResolver(
-            codec=codec, api_key_header=settings.api_key_header, tenant_header=settings.tenant_header
+            codec=codec,
+            api_key_header=settings.api_key_header,
+            tenant_header=settings.tenant_header,
+            api_keys=api_keys,
         ),
         metrics=metrics,
     )

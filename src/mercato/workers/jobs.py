@@ -57,7 +57,14 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
 
+    async def purge_revoked_tokens() -> int:
+        # A revocation outlives its token by nothing: the token is refused by its own expiry after.
+        return 0 if container.sessions is None else await container.sessions.purge_expired()
+
     return [
+        PeriodicJob(
+            "purge_revoked_tokens", container.settings.idempotency.purge_interval_s, purge_revoked_tokens
+        ),
         PeriodicJob(
             "expire_reservations",
             worker.reservation_sweep_s,

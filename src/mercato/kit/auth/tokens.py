@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
@@ -30,6 +30,9 @@ class Principal:
     roles: frozenset[str] = field(default_factory=frozenset)
     scopes: frozenset[str] = field(default_factory=frozenset)
     token_id: str = ""
+    # When the credential stops being valid on its own (the token's `exp`); None for credentials
+    # without one. A revocation needs to be remembered only until then.
+    expires_at: datetime | None = None
 
     def has_scopes(self, *required: str) -> bool:
         return all(scope in self.scopes for scope in required)
@@ -117,4 +120,5 @@ class TokenCodec:
             roles=frozenset(str(r) for r in roles),
             scopes=frozenset(scope.split()),
             token_id=str(claims["jti"]),
+            expires_at=datetime.fromtimestamp(float(claims["exp"]), tz=UTC),
         )

@@ -51,6 +51,7 @@ from mercato.kit.idempotency.store import (
 from mercato.kit.idempotency.tables import IN_FLIGHT, SCOPE_LENGTH
 from mercato.kit.observability import get_logger, request_id_var
 from mercato.kit.web.problems import problem_response
+from mercato.kit.web.security import API_KEY_PRINCIPAL
 
 __all__ = [
     "DEFAULT_REPLAY_HEADERS",
@@ -102,7 +103,8 @@ def _headers(scope: Scope, name: bytes) -> list[str]:
 
 
 async def default_scope_resolver(scope: Scope) -> str:
-    """`sub:<subject>` for a valid bearer token, else `anon:<client address>`.
+    """`sub:<subject>` for a valid bearer token, `key:<id>` for an API key the edge verified, else
+    `anon:<client address>` (partners sharing an address must not share keys' stored responses).
 
     Runs before routing, so it cannot use the route's auth dependency: it verifies the token itself
     with `app.state.token_codec` when the app has one. An invalid token falls back to the address;
@@ -119,6 +121,9 @@ async def default_scope_resolver(scope: Scope) -> str:
                 return "sub:" + codec.verify(token.strip()).subject
             except InvalidToken:
                 pass
+    key = scope.get("state", {}).get(API_KEY_PRINCIPAL)
+    if key is not None:
+        return "key:" + str(key.token_id)
     client = scope.get("client")
     return "anon:" + (str(client[0]) if client else "unknown")
 

@@ -6,6 +6,7 @@ names its *dimensions*, the request attributes that together identify one quota:
     api_key   the caller's API key          user     the authenticated subject
     ip        the client address            tenant   the tenant the request is for
     route     the route template            body.F   field F of the JSON body (e.g. `body.email`)
+    anonymous "1" for a caller with neither API key nor user, else no value (pair it with `ip`)
 
 No dimension at all means one quota shared by every caller (a global limit). A rule whose dimension has no
 value for a request (no API key sent, no bearer token) does not apply to that request. The values are
@@ -71,7 +72,7 @@ __all__ = [
     "parse_policies",
 ]
 
-DIMENSIONS: frozenset[str] = frozenset({"api_key", "user", "ip", "tenant", "route"})
+DIMENSIONS: frozenset[str] = frozenset({"api_key", "user", "ip", "tenant", "route", "anonymous"})
 BODY_DIMENSION_PREFIX = "body."
 # Values that are secrets or personal data never appear in a store key or a status answer as sent.
 _HASHED_DIMENSIONS = frozenset({"api_key"})

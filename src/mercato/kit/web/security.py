@@ -1,4 +1,10 @@
-"""Bearer-token authentication and scope checks as FastAPI dependencies."""
+"""Bearer-token (or API-key) authentication and scope checks as FastAPI dependencies.
+
+A bearer token is verified (signature, claims, expiry), then put to the app's `TokenGuard` (on
+`app.state.token_guard`): a revoked token, or one whose subject is gone, is refused like a forged one.
+Without a bearer, a request whose `X-API-Key` the edge already verified (the principal it left in the
+request state under `API_KEY_PRINCIPAL`) is that key.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,21 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from mercato.kit.auth import InvalidToken, Principal, TokenCodec
+from mercato.kit.auth import InvalidToken, Principal, TokenCodec, TokenGuard
 from mercato.kit.errors import Forbidden, Unauthenticated
+
+__all__ = [
+    "API_KEY_PRINCIPAL",
+    "TOKEN_GUARD",
+    "InsufficientScope",
+    "MissingCredentials",
+    "authenticated",
+    "require_scopes",
+]
+
+# Names on `app.state` / the request state that this module reads.
+TOKEN_GUARD = "token_guard"  # noqa: S105 - an attribute name, not a secret
+API_KEY_PRINCIPAL = "api_key_principal"
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/auth/login")
 
@@ -36,11 +55,17 @@ async def authenticated(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
+        key_principal: Principal | None = getattr(request.state, API_KEY_PRINCIPAL, None)
+        if key_principal is not None:
+            return key_principal
         raise MissingCredentials("missing bearer token")
     try:
         principal = _codec(request).verify(credentials.credentials)
+        guard: TokenGuard | None = getattr(request.app.state, TOKEN_GUARD, None)
+        if guard is not None:
+            await guard.admit(principal)
     except InvalidToken as exc:
-        raise MissingCredentials("invalid or expired access token") from exc
+        raise MissingCredentials("invalid, expired or revoked access token") from exc
     request.state.principal = principal
     return principal
 
@@ -53,4 +78,6 @@ def require_scopes(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]
             raise InsufficientScope("requires scope " + " ".join(scopes))
         return principal
 
+    # Read by the OpenAPI post-processing, which marks routes needing staff scopes as such.
+    dependency.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]
     return dependency

@@ -41,6 +41,7 @@ from mercato.shop.checkout.model import (
     ProviderConflict,
     ProviderRejected,
     Shipment,
+    failure_reason,
 )
 from mercato.shop.orders.contracts import OrderSnapshot
 
@@ -416,22 +417,30 @@ class CheckoutService:
             self._wake()
         return order
 
-    async def progress(self, order_id: uuid.UUID) -> dict[str, Any] | None:
-        """The saga's state and step history for an order (shown by GET /v1/orders/{id})."""
+    async def progress(self, order_id: uuid.UUID, *, internal: bool = False) -> dict[str, Any] | None:
+        """The saga's state and step history for an order (shown by GET /v1/orders/{id}).
+
+        Customers see a public `reason` code when it failed; the internal failure text and each
+        attempt's error (exception names, provider messages) only with `internal` (staff).
+        """
         saga = await self._sagas.get(order_id)
         if saga is None:
             return None
         history = await self._sagas.history(order_id)
+        reason = failure_reason(
+            saga.failure, ((h.step, h.outcome) for h in history if h.direction == "forward")
+        )
         return {
             "saga_status": saga.status.value,
-            "failure": saga.failure,
+            "reason": None if reason is None else reason.value,
+            "failure": saga.failure if internal else None,
             "steps": [
                 {
                     "step": h.step,
                     "direction": h.direction,
                     "attempt": h.attempt,
                     "outcome": h.outcome,
-                    "error": h.error,
+                    "error": h.error if internal else None,
                     "duration_ms": h.duration_ms,
                     "recorded_at": h.recorded_at.isoformat().replace("+00:00", "Z"),
                 }

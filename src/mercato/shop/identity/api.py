@@ -7,9 +7,10 @@ from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from mercato.kit.auth import Principal
+from mercato.kit.auth import InvalidToken, Principal, TokenCodec
 from mercato.kit.web import authenticated, problem_responses
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.identity.model import (
@@ -95,6 +96,7 @@ def identity_service(request: Request) -> IdentityService:
 
 
 Service = Annotated[IdentityService, Depends(identity_service)]
+_optional_bearer = HTTPBearer(auto_error=False, description="The access token to revoke with the login")
 Caller = Annotated[Principal, Depends(authenticated)]
 
 
@@ -161,11 +163,27 @@ async def refresh(body: RefreshIn, service: Service) -> Response:
     status_code=204,
     response_class=Response,
     summary="Revoke a login",
-    description="Revokes the refresh token and every token rotated from the same login. Idempotent.",
+    description=(
+        "Revokes the refresh token and every token rotated from the same login. Send the access token "
+        "too (`Authorization: Bearer`): it is refused from then on, on every route and in every "
+        "process, until it expires. Idempotent."
+    ),
     responses={204: {"description": "Logged out (also when the token was already unusable)"}},
 )
-async def logout(body: RefreshIn, service: Service) -> Response:
-    await service.logout(body.refresh_token)
+async def logout(
+    body: RefreshIn,
+    service: Service,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_optional_bearer)],
+) -> Response:
+    access = None
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        codec = cast(TokenCodec, request.app.state.token_codec)
+        try:
+            access = codec.verify(credentials.credentials)
+        except InvalidToken:
+            access = None  # nothing usable to revoke; the refresh token still is
+    await service.logout(body.refresh_token, access=access)
     return Response(status_code=204)
 
 

@@ -30,6 +30,7 @@ from mercato.shop.identity.model import (
 )
 from mercato.shop.identity.passwords import PasswordHashing
 from mercato.shop.identity.repository import IdentityRepository
+from mercato.shop.identity.sessions import SessionGuard
 
 __all__ = ["IdentityService", "TokenPair"]
 
@@ -55,8 +56,10 @@ class IdentityService:
         *,
         repository: IdentityRepository | None = None,
         passwords: PasswordHashing | None = None,
+        sessions: SessionGuard | None = None,
     ) -> None:
         self._db = db
+        self._sessions = sessions
         self._clock = clock
         self._codec = token_codec
         self._refresh_ttl_s = settings.refresh_ttl_s
@@ -162,13 +165,16 @@ class IdentityService:
             raise InvalidRefreshToken(_REFRESH_REJECTED)
         return self._pair(user, raw_next)
 
-    async def logout(self, raw_token: str) -> None:
-        """Revoke the token's family. Unknown tokens are ignored (RFC 7009 §2.2): logging out twice,
-        or with a token that already expired, is not an error the client can do anything about."""
+    async def logout(self, raw_token: str, *, access: Principal | None = None) -> None:
+        """Revoke the token's family, and the access token presented with it until it expires.
+        Unknown tokens are ignored (RFC 7009 §2.2): logging out twice, or with a token that already
+        expired, is not an error the client can do anything about."""
         async with self._db.write() as conn:
             current = await self._repo.get_refresh_token(conn, hash_refresh_token(raw_token))
             if current is not None:
                 await self._repo.revoke_family(conn, current.family_id)
+        if access is not None and self._sessions is not None:
+            await self._sessions.revoke(access)
 
     async def me(self, principal: Principal) -> User:
         """The caller's account; a token outliving its account (deleted, disabled) is refused."""
@@ -198,6 +204,8 @@ class IdentityService:
             found = await self._repo.set_disabled(conn, user_id, disabled=disabled, now=self._clock.now())
             if found and disabled:
                 await self._repo.revoke_user_tokens(conn, user_id)
+        if self._sessions is not None:
+            self._sessions.forget_subject(str(user_id))
         return found
 
     async def refresh_family(self, raw_token: str) -> list[RefreshToken]:

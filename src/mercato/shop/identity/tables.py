@@ -39,3 +39,32 @@ refresh_tokens = Table(
     Index("ix_identity_refresh_tokens_family_id", "family_id"),
     Index("ix_identity_refresh_tokens_user_id", "user_id"),
 )
+
+# Access tokens revoked before their expiry (logout), by `jti`; a row is useless once the token it
+# names has expired, so the purge job deletes rows past `expires_at` (ADR 0027).
+revoked_tokens = Table(
+    "identity_revoked_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=False),
+    Index("ix_identity_revoked_tokens_revoked_at", "revoked_at"),
+    Index("ix_identity_revoked_tokens_expires_at", "expires_at"),
+)
+
+# Partner API keys. Only a keyed hash (HMAC-SHA256 under a server-side key) of each key is stored:
+# a leaked table yields neither usable keys nor hashes an attacker can test guesses against offline.
+api_keys = Table(
+    "identity_api_keys",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("name", String(100), nullable=False),
+    # The key's first characters, shown in listings so an operator can tell keys apart.
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    # Space-separated, like a token's `scope` claim.
+    Column("scopes", String(500), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)

@@ -22,6 +22,7 @@ from mercato.shop.inventory.model import (
     Reservation,
     ReservationNotFound,
     StockLevel,
+    StockNotFound,
 )
 from mercato.shop.inventory.service import InventoryService
 
@@ -242,3 +243,37 @@ async def commit_reservation(
     reservation_id: ReservationIdPath, service: Service, _writer: Writer
 ) -> Response:
     return _json(reservation_dict(await service.commit(_reservation_id(reservation_id))))
+
+
+class AvailabilityOut(BaseModel):
+    sku: str
+    available: int = Field(description="Units that can be ordered now (0 when sold out or unknown).")
+    in_stock: bool = Field(description="`available > 0`.")
+
+
+# Declared last: `/v1/inventory/reservations/...` must keep matching the reservation routes first.
+@router.get(
+    "/{sku}/availability",
+    response_model=AvailabilityOut,
+    summary="Can this SKU be ordered now? (public)",
+    description=(
+        "What a shopper needs before adding to the cart, without credentials: the units that can be "
+        "ordered now. A SKU without a stock record is simply not available. Stock levels with "
+        "reservations and sales (`GET /v1/inventory/{sku}`) are for staff."
+    ),
+    responses={
+        **problem_responses(400),
+        200: {
+            "description": "Availability",
+            "headers": {"Cache-Control": {"schema": {"type": "string"}, "description": "public, max-age=5"}},
+        },
+    },
+)
+async def get_availability(sku: SkuPath, service: Service) -> Response:
+    try:
+        available = (await service.stock(sku)).available
+    except StockNotFound:
+        available = 0
+    body = {"sku": sku, "available": available, "in_stock": available > 0}
+    # Shared by every shopper and a few seconds stale at worst: a cache may keep it briefly.
+    return _json(body, headers={"Cache-Control": "public, max-age=5"})

@@ -71,14 +71,25 @@ class CheckoutStepOut(BaseModel):
     direction: str = Field(description="forward | compensate")
     attempt: int
     outcome: str = Field(description="succeeded | failed | timed_out | rejected")
-    error: str | None = None
+    error: str | None = Field(
+        default=None, description="The attempt's internal error: staff (`orders:read_all`) only."
+    )
     duration_ms: int
     recorded_at: datetime
 
 
 class CheckoutProgressOut(BaseModel):
     saga_status: str = Field(description="running | compensating | completed | compensated | failed")
-    failure: str | None = None
+    reason: str | None = Field(
+        default=None,
+        description=(
+            "Why the checkout failed, as a stable public code: out_of_stock | payment_declined | "
+            "payment_unavailable | shipping_unavailable | timed_out | checkout_failed; null unless it failed."
+        ),
+    )
+    failure: str | None = Field(
+        default=None, description="The internal failure text: staff (`orders:read_all`) only."
+    )
     steps: list[CheckoutStepOut] = Field(default_factory=list)
 
 
@@ -260,7 +271,8 @@ async def visible_order(
     except ValueError:
         customer = None
     order = await service.get(parsed, customer_id=customer, read_all=read_all)
-    return order, await service.checkout_progress(order.id)
+    # Internal failure detail (exception names, provider messages) is for staff only.
+    return order, await service.checkout_progress(order.id, internal=read_all)
 
 
 @admin_router.get(

@@ -56,7 +56,7 @@ class CartSource(Protocol):
 class CheckoutProgress(Protocol):
     """Where an order's checkout stands (implemented by the checkout context)."""
 
-    async def progress(self, order_id: uuid.UUID) -> dict[str, Any] | None: ...
+    async def progress(self, order_id: uuid.UUID, *, internal: bool = False) -> dict[str, Any] | None: ...
 
 
 class OrdersService:
@@ -73,8 +73,13 @@ class OrdersService:
         """Checkout is built after orders (it needs them), so it is attached afterwards."""
         self._progress = progress
 
-    async def checkout_progress(self, order_id: uuid.UUID) -> dict[str, Any] | None:
-        return await self._progress.progress(order_id) if self._progress is not None else None
+    async def checkout_progress(
+        self, order_id: uuid.UUID, *, internal: bool = False
+    ) -> dict[str, Any] | None:
+        """The checkout's progress; `internal` (staff) adds the failure text and each attempt's error."""
+        if self._progress is None:
+            return None
+        return await self._progress.progress(order_id, internal=internal)
 
     async def draft_from_cart(self, customer_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Order:
         """A pending order priced from the cart as it is now; nothing is written yet. With `conn`,
