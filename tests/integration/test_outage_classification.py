@@ -78,8 +78,6 @@ async def test_a_crash_mid_statement_is_a_lost_connection(private_pg: PostgresNo
     assert outage is not None
     assert outage.reason in ("connection-lost", "shutting-down")
     assert outage.outcome_unknown
-        and outage.outcome_unknown
-    )
 
 
 async def test_statement_timeout(db: Database) -> None:
