@@ -94,7 +94,7 @@ async def _write_on_a_read_only_primary(db: Database) -> None:
 
 
 async def test_a_read_only_primary_is_a_failover(db: Database) -> None:
-    with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's own error is the subject
+    with pytest.raises(Exception) as caught:
         await _write_on_a_read_only_primary(db)
     assert classify_outage(caught.value) == Outage("database", "failover", 2.0, False)
 
