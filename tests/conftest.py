@@ -97,7 +97,7 @@ async def container(database_url: str, clock: ManualClock) -> AsyncIterator[Cont
 
 @pytest.fixture(scope="session")
 def pg_node() -> Iterator[PostgresNode]:
-    """A private PostgreSQL 15 cluster for this run (initdb in a tmp folder, free port); destroyed at the end."""
+    """A private PostgreSQL 15 cluster for this run (initdb in a tmp folder, a free port), destroyed after."""
     node = PostgresNode.create()
     try:
         yield node
