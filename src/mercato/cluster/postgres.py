@@ -185,6 +185,14 @@ class PostgresNode:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
+    def wait_stopped(self, *, timeout_s: float = 30.0) -> None:
+        """Wait for a shutdown begun with `stop(wait=False)` to finish."""
+        deadline = time.monotonic() + timeout_s
+        while self.is_running():
+            if time.monotonic() > deadline:
+                raise PostgresNodeError(f"still running after {timeout_s}s\n{self.log_tail()}")
+            time.sleep(0.02)
+
     def restart(self, *, mode: str = "fast") -> None:
         self.stop(mode=mode)
         self.start()
