@@ -148,5 +148,10 @@ async def test_what_is_not_an_outage_stays_unclassified(db: Database) -> None:
     with pytest.raises(OSError) as not_found:
         Path("/nonexistent/dir/file").read_bytes()  # noqa: ASYNC240 - the error, not the I/O, is the point
     assert classify_outage(not_found.value) is None
+    # Nor one raised by our code inside a database block: it passed SQLAlchemy's frames on its way out.
+    with pytest.raises(OSError) as in_block:
+        async with db.read():
+            Path("/nonexistent/dir/file").read_bytes()  # noqa: ASYNC240 - the error, not the I/O, is the point
+    assert classify_outage(in_block.value) is None
     syntax = await _failure(db, "SELEC 1")
     assert classify_outage(syntax) is None

@@ -21,6 +21,7 @@ violation or a bug must still surface as what it is. The gateway maps an `Outage
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -72,7 +73,7 @@ _SQLITE_MESSAGES: tuple[tuple[str, str, float], ...] = (
 )
 
 # Modules whose frames mark a bare OSError as the database's (the connect call raises it unwrapped).
-_DB_DRIVER_MODULES = ("asyncpg", "sqlalchemy", "aiosqlite", "sqlite3", "mercato.kit.storage")
+_DB_DRIVER_MODULES = ("asyncpg", "sqlalchemy", "aiosqlite")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -91,12 +92,18 @@ def _module_of(exc: BaseException) -> str:
     return type(exc).__module__ or ""
 
 
-def _raised_in(tb: TracebackType | None, prefixes: tuple[str, ...]) -> bool:
+def _raised_by_driver(tb: TracebackType | None) -> bool:
+    """Whether the innermost frame outside the standard library (asyncio's socket callbacks raise the
+    connect errors) belongs to a database driver. Only the raise point counts: an error of our own code
+    that merely propagated out through a `Database.read()` block also passed SQLAlchemy's frames."""
+    frames = []
     while tb is not None:
-        name = str(tb.tb_frame.f_globals.get("__name__", ""))
-        if name.startswith(prefixes):
-            return True
+        frames.append(str(tb.tb_frame.f_globals.get("__name__", "")))
         tb = tb.tb_next
+    for name in reversed(frames):
+        if name.partition(".")[0] in sys.stdlib_module_names:
+            continue
+        return name.startswith(_DB_DRIVER_MODULES)
     return False
 
 
@@ -160,7 +167,7 @@ def classify_outage(exc: BaseException) -> Outage | None:
 
     Walks the cause/context chain (and SQLAlchemy's `.orig`), so a wrapped driver error is found under
     its wrappers. A bare `OSError` (refused, reset, unreachable, a connect timeout) counts as the
-    database's when it was raised inside a database driver's frames.
+    database's when a database driver raised it (the innermost frame outside the standard library).
     """
     for link in _chain(exc):
         found = _database(link) or _redis_or_broker(link)
@@ -169,7 +176,7 @@ def classify_outage(exc: BaseException) -> Outage | None:
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return Outage(DATABASE, "pool-timeout", 1.0, False)
     for link in _chain(exc):
-        if isinstance(link, OSError) and _raised_in(link.__traceback__, _DB_DRIVER_MODULES):
+        if isinstance(link, OSError) and _raised_by_driver(link.__traceback__):
             if isinstance(link, ConnectionRefusedError):
                 return Outage(DATABASE, "connection-refused", 2.0, False)
             if isinstance(link, TimeoutError):
