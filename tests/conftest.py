@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
+from mercato.cluster import PostgresNode, RedisNode
 from mercato.config import AuthSettings, DatabaseSettings, Environment, Settings
 from mercato.kit.clock import ManualClock
 from mercato.kit.storage import metadata
@@ -89,3 +90,44 @@ async def container(database_url: str, clock: ManualClock) -> AsyncIterator[Cont
             for table in reversed(metadata.sorted_tables):
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await built.close()
+
+
+# --- private servers for fault tests (never the shared ones) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_node() -> Iterator[PostgresNode]:
+    """A private PostgreSQL 15 cluster for this run (initdb in a tmp folder, a free port), destroyed after."""
+    node = PostgresNode.create()
+    try:
+        yield node
+    finally:
+        node.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_node_url(pg_node: PostgresNode) -> str:
+    """A migrated database on the private node."""
+    url = pg_node.create_database("mercato")
+    upgrade(SCRIPT_LOCATION, url)
+    return url
+
+
+@pytest.fixture
+def private_pg(pg_node: PostgresNode, pg_node_url: str) -> Iterator[PostgresNode]:
+    """The private node, running when the test starts and again after it, whatever the test did to it."""
+    if not pg_node.is_running():
+        pg_node.start()
+    yield pg_node
+    if not pg_node.is_running():
+        pg_node.start()
+
+
+@pytest.fixture
+def redis_node() -> Iterator[RedisNode]:
+    """A private redis-server on a free port, for one test to stop and start."""
+    node = RedisNode.create()
+    try:
+        yield node
+    finally:
+        node.destroy()

@@ -106,7 +106,8 @@ async def test_breakers_reported_by_other_processes_are_shown_while_fresh(
     await job.run()
     clock.advance(2)
     async with api(container) as client:
-        items = (await client.get("/admin/resilience/breakers", headers=await admin(container))).json()["items"]
+        headers = await admin(container)
+        items = (await client.get("/admin/resilience/breakers", headers=headers)).json()["items"]
     reported = [b for b in items if b["process"] == "worker-host:4242"]
     assert [(b["name"], b["state"], b["failures"]) for b in reported] == [("psp", "open", 1)]
     assert reported[0]["reported_at"] is not None
@@ -120,5 +121,6 @@ async def test_breakers_reported_by_other_processes_are_shown_while_fresh(
 
     clock.advance(10)  # the worker stopped reporting
     async with api(container) as client:
-        items = (await client.get("/admin/resilience/breakers", headers=await admin(container))).json()["items"]
+        headers = await admin(container)
+        items = (await client.get("/admin/resilience/breakers", headers=headers)).json()["items"]
     assert not [b for b in items if b["process"] == "worker-host:4242"]

@@ -241,6 +241,12 @@ def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_REF}}}
 
 
+_UNAVAILABLE = {
+    **_problem("A dependency is unavailable (`/problems/dependency-unavailable`); retry after `Retry-After`"),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}},
+}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, with the problem responses every route can give added or corrected."""
     if app.openapi_schema:
@@ -272,6 +278,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
             responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
+            # Any route that touches the database can meet it down (ADR 0026).
+            responses.setdefault("503", _UNAVAILABLE)
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)
     document_versioning(schema)

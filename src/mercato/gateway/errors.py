@@ -21,6 +21,7 @@ from mercato.kit.errors import (
 )
 from mercato.kit.observability import current_request_id
 from mercato.kit.resilience import BulkheadFull, CircuitOpen, DeadlineExceeded
+from mercato.kit.storage.outages import OUTAGE_ERROR_TYPES, Outage, classify_outage
 from mercato.kit.web.problems import problem_response
 
 _STATUS_BY_KIND: list[tuple[type[DomainError], int]] = [
@@ -44,7 +45,12 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
     "payload-too-large": ("Request body too large", "The request body exceeds the configured limit."),
     "unsupported-media-type": ("Unsupported media type", "Send JSON with Content-Type: application/json."),
     "internal-error": ("Internal error", "An unexpected error; the body carries only the request id."),
-    "dependency-unavailable": ("Dependency unavailable", "A required backend did not answer in time."),
+    "dependency-unavailable": (
+        "Dependency unavailable",
+        "A backend the request needs (`dependency`: database, redis, broker, or a provider) is down or "
+        "did not answer in time; retry after `Retry-After` seconds. For a write, `outcome: unknown` means "
+        "it may have taken effect: retry with the same Idempotency-Key, which replays or re-runs it safely.",
+    ),
     "rate-limited": (
         "Too many requests",
         "A rate-limit rule refused the request: wait `Retry-After` seconds. The `RateLimit-*` headers and "
@@ -168,8 +174,44 @@ async def resilience_error_handler(request: Request, exc: Exception) -> Response
     )
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def outage_response(outage: Outage, *, method: str, instance: str, request_id: str) -> Response:
+    """`503 /problems/dependency-unavailable` naming the dependency, with `Retry-After` (ADR 0026)."""
+    extensions: dict[str, Any] = {"dependency": outage.dependency, "reason": outage.reason}
+    detail = f"the {outage.dependency} is unavailable ({outage.reason}); retry later"
+    if outage.outcome_unknown and method not in _SAFE_METHODS:
+        extensions["outcome"] = "unknown"
+        detail += "; the write may have taken effect: retry with the same Idempotency-Key"
+    return problem_response(
+        status=503,
+        slug="dependency-unavailable",
+        title=EDGE_PROBLEMS["dependency-unavailable"][0],
+        detail=detail,
+        instance=instance,
+        request_id=request_id,
+        headers={"Retry-After": str(max(1, math.ceil(outage.retry_after_s))), "Cache-Control": "no-store"},
+        extensions=extensions,
+    )
+
+
+async def outage_error_handler(request: Request, exc: Exception) -> Response:
+    """A driver error that says a dependency is down becomes a 503; anything else stays the 500 it is."""
+    outage = classify_outage(exc)
+    if outage is None:
+        raise exc
+    return outage_response(
+        outage, method=request.method, instance=request.url.path, request_id=current_request_id()
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error_handler)
+    # Raised in a route: answered here, inside the idempotency middleware (which then frees the key).
+    # Raised in a middleware outside the routes: `RequestContextMiddleware` asks the same classifier.
+    for kind in OUTAGE_ERROR_TYPES:
+        app.add_exception_handler(kind, outage_error_handler)  # type: ignore[arg-type]
     for kind in (CircuitOpen, BulkheadFull, DeadlineExceeded):
         app.add_exception_handler(kind, resilience_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

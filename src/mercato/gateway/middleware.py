@@ -2,7 +2,8 @@
 
 `RequestContextMiddleware` gives every request an id, its client address (the socket peer, or the
 client a trusted proxy forwarded for: ADR 0019), a server span, RED metrics, an access log line and a
-last-resort 500 that carries only the request id. `BodyLimitMiddleware` refuses
+last-resort 500 that carries only the request id (or, when the error says a dependency is down, a 503:
+ADR 0026). `BodyLimitMiddleware` refuses
 bodies over the configured size before they are read into memory.
 """
 
@@ -19,8 +20,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mercato.gateway.errors import outage_response
 from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
 from mercato.kit.privacy import network_prefix
+from mercato.kit.storage.outages import classify_outage
 from mercato.kit.web.forwarded import X_FORWARDED_FOR, ForwardedHeader, TrustedProxies, resolve_client_address
 from mercato.kit.web.problems import problem_response
 
@@ -130,9 +133,23 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-        except Exception:  # noqa: BLE001 - the last resort: log it, answer 500 with the request id
-            _log.exception("unhandled_error", path=scope["path"], method=method)
-            if not started:
+        except Exception as exc:  # noqa: BLE001 - the last resort: an outage is a 503, anything else a 500
+            outage = classify_outage(exc)
+            if outage is not None:
+                # A dependency is down (raised outside the routes, e.g. the idempotency claim): ADR 0026.
+                _log.warning(
+                    "dependency_unavailable",
+                    path=scope["path"],
+                    method=method,
+                    dependency=outage.dependency,
+                    reason=outage.reason,
+                    error=type(exc).__name__,
+                )
+                response = outage_response(
+                    outage, method=method, instance=scope["path"], request_id=request_id
+                )
+            else:
+                _log.exception("unhandled_error", path=scope["path"], method=method)
                 response = problem_response(
                     status=500,
                     slug="internal-error",
@@ -140,8 +157,10 @@ class RequestContextMiddleware:
                     detail="An unexpected error occurred; quote the request id when reporting it.",
                     request_id=request_id,
                 )
+            if not started:
                 await response(scope, receive, send_wrapper)
-            status = 500
+            else:
+                status = 500  # the response was cut short: it counts as the server's failure
         finally:
             elapsed = time.perf_counter() - start
             route = _route_template(scope)

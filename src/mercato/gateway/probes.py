@@ -7,12 +7,13 @@ from typing import Any, cast
 import orjson
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from mercato.bootstrap import Container
 from mercato.gateway.errors import EDGE_PROBLEMS
 from mercato.kit.errors import registered_errors
+from mercato.kit.health import overall_status
 from mercato.kit.web import problem_responses
 
 router = APIRouter(tags=["operations"])
@@ -21,12 +22,18 @@ router = APIRouter(tags=["operations"])
 class CheckOut(BaseModel):
     name: str
     ok: bool
+    status: str = Field(
+        default="ok",
+        description="`ok`; `degraded`: down, but the request path does without it (still ready); `failed`",
+    )
     duration_ms: float
     error: str = ""
 
 
 class ProbeOut(BaseModel):
-    status: str
+    status: str = Field(
+        description="`ok`, `degraded` (ready, a fail-open dependency is down) or `unavailable`"
+    )
     checks: list[CheckOut] = []
 
 
@@ -62,19 +69,31 @@ async def healthz() -> Response:
 @router.get(
     "/readyz",
     response_model=ProbeOut,
-    summary="Readiness: every configured backend answers",
-    responses={503: {"description": "A dependency failed", "model": ProbeOut}},
+    summary="Readiness: every backend the request path needs answers",
+    description=(
+        "503 when a dependency the request path cannot do without (the database) is down. A dependency "
+        "that requests fail open on (the rate limiter's Redis) makes the status `degraded`, still 200: "
+        "pulling this node would not help, every node shares it (ADR 0026)."
+    ),
+    responses={503: {"description": "A required dependency failed", "model": ProbeOut}},
 )
 async def readyz(request: Request) -> Response:
     results = await _container(request).health.readiness()
-    ok = all(r.ok for r in results)
+    status = overall_status(results)
     body = {
-        "status": "ok" if ok else "unavailable",
+        "status": status,
         "checks": [
-            {"name": r.name, "ok": r.ok, "duration_ms": r.duration_ms, "error": r.error} for r in results
+            {
+                "name": r.name,
+                "ok": r.ok,
+                "status": r.status,
+                "duration_ms": r.duration_ms,
+                "error": r.error,
+            }
+            for r in results
         ],
     }
-    return _json(body, 200 if ok else 503)
+    return _json(body, 503 if status == "unavailable" else 200)
 
 
 @router.get(

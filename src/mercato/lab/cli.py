@@ -8,6 +8,7 @@ from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.network_cli import network_command
+from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
 
@@ -16,5 +17,6 @@ app.command("breaker")(breaker_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
 app.command("network")(network_command)
+app.command("outage")(outage_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)

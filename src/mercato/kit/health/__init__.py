@@ -1,5 +1,5 @@
 """Liveness, readiness and startup probes."""
 
-from mercato.kit.health.probes import CheckResult, HealthRegistry
+from mercato.kit.health.probes import CheckResult, Degraded, HealthRegistry, overall_status
 
-__all__ = ["CheckResult", "HealthRegistry"]
+__all__ = ["CheckResult", "Degraded", "HealthRegistry", "overall_status"]

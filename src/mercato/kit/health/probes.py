@@ -2,16 +2,29 @@
 
 Liveness touches nothing outside the process. Readiness runs every registered dependency check.
 Startup reports the one-time initialisation steps (migrations, seed) as they complete.
+
+A check ends one of three ways: it returns (ok), it raises `Degraded` (the dependency is down but the
+request path does without it: a fail-open rate limiter, say), or it raises anything else (failed).
+Only a failed check makes the node unready: a load balancer that pulled a node for a dependency every
+node shares and none needs would take healthy capacity away for nothing (ADR 0026).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from mercato.kit.storage.outages import classify_outage
+
+__all__ = ["CheckResult", "Degraded", "HealthRegistry", "overall_status"]
+
 Check = Callable[[], Awaitable[None]]
+
+
+class Degraded(Exception):
+    """Raised by a check whose dependency is down while the request path carries on without it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +33,21 @@ class CheckResult:
     ok: bool
     duration_ms: float
     error: str = ""
+    degraded: bool = False
+
+    @property
+    def status(self) -> str:
+        """`ok`, `degraded` (down, but failing open: still ready) or `failed`."""
+        if not self.ok:
+            return "failed"
+        return "degraded" if self.degraded else "ok"
+
+
+def overall_status(results: Sequence[CheckResult]) -> str:
+    """`unavailable` if any check failed, else `degraded` if any is, else `ok`."""
+    if any(not r.ok for r in results):
+        return "unavailable"
+    return "degraded" if any(r.degraded for r in results) else "ok"
 
 
 class HealthRegistry:
@@ -54,9 +82,23 @@ class HealthRegistry:
             await asyncio.wait_for(check(), timeout=self._timeout_s)
         except TimeoutError:
             return CheckResult(name, False, _ms(start), f"timed out after {self._timeout_s}s")
+        except Degraded as exc:
+            return CheckResult(name, True, _ms(start), str(exc), degraded=True)
         except Exception as exc:  # noqa: BLE001 - a probe reports any failure, it never raises
-            return CheckResult(name, False, _ms(start), type(exc).__name__)
+            return CheckResult(name, False, _ms(start), _describe(exc))
         return CheckResult(name, True, _ms(start))
+
+
+def _describe(exc: Exception) -> str:
+    """What failed, without hosts or driver messages: the outage's dependency and reason when known."""
+    outage = classify_outage(exc)
+    if outage is not None:
+        return f"{outage.dependency} unavailable ({outage.reason})"
+    message = str(exc)
+    # Our own checks raise messages written for operators (no secrets); anything else: its type only.
+    if type(exc).__module__.startswith("mercato.") and message:
+        return message
+    return type(exc).__name__
 
 
 def _ms(start: float) -> float:

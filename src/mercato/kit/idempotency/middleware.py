@@ -11,6 +11,11 @@ Per request with a key on a covered method:
    "try again later" ones, 408/425/429) are stored before they are sent, so a client that saw the
    answer always gets the same answer again. An exception or a 5xx releases the claim instead:
    the handler did not finish, its transaction rolled back, and the client must be free to retry.
+4. When the store itself cannot be reached at that moment (the database is down: the very outage that
+   failed the handler), the release or the completion is retried in the background, with backoff,
+   until it lands or the claim's lock lapses (ADR 0026). Without that the claim stayed in flight for
+   the whole `lock_timeout_s` (60 s by default) after the database came back, refusing every retry
+   with 409; and a lost completion let a later take-over run a finished request a second time.
 
 The response is buffered whole, which suits the small JSON bodies of unsafe requests; streaming
 responses should not sit behind an idempotency key.
@@ -18,6 +23,7 @@ responses should not sit behind an idempotency key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -197,6 +203,7 @@ class IdempotencyMiddleware:
         retry_after_s: int = 1,
         replay_headers: Collection[str] = DEFAULT_REPLAY_HEADERS,
         hook: IdempotencyHook | None = None,
+        settle_retry_s: float = 0.2,
     ) -> None:
         if lock_timeout_s <= 0 or ttl_s < lock_timeout_s:
             raise ValueError("need 0 < lock_timeout_s <= ttl_s")
@@ -215,6 +222,9 @@ class IdempotencyMiddleware:
         self.retry_after_s = retry_after_s
         self.replay_headers = frozenset(h.lower() for h in replay_headers)
         self.hook: IdempotencyHook = hook or NullIdempotencyHook()
+        # First wait before retrying a release/completion the store refused; doubles up to 2 s.
+        self.settle_retry_s = settle_retry_s
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -342,9 +352,10 @@ class IdempotencyMiddleware:
                     self.hook.stored()
                 else:
                     _log.warning("idempotency_claim_lost", status=status)
-            except Exception:  # noqa: BLE001 - the effect happened: still answer, and say why replay may fail
-                # The claim stays in flight until its lock lapses; a retry before then gets 409.
+            except Exception:  # noqa: BLE001 - the effect happened: still answer, and store it later
+                # Until it lands a retry gets 409 (in flight); it must never find the key free and re-run.
                 _log.exception("idempotency_store_failed", status=status)
+                self._settle_later("complete", lambda: self.store.complete(claim, stored, ttl_s=self.ttl_s))
         else:
             await self._release(claim)
         await captured.flush(send)
@@ -356,8 +367,38 @@ class IdempotencyMiddleware:
             try:
                 await self.store.release(claim)
                 self.hook.released()
-            except Exception:  # noqa: BLE001 - never mask the handler's own error
-                _log.exception("idempotency_release_failed")
+            except Exception as exc:  # noqa: BLE001 - never mask the handler's own error
+                _log.warning("idempotency_release_failed", error=type(exc).__name__)
+                self._settle_later("release", lambda: self.store.release(claim))
+
+    def _settle_later(self, what: str, action: Callable[[], Awaitable[bool]]) -> None:
+        """Retry `action` (a release or a completion) in the background until the store takes it."""
+        task = asyncio.get_running_loop().create_task(self._keep_trying(what, action))
+        self._settling.add(task)  # a strong reference: the loop keeps only weak ones
+        task.add_done_callback(self._settling.discard)
+
+    async def _keep_trying(self, what: str, action: Callable[[], Awaitable[bool]]) -> None:
+        # Past the claim's lock the row is anyone's to take over: nothing left worth settling.
+        delay_s, waited_s, last_error = self.settle_retry_s, 0.0, ""
+        while waited_s < self.lock_timeout_s:
+            await anyio.sleep(delay_s)
+            waited_s += delay_s
+            try:
+                await action()
+            except Exception as exc:  # noqa: BLE001 - still down: wait longer and try again
+                delay_s = min(delay_s * 2, 2.0)
+                last_error = type(exc).__name__
+                continue
+            _log.info("idempotency_settled", action=what, after_s=round(waited_s, 2))
+            if what == "release":
+                self.hook.released()
+            return
+        _log.warning("idempotency_settle_gave_up", action=what, error=last_error)
+
+    @property
+    def settling(self) -> int:
+        """Releases/completions still waiting for the store (tests and operators)."""
+        return len(self._settling)
 
     async def _replay(self, response: StoredResponse, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = [

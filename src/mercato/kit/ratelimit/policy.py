@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.health import Degraded
 from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit.base import BackendError, RateLimiter
 from mercato.kit.ratelimit.factory import (
@@ -78,6 +79,8 @@ BODY_DIMENSION_PREFIX = "body."
 _HASHED_DIMENSIONS = frozenset({"api_key"})
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._:/@{}\-]{1,96}$")
 _RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# A rule with one of these prefixes (or none) covers the whole API.
+_WHOLE_API_PREFIXES = frozenset({None, "", "/", "/v1", "/v1/"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _log = get_logger("mercato.ratelimit.policy")
@@ -152,6 +155,11 @@ class Rule:
 
     def describe(self) -> str:
         return f"{self.limit} {self.algorithm}"
+
+    @property
+    def covers_every_route(self) -> bool:
+        """Whether the rule matches every method on every API path (no method, regex or narrow prefix)."""
+        return not self.methods and self.path_regex is None and self.path_prefix in _WHOLE_API_PREFIXES
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,16 +471,34 @@ class LimiterPool:
         return sorted(out)
 
     async def readiness_check(self, policies: PolicySet | None = None) -> None:
-        degraded = self.degraded()
-        if degraded:
-            raise BackendError(f"rate limiter store unavailable ({', '.join(degraded)})")
+        """Raises while the store is down (a limiter answers from its policy, or Redis misses a PING).
+
+        `Degraded` when the node still serves its traffic: every Redis rule fails open, or the ones that
+        fail closed cover a few routes only (login: those answer 429 on every node alike, so pulling this
+        one helps nobody). `BackendError` (not ready) when a fail-closed Redis rule covers every route.
+        """
+        problem = ", ".join(self.degraded())
         uses_redis = policies is not None and "redis" in policies.backends(self.default_backend)
-        if uses_redis:
+        if not problem and uses_redis:
             try:
                 async with asyncio.timeout(max(self._timeout_s, self._socket_timeout_s)):
                     await self._client().ping()  # type: ignore[misc]
-            except Exception as exc:  # whatever the failure, the store is not ready
-                raise BackendError(f"rate limiter store unavailable: {type(exc).__name__}") from exc
+            except Exception as exc:  # noqa: BLE001 - whatever the failure, the store is not answering
+                problem = f"ping: {type(exc).__name__}"
+        if not problem:
+            return
+        redis_rules = [
+            rule for rule in (policies.rules if policies else ()) if self.backend_of(rule) == "redis"
+        ]
+        blocking = [rule.name for rule in redis_rules if not rule.fail_open and rule.covers_every_route]
+        if blocking:
+            raise BackendError(
+                f"rate limiter store unavailable ({problem}); "
+                f"failing closed on every route: {', '.join(blocking)}"
+            )
+        closed = [rule.name for rule in redis_rules if not rule.fail_open]
+        refusing = f"; refusing (fail-closed): {', '.join(closed)}" if closed else ""
+        raise Degraded(f"rate limiter store unavailable ({problem}); failing open{refusing}")
 
     async def aclose(self) -> None:
         if self._redis is not None:

@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.health import Degraded
 from mercato.kit.ratelimit.algorithms import ALGORITHMS, check_cost
 from mercato.kit.ratelimit.base import BackendError, RateLimiter
 from mercato.kit.ratelimit.limit import Decision, Limit
@@ -162,10 +163,12 @@ class ResilientLimiter:
         return self._breaker.state is BreakerState.CLOSED
 
     async def readiness_check(self) -> None:
-        """For `HealthRegistry.add_check`: raises while degraded, with the policy in the message."""
+        """For `HealthRegistry.add_check`: while the store is down, `Degraded` when failing open (every
+        request is still served: the node stays ready) and `BackendError` when failing closed."""
         if not self.healthy():
-            policy = "open" if self._fail_open else "closed"
-            raise BackendError(f"rate limiter store unavailable; failing {policy}")
+            if self._fail_open:
+                raise Degraded("rate limiter store unavailable; failing open")
+            raise BackendError("rate limiter store unavailable; failing closed")
 
     async def hit(self, key: str, limit: Limit, *, cost: int = 1) -> Decision:
         check_cost(cost, capacity=self._capacity(limit))
