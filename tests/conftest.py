@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
@@ -18,6 +19,11 @@ from mercato.config import AuthSettings, DatabaseSettings, Environment, Settings
 from mercato.kit.clock import ManualClock
 from mercato.kit.storage import metadata
 from mercato.kit.storage.migrations import upgrade
+
+# Hypothesis's per-example deadline measures the machine, not the property: on a shared 2-core CI box
+# an example can wait its turn for 300 ms. Properties keep their example counts; time is not judged.
+hypothesis_settings.register_profile("mercato", deadline=None)
+hypothesis_settings.load_profile("mercato")
 
 PG_ADMIN_DSN = os.environ.get("MERCATO_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789abcdef"
