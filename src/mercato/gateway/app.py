@@ -146,7 +146,7 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
 
-    # Added innermost first: the request context wraps everything, including the body limit.
+    # Added innermost first: the request context wraps everything, then the body limit.
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
     app.add_middleware(
@@ -165,7 +165,6 @@ def create_app(
         routes=[route for router in ROUTERS for route in router.routes],
         metrics=VersionMetrics(registry),
     )
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.http.max_body_bytes)
     # Right inside the request context: an incoming X-Request-Deadline bounds everything the request
     # does (every provider call reads it), and a DeadlineExceeded still gets the request id.
     app.add_middleware(DeadlineMiddleware)
@@ -190,6 +189,14 @@ def create_app(
                 settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
             ),
         )
+    # Right inside the request context, outside every layer that reads the body (the rate limiter keys
+    # login attempts by e-mail, idempotency fingerprints it): all of them read through its bounded,
+    # timed `receive`, so a slow, lying or oversized body is refused with 408/413 wherever it is read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.http.max_body_bytes,
+        body_read_timeout_s=settings.http.body_read_timeout_s,
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -256,6 +263,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 responses.setdefault("400", _problem("Malformed query, path or header"))
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
+                responses.setdefault("408", _problem("The request body did not arrive in time"))
             responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)

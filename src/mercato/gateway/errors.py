@@ -42,6 +42,10 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
     "not-found": ("Not found", "No route matches this path."),
     "method-not-allowed": ("Method not allowed", "The route exists but not for this HTTP method."),
     "payload-too-large": ("Request body too large", "The request body exceeds the configured limit."),
+    "request-timeout": (
+        "Request timeout",
+        "The request body did not arrive within the server's body-read timeout; the connection is closed.",
+    ),
     "unsupported-media-type": ("Unsupported media type", "Send JSON with Content-Type: application/json."),
     "internal-error": ("Internal error", "An unexpected error; the body carries only the request id."),
     "dependency-unavailable": ("Dependency unavailable", "A required backend did not answer in time."),
@@ -60,6 +64,7 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
 _SLUG_BY_STATUS = {
     404: "not-found",
     405: "method-not-allowed",
+    408: "request-timeout",
     413: "payload-too-large",
     415: "unsupported-media-type",
     400: "bad-request",
