@@ -18,6 +18,7 @@ from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_con
 from mercato.config import Settings, get_settings
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
+from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
@@ -109,7 +110,8 @@ def create_app(
         version=__version__,
         description="An e-commerce backend: identity, catalog, inventory, cart and orders.",
         lifespan=lifespan,
-        docs_url="/docs",
+        # Served by install_docs from packaged assets, not FastAPI's CDN pages (ADR 0028).
+        docs_url=None,
         redoc_url=None,
     )
     app.state.container = container
@@ -140,6 +142,7 @@ def create_app(
         instrument_engine(container.db.engine, tracer)
 
     install_error_handlers(app)
+    install_docs(app)
     # 428 is no domain error kind: a conditional-request rule of the HTTP edge (RFC 6585).
     app.add_exception_handler(PreconditionRequired, precondition_required_handler)
     app.include_router(probes_router)
