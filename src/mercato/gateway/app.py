@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
+from starlette.routing import Mount, Route
 
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
@@ -22,6 +23,7 @@ from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
+from mercato.gateway.methods import MethodsAndMediaMiddleware
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from mercato.gateway.probes import router as probes_router
 from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
@@ -43,6 +45,7 @@ from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.web.etags import PreconditionRequired, precondition_required_handler
 from mercato.kit.web.forwarded import TrustedProxies
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
+from mercato.shop.cart.api import document_cart_limits
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.api_v2 import router as catalog_v2_router
@@ -150,6 +153,15 @@ def create_app(
         app.include_router(router)
 
     # Added innermost first: the request context wraps everything, then the body limit.
+    # Innermost, on the path the versioning rewrote: OPTIONS, the full Allow of a 405, and 406 (ADR 0028).
+    app.add_middleware(
+        MethodsAndMediaMiddleware,
+        fastapi_app=app,
+        routes=[
+            *(route for route in app.router.routes if isinstance(route, Route | Mount)),
+            *(route for router in (probes_router, *ROUTERS) for route in router.routes),
+        ],
+    )
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
     app.add_middleware(
@@ -267,7 +279,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
                 responses.setdefault("408", _problem("The request body did not arrive in time"))
+            responses.setdefault(
+                "406", _problem("The Accept header names no media type this operation serves")
+            )
             responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
+    document_cart_limits(schema, max_quantity=app.state.cart.limits.max_quantity)
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)
     document_versioning(schema)
