@@ -273,9 +273,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             has_params = bool(operation.get("parameters"))
             has_body = "requestBody" in operation
             if "422" in responses or has_body:
-                responses["422"] = _problem("The request body failed validation or broke a rule")
+                responses["422"] = _problem("Well-formed, but a rule or the current state refuses it")
             if has_params or has_body:
-                responses.setdefault("400", _problem("Malformed query, path or header"))
+                responses.setdefault(
+                    "400", _problem("The request breaks this schema (syntax, types, formats, ranges)")
+                )
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
                 responses.setdefault("408", _problem("The request body did not arrive in time"))

@@ -171,7 +171,7 @@ def _product_id(raw: str) -> uuid.UUID:
     response_model=Page[ProductOut],
     summary="List products",
     description="Live products, keyset-paginated. Filter by category, price range and a name search.",
-    responses=problem_responses(400),
+    responses=problem_responses(400, 422),
 )
 async def list_products(
     service: Service,
@@ -188,8 +188,14 @@ async def list_products(
     category: Annotated[
         str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     ] = None,
-    min_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
-    max_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    min_price_minor: Annotated[
+        int | None,
+        Query(ge=0, le=10**12, description="Inclusive; above `max_price_minor` the request is 422."),
+    ] = None,
+    max_price_minor: Annotated[
+        int | None,
+        Query(ge=0, le=10**12, description="Inclusive; below `min_price_minor` the request is 422."),
+    ] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
 ) -> Response:
     items, next_cursor = await browse_page(
