@@ -248,6 +248,18 @@ def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_REF}}}
 
 
+def _require_if_match(operation: dict[str, Any]) -> None:
+    """`If-Match` is optional to FastAPI (its absence must reach the route to become 428, not 400), but
+    a write needs it: the schema says required, so a client generated from it always sends one."""
+    for parameter in operation.get("parameters", []):
+        if parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match":
+            parameter["required"] = True
+            schema = parameter.get("schema", {})
+            options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+            if options:
+                parameter["schema"] = {**options[0], "description": schema.get("description", "")}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, with the problem responses every route can give added or corrected."""
     if app.openapi_schema:
@@ -267,9 +279,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     ):
         components.setdefault(defn[0], defn[1])
     components["ProblemDetails"].pop("$defs", None)
-    for path_item in schema.get("paths", {}).values():
+    for path, path_item in schema.get("paths", {}).items():
         for method, operation in path_item.items():
+            _require_if_match(operation)
             responses = operation.setdefault("responses", {})
+            if "{" in path:
+                # A path parameter outside its pattern names no resource: the router's 404.
+                responses.setdefault("404", _problem("No such resource"))
             has_params = bool(operation.get("parameters"))
             has_body = "requestBody" in operation
             if "422" in responses or has_body:

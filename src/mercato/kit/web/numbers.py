@@ -19,4 +19,7 @@ def _whole_float_to_int(value: Any) -> Any:
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_whole_float_to_int)]
+WHOLE_NUMBER = BeforeValidator(_whole_float_to_int)
+JsonInt = Annotated[int, WHOLE_NUMBER]
+# Bounds on an optional JsonInt go before the validator (`Annotated[int, Field(ge=1), WHOLE_NUMBER] |
+# None`): after it, pydantic writes them as "ge"/"le", which no JSON Schema reader knows.

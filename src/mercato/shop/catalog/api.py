@@ -30,7 +30,7 @@ from mercato.kit.web.etags import (
     if_match_versions,
     not_modified,
 )
-from mercato.kit.web.numbers import JsonInt
+from mercato.kit.web.numbers import WHOLE_NUMBER, JsonInt
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.shop.catalog.model import (
     NewProduct,
@@ -89,7 +89,7 @@ class ProductPatch(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=5000)
-    price_minor: JsonInt | None = Field(default=None, ge=0, le=10**12)
+    price_minor: Annotated[int, Field(ge=0, le=10**12), WHOLE_NUMBER] | None = None
     currency: str | None = Field(default=None, min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")
     category: str | None = Field(
         default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -144,6 +144,7 @@ IfNoneMatch = Annotated[
 IfMatch = Annotated[
     str | None,
     Header(
+        min_length=1,
         max_length=IF_MATCH_MAX_LENGTH,
         description=(
             "Required: the ETag of the product the change is based on. Missing: 428; no longer "

@@ -14,7 +14,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from mercato.kit.auth import Principal
 from mercato.kit.ids import parse_id
 from mercato.kit.web import problem_responses, require_scopes
-from mercato.kit.web.numbers import JsonInt
+from mercato.kit.web.numbers import WHOLE_NUMBER, JsonInt
 from mercato.shop.inventory.model import (
     MAX_LINE_QUANTITY,
     MAX_REFERENCE_LENGTH,
@@ -84,8 +84,8 @@ class ReservationIn(BaseModel):
         description="The caller's idempotency key for this hold, typically the order id.",
     )
     lines: list[LineIn] = Field(min_length=1, max_length=MAX_RESERVATION_LINES)
-    ttl_s: JsonInt | None = Field(
-        default=None, ge=1, le=MAX_TTL_S, description="Defaults to the shop setting."
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S), WHOLE_NUMBER] | None = Field(
+        default=None, description="Defaults to the shop setting."
     )
 
 
