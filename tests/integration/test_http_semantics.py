@@ -49,6 +49,17 @@ async def test_a_405_carries_the_full_allow(client: httpx.AsyncClient) -> None:
     assert _methods(response.headers["allow"]) == {"GET", "HEAD", "POST", "OPTIONS"}
 
 
+async def test_a_replayed_405_keeps_its_allow(client: httpx.AsyncClient) -> None:
+    """The idempotency layer stores a 405 like any answer; its replay must still say what is allowed."""
+    headers = {"Idempotency-Key": "patch-checkout-1"}
+    first = await client.patch("/v1/checkout", json={}, headers=headers)
+    replay = await client.patch("/v1/checkout", json={}, headers=headers)
+    assert replay.headers.get("idempotent-replayed") == "true"
+    for response in (first, replay):
+        assert response.status_code == 405
+        assert _methods(response.headers["allow"]) == {"POST", "OPTIONS"}
+
+
 async def test_options_on_an_unknown_path_is_404(client: httpx.AsyncClient) -> None:
     assert (await client.options("/v1/nothing-here")).status_code == 404
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mercato.kit.observability import request_id_var
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE, problem_response
 
+_TRIVIAL_ACCEPT = frozenset({"*/*", "application/json", "application/json, */*"})
 _ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -113,26 +114,25 @@ class MethodsAndMediaMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        methods, full = _allowed(self.routes, scope)
-        if not methods:
-            await self.app(scope, receive, send)  # no such path: the router's 404
-            return
         method = scope["method"]
-        allow = allow_header(methods)
-        if method == "OPTIONS" and "OPTIONS" not in _declared(full):
-            await _no_content(send, allow)
-            return
-        if full is not None:
-            accept = _header(scope, b"accept")
-            offered = self._offered(str(getattr(full, "path_format", "")), method)
-            if accept is not None and offered and not acceptable(accept, offered):
-                await self._not_acceptable(scope, receive, send, offered)
+        accept = _header(scope, b"accept")
+        # The route table is walked only when needed: most requests send no Accept or a trivial one.
+        if method == "OPTIONS" or (accept is not None and accept not in _TRIVIAL_ACCEPT):
+            methods, full = _allowed(self.routes, scope)
+            if method == "OPTIONS" and methods and "OPTIONS" not in _declared(full):
+                await _no_content(send, allow_header(methods))
                 return
+            if full is not None and accept is not None:
+                offered = self._offered(str(getattr(full, "path_format", "")), method)
+                if offered and not acceptable(accept, offered):
+                    await self._not_acceptable(scope, receive, send, offered)
+                    return
 
         async def send_with_allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
+                methods, _ = _allowed(self.routes, scope)
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
-                headers.append((b"allow", allow.encode("latin-1")))
+                headers.append((b"allow", allow_header(methods).encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
