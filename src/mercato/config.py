@@ -64,6 +64,9 @@ class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # The whole body must arrive within this many seconds of the first read, or the request gets 408
+    # and the connection closes: a client that declares 50 MB and sends 2 bytes holds no worker long.
+    body_read_timeout_s: float = Field(default=10.0, gt=0, le=600)
     workers: int = Field(default=1, ge=1, le=64)
     access_log: bool = False
 

@@ -7,6 +7,10 @@ content types, headers and bodies as documented, and invalid input rejected.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 import schemathesis
@@ -78,3 +82,44 @@ def _credentials_for(case: schemathesis.Case, admin_headers: dict[str, str]) -> 
     phase = getattr(getattr(case, "meta", None), "phase", None)
     description = str(getattr(getattr(phase, "data", None), "description", "") or "")
     return {} if "Authorization" in description else admin_headers
+
+
+SCHEMATHESIS_CONFIG = Path(__file__).with_name("schemathesis.toml")
+
+
+@pytest.mark.timeout(600)
+def test_schemathesis_all_checks_and_stateful_phase_find_nothing(
+    shop: RunningShop, admin_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """The schemathesis CLI as CI runs it: `--checks all`, every phase (examples, coverage, fuzzing
+    and the stateful phase that chains operations through the schema's links), against `mercato up`
+    on SQLite, with a bounded number of examples and a fixed seed. Zero failures: a finding is fixed
+    in the app (ADR 0028), never excluded here."""
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(SCHEMATHESIS_CONFIG),
+        "run",
+        f"{shop.base_url}/openapi.json",
+        "--checks",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--max-examples",
+        "10",
+        "--seed",
+        "20261206",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "20",
+        "--no-color",
+    ]
+    for name, value in admin_headers.items():
+        command += ["-H", f"{name}: {value}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=540, cwd=tmp_path, check=False)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-20000:]
+    assert "Stateful" in report, report[-5000:]

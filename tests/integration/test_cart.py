@@ -162,15 +162,16 @@ async def test_cart_routes(container: Container) -> None:
         assert cart["lines"][1]["unavailable_reason"] == "archived"
         assert cart["total_minor"] == 900
 
-        for sku, body, slug in [
-            ("NOPE-1", {"quantity": 1}, "product-unavailable"),
-            ("API-USD", {"quantity": 1}, "cart-currency-mismatch"),
-            ("API-1", {"quantity": 100}, "invalid-cart-item"),
-            ("API-1", {"quantity": 0}, "validation-error"),
-            ("API-1", {"quantity": 1, "extra": True}, "validation-error"),
+        # ADR 0028: outside the schema (the configured 1-99 included) is 400; a rule or state is 422.
+        for sku, body, status, slug in [
+            ("NOPE-1", {"quantity": 1}, 422, "product-unavailable"),
+            ("API-USD", {"quantity": 1}, 422, "cart-currency-mismatch"),
+            ("API-1", {"quantity": 100}, 400, "validation-error"),
+            ("API-1", {"quantity": 0}, 400, "validation-error"),
+            ("API-1", {"quantity": 1, "extra": True}, 400, "validation-error"),
         ]:
             bad = await client.put(f"/v1/carts/me/items/{sku}", json=body, headers=headers)
-            assert bad.status_code == 422, (sku, body)
+            assert bad.status_code == status, (sku, body)
             assert bad.json()["type"] == f"/problems/{slug}"
             assert bad.headers["cache-control"] == "private, no-store"
 

@@ -55,7 +55,7 @@ async def test_body_over_the_limit_is_refused_before_parsing(client: httpx.Async
     assert_problem(response, 413, "/problems/payload-too-large")
 
 
-async def test_malformed_json_is_a_422_problem(container: Container, database_url: str) -> None:
+async def test_malformed_json_is_a_400_problem(container: Container, database_url: str) -> None:
     from mercato.kit.auth import Principal
 
     app = create_app(make_settings(database_url), container=container, configure_logs=False)
@@ -68,7 +68,7 @@ async def test_malformed_json_is_a_422_problem(container: Container, database_ur
             content=b"{not json",
             headers={"content-type": "application/json", "authorization": f"Bearer {token}"},
         )
-    assert_problem(response, 422, "/problems/validation-error")
+    assert_problem(response, 400, "/problems/validation-error")
 
 
 async def test_request_id_is_accepted_when_safe_and_replaced_when_not(client: httpx.AsyncClient) -> None:

@@ -32,13 +32,20 @@ async def test_put_sets_and_adjusts_stock(container: Container) -> None:
         too_much = await client.put("/v1/inventory/SKU-1", json={"delta": -7}, headers=headers)
         assert too_much.status_code == 422
         assert too_much.json()["type"] == "/problems/invalid-stock-change"
+        # Outside the schema: 400 (ADR 0028); a path that cannot hold a SKU names no resource: 404.
         both = await client.put("/v1/inventory/SKU-1", json={"available": 1, "delta": 1}, headers=headers)
-        assert both.status_code == 422
+        assert both.status_code == 400
         unbounded = await client.put("/v1/inventory/SKU-1", json={"available": 10**10}, headers=headers)
-        assert unbounded.status_code == 422
+        assert unbounded.status_code == 400
         extra = await client.put("/v1/inventory/SKU-1", json={"available": 1, "x": 1}, headers=headers)
-        assert extra.status_code == 422
-        assert (await client.get("/v1/inventory/not-a-sku", headers=headers)).status_code == 400
+        assert extra.status_code == 400
+        whole = await client.put("/v1/inventory/SKU-9", json={"available": 7.0}, headers=headers)
+        assert (whole.status_code, whole.json()["available"]) == (200, 7)  # JSON Schema's integer
+        fraction = await client.put("/v1/inventory/SKU-9", json={"available": 7.5}, headers=headers)
+        assert fraction.status_code == 400
+        assert (await client.get("/v1/inventory/not-a-sku", headers=headers)).status_code == 404
+        shadowed = await client.get("/v1/inventory/reservations", headers=headers)
+        assert (shadowed.status_code, shadowed.headers["allow"]) == (405, "POST, OPTIONS")
         got = await client.get("/v1/inventory/SKU-1", headers=headers)
         assert got.json() | {"updated_at": None} == {
             "sku": "SKU-1",
@@ -94,7 +101,7 @@ async def test_reservation_lifecycle_over_http(container: Container) -> None:
         empty = await client.post(
             "/v1/inventory/reservations", json={"reference": "o-3", "lines": []}, headers=headers
         )
-        assert empty.status_code == 422
+        assert empty.status_code == 400
 
     level = await container.inventory.stock("SKU-A")
     assert (level.available, level.reserved, level.committed) == (3, 0, 2)

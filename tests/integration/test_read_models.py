@@ -124,7 +124,9 @@ async def test_order_summary_and_sales_follow_real_checkouts_and_rebuild_equals_
             params={"from": "2026-02-02", "to": "2026-02-01"},
             headers=await admin(shop.container),
         )
-        assert backwards.status_code == 400
+        # Two well-formed dates in the wrong order: a rule the schema cannot state, so 422 (ADR 0028).
+        assert backwards.status_code == 422
+        assert backwards.json()["type"] == "/problems/invalid-report-range"
 
 
 async def test_notifications_are_recorded_once_under_redelivery_and_duplicate_publishes(shop: Shop) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
+from starlette.routing import Mount, Route
 
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
@@ -20,9 +21,11 @@ from mercato.gateway.access_docs import document_access
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
+from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
+from mercato.gateway.methods import MethodsAndMediaMiddleware
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from mercato.gateway.probes import router as probes_router
 from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
@@ -44,6 +47,7 @@ from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.web.etags import PreconditionRequired, precondition_required_handler
 from mercato.kit.web.forwarded import TrustedProxies
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
+from mercato.shop.cart.api import document_cart_limits
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.api_v2 import router as catalog_v2_router
@@ -113,7 +117,8 @@ def create_app(
         version=__version__,
         description="An e-commerce backend: identity, catalog, inventory, cart and orders.",
         lifespan=lifespan,
-        docs_url="/docs",
+        # Served by install_docs from packaged assets, not FastAPI's CDN pages (ADR 0028).
+        docs_url=None,
         redoc_url=None,
     )
     app.state.container = container
@@ -147,13 +152,23 @@ def create_app(
         instrument_engine(container.db.engine, tracer)
 
     install_error_handlers(app)
+    install_docs(app)
     # 428 is no domain error kind: a conditional-request rule of the HTTP edge (RFC 6585).
     app.add_exception_handler(PreconditionRequired, precondition_required_handler)
     app.include_router(probes_router)
     for router in ROUTERS:
         app.include_router(router)
 
-    # Added innermost first: the request context wraps everything, including the body limit.
+    # Added innermost first: the request context wraps everything, then the body limit.
+    # Innermost, on the path the versioning rewrote: OPTIONS, the full Allow of a 405, and 406 (ADR 0028).
+    app.add_middleware(
+        MethodsAndMediaMiddleware,
+        fastapi_app=app,
+        routes=[
+            *(route for route in app.router.routes if isinstance(route, Route | Mount)),
+            *(route for router in (probes_router, *ROUTERS) for route in router.routes),
+        ],
+    )
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
     app.add_middleware(
@@ -173,7 +188,6 @@ def create_app(
         routes=[route for router in ROUTERS for route in router.routes],
         metrics=VersionMetrics(registry),
     )
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.http.max_body_bytes)
     # Right inside the request context: an incoming X-Request-Deadline bounds everything the request
     # does (every provider call reads it), and a DeadlineExceeded still gets the request id.
     app.add_middleware(DeadlineMiddleware)
@@ -205,6 +219,14 @@ def create_app(
                 settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
             ),
         )
+    # Right inside the request context, outside every layer that reads the body (the rate limiter keys
+    # login attempts by e-mail, idempotency fingerprints it): all of them read through its bounded,
+    # timed `receive`, so a slow, lying or oversized body is refused with 408/413 wherever it is read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.http.max_body_bytes,
+        body_read_timeout_s=settings.http.body_read_timeout_s,
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -247,6 +269,18 @@ _UNAVAILABLE = {
 }
 
 
+def _require_if_match(operation: dict[str, Any]) -> None:
+    """`If-Match` is optional to FastAPI (its absence must reach the route to become 428, not 400), but
+    a write needs it: the schema says required, so a client generated from it always sends one."""
+    for parameter in operation.get("parameters", []):
+        if parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match":
+            parameter["required"] = True
+            schema = parameter.get("schema", {})
+            options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+            if options:
+                parameter["schema"] = {**options[0], "description": schema.get("description", "")}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, with the problem responses every route can give added or corrected."""
     if app.openapi_schema:
@@ -266,20 +300,31 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     ):
         components.setdefault(defn[0], defn[1])
     components["ProblemDetails"].pop("$defs", None)
-    for path_item in schema.get("paths", {}).values():
+    for path, path_item in schema.get("paths", {}).items():
         for method, operation in path_item.items():
+            _require_if_match(operation)
             responses = operation.setdefault("responses", {})
+            if "{" in path:
+                # A path parameter outside its pattern names no resource: the router's 404.
+                responses.setdefault("404", _problem("No such resource"))
             has_params = bool(operation.get("parameters"))
             has_body = "requestBody" in operation
             if "422" in responses or has_body:
-                responses["422"] = _problem("The request body failed validation or broke a rule")
+                responses["422"] = _problem("Well-formed, but a rule or the current state refuses it")
             if has_params or has_body:
-                responses.setdefault("400", _problem("Malformed query, path or header"))
+                responses.setdefault(
+                    "400", _problem("The request breaks this schema (syntax, types, formats, ranges)")
+                )
             if has_body or method in ("post", "put", "patch"):
                 responses.setdefault("413", _problem("Request body too large"))
+                responses.setdefault("408", _problem("The request body did not arrive in time"))
+            responses.setdefault(
+                "406", _problem("The Accept header names no media type this operation serves")
+            )
             responses.setdefault("500", _problem("Unexpected error (carries only the request id)"))
             # Any route that touches the database can meet it down (ADR 0026).
             responses.setdefault("503", _UNAVAILABLE)
+    document_cart_limits(schema, max_quantity=app.state.cart.limits.max_quantity)
     document_cache_headers(schema, app.state.cache_policies)
     document_rate_limits(schema)
     document_versioning(schema)

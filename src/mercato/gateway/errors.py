@@ -42,7 +42,15 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
     "bad-request": ("Bad request", "The request is malformed (for example the query string)."),
     "not-found": ("Not found", "No route matches this path."),
     "method-not-allowed": ("Method not allowed", "The route exists but not for this HTTP method."),
+    "not-acceptable": (
+        "Not acceptable",
+        "The Accept header names no media type the operation serves; `detail` lists the ones it does.",
+    ),
     "payload-too-large": ("Request body too large", "The request body exceeds the configured limit."),
+    "request-timeout": (
+        "Request timeout",
+        "The request body did not arrive within the server's body-read timeout; the connection is closed.",
+    ),
     "unsupported-media-type": ("Unsupported media type", "Send JSON with Content-Type: application/json."),
     "internal-error": ("Internal error", "An unexpected error; the body carries only the request id."),
     "dependency-unavailable": (
@@ -66,6 +74,8 @@ EDGE_PROBLEMS: dict[str, tuple[str, str]] = {
 _SLUG_BY_STATUS = {
     404: "not-found",
     405: "method-not-allowed",
+    406: "not-acceptable",
+    408: "request-timeout",
     413: "payload-too-large",
     415: "unsupported-media-type",
     400: "bad-request",
@@ -117,12 +127,11 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
         {"field": _field_path(err.get("loc", ())), "message": str(err.get("msg", "invalid"))}
         for err in exc.errors()
     ]
-    # A malformed query, path or header is a bad request; a well-formed body that breaks the
-    # schema is unprocessable content (RFC 9110 §15.5.21).
-    in_body = any(str(err.get("loc", ("",))[0]) == "body" for err in exc.errors())
-    status = 422 if in_body else 400
+    # One rule (ADR 0028): a request that breaks the published contract (what the OpenAPI schema says:
+    # JSON syntax, types, required fields, formats, ranges), wherever in the request, is 400; 422 is
+    # kept for a request the schema accepts and the server's rules or state refuse (a domain error).
     return problem_response(
-        status=status,
+        status=400,
         slug="validation-error",
         title="Invalid request",
         detail=f"{len(errors)} field(s) failed validation",

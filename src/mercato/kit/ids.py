@@ -18,6 +18,11 @@ def new_id() -> uuid.UUID:
     return _uuid_compat.uuid7()
 
 
+# The ids a client may send (hex, hyphens optional): every string it matches, parse_id accepts. Query
+# and path parameters carry it, so a client's validator rejects what the server would (ADR 0028).
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+
+
 def parse_id(value: str) -> uuid.UUID | None:
     """Parse an id from a client; `None` when it is not a valid UUID."""
     try:

@@ -20,6 +20,12 @@ MAX_KEY_LENGTH = 255
 _FINGERPRINT_VERSION = b"mercato-idempotency-v1"
 
 
+# What the OpenAPI promises for the header (ADR 0028): every value it matches, parse_idempotency_key
+# accepts - a bare key, or a quoted one, of visible ASCII without `"` or `\`.
+_KEY_CHAR = r"[!#-\[\]-~]"
+IDEMPOTENCY_KEY_PATTERN = rf'^(?:{_KEY_CHAR}{{1,{MAX_KEY_LENGTH}}}|"{_KEY_CHAR}{{1,{MAX_KEY_LENGTH - 2}}}")$'
+
+
 class InvalidIdempotencyKey(ValueError):
     """The header value is not 1-255 visible ASCII characters (optionally a quoted sf-string)."""
 

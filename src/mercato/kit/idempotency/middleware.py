@@ -76,6 +76,8 @@ PathRule = str | re.Pattern[str]
 # added again outside), framing (Content-Length, recomputed) and anything secret (Set-Cookie).
 DEFAULT_REPLAY_HEADERS = frozenset(
     {
+        # A stored 405 must replay its Allow (RFC 9110 §15.5.6): schemathesis found one without it.
+        "allow",
         "content-type",
         "content-language",
         "content-location",

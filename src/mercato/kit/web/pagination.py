@@ -14,14 +14,36 @@ from typing import Any, Generic, TypeVar
 import orjson
 from pydantic import BaseModel, Field
 
+from mercato.kit.errors import RuleViolated
+
 T = TypeVar("T")
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
 
 
+# What the OpenAPI promises about a cursor (base64url, unpadded). A string outside it is a malformed
+# request (400); one inside it that we did not issue, or issued for another sort, is 422 (ADR 0028).
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"
+CURSOR_MAX_LENGTH = 512
+
+
 class CursorError(ValueError):
     """The cursor is not one we issued, or was issued for another sort order."""
+
+
+class InvalidCursor(RuleViolated):
+    """A well-formed cursor that this server did not issue for this listing and sort order."""
+
+    slug = "invalid-cursor"
+    title = "Invalid cursor"
+    description = (
+        "The pagination cursor has the documented form but was not issued by this listing, or was "
+        "issued for a different sort order: start again without `cursor`."
+    )
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, field="query.cursor")
 
 
 @dataclass(frozen=True, slots=True)

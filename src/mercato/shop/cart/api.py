@@ -7,12 +7,14 @@ from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
 from mercato.kit.web import problem_responses, require_scopes
 from mercato.kit.web.etags import ETAG_HEADER_DOC, IF_NONE_MATCH_MAX_LENGTH, content_etag, not_modified
+from mercato.kit.web.numbers import JsonInt
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import STORAGE_MAX_QUANTITY
@@ -49,11 +51,18 @@ class CartOut(BaseModel):
 class CartItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    quantity: int = Field(
+    quantity: JsonInt = Field(
         ge=1,
         le=STORAGE_MAX_QUANTITY,
         description="The line's new quantity (the shop's per-line limit applies).",
     )
+
+
+def document_cart_limits(schema: dict[str, Any], *, max_quantity: int) -> None:
+    """The OpenAPI's quantity maximum is the shop's configured per-line limit, not the storage bound."""
+    quantity = schema.get("components", {}).get("schemas", {}).get("CartItemIn", {}).get("properties", {})
+    if "quantity" in quantity:
+        quantity["quantity"]["maximum"] = max_quantity
 
 
 def cart_dict(cart: CartView) -> dict[str, Any]:
@@ -156,6 +165,13 @@ async def get_cart(service: Service, principal: Reader, if_none_match: IfNoneMat
     responses={**problem_responses(401, 403, 422), **_tagged("The cart after the change")},
 )
 async def put_item(sku: SkuPath, body: CartItemIn, service: Service, principal: Writer) -> Response:
+    limit = service.limits.max_quantity
+    if body.quantity > limit:
+        # The schema's maximum is this configured limit (document_cart_limits): past it the request
+        # breaks the contract, a 400 like any other schema violation (ADR 0028).
+        raise RequestValidationError(
+            [{"loc": ("body", "quantity"), "msg": f"must be at most {limit}", "type": "less_than_equal"}]
+        )
     return _cart_response(await service.set_item(customer_id(principal), sku, body.quantity))
 
 

@@ -12,7 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mercato.kit.auth import Principal
 from mercato.kit.ids import parse_id
-from mercato.kit.web import Cursor, CursorError, Page, problem_responses, require_scopes
+from mercato.kit.web import (
+    CURSOR_MAX_LENGTH,
+    CURSOR_PATTERN,
+    Cursor,
+    CursorError,
+    InvalidCursor,
+    Page,
+    problem_responses,
+    require_scopes,
+)
 from mercato.kit.web.etags import (
     ETAG_HEADER_DOC,
     IF_MATCH_MAX_LENGTH,
@@ -21,9 +30,9 @@ from mercato.kit.web.etags import (
     if_match_versions,
     not_modified,
 )
+from mercato.kit.web.numbers import WHOLE_NUMBER, JsonInt
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.shop.catalog.model import (
-    InvalidProduct,
     NewProduct,
     Product,
     ProductChanges,
@@ -59,7 +68,7 @@ class ProductIn(BaseModel):
     sku: str = Field(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$")
     name: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=5000)
-    price_minor: int = Field(ge=0, le=10**12)
+    price_minor: JsonInt = Field(ge=0, le=10**12)
     currency: str = Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")
     category: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     attributes: dict[Annotated[str, Field(min_length=1, max_length=64)], AttributeValue] = Field(
@@ -80,7 +89,7 @@ class ProductPatch(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=5000)
-    price_minor: int | None = Field(default=None, ge=0, le=10**12)
+    price_minor: Annotated[int, Field(ge=0, le=10**12), WHOLE_NUMBER] | None = None
     currency: str | None = Field(default=None, min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")
     category: str | None = Field(
         default=None, min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -135,6 +144,7 @@ IfNoneMatch = Annotated[
 IfMatch = Annotated[
     str | None,
     Header(
+        min_length=1,
         max_length=IF_MATCH_MAX_LENGTH,
         description=(
             "Required: the ETag of the product the change is based on. Missing: 428; no longer "
@@ -162,18 +172,31 @@ def _product_id(raw: str) -> uuid.UUID:
     response_model=Page[ProductOut],
     summary="List products",
     description="Live products, keyset-paginated. Filter by category, price range and a name search.",
-    responses=problem_responses(400),
+    responses=problem_responses(400, 422),
 )
 async def list_products(
     service: Service,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=CURSOR_MAX_LENGTH,
+            pattern=CURSOR_PATTERN,
+            description="`next_cursor` of the previous page; one this listing did not issue is 422.",
+        ),
+    ] = None,
     sort: ProductSort = ProductSort.NEWEST,
     category: Annotated[
         str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     ] = None,
-    min_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
-    max_price_minor: Annotated[int | None, Query(ge=0, le=10**12)] = None,
+    min_price_minor: Annotated[
+        int | None,
+        Query(ge=0, le=10**12, description="Inclusive; above `max_price_minor` the request is 422."),
+    ] = None,
+    max_price_minor: Annotated[
+        int | None,
+        Query(ge=0, le=10**12, description="Inclusive; below `min_price_minor` the request is 422."),
+    ] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
 ) -> Response:
     items, next_cursor = await browse_page(
@@ -207,15 +230,15 @@ async def browse_page(
         try:
             decoded = Cursor.decode(cursor, expected_sort=sort.value)
         except CursorError as exc:
-            raise InvalidCursor(str(exc), field="query.cursor") from exc
+            raise InvalidCursor(str(exc)) from exc
         after_id = parse_id(decoded.id)
         if after_id is None:
-            raise InvalidCursor("malformed cursor", field="query.cursor")
+            raise InvalidCursor("malformed cursor")
         after_value = decoded.value
         if sort.key == "price" and not isinstance(after_value, int):
-            raise InvalidCursor("malformed cursor", field="query.cursor")
+            raise InvalidCursor("malformed cursor")
         if sort.key == "name" and not isinstance(after_value, str):
-            raise InvalidCursor("malformed cursor", field="query.cursor")
+            raise InvalidCursor("malformed cursor")
     query = ProductQuery(
         limit=limit,
         sort=sort,
@@ -232,12 +255,6 @@ async def browse_page(
         last = items[-1]
         next_cursor = Cursor(sort=sort.value, value=last.sort_value(sort), id=str(last.id)).encode()
     return items, next_cursor
-
-
-class InvalidCursor(InvalidProduct):
-    slug = "invalid-cursor"
-    title = "Invalid cursor"
-    description = "The pagination cursor is malformed or was issued for a different sort order."
 
 
 @router.get(

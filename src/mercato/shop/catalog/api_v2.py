@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
-from mercato.kit.web import Page, problem_responses
+from mercato.kit.web import CURSOR_MAX_LENGTH, CURSOR_PATTERN, Page, problem_responses
 from mercato.kit.web.etags import not_modified
 from mercato.kit.web.money import MoneyOut, money
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -88,7 +88,14 @@ def product_v2_dict(product: Product) -> dict[str, Any]:
 async def list_products_v2(
     service: Service,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=CURSOR_MAX_LENGTH,
+            pattern=CURSOR_PATTERN,
+            description="`next_cursor` of the previous page; one this listing did not issue is 422.",
+        ),
+    ] = None,
     sort: ProductSort = ProductSort.NEWEST,
     category: Annotated[
         str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")

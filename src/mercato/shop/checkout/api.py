@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
+from mercato.kit.idempotency.fingerprint import IDEMPOTENCY_KEY_PATTERN
 from mercato.kit.observability import current_request_id
 from mercato.kit.web import problem_responses, require_scopes
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
@@ -83,6 +84,7 @@ async def checkout(
             alias="Idempotency-Key",
             min_length=1,
             max_length=255,
+            pattern=IDEMPOTENCY_KEY_PATTERN,
             description="Unique per checkout attempt; reuse it to retry safely.",
         ),
     ],

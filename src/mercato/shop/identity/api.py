@@ -14,6 +14,7 @@ from mercato.kit.auth import InvalidToken, Principal, TokenCodec
 from mercato.kit.web import authenticated, problem_responses
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.identity.model import (
+    EMAIL_PATTERN,
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
     MAX_PASSWORD_LENGTH,
@@ -32,9 +33,12 @@ _NO_STORE_DOC = PRIVATE_HEADER_DOC
 
 
 class RegisterIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's `re` for the e-mail pattern's look-ahead (the local part's length), which Rust's lacks.
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
 
-    email: str = Field(min_length=3, max_length=MAX_EMAIL_LENGTH, examples=["ada@example.com"])
+    email: str = Field(
+        min_length=3, max_length=MAX_EMAIL_LENGTH, pattern=EMAIL_PATTERN, examples=["ada@example.com"]
+    )
     password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
     display_name: str | None = Field(default=None, max_length=MAX_DISPLAY_NAME_LENGTH)
 

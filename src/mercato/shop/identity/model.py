@@ -21,6 +21,7 @@ from mercato.kit.errors import Conflict, RuleViolated, Unauthenticated
 from mercato.shop.identity.contracts import Role, Scope
 
 __all__ = [
+    "EMAIL_PATTERN",
     "MAX_DISPLAY_NAME_LENGTH",
     "MAX_EMAIL_LENGTH",
     "MAX_PASSWORD_LENGTH",
@@ -76,6 +77,11 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
 # are rare and a frequent source of spoofing and normalisation bugs.
 _LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _DOMAIN_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# The same rule as one pattern, for the OpenAPI (ECMA-262 and Python `re` read it alike): what it
+# matches, `normalise_email` accepts, so a client's own validation and the server's agree (ADR 0028).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EMAIL_PATTERN = rf"^(?=[^@]{{1,{MAX_LOCAL_PART_LENGTH}}}@){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+$"
 
 
 class EmailTaken(Conflict):

@@ -9,10 +9,12 @@ from typing import Annotated, Any, cast
 import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from mercato.kit.auth import Principal
 from mercato.kit.ids import parse_id
 from mercato.kit.web import problem_responses, require_scopes
+from mercato.kit.web.numbers import WHOLE_NUMBER, JsonInt
 from mercato.shop.inventory.model import (
     MAX_LINE_QUANTITY,
     MAX_REFERENCE_LENGTH,
@@ -45,7 +47,7 @@ class StockCount(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    available: int = Field(ge=0, le=MAX_STOCK)
+    available: JsonInt = Field(ge=0, le=MAX_STOCK)
 
 
 class StockDelta(BaseModel):
@@ -53,7 +55,7 @@ class StockDelta(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    delta: int = Field(ge=-MAX_STOCK, le=MAX_STOCK)
+    delta: JsonInt = Field(ge=-MAX_STOCK, le=MAX_STOCK)
 
 
 # Two closed shapes rather than one with two optional fields, so the schema itself says
@@ -65,7 +67,7 @@ class LineIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     sku: str = Field(min_length=3, max_length=64, pattern=SKU_REGEX)
-    quantity: int = Field(ge=1, le=MAX_LINE_QUANTITY)
+    quantity: JsonInt = Field(ge=1, le=MAX_LINE_QUANTITY)
 
 
 class LineOut(BaseModel):
@@ -83,7 +85,9 @@ class ReservationIn(BaseModel):
         description="The caller's idempotency key for this hold, typically the order id.",
     )
     lines: list[LineIn] = Field(min_length=1, max_length=MAX_RESERVATION_LINES)
-    ttl_s: int | None = Field(default=None, ge=1, le=MAX_TTL_S, description="Defaults to the shop setting.")
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S), WHOLE_NUMBER] | None = Field(
+        default=None, description="Defaults to the shop setting."
+    )
 
 
 class ReservationOut(BaseModel):
@@ -136,6 +140,23 @@ def inventory_service(request: Request) -> InventoryService:
 Service = Annotated[InventoryService, Depends(inventory_service)]
 Reader = Annotated[Principal, Depends(require_scopes("inventory:read"))]
 Writer = Annotated[Principal, Depends(require_scopes("inventory:write"))]
+
+
+class _SkuConvertor(Convertor[str]):
+    """`{sku:sku}` matches only what a SKU can be, so `/v1/inventory/reservations` (lower case) is never
+    taken for a SKU: the reservations routes are not shadowed (a GET there is 405, not a SKU error)."""
+
+    regex = SKU_REGEX.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("sku", _SkuConvertor())
+
 SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=SKU_REGEX)]
 ReservationIdPath = Annotated[str, Path(min_length=1, max_length=64)]
 
@@ -148,7 +169,7 @@ def _reservation_id(raw: str) -> uuid.UUID:
 
 
 @router.get(
-    "/{sku}",
+    "/{sku:sku}",
     response_model=StockOut,
     summary="Get the stock of a SKU",
     responses=problem_responses(401, 403, 404),
@@ -158,7 +179,7 @@ async def get_stock(sku: SkuPath, service: Service, _reader: Reader) -> Response
 
 
 @router.put(
-    "/{sku}",
+    "/{sku:sku}",
     response_model=StockOut,
     summary="Set or adjust the stock of a SKU",
     description=(

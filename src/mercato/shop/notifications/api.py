@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.clock import Clock
-from mercato.kit.ids import parse_id
+from mercato.kit.ids import UUID_PATTERN, parse_id
 from mercato.kit.storage import Database
-from mercato.kit.web import Cursor, CursorError, Page, problem_responses, require_scopes
+from mercato.kit.web import Cursor, CursorError, InvalidCursor, Page, problem_responses, require_scopes
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.notifications.service import Notification, NotificationsService
@@ -88,7 +88,9 @@ def _out(n: Notification) -> dict[str, Any]:
 async def list_notifications(
     service: Service,
     _reader: AllReader,
-    order_id: Annotated[str | None, Query(max_length=64, description="Only this order's.")] = None,
+    order_id: Annotated[
+        str | None, Query(max_length=64, pattern=UUID_PATTERN, description="Only this order's.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size.")] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
         str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description="`next_cursor`.")
@@ -104,9 +106,9 @@ async def list_notifications(
         try:
             after = parse_id(Cursor.decode(cursor, expected_sort=CURSOR_SORT).id)
         except CursorError as exc:
-            raise _invalid("cursor", str(exc)) from exc
+            raise InvalidCursor(str(exc)) from exc
         if after is None:
-            raise _invalid("cursor", "malformed cursor")
+            raise InvalidCursor("malformed cursor")
     items, more = await service.list(order_id=order, limit=limit, after_id=after)
     next_cursor = (
         Cursor(sort=CURSOR_SORT, value=None, id=str(items[-1].id)).encode() if more and items else None

@@ -17,13 +17,20 @@ from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.errors import Forbidden
 from mercato.kit.ids import parse_id
-from mercato.kit.web import Cursor, CursorError, Page, authenticated, problem_responses, require_scopes
+from mercato.kit.web import (
+    Cursor,
+    CursorError,
+    InvalidCursor,
+    Page,
+    authenticated,
+    problem_responses,
+    require_scopes,
+)
 from mercato.kit.web.etags import ETAG_HEADER_DOC, IF_NONE_MATCH_MAX_LENGTH, content_etag, not_modified
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
@@ -213,9 +220,9 @@ def _after(cursor: str | None) -> uuid.UUID | None:
     return after
 
 
-def _bad_cursor(message: str) -> RequestValidationError:
-    # A malformed query parameter: rendered by the gateway as a 400 validation problem.
-    return RequestValidationError([{"loc": ("query", "cursor"), "msg": message, "type": "value_error"}])
+def _bad_cursor(message: str) -> InvalidCursor:
+    # Well-formed (the query's pattern held) but not ours: 422, not 400 (ADR 0028).
+    return InvalidCursor(message)
 
 
 def _page(items: list[Order], more: bool) -> Response:

@@ -16,14 +16,13 @@ from typing import Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from mercato.kit.auth import Principal
-from mercato.kit.errors import Forbidden
+from mercato.kit.errors import Forbidden, RuleViolated
 from mercato.kit.ids import parse_id
 from mercato.kit.storage import Database
-from mercato.kit.web import Cursor, CursorError, Page, problem_responses, require_scopes
+from mercato.kit.web import Cursor, CursorError, InvalidCursor, Page, problem_responses, require_scopes
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.private import PRIVATE_HEADER_DOC, PrivateRoute
 from mercato.shop.reporting.model import Summary
@@ -116,8 +115,12 @@ def _json(content: Any) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def _invalid(field: str, message: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("query", field), "msg": message, "type": "value_error"}])
+class InvalidReportRange(RuleViolated):
+    """Both days are well-formed dates; their order or span breaks the report's rule (422, ADR 0028)."""
+
+    slug = "invalid-report-range"
+    title = "Invalid report range"
+    description = "`to` must not be before `from`, and the range may span at most 366 days."
 
 
 def _after(cursor: str | None) -> uuid.UUID | None:
@@ -126,9 +129,9 @@ def _after(cursor: str | None) -> uuid.UUID | None:
     try:
         after = parse_id(Cursor.decode(cursor, expected_sort=CURSOR_SORT).id)
     except CursorError as exc:
-        raise _invalid("cursor", str(exc)) from exc
+        raise InvalidCursor(str(exc)) from exc
     if after is None:
-        raise _invalid("cursor", "malformed cursor")
+        raise InvalidCursor("malformed cursor")
     return after
 
 
@@ -195,9 +198,9 @@ async def sales_by_day(
     end: Annotated[date, Query(alias="to", description="Last UTC day (YYYY-MM-DD), inclusive.")],
 ) -> Response:
     if end < start:
-        raise _invalid("to", "`to` is before `from`")
+        raise InvalidReportRange("`to` is before `from`", field="query.to")
     if (end - start).days >= MAX_REPORT_DAYS:
-        raise _invalid("to", f"the range spans more than {MAX_REPORT_DAYS} days")
+        raise InvalidReportRange(f"the range spans more than {MAX_REPORT_DAYS} days", field="query.to")
     rows = await service.sales_by_day(start=start, end=end)
     return _json(
         {
