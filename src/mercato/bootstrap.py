@@ -212,8 +212,9 @@ def build_stream(settings: Settings, db: Database, *, clock: Clock) -> Stream:
         )
     if messaging.backend == "nats":
         return JetStreamStream(
-            servers=messaging.nats_url,
+            servers=messaging.nats_url.split(","),
             prefix=messaging.broker_prefix,
+            replicas=messaging.nats_replicas,
             dedup_window_s=float(messaging.dedup_window_s),
             **common,
         )

@@ -120,7 +120,9 @@ class MessagingSettings(BaseModel):
     # "redis" (Redis Streams at `redis_url`) or "nats" (NATS JetStream at `nats_url`).
     backend: Literal["sql", "redis", "nats"] = "sql"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # several servers of one cluster: comma-separated
+    # JetStream replication factor of the streams and buckets we create (3 on a 3-node cluster).
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # Key prefix (Redis) / stream-name prefix (NATS): several deployments can share one server.
     broker_prefix: str = Field(default="mercato", pattern=r"^[A-Za-z0-9_-]+$")
     # How long a broker remembers a published message id for dedup (outbox republish window).

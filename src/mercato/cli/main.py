@@ -18,6 +18,7 @@ from rich.table import Table
 
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
+from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
@@ -48,6 +49,7 @@ app.add_typer(lab_app, name="lab")
 app.add_typer(provider_app, name="provider")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
+app.add_typer(cluster_app, name="cluster")
 console = Console(stderr=True)
 
 
