@@ -15,10 +15,14 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
+from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.cluster import Topology, cluster_status
 from mercato.cluster.patroni import primary_node, set_apply_delay
 from mercato.cluster.topology import PostgresNode
 from mercato.kit.storage import Database, Staleness, consistency_scope, create_database
+from mercato.kit.storage.migrations import upgrade
+from tests.conftest import make_settings
+from tests.integration.shop_support import api, customer, product
 
 from .ha_support import running_cluster
 
@@ -154,3 +158,55 @@ def test_status_reports_roles_timeline_and_lag(cluster: Topology) -> None:
     assert all(n.timeline == 1 for n in state.nodes)
     assert all(n.lag_bytes is not None and n.lag_s is not None for n in state.nodes)
     assert state.etcd_up == 3
+
+
+@pytest.fixture
+async def shop_on_cluster(cluster: Topology) -> AsyncIterator[tuple[Container, PostgresNode]]:
+    """The shop's container on the cluster's primary, with one replica replaying `DELAY_MS` late."""
+    await _admin(
+        cluster.database_url(driver="postgresql"),
+        "DROP DATABASE IF EXISTS h6_shop",
+        "CREATE DATABASE h6_shop",
+    )
+    await asyncio.to_thread(upgrade, SCRIPT_LOCATION, cluster.database_url(database="h6_shop"))
+    node = _replica_nodes(cluster)[0]
+    await asyncio.to_thread(set_apply_delay, cluster, node, DELAY_MS)
+    settings = make_settings(cluster.database_url(database="h6_shop"))
+    settings.database.replica_urls = [cluster.node_url(node, database="h6_shop")]
+    settings.database.replica_token_wait_s = 0.02
+    container = build_container(settings)
+    try:
+        yield container, node
+    finally:
+        await container.close()
+        await asyncio.to_thread(set_apply_delay, cluster, node, None)
+
+
+async def test_the_api_hands_out_the_token_and_order_history_honours_it(
+    shop_on_cluster: tuple[Container, PostgresNode],
+) -> None:
+    """Through the running app: a write's response carries the commit LSN (header and cookie); the
+    customer's order history with it shows the order placed just before, without it the delayed
+    replica serves a history that lacks it; /readyz lists the replica."""
+    container, _ = shop_on_cluster
+    await product(container, "RYW-1", 500)
+    with_token_stale = without_token_stale = 0
+    async with api(container) as client:
+        for _ in range(20):
+            me, headers = customer(container)
+            await container.cart.set_item(me, "RYW-1", 1)
+            order = await container.orders.place_from_cart(me)
+            put = await client.put("/v1/carts/me/items/RYW-1", json={"quantity": 1}, headers=headers)
+            assert put.status_code == 200, put.text
+            token = put.headers["mercato-consistency-token"]
+            assert f"mercato_ct={token}" in put.headers["set-cookie"]
+            client.cookies.clear()  # the header alone carries it here
+            seen = await client.get("/v1/orders", headers={**headers, "Mercato-Consistency-Token": token})
+            assert seen.status_code == 200, seen.text
+            with_token_stale += str(order.id) not in seen.text
+            blind = await client.get("/v1/orders", headers=headers)
+            without_token_stale += str(order.id) not in blind.text
+        ready = (await client.get("/readyz")).json()
+    assert with_token_stale == 0
+    assert without_token_stale > 0
+    assert [r["in_rotation"] for r in ready["replicas"]] == [True]

@@ -18,6 +18,7 @@ from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_con
 from mercato.config import Settings, get_settings
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
+from mercato.gateway.consistency import ConsistencyTokenMiddleware
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
@@ -149,6 +150,9 @@ def create_app(
     # Added innermost first: the request context wraps everything, including the body limit.
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
+    if container.db.replicas is not None:
+        # Innermost: the token scope must wrap the handler's reads and writes (ADR 0032).
+        app.add_middleware(ConsistencyTokenMiddleware)
     app.add_middleware(
         IdempotencyMiddleware,
         store=container.idempotency,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import orjson
@@ -25,9 +26,20 @@ class CheckOut(BaseModel):
     error: str = ""
 
 
+class ReplicaOut(BaseModel):
+    name: str
+    in_rotation: bool
+    lag_bytes: int
+    lag_s: float
+    reason: str
+
+
 class ProbeOut(BaseModel):
     status: str
     checks: list[CheckOut] = []
+    # Read replicas (when configured): one lagging beyond the bound is out of rotation, the shop
+    # stays ready (its reads fall back to the primary).
+    replicas: list[ReplicaOut] = []
 
 
 class StartupOut(BaseModel):
@@ -74,6 +86,11 @@ async def readyz(request: Request) -> Response:
             {"name": r.name, "ok": r.ok, "duration_ms": r.duration_ms, "error": r.error} for r in results
         ],
     }
+    replicas = _container(request).db.replicas
+    if replicas is not None:
+        with contextlib.suppress(Exception):  # a probe reports, it never raises
+            await replicas.refresh(_container(request).db.engine)
+        body["replicas"] = replicas.detail()
     return _json(body, 200 if ok else 503)
 
 
