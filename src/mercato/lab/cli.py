@@ -7,6 +7,7 @@ import typer
 from mercato.lab.breaker import breaker_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
+from mercato.lab.failover_cli import failover_command
 from mercato.lab.network import network_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
@@ -15,6 +16,7 @@ app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_i
 app.command("breaker")(breaker_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
+app.command("failover")(failover_command)
 app.command("network")(network_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)

@@ -1,0 +1,50 @@
+"""`mercato lab failover`: the Patroni/NATS failover drill from the command line (see failover.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mercato.lab.failover import FailoverConfig, report_rows, run_failover
+
+__all__ = ["failover_command"]
+
+_console = Console(stderr=True)
+
+
+def failover_command(
+    checkouts: Annotated[int, typer.Option(min=1, help="Checkouts driven through the API")] = 60,
+    kill_after: Annotated[
+        int, typer.Option(min=1, help="SIGKILL the primary after this many checkouts")
+    ] = 10,
+    synchronous: Annotated[
+        bool, typer.Option("--synchronous/--asynchronous", help="Patroni synchronous_mode")
+    ] = True,
+    drive_s: Annotated[float, typer.Option(help="Spread checkout arrivals over this long")] = 25.0,
+    nats: Annotated[bool, typer.Option("--nats/--no-nats", help="Also kill a NATS node under load")] = True,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/failover-<time>)")] = None,
+) -> None:
+    """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
+    checkouts lost, double captures; the old primary rejoins. Then kill a NATS node: 0 lost."""
+    config = FailoverConfig(
+        checkouts=checkouts,
+        kill_after_checkouts=min(kill_after, checkouts),
+        synchronous=synchronous,
+        drive_s=drive_s,
+        nats=nats,
+        out=out,
+    )
+    report, folder = asyncio.run(run_failover(config, log=_console.log))
+    table = Table(title=f"Failover drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
+    for column in ("measure", "value", "goal"):
+        table.add_column(column)
+    for row in report_rows(report):
+        table.add_row(*row)
+    _console.print(table)
+    if not report.ok:
+        raise typer.Exit(1)
