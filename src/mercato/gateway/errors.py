@@ -21,6 +21,7 @@ from mercato.kit.errors import (
 )
 from mercato.kit.observability import current_request_id
 from mercato.kit.resilience import BulkheadFull, CircuitOpen, DeadlineExceeded
+from mercato.kit.storage.errors import UNAVAILABLE_ERRORS, database_unavailable
 from mercato.kit.web.problems import problem_response
 
 _STATUS_BY_KIND: list[tuple[type[DomainError], int]] = [
@@ -168,8 +169,27 @@ async def resilience_error_handler(request: Request, exc: Exception) -> Response
     )
 
 
+async def database_error_handler(request: Request, exc: Exception) -> Response:
+    """During a failover the primary vanishes for seconds: 503 + Retry-After, never a 500. The pool
+    dropped the dead connections, so the client's retry reaches the new primary."""
+    if not database_unavailable(exc):
+        raise exc
+    slug = "dependency-unavailable"
+    return problem_response(
+        status=503,
+        slug=slug,
+        title=EDGE_PROBLEMS[slug][0],
+        detail="the database is not accepting calls right now (dependency 'database')",
+        instance=request.url.path,
+        request_id=current_request_id(),
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error_handler)
+    for unavailable in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(unavailable, database_error_handler)
     for kind in (CircuitOpen, BulkheadFull, DeadlineExceeded):
         app.add_exception_handler(kind, resilience_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

@@ -50,6 +50,7 @@ from mercato.kit.idempotency.store import (
 )
 from mercato.kit.idempotency.tables import IN_FLIGHT, SCOPE_LENGTH
 from mercato.kit.observability import get_logger, request_id_var
+from mercato.kit.storage.errors import UNAVAILABLE_ERRORS, database_unavailable
 from mercato.kit.web.problems import problem_response
 
 __all__ = [
@@ -87,11 +88,22 @@ DEFAULT_REPLAY_HEADERS = frozenset(
 # transient refusal for a whole TTL.
 _TRANSIENT_CLIENT_ERRORS = frozenset({408, 425, 429})
 
+
+class _StoreUnavailable:
+    """The key store's database is unreachable (a failover): the edge's generic 503, not a new
+    problem type (the same slug the gateway uses for any dependency down)."""
+
+    slug = "dependency-unavailable"
+    title = "Dependency unavailable"
+    status = 503
+
+
 _ProblemKind = (
     type[IdempotencyKeyMissing]
     | type[IdempotencyKeyMalformed]
     | type[IdempotencyKeyReused]
     | type[IdempotencyKeyInFlight]
+    | type[_StoreUnavailable]
 )
 
 _log = get_logger("mercato.idempotency")
@@ -252,7 +264,21 @@ class IdempotencyMiddleware:
             query_string=bytes(scope.get("query_string", b"")),
         )
         caller = _bounded_scope(await self.scope_resolver(scope))
-        outcome = await self._claim(scope, caller, key, fingerprint)
+        try:
+            outcome = await self._claim(scope, caller, key, fingerprint)
+        except UNAVAILABLE_ERRORS as exc:
+            if not database_unavailable(exc):
+                raise
+            # Nothing was claimed or run: the client retries with the same key once it is back.
+            await self._problem(
+                _StoreUnavailable,
+                "the database is not accepting calls right now (dependency 'database')",
+                scope,
+                receive,
+                send,
+                headers={"Retry-After": "1"},
+            )
+            return
 
         if isinstance(outcome, Replay):
             self.hook.replayed()
