@@ -112,7 +112,7 @@ class _Probe:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn, timeout=1.0)
                 await conn.execute("INSERT INTO lab_failover_probe (seq) VALUES ($1)", seq, timeout=2.0)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception:  # noqa: BLE001 - any failure is a failed write; reconnect next time
                 self.samples.append((time.monotonic() - self.started, False))
                 if conn is not None:
                     conn.terminate()
@@ -251,8 +251,12 @@ async def run_failover(config: FailoverConfig, *, log: Any = print) -> tuple[Fai
         report.violations = {v.name: v.violations for v in chaos.verdicts}
         if config.nats:
             log("NATS: killing the stream leader under publish/consume")
-            nats: NatsFailoverResult = await run_nats_failover(topology, messages=config.nats_messages)
-            report.nats = {k: v for k, v in asdict(nats).items() if k != "timeline"}
+            try:
+                nats: NatsFailoverResult = await run_nats_failover(topology, messages=config.nats_messages)
+            except Exception as exc:  # noqa: BLE001 - the PostgreSQL figures still get reported
+                report.nats = {"error": repr(exc), "lost": -1}
+            else:
+                report.nats = {k: v for k, v in asdict(nats).items() if k != "timeline"}
     finally:
         await asyncio.to_thread(cluster_down, root / "cluster", purge=True)
     (out / "report.json").write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2, default=str))
@@ -290,6 +294,8 @@ def report_rows(report: FailoverReport) -> list[tuple[str, str, str]]:
 def _nats(n: dict[str, Any]) -> str:
     if not n:
         return "not run"
+    if "error" in n:
+        return f"error: {n['error']}"
     return f"{n['acked']} / {n['consumed']} / {n['lost']}, {n['pause_s']:.2f} s (killed {n['killed']})"
 
 

@@ -103,8 +103,14 @@ async def run_nats_failover(
 
     async def kill() -> None:
         await asyncio.sleep(messages / rate_per_s / 3)
-        leaders = await stream_leaders([n.url for n in topology.nats])
-        leader = next((s["leader"] for s in leaders if s["stream"].startswith(prefix)), None)
+        leader = None
+        for _ in range(3):  # under load the API request may time out: ask again, else kill nats0
+            try:
+                leaders = await stream_leaders([n.url for n in topology.nats], timeout_s=5.0)
+            except Exception:  # noqa: BLE001, S112 - a timed-out request: ask again
+                continue
+            leader = next((s["leader"] for s in leaders if s["stream"].startswith(prefix)), None)
+            break
         node = next((n for n in topology.nats if n.name == leader), topology.nats[0])
         pid = read_pid(topology.dir("nats"), node.name)
         if pid is not None:
