@@ -18,6 +18,8 @@ from rich.table import Table
 
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
+from mercato.cli.backup import app as backup_app
+from mercato.cli.backup import restore_command
 from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.projections import app as projections_app
@@ -50,6 +52,8 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(backup_app, name="backup")
+app.command("restore")(restore_command)
 console = Console(stderr=True)
 
 
