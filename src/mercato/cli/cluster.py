@@ -31,12 +31,15 @@ def up(
     synchronous: Annotated[
         bool, typer.Option("--synchronous/--asynchronous", help="Patroni synchronous_mode (RPO 0).")
     ] = True,
+    backups: Annotated[
+        bool, typer.Option("--backups/--no-backups", help="Archive WAL to a pgBackRest repository")
+    ] = True,
 ) -> None:
     """Start 3 etcd members, 3 PostgreSQL nodes under Patroni and 3 NATS nodes; wait until healthy."""
     started = time.monotonic()
     try:
         with console.status("Starting etcd, Patroni (primary, then replicas) and NATS"):
-            topology = cluster_up(root, synchronous_mode=synchronous)
+            topology = cluster_up(root, synchronous_mode=synchronous, backups=backups)
     except (FileExistsError, RuntimeError, PermissionError) as exc:
         console.print(f"[red]cluster up failed:[/red] {exc}")
         raise typer.Exit(1) from exc

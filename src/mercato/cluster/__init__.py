@@ -11,6 +11,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
+from mercato.cluster.backup import archive_settings, stanza_create, write_config
 from mercato.cluster.etcd import start_etcd, stop_etcd
 from mercato.cluster.nats import ensure_stream, start_nats, stop_nats
 from mercato.cluster.patroni import ArchiveSettings, start_patroni, stop_patroni
@@ -25,7 +26,7 @@ def cluster_up(
     *,
     synchronous_mode: bool = True,
     nats_cluster: bool = True,
-    archive: ArchiveSettings | None = None,
+    backups: bool = False,
 ) -> Topology:
     """Plan ports, start etcd, Patroni (primary first) and NATS, and wait for each to be healthy.
     On any failure everything started so far is stopped again."""
@@ -38,7 +39,13 @@ def cluster_up(
     topology.save()
     try:
         start_etcd(topology)
+        archive: ArchiveSettings | None = None
+        if backups:  # WAL archived to pgBackRest's repository from the first segment on
+            write_config(topology)
+            archive = archive_settings(topology)
         start_patroni(topology, archive=archive)
+        if backups:
+            stanza_create(topology)
         if nats_cluster:
             start_nats(topology)
             asyncio.run(ensure_stream(topology.nats_urls, PROBE_STREAM, ["mercato_cluster_probe.>"]))
