@@ -149,7 +149,7 @@ def restore_command(
             raise typer.Exit(1) from exc
         console.print(
             f"[green]✓[/green] restored into {target}, open on port {scratch.port} after "
-            f"{scratch.ready_s:.1f} s; check it, then point the shop at it (docs/runbooks/disaster-recovery.md)"
+            f"{scratch.ready_s:.1f} s; check it, then point the shop at it (see docs/runbooks)"
         )
         return
     database, folder = _paths()
