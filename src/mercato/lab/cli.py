@@ -7,7 +7,7 @@ import typer
 from mercato.lab.breaker import breaker_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
-from mercato.lab.failover_cli import failover_command
+from mercato.lab.failover_cli import failover_command, restore_command
 from mercato.lab.network import network_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
@@ -17,6 +17,7 @@ app.command("breaker")(breaker_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
 app.command("failover")(failover_command)
+app.command("restore")(restore_command)
 app.command("network")(network_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mercato.lab.failover import FailoverConfig, report_rows, run_failover
+from mercato.lab.restore import report_rows as restore_rows
+from mercato.lab.restore import run_restore_drill
 
-__all__ = ["failover_command"]
+__all__ = ["failover_command", "restore_command"]
 
 _console = Console(stderr=True)
 
@@ -44,6 +47,24 @@ def failover_command(
     for column in ("measure", "value", "goal"):
         table.add_column(column)
     for row in report_rows(report):
+        table.add_row(*row)
+    _console.print(table)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def restore_command(
+    rows: Annotated[int, typer.Option(min=10, help="Rows committed around T")] = 300,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/restore-<time>)")] = None,
+) -> None:
+    """pgBackRest drill: full + incr backups, note T, keep writing, destroy every node's data,
+    restore to T → exactly the rows before T; then bad inputs are refused."""
+    folder = out or Path("var/lab") / f"restore-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    report = asyncio.run(run_restore_drill(rows=rows, out=folder))
+    table = Table(title=f"Restore drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
+    for column in ("measure", "value", "goal"):
+        table.add_column(column)
+    for row in restore_rows(report):
         table.add_row(*row)
     _console.print(table)
     if not report.ok:
