@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,16 @@ __all__ = ["failover_command", "restore_command"]
 _console = Console(stderr=True)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C, so the drill's `finally` stops the
+    cluster it started instead of leaving etcd, Patroni and PostgreSQL running."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def failover_command(
     checkouts: Annotated[int, typer.Option(min=1, help="Checkouts driven through the API")] = 60,
     kill_after: Annotated[
@@ -34,6 +45,7 @@ def failover_command(
 ) -> None:
     """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
     checkouts lost, double captures; the old primary rejoins. Then kill a NATS node: 0 lost."""
+    _stop_on_sigterm()
     config = FailoverConfig(
         checkouts=checkouts,
         kill_after_checkouts=min(kill_after, checkouts),
@@ -59,6 +71,7 @@ def restore_command(
 ) -> None:
     """pgBackRest drill: full + incr backups, note T, keep writing, destroy every node's data,
     restore to T → exactly the rows before T; then bad inputs are refused."""
+    _stop_on_sigterm()
     folder = out or Path("var/lab") / f"restore-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     report = asyncio.run(run_restore_drill(rows=rows, out=folder))
     table = Table(title=f"Restore drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
