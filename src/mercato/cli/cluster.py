@@ -13,6 +13,7 @@ from rich.table import Table
 from mercato.bootstrap import SCRIPT_LOCATION
 from mercato.cluster import Topology, cluster_down, cluster_status, cluster_up
 from mercato.cluster.patroni import create_database_on_primary
+from mercato.cluster.shop import SHOP_DATABASE, shop_env, shop_url, start_shop
 from mercato.cluster.topology import TOPOLOGY_FILE
 from mercato.kit.storage.migrations import upgrade
 
@@ -22,7 +23,6 @@ app = typer.Typer(
 console = Console()
 RootOption = Annotated[Path, typer.Option("--root", help="The folder the cluster owns.")]
 DEFAULT_ROOT = Path("./var/cluster")
-SHOP_DATABASE = "mercato"
 
 
 @app.command("up")
@@ -34,6 +34,9 @@ def up(
     backups: Annotated[
         bool, typer.Option("--backups/--no-backups", help="Archive WAL to a pgBackRest repository")
     ] = True,
+    shop: Annotated[
+        bool, typer.Option("--shop/--no-shop", help="Also start `mercato api` and `mercato worker` on it")
+    ] = False,
 ) -> None:
     """Start 3 etcd members, 3 PostgreSQL nodes under Patroni and 3 NATS nodes; wait until healthy."""
     started = time.monotonic()
@@ -47,6 +50,14 @@ def up(
     with console.status("Creating the shop's database and applying migrations on the primary"):
         create_database_on_primary(topology, SHOP_DATABASE)
         upgrade(SCRIPT_LOCATION, topology.database_url(database=SHOP_DATABASE))
+    if shop:
+        with console.status("Starting mercato api and mercato worker on the cluster"):
+            try:
+                url = start_shop(topology)
+            except RuntimeError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from exc
+        console.print(f"[green]✓[/green] the shop answers at {url}")
     _print_status(topology)
     _print_env(topology)
 
@@ -111,18 +122,13 @@ def _print_status(topology: Topology) -> None:
         )
         streams.add_row(s["stream"], str(s["replicas"]), str(s["messages"]), str(s["leader"]), followers)
     console.print(streams)
+    url = shop_url(topology)
+    if url:
+        console.print(f"shop: {url}")
 
 
 def _print_env(topology: Topology, *, plain: bool = False) -> None:
-    lines = [
-        f"MERCATO_DATABASE_URL='{topology.database_url(database=SHOP_DATABASE)}'",
-        "MERCATO_DATABASE_REPLICA_URLS='"
-        + ",".join(topology.node_url(n, database=SHOP_DATABASE) for n in topology.postgres)
-        + "'",
-        "MERCATO_MESSAGING_BACKEND=nats",
-        f"MERCATO_MESSAGING_NATS_URL={','.join(topology.nats_urls)}",
-        "MERCATO_MESSAGING_NATS_REPLICAS=3",
-    ]
+    lines = [f"{key}='{value}'" for key, value in shop_env(topology).items()]
     if plain:
         for line in lines:
             print(f"export {line}")

@@ -15,6 +15,7 @@ from mercato.cluster.backup import archive_settings, stanza_create, write_config
 from mercato.cluster.etcd import start_etcd, stop_etcd
 from mercato.cluster.nats import ensure_stream, start_nats, stop_nats
 from mercato.cluster.patroni import ArchiveSettings, start_patroni, stop_patroni
+from mercato.cluster.shop import stop_shop
 from mercato.cluster.status import ClusterStatus, NodeStatus, cluster_status
 from mercato.cluster.topology import Topology
 
@@ -63,6 +64,7 @@ def cluster_down(root: Path, *, purge: bool = True) -> bool:
         topology = Topology.load(root)
     except FileNotFoundError:
         return False
+    stop_shop(topology)  # its clients first, so nothing writes while PostgreSQL stops
     stop_patroni(topology)
     stop_nats(topology)
     stop_etcd(topology)
