@@ -32,7 +32,8 @@ from mercato.kit.projections import Projection, ProjectionHook, Projector, Strea
 from mercato.kit.resilience import BreakerRegistry, BreakerReports, PrometheusResilienceHooks
 from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
 from mercato.kit.sagas.events import OutboxEventSink
-from mercato.kit.storage import Database, create_database
+from mercato.kit.storage import Database, ReplicaHook, create_database
+from mercato.kit.storage.metrics import PrometheusReplicaMetrics
 from mercato.migrations import SCRIPT_LOCATION
 from mercato.providers._client import ProviderPool, ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
@@ -112,7 +113,7 @@ class Container:
         await self.db.dispose()
 
 
-def build_database(settings: Settings) -> Database:
+def build_database(settings: Settings, *, replica_hook: ReplicaHook | None = None) -> Database:
     db = settings.database
     if db.is_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,10 @@ def build_database(settings: Settings) -> Database:
         pool_timeout_s=db.pool_timeout_s,
         statement_timeout_s=db.statement_timeout_s,
         echo=db.echo,
+        replica_urls=db.replica_urls or None,
+        replica_max_lag_s=db.replica_max_lag_s,
+        replica_token_wait_s=db.replica_token_wait_s,
+        replica_hook=replica_hook,
     )
 
 
@@ -133,7 +138,8 @@ def build_container(
     writes' breakers (what `mercato lab breaker` compares against); every deployment keeps the default.
     """
     clock = clock or SystemClock()
-    db = build_database(settings)
+    metrics_registry = CollectorRegistry()
+    db = build_database(settings, replica_hook=PrometheusReplicaMetrics(metrics_registry))
     codec = TokenCodec(
         secret=settings.auth.secret.get_secret_value(),
         issuer=settings.auth.issuer,
@@ -171,7 +177,6 @@ def build_container(
     pool = ProviderPool(max_connections=network.client_max_connections, keepalive_expiry_s=keepalive_s)
     psp = PspClient(providers.psp_base_url, timeout=provider_timeout, pool=pool)
     carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout, pool=pool)
-    metrics_registry = CollectorRegistry()
     hooks = PrometheusResilienceHooks(metrics_registry)
     breakers = BreakerRegistry(clock=clock, hooks=[hooks])
     calls = build_provider_calls(
@@ -258,8 +263,9 @@ def build_stream(
         )
     if messaging.backend == "nats":
         return JetStreamStream(
-            servers=messaging.nats_url,
+            servers=messaging.nats_url.split(","),
             prefix=messaging.broker_prefix,
+            replicas=messaging.nats_replicas,
             dedup_window_s=float(messaging.dedup_window_s),
             **common,
         )

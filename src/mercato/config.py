@@ -37,6 +37,23 @@ class DatabaseSettings(BaseModel):
     pool_timeout_s: float = Field(default=5.0, gt=0)
     statement_timeout_s: float = Field(default=10.0, gt=0)
     echo: bool = False
+    # Read replicas (PostgreSQL): reads whose use case accepts staleness go to one of these (ADR 0032).
+    # NoDecode: the environment gives a comma list, not only JSON.
+    replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A replica lagging more than this leaves read routing (and /readyz lists it) until it catches up.
+    replica_max_lag_s: float = Field(default=5.0, gt=0)
+    # How long a read with a consistency token waits for a replica to replay it before the primary
+    # serves it instead.
+    replica_token_wait_s: float = Field(default=0.05, ge=0, le=5)
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return json.loads(value)
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def is_sqlite(self) -> bool:
@@ -128,7 +145,9 @@ class MessagingSettings(BaseModel):
     # "redis" (Redis Streams at `redis_url`) or "nats" (NATS JetStream at `nats_url`).
     backend: Literal["sql", "redis", "nats"] = "sql"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # several servers of one cluster: comma-separated
+    # JetStream replication factor of the streams and buckets we create (3 on a 3-node cluster).
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # Key prefix (Redis) / stream-name prefix (NATS): several deployments can share one server.
     broker_prefix: str = Field(default="mercato", pattern=r"^[A-Za-z0-9_-]+$")
     # How long a broker remembers a published message id for dedup (outbox republish window).

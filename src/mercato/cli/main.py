@@ -20,6 +20,9 @@ from rich.table import Table
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.api_keys import app as api_keys_app
+from mercato.cli.backup import app as backup_app
+from mercato.cli.backup import restore_command
+from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
@@ -51,6 +54,9 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(backup_app, name="backup")
+app.command("restore")(restore_command)
 console = Console(stderr=True)
 
 

@@ -21,6 +21,7 @@ from mercato.gateway.access_docs import document_access
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
+from mercato.gateway.consistency import ConsistencyTokenMiddleware
 from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.media import build_signer
@@ -171,6 +172,9 @@ def create_app(
     )
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
+    if container.db.replicas is not None:
+        # Innermost: the token scope must wrap the handler's reads and writes (ADR 0032).
+        app.add_middleware(ConsistencyTokenMiddleware)
     app.add_middleware(
         IdempotencyMiddleware,
         store=container.idempotency,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import orjson
@@ -30,11 +31,22 @@ class CheckOut(BaseModel):
     error: str = ""
 
 
+class ReplicaOut(BaseModel):
+    name: str
+    in_rotation: bool
+    lag_bytes: int
+    lag_s: float
+    reason: str
+
+
 class ProbeOut(BaseModel):
     status: str = Field(
         description="`ok`, `degraded` (ready, a fail-open dependency is down) or `unavailable`"
     )
     checks: list[CheckOut] = []
+    # Read replicas (when configured): one lagging beyond the bound is out of rotation, the shop
+    # stays ready (its reads fall back to the primary).
+    replicas: list[ReplicaOut] = []
 
 
 class StartupOut(BaseModel):
@@ -93,6 +105,11 @@ async def readyz(request: Request) -> Response:
             for r in results
         ],
     }
+    replicas = _container(request).db.replicas
+    if replicas is not None:
+        with contextlib.suppress(Exception):  # a probe reports, it never raises
+            await replicas.refresh(_container(request).db.engine)
+        body["replicas"] = replicas.detail()
     return _json(body, 503 if status == "unavailable" else 200)
 
 

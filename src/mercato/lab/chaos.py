@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.config import (
@@ -76,21 +77,49 @@ async def _database(config: ChaosConfig, workdir: Path) -> AsyncIterator[str]:
         yield f"sqlite+aiosqlite:///{workdir / 'shop.db'}"
         return
     admin = (url or config.pg_admin_dsn).replace("postgresql+asyncpg://", "postgresql://")
-    server = admin.split("://", 1)[1].rsplit("/", 1)[0]
     name = f"mercato_chaos_{uuid.uuid4().hex[:12]}"
+    shop_url = _on_database(admin, name)
+    # A multi-host URL (`?host=a&host=b...&target_session_attrs=read-write`, `mercato cluster`):
+    # asyncpg takes the comma form, the shop's SQLAlchemy URL keeps the query form.
+    admin = _asyncpg_dsn(admin)
     conn = await asyncpg.connect(admin)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     try:
-        yield f"postgresql+asyncpg://{server}/{name}"
+        yield shop_url
     finally:
         conn = await asyncpg.connect(admin)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+def _on_database(url: str, name: str) -> str:
+    """`url` (a PostgreSQL server URL, multi-host allowed) pointed at database `name`, for asyncpg
+    under SQLAlchemy."""
+    return (
+        make_url(url)
+        .set(drivername="postgresql+asyncpg", database=name)
+        .render_as_string(hide_password=False)
+    )
+
+
+def _asyncpg_dsn(url: str) -> str:
+    """A libpq-style DSN asyncpg reads: several `host=` query parameters become the comma host list
+    (asyncpg keeps only the last `host=`)."""
+    parsed = make_url(url)
+    hosts = parsed.query.get("host")
+    if not isinstance(hosts, tuple):
+        return url.replace("postgresql+asyncpg://", "postgresql://")
+    query = {k: v for k, v in parsed.query.items() if k != "host"}
+    user = parsed.username or "postgres"
+    params = "&".join(f"{k}={v}" for k, v in query.items() if isinstance(v, str))
+    return f"postgresql://{user}@{','.join(hosts)}/{parsed.database or 'postgres'}" + (
+        f"?{params}" if params else ""
+    )
 
 
 def _shop_env(

@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.bootstrap import Container
@@ -51,7 +52,11 @@ async def settle(container: Container, timeout_s: float, log: Log) -> bool:
     deadline = time.monotonic() + timeout_s
     last_report = 0.0
     while time.monotonic() < deadline:
-        sagas, unpublished = await _pending(container)
+        try:
+            sagas, unpublished = await _pending(container)
+        except DBAPIError:  # a failover drill (`lab failover`): the pool reconnects on the next try
+            await asyncio.sleep(0.5)
+            continue
         if sagas == 0 and unpublished == 0:
             return True
         if time.monotonic() - last_report > 5.0:

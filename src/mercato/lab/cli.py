@@ -7,6 +7,7 @@ import typer
 from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
+from mercato.lab.failover_cli import failover_command, restore_command
 from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
@@ -16,6 +17,8 @@ app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_i
 app.command("breaker")(breaker_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
+app.command("failover")(failover_command)
+app.command("restore")(restore_command)
 app.command("network")(network_command)
 app.command("outage")(outage_command)
 app.command("overload")(overload_command)

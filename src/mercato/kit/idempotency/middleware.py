@@ -96,6 +96,7 @@ DEFAULT_REPLAY_HEADERS = frozenset(
 # transient refusal for a whole TTL.
 _TRANSIENT_CLIENT_ERRORS = frozenset({408, 425, 429})
 
+
 _ProblemKind = (
     type[IdempotencyKeyMissing]
     | type[IdempotencyKeyMalformed]
@@ -269,6 +270,8 @@ class IdempotencyMiddleware:
             query_string=bytes(scope.get("query_string", b"")),
         )
         caller = _bounded_scope(await self.scope_resolver(scope))
+        # A store that is down raises out of here: `RequestContextMiddleware` answers it 503 with
+        # Retry-After (ADR 0026); nothing was claimed, so a retry with the same key runs afresh.
         outcome = await self._claim(scope, caller, key, fingerprint)
 
         if isinstance(outcome, Replay):

@@ -86,7 +86,8 @@ class JetStreamStream:
     """The `Stream` port on NATS JetStream. Configuration applies to every topic and group it serves.
 
     Give a connected `client`, or `servers` to connect lazily on first use (then `aclose` closes it).
-    `visibility_timeout_s` becomes the consumers' `AckWait`, timed by the server. `clock` stamps
+    `visibility_timeout_s` becomes the consumers' `AckWait`, timed by the server. `replicas` is each
+    stream's and bucket's replication factor on a JetStream cluster (3 in `mercato cluster`). `clock` stamps
     messages (replay by time) and dead letters. `replay_check_interval_s` bounds how often a read also
     looks for dead letters an operator queued from another process.
     """
@@ -105,6 +106,7 @@ class JetStreamStream:
         dedup_window_s: float = 86_400.0,
         request_timeout_s: float = 5.0,
         replay_check_interval_s: float = 1.0,
+        replicas: int = 1,
         clock: Clock | None = None,
         hook: MessagingHook | None = None,
     ) -> None:
@@ -125,6 +127,8 @@ class JetStreamStream:
         self.dedup_window_s = dedup_window_s
         self.request_timeout_s = request_timeout_s
         self.replay_check_interval_s = replay_check_interval_s
+        # Copies of every stream and bucket a JetStream cluster keeps (R3 survives one node lost).
+        self.replicas = replicas
         self._clock = clock or SystemClock()
         self._hook = hook or NullMessagingHook()
         self._connect_lock = asyncio.Lock()
@@ -185,7 +189,9 @@ class JetStreamStream:
             return
         js = await self._js()
         try:
-            await js.add_stream(name=name, subjects=subjects, storage=StorageType.FILE, **config)
+            await js.add_stream(
+                name=name, subjects=subjects, storage=StorageType.FILE, num_replicas=self.replicas, **config
+            )
         except BadRequestError:
             # Already there (another process made it, perhaps with other limits): use it as it is.
             await js.stream_info(name)
@@ -225,7 +231,9 @@ class JetStreamStream:
             try:
                 kv = await js.key_value(bucket)
             except (NotFoundError, BadRequestError):
-                kv = await js.create_key_value(bucket=bucket, storage=StorageType.FILE)
+                kv = await js.create_key_value(
+                    bucket=bucket, storage=StorageType.FILE, replicas=self.replicas
+                )
             self._kv[suffix] = kv
         return kv
 

@@ -2,6 +2,29 @@
 
 from mercato.kit.storage.database import Database, create_database
 from mercato.kit.storage.meta import get_meta, set_meta
+from mercato.kit.storage.replicas import (
+    ConsistencyScope,
+    ReplicaHook,
+    ReplicaSet,
+    Staleness,
+    consistency_scope,
+    format_lsn,
+    parse_lsn,
+)
 from mercato.kit.storage.types import UTCDateTime, metadata
 
-__all__ = ["Database", "UTCDateTime", "create_database", "get_meta", "metadata", "set_meta"]
+__all__ = [
+    "ConsistencyScope",
+    "Database",
+    "ReplicaHook",
+    "ReplicaSet",
+    "Staleness",
+    "UTCDateTime",
+    "consistency_scope",
+    "create_database",
+    "format_lsn",
+    "get_meta",
+    "metadata",
+    "parse_lsn",
+    "set_meta",
+]

@@ -13,6 +13,10 @@ tens of milliseconds while everyone sleeps. So the writers of one process queue 
 first and take the file lock one after another, each the moment the previous one commits; only the
 other processes' writers still meet the busy handler. A wait on that queue longer than the busy
 timeout stops queueing and goes to SQLite as before (a nested write would otherwise wait forever).
+
+With read replicas (`replicas.py`, ADR 0032) a read that names a `Staleness` may be served by a
+replica; every other read, and every write, stays on the primary. When a request's consistency
+scope is open, each committed write records the primary's LSN for the response's token.
 """
 
 from __future__ import annotations
@@ -29,12 +33,17 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
+
 _WRITE_OPTION = "mercato_write"
 
 
 class Database:
-    def __init__(self, engine: AsyncEngine, *, write_queue_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, write_queue_timeout_s: float = 10.0, replicas: ReplicaSet | None = None
+    ) -> None:
         self.engine = engine
+        self.replicas = replicas
         self._autocommit_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -54,14 +63,52 @@ class Database:
         return self.engine.url
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
+    async def read(self, *, staleness: Staleness | None = None) -> AsyncIterator[AsyncConnection]:
         """A connection for reading: in a transaction rolled back on exit (SQLite), or in
-        autocommit (PostgreSQL; see the module's docstring). Never write through it."""
+        autocommit (PostgreSQL; see the module's docstring). Never write through it.
+
+        `staleness` lets a replica serve it (when replicas are configured): one in rotation, lagging
+        no more than `staleness.max_lag_s`, and, if the request carries a consistency token, having
+        replayed it within the set's wait bound. Otherwise, and without `staleness`, the primary."""
+        if staleness is not None and self.replicas is not None:
+            async with self._replica_read(self.replicas, staleness) as conn:
+                yield conn
+            return
         async with (self._autocommit_engine or self.engine).connect() as conn:
             try:
                 yield conn
             finally:
                 await conn.rollback()
+
+    @asynccontextmanager
+    async def _replica_read(
+        self, replicas: ReplicaSet, staleness: Staleness
+    ) -> AsyncIterator[AsyncConnection]:
+        replicas.refresh_soon(self.engine)
+        scope = current_scope()
+        after = scope.after if scope is not None and staleness.read_your_writes else None
+        async with contextlib.AsyncExitStack() as stack:
+            chosen: AsyncConnection | None = None
+            reason = "no replica in rotation within the staleness bound"
+            for replica in replicas.candidates(staleness):
+                try:
+                    conn = await stack.enter_async_context(replica.engine.connect())
+                    if after is None or await replicas.reached(conn, replica, after):
+                        chosen = conn
+                        reason = "token reached" if after is not None else "within staleness"
+                        break
+                    reason = "token not replayed in time"
+                except Exception:  # noqa: BLE001 - a replica failing is a reason to read the primary
+                    reason = "replica failed"
+                await stack.aclose()
+                break  # one replica tried per read: the wait bound is the read's, not per replica
+            if chosen is not None:
+                replicas.hook.read_routed("replica", reason)
+                yield chosen
+                return
+        replicas.hook.read_routed("primary", reason)
+        async with (self._autocommit_engine or self.engine).connect() as conn:
+            yield conn
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
@@ -74,6 +121,15 @@ class Database:
             return
         async with self._autocommit_engine.connect() as conn:
             yield conn
+            await self._record_commit(conn)
+
+    async def _record_commit(self, conn: AsyncConnection) -> None:
+        """Hand the commit LSN to the request's consistency scope (only with replicas to route to)."""
+        if self.replicas is None:
+            return
+        scope = current_scope()
+        if scope is not None:
+            scope.wrote(await commit_lsn(conn))
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -105,6 +161,7 @@ class Database:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
             async with conn.begin():
                 yield conn
+            await self._record_commit(conn)
 
     def _write_lock(self) -> asyncio.Lock:
         return loop_lock(self._write_locks)
@@ -142,6 +199,8 @@ class Database:
         return status
 
     async def dispose(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.dispose()
         await self.engine.dispose()
 
 
@@ -153,8 +212,13 @@ def create_database(
     pool_timeout_s: float = 5.0,
     statement_timeout_s: float = 10.0,
     echo: bool = False,
+    replica_urls: list[str] | None = None,
+    replica_max_lag_s: float = 5.0,
+    replica_token_wait_s: float = 0.05,
+    replica_hook: ReplicaHook | None = None,
 ) -> Database:
-    """Build the engine for `url` with the per-dialect settings this project relies on."""
+    """Build the engine for `url` with the per-dialect settings this project relies on, and one
+    autocommit engine per read replica (PostgreSQL only)."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": False}
     if parsed.get_backend_name() == "sqlite":
@@ -177,7 +241,25 @@ def create_database(
     engine = create_async_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, busy_timeout_s=statement_timeout_s)
-    return Database(engine, write_queue_timeout_s=statement_timeout_s)
+    replicas = None
+    if replica_urls:
+        if engine.dialect.name != "postgresql":
+            raise ValueError("read replicas need PostgreSQL")
+        replica_kwargs = {k: v for k, v in kwargs.items() if k != "echo"}
+        replicas = ReplicaSet(
+            [
+                (make_url(u).render_as_string(hide_password=True), _replica_engine(u, replica_kwargs))
+                for u in replica_urls
+            ],
+            max_lag_s=replica_max_lag_s,
+            token_wait_s=replica_token_wait_s,
+            hook=replica_hook,
+        )
+    return Database(engine, write_queue_timeout_s=statement_timeout_s, replicas=replicas)
+
+
+def _replica_engine(url: str, kwargs: dict[str, Any]) -> AsyncEngine:
+    return create_async_engine(url, isolation_level="AUTOCOMMIT", **kwargs)
 
 
 LoopLocks = weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]

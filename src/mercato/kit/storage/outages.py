@@ -134,6 +134,10 @@ def _database(exc: BaseException) -> Outage | None:
             # "the underlying connection is closed": a pooled connection outlived its server; nothing
             # was sent on it, so nothing committed.
             return Outage(DATABASE, "connection-lost", 2.0, False)
+        if name == "TargetServerAttributeNotMatched":
+            # A multi-host URL with `target_session_attrs=read-write` while no node is writable yet:
+            # a failover in progress.
+            return Outage(DATABASE, "failover", 2.0, False)
         if name == "TooManyConnectionsError":
             return Outage(DATABASE, "too-many-connections", 1.0, False)
     if isinstance(exc, sqlite3.OperationalError):

@@ -22,6 +22,7 @@ from mercato.shop.catalog.model import (
     ProductQuery,
 )
 from mercato.shop.catalog.repository import QUOTE_PREFIX, CatalogRepository
+from mercato.shop.consistency import CATALOG_BROWSE
 
 
 class ConcurrentProductUpdate(Conflict):
@@ -54,7 +55,7 @@ class CatalogService:
 
     async def browse(self, query: ProductQuery) -> tuple[list[Product], bool]:
         """A page of live products and whether another page follows."""
-        async with self._db.read() as conn:
+        async with self._db.read(staleness=CATALOG_BROWSE) as conn:
             rows = await self._repo.page(conn, query)
         return rows[: query.limit], len(rows) > query.limit
 

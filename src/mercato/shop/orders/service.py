@@ -22,6 +22,7 @@ from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.storage import Database
 from mercato.shop.cart.contracts import CartView
+from mercato.shop.consistency import BACK_OFFICE_ORDERS, CUSTOMER_ORDERS
 from mercato.shop.orders.contracts import OrderedItem, OrderSnapshot
 from mercato.shop.orders.model import (
     EmptyCart,
@@ -191,7 +192,8 @@ class OrdersService:
     async def _page(
         self, *, customer_id: uuid.UUID | None, limit: int, after_id: uuid.UUID | None
     ) -> tuple[list[Order], bool]:
-        async with self._db.read() as conn:
+        staleness = CUSTOMER_ORDERS if customer_id is not None else BACK_OFFICE_ORDERS
+        async with self._db.read(staleness=staleness) as conn:
             # One extra row tells whether another page exists without a COUNT.
             rows = await self._repo.page(conn, customer_id=customer_id, after_id=after_id, limit=limit + 1)
         return rows[:limit], len(rows) > limit

@@ -1,0 +1,136 @@
+"""`mercato cluster up|status|down|env`: the local HA topology (etcd, Patroni, NATS) for labs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mercato.bootstrap import SCRIPT_LOCATION
+from mercato.cluster import Topology, cluster_down, cluster_status, cluster_up
+from mercato.cluster.patroni import create_database_on_primary
+from mercato.cluster.shop import SHOP_DATABASE, shop_env, shop_url, start_shop
+from mercato.cluster.topology import TOPOLOGY_FILE
+from mercato.kit.storage.migrations import upgrade
+
+app = typer.Typer(
+    help="A local HA cluster: etcd, Patroni-managed PostgreSQL, NATS JetStream.", no_args_is_help=True
+)
+console = Console()
+RootOption = Annotated[Path, typer.Option("--root", help="The folder the cluster owns.")]
+DEFAULT_ROOT = Path("./var/cluster")
+
+
+@app.command("up")
+def up(
+    root: RootOption = DEFAULT_ROOT,
+    synchronous: Annotated[
+        bool, typer.Option("--synchronous/--asynchronous", help="Patroni synchronous_mode (RPO 0).")
+    ] = True,
+    backups: Annotated[
+        bool, typer.Option("--backups/--no-backups", help="Archive WAL to a pgBackRest repository")
+    ] = True,
+    shop: Annotated[
+        bool, typer.Option("--shop/--no-shop", help="Also start `mercato api` and `mercato worker` on it")
+    ] = False,
+) -> None:
+    """Start 3 etcd members, 3 PostgreSQL nodes under Patroni and 3 NATS nodes; wait until healthy."""
+    started = time.monotonic()
+    try:
+        with console.status("Starting etcd, Patroni (primary, then replicas) and NATS"):
+            topology = cluster_up(root, synchronous_mode=synchronous, backups=backups)
+    except (FileExistsError, RuntimeError, PermissionError) as exc:
+        console.print(f"[red]cluster up failed:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"[green]✓[/green] cluster up in {time.monotonic() - started:.1f} s at {topology.root}")
+    with console.status("Creating the shop's database and applying migrations on the primary"):
+        create_database_on_primary(topology, SHOP_DATABASE)
+        upgrade(SCRIPT_LOCATION, topology.database_url(database=SHOP_DATABASE))
+    if shop:
+        with console.status("Starting mercato api and mercato worker on the cluster"):
+            try:
+                url = start_shop(topology)
+            except RuntimeError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from exc
+        console.print(f"[green]✓[/green] the shop answers at {url}")
+    _print_status(topology)
+    _print_env(topology)
+
+
+@app.command("status")
+def status(root: RootOption = DEFAULT_ROOT) -> None:
+    """Each node's role, timeline and replication lag; each stream's leader."""
+    _print_status(_load(root))
+
+
+@app.command("env")
+def env(root: RootOption = DEFAULT_ROOT) -> None:
+    """The MERCATO_* variables that point `mercato api` / `mercato worker` at this cluster."""
+    _print_env(_load(root), plain=True)
+
+
+@app.command("down")
+def down(
+    root: RootOption = DEFAULT_ROOT,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the folder (logs, data) for a post-mortem.")
+    ] = False,
+) -> None:
+    """Stop every process (replicas, primary, NATS, etcd) and delete the folder unless --keep."""
+    if not cluster_down(root, purge=not keep):
+        console.print(f"no cluster at {root}")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/green] cluster at {root} stopped{' (files kept)' if keep else ' and removed'}")
+
+
+def _load(root: Path) -> Topology:
+    try:
+        return Topology.load(root)
+    except FileNotFoundError as exc:
+        console.print(f"[red]no cluster at {root}[/red] (no {TOPOLOGY_FILE}): run `mercato cluster up`")
+        raise typer.Exit(1) from exc
+
+
+def _print_status(topology: Topology) -> None:
+    state = cluster_status(topology)
+    table = Table(title=f"PostgreSQL (Patroni scope {topology.scope!r}, etcd {state.etcd_up}/3 up)")
+    for column in ("node", "port", "role", "state", "timeline", "sync", "lag bytes", "lag s"):
+        table.add_column(column)
+    for n in state.nodes:
+        table.add_row(
+            n.name,
+            str(n.port),
+            n.role,
+            n.state,
+            str(n.timeline if n.timeline is not None else "-"),
+            n.sync_state or "-",
+            str(n.lag_bytes if n.lag_bytes is not None else "-"),
+            f"{n.lag_s:.3f}" if n.lag_s is not None else "-",
+        )
+    console.print(table)
+    streams = Table(title=f"NATS JetStream ({state.nats_up}/3 nodes up)")
+    for column in ("stream", "replicas", "messages", "leader", "followers (current, lag)"):
+        streams.add_column(column)
+    for s in state.streams:
+        followers = ", ".join(
+            f"{f['name']} ({'ok' if f['current'] else 'behind'}, {f['lag'] or 0})" for f in s["followers"]
+        )
+        streams.add_row(s["stream"], str(s["replicas"]), str(s["messages"]), str(s["leader"]), followers)
+    console.print(streams)
+    url = shop_url(topology)
+    if url:
+        console.print(f"shop: {url}")
+
+
+def _print_env(topology: Topology, *, plain: bool = False) -> None:
+    lines = [f"{key}='{value}'" for key, value in shop_env(topology).items()]
+    if plain:
+        for line in lines:
+            print(f"export {line}")
+    else:
+        console.print("Point the shop at it (`eval $(mercato cluster env)`):\n  " + "\n  ".join(lines))

@@ -1,0 +1,70 @@
+"""Read-your-writes across replicas: the consistency token at the HTTP edge (ADR 0032).
+
+A request may present `Mercato-Consistency-Token: <LSN>` (or the `mercato_ct` cookie): its reads
+that accept staleness are served by a replica only once that replica has replayed the LSN. A
+response to a request that committed a write carries the commit LSN in the same header and cookie,
+so a browser gets read-your-writes without doing anything and an API client by echoing the header.
+A malformed token is ignored (the read then goes by staleness alone): it is a hint, not an input.
+Installed only when read replicas are configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from http.cookies import SimpleCookie
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mercato.kit.storage import consistency_scope, format_lsn, parse_lsn
+
+TOKEN_HEADER = "mercato-consistency-token"  # noqa: S105 - a header name, not a secret
+TOKEN_COOKIE = "mercato_ct"  # noqa: S105 - a cookie name
+# Long enough for a session's next reads; a stale token only costs a wait, never a wrong answer.
+COOKIE_MAX_AGE_S = 300
+
+
+def _presented(scope: Scope) -> int | None:
+    header = None
+    cookie = None
+    for name, value in scope.get("headers", []):
+        if name == TOKEN_HEADER.encode():
+            header = value.decode("latin-1")
+        elif name == b"cookie":
+            jar: SimpleCookie = SimpleCookie()
+            with contextlib.suppress(Exception):  # a malformed cookie header carries no token
+                jar.load(value.decode("latin-1"))
+            if TOKEN_COOKIE in jar:
+                cookie = jar[TOKEN_COOKIE].value
+    tokens = []
+    for raw in (header, cookie):
+        if raw:
+            try:
+                tokens.append(parse_lsn(raw))
+            except ValueError:
+                continue
+    return max(tokens) if tokens else None
+
+
+class ConsistencyTokenMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with consistency_scope(after=_presented(scope)) as tokens:
+
+            async def send_with_token(message: Message) -> None:
+                if message["type"] == "http.response.start" and tokens.written is not None:
+                    lsn = format_lsn(tokens.written)
+                    headers = list(message.get("headers", []))
+                    headers.append((TOKEN_HEADER.encode(), lsn.encode()))
+                    cookie = (
+                        f"{TOKEN_COOKIE}={lsn}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; HttpOnly; SameSite=Lax"
+                    )
+                    headers.append((b"set-cookie", cookie.encode()))
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await self.app(scope, receive, send_with_token)

@@ -1,0 +1,84 @@
+"""`mercato lab failover`: the Patroni/NATS failover drill from the command line (see failover.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mercato.lab.failover import FailoverConfig, report_rows, run_failover
+from mercato.lab.restore import report_rows as restore_rows
+from mercato.lab.restore import run_restore_drill
+
+__all__ = ["failover_command", "restore_command"]
+
+_console = Console(stderr=True)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C, so the drill's `finally` stops the
+    cluster it started instead of leaving etcd, Patroni and PostgreSQL running."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def failover_command(
+    checkouts: Annotated[int, typer.Option(min=1, help="Checkouts driven through the API")] = 60,
+    kill_after: Annotated[
+        int, typer.Option(min=1, help="SIGKILL the primary after this many checkouts")
+    ] = 10,
+    synchronous: Annotated[
+        bool, typer.Option("--synchronous/--asynchronous", help="Patroni synchronous_mode")
+    ] = True,
+    drive_s: Annotated[float, typer.Option(help="Spread checkout arrivals over this long")] = 25.0,
+    nats: Annotated[bool, typer.Option("--nats/--no-nats", help="Also kill a NATS node under load")] = True,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/failover-<time>)")] = None,
+) -> None:
+    """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
+    checkouts lost, double captures; the old primary rejoins. Then kill a NATS node: 0 lost."""
+    _stop_on_sigterm()
+    config = FailoverConfig(
+        checkouts=checkouts,
+        kill_after_checkouts=min(kill_after, checkouts),
+        synchronous=synchronous,
+        drive_s=drive_s,
+        nats=nats,
+        out=out,
+    )
+    report, folder = asyncio.run(run_failover(config, log=_console.log))
+    table = Table(title=f"Failover drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
+    for column in ("measure", "value", "goal"):
+        table.add_column(column)
+    for row in report_rows(report):
+        table.add_row(*row)
+    _console.print(table)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def restore_command(
+    rows: Annotated[int, typer.Option(min=10, help="Rows committed around T")] = 300,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/restore-<time>)")] = None,
+) -> None:
+    """pgBackRest drill: full + incr backups, note T, keep writing, destroy every node's data,
+    restore to T → exactly the rows before T; then bad inputs are refused."""
+    _stop_on_sigterm()
+    folder = out or Path("var/lab") / f"restore-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    report = asyncio.run(run_restore_drill(rows=rows, out=folder))
+    table = Table(title=f"Restore drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
+    for column in ("measure", "value", "goal"):
+        table.add_column(column)
+    for row in restore_rows(report):
+        table.add_row(*row)
+    _console.print(table)
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,29 @@
+"""The disaster-recovery drill on pgBackRest (slow, ~1 min): point-in-time restore to T returns
+exactly the rows committed before T; a time before the first backup and a missing WAL segment are
+refused with a clear message."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mercato.lab.restore import run_restore_drill
+from tests.integration.ha_support import need_ha_binaries
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+async def test_restore_to_t_returns_exactly_the_rows_before_t(tmp_path: Path) -> None:
+    need_ha_binaries()
+    if shutil.which("pgbackrest") is None:
+        pytest.skip("pgbackrest not installed")
+    report = await run_restore_drill(rows=100, out=tmp_path)
+    assert report.before_t == 100
+    assert report.restored == 100
+    assert report.missing_before_t == 0
+    assert report.present_after_t == 0
+    assert "before the first backup" in report.refused["time_before_first_backup"]
+    assert "did not finish recovery" in report.refused["missing_wal"]
+    assert (tmp_path / "report.md").exists()
