@@ -9,6 +9,7 @@ it)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -193,9 +194,9 @@ async def test_the_api_hands_out_the_token_and_order_history_honours_it(
     with_token_stale = without_token_stale = 0
     async with api(container) as client:
         for _ in range(20):
-            me, headers = customer(container)
+            me, headers = await customer(container)
             await container.cart.set_item(me, "RYW-1", 1)
-            order = await container.orders.place_from_cart(me)
+            order = await container.checkout.start(me, correlation_id=str(uuid.uuid4()))
             put = await client.put("/v1/carts/me/items/RYW-1", json={"quantity": 1}, headers=headers)
             assert put.status_code == 200, put.text
             token = put.headers["mercato-consistency-token"]
