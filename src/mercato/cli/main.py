@@ -191,6 +191,10 @@ def api(
         access_log=False,
         log_config=None,
         proxy_headers=False,
+        # WebSocket keepalive (docs/realtime.md): protocol pings; a silent peer is closed.
+        ws_ping_interval=settings.realtime.ws_ping_interval_s,
+        ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
+        ws_max_size=settings.realtime.max_frame_bytes * 4,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
@@ -235,7 +239,17 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
 
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            access_log=False,
+            log_config=None,
+            proxy_headers=False,
+            ws_ping_interval=settings.realtime.ws_ping_interval_s,
+            ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
+            ws_max_size=settings.realtime.max_frame_bytes * 4,
+        )
     )
     container = app.state.container
     providers = await serve_providers(settings.providers) if settings.providers.enabled else None
