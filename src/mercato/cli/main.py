@@ -195,6 +195,9 @@ def api(
         ws_ping_interval=settings.realtime.ws_ping_interval_s,
         ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
         ws_max_size=settings.realtime.max_frame_bytes * 4,
+        # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
+        # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
+        timeout_worker_healthcheck=30,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )

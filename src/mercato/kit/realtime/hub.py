@@ -158,14 +158,13 @@ class Hub:
         if event.type == PRESENCE_ANNOUNCE:
             self._remember_presence(event)
             return
-        members = self._channels.get(event.channel)
-        if members:
-            for conn in list(members):
-                conn.push(event)
-        elif event.reply_to and event.ack:
-            # The sender acknowledged even when it is not subscribed to the channel.
+        members = self._channels.get(event.channel, set())
+        for conn in list(members):
+            conn.push(event)
+        if event.reply_to and event.ack:
+            # The sender is acknowledged even when it is not subscribed to the channel.
             sender = self.connections.get(event.reply_to)
-            if sender is not None:
+            if sender is not None and sender not in members:
                 sender.push(event)
 
     # -- presence ------------------------------------------------------------------------------

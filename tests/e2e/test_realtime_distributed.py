@@ -1,0 +1,323 @@
+"""Real WebSocket clients against `mercato api --workers 2` on PostgreSQL, with Redis and with NATS as
+the broker: cross-process delivery, per-room order under 20 concurrent senders, a process SIGKILLed
+mid-conversation, and a client that never reads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from mercato.bootstrap import SCRIPT_LOCATION
+from mercato.kit.auth import Principal, TokenCodec
+from mercato.kit.storage.migrations import upgrade
+from tests.conftest import TEST_SECRET, _pg_admin, _pg_host_part
+from tests.e2e.conftest import start_mercato
+
+pytestmark = pytest.mark.e2e
+
+CODEC = TokenCodec(secret=TEST_SECRET, issuer="mercato", audience="mercato-api", access_ttl_s=900)
+
+
+def token(user: str, *, staff: bool = False) -> str:
+    roles = frozenset({"admin"} if staff else {"customer"})
+    return CODEC.issue(Principal(subject=user, roles=roles)).token
+
+
+@dataclass(frozen=True)
+class Cluster:
+    base_url: str
+    ws_url: str
+    backend: str
+
+
+@pytest.fixture(scope="module", params=["redis", "nats"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    backend = str(request.param)
+    name = f"h5_realtime_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
+    upgrade(SCRIPT_LOCATION, url)
+    prefix = f"h5rt{uuid.uuid4().hex[:8]}"
+    env = {
+        "MERCATO_DATABASE_URL": url,
+        "MERCATO_AUTH_SECRET": TEST_SECRET,
+        "MERCATO_MESSAGING_BACKEND": backend,
+        "MERCATO_MESSAGING_BROKER_PREFIX": prefix,
+        "MERCATO_BACKPRESSURE_ENABLED": "false",
+        # Small caps and a short deadline, so the slow-consumer test overflows them quickly.
+        "MERCATO_REALTIME_QUEUE_MAX_MESSAGES": "200",
+        "MERCATO_REALTIME_QUEUE_MAX_BYTES": "262144",
+        "MERCATO_REALTIME_SLOW_CONSUMER_S": "1",
+        "MERCATO_REALTIME_SEND_RATE_PER_S": "5000",
+        "MERCATO_REALTIME_SEND_BURST": "5000",
+        "MERCATO_REALTIME_ROOM_RATE_PER_S": "50000",
+        "MERCATO_REALTIME_PRESENCE_INTERVAL_S": "1",
+        "MERCATO_REALTIME_PRESENCE_TTL_S": "3",
+    }
+    workdir = tmp_path_factory.mktemp(f"rt-{backend}")
+    proc, base_url, _ = start_mercato(workdir, ["api", "--host", "127.0.0.1", "--workers", "2"], env)
+    try:
+        yield Cluster(base_url, base_url.replace("http://", "ws://") + "/v1/ws", backend)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        asyncio.run(_cleanup(backend, prefix))
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _cleanup(backend: str, prefix: str) -> None:
+    if backend == "redis":
+        from redis.asyncio import Redis
+
+        client = Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    else:
+        import nats
+
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            if info.config.name and info.config.name.startswith(prefix):
+                await js.delete_stream(info.config.name)
+        await nc.close()
+
+
+def make_room(cluster: Cluster, members: list[str]) -> str:
+    staff = {"Authorization": f"Bearer {token(str(uuid.uuid4()), staff=True)}"}
+    created = httpx.post(
+        f"{cluster.base_url}/v1/chat/rooms", json={"name": "t", "members": members}, headers=staff, timeout=10
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+async def open_ws(cluster: Cluster, user: str, **kwargs: Any) -> tuple[ClientConnection, str]:
+    """A connection and the server node (process) that holds it."""
+    ws = await connect(
+        cluster.ws_url, additional_headers={"Authorization": f"Bearer {token(user)}"}, **kwargs
+    )
+    ready = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert ready["type"] == "ready"
+    return ws, str(ready["connection"]).split("/")[0]
+
+
+async def subscribe(ws: ClientConnection, room: str, since: int | None = None) -> None:
+    frame: dict[str, Any] = {"type": "subscribe", "channel": f"room:{room}"}
+    if since is not None:
+        frame["since"] = since
+    await ws.send(orjson.dumps(frame).decode())
+    while orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "subscribed":
+        pass
+
+
+async def spread(cluster: Cluster, users: list[str]) -> list[tuple[ClientConnection, str]]:
+    """Connections for `users` on both processes. The kernel hands each accept to one uvicorn worker;
+    connections opened concurrently, in rounds, land on both (the second worker may still be booting)."""
+    deadline = time.monotonic() + 30
+    while True:
+        conns = list(await asyncio.gather(*(open_ws(cluster, u) for u in users)))
+        if len({node for _, node in conns}) > 1:
+            return conns
+        for ws, _ in conns:
+            await ws.close()
+        assert time.monotonic() < deadline, "both API processes should hold connections"
+        await asyncio.sleep(0.5)
+
+
+async def collect_messages(
+    ws: ClientConnection, count: int, *, timeout_s: float = 60
+) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        while len(got) < count:
+            frame = orjson.loads(await ws.recv())
+            if frame["type"] == "message":
+                got.append(frame)
+
+    await asyncio.wait_for(read(), timeout_s)
+    return got
+
+
+def node_pid(node: str) -> int:
+    return int(node.split(":")[1])
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_cross_process_delivery_in_room_order_under_20_concurrent_senders(cluster: Cluster) -> None:
+    senders = [str(uuid.uuid4()) for _ in range(20)]
+    readers = [str(uuid.uuid4()) for _ in range(4)]
+    room = make_room(cluster, senders + readers)
+    per_sender = 10
+
+    async def scenario() -> None:
+        reader_conns = await spread(cluster, readers)
+        sender_conns = [await open_ws(cluster, s) for s in senders]
+        for ws, _ in reader_conns:
+            await subscribe(ws, room)
+
+        async def send_all(index: int, ws: ClientConnection) -> list[int]:
+            acks: list[int] = []
+            for k in range(per_sender):
+                body = {"type": "send", "room": room, "text": f"{index}:{k}", "client_msg_id": f"{index}-{k}"}
+                await ws.send(orjson.dumps(body).decode())
+            while len(acks) < per_sender:
+                frame = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+                if frame["type"] == "ack":
+                    acks.append(frame["seq"])
+            return acks
+
+        acked = await asyncio.gather(*(send_all(i, ws) for i, (ws, _) in enumerate(sender_conns)))
+        total = len(senders) * per_sender
+        assert sorted(seq for acks in acked for seq in acks) == list(range(1, total + 1))
+        for ws, _node in reader_conns:
+            got = await collect_messages(ws, total)
+            # Every connection, on either process: each seq exactly once, in order, no gap.
+            assert [m["seq"] for m in got] == list(range(1, total + 1))
+            for index in range(len(senders)):
+                mine = [m["text"] for m in got if m["text"].startswith(f"{index}:")]
+                assert mine == [f"{index}:{k}" for k in range(per_sender)]
+        for ws, _ in reader_conns + sender_conns:
+            await ws.close()
+
+    run(scenario())
+
+
+def test_a_killed_process_loses_no_message(cluster: Cluster) -> None:
+    users = [str(uuid.uuid4()) for _ in range(6)]
+    room = make_room(cluster, users)
+
+    async def scenario() -> None:
+        conns = await spread(cluster, users)
+        victim_ws, victim_node = conns[0]
+        sender_ws = next(ws for ws, node in conns if node != victim_node)
+        for ws, _ in conns:
+            await subscribe(ws, room)
+
+        async def send(n: int) -> None:
+            body = {"type": "send", "room": room, "text": f"m{n}", "client_msg_id": f"k-{n}"}
+            await sender_ws.send(orjson.dumps(body).decode())
+
+        for n in range(5):
+            await send(n)
+        seen = [m["seq"] for m in await collect_messages(victim_ws, 5)]
+        assert seen == [1, 2, 3, 4, 5]
+        os.kill(node_pid(victim_node), signal.SIGKILL)
+        for n in range(5, 15):
+            await send(n)
+        # The client reconnects (to whichever process answers) and resumes from its last seq.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                again, _ = await open_ws(cluster, users[0])
+                break
+            except (OSError, ConnectionClosed, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await subscribe(again, room, since=seen[-1])
+        rest = [m["seq"] for m in await collect_messages(again, 10)]
+        assert rest == list(range(6, 16))
+        await again.close()
+
+    run(scenario())
+
+
+def test_a_client_that_never_reads_is_cut_off_without_hurting_others(cluster: Cluster) -> None:
+    users = [str(uuid.uuid4()) for _ in range(3)]
+    room = make_room(cluster, users)
+    count, text = 2500, "x" * 3900
+
+    async def scenario() -> None:
+        # max_queue=1: the client library stops reading the socket too, so TCP pushes back on the server.
+        stuck, stuck_node = await open_ws(cluster, users[0], max_queue=1)
+        healthy, _ = await open_ws(cluster, users[1])
+        sender, _ = await open_ws(cluster, users[2])
+        for ws in (stuck, healthy):
+            await subscribe(ws, room)
+        rss_before = _rss_kib(node_pid(stuck_node))
+
+        async def flood() -> None:
+            for n in range(count):
+                body = {"type": "send", "room": room, "text": text, "client_msg_id": f"f-{n}"}
+                await sender.send(orjson.dumps(body).decode())
+
+        async def healthy_reader() -> list[float]:
+            lags: list[float] = []
+            got = 0
+            while got < count:
+                frame = orjson.loads(await asyncio.wait_for(healthy.recv(), 60))
+                if frame["type"] == "message":
+                    got += 1
+                    assert frame["seq"] == got
+                    lags.append(time.time() - _epoch(frame["sent_at"]))
+            return lags
+
+        flooding = asyncio.create_task(flood())
+        lags = await healthy_reader()
+        await flooding
+        rss_after = _rss_kib(node_pid(stuck_node))
+        lags.sort()
+        p99 = lags[int(len(lags) * 0.99) - 1]
+        print(
+            f"\n[{cluster.backend}] healthy p99 lag {p99 * 1000:.0f} ms; stuck node RSS {rss_before} -> {rss_after} KiB"
+        )
+        # The stuck client now reads what the network held, then finds the 1013 close: nothing was
+        # skipped before it, and resuming from its last seq gets the rest.
+        seqs: list[int] = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                frame = orjson.loads(await asyncio.wait_for(stuck.recv(), 30))
+                if frame["type"] == "message":
+                    seqs.append(frame["seq"])
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1013
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert len(seqs) < count
+        back, _ = await open_ws(cluster, users[0])
+        await subscribe(back, room, since=seqs[-1] if seqs else 0)
+        rest = [m["seq"] for m in await collect_messages(back, count - len(seqs))]
+        assert rest == list(range(len(seqs) + 1, count + 1))
+        # Bounded: the server kept at most 2 x the byte cap for the stuck client (plus noise).
+        assert rss_after - rss_before < 64 * 1024
+        assert p99 < 5.0
+        for ws in (back, healthy, sender):
+            await ws.close()
+
+    run(scenario())
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
