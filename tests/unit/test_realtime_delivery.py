@@ -115,3 +115,18 @@ async def test_the_sender_is_acknowledged_without_subscribing() -> None:
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=1, reply_to=sender.id, ack={"client_msg_id": "c"}))
     assert await _frames(sender) == [{"type": "ack", "client_msg_id": "c", "seq": 1}]
     assert [f["seq"] for f in await _frames(reader)] == [1]
+
+
+async def test_a_long_resume_is_paced_by_the_reader_not_cut_off() -> None:
+    hub = Hub(_NoBroker(), _History(1000), node_id="n1", max_messages=10)  # type: ignore[arg-type]
+    refused: list[bool] = []
+    conn = hub.connect("u1", kind="ws", on_refused=lambda: refused.append(True))
+    subscribing = asyncio.create_task(hub.subscribe(conn, "room:a", since=0))
+    seqs: list[int] = []
+    while len(seqs) < 1000:
+        frame, _ = await asyncio.wait_for(conn.queue.get(), 5)
+        seqs.append(int(orjson.loads(frame)["seq"]))
+        assert len(conn.queue) <= 11  # the cap, plus at most the one frame the replay had in hand
+    await subscribing
+    assert seqs == list(range(1, 1001))
+    assert not refused

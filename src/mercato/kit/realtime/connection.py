@@ -29,11 +29,17 @@ _log = get_logger("mercato.realtime.connection")
 _REFILL_ATTEMPTS = 5
 
 
+# Live events parked while a refill runs; beyond this they are dropped and re-read from history.
+_MAX_PENDING = 1000
+
+
 @dataclass(slots=True)
 class _Cursor:
     last: int
     catching_up: bool = False
     pending: list[ChannelEvent] = field(default_factory=list)
+    # Pending overflowed: what was dropped is durable, so the refill reads history again.
+    reread: bool = False
 
 
 class Connection:
@@ -106,7 +112,10 @@ class Connection:
             self._offer(orjson.dumps(event.frame()), essential=event.essential, at=event.at)
             return
         if cursor.catching_up:
-            cursor.pending.append(event)
+            if len(cursor.pending) < _MAX_PENDING:
+                cursor.pending.append(event)
+            else:
+                cursor.reread = True
             return
         if event.seq <= cursor.last:
             return
@@ -122,16 +131,16 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def _refill(self, channel: str, cursor: _Cursor) -> None:
+        """Replay history after `cursor.last`, then the parked live events, in seq order. The replay
+        waits for the queue to drain below its caps between frames: a resuming client is fed as
+        fast as it reads, never cut off for being behind on history."""
         try:
             for _attempt in range(_REFILL_ATTEMPTS):
-                while True:
-                    events = await self._history.after(channel, cursor.last, limit=self._replay_batch)
-                    for event in events:
-                        if event.seq == cursor.last + 1:
-                            cursor.last = event.seq
-                            self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
-                    if len(events) < self._replay_batch or self.refused:
-                        break
+                await self._replay_history(channel, cursor)
+                if cursor.reread:
+                    cursor.reread = False
+                    cursor.pending = []
+                    await self._replay_history(channel, cursor)
                 pending = sorted(cursor.pending, key=lambda e: e.seq)
                 cursor.pending = []
                 for index, event in enumerate(pending):
@@ -142,7 +151,7 @@ class Connection:
                         break
                     cursor.last = event.seq
                     self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
-                if not cursor.pending:
+                if not cursor.pending and not cursor.reread:
                     return
                 await asyncio.sleep(0.05 * (_attempt + 1))
             # History never showed the missing seqs (they were never written): skip past them.
@@ -154,6 +163,19 @@ class Connection:
             cursor.pending = []
         finally:
             cursor.catching_up = False
+
+    async def _replay_history(self, channel: str, cursor: _Cursor) -> None:
+        while not self.refused:
+            events = await self._history.after(channel, cursor.last, limit=self._replay_batch)
+            for event in events:
+                if event.seq != cursor.last + 1:
+                    continue
+                if self.queue.over_cap:
+                    await self.queue.wait_below_cap()
+                cursor.last = event.seq
+                self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+            if len(events) < self._replay_batch:
+                return
 
     def _offer(self, frame: bytes, *, essential: bool, at: float) -> None:
         if self.refused:
