@@ -44,9 +44,17 @@ class Cluster:
     backend: str
 
 
-@pytest.fixture(scope="module", params=["redis", "nats"])
+def skip_unless_slow(request: pytest.FixtureRequest, why: str) -> None:
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip(f"{why}: run it with -m slow")
+
+
+@pytest.fixture(scope="module", params=["redis", pytest.param("nats", marks=pytest.mark.slow)])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     backend = str(request.param)
+    if backend == "nats":
+        # The same three tests on the second broker: ~2 more minutes, kept out of the default suite.
+        skip_unless_slow(request, "the NATS run of the distributed real-time tests")
     name = f"h5_realtime_{uuid.uuid4().hex[:10]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
@@ -246,7 +254,47 @@ def test_a_killed_process_loses_no_message(cluster: Cluster) -> None:
     run(scenario())
 
 
-def test_a_client_that_never_reads_is_cut_off_without_hurting_others(cluster: Cluster) -> None:
+def test_presence_is_shared_across_processes_and_forgets_a_killed_one(cluster: Cluster) -> None:
+    users = [str(uuid.uuid4()) for _ in range(6)]
+    room = make_room(cluster, users)
+
+    async def online_becomes(ws: ClientConnection, expected: set[str], timeout_s: float) -> None:
+        async def wait() -> None:
+            while True:
+                frame = orjson.loads(await ws.recv())
+                if frame["type"] == "presence" and set(frame["online"]) == expected:
+                    return
+
+        await asyncio.wait_for(wait(), timeout_s)
+
+    async def scenario() -> None:
+        conns = await spread(cluster, users)
+        by_node: dict[str, list[tuple[ClientConnection, str]]] = {}
+        for (ws, node), user in zip(conns, users, strict=True):
+            by_node.setdefault(node, []).append((ws, user))
+        (victim_node, _victims), (_, survivors) = list(by_node.items())[:2]
+        for ws, _ in conns:
+            await subscribe(ws, room)
+        watcher = survivors[0][0]
+        await online_becomes(watcher, set(users), timeout_s=10)
+        os.kill(node_pid(victim_node), signal.SIGKILL)
+        # Nobody says goodbye for the killed process: its announcement expires (TTL 3 s here).
+        started = time.monotonic()
+        await online_becomes(watcher, {user for _, user in survivors}, timeout_s=15)
+        print(
+            f"\n[{cluster.backend}] presence forgot the killed process in {time.monotonic() - started:.1f} s"
+        )
+        for ws, _ in survivors:
+            await ws.close()
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_a_client_that_never_reads_is_cut_off_without_hurting_others(
+    cluster: Cluster, request: pytest.FixtureRequest
+) -> None:
+    skip_unless_slow(request, "20 MB through a stuck client takes ~2 minutes")
     users = [str(uuid.uuid4()) for _ in range(3)]
     room = make_room(cluster, users)
     # ~20 MB: more than loopback's socket buffers (~10 MB with autotuning) plus the queue's hard cap.
