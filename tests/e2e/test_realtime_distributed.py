@@ -291,6 +291,7 @@ def test_presence_is_shared_across_processes_and_forgets_a_killed_one(cluster: C
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_client_that_never_reads_is_cut_off_without_hurting_others(
     cluster: Cluster, request: pytest.FixtureRequest
 ) -> None:

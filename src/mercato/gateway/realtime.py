@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket
 
 from mercato.bootstrap import Container
 from mercato.kit.auth import Principal
+from mercato.kit.coordination import LeaseStore
 from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit import Limit, build_limiter
 from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
@@ -31,6 +32,8 @@ _log = get_logger("mercato.realtime")
 
 router = APIRouter()
 
+_CONSUMER_LEASE = "realtime:consumers"
+
 
 def is_staff(principal: Principal) -> bool:
     return principal.has_role("admin")
@@ -43,6 +46,8 @@ class RealtimeRuntime:
         self.container = container
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._leader = asyncio.Event()
+        self._leases = LeaseStore(container.db, container.clock)
         realtime = container.settings.realtime
         self.send_limiter = build_limiter("token_bucket", "memory", clock=container.clock)
         self.send_limit = Limit(rate=realtime.send_rate_per_s, period_s=1, burst=realtime.send_burst)
@@ -59,9 +64,37 @@ class RealtimeRuntime:
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),
             asyncio.create_task(self._loop("chat_persist", persister.run_once, poll_s)),
         ]
+        if self._single_reader:
+            self._tasks.append(asyncio.create_task(self._hold_lease(consumer)))
+        else:
+            self._leader.set()
+
+    @property
+    def _single_reader(self) -> bool:
+        """JetStream 2.9 has no single-active consumer: two processes reading one partition can each
+        hold a batch, and a room's (or an order's) messages would be persisted out of order (see
+        kit/messaging/nats_jetstream.py). There, one process at a time runs these consumers, under a
+        lease; the SQL log and Redis Streams keep one batch per partition across processes themselves."""
+        return self.container.settings.messaging.backend == "nats"
+
+    async def _hold_lease(self, holder: str) -> None:
+        ttl_s = self.container.settings.realtime.presence_ttl_s
+        while not self._stop.is_set():
+            try:
+                lease = await self._leases.acquire(_CONSUMER_LEASE, holder, ttl_s=ttl_s)
+            except Exception:  # noqa: BLE001 - database away: not the leader until it answers
+                _log.exception("realtime_lease_failed")
+                lease = None
+            if lease is None:
+                self._leader.clear()
+            else:
+                self._leader.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=ttl_s / 3)
 
     async def _loop(self, name: str, run_once: Callable[[], Awaitable[int]], poll_s: float) -> None:
         while not self._stop.is_set():
+            await self._leader.wait()
             try:
                 handled = await run_once()
             except Exception:  # noqa: BLE001 - a failed pass (database or broker away) is retried
