@@ -10,6 +10,7 @@ from mercato.lab.delivery import delivery_command
 from mercato.lab.network import network_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
+from mercato.lab.slow_consumer import slow_consumer_command
 
 app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_is_help=True)
 app.command("breaker")(breaker_command)
@@ -18,3 +19,4 @@ app.command("delivery")(delivery_command)
 app.command("network")(network_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)
+app.command("slow-consumer")(slow_consumer_command)
