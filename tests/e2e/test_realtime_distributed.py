@@ -27,7 +27,9 @@ from mercato.kit.storage.migrations import upgrade
 from tests.conftest import TEST_SECRET, _pg_admin, _pg_host_part
 from tests.e2e.conftest import start_mercato
 
-pytestmark = pytest.mark.e2e
+# ~2 minutes per broker and dependent on the kernel spreading accepts over uvicorn's workers: kept
+# out of the default suite (`pytest -m slow tests/e2e/test_realtime_distributed.py`).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CODEC = TokenCodec(secret=TEST_SECRET, issuer="mercato", audience="mercato-api", access_ttl_s=900)
 
@@ -49,12 +51,10 @@ def skip_unless_slow(request: pytest.FixtureRequest, why: str) -> None:
         pytest.skip(f"{why}: run it with -m slow")
 
 
-@pytest.fixture(scope="module", params=["redis", pytest.param("nats", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["redis", "nats"])
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     backend = str(request.param)
-    if backend == "nats":
-        # The same three tests on the second broker: ~2 more minutes, kept out of the default suite.
-        skip_unless_slow(request, "the NATS run of the distributed real-time tests")
+    skip_unless_slow(request, "real processes on PostgreSQL and a broker take minutes")
     name = f"h5_realtime_{uuid.uuid4().hex[:10]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
@@ -141,7 +141,7 @@ async def subscribe(ws: ClientConnection, room: str, since: int | None = None) -
 async def spread(cluster: Cluster, users: list[str]) -> list[tuple[ClientConnection, str]]:
     """Connections for `users` on both processes. The kernel hands each accept to one uvicorn worker;
     connections opened concurrently, in rounds, land on both (the second worker may still be booting)."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while True:
         conns = list(await asyncio.gather(*(open_ws(cluster, u) for u in users)))
         if len({node for _, node in conns}) > 1:
