@@ -105,7 +105,7 @@ async def _cleanup(backend: str, prefix: str) -> None:
         nc = await nats.connect("nats://127.0.0.1:4222")
         js = nc.jetstream()
         for info in await js.streams_info():
-            if info.config.name and info.config.name.startswith(prefix):
+            if info.config.name and info.config.name.startswith((prefix, f"KV_{prefix}")):
                 await js.delete_stream(info.config.name)
         await nc.close()
 
