@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +30,16 @@ from mercato.kit.messaging import (
     Stream,
 )
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
+from mercato.kit.realtime import (
+    Broker,
+    ChannelEvent,
+    Hub,
+    NatsBroker,
+    PrometheusRealtimeHook,
+    RedisBroker,
+    SqlBroker,
+    SqlChannelHistory,
+)
 from mercato.kit.resilience import BreakerRegistry, BreakerReports, PrometheusResilienceHooks
 from mercato.kit.sagas import PostgresSagaWakeups, RetrySchedule, SagaDefinition, SagaStore, SagaWakeups
 from mercato.kit.sagas.events import OutboxEventSink
@@ -42,6 +53,7 @@ from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
 from mercato.shop.catalog.service import CatalogService
+from mercato.shop.chat.service import ChatHistory, ChatService
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
 from mercato.shop.checkout.resilient import (
     CARRIER,
@@ -59,6 +71,7 @@ from mercato.shop.identity.api_keys import ApiKeyService
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.inventory.service import InventoryService
+from mercato.shop.orders.model import OrderNotFound
 from mercato.shop.orders.service import OrdersService
 from mercato.shop.payments.service import PaymentsService
 
@@ -88,6 +101,11 @@ class Container:
     saga_events: OutboxEventSink
     # Each order's event-sourced payment ledger, kept by the `mercato.payments` consumer (a worker job).
     payments: PaymentsService
+    # Real time (ADR 0029): this process's hub over the configured broker; the chat context; the
+    # sequenced channels' history (order:<id>). Started and stopped by the app's lifespan.
+    hub: Hub
+    chat: ChatService
+    channel_history: SqlChannelHistory
     # Metrics the container's own components record (the resilience hooks); the app's and the
     # worker's registries expose them by registering this one as a collector.
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -110,6 +128,7 @@ class Container:
         await self.carrier.aclose()
         if isinstance(self.stream, JetStreamStream | RedisStream):
             await self.stream.aclose()
+        await self.hub.broker.aclose()
         await self.db.dispose()
 
 
@@ -204,6 +223,17 @@ def build_container(
     messaging_hook = PrometheusMessagingHook(metrics_registry)
     stream = build_stream(settings, db, clock=clock, hook=messaging_hook)
     orders.attach_checkout(checkout)
+
+    async def order_owner(order_id: uuid.UUID) -> str | None:
+        try:
+            order = await orders.get(order_id, customer_id=None, read_all=True)
+        except OrderNotFound:
+            return None
+        return str(order.customer_id)
+
+    chat = ChatService(db, clock, order_owner=order_owner, history_ttl_s=settings.realtime.history_ttl_s)
+    channel_history = SqlChannelHistory(db, clock=clock)
+    hub = build_hub(settings, db, chat=chat, channel_history=channel_history, registry=metrics_registry)
     return Container(
         settings=settings,
         clock=clock,
@@ -225,6 +255,9 @@ def build_container(
         stream=stream,
         saga_events=saga_events,
         payments=PaymentsService(db, clock),
+        hub=hub,
+        chat=chat,
+        channel_history=channel_history,
         metrics_registry=metrics_registry,
         saga_wakeups=saga_wakeups,
         breakers=breakers,
@@ -270,6 +303,56 @@ def build_stream(
             **common,
         )
     return SqlLogStream(db, **common)
+
+
+class ChannelHistories:
+    """The `History` port per channel kind: chat rooms in the chat tables, the rest (order:<id>) in
+    the real-time channel history."""
+
+    def __init__(self, chat: ChatHistory, other: SqlChannelHistory) -> None:
+        self._chat = chat
+        self._other = other
+
+    async def head(self, channel: str) -> int:
+        if channel.startswith("room:"):
+            return await self._chat.head(channel)
+        return await self._other.head(channel)
+
+    async def after(self, channel: str, seq: int, *, limit: int) -> list[ChannelEvent]:
+        if channel.startswith("room:"):
+            return await self._chat.after(channel, seq, limit=limit)
+        return await self._other.after(channel, seq, limit=limit)
+
+
+def build_broker(settings: Settings, db: Database) -> Broker:
+    """The real-time broker on the configured messaging backend (ADR 0029); no I/O until started."""
+    messaging = settings.messaging
+    if messaging.backend == "redis":
+        return RedisBroker(Redis.from_url(messaging.redis_url), key=f"{messaging.broker_prefix}:realtime")
+    if messaging.backend == "nats":
+        return NatsBroker(servers=messaging.nats_url, subject=f"{messaging.broker_prefix}.realtime")
+    return SqlBroker(db)
+
+
+def build_hub(
+    settings: Settings,
+    db: Database,
+    *,
+    chat: ChatService,
+    channel_history: SqlChannelHistory,
+    registry: CollectorRegistry,
+) -> Hub:
+    realtime = settings.realtime
+    return Hub(
+        build_broker(settings, db),
+        ChannelHistories(ChatHistory(chat), channel_history),
+        node_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+        hook=PrometheusRealtimeHook(registry),
+        presence_interval_s=realtime.presence_interval_s,
+        presence_ttl_s=realtime.presence_ttl_s,
+        max_messages=realtime.queue_max_messages,
+        max_bytes=realtime.queue_max_bytes,
+    )
 
 
 def build_projector(

@@ -324,6 +324,34 @@ class WorkerSettings(BaseModel):
     reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
+class RealtimeSettings(BaseModel):
+    """WebSocket and SSE delivery (docs/realtime.md, ADR 0029)."""
+
+    # SSE: a comment line this often keeps proxies from timing the stream out.
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
+    # WebSocket protocol pings (uvicorn's keepalive); a peer silent for ping_timeout_s is closed.
+    ws_ping_interval_s: float = Field(default=20.0, gt=0, le=300)
+    ws_ping_timeout_s: float = Field(default=40.0, gt=0, le=600)
+    auth_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    max_frame_bytes: int = Field(default=16_384, ge=256, le=1 << 20)
+    max_text_chars: int = Field(default=4000, ge=1, le=100_000)
+    # The per-connection outbound queue's caps, and how long it may stay over them before 1013.
+    queue_max_messages: int = Field(default=1000, ge=1, le=1_000_000)
+    queue_max_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    slow_consumer_s: float = Field(default=10.0, gt=0, le=600)
+    # Presence heartbeat; an announcement expires after presence_ttl_s (a killed process's users go).
+    presence_interval_s: float = Field(default=10.0, gt=0, le=600)
+    presence_ttl_s: float = Field(default=25.0, gt=0, le=3600)
+    # Inbound sends: per connection and per room (token buckets of kit/ratelimit).
+    send_rate_per_s: int = Field(default=10, ge=1)
+    send_burst: int = Field(default=20, ge=1)
+    room_rate_per_s: int = Field(default=200, ge=1)
+    # The offline queue: a member who reconnects gets what it missed from history this far back.
+    history_ttl_s: int = Field(default=7 * 86_400, ge=60)
+    # How often the stream consumers feeding real time (order feed, chat) poll when idle.
+    consumer_poll_s: float = Field(default=0.02, gt=0, le=5)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MERCATO_",
@@ -351,6 +379,7 @@ class Settings(BaseSettings):
     signing: SigningSettings = SigningSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     network: NetworkSettings = NetworkSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
 
     @field_validator("env", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -184,6 +185,54 @@ app.command("checkout")(checkout_command)
 app.command("ratelimit")(ratelimit_command)
 # `mercato bench eventstore`: append/replay events/s, our event store vs the `eventsourcing` library.
 app.command("eventstore")(eventstore_command)
+
+
+@app.command("realtime")
+def realtime(
+    connections: Annotated[int, typer.Option(help="WebSocket connections", min=2)] = 1000,
+    rooms: Annotated[int, typer.Option(help="Rooms (each connection follows one)", min=1)] = 50,
+    rate: Annotated[float, typer.Option(help="Messages sent per second, over all rooms", min=1)] = 100,
+    seconds: Annotated[float, typer.Option(help="Sending time per server", min=1)] = 10,
+    out: Annotated[Path, typer.Option(help="Run folder (realtime.json, server logs)")] = Path(
+        "var/bench-realtime"
+    ),
+    database_url: Annotated[
+        str | None, typer.Option(help="Mercato's database (default: SQLite in --out)")
+    ] = None,
+) -> None:
+    """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run."""
+    from mercato.bench.realtime import run_realtime_bench
+
+    results = run_realtime_bench(
+        connections=connections,
+        rooms=rooms,
+        rate=rate,
+        seconds=seconds,
+        workdir=out,
+        database_url=database_url,
+    )
+    table = Table(title=f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s")
+    for column in (
+        "server",
+        "sent",
+        "deliveries/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/1000 deliveries",
+        "KiB/idle conn",
+    ):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for r in results:
+        table.add_row(
+            r.server,
+            f"{r.sent:,}",
+            f"{r.deliveries_per_s:,.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            "—" if r.cpu_ms_per_1000 is None else f"{r.cpu_ms_per_1000:.0f}",
+            "—" if r.rss_kib_per_idle_connection is None else f"{r.rss_kib_per_idle_connection:.1f}",
+        )
+    Console().print(table)
 
 
 @app.command("streams")

@@ -200,6 +200,13 @@ def api(
         access_log=False,
         log_config=None,
         proxy_headers=False,
+        # WebSocket keepalive (docs/realtime.md): protocol pings; a silent peer is closed.
+        ws_ping_interval=settings.realtime.ws_ping_interval_s,
+        ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
+        ws_max_size=settings.realtime.max_frame_bytes * 4,
+        # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
+        # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
+        timeout_worker_healthcheck=30,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
@@ -244,7 +251,17 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
 
     app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, proxy_headers=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            access_log=False,
+            log_config=None,
+            proxy_headers=False,
+            ws_ping_interval=settings.realtime.ws_ping_interval_s,
+            ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
+            ws_max_size=settings.realtime.max_frame_bytes * 4,
+        )
     )
     container = app.state.container
     providers = await serve_providers(settings.providers) if settings.providers.enabled else None

@@ -30,6 +30,8 @@ from mercato.gateway.methods import MethodsAndMediaMiddleware
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from mercato.gateway.probes import router as probes_router
 from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
+from mercato.gateway.realtime import RealtimeRuntime
+from mercato.gateway.realtime import router as realtime_router
 from mercato.gateway.shedding import SheddingMiddleware, build_limiter
 from mercato.gateway.versioning import VersioningMiddleware, VersionMetrics, document_versioning
 from mercato.kit.backpressure import PrometheusBackpressureMetrics
@@ -52,6 +54,7 @@ from mercato.shop.cart.api import document_cart_limits
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.api_v2 import router as catalog_v2_router
+from mercato.shop.chat.api import router as chat_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
 from mercato.shop.identity.api_keys_api import admin_router as api_keys_admin_router
@@ -59,6 +62,7 @@ from mercato.shop.inventory.api import router as inventory_router
 from mercato.shop.notifications.api import admin_router as notifications_admin_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
 from mercato.shop.orders.api import router as orders_router
+from mercato.shop.orders.api_live import router as orders_live_router
 from mercato.shop.orders.api_v2 import router as orders_v2_router
 from mercato.shop.payments.api import router as payments_router
 from mercato.shop.reporting.api import admin_router as reporting_admin_router
@@ -81,6 +85,9 @@ ROUTERS = [
     reporting_admin_router,
     notifications_admin_router,
     api_keys_admin_router,
+    orders_live_router,
+    chat_router,
+    realtime_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
@@ -104,9 +111,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _run_startup_checks(container)
+        await realtime.start()
         try:
             yield
         finally:
+            await realtime.stop()
             if rate_limiting is not None:
                 await rate_limiting.aclose()
             await container.close()
@@ -123,6 +132,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.container = container
+    realtime = RealtimeRuntime(container)
+    app.state.realtime = realtime
     # Each context's routes find their service by name on app.state (catalog, identity, ...).
     for item in dataclasses.fields(container):
         setattr(app.state, item.name, getattr(container, item.name))

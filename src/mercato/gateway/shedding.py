@@ -43,6 +43,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
+# Server-Sent Events streams (real time, ADR 0029).
+_LONG_LIVED = re.compile(r"^/v\d+/orders/[^/]+/events$")
+
+
 def classify(method: str, path: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Priority:
     for methods, pattern, priority in rules:
         if (methods is None or method in methods) and pattern.match(path):
@@ -88,7 +92,8 @@ class SheddingMiddleware:
         self.classifier = classifier
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _LONG_LIVED.match(scope["path"]):
+            # A live stream holds its request for minutes: it must not hold a concurrency slot.
             await self.app(scope, receive, send)
             return
         priority = self.classifier(scope["method"], scope["path"])

@@ -12,6 +12,7 @@ from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
+from mercato.lab.slow_consumer import slow_consumer_command
 
 app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_is_help=True)
 app.command("breaker")(breaker_command)
@@ -23,3 +24,4 @@ app.command("network")(network_command)
 app.command("outage")(outage_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)
+app.command("slow-consumer")(slow_consumer_command)

@@ -1,0 +1,207 @@
+"""Real-time wiring: the hub's lifecycle, the stream consumers that feed it, and `GET /v1/ws`.
+
+The gateway assembles (it may import every context): the order feed (orders) and the chat persister
+(chat) run in every API process as members of one consumer group each, so whichever process a
+message or saga event landed on, it is persisted once and fanned out to all processes' hubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from fastapi import APIRouter, WebSocket
+
+from mercato.bootstrap import Container
+from mercato.kit.auth import Principal
+from mercato.kit.coordination import LeaseStore
+from mercato.kit.observability import get_logger
+from mercato.kit.ratelimit import Limit, build_limiter
+from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
+from mercato.shop.chat.model import room_channel, room_from_channel
+from mercato.shop.chat.service import ChatPersister, send_message
+from mercato.shop.orders.live import OrderFeed
+from mercato.shop.orders.model import OrderNotFound
+
+__all__ = ["RealtimeRuntime", "router"]
+
+_log = get_logger("mercato.realtime")
+
+router = APIRouter()
+
+_CONSUMER_LEASE = "realtime:consumers"
+
+
+def is_staff(principal: Principal) -> bool:
+    return principal.has_role("admin")
+
+
+class RealtimeRuntime:
+    """Starts the hub and the consumers feeding it; `stop` undoes it (the app's lifespan)."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._leader = asyncio.Event()
+        self._leases = LeaseStore(container.db, container.clock)
+        realtime = container.settings.realtime
+        self.send_limiter = build_limiter("token_bucket", "memory", clock=container.clock)
+        self.send_limit = Limit(rate=realtime.send_rate_per_s, period_s=1, burst=realtime.send_burst)
+        self.room_limit = Limit(rate=realtime.room_rate_per_s, period_s=1)
+
+    async def start(self) -> None:
+        c = self.container
+        await c.hub.start()
+        consumer = c.hub.node_id
+        feed = OrderFeed(c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer)
+        persister = ChatPersister(c.chat, c.stream, c.hub.publish, consumer=consumer)
+        poll_s = c.settings.realtime.consumer_poll_s
+        self._tasks = [
+            asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),
+            asyncio.create_task(self._loop("chat_persist", persister.run_once, poll_s)),
+        ]
+        if self._single_reader:
+            self._tasks.append(asyncio.create_task(self._hold_lease(consumer)))
+        else:
+            self._leader.set()
+
+    @property
+    def _single_reader(self) -> bool:
+        """JetStream 2.9 has no single-active consumer: two processes reading one partition can each
+        hold a batch, and a room's (or an order's) messages would be persisted out of order (see
+        kit/messaging/nats_jetstream.py). There, one process at a time runs these consumers, under a
+        lease; the SQL log and Redis Streams keep one batch per partition across processes themselves."""
+        return self.container.settings.messaging.backend == "nats"
+
+    async def _hold_lease(self, holder: str) -> None:
+        ttl_s = self.container.settings.realtime.presence_ttl_s
+        while not self._stop.is_set():
+            try:
+                lease = await self._leases.acquire(_CONSUMER_LEASE, holder, ttl_s=ttl_s)
+            except Exception:  # noqa: BLE001 - database away: not the leader until it answers
+                _log.exception("realtime_lease_failed")
+                lease = None
+            if lease is None:
+                self._leader.clear()
+            else:
+                self._leader.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=ttl_s / 3)
+
+    async def _loop(self, name: str, run_once: Callable[[], Awaitable[int]], poll_s: float) -> None:
+        while not self._stop.is_set():
+            await self._leader.wait()
+            try:
+                handled = await run_once()
+            except Exception:  # noqa: BLE001 - a failed pass (database or broker away) is retried
+                _log.exception("realtime_consumer_failed", consumer=name)
+                handled = 0
+                await asyncio.sleep(1.0)
+            if not handled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=poll_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.container.hub.stop()
+
+    # -- the WebSocket protocol's shop side -----------------------------------------------------
+
+    async def authorize(self, principal: Principal, channel: str) -> bool:
+        c = self.container
+        room_id = room_from_channel(channel)
+        if room_id is not None:
+            return await c.chat.may_read(room_id, principal.subject, staff=is_staff(principal))
+        if channel.startswith("order:"):
+            try:
+                order_id = uuid.UUID(channel[len("order:") :])
+                customer = None if is_staff(principal) else uuid.UUID(principal.subject)
+                await c.orders.get(order_id, customer_id=customer, read_all=is_staff(principal))
+            except (ValueError, OrderNotFound):
+                return False
+            return True
+        return False
+
+    def _room(self, session: WebSocketSession, frame: dict[str, Any]) -> uuid.UUID:
+        try:
+            return uuid.UUID(str(frame.get("room", "")))
+        except ValueError as exc:
+            raise FrameError("invalid", "`room` is a room id") from exc
+
+    async def send(self, session: WebSocketSession, frame: dict[str, Any]) -> None:
+        c = self.container
+        assert session.principal is not None
+        assert session.conn is not None
+        room_id = self._room(session, frame)
+        text, client_msg_id = frame.get("text"), frame.get("client_msg_id")
+        if not isinstance(text, str) or not text.strip() or len(text) > c.settings.realtime.max_text_chars:
+            raise FrameError("invalid", f"`text` is 1..{c.settings.realtime.max_text_chars} characters")
+        if not isinstance(client_msg_id, str) or not 1 <= len(client_msg_id) <= 100:
+            raise FrameError("invalid", "`client_msg_id` is a string of 1..100 characters")
+        if not await self.authorize(session.principal, room_channel(room_id)):
+            raise FrameError("forbidden", "not a member of this room")
+        for key, limit in (
+            (f"ws:conn:{session.conn.id}", self.send_limit),
+            (f"ws:room:{room_id}", self.room_limit),
+        ):
+            decision = await self.send_limiter.hit(key, limit)
+            if not decision.allowed:
+                raise FrameError("rate_limited", f"slow down: retry after {decision.retry_after_s:.1f} s")
+        await c.stream.publish(
+            [
+                send_message(
+                    room_id=room_id,
+                    sender=session.principal.subject,
+                    text=text,
+                    client_msg_id=client_msg_id,
+                    reply_to=session.conn.id,
+                    now=c.clock.now(),
+                )
+            ]
+        )
+
+    async def typing(self, session: WebSocketSession, frame: dict[str, Any]) -> None:
+        assert session.principal is not None
+        assert session.conn is not None
+        room_id = self._room(session, frame)
+        if not session.conn.subscribed(room_channel(room_id)):
+            raise FrameError("forbidden", "subscribe to the room first")
+        decision = await self.send_limiter.hit(f"ws:typing:{session.conn.id}", self.send_limit)
+        if decision.allowed:
+            await self.container.hub.publish(
+                ChannelEvent(
+                    room_channel(room_id),
+                    "typing",
+                    {"room": str(room_id), "user": session.principal.subject},
+                    essential=False,
+                )
+            )
+
+
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    runtime = cast(RealtimeRuntime, websocket.app.state.realtime)
+    c = runtime.container
+    realtime = c.settings.realtime
+    session = WebSocketSession(
+        websocket,
+        c.hub,
+        authenticate=c.token_codec.verify,
+        authorize=runtime.authorize,
+        handlers={"send": runtime.send, "typing": runtime.typing},
+        settings=SessionSettings(
+            auth_timeout_s=realtime.auth_timeout_s,
+            max_frame_bytes=realtime.max_frame_bytes,
+            slow_consumer_s=realtime.slow_consumer_s,
+        ),
+    )
+    await session.run()

@@ -1,0 +1,194 @@
+"""One client connection's side of fan-out: its subscriptions, seq cursors and outbound queue.
+
+Per subscribed channel the connection keeps `last`, the highest seq it queued. An incoming
+sequenced event is queued when it is `last + 1`, ignored when it is `<= last` (a duplicate from a
+broker redelivery or a resumed history), and when it is further ahead (the broker lost something, or
+the subscription is still replaying history) the connection parks it and refills the gap from the
+`History`, in order, before anything newer. That is what makes "exactly once per connection, in seq
+order per channel" hold over any broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime.events import ChannelEvent, History
+from mercato.kit.realtime.metrics import NullRealtimeHook, RealtimeHook
+from mercato.kit.realtime.queue import Offer, OutboundQueue
+
+__all__ = ["Connection"]
+
+_log = get_logger("mercato.realtime.connection")
+
+# How many times a refill re-reads history for a gap that stays open before giving up on it.
+_REFILL_ATTEMPTS = 5
+
+
+# Live events parked while a refill runs; beyond this they are dropped and re-read from history.
+_MAX_PENDING = 1000
+
+
+@dataclass(slots=True)
+class _Cursor:
+    last: int
+    catching_up: bool = False
+    pending: list[ChannelEvent] = field(default_factory=list)
+    # Pending overflowed: what was dropped is durable, so the refill reads history again.
+    reread: bool = False
+
+
+class Connection:
+    """`on_refused` is called once when an essential frame does not fit even above the caps: the
+    transport closes the socket with 1013 and the client resumes from its last seq."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        user: str,
+        kind: str,
+        queue: OutboundQueue,
+        history: History,
+        on_refused: Callable[[], None],
+        hook: RealtimeHook | None = None,
+        replay_batch: int = 200,
+    ) -> None:
+        self.id = conn_id
+        self.user = user
+        self.kind = kind
+        self.queue = queue
+        self._history = history
+        self._on_refused = on_refused
+        self._hook = hook or NullRealtimeHook()
+        self._replay_batch = replay_batch
+        self._cursors: dict[str, _Cursor] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.refused = False
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self._cursors)
+
+    def subscribed(self, channel: str) -> bool:
+        return channel in self._cursors
+
+    def last_seq(self, channel: str) -> int:
+        cursor = self._cursors.get(channel)
+        return cursor.last if cursor else 0
+
+    async def subscribe(self, channel: str, *, since: int | None) -> int:
+        """Start `channel` at `since` (history after it is replayed first) or, without it, at the
+        channel's head (live events only). Returns the head seen at subscription time."""
+        head = await self._history.head(channel)
+        start = head if since is None else max(0, min(since, head))
+        cursor = _Cursor(last=start, catching_up=start < head)
+        self._cursors[channel] = cursor
+        if since is not None:
+            self._hook.resumed()
+        if cursor.catching_up:
+            await self._refill(channel, cursor)
+        return head
+
+    def unsubscribe(self, channel: str) -> None:
+        self._cursors.pop(channel, None)
+
+    def send_frame(self, frame: dict[str, object], *, essential: bool = True, at: float = 0.0) -> None:
+        """Queue a frame that is not a channel event (ack, error, subscribed, pong)."""
+        self._offer(orjson.dumps(frame), essential=essential, at=at)
+
+    def push(self, event: ChannelEvent) -> None:
+        """Called by the hub for every event on a channel this connection may be subscribed to."""
+        if event.reply_to == self.id and event.ack:
+            self.send_frame({"type": "ack", **event.ack, "seq": event.seq}, at=event.at)
+        cursor = self._cursors.get(event.channel)
+        if cursor is None:
+            return
+        if not event.seq:
+            self._offer(orjson.dumps(event.frame()), essential=event.essential, at=event.at)
+            return
+        if cursor.catching_up:
+            if len(cursor.pending) < _MAX_PENDING:
+                cursor.pending.append(event)
+            else:
+                cursor.reread = True
+            return
+        if event.seq <= cursor.last:
+            return
+        if event.seq == cursor.last + 1:
+            cursor.last = event.seq
+            self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+            return
+        cursor.catching_up = True
+        cursor.pending.append(event)
+        self._hook.dropped("broker_gap_refilled")
+        task = asyncio.create_task(self._refill(event.channel, cursor), name=f"realtime-refill:{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refill(self, channel: str, cursor: _Cursor) -> None:
+        """Replay history after `cursor.last`, then the parked live events, in seq order. The replay
+        waits for the queue to drain below its caps between frames: a resuming client is fed as
+        fast as it reads, never cut off for being behind on history."""
+        try:
+            for _attempt in range(_REFILL_ATTEMPTS):
+                await self._replay_history(channel, cursor)
+                if cursor.reread:
+                    cursor.reread = False
+                    cursor.pending = []
+                    await self._replay_history(channel, cursor)
+                pending = sorted(cursor.pending, key=lambda e: e.seq)
+                cursor.pending = []
+                for index, event in enumerate(pending):
+                    if event.seq <= cursor.last:
+                        continue
+                    if event.seq != cursor.last + 1:
+                        cursor.pending = pending[index:]
+                        break
+                    cursor.last = event.seq
+                    self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+                if not cursor.pending and not cursor.reread:
+                    return
+                await asyncio.sleep(0.05 * (_attempt + 1))
+            # History never showed the missing seqs (they were never written): skip past them.
+            _log.warning("realtime_gap_skipped", channel=channel, after=cursor.last)
+            for event in sorted(cursor.pending, key=lambda e: e.seq):
+                if event.seq > cursor.last:
+                    cursor.last = event.seq
+                    self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+            cursor.pending = []
+        finally:
+            cursor.catching_up = False
+
+    async def _replay_history(self, channel: str, cursor: _Cursor) -> None:
+        while not self.refused:
+            events = await self._history.after(channel, cursor.last, limit=self._replay_batch)
+            for event in events:
+                if event.seq != cursor.last + 1:
+                    continue
+                if self.queue.over_cap:
+                    await self.queue.wait_below_cap()
+                cursor.last = event.seq
+                self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+            if len(events) < self._replay_batch:
+                return
+
+    def _offer(self, frame: bytes, *, essential: bool, at: float) -> None:
+        if self.refused:
+            return
+        result = self.queue.offer(frame, essential=essential, at=at)
+        if result is Offer.DROPPED:
+            self._hook.dropped("non_essential_queue_full")
+        elif result is Offer.REFUSED:
+            self.refused = True
+            self._hook.dropped("connection_refused_essential")
+            self._on_refused()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._cursors.clear()

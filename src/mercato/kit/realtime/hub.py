@@ -1,0 +1,228 @@
+"""The process-local hub: connection registry, channel membership, fan-out and shared presence.
+
+Every process runs one hub subscribed to the `Broker`; a publish anywhere reaches every hub, and
+each hub hands the event only to its own connections subscribed to that channel (no broadcast to
+everyone: guide §23's anti-pattern).
+
+Presence is shared through the broker too: each hub announces, per channel, the users it holds,
+on every join/leave and every `presence_interval_s` (the heartbeat); an announcement expires after
+`presence_ttl_s`, so a killed process's users disappear within one TTL without anyone cleaning up.
+Presence frames are non-essential: the first thing a slow connection loses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime.broker import Broker, Subscription
+from mercato.kit.realtime.connection import Connection
+from mercato.kit.realtime.events import ChannelEvent, History
+from mercato.kit.realtime.metrics import NullRealtimeHook, RealtimeHook
+from mercato.kit.realtime.queue import OutboundQueue
+
+__all__ = ["PRESENCE_ANNOUNCE", "Hub"]
+
+_log = get_logger("mercato.realtime.hub")
+
+PRESENCE_ANNOUNCE = "presence.announce"
+
+
+class Hub:
+    def __init__(
+        self,
+        broker: Broker,
+        history: History,
+        *,
+        node_id: str,
+        hook: RealtimeHook | None = None,
+        presence_interval_s: float = 10.0,
+        presence_ttl_s: float = 25.0,
+        max_messages: int = 1000,
+        max_bytes: int = 1 << 20,
+    ) -> None:
+        self.broker = broker
+        self.history = history
+        self.node_id = node_id
+        self.hook = hook or NullRealtimeHook()
+        self.presence_interval_s = presence_interval_s
+        self.presence_ttl_s = presence_ttl_s
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.connections: dict[str, Connection] = {}
+        self._channels: dict[str, set[Connection]] = {}
+        self._local_presence: dict[str, Counter[str]] = {}
+        self._remote_presence: dict[str, dict[str, tuple[frozenset[str], float]]] = {}
+        self._online: dict[str, list[str]] = {}
+        self._ids = itertools.count(1)
+        self._subscription: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._subscription = await self.broker.subscribe()
+        self._tasks = [
+            asyncio.create_task(self._pump(self._subscription), name="realtime-hub-pump"),
+            asyncio.create_task(self._heartbeat(), name="realtime-hub-presence"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._subscription is not None:
+            await self.broker.unsubscribe(self._subscription)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def connect(
+        self,
+        user: str,
+        *,
+        kind: str,
+        on_refused: Callable[[], None],
+        max_messages: int | None = None,
+        max_bytes: int | None = None,
+    ) -> Connection:
+        conn = Connection(
+            conn_id=f"{self.node_id}/{next(self._ids)}",
+            user=user,
+            kind=kind,
+            queue=OutboundQueue(
+                max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
+            ),
+            history=self.history,
+            on_refused=on_refused,
+            hook=self.hook,
+        )
+        self.connections[conn.id] = conn
+        self.hook.connected(kind, 1)
+        return conn
+
+    async def disconnect(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        self.hook.connected(conn.kind, -1)
+        for channel in conn.channels:
+            await self.unsubscribe(conn, channel)
+        conn.close()
+
+    async def subscribe(
+        self, conn: Connection, channel: str, *, since: int | None, presence: bool = False
+    ) -> int:
+        """Subscribe `conn` (history after `since` first); with `presence` its user counts as online."""
+        self._channels.setdefault(channel, set()).add(conn)
+        head = await conn.subscribe(channel, since=since)
+        if presence:
+            counter = self._local_presence.setdefault(channel, Counter())
+            counter[conn.user] += 1
+            if counter[conn.user] == 1:
+                await self._announce(channel)
+        return head
+
+    async def unsubscribe(self, conn: Connection, channel: str) -> None:
+        members = self._channels.get(channel)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._channels[channel]
+        conn.unsubscribe(channel)
+        counter = self._local_presence.get(channel)
+        if counter is not None and conn.user in counter:
+            counter[conn.user] -= 1
+            if counter[conn.user] <= 0:
+                del counter[conn.user]
+                await self._announce(channel)
+            if not counter:
+                del self._local_presence[channel]
+
+    async def publish(self, event: ChannelEvent) -> None:
+        await self.broker.publish(event)
+
+    # -- fan-out -------------------------------------------------------------------------------
+
+    async def _pump(self, subscription: Subscription) -> None:
+        async for event in subscription:
+            try:
+                self.fan_out(event)
+            except Exception:  # noqa: BLE001 - one bad event never stops delivery to everyone
+                _log.exception("realtime_fan_out_failed", channel=event.channel)
+
+    def fan_out(self, event: ChannelEvent) -> None:
+        if event.type == PRESENCE_ANNOUNCE:
+            self._remember_presence(event)
+            return
+        members = self._channels.get(event.channel, set())
+        for conn in list(members):
+            conn.push(event)
+        if event.reply_to and event.ack:
+            # The sender is acknowledged even when it is not subscribed to the channel.
+            sender = self.connections.get(event.reply_to)
+            if sender is not None and sender not in members:
+                sender.push(event)
+
+    # -- presence ------------------------------------------------------------------------------
+
+    def online(self, channel: str) -> list[str]:
+        return list(self._online.get(channel, []))
+
+    async def _announce(self, channel: str) -> None:
+        users = sorted(self._local_presence.get(channel, ()))
+        event = ChannelEvent(
+            channel=channel,
+            type=PRESENCE_ANNOUNCE,
+            data={"node": self.node_id, "users": users},
+            essential=False,
+            origin=self.node_id,
+        )
+        try:
+            await self.broker.publish(event)
+        except Exception:  # noqa: BLE001 - presence is best effort; the next heartbeat repeats it
+            _log.warning("presence_announce_failed", channel=channel)
+
+    def _remember_presence(self, event: ChannelEvent) -> None:
+        node = str(event.data.get("node", event.origin))
+        users = frozenset(str(u) for u in event.data.get("users", []))
+        nodes = self._remote_presence.setdefault(event.channel, {})
+        if users:
+            nodes[node] = (users, time.monotonic() + self.presence_ttl_s)
+        else:
+            nodes.pop(node, None)
+        self._refresh_presence(event.channel)
+
+    def _refresh_presence(self, channel: str) -> None:
+        now = time.monotonic()
+        nodes = self._remote_presence.get(channel, {})
+        for node in [n for n, (_, expires) in nodes.items() if expires < now]:
+            del nodes[node]
+        online = sorted(set().union(*(users for users, _ in nodes.values())))
+        if not nodes:
+            self._remote_presence.pop(channel, None)
+        if online == self._online.get(channel, []):
+            return
+        if online:
+            self._online[channel] = online
+        else:
+            self._online.pop(channel, None)
+        frame = ChannelEvent(
+            channel=channel,
+            type="presence",
+            data={"room": channel.partition(":")[2], "online": online},
+            essential=False,
+        )
+        for conn in list(self._channels.get(channel, ())):
+            conn.push(frame)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence_interval_s)
+            for channel in list(self._local_presence):
+                await self._announce(channel)
+            for channel in list(self._remote_presence):
+                self._refresh_presence(channel)

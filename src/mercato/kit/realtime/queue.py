@@ -1,0 +1,110 @@
+"""A connection's outbound queue, bounded in messages and bytes (guide §33: bounded buffers).
+
+    offer(frame, essential) ->
+      fits under the caps                         QUEUED
+      else drop the oldest non-essential frames until it fits, then QUEUED
+      a non-essential frame that still does not fit: it is dropped itself (DROPPED)
+      an essential one: queued above the caps up to `hard_factor` x the caps (OVERFLOW: the caller
+        pauses reading that connection and starts its slow-consumer deadline), beyond that REFUSED
+        (the caller closes with 1013 "try again later"; the client resumes from its last seq)
+
+So memory per connection is at most `hard_factor * max_bytes` plus one frame, whatever the client does,
+and an essential event is never silently lost: it is queued, or the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from enum import StrEnum
+
+__all__ = ["Offer", "OutboundQueue"]
+
+
+class Offer(StrEnum):
+    QUEUED = "queued"
+    DROPPED = "dropped"
+    OVERFLOW = "overflow"
+    REFUSED = "refused"
+
+
+class OutboundQueue:
+    def __init__(self, *, max_messages: int, max_bytes: int, hard_factor: float = 2.0) -> None:
+        if max_messages < 1 or max_bytes < 1 or hard_factor < 1:
+            raise ValueError("caps must be positive and hard_factor at least 1")
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._hard_messages = int(max_messages * hard_factor)
+        self._hard_bytes = int(max_bytes * hard_factor)
+        self._items: deque[tuple[bytes, bool, float]] = deque()
+        self._bytes = 0
+        self._non_essential = 0
+        self._ready = asyncio.Event()
+        self._below_cap = asyncio.Event()
+        self._below_cap.set()
+        # Non-essential frames dropped to make room (oldest first) or because there was none.
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def over_cap(self) -> bool:
+        return len(self._items) > self.max_messages or self._bytes > self.max_bytes
+
+    def _fits(self, size: int) -> bool:
+        return len(self._items) + 1 <= self.max_messages and self._bytes + size <= self.max_bytes
+
+    def offer(self, frame: bytes, *, essential: bool, at: float = 0.0) -> Offer:
+        """Queue `frame`; `at` (when the event became durable, 0 if none) comes back from `get`."""
+        size = len(frame)
+        while not self._fits(size) and self._non_essential:
+            self._drop_oldest_non_essential()
+        if not self._fits(size):
+            if not essential:
+                self.dropped += 1
+                return Offer.DROPPED
+            if len(self._items) + 1 > self._hard_messages or self._bytes + size > self._hard_bytes:
+                return Offer.REFUSED
+            self._append(frame, essential, at)
+            self._below_cap.clear()
+            return Offer.OVERFLOW
+        self._append(frame, essential, at)
+        return Offer.QUEUED
+
+    def _append(self, frame: bytes, essential: bool, at: float) -> None:
+        self._items.append((frame, essential, at))
+        self._bytes += len(frame)
+        if not essential:
+            self._non_essential += 1
+        self._ready.set()
+
+    def _drop_oldest_non_essential(self) -> None:
+        for index, (frame, essential, _at) in enumerate(self._items):
+            if not essential:
+                del self._items[index]
+                self._bytes -= len(frame)
+                self._non_essential -= 1
+                self.dropped += 1
+                return
+
+    async def get(self) -> tuple[bytes, float]:
+        """The oldest frame and its `at`, waiting for one."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        frame, essential, at = self._items.popleft()
+        self._bytes -= len(frame)
+        if not essential:
+            self._non_essential -= 1
+        if not self.over_cap:
+            self._below_cap.set()
+        return frame, at
+
+    async def wait_below_cap(self) -> None:
+        """Returns once the queue is back under its caps (at once when it is)."""
+        await self._below_cap.wait()

@@ -1,0 +1,79 @@
+"""`RedisBroker`: the broker port over one capped Redis Stream, read with XREAD (no consumer group).
+
+A Redis Stream rather than PUBLISH/SUBSCRIBE: a subscriber whose connection drops reconnects and
+resumes from the last entry id it read, so a blip loses nothing that is still inside the cap
+(`max_len`, trimmed approximately with XADD MAXLEN ~). Each process reads the whole stream: this is
+fan-out to every process, not a work queue (ADR 0029).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from redis.asyncio import Redis
+
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime.broker import Subscription
+from mercato.kit.realtime.events import ChannelEvent
+
+__all__ = ["RedisBroker"]
+
+_log = get_logger("mercato.realtime.redis_broker")
+
+
+class RedisBroker:
+    def __init__(
+        self, redis: Redis, *, key: str = "mercato:realtime", max_len: int = 100_000, block_s: float = 1.0
+    ) -> None:
+        self._redis = redis
+        self.key = key
+        self.max_len = max_len
+        self.block_s = block_s
+        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+
+    async def publish(self, event: ChannelEvent) -> None:
+        await self._redis.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
+
+    async def subscribe(self) -> Subscription:
+        last: Any = await self._redis.xrevrange(self.key, count=1)
+        start: bytes = last[0][0] if last else b"0-0"
+        subscription = Subscription()
+        self._tasks[subscription] = asyncio.create_task(
+            self._read(subscription, start), name="realtime-redis"
+        )
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        task = self._tasks.pop(subscription, None)
+        subscription.close()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def aclose(self) -> None:
+        for subscription in list(self._tasks):
+            await self.unsubscribe(subscription)
+        await self._redis.aclose()
+
+    async def _read(self, subscription: Subscription, last_id: bytes | str) -> None:
+        while True:
+            try:
+                answer = await self._redis.xread(
+                    {self.key: last_id}, count=500, block=int(self.block_s * 1000)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis away: retry, and resume from the last id read
+                _log.exception("redis_broker_read_failed")
+                await asyncio.sleep(0.5)
+                continue
+            streams: Any = answer or []
+            for _stream, entries in streams:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    payload = fields.get(b"e") or fields.get("e")
+                    if payload is not None:
+                        subscription.put(ChannelEvent.from_bytes(payload))

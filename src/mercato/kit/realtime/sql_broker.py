@@ -1,0 +1,130 @@
+"""`SqlBroker`: the broker port over one append-only table, for embedded mode and for several API
+processes on one PostgreSQL without Redis or NATS.
+
+Each subscriber polls `id > low_water` every `poll_interval_s`. On PostgreSQL an identity value can
+commit after a larger one, so ids are not seen in order: the subscriber remembers the ids it has
+seen above its low-water mark and moves the mark past a missing id only once that id has been
+missing for `gap_grace_s` (a rolled-back insert never appears). Rows older than `retention_s` are
+deleted by whichever subscriber gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import timedelta
+
+from sqlalchemy import delete, func, insert, select
+
+from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime.broker import Subscription
+from mercato.kit.realtime.events import ChannelEvent
+from mercato.kit.realtime.tables import broker_log
+from mercato.kit.storage import Database
+
+__all__ = ["SqlBroker"]
+
+_log = get_logger("mercato.realtime.sql_broker")
+
+
+class SqlBroker:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        poll_interval_s: float = 0.02,
+        gap_grace_s: float = 2.0,
+        retention_s: float = 60.0,
+        batch: int = 500,
+        clock: Clock | None = None,
+    ) -> None:
+        self._db = db
+        self.poll_interval_s = poll_interval_s
+        self.gap_grace_s = gap_grace_s
+        self.retention_s = retention_s
+        self._batch = batch
+        self._clock = clock or SystemClock()
+        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+
+    async def publish(self, event: ChannelEvent) -> None:
+        async with self._db.write() as conn:
+            await conn.execute(
+                insert(broker_log).values(payload=event.to_bytes(), created_at=self._clock.now())
+            )
+
+    async def subscribe(self) -> Subscription:
+        async with self._db.read() as conn:
+            start = int(
+                (await conn.execute(select(func.coalesce(func.max(broker_log.c.id), 0)))).scalar_one()
+            )
+        subscription = Subscription()
+        self._tasks[subscription] = asyncio.create_task(
+            self._poll(subscription, start), name="realtime-sql-broker"
+        )
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        task = self._tasks.pop(subscription, None)
+        subscription.close()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def aclose(self) -> None:
+        for subscription in list(self._tasks):
+            await self.unsubscribe(subscription)
+
+    async def _poll(self, subscription: Subscription, low_water: int) -> None:
+        seen: set[int] = set()
+        missing_since: dict[int, float] = {}
+        last_prune = 0.0
+        while True:
+            rows: list[tuple[int, bytes]] = []
+            try:
+                async with self._db.read() as conn:
+                    result = (
+                        await conn.execute(
+                            select(broker_log.c.id, broker_log.c.payload)
+                            .where(broker_log.c.id > low_water)
+                            .order_by(broker_log.c.id)
+                            .limit(self._batch)
+                        )
+                    ).all()
+                rows = [(int(r[0]), bytes(r[1])) for r in result]
+                now = time.monotonic()
+                for row_id, payload in rows:
+                    if row_id in seen:
+                        continue
+                    seen.add(row_id)
+                    missing_since.pop(row_id, None)
+                    subscription.put(ChannelEvent.from_bytes(payload))
+                if rows:
+                    top = max(seen)
+                    for gap in range(low_water + 1, top):
+                        if gap not in seen:
+                            missing_since.setdefault(gap, now)
+                # The mark advances over seen ids and over ids missing for longer than the grace.
+                while (low_water + 1) in seen or (
+                    (low_water + 1) in missing_since and now - missing_since[low_water + 1] > self.gap_grace_s
+                ):
+                    low_water += 1
+                    seen.discard(low_water)
+                    missing_since.pop(low_water, None)
+                if now - last_prune > self.retention_s / 4:
+                    last_prune = now
+                    await self._prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed poll (database down) is retried, never fatal
+                _log.exception("sql_broker_poll_failed")
+                await asyncio.sleep(1.0)
+            if len(rows) < self._batch:
+                await asyncio.sleep(self.poll_interval_s)
+
+    async def _prune(self) -> None:
+        cutoff = self._clock.now() - timedelta(seconds=self.retention_s)
+        async with self._db.write() as conn:
+            await conn.execute(delete(broker_log).where(broker_log.c.created_at < cutoff))

@@ -1,0 +1,249 @@
+"""The WebSocket session: authenticate on connect, then read frames and write the outbound queue.
+
+Reads and writes run as two tasks. The writer drains the connection's `OutboundQueue` to the socket
+(TCP flow control is what blocks it for a slow client). The reader stops reading while the queue is
+over its caps (pausing reads: a client that does not read gets no say either), and a watchdog closes
+the socket with 1013 "try again later" when the queue stays over its caps for `slow_consumer_s`,
+or at once when an essential frame does not fit at all. Every close carries a code from
+`CloseCode`; every bad frame gets an error frame `{"type":"error","code":...,"detail":...}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from mercato.kit.auth import InvalidToken, Principal
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime.connection import Connection
+from mercato.kit.realtime.hub import Hub
+
+__all__ = ["CloseCode", "FrameError", "FrameHandler", "SessionSettings", "WebSocketSession"]
+
+_log = get_logger("mercato.realtime.ws")
+
+
+class CloseCode(IntEnum):
+    GOING_AWAY = 1001
+    POLICY = 1008
+    TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013
+    UNAUTHENTICATED = 4401
+
+
+class FrameError(Exception):
+    """A frame the server refuses: answered with an error frame, the connection stays open."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+FrameHandler = Callable[["WebSocketSession", dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    auth_timeout_s: float = 5.0
+    max_frame_bytes: int = 16_384
+    slow_consumer_s: float = 10.0
+    max_subscriptions: int = 100
+
+
+class WebSocketSession:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        hub: Hub,
+        *,
+        authenticate: Callable[[str], Principal],
+        authorize: Callable[[Principal, str], Awaitable[bool]],
+        handlers: Mapping[str, FrameHandler],
+        settings: SessionSettings = SessionSettings(),
+    ) -> None:
+        self.websocket = websocket
+        self.hub = hub
+        self._authenticate = authenticate
+        self._authorize = authorize
+        self._handlers = handlers
+        self.settings = settings
+        self.principal: Principal | None = None
+        self.conn: Connection | None = None
+        self._closed = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.websocket.accept()
+        principal = await self._authenticate_client()
+        if principal is None:
+            return
+        self.principal = principal
+        conn = self.hub.connect(principal.subject, kind="ws", on_refused=self._refused)
+        self.conn = conn
+        conn.send_frame({"type": "ready", "user": principal.subject, "connection": conn.id})
+        writer = asyncio.create_task(self._write(conn), name=f"ws-writer:{conn.id}")
+        watchdog = asyncio.create_task(self._watch(conn), name=f"ws-watchdog:{conn.id}")
+        reader = asyncio.create_task(self._read(conn), name=f"ws-reader:{conn.id}")
+        try:
+            await asyncio.wait(
+                [reader, writer, asyncio.create_task(self._closed.wait())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for task in (reader, writer, watchdog):
+                task.cancel()
+            for task in (reader, writer, watchdog):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self.hub.disconnect(conn)
+            await self.close(CloseCode.GOING_AWAY, "server closing")
+
+    async def close(self, code: int, reason: str) -> None:
+        self._closed.set()
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.websocket.close(code=code, reason=reason), timeout=2.0)
+
+    def error(self, code: str, detail: str) -> None:
+        if self.conn is not None:
+            self.conn.send_frame({"type": "error", "code": code, "detail": detail})
+
+    # -- authentication ------------------------------------------------------------------------
+
+    async def _authenticate_client(self) -> Principal | None:
+        header = self.websocket.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            try:
+                message = await asyncio.wait_for(
+                    self.websocket.receive(), timeout=self.settings.auth_timeout_s
+                )
+            except TimeoutError:
+                await self.close(CloseCode.UNAUTHENTICATED, "authenticate within 5 s")
+                return None
+            if message["type"] == "websocket.disconnect":
+                return None
+            frame = _parse(message.get("text"), self.settings.max_frame_bytes)
+            if frame is None or frame.get("type") != "auth" or not isinstance(frame.get("token"), str):
+                await self.close(CloseCode.POLICY, "the first frame must be {type: auth, token}")
+                return None
+            token = frame["token"]
+        try:
+            return self._authenticate(token)
+        except InvalidToken:
+            await self.close(CloseCode.UNAUTHENTICATED, "invalid or expired token")
+            return None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _read(self, conn: Connection) -> None:
+        while True:
+            if conn.queue.over_cap:
+                # Pause reads: a client that does not drain what we send gets nothing more read.
+                await conn.queue.wait_below_cap()
+            try:
+                message = await self.websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self.error("unsupported", "frames are JSON text")
+                continue
+            if len(text) > self.settings.max_frame_bytes:
+                self.error("too_large", f"frames are at most {self.settings.max_frame_bytes} bytes")
+                continue
+            frame = _parse(text, self.settings.max_frame_bytes)
+            if frame is None:
+                self.error("malformed", "a frame is a JSON object with a string `type`")
+                continue
+            try:
+                await self._dispatch(conn, frame)
+            except FrameError as exc:
+                self.error(exc.code, exc.detail)
+            except Exception:  # noqa: BLE001 - one frame's failure never takes the connection down
+                _log.exception("ws_frame_failed", type=frame.get("type"))
+                self.error("unavailable", "could not handle the frame; try again")
+
+    async def _dispatch(self, conn: Connection, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "subscribe":
+            await self._subscribe(conn, frame)
+        elif kind == "unsubscribe":
+            await self.hub.unsubscribe(conn, str(frame.get("channel", "")))
+            conn.send_frame({"type": "unsubscribed", "channel": frame.get("channel")})
+        elif kind == "ping":
+            conn.send_frame({"type": "pong"})
+        elif kind in self._handlers:
+            await self._handlers[kind](self, frame)
+        else:
+            raise FrameError("unknown_type", f"unknown frame type {str(kind)[:40]!r}")
+
+    async def _subscribe(self, conn: Connection, frame: dict[str, Any]) -> None:
+        channel = frame.get("channel")
+        since = frame.get("since")
+        if not isinstance(channel, str) or not channel or len(channel) > 200:
+            raise FrameError("invalid", "subscribe needs a `channel`")
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
+            raise FrameError("invalid", "`since` is a seq: an integer >= 0")
+        if len(conn.channels) >= self.settings.max_subscriptions and not conn.subscribed(channel):
+            raise FrameError("too_many_subscriptions", "unsubscribe from a channel first")
+        assert self.principal is not None
+        if not await self._authorize(self.principal, channel):
+            raise FrameError("forbidden", f"not a member of {channel}")
+        head = await self.hub.history.head(channel)
+        conn.send_frame(
+            {"type": "subscribed", "channel": channel, "head": head, "online": self.hub.online(channel)}
+        )
+        await self.hub.subscribe(conn, channel, since=since, presence=True)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _write(self, conn: Connection) -> None:
+        while True:
+            frame, at = await conn.queue.get()
+            await self.websocket.send_text(frame.decode())
+            if at:
+                self.hub.hook.fanout_latency(time.time() - at)
+
+    async def _watch(self, conn: Connection) -> None:
+        over_since: float | None = None
+        step = max(0.05, self.settings.slow_consumer_s / 10)
+        while True:
+            await asyncio.sleep(step)
+            if not conn.queue.over_cap:
+                over_since = None
+                continue
+            now = time.monotonic()
+            over_since = over_since or now
+            if now - over_since >= self.settings.slow_consumer_s:
+                self.hub.hook.slow_consumer_closed()
+                await self.close(CloseCode.TRY_AGAIN_LATER, "too slow: resume from your last seq")
+                return
+
+    def _refused(self) -> None:
+        self.hub.hook.slow_consumer_closed()
+        asyncio.get_running_loop().create_task(
+            self.close(CloseCode.TRY_AGAIN_LATER, "too slow: resume from your last seq")
+        )
+
+
+def _parse(text: str | None, max_bytes: int) -> dict[str, Any] | None:
+    if text is None or len(text) > max_bytes:
+        return None
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        return None
+    return frame

@@ -1,0 +1,327 @@
+"""Chat use cases: rooms, membership, and the message path WebSocket -> stream -> persist -> fan-out.
+
+A `send` is published to the `mercato.chat` stream with the room id as partition key (guide §17:
+one room's messages are one partition's order), and `ChatPersister` (a consumer group running in
+every API process) stores each message with the room's next seq, deduplicated by
+(room, sender, client_msg_id), then publishes it to every process for fan-out. The sender's ack
+rides on that publish, so it is sent only once the message is persisted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import and_, delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.clock import Clock
+from mercato.kit.ids import new_id
+from mercato.kit.messaging import Delivery, Message, Stream
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime import ChannelEvent
+from mercato.kit.storage import Database
+from mercato.shop.chat.model import (
+    ChatMessage,
+    InvalidRoom,
+    Room,
+    RoomNotFound,
+    room_channel,
+    room_from_channel,
+)
+from mercato.shop.chat.tables import members, messages, rooms
+
+__all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
+
+_log = get_logger("mercato.chat")
+
+CHAT_TOPIC = "mercato.chat"
+CHAT_GROUP = "mercato.chat.persist"
+MAX_MEMBERS = 1000
+
+# order id -> its customer's user id (None: no such order); the orders context, injected.
+OrderOwner = Callable[[uuid.UUID], Awaitable[str | None]]
+
+
+class ChatService:
+    def __init__(self, db: Database, clock: Clock, *, order_owner: OrderOwner, history_ttl_s: int) -> None:
+        self._db = db
+        self._clock = clock
+        self._order_owner = order_owner
+        self.history_ttl_s = history_ttl_s
+
+    # -- rooms and members ---------------------------------------------------------------------
+
+    async def create_room(self, name: str, member_ids: Sequence[str], *, created_by: str) -> Room:
+        if len(set(member_ids)) > MAX_MEMBERS:
+            raise InvalidRoom(f"a room has at most {MAX_MEMBERS} members")
+        room = Room(new_id(), name, "group", None, created_by, self._clock.now())
+        async with self._db.write() as conn:
+            await self._insert_room(conn, room, {created_by, *member_ids})
+        return room
+
+    async def support_room(self, order_id: uuid.UUID, *, caller: str, staff: bool) -> Room:
+        """The order's support room (made on first use): its customer and staff. A customer may open
+        only its own order's room; another's is "not found" (it may not learn that it exists)."""
+        owner = await self._order_owner(order_id)
+        if owner is None or (not staff and owner != caller):
+            raise RoomNotFound(f"order {order_id} not found")
+        async with self._db.read() as conn:
+            found = await self._room_where(conn, rooms.c.order_id == order_id)
+        if found is not None:
+            return found
+        room = Room(new_id(), f"Support for order {order_id}", "support", order_id, caller, self._clock.now())
+        try:
+            async with self._db.write() as conn:
+                await self._insert_room(conn, room, {owner})
+        except IntegrityError:
+            async with self._db.read() as conn:
+                again = await self._room_where(conn, rooms.c.order_id == order_id)
+            if again is None:
+                raise
+            return again
+        return room
+
+    async def _insert_room(self, conn: AsyncConnection, room: Room, member_ids: set[str]) -> None:
+        await conn.execute(
+            insert(rooms).values(
+                id=room.id,
+                name=room.name,
+                kind=room.kind,
+                order_id=room.order_id,
+                created_by=room.created_by,
+                created_at=room.created_at,
+            )
+        )
+        if member_ids:
+            await conn.execute(
+                insert(members),
+                [
+                    {"room_id": room.id, "user_id": m, "joined_at": room.created_at}
+                    for m in sorted(member_ids)
+                ],
+            )
+
+    async def _room_where(self, conn: AsyncConnection, condition: object) -> Room | None:
+        row = (await conn.execute(select(rooms).where(condition))).first()  # type: ignore[arg-type]
+        if row is None:
+            return None
+        return Room(row.id, row.name, row.kind, row.order_id, row.created_by, row.created_at)
+
+    async def get_room(self, room_id: uuid.UUID) -> Room:
+        async with self._db.read() as conn:
+            room = await self._room_where(conn, rooms.c.id == room_id)
+        if room is None:
+            raise RoomNotFound(f"room {room_id} not found")
+        return room
+
+    async def members(self, room_id: uuid.UUID) -> list[str]:
+        async with self._db.read() as conn:
+            rows = await conn.execute(
+                select(members.c.user_id).where(members.c.room_id == room_id).order_by(members.c.user_id)
+            )
+            return [r.user_id for r in rows]
+
+    async def add_member(self, room_id: uuid.UUID, user_id: str) -> None:
+        await self.get_room(room_id)
+        async with self._db.write() as conn:
+            exists = (
+                await conn.execute(
+                    select(members.c.user_id).where(
+                        and_(members.c.room_id == room_id, members.c.user_id == user_id)
+                    )
+                )
+            ).first()
+            if exists is None:
+                await conn.execute(
+                    insert(members).values(room_id=room_id, user_id=user_id, joined_at=self._clock.now())
+                )
+
+    async def remove_member(self, room_id: uuid.UUID, user_id: str) -> None:
+        async with self._db.write() as conn:
+            await conn.execute(
+                delete(members).where(and_(members.c.room_id == room_id, members.c.user_id == user_id))
+            )
+
+    async def may_read(self, room_id: uuid.UUID, user_id: str, *, staff: bool) -> bool:
+        """Members read and write a room; staff every room that exists."""
+        async with self._db.read() as conn:
+            if staff:
+                return (
+                    await conn.execute(select(rooms.c.id).where(rooms.c.id == room_id))
+                ).first() is not None
+            row = await conn.execute(
+                select(members.c.user_id).where(
+                    and_(members.c.room_id == room_id, members.c.user_id == user_id)
+                )
+            )
+            return row.first() is not None
+
+    # -- messages ------------------------------------------------------------------------------
+
+    async def history(self, room_id: uuid.UUID, *, after: int, limit: int) -> list[ChatMessage]:
+        """Messages with seq > `after`, oldest first, no older than the offline queue's TTL."""
+        horizon = self._clock.now() - timedelta(seconds=self.history_ttl_s)
+        async with self._db.read() as conn:
+            rows = await conn.execute(
+                select(messages)
+                .where(
+                    and_(messages.c.room_id == room_id, messages.c.seq > after, messages.c.sent_at >= horizon)
+                )
+                .order_by(messages.c.seq)
+                .limit(limit)
+            )
+            return [_message(r) for r in rows]
+
+    async def head(self, room_id: uuid.UUID) -> int:
+        async with self._db.read() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.coalesce(func.max(messages.c.seq), 0)).where(
+                            messages.c.room_id == room_id
+                        )
+                    )
+                ).scalar_one()
+            )
+
+    async def persist(
+        self, room_id: uuid.UUID, *, sender: str, text: str, client_msg_id: str
+    ) -> tuple[ChatMessage, bool]:
+        """Store a message with the room's next seq; a (sender, client_msg_id) seen before returns
+        its first message and False."""
+        async with self._db.write() as conn:
+            existing = (
+                await conn.execute(
+                    select(messages).where(
+                        and_(
+                            messages.c.room_id == room_id,
+                            messages.c.sender == sender,
+                            messages.c.client_msg_id == client_msg_id,
+                        )
+                    )
+                )
+            ).first()
+            if existing is not None:
+                return _message(existing), False
+            seq = (
+                int(
+                    (
+                        await conn.execute(
+                            select(func.coalesce(func.max(messages.c.seq), 0)).where(
+                                messages.c.room_id == room_id
+                            )
+                        )
+                    ).scalar_one()
+                )
+                + 1
+            )
+            message = ChatMessage(room_id, seq, sender, text, client_msg_id, self._clock.now())
+            await conn.execute(
+                insert(messages).values(
+                    room_id=room_id,
+                    seq=seq,
+                    sender=sender,
+                    text=text,
+                    client_msg_id=client_msg_id,
+                    sent_at=message.sent_at,
+                )
+            )
+        return message, True
+
+
+def _message(row: object) -> ChatMessage:
+    r = row
+    return ChatMessage(r.room_id, r.seq, r.sender, r.text, r.client_msg_id, r.sent_at)  # type: ignore[attr-defined]
+
+
+def send_message(
+    *, room_id: uuid.UUID, sender: str, text: str, client_msg_id: str, reply_to: str, now: object
+) -> Message:
+    """The stream message a WebSocket `send` becomes: partitioned by room, so per-room order holds."""
+    return Message(
+        id=new_id(),
+        source="mercato/chat",
+        type="mercato.chat.message_sent",
+        subject=str(room_id),
+        time=now,  # type: ignore[arg-type]
+        data={"room": str(room_id), "sender": sender, "text": text, "client_msg_id": client_msg_id},
+        topic=CHAT_TOPIC,
+        key=str(room_id),
+        headers={"replyto": reply_to} if reply_to else {},
+    )
+
+
+class ChatHistory:
+    """The `History` port for `room:<id>` channels, over the chat messages table."""
+
+    def __init__(self, chat: ChatService) -> None:
+        self._chat = chat
+
+    async def head(self, channel: str) -> int:
+        room_id = room_from_channel(channel)
+        return 0 if room_id is None else await self._chat.head(room_id)
+
+    async def after(self, channel: str, seq: int, *, limit: int) -> list[ChannelEvent]:
+        room_id = room_from_channel(channel)
+        if room_id is None:
+            return []
+        found = await self._chat.history(room_id, after=seq, limit=limit)
+        return [ChannelEvent(channel, "message", m.as_data(), seq=m.seq) for m in found]
+
+
+class ChatPersister:
+    """The chat service's consumer: stream -> persisted (dedup) -> published for fan-out."""
+
+    def __init__(
+        self,
+        chat: ChatService,
+        stream: Stream,
+        publish: Callable[[ChannelEvent], Awaitable[None]],
+        *,
+        consumer: str,
+        batch: int = 200,
+    ) -> None:
+        self._chat = chat
+        self._stream = stream
+        self._publish = publish
+        self._consumer = consumer
+        self._batch = batch
+
+    async def run_once(self) -> int:
+        deliveries = await self._stream.read(
+            CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
+        )
+        for index, delivery in enumerate(deliveries):
+            try:
+                await self._handle(delivery)
+            except Exception as exc:  # noqa: BLE001 - nack: the partition redelivers it, in order
+                _log.warning("chat_persist_failed", error=str(exc))
+                await self._stream.nack(delivery, error=str(exc)[:500])
+                return index
+            await self._stream.ack(delivery)
+        return len(deliveries)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        data = delivery.message.data
+        room_id = uuid.UUID(str(data["room"]))
+        message, _new = await self._chat.persist(
+            room_id,
+            sender=str(data["sender"]),
+            text=str(data["text"]),
+            client_msg_id=str(data["client_msg_id"]),
+        )
+        await self._publish(
+            ChannelEvent(
+                channel=room_channel(room_id),
+                type="message",
+                data=message.as_data(),
+                seq=message.seq,
+                reply_to=delivery.message.headers.get("replyto", ""),
+                ack={"client_msg_id": message.client_msg_id, "room": str(room_id)},
+                at=time.time(),
+            )
+        )

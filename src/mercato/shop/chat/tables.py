@@ -1,0 +1,42 @@
+"""The chat context's tables: rooms, their members, and messages with a per-room sequence."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, Uuid
+
+from mercato.kit.storage import UTCDateTime, metadata
+
+rooms = Table(
+    "chat_rooms",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("name", String(200), nullable=False),
+    # "support" (one per order: its customer + staff) or "group" (created by staff).
+    Column("kind", String(16), nullable=False),
+    Column("order_id", Uuid, nullable=True, unique=True),
+    Column("created_by", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+members = Table(
+    "chat_members",
+    metadata,
+    Column("room_id", Uuid, nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("joined_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("room_id", "user_id", name="pk_chat_members"),
+)
+
+messages = Table(
+    "chat_messages",
+    metadata,
+    Column("room_id", Uuid, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("sender", String(64), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("client_msg_id", String(100), nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("room_id", "seq", name="pk_chat_messages"),
+    # A client re-sending after a lost ack gets its first seq back, not a second message.
+    UniqueConstraint("room_id", "sender", "client_msg_id", name="uq_chat_messages_client_msg"),
+)

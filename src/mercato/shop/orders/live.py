@@ -1,0 +1,114 @@
+"""Live order status: the order and payment events of the outbox stream, as a sequenced channel.
+
+`OrderFeed` consumes `mercato.orders` and `mercato.payments` (a consumer group of its own, so it
+sees every event whichever process ran the saga), appends each one to the `order:<id>` channel's
+history (a per-order seq, dedup by message id: a redelivery gets its first seq again), and
+publishes it for live fan-out. `GET /v1/orders/{id}/events` streams that channel over SSE.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mercato.kit.messaging import Delivery, Message, Stream
+from mercato.kit.observability import get_logger
+from mercato.kit.realtime import ChannelEvent, SqlChannelHistory
+from mercato.kit.storage import Database
+
+__all__ = ["ORDER_FEED_GROUP", "ORDER_FEED_TOPICS", "OrderFeed", "order_channel"]
+
+_log = get_logger("mercato.orders.live")
+
+ORDER_FEED_GROUP = "mercato.realtime.order-feed"
+ORDER_FEED_TOPICS = ("mercato.orders", "mercato.payments")
+# The order's status after each order event; the last two end the stream.
+_STATUS = {
+    "mercato.orders.order_placed": "pending",
+    "mercato.orders.order_completed": "completed",
+    "mercato.orders.order_cancelled": "cancelled",
+}
+_TERMINAL = frozenset({"completed", "cancelled", "failed"})
+
+
+def order_channel(order_id: str | uuid.UUID) -> str:
+    return f"order:{order_id}"
+
+
+def live_event(message: Message) -> tuple[str, str, dict[str, Any]] | None:
+    """(channel, SSE event name, data) for an order or payment event; None for anything else."""
+    order_id = message.data.get("order_id") or message.subject
+    try:
+        uuid.UUID(str(order_id))
+    except ValueError:
+        return None
+    short = message.type.rsplit(".", 1)[-1]
+    data: dict[str, Any] = {"order_id": str(order_id), "step": short, "at": message.time.isoformat()}
+    status = _STATUS.get(message.type)
+    if status is not None:
+        data["status"] = status
+        data["terminal"] = status in _TERMINAL
+        return order_channel(order_id), "status", data
+    for key in ("amount_minor", "currency", "authorization_id", "capture_id"):
+        if key in message.data:
+            data[key] = message.data[key]
+    return order_channel(order_id), "step", data
+
+
+class OrderFeed:
+    def __init__(
+        self,
+        db: Database,
+        stream: Stream,
+        history: SqlChannelHistory,
+        publish: Callable[[ChannelEvent], Awaitable[None]],
+        *,
+        consumer: str,
+        batch: int = 100,
+    ) -> None:
+        self._db = db
+        self._stream = stream
+        self._history = history
+        self._publish = publish
+        self._consumer = consumer
+        self._batch = batch
+
+    async def run_once(self) -> int:
+        """One pass over both topics, handled in creation order (time, then UUIDv7 id) so a
+        payment step is not sequenced after the order's terminal status read in the same pass."""
+        deliveries: list[Delivery] = []
+        for topic in ORDER_FEED_TOPICS:
+            deliveries += await self._stream.read(
+                topic, ORDER_FEED_GROUP, self._consumer, max_messages=self._batch, block_s=0
+            )
+        deliveries.sort(key=lambda d: (d.message.time, d.message.id))
+        handled = 0
+        failed: set[str] = set()
+        for delivery in deliveries:
+            if delivery.message.key in failed:
+                # A later event of an order whose earlier one failed waits for it (per-order order).
+                await self._stream.nack(delivery, error="an earlier event of this order failed")
+                continue
+            try:
+                await self._handle(delivery)
+            except Exception as exc:  # noqa: BLE001 - nack: redelivered, in order, later
+                _log.warning("order_feed_failed", error=str(exc))
+                failed.add(delivery.message.key)
+                await self._stream.nack(delivery, error=str(exc)[:500])
+                continue
+            await self._stream.ack(delivery)
+            handled += 1
+        return handled
+
+    async def _handle(self, delivery: Delivery) -> None:
+        found = live_event(delivery.message)
+        if found is None:
+            return
+        channel, name, data = found
+        async with self._db.write() as conn:
+            event, _new = await self._history.append(
+                conn, channel, name, data, dedup_key=str(delivery.message.id)
+            )
+        # Published even when not new: a lost publish after a crash is repeated; connections dedup by seq.
+        await self._publish(event)
