@@ -13,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -125,6 +126,14 @@ class KeyRing:
     def jwks(self, now: datetime) -> dict[str, list[dict[str, str]]]:
         """RFC 7517 JWK Set of the public keys that verify at `now` (never a private half)."""
         return {"keys": [key.jwk() for key in self.verifying(now)]}
+
+
+class KeyLoader(Protocol):
+    """Whoever fills a `KeyRing` from shared storage."""
+
+    async def ensure_loaded(self) -> None:
+        """Load the keys if this process never has; no I/O otherwise."""
+        ...
 
 
 class KeySealer:

@@ -83,6 +83,11 @@ class SigningKeyStore:
     def reload_s(self) -> float:
         return self._reload_s
 
+    async def ensure_loaded(self) -> None:
+        """`KeyLoader`: load once (the request path's only call; reloads run in the background)."""
+        if self._loaded_at is None:
+            await self.ready()
+
     async def ready(self) -> None:
         """Load the keys if never loaded or older than `reload_s`, creating the first one if none
         exists (whichever process starts first creates it; the unique generation settles a race)."""
