@@ -71,15 +71,16 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json", help="Machine outp
 
 
 def _print(keys: list[KeyStatus]) -> None:
-    table = Table("kid", "generation", "state", "created", "retired", "verifies until")
+    table = Table("generation", "state", "created", "retired", "verifies until")
+    table.add_column("kid", overflow="fold")  # the whole kid, as in the tokens' headers
     for key in keys:
         row = key.as_dict()
         table.add_row(
-            key.kid,
             str(key.generation),
             key.state,
             str(row["created_at"]),
             str(row["retired_at"] or "-"),
             str(row["verifies_until"] or "-"),
+            key.kid,
         )
     _out.print(table)

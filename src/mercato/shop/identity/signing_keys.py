@@ -88,14 +88,17 @@ class SigningKeyStore:
         if self._loaded_at is None:
             await self.ready()
 
-    async def ready(self) -> None:
-        """Load the keys if never loaded or older than `reload_s`, creating the first one if none
-        exists (whichever process starts first creates it; the unique generation settles a race)."""
-        mono = self._clock.monotonic()
-        if self._loaded_at is not None and mono - self._loaded_at < self._reload_s:
+    def _fresh(self) -> bool:
+        return self._loaded_at is not None and self._clock.monotonic() - self._loaded_at < self._reload_s
+
+    async def ready(self, *, force: bool = False) -> None:
+        """Load the keys if never loaded, older than `reload_s` or `force`, creating the first one if
+        none exists (whichever process starts first creates it; the unique generation settles a race).
+        A failed load leaves the previous ring, and its load time, as they were."""
+        if not force and self._fresh():
             return
         async with self._lock:
-            if self._loaded_at is not None and self._clock.monotonic() - self._loaded_at < self._reload_s:
+            if not force and self._fresh():
                 return
             await self.reload()
             if self._ring.signer() is None:
@@ -158,8 +161,7 @@ class SigningKeyStore:
         while True:
             await asyncio.sleep(self._reload_s)
             try:
-                self._loaded_at = None
-                await self.ready()
+                await self.ready(force=True)
             except Exception:  # a database blip must not end the reloader
                 log.warning("signing key reload failed; keeping the previous keys", exc_info=True)
 
