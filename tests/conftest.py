@@ -89,6 +89,8 @@ def clock() -> ManualClock:
 async def container(database_url: str, clock: ManualClock) -> AsyncIterator[Container]:
     """A container on a clean database: every table is emptied after the test."""
     built = build_container(make_settings(database_url), clock=clock)
+    assert built.signing_keys is not None
+    await built.signing_keys.ready()  # the first key, as the API's startup creates it
     try:
         yield built
     finally:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
+from mercato.kit.auth.keys import KeyRing
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
@@ -70,6 +71,7 @@ from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
+from mercato.shop.identity.signing_keys import SigningKeyStore
 from mercato.shop.inventory.service import InventoryService
 from mercato.shop.orders.model import OrderNotFound
 from mercato.shop.orders.service import OrdersService
@@ -122,6 +124,8 @@ class Container:
     # Revoked access tokens and vanished subjects (the bearer's guard), and partner API keys.
     sessions: SessionGuard | None = None
     api_keys: ApiKeyService | None = None
+    # The access-token signing keys (ADR 0036): the ring `token_codec` uses, reloaded from the database.
+    signing_keys: SigningKeyStore | None = None
 
     async def close(self) -> None:
         await self.psp.aclose()
@@ -159,8 +163,17 @@ def build_container(
     clock = clock or SystemClock()
     metrics_registry = CollectorRegistry()
     db = build_database(settings, replica_hook=PrometheusReplicaMetrics(metrics_registry))
-    codec = TokenCodec(
+    # Access tokens are signed by the newest key shared through the database (ADR 0036).
+    key_ring = KeyRing(overlap_s=settings.auth.access_ttl_s + settings.auth.signing_key_reload_s)
+    signing_keys = SigningKeyStore(
+        db,
+        clock,
+        key_ring,
         secret=settings.auth.secret.get_secret_value(),
+        reload_s=settings.auth.signing_key_reload_s,
+    )
+    codec = TokenCodec(
+        keys=key_ring,
         issuer=settings.auth.issuer,
         audience=settings.auth.audience,
         access_ttl_s=settings.auth.access_ttl_s,
@@ -241,7 +254,9 @@ def build_container(
         token_codec=codec,
         health=health,
         catalog=catalog,
-        identity=IdentityService(db, clock, codec, settings.auth, sessions=sessions),
+        identity=IdentityService(
+            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys
+        ),
         inventory=inventory,
         cart=cart,
         orders=orders,
@@ -271,6 +286,7 @@ def build_container(
         messaging_hook=messaging_hook,
         sessions=sessions,
         api_keys=api_keys,
+        signing_keys=signing_keys,
     )
 
 

@@ -75,6 +75,9 @@ class AuthSettings(BaseModel):
     revocation_sync_s: float = Field(default=1.0, ge=0, le=60)
     subject_cache_s: float = Field(default=5.0, ge=0, le=300)
     api_key_cache_s: float = Field(default=5.0, ge=0, le=300)
+    # Every process reloads the access-token signing keys this often (ADR 0036): a rotation made
+    # elsewhere is verified here within it; retired keys verify for access_ttl_s plus this.
+    signing_key_reload_s: float = Field(default=30.0, gt=0, le=300)
 
 
 class HttpSettings(BaseModel):

@@ -55,6 +55,8 @@ async def bearer(
     if subject is None:
         role = next((r for r in ("admin", "service", "customer") if r in roles), "customer")
         subject = str(await account(container, role=role))
+    assert container.signing_keys is not None
+    await container.signing_keys.ready()  # what the identity service does before it signs
     issued = container.token_codec.issue(
         Principal(subject=subject, roles=frozenset(roles), scopes=frozenset(scopes))
     )

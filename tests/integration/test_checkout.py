@@ -237,6 +237,8 @@ async def test_checkout_over_http_is_idempotent_and_shows_its_progress(shop: Sho
     container = shop.container
     app = create_app(container.settings, container=container, configure_logs=False)
     customer = await account(container)
+    assert container.signing_keys is not None
+    await container.signing_keys.ready()
     token = container.token_codec.issue(
         Principal(
             str(customer), frozenset({"customer"}), frozenset({"orders:write", "orders:read", "cart:write"})

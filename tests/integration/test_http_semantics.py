@@ -27,7 +27,7 @@ def _methods(allow: str) -> set[str]:
     ("path", "methods"),
     [
         ("/v1/products", {"GET", "HEAD", "POST", "OPTIONS"}),
-        ("/v1/orders", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("/v1/orders", {"GET", "HEAD", "OPTIONS"}),
         ("/v1/carts/me", {"GET", "HEAD", "DELETE", "OPTIONS"}),
         ("/v1/inventory/reservations", {"POST", "OPTIONS"}),
         ("/v1/inventory/SKU-1", {"GET", "HEAD", "PUT", "OPTIONS"}),

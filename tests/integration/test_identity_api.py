@@ -15,6 +15,7 @@ import pytest
 from mercato.bootstrap import Container
 from mercato.gateway.app import create_app
 from mercato.kit.auth import Principal, TokenCodec
+from mercato.kit.auth.keys import KeyRing, SigningKey
 from mercato.kit.clock import ManualClock
 from mercato.shop.identity.contracts import Role
 
@@ -175,8 +176,16 @@ async def test_me_without_or_with_a_bad_token_is_401(client: httpx.AsyncClient, 
     unsigned = jwt.encode(claims, key=None, algorithm="none")  # type: ignore[arg-type]
     _assert_unauthenticated(await client.get("/v1/me", headers=_bearer(unsigned)))
 
+    # Another deployment's key, under the kid of ours that signs.
+    assert container.signing_keys is not None
+    ours = container.signing_keys.ring.signer()
+    assert ours is not None
+    theirs = SigningKey.generate(generation=1, now=container.clock.now())
+    impostor = SigningKey(
+        kid=ours.kid, generation=1, public=theirs.public, private=theirs.private, created_at=ours.created_at
+    )
     other_key = TokenCodec(
-        secret="a-different-secret-that-is-long-enough-0123",
+        keys=KeyRing((impostor,), overlap_s=930),
         issuer=container.settings.auth.issuer,
         audience=container.settings.auth.audience,
         access_ttl_s=900,

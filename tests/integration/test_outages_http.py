@@ -36,6 +36,8 @@ async def api(settings: Settings) -> AsyncIterator[App]:
     app = create_app(settings, container=container, configure_logs=False)
     # A real account: the bearer guard refuses tokens whose subject does not exist.
     subject = str(await account(container, role="admin"))
+    assert container.signing_keys is not None
+    await container.signing_keys.ready()
     # ...made on a connection of its own: the tests decide what state the pool starts in.
     await container.db.engine.dispose()
     token = container.token_codec.issue(

@@ -267,6 +267,8 @@ async def test_login_is_limited_per_account_and_per_ip(edge: Edge) -> None:
 
 
 async def test_status_reports_standing_without_consuming(edge: Edge) -> None:
+    assert edge.container.signing_keys is not None
+    await edge.container.signing_keys.ready()
     token = edge.container.token_codec.issue(Principal(subject="user-42")).token
     caller = {"X-API-Key": await edge.key("partner-5"), "Authorization": f"Bearer {token}"}
     await edge.http.get("/v1/products", headers=caller)

@@ -8,18 +8,22 @@ import jwt
 import pytest
 
 from mercato.kit.auth import InvalidToken, Principal, TokenCodec
+from mercato.kit.auth.keys import KeyRing, KeySealer, SigningKey
 from mercato.kit.clock import ManualClock
 
 SECRET = "unit-test-secret-0123456789abcdef0123456789"
+START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+# The ring every `codec()` shares unless told otherwise: one key, as a process loads it.
+RING = KeyRing((SigningKey.generate(generation=1, now=START),), overlap_s=900 + 30)
 
 
-def codec(clock: ManualClock, secret: str = SECRET) -> TokenCodec:
-    return TokenCodec(secret=secret, issuer="mercato", audience="mercato-api", access_ttl_s=900, clock=clock)
+def codec(clock: ManualClock, ring: KeyRing = RING) -> TokenCodec:
+    return TokenCodec(keys=ring, issuer="mercato", audience="mercato-api", access_ttl_s=900, clock=clock)
 
 
 @pytest.fixture
 def clock() -> ManualClock:
-    return ManualClock(datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
+    return ManualClock(START)
 
 
 def test_round_trip_carries_roles_and_scopes(clock: ManualClock) -> None:
@@ -41,7 +45,12 @@ def test_expired_token_is_rejected(clock: ManualClock) -> None:
 
 
 def test_wrong_key_is_rejected(clock: ManualClock) -> None:
-    token = codec(clock, secret="another-secret-0123456789abcdef0123456789").issue(Principal("u1")).token
+    # Another deployment's key under the same kid is still the wrong key.
+    other = SigningKey.generate(generation=1, now=START)
+    impostor = SigningKey(
+        kid=RING.keys[0].kid, generation=1, public=other.public, private=other.private, created_at=START
+    )
+    token = codec(clock, KeyRing((impostor,), overlap_s=930)).issue(Principal("u1")).token
     with pytest.raises(InvalidToken):
         codec(clock).verify(token)
 
@@ -76,4 +85,65 @@ def test_alg_none_is_rejected(clock: ManualClock) -> None:
 
 def test_short_secret_is_refused() -> None:
     with pytest.raises(ValueError):
-        TokenCodec(secret="short", issuer="i", audience="a", access_ttl_s=60)
+        KeySealer("short")
+
+
+def _claims(clock: ManualClock) -> dict[str, object]:
+    now = int(clock.now().timestamp())
+    return {
+        "sub": "u1",
+        "iss": "mercato",
+        "aud": "mercato-api",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": "x",
+        "roles": ["admin"],
+        "scope": "catalog:write",
+    }
+
+
+def test_tokens_are_eddsa_with_the_signing_kid(clock: ManualClock) -> None:
+    header = jwt.get_unverified_header(codec(clock).issue(Principal("u1")).token)
+    assert header["alg"] == "EdDSA"
+    assert header["kid"] == RING.keys[0].kid
+
+
+def test_hs256_keyed_with_the_public_key_is_rejected(clock: ManualClock) -> None:
+    """Algorithm confusion: the public key (as published in the JWKS) used as an HMAC secret."""
+    key = RING.keys[0]
+    for secret in (key.public_bytes(), key.jwk()["x"].encode()):
+        forged = jwt.encode(_claims(clock), secret, algorithm="HS256", headers={"kid": key.kid})
+        with pytest.raises(InvalidToken):
+            codec(clock).verify(forged)
+
+
+def test_unknown_kid_is_rejected(clock: ManualClock) -> None:
+    stranger = SigningKey.generate(generation=1, now=START)
+    assert stranger.private is not None
+    forged = jwt.encode(_claims(clock), stranger.private, algorithm="EdDSA", headers={"kid": stranger.kid})
+    with pytest.raises(InvalidToken, match="unknown or retired"):
+        codec(clock).verify(forged)
+    no_kid = jwt.encode(_claims(clock), stranger.private, algorithm="EdDSA")
+    with pytest.raises(InvalidToken):
+        codec(clock).verify(no_kid)
+
+
+def test_retired_key_verifies_for_the_overlap_only(clock: ManualClock) -> None:
+    old = SigningKey.generate(generation=1, now=START)
+    ring = KeyRing((old,), overlap_s=930)
+    token = codec(clock, ring).issue(Principal("u1")).token
+    new = SigningKey.generate(generation=2, now=START)
+    retired = SigningKey(
+        kid=old.kid, generation=1, public=old.public, private=old.private, created_at=START, retired_at=START
+    )
+    ring.replace([retired, new])
+    assert jwt.get_unverified_header(codec(clock, ring).issue(Principal("u2")).token)["kid"] == new.kid
+    assert codec(clock, ring).verify(token).subject == "u1"
+    assert [k.kid for k in ring.verifying(clock.now())] == [new.kid, old.kid]
+    # A token it signed could be 900 s old by then; the key outlives it by the reload bound (30 s).
+    clock.advance(930)
+    assert ring.verifier(old.kid, clock.now()) is not None
+    clock.advance(1)
+    assert ring.verifier(old.kid, clock.now()) is None
+    assert [k["kid"] for k in ring.jwks(clock.now())["keys"]] == [new.kid]

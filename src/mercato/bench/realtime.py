@@ -26,9 +26,9 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from mercato.bench.accounts import issue_tokens
 from mercato.bench.servers import ServerProcess, _clean_env, free_port, start_mercato, start_server
 from mercato.bench.stats import LatencyHistogram
-from mercato.kit.auth import Principal, TokenCodec
 from mercato.kit.storage.migrations import upgrade
 
 __all__ = ["RealtimeResult", "run_realtime_bench", "serve_bare"]
@@ -197,10 +197,10 @@ def run_realtime_bench(
     workdir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite+aiosqlite:///{workdir}/realtime.db"
     _migrate(url)
-    codec = TokenCodec(secret=SECRET, issuer="mercato", audience="mercato-api", access_ttl_s=900)
     users = [str(uuid.uuid4()) for _ in range(connections)]
-    tokens = [codec.issue(Principal(subject=u, roles=frozenset({"customer"}))).token for u in users]
-    staff = codec.issue(Principal(subject=str(uuid.uuid4()), roles=frozenset({"admin"}))).token
+    *tokens, staff = issue_tokens(
+        url, SECRET, [*((u, "customer") for u in users), (str(uuid.uuid4()), "admin")]
+    )
     results: list[RealtimeResult] = []
     ours = start_mercato(
         database_url=url,

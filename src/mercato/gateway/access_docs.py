@@ -66,11 +66,11 @@ def document_access(schema: dict[str, Any], routes: Iterable[Any], *, api_key_he
                 if isinstance(operation, dict) and "responses" in operation:
                     operation["responses"].setdefault("401", unauthenticated)
     for route in routes:
-        if not isinstance(route, APIRoute) or route.path not in paths:
+        if not isinstance(route, APIRoute) or route.path_format not in paths:
             continue
         staff = sorted(_required_scopes(route.dependant) & STAFF_SCOPES)
         for method in route.methods or ():
-            operation = paths[route.path].get(method.lower())
+            operation = paths[route.path_format].get(method.lower())
             if operation is None:
                 continue
             security = operation.get("security")

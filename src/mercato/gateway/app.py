@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import re
 from collections.abc import AsyncIterator
@@ -12,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Mount, Route
 
 from mercato import __version__
@@ -58,6 +61,7 @@ from mercato.shop.chat.api import router as chat_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
 from mercato.shop.identity.api_keys_api import admin_router as api_keys_admin_router
+from mercato.shop.identity.jwks_api import router as jwks_router
 from mercato.shop.inventory.api import router as inventory_router
 from mercato.shop.notifications.api import admin_router as notifications_admin_router
 from mercato.shop.orders.api import admin_router as orders_admin_router
@@ -88,6 +92,7 @@ ROUTERS = [
     orders_live_router,
     chat_router,
     realtime_router,
+    jwks_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
@@ -111,11 +116,23 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _run_startup_checks(container)
+        # The signing keys (first start creates one), then reloaded every signing_key_reload_s.
+        reloader = None
+        if container.signing_keys is not None:
+            try:
+                await container.signing_keys.ready()
+            except (SQLAlchemyError, OSError):  # e.g. migrations pending: the reloader retries
+                _log.warning("signing_keys_not_loaded", exc_info=True)
+            reloader = asyncio.create_task(container.signing_keys.run_reloader())
         await realtime.start()
         try:
             yield
         finally:
             await realtime.stop()
+            if reloader is not None:
+                reloader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloader
             if rate_limiting is not None:
                 await rate_limiting.aclose()
             await container.close()

@@ -25,10 +25,10 @@ import orjson
 import typer
 from websockets.asyncio.client import ClientConnection, connect
 
+from mercato.bench.accounts import issue_tokens
 from mercato.bench.realtime import SECRET, _migrate, _rss_kib
 from mercato.bench.servers import ServerProcess, start_mercato
 from mercato.bench.stats import LatencyHistogram
-from mercato.kit.auth import Principal, TokenCodec
 
 __all__ = ["SlowConsumerRun", "run_slow_consumer", "slow_consumer_command"]
 
@@ -62,10 +62,16 @@ class SlowConsumerRun:
 
 
 async def _run_variant(
-    server: ServerProcess, codec: TokenCodec, *, members: int, seconds: float, rate: float, variant: str
+    server: ServerProcess,
+    tokens: dict[str, str],
+    staff: str,
+    *,
+    members: int,
+    seconds: float,
+    rate: float,
+    variant: str,
 ) -> SlowConsumerRun:
-    users = [str(uuid.uuid4()) for _ in range(members + 1)]
-    staff = codec.issue(Principal(subject=str(uuid.uuid4()), roles=frozenset({"admin"}))).token
+    users = list(tokens)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
         created = await http.post(
             "/v1/chat/rooms",
@@ -78,7 +84,7 @@ async def _run_variant(
     stuck_count = max(1, members // 10)
 
     async def open_one(user: str, **kwargs: Any) -> ClientConnection:
-        token = codec.issue(Principal(subject=user, roles=frozenset({"customer"}))).token
+        token = tokens[user]
         ws = await connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}, **kwargs)
         await ws.recv()
         await ws.send(orjson.dumps({"type": "subscribe", "channel": f"room:{room}"}).decode())
@@ -164,11 +170,15 @@ async def _run_variant(
 
 def run_slow_consumer(*, members: int, seconds: float, rate: float, out: Path) -> list[SlowConsumerRun]:
     out.mkdir(parents=True, exist_ok=True)
-    codec = TokenCodec(secret=SECRET, issuer="mercato", audience="mercato-api", access_ttl_s=900)
     runs = []
     for variant, env in VARIANTS.items():
         url = f"sqlite+aiosqlite:///{out}/{variant}.db"
         _migrate(url)
+        users = [str(uuid.uuid4()) for _ in range(members + 1)]
+        *issued, staff = issue_tokens(
+            url, SECRET, [*((u, "customer") for u in users), (str(uuid.uuid4()), "admin")]
+        )
+        tokens = dict(zip(users, issued, strict=True))
         server = start_mercato(
             database_url=url,
             workdir=out,
@@ -190,7 +200,9 @@ def run_slow_consumer(*, members: int, seconds: float, rate: float, out: Path) -
         try:
             runs.append(
                 asyncio.run(
-                    _run_variant(server, codec, members=members, seconds=seconds, rate=rate, variant=variant)
+                    _run_variant(
+                        server, tokens, staff, members=members, seconds=seconds, rate=rate, variant=variant
+                    )
                 )
             )
         finally:

@@ -1,7 +1,10 @@
-"""JWT access tokens (RFC 7519) signed with HS256.
+"""JWT access tokens (RFC 7519) signed with EdDSA (Ed25519) by the newest key of a `KeyRing`, named
+in the header's `kid` (ADR 0036).
 
-Verification pins the algorithm list, so `alg=none` and algorithm-confusion tokens are rejected,
-and requires `exp`, `iat`, `sub`, `iss`, `aud` and `jti`.
+Verification pins the algorithm to EdDSA, so `alg=none` and algorithm-confusion tokens (HS256 keyed
+with a public key) are rejected; it takes the key by `kid` from the in-process ring only (an unknown
+or expired `kid` is refused, no statement is issued), and requires `exp`, `iat`, `sub`, `iss`, `aud`
+and `jti`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ from typing import Any
 
 import jwt
 
+from mercato.kit.auth.keys import ALGORITHM, KeyRing
 from mercato.kit.clock import Clock, SystemClock
-
-ALGORITHM = "HS256"
 
 
 class InvalidToken(Exception):
@@ -52,16 +54,14 @@ class TokenCodec:
     def __init__(
         self,
         *,
-        secret: str,
+        keys: KeyRing,
         issuer: str,
         audience: str,
         access_ttl_s: int,
         clock: Clock | None = None,
         leeway_s: int = 5,
     ) -> None:
-        if len(secret) < 32:
-            raise ValueError("token secret must be at least 32 characters")
-        self._secret = secret
+        self._keys = keys
         self._issuer = issuer
         self._audience = audience
         self._ttl_s = access_ttl_s
@@ -82,16 +82,26 @@ class TokenCodec:
             "roles": sorted(principal.roles),
             "scope": " ".join(sorted(principal.scopes)),
         }
-        token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+        key = self._keys.signer()
+        if key is None or key.private is None:
+            raise RuntimeError("no signing key loaded (SigningKeyStore.ready() was not awaited)")
+        token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
         return IssuedToken(token=token, expires_in=self._ttl_s, expires_at=expires_at)
 
     def verify(self, token: str) -> Principal:
         if len(token) > 4096:
             raise InvalidToken("token too long")
         try:
+            header = jwt.get_unverified_header(token)
+            kid = header.get("kid")
+            if header.get("alg") != ALGORITHM or not isinstance(kid, str):
+                raise InvalidToken("unexpected algorithm or no key id")
+            key = self._keys.verifier(kid, self._clock.now())
+            if key is None:
+                raise InvalidToken("unknown or retired signing key")
             claims = jwt.decode(
                 token,
-                self._secret,
+                key.public,
                 algorithms=[ALGORITHM],
                 audience=self._audience,
                 issuer=self._issuer,

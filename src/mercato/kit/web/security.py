@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mercato.kit.auth import InvalidToken, Principal, TokenCodec, TokenGuard
+from mercato.kit.auth.keys import KeyLoader
 from mercato.kit.errors import Forbidden, Unauthenticated
 
 __all__ = [
@@ -29,6 +30,9 @@ __all__ = [
 # Names on `app.state` / the request state that this module reads.
 TOKEN_GUARD = "token_guard"  # noqa: S105 - an attribute name, not a secret
 API_KEY_PRINCIPAL = "api_key_principal"
+# The signing keys' loader (ADR 0036): awaited before a verification, a no-op once the process has
+# loaded them (the API's startup does); its reloads run in the background, never here.
+TOKEN_KEYS = "signing_keys"  # noqa: S105 - an attribute name, not a secret
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/auth/login")
 
@@ -59,6 +63,9 @@ async def authenticated(
         if key_principal is not None:
             return key_principal
         raise MissingCredentials("missing bearer token")
+    keys: KeyLoader | None = getattr(request.app.state, TOKEN_KEYS, None)
+    if keys is not None:
+        await keys.ensure_loaded()
     try:
         principal = _codec(request).verify(credentials.credentials)
         guard: TokenGuard | None = getattr(request.app.state, TOKEN_GUARD, None)

@@ -31,6 +31,7 @@ from mercato.shop.identity.model import (
 from mercato.shop.identity.passwords import PasswordHashing
 from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.sessions import SessionGuard
+from mercato.shop.identity.signing_keys import SigningKeyStore
 
 __all__ = ["IdentityService", "TokenPair"]
 
@@ -57,8 +58,10 @@ class IdentityService:
         repository: IdentityRepository | None = None,
         passwords: PasswordHashing | None = None,
         sessions: SessionGuard | None = None,
+        signing_keys: SigningKeyStore | None = None,
     ) -> None:
         self._db = db
+        self._signing_keys = signing_keys
         self._sessions = sessions
         self._clock = clock
         self._codec = token_codec
@@ -127,7 +130,7 @@ class IdentityService:
         raw, token = self._new_family(user)
         async with self._db.write() as conn:
             await self._repo.add_refresh_token(conn, token)
-        return self._pair(user, raw)
+        return await self._pair(user, raw)
 
     async def refresh(self, raw_token: str) -> TokenPair:
         """Rotate: retire the presented token and issue its successor in the same family.
@@ -163,7 +166,7 @@ class IdentityService:
                 await self._repo.revoke_family(conn, current.family_id)
         if verdict is not RefreshVerdict.ROTATE or user is None:
             raise InvalidRefreshToken(_REFRESH_REJECTED)
-        return self._pair(user, raw_next)
+        return await self._pair(user, raw_next)
 
     async def logout(self, raw_token: str, *, access: Principal | None = None) -> None:
         """Revoke the token's family, and the access token presented with it until it expires.
@@ -232,6 +235,8 @@ class IdentityService:
         )
         return raw, token
 
-    def _pair(self, user: User, raw_refresh: str) -> TokenPair:
+    async def _pair(self, user: User, raw_refresh: str) -> TokenPair:
+        if self._signing_keys is not None:
+            await self._signing_keys.ready()  # no statement while the keys are fresh
         access = self._codec.issue(user.principal())
         return TokenPair(access_token=access.token, refresh_token=raw_refresh, expires_in=access.expires_in)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, CheckConstraint, Column, ForeignKey, Index, String, Table, Uuid
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+)
 
 from mercato.kit.storage import UTCDateTime, metadata
 
@@ -67,4 +79,20 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+
+# Access-token signing keys (ADR 0036): the newest generation signs; private halves sealed with
+# AES-GCM under a key derived from MERCATO_AUTH_SECRET. `generation` is unique, so two processes
+# creating or rotating at once cannot both win.
+signing_keys = Table(
+    "identity_signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("generation", Integer, nullable=False),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("sealed_private_key", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("retired_at", UTCDateTime, nullable=True),
+    UniqueConstraint("generation", name="uq_identity_signing_keys_generation"),
 )
