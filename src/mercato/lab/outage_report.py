@@ -57,15 +57,16 @@ def plot_report(report: OutageReport, path: Path) -> Path:
     for status in ordered:
         counts = [int(b["by_status"].get(status, 0)) for b in report.buckets]
         colour, label = _STATUS_STYLE.get(status, ("#999999", status))
-        top.bar(starts, counts, width=width, bottom=below, align="edge", color=colour, label=label)
+        top.bar(starts, counts, width=width, bottom=below, align="edge", color=colour, label=label, zorder=2)
         below = [b + c for b, c in zip(below, counts, strict=True)]
     outage_label = f"PostgreSQL down ({report.up_at_s - report.down_at_s:.1f} s)"
     for axis in (top, bottom):
-        axis.axvspan(report.down_at_s, report.up_at_s, color="0.5", alpha=0.18, label=outage_label)
-        axis.grid(alpha=0.3)
+        axis.axvspan(report.down_at_s, report.up_at_s, color="0.5", alpha=0.18, label=outage_label, zorder=0)
+        axis.grid(alpha=0.3, zorder=1)
     top.set_ylabel(f"responses per {width * 1000:g} ms")
     top.set_title(_what(report), fontsize=10)
-    top.legend(loc="upper right", fontsize=8)
+    top.set_ylim(0, 1.3 * max(below, default=1))  # headroom for the legend above the bars
+    top.legend(loc="upper left", fontsize=8, ncol=len(ordered) + 1)
 
     p99_ms = [None if b["p99_s"] is None else 1000 * float(b["p99_s"]) for b in report.buckets]
     points = [(t + width / 2, v) for t, v in zip(starts, p99_ms, strict=True) if v is not None]
@@ -73,9 +74,11 @@ def plot_report(report: OutageReport, path: Path) -> Path:
     deadline_ms = 1000 * float(report.options["deadline_s"])
     bottom.axhline(deadline_ms, color="#c0392b", linestyle="--", label=f"deadline {deadline_ms:,.0f} ms")
     bottom.set_yscale("log")
+    if points:  # room under the line for the legend
+        bottom.set_ylim(bottom=min(v for _, v in points) / 6)
     bottom.set_ylabel(f"p99 latency per {width * 1000:g} ms (ms, log)")
     bottom.set_xlabel("seconds since the load started (by send time)")
-    bottom.legend(loc="upper right", fontsize=8)
+    bottom.legend(loc="lower left", fontsize=8, ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
