@@ -155,3 +155,30 @@ async def test_what_is_not_an_outage_stays_unclassified(db: Database) -> None:
     assert classify_outage(in_block.value) is None
     syntax = await _failure(db, "SELEC 1")
     assert classify_outage(syntax) is None
+
+
+def test_a_refused_connection_on_uvloop_is_the_databases() -> None:
+    """`mercato api` (uvicorn) and `mercato worker` run on uvloop, whose socket callbacks raise the bare
+    ConnectionRefusedError from `uvloop.loop`, not from asyncio: still a database outage, not a 500."""
+    import socket
+
+    import uvloop
+
+    with socket.socket() as probe:  # a port nothing listens on: the connect is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def refused() -> BaseException:
+        database = create_database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none", pool_size=1)
+        try:
+            return await _failure(database)
+        finally:
+            await database.dispose()
+
+    failure = uvloop.run(refused())
+    assert isinstance(failure, ConnectionRefusedError), repr(failure)  # bare: SQLAlchemy re-raises it as is
+    tb, raised_in = failure.__traceback__, ""
+    while tb is not None:
+        raised_in, tb = str(tb.tb_frame.f_globals.get("__name__", "")), tb.tb_next
+    assert raised_in.startswith("uvloop"), raised_in  # the case under test: uvloop raised it
+    assert classify_outage(failure) == Outage("database", "connection-refused", 2.0, False)

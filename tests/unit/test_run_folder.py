@@ -128,3 +128,21 @@ def test_a_run_folder_records_table_json_verdict_and_publishes_the_figure_only_w
     assert (docs / "overload.png").read_bytes() == PNG + b"new"
     with pytest.raises(typer.BadParameter):
         check_docs_target("overload", docs_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("app", [lab_app, bench_app], ids=["lab", "bench"])
+def test_every_lab_and_bench_command_writes_through_the_harness(app: typer.Typer) -> None:
+    """Each subcommand takes the harness's `--out` (default: a new ./lab-results/<name>/<UTC time>/), so none
+    keeps its own output path; the ones that draw a figure also take `--update-docs`."""
+    group = typer.main.get_group(app)
+    assert group.commands, "no subcommands found"
+    for name, command in group.commands.items():
+        params = {param.name: param for param in command.params}
+        out = params.get("out")
+        assert out is not None, f"{name} has no --out"
+        assert out.default is None, f"{name} has its own output path {out.default}"
+        assert "lab-results/<name>/<UTC time>" in (getattr(out, "help", None) or ""), name
+    figures = {"breaker", "network", "outage", "overload", "ratelimit"}
+    if app is lab_app:
+        drawn = {n for n, c in group.commands.items() if "update_docs" in {p.name for p in c.params}}
+        assert figures <= drawn

@@ -13,12 +13,16 @@ customers), each with `X-Request-Deadline`. After `warmup_s` the node is stopped
 
 Reported: responses by status (and 503s by reason), 500s, 503s without Retry-After, the slowest answer
 against the deadline, and recovery: from the moment the node accepts connections again to the last non-2xx
-answer (every answer after it was a success). Written to `<out>/report.json`.
+answer (every answer after it was a success); and per 250 ms of send time, the responses by status and their
+p99 latency. Written through the shared harness (`mercato.bench.harness`) to the run folder
+(`./lab-results/outage/<UTC time>/` or `--out`): `report.json`, `table.txt`, `verdict.txt` (the claim, each
+of its checks with its numbers, and whether it held) and `outage.png` (drawn by `mercato.lab.outage_report`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import tempfile
 import time
@@ -30,10 +34,26 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from mercato.bench.harness import OutOption, RunFolder, UpdateDocsOption, check_docs_target
 from mercato.bench.servers import ServerProcess, migrate_and_seed, start_mercato
 from mercato.cluster import PostgresNode
+from mercato.lab.outage_report import plot_report, report_table, verdict_lines
 
-__all__ = ["OutageOptions", "OutageReport", "outage_command", "run_outage"]
+__all__ = [
+    "BUCKET_S",
+    "RECOVERY_BOUND_S",
+    "Check",
+    "OutageOptions",
+    "OutageReport",
+    "Sample",
+    "outage_command",
+    "run_outage",
+    "summarize",
+]
+
+NAME = "outage"
+BUCKET_S = 0.25  # the figure's time resolution: a 10 s outage is 40 buckets
+RECOVERY_BOUND_S = 5.0  # "recovers by itself": every answer a success within this long of the node's return
 
 
 @dataclass(frozen=True)
@@ -67,12 +87,24 @@ class Sample:
     retry_after: bool = False
 
 
+@dataclass(frozen=True)
+class Check:
+    """One part of the claim, with what was measured and the bound it must meet."""
+
+    name: str
+    measured: str
+    bound: str
+    held: bool
+
+
 @dataclass
 class OutageReport:
     options: dict[str, Any]
     down_at_s: float
     up_at_s: float
     samples: int
+    duration_s: float  # first request sent -> last answer
+    achieved_rate: float  # responses per second over duration_s (paced clients wait for answers)
     by_status: dict[str, int]
     by_reason: dict[str, int]
     errors_500: int
@@ -83,21 +115,49 @@ class OutageReport:
     recovery_s: float | None  # node accepting again -> last non-2xx
     first_success_after_up_s: float | None
     served_during_outage: int
+    bucket_s: float = BUCKET_S
     slowest: list[dict[str, Any]] = field(default_factory=list)
-    timeline: list[dict[str, int]] = field(default_factory=list)
+    # Per BUCKET_S of send time: {"t_s": start, "by_status": {"200": n, ...}, "p99_s": latency}.
+    buckets: list[dict[str, Any]] = field(default_factory=list)
+
+    def checks(self) -> list[Check]:
+        """The claim, part by part; `ok` and the verdict both read it, so they cannot disagree."""
+        deadline_s = float(self.options["deadline_s"])
+        unavailable = self.by_status.get("503", 0)
+        others = {k: v for k, v in self.by_status.items() if k not in ("200", "503")}
+        recovered = "never" if self.recovery_s is None else f"{self.recovery_s:g} s"
+        return [
+            Check("outage seen (503s)", f"{unavailable:,}", "> 0", unavailable > 0),
+            Check("500s", f"{self.errors_500:,} of {self.samples:,}", "0", self.errors_500 == 0),
+            Check(
+                "503s without Retry-After",
+                f"{self.unavailable_without_retry_after:,} of {unavailable:,}",
+                "0",
+                self.unavailable_without_retry_after == 0,
+            ),
+            Check(
+                "other answers (not 200/503, or none)",
+                ", ".join(f"{k}: {v}" for k, v in others.items()) or "0",
+                "0",
+                not others and self.no_answer == 0,
+            ),
+            Check(
+                "slowest answer",
+                f"{self.max_latency_s:g} s (during the outage {self.max_latency_during_outage_s:g} s)",
+                f"<= deadline {deadline_s:g} s",
+                self.max_latency_s <= deadline_s,
+            ),
+            Check(
+                "recovery (node back -> last non-2xx)",
+                recovered,
+                f"<= {RECOVERY_BOUND_S:g} s, no restart",
+                self.recovery_s is not None and self.recovery_s <= RECOVERY_BOUND_S,
+            ),
+        ]
 
     @property
     def ok(self) -> bool:
-        deadline_s = float(self.options["deadline_s"])
-        return (
-            self.errors_500 == 0
-            and self.unavailable_without_retry_after == 0
-            and self.no_answer == 0
-            and self.max_latency_s <= deadline_s
-            and self.recovery_s is not None
-            and self.recovery_s <= 5.0
-            and set(self.by_status) <= {"200", "503"}
-        )
+        return all(check.held for check in self.checks())
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -209,8 +269,11 @@ async def _catalog(base_url: str) -> tuple[list[str], list[str]]:
     return [p["sku"] for p in page][:5], [p["id"] for p in page]
 
 
-def _report(load: _Load, options: OutageOptions, down_at_s: float, up_at_s: float) -> OutageReport:
-    samples = sorted(load.samples, key=lambda s: s.sent_s + s.latency_s)
+def summarize(
+    answers: list[Sample], options: OutageOptions, down_at_s: float, up_at_s: float
+) -> OutageReport:
+    """The report from the load's samples and the outage window (seconds since the load started)."""
+    samples = sorted(answers, key=lambda s: s.sent_s + s.latency_s)
     by_status = Counter(str(s.status) for s in samples)
     by_reason = Counter(f"{s.status} {s.reason}" for s in samples if s.status >= 400)
     during = [s for s in samples if down_at_s <= s.sent_s <= up_at_s]
@@ -221,14 +284,15 @@ def _report(load: _Load, options: OutageOptions, down_at_s: float, up_at_s: floa
     if successes_after:
         last_failure_s = max((s.sent_s + s.latency_s for s in failures_after), default=up_at_s)
         recovery_s = round(max(0.0, last_failure_s - up_at_s), 3)
-    timeline: dict[int, Counter[str]] = {}
-    for s in samples:
-        timeline.setdefault(int(s.sent_s), Counter())[str(s.status)] += 1
+    ends = [s.sent_s + s.latency_s for s in samples]
+    duration_s = max(ends, default=0.0) - min((s.sent_s for s in samples), default=0.0)
     return OutageReport(
         options=asdict(options),
         down_at_s=round(down_at_s, 3),
         up_at_s=round(up_at_s, 3),
         samples=len(samples),
+        duration_s=round(duration_s, 3),
+        achieved_rate=round(len(samples) / duration_s, 1) if duration_s > 0 else 0.0,
         by_status=dict(sorted(by_status.items())),
         by_reason=dict(sorted(by_reason.items())),
         errors_500=sum(1 for s in samples if s.status == 500),
@@ -244,8 +308,31 @@ def _report(load: _Load, options: OutageOptions, down_at_s: float, up_at_s: floa
         ),
         served_during_outage=sum(1 for s in during if 200 <= s.status < 300),
         slowest=[asdict(s) for s in sorted(samples, key=lambda s: -s.latency_s)[:8]],
-        timeline=[{"second": second, **dict(counts)} for second, counts in sorted(timeline.items())],
+        buckets=_buckets(samples),
     )
+
+
+def _p99(values: list[float]) -> float:
+    """Nearest-rank p99 (a bucket holds ~20 answers: its p99 is its slowest but one in a hundred)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def _buckets(samples: list[Sample]) -> list[dict[str, Any]]:
+    """Responses by status and their p99 latency per BUCKET_S of send time, empty buckets included."""
+    grouped: dict[int, list[Sample]] = {}
+    for s in samples:
+        grouped.setdefault(int(s.sent_s // BUCKET_S), []).append(s)
+    if not grouped:
+        return []
+    return [
+        {
+            "t_s": round(index * BUCKET_S, 3),
+            "by_status": dict(sorted(Counter(str(s.status) for s in grouped.get(index, [])).items())),
+            "p99_s": round(_p99([s.latency_s for s in grouped[index]]), 4) if index in grouped else None,
+        }
+        for index in range(min(grouped), max(grouped) + 1)
+    ]
 
 
 async def _drive(node: PostgresNode, server: ServerProcess, options: OutageOptions, log: Any) -> OutageReport:
@@ -264,7 +351,7 @@ async def _drive(node: PostgresNode, server: ServerProcess, options: OutageOptio
     await asyncio.sleep(options.after_s)
     load.stop.set()
     await runner
-    return _report(load, options, down_at_s, up_at_s)
+    return summarize(load.samples, options, down_at_s, up_at_s)
 
 
 def run_outage(options: OutageOptions, *, workdir: Path | None = None, log: Any = print) -> OutageReport:
@@ -308,50 +395,47 @@ def outage_command(
     kill: Annotated[
         bool, typer.Option("--kill", help="kill -9 the server instead of a fast shutdown")
     ] = False,
-    out: Annotated[Path, typer.Option(help="Run folder for report.json")] = Path("lab-results/outage"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    out: OutOption = None,
+    update_docs: UpdateDocsOption = False,
 ) -> None:
     """PostgreSQL stopped under load: 0 answers 500, every failure a 503 with Retry-After, self-recovery."""
     import orjson
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
-    options = OutageOptions(
-        outage_s=outage_s,
-        warmup_s=warmup_s,
-        after_s=after_s,
-        rate=rate,
-        clients=clients,
-        deadline_s=deadline_s,
-        kill=kill,
-    )
-    report = run_outage(options, log=console.print)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
-    if as_json:
-        print(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
-    else:
-        table = Table(
-            title=f"PostgreSQL {'killed' if kill else 'stopped'} for {outage_s:g} s under {rate:g} req/s"
+    try:
+        options = OutageOptions(
+            outage_s=outage_s,
+            warmup_s=warmup_s,
+            after_s=after_s,
+            rate=rate,
+            clients=clients,
+            deadline_s=deadline_s,
+            kill=kill,
         )
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for name, value in (
-            ("responses", report.samples),
-            ("by status", report.by_status),
-            ("503 by reason", report.by_reason),
-            ("500s", report.errors_500),
-            ("503 without Retry-After", report.unavailable_without_retry_after),
-            ("no answer", report.no_answer),
-            ("max latency (s)", report.max_latency_s),
-            ("max latency during outage (s)", report.max_latency_during_outage_s),
-            ("recovery after restart (s)", report.recovery_s),
-            ("first 2xx after restart (s)", report.first_success_after_up_s),
-            ("verdict", "PASS" if report.ok else "FAIL"),
-        ):
-            table.add_row(name, str(value))
-        Console().print(table)
-        console.print(f"report: {out / 'report.json'}")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if update_docs:
+        check_docs_target(NAME)
+    report = run_outage(options, log=console.print)
+    run = RunFolder.open(NAME, out)
+    plot_report(report, run.figure)
+    verdict = verdict_lines(report)
+    if as_json:
+        # The table still goes to stderr, so one run gives both the record and the reading.
+        Console(stderr=True).print(report_table(report))
+        typer.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        Console().print(report_table(report))
+        for line in verdict:
+            console.print(line, markup=False)
+    run.record(
+        data=report.to_dict(),
+        tables=[report_table(report)],
+        verdict=verdict,
+        update_docs=update_docs,
+        console=console,
+    )
     if not report.ok:
         raise typer.Exit(1)

@@ -92,16 +92,21 @@ def _module_of(exc: BaseException) -> str:
     return type(exc).__module__ or ""
 
 
+# The event loop raises the connect errors from its socket callbacks: asyncio's (standard library) or
+# uvloop's (`mercato api` under uvicorn and `mercato worker` run on uvloop). Its frames are skipped.
+_EVENT_LOOP_MODULES = frozenset({*sys.stdlib_module_names, "uvloop"})
+
+
 def _raised_by_driver(tb: TracebackType | None) -> bool:
-    """Whether the innermost frame outside the standard library (asyncio's socket callbacks raise the
-    connect errors) belongs to a database driver. Only the raise point counts: an error of our own code
-    that merely propagated out through a `Database.read()` block also passed SQLAlchemy's frames."""
+    """Whether the innermost frame outside the event loop (the standard library's asyncio or uvloop)
+    belongs to a database driver. Only the raise point counts: an error of our own code that merely
+    propagated out through a `Database.read()` block also passed SQLAlchemy's frames."""
     frames = []
     while tb is not None:
         frames.append(str(tb.tb_frame.f_globals.get("__name__", "")))
         tb = tb.tb_next
     for name in reversed(frames):
-        if name.partition(".")[0] in sys.stdlib_module_names:
+        if name.partition(".")[0] in _EVENT_LOOP_MODULES:
             continue
         return name.startswith(_DB_DRIVER_MODULES)
     return False
@@ -171,7 +176,7 @@ def classify_outage(exc: BaseException) -> Outage | None:
 
     Walks the cause/context chain (and SQLAlchemy's `.orig`), so a wrapped driver error is found under
     its wrappers. A bare `OSError` (refused, reset, unreachable, a connect timeout) counts as the
-    database's when a database driver raised it (the innermost frame outside the standard library).
+    database's when a database driver raised it (the innermost frame outside the event loop).
     """
     for link in _chain(exc):
         found = _database(link) or _redis_or_broker(link)
