@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
 
 from mercato.kit.realtime.events import ChannelEvent
 
-__all__ = ["Broker", "Subscription"]
+__all__ = ["Broker", "Subscription", "SubscriptionReaders"]
 
 
 class Subscription:
@@ -62,6 +62,33 @@ class Subscription:
     async def __aiter__(self) -> AsyncIterator[ChannelEvent]:
         while (event := await self.get()) is not None:
             yield event
+
+
+class SubscriptionReaders:
+    """The reader task behind each subscription of an adapter that reads on its own (SQL, Redis):
+    started with the subscription, cancelled when it is given back."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+
+    def start(
+        self, reader: Callable[[Subscription], Coroutine[Any, Any, None]], *, name: str
+    ) -> Subscription:
+        subscription = Subscription()
+        self._tasks[subscription] = asyncio.create_task(reader(subscription), name=name)
+        return subscription
+
+    async def stop(self, subscription: Subscription) -> None:
+        task = self._tasks.pop(subscription, None)
+        subscription.close()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def stop_all(self) -> None:
+        for subscription in list(self._tasks):
+            await self.stop(subscription)
 
 
 class Broker(Protocol):

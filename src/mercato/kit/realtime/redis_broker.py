@@ -9,13 +9,12 @@ fan-out to every process, not a work queue (ADR 0029).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
 
 from mercato.kit.observability import get_logger
-from mercato.kit.realtime.broker import Subscription
+from mercato.kit.realtime.broker import Subscription, SubscriptionReaders
 from mercato.kit.realtime.events import ChannelEvent
 
 __all__ = ["RedisBroker"]
@@ -31,7 +30,7 @@ class RedisBroker:
         self.key = key
         self.max_len = max_len
         self.block_s = block_s
-        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+        self._readers = SubscriptionReaders()
 
     async def publish(self, event: ChannelEvent) -> None:
         await self._redis.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
@@ -39,23 +38,15 @@ class RedisBroker:
     async def subscribe(self) -> Subscription:
         last: Any = await self._redis.xrevrange(self.key, count=1)
         start: bytes = last[0][0] if last else b"0-0"
-        subscription = Subscription()
-        self._tasks[subscription] = asyncio.create_task(
-            self._read(subscription, start), name="realtime-redis"
+        return self._readers.start(
+            lambda subscription: self._read(subscription, start), name="realtime-redis"
         )
-        return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
-        task = self._tasks.pop(subscription, None)
-        subscription.close()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._readers.stop(subscription)
 
     async def aclose(self) -> None:
-        for subscription in list(self._tasks):
-            await self.unsubscribe(subscription)
+        await self._readers.stop_all()
         await self._redis.aclose()
 
     async def _read(self, subscription: Subscription, last_id: bytes | str) -> None:

@@ -11,7 +11,6 @@ deleted by whichever subscriber gets there first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from datetime import timedelta
 
@@ -19,7 +18,7 @@ from sqlalchemy import delete, func, insert, select
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.observability import get_logger
-from mercato.kit.realtime.broker import Subscription
+from mercato.kit.realtime.broker import Subscription, SubscriptionReaders
 from mercato.kit.realtime.events import ChannelEvent
 from mercato.kit.realtime.tables import broker_log
 from mercato.kit.storage import Database
@@ -46,7 +45,7 @@ class SqlBroker:
         self.retention_s = retention_s
         self._batch = batch
         self._clock = clock or SystemClock()
-        self._tasks: dict[Subscription, asyncio.Task[None]] = {}
+        self._readers = SubscriptionReaders()
 
     async def publish(self, event: ChannelEvent) -> None:
         async with self._db.write() as conn:
@@ -59,23 +58,15 @@ class SqlBroker:
             start = int(
                 (await conn.execute(select(func.coalesce(func.max(broker_log.c.id), 0)))).scalar_one()
             )
-        subscription = Subscription()
-        self._tasks[subscription] = asyncio.create_task(
-            self._poll(subscription, start), name="realtime-sql-broker"
+        return self._readers.start(
+            lambda subscription: self._poll(subscription, start), name="realtime-sql-broker"
         )
-        return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
-        task = self._tasks.pop(subscription, None)
-        subscription.close()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._readers.stop(subscription)
 
     async def aclose(self) -> None:
-        for subscription in list(self._tasks):
-            await self.unsubscribe(subscription)
+        await self._readers.stop_all()
 
     async def _poll(self, subscription: Subscription, low_water: int) -> None:
         seen: set[int] = set()
