@@ -21,8 +21,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from mercato.bench.accounts import issue_tokens
 from mercato.bootstrap import SCRIPT_LOCATION
-from mercato.kit.auth import Principal, TokenCodec
 from mercato.kit.storage.migrations import upgrade
 from tests.conftest import TEST_SECRET, _pg_admin, _pg_host_part
 from tests.e2e.conftest import start_mercato
@@ -31,19 +31,27 @@ from tests.e2e.conftest import start_mercato
 # out of the default suite (`pytest -m slow tests/e2e/test_realtime_distributed.py`).
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CODEC = TokenCodec(secret=TEST_SECRET, issuer="mercato", audience="mercato-api", access_ttl_s=900)
-
-
-def token(user: str, *, staff: bool = False) -> str:
-    roles = frozenset({"admin"} if staff else {"customer"})
-    return CODEC.issue(Principal(subject=user, roles=roles)).token
-
 
 @dataclass(frozen=True)
 class Cluster:
     base_url: str
     ws_url: str
     backend: str
+    database_url: str
+
+
+_TOKENS: dict[tuple[str, str], str] = {}
+
+
+def token(cluster: Cluster, user: str, *, staff: bool = False) -> str:
+    """A token for `user`, whose account is made on first use (the bearer guard needs it to exist),
+    signed with the cluster's own keys."""
+    if (cluster.database_url, user) not in _TOKENS:
+        role = "admin" if staff else "customer"
+        [_TOKENS[cluster.database_url, user]] = issue_tokens(
+            cluster.database_url, TEST_SECRET, [(user, role)]
+        )
+    return _TOKENS[cluster.database_url, user]
 
 
 def skip_unless_slow(request: pytest.FixtureRequest, why: str) -> None:
@@ -79,7 +87,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     workdir = tmp_path_factory.mktemp(f"rt-{backend}")
     proc, base_url, _ = start_mercato(workdir, ["api", "--host", "127.0.0.1", "--workers", "2"], env)
     try:
-        yield Cluster(base_url, base_url.replace("http://", "ws://") + "/v1/ws", backend)
+        yield Cluster(base_url, base_url.replace("http://", "ws://") + "/v1/ws", backend, url)
     finally:
         proc.terminate()
         try:
@@ -111,7 +119,7 @@ async def _cleanup(backend: str, prefix: str) -> None:
 
 
 def make_room(cluster: Cluster, members: list[str]) -> str:
-    staff = {"Authorization": f"Bearer {token(str(uuid.uuid4()), staff=True)}"}
+    staff = {"Authorization": f"Bearer {token(cluster, str(uuid.uuid4()), staff=True)}"}
     created = httpx.post(
         f"{cluster.base_url}/v1/chat/rooms", json={"name": "t", "members": members}, headers=staff, timeout=10
     )
@@ -122,7 +130,7 @@ def make_room(cluster: Cluster, members: list[str]) -> str:
 async def open_ws(cluster: Cluster, user: str, **kwargs: Any) -> tuple[ClientConnection, str]:
     """A connection and the server node (process) that holds it."""
     ws = await connect(
-        cluster.ws_url, additional_headers={"Authorization": f"Bearer {token(user)}"}, **kwargs
+        cluster.ws_url, additional_headers={"Authorization": f"Bearer {token(cluster, user)}"}, **kwargs
     )
     ready = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
     assert ready["type"] == "ready"
