@@ -21,6 +21,7 @@ from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.api_keys import app as api_keys_app
 from mercato.cli.dlq import app as dlq_app
+from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
@@ -51,6 +52,7 @@ app.add_typer(provider_app, name="provider")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
+app.add_typer(observability_app, name="observability")
 console = Console(stderr=True)
 
 
