@@ -58,9 +58,9 @@ def render_scrape_config(
     ]
     if settings.http.workers > 1 and not api:
         out.append(
-            f"# WARNING: MERCATO_HTTP_WORKERS={settings.http.workers} processes share port {settings.http.port} and each "
-            "keeps its own counters: a scrape sees one of them at random. Run one process per port and list them "
-            "with --api host:port."
+            f"# WARNING: MERCATO_HTTP_WORKERS={settings.http.workers} processes share port "
+            f"{settings.http.port} and each keeps its own counters: a scrape sees one of them at "
+            "random. Run one process per port and list them with --api host:port."
         )
     out += [
         "global:",
@@ -94,17 +94,22 @@ def scrape_config(
         list[str] | None, typer.Option("--api", help="An API process to scrape, host:port (repeatable)")
     ] = None,
     worker: Annotated[
-        list[str] | None, typer.Option("--worker", help="A worker's probe port to scrape, host:port (repeatable)")
+        list[str] | None,
+        typer.Option("--worker", help="A worker's probe port to scrape, host:port (repeatable)"),
     ] = None,
     rules: Annotated[
         list[str] | None,
-        typer.Option("--rules", help="A rule file (glob) for Prometheus to load, e.g. deploy/prometheus/rules/*.yml"),
+        typer.Option(
+            "--rules", help="A rule file (glob) for Prometheus to load, e.g. deploy/prometheus/rules/*.yml"
+        ),
     ] = None,
     interval_s: Annotated[int, typer.Option("--interval-s", min=1, max=300, help="Scrape interval")] = 15,
 ) -> None:
     """Print a prometheus.yml for the processes of the current settings."""
     typer.echo(
-        render_scrape_config(get_settings(), api=api, workers=worker, rule_files=rules, interval_s=interval_s),
+        render_scrape_config(
+            get_settings(), api=api, workers=worker, rule_files=rules, interval_s=interval_s
+        ),
         nl=False,
     )
 
@@ -113,7 +118,9 @@ def scrape_config(
 def slo_rules(
     check: Annotated[
         Path | None,
-        typer.Option("--check", dir_okay=False, help="Exit 1 if this file differs from the rules the code renders"),
+        typer.Option(
+            "--check", dir_okay=False, help="Exit 1 if this file differs from the rules the code renders"
+        ),
     ] = None,
 ) -> None:
     """Print the SLO recording and burn-rate alert rules (deploy/prometheus/rules/slos.rules.yml)."""

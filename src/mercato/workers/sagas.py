@@ -6,7 +6,7 @@ import os
 import socket
 
 from mercato.bootstrap import Container
-from mercato.kit.sagas import SagaRunner
+from mercato.kit.sagas import PrometheusSagaHook, SagaRunner
 
 
 def build_saga_runner(container: Container, *, owner: str | None = None) -> SagaRunner:
@@ -23,6 +23,8 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         lease_s=checkout.saga_lease_s,
         concurrency=checkout.saga_concurrency,
         wakeups=container.saga_wakeups,
+        # On the container's registry, which the worker's /metrics and the API's (`mercato up`) serve.
+        hook=PrometheusSagaHook.for_registry(container.metrics_registry),
     )
     container.checkout.on_saga_started(runner.wake)
     return runner
