@@ -243,9 +243,11 @@ def render_rules() -> str:
         "      labels:",
         "        severity: ticket",
         "      annotations:",
-        "        summary: '{{ $value }} {{ $labels.saga_type }} sagas {{ $labels.status }} past their deadline'",
-        "        description: 'Active sagas more than a minute past their deadline: no runner, a compensation "
-        "parked on a breaker that stays open, or a runner losing its lease. List them: GET /v1/admin/sagas.'",
+        "        summary: '{{ $value }} {{ $labels.saga_type }} sagas {{ $labels.status }} "
+        "past their deadline'",
+        "        description: 'Active sagas more than a minute past their deadline: no runner, a "
+        "compensation parked on a breaker that stays open, or a runner losing its lease. "
+        "List them: GET /v1/admin/sagas.'",
         "        runbook: 'docs/operations.md#slos-and-alerts'",
     ]
     return "\n".join(out) + "\n"
