@@ -247,7 +247,7 @@ def render_rules() -> str:
         "past their deadline'",
         "        description: 'Active sagas more than a minute past their deadline: no runner, a "
         "compensation parked on a breaker that stays open, or a runner losing its lease. "
-        "List them: GET /v1/admin/sagas.'",
+        "List them: GET /admin/sagas.'",
         "        runbook: 'docs/operations.md#slos-and-alerts'",
     ]
     return "\n".join(out) + "\n"
