@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mercato.kit.observability.metrics import LATENCY_BUCKETS
+from mercato.shop.checkout.model import ORDER_SAGA
 
 __all__ = [
     "ALERTS",
@@ -144,8 +145,8 @@ SLOS: tuple[Slo, ...] = (
         "checkout",
         "completion",
         0.999,
-        total=f'mercato_saga_finished_total{{job=~"{SAGA_JOBS}",saga_type="order"}}',
-        bad=f'mercato_saga_finished_total{{job=~"{SAGA_JOBS}",saga_type="order",status="failed"}}',
+        total=f'mercato_saga_finished_total{{job=~"{SAGA_JOBS}",saga_type="{ORDER_SAGA}"}}',
+        bad=f'mercato_saga_finished_total{{job=~"{SAGA_JOBS}",saga_type="{ORDER_SAGA}",status="failed"}}',
         description="99.9% of accepted checkouts end completed or compensated, never failed (stuck "
         "in a half-undone state that needs an operator)",
     ),
