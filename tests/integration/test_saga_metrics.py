@@ -143,5 +143,7 @@ async def test_the_worker_records_saga_metrics_on_the_registry_its_metrics_port_
     await watch.run()
     exposed = generate_latest(container.metrics_registry).decode()
     assert 'mercato_saga_stuck{saga_type="order",status="running"} 1.0' in exposed
-    assert "# TYPE mercato_saga_finished_total counter" in exposed
+    # Every terminal state of every saga type is exported at 0 before any saga ends there.
+    for status in ("completed", "compensated", "failed"):
+        assert f'mercato_saga_finished_total{{saga_type="order_checkout",status="{status}"}} 0.0' in exposed
     assert "# TYPE mercato_saga_duration_seconds histogram" in exposed

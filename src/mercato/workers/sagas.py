@@ -13,6 +13,8 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
     """A runner for every saga the container defines; in-process checkouts wake it at once, and on
     PostgreSQL so do checkouts committed by other processes (`mercato api` beside this worker)."""
     checkout = container.settings.checkout
+    hook = PrometheusSagaHook.for_registry(container.metrics_registry)
+    hook.declare(container.saga_definitions)
     runner = SagaRunner(
         container.db,
         container.sagas,
@@ -24,7 +26,7 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         concurrency=checkout.saga_concurrency,
         wakeups=container.saga_wakeups,
         # On the container's registry, which the worker's /metrics and the API's (`mercato up`) serve.
-        hook=PrometheusSagaHook.for_registry(container.metrics_registry),
+        hook=hook,
     )
     container.checkout.on_saga_started(runner.wake)
     return runner

@@ -8,15 +8,19 @@ many end `failed` (a compensation gave up: an operator must look), and how many 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mercato.kit.sagas.store import SagaStatus
+
 __all__ = ["NullSagaHook", "PrometheusSagaHook", "SagaHook"]
 
 # Seconds from a saga's start to its terminal state: checkout completes in well under a second when
 # the providers answer, and a compensating one may take up to its deadline (120 s by default) or more.
+TERMINAL_STATUSES = tuple(status.value for status in SagaStatus if status.terminal)
 SAGA_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
@@ -83,6 +87,13 @@ class PrometheusSagaHook:
         if hook is None:
             hook = _BY_REGISTRY[registry] = cls(registry)
         return hook
+
+    def declare(self, saga_types: Iterable[str]) -> None:
+        """Export every terminal state of these saga types at 0 before the first one ends there: a
+        series that appears at 1 has no increase to rate, so its first event would be lost."""
+        for saga_type in saga_types:
+            for status in TERMINAL_STATUSES:
+                self.finished_total.labels(saga_type, status)
 
     def step(self, *, saga_type: str, step: str, direction: str, outcome: str) -> None:
         self.steps.labels(saga_type, step, direction, outcome).inc()
