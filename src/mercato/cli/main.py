@@ -25,6 +25,7 @@ from mercato.cli.backup import restore_command
 from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
+from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
@@ -59,6 +60,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(backup_app, name="backup")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
+app.add_typer(observability_app, name="observability")
 console = Console(stderr=True)
 
 

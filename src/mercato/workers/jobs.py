@@ -8,10 +8,15 @@ from dataclasses import dataclass
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
+from mercato.kit.sagas import PrometheusSagaHook
 from mercato.workers.notifier import build_notifier
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
 from mercato.workers.reconcile import ReadModelReconciliation
 from mercato.workers.retention import MessagingRetention
+
+# A saga still active this long after its deadline is stuck (`mercato_saga_stuck`); counted this often.
+SAGA_STUCK_GRACE_S = 60.0
+SAGA_WATCH_INTERVAL_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,12 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def purge_revoked_tokens() -> int:
         # A revocation outlives its token by nothing: the token is refused by its own expiry after.
         return 0 if container.sessions is None else await container.sessions.purge_expired()
+
+    saga_metrics = PrometheusSagaHook.for_registry(container.metrics_registry)
+
+    async def watch_sagas() -> int:
+        saga_metrics.stuck(await container.sagas.stuck_counts(grace_s=SAGA_STUCK_GRACE_S))
+        return 0  # a gauge refreshed every pass, not items
 
     return [
         PeriodicJob(
@@ -128,4 +139,6 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         PeriodicJob("notifier", worker.notify_interval_s, deliver_notifications, batch=worker.notify_batch),
         # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
         PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
+        # Sagas past their deadline and still active: `mercato_saga_stuck`, alerted on (deploy/prometheus).
+        PeriodicJob("watch_sagas", SAGA_WATCH_INTERVAL_S, watch_sagas),
     ]

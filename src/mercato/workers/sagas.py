@@ -6,13 +6,15 @@ import os
 import socket
 
 from mercato.bootstrap import Container
-from mercato.kit.sagas import SagaRunner
+from mercato.kit.sagas import PrometheusSagaHook, SagaRunner
 
 
 def build_saga_runner(container: Container, *, owner: str | None = None) -> SagaRunner:
     """A runner for every saga the container defines; in-process checkouts wake it at once, and on
     PostgreSQL so do checkouts committed by other processes (`mercato api` beside this worker)."""
     checkout = container.settings.checkout
+    hook = PrometheusSagaHook.for_registry(container.metrics_registry)
+    hook.declare(container.saga_definitions)
     runner = SagaRunner(
         container.db,
         container.sagas,
@@ -23,6 +25,8 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         lease_s=checkout.saga_lease_s,
         concurrency=checkout.saga_concurrency,
         wakeups=container.saga_wakeups,
+        # On the container's registry, which the worker's /metrics and the API's (`mercato up`) serve.
+        hook=hook,
     )
     container.checkout.on_saga_started(runner.wake)
     return runner

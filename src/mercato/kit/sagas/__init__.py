@@ -15,15 +15,19 @@ from mercato.kit.sagas.definition import (
     StepContext,
     StepRejected,
 )
+from mercato.kit.sagas.metrics import NullSagaHook, PrometheusSagaHook, SagaHook
 from mercato.kit.sagas.runner import SagaRunner
 from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStepRecord, SagaStore
 from mercato.kit.sagas.wakeups import PostgresSagaWakeups, SagaWakeups
 
 __all__ = [
     "EventSink",
+    "NullSagaHook",
     "PostgresSagaWakeups",
+    "PrometheusSagaHook",
     "RetrySchedule",
     "SagaDefinition",
+    "SagaHook",
     "SagaInstance",
     "SagaRunner",
     "SagaStatus",

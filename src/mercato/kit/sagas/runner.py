@@ -43,6 +43,7 @@ from mercato.kit.coordination import LeaseLost
 from mercato.kit.observability import get_logger
 from mercato.kit.resilience import CircuitOpen
 from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
+from mercato.kit.sagas.metrics import NullSagaHook, SagaHook
 from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStore
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database
@@ -72,8 +73,10 @@ class SagaRunner:
         poll_s: float = 0.2,
         rng: random.Random | None = None,
         wakeups: SagaWakeups | None = None,
+        hook: SagaHook | None = None,
     ) -> None:
         self._db = db
+        self._hook: SagaHook = hook or NullSagaHook()
         self._store = store
         self._definitions = dict(definitions)
         self._clock = clock
@@ -323,6 +326,7 @@ class SagaRunner:
                     finished_at=self._clock.now(),
                     lease_expires_at=None,
                 )
+            self._finished(saga, SagaStatus.FAILED)
             _log.error("saga_needs_attention", saga_id=str(saga.id), step=step.name)
             return None
 
@@ -365,11 +369,13 @@ class SagaRunner:
             outcome="succeeded",
             duration_ms=_elapsed_ms(started),
         )
+        self._hook.step(saga_type=saga.saga_type, step=step.name, direction=direction, outcome="succeeded")
         if ctx.events and self._events is not None:
             await self._events.add(conn, ctx.events)
         if done is None:
             return saga
         await self._run_finish_hook(conn, saga, definition, done)
+        self._finished(saga, done)
         return None
 
     async def _store_step(
@@ -393,6 +399,7 @@ class SagaRunner:
             error=_describe(exc),
             duration_ms=_elapsed_ms(started),
         )
+        self._hook.step(saga_type=saga.saga_type, step=step.name, direction=direction, outcome=outcome)
 
     async def _park(self, conn: AsyncConnection, saga: SagaInstance, attempt: int, delay_s: float) -> None:
         """Wait for the retry outside any lease: whichever runner is free when it is due takes it.
@@ -427,6 +434,12 @@ class SagaRunner:
             await self._write(
                 conn, saga, status=status.value, finished_at=self._clock.now(), lease_expires_at=None
             )
+        self._finished(saga, status)
+
+    def _finished(self, saga: SagaInstance, status: SagaStatus) -> None:
+        """Counted after the terminal write (a lost lease raises before it: not counted)."""
+        duration_s = (self._clock.now() - saga.created_at).total_seconds()
+        self._hook.finished(saga_type=saga.saga_type, status=status.value, duration_s=duration_s)
 
     async def _run_finish_hook(
         self, conn: AsyncConnection, saga: SagaInstance, definition: SagaDefinition, status: SagaStatus

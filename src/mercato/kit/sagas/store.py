@@ -401,6 +401,22 @@ class SagaStore:
         async with self._db.read() as conn:
             return [_instance(r) for r in await conn.execute(stmt)]
 
+    async def stuck_counts(self, *, grace_s: float) -> dict[tuple[str, str], int]:
+        """Active sagas past their deadline by more than `grace_s`, by (saga type, status).
+
+        Past its deadline a saga compensates, and runners claim it first (`_CLAIM_ORDER`); one still
+        active long after is stuck: no runner alive, a compensation parked on a breaker that never
+        closes, or a runner that keeps losing its lease.
+        """
+        cutoff = self._clock.now() - timedelta(seconds=grace_s)
+        stmt = (
+            select(saga_instances.c.saga_type, saga_instances.c.status, func.count())
+            .where(_is_active(), saga_instances.c.deadline_at < cutoff)
+            .group_by(saga_instances.c.saga_type, saga_instances.c.status)
+        )
+        async with self._db.read() as conn:
+            return {(str(r[0]), str(r[1])): int(r[2]) for r in await conn.execute(stmt)}
+
     async def counts(self) -> dict[str, int]:
         async with self._db.read() as conn:
             rows = await conn.execute(
