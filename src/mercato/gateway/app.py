@@ -95,6 +95,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _run_startup_checks(container)
+        if container.cache_bus is not None:
+            # Other processes' product changes drop this process's cached copies (kit/cache/bus.py).
+            await container.cache_bus.start(timeout_s=1.0)
         try:
             yield
         finally:

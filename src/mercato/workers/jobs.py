@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def purge_idempotency_keys() -> int:
         return await purge_expired(container.db, now=container.clock.now(), batch=1000)
 
-    return [
+    jobs = [
         PeriodicJob(
             "expire_reservations",
             worker.reservation_sweep_s,
@@ -82,3 +84,18 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             batch=100,
         ),
     ]
+    if container.product_cache is not None:
+        # Product changes from the stream drop the cached product everywhere (the durable path
+        # behind the writer's own invalidation; see shop/catalog/cache.py).
+        consumer = container.product_cache.invalidation_consumer(
+            container.db, container.stream, name=f"catalog-cache-{socket.gethostname()}-{os.getpid()}"
+        )
+        jobs.append(
+            PeriodicJob(
+                "catalog_cache_invalidation",
+                container.settings.messaging.relay_interval_s,
+                consumer.run_once,
+                batch=consumer.max_messages,
+            )
+        )
+    return jobs

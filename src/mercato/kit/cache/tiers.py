@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from mercato.kit.cache.entry import Entry, Fence
 from mercato.kit.cache.hooks import CacheHooks, NoCacheHooks
@@ -134,11 +135,19 @@ return 1
 """
 
 
+# A fence no epoch ever equals: what `fence` returns while Redis is unreachable (nothing is stored).
+_UNFENCEABLE: Fence = (-1, -1)
+
+
 class RedisTier:
     """Entries shared by every process, under `<prefix>:<epoch>:e:<key>` (versioned keys: a new
     epoch makes every old entry unreachable at once, and Redis's TTLs reclaim them).
 
     Generations live `generation_ttl_s` (longer than any load), so they do not accumulate.
+
+    Redis unreachable: reads are misses and stores are skipped (the origin serves, slower), but
+    `invalidate` raises: the caller must know the shared copy may still be there (the stream
+    consumer then retries the event until Redis is back).
     """
 
     def __init__(
@@ -168,26 +177,37 @@ class RedisTier:
         return int(await self._redis.get(self._epoch_key) or 0)
 
     async def get(self, key: str) -> Entry | None:
-        epoch = await self._current_epoch()
-        raw = await self._redis.get(self._entry_key(epoch, key))
+        try:
+            epoch = await self._current_epoch()
+            raw = await self._redis.get(self._entry_key(epoch, key))
+        except (RedisError, OSError):
+            return None
         if raw is None:
             return None
         entry = Entry.decode(raw if isinstance(raw, bytes) else raw.encode("latin-1"))
         return entry if entry.servable(self._clock.now().timestamp()) else None
 
     async def fence(self, key: str) -> Fence:
-        epoch, gen = await self._redis.mget([self._epoch_key, self._gen_key(key)])
+        try:
+            epoch, gen = await self._redis.mget([self._epoch_key, self._gen_key(key)])
+        except (RedisError, OSError):
+            return _UNFENCEABLE
         return (int(epoch or 0), int(gen or 0))
 
     async def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
         ttl_ms = int((entry.stale_until - self._clock.now().timestamp()) * 1000)
         if ttl_ms <= 0:
             return False
-        epoch, gen = fence if fence is not None else (await self._current_epoch(), 0)
-        stored = await self._set(
-            keys=[self._entry_key(epoch, key), self._gen_key(key), self._epoch_key],
-            args=[entry.encode(), ttl_ms, "1" if fence is not None else "0", gen, epoch],
-        )
+        if fence == _UNFENCEABLE:
+            return False
+        try:
+            epoch, gen = fence if fence is not None else (await self._current_epoch(), 0)
+            stored = await self._set(
+                keys=[self._entry_key(epoch, key), self._gen_key(key), self._epoch_key],
+                args=[entry.encode(), ttl_ms, "1" if fence is not None else "0", gen, epoch],
+            )
+        except (RedisError, OSError):
+            return False
         return bool(stored)
 
     async def invalidate(self, key: str) -> None:
