@@ -98,12 +98,12 @@ class Cache:
         if entry is not None and entry.fresh(now):
             self._hooks.lookup(self.name, tier, "negative" if entry.negative else "hit")
             if self._xfetch and self._due_early(entry, now):
-                self._refresh_in_background(key, loader)
+                self._refresh_in_background(key, loader, entry)
             return entry.value
         self._hooks.lookup(self.name, tier, "miss")
         if entry is not None and now < entry.fresh_until + self.ttls.stale_while_revalidate_s:
             self._hooks.stale_served(self.name, "revalidate")
-            self._refresh_in_background(key, loader)
+            self._refresh_in_background(key, loader, entry)
             return entry.value
         try:
             return (await self._load(key, loader)).value
@@ -137,10 +137,10 @@ class Cache:
         u = 1.0 - self._rng.random()  # (0, 1]
         return now - entry.delta_s * self.ttls.xfetch_beta * math.log(u) >= entry.fresh_until
 
-    def _refresh_in_background(self, key: str, loader: Loader) -> None:
+    def _refresh_in_background(self, key: str, loader: Loader, held: Entry) -> None:
         if key in self._flights:
             return
-        task = self._start_flight(key, loader)
+        task = self._start_flight(key, loader, held=held)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_consume_exception)
@@ -151,11 +151,24 @@ class Cache:
         task = self._flights.get(key) or self._start_flight(key, loader)
         return await asyncio.shield(task)
 
-    def _start_flight(self, key: str, loader: Loader) -> asyncio.Task[Entry]:
-        task = asyncio.ensure_future(self._load_and_store(key, loader))
+    def _start_flight(self, key: str, loader: Loader, *, held: Entry | None = None) -> asyncio.Task[Entry]:
+        work = self._refresh(key, loader, held) if held is not None else self._load_and_store(key, loader)
+        task = asyncio.ensure_future(work)
         self._flights[key] = task
         task.add_done_callback(lambda _: self._flights.pop(key, None))
         return task
+
+    async def _refresh(self, key: str, loader: Loader, held: Entry) -> Entry:
+        """Refresh the entry this process holds: another process may already have (its result is
+        in the shared tier, fresher than ours), and then the origin is not asked again."""
+        if self._shared is not None and self._local is not None:
+            fence = await self._local.fence(key)
+            shared = await self._shared.get(key)
+            now = self._now()
+            if shared is not None and shared.fresh(now) and shared.fresh_until > held.fresh_until:
+                await self._local.set(key, self._localized(shared, now), fence=fence)
+                return shared
+        return await self._load_and_store(key, loader)
 
     async def _load_and_store(self, key: str, loader: Loader) -> Entry:
         fences: list[tuple[Tier, Fence]] = []
