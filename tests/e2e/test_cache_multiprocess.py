@@ -133,7 +133,8 @@ def test_a_change_reaches_the_other_process_quickly(servers: Servers) -> None:
     p50 = statistics.median(latencies)
     p99 = latencies[int(0.99 * len(latencies)) - 1]
     print(
-        f"\nwrite → other process serves it: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
+        f"\nwrite → other process serves it: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms"
     )
     assert p99 < 0.2
 
@@ -186,7 +187,8 @@ def test_no_reader_sees_the_old_version_after_the_bound(servers: Servers) -> Non
     ]
     after = sum(1 for started, _, _ in reads if started > done[0][0] + BOUND_S)
     print(
-        f"\n{len(reads)} reads by {readers} readers, {len(done)} writes, {after} reads after the first bound, {len(stale)} stale"
+        f"\n{len(reads)} reads by {readers} readers, {len(done)} writes, "
+        f"{after} reads after the first bound, {len(stale)} stale"
     )
     assert after > 1000
     assert stale == []

@@ -77,14 +77,17 @@ async def test_set_then_get_round_trips_value_and_timing(tier: Tier, clock: Manu
 async def test_negative_entries_round_trip(tier: Tier, clock: ManualClock) -> None:
     assert await tier.set("gone", _entry(clock, None))
     got = await tier.get("gone")
-    assert got is not None and got.negative and got.value is None
+    assert got is not None
+    assert got.negative
+    assert got.value is None
 
 
 async def test_entry_past_its_stale_window_is_not_served(tier: Tier, clock: ManualClock) -> None:
     await tier.set("k", _entry(clock, b"v", fresh_s=1, stale_s=1))
     clock.advance(1.5)
     got = await tier.get("k")
-    assert got is not None and not got.fresh(clock.now().timestamp())
+    assert got is not None
+    assert not got.fresh(clock.now().timestamp())
     clock.advance(1.0)
     assert await tier.get("k") is None
 
@@ -100,7 +103,8 @@ async def test_invalidate_drops_the_key_and_refuses_a_store_fenced_before_it(
     assert await tier.get("k") is None
     assert await tier.set("k", _entry(clock, b"v2"), fence=await tier.fence("k"))
     got = await tier.get("k")
-    assert got is not None and got.value == b"v2"
+    assert got is not None
+    assert got.value == b"v2"
 
 
 async def test_invalidating_one_key_leaves_other_fences_valid(tier: Tier, clock: ManualClock) -> None:
@@ -116,7 +120,8 @@ async def test_invalidate_all_drops_everything_and_every_outstanding_fence(
     await tier.set("b", _entry(clock, b"b"))
     fence = await tier.fence("c")
     await tier.invalidate_all()
-    assert await tier.get("a") is None and await tier.get("b") is None
+    assert await tier.get("a") is None
+    assert await tier.get("b") is None
     assert not await tier.set("c", _entry(clock, b"c"), fence=fence)
 
 
@@ -124,7 +129,9 @@ async def test_invalidate_all_drops_everything_and_every_outstanding_fence(
 
 
 def _cache(tier: Tier, clock: ManualClock, **kwargs: object) -> Cache:
-    ttls = CacheTtls(fresh_s=10, stale_while_revalidate_s=5, stale_if_error_s=60, negative_s=2, local_fresh_s=10)
+    ttls = CacheTtls(
+        fresh_s=10, stale_while_revalidate_s=5, stale_if_error_s=60, negative_s=2, local_fresh_s=10
+    )
     return Cache("test", local=tier, ttls=ttls, clock=clock, rng=random.Random(7), **kwargs)  # type: ignore[arg-type]
 
 

@@ -31,11 +31,15 @@ async def test_a_cached_product_and_its_304_are_answered_without_the_database(co
             )
             v2 = await client.get(f"/v2/products/{item.id}")
         assert tally.statements == [], tally.report()
-        assert again.status_code == 200 and again.content == first.content
-        assert revalidated.status_code == 304 and revalidated.headers["etag"] == etag
+        assert again.status_code == 200
+        assert again.content == first.content
+        assert revalidated.status_code == 304
+        assert revalidated.headers["etag"] == etag
         assert v2_revalidated.status_code == 304
-        assert v2.status_code == 200 and v2.json()["price"] == {"amount": "15.00", "currency": "EUR"}
-        assert v2.json()["status"] == "active" and "version" not in v2.json()
+        assert v2.status_code == 200
+        assert v2.json()["price"] == {"amount": "15.00", "currency": "EUR"}
+        assert v2.json()["status"] == "active"
+        assert "version" not in v2.json()
 
 
 async def test_not_found_is_cached_briefly(container: Container) -> None:
@@ -97,7 +101,8 @@ async def test_product_changes_are_published_with_their_schema(container: Contai
         (PRODUCT_CHANGED, "updated", 2),
     ]
     assert events[1].data["price_minor"] == 350
-    assert events[1].dataschema is not None and events[1].dataschema.endswith("product_changed/v1")
+    assert events[1].dataschema is not None
+    assert events[1].dataschema.endswith("product_changed/v1")
 
 
 async def test_public_catalog_responses_carry_surrogate_keys(container: Container) -> None:
@@ -134,7 +139,8 @@ async def test_purge_by_tag_drops_the_cached_product_and_is_staff_only(container
         purged = await client.post(
             "/admin/cache/purge", json={"tags": [f"product:{item.id}", "unknown"]}, headers=admin(container)
         )
-        assert purged.status_code == 200 and purged.json() == {"purged": 1}
+        assert purged.status_code == 200
+        assert purged.json() == {"purged": 1}
         with counting(container) as tally:
             await client.get(url)
         assert tally.statements, "after a purge the product is loaded again"

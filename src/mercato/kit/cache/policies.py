@@ -111,17 +111,20 @@ class CountMinSketch:
     until a halving). Counters saturate at 15, as 4-bit counters would; every `sample` increments
     all counters are halved (the "reset" that lets old popularity fade)."""
 
-    _SEEDS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
+    _DEPTH = 4
 
     def __init__(self, *, width: int, sample: int) -> None:
         self._width = max(16, width)
-        self._rows = [[0] * self._width for _ in self._SEEDS]
+        self._rows = [[0] * self._width for _ in range(self._DEPTH)]
         self._sample = max(1, sample)
         self._additions = 0
 
     def _indexes(self, key: str) -> list[int]:
-        h = hash(key)
-        return [((h ^ seed) * 0x100000001B3 >> 7) % self._width for seed in self._SEEDS]
+        # Double hashing (Kirsch & Mitzenmacher): row i uses h1 + i * h2, from one hash() call.
+        h = hash(key) & 0xFFFFFFFFFFFFFFFF
+        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+        width = self._width
+        return [(h1 + i * h2) % width for i in range(self._DEPTH)]
 
     def add(self, key: str) -> None:
         for row, index in zip(self._rows, self._indexes(key), strict=True):
