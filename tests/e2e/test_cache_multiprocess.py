@@ -140,7 +140,11 @@ def test_a_change_reaches_the_other_process_quickly(servers: Servers) -> None:
 
 
 @pytest.mark.slow
-def test_no_reader_sees_the_old_version_after_the_bound(servers: Servers) -> None:
+def test_no_reader_sees_the_old_version_after_the_bound(
+    servers: Servers, request: pytest.FixtureRequest
+) -> None:
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("1,000 concurrent readers for ~10 s: run it with -m slow")
     readers, writes = 1000, 5
 
     async def run() -> tuple[list[tuple[float, int, int]], list[tuple[float, int]]]:
