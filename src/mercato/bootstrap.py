@@ -12,11 +12,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.auth.keys import KeyRing
+from mercato.kit.cache import (
+    Cache,
+    CacheTtls,
+    MemoryTier,
+    PrometheusCacheHooks,
+    RedisInvalidationBus,
+    RedisTier,
+    TinyLfuStore,
+)
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
@@ -53,6 +62,9 @@ from mercato.providers.psp.client import PspClient
 from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
+from mercato.shop.catalog.api import product_body
+from mercato.shop.catalog.cache import ProductCache
+from mercato.shop.catalog.events import ProductEvents
 from mercato.shop.catalog.service import CatalogService
 from mercato.shop.chat.service import ChatHistory, ChatService
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
@@ -126,8 +138,17 @@ class Container:
     api_keys: ApiKeyService | None = None
     # The access-token signing keys (ADR 0036): the ring `token_codec` uses, reloaded from the database.
     signing_keys: SigningKeyStore | None = None
+    # GET /v{N}/products/{id} through the application cache (None: `cache.enabled` is off); with a
+    # Redis tier, `cache_bus` carries invalidations to the other processes (started by the app).
+    product_cache: ProductCache | None = None
+    cache_bus: RedisInvalidationBus | None = None
+    cache_redis: Redis | None = None
 
     async def close(self) -> None:
+        if self.cache_bus is not None:
+            await self.cache_bus.aclose()
+        if self.cache_redis is not None:
+            await self.cache_redis.aclose()
         await self.psp.aclose()
         await self.carrier.aclose()
         if isinstance(self.stream, JetStreamStream | RedisStream):
@@ -191,7 +212,10 @@ def build_container(
         hash_key=ApiKeyService.derive_hash_key(auth.secret.get_secret_value()),
         cache_ttl_s=auth.api_key_cache_s,
     )
-    catalog = CatalogService(db, clock)
+    outbox = Outbox(clock=clock)
+    catalog = CatalogService(
+        db, clock, outbox=outbox, events=ProductEvents(clock=clock, contract=event_catalog())
+    )
     shop = settings.shop
     # The catalog service is the cart's PriceBook; the cart service is the orders' CartSource.
     cart = CartService(
@@ -229,7 +253,6 @@ def build_container(
         remote_retry=RetrySchedule(max_attempts=settings.checkout.provider_attempts, base_s=0.1, cap_s=2.0),
         clock=clock,
     )
-    outbox = Outbox(clock=clock)
     # Every event is stamped with its schema version and validated before it reaches the outbox.
     saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock, contract=event_catalog())
     checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
@@ -247,6 +270,9 @@ def build_container(
     chat = ChatService(db, clock, order_owner=order_owner, history_ttl_s=settings.realtime.history_ttl_s)
     channel_history = SqlChannelHistory(db, clock=clock)
     hub = build_hub(settings, db, chat=chat, channel_history=channel_history, registry=metrics_registry)
+    product_cache, cache_bus, cache_redis = build_product_cache(
+        settings, catalog, clock=clock, registry=metrics_registry
+    )
     return Container(
         settings=settings,
         clock=clock,
@@ -287,7 +313,66 @@ def build_container(
         sessions=sessions,
         api_keys=api_keys,
         signing_keys=signing_keys,
+        product_cache=product_cache,
+        cache_bus=cache_bus,
+        cache_redis=cache_redis,
     )
+
+
+def cache_redis_url(settings: Settings) -> str | None:
+    """The Redis of the cache's shared tier, or None for memory only. `auto` follows the rate
+    limiter's and the stream's choice: Redis when either is configured on it."""
+    cache = settings.cache
+    if cache.backend == "memory":
+        return None
+    fallback = None
+    if settings.ratelimit.backend == "redis":
+        fallback = settings.ratelimit.redis_url
+    elif settings.messaging.backend == "redis":
+        fallback = settings.messaging.redis_url
+    if cache.backend == "redis":
+        return cache.redis_url or fallback or settings.ratelimit.redis_url
+    return cache.redis_url or fallback
+
+
+def build_product_cache(
+    settings: Settings, catalog: CatalogService, *, clock: Clock, registry: CollectorRegistry
+) -> tuple[ProductCache | None, RedisInvalidationBus | None, Redis | None]:
+    """The product cache: a memory tier (LRU or W-TinyLFU, bounded by bytes) and, when Redis is
+    configured, a Redis tier and the pub/sub bus. Connects lazily: no I/O here."""
+    cache = settings.cache
+    if not cache.enabled:
+        return None, None, None
+    hooks = PrometheusCacheHooks(registry)
+    # W-TinyLFU's sketch is sized for ~1 KiB values (a product body is 0.5-2 KiB).
+    expected = max(1000, cache.memory_max_bytes // 1024)
+    store = (
+        TinyLfuStore(max_bytes=cache.memory_max_bytes, expected_entries=expected)
+        if cache.policy == "tinylfu"
+        else None
+    )
+    local = MemoryTier(store, max_bytes=cache.memory_max_bytes, clock=clock, hooks=hooks)
+    url = cache_redis_url(settings)
+    redis = bus = shared = None
+    if url is not None:
+        redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(url, max_connections=64, timeout=1.0),
+            socket_timeout=0.25,
+            socket_connect_timeout=0.25,
+        )
+        shared = RedisTier(redis, prefix=cache.key_prefix, clock=clock)
+        bus = RedisInvalidationBus(redis, channel=f"{cache.key_prefix}:invalidate")
+    ttls = CacheTtls(
+        fresh_s=cache.fresh_s,
+        stale_while_revalidate_s=cache.stale_while_revalidate_s,
+        stale_if_error_s=cache.stale_if_error_s,
+        negative_s=cache.negative_s,
+        local_fresh_s=cache.local_fresh_s,
+    )
+    products = Cache("products", local=local, shared=shared, ttls=ttls, bus=bus, clock=clock, hooks=hooks)
+    product_cache = ProductCache(catalog, products, render=product_body)
+    catalog.on_change(product_cache.invalidate)
+    return product_cache, bus, redis
 
 
 def build_stream(

@@ -219,6 +219,29 @@ class EdgeCacheSettings(BaseModel):
     list_stale_while_revalidate_s: int = Field(default=60, ge=0, le=86_400)
 
 
+class CacheSettings(BaseModel):
+    """The application cache of public catalog reads (kit/cache, ADR 0034/0035).
+
+    `backend`: `memory` (per process), `redis` (a shared Redis tier behind each process's memory
+    tier, invalidations broadcast on pub/sub), or `auto`: `redis` when Redis is configured for the
+    stream or the rate limiter, else `memory`. Env: `MERCATO_CACHE_BACKEND=redis`.
+    `local_fresh_s` bounds how long a process trusts its own copy (the staleness bound if an
+    invalidation message is lost); `memory_max_bytes` bounds the in-process tier.
+    """
+
+    enabled: bool = True
+    backend: Literal["auto", "memory", "redis"] = "auto"
+    redis_url: str | None = None  # None: the stream's or the rate limiter's Redis
+    key_prefix: str = "mercato:cache"
+    policy: Literal["lru", "tinylfu"] = "tinylfu"
+    memory_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=16 * 1024**3)
+    fresh_s: float = Field(default=300.0, gt=0, le=86_400)
+    local_fresh_s: float = Field(default=30.0, gt=0, le=86_400)
+    stale_while_revalidate_s: float = Field(default=30.0, ge=0, le=86_400)
+    stale_if_error_s: float = Field(default=600.0, ge=0, le=86_400)
+    negative_s: float = Field(default=5.0, ge=0, le=3600)
+
+
 DEFAULT_SIGNING_KEY = "dev-only-insecure-url-signing-key-change-me-0123456789"
 
 
@@ -379,6 +402,7 @@ class Settings(BaseSettings):
     messaging: MessagingSettings = MessagingSettings()
     backpressure: BackpressureSettings = BackpressureSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
+    cache: CacheSettings = CacheSettings()
     signing: SigningSettings = SigningSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     network: NetworkSettings = NetworkSettings()
@@ -430,6 +454,8 @@ class Settings(BaseSettings):
         data["seed"]["admin_password"] = "********"  # noqa: S105 - the mask itself
         data["database"]["url"] = _mask_url(self.database.url)
         data["ratelimit"]["redis_url"] = _mask_url(self.ratelimit.redis_url)
+        if self.cache.redis_url:
+            data["cache"]["redis_url"] = _mask_url(self.cache.redis_url)
         return data
 
 

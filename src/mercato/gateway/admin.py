@@ -9,8 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
 from mercato.bootstrap import Container
 from mercato.kit.auth import Principal
@@ -174,3 +175,51 @@ async def saga_stats(request: Request, _: Operator) -> SagaStatsOut:
     return SagaStatsOut(
         counts=counts, total=sum(counts.values()), needs_attention=counts[SagaStatus.FAILED.value]
     )
+
+
+CatalogAdmin = Annotated[Principal, Depends(require_scopes("catalog:write"))]
+MAX_PURGE_ITEMS = 1000
+
+
+class PurgeIn(BaseModel):
+    """What to drop from the application cache: cache keys as stored (`product:r1:<id>`) and/or
+    the tags public catalog responses carry in `Surrogate-Key` (`product:<id>`, `products`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    keys: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=MAX_PURGE_ITEMS
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=MAX_PURGE_ITEMS
+    )
+
+
+class PurgeOut(BaseModel):
+    purged: int = Field(description="Keys and tags invalidated (unknown tags are ignored).")
+
+
+@router.post(
+    "/cache/purge",
+    response_model=PurgeOut,
+    summary="Purge the application cache by key or Surrogate-Key tag",
+    description=(
+        "What a CDN's purge hook (or an operator) calls after an out-of-band change: every process "
+        "drops the keys (local tiers through the invalidation bus, the Redis tier at once). Tags are "
+        "the ones public catalog responses carry in `Surrogate-Key`."
+    ),
+    responses={
+        **problem_responses(401, 403, 422, 503),
+        200: {"description": "Purged", "headers": PRIVATE_HEADER_DOC},
+    },
+)
+async def purge_cache(request: Request, body: PurgeIn, _: CatalogAdmin) -> PurgeOut:
+    container = cast(Container, request.app.state.container)
+    if container.product_cache is None:
+        return PurgeOut(purged=0)
+    try:
+        purged = await container.product_cache.purge(keys=body.keys, tags=body.tags)
+    except (RedisError, OSError) as exc:
+        # The shared tier is unreachable: the purge did not happen everywhere; the CDN retries.
+        raise HTTPException(503, headers={"Retry-After": "1"}) from exc
+    return PurgeOut(purged=purged)

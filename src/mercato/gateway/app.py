@@ -125,6 +125,9 @@ def create_app(
                 _log.warning("signing_keys_not_loaded", exc_info=True)
             reloader = asyncio.create_task(container.signing_keys.run_reloader())
         await realtime.start()
+        if container.cache_bus is not None:
+            # Other processes' product changes drop this process's cached copies (kit/cache/bus.py).
+            await container.cache_bus.start(timeout_s=1.0)
         try:
             yield
         finally:

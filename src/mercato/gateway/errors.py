@@ -79,6 +79,7 @@ _SLUG_BY_STATUS = {
     413: "payload-too-large",
     415: "unsupported-media-type",
     400: "bad-request",
+    503: "dependency-unavailable",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,7 +74,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         saga_metrics.stuck(await container.sagas.stuck_counts(grace_s=SAGA_STUCK_GRACE_S))
         return 0  # a gauge refreshed every pass, not items
 
-    return [
+    jobs = [
         PeriodicJob(
             "purge_revoked_tokens", container.settings.idempotency.purge_interval_s, purge_revoked_tokens
         ),
@@ -142,3 +144,18 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # Sagas past their deadline and still active: `mercato_saga_stuck`, alerted on (deploy/prometheus).
         PeriodicJob("watch_sagas", SAGA_WATCH_INTERVAL_S, watch_sagas),
     ]
+    if container.product_cache is not None:
+        # Product changes from the stream drop the cached product everywhere (the durable path
+        # behind the writer's own invalidation; see shop/catalog/cache.py).
+        consumer = container.product_cache.invalidation_consumer(
+            container.db, container.stream, name=f"catalog-cache-{socket.gethostname()}-{os.getpid()}"
+        )
+        jobs.append(
+            PeriodicJob(
+                "catalog_cache_invalidation",
+                container.settings.messaging.relay_interval_s,
+                consumer.run_once,
+                batch=consumer.max_messages,
+            )
+        )
+    return jobs

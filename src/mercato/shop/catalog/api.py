@@ -32,6 +32,7 @@ from mercato.kit.web.etags import (
 )
 from mercato.kit.web.numbers import WHOLE_NUMBER, JsonInt
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.shop.catalog.cache import ProductCache, product_tags
 from mercato.shop.catalog.model import (
     NewProduct,
     Product,
@@ -116,6 +117,11 @@ def product_dict(product: Product) -> dict[str, Any]:
     }
 
 
+def product_body(product: Product) -> bytes:
+    """The v1 body of a product: what the product cache stores and `GET /v1/products/{id}` sends."""
+    return orjson.dumps(product_dict(product))
+
+
 def product_etag(product: Product, representation: str = "v1") -> str:
     """Strong ETag of one stored version in one representation; every change bumps `version`."""
     return VersionTag("product", str(product.id), product.version, representation).render()
@@ -131,7 +137,15 @@ def catalog_service(request: Request) -> CatalogService:
     return cast(CatalogService, request.app.state.catalog)
 
 
+def product_cache(request: Request) -> ProductCache | None:
+    return cast(ProductCache | None, getattr(request.app.state, "product_cache", None))
+
+
 Service = Annotated[CatalogService, Depends(catalog_service)]
+Products = Annotated[ProductCache | None, Depends(product_cache)]
+# Public catalog responses name what they show, so an edge cache can purge exactly those.
+SURROGATE_KEY = "Surrogate-Key"
+CATALOG_TAG = "products"
 Admin = Annotated[Principal, Depends(require_scopes("catalog:write"))]
 ProductIdPath = Annotated[str, Path(min_length=1, max_length=64)]
 IfNoneMatch = Annotated[
@@ -209,7 +223,10 @@ async def list_products(
         max_price_minor=max_price_minor,
         q=q,
     )
-    return _json({"items": [product_dict(p) for p in items], "next_cursor": next_cursor})
+    return _json(
+        {"items": [product_dict(p) for p in items], "next_cursor": next_cursor},
+        headers={SURROGATE_KEY: CATALOG_TAG},
+    )
 
 
 async def browse_page(
@@ -264,13 +281,24 @@ async def browse_page(
     responses={**problem_responses(404), **ETAG_OK, **NOT_MODIFIED},
 )
 async def get_product(
-    product_id: ProductIdPath, service: Service, if_none_match: IfNoneMatch = None
+    product_id: ProductIdPath, service: Service, products: Products, if_none_match: IfNoneMatch = None
 ) -> Response:
-    product = await service.get(_product_id(product_id))
-    etag = product_etag(product)
+    parsed = _product_id(product_id)
+    if products is None:
+        product = await service.get(parsed)
+        etag = product_etag(product)
+        body = product_body(product)
+        canonical_id = str(product.id)
+    else:
+        # From the application cache: a hit (and its 304) touches no database.
+        cached = await products.get(parsed)
+        etag = VersionTag("product", cached.id, cached.version, "v1").render()
+        body, canonical_id = cached.body, cached.id
+    headers = {"ETag": etag, SURROGATE_KEY: product_tags(canonical_id)}
     if (unchanged := not_modified(if_none_match, etag)) is not None:
+        unchanged.headers[SURROGATE_KEY] = headers[SURROGATE_KEY]
         return unchanged
-    return _json(product_dict(product), headers={"ETag": etag})
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.post(

@@ -20,21 +20,25 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel
 
 from mercato.kit.web import CURSOR_MAX_LENGTH, CURSOR_PATTERN, Page, problem_responses
-from mercato.kit.web.etags import not_modified
+from mercato.kit.web.etags import VersionTag, not_modified
 from mercato.kit.web.money import MoneyOut, money
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.shop.catalog.api import (
+    CATALOG_TAG,
     ETAG_OK,
     NOT_MODIFIED,
+    SURROGATE_KEY,
     AttributeValue,
     IfNoneMatch,
     ProductIdPath,
+    Products,
     Service,
     _json,
     _product_id,
     browse_page,
     product_etag,
 )
+from mercato.shop.catalog.cache import product_tags
 from mercato.shop.catalog.model import Product, ProductSort
 
 router = APIRouter(prefix="/v2/products", tags=["catalog"])
@@ -112,7 +116,10 @@ async def list_products_v2(
         max_price_minor=None,
         q=q,
     )
-    return _json({"items": [product_v2_dict(p) for p in items], "next_cursor": next_cursor})
+    return _json(
+        {"items": [product_v2_dict(p) for p in items], "next_cursor": next_cursor},
+        headers={SURROGATE_KEY: CATALOG_TAG},
+    )
 
 
 @router.get(
@@ -122,10 +129,37 @@ async def list_products_v2(
     responses={**problem_responses(404), **ETAG_OK, **NOT_MODIFIED},
 )
 async def get_product_v2(
-    product_id: ProductIdPath, service: Service, if_none_match: IfNoneMatch = None
+    product_id: ProductIdPath, service: Service, products: Products, if_none_match: IfNoneMatch = None
 ) -> Response:
-    product = await service.get(_product_id(product_id))
-    etag = product_etag(product, REPRESENTATION)
+    parsed = _product_id(product_id)
+    if products is None:
+        product = await service.get(parsed)
+        etag, body = product_etag(product, REPRESENTATION), product_v2_dict(product)
+    else:
+        # The cache holds the v1 body; a 304 needs only its id and version (no database).
+        cached = await products.get(parsed)
+        etag = VersionTag("product", cached.id, cached.version, REPRESENTATION).render()
+        body = None
+    tags = product_tags(str(parsed))
     if (unchanged := not_modified(if_none_match, etag)) is not None:
+        unchanged.headers[SURROGATE_KEY] = tags
         return unchanged
-    return _json(product_v2_dict(product), headers={"ETag": etag})
+    if body is None:
+        body = v2_from_v1(cached.as_dict())
+    return _json(body, headers={"ETag": etag, SURROGATE_KEY: tags})
+
+
+def v2_from_v1(v1: dict[str, Any]) -> dict[str, Any]:
+    """The v2 representation from the cached v1 body (the same fields, reshaped as ADR 0014 says)."""
+    return {
+        "id": v1["id"],
+        "sku": v1["sku"],
+        "name": v1["name"],
+        "description": v1["description"],
+        "price": money(v1["price_minor"], v1["currency"]),
+        "category": v1["category"],
+        "attributes": v1["attributes"],
+        "status": ProductStatus.ARCHIVED.value if v1["archived"] else ProductStatus.ACTIVE.value,
+        "created_at": v1["created_at"],
+        "updated_at": v1["updated_at"],
+    }

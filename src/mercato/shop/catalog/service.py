@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import CompoundSelect, Row, Select
@@ -12,8 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock
 from mercato.kit.errors import Conflict, PreconditionFailed
 from mercato.kit.ids import new_id
+from mercato.kit.messaging import Outbox
+from mercato.kit.observability import get_logger
 from mercato.kit.storage import Database
 from mercato.shop.catalog.contracts import PriceQuote
+from mercato.shop.catalog.events import Change, ProductEvents
 from mercato.shop.catalog.model import (
     NewProduct,
     Product,
@@ -40,11 +43,47 @@ class StaleProduct(PreconditionFailed):
     )
 
 
+_log = get_logger("mercato.catalog")
+
+ChangeListener = Callable[[uuid.UUID], Awaitable[None]]
+
+
 class CatalogService:
-    def __init__(self, db: Database, clock: Clock, repository: CatalogRepository | None = None) -> None:
+    """With an `outbox`, each create/update/archive writes `mercato.catalog.product_changed` in its
+    own transaction; `on_change` listeners (the product cache) hear of it right after the commit,
+    so the writing process does not wait for the event's round trip through the stream."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        repository: CatalogRepository | None = None,
+        *,
+        outbox: Outbox | None = None,
+        events: ProductEvents | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
         self._repo = repository or CatalogRepository()
+        self._outbox = outbox
+        self._events = events or ProductEvents(clock=clock)
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    async def _record(self, conn: AsyncConnection, product: Product, change: Change) -> None:
+        if self._outbox is not None:
+            await self._outbox.add(conn, self._events.changed(product, change))
+
+    async def _changed(self, product_id: uuid.UUID) -> None:
+        """Tell the listeners; the write is committed, so a failing listener (Redis down) is logged,
+        not raised: the outbox event reaches the caches' invalidation anyway, only later."""
+        for listener in self._listeners:
+            try:
+                await listener(product_id)
+            except Exception as exc:  # noqa: BLE001 - the committed write must not turn into a 5xx
+                _log.warning("product_change_listener_failed", product_id=str(product_id), error=repr(exc))
 
     async def get(self, product_id: uuid.UUID, *, include_archived: bool = False) -> Product:
         async with self._db.read() as conn:
@@ -63,6 +102,8 @@ class CatalogService:
         product = draft.create(product_id=new_id(), now=self._clock.now())
         async with self._db.write() as conn:
             await self._repo.add(conn, product)
+            await self._record(conn, product, "created")
+        await self._changed(product.id)
         return product
 
     async def create_many(self, drafts: Sequence[NewProduct]) -> list[Product]:
@@ -100,6 +141,8 @@ class CatalogService:
                 if expected_versions is not None:
                     raise StaleProduct(f"product {product_id} was changed by a concurrent update")
                 raise ConcurrentProductUpdate(f"product {product_id} was changed concurrently")
+            await self._record(conn, updated, "updated")
+        await self._changed(product_id)
         return updated
 
     async def archive(self, product_id: uuid.UUID) -> Product:
@@ -108,10 +151,12 @@ class CatalogService:
             if current is None:
                 raise ProductNotFound(f"product {product_id} not found")
             archived = current.archive(now=self._clock.now())
-            if archived is not current and not await self._repo.save(
-                conn, archived, expected_version=current.version
-            ):
+            if archived is current:
+                return archived
+            if not await self._repo.save(conn, archived, expected_version=current.version):
                 raise ConcurrentProductUpdate(f"product {product_id} was changed concurrently")
+            await self._record(conn, archived, "archived")
+        await self._changed(product_id)
         return archived
 
     async def count(self) -> int:

@@ -1,0 +1,116 @@
+"""Product reads through the application cache (kit/cache): the v1 body's bytes, per product.
+
+What is cached is exactly the bytes `GET /v1/products/{id}` answers (so a hit costs no rendering)
+under a **versioned key** `product:<REPRESENTATION>:<id>`: a change to `product_dict` bumps
+`REPRESENTATION`, and a deploy never reads entries the previous code wrote. A product that does not
+exist (or is archived) is cached as "not found" for the short negative TTL.
+
+Invalidation: the catalog service calls `invalidate` right after each committed change (in the
+writing process: local tier, Redis tier, broadcast to the other processes), and the worker's
+consumer of `mercato.catalog.product_changed` calls it again from the stream: the durable path
+that holds even when the writer died between its commit and its broadcast.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.cache import Cache
+from mercato.kit.messaging import Consumer, Message, Stream
+from mercato.kit.storage import Database
+from mercato.shop.catalog.events import PRODUCT_CHANGED, TOPIC
+from mercato.shop.catalog.model import Product, ProductNotFound
+from mercato.shop.catalog.service import CatalogService
+
+__all__ = ["INVALIDATION_GROUP", "REPRESENTATION", "CachedProduct", "ProductCache", "product_tags"]
+
+INVALIDATION_GROUP = "catalog-cache"
+
+REPRESENTATION = "r1"
+
+
+def product_tags(product_id: str) -> str:
+    """The `Surrogate-Key` of a product's public responses: the product's own tag, and the
+    catalog-wide one (a CDN purges one product, or every catalog response at once)."""
+    return f"product:{product_id} products"
+
+
+class CachedProduct:
+    """A product as cached: the v1 body, and the two fields the edge needs without parsing more."""
+
+    __slots__ = ("body", "id", "version")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        head = orjson.loads(body)
+        self.id: str = head["id"]
+        self.version: int = head["version"]
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(orjson.loads(self.body))
+
+
+class ProductCache:
+    def __init__(self, catalog: CatalogService, cache: Cache, *, render: Callable[[Product], bytes]) -> None:
+        """`render`: the v1 body of a product (the routes' `product_dict`, as JSON bytes)."""
+        self._catalog = catalog
+        self.cache = cache
+        self._render = render
+
+    @staticmethod
+    def key(product_id: uuid.UUID) -> str:
+        return f"product:{REPRESENTATION}:{product_id}"
+
+    async def get(self, product_id: uuid.UUID) -> CachedProduct:
+        """The live product's cached body; `ProductNotFound` (also from a cached "not found")."""
+
+        async def load() -> bytes | None:
+            try:
+                product = await self._catalog.get(product_id)
+            except ProductNotFound:
+                return None
+            return self._render(product)
+
+        body = await self.cache.get(self.key(product_id), load)
+        if body is None:
+            raise ProductNotFound(f"product {product_id} not found")
+        return CachedProduct(body)
+
+    async def invalidate(self, product_id: uuid.UUID, *, source: str = "write") -> None:
+        await self.cache.invalidate(self.key(product_id), source=source)
+
+    async def purge(self, *, keys: list[str], tags: list[str]) -> int:
+        """The edge's purge (POST /admin/cache/purge): cache keys as given, and the tags of
+        `product_tags` (`product:<id>` one product, `products` all of them). Returns how many were
+        invalidated; unknown tags are ignored (a CDN sends every tag it holds)."""
+        done = 0
+        for key in keys:
+            await self.cache.invalidate(key, source="purge")
+            done += 1
+        for tag in tags:
+            if tag == "products":
+                await self.cache.invalidate_all(source="purge")
+                done += 1
+            elif tag.startswith("product:"):
+                try:
+                    product_id = uuid.UUID(tag.removeprefix("product:"))
+                except ValueError:
+                    continue
+                await self.invalidate(product_id, source="purge")
+                done += 1
+        return done
+
+    def invalidation_consumer(self, db: Database, stream: Stream, *, name: str) -> Consumer:
+        """The durable invalidation path: `mercato.catalog.product_changed` from the stream (one
+        group; with a Redis tier its `invalidate` reaches every process through the bus). A failure
+        (Redis down) nacks the event, so it is retried until the shared copy is really gone."""
+
+        async def handle(_conn: AsyncConnection, message: Message) -> None:
+            if message.type == PRODUCT_CHANGED:
+                await self.invalidate(uuid.UUID(str(message.data["product_id"])), source="event")
+
+        return Consumer(db, stream, topic=TOPIC, group=INVALIDATION_GROUP, name=name, handler=handle)
