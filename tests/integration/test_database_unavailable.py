@@ -6,14 +6,14 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mercato.bootstrap import build_container
 from mercato.cluster import free_port
 from mercato.gateway.app import create_app
-from mercato.kit.auth import Principal
 from tests.conftest import make_settings
-from tests.integration.shop_support import CUSTOMER_SCOPES
 
 
 @pytest.mark.parametrize(
@@ -30,11 +30,15 @@ async def test_unreachable_database_is_503_with_retry_after(method: str, path: s
     settings = make_settings(url)
     container = build_container(settings)
     app = create_app(settings, container=container, configure_logs=False)
-    # No account can be made (nothing listens): the token's subject check meets the same outage.
-    issued = container.token_codec.issue(
-        Principal(str(uuid.uuid4()), frozenset({"customer"}), frozenset(CUSTOMER_SCOPES))
+    # No account and no signing key can be read (nothing listens): a well-formed EdDSA token makes
+    # the process reach for its keys and the token's account, and meet the same outage.
+    token = jwt.encode(
+        {"sub": str(uuid.uuid4()), "iss": "mercato", "aud": "mercato-api", "exp": 4102444800},
+        Ed25519PrivateKey.generate(),
+        algorithm="EdDSA",
+        headers={"kid": "not-loaded-yet"},
     )
-    auth = {"authorization": f"Bearer {issued.token}"}
+    auth = {"authorization": f"Bearer {token}"}
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

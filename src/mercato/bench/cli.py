@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -193,22 +192,21 @@ def realtime(
     rooms: Annotated[int, typer.Option(help="Rooms (each connection follows one)", min=1)] = 50,
     rate: Annotated[float, typer.Option(help="Messages sent per second, over all rooms", min=1)] = 100,
     seconds: Annotated[float, typer.Option(help="Sending time per server", min=1)] = 10,
-    out: Annotated[Path, typer.Option(help="Run folder (realtime.json, server logs)")] = Path(
-        "var/bench-realtime"
-    ),
+    out: OutOption = None,
     database_url: Annotated[
-        str | None, typer.Option(help="Mercato's database (default: SQLite in --out)")
+        str | None, typer.Option(help="Mercato's database (default: SQLite in the run folder)")
     ] = None,
 ) -> None:
     """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run."""
     from mercato.bench.realtime import run_realtime_bench
 
+    folder = RunFolder.open("bench-realtime", out)
     results = run_realtime_bench(
         connections=connections,
         rooms=rooms,
         rate=rate,
         seconds=seconds,
-        workdir=out,
+        workdir=folder.path,
         database_url=database_url,
     )
     table = Table(title=f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s")
@@ -233,6 +231,7 @@ def realtime(
             "—" if r.rss_kib_per_idle_connection is None else f"{r.rss_kib_per_idle_connection:.1f}",
         )
     Console().print(table)
+    folder.write_table(table)
 
 
 @app.command("streams")

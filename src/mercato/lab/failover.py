@@ -12,8 +12,9 @@ cluster in synchronous mode, with the failover timings of ADR 0031,
   `target_session_attrs=read-write`), nobody restarts them,
 - the old primary comes back as a replica of the new timeline (pg_rewind), never as a second primary.
 
-The run folder (`--out`, default `./var/lab/failover-<UTC time>`) gets `report.json`, `report.md`
-(the table) and `failover.png` (the probe's writes over time, the kill and the promotion).
+The run folder (`--out`, default `./lab-results/failover/<UTC time>/`, the shared harness) gets
+`report.json`, `report.md` (the table) and `failover.png` (the probe's writes over time, the kill and
+the promotion).
 """
 
 from __future__ import annotations

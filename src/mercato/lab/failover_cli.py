@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mercato.bench.harness import OutOption, RunFolder
 from mercato.lab.failover import FailoverConfig, report_rows, run_failover
 from mercato.lab.restore import report_rows as restore_rows
 from mercato.lab.restore import run_restore_drill
@@ -41,7 +40,7 @@ def failover_command(
     ] = True,
     drive_s: Annotated[float, typer.Option(help="Spread checkout arrivals over this long")] = 25.0,
     nats: Annotated[bool, typer.Option("--nats/--no-nats", help="Also kill a NATS node under load")] = True,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/failover-<time>)")] = None,
+    out: OutOption = None,
 ) -> None:
     """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
     checkouts lost, double captures; the old primary rejoins. Then kill a NATS node: 0 lost."""
@@ -52,7 +51,7 @@ def failover_command(
         synchronous=synchronous,
         drive_s=drive_s,
         nats=nats,
-        out=out,
+        out=RunFolder.open("failover", out).path,
     )
     report, folder = asyncio.run(run_failover(config, log=_console.log))
     table = Table(title=f"Failover drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
@@ -67,12 +66,12 @@ def failover_command(
 
 def restore_command(
     rows: Annotated[int, typer.Option(min=10, help="Rows committed around T")] = 300,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default ./var/lab/restore-<time>)")] = None,
+    out: OutOption = None,
 ) -> None:
     """pgBackRest drill: full + incr backups, note T, keep writing, destroy every node's data,
     restore to T → exactly the rows before T; then bad inputs are refused."""
     _stop_on_sigterm()
-    folder = out or Path("var/lab") / f"restore-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    folder = RunFolder.open("restore", out).path
     report = asyncio.run(run_restore_drill(rows=rows, out=folder))
     table = Table(title=f"Restore drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
     for column in ("measure", "value", "goal"):

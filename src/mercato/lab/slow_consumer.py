@@ -26,6 +26,7 @@ import typer
 from websockets.asyncio.client import ClientConnection, connect
 
 from mercato.bench.accounts import issue_tokens
+from mercato.bench.harness import OutOption, RunFolder
 from mercato.bench.realtime import SECRET, _migrate, _rss_kib
 from mercato.bench.servers import ServerProcess, start_mercato
 from mercato.bench.stats import LatencyHistogram
@@ -237,15 +238,14 @@ def slow_consumer_command(
     members: Annotated[int, typer.Option(help="Room members (10 % never read)", min=10)] = 50,
     seconds: Annotated[float, typer.Option(help="Sending time per variant", min=1)] = 15,
     rate: Annotated[float, typer.Option(help="Messages per second (60 KB each, plus a typing event)")] = 20,
-    out: Annotated[Path, typer.Option(help="Run folder (JSON, PNG, server logs)")] = Path(
-        "var/lab-slow-consumer"
-    ),
+    out: OutOption = None,
 ) -> None:
     """Bounded vs unbounded per-connection buffers while 10 % of clients stop reading."""
     from rich.console import Console
     from rich.table import Table
 
-    runs = run_slow_consumer(members=members, seconds=seconds, rate=rate, out=out)
+    folder = RunFolder.open("slow-consumer", out)
+    runs = run_slow_consumer(members=members, seconds=seconds, rate=rate, out=folder.path)
     table = Table(title=f"{members} members, 10 % stuck, {rate:g} msgs/s for {seconds:g} s")
     for column in ("variant", "sent", "RSS growth MiB", "healthy p99 ms", "stuck closes", "dropped"):
         table.add_column(column)
@@ -259,4 +259,5 @@ def slow_consumer_command(
             ", ".join(f"{k}={v:g}" for k, v in run.dropped.items()),
         )
     Console().print(table)
-    Console(stderr=True).print(f"run folder: {out}")
+    folder.write_table(table)
+    Console(stderr=True).print(f"run folder: {folder.path}")

@@ -169,10 +169,12 @@ async def refresh(body: RefreshIn, service: Service) -> Response:
     summary="Revoke a login",
     description=(
         "Revokes the refresh token and every token rotated from the same login. Send the access token "
-        "too (`Authorization: Bearer`): it is refused from then on, on every route and in every "
-        "process, until it expires. Idempotent."
+        "too (`Authorization: Bearer`): when it is the same account's, it is refused from then on, on "
+        "every route and in every process, until it expires. Idempotent."
     ),
     responses={204: {"description": "Logged out (also when the token was already unusable)"}},
+    # The bearer is optional here (the refresh token alone logs out): `{}` says so in OpenAPI.
+    openapi_extra={"security": [{}]},
 )
 async def logout(
     body: RefreshIn,

@@ -169,14 +169,19 @@ class IdentityService:
         return await self._pair(user, raw_next)
 
     async def logout(self, raw_token: str, *, access: Principal | None = None) -> None:
-        """Revoke the token's family, and the access token presented with it until it expires.
+        """Revoke the token's family, and the access token presented with it (when both are the same
+        account's) until it expires.
         Unknown tokens are ignored (RFC 7009 §2.2): logging out twice, or with a token that already
         expired, is not an error the client can do anything about."""
         async with self._db.write() as conn:
             current = await self._repo.get_refresh_token(conn, hash_refresh_token(raw_token))
             if current is not None:
                 await self._repo.revoke_family(conn, current.family_id)
-        if access is not None and self._sessions is not None:
+        # The access token ends with the login it belongs to: only when the refresh token names the
+        # same account. Anyone holding someone's access token could otherwise log them out everywhere
+        # with a made-up refresh token.
+        same_account = current is not None and access is not None and str(current.user_id) == access.subject
+        if same_account and access is not None and self._sessions is not None:
             await self._sessions.revoke(access)
 
     async def me(self, principal: Principal) -> User:
