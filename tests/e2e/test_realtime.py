@@ -29,9 +29,7 @@ def login(client: httpx.Client, role: str) -> tuple[str, str]:
 def checkout(client: httpx.Client, customer: dict[str, str], admin: dict[str, str]) -> str:
     products = client.get("/v1/products", params={"limit": 100, "category": "books"}).json()["items"]
     sku = next(
-        p["sku"]
-        for p in products
-        if client.get(f"/v1/inventory/{p['sku']}", headers=admin).json()["available"] > 0
+        p["sku"] for p in products if client.get(f"/v1/inventory/{p['sku']}/availability").json()["in_stock"]
     )
     assert client.put(f"/v1/carts/me/items/{sku}", json={"quantity": 1}, headers=customer).status_code == 200
     accepted = client.post("/v1/checkout", headers={**customer, "Idempotency-Key": f"rt-{uuid.uuid4()}"})

@@ -6,13 +6,13 @@ import uuid
 from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from mercato.kit.auth import Principal
 from mercato.kit.web import authenticated, problem_responses
 from mercato.kit.web.private import PrivateRoute
 from mercato.kit.web.security import InsufficientScope
-from mercato.shop.chat.model import NotAMember, Room
+from mercato.shop.chat.model import InvalidRoom, NotAMember, Room
 from mercato.shop.chat.service import ChatService
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"], route_class=PrivateRoute)
@@ -37,13 +37,9 @@ class RoomIn(BaseModel):
     members: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=1000
     )
-    order_id: uuid.UUID | None = Field(default=None, description="Open this order's support room instead")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> RoomIn:
-        if (self.order_id is None) == (self.name is None):
-            raise ValueError("give either `name` (a staff room) or `order_id` (an order's support room)")
-        return self
+    order_id: uuid.UUID | None = Field(
+        default=None, description="Open this order's support room instead (give `name` or this, not both)"
+    )
 
 
 class RoomOut(BaseModel):
@@ -80,9 +76,12 @@ async def _room_out(service: ChatService, room: Room) -> RoomOut:
     summary="Create a room",
     description="Staff create rooms with `name` and `members`; a customer opens its own order's support "
     "room with `order_id` (the order's customer + staff). Opening a support room again returns it.",
-    responses=problem_responses(401, 403, 404),
+    responses=problem_responses(401, 403, 404, 422),
 )
 async def create_room(body: RoomIn, service: Service, principal: Caller) -> RoomOut:
+    # Schema-valid either way, so a rule: 422, not 400 (ADR 0028).
+    if (body.order_id is None) == (body.name is None):
+        raise InvalidRoom("give either `name` (a staff room) or `order_id` (an order's support room)")
     if body.order_id is not None:
         room = await service.support_room(body.order_id, caller=principal.subject, staff=_staff(principal))
     else:
