@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,9 +55,24 @@ def clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def _mercato(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mercato ARGS` as a user runs it: a process of its own (nothing of this test process's state),
+    from `cwd`, bounded in time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERCATO_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mercato.cli.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
 def test_a_lab_run_leaves_the_clone_clean_and_fills_its_run_folder(clone: Path) -> None:
-    result = CliRunner().invoke(lab_app, ["delivery", "--messages", "10", "--duplicates", "2"])
-    assert result.exit_code == 0, result.output
+    result = _mercato(clone, "lab", "delivery", "--messages", "10", "--duplicates", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     [run] = (clone / "lab-results" / "delivery").iterdir()
     assert {p.name for p in run.iterdir()} == {"report.json", "table.txt", "verdict.txt"}
@@ -70,8 +87,8 @@ def test_a_lab_run_leaves_the_clone_clean_and_fills_its_run_folder(clone: Path) 
 
 def test_a_bench_run_leaves_the_clone_clean_and_honours_out(clone: Path, tmp_path: Path) -> None:
     args = ["streams", "--backends", "sqlite", "--messages", "100", "--batch", "50"]
-    default = CliRunner().invoke(bench_app, args)
-    assert default.exit_code == 0, default.output
+    default = _mercato(clone, "bench", *args)
+    assert default.returncode == 0, default.stdout + default.stderr
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     [run] = (clone / "lab-results" / "bench-streams").iterdir()
     [row] = json.loads((run / "report.json").read_text())["results"]
@@ -79,8 +96,8 @@ def test_a_bench_run_leaves_the_clone_clean_and_honours_out(clone: Path, tmp_pat
     assert row["ours_per_s"] > 0
 
     chosen = tmp_path / "elsewhere" / "run-1"
-    custom = CliRunner().invoke(bench_app, [*args, "--out", str(chosen)])
-    assert custom.exit_code == 0, custom.output
+    custom = _mercato(clone, "bench", *args, "--out", str(chosen))
+    assert custom.returncode == 0, custom.stdout + custom.stderr
     assert {p.name for p in chosen.iterdir()} == {"report.json", "table.txt"}
     assert len(list((clone / "lab-results" / "bench-streams").iterdir())) == 1
 
