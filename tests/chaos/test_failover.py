@@ -13,6 +13,13 @@ from tests.integration.ha_support import need_ha_binaries
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """A drill of minutes on a whole cluster: behind the marker (`pytest -m slow`), as the brief asks."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a cluster drill of minutes: run it with -m slow (or `mercato lab ...`)")
+
+
 async def test_failover_drill_promotes_loses_nothing_and_rejoins(tmp_path: Path) -> None:
     need_ha_binaries()
     report, folder = await run_failover(

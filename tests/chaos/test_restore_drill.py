@@ -15,6 +15,13 @@ from tests.integration.ha_support import need_ha_binaries
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """A drill of minutes on a whole cluster: behind the marker (`pytest -m slow`), as the brief asks."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a cluster drill of minutes: run it with -m slow (or `mercato lab ...`)")
+
+
 async def test_restore_to_t_returns_exactly_the_rows_before_t(tmp_path: Path) -> None:
     need_ha_binaries()
     if shutil.which("pgbackrest") is None:
