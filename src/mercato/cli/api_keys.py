@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -12,9 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mercato.bootstrap import build_container
-from mercato.config import get_settings
-from mercato.kit.errors import DomainError
+from mercato.bootstrap import Container
+from mercato.cli._container import run_on_container
 from mercato.kit.ids import parse_id
 from mercato.shop.identity.api_keys import API_KEY_SCOPES, ApiKeyService
 
@@ -26,19 +24,11 @@ T = TypeVar("T")
 
 
 def _run(action: Callable[[ApiKeyService], Awaitable[T]]) -> T:
-    async def main() -> T:
-        container = build_container(get_settings())
-        try:
-            assert container.api_keys is not None
-            return await action(container.api_keys)
-        finally:
-            await container.close()
+    async def on(container: Container) -> T:
+        assert container.api_keys is not None
+        return await action(container.api_keys)
 
-    try:
-        return asyncio.run(main())
-    except DomainError as exc:
-        _err.print(f"[red]error:[/red] {exc.detail}")
-        raise typer.Exit(1) from exc
+    return run_on_container(on)
 
 
 @app.command("create")

@@ -6,7 +6,6 @@ the new key, and keep verifying the previous ones for their overlap, within `sig
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -15,9 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mercato.bootstrap import build_container
-from mercato.config import get_settings
-from mercato.kit.errors import DomainError
+from mercato.bootstrap import Container
+from mercato.cli._container import run_on_container
 from mercato.shop.identity.signing_keys import KeyStatus, SigningKeyStore
 
 app = typer.Typer(help="Rotate and list the access-token signing keys.", no_args_is_help=True)
@@ -28,19 +26,11 @@ T = TypeVar("T")
 
 
 def _run(action: Callable[[SigningKeyStore], Awaitable[T]]) -> T:
-    async def main() -> T:
-        container = build_container(get_settings())
-        try:
-            assert container.signing_keys is not None
-            return await action(container.signing_keys)
-        finally:
-            await container.close()
+    async def on(container: Container) -> T:
+        assert container.signing_keys is not None
+        return await action(container.signing_keys)
 
-    try:
-        return asyncio.run(main())
-    except DomainError as exc:
-        _err.print(f"[red]error:[/red] {exc.detail}")
-        raise typer.Exit(1) from exc
+    return run_on_container(on)
 
 
 async def _rotate(store: SigningKeyStore) -> list[KeyStatus]:
