@@ -90,6 +90,8 @@ class PrivacySettings(BaseModel):
     keyring_url: str | None = None
     # Staff actions are kept this long (the audit log's database triggers enforce the same 400 days).
     audit_retention_days: int = Field(default=400, ge=400)
+    # Rendered notifications (personal to their recipient) once sent or failed.
+    notifications_kept_days: int = Field(default=90, ge=1)
 
 
 class HttpSettings(BaseModel):

@@ -213,3 +213,38 @@ async def test_the_retention_job_purges_only_audit_rows_past_the_period(containe
     assert await purger.purge() >= 1
     left = await purger.entries(actor=actor)
     assert [round((now - e.at).total_seconds() / 86400) for e in left] == [10]
+
+
+async def test_expired_refresh_tokens_and_old_notifications_are_purged(
+    container: Container, clock: ManualClock
+) -> None:
+    from mercato.shop.identity.tables import refresh_tokens
+    from mercato.shop.notifications.service import purge_settled
+    from mercato.shop.notifications.tables import notifications
+
+    async with api(container) as http:
+        await _sign_up(http, "kept@example.com")
+    async with container.db.write() as conn:
+        for status in ("sent", "pending"):
+            await conn.execute(
+                notifications.insert().values(
+                    id=uuid.uuid4(),
+                    event_id=uuid.uuid4(),
+                    event_type="mercato.orders.order_completed",
+                    channel="email",
+                    order_id=uuid.uuid4(),
+                    recipient="customer:x",
+                    subject="s",
+                    body="b",
+                    status=status,
+                    created_at=clock.now(),
+                )
+            )
+    assert await container.identity.purge_refresh_tokens() == 0
+    assert await purge_settled(container.db, container.clock, kept_days=90) == 0
+    clock.advance(container.settings.auth.refresh_ttl_s + 91 * 86_400)
+    assert await container.identity.purge_refresh_tokens() == 1
+    assert await purge_settled(container.db, container.clock, kept_days=90) == 1  # the pending one stays
+    async with container.db.read() as conn:
+        assert (await conn.execute(select(refresh_tokens))).all() == []
+        assert [r.status for r in (await conn.execute(select(notifications))).all()] == ["pending"]

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -192,6 +192,17 @@ class IdentityRepository:
             )
             .values(status=TokenStatus.REVOKED.value)
         )
+        return int(result.rowcount)
+
+    async def purge_refresh_tokens(self, conn: AsyncConnection, *, now: datetime, batch: int) -> int:
+        """Delete refresh tokens past their expiry: refused by then whatever their status."""
+        ids = (
+            select(refresh_tokens.c.id)
+            .where(refresh_tokens.c.expires_at < now)
+            .limit(batch)
+            .scalar_subquery()
+        )
+        result = await conn.execute(delete(refresh_tokens).where(refresh_tokens.c.id.in_(ids)))
         return int(result.rowcount)
 
     async def revoke_user_tokens(self, conn: AsyncConnection, user_id: uuid.UUID) -> int:

@@ -150,6 +150,10 @@ class IdentityService:
             self._sessions.forget_subject(str(user_id))
         return True
 
+    async def purge_refresh_tokens(self, *, batch: int = 1000) -> int:
+        async with self._db.write() as conn:
+            return await self._repo.purge_refresh_tokens(conn, now=self._clock.now(), batch=batch)
+
     async def users(self, user_ids: list[uuid.UUID]) -> list[User]:
         async with self._db.read() as conn:
             return await self._repo.list_users(conn, user_ids)
