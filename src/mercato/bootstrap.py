@@ -39,6 +39,7 @@ from mercato.kit.messaging import (
     SqlLogStream,
     Stream,
 )
+from mercato.kit.privacy import Keyring, MasterKey
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.realtime import (
     Broker,
@@ -143,6 +144,8 @@ class Container:
     product_cache: ProductCache | None = None
     cache_bus: RedisInvalidationBus | None = None
     cache_redis: Redis | None = None
+    # Customers' data keys (ADR 0052): in the shop's database, or one of its own.
+    keyring: Keyring | None = None
 
     async def close(self) -> None:
         if self.cache_bus is not None:
@@ -154,6 +157,8 @@ class Container:
         if isinstance(self.stream, JetStreamStream | RedisStream):
             await self.stream.aclose()
         await self.hub.broker.aclose()
+        if self.keyring is not None:
+            await self.keyring.dispose()
         await self.db.dispose()
 
 
@@ -270,6 +275,7 @@ def build_container(
     chat = ChatService(db, clock, order_owner=order_owner, history_ttl_s=settings.realtime.history_ttl_s)
     channel_history = SqlChannelHistory(db, clock=clock)
     hub = build_hub(settings, db, chat=chat, channel_history=channel_history, registry=metrics_registry)
+    keyring = build_keyring(settings, db, clock)
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
@@ -281,8 +287,9 @@ def build_container(
         health=health,
         catalog=catalog,
         identity=IdentityService(
-            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys
+            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys, keyring=keyring
         ),
+        keyring=keyring,
         inventory=inventory,
         cart=cart,
         orders=orders,
@@ -317,6 +324,15 @@ def build_container(
         cache_bus=cache_bus,
         cache_redis=cache_redis,
     )
+
+
+def build_keyring(settings: Settings, db: Database, clock: Clock) -> Keyring:
+    privacy = settings.privacy
+    secret = privacy.master_secret or settings.auth.secret
+    if not privacy.keyring_url:
+        return Keyring(db, MasterKey(secret.get_secret_value()), clock)
+    own = create_database(privacy.keyring_url, pool_size=2, max_overflow=2)
+    return Keyring(own, MasterKey(secret.get_secret_value()), clock, owns_schema=True)
 
 
 def cache_redis_url(settings: Settings) -> str | None:

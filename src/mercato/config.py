@@ -80,6 +80,20 @@ class AuthSettings(BaseModel):
     signing_key_reload_s: float = Field(default=30.0, gt=0, le=300)
 
 
+class PrivacySettings(BaseModel):
+    """Personal data at rest (ADR 0052). The master secret wraps each customer's data key; unset, it
+    is derived from the auth secret (a separate one lets the two be rotated apart). The keyring
+    (wrapped keys) lives in the shop's database unless `keyring_url` names its own: kept apart,
+    the shop database's backups hold no key and an erasure survives their restore."""
+
+    master_secret: SecretStr | None = None
+    keyring_url: str | None = None
+    # Staff actions are kept this long (the audit log's database triggers enforce the same 400 days).
+    audit_retention_days: int = Field(default=400, ge=400)
+    # Rendered notifications (personal to their recipient) once sent or failed.
+    notifications_kept_days: int = Field(default=90, ge=1)
+
+
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -407,6 +421,7 @@ class Settings(BaseSettings):
     ratelimit: RateLimitSettings = RateLimitSettings()
     network: NetworkSettings = NetworkSettings()
     realtime: RealtimeSettings = RealtimeSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @field_validator("env", mode="before")
     @classmethod
@@ -456,6 +471,10 @@ class Settings(BaseSettings):
         data["ratelimit"]["redis_url"] = _mask_url(self.ratelimit.redis_url)
         if self.cache.redis_url:
             data["cache"]["redis_url"] = _mask_url(self.cache.redis_url)
+        if self.privacy.master_secret is not None:
+            data["privacy"]["master_secret"] = "********"  # noqa: S105 - the mask itself
+        if self.privacy.keyring_url:
+            data["privacy"]["keyring_url"] = _mask_url(self.privacy.keyring_url)
         return data
 
 

@@ -26,13 +26,13 @@ from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
 from mercato.kit.clock import ManualClock
 from mercato.kit.sagas import SagaDefinition, SagaRunner, SagaStatus, Step, StepContext
-from mercato.kit.storage import metadata
 from mercato.lab.chaos import free_port
 from mercato.providers.config import ProviderSettings
 from mercato.providers.faults import FaultSettings
 from mercato.providers.server import RunningProviders, serve_providers
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
+from tests.tables import emptiable_tables
 
 pytestmark = pytest.mark.chaos
 
@@ -54,7 +54,7 @@ async def shop(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[Contain
         yield container, build_saga_runner(container, owner="deadline-test"), clock
     finally:
         async with container.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await container.close()
         await providers.stop()

@@ -14,7 +14,6 @@ from mercato.kit.auth import Principal
 from mercato.shop.catalog.model import NewProduct, Product
 from mercato.shop.identity.contracts import Role
 from mercato.shop.identity.model import User
-from mercato.shop.identity.repository import IdentityRepository
 from tests.conftest import make_settings
 
 CUSTOMER_SCOPES = frozenset({"cart:read", "cart:write", "orders:read", "orders:write"})
@@ -43,8 +42,7 @@ async def account(
         updated_at=now,
         password_hash="not-a-usable-hash",
     )
-    async with container.db.write() as conn:
-        await IdentityRepository().add_user(conn, user)
+    await container.identity.store_user(user)
     return user.id
 
 

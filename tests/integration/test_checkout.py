@@ -24,7 +24,6 @@ from mercato.bootstrap import Container, build_container
 from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
 from mercato.kit.sagas import SagaRunner, SagaStatus
-from mercato.kit.storage import metadata
 from mercato.providers._client import ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.config import ProviderSettings
@@ -35,6 +34,7 @@ from mercato.workers import shop_jobs
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
 from tests.integration.provider_support import warm_up
+from tests.tables import emptiable_tables
 
 
 def _free_port() -> int:
@@ -80,7 +80,7 @@ async def shop(database_url: str, tmp_path: Path) -> AsyncIterator[Shop]:
         await psp.aclose()
         await carrier.aclose()
         async with container.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await container.close()
         await providers.stop()

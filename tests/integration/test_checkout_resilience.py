@@ -34,7 +34,6 @@ from mercato.kit.resilience import (
     current_deadline,
 )
 from mercato.kit.sagas import SagaRunner, SagaStatus
-from mercato.kit.storage import metadata
 from mercato.providers._client import ProviderError, ProviderTimeout
 from mercato.providers.config import ProviderSettings
 from mercato.providers.psp.client import PspClient
@@ -44,6 +43,7 @@ from mercato.shop.checkout.model import ProviderRejected
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
 from tests.integration.provider_support import warm_up
+from tests.tables import emptiable_tables
 
 
 def _free_port() -> int:
@@ -88,7 +88,7 @@ async def _shop(database_url: str, tmp_path: Path, *, resilience: bool) -> Async
         yield Shop(container, providers, runner, product.sku, providers_settings.psp_base_url)
     finally:
         async with container.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await container.close()
         await providers.stop()

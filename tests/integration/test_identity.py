@@ -99,6 +99,7 @@ async def test_login_rehashes_when_the_cost_parameters_changed(container: Contai
         container.clock,
         container.token_codec,
         AuthSettings(secret=TEST_SECRET, argon2_time_cost=2, argon2_memory_kib=16384),  # type: ignore[arg-type]
+        keyring=container.keyring,
     )
     await stronger.login("ada@example.com", PASSWORD)
     rehashed = await container.identity.get(user.id)

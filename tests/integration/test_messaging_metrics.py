@@ -23,10 +23,10 @@ from mercato.config import MessagingSettings
 from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Message, RedisStream
-from mercato.kit.storage import metadata
 from mercato.shop.payments.contracts import PAYMENT_AUTHORIZED, PAYMENT_REFUNDED, PAYMENTS_TOPIC
 from mercato.workers import PeriodicJob, shop_jobs
 from tests.conftest import make_settings
+from tests.tables import emptiable_tables
 
 REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ORDERS = "mercato.orders"
@@ -121,7 +121,7 @@ async def worker(request: pytest.FixtureRequest, database_url: str) -> AsyncIter
         if isinstance(built.stream, RedisStream):
             await built.stream.delete_all()
         async with built.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(delete(table))
         await built.close()
 

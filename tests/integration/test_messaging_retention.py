@@ -29,6 +29,7 @@ from mercato.shop.reporting.tables import order_summary
 from mercato.workers import shop_jobs
 from tests.conftest import make_settings
 from tests.integration.test_stream_contract import make_message
+from tests.tables import emptiable_tables
 
 REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 HOUR = 3600.0
@@ -166,7 +167,6 @@ async def count(container: Container, table: object) -> int:
 
 async def test_the_worker_purges_and_trims_with_the_configured_retention(database_url: str) -> None:
     from mercato.bootstrap import build_container
-    from mercato.kit.storage import metadata
 
     clock = ManualClock()
     messaging = MessagingSettings(
@@ -207,7 +207,7 @@ async def test_the_worker_purges_and_trims_with_the_configured_retention(databas
         assert (await count(container, outbox), await count(container, inbox)) == (0, 0)
     finally:
         async with container.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(table.delete())
         await container.close()
 

@@ -21,7 +21,6 @@ from mercato.bootstrap import Container, build_container
 from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Message
-from mercato.kit.storage import metadata
 from mercato.providers import ProviderSettings, create_mail_app
 from mercato.shop.identity.contracts import Role
 from mercato.shop.notifications import NotificationsService
@@ -31,6 +30,7 @@ from mercato.shop.notifications.tables import notifications
 from mercato.workers import shop_jobs
 from tests.conftest import make_settings
 from tests.e2e.conftest import free_port
+from tests.tables import emptiable_tables
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ async def shop(database_url: str, clock: ManualClock, mail: tuple[str, int]) -> 
         yield built
     finally:
         async with built.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await built.close()
 

@@ -22,13 +22,13 @@ from mercato.demo.seed import demo_products
 from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
 from mercato.kit.sagas.store import saga_instances
-from mercato.kit.storage import metadata
 from mercato.shop.catalog.model import ProductQuery, ProductSort
 from mercato.shop.catalog.repository import CatalogRepository
 from mercato.shop.catalog.tables import products
 from mercato.shop.orders.repository import OrdersRepository
 from mercato.shop.orders.tables import orders
 from tests.conftest import make_settings
+from tests.tables import emptiable_tables
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ async def pg(pg_url: str, clock: ManualClock) -> AsyncIterator[Container]:
         yield built
     finally:
         async with built.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await built.close()
 

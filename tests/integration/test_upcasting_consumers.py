@@ -25,11 +25,11 @@ from mercato.kit.clock import ManualClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Message, RedisStream, Stream
 from mercato.kit.projections import Projection, Projector, StreamProjector
-from mercato.kit.storage import metadata
 from mercato.shop.notifications import NotificationsService
 from mercato.shop.reporting import PROJECTIONS
 from mercato.shop.reporting.tables import sales_by_day
 from tests.conftest import make_settings
+from tests.tables import emptiable_tables
 
 REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 COMPLETED = "mercato.orders.order_completed"
@@ -123,7 +123,7 @@ async def container(database_url: str) -> AsyncIterator[Container]:
         yield built
     finally:
         async with built.db.write() as conn:
-            for table in reversed(metadata.sorted_tables):
+            for table in emptiable_tables():
                 await conn.execute(delete(table))
         await built.close()
 

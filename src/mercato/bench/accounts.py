@@ -19,7 +19,6 @@ from mercato.bootstrap import build_container
 from mercato.config import AuthSettings, DatabaseSettings, Settings
 from mercato.kit.auth import Principal
 from mercato.shop.identity.model import Role, User
-from mercato.shop.identity.repository import IdentityRepository
 
 __all__ = ["issue_tokens"]
 
@@ -31,22 +30,19 @@ async def _issue(database_url: str, secret: str, accounts: Sequence[tuple[str, s
     container = build_container(settings)
     try:
         now = container.clock.now()
-        repository = IdentityRepository()
-        async with container.db.write() as conn:
-            for subject, role in accounts:
-                await repository.add_user(
-                    conn,
-                    User(
-                        id=uuid.UUID(subject),
-                        email=f"bench-{subject}@example.com",
-                        role=Role(role),
-                        display_name="Bench",
-                        disabled=False,
-                        created_at=now,
-                        updated_at=now,
-                        password_hash="not-a-usable-hash",  # noqa: S106 - no password: tokens only
-                    ),
-                )
+        for subject, role in accounts:
+            await container.identity.store_user(
+                User(
+                    id=uuid.UUID(subject),
+                    email=f"bench-{subject}@example.com",
+                    role=Role(role),
+                    display_name="Bench",
+                    disabled=False,
+                    created_at=now,
+                    updated_at=now,
+                    password_hash="not-a-usable-hash",  # noqa: S106 - no password: tokens only
+                ),
+            )
         if container.signing_keys is not None:
             await container.signing_keys.ready()
         return [

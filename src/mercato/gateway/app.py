@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
 from mercato.config import Settings, get_settings
-from mercato.gateway.access_docs import document_access
+from mercato.gateway.access_docs import STAFF_SCOPES, document_access
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
@@ -31,6 +31,8 @@ from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
 from mercato.gateway.methods import MethodsAndMediaMiddleware
 from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from mercato.gateway.privacy import admin_router as privacy_admin_router
+from mercato.gateway.privacy import router as privacy_router
 from mercato.gateway.probes import router as probes_router
 from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
 from mercato.gateway.realtime import RealtimeRuntime
@@ -47,6 +49,7 @@ from mercato.kit.observability import (
     instrument_engine,
     register_pool_gauges,
 )
+from mercato.kit.privacy import AuditLog
 from mercato.kit.resilience import DeadlineMiddleware
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revisions, head_revisions
@@ -93,6 +96,8 @@ ROUTERS = [
     chat_router,
     realtime_router,
     jwks_router,
+    privacy_router,
+    privacy_admin_router,
 ]
 
 REQUIRE_IDEMPOTENCY_KEY = ("/v1/checkout",)
@@ -124,6 +129,13 @@ def create_app(
             except (SQLAlchemyError, OSError):  # e.g. migrations pending: the reloader retries
                 _log.warning("signing_keys_not_loaded", exc_info=True)
             reloader = asyncio.create_task(container.signing_keys.run_reloader())
+        try:
+            # A keyring database of its own gets its tables; accounts stored before sealing are sealed.
+            if container.keyring is not None:
+                await container.keyring.ensure_schema()
+            await container.identity.seal_legacy()
+        except (SQLAlchemyError, OSError):  # e.g. migrations pending: the next start seals them
+            _log.warning("personal_data_not_sealed", exc_info=True)
         await realtime.start()
         if container.cache_bus is not None:
             # Other processes' product changes drop this process's cached copies (kit/cache/bus.py).
@@ -167,6 +179,13 @@ def create_app(
     app.state.metrics = metrics
     # Bearer tokens are put to the session guard after verification (revoked, subject gone).
     app.state.token_guard = container.sessions
+    # Every use of a staff scope is recorded before it runs (kit/privacy/audit.py).
+    app.state.audit_log = AuditLog(
+        container.db,
+        container.clock,
+        audited_scopes=STAFF_SCOPES,
+        retention_days=settings.privacy.audit_retention_days,
+    )
     app.state.api_key_header = settings.ratelimit.api_key_header
     app.state.signing_settings = settings.signing
     app.state.url_signer = build_signer(settings.signing, clock=container.clock)

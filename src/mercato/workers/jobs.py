@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
 from mercato.kit.messaging import OutboxRelay
+from mercato.kit.privacy import AuditLog
 from mercato.kit.sagas import PrometheusSagaHook
+from mercato.shop.notifications.service import purge_settled
 from mercato.workers.notifier import build_notifier
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
 from mercato.workers.reconcile import ReadModelReconciliation
@@ -19,6 +21,7 @@ from mercato.workers.retention import MessagingRetention
 # A saga still active this long after its deadline is stuck (`mercato_saga_stuck`); counted this often.
 SAGA_STUCK_GRACE_S = 60.0
 SAGA_WATCH_INTERVAL_S = 15.0
+RETENTION_INTERVAL_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,18 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # A revocation outlives its token by nothing: the token is refused by its own expiry after.
         return 0 if container.sessions is None else await container.sessions.purge_expired()
 
+    # Only rows past the retention period go; the table's triggers refuse anything younger.
+    audit = AuditLog(
+        container.db,
+        container.clock,
+        audited_scopes=frozenset(),
+        retention_days=container.settings.privacy.audit_retention_days,
+    )
+
+    async def purge_notifications() -> int:
+        kept = container.settings.privacy.notifications_kept_days
+        return await purge_settled(container.db, container.clock, kept_days=kept)
+
     saga_metrics = PrometheusSagaHook.for_registry(container.metrics_registry)
 
     async def watch_sagas() -> int:
@@ -93,6 +108,12 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         PeriodicJob(
             "purge_idempotency_keys", container.settings.idempotency.purge_interval_s, purge_idempotency_keys
         ),
+        # Retention of personal data (docs/privacy.md).
+        PeriodicJob("purge_audit_log", RETENTION_INTERVAL_S, audit.purge, batch=1000),
+        PeriodicJob(
+            "purge_refresh_tokens", RETENTION_INTERVAL_S, container.identity.purge_refresh_tokens, batch=1000
+        ),
+        PeriodicJob("purge_notifications", RETENTION_INTERVAL_S, purge_notifications, batch=1000),
         # The payment ledgers follow `mercato.payments` (inbox-deduplicated, so redeliveries apply once).
         PeriodicJob(
             "payments_ledger",

@@ -8,6 +8,7 @@ request state under `API_KEY_PRINCIPAL`) is that key.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -17,9 +18,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from mercato.kit.auth import InvalidToken, Principal, TokenCodec, TokenGuard
 from mercato.kit.auth.keys import KeyLoader
 from mercato.kit.errors import Forbidden, Unauthenticated
+from mercato.kit.ids import parse_id
+from mercato.kit.observability import request_id_var
+from mercato.kit.privacy import AuditLog
 
 __all__ = [
     "API_KEY_PRINCIPAL",
+    "AUDIT_LOG",
     "TOKEN_GUARD",
     "InsufficientScope",
     "MissingCredentials",
@@ -28,6 +33,7 @@ __all__ = [
 ]
 
 # Names on `app.state` / the request state that this module reads.
+AUDIT_LOG = "audit_log"
 TOKEN_GUARD = "token_guard"  # noqa: S105 - an attribute name, not a secret
 API_KEY_PRINCIPAL = "api_key_principal"
 # The signing keys' loader (ADR 0036): awaited before a verification, a no-op once the process has
@@ -78,13 +84,39 @@ async def authenticated(
 
 
 def require_scopes(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
-    """A dependency that authenticates and then demands every scope in `scopes`."""
+    """A dependency that authenticates and then demands every scope in `scopes`. When the app keeps
+    an audit log (`app.state.audit_log`) that wants these scopes, the access is recorded before the
+    operation runs (kit/privacy/audit.py)."""
+    needed = frozenset(scopes)
 
-    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(
+        request: Request, principal: Annotated[Principal, Depends(authenticated)]
+    ) -> Principal:
         if not principal.has_scopes(*scopes):
             raise InsufficientScope("requires scope " + " ".join(scopes))
+        audit: AuditLog | None = getattr(request.app.state, AUDIT_LOG, None)
+        if audit is not None and audit.wants(needed):
+            route = request.scope.get("route")
+            template = getattr(route, "path", request.url.path)
+            params = ",".join(f"{k}={v}" for k, v in sorted(request.path_params.items()))
+            await audit.record(
+                actor=principal.subject,
+                action=request.method,
+                resource=f"{template} {params}".strip(),
+                scopes=needed,
+                subject_id=_subject_of(request.path_params),
+                request_id=request_id_var.get() or None,
+            )
         return principal
 
     # Read by the OpenAPI post-processing, which marks routes needing staff scopes as such.
     dependency.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]
     return dependency
+
+
+def _subject_of(path_params: dict[str, Any]) -> uuid.UUID | None:
+    """The person a staff action is about, when the route names one."""
+    for name in ("customer_id", "user_id"):
+        if name in path_params:
+            return parse_id(str(path_params[name]))
+    return None

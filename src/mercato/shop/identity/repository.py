@@ -6,20 +6,21 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.shop.identity.model import EmailTaken, RefreshToken, Role, TokenStatus, User
+from mercato.shop.identity.personal import PersonalFields
 from mercato.shop.identity.tables import refresh_tokens, users
 
 
-def _row_to_user(row: Any) -> User:
+def _row_to_user(row: Any, email: str, display_name: str) -> User:
     return User(
         id=row.id,
-        email=row.email,
+        email=email,
         role=Role(row.role),
-        display_name=row.display_name,
+        display_name=display_name,
         disabled=bool(row.disabled),
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -41,22 +42,31 @@ def _row_to_token(row: Any) -> RefreshToken:
     )
 
 
-class IdentityRepository:
-    """Queries on `identity_users` and `identity_refresh_tokens`, on the connection given."""
+# Not an argon2 encoding: no password verifies against it.
+ERASED_PASSWORD_HASH = "!erased"  # noqa: S105
 
-    async def add_user(self, conn: AsyncConnection, user: User) -> None:
-        """Insert; the unique index on the normalised e-mail is the arbiter when two sign-ups race."""
+
+class IdentityRepository:
+    """Queries on `identity_users` and `identity_refresh_tokens`, on the connection given.
+
+    Personal fields are sealed before they are written (`sealed_columns`, made by the service
+    outside the transaction since it creates the data key) and opened as rows are read."""
+
+    def __init__(self, personal: PersonalFields) -> None:
+        self.personal = personal
+
+    async def add_user(self, conn: AsyncConnection, user: User, sealed: dict[str, Any]) -> None:
+        """Insert; the unique index on the e-mail's lookup hash is the arbiter when two sign-ups race."""
         try:
             await conn.execute(
                 insert(users).values(
                     id=user.id,
-                    email=user.email,
                     password_hash=user.password_hash,
                     role=user.role.value,
-                    display_name=user.display_name,
                     disabled=user.disabled,
                     created_at=user.created_at,
                     updated_at=user.updated_at,
+                    **sealed,
                 )
             )
         except IntegrityError as exc:
@@ -64,15 +74,54 @@ class IdentityRepository:
 
     async def get_user(self, conn: AsyncConnection, user_id: uuid.UUID) -> User | None:
         row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
-        return _row_to_user(row) if row else None
+        return (await self._users(conn, [row]))[0] if row else None
 
     async def get_user_by_email(self, conn: AsyncConnection, email: str) -> User | None:
-        row = (await conn.execute(select(users).where(users.c.email == email))).first()
-        return _row_to_user(row) if row else None
+        lookup = self.personal.email_lookup(email)
+        row = (await conn.execute(select(users).where(users.c.email_lookup == lookup))).first()
+        return (await self._users(conn, [row]))[0] if row else None
 
     async def email_exists(self, conn: AsyncConnection, email: str) -> bool:
-        row = (await conn.execute(select(users.c.id).where(users.c.email == email))).first()
+        lookup = self.personal.email_lookup(email)
+        row = (await conn.execute(select(users.c.id).where(users.c.email_lookup == lookup))).first()
         return row is not None
+
+    async def list_users(self, conn: AsyncConnection, user_ids: list[uuid.UUID]) -> list[User]:
+        rows = list(await conn.execute(select(users).where(users.c.id.in_(user_ids))))
+        return await self._users(conn, rows)
+
+    async def unsealed_rows(self, conn: AsyncConnection, *, limit: int) -> list[Any]:
+        """Rows written before personal fields were sealed (plaintext still in `email`)."""
+        query = select(users.c.id, users.c.email, users.c.display_name).where(
+            users.c.email_sealed.is_(None), users.c.email.is_not(None)
+        )
+        return list(await conn.execute(query.limit(limit)))
+
+    async def store_sealed(self, conn: AsyncConnection, user_id: uuid.UUID, sealed: dict[str, Any]) -> None:
+        await conn.execute(update(users).where(users.c.id == user_id).values(**sealed))
+
+    async def erase(self, conn: AsyncConnection, user_id: uuid.UUID, *, now: datetime) -> bool:
+        """Clear the sealed fields and the lookup hash (the address may sign up again), disable."""
+        result = await conn.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .values(
+                email=None,
+                display_name=None,
+                email_lookup=None,
+                email_sealed=None,
+                display_name_sealed=None,
+                password_hash=ERASED_PASSWORD_HASH,
+                disabled=True,
+                erased_at=now,
+                updated_at=now,
+            )
+        )
+        return result.rowcount == 1
+
+    async def _users(self, conn: AsyncConnection, rows: list[Any]) -> list[User]:
+        opened = await self.personal.open(conn, rows)
+        return [_row_to_user(row, email, name) for row, (email, name) in zip(rows, opened, strict=True)]
 
     async def set_password_hash(self, conn: AsyncConnection, user: User) -> None:
         await conn.execute(
@@ -143,6 +192,17 @@ class IdentityRepository:
             )
             .values(status=TokenStatus.REVOKED.value)
         )
+        return int(result.rowcount)
+
+    async def purge_refresh_tokens(self, conn: AsyncConnection, *, now: datetime, batch: int) -> int:
+        """Delete refresh tokens past their expiry: refused by then whatever their status."""
+        ids = (
+            select(refresh_tokens.c.id)
+            .where(refresh_tokens.c.expires_at < now)
+            .limit(batch)
+            .scalar_subquery()
+        )
+        result = await conn.execute(delete(refresh_tokens).where(refresh_tokens.c.id.in_(ids)))
         return int(result.rowcount)
 
     async def revoke_user_tokens(self, conn: AsyncConnection, user_id: uuid.UUID) -> int:

@@ -10,6 +10,7 @@ from mercato.config import AuthSettings
 from mercato.kit.auth import Principal, TokenCodec
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id, parse_id
+from mercato.kit.privacy import Keyring
 from mercato.kit.storage import Database
 from mercato.shop.identity.model import (
     AccountUnavailable,
@@ -29,6 +30,7 @@ from mercato.shop.identity.model import (
     start_family,
 )
 from mercato.shop.identity.passwords import PasswordHashing
+from mercato.shop.identity.personal import PersonalFields
 from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.identity.signing_keys import SigningKeyStore
@@ -59,6 +61,7 @@ class IdentityService:
         passwords: PasswordHashing | None = None,
         sessions: SessionGuard | None = None,
         signing_keys: SigningKeyStore | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self._db = db
         self._signing_keys = signing_keys
@@ -66,7 +69,10 @@ class IdentityService:
         self._clock = clock
         self._codec = token_codec
         self._refresh_ttl_s = settings.refresh_ttl_s
-        self._repo = repository or IdentityRepository()
+        if keyring is None:
+            raise ValueError("IdentityService needs the keyring that seals personal fields")
+        self._keyring = keyring
+        self._repo = repository or IdentityRepository(PersonalFields(keyring))
         self._passwords = passwords or PasswordHashing(
             time_cost=settings.argon2_time_cost,
             memory_kib=settings.argon2_memory_kib,
@@ -100,9 +106,57 @@ class IdentityService:
             updated_at=now,
             password_hash=password_hash,
         )
-        async with self._db.write() as conn:
-            await self._repo.add_user(conn, user)
+        await self.store_user(user)
         return user
+
+    async def store_user(self, user: User) -> None:
+        """Insert an account built elsewhere (sign-up, the CLI, load tools), its personal fields sealed
+        with a data key of its own; the key is made first, outside the row's transaction."""
+        sealed = await self._repo.personal.sealed_columns(
+            user.id, email=user.email, display_name=user.display_name
+        )
+        async with self._db.write() as conn:
+            await self._repo.add_user(conn, user, sealed)
+
+    async def seal_legacy(self, *, batch: int = 200) -> int:
+        """Seal accounts stored before personal fields were encrypted; idempotent, run at start-up."""
+        done = 0
+        while True:
+            async with self._db.read() as conn:
+                rows = await self._repo.unsealed_rows(conn, limit=batch)
+            if not rows:
+                return done
+            for row in rows:
+                sealed = await self._repo.personal.sealed_columns(
+                    row.id, email=row.email, display_name=row.display_name or ""
+                )
+                async with self._db.write() as conn:
+                    await self._repo.store_sealed(conn, row.id, sealed)
+                done += 1
+
+    async def erase(self, user_id: uuid.UUID, *, requested_by: str) -> bool:
+        """Erasure by crypto-shredding: the account's data key is destroyed first, so every copy of
+        its sealed fields (replicas, the event store, backups) is unreadable from that moment; then
+        the row's own fields are cleared, the account disabled and its sessions ended. Orders keep
+        the customer id and their financial facts. False when there is no such account."""
+        async with self._db.read() as conn:
+            if await self._repo.get_user(conn, user_id) is None:
+                return False
+        await self._keyring.shred(user_id, requested_by=requested_by)
+        async with self._db.write() as conn:
+            await self._repo.erase(conn, user_id, now=self._clock.now())
+            await self._repo.revoke_user_tokens(conn, user_id)
+        if self._sessions is not None:
+            self._sessions.forget_subject(str(user_id))
+        return True
+
+    async def purge_refresh_tokens(self, *, batch: int = 1000) -> int:
+        async with self._db.write() as conn:
+            return await self._repo.purge_refresh_tokens(conn, now=self._clock.now(), batch=batch)
+
+    async def users(self, user_ids: list[uuid.UUID]) -> list[User]:
+        async with self._db.read() as conn:
+            return await self._repo.list_users(conn, user_ids)
 
     async def login(self, email: str, password: str) -> TokenPair:
         """Unknown address, wrong password and disabled account fail identically, in about the same

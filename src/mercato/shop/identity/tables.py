@@ -22,12 +22,21 @@ users = Table(
     "identity_users",
     metadata,
     Column("id", Uuid, primary_key=True),
-    # Stored normalised (trimmed, lower-cased) so uniqueness is case-insensitive on every backend.
-    Column("email", String(254), nullable=False, unique=True),
+    # Personal data is sealed with the account's own data key (kit/privacy, ADR 0052): the e-mail is
+    # found through `email_lookup`, a keyed hash of the normalised (trimmed, lower-cased) address, so
+    # uniqueness stays case-insensitive and the table alone reveals no address. `email` and
+    # `display_name` hold plaintext only for rows written before sealing; start-up seals them.
+    Column("email", String(254), nullable=True, unique=True),
+    Column("email_lookup", String(64), nullable=True, unique=True),
+    Column("email_sealed", LargeBinary, nullable=True),
     Column("password_hash", String(255), nullable=False),
     Column("role", String(16), nullable=False),
-    Column("display_name", String(100), nullable=False),
+    Column("display_name", String(100), nullable=True),
+    Column("display_name_sealed", LargeBinary, nullable=True),
     Column("disabled", Boolean, nullable=False, default=False),
+    # Set by erasure: the data key is destroyed and the sealed fields cleared; the row stays so that
+    # orders keep a customer id for their legal retention period.
+    Column("erased_at", UTCDateTime, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     CheckConstraint("role IN ('customer', 'admin', 'service')", name="role_known"),

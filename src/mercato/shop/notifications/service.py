@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
@@ -103,3 +103,20 @@ class NotificationsService:
         async with self._db.read() as conn:
             rows = [Notification(**dict(r._mapping)) for r in await conn.execute(stmt)]
         return rows[:limit], len(rows) > limit
+
+
+async def purge_settled(db: Database, clock: Clock, *, kept_days: int, batch: int = 1000) -> int:
+    """Delete notifications sent or failed more than `kept_days` ago (privacy.md: 90 days). A rendered
+    mail is personal to its recipient and its use ends once it is delivered and any complaint about
+    it is answered."""
+    cutoff = clock.now() - timedelta(days=kept_days)
+    n = notifications.c
+    async with db.write() as conn:
+        ids = (
+            select(n.id)
+            .where(n.status.in_(("sent", "failed")), n.created_at < cutoff)
+            .limit(batch)
+            .scalar_subquery()
+        )
+        result = await conn.execute(delete(notifications).where(n.id.in_(ids)))
+        return int(result.rowcount)
