@@ -20,7 +20,6 @@ from sqlalchemy import MetaData, text
 
 from mercato.providers import ProviderApp
 from tests.conftest import PG_ADMIN_DSN
-from tests.tables import emptiable_tables
 
 
 async def _pg_admin(sql: str) -> None:
@@ -67,7 +66,7 @@ async def _empty(app: ProviderApp, metadata: MetaData) -> None:
     )
     db = owner.db
     async with db.write() as conn:
-        for table in emptiable_tables():
+        for table in reversed(metadata.sorted_tables):
             await conn.execute(text(f'DELETE FROM "{table.name}"'))
 
 

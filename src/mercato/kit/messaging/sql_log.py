@@ -27,51 +27,57 @@ import contextlib
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol, TypeVar, cast
+from typing import Any, TypeVar
 
 from sqlalchemy import (
-    BigInteger,
     ClauseElement,
-    Dialect,
-    Executable,
-    Insert,
-    Integer,
-    Select,
-    Table,
-    and_,
-    bindparam,
-    case,
     delete,
-    exists,
     func,
-    insert,
-    null,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
+from mercato.kit.messaging.sql_log_cursors import advance, cursor_key, lock_cursor, mark_acked, set_cursor
+from mercato.kit.messaging.sql_log_dead_letters import SqlDeadLetters
+from mercato.kit.messaging.sql_log_driver import (
+    DriverReads,
+    _AckConnection,
+    _autocommit_rows,
+    _driver_transaction,
+    _Executor,
+    _observe,
+    _SqlAlchemyExecutor,
+    _Statements,
+    _Unprepared,
+    add_driver_listener,
+    driver_prepared,
+    insert_ignore,
+)
+from mercato.kit.messaging.sql_log_statements import (
+    _ACK_IN_ORDER,
+    _APPEND,
+    _LAG,
+    _LOCK_CURSORS,
+    _MOVE_HEAD,
+    _NEXT_BATCH,
+    _PROBE,
+    _STORED_IDS_CHUNK,
+    _allocate_heads,
+    _Probe,
+    _stored_ids,
+)
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     DeadLetter,
-    DeadLetterStatus,
     Delivery,
     check_replay_start,
 )
 from mercato.kit.messaging.tables import (
-    dead_letters,
     stream_attempts,
     stream_cursors,
     stream_heads,
@@ -84,527 +90,6 @@ __all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepare
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound=ClauseElement)
-
-
-# The statements of every publish and read, built once: SQLAlchemy then reuses their compiled
-# form without rebuilding the expression and its cache key per call.
-_h, _c, _log, _a = stream_heads.c, stream_cursors.c, stream_log.c, stream_attempts.c
-
-_MOVE_HEAD = (
-    update(stream_heads)
-    .where(_h.topic == bindparam("b_topic"), _h.partition == bindparam("b_partition"))
-    .values(next_offset=bindparam("next_offset_value"))
-)
-_APPEND = insert(stream_log)
-_STORED_IDS_CHUNK = 100
-
-# The poll's first, autocommitted look (no transaction): every partition's head next to the group's
-# cursor, and whether a replayed dead letter is due. Most polls of an idle group end here.
-_PROBE = (
-    select(
-        _h.partition,
-        _h.next_offset,
-        _c.next_offset,
-        _c.batch_end,
-        _c.lease_until,
-        exists()
-        .where(
-            dead_letters.c.group == bindparam("group"),
-            dead_letters.c.topic == bindparam("topic"),
-            dead_letters.c.status == DeadLetterStatus.REPLAYING.value,
-            dead_letters.c.visible_at.is_(None) | (dead_letters.c.visible_at <= bindparam("now")),
-        )
-        .label("replays_due"),
-    )
-    .select_from(
-        stream_heads.outerjoin(
-            stream_cursors,
-            and_(_c.group == bindparam("group"), _c.topic == _h.topic, _c.partition == _h.partition),
-        )
-    )
-    .where(_h.topic == bindparam("topic"))
-)
-_done = func.coalesce(_c.next_offset, 0)
-_LAG = (
-    select(func.coalesce(func.sum(case((_h.next_offset > _done, _h.next_offset - _done), else_=0)), 0))
-    .select_from(
-        stream_heads.outerjoin(
-            stream_cursors,
-            and_(_c.group == bindparam("group"), _c.topic == _h.topic, _c.partition == _h.partition),
-        )
-    )
-    .where(_h.topic == bindparam("topic"))
-)
-
-_LOCK_CURSORS = (
-    select(_c.partition, _c.next_offset, _c.batch_end, _c.owner, _c.lease_until)
-    .where(_c.group == bindparam("group"), _c.topic == bindparam("topic"))
-    .order_by(_c.partition)
-    .with_for_update(skip_locked=True)
-)
-# The next messages of a partition with the group's record of each (none for most).
-_NEXT_BATCH = (
-    select(_log.offset, _log.envelope, _a.failures, _a.acked)
-    .select_from(
-        stream_log.outerjoin(
-            stream_attempts,
-            and_(
-                _a.group == bindparam("group"),
-                _a.topic == _log.topic,
-                _a.partition == _log.partition,
-                _a.offset == _log.offset,
-            ),
-        )
-    )
-    .where(
-        _log.topic == bindparam("topic"),
-        _log.partition == bindparam("partition"),
-        _log.offset >= bindparam("from_offset"),
-    )
-    .order_by(_log.offset)
-    .limit(bindparam("limit"))
-)
-_d = dead_letters.c
-# Dead letters queued for the group again whose (re)delivery is due.
-_REPLAYS = (
-    select(_d.id, _d.partition, _d.offset, _d.envelope, _d.attempts)
-    .where(
-        _d.group == bindparam("group"),
-        _d.topic == bindparam("topic"),
-        _d.status == DeadLetterStatus.REPLAYING.value,
-        _d.visible_at.is_(None) | (_d.visible_at <= bindparam("now")),
-    )
-    .order_by(_d.id)
-    .limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-_SET_CURSOR = (
-    update(stream_cursors)
-    .where(
-        _c.group == bindparam("b_group"),
-        _c.topic == bindparam("b_topic"),
-        _c.partition == bindparam("b_partition"),
-    )
-    .values(
-        next_offset=bindparam("next_offset_value"),
-        batch_end=bindparam("batch_end_value"),
-        owner=bindparam("owner_value"),
-        lease_until=bindparam("lease_until_value"),
-    )
-)
-
-
-class _Probe(NamedTuple):
-    heads: dict[int, int]
-    # Partitions the group has no cursor for yet.
-    missing: list[int]
-    replays: bool
-
-
-class _Cursor(NamedTuple):
-    next_offset: int
-    batch_end: int
-    lease_until: datetime | None
-
-
-# The in-order ack (see `SqlLogStream._ack_in_order`). Both engines evaluate SET expressions on
-# the row's old values, so `lease_until` is cleared exactly when this ack completes the batch (its
-# end is the new watermark).
-_ACK_IN_ORDER = (
-    update(stream_cursors)
-    .where(
-        _c.group == bindparam("b_group"),
-        _c.topic == bindparam("b_topic"),
-        _c.partition == bindparam("b_partition"),
-        _c.next_offset == bindparam("b_offset"),
-        _c.batch_end > bindparam("b_offset"),
-        _c.owner == bindparam("b_owner"),
-        _c.lease_until == bindparam("b_lease"),
-        ~exists().where(
-            _a.group == bindparam("b_group"),
-            _a.topic == bindparam("b_topic"),
-            _a.partition == bindparam("b_partition"),
-            _a.offset >= bindparam("b_offset"),
-        ),
-    )
-    .values(
-        next_offset=bindparam("b_next"),
-        lease_until=case((_c.batch_end == bindparam("b_next"), null()), else_=_c.lease_until),
-    )
-    .returning(_c.next_offset)
-)
-
-
-_STORED_IDS_STATEMENTS: dict[int, Select[tuple[uuid.UUID]]] = {}
-_ALLOCATE_STATEMENTS: dict[tuple[str, int], Insert] = {}
-
-
-def _allocate_heads(dialect: str, count: int) -> Insert:
-    """Reserve offsets on `count` partitions in one statement: each head (`t0`, `p0`, `n0`...) moves
-    by its batch's size, created at that size if new, and comes back as the new head.
-
-    The upsert takes the head rows' locks as a SELECT ... FOR UPDATE did, in VALUES order (the
-    caller sorts the partitions, so concurrent publishers lock in one order and cannot deadlock),
-    and holds them to commit: offsets of a partition still commit in offset order."""
-    statement = _ALLOCATE_STATEMENTS.get((dialect, count))
-    if statement is None:
-        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        values = dialect_insert(stream_heads).values(
-            [
-                {
-                    "topic": bindparam(f"t{n}", type_=_h.topic.type),
-                    "partition": bindparam(f"p{n}", type_=Integer()),
-                    "next_offset": bindparam(f"n{n}", type_=BigInteger()),
-                }
-                for n in range(count)
-            ]
-        )
-        statement = values.on_conflict_do_update(
-            index_elements=["topic", "partition"],
-            set_={"next_offset": _h.next_offset + values.excluded.next_offset},
-        ).returning(_h.topic, _h.partition, _h.next_offset)
-        _ALLOCATE_STATEMENTS[(dialect, count)] = statement
-        _PREPARED.add(statement)
-    return statement
-
-
-def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
-    """Which of `count` message ids (`id0`...) the log holds: one statement per batch size, so its
-    compiled form is reused (an expanding IN is rendered anew on every call)."""
-    statement = _STORED_IDS_STATEMENTS.get(count)
-    if statement is None:
-        statement = select(_log.message_id).where(
-            _log.message_id.in_([bindparam(f"id{n}", type_=_log.message_id.type) for n in range(count)])
-        )
-        _STORED_IDS_STATEMENTS[count] = statement
-        _PREPARED.add(statement)
-    return statement
-
-
-# What the driver path runs; any other statement sends the operation back through SQLAlchemy.
-_PREPARED: set[ClauseElement] = {
-    _MOVE_HEAD,
-    _APPEND,
-    _PROBE,
-    _LAG,
-    _LOCK_CURSORS,
-    _NEXT_BATCH,
-    _REPLAYS,
-    _SET_CURSOR,
-    _ACK_IN_ORDER,
-}
-
-
-def driver_prepared(statement: _S) -> _S:
-    """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
-    on the driver path, e.g. through `DriverReads`."""
-    _PREPARED.add(statement)
-    return statement
-
-
-DriverListener = Callable[[str | None], None]
-_DRIVER_LISTENERS: list[DriverListener] = []
-
-
-def add_driver_listener(listener: DriverListener) -> Callable[[], None]:
-    """Observe what the driver path sends, which SQLAlchemy's engine events never see: `listener`
-    gets each statement's SQL, and None at the end (commit or rollback) of each driver-path
-    transaction that ran one. For statement counters (tests, the bench probe); returns the remover."""
-    _DRIVER_LISTENERS.append(listener)
-    return lambda: _DRIVER_LISTENERS.remove(listener)
-
-
-def _observe(sql: str | None) -> None:
-    for listener in _DRIVER_LISTENERS:
-        listener(sql)
-
-
-@dataclass(frozen=True, slots=True)
-class _DriverStatement:
-    """A Core statement compiled once for one dialect, with its parameter order and the column
-    types' conversions, to run on the driver's connection."""
-
-    sql: str
-    names: tuple[str, ...]
-    binds: tuple[Callable[[Any], Any] | None, ...]
-    results: tuple[Callable[[Any], Any] | None, ...]
-    # The values written into the statement itself (`status == 'replaying'`): bound like the rest.
-    fixed: dict[str, Any]
-
-    @classmethod
-    def compile(cls, statement: ClauseElement, dialect: Dialect) -> _DriverStatement:
-        compiled = statement.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        names = tuple(compiled.positiontup or ())
-        columns = statement.selected_columns if isinstance(statement, Select) else ()
-        return cls(
-            sql=str(compiled),
-            names=names,
-            binds=tuple(
-                compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-            ),
-            results=tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-            ),
-            fixed={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
-        )
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        return [
-            value if process is None else process(value)
-            for process, value in zip(
-                self.binds, (values[n] if n in values else self.fixed[n] for n in self.names), strict=True
-            )
-        ]
-
-    def rows(self, records: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if not any(self.results):
-            return [tuple(record) for record in records]
-        return [
-            tuple(v if process is None else process(v) for process, v in zip(self.results, r, strict=True))
-            for r in records
-        ]
-
-
-class _Unprepared(Exception):
-    """The driver path met a statement it does not carry: redo the operation through SQLAlchemy."""
-
-
-class _Executor(Protocol):
-    """Runs this module's statements in one transaction; rows come back as plain tuples."""
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]: ...
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None: ...
-
-    async def insert_ignore(
-        self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]
-    ) -> None: ...
-
-
-class _SqlAlchemyExecutor:
-    """Every statement, through a SQLAlchemy connection: the general path."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        result = await self._conn.execute(cast(Executable, statement), params)
-        return [tuple(row) for row in result]
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None:
-        await self._conn.execute(cast(Executable, statement), params)
-
-    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        await insert_ignore(self._conn, table, rows, conflict=conflict)
-
-
-class _Statements:
-    """One dialect's compiled forms of the `_PREPARED` statements, compiled on first use."""
-
-    def __init__(self, dialect: Dialect) -> None:
-        self._dialect = dialect
-        self._compiled: dict[int, _DriverStatement] = {}
-
-    def get(self, statement: ClauseElement) -> _DriverStatement:
-        compiled = self._compiled.get(id(statement))
-        if compiled is None:
-            if statement not in _PREPARED:
-                raise _Unprepared
-            compiled = self._compiled[id(statement)] = _DriverStatement.compile(statement, self._dialect)
-        return compiled
-
-
-class _DriverExecutor:
-    """The hot path: prepared statements on the driver's connection, one thread hop (aiosqlite)
-    or one round trip (asyncpg) each, where SQLAlchemy's async adapter costs several."""
-
-    def __init__(self, conn: Any, statements: _Statements, *, postgresql: bool) -> None:
-        self._conn = conn
-        self._statements = statements
-        self._postgresql = postgresql
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        prepared = self._statements.get(statement)
-        args = prepared.args(params or {})
-        _observe(prepared.sql)
-        if self._postgresql:
-            return prepared.rows(await self._conn.fetch(prepared.sql, *args))
-        return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None:
-        prepared = self._statements.get(statement)
-        _observe(prepared.sql)
-        if isinstance(params, list):
-            await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
-        elif self._postgresql:
-            await self._conn.execute(prepared.sql, *prepared.args(params or {}))
-        else:
-            await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
-
-    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        raise _Unprepared
-
-
-@asynccontextmanager
-async def _driver_connection(db: Database) -> AsyncIterator[Any]:
-    """The driver's connection (asyncpg's, aiosqlite's) from `db`'s pool, in autocommit.
-
-    No SQLAlchemy `Connection` around it, so nothing emits BEGIN: each statement commits on its
-    own unless the caller begins a transaction. Checkin and invalidation run in a greenlet
-    because the pool may close the connection (an overflow connection, a failed one), which the
-    async drivers only do awaited. A failure discards the connection (after a cancellation
-    mid-statement its state is unknown), except `_Unprepared`, raised after a clean rollback.
-    """
-    pooled = await db.engine.raw_connection()
-    try:
-        yield pooled.driver_connection
-    except _Unprepared:
-        await greenlet_spawn(pooled.close)
-        raise
-    except BaseException:
-        await greenlet_spawn(pooled.invalidate)
-        raise
-    await greenlet_spawn(pooled.close)
-
-
-class _AckConnection:
-    """One pooled driver connection shared by back-to-back autocommitted statements: in-order
-    acks, and the poll probes and lag reads.
-
-    A consumer acknowledges a batch one message at a time; checking a connection out of the pool
-    and back in around each one-statement ack cost about a quarter of the ack. The connection goes
-    back to the pool as soon as the event loop runs with no ack using it (the consumer awaited
-    something else), so it is never held while the consumer is idle. An ack arriving while another
-    one uses it takes its own connection from the pool, so concurrent acks never queue.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._pooled: PoolProxiedConnection | None = None
-        self._busy = False
-        self._release_scheduled = False
-        self._closing: set[asyncio.Task[None]] = set()
-
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[Any]:
-        if self._busy:
-            async with _driver_connection(self._db) as conn:
-                yield conn
-            return
-        self._busy = True
-        try:
-            if self._pooled is None:
-                self._pooled = await self._db.engine.raw_connection()
-            pooled = self._pooled
-            try:
-                yield pooled.driver_connection
-            except BaseException:
-                # Its state is unknown after a failure or a cancellation mid-statement.
-                self._pooled = None
-                await greenlet_spawn(pooled.invalidate)
-                raise
-        finally:
-            self._busy = False
-            if self._pooled is not None and not self._release_scheduled:
-                self._release_scheduled = True
-                asyncio.get_running_loop().call_soon(self._release_if_unused)
-
-    def _release_if_unused(self) -> None:
-        self._release_scheduled = False
-        if self._busy or self._pooled is None:
-            return  # the ack using it schedules the release again when it is done
-        pooled, self._pooled = self._pooled, None
-        # The pool's checkin may close the connection, which the async drivers only do awaited.
-        task = asyncio.get_running_loop().create_task(greenlet_spawn(pooled.close))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-
-async def _autocommit_rows(
-    connection: _AckConnection,
-    statements: _Statements,
-    statement: ClauseElement,
-    params: dict[str, Any],
-    *,
-    postgresql: bool,
-) -> list[tuple[Any, ...]]:
-    """One prepared statement, autocommitted on the shared driver connection: one round trip, no
-    BEGIN/COMMIT, no pool checkout when the connection is already out."""
-    prepared = statements.get(statement)
-    args = prepared.args(params)
-    async with connection.use() as driver:
-        _observe(prepared.sql)
-        if postgresql:
-            records = await driver.fetch(prepared.sql, *args)
-        else:
-            records = await driver.execute_fetchall(prepared.sql, args)
-    return prepared.rows(records)
-
-
-class DriverReads:
-    """Single SELECTs run alone, autocommitted on the driver's connection (the poll probes of this
-    module, a projector's): one round trip each where `Database.read` adds BEGIN and ROLLBACK and
-    SQLAlchemy's adapter overhead. Statements must be registered with `driver_prepared`."""
-
-    def __init__(self, db: Database) -> None:
-        self._postgresql = db.dialect == "postgresql"
-        self._statements = _Statements(db.engine.dialect)
-        self._connection = _AckConnection(db)
-
-    async def rows(self, statement: ClauseElement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return await _autocommit_rows(
-            self._connection, self._statements, statement, params, postgresql=self._postgresql
-        )
-
-
-@asynccontextmanager
-async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIterator[_Executor]:
-    """A write transaction on the driver's connection, committed on success: BEGIN IMMEDIATE on
-    SQLite (the write lock up front, as `Database.write` does), BEGIN on PostgreSQL."""
-    postgresql = db.dialect == "postgresql"
-    async with _driver_connection(db) as conn:
-        transaction = conn.transaction() if postgresql else None
-        if transaction is not None:
-            await transaction.start()
-        else:
-            await conn.execute_fetchall("BEGIN IMMEDIATE")
-        try:
-            yield _DriverExecutor(conn, statements, postgresql=postgresql)
-        except _Unprepared:
-            await (transaction.rollback() if transaction is not None else conn.rollback())
-            _observe(None)
-            raise
-        await (transaction.commit() if transaction is not None else conn.commit())
-        _observe(None)
-
-
-async def insert_ignore(
-    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]
-) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were inserted.
-
-    Both dialects spell it the same way but SQLAlchemy builds it per dialect.
-    """
-    if not rows:
-        return 0
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    result = await conn.execute(
-        dialect_insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
-    )
-    return int(result.rowcount)
 
 
 class SqlLogStream:
@@ -643,6 +128,7 @@ class SqlLogStream:
         self._next_start = 0
         self._statements = _Statements(db.engine.dialect)
         self._ack_connection = _AckConnection(db)
+        self._dead = SqlDeadLetters(db, self._clock, self._hook)
         # Set by every publish through this instance: a blocking read of this process wakes at
         # once instead of sleeping out its poll interval. One per event loop: an instance may
         # outlive a loop (tests, CLI commands run in turn) and an Event binds to the first.
@@ -817,7 +303,9 @@ class SqlLogStream:
     ) -> list[Delivery]:
         out: list[Delivery] = []
         if probe.replays:
-            out = await self._take_replays(executor, topic, group, consumer, now, lease_until, max_messages)
+            out = await self._dead.take_replays(
+                executor, topic, group, consumer, now, lease_until, max_messages
+            )
         if len(out) >= max_messages:
             return out
         heads = probe.heads
@@ -846,8 +334,15 @@ class SqlLogStream:
                 # The batch's deadline passed: its consumer died or stalled. The first
                 # unacknowledged message is the likely culprit, so it is charged the attempt.
                 error = f"visibility timeout expired (consumer {owner})"
-                next_offset = await self._fail(
-                    executor, group, topic, partition, next_offset, next_offset, error
+                next_offset = await self._dead.fail(
+                    executor,
+                    group,
+                    topic,
+                    partition,
+                    next_offset,
+                    next_offset,
+                    error,
+                    max_attempts=self.max_attempts,
                 )
             elif leased_until is not None and leased_until > now:
                 continue
@@ -855,9 +350,7 @@ class SqlLogStream:
                 # Caught up. Write only if an expired batch was just settled: an idle poll
                 # must not rewrite every cursor row.
                 if (next_offset, batch_end, leased_until) != (next_offset, next_offset, None):
-                    await self._set_cursor(
-                        executor, group, topic, partition, next_offset, next_offset, None, None
-                    )
+                    await set_cursor(executor, group, topic, partition, next_offset, next_offset, None, None)
                 continue
             taken = await self._deliver(
                 executor,
@@ -872,13 +365,9 @@ class SqlLogStream:
             if taken:
                 out.extend(taken)
                 end = taken[-1].offset + 1
-                await self._set_cursor(
-                    executor, group, topic, partition, next_offset, end, consumer, lease_until
-                )
+                await set_cursor(executor, group, topic, partition, next_offset, end, consumer, lease_until)
             else:
-                await self._set_cursor(
-                    executor, group, topic, partition, next_offset, next_offset, None, None
-                )
+                await set_cursor(executor, group, topic, partition, next_offset, next_offset, None, None)
         return out
 
     async def _deliver(
@@ -924,16 +413,16 @@ class SqlLogStream:
 
     async def ack(self, delivery: Delivery) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
-            await self._settle_replay(delivery, error=None)
+            await self._dead.settle(delivery, error=None)
             return
         if await self._ack_in_order(delivery):
             return
         async with self._db.write() as conn:
-            cursor = await self._lock_cursor(conn, delivery)
+            cursor = await lock_cursor(conn, delivery)
             if cursor is None:
                 return
-            await self._mark_acked(conn, delivery.group, delivery.topic, delivery.partition, delivery.offset)
-            advanced = await self._advance(
+            await mark_acked(conn, delivery.group, delivery.topic, delivery.partition, delivery.offset)
+            advanced = await advance(
                 _SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
@@ -952,7 +441,7 @@ class SqlLogStream:
                 lease_until += timedelta(microseconds=1)
             await conn.execute(
                 update(stream_cursors)
-                .where(*self._cursor_key(delivery))
+                .where(*cursor_key(delivery))
                 .values(
                     next_offset=advanced,
                     batch_end=advanced if done else cursor.batch_end,
@@ -992,13 +481,13 @@ class SqlLogStream:
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
-            await self._settle_replay(delivery, error=error)
+            await self._dead.settle(delivery, error=error)
             return
         async with self._db.write() as conn:
-            cursor = await self._lock_cursor(conn, delivery)
+            cursor = await lock_cursor(conn, delivery)
             if cursor is None:
                 return
-            advanced = await self._fail(
+            advanced = await self._dead.fail(
                 _SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
@@ -1006,263 +495,31 @@ class SqlLogStream:
                 cursor.next_offset,
                 delivery.offset,
                 error,
+                max_attempts=self.max_attempts,
             )
             # Rewind to the first unacknowledged offset: the rest of the batch is revoked and comes
             # again after this message, keeping the partition's order.
             resume_at = self._clock.now() + timedelta(seconds=self.retry_delay_s)
             await conn.execute(
                 update(stream_cursors)
-                .where(*self._cursor_key(delivery))
+                .where(*cursor_key(delivery))
                 .values(next_offset=advanced, batch_end=advanced, lease_until=resume_at)
             )
 
-    @staticmethod
-    def _cursor_key(delivery: Delivery) -> tuple[Any, ...]:
-        c = stream_cursors.c
-        return (c.group == delivery.group, c.topic == delivery.topic, c.partition == delivery.partition)
-
-    async def _lock_cursor(self, conn: AsyncConnection, delivery: Delivery) -> _Cursor | None:
-        """The partition's cursor when `delivery` is still outstanding and its consumer still
-        holds the batch; None when it is stale (already acknowledged, revoked by a nack, rewound
-        by a replay, or redelivered to another consumer after its visibility deadline)."""
-        c = stream_cursors.c
-        row = (
-            await conn.execute(
-                select(c.next_offset, c.batch_end, c.owner, c.lease_until)
-                .where(*self._cursor_key(delivery))
-                .with_for_update()
-            )
-        ).first()
-        if (
-            row is None
-            or row.owner != delivery.consumer
-            or not int(row.next_offset) <= delivery.offset < int(row.batch_end)
-        ):
-            return None
-        return _Cursor(int(row.next_offset), int(row.batch_end), row.lease_until)
-
-    async def _set_cursor(
-        self,
-        executor: _Executor,
-        group: str,
-        topic: str,
-        partition: int,
-        next_offset: int,
-        batch_end: int,
-        owner: str | None,
-        lease_until: datetime | None,
-    ) -> None:
-        await executor.run(
-            _SET_CURSOR,
-            {
-                "b_group": group,
-                "b_topic": topic,
-                "b_partition": partition,
-                "next_offset_value": next_offset,
-                "batch_end_value": batch_end,
-                "owner_value": owner,
-                "lease_until_value": lease_until,
-            },
-        )
-
-    async def _mark_acked(
-        self, conn: AsyncConnection, group: str, topic: str, partition: int, offset: int
-    ) -> None:
-        a = stream_attempts.c
-        await insert_ignore(
-            conn,
-            stream_attempts,
-            [
-                {
-                    "group": group,
-                    "topic": topic,
-                    "partition": partition,
-                    "offset": offset,
-                    "failures": 0,
-                    "acked": 0,
-                }
-            ],
-            conflict=["group", "topic", "partition", "offset"],
-        )
-        await conn.execute(
-            update(stream_attempts)
-            .where(a.group == group, a.topic == topic, a.partition == partition, a.offset == offset)
-            .values(acked=1)
-        )
-
-    async def _advance(
-        self, executor: _Executor, group: str, topic: str, partition: int, next_offset: int
-    ) -> int:
-        """Move the watermark over acknowledged offsets; forget the per-offset rows below it."""
-        a = stream_attempts.c
-        in_partition = (a.group == group, a.topic == topic, a.partition == partition)
-        acked = await executor.rows(
-            select(a.offset).where(*in_partition, a.acked == 1, a.offset >= next_offset).order_by(a.offset)
-        )
-        for (offset,) in acked:
-            if int(offset) != next_offset:
-                break
-            next_offset += 1
-        await executor.run(delete(stream_attempts).where(*in_partition, a.offset < next_offset))
-        return next_offset
-
-    async def _fail(
-        self,
-        executor: _Executor,
-        group: str,
-        topic: str,
-        partition: int,
-        next_offset: int,
-        offset: int,
-        error: str,
-    ) -> int:
-        """Charge `offset` one failed attempt; dead-letter it at the limit. Returns the watermark."""
-        a = stream_attempts.c
-        where = (a.group == group, a.topic == topic, a.partition == partition, a.offset == offset)
-        await executor.insert_ignore(
-            stream_attempts,
-            [
-                {
-                    "group": group,
-                    "topic": topic,
-                    "partition": partition,
-                    "offset": offset,
-                    "failures": 0,
-                    "acked": 0,
-                }
-            ],
-            conflict=["group", "topic", "partition", "offset"],
-        )
-        [(failures,)] = await executor.rows(
-            update(stream_attempts)
-            .where(*where)
-            .values(failures=a.failures + 1, last_error=error[:4000])
-            .returning(a.failures)
-        )
-        if failures < self.max_attempts:
-            return next_offset
-        log = stream_log.c
-        [(message_id, envelope)] = await executor.rows(
-            select(log.message_id, log.envelope).where(
-                log.topic == topic, log.partition == partition, log.offset == offset
-            )
-        )
-        message = Message.from_json(envelope)
-        await executor.run(
-            insert(dead_letters).values(
-                id=new_id(),
-                group=group,
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                message_id=message_id,
-                type=message.type,
-                envelope=envelope,
-                attempts=failures,
-                last_error=error[:4000],
-                dead_at=self._clock.now(),
-                status=DeadLetterStatus.DEAD.value,
-            )
-        )
-        await executor.run(update(stream_attempts).where(*where).values(acked=1))
-        self._hook.dead_lettered(group=group, topic=topic)
-        return await self._advance(executor, group, topic, partition, next_offset)
-
-    # ---- dead letters --------------------------------------------------------------------------
-
-    async def _take_replays(
-        self,
-        executor: _Executor,
-        topic: str,
-        group: str,
-        consumer: str,
-        now: datetime,
-        lease_until: datetime,
-        limit: int,
-    ) -> list[Delivery]:
-        rows = await executor.rows(_REPLAYS, {"group": group, "topic": topic, "now": now, "limit": limit})
-        if not rows:
-            return []
-        d = dead_letters.c
-        await executor.run(
-            update(dead_letters).where(d.id.in_([r[0] for r in rows])).values(visible_at=lease_until)
-        )
-        return [
-            Delivery(
-                message=Message.from_json(envelope),
-                topic=topic,
-                group=group,
-                consumer=consumer,
-                partition=int(partition),
-                offset=int(offset),
-                attempt=int(attempts) + 1,
-                receipt=f"{_DLQ_RECEIPT}{dead_letter_id}",
-            )
-            for dead_letter_id, partition, offset, envelope, attempts in rows
-        ]
-
-    async def _settle_replay(self, delivery: Delivery, *, error: str | None) -> None:
-        dead_letter_id = uuid.UUID(delivery.receipt.removeprefix(_DLQ_RECEIPT))
-        d = dead_letters.c
-        pending = (d.id == dead_letter_id, d.status == DeadLetterStatus.REPLAYING.value)
-        async with self._db.write() as conn:
-            if error is None:
-                values: dict[str, Any] = {
-                    "status": DeadLetterStatus.REPLAYED.value,
-                    "replayed_at": self._clock.now(),
-                    "visible_at": None,
-                }
-            else:
-                # A replay that fails goes straight back to the queue: it already used its attempts.
-                values = {
-                    "status": DeadLetterStatus.DEAD.value,
-                    "attempts": d.attempts + 1,
-                    "last_error": error[:4000],
-                    "dead_at": self._clock.now(),
-                    "visible_at": None,
-                }
-            result = await conn.execute(update(dead_letters).where(*pending).values(**values))
-        if error is not None and result.rowcount:
-            self._hook.dead_lettered(group=delivery.group, topic=delivery.topic)
+    # ---- dead letters (sql_log_dead_letters.py) ----------------------------------------------------
 
     async def dead_letters(
         self, *, topic: str | None = None, group: str | None = None, limit: int = 100
     ) -> list[DeadLetter]:
-        d = dead_letters.c
-        query = select(dead_letters).order_by(d.id).limit(limit)
-        if topic is not None:
-            query = query.where(d.topic == topic)
-        if group is not None:
-            query = query.where(d.group == group)
-        async with self._db.read() as conn:
-            return [_dead_letter(row) for row in await conn.execute(query)]
+        return await self._dead.list(topic=topic, group=group, limit=limit)
 
     async def dead_letter(self, dead_letter_id: uuid.UUID) -> DeadLetter | None:
-        async with self._db.read() as conn:
-            row = (
-                await conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id))
-            ).first()
-        return _dead_letter(row) if row else None
+        return await self._dead.get(dead_letter_id)
 
     async def replay_dead_letters(
         self, *, ids: Sequence[uuid.UUID] | None = None, topic: str | None = None
     ) -> int:
-        d = dead_letters.c
-        if ids is not None:
-            # Named explicitly: a letter already replayed once may be replayed again.
-            query = update(dead_letters).where(
-                d.id.in_(list(ids)),
-                d.status.in_([DeadLetterStatus.DEAD.value, DeadLetterStatus.REPLAYED.value]),
-            )
-        else:
-            query = update(dead_letters).where(d.status == DeadLetterStatus.DEAD.value)
-        if topic is not None:
-            query = query.where(d.topic == topic)
-        async with self._db.write() as conn:
-            result = await conn.execute(
-                query.values(status=DeadLetterStatus.REPLAYING.value, visible_at=None)
-            )
-        return int(result.rowcount)
+        return await self._dead.replay(ids=ids, topic=topic)
 
     # ---- replay and lag ------------------------------------------------------------------------
 
@@ -1309,7 +566,7 @@ class SqlLogStream:
                         )
                     ).scalar_one()
                     target = heads.get(p, 0) if first is None else int(first)
-                await self._set_cursor(_SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
+                await set_cursor(_SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
                 # A rewound group starts these messages afresh: earlier failures do not count.
                 await conn.execute(
                     delete(stream_attempts).where(a.group == group, a.topic == topic, a.partition == p)
@@ -1324,19 +581,3 @@ class SqlLogStream:
             postgresql=self._db.dialect == "postgresql",
         )
         return int(behind)
-
-
-def _dead_letter(row: Any) -> DeadLetter:
-    return DeadLetter(
-        id=row.id,
-        group=row.group,
-        topic=row.topic,
-        partition=int(row.partition),
-        offset=int(row.offset),
-        message=Message.from_json(row.envelope),
-        attempts=int(row.attempts),
-        last_error=row.last_error,
-        dead_at=row.dead_at,
-        status=DeadLetterStatus(row.status),
-        replayed_at=row.replayed_at,
-    )

@@ -43,7 +43,7 @@ from sqlalchemy.schema import conv
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.message import Message, MessageReader
-from mercato.kit.messaging.sql_log import DriverReads, driver_prepared, insert_ignore
+from mercato.kit.messaging.sql_log_driver import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
