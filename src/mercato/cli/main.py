@@ -197,7 +197,7 @@ def api(
     # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
     tune_gc_for_service()
     uvicorn.run(
-        "mercato.gateway.app:create_app",
+        "mercato.console.app:create_app",
         factory=True,
         host=bind_host,
         port=bind_port,
@@ -252,7 +252,7 @@ def up(
 async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     """The API, the simulated providers, the saga runner and every periodic job in one event
     loop, sharing one container: the embedded mode's "everything in one process"."""
-    from mercato.gateway.app import create_app
+    from mercato.console.app import create_app
 
     app = create_app(settings, trace_role="up")
     server = uvicorn.Server(
