@@ -39,7 +39,7 @@ ACTION_HEADER = "x-console"
 SNAPSHOT_INTERVAL_S = 1.0
 _ASSETS = {"console.js": "text/javascript", "console.css": "text/css"}
 _PROVIDERS = ("psp", "carrier", "mail")
-_SAGA_LIST = (SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.FAILED, SagaStatus.COMPLETED)
+_SAGA_LIST = tuple(SagaStatus)  # in flight, compensating, failed, and the finished ones
 _STARTED = time.time()
 
 

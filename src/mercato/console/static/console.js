@@ -29,14 +29,15 @@ function chart(svg, seriesList, colors) {
   svg.replaceChildren();
   seriesList.forEach((series, i) => {
     const step = width / Math.max(1, HISTORY - 1);
-    const points = series.map((v, j) => `${(j * step).toFixed(1)},${(height - 2 - (v / max) * (height - 4)).toFixed(1)}`);
+    const offset = HISTORY - series.length; // the newest point at the right edge
+    const points = series.map((v, j) => `${((offset + j) * step).toFixed(1)},${(height - 2 - (v / max) * (height - 4)).toFixed(1)}`);
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", points.join(" "));
     line.setAttribute("stroke", colors[i]);
     svg.append(line);
   });
   const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
-  label.setAttribute("x", "4"); label.setAttribute("y", "12"); label.setAttribute("font-size", "10");
+  label.setAttribute("x", "4"); label.setAttribute("y", "10"); label.setAttribute("font-size", "10");
   label.textContent = `max ${max.toLocaleString()}`;
   svg.append(label);
 }
