@@ -134,6 +134,8 @@ def test_console_shows_a_saga_complete_a_breaker_open_and_replays_a_dead_letter(
             page.fill("input[name=password]", admin_password)
             page.click("#login-form button[type=submit]")
             page.wait_for_function("document.getElementById('connection').textContent === 'live'")
+            page.wait_for_selector("#processes li.ok")  # this process, alive
+            assert "database: ok" in page.inner_text("#health")
             page.screenshot(path=str(shots / "1-logged-in.png"), full_page=True)
 
             # A checkout's saga appears, then completes, with its step history.

@@ -242,6 +242,10 @@ async def snapshot(request: Request) -> dict[str, Any]:
     }
     data["at"] = time.time()
     data["process"] = _process(request)
+    reports = container.breaker_reports
+    data["processes"] = _processes(
+        reports.process if reports is not None else "this process", data["breakers"]
+    )
     data["lag"] = [
         {"group": labels.get("group", ""), "topic": labels.get("topic", ""), "messages": value}
         for name, labels, value in _samples(request, "mercato_messaging_consumer_lag_messages")
@@ -323,10 +327,20 @@ async def _sagas(container: Container) -> dict[str, Any]:
 async def _breakers(container: Container) -> list[dict[str, Any]]:
     reports = container.breaker_reports
     own = reports.process if reports is not None else "this process"
-    items = [{**item, "process": own} for item in container.breakers.snapshot().values()]
+    items = [{**item, "process": own, "age_s": 0.0} for item in container.breakers.snapshot().values()]
     for report in await reports.fetch() if reports is not None else []:
-        items.append({**dict(report.snapshot), "process": report.process})
+        items.append({**dict(report.snapshot), "process": report.process, "age_s": round(report.age_s, 1)})
     return items
+
+
+def _processes(own: str, breakers: Any) -> list[dict[str, Any]]:
+    """This process and every other one that reported its breakers lately (the workers, ADR 0025):
+    alive if its last report is younger than the reports' time to live."""
+    seen: dict[str, float] = {own: 0.0}
+    for item in breakers if isinstance(breakers, list) else []:
+        process = str(item.get("process", ""))
+        seen[process] = min(seen.get(process, float("inf")), float(item.get("age_s", 0.0)))
+    return [{"process": name, "last_seen_s": age} for name, age in sorted(seen.items())]
 
 
 async def _dead_letters(container: Container) -> list[dict[str, Any]]:

@@ -57,6 +57,8 @@ async function action(method, url, body) {
 }
 
 function render(s) {
+  $("processes").replaceChildren(...(s.processes || []).map((q) => el("li", { class: q.last_seen_s < 10 ? "ok" : "bad", "data-process": q.process },
+    `${q.process}: ${q.last_seen_s === 0 ? "this process" : `seen ${q.last_seen_s} s ago`}`)));
   const p = s.process || {};
   dl($("process"), [["pid", p.pid], ["uptime", `${p.uptime_s} s`], ["CPU", `${(p.cpu_s || 0).toFixed(1)} s`],
     ["RSS", `${((p.rss_bytes || 0) / 1048576).toFixed(1)} MiB`], ["open fds", p.open_fds]]);
