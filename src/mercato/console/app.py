@@ -20,7 +20,11 @@ def install_console(app: FastAPI, *, results_root: Path | None = None) -> None:
     app.include_router(build_router(lab_catalogue=catalogue, results_root=results_root))
 
 
-def create_app(settings: Settings | None = None, **kwargs: Any) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, lab_results: Path | None = None, **kwargs: Any
+) -> FastAPI:
+    """The gateway's app (`kwargs` go to it) with `/console`; `lab_results`: where the Lab page reads
+    the run folders (default ./lab-results)."""
     app = create_gateway_app(settings, **kwargs)
-    install_console(app)
+    install_console(app, results_root=lab_results)
     return app

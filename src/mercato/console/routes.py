@@ -259,7 +259,30 @@ async def snapshot(request: Request) -> dict[str, Any]:
         for _n, labels, value in _samples(request, "mercato_realtime_connections")
     }
     data["slo"] = _slo(request)
+    data["protection"] = _protection(request)
     return data
+
+
+# Edge protection and the database's roles: what rate limiting, load shedding and the replicas are
+# doing (present only where configured: replicas, a Redis-backed limiter, shedding).
+_PROTECTION = (
+    "mercato_ratelimit_decisions_total",
+    "mercato_ratelimit_degraded",
+    "mercato_backpressure_inflight",
+    "mercato_backpressure_shed_total",
+    "mercato_db_replica_lag_seconds",
+    "mercato_db_replica_in_rotation",
+    "mercato_db_pool_connections",
+)
+
+
+def _protection(request: Request) -> list[dict[str, Any]]:
+    out = []
+    for name, labels, value in _samples(request, "mercato_"):
+        if name in _PROTECTION:
+            label = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            out.append({"metric": name.removeprefix("mercato_"), "labels": label, "value": value})
+    return out
 
 
 def _process(request: Request) -> dict[str, Any]:

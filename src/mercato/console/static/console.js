@@ -74,6 +74,8 @@ function render(s) {
   push(history.burn, slo.burn_rate || 0);
   chart($("chart-burn"), [history.burn], ["#b3261e"]);
 
+  $("protection").replaceChildren(...(s.protection || []).map((m) => el("tr", {},
+    el("td", {}, m.metric), el("td", { class: "steps" }, m.labels), el("td", {}, m.value))));
   dl($("connections"), Object.entries(s.connections || {}).map(([k, v]) => [k, v]));
 
   const sagas = s.sagas || {};
