@@ -114,6 +114,18 @@ class TelemetrySettings(BaseModel):
     service_name: str = "mercato"
 
 
+class _TelemetryEnvironment(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MERCATO_", env_nested_delimiter="_", env_nested_max_split=1, extra="ignore"
+    )
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+def telemetry_settings() -> TelemetrySettings:
+    """`MERCATO_TELEMETRY_*` alone, for processes that read no other setting (the simulators)."""
+    return _TelemetryEnvironment().telemetry
+
+
 class SeedSettings(BaseModel):
     products: int = Field(default=1200, ge=0, le=1_000_000)
     customers: int = Field(default=3, ge=0, le=1000)

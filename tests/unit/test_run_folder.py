@@ -133,7 +133,18 @@ def test_a_run_folder_records_table_json_verdict_and_publishes_the_figure_only_w
     table.add_row("[green]on[/green]")
 
     written = run.record(data={"goodput": 1.5}, tables=[table], verdict=["shedding on: ok"])
-    assert {p.name for p in written} == {"report.json", "table.txt", "verdict.txt", "overload.png"}
+    assert {p.name for p in written} == {
+        "report.json",
+        "table.txt",
+        "verdict.txt",
+        "overload.png",
+        "result.json",
+    }
+    result = json.loads((run.path / "result.json").read_text())
+    assert result["name"] == "overload"
+    assert result["verdict"] == ["shedding on: ok"]
+    assert result["held"] is None  # the line judges nothing
+    assert result["figure"] == "overload.png"
     assert json.loads((run.path / "report.json").read_text()) == {"goodput": 1.5}
     text = (run.path / "table.txt").read_text()
     assert "on" in text
@@ -154,6 +165,8 @@ def test_every_lab_and_bench_command_writes_through_the_harness(app: typer.Typer
     group = typer.main.get_group(app)
     assert group.commands, "no subcommands found"
     for name, command in group.commands.items():
+        if name == "list":
+            continue  # the catalogue (`mercato lab list`), not an experiment
         params = {param.name: param for param in command.params}
         out = params.get("out")
         assert out is not None, f"{name} has no --out"

@@ -7,7 +7,10 @@ clean after any lab or bench), or the folder given with ``--out DIR``. What a ru
 - ``report.json``: the run's figures, the same data ``--json`` prints;
 - ``table.txt``: the table(s) as printed, plain text;
 - ``verdict.txt``: the run's conclusions, one line each (a lab's hypothesis verdict);
-- ``<name>.png``: the figure, for the experiments that draw one.
+- ``<name>.png``: the figure, for the experiments that draw one;
+- ``result.json``: the machine-readable summary every run ends with (name, finished time, ``held``:
+  true / false / null when the run judges no claim, the verdict lines, the figure's file name), which
+  ``mercato lab list`` and the console's Lab page read (`latest_result`).
 
 Refreshing a committed figure (``docs/lab/<name>.png``, cited by docs/concepts.md and
 docs/benchmarks.md) is an explicit ``--update-docs``: the run's PNG is copied there after the run.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,14 +39,21 @@ from rich.console import Console, RenderableType
 __all__ = [
     "DOCS_FIGURES",
     "RESULTS_ROOT",
+    "RESULT_FILE",
     "OutOption",
     "RunFolder",
     "UpdateDocsOption",
     "check_docs_target",
+    "judge",
+    "latest_result",
     "run_stamp",
 ]
 
 RESULTS_ROOT = Path("lab-results")
+RESULT_FILE = "result.json"
+# Words verdict lines use when a run did not bear its claim out, and when it did.
+_FAILED = re.compile(r"DID NOT HOLD|did not hold|VIOLATED|\bFAIL\b|: NO\b")
+_HELD = re.compile(r"\bHELD\b|\bheld\b|\bholds\b|\bPASS\b")
 DOCS_FIGURES = Path("docs/lab")
 
 OutOption = Annotated[
@@ -137,6 +148,20 @@ class RunFolder:
         shutil.copyfile(self.figure, target)
         return target
 
+    def write_result(
+        self, *, held: bool | None = None, verdict: Sequence[str] = (), now: dt.datetime | None = None
+    ) -> Path:
+        """``result.json``: the run's summary; ``held`` judged from the verdict lines when not given."""
+        summary = {
+            "name": self.name,
+            "run": self.path.name,
+            "finished_at": (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(),
+            "held": judge(verdict) if held is None else held,
+            "verdict": list(verdict),
+            "figure": self.figure.name if self.figure.is_file() else None,
+        }
+        return self.write_json(summary, RESULT_FILE)
+
     def record(
         self,
         *,
@@ -145,6 +170,7 @@ class RunFolder:
         verdict: Iterable[str] = (),
         update_docs: bool = False,
         console: Console | None = None,
+        held: bool | None = None,
     ) -> list[Path]:
         """Write a finished run's outputs (the figure, if any, is already in the folder), refresh the
         committed figure when asked, and say where everything went on ``console`` (stderr)."""
@@ -156,6 +182,7 @@ class RunFolder:
             written.append(self.write_verdict(lines))
         if self.figure.is_file():
             written.append(self.figure)
+        written.append(self.write_result(held=held, verdict=lines))
         if console is not None:
             names = ", ".join(path.name for path in written)
             console.print(f"run folder: {self.path} ({names})")
@@ -165,3 +192,46 @@ class RunFolder:
             if console is not None:
                 console.print(f"updated the committed figure {published}")
         return written
+
+
+def judge(verdict: Iterable[str]) -> bool | None:
+    """Whether verdict lines say the claim held: False if any says it did not (DID NOT HOLD,
+    VIOLATED, FAIL, NO), True if one says it held (HELD, holds, PASS), None when none judges."""
+    lines = list(verdict)
+    if any(_FAILED.search(line) for line in lines):
+        return False
+    if any(_HELD.search(line) for line in lines):
+        return True
+    return None
+
+
+def latest_result(name: str, *, root: Path = RESULTS_ROOT) -> dict[str, Any] | None:
+    """The newest run of `name` under ``root`` (run folders sort by their UTC stamp) that finished:
+    its ``result.json``, or for a run written before that file existed, one built from its
+    ``verdict.txt``. None when `name` never finished a run here."""
+    folder = root / name
+    if not folder.is_dir():
+        return None
+    for run in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
+        result = run / RESULT_FILE
+        if result.is_file():
+            try:
+                loaded = json.loads(result.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            if isinstance(loaded, dict):
+                return {**loaded, "path": str(run.resolve())}
+        verdict = run / "verdict.txt"
+        if verdict.is_file():
+            lines = verdict.read_text(encoding="utf-8").splitlines()
+            figure = run / f"{name}.png"
+            return {
+                "name": name,
+                "run": run.name,
+                "finished_at": None,
+                "held": judge(lines),
+                "verdict": lines,
+                "figure": figure.name if figure.is_file() else None,
+                "path": str(run.resolve()),
+            }
+    return None

@@ -31,6 +31,7 @@ from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
+from mercato.kit.observability import instrument_engine, register_process_collectors, start_process_tracing
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.lab.cli import app as lab_app
@@ -196,7 +197,7 @@ def api(
     # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
     tune_gc_for_service()
     uvicorn.run(
-        "mercato.gateway.app:create_app",
+        "mercato.console.app:create_app",
         factory=True,
         host=bind_host,
         port=bind_port,
@@ -251,9 +252,9 @@ def up(
 async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     """The API, the simulated providers, the saga runner and every periodic job in one event
     loop, sharing one container: the embedded mode's "everything in one process"."""
-    from mercato.gateway.app import create_app
+    from mercato.console.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, trace_role="up")
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -314,9 +315,20 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     from mercato.workers.http import serve_worker_http, worker_http_app
 
     registry = CollectorRegistry()
+    register_process_collectors(registry)
     container = build_container(settings)
     # Breakers, retries and bulkheads in front of the providers live in the worker too.
     registry.register(container.metrics_registry)
+    telemetry = settings.telemetry
+    tracer_provider = start_process_tracing(
+        service_name=telemetry.service_name,
+        role="worker",
+        exporter=telemetry.trace_exporter,
+        sample_ratio=telemetry.trace_sample_ratio,
+        otlp_endpoint=telemetry.otlp_endpoint,
+    )
+    if tracer_provider is not None:
+        instrument_engine(container.db.engine, tracer_provider.get_tracer("mercato"), only_in_trace=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -344,6 +356,8 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
         if http is not None:
             await http.stop()
         await container.close()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports what the batch still holds
 
 
 async def _create_user(settings: Settings, email: str, password: str, role: Role) -> User:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # hypercorn evaluates the part after the colon, so the call builds one app per worker process.
-APP_FACTORY_CALL = "mercato.gateway.app:create_app()"
+APP_FACTORY_CALL = "mercato.console.app:create_app()"
 # uvicorn (the HTTP/1.1 path) lets in-flight requests finish however long they take; hypercorn's default of
 # 3 s would cut a slow checkout short. 30 s is what Kubernetes grants a stopping pod before SIGKILL.
 GRACEFUL_TIMEOUT_S = 30.0
@@ -109,7 +109,7 @@ def hypercorn_config(options: Http2Options) -> Config:
 async def _serve_in_this_process(config: Config) -> None:
     from hypercorn.asyncio import serve
 
-    from mercato.gateway.app import create_app
+    from mercato.console.app import create_app
 
     # serve() installs SIGINT/SIGTERM handlers that start a graceful shutdown: stop accepting, let in-flight
     # requests finish within graceful_timeout (an HTTP/2 connection gets GOAWAY as its last stream ends),

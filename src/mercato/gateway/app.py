@@ -45,9 +45,12 @@ from mercato.kit.observability import (
     HttpMetrics,
     build_tracer_provider,
     configure_logging,
+    fastapi_native_tracing_off,
     get_logger,
+    install_tracer_provider,
     instrument_engine,
     register_pool_gauges,
+    register_process_collectors,
 )
 from mercato.kit.privacy import AuditLog
 from mercato.kit.resilience import DeadlineMiddleware
@@ -111,6 +114,7 @@ def create_app(
     container: Container | None = None,
     span_exporter: SpanExporter | None = None,
     configure_logs: bool = True,
+    trace_role: str = "api",
 ) -> FastAPI:
     settings = settings or get_settings()
     settings.check_safe_to_start()
@@ -162,6 +166,8 @@ def create_app(
         # Served by install_docs from packaged assets, not FastAPI's CDN pages (ADR 0028).
         docs_url=None,
         redoc_url=None,
+        # One server span per request, ours (RequestContextMiddleware), not FastAPI's as well.
+        **fastapi_native_tracing_off(),
     )
     app.state.container = container
     realtime = RealtimeRuntime(container)
@@ -173,6 +179,7 @@ def create_app(
     registry = CollectorRegistry(auto_describe=True)
     metrics = HttpMetrics(registry)
     register_pool_gauges(registry, container.db.pool_status)
+    register_process_collectors(registry)
     # The container's own metrics (breakers, retries, bulkheads in front of the providers) are served
     # here too; registered as a collector because several apps may share one container (tests).
     registry.register(container.metrics_registry)
@@ -197,10 +204,15 @@ def create_app(
         sample_ratio=settings.telemetry.trace_sample_ratio,
         otlp_endpoint=settings.telemetry.otlp_endpoint,
         span_exporter=span_exporter,
+        role=trace_role,
     )
     tracer = tracer_provider.get_tracer("mercato") if tracer_provider else None
+    if tracer_provider is not None and span_exporter is None:
+        # The process's provider: the outbox, the saga store and the provider clients continue the
+        # request's trace through it (a test's in-memory provider stays the app's own).
+        install_tracer_provider(tracer_provider)
     if tracer is not None:
-        instrument_engine(container.db.engine, tracer)
+        instrument_engine(container.db.engine, tracer, only_in_trace=True)
 
     install_error_handlers(app)
     install_docs(app)

@@ -57,8 +57,10 @@ class RealtimeRuntime:
         c = self.container
         await c.hub.start()
         consumer = c.hub.node_id
-        feed = OrderFeed(c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer)
-        persister = ChatPersister(c.chat, c.stream, c.hub.publish, consumer=consumer)
+        feed = OrderFeed(
+            c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
+        )
+        persister = ChatPersister(c.chat, c.stream, c.hub.publish, consumer=consumer, hook=c.messaging_hook)
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),

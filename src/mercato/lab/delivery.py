@@ -300,6 +300,7 @@ def delivery_command(
             for r in results
         ],
         console=Console(stderr=True),
+        held=not any(r.duplicates_applied or r.missing for r in results),
     )
     if any(r.duplicates_applied or r.missing for r in results):
         raise typer.Exit(1)

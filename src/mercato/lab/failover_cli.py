@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -57,9 +58,13 @@ def failover_command(
     table = Table(title=f"Failover drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
     for column in ("measure", "value", "goal"):
         table.add_column(column)
-    for row in report_rows(report):
+    rows = report_rows(report)
+    for row in rows:
         table.add_row(*row)
     _console.print(table)
+    RunFolder("failover", Path(folder)).write_result(
+        held=report.ok, verdict=[f"{m}: {v} (goal {g})" for m, v, g in rows]
+    )
     if not report.ok:
         raise typer.Exit(1)
 
@@ -76,8 +81,12 @@ def restore_command(
     table = Table(title=f"Restore drill: {'PASS' if report.ok else 'FAIL'} (run folder {folder})")
     for column in ("measure", "value", "goal"):
         table.add_column(column)
-    for row in restore_rows(report):
+    measured = restore_rows(report)
+    for row in measured:
         table.add_row(*row)
     _console.print(table)
+    RunFolder("restore", folder).write_result(
+        held=report.ok, verdict=[f"{m}: {v} (goal {g})" for m, v, g in measured]
+    )
     if not report.ok:
         raise typer.Exit(1)

@@ -260,4 +260,11 @@ def slow_consumer_command(
         )
     Console().print(table)
     folder.write_table(table)
+    folder.write_result(
+        verdict=[
+            f"{run.variant}: RSS growth {run.rss_growth_kib / 1024:.1f} MiB, healthy p99 "
+            f"{run.healthy_p99_ms:.0f} ms, stuck closes {len(run.stuck_close_codes)}"
+            for run in runs
+        ]
+    )
     Console(stderr=True).print(f"run folder: {folder.path}")

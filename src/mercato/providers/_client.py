@@ -18,7 +18,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mercato.kit.observability import trace_carrier, tracer
 from mercato.kit.resilience import outgoing_deadline_headers
 
 __all__ = [
@@ -150,6 +153,32 @@ class ProviderHttpClient:
         deadline = outgoing_deadline_headers()
         if deadline:
             headers = {**(headers or {}), **deadline}
+        if not trace.get_current_span().get_span_context().is_valid:
+            return await self._exchange(method, path, headers, kwargs)
+        # A client span whose context travels as `traceparent`: the provider's server span is its child.
+        url = self._base_url + path
+        with tracer().start_as_current_span(
+            f"{method} {_operation(path)}",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": method, "url.full": url, "server.address": self._base_url},
+            record_exception=False,
+        ) as span:
+            try:
+                answer = await self._exchange(method, path, {**(headers or {}), **trace_carrier()}, kwargs)
+            except ProviderError as exc:
+                span.set_attribute("http.response.status_code", exc.status)
+                span.set_status(Status(StatusCode.ERROR, exc.slug))
+                raise
+            except ProviderUnavailable as exc:
+                span.set_attribute("error.type", type(exc.__cause__).__name__)
+                span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+                raise
+            span.set_attribute("http.response.status_code", answer.status_code)
+            return answer
+
+    async def _exchange(
+        self, method: str, path: str, headers: dict[str, str] | None, kwargs: dict[str, Any]
+    ) -> ProviderResponse:
         try:
             async with self._open().request(
                 method, self._base_url + path, headers=headers, **kwargs
@@ -159,6 +188,13 @@ class ProviderHttpClient:
             raise ProviderUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         _raise_for_problem(answer)
         return answer
+
+
+def _operation(path: str) -> str:
+    """The route a path names without its ids (`/v1/payments/pay_1/capture` -> `/v1/payments/{id}/capture`),
+    so span names stay few."""
+    parts = path.split("?", 1)[0].split("/")
+    return "/".join(p if i < 3 or not any(c.isdigit() for c in p) else "{id}" for i, p in enumerate(parts))
 
 
 def _raise_for_problem(response: ProviderResponse) -> None:

@@ -21,13 +21,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.observability import (
+    HttpMetrics,
+    context_from,
+    fastapi_native_tracing_off,
+    get_logger,
+    register_process_collectors,
+    request_id_var,
+    tracer,
+)
 from mercato.kit.resilience import DEADLINE_HEADER, Deadline, parse_deadline_header
 from mercato.kit.web.problems import problem_response
 from mercato.providers.faults import FaultDecision, FaultInjector, FaultKind, FaultSettings
@@ -47,6 +58,7 @@ DEADLINE_STATE_KEY = "mercato_request_deadline"
 _DEADLINE_KEY = DEADLINE_HEADER.lower().encode("latin-1")
 # A caller may not pin a simulated operation for longer than this, whatever its header says.
 _MAX_DEADLINE_S = 600.0
+_TRACE_KEYS = (b"traceparent", b"tracestate")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _log = get_logger("mercato.providers")
 
@@ -98,6 +110,7 @@ class ProviderMetrics:
         self.registry = registry
         self.provider = provider
         self.http = HttpMetrics(registry)
+        register_process_collectors(registry)
         self.received = Counter(
             "mercato_provider_requests_received_total",
             "Requests the simulated provider received, by route template and injected fault kind.",
@@ -220,9 +233,34 @@ class _EdgeMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        parent = context_from(
+            {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope.get("headers", ())
+                if k in _TRACE_KEYS
+            }
+        )
+        span = (
+            None
+            if parent is None
+            else tracer().start_span(
+                f"{method} {route}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "http.route": route,
+                    "mercato.provider": owner.metrics.provider,
+                    "mercato.fault": decision.kind.value,
+                },
+            )
+        )
+        span_token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
         try:
             await self._dispatch(scope, receive, send, send_with_id, decision)
         except ResponseLost:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, "response lost (injected)"))
             raise
         except Exception:  # noqa: BLE001 - the last resort: log it, answer 500 with the request id only
             _log.exception("provider_unhandled_error", path=scope["path"], method=method)
@@ -239,6 +277,13 @@ class _EdgeMiddleware:
                 method=method, route=route, status=status, seconds=time.perf_counter() - start
             )
             request_id_var.reset(token)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            if span_token is not None:
+                otel_context.detach(span_token)
 
     async def _dispatch(
         self, scope: Scope, receive: Receive, raw_send: Send, send: Send, decision: FaultDecision
@@ -298,7 +343,7 @@ class ProviderApp(FastAPI):
     """A FastAPI app whose outermost layer is the provider edge (request id, metrics, faults)."""
 
     def __init__(self, *, provider: str, injector: FaultInjector, registry: CollectorRegistry, **kwargs: Any):
-        super().__init__(**kwargs)
+        super().__init__(**{**fastapi_native_tracing_off(), **kwargs})
         self.provider = provider
         self.injector = injector
         self.metrics = ProviderMetrics(registry, provider)

@@ -9,8 +9,10 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from mercato.kit.observability import configure_logging
+from mercato.config import telemetry_settings
+from mercato.kit.observability import configure_logging, start_process_tracing
 from mercato.kit.runtime import tune_gc_for_service
+from mercato.providers._edge import ProviderApp
 from mercato.providers.carrier.app import create_carrier_app
 from mercato.providers.config import ProviderSettings
 from mercato.providers.faults import FaultSettings
@@ -64,6 +66,27 @@ def _faults(
         raise typer.Exit(2) from exc
 
 
+def _run(application: ProviderApp, name: str, *, host: str, port: int, settings: ProviderSettings) -> None:
+    """Serve in the foreground, traced when `MERCATO_TELEMETRY_TRACE_EXPORTER` says so: the shop's
+    calls arrive with `traceparent`, and this process's server spans join their trace."""
+    telemetry = telemetry_settings()
+    provider = start_process_tracing(
+        service_name=f"{telemetry.service_name}-{name}",
+        role=name,
+        exporter=telemetry.trace_exporter,
+        sample_ratio=telemetry.trace_sample_ratio,
+        otlp_endpoint=telemetry.otlp_endpoint,
+    )
+    tune_gc_for_service()
+    try:
+        provider_server(
+            application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s
+        ).run()
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
 @app.command()
 def psp(
     host: Host = "127.0.0.1",
@@ -89,8 +112,7 @@ def psp(
     configure_logging()
     application = create_psp_app(settings.psp_url(), faults=faults, decline_rate=settings.decline_rate)
     _console.print(f"[bold]Simulated PSP[/bold] on http://{host}:{port}  (faults: /admin/faults)")
-    tune_gc_for_service()
-    provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
+    _run(application, "psp", host=host, port=port, settings=settings)
 
 
 @app.command()
@@ -117,8 +139,7 @@ def carrier(
     configure_logging()
     application = create_carrier_app(settings.carrier_url(), faults=faults)
     _console.print(f"[bold]Simulated carrier[/bold] on http://{host}:{port}  (faults: /admin/faults)")
-    tune_gc_for_service()
-    provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
+    _run(application, "carrier", host=host, port=port, settings=settings)
 
 
 @app.command()
@@ -149,5 +170,4 @@ def mail(
         f"[bold]Mail provider[/bold]: SMTP on {host}:{smtp_port}, mail on http://{host}:{port}/messages"
         "  (faults: /admin/faults)"
     )
-    tune_gc_for_service()
-    provider_server(application, host=host, port=port, graceful_shutdown_s=settings.graceful_shutdown_s).run()
+    _run(application, "mail", host=host, port=port, settings=settings)

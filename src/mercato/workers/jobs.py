@@ -169,7 +169,10 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # Product changes from the stream drop the cached product everywhere (the durable path
         # behind the writer's own invalidation; see shop/catalog/cache.py).
         consumer = container.product_cache.invalidation_consumer(
-            container.db, container.stream, name=f"catalog-cache-{socket.gethostname()}-{os.getpid()}"
+            container.db,
+            container.stream,
+            name=f"catalog-cache-{socket.gethostname()}-{os.getpid()}",
+            hook=container.messaging_hook,
         )
         jobs.append(
             PeriodicJob(

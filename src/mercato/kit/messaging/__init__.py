@@ -6,7 +6,7 @@ once in effect, recording it in the `Inbox` in the same transaction. `SqlLogStre
 embedded stream backend; broker backends implement the same `Stream` protocol.
 """
 
-from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook, PrometheusMessagingHook
+from mercato.kit.messaging.hooks import LagReporter, MessagingHook, NullMessagingHook, PrometheusMessagingHook
 from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
 from mercato.kit.messaging.message import InvalidMessage, Message, MessageReader, partition_for
 from mercato.kit.messaging.nats_jetstream import JetStreamStream
@@ -24,6 +24,7 @@ __all__ = [
     "Inbox",
     "InvalidMessage",
     "JetStreamStream",
+    "LagReporter",
     "Message",
     "MessageReader",
     "MessagingHook",

@@ -6,11 +6,15 @@ nothing, so the kit never needs a metrics registry to work.
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-__all__ = ["MessagingHook", "NullMessagingHook", "PrometheusMessagingHook"]
+if TYPE_CHECKING:
+    from mercato.kit.messaging.stream import Stream
+
+__all__ = ["LagReporter", "MessagingHook", "NullMessagingHook", "PrometheusMessagingHook"]
 
 
 class MessagingHook(Protocol):
@@ -118,3 +122,24 @@ class PrometheusMessagingHook:
 
     def consumer_lag(self, *, group: str, topic: str, messages: int) -> None:
         self.lag.labels(group, topic).set(messages)
+
+
+class LagReporter:
+    """`consumer_lag` for a hand-written consumer loop, as `Consumer` reports it: after every pass
+    that had deliveries, and from idle passes at most once per `interval_s` (the count is a statement
+    or a round trip of its own)."""
+
+    def __init__(self, stream: Stream, hook: MessagingHook | None, *, interval_s: float = 5.0) -> None:
+        self._stream = stream
+        self._hook = hook
+        self._interval_s = interval_s
+        self._due: dict[tuple[str, str], float] = {}
+
+    async def report(self, topic: str, group: str, *, busy: bool) -> None:
+        if self._hook is None:
+            return
+        key = (topic, group)
+        if not busy and time.monotonic() < self._due.get(key, 0.0):
+            return
+        self._due[key] = time.monotonic() + self._interval_s
+        self._hook.consumer_lag(group=group, topic=topic, messages=await self._stream.lag(topic, group))

@@ -21,7 +21,7 @@ from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.sql_log_driver import insert_ignore
 from mercato.kit.messaging.stream import Stream
 from mercato.kit.messaging.tables import inbox
-from mercato.kit.observability import get_logger
+from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.storage import Database
 
 __all__ = ["Consumer", "Handler", "Inbox"]
@@ -127,13 +127,26 @@ class Consumer:
             if delivery.attempt > 1:
                 self._hook.consumer_redelivered(**labels)
             try:
-                async with self._db.write() as conn:
-                    duplicate = await self._inbox.seen_or_record(
-                        conn, consumer=self.group, message_id=delivery.message.id
-                    )
-                    if not duplicate:
-                        message = delivery.message
-                        await self._handler(conn, message if self._reader is None else self._reader(message))
+                with message_spans(
+                    f"{self.topic} process",
+                    [delivery.message.headers],
+                    {
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": self.topic,
+                        "messaging.consumer.group.name": self.group,
+                        "messaging.message.id": str(delivery.message.id),
+                        "cloudevents.event_type": delivery.message.type,
+                    },
+                ):
+                    async with self._db.write() as conn:
+                        duplicate = await self._inbox.seen_or_record(
+                            conn, consumer=self.group, message_id=delivery.message.id
+                        )
+                        if not duplicate:
+                            message = delivery.message
+                            await self._handler(
+                                conn, message if self._reader is None else self._reader(message)
+                            )
             except Exception as exc:  # noqa: BLE001 - any handler failure is a failed attempt
                 _log.warning(
                     "message_failed",

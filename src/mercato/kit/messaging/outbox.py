@@ -19,12 +19,15 @@ absorbs, and which the consumers' inbox would absorb on a broker without it. Nev
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -34,6 +37,7 @@ from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message
 from mercato.kit.messaging.stream import Publisher
 from mercato.kit.messaging.tables import outbox
+from mercato.kit.observability import carrier_of, context_from, trace_carrier, tracer
 from mercato.kit.storage import Database
 
 __all__ = ["Outbox", "OutboxBacklog", "OutboxRelay"]
@@ -51,6 +55,14 @@ class Outbox:
     async def add_many(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
         if not messages:
             return
+        # The trace the change was made in travels with its messages (CloudEvents distributed-tracing
+        # extension): the relay, the stream and every consumer continue it.
+        carrier = trace_carrier()
+        if carrier:
+            messages = [
+                m if "traceparent" in m.headers else dataclasses.replace(m, headers={**m.headers, **carrier})
+                for m in messages
+            ]
         now = self._clock.now()
         await conn.execute(
             insert(outbox),
@@ -112,12 +124,19 @@ class OutboxRelay:
         token = new_id()
         claimed = await self._claim(token)
         if claimed:
+            claimed, spans = _producer_spans(claimed)
             try:
                 await self._stream.publish(claimed)
-            except BaseException:
+            except BaseException as exc:
+                for span in spans:
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    span.end()
                 # Free the rows now rather than after the lease: the next pass retries at once.
                 await self._release(token, [m.id for m in claimed], published=False)
                 raise
+            for span in spans:
+                span.end()
             await self._release(token, [m.id for m in claimed], published=True)
             self._hook.relay_published(count=len(claimed))
         # The gauge's count is a scan of the unpublished rows in a statement of its own: at most
@@ -195,3 +214,30 @@ class OutboxRelay:
             ids = select(o.id).where(o.published_at < cutoff).order_by(o.id).limit(limit)
             result = await conn.execute(delete(outbox).where(o.id.in_(ids.scalar_subquery())))
         return int(result.rowcount)
+
+
+def _producer_spans(messages: list[Message]) -> tuple[list[Message], list[Any]]:
+    """A producer span per traced message, child of the context the row was written in; the message
+    goes to the stream carrying the producer span's context, so its consumers are children of it."""
+    out: list[Message] = []
+    spans: list[Any] = []
+    for message in messages:
+        parent = context_from(message.headers)
+        if parent is None:
+            out.append(message)
+            continue
+        span = tracer().start_span(
+            f"{message.topic} publish",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "mercato",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": message.topic,
+                "messaging.message.id": str(message.id),
+                "cloudevents.event_type": message.type,
+            },
+        )
+        spans.append(span)
+        out.append(dataclasses.replace(message, headers={**message.headers, **carrier_of(span)}))
+    return out, spans

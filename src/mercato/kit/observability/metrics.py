@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,3 +61,12 @@ class _PoolCollector(Collector):
 
 def register_pool_gauges(registry: CollectorRegistry, status: Callable[[], dict[str, int]]) -> None:
     registry.register(_PoolCollector(status))
+
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    """CPU seconds, resident and virtual memory, open fds, start time (`process_*`), the garbage
+    collector (`python_gc_*`) and the interpreter (`python_info`): the saturation half of every
+    process's /metrics (API, worker, simulators)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

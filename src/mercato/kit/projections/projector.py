@@ -45,7 +45,7 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.sql_log_driver import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
-from mercato.kit.observability import get_logger
+from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
 from mercato.kit.projections.tables import projection_checkpoints
 from mercato.kit.storage import Database
@@ -121,13 +121,18 @@ class Projection:
         """Every message through `reader`, then `apply_batch` (or `apply` one by one)."""
         if not messages:
             return
-        if self.reader is not None:
-            messages = [self.reader(message) for message in messages]
-        if self.apply_batch is not None and len(messages) > 1:
-            await self.apply_batch(conn, messages, targets)
-            return
-        for message in messages:
-            await self.apply(conn, message, targets)
+        with message_spans(
+            f"projection {self.name} apply",
+            (message.headers for message in messages),
+            {"messaging.operation.type": "process", "mercato.projection": self.name},
+        ):
+            if self.reader is not None:
+                messages = [self.reader(message) for message in messages]
+            if self.apply_batch is not None and len(messages) > 1:
+                await self.apply_batch(conn, messages, targets)
+                return
+            for message in messages:
+                await self.apply(conn, message, targets)
 
     def __post_init__(self) -> None:
         if not self.name or not self.topics or not self.tables:

@@ -36,15 +36,16 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+from opentelemetry.trace import Status, StatusCode
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
-from mercato.kit.observability import get_logger
+from mercato.kit.observability import context_from, get_logger, tracer
 from mercato.kit.resilience import CircuitOpen
 from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
 from mercato.kit.sagas.metrics import NullSagaHook, SagaHook
-from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStore
+from mercato.kit.sagas.store import TRACE_KEY, SagaInstance, SagaStatus, SagaStore
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database
 
@@ -181,9 +182,34 @@ class SagaRunner:
             _log.exception("saga_move_failed", saga_id=str(saga.id))
 
     async def _advance(self, saga: SagaInstance) -> SagaInstance | None:
-        """One move; the saga as it now stands, or None when it is finished or parked for a retry."""
+        """One move, in a span of the trace the saga was started in (its `_trace` data)."""
         if saga.status.terminal:
             return None
+        parent = context_from(saga.data.get(TRACE_KEY))
+        if parent is None:
+            return await self._move(saga)
+        steps = self._definitions[saga.saga_type].steps
+        step = steps[saga.step_index].name if 0 <= saga.step_index < len(steps) else "finish"
+        direction = "forward" if saga.status is SagaStatus.RUNNING else "compensate"
+        with tracer().start_as_current_span(
+            f"saga {saga.saga_type} {direction} {step}",
+            context=parent,
+            attributes={
+                "saga.id": str(saga.id),
+                "saga.type": saga.saga_type,
+                "saga.step": step,
+                "saga.direction": direction,
+                "saga.attempt": saga.attempt + 1,
+            },
+            record_exception=True,
+        ) as span:
+            moved = await self._move(saga)
+            if moved is not None and moved.status is SagaStatus.COMPENSATING:
+                span.set_status(Status(StatusCode.ERROR, (moved.failure or "")[:200]))
+            return moved
+
+    async def _move(self, saga: SagaInstance) -> SagaInstance | None:
+        """One move; the saga as it now stands, or None when it is finished or parked for a retry."""
         definition = self._definitions[saga.saga_type]
         if saga.status is SagaStatus.RUNNING:
             # Every step done (the last one committed, then the runner died or the pass ended before

@@ -39,6 +39,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.ids import new_id
+from mercato.kit.observability import trace_carrier
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database, UTCDateTime, metadata
 
@@ -91,6 +92,10 @@ saga_steps = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
     Index("ix_saga_steps_saga_id_id", "saga_id", "id"),
 )
+
+
+# The W3C trace context a saga was started in, kept in its data (`traceparent`, `tracestate`).
+TRACE_KEY = "_trace"
 
 
 class SagaStatus(StrEnum):
@@ -224,6 +229,10 @@ class SagaStore:
         """
         now = self._clock.now()
         saga_id = saga_id or new_id()
+        carrier = trace_carrier()
+        if carrier:
+            # The runner continues the starter's trace in whichever process drives the saga.
+            data = {**data, TRACE_KEY: carrier}
         await conn.execute(
             _INSERT_SAGA,
             {

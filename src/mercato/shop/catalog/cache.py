@@ -20,7 +20,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.cache import Cache
-from mercato.kit.messaging import Consumer, Message, Stream
+from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
 from mercato.kit.storage import Database
 from mercato.shop.catalog.events import PRODUCT_CHANGED, TOPIC
 from mercato.shop.catalog.model import Product, ProductNotFound
@@ -104,7 +104,9 @@ class ProductCache:
                 done += 1
         return done
 
-    def invalidation_consumer(self, db: Database, stream: Stream, *, name: str) -> Consumer:
+    def invalidation_consumer(
+        self, db: Database, stream: Stream, *, name: str, hook: MessagingHook | None = None
+    ) -> Consumer:
         """The durable invalidation path: `mercato.catalog.product_changed` from the stream (one
         group; with a Redis tier its `invalidate` reaches every process through the bus). A failure
         (Redis down) nacks the event, so it is retried until the shared copy is really gone."""
@@ -113,4 +115,6 @@ class ProductCache:
             if message.type == PRODUCT_CHANGED:
                 await self.invalidate(uuid.UUID(str(message.data["product_id"])), source="event")
 
-        return Consumer(db, stream, topic=TOPIC, group=INVALIDATION_GROUP, name=name, handler=handle)
+        return Consumer(
+            db, stream, topic=TOPIC, group=INVALIDATION_GROUP, name=name, handler=handle, hook=hook
+        )

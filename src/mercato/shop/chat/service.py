@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
-from mercato.kit.messaging import Delivery, Message, Stream
+from mercato.kit.messaging import Delivery, LagReporter, Message, MessagingHook, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime import ChannelEvent
 from mercato.kit.storage import Database
@@ -284,17 +284,20 @@ class ChatPersister:
         *,
         consumer: str,
         batch: int = 200,
+        hook: MessagingHook | None = None,
     ) -> None:
         self._chat = chat
         self._stream = stream
         self._publish = publish
         self._consumer = consumer
         self._batch = batch
+        self._lag = LagReporter(stream, hook)
 
     async def run_once(self) -> int:
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
+        await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=bool(deliveries))
         for index, delivery in enumerate(deliveries):
             try:
                 await self._handle(delivery)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mercato.kit.messaging import Delivery, Message, Stream
+from mercato.kit.messaging import Delivery, LagReporter, Message, MessagingHook, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime import ChannelEvent, SqlChannelHistory
 from mercato.kit.storage import Database
@@ -66,7 +66,9 @@ class OrderFeed:
         *,
         consumer: str,
         batch: int = 100,
+        hook: MessagingHook | None = None,
     ) -> None:
+        self._lag = LagReporter(stream, hook)
         self._db = db
         self._stream = stream
         self._history = history
@@ -79,9 +81,11 @@ class OrderFeed:
         payment step is not sequenced after the order's terminal status read in the same pass."""
         deliveries: list[Delivery] = []
         for topic in ORDER_FEED_TOPICS:
-            deliveries += await self._stream.read(
+            read = await self._stream.read(
                 topic, ORDER_FEED_GROUP, self._consumer, max_messages=self._batch, block_s=0
             )
+            deliveries += read
+            await self._lag.report(topic, ORDER_FEED_GROUP, busy=bool(read))
         deliveries.sort(key=lambda d: (d.message.time, d.message.id))
         handled = 0
         failed: set[str] = set()
