@@ -75,7 +75,7 @@ def test_a_lab_run_leaves_the_clone_clean_and_fills_its_run_folder(clone: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     [run] = (clone / "lab-results" / "delivery").iterdir()
-    assert {p.name for p in run.iterdir()} == {"report.json", "table.txt", "verdict.txt"}
+    assert {p.name for p in run.iterdir()} == {"report.json", "table.txt", "verdict.txt", "result.json"}
     results = json.loads((run / "report.json").read_text())["results"]
     assert {r["runner"] for r in results} == {"consumer + inbox", "projector + checkpoint"}
     assert all(r["duplicates_applied"] == 0 and r["missing"] == 0 for r in results)
@@ -98,7 +98,7 @@ def test_a_bench_run_leaves_the_clone_clean_and_honours_out(clone: Path, tmp_pat
     chosen = tmp_path / "elsewhere" / "run-1"
     custom = _mercato(clone, "bench", *args, "--out", str(chosen))
     assert custom.returncode == 0, custom.stdout + custom.stderr
-    assert {p.name for p in chosen.iterdir()} == {"report.json", "table.txt"}
+    assert {p.name for p in chosen.iterdir()} == {"report.json", "table.txt", "result.json"}
     assert len(list((clone / "lab-results" / "bench-streams").iterdir())) == 1
 
 
