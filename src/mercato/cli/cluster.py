@@ -13,7 +13,7 @@ from rich.table import Table
 from mercato.bootstrap import SCRIPT_LOCATION
 from mercato.cluster import Topology, cluster_down, cluster_status, cluster_up
 from mercato.cluster.patroni import create_database_on_primary
-from mercato.cluster.shop import SHOP_DATABASE, shop_env, shop_url, start_shop
+from mercato.cluster.shop import SHOP_DATABASE, shop_env, shop_fleet, shop_url, start_shop
 from mercato.cluster.topology import TOPOLOGY_FILE
 from mercato.kit.storage.migrations import upgrade
 
@@ -37,6 +37,16 @@ def up(
     shop: Annotated[
         bool, typer.Option("--shop/--no-shop", help="Also start `mercato api` and `mercato worker` on it")
     ] = False,
+    api_instances: Annotated[
+        int,
+        typer.Option("--api-instances", min=1, max=16, help="With --shop: N API processes behind HAProxy"),
+    ] = 1,
+    balance: Annotated[
+        str | None,
+        typer.Option(
+            help="With --shop: HAProxy's algorithm (roundrobin, leastconn, random(2)); implies HAProxy"
+        ),
+    ] = None,
 ) -> None:
     """Start 3 etcd members, 3 PostgreSQL nodes under Patroni and 3 NATS nodes; wait until healthy."""
     started = time.monotonic()
@@ -53,8 +63,8 @@ def up(
     if shop:
         with console.status("Starting mercato api and mercato worker on the cluster"):
             try:
-                url = start_shop(topology)
-            except RuntimeError as exc:
+                url = start_shop(topology, api_instances=api_instances, balance=balance)
+            except (RuntimeError, ValueError) as exc:
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(1) from exc
         console.print(f"[green]✓[/green] the shop answers at {url}")
@@ -66,6 +76,31 @@ def up(
 def status(root: RootOption = DEFAULT_ROOT) -> None:
     """Each node's role, timeline and replication lag; each stream's leader."""
     _print_status(_load(root))
+
+
+@app.command("roll")
+def roll(
+    root: RootOption = DEFAULT_ROOT,
+    name: Annotated[str | None, typer.Option(help="Only this instance (api0, api1, ...)")] = None,
+) -> None:
+    """Rolling restart of the API instances behind HAProxy, one at a time: each drains (/readyz 503,
+    in-flight requests finish) before it stops, and rejoins with slow start."""
+    topology = _load(root)
+    fleet = shop_fleet(topology)
+    if fleet is None:
+        console.print("[red]no balanced API here[/red]: `mercato cluster up --shop --api-instances N`")
+        raise typer.Exit(1)
+    names = [name] if name else [i.name for i in fleet.instances]
+    for each in names:
+        started = time.monotonic()
+        with console.status(f"Restarting {each} (drain, stop, start, wait until UP)"):
+            try:
+                fleet.restart(each)
+            except (KeyError, RuntimeError) as exc:
+                console.print(f"[red]{each}: {exc}[/red]")
+                raise typer.Exit(1) from exc
+        console.print(f"[green]✓[/green] {each} restarted in {time.monotonic() - started:.1f} s")
+    _print_balancer(topology)
 
 
 @app.command("env")
@@ -122,9 +157,41 @@ def _print_status(topology: Topology) -> None:
         )
         streams.add_row(s["stream"], str(s["replicas"]), str(s["messages"]), str(s["leader"]), followers)
     console.print(streams)
+    _print_balancer(topology)
     url = shop_url(topology)
     if url:
         console.print(f"shop: {url}")
+
+
+def _print_balancer(topology: Topology) -> None:
+    fleet = shop_fleet(topology)
+    if fleet is None:
+        return
+    proxy = fleet.haproxy
+    title = f"HAProxy {proxy.url} (balance {proxy.settings.balance}, stats http://127.0.0.1:{proxy.stats_port}/stats)"
+    table = Table(title=title)
+    for column in ("server", "port", "process", "status", "weight", "in flight", "requests", "5xx", "check"):
+        table.add_column(column)
+    try:
+        stats = {s.name: s for s in proxy.stats()}
+    except OSError:
+        console.print(f"[red]HAProxy is not answering[/red] ({proxy.folder}/haproxy.log)")
+        stats = {}
+    running = fleet.running()
+    for instance in fleet.instances:
+        s = stats.get(instance.name)
+        table.add_row(
+            instance.name,
+            str(instance.port),
+            "running" if running[instance.name] else "stopped",
+            s.status if s else "-",
+            str(s.weight) if s else "-",
+            str(s.current_sessions) if s else "-",
+            str(s.total_sessions) if s else "-",
+            str(s.responses_5xx) if s else "-",
+            s.check_status if s else "-",
+        )
+    console.print(table)
 
 
 def _print_env(topology: Topology, *, plain: bool = False) -> None:
