@@ -81,6 +81,7 @@ class Balancer:
         self.detector = OutlierDetector(self.endpoints, outlier, clock=clock, hooks=hooks)
         self._rng = rng or random.Random()
         self._next = 0
+        self._index = {e: i for i, e in enumerate(self.endpoints)}
         self._in_flight = dict.fromkeys(self.endpoints, 0)
         self._picked = dict.fromkeys(self.endpoints, 0)
         self._failures = dict.fromkeys(self.endpoints, 0)
@@ -103,14 +104,15 @@ class Balancer:
         if self.policy is Policy.P2C:
             a, b = self._rng.sample(candidates, 2)
             return a if self._in_flight[a] <= self._in_flight[b] else b
-        start = self._next
-        self._next = (self._next + 1) % len(self.endpoints)
-        # Rotate from the round-robin cursor: round robin takes the first, least outstanding the
-        # first minimum (so ties rotate rather than always favouring the first endpoint).
-        order = sorted(candidates, key=lambda e: (self.endpoints.index(e) - start) % len(self.endpoints))
-        if self.policy is Policy.ROUND_ROBIN:
-            return order[0]
-        return min(order, key=lambda e: self._in_flight[e])
+        if self.policy is Policy.LEAST_OUTSTANDING:
+            fewest = min(self._in_flight[e] for e in candidates)
+            candidates = [e for e in candidates if self._in_flight[e] == fewest]
+        # In turn from the cursor: round robin over the candidates, and ties of least outstanding
+        # rotate instead of always favouring the first endpoint.
+        n = len(self.endpoints)
+        chosen = min(candidates, key=lambda e: (self._index[e] - self._next) % n)
+        self._next = (self._index[chosen] + 1) % n
+        return chosen
 
     def _release(self, endpoint: str, outcome: Outcome) -> None:
         self._in_flight[endpoint] -= 1
