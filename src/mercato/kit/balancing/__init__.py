@@ -2,11 +2,13 @@
 outlier ejection (ADR 0039). No shop knowledge: the providers' HTTP client uses it for several
 instances of one provider."""
 
-from mercato.kit.balancing.balancer import Balancer, BalancerStats, Lease, Policy
+from mercato.kit.balancing.balancer import Balancer, BalancerHooks, BalancerStats, Lease, Policy
+from mercato.kit.balancing.metrics import PrometheusBalancerHooks
 from mercato.kit.balancing.outlier import EjectionHooks, Outcome, OutlierDetector, OutlierSettings
 
 __all__ = [
     "Balancer",
+    "BalancerHooks",
     "BalancerStats",
     "EjectionHooks",
     "Lease",
@@ -14,4 +16,5 @@ __all__ = [
     "OutlierDetector",
     "OutlierSettings",
     "Policy",
+    "PrometheusBalancerHooks",
 ]

@@ -21,10 +21,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from mercato.kit.balancing.outlier import EjectionHooks, Outcome, OutlierDetector, OutlierSettings
 
-__all__ = ["Balancer", "BalancerStats", "Lease", "Policy"]
+__all__ = ["Balancer", "BalancerHooks", "BalancerStats", "Lease", "Policy"]
+
+
+class BalancerHooks(EjectionHooks, Protocol):
+    """Metrics: every released call, plus the detector's ejections."""
+
+    def on_release(self, endpoint: str, outcome: Outcome) -> None: ...
 
 
 class Policy(Enum):
@@ -72,13 +79,14 @@ class Balancer:
         outlier: OutlierSettings | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
-        hooks: Sequence[EjectionHooks] = (),
+        hooks: Sequence[BalancerHooks] = (),
     ) -> None:
         if not endpoints:
             raise ValueError("a balancer needs at least one endpoint")
         self.endpoints = list(dict.fromkeys(endpoints))
         self.policy = Policy(policy)
         self.detector = OutlierDetector(self.endpoints, outlier, clock=clock, hooks=hooks)
+        self._hooks = list(hooks)
         self._rng = rng or random.Random()
         self._next = 0
         self._index = {e: i for i, e in enumerate(self.endpoints)}
@@ -119,6 +127,8 @@ class Balancer:
         if outcome is not Outcome.SUCCESS:
             self._failures[endpoint] += 1
         self.detector.record(endpoint, outcome)
+        for hook in self._hooks:
+            hook.on_release(endpoint, outcome)
 
     def stats(self) -> list[BalancerStats]:
         ejected = set(self.detector.ejected())
