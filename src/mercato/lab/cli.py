@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from mercato.lab.balancing_cli import balancing_command
 from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.cache_policy import cache_policy_command
 from mercato.lab.chaos_cli import chaos_command
@@ -17,6 +18,7 @@ from mercato.lab.slow_consumer import slow_consumer_command
 from mercato.lab.stampede import stampede_command
 
 app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_is_help=True)
+app.command("balancing")(balancing_command)
 app.command("breaker")(breaker_command)
 app.command("cache-policy")(cache_policy_command)
 app.command("chaos")(chaos_command)
