@@ -52,6 +52,7 @@ class AlgorithmResult:
     requests: int = 0
     errors: int = 0
     p50_ms: float = 0.0
+    p90_ms: float = 0.0
     p99_ms: float = 0.0
     healthy_p99_ms: float = 0.0
     share: dict[str, float] = field(default_factory=dict)
@@ -79,6 +80,7 @@ def summarise(result: AlgorithmResult, samples: list[tuple[str, float]], errors:
         requests=len(samples),
         errors=errors,
         p50_ms=percentile(latencies, 50) if latencies else 0.0,
+        p90_ms=percentile(latencies, 90) if latencies else 0.0,
         p99_ms=percentile(latencies, 99) if latencies else 0.0,
         healthy_p99_ms=percentile(healthy, 99) if healthy else 0.0,
         share={name: counts[name] / total for name in sorted(counts)},
@@ -119,6 +121,7 @@ def _api_env(work: Path) -> dict[str, str]:
     from mercato.bootstrap import SCRIPT_LOCATION
     from mercato.kit.storage.migrations import upgrade
 
+    work.mkdir(parents=True, exist_ok=True)
     url = f"sqlite+aiosqlite:///{work / 'shop.db'}"
     upgrade(SCRIPT_LOCATION, url)
     return {
@@ -249,8 +252,9 @@ def verdict(results: list[AlgorithmResult], *, load_average: str) -> list[str]:
             continue
         rr = next(r for r in rows if r.algorithm == rr_name)
         least = [r for r in rows if r.algorithm != rr_name]
-        reference = rr.healthy_p99_ms
-        near = all(r.p99_ms <= NEAR_FACTOR * max(reference, r.healthy_p99_ms) for r in least)
+        # "Near the healthy instances'": within NEAR_FACTOR of the p99 the healthy instances gave in
+        # the same run (a loaded machine moves both together).
+        near = all(r.p99_ms <= NEAR_FACTOR * r.healthy_p99_ms for r in least)
         rr_slow = rr.p99_ms >= rr.slow_ms
         held = near and rr_slow
         figures = "; ".join(
@@ -263,6 +267,10 @@ def verdict(results: list[AlgorithmResult], *, load_average: str) -> list[str]:
             f"{NEAR_FACTOR:g}× the healthy instances': {'yes' if near else 'no'}; round robin's p99 ≥ the "
             f"{rr.slow_ms:.0f} ms delay: {'yes' if rr_slow else 'no'}. {figures}"
         )
+    lines.append(
+        "why: p99 is the slowest 1 %; it stays on the healthy instances only while the slow one gets "
+        "under 1 % of the requests (its share is in the table)"
+    )
     lines.append(f"load average during the run: {load_average}")
     return lines
 

@@ -19,7 +19,17 @@ __all__ = ["balancing_command"]
 
 def table(results: list[AlgorithmResult]) -> Table:
     t = Table(title="One slow instance: latency and share of requests per algorithm")
-    for column in ("side", "algorithm", "requests", "errors", "p50 ms", "p99 ms", "healthy p99 ms", "share"):
+    for column in (
+        "side",
+        "algorithm",
+        "requests",
+        "errors",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "healthy p99 ms",
+        "share",
+    ):
         t.add_column(column)
     for r in results:
         share = ", ".join(f"{name}{'*' if name == r.slow else ''} {v:.1%}" for name, v in r.share.items())
@@ -29,6 +39,7 @@ def table(results: list[AlgorithmResult]) -> Table:
             str(r.requests),
             str(r.errors),
             f"{r.p50_ms:.1f}",
+            f"{r.p90_ms:.1f}",
             f"{r.p99_ms:.1f}",
             f"{r.healthy_p99_ms:.1f}",
             share,
