@@ -21,6 +21,7 @@ slow delay.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -64,7 +65,7 @@ class AlgorithmResult:
 
 def percentile(ordered: list[float], p: float) -> float:
     """Nearest-rank percentile of an ascending list."""
-    index = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    index = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
     return ordered[index]
 
 
