@@ -259,8 +259,8 @@ def verdict(results: list[AlgorithmResult], *, load_average: str) -> list[str]:
         rr_slow = rr.p99_ms >= rr.slow_ms
         held = near and rr_slow
         figures = "; ".join(
-            f"{r.algorithm} p99 {r.p99_ms:.1f} ms "
-            f"(healthy {r.healthy_p99_ms:.1f}, slow share {r.slow_share:.1%})"
+            f"{r.algorithm} p99 {r.p99_ms:.1f} ms (healthy {r.healthy_p99_ms:.1f}, slow share "
+            f"{r.slow_share:.1%}{'' if r is rr else ', near' if r.p99_ms <= NEAR_FACTOR * r.healthy_p99_ms else ', not near'})"
             for r in rows
         )
         lines.append(
