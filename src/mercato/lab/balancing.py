@@ -258,9 +258,15 @@ def verdict(results: list[AlgorithmResult], *, load_average: str) -> list[str]:
         near = all(r.p99_ms <= NEAR_FACTOR * r.healthy_p99_ms for r in least)
         rr_slow = rr.p99_ms >= rr.slow_ms
         held = near and rr_slow
+
+        def mark(r: AlgorithmResult, rr: AlgorithmResult = rr) -> str:
+            if r is rr:
+                return ""
+            return ", near" if r.p99_ms <= NEAR_FACTOR * r.healthy_p99_ms else ", not near"
+
         figures = "; ".join(
             f"{r.algorithm} p99 {r.p99_ms:.1f} ms (healthy {r.healthy_p99_ms:.1f}, slow share "
-            f"{r.slow_share:.1%}{'' if r is rr else ', near' if r.p99_ms <= NEAR_FACTOR * r.healthy_p99_ms else ', not near'})"
+            f"{r.slow_share:.1%}{mark(r)})"
             for r in rows
         )
         lines.append(
