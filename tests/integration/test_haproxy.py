@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from mercato.cluster.haproxy import Backend, HAProxy, HAProxySettings, haproxy_binary, render_config
+from mercato.cluster.processes import wait_until
 from tests.integration.haproxy_support import TinyBackends
 
 try:
@@ -90,3 +91,17 @@ def test_add_and_delete_server_at_runtime(tmp_path: Path, backends: TinyBackends
         assert sorted(s.name for s in proxy.stats()) == sorted(b.name for b in rest)
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             assert {client.get("/x").text for _ in range(10)} == {b.name for b in rest}
+
+
+def test_a_recovered_server_comes_back_with_slow_start(tmp_path: Path, backends: TinyBackends) -> None:
+    first = backends.backends[0]
+    settings = HAProxySettings(check_interval_ms=200, slowstart_s=4)
+    with HAProxy(tmp_path / "hlb_haproxy", backends.backends, settings) as proxy:
+        proxy.wait_up(3, timeout_s=15)
+        backends.set_ready(first.name, False)
+        proxy.wait_status(first.name, "DOWN", timeout_s=10)
+        backends.set_ready(first.name, True)
+        proxy.wait_status(first.name, "UP", timeout_s=10)
+        ramping = proxy.server(first.name).weight
+        assert 0 < ramping < 100  # weight ramps up over slowstart_s
+        assert wait_until(lambda: proxy.server(first.name).weight == 100, timeout_s=10)
