@@ -13,6 +13,7 @@ import random
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,16 @@ def simulators(provider_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -
     folder = tmp_path_factory.mktemp("hlb_psps")
     names = ["psp0", "psp1", "psp2", "carrier"]
     try:
-        # One at a time: each creates the shared tables if missing.
-        psps = [_serve(folder, f"psp{i}", "psp", free_port(), provider_pg_url) for i in range(3)]
-        carrier = _serve(
-            folder, "carrier", "carrier", free_port(), f"sqlite+aiosqlite:///{folder}/carrier.db"
-        )
+        # psp0 first: it creates the shared tables; then the others side by side.
+        psps = [_serve(folder, "psp0", "psp", free_port(), provider_pg_url)]
+        carrier_db = f"sqlite+aiosqlite:///{folder}/carrier.db"
+        with ThreadPoolExecutor(3) as pool:
+            later = [
+                pool.submit(_serve, folder, f"psp{i}", "psp", free_port(), provider_pg_url) for i in (1, 2)
+            ]
+            carrier_started = pool.submit(_serve, folder, "carrier", "carrier", free_port(), carrier_db)
+            psps += [f.result() for f in later]
+            carrier = carrier_started.result()
         asyncio.run(warm_up(psps[0], carrier))
         httpx.put(f"{psps[1]}/admin/faults", json={"error_rate": 1.0}, timeout=5).raise_for_status()
         yield Simulators(psps, carrier)
