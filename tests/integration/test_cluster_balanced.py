@@ -20,6 +20,13 @@ from tests.integration.ha_support import running_cluster
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """Minutes of real processes: behind the marker (`pytest -m slow`)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a drill of real processes: run it with -m slow")
+
+
 def test_the_cluster_shop_runs_behind_haproxy() -> None:
     haproxy_binary()
     with running_cluster(nats_cluster=True) as topology:

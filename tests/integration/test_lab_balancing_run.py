@@ -12,6 +12,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """Minutes of real processes: behind the marker (`pytest -m slow`)."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a drill of real processes: run it with -m slow")
+
+
 def test_the_client_side_pass_writes_table_json_verdict_and_figure(tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "mercato.cli.main", "lab", "balancing", "--side", "client"]
