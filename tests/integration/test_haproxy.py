@@ -105,3 +105,22 @@ def test_a_recovered_server_comes_back_with_slow_start(tmp_path: Path, backends:
         ramping = proxy.server(first.name).weight
         assert 0 < ramping < 100  # weight ramps up over slowstart_s
         assert wait_until(lambda: proxy.server(first.name).weight == 100, timeout_s=10)
+
+
+def test_the_deploy_template_is_what_the_generator_prints_and_haproxy_accepts_it() -> None:
+    import subprocess
+    import sys
+
+    template = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
+    first_line = template.read_text().splitlines()[0]
+    args = first_line.split("`")[1].split()[3:]  # after "mercato cluster haproxy-config"
+    args = [a.strip("'") for a in args]
+    printed = subprocess.run(
+        [sys.executable, "-m", "mercato.cli.main", "cluster", "haproxy-config", *args],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert printed == template.read_text()
+    checked = subprocess.run(
+        [haproxy_binary(), "-c", "-f", str(template)], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr
