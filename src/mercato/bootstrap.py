@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.auth.keys import KeyRing
+from mercato.kit.balancing import Balancer, PrometheusBalancerHooks
 from mercato.kit.cache import (
     Cache,
     CacheTtls,
@@ -27,7 +28,7 @@ from mercato.kit.cache import (
     TinyLfuStore,
 )
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.health import HealthRegistry
+from mercato.kit.health import Drain, HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
     JetStreamStream,
@@ -205,7 +206,7 @@ def build_container(
         access_ttl_s=settings.auth.access_ttl_s,
         clock=clock,
     )
-    health = HealthRegistry()
+    health = HealthRegistry(drain=Drain(drain_s=settings.http.drain_s))
     health.add_check("database", db.ping)
     auth = settings.auth
     sessions = SessionGuard(
@@ -236,7 +237,17 @@ def build_container(
     network = settings.network
     keepalive_s = network.client_keepalive_expiry_s if network.client_max_keepalive_connections else 0.0
     pool = ProviderPool(max_connections=network.client_max_connections, keepalive_expiry_s=keepalive_s)
-    psp = PspClient(providers.psp_base_url, timeout=provider_timeout, pool=pool)
+    # Several PSP instances: balanced per call, outliers ejected (ADR 0039); one: a plain client.
+    psp_endpoints = providers.psp_endpoints()
+    psp_balancer = None
+    if len(psp_endpoints) > 1:
+        psp_balancer = Balancer(
+            psp_endpoints,
+            policy=providers.balance,
+            outlier=providers.outlier(),
+            hooks=[PrometheusBalancerHooks(metrics_registry).for_pool("psp")],
+        )
+    psp = PspClient(psp_endpoints, timeout=provider_timeout, pool=pool, balancer=psp_balancer)
     carrier = CarrierClient(providers.carrier_base_url, timeout=provider_timeout, pool=pool)
     hooks = PrometheusResilienceHooks(metrics_registry)
     breakers = BreakerRegistry(clock=clock, hooks=[hooks])

@@ -103,6 +103,11 @@ class HttpSettings(BaseModel):
     body_read_timeout_s: float = Field(default=10.0, gt=0, le=600)
     workers: int = Field(default=1, ge=1, le=64)
     access_log: bool = False
+    # Connection draining (ADR 0040): on SIGTERM /readyz answers 503 for this long before the server
+    # stops accepting; keep it above the balancer's fall × check interval (HAProxy harness: 2 × 0.5 s).
+    drain_s: float = Field(default=2.0, ge=0, le=300)
+    # Lab fault switch (gateway/faults.py): every request but the probes waits this long. Dev/test only.
+    fault_delay_ms: float = Field(default=0.0, ge=0, le=60_000)
 
 
 class TelemetrySettings(BaseModel):
@@ -465,6 +470,8 @@ class Settings(BaseSettings):
                     "MERCATO_AUTH_SECRET is the built-in development secret; "
                     "set a strong secret before running with MERCATO_ENV=" + self.env.value
                 )
+            if self.http.fault_delay_ms > 0:
+                raise UnsafeConfiguration("MERCATO_HTTP_FAULT_DELAY_MS is a lab fault switch: dev/test only")
             if len(self.auth.secret.get_secret_value()) < 32:
                 raise UnsafeConfiguration("MERCATO_AUTH_SECRET must be at least 32 characters")
             for kid, key in self.signing.keys.items():

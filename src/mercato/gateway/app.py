@@ -27,6 +27,7 @@ from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers,
 from mercato.gateway.consistency import ConsistencyTokenMiddleware
 from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
+from mercato.gateway.faults import LatencyFaultMiddleware
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
 from mercato.gateway.methods import MethodsAndMediaMiddleware
@@ -124,6 +125,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # SIGTERM → /readyz 503 for drain_s, then the server's graceful stop (ADR 0040).
+        container.health.drain.install(asyncio.get_running_loop())
         await _run_startup_checks(container)
         # The signing keys (first start creates one), then reloaded every signing_key_reload_s.
         reloader = None
@@ -147,6 +150,7 @@ def create_app(
         try:
             yield
         finally:
+            container.health.drain.uninstall()
             await realtime.stop()
             if reloader is not None:
                 reloader.cancel()
@@ -293,6 +297,8 @@ def create_app(
         max_body_bytes=settings.http.max_body_bytes,
         body_read_timeout_s=settings.http.body_read_timeout_s,
     )
+    if settings.http.fault_delay_ms > 0:  # the lab's slow-instance switch (gateway/faults.py)
+        app.add_middleware(LatencyFaultMiddleware, delay_s=settings.http.fault_delay_ms / 1000)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

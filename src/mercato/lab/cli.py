@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mercato.bench.harness import RESULTS_ROOT, latest_result
+from mercato.lab.balancing_cli import balancing_command
 from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.cache_policy import cache_policy_command
 from mercato.lab.chaos_cli import chaos_command
@@ -42,6 +43,13 @@ class Lab:
 
 
 LABS: tuple[Lab, ...] = (
+    Lab(
+        "balancing",
+        "§30",
+        "with one instance slow, least-loaded choices (least connections, least outstanding, power of "
+        "two choices) keep p99 near the healthy instances'; round robin does not",
+        balancing_command,
+    ),
     Lab(
         "breaker",
         "§1",
