@@ -28,6 +28,8 @@ from mercato.cli.keys import app as keys_app
 from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
+from mercato.cli.shards import app as shards_app
+from mercato.cli.shards import prepare_shards
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
@@ -57,6 +59,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(shards_app, name="shards")
 app.add_typer(backup_app, name="backup")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
@@ -90,6 +93,7 @@ def _progress() -> Progress:
 def _migrate(settings: Settings) -> None:
     with console.status("Applying migrations"):
         upgrade(SCRIPT_LOCATION, settings.database.url)
+        prepare_shards(settings)
     console.print("[green]✓[/green] migrations at head")
 
 
