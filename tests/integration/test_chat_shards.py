@@ -21,6 +21,7 @@ from mercato.shop.chat.shardmap import MAIN, Layout, ShardMap
 from mercato.shop.chat.shards import ChatShards
 from mercato.shop.chat.tables import messages, shard_fences, shard_map
 from tests.conftest import PG_ADMIN_DSN, make_settings
+from tests.integration.shop_support import admin, api, customer
 
 pytestmark = pytest.mark.asyncio
 
@@ -81,6 +82,32 @@ async def test_the_container_routes_chat_through_the_shard_map(
         recent = await chat.recent_messages(sender="u1", limit=100)  # scatter-gather over both shards
         assert len(recent) == 72
         assert len({(m.room_id, m.seq) for m in recent}) == 72
+
+        assert container.signing_keys is not None
+        await container.signing_keys.ready()
+        async with api(container) as client:  # the operator route: scatter-gather, keyset-paginated
+            headers = await admin(container)
+            seen: list[tuple[str, int]] = []
+            cursor: str | None = None
+            while True:
+                params: dict[str, str | int] = {"sender": "u1", "limit": 50}
+                if cursor:
+                    params["cursor"] = cursor
+                page = await client.get("/admin/chat/messages", params=params, headers=headers)
+                assert page.status_code == 200, page.text
+                seen += [(m["room"], m["seq"]) for m in page.json()["items"]]
+                cursor = page.json()["next_cursor"]
+                if cursor is None:
+                    break
+            assert len(seen) == 72
+            assert len(set(seen)) == 72
+            bad = await client.get("/admin/chat/messages", params={"cursor": "bm9wZQ"}, headers=headers)
+            assert bad.status_code in (400, 422)
+            assert bad.headers["content-type"].startswith("application/problem+json")
+            _, customer_headers = await customer(container)
+            assert (await client.get("/admin/chat/shards", headers=customer_headers)).status_code == 403
+            status_page = await client.get("/admin/chat/shards", headers=headers)
+            assert status_page.json()["members"] == ["s0", "s1"]
 
         report = await ChatRebalancer(chat.shards).add_shard(s2)
         status = await shard_status(chat.shards)

@@ -33,7 +33,7 @@ from mercato.shop.chat.model import (
     room_from_channel,
 )
 from mercato.shop.chat.shardmap import ShardMap
-from mercato.shop.chat.shards import ChatShards, recent_messages
+from mercato.shop.chat.shards import ChatShards, Position, recent_messages
 from mercato.shop.chat.tables import members, rooms
 
 __all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
@@ -190,9 +190,11 @@ class ChatService:
         seen before returns its first message and False."""
         return await self.shards.persist(room_id, sender=sender, text_=text, client_msg_id=client_msg_id)
 
-    async def recent_messages(self, *, sender: str | None, limit: int) -> list[ChatMessage]:
-        """Operators: the newest messages across all shards (scatter-gather)."""
-        return await recent_messages(self.shards, sender=sender, limit=limit)
+    async def recent_messages(
+        self, *, sender: str | None, limit: int, before: Position | None = None
+    ) -> list[ChatMessage]:
+        """Operators: the newest messages across all shards (scatter-gather), older than `before`."""
+        return await recent_messages(self.shards, sender=sender, limit=limit, before=before)
 
 
 def _message(row: object) -> ChatMessage:

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
@@ -35,6 +35,7 @@ from mercato.shop.chat.tables import messages, shard_fences, shard_map
 __all__ = [
     "ChatShardMetrics",
     "ChatShards",
+    "Position",
     "ShardMapConflict",
     "ShardMoved",
     "ShardUnavailable",
@@ -315,19 +316,38 @@ async def _persist_on(
     return message, True
 
 
-async def recent_messages(shards: ChatShards, *, sender: str | None, limit: int) -> list[ChatMessage]:
+Position = tuple[datetime, uuid.UUID, int]  # (sent_at, room, seq): the scatter-gather keyset
+
+
+async def recent_messages(
+    shards: ChatShards, *, sender: str | None, limit: int, before: Position | None = None
+) -> list[ChatMessage]:
     """Scatter-gather for operators: the newest messages across every shard (optionally one
-    sender's), each counted once, from the shard the map reads that room from."""
+    sender's), older than `before`, each counted once, from the shard the map reads its room from."""
     current = await shards.current()
 
     async def one(name: str) -> list[tuple[str, ChatMessage]]:
-        query = select(messages).order_by(messages.c.sent_at.desc()).limit(limit)
+        order = (messages.c.sent_at.desc(), messages.c.room_id.desc(), messages.c.seq.desc())
+        query = select(messages).order_by(*order).limit(limit)
         if sender is not None:
             query = query.where(messages.c.sender == sender)
+        if before is not None:
+            at, room, seq = before
+            query = query.where(
+                or_(
+                    messages.c.sent_at < at,
+                    and_(
+                        messages.c.sent_at == at,
+                        or_(
+                            messages.c.room_id < room, and_(messages.c.room_id == room, messages.c.seq < seq)
+                        ),
+                    ),
+                )
+            )
         async with shards.db(name, current).read() as conn:
             return [(name, message_of(r)) for r in await conn.execute(query)]
 
     gathered = await asyncio.gather(*(one(name) for name in current.names))
     found = [m for per in gathered for name, m in per if current.route(str(m.room_id)).read == name]
-    found.sort(key=lambda m: (m.sent_at, str(m.room_id), m.seq), reverse=True)
+    found.sort(key=lambda m: (m.sent_at, m.room_id, m.seq), reverse=True)
     return found[:limit]
