@@ -13,6 +13,7 @@ from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
+from mercato.lab.rebalance import rebalance_command
 from mercato.lab.slow_consumer import slow_consumer_command
 from mercato.lab.stampede import stampede_command
 
@@ -27,5 +28,6 @@ app.command("network")(network_command)
 app.command("outage")(outage_command)
 app.command("overload")(overload_command)
 app.command("ratelimit")(ratelimit_command)
+app.command("rebalance")(rebalance_command)
 app.command("slow-consumer")(slow_consumer_command)
 app.command("stampede")(stampede_command)

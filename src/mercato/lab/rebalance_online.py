@@ -119,7 +119,18 @@ async def run_online_move(
         ChatShards(main, clock, initial=initial, refresh_s=refresh_s, connect=connect, metrics=m)
         for m in metrics
     ]
-    operator = ChatShards(main, clock, initial=initial, refresh_s=refresh_s, connect=connect)
+    # The operator's `mercato shards add` is a process of its own: its own pools.
+    operator_main = create_database(main_url, pool_size=4)
+    operator_dbs: list[Database] = []
+
+    def operator_connect(url: str) -> Database:
+        db = create_database(url, pool_size=4)
+        operator_dbs.append(db)
+        return db
+
+    operator = ChatShards(
+        operator_main, clock, initial=initial, refresh_s=refresh_s, connect=operator_connect
+    )
     rebalancer = ChatRebalancer(operator)
     for i in range(1, len(shard_urls) + 1):
         await rebalancer.ensure_schema(operator.db(f"s{i}", initial))
@@ -226,7 +237,7 @@ async def run_online_move(
     )
     for cache in caches:
         await cache.close()
-    for db in extra:
+    for db in (*extra, *operator_dbs, operator_main):
         await db.dispose()
     await main.dispose()
     return result
