@@ -204,7 +204,8 @@ def verdict(moved: list[MovedRow], skews: list[SkewRow], online: OnlineMoveResul
     floor = share * skews[0].shards
     lines.append(
         f"Zipf: keys spread evenly (key skew <= {max(s.key_skew for s in skews):.2f}) but load skew reaches "
-        f"{max(s.load_skew for s in skews):.2f}; pinning the hot key to the least-loaded shard lowered it for "
+        f"{max(s.load_skew for s in skews):.2f}; pinning the hot key to the least-loaded shard lowered "
+        f"it for "
         f"{len(lowered)}/{len(skews)} placements ("
         + ", ".join(f"{s.algorithm} {s.load_skew:.2f}->{s.load_skew_hot_pinned:.2f}" for s in skews)
         + f"); floor {floor:.2f}: the hottest key alone is {share:.1%} of the load, more than a shard's "
