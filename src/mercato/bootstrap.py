@@ -27,7 +27,7 @@ from mercato.kit.cache import (
     TinyLfuStore,
 )
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.health import HealthRegistry
+from mercato.kit.health import Drain, HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
     JetStreamStream,
@@ -225,7 +225,7 @@ def build_container(
         access_ttl_s=settings.auth.access_ttl_s,
         clock=clock,
     )
-    health = HealthRegistry()
+    health = HealthRegistry(drain=Drain(drain_s=settings.http.drain_s))
     health.add_check("database", db.ping)
     auth = settings.auth
     sessions = SessionGuard(

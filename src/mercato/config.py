@@ -89,6 +89,9 @@ class HttpSettings(BaseModel):
     body_read_timeout_s: float = Field(default=10.0, gt=0, le=600)
     workers: int = Field(default=1, ge=1, le=64)
     access_log: bool = False
+    # Connection draining (ADR 0040): on SIGTERM /readyz answers 503 for this long before the server
+    # stops accepting; keep it above the balancer's fall × check interval (HAProxy harness: 2 × 0.5 s).
+    drain_s: float = Field(default=2.0, ge=0, le=300)
 
 
 class TelemetrySettings(BaseModel):

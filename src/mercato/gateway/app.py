@@ -117,6 +117,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # SIGTERM → /readyz 503 for drain_s, then the server's graceful stop (ADR 0040).
+        container.health.drain.install(asyncio.get_running_loop())
         await _run_startup_checks(container)
         # The signing keys (first start creates one), then reloaded every signing_key_reload_s.
         reloader = None
@@ -133,6 +135,7 @@ def create_app(
         try:
             yield
         finally:
+            container.health.drain.uninstall()
             await realtime.stop()
             if reloader is not None:
                 reloader.cancel()

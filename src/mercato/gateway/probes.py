@@ -41,7 +41,8 @@ class ReplicaOut(BaseModel):
 
 class ProbeOut(BaseModel):
     status: str = Field(
-        description="`ok`, `degraded` (ready, a fail-open dependency is down) or `unavailable`"
+        description="`ok`, `degraded` (ready, a fail-open dependency is down), `unavailable`, or "
+        "`draining` (shutting down after SIGTERM: in-flight requests finish, new ones go elsewhere)"
     )
     checks: list[CheckOut] = []
     # Read replicas (when configured): one lagging beyond the bound is out of rotation, the shop
@@ -85,12 +86,16 @@ async def healthz() -> Response:
     description=(
         "503 when a dependency the request path cannot do without (the database) is down. A dependency "
         "that requests fail open on (the rate limiter's Redis) makes the status `degraded`, still 200: "
-        "pulling this node would not help, every node shares it (ADR 0026)."
+        "pulling this node would not help, every node shares it (ADR 0026). 503 `draining` from SIGTERM "
+        "until the process exits (ADR 0040)."
     ),
     responses={503: {"description": "A required dependency failed", "model": ProbeOut}},
 )
 async def readyz(request: Request) -> Response:
-    results = await _container(request).health.readiness()
+    health = _container(request).health
+    if health.draining:  # shutting down: out of rotation first, in-flight requests still finish
+        return _json({"status": "draining", "checks": []}, 503)
+    results = await health.readiness()
     status = overall_status(results)
     body = {
         "status": status,

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from mercato.kit.health.drain import Drain
 from mercato.kit.storage.outages import classify_outage
 
 __all__ = ["CheckResult", "Degraded", "HealthRegistry", "overall_status"]
@@ -51,8 +52,10 @@ def overall_status(results: Sequence[CheckResult]) -> str:
 
 
 class HealthRegistry:
-    def __init__(self, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, *, timeout_s: float = 2.0, drain: Drain | None = None) -> None:
         self._timeout_s = timeout_s
+        # Set on SIGTERM: readiness answers `draining` (503) while in-flight work finishes (ADR 0040).
+        self.drain = drain or Drain()
         self._checks: dict[str, Check] = {}
         self._startup: dict[str, bool] = {}
 
@@ -68,6 +71,10 @@ class HealthRegistry:
     @property
     def startup_steps(self) -> dict[str, bool]:
         return dict(self._startup)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.active
 
     @property
     def started(self) -> bool:
