@@ -22,6 +22,7 @@ from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.api_keys import app as api_keys_app
 from mercato.cli.backup import app as backup_app
 from mercato.cli.backup import restore_command
+from mercato.cli.capacity import app as capacity_app
 from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
@@ -36,6 +37,7 @@ from mercato.kit.errors import DomainError
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.lab.cli import app as lab_app
+from mercato.lab.scale import scale_command
 from mercato.providers.cli import app as provider_app
 from mercato.providers.server import serve_providers
 from mercato.shop.identity.contracts import Role
@@ -50,6 +52,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+# `bench scale` drives the cluster harness, which the bench layer may not import: registered here.
+bench_app.command("scale")(scale_command)
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(dlq_app, name="dlq")
@@ -60,6 +64,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(shards_app, name="shards")
+app.add_typer(capacity_app, name="capacity")
 app.add_typer(backup_app, name="backup")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
