@@ -179,7 +179,8 @@ def run_scale(
 
 def _table(data: dict[str, Any]) -> Table:
     table = Table(
-        title=f"bench scale (SLO p99 < {data['slo']['p99_ms']:g} ms), load {data['machine'].get('loadavg_at_start')}"
+        title=f"bench scale (SLO p99 < {data['slo']['p99_ms']:g} ms), "
+        f"load {data['machine'].get('loadavg_at_start')}"
     )
     for col in ("API processes", "max req/s", "p50 ms", "p99 ms", "API cores", "machine cores", "USL req/s"):
         table.add_column(col, justify="right")
