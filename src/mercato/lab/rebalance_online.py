@@ -9,7 +9,10 @@ are made on the given server under a unique prefix and dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +49,35 @@ async def scratch_databases(admin_dsn: str, prefix: str, count: int) -> AsyncIte
         for name in names:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
+
+
+async def _add_shard_in_a_process(
+    main_url: str, urls: list[str], new_url: str, refresh_s: float, algorithm: str
+) -> RebalanceReport:
+    """`mercato shards add` as the operator runs it: a process of its own, configured like the API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERCATO_")}
+    env.update(
+        MERCATO_DATABASE_URL=main_url,
+        MERCATO_CHAT_SHARD_URLS=",".join(urls),
+        MERCATO_CHAT_SHARD_ALGORITHM=algorithm,
+        MERCATO_CHAT_SHARD_MAP_REFRESH_S=str(refresh_s),
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mercato.cli.main",
+        "shards",
+        "add",
+        new_url,
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"mercato shards add failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return RebalanceReport(**json.loads(out))
 
 
 @dataclass
@@ -167,7 +199,7 @@ async def run_online_move(
         await asyncio.sleep(warmup_s)
         before = initial.directory()
         move_started = time.monotonic()
-        report = await rebalancer.add_shard(new_url)
+        report = await _add_shard_in_a_process(main_url, [MAIN, *shard_urls], new_url, refresh_s, algorithm)
         move_ended = time.monotonic()
         await asyncio.sleep(cooldown_s)
     finally:
