@@ -243,9 +243,11 @@ async def run_online_move(
                 ).scalar_one()
             wrong_shard += 1 if n else 0
 
+    # "during" is the rebalance itself (its own clock), not the operator process's start-up.
+    moving_from = max(move_started, move_ended - report.duration_s)
     latency = {
-        "before": _summary([s * 1000 for t, s in samples if t < move_started]),
-        "during": _summary([s * 1000 for t, s in samples if move_started <= t < move_ended]),
+        "before": _summary([s * 1000 for t, s in samples if t < moving_from]),
+        "during": _summary([s * 1000 for t, s in samples if moving_from <= t < move_ended]),
         "after": _summary([s * 1000 for t, s in samples if t >= move_ended]),
     }
     result = OnlineMoveResult(
