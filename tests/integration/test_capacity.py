@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mercato.bench.capacity import costs_from_reports, cross_validated, plan_capacity, predicted_throughput
+from mercato.bench.capacity import (
+    costs_from_reports,
+    cross_validated,
+    plan_capacity,
+    predicted_throughput,
+)
 
 
 def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
@@ -60,6 +65,9 @@ def test_plan_formulas_on_a_measured_shape(tmp_path: Path) -> None:
     tight = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, p99_ms=50, headroom=0.3)
     assert tight.lambda_per_process == pytest.approx(costs.usl.lam / 2)
     assert tight.processes is None or tight.processes > 3
+    # Cross-validated: N = 2 from N = 1 and 4 only (the curve through them), not from its own point.
+    assert cross_validated(costs, 2) != pytest.approx(700, rel=1e-3)
+    assert cross_validated(costs, 2) == pytest.approx(700, rel=0.2)
     with pytest.raises(ValueError, match="checkout"):
         plan_capacity(costs, peak_rps=10, checkouts_per_s=5)
 
@@ -118,4 +126,3 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(tmp_path: Path) ->
     assert set(measured) == {1, 2}
     for n in (1, 2):
         assert predicted[n] == pytest.approx(measured[n], rel=0.20), (n, predicted, measured)
-    assert cross_validated  # the function the CLI used (imported for the reader)
