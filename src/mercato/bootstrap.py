@@ -69,6 +69,8 @@ from mercato.shop.catalog.cache import ProductCache
 from mercato.shop.catalog.events import ProductEvents
 from mercato.shop.catalog.service import CatalogService
 from mercato.shop.chat.service import ChatHistory, ChatService
+from mercato.shop.chat.shardmap import ShardMap
+from mercato.shop.chat.shards import ChatShardMetrics, ChatShards
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
 from mercato.shop.checkout.resilient import (
     CARRIER,
@@ -160,6 +162,7 @@ class Container:
         await self.hub.broker.aclose()
         if self.keyring is not None:
             await self.keyring.dispose()
+        await self.chat.shards.close()
         await self.db.dispose()
 
 
@@ -178,6 +181,28 @@ def build_database(settings: Settings, *, replica_hook: ReplicaHook | None = Non
         replica_max_lag_s=db.replica_max_lag_s,
         replica_token_wait_s=db.replica_token_wait_s,
         replica_hook=replica_hook,
+    )
+
+
+def build_chat_shards(
+    settings: Settings, db: Database, clock: Clock, registry: CollectorRegistry | None
+) -> ChatShards:
+    """The chat message shards (ADR 0043): the map's seed from the settings, a small pool per shard."""
+    chat, base = settings.chat, settings.database
+    initial = ShardMap.initial(chat.shard_urls, algorithm=chat.shard_algorithm, vnodes=chat.shard_vnodes)
+
+    def connect(url: str) -> Database:
+        return create_database(
+            url,
+            pool_size=chat.shard_pool_size,
+            max_overflow=chat.shard_pool_size,
+            pool_timeout_s=base.pool_timeout_s,
+            statement_timeout_s=base.statement_timeout_s,
+        )
+
+    metrics = ChatShardMetrics(registry) if registry is not None else None
+    return ChatShards(
+        db, clock, initial=initial, refresh_s=chat.shard_map_refresh_s, connect=connect, metrics=metrics
     )
 
 
@@ -283,7 +308,13 @@ def build_container(
             return None
         return str(order.customer_id)
 
-    chat = ChatService(db, clock, order_owner=order_owner, history_ttl_s=settings.realtime.history_ttl_s)
+    chat = ChatService(
+        db,
+        clock,
+        order_owner=order_owner,
+        history_ttl_s=settings.realtime.history_ttl_s,
+        shards=build_chat_shards(settings, db, clock, metrics_registry),
+    )
     channel_history = SqlChannelHistory(db, clock=clock)
     hub = build_hub(settings, db, chat=chat, channel_history=channel_history, registry=metrics_registry)
     keyring = build_keyring(settings, db, clock)

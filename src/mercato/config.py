@@ -409,6 +409,24 @@ class RealtimeSettings(BaseModel):
     consumer_poll_s: float = Field(default=0.02, gt=0, le=5)
 
 
+class ChatSettings(BaseModel):
+    """Chat message shards (ADR 0043): `MERCATO_CHAT_SHARD_URLS` lists the databases (comma list;
+    `main` = the main database); empty = one shard, the main database. Only the first start reads it:
+    from then on the shard map in the main database is the truth (`mercato shards add`)."""
+
+    shard_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    shard_algorithm: Literal["ring", "rendezvous", "jump", "mod"] = "ring"
+    shard_vnodes: int = Field(default=160, ge=1, le=10_000)
+    # How long a process trusts its cached shard map; a rebalance waits twice this between steps.
+    shard_map_refresh_s: float = Field(default=1.0, gt=0, le=60)
+    shard_pool_size: int = Field(default=5, ge=1, le=100)
+
+    @field_validator("shard_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        return DatabaseSettings._split_urls(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MERCATO_",
@@ -439,6 +457,7 @@ class Settings(BaseSettings):
     network: NetworkSettings = NetworkSettings()
     realtime: RealtimeSettings = RealtimeSettings()
     privacy: PrivacySettings = PrivacySettings()
+    chat: ChatSettings = ChatSettings()
 
     @field_validator("env", mode="before")
     @classmethod

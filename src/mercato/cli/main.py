@@ -22,12 +22,15 @@ from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.api_keys import app as api_keys_app
 from mercato.cli.backup import app as backup_app
 from mercato.cli.backup import restore_command
+from mercato.cli.capacity import app as capacity_app
 from mercato.cli.cluster import app as cluster_app
 from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
 from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
 from mercato.cli.schemas import app as schemas_app
+from mercato.cli.shards import app as shards_app
+from mercato.cli.shards import prepare_shards
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
@@ -35,6 +38,7 @@ from mercato.kit.observability import instrument_engine, register_process_collec
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.lab.cli import app as lab_app
+from mercato.lab.scale import scale_command
 from mercato.providers.cli import app as provider_app
 from mercato.providers.server import serve_providers
 from mercato.shop.identity.contracts import Role
@@ -49,6 +53,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+# `bench scale` drives the cluster harness, which the bench layer may not import: registered here.
+bench_app.command("scale")(scale_command)
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(dlq_app, name="dlq")
@@ -58,6 +64,8 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(shards_app, name="shards")
+app.add_typer(capacity_app, name="capacity")
 app.add_typer(backup_app, name="backup")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
@@ -91,6 +99,7 @@ def _progress() -> Progress:
 def _migrate(settings: Settings) -> None:
     with console.status("Applying migrations"):
         upgrade(SCRIPT_LOCATION, settings.database.url)
+        prepare_shards(settings)
     console.print("[green]✓[/green] migrations at head")
 
 

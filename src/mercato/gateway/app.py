@@ -64,6 +64,7 @@ from mercato.shop.cart.api import document_cart_limits
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.api_v2 import router as catalog_v2_router
+from mercato.shop.chat.admin_api import admin_router as chat_admin_router
 from mercato.shop.chat.api import router as chat_router
 from mercato.shop.checkout.api import router as checkout_router
 from mercato.shop.identity.api import router as identity_router
@@ -98,6 +99,7 @@ ROUTERS = [
     api_keys_admin_router,
     orders_live_router,
     chat_router,
+    chat_admin_router,
     realtime_router,
     jwks_router,
     privacy_router,

@@ -28,6 +28,7 @@ from mercato.lab.outage import outage_command
 from mercato.lab.outage_report import CLAIM as OUTAGE_CLAIM
 from mercato.lab.overload import overload_command
 from mercato.lab.ratelimit import ratelimit_command
+from mercato.lab.rebalance import rebalance_command
 from mercato.lab.slow_consumer import slow_consumer_command
 from mercato.lab.stampede import stampede_command
 
@@ -84,6 +85,13 @@ LABS: tuple[Lab, ...] = (
         "SIGKILL of the primary under checkout load: a replica is promoted within seconds, with no "
         "committed checkout lost (synchronous replication) and no double capture",
         failover_command,
+    ),
+    Lab(
+        "rebalance",
+        "§17",
+        "going from N to N+1 shards, consistent hashing, rendezvous and jump hash move about 1/(N+1) of "
+        "the keys where mod-N moves about N/(N+1); an online move loses and duplicates nothing",
+        rebalance_command,
     ),
     Lab(
         "restore",

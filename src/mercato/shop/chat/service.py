@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, func, insert, select
+from sqlalchemy import and_, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,7 +32,9 @@ from mercato.shop.chat.model import (
     room_channel,
     room_from_channel,
 )
-from mercato.shop.chat.tables import members, messages, rooms
+from mercato.shop.chat.shardmap import ShardMap
+from mercato.shop.chat.shards import ChatShards, Position, recent_messages
+from mercato.shop.chat.tables import members, rooms
 
 __all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
 
@@ -47,8 +49,18 @@ OrderOwner = Callable[[uuid.UUID], Awaitable[str | None]]
 
 
 class ChatService:
-    def __init__(self, db: Database, clock: Clock, *, order_owner: OrderOwner, history_ttl_s: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        order_owner: OrderOwner,
+        history_ttl_s: int,
+        shards: ChatShards | None = None,
+    ) -> None:
         self._db = db
+        # Messages live on the shards (one: the main database, unless MERCATO_CHAT_SHARD_URLS says more).
+        self.shards = shards or ChatShards(db, clock, initial=ShardMap.initial([]))
         self._clock = clock
         self._order_owner = order_owner
         self.history_ttl_s = history_ttl_s
@@ -163,74 +175,26 @@ class ChatService:
     # -- messages ------------------------------------------------------------------------------
 
     async def history(self, room_id: uuid.UUID, *, after: int, limit: int) -> list[ChatMessage]:
-        """Messages with seq > `after`, oldest first, no older than the offline queue's TTL."""
+        """Messages with seq > `after`, oldest first, no older than the offline queue's TTL; read
+        from the one shard that holds the room (ADR 0043)."""
         horizon = self._clock.now() - timedelta(seconds=self.history_ttl_s)
-        async with self._db.read() as conn:
-            rows = await conn.execute(
-                select(messages)
-                .where(
-                    and_(messages.c.room_id == room_id, messages.c.seq > after, messages.c.sent_at >= horizon)
-                )
-                .order_by(messages.c.seq)
-                .limit(limit)
-            )
-            return [_message(r) for r in rows]
+        return await self.shards.history(room_id, after=after, horizon=horizon, limit=limit)
 
     async def head(self, room_id: uuid.UUID) -> int:
-        async with self._db.read() as conn:
-            return int(
-                (
-                    await conn.execute(
-                        select(func.coalesce(func.max(messages.c.seq), 0)).where(
-                            messages.c.room_id == room_id
-                        )
-                    )
-                ).scalar_one()
-            )
+        return await self.shards.head(room_id)
 
     async def persist(
         self, room_id: uuid.UUID, *, sender: str, text: str, client_msg_id: str
     ) -> tuple[ChatMessage, bool]:
-        """Store a message with the room's next seq; a (sender, client_msg_id) seen before returns
-        its first message and False."""
-        async with self._db.write() as conn:
-            existing = (
-                await conn.execute(
-                    select(messages).where(
-                        and_(
-                            messages.c.room_id == room_id,
-                            messages.c.sender == sender,
-                            messages.c.client_msg_id == client_msg_id,
-                        )
-                    )
-                )
-            ).first()
-            if existing is not None:
-                return _message(existing), False
-            seq = (
-                int(
-                    (
-                        await conn.execute(
-                            select(func.coalesce(func.max(messages.c.seq), 0)).where(
-                                messages.c.room_id == room_id
-                            )
-                        )
-                    ).scalar_one()
-                )
-                + 1
-            )
-            message = ChatMessage(room_id, seq, sender, text, client_msg_id, self._clock.now())
-            await conn.execute(
-                insert(messages).values(
-                    room_id=room_id,
-                    seq=seq,
-                    sender=sender,
-                    text=text,
-                    client_msg_id=client_msg_id,
-                    sent_at=message.sent_at,
-                )
-            )
-        return message, True
+        """Store a message with the room's next seq on the room's shard; a (sender, client_msg_id)
+        seen before returns its first message and False."""
+        return await self.shards.persist(room_id, sender=sender, text_=text, client_msg_id=client_msg_id)
+
+    async def recent_messages(
+        self, *, sender: str | None, limit: int, before: Position | None = None
+    ) -> list[ChatMessage]:
+        """Operators: the newest messages across all shards (scatter-gather), older than `before`."""
+        return await recent_messages(self.shards, sender=sender, limit=limit, before=before)
 
 
 def _message(row: object) -> ChatMessage:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, Uuid
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
 
 from mercato.kit.storage import UTCDateTime, metadata
 
@@ -39,4 +49,25 @@ messages = Table(
     PrimaryKeyConstraint("room_id", "seq", name="pk_chat_messages"),
     # A client re-sending after a lost ack gets its first seq back, not a second message.
     UniqueConstraint("room_id", "sender", "client_msg_id", name="uq_chat_messages_client_msg"),
+)
+
+# Sharding (ADR 0043). In every shard: a room whose messages moved away is fenced here, so a writer
+# with a stale shard map is refused in the statement (never a message left behind on the old shard).
+shard_fences = Table(
+    "chat_shard_fences",
+    metadata,
+    Column("room_id", Uuid, primary_key=True),
+    Column("moved_to", String(64), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("fenced_at", UTCDateTime, nullable=False),
+)
+
+# In the main database only: the shard map (one row), read by every process and cached briefly.
+shard_map = Table(
+    "chat_shard_map",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("epoch", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

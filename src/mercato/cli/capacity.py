@@ -1,0 +1,131 @@
+"""`mercato capacity plan`: processes, cores, database connections, Redis memory and broker
+throughput for a peak, computed from the benches' JSON reports (see `mercato.bench.capacity`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mercato.bench.capacity import (
+    MissingMeasurement,
+    costs_from_reports,
+    cross_validated,
+    latest_report,
+    plan_capacity,
+    predicted_throughput,
+)
+from mercato.bench.harness import RESULTS_ROOT
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Capacity planning from measured costs.", no_args_is_help=True)
+_err = Console(stderr=True)
+
+
+@app.command()
+def plan(
+    peak_rps: Annotated[float, typer.Option("--peak-rps", min=0, help="Peak requests per second")],
+    checkouts_per_s: Annotated[
+        float, typer.Option("--checkouts-per-s", min=0, help="Peak checkouts/s")
+    ] = 0.0,
+    p99_ms: Annotated[
+        float | None, typer.Option("--p99-ms", min=1, help="p99 target (default: the bench's SLO)")
+    ] = None,
+    headroom: Annotated[float, typer.Option(min=0, max=0.9, help="Share kept free (0.3 = 30 %)")] = 0.3,
+    scale_report: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="`bench scale` report.json (default: newest)"),
+    ] = None,
+    checkout_report: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="`bench checkout` report.json (default: newest)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a peak of R req/s and C checkouts/s needs, from the benches' measured per-request costs."""
+    scale = scale_report or latest_report(RESULTS_ROOT, "bench-scale")
+    if scale is None:
+        _err.print(
+            "[red]error:[/red] no `mercato bench scale` report found: run it first (or --scale-report)"
+        )
+        raise typer.Exit(2)
+    checkout = checkout_report or (
+        latest_report(RESULTS_ROOT, "bench-checkout") if checkouts_per_s > 0 else None
+    )
+    try:
+        costs = costs_from_reports(scale, checkout)
+        result = plan_capacity(
+            costs, peak_rps=peak_rps, checkouts_per_s=checkouts_per_s, p99_ms=p99_ms, headroom=headroom
+        )
+    except MissingMeasurement as exc:
+        _err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    data = {
+        "plan": result.as_dict(),
+        "costs": {
+            "lambda_per_process_rps": costs.usl.lam,
+            "sigma": costs.usl.sigma,
+            "kappa": costs.usl.kappa,
+            "cpu_ms_per_request": costs.cpu_per_request_s * 1000,
+            "p50_ms_per_request": costs.p50_request_s * 1000,
+            "cpu_ms_per_checkout": None
+            if costs.cpu_per_checkout_s is None
+            else costs.cpu_per_checkout_s * 1000,
+            "measured_rps": costs.points,
+            "predicted_rps": {n: predicted_throughput(costs, n) for n in sorted(costs.points)},
+            "cross_validated_rps": {n: cross_validated(costs, n) for n in sorted(costs.points)},
+            "sources": costs.sources,
+        },
+    }
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    table = Table(
+        title=f"capacity for {peak_rps:g} req/s + {checkouts_per_s:g} checkouts/s, "
+        f"p99 < {result.p99_ms:g} ms, "
+        f"{headroom:.0%} headroom"
+    )
+    table.add_column("resource")
+    table.add_column("needed", justify="right")
+    table.add_column("from")
+    table.add_row(
+        "API processes",
+        str(result.processes) if result.processes else "not reachable",
+        f"USL lambda {result.lambda_per_process:.0f}/s, sigma {costs.usl.sigma:.3f}, "
+        f"kappa {costs.usl.kappa:.4f}",
+    )
+    table.add_row(
+        "CPU cores", f"{result.cores:.2f}", f"{costs.cpu_per_request_s * 1000:.2f} ms CPU per request"
+    )
+    table.add_row(
+        "DB connections", str(result.db_connections), f"Little's law, p50 {costs.p50_request_s * 1000:.1f} ms"
+    )
+    table.add_row(
+        "Redis memory",
+        f"{result.redis_bytes / 1e6:.1f} MB",
+        f"{costs.products} products x {costs.body_bytes} B",
+    )
+    table.add_row(
+        "broker",
+        "-" if result.broker_msgs_per_s is None else f"{result.broker_msgs_per_s:.0f} msg/s",
+        "saga steps per checkout" if result.broker_msgs_per_s is not None else "no checkout report",
+    )
+    Console(width=160).print(table)
+    check = Table(title="the model against the measurement (this machine)")
+    for col in ("API processes", "measured req/s", "USL req/s", "predicted from the other points"):
+        check.add_column(col, justify="right")
+    for n, measured in sorted(costs.points.items()):
+        check.add_row(
+            str(n),
+            f"{measured:.0f}",
+            f"{predicted_throughput(costs, n):.0f}",
+            f"{cross_validated(costs, n):.0f}",
+        )
+    Console(width=160).print(check)
+    for note in result.notes:
+        Console(width=160).print(f"- {note}")

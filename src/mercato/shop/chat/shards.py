@@ -1,0 +1,353 @@
+"""Chat messages across shard databases: the cached shard map, one `Database` per shard, and the
+message reads and writes that follow `ShardMap.route` (ADR 0043).
+
+A room's reads touch one shard. A write during the room's move goes to the old owner first (the
+authority until the switch) and then to the new one. The old owner refuses a write for a room it has
+fenced (`chat_shard_fences`), checked in the write's own transaction under a per-room advisory lock
+that the mover takes exclusively: a process whose map is stale cannot leave a message behind on a
+shard that no longer owns the room; it reloads the map and retries on the new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter as Tally
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy import and_, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
+
+from mercato.kit.clock import Clock
+from mercato.kit.errors import Conflict
+from mercato.kit.partitioning import stable_hash64
+from mercato.kit.storage import Database
+from mercato.shop.chat.model import ChatMessage
+from mercato.shop.chat.shardmap import MAIN, Route, ShardMap
+from mercato.shop.chat.tables import messages, shard_fences, shard_map
+
+__all__ = [
+    "ChatShardMetrics",
+    "ChatShards",
+    "Position",
+    "ShardMapConflict",
+    "ShardMoved",
+    "ShardUnavailable",
+    "insert_ignoring_duplicates",
+    "lock_room",
+    "message_of",
+    "recent_messages",
+    "room_lock_key",
+    "row_of",
+]
+
+
+class ShardMoved(Exception):
+    """The shard refused the write: the room's messages moved away (the caller's map is stale)."""
+
+
+class ShardMapConflict(Conflict):
+    slug = "chat-shard-map-conflict"
+    title = "The shard map changed meanwhile"
+    description = "Another operator changed the chat shard map; read it again and retry."
+
+
+class ShardUnavailable(ConnectionError):
+    """The room's shard is unreachable, or its move did not finish within the retry window."""
+
+
+class ChatShardMetrics:
+    """Per-shard load (`mercato_chat_shard_*`) and skew: this process's writes per shard, max/mean."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.writes = Counter(
+            "mercato_chat_shard_writes_total",
+            "Chat messages written, per shard.",
+            ["shard"],
+            registry=registry,
+        )
+        self.reads = Counter(
+            "mercato_chat_shard_reads_total", "Chat history reads, per shard.", ["shard"], registry=registry
+        )
+        self.skew = Gauge(
+            "mercato_chat_shard_write_skew_ratio",
+            "Busiest shard's writes over the mean across shards (1.0 = even).",
+            registry=registry,
+        )
+        self.epoch = Gauge(
+            "mercato_chat_shard_map_epoch", "Epoch of the shard map in use.", registry=registry
+        )
+        self.stale_retries = Counter(
+            "mercato_chat_shard_stale_map_retries_total",
+            "Writes refused by a fenced shard and retried after reloading the map.",
+            registry=registry,
+        )
+        self.moved_rooms = Counter(
+            "mercato_chat_shard_moved_rooms_total", "Rooms whose messages moved shard.", registry=registry
+        )
+        self._tally: Tally[str] = Tally()
+
+    def wrote(self, shard: str, names: Sequence[str]) -> None:
+        self.writes.labels(shard).inc()
+        self._tally[shard] += 1
+        counts = [self._tally[n] for n in names]
+        mean = sum(counts) / len(counts) if counts else 0
+        self.skew.set(max(counts) / mean if mean else 0.0)
+
+
+def room_lock_key(room_id: uuid.UUID) -> int:
+    """The room's advisory-lock key: a signed 64-bit hash of its id."""
+    h = stable_hash64(str(room_id))
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def insert_ignoring_duplicates(dialect: str, table: Any) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+class ChatShards:
+    """The shard map cache and a `Database` per shard (the main one for `main`, others on first use)."""
+
+    def __init__(
+        self,
+        main: Database,
+        clock: Clock,
+        *,
+        initial: ShardMap,
+        refresh_s: float = 1.0,
+        connect: Callable[[str], Database] | None = None,
+        metrics: ChatShardMetrics | None = None,
+    ) -> None:
+        self.main = main
+        self.clock = clock
+        self.refresh_s = refresh_s
+        self.metrics = metrics
+        self._initial = initial
+        self._connect = connect
+        self._dbs: dict[str, Database] = {}
+        self._map: ShardMap | None = None
+        self._loaded_at = 0.0
+
+    @property
+    def propagation_s(self) -> float:
+        """How long after a save every process has the new map (cache refresh, twice, plus margin)."""
+        return 2 * self.refresh_s + 0.2
+
+    async def current(self, *, force: bool = False) -> ShardMap:
+        if force or self._map is None or time.monotonic() - self._loaded_at >= self.refresh_s:
+            async with self.main.read() as conn:
+                row = (await conn.execute(select(shard_map.c.epoch, shard_map.c.body))).first()
+            self._map = self._initial if row is None else ShardMap.from_json(int(row.epoch), str(row.body))
+            self._loaded_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.epoch.set(self._map.epoch)
+        return self._map
+
+    async def save(self, new: ShardMap) -> ShardMap:
+        """Compare-and-set: `new.epoch` must be the stored epoch + 1 (0 -> 1 inserts the row)."""
+        now = self.clock.now()
+        async with self.main.write() as conn:
+            if new.epoch == 1:
+                exists = (await conn.execute(select(shard_map.c.epoch))).first()
+                if exists is None:
+                    await conn.execute(
+                        insert(shard_map).values(id=1, epoch=1, body=new.to_json(), updated_at=now)
+                    )
+                    self._map, self._loaded_at = new, time.monotonic()
+                    return new
+            done = await conn.execute(
+                update(shard_map)
+                .where(and_(shard_map.c.id == 1, shard_map.c.epoch == new.epoch - 1))
+                .values(epoch=new.epoch, body=new.to_json(), updated_at=now)
+            )
+            if done.rowcount != 1:
+                raise ShardMapConflict(f"the shard map is no longer at epoch {new.epoch - 1}")
+        self._map, self._loaded_at = new, time.monotonic()
+        return new
+
+    def db(self, name: str, shards: ShardMap) -> Database:
+        found = self._dbs.get(name)
+        if found is None:
+            url = shards.url(name)
+            if url == MAIN:
+                found = self.main
+            elif self._connect is None:
+                raise ShardUnavailable(f"shard {name} is not reachable from this process")
+            else:
+                found = self._connect(url)
+            self._dbs[name] = found
+        return found
+
+    async def close(self) -> None:
+        for db in self._dbs.values():
+            if db is not self.main:
+                await db.dispose()
+        self._dbs.clear()
+
+    # -- messages ------------------------------------------------------------------------------
+
+    async def route(self, room_id: uuid.UUID, *, force: bool = False) -> tuple[ShardMap, Route]:
+        shards = await self.current(force=force)
+        return shards, shards.route(str(room_id))
+
+    async def history(
+        self, room_id: uuid.UUID, *, after: int, horizon: datetime, limit: int
+    ) -> list[ChatMessage]:
+        shards, route = await self.route(room_id)
+        if self.metrics is not None:
+            self.metrics.reads.labels(route.read).inc()
+        async with self.db(route.read, shards).read() as conn:
+            rows = await conn.execute(
+                select(messages)
+                .where(
+                    and_(messages.c.room_id == room_id, messages.c.seq > after, messages.c.sent_at >= horizon)
+                )
+                .order_by(messages.c.seq)
+                .limit(limit)
+            )
+            return [message_of(r) for r in rows]
+
+    async def head(self, room_id: uuid.UUID) -> int:
+        shards, route = await self.route(room_id)
+        async with self.db(route.read, shards).read() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.coalesce(func.max(messages.c.seq), 0)).where(
+                            messages.c.room_id == room_id
+                        )
+                    )
+                ).scalar_one()
+            )
+
+    async def persist(
+        self, room_id: uuid.UUID, *, sender: str, text_: str, client_msg_id: str, retry_for_s: float = 5.0
+    ) -> tuple[ChatMessage, bool]:
+        """Store on the room's owner (and its move target, if it is moving); a fenced owner means the
+        map is stale: reload and retry until `retry_for_s`, then 503 (the stream redelivers)."""
+        give_up = time.monotonic() + retry_for_s
+        force = False
+        while True:
+            shards, route = await self.route(room_id, force=force)
+            try:
+                message, new = await _persist_on(
+                    self.db(route.write, shards), room_id, sender, text_, client_msg_id, self.clock.now()
+                )
+            except ShardMoved:
+                if self.metrics is not None:
+                    self.metrics.stale_retries.inc()
+                if time.monotonic() > give_up:
+                    raise ShardUnavailable(f"room {room_id} is being moved; try again") from None
+                force = True
+                await asyncio.sleep(0.02)
+                continue
+            if route.also is not None:
+                target = self.db(route.also, shards)
+                async with target.write() as conn:
+                    await conn.execute(
+                        insert_ignoring_duplicates(target.dialect, messages), [row_of(message)]
+                    )
+            if self.metrics is not None and new:
+                self.metrics.wrote(route.write, shards.names)
+            return message, new
+
+
+def row_of(m: ChatMessage) -> dict[str, Any]:
+    return {
+        "room_id": m.room_id,
+        "seq": m.seq,
+        "sender": m.sender,
+        "text": m.text,
+        "client_msg_id": m.client_msg_id,
+        "sent_at": m.sent_at,
+    }
+
+
+def message_of(row: Any) -> ChatMessage:
+    return ChatMessage(row.room_id, row.seq, row.sender, row.text, row.client_msg_id, row.sent_at)
+
+
+async def lock_room(conn: AsyncConnection, room_id: uuid.UUID, *, exclusive: bool) -> None:
+    """Writers hold the room's advisory lock shared, the mover exclusively (PostgreSQL; SQLite's
+    writes are serialized per database anyway)."""
+    if conn.dialect.name == "postgresql":
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        await conn.execute(text(f"SELECT {fn}(:k)"), {"k": room_lock_key(room_id)})
+
+
+async def _persist_on(
+    db: Database, room_id: uuid.UUID, sender: str, text_: str, client_msg_id: str, now: datetime
+) -> tuple[ChatMessage, bool]:
+    async with db.write() as conn:
+        await lock_room(conn, room_id, exclusive=False)
+        fenced = (
+            await conn.execute(select(shard_fences.c.room_id).where(shard_fences.c.room_id == room_id))
+        ).first()
+        if fenced is not None:
+            raise ShardMoved(str(room_id))
+        existing = (
+            await conn.execute(
+                select(messages).where(
+                    and_(
+                        messages.c.room_id == room_id,
+                        messages.c.sender == sender,
+                        messages.c.client_msg_id == client_msg_id,
+                    )
+                )
+            )
+        ).first()
+        if existing is not None:
+            return message_of(existing), False
+        head = (
+            await conn.execute(
+                select(func.coalesce(func.max(messages.c.seq), 0)).where(messages.c.room_id == room_id)
+            )
+        ).scalar_one()
+        message = ChatMessage(room_id, int(head) + 1, sender, text_, client_msg_id, now)
+        await conn.execute(insert(messages).values(**row_of(message)))
+    return message, True
+
+
+Position = tuple[datetime, uuid.UUID, int]  # (sent_at, room, seq): the scatter-gather keyset
+
+
+async def recent_messages(
+    shards: ChatShards, *, sender: str | None, limit: int, before: Position | None = None
+) -> list[ChatMessage]:
+    """Scatter-gather for operators: the newest messages across every shard (optionally one
+    sender's), older than `before`, each counted once, from the shard the map reads its room from."""
+    current = await shards.current()
+
+    async def one(name: str) -> list[tuple[str, ChatMessage]]:
+        order = (messages.c.sent_at.desc(), messages.c.room_id.desc(), messages.c.seq.desc())
+        query = select(messages).order_by(*order).limit(limit)
+        if sender is not None:
+            query = query.where(messages.c.sender == sender)
+        if before is not None:
+            at, room, seq = before
+            query = query.where(
+                or_(
+                    messages.c.sent_at < at,
+                    and_(
+                        messages.c.sent_at == at,
+                        or_(
+                            messages.c.room_id < room, and_(messages.c.room_id == room, messages.c.seq < seq)
+                        ),
+                    ),
+                )
+            )
+        async with shards.db(name, current).read() as conn:
+            return [(name, message_of(r)) for r in await conn.execute(query)]
+
+    gathered = await asyncio.gather(*(one(name) for name in current.names))
+    found = [m for per in gathered for name, m in per if current.route(str(m.room_id)).read == name]
+    found.sort(key=lambda m: (m.sent_at, m.room_id, m.seq), reverse=True)
+    return found[:limit]
