@@ -27,6 +27,8 @@ from mercato.kit.cache import (
     TinyLfuStore,
 )
 from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.dynconfig import ConfigWatcher
+from mercato.kit.flags import Flags
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
@@ -59,6 +61,8 @@ from mercato.migrations import SCRIPT_LOCATION
 from mercato.providers._client import ProviderPool, ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.psp.client import PspClient
+from mercato.runtime_appliers import breakers_preparer, build_runtime, cache_preparer, discovery_preparer
+from mercato.runtime_config import RuntimeConfig
 from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
@@ -143,6 +147,9 @@ class Container:
     product_cache: ProductCache | None = None
     cache_bus: RedisInvalidationBus | None = None
     cache_redis: Redis | None = None
+    # The runtime configuration in force here (ADR 0045) and the flags it carries (ADR 0046).
+    runtime: ConfigWatcher[RuntimeConfig] | None = None
+    flags: Flags = field(default_factory=Flags)
 
     async def close(self) -> None:
         if self.cache_bus is not None:
@@ -273,6 +280,16 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
+    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry)
+    runtime.on_change(breakers_preparer(breakers))
+    runtime.on_change(
+        discovery_preparer(
+            {"psp": psp, "carrier": carrier},
+            {"psp": providers.psp_base_url, "carrier": providers.carrier_base_url},
+        )
+    )
+    if product_cache is not None:
+        runtime.on_change(cache_preparer(product_cache.cache))
     return Container(
         settings=settings,
         clock=clock,
@@ -316,6 +333,8 @@ def build_container(
         product_cache=product_cache,
         cache_bus=cache_bus,
         cache_redis=cache_redis,
+        runtime=runtime,
+        flags=flags,
     )
 
 

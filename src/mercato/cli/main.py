@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 from collections.abc import Coroutine
@@ -27,6 +28,7 @@ from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
 from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
+from mercato.cli.runtime_config import register as register_runtime_config
 from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
@@ -45,7 +47,10 @@ from mercato.workers.sagas import build_saga_runner
 app = typer.Typer(
     help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect the start-up settings; manage the versioned runtime configuration.", no_args_is_help=True
+)
+register_runtime_config(config_app)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
@@ -322,8 +327,14 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     http = None
+    runtime = container.runtime
     if http_port:
-        app = worker_http_app(health=container.health, registry=registry, stopping=stop.is_set)
+        app = worker_http_app(
+            health=container.health,
+            registry=registry,
+            stopping=stop.is_set,
+            detail=None if runtime is None else runtime.detail,
+        )
         try:
             http = await serve_worker_http(app, host=settings.http.host, port=http_port)
         except RuntimeError as exc:
@@ -333,11 +344,22 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     jobs = shop_jobs(container)
     probes = f"; probes and metrics on http://{settings.http.host}:{http_port}" if http_port else ""
     console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs) + probes)
+    runtime_task = None
+    if runtime is not None:
+        # The runtime configuration (ADR 0045): applied and reported like the API's.
+        runtime.identity = dataclasses.replace(runtime.identity, role="worker")
+        with contextlib.suppress(Exception):
+            await runtime.poll_once()
+        runtime_task = asyncio.create_task(runtime.run())
     try:
         await asyncio.gather(
             run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
         )
     finally:
+        if runtime_task is not None:
+            runtime_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runtime_task
         if container.breaker_reports is not None:
             with contextlib.suppress(Exception):
                 await container.breaker_reports.withdraw()

@@ -39,6 +39,14 @@ class ReplicaOut(BaseModel):
     reason: str
 
 
+class ConfigOut(BaseModel):
+    version: int
+    applied_at: str | None = None
+    app_version: str
+    track: str | None = None
+    error: str | None = Field(default=None, description="The last version this process refused, and why")
+
+
 class ProbeOut(BaseModel):
     status: str = Field(
         description="`ok`, `degraded` (ready, a fail-open dependency is down) or `unavailable`"
@@ -47,6 +55,8 @@ class ProbeOut(BaseModel):
     # Read replicas (when configured): one lagging beyond the bound is out of rotation, the shop
     # stays ready (its reads fall back to the primary).
     replicas: list[ReplicaOut] = []
+    # The runtime configuration in force here: version, when applied, the code's release, its track.
+    config: ConfigOut | None = None
 
 
 class StartupOut(BaseModel):
@@ -92,7 +102,7 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     results = await _container(request).health.readiness()
     status = overall_status(results)
-    body = {
+    body: dict[str, Any] = {
         "status": status,
         "checks": [
             {
@@ -105,6 +115,10 @@ async def readyz(request: Request) -> Response:
             for r in results
         ],
     }
+    runtime = _container(request).runtime
+    if runtime is not None:
+        # Which runtime-configuration version this process runs, and its release (ADR 0045).
+        body["config"] = {**runtime.detail(), "track": getattr(request.app.state, "release_track", None)}
     replicas = _container(request).db.replicas
     if replicas is not None:
         with contextlib.suppress(Exception):  # a probe reports, it never raises
