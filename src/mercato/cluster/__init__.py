@@ -7,10 +7,13 @@
   a 3-member etcd, three PostgreSQL 15 nodes under Patroni (one primary, two streaming replicas with
   replication slots, optional synchronous mode) and a 3-node NATS JetStream cluster, each process on free
   127.0.0.1 ports under one folder (`topology.json` there says what runs where).
+- `HAProxy` (`cluster/haproxy.py`): HAProxy in front of N HTTP backends, config generated (health checks
+  on /readyz, slow start), driven through its runtime API (weights, drain, maintenance, stats).
 
 Nothing here imports the shop: the shop's processes are started as commands (`cluster/shop.py`).
 """
 
+from mercato.cluster.haproxy import Backend, HAProxy, HAProxySettings
 from mercato.cluster.lifecycle import PROBE_STREAM, cluster_down, cluster_up
 from mercato.cluster.ports import free_port
 from mercato.cluster.postgres import PostgresNode
@@ -20,7 +23,10 @@ from mercato.cluster.topology import Topology
 
 __all__ = [
     "PROBE_STREAM",
+    "Backend",
     "ClusterStatus",
+    "HAProxy",
+    "HAProxySettings",
     "NodeStatus",
     "PostgresNode",
     "RedisNode",
