@@ -129,12 +129,17 @@ def test_every_process_applies_a_version_within_the_bound_and_rollback_restores_
     for api in apis:
         assert [httpx.get(f"{api}/v1/products").status_code for _ in range(3)] == [200, 200, 200]
     invalid = _cli(env, "set", "-", stdin=json.dumps({"backpressure": {"max_inflight": -1}}))
-    assert invalid.returncode == 2 and "backpressure.max_inflight" in invalid.stderr
-    stored = _cli(env, "set", "-", "--author", "e2e", "--comment", "tighten", "--json", stdin=json.dumps(TIGHT))
+    assert invalid.returncode == 2
+    assert "backpressure.max_inflight" in invalid.stderr
+    stored = _cli(
+        env, "set", "-", "--author", "e2e", "--comment", "tighten", "--json", stdin=json.dumps(TIGHT)
+    )
     assert stored.returncode == 0, stored.stderr
     version = json.loads(stored.stdout)["version"]
     applied_within_s = _wait_all(urls, version)
-    print(f"runtime config: version {version} in force on {len(urls)} processes after {applied_within_s:.3f} s")
+    print(
+        f"runtime config: version {version} in force on {len(urls)} processes after {applied_within_s:.3f} s"
+    )
     # Stored-to-reported, seen from outside (the CLI's process start is not in it): within the bound.
     assert applied_within_s <= BOUND_S
     for api in apis:
