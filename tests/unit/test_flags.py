@@ -120,3 +120,24 @@ def test_evaluation_takes_microseconds() -> None:
     per_call_us = (time.perf_counter() - start) / len(contexts) * 1e6
     # ~2-4 µs on this machine; the bound leaves room for a loaded shared CI box.
     assert per_call_us < 50
+
+
+def test_the_openfeature_provider_gives_the_same_answers() -> None:
+    from openfeature import api
+    from openfeature.evaluation_context import EvaluationContext as OpenFeatureContext
+    from openfeature.exception import ErrorCode
+
+    from mercato.kit.flags.openfeature import MercatoFlagProvider
+
+    flags = Flags(
+        {"f": boolean_flag(percent=30, rules=(FlagRule(variant="on", tenants=frozenset({"acme"})),))}
+    )
+    api.set_provider(MercatoFlagProvider(flags), domain="hsp-flags-test")
+    client = api.get_client(domain="hsp-flags-test")
+    for customer in CUSTOMERS[:500]:
+        ours = flags.is_on("f", EvaluationContext(targeting_key=customer))
+        assert client.get_boolean_value("f", False, OpenFeatureContext(targeting_key=customer)) is ours
+    details = client.get_boolean_details("f", False, OpenFeatureContext("x", {"tenant": "acme"}))
+    assert (details.value, details.variant, details.reason) == (True, "on", "TARGETING_MATCH")
+    missing = client.get_boolean_details("nope", True, OpenFeatureContext("x"))
+    assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)

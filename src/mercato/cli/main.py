@@ -28,6 +28,7 @@ from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
 from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
+from mercato.cli.release import app as release_app
 from mercato.cli.runtime_config import register as register_runtime_config
 from mercato.cli.schemas import app as schemas_app
 from mercato.config import Settings, UnsafeConfiguration, get_settings
@@ -63,6 +64,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(api_keys_app, name="api-keys")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(backup_app, name="backup")
+app.add_typer(release_app, name="release")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(observability_app, name="observability")

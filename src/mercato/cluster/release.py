@@ -13,10 +13,12 @@ stable members the rest; then, every `check_every_s` during `interval_s`, each g
           or canary p99 > stable p99 x max_p99_ratio + p99_slack_s        (once min_requests seen)
     pass  at the end of the interval with min_requests seen and no failure
 
+A step whose canary has not yet seen `min_requests` is extended (up to `max_extension` intervals).
 A failure sets the canary's weight to 0 and the stable's back to 100 at once (the rollback) and writes
-a release record with the reason; an interval that ends without enough canary traffic is a failure
-too (no evidence is no promotion). At 100 % the stable group gets no traffic: the canary is then
-compared with the stable group's last window that had traffic.
+a release record with the reason; a step that still lacks canary traffic after its extension is
+rolled back too (no evidence is no promotion; the record says so, `breach` false). At 100 % the
+stable group gets no traffic: the canary is then compared with the stable group's last window that
+had traffic.
 
 Blue/green (`switch_blue_green`): every member of the target group must answer `/readyz` 200 and every
 smoke path 200 (directly, not through HAProxy); then all weight moves to it in one runtime-API batch.
@@ -199,6 +201,7 @@ class ReleaseRecord:
     reason: str = ""
     steps: list[dict[str, Any]] = field(default_factory=list)
     detected_after_s: float | None = None  # from the failing step's start to the rollback
+    breach: bool = False  # rolled back on an SLO breach (not for want of canary traffic)
 
 
 def _now() -> str:
@@ -229,6 +232,7 @@ def run_canary(
     stable: str = "stable",
     canary: str = "canary",
     check_every_s: float = 1.0,
+    max_extension: float = 3.0,
     on_event: Event | None = None,
 ) -> ReleaseRecord:
     slo = slo or Slo()
@@ -250,14 +254,19 @@ def run_canary(
                 last_stable = win_s
             verdict, reason = judge(win_c, last_stable, slo)
             emit("check", {"weight": weight, "verdict": verdict, "reason": reason})
-            if verdict == "fail" or time.monotonic() - step_start >= interval_s:
+            elapsed = time.monotonic() - step_start
+            # Too little canary traffic to judge extends the step, up to `max_extension` intervals.
+            if verdict == "fail" or elapsed >= interval_s * (1 if verdict == "pass" else max_extension):
                 break
         record.steps.append({"weight": weight, "verdict": verdict, "reason": reason})
         if verdict != "pass":
             set_group_weights(haproxy, deployment, {canary: 0, stable: FULL_WEIGHT})
             record.detected_after_s = round(time.monotonic() - step_start, 3)
             record.outcome = "rolled_back"
-            record.reason = f"at {weight} %: {reason}"
+            record.breach = verdict == "fail"
+            record.reason = f"at {weight} %: {reason}" + (
+                "" if record.breach else " (no evidence: not promoted)"
+            )
             emit("rollback", {"weight": weight, "reason": reason, "t": time.monotonic()})
             break
     else:

@@ -6,6 +6,7 @@ import typer
 
 from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.cache_policy import cache_policy_command
+from mercato.lab.canary import canary_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
@@ -19,6 +20,7 @@ from mercato.lab.stampede import stampede_command
 app = typer.Typer(help="Experiments that measure the guide's claims.", no_args_is_help=True)
 app.command("breaker")(breaker_command)
 app.command("cache-policy")(cache_policy_command)
+app.command("canary")(canary_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
 app.command("failover")(failover_command)
