@@ -28,7 +28,7 @@ from mercato.kit.cache import (
 )
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.dynconfig import ConfigWatcher
-from mercato.kit.flags import Flags
+from mercato.kit.flags import EvaluationContext, Flags
 from mercato.kit.health import HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
@@ -85,6 +85,12 @@ from mercato.shop.checkout.resilient import (
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
+from mercato.shop.identity.repository import (
+    LEGACY_NAME_COLUMN,
+    READ_PUBLIC_NAME_FLAG,
+    IdentityRepository,
+    NameColumns,
+)
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.identity.signing_keys import SigningKeyStore
@@ -280,7 +286,18 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
-    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry)
+    names = NameColumns(settings.release.identity_name_columns)
+    runtime, flags = build_runtime(
+        settings,
+        db,
+        clock=clock,
+        registry=metrics_registry,
+        needs=(LEGACY_NAME_COLUMN,) if names.needs_legacy_column else (),
+    )
+    # During the rename's switch, reads follow the flag `identity.read_public_name` (ADR 0047).
+    identity_repository = IdentityRepository(
+        names=names, read_public_name=lambda: flags.is_on(READ_PUBLIC_NAME_FLAG, EvaluationContext())
+    )
     runtime.on_change(breakers_preparer(breakers))
     runtime.on_change(
         discovery_preparer(
@@ -298,7 +315,13 @@ def build_container(
         health=health,
         catalog=catalog,
         identity=IdentityService(
-            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys
+            db,
+            clock,
+            codec,
+            settings.auth,
+            sessions=sessions,
+            signing_keys=signing_keys,
+            repository=identity_repository,
         ),
         inventory=inventory,
         cart=cart,

@@ -393,6 +393,9 @@ class ReleaseSettings(BaseModel):
     track: str = Field(default="stable", pattern=r"^[a-z][a-z0-9-]{0,19}$")
     config_poll_s: float = Field(default=1.0, gt=0, le=60)
     inject_error_ratio: float = Field(default=0.0, ge=0, le=1)
+    # Where this release keeps users' names during the display_name -> public_name rename
+    # (shop/identity/repository.py NameColumns; docs/runbooks/release.md): legacy | dual | new.
+    identity_name_columns: Literal["legacy", "dual", "new"] = "new"
 
 
 class Settings(BaseSettings):

@@ -44,7 +44,12 @@ def release_version(settings: Settings) -> str:
 
 
 def build_runtime(
-    settings: Settings, db: Database, *, clock: Clock, registry: CollectorRegistry
+    settings: Settings,
+    db: Database,
+    *,
+    clock: Clock,
+    registry: CollectorRegistry,
+    needs: tuple[str, ...] = (),
 ) -> tuple[ConfigWatcher[RuntimeConfig], Flags]:
     """The watcher over this deployment's store (role `cli` until a process names itself) and the
     flag evaluator it feeds; no I/O here."""
@@ -54,6 +59,7 @@ def build_runtime(
         process_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
         role="cli",
         app_version=release_version(settings),
+        needs=needs,
     )
     watcher = ConfigWatcher(
         store,

@@ -63,6 +63,7 @@ class ProcessReport:
     config_version: int
     started_at: datetime
     seen_at: datetime
+    needs: tuple[str, ...] = ()
 
 
 def canonical(document: Mapping[str, Any]) -> bytes:
@@ -189,6 +190,7 @@ class ConfigStore:
             "role": report.role,
             "app_version": report.app_version,
             "config_version": report.config_version,
+            "needs": ",".join(report.needs),
             "started_at": report.started_at,
             "seen_at": report.seen_at,
         }
@@ -215,6 +217,7 @@ class ConfigStore:
                 config_version=r.config_version,
                 started_at=r.started_at,
                 seen_at=r.seen_at,
+                needs=tuple(filter(None, r.needs.split(","))),
             )
             for r in rows
         ]

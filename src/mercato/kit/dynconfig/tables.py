@@ -30,6 +30,8 @@ runtime_processes = Table(
     Column("role", String(40), nullable=False),
     Column("app_version", String(60), nullable=False),
     Column("config_version", Integer, nullable=False),
+    # Schema objects this process's code still uses that a contract migration would drop (comma list).
+    Column("needs", String(500), nullable=False, default=""),
     Column("started_at", UTCDateTime, nullable=False),
     Column("seen_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("process_id"),

@@ -75,7 +75,10 @@ class PrometheusConfigHook:
 class ProcessIdentity:
     process_id: str
     role: str  # api | worker | cli
-    app_version: str  # the code's version (a release name); `mercato migrate` reads these
+    app_version: str  # the code's version (a release name)
+    # Schema objects this code still uses that a contract migration would drop: the migration refuses
+    # to run while a live process reports one (ADR 0047).
+    needs: tuple[str, ...] = ()
 
 
 class ConfigWatcher(Generic[T]):
@@ -166,6 +169,7 @@ class ConfigWatcher(Generic[T]):
                 config_version=self.version,
                 started_at=self._started_at,
                 seen_at=self._clock.now(),
+                needs=self.identity.needs,
             )
         )
 

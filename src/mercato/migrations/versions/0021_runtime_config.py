@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(40), nullable=False),
         sa.Column("app_version", sa.String(60), nullable=False),
         sa.Column("config_version", sa.Integer, nullable=False),
+        sa.Column("needs", sa.String(500), nullable=False),
         sa.Column("started_at", UTCDateTime, nullable=False),
         sa.Column("seen_at", UTCDateTime, nullable=False),
         sa.PrimaryKeyConstraint("process_id", name="pk_runtime_processes"),

@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import String, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import column, literal_column, table
 
 from mercato.shop.identity.model import EmailTaken, RefreshToken, Role, TokenStatus, User
 from mercato.shop.identity.tables import refresh_tokens, users
+
+
+def legacy_table_with(values: dict[str, Any]) -> Any:
+    """`identity_users` as a lightweight table naming exactly these columns (incl. the legacy one)."""
+    types = {c.name: c.type for c in users.c}
+    return table("identity_users", *(column(name, types.get(name, String(100))) for name in values))
+
+
+class NameColumns(StrEnum):
+    """Where a release keeps a user's name, during the column's rename (expand/contract, ADR 0047).
+
+    legacy  release 1.0: `display_name` only (works until the contract, 0023)
+    dual    release 1.1: writes both columns; reads `public_name` when the flag
+            `identity.read_public_name` is on (falling back to `display_name` for rows the backfill
+            has not reached), else `display_name` (needs schema 0022..0023)
+    new     release 1.2 and later: `public_name` only (works from 0022 once backfilled; required
+            after the contract)
+    """
+
+    LEGACY = "legacy"
+    DUAL = "dual"
+    NEW = "new"
+
+    @property
+    def needs_legacy_column(self) -> bool:
+        return self is not NameColumns.NEW
+
+
+LEGACY_NAME_COLUMN = "identity_users.display_name"
+READ_PUBLIC_NAME_FLAG = "identity.read_public_name"
 
 
 def _row_to_user(row: Any) -> User:
@@ -19,7 +52,7 @@ def _row_to_user(row: Any) -> User:
         id=row.id,
         email=row.email,
         role=Role(row.role),
-        display_name=row.display_name,
+        display_name=row.name,
         disabled=bool(row.disabled),
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -44,30 +77,57 @@ def _row_to_token(row: Any) -> RefreshToken:
 class IdentityRepository:
     """Queries on `identity_users` and `identity_refresh_tokens`, on the connection given."""
 
+    def __init__(
+        self, *, names: NameColumns = NameColumns.NEW, read_public_name: Callable[[], bool] | None = None
+    ) -> None:
+        self.names = names
+        self._read_public_name = read_public_name or (lambda: True)
+
+    def _user_columns(self) -> list[Any]:
+        base = [c for c in users.c if c.name != "public_name"]
+        # Named as text: the table object does not list it, and a second table object would add a FROM.
+        old: Any = literal_column(LEGACY_NAME_COLUMN)
+        new: Any = users.c.public_name
+        if self.names is NameColumns.NEW:
+            name: Any = new
+        elif self.names is NameColumns.LEGACY or not self._read_public_name():
+            name = old
+        else:
+            name = func.coalesce(new, old)
+        return [*base, name.label("name")]
+
+    def _name_values(self, name: str) -> dict[str, str]:
+        if self.names is NameColumns.LEGACY:
+            return {"display_name": name}
+        if self.names is NameColumns.DUAL:
+            return {"display_name": name, "public_name": name}
+        return {"public_name": name}
+
     async def add_user(self, conn: AsyncConnection, user: User) -> None:
         """Insert; the unique index on the normalised e-mail is the arbiter when two sign-ups race."""
+        values = {
+            "id": user.id,
+            "email": user.email,
+            "password_hash": user.password_hash,
+            "role": user.role.value,
+            "disabled": user.disabled,
+            "created_at": user.created_at,
+            "updated_at": user.updated_at,
+            **self._name_values(user.display_name),
+        }
+        # A name column the table object does not list (the legacy one) needs the lightweight table.
+        target = legacy_table_with(values) if self.names.needs_legacy_column else users
         try:
-            await conn.execute(
-                insert(users).values(
-                    id=user.id,
-                    email=user.email,
-                    password_hash=user.password_hash,
-                    role=user.role.value,
-                    display_name=user.display_name,
-                    disabled=user.disabled,
-                    created_at=user.created_at,
-                    updated_at=user.updated_at,
-                )
-            )
+            await conn.execute(insert(target).values(**values))
         except IntegrityError as exc:
             raise EmailTaken(f"an account with e-mail {user.email} already exists", field="email") from exc
 
     async def get_user(self, conn: AsyncConnection, user_id: uuid.UUID) -> User | None:
-        row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        row = (await conn.execute(select(*self._user_columns()).where(users.c.id == user_id))).first()
         return _row_to_user(row) if row else None
 
     async def get_user_by_email(self, conn: AsyncConnection, email: str) -> User | None:
-        row = (await conn.execute(select(users).where(users.c.email == email))).first()
+        row = (await conn.execute(select(*self._user_columns()).where(users.c.email == email))).first()
         return _row_to_user(row) if row else None
 
     async def email_exists(self, conn: AsyncConnection, email: str) -> bool:

@@ -26,7 +26,10 @@ users = Table(
     Column("email", String(254), nullable=False, unique=True),
     Column("password_hash", String(255), nullable=False),
     Column("role", String(16), nullable=False),
-    Column("display_name", String(100), nullable=False),
+    # Was `display_name` until the expand/contract of migrations 0022/0023 (docs/runbooks/release.md);
+    # the API field is still `display_name`. Releases in transition name the old column as text
+    # (repository.NameColumns), never through this table, so a contracted schema is never asked for it.
+    Column("public_name", String(100), nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
