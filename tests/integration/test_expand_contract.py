@@ -7,6 +7,9 @@ old column reports itself."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -134,3 +137,18 @@ async def test_contract_refuses_while_rows_are_not_backfilled(blank_url: str) ->
         await _register(old, "Edsger")
     with pytest.raises(Exception, match="have no public_name yet"):
         await _migrate(blank_url, "0023")
+    # The operator's command says so and exits 3, changing nothing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERCATO_")}
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mercato.cli.main", "migrate"],
+        env={**env, "MERCATO_DATABASE_URL": blank_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert "refused" in cli.stderr
+    async with release(blank_url, "1.0", "legacy") as old:
+        assert await missing_public_names(old.db) == 1

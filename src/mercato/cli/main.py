@@ -96,10 +96,17 @@ def _progress() -> Progress:
     )
 
 
-def _migrate(settings: Settings) -> None:
-    with console.status("Applying migrations"):
-        upgrade(SCRIPT_LOCATION, settings.database.url)
-    console.print("[green]✓[/green] migrations at head")
+def _migrate(settings: Settings, revision: str = "heads") -> None:
+    try:
+        with console.status("Applying migrations"):
+            upgrade(SCRIPT_LOCATION, settings.database.url, revision)
+    except RuntimeError as exc:
+        if "contract refused" not in str(exc):
+            raise
+        # A contract step that would break a running release (ADR 0047): nothing was changed.
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(3) from exc
+    console.print(f"[green]✓[/green] migrations at {'head' if revision == 'heads' else revision}")
 
 
 async def _seed(settings: Settings) -> SeedReport:
@@ -126,9 +133,13 @@ def _print_seed(report: SeedReport) -> None:
 
 
 @app.command()
-def migrate() -> None:
-    """Apply database migrations up to the latest revision."""
-    _migrate(_settings())
+def migrate(
+    revision: Annotated[
+        str, typer.Option(help="Stop at this revision (an expand step before its contract); default: head")
+    ] = "heads",
+) -> None:
+    """Apply database migrations up to the latest revision (or `--revision`)."""
+    _migrate(_settings(), revision)
 
 
 @app.command()

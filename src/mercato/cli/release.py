@@ -79,6 +79,7 @@ def canary(
     max_p99_ratio: Annotated[float, typer.Option(min=1)] = 2.0,
     p99_slack_s: Annotated[float, typer.Option(min=0)] = 0.1,
     min_requests: Annotated[int, typer.Option(min=1)] = 30,
+    min_latency_requests: Annotated[int, typer.Option(min=1)] = 100,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ramp the canary through the steps; roll back at once (weight 0) when it breaks the SLO."""
@@ -89,7 +90,7 @@ def canary(
     if not weights or weights != sorted(weights) or not all(0 < w <= 100 for w in weights):
         raise typer.BadParameter("--steps: increasing percentages in 1..100")
     deployment = _load(state)
-    slo = Slo(max_error_rate_delta, max_p99_ratio, p99_slack_s, min_requests)
+    slo = Slo(max_error_rate_delta, max_p99_ratio, p99_slack_s, min_requests, min_latency_requests)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=as_json
     ) as progress:

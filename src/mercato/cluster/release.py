@@ -10,7 +10,9 @@ stable members the rest; then, every `check_every_s` during `interval_s`, each g
 `/metrics`, probes excluded, counted from the step's start) are compared by `judge`:
 
     fail  if canary errors/requests > stable errors/requests + max_error_rate_delta
-          or canary p99 > stable p99 x max_p99_ratio + p99_slack_s        (once min_requests seen)
+          or canary p99 > stable p99 x max_p99_ratio + p99_slack_s
+             (errors once min_requests canary answers are seen; p99 once min_latency_requests are
+             seen on both sides: the p99 of 30 answers is just their maximum)
     pass  at the end of the interval with min_requests seen and no failure
 
 A step whose canary has not yet seen `min_requests` is extended (up to `max_extension` intervals).
@@ -110,6 +112,8 @@ class Slo:
     max_p99_ratio: float = 2.0
     p99_slack_s: float = 0.1
     min_requests: int = 30
+    # A p99 of fewer answers is only their maximum: latency is judged from this many on each side.
+    min_latency_requests: int = 100
 
 
 @dataclass
@@ -183,7 +187,8 @@ def judge(canary: Window, stable: Window, slo: Slo) -> tuple[str, str]:
             f" + {slo.max_error_rate_delta:.2%} ({canary.errors:.0f}/{canary.requests:.0f})"
         )
     limit = stable.p99_s * slo.max_p99_ratio + slo.p99_slack_s
-    if stable.requests >= slo.min_requests and canary.p99_s > limit:
+    enough = min(canary.requests, stable.requests) >= slo.min_latency_requests
+    if enough and canary.p99_s > limit:
         return "fail", f"canary p99 {canary.p99_s * 1000:.0f} ms > {limit * 1000:.0f} ms allowed"
     return "pass", (
         f"canary {canary.error_rate:.2%} errors, p99 {canary.p99_s * 1000:.0f} ms; "
