@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -61,7 +61,7 @@ from mercato.migrations import SCRIPT_LOCATION
 from mercato.providers._client import ProviderPool, ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.psp.client import PspClient
-from mercato.runtime_appliers import breakers_preparer, build_runtime, cache_preparer, discovery_preparer
+from mercato.runtime_appliers import build_runtime, wire_runtime
 from mercato.runtime_config import RuntimeConfig
 from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
@@ -156,6 +156,7 @@ class Container:
     # The runtime configuration in force here (ADR 0045) and the flags it carries (ADR 0046).
     runtime: ConfigWatcher[RuntimeConfig] | None = None
     flags: Flags = field(default_factory=Flags)
+    provider_policies: list[Any] = field(default_factory=list)  # checkout's, for the runtime config
 
     async def close(self) -> None:
         if self.cache_bus is not None:
@@ -298,15 +299,15 @@ def build_container(
     identity_repository = IdentityRepository(
         names=names, read_public_name=lambda: flags.is_on(READ_PUBLIC_NAME_FLAG, EvaluationContext())
     )
-    runtime.on_change(breakers_preparer(breakers))
-    runtime.on_change(
-        discovery_preparer(
-            {"psp": psp, "carrier": carrier},
-            {"psp": providers.psp_base_url, "carrier": providers.carrier_base_url},
-        )
+    policies = [getattr(calls, f.name).policy for f in fields(calls)]
+    wire_runtime(
+        runtime,
+        breakers=breakers,
+        policies=policies,
+        clients={"psp": psp, "carrier": carrier},
+        endpoints={"psp": providers.psp_base_url, "carrier": providers.carrier_base_url},
+        cache=None if product_cache is None else product_cache.cache,
     )
-    if product_cache is not None:
-        runtime.on_change(cache_preparer(product_cache.cache))
     return Container(
         settings=settings,
         clock=clock,
@@ -358,6 +359,7 @@ def build_container(
         cache_redis=cache_redis,
         runtime=runtime,
         flags=flags,
+        provider_policies=[p for p in policies if p is not None],
     )
 
 

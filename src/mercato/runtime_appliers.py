@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 from prometheus_client import CollectorRegistry
@@ -21,7 +22,7 @@ from mercato.kit.cache import Cache, CacheTtls
 from mercato.kit.clock import Clock
 from mercato.kit.dynconfig import ConfigStore, ConfigWatcher, ProcessIdentity, PrometheusConfigHook
 from mercato.kit.flags import Flags, FlagsCollector
-from mercato.kit.resilience import BreakerRegistry
+from mercato.kit.resilience import BreakerRegistry, ResiliencePolicy
 from mercato.kit.storage import Database
 from mercato.providers._client import ProviderHttpClient
 from mercato.runtime_config import RuntimeConfig, parse_runtime
@@ -33,7 +34,9 @@ __all__ = [
     "cache_preparer",
     "discovery_preparer",
     "flags_preparer",
+    "provider_calls_preparer",
     "release_version",
+    "wire_runtime",
 ]
 
 Commit = Callable[[], None]
@@ -73,6 +76,23 @@ def build_runtime(
     registry.register(FlagsCollector(flags))
     watcher.on_change(flags_preparer(flags))
     return watcher, flags
+
+
+def wire_runtime(
+    runtime: ConfigWatcher[RuntimeConfig],
+    *,
+    breakers: BreakerRegistry,
+    policies: list[ResiliencePolicy | None],
+    clients: dict[str, ProviderHttpClient],
+    endpoints: dict[str, str],
+    cache: Cache | None,
+) -> None:
+    """The container's parts that follow the runtime configuration (the gateway adds the edge's)."""
+    runtime.on_change(breakers_preparer(breakers))
+    runtime.on_change(provider_calls_preparer(policies))
+    runtime.on_change(discovery_preparer(clients, endpoints))
+    if cache is not None:
+        runtime.on_change(cache_preparer(cache))
 
 
 def flags_preparer(flags: Flags) -> Callable[[RuntimeConfig], Commit]:
@@ -116,6 +136,43 @@ def breakers_preparer(breakers: BreakerRegistry) -> Callable[[RuntimeConfig], Co
         def commit() -> None:
             for breaker in breakers:
                 breaker.config = new.get(breaker.name, breaker.config)
+
+        return commit
+
+    return prepare
+
+
+def provider_calls_preparer(
+    found: list[ResiliencePolicy | None],
+) -> Callable[[RuntimeConfig], Commit]:
+    """Timeouts, attempts and retry-budget ratio of the provider policies, over their start-up values
+    (None: resilience is off; one policy may serve several call kinds)."""
+    policies = list({id(p): p for p in found if p is not None}.values())
+    started = {
+        id(p): (p.total_timeout_s, p.retry, None if p.budget is None else p.budget.ratio) for p in policies
+    }
+
+    def prepare(config: RuntimeConfig) -> Commit:
+        limits = config.provider_calls
+        plans = []
+        for policy in policies:
+            total_s, retry, ratio = started[id(policy)]
+            changes: dict[str, object] = {}
+            if limits.max_attempts is not None:
+                changes["max_attempts"] = limits.max_attempts
+            if limits.attempt_timeout_s is not None:
+                changes["timeout_s"] = limits.attempt_timeout_s
+            new_retry = replace(retry, **changes)  # type: ignore[arg-type]
+            new_total = limits.total_timeout_s if limits.total_timeout_s is not None else total_s
+            new_ratio = limits.retry_budget_ratio if limits.retry_budget_ratio is not None else ratio
+            plans.append((policy, new_total, new_retry, new_ratio))
+
+        def commit() -> None:
+            for policy, total_s, retry, ratio in plans:
+                policy.total_timeout_s = total_s
+                policy.retry = retry
+                if policy.budget is not None and ratio is not None:
+                    policy.budget.ratio = ratio
 
         return commit
 

@@ -12,6 +12,7 @@ naming an unknown variant refuses the whole document (`ConfigInvalid`, every pro
       "edge_cache": {"list_max_age_s": 5},                # Cache-Control lifetimes
       "cache": {"fresh_s": 60, "negative_s": 2},          # the application cache's TTLs
       "breakers": {"consecutive_failures": 4},            # the provider breakers' thresholds
+      "provider_calls": {"max_attempts": 2},              # provider timeouts, retries, retry budget
       "discovery": {"psp": "http://127.0.0.1:8100"},      # provider endpoints (service discovery)
       "flags": {"catalog.search_v2": {...}}               # kit/flags FlagSpec per flag
     }
@@ -55,6 +56,17 @@ class BreakerThresholds(_Strict):
         return replace(config, **changes) if changes else config
 
 
+class ProviderCallLimits(_Strict):
+    """The provider calls' timeouts and retries (checkout's policies), changeable at run time. The
+    whole call's budget may only shrink below the start-up `checkout.provider_timeout_s`: the saga
+    step's timeout (built once) encloses it."""
+
+    total_timeout_s: float | None = Field(default=None, gt=0, le=60)
+    attempt_timeout_s: float | None = Field(default=None, gt=0, le=60)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    retry_budget_ratio: float | None = Field(default=None, ge=0, le=1)
+
+
 class Discovery(_Strict):
     """Provider endpoints. On one machine service discovery is this list; it comes from here."""
 
@@ -72,6 +84,7 @@ class _Document(_Strict):
     edge_cache: dict[str, Any] = Field(default_factory=dict)
     cache: dict[str, Any] = Field(default_factory=dict)
     breakers: BreakerThresholds = BreakerThresholds()
+    provider_calls: ProviderCallLimits = ProviderCallLimits()
     discovery: Discovery = Discovery()
     flags: dict[str, FlagSpec] = Field(default_factory=dict)
 
@@ -92,6 +105,7 @@ class RuntimeConfig:
     cache: CacheSettings
     breakers: BreakerThresholds = field(default_factory=BreakerThresholds)
     ratelimit_policies: PolicySet | None = None  # None: the policy file
+    provider_calls: ProviderCallLimits = field(default_factory=ProviderCallLimits)
     discovery: Discovery = field(default_factory=Discovery)
     flags: dict[str, FlagSpec] = field(default_factory=dict)
 
@@ -123,6 +137,12 @@ def parse_runtime(document: dict[str, Any], *, base: Settings) -> RuntimeConfig:
     fixed = sorted(set(doc.cache) - _CACHE_RUNTIME_FIELDS)
     if fixed:
         raise ConfigInvalid([f"cache.{name}: not changeable at run time (restart)" for name in fixed])
+    budget_s = base.checkout.provider_timeout_s
+    total_s = doc.provider_calls.total_timeout_s
+    if total_s is not None and total_s > budget_s:
+        raise ConfigInvalid(
+            [f"provider_calls.total_timeout_s: {total_s} exceeds the saga step's budget {budget_s} (restart)"]
+        )
     policies = None
     if doc.ratelimit is not None:
         try:
@@ -134,6 +154,7 @@ def parse_runtime(document: dict[str, Any], *, base: Settings) -> RuntimeConfig:
         edge_cache=_overlay("edge_cache", EdgeCacheSettings, base.edge_cache, doc.edge_cache),
         cache=_overlay("cache", CacheSettings, base.cache, doc.cache),
         breakers=doc.breakers,
+        provider_calls=doc.provider_calls,
         ratelimit_policies=policies,
         discovery=doc.discovery,
         flags=doc.flags,

@@ -63,6 +63,7 @@ async def test_shedding_limits_cache_lifetimes_breakers_and_endpoints_follow_the
                 "edge_cache": {"product_max_age_s": 7},
                 "cache": {"fresh_s": 2.5},
                 "breakers": {"consecutive_failures": 3, "minimum_calls": 5},
+                "provider_calls": {"total_timeout_s": 1.5, "max_attempts": 2, "retry_budget_ratio": 0.05},
                 "discovery": {"psp": "http://127.0.0.1:26001"},
             },
             author="test",
@@ -77,6 +78,10 @@ async def test_shedding_limits_cache_lifetimes_breakers_and_endpoints_follow_the
             b.config.consecutive_failures == 3 and b.config.minimum_calls == 5 for b in container.breakers
         )
         assert container.psp.base_url == "http://127.0.0.1:26001"
+        policies = container.provider_policies
+        assert policies
+        assert all(p.total_timeout_s == 1.5 and p.retry.max_attempts == 2 for p in policies)
+        assert all(p.budget is not None and p.budget.ratio == 0.05 for p in policies)
         # Rolled back to nothing: every process is back on its start-up settings.
         await runtime.store.rollback(to_version=0, author="test")
         await runtime.poll_once()
@@ -84,6 +89,11 @@ async def test_shedding_limits_cache_lifetimes_breakers_and_endpoints_follow_the
         assert "max-age=60" in (await http.get(f"/v1/products/{item.id}")).headers["cache-control"]
         assert breaker.config.consecutive_failures == 8
         assert container.psp.base_url == container.settings.providers.psp_base_url
+        first = container.provider_policies[0]
+        assert first.total_timeout_s == container.settings.checkout.provider_timeout_s
+        assert first.retry.max_attempts != 2
+        assert first.budget is not None
+        assert first.budget.ratio == 0.1
 
 
 async def test_search_v2_flag_switches_the_search_implementation(container: Container) -> None:
@@ -115,6 +125,8 @@ async def test_search_v2_flag_switches_the_search_implementation(container: Cont
         ({"ratelimit": {"policies": {"rules": [{"name": "x"}]}}}, "ratelimit.policies"),
         ({"flags": {"f": {"default_variant": "maybe"}}}, "unknown variant"),
         ({"discovery": {"psp": "ftp://x"}}, "discovery.psp"),
+        ({"provider_calls": {"total_timeout_s": 30}}, "exceeds the saga step's budget"),
+        ({"breakers": {"failure_rate_threshold": 0}}, "breakers.failure_rate_threshold"),
     ],
 )
 async def test_an_invalid_document_is_refused_with_the_reason_and_nothing_is_stored(
