@@ -148,7 +148,8 @@ def test_every_process_applies_a_version_within_the_bound_and_rollback_restores_
     assert sorted(p["role"] for p in processes["processes"]) == ["api", "api", "worker"]
     assert {p["config_version"] for p in processes["processes"]} == {version}
     diff = _cli(env, "diff", "0", str(version))
-    assert diff.returncode == 0 and '+  "ratelimit": {' in diff.stdout
+    assert diff.returncode == 0
+    assert '+  "ratelimit": {' in diff.stdout
     rolled = _cli(env, "rollback", "--author", "e2e", "--json")
     assert rolled.returncode == 0, rolled.stderr
     _wait_all(urls, json.loads(rolled.stdout)["version"])

@@ -5,6 +5,9 @@ switches back on command."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +106,43 @@ def test_blue_green_switches_only_to_a_group_that_passes_and_switches_back(
     assert "unreachable" in refused.reason
     assert _weights(fleet)["hsp_stable"] == 100
     assert _weights(fleet)["hsp_good"] == 0
+
+
+def test_the_release_cli_drives_the_same_deployment(fleet: ReleaseFleet, tmp_path: Path) -> None:
+    assert fleet.haproxy is not None
+    state = tmp_path / "deploy"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mercato.cli.main", "release", *args, "--state", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    stable = f"hsp_stable@http://127.0.0.1:{fleet.ports['hsp_stable']}"
+    green = f"hsp_good@http://127.0.0.1:{fleet.ports['hsp_good']}"
+    init = cli(
+        "init",
+        "--runtime-port",
+        str(fleet.haproxy.runtime_port),
+        "--group",
+        f"blue={stable}",
+        "--group",
+        f"green={green}",
+        "--live",
+        "blue",
+    )
+    assert init.returncode == 0, init.stderr
+    switched = cli("blue-green", "--to", "green", "--json")
+    assert switched.returncode == 0, switched.stderr
+    assert json.loads(switched.stdout)["outcome"] == "switched"
+    assert _weights(fleet)["hsp_good"] == 100
+    back = cli("blue-green", "--to", "blue", "--json")
+    assert back.returncode == 0
+    assert _weights(fleet)["hsp_stable"] == 100
+    history = json.loads(cli("history", "--json").stdout)
+    assert [r["reason"] for r in history] == ["blue -> green", "green -> blue"]
+    bad_steps = cli("canary", "--steps", "50,20")
+    assert bad_steps.returncode == 2  # not increasing: refused before anything moves
