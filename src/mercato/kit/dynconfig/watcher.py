@@ -9,7 +9,8 @@ cannot parse or prepare (e.g. written for a newer code version) is rejected and 
 
 The bound: a version stored at `t` is in force everywhere by `t + poll_interval_s + one poll's time`
 (measured by `mercato_config_apply_delay_seconds`, and by `tests/integration/test_runtime_config.py`).
-Every poll also refreshes this process's version report (`runtime_processes`).
+Each applied version, and every `REPORT_EVERY_S` otherwise, refreshes this process's version report
+(`runtime_processes`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from mercato.kit.observability import get_logger
 __all__ = ["ConfigHook", "ConfigWatcher", "ProcessIdentity", "PrometheusConfigHook"]
 
 T = TypeVar("T")
+# How often a process refreshes its version report when nothing changed; readers of the reports
+# (the contract migration) take a process unseen for 30 s as gone.
+REPORT_EVERY_S = 5.0
 _log = get_logger("mercato.dynconfig")
 
 # A preparer builds the new state from the parsed document and returns the commit that installs it.
@@ -107,6 +111,8 @@ class ConfigWatcher(Generic[T]):
         self.last_error: str | None = None
         self._rejected_version: int | None = None
         self._started_at = clock.now()
+        self.report_every_s = REPORT_EVERY_S
+        self._reported_at_s: float | None = None
 
     def on_change(self, preparer: Callable[[T], Commit]) -> None:
         """Register a preparer. Before the first version (0: the start-up settings) there is nothing to
@@ -130,7 +136,11 @@ class ConfigWatcher(Generic[T]):
         changed = False
         if latest != self.version and latest != self._rejected_version:
             changed = await self._load(latest)
-        await self._report()
+        now_s = self._clock.monotonic()
+        # A write per process every few seconds, not every poll (SQLite has one writer at a time).
+        if changed or self._reported_at_s is None or now_s - self._reported_at_s >= self.report_every_s:
+            await self._report()
+            self._reported_at_s = now_s
         return changed
 
     async def _load(self, latest: int) -> bool:
