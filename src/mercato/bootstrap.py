@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +28,8 @@ from mercato.kit.cache import (
     TinyLfuStore,
 )
 from mercato.kit.clock import Clock, SystemClock
+from mercato.kit.dynconfig import ConfigWatcher
+from mercato.kit.flags import Flags
 from mercato.kit.health import Drain, HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
@@ -61,6 +63,8 @@ from mercato.migrations import SCRIPT_LOCATION
 from mercato.providers._client import ProviderPool, ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
 from mercato.providers.psp.client import PspClient
+from mercato.runtime_appliers import build_runtime, wire_runtime
+from mercato.runtime_config import RuntimeConfig
 from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
@@ -149,6 +153,10 @@ class Container:
     cache_redis: Redis | None = None
     # Customers' data keys (ADR 0052): in the shop's database, or one of its own.
     keyring: Keyring | None = None
+    # The runtime configuration in force here (ADR 0045) and the flags it carries (ADR 0046).
+    runtime: ConfigWatcher[RuntimeConfig] | None = None
+    flags: Flags = field(default_factory=Flags)
+    provider_policies: list[Any] = field(default_factory=list)  # checkout's, for the runtime config
 
     async def close(self) -> None:
         if self.cache_bus is not None:
@@ -321,6 +329,16 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
+    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry, needs=())
+    policies = [getattr(calls, f.name).policy for f in fields(calls)]
+    wire_runtime(
+        runtime,
+        breakers=breakers,
+        policies=policies,
+        clients={"psp": psp, "carrier": carrier},
+        endpoints={"psp": providers.psp_base_url, "carrier": providers.carrier_base_url},
+        cache=None if product_cache is None else product_cache.cache,
+    )
     return Container(
         settings=settings,
         clock=clock,
@@ -365,6 +383,9 @@ def build_container(
         product_cache=product_cache,
         cache_bus=cache_bus,
         cache_redis=cache_redis,
+        runtime=runtime,
+        flags=flags,
+        provider_policies=[p for p in policies if p is not None],
     )
 
 

@@ -427,6 +427,23 @@ class ChatSettings(BaseModel):
         return DatabaseSettings._split_urls(value)
 
 
+class ReleaseSettings(BaseModel):
+    """This process's release identity and its runtime-configuration poll (ADRs 0045-0047).
+
+    `version`: the code's release name, reported by every process (empty: the package version);
+    `mercato migrate` refuses a contract step while a process reports a version that needs the old
+    schema. `track`: which group this process serves in (`stable`, `canary`, `blue`, `green`); flag
+    rules may target it. `config_poll_s`: how often the runtime configuration is checked (the bound
+    on how long a new version takes to be in force). `inject_error_ratio`: a lab's bad build (that
+    fraction of /v1 answers become 500); refused outside dev and test.
+    """
+
+    version: str = Field(default="", max_length=60)
+    track: str = Field(default="stable", pattern=r"^[a-z][a-z0-9-]{0,19}$")
+    config_poll_s: float = Field(default=1.0, gt=0, le=60)
+    inject_error_ratio: float = Field(default=0.0, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MERCATO_",
@@ -458,6 +475,7 @@ class Settings(BaseSettings):
     realtime: RealtimeSettings = RealtimeSettings()
     privacy: PrivacySettings = PrivacySettings()
     chat: ChatSettings = ChatSettings()
+    release: ReleaseSettings = ReleaseSettings()
 
     @field_validator("env", mode="before")
     @classmethod
@@ -484,6 +502,8 @@ class Settings(BaseSettings):
     def check_safe_to_start(self) -> None:
         """Refuse configurations that are unsafe outside development."""
         if self.env is not Environment.DEV and self.env is not Environment.TEST:
+            if self.release.inject_error_ratio > 0:
+                raise UnsafeConfiguration("MERCATO_RELEASE_INJECT_ERROR_RATIO is for labs (dev/test) only")
             if self.auth.secret.get_secret_value() == DEFAULT_AUTH_SECRET:
                 raise UnsafeConfiguration(
                     "MERCATO_AUTH_SECRET is the built-in development secret; "

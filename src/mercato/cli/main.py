@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 from collections.abc import Coroutine
@@ -28,6 +29,8 @@ from mercato.cli.dlq import app as dlq_app
 from mercato.cli.keys import app as keys_app
 from mercato.cli.observability import app as observability_app
 from mercato.cli.projections import app as projections_app
+from mercato.cli.release import app as release_app
+from mercato.cli.runtime_config import register as register_runtime_config
 from mercato.cli.schemas import app as schemas_app
 from mercato.cli.shards import app as shards_app
 from mercato.cli.shards import prepare_shards
@@ -50,7 +53,10 @@ from mercato.workers.sagas import build_saga_runner
 app = typer.Typer(
     help="Mercato: an e-commerce backend.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect the start-up settings; manage the versioned runtime configuration.", no_args_is_help=True
+)
+register_runtime_config(config_app)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 # `bench scale` drives the cluster harness, which the bench layer may not import: registered here.
@@ -67,6 +73,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(shards_app, name="shards")
 app.add_typer(capacity_app, name="capacity")
 app.add_typer(backup_app, name="backup")
+app.add_typer(release_app, name="release")
 app.command("restore")(restore_command)
 app.add_typer(keys_app, name="keys")
 app.add_typer(observability_app, name="observability")
@@ -96,11 +103,18 @@ def _progress() -> Progress:
     )
 
 
-def _migrate(settings: Settings) -> None:
-    with console.status("Applying migrations"):
-        upgrade(SCRIPT_LOCATION, settings.database.url)
-        prepare_shards(settings)
-    console.print("[green]✓[/green] migrations at head")
+def _migrate(settings: Settings, revision: str = "heads") -> None:
+    try:
+        with console.status("Applying migrations"):
+            upgrade(SCRIPT_LOCATION, settings.database.url, revision)
+            prepare_shards(settings)
+    except RuntimeError as exc:
+        if "contract refused" not in str(exc):
+            raise
+        # A contract step that would break a running release (ADR 0047): nothing was changed.
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(3) from exc
+    console.print(f"[green]✓[/green] migrations at {'head' if revision == 'heads' else revision}")
 
 
 async def _seed(settings: Settings) -> SeedReport:
@@ -127,9 +141,13 @@ def _print_seed(report: SeedReport) -> None:
 
 
 @app.command()
-def migrate() -> None:
-    """Apply database migrations up to the latest revision."""
-    _migrate(_settings())
+def migrate(
+    revision: Annotated[
+        str, typer.Option(help="Stop at this revision (an expand step before its contract); default: head")
+    ] = "heads",
+) -> None:
+    """Apply database migrations up to the latest revision (or `--revision`)."""
+    _migrate(_settings(), revision)
 
 
 @app.command()
@@ -343,8 +361,14 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     http = None
+    runtime = container.runtime
     if http_port:
-        app = worker_http_app(health=container.health, registry=registry, stopping=stop.is_set)
+        app = worker_http_app(
+            health=container.health,
+            registry=registry,
+            stopping=stop.is_set,
+            detail=None if runtime is None else runtime.detail,
+        )
         try:
             http = await serve_worker_http(app, host=settings.http.host, port=http_port)
         except RuntimeError as exc:
@@ -354,11 +378,22 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     jobs = shop_jobs(container)
     probes = f"; probes and metrics on http://{settings.http.host}:{http_port}" if http_port else ""
     console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs) + probes)
+    runtime_task = None
+    if runtime is not None:
+        # The runtime configuration (ADR 0045): applied and reported like the API's.
+        runtime.identity = dataclasses.replace(runtime.identity, role="worker")
+        with contextlib.suppress(Exception):
+            await runtime.poll_once()
+        runtime_task = asyncio.create_task(runtime.run())
     try:
         await asyncio.gather(
             run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
         )
     finally:
+        if runtime_task is not None:
+            runtime_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runtime_task
         if container.breaker_reports is not None:
             with contextlib.suppress(Exception):
                 await container.breaker_reports.withdraw()

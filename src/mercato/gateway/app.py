@@ -38,6 +38,7 @@ from mercato.gateway.probes import router as probes_router
 from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
 from mercato.gateway.realtime import RealtimeRuntime
 from mercato.gateway.realtime import router as realtime_router
+from mercato.gateway.release import FaultInjectionMiddleware, edge_preparers
 from mercato.gateway.shedding import SheddingMiddleware, build_limiter
 from mercato.gateway.versioning import VersioningMiddleware, VersionMetrics, document_versioning
 from mercato.kit.backpressure import PrometheusBackpressureMetrics
@@ -145,6 +146,15 @@ def create_app(
             await container.identity.seal_legacy()
         except (SQLAlchemyError, OSError):  # e.g. migrations pending: the next start seals them
             _log.warning("personal_data_not_sealed", exc_info=True)
+        runtime_task = None
+        if container.runtime is not None:
+            # The latest runtime configuration before serving, then polled (ADR 0045).
+            container.runtime.identity = dataclasses.replace(container.runtime.identity, role="api")
+            try:
+                await container.runtime.poll_once()
+            except (SQLAlchemyError, OSError):
+                _log.warning("runtime_config_not_loaded", exc_info=True)
+            runtime_task = asyncio.create_task(container.runtime.run())
         await realtime.start()
         if container.cache_bus is not None:
             # Other processes' product changes drop this process's cached copies (kit/cache/bus.py).
@@ -154,6 +164,10 @@ def create_app(
         finally:
             container.health.drain.uninstall()
             await realtime.stop()
+            if runtime_task is not None:
+                runtime_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runtime_task
             if reloader is not None:
                 reloader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -282,15 +296,22 @@ def create_app(
         clock=container.clock,
         api_keys=container.api_keys,
     )
+    limiter = None
     if settings.backpressure.enabled:
         # Right inside the request context (a 503 still gets the request id and RED metrics) and
         # outside everything else, so a shed request costs no routing, auth or database work.
-        app.add_middleware(
-            SheddingMiddleware,
-            limiter=build_limiter(
-                settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
-            ),
+        limiter = build_limiter(
+            settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
         )
+        app.add_middleware(SheddingMiddleware, limiter=limiter)
+    if container.runtime is not None:
+        # Limits, policies and lifetimes follow the runtime configuration (ADR 0045).
+        for preparer in edge_preparers(
+            rate_limiting=rate_limiting, limiter=limiter, cache_policies=app.state.cache_policies
+        ):
+            container.runtime.on_change(preparer)
+    app.state.release_track = settings.release.track
+    app.state.load_shedder = limiter
     # Right inside the request context, outside every layer that reads the body (the rate limiter keys
     # login attempts by e-mail, idempotency fingerprints it): all of them read through its bounded,
     # timed `receive`, so a slow, lying or oversized body is refused with 408/413 wherever it is read.
@@ -301,6 +322,9 @@ def create_app(
     )
     if settings.http.fault_delay_ms > 0:  # the lab's slow-instance switch (gateway/faults.py)
         app.add_middleware(LatencyFaultMiddleware, delay_s=settings.http.fault_delay_ms / 1000)
+    if settings.release.inject_error_ratio > 0:
+        # A lab's bad build (dev/test only): inside the request context, so metrics count its 500s.
+        app.add_middleware(FaultInjectionMiddleware, ratio=settings.release.inject_error_ratio)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

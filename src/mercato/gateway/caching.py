@@ -73,7 +73,8 @@ def merge_vary(existing: str | None, extra: Sequence[str]) -> str:
 class EdgeCacheMiddleware:
     def __init__(self, app: ASGIApp, *, policies: Policies) -> None:
         self.app = app
-        self.policies = tuple(policies)
+        # Kept by reference: the runtime configuration replaces the list's items (ADR 0045).
+        self.policies = policies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         policy = None

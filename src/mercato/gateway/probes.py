@@ -39,6 +39,14 @@ class ReplicaOut(BaseModel):
     reason: str
 
 
+class ConfigOut(BaseModel):
+    version: int
+    applied_at: str | None = None
+    app_version: str
+    track: str | None = None
+    error: str | None = Field(default=None, description="The last version this process refused, and why")
+
+
 class ProbeOut(BaseModel):
     status: str = Field(
         description="`ok`, `degraded` (ready, a fail-open dependency is down), `unavailable`, or "
@@ -48,6 +56,8 @@ class ProbeOut(BaseModel):
     # Read replicas (when configured): one lagging beyond the bound is out of rotation, the shop
     # stays ready (its reads fall back to the primary).
     replicas: list[ReplicaOut] = []
+    # The runtime configuration in force here: version, when applied, the code's release, its track.
+    config: ConfigOut | None = None
 
 
 class StartupOut(BaseModel):
@@ -97,7 +107,7 @@ async def readyz(request: Request) -> Response:
         return _json({"status": "draining", "checks": []}, 503)
     results = await health.readiness()
     status = overall_status(results)
-    body = {
+    body: dict[str, Any] = {
         "status": status,
         "checks": [
             {
@@ -110,6 +120,10 @@ async def readyz(request: Request) -> Response:
             for r in results
         ],
     }
+    runtime = _container(request).runtime
+    if runtime is not None:
+        # Which runtime-configuration version this process runs, and its release (ADR 0045).
+        body["config"] = {**runtime.detail(), "track": getattr(request.app.state, "release_track", None)}
     replicas = _container(request).db.replicas
     if replicas is not None:
         with contextlib.suppress(Exception):  # a probe reports, it never raises

@@ -20,6 +20,7 @@ from mercato.bench.harness import RESULTS_ROOT, latest_result
 from mercato.lab.balancing_cli import balancing_command
 from mercato.lab.breaker_cli import breaker_command
 from mercato.lab.cache_policy import cache_policy_command
+from mercato.lab.canary import canary_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
@@ -64,6 +65,13 @@ LABS: tuple[Lab, ...] = (
         "at the same cache size W-TinyLFU keeps a higher hit ratio than LRU and LFU on skewed and "
         "shifting workloads",
         cache_policy_command,
+    ),
+    Lab(
+        "canary",
+        "§16",
+        "a canary ramp gated on the SLO promotes a healthy release to 100 % and rolls a bad one back "
+        "automatically, after few requests saw it and little error budget was spent",
+        canary_command,
     ),
     Lab(
         "chaos",

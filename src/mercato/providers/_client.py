@@ -128,6 +128,15 @@ class ProviderHttpClient:
         self._headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        """Repointed at run time by the runtime configuration's discovery section (ADR 0045)."""
+        self._base_url = value.rstrip("/")
+
     def _open(self) -> aiohttp.ClientSession:
         session = self._session
         if session is None or session.closed:

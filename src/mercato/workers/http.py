@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import uvicorn
@@ -36,7 +37,11 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
 
 
 def worker_http_app(
-    *, health: HealthRegistry, registry: CollectorRegistry, stopping: Callable[[], bool]
+    *,
+    health: HealthRegistry,
+    registry: CollectorRegistry,
+    stopping: Callable[[], bool],
+    detail: Callable[[], dict[str, Any]] | None = None,
 ) -> Starlette:
     async def healthz(_: Request) -> Response:
         return _json({"status": "ok", "checks": []})
@@ -49,7 +54,9 @@ def worker_http_app(
         checks = [
             {"name": r.name, "ok": r.ok, "duration_ms": r.duration_ms, "error": r.error} for r in results
         ]
-        body = {"status": "ok" if ok else "unavailable", "checks": checks}
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if detail is not None:
+            body["config"] = detail()  # the runtime-configuration version in force (ADR 0045)
         return _json(body, 200 if ok else 503, None if ok else {"Retry-After": "5"})
 
     async def metrics(_: Request) -> Response:

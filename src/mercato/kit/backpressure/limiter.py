@@ -115,6 +115,16 @@ class ConcurrencyLimiter:
     def inflight(self) -> int:
         return self._inflight
 
+    def adopt_limits(self, other: ConcurrencyLimiter) -> None:
+        """Take `other`'s limits (built and checked by its constructor) while keeping this limiter's
+        in-flight count and queues: a runtime-configuration change (ADR 0045). A raised limit admits
+        queued waiters at once; a lowered one lets in-flight work finish and admits nothing new."""
+        self.max_inflight = other.max_inflight
+        self.retry_after_s = other.retry_after_s
+        self._classes = dict(other._classes)
+        self._ceilings = dict(other._ceilings)
+        self._grant_waiters()
+
     def ceiling(self, priority: Priority) -> int:
         return self._ceilings[priority]
 

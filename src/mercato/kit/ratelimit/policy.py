@@ -320,6 +320,11 @@ class PolicyStore:
         self._current = load_policies(path)  # at start an invalid file is fatal: there is no old set
         self._checked_at_s = self._clock.monotonic()
         self.last_error: str | None = None
+        self._override: PolicySet | None = None
+
+    def override(self, policies: PolicySet | None) -> None:
+        """Policies from the runtime configuration (ADR 0045) win over the file; None: the file again."""
+        self._override = policies
 
     @property
     def path(self) -> Path:
@@ -327,7 +332,7 @@ class PolicyStore:
 
     @property
     def current(self) -> PolicySet:
-        return self._current
+        return self._override if self._override is not None else self._current
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -338,6 +343,8 @@ class PolicyStore:
 
     def refresh(self) -> PolicySet:
         """The current set, after re-reading the file if it changed and the check interval has passed."""
+        if self._override is not None:
+            return self._override
         now_s = self._clock.monotonic()
         if now_s - self._checked_at_s >= self._interval_s:
             self._checked_at_s = now_s

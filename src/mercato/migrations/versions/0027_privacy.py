@@ -4,7 +4,7 @@ Expand only: the plaintext `email`/`display_name` columns become nullable and st
 written before; the application seals such rows at start-up (`IdentityService.seal_legacy`).
 
 Revision ID: 0027
-Revises: 0018
+Revises: 0021
 Create Date: 2026-12-06
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 from mercato.kit.storage import UTCDateTime
 
 revision = "0027"
-down_revision = "0018"
+down_revision = "0021"
 branch_labels = None
 depends_on = None
 

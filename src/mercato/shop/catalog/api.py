@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mercato.kit.auth import Principal
+from mercato.kit.flags import EvaluationContext, Flags
 from mercato.kit.ids import parse_id
 from mercato.kit.web import (
     CURSOR_MAX_LENGTH,
@@ -133,6 +134,22 @@ def _json(content: Any, status_code: int = 200, headers: dict[str, str] | None =
     )
 
 
+SEARCH_V2_FLAG = "catalog.search_v2"
+
+
+def search_v2(request: Request) -> bool:
+    """Flag `catalog.search_v2` for this caller: targeted by the serving process's release track (a
+    canary runs it), or rolled out by the caller's address (the same client, the same search)."""
+    flags: Flags | None = getattr(request.app.state, "flags", None)
+    if flags is None:
+        return False
+    context = EvaluationContext(
+        targeting_key=request.client.host if request.client else None,
+        track=getattr(request.app.state, "release_track", None),
+    )
+    return flags.is_on(SEARCH_V2_FLAG, context)
+
+
 def catalog_service(request: Request) -> CatalogService:
     return cast(CatalogService, request.app.state.catalog)
 
@@ -189,6 +206,7 @@ def _product_id(raw: str) -> uuid.UUID:
     responses=problem_responses(400, 422),
 )
 async def list_products(
+    request: Request,
     service: Service,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
@@ -222,6 +240,7 @@ async def list_products(
         min_price_minor=min_price_minor,
         max_price_minor=max_price_minor,
         q=q,
+        search_words=q is not None and search_v2(request),
     )
     return _json(
         {"items": [product_dict(p) for p in items], "next_cursor": next_cursor},
@@ -239,6 +258,7 @@ async def browse_page(
     min_price_minor: int | None,
     max_price_minor: int | None,
     q: str | None,
+    search_words: bool = False,
 ) -> tuple[list[Product], str | None]:
     """One page of live products and the cursor of the next; shared by every API version."""
     after_value: Any = None
@@ -263,6 +283,7 @@ async def browse_page(
         min_price_minor=min_price_minor,
         max_price_minor=max_price_minor,
         search=q,
+        search_words=search_words,
         after_value=after_value,
         after_id=after_id,
     )

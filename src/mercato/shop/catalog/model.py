@@ -147,6 +147,9 @@ class ProductQuery:
     min_price_minor: int | None = None
     max_price_minor: int | None = None
     search: str | None = None
+    # The new search (flag `catalog.search_v2`, ADR 0047): every word of `search` must occur in the
+    # name, in any order ("shoe red" finds "Red running shoe"); off: the whole string as typed.
+    search_words: bool = False
     after_value: Any = None
     after_id: uuid.UUID | None = None
 

@@ -154,7 +154,10 @@ class CatalogRepository:
             stmt = stmt.where(products.c.price_minor >= query.min_price_minor)
         if query.max_price_minor is not None:
             stmt = stmt.where(products.c.price_minor <= query.max_price_minor)
-        if query.search:
+        if query.search and query.search_words:
+            for word in query.search.split()[:8]:
+                stmt = stmt.where(products.c.name.ilike(f"%{_escape_like(word)}%", escape="\\"))
+        elif query.search:
             stmt = stmt.where(products.c.name.ilike(f"%{_escape_like(query.search)}%", escape="\\"))
         column = _SORT_COLUMNS[query.sort.key]
         order: list[Any]
