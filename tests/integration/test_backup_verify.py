@@ -119,8 +119,36 @@ def test_a_time_before_the_first_backup_is_refused(backed: Backed, tmp_path: Pat
     assert not target.exists()  # refused before anything was written
 
 
+def test_restore_promote_puts_the_checked_copy_into_service(backed: Backed) -> None:
+    """`mercato restore --cluster R --latest --promote`: invariants checked, then the copy becomes the
+    primary under a new Patroni scope, the old data folder kept aside; the shop's URL writes to it."""
+    root = backed.topology.root
+    done = CliRunner().invoke(
+        app, ["restore", "--cluster", str(root), "--latest", "--promote", "--database", DATABASE]
+    )
+    assert done.exit_code == 0, done.output
+    assert "invariants hold" in done.output
+    assert "RTO restore → serving" in done.output
+    adopted = Topology.load(root)
+    assert adopted.scope == f"{backed.topology.scope}-r1"
+    assert list(root.joinpath("postgres", "pg0").glob("data.replaced-*"))
+
+    async def orders_and_write() -> int:
+        url = adopted.database_url(database=DATABASE, driver="postgresql")
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("CREATE TABLE hha_after_promote (n int)")
+            await conn.execute("INSERT INTO hha_after_promote VALUES (1)")
+            return int(await conn.fetchval("SELECT count(*) FROM orders"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(orders_and_write()) == len(backed.orders)
+
+
 def test_a_corrupted_backup_file_is_refused_and_nothing_is_written(backed: Backed) -> None:
-    repo = backed.topology.dir("pgbackrest", "repo", "backup")
+    newest = backups(backed.topology)[-1].label  # the set a restore of the latest state reads
+    repo = backed.topology.dir("pgbackrest", "repo", "backup", "mercato", newest)
     files = sorted(p for p in repo.rglob("*.lz4") if p.is_file() and p.stat().st_size > 64)
     victim = max(files, key=lambda p: p.stat().st_size)
     saved = victim.read_bytes()

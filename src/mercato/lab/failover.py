@@ -66,6 +66,9 @@ class FailoverConfig:
     kill: str = "postgres"
     # `kill="patroni"`: the supervisor (systemd) restarts Patroni this long after the kill.
     patroni_down_s: float = 20.0
+    # `kill="patroni"`: the supervisor stops the orphaned PostgreSQL with its Patroni (systemd's
+    # KillMode=control-group) instead of leaving it running (Patroni's unit file: KillMode=process).
+    fence: bool = False
 
 
 @dataclass
@@ -96,6 +99,10 @@ class FailoverReport:
     orphan_write: str = ""
     orphan_write_acked: bool = False
     patroni_down_s: float = 0.0
+    fence: bool = False
+    # acknowledged probe commits missing afterwards: (seq, when, the node that acknowledged it)
+    missing_acks: list[tuple[int, float, str]] = field(default_factory=list)
+    process_logs: dict[str, str] = field(default_factory=dict)
 
     @property
     def rto_goal_s(self) -> float:
@@ -126,6 +133,8 @@ class _Probe:
         self.interval_s = interval_s
         self.started = started
         self.acked: list[int] = []
+        # seq -> (seconds since start, the server port that acknowledged it)
+        self.acked_by: dict[int, tuple[float, int]] = {}
         self.samples: list[tuple[float, bool]] = []
         self.stop = asyncio.Event()
 
@@ -137,7 +146,11 @@ class _Probe:
             try:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn, timeout=1.0)
-                await conn.execute("INSERT INTO lab_failover_probe (seq) VALUES ($1)", seq, timeout=2.0)
+                port = await conn.fetchval(
+                    "INSERT INTO lab_failover_probe (seq) VALUES ($1) RETURNING inet_server_port()",
+                    seq,
+                    timeout=2.0,
+                )
             except Exception:  # noqa: BLE001 - any failure is a failed write; reconnect next time
                 self.samples.append((time.monotonic() - self.started, False))
                 if conn is not None:
@@ -145,6 +158,7 @@ class _Probe:
                 conn = None
             else:
                 self.acked.append(seq)
+                self.acked_by[seq] = (time.monotonic() - self.started, int(port))
                 self.samples.append((time.monotonic() - self.started, True))
             await asyncio.sleep(self.interval_s)
         if conn is not None:
@@ -181,6 +195,11 @@ async def _kill_primary(
         assert pid is not None, "primary's patroni.pid missing"
         os.kill(pid, signal.SIGKILL)  # Patroni alone: its PostgreSQL keeps running, orphaned
         report.events.append((time.monotonic() - started, f"SIGKILL Patroni of {primary.name}"))
+        if config.fence:  # the supervisor takes the whole unit down: PostgreSQL dies with Patroni
+            orphan = postmaster_pid(topology, primary)
+            if orphan is not None:
+                os.kill(orphan, signal.SIGKILL)
+            report.events.append((time.monotonic() - started, "fenced: its postmaster SIGKILLed too"))
         await _orphaned_primary(topology, primary, report, started, config.patroni_down_s)
         return
     pid = postmaster_pid(topology, primary)
@@ -304,7 +323,12 @@ async def _drill(config: FailoverConfig, topology: Topology, report: FailoverRep
     report.probe_failed = sum(1 for _, ok in probe.samples if not ok)
     rows = await _admin(dsn, "SELECT seq FROM lab_failover_probe")
     present = {r["seq"] for r in rows}
-    report.rpo_missing = sum(1 for seq in probe.acked if seq not in present)
+    missing = [seq for seq in probe.acked if seq not in present]
+    report.rpo_missing = len(missing)
+    ports = {n.pg_port: n.name for n in topology.postgres}
+    report.missing_acks = [
+        (seq, round(probe.acked_by[seq][0], 2), ports.get(probe.acked_by[seq][1], "?")) for seq in missing
+    ]
     return result
 
 
@@ -315,7 +339,10 @@ async def run_failover(config: FailoverConfig, *, log: Any = print) -> tuple[Fai
     root = Path(tempfile.mkdtemp(prefix="mercato-failover-"))
     make_traversable(root)
     report = FailoverReport(
-        synchronous=config.synchronous, kill=config.kill, patroni_down_s=config.patroni_down_s
+        synchronous=config.synchronous,
+        kill=config.kill,
+        patroni_down_s=config.patroni_down_s,
+        fence=config.fence,
     )
     try:
         log(f"starting the cluster in {root} (synchronous_mode={config.synchronous})")
@@ -330,6 +357,7 @@ async def run_failover(config: FailoverConfig, *, log: Any = print) -> tuple[Fai
         report.invariants_ok = chaos.ok
         report.broken_invariants = [v.name for v in chaos.verdicts if not v.ok]
         report.violations = {v.name: v.violations for v in chaos.verdicts}
+        report.process_logs = {k: v[-3000:] for k, v in chaos.logs.items()}
         if config.nats:
             log("NATS: killing the stream leader under publish/consume")
             try:
@@ -380,6 +408,8 @@ def report_rows(report: FailoverReport) -> list[tuple[str, str, str]]:
             ("kill → another node holds the leader key", _fmt(report.new_leader_after_s, "s"), "≈ ttl"),
             ("a write straight to the orphaned old primary", report.orphan_write or "-", "not acknowledged"),
             ("Patroni restarted by the supervisor after", f"{report.patroni_down_s:.0f} s", ""),
+            ("orphaned PostgreSQL fenced with Patroni", "yes" if report.fence else "no", ""),
+            ("missing acknowledged commits (seq, t, acked by)", str(report.missing_acks[:5]), "none"),
         ]
     return rows
 

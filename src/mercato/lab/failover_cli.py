@@ -46,6 +46,12 @@ def failover_command(
     patroni_down_s: Annotated[
         float, typer.Option(min=0.0, help="--kill patroni: restart Patroni (as systemd would) after this")
     ] = 20.0,
+    fence: Annotated[
+        bool,
+        typer.Option(
+            "--fence/--no-fence", help="--kill patroni: its PostgreSQL dies with it (KillMode=control-group)"
+        ),
+    ] = False,
     out: OutOption = None,
 ) -> None:
     """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
@@ -56,6 +62,7 @@ def failover_command(
     config = FailoverConfig(
         kill=kill,
         patroni_down_s=patroni_down_s,
+        fence=fence,
         checkouts=checkouts,
         kill_after_checkouts=min(kill_after, checkouts),
         synchronous=synchronous,
