@@ -310,6 +310,9 @@ async def _drill(config: FailoverConfig, topology: Topology, report: FailoverRep
 
     try:
         chaos_task = asyncio.create_task(run_chaos(chaos, on_checkout=checkout_done))
+        # A checkout run that dies early (a process that never got ready) ends the wait too; its
+        # error is raised below instead of a bare timeout three minutes later.
+        chaos_task.add_done_callback(lambda _task: under_load.set())
         # Kill once the shop is up and checkouts flow: sagas are in flight at that moment.
         await _kill_primary(topology, under_load, report, started, config)
         await _await_rejoin(topology, report, started, config.rejoin_timeout_s)
