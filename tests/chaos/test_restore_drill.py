@@ -33,4 +33,8 @@ async def test_restore_to_t_returns_exactly_the_rows_before_t(tmp_path: Path) ->
     assert report.present_after_t == 0
     assert "before the first backup" in report.refused["time_before_first_backup"]
     assert "did not finish recovery" in report.refused["missing_wal"]
+    # Put into service: the restored copy became the primary and took a write through the shop's URL.
+    assert report.rows_after_adopt == 101
+    assert report.replicas_streaming == 2
+    assert report.serving_rto_s > report.restore_rto_s
     assert (tmp_path / "report.md").exists()

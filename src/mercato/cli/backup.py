@@ -7,6 +7,7 @@ point-in-time restores into a scratch folder started on its own port and checked
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,9 +18,11 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+from mercato.cluster.adopt import adopt_restored
 from mercato.cluster.backup import BackupFailed, restore_and_start
 from mercato.cluster.backup import backup as pg_backup
 from mercato.cluster.backup import backups as pg_backups
+from mercato.cluster.shop import shop_url, start_shop
 from mercato.cluster.topology import Topology
 from mercato.config import get_settings
 from mercato.kit.storage.sqlite_backup import (
@@ -30,6 +33,7 @@ from mercato.kit.storage.sqlite_backup import (
     restore_backup,
     verify_backup,
 )
+from mercato.lab.backup_verify import check_books, collect_books, restored_url, verify_cluster_backup
 
 ClusterOption = Annotated[
     Path | None, typer.Option("--cluster", help="A `mercato cluster` root: use its pgBackRest repository")
@@ -111,8 +115,20 @@ def list_(cluster: ClusterOption = None) -> None:
 @app.command("verify")
 def verify(
     name: Annotated[str | None, typer.Argument(help="A backup's name; default the newest")] = None,
+    cluster: ClusterOption = None,
+    to_time: Annotated[
+        datetime | None, typer.Option("--to-time", help="Cluster: check the state at this time")
+    ] = None,
+    database: Annotated[str, typer.Option("--database", help="Cluster: the shop's database")] = "mercato",
+    keep: Annotated[bool, typer.Option("--keep", help="Cluster: keep the scratch copy's folder")] = False,
 ) -> None:
-    """Integrity check and migration stamp of a backup (what restore checks before touching anything)."""
+    """Embedded: integrity check and migration stamp of a backup. Cluster: pgBackRest's checksum
+    verify, a restore into a scratch folder on a free port, and the shop's invariants checked there
+    (stock conserved, completed orders paid and shipped, no capture without an order); exit 1 on any
+    violation."""
+    if cluster is not None:
+        _verify_cluster(cluster, to_time, database, keep=keep)
+        return
     _, folder = _paths()
     try:
         backup = pick(folder, name=name)
@@ -121,6 +137,32 @@ def verify(
         console.print(f"[red]not usable:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"[green]✓[/green] {backup.path.name} is intact")
+
+
+def _verify_cluster(root: Path, to_time: datetime | None, database: str, *, keep: bool) -> None:
+    when = to_time.astimezone() if to_time is not None else None
+    try:
+        report = verify_cluster_backup(_topology(root), to_time=when, database=database, keep=keep)
+    except BackupFailed as exc:
+        console.print(f"[red]backup not usable:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"Shop invariants on the restored copy ({report.orders} orders)")
+    for column in ("invariant", "checked", "violations", "first violation"):
+        table.add_column(column)
+    for v in report.verdicts:
+        table.add_row(v.name, str(v.checked), str(v.violations), v.details[0] if v.details else "")
+    console.print(table)
+    console.print(
+        f"restored {'to ' + report.to_time if report.to_time else 'the latest state'} in "
+        f"{report.restore_s:.1f} s, checked in {report.check_s:.1f} s"
+        + (f"; kept in {report.restored_into}" if keep else "")
+    )
+    if not report.ok:
+        for problem in report.problems():
+            console.print(f"[red]✗[/red] {problem}")
+        console.print("[red]the books do not balance on this backup: do not restore it as is[/red]")
+        raise typer.Exit(1)
+    console.print("[green]✓[/green] repository checksums verified; the books balance on the restored copy")
 
 
 def restore_command(
@@ -133,6 +175,16 @@ def restore_command(
     to_time: Annotated[
         datetime | None, typer.Option("--to-time", help="Point in time (PostgreSQL with pgBackRest only)")
     ] = None,
+    promote: Annotated[
+        bool,
+        typer.Option(
+            "--promote",
+            help="Cluster: once the shop's invariants hold on the restored copy, make it the primary",
+        ),
+    ] = False,
+    shop_database: Annotated[
+        str, typer.Option("--database", help="Cluster: the shop's database")
+    ] = "mercato",
 ) -> None:
     """Put a verified backup in place of the database (stop the shop first). Nothing is overwritten
     until the backup passed verification."""
@@ -149,8 +201,15 @@ def restore_command(
             raise typer.Exit(1) from exc
         console.print(
             f"[green]✓[/green] restored into {target}, open on port {scratch.port} after "
-            f"{scratch.ready_s:.1f} s; check it, then point the shop at it (see docs/runbooks)"
+            f"{scratch.ready_s:.1f} s"
         )
+        if not promote:
+            console.print(
+                "check it (`mercato cluster adopt-restore` checks the shop's invariants), then put it "
+                "into service: `mercato cluster adopt-restore --root … --from " + str(target) + "`"
+            )
+            return
+        promote_restored(cluster, target, scratch.port, shop_database, restore_s=scratch.ready_s)
         return
     database, folder = _paths()
     try:
@@ -160,3 +219,45 @@ def restore_command(
         console.print(f"[red]restore refused, nothing changed:[/red] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"[green]✓[/green] {database} restored from {chosen.path.name}")
+
+
+def promote_restored(root: Path, folder: Path, port: int, database: str, *, restore_s: float = 0.0) -> None:
+    """Check the shop's invariants on the restored copy open on `port`; only if they hold, make it
+    the cluster's primary (`mercato.cluster.adopt`), restart the shop if it ran, take a full backup
+    (the new timeline's base) and print the time to serving."""
+    topology = _topology(root)
+    started = time.monotonic()
+    try:
+        verdicts = check_books(asyncio.run(collect_books(restored_url(port, database))))
+    except Exception as exc:
+        console.print(f"[red]not promoted:[/red] cannot read the shop's books on port {port}: {exc}")
+        raise typer.Exit(1) from exc
+    broken = [f"{v.name}: {d}" for v in verdicts for d in v.details]
+    if broken:
+        for problem in broken:
+            console.print(f"[red]✗[/red] {problem}")
+        console.print("[red]not promoted:[/red] the shop's invariants do not hold on the restored copy")
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/green] the shop's invariants hold ({len(verdicts)} checks)")
+    was_serving = shop_url(topology) is not None and topology.dir("shop", "api.pid").exists()
+    adopted = adopt_restored(topology, folder)
+    console.print(
+        f"[green]✓[/green] {folder} is the primary of scope {adopted.topology.scope!r} after "
+        f"{adopted.primary_s:.1f} s; replicas re-cloned after {adopted.replicas_s:.1f} s; old data "
+        f"folders kept: {', '.join(str(p) for p in adopted.moved_aside) or 'none'}"
+    )
+    serving = time.monotonic() - started
+    if was_serving:
+        url = start_shop(adopted.topology)
+        serving = time.monotonic() - started
+        console.print(f"[green]✓[/green] the shop answers again at {url}")
+    console.print(
+        f"RTO restore → serving: {restore_s + serving:.1f} s (restore {restore_s:.1f} s, checks + adopt"
+        f"{' + shop start' if was_serving else ''} {serving:.1f} s)"
+    )
+    try:
+        pg_backup(adopted.topology, kind="full")
+    except BackupFailed as exc:
+        console.print(f"[yellow]take a full backup now; it failed here:[/yellow] {exc}")
+        return
+    console.print("[green]✓[/green] full backup of the new timeline taken")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mercato.bootstrap import SCRIPT_LOCATION
+from mercato.cli.backup import promote_restored
 from mercato.cluster import Topology, cluster_down, cluster_status, cluster_up
 from mercato.cluster.haproxy import Backend, HAProxySettings, render_config
 from mercato.cluster.patroni import create_database_on_primary
@@ -156,6 +157,28 @@ def down(
         console.print(f"no cluster at {root}")
         raise typer.Exit(1)
     console.print(f"[green]✓[/green] cluster at {root} stopped{' (files kept)' if keep else ' and removed'}")
+
+
+@app.command("adopt-restore")
+def adopt_restore(
+    source: Annotated[
+        Path, typer.Option("--from", help="The folder `mercato restore --cluster` restored into")
+    ],
+    root: RootOption = DEFAULT_ROOT,
+    database: Annotated[str, typer.Option("--database", help="The shop's database")] = "mercato",
+) -> None:
+    """Put a restored copy into service: check the shop's invariants on it (it must still be open on
+    its port), then make it the cluster's primary (old data folders kept aside, replicas re-cloned,
+    a new Patroni scope), restart the shop if it ran, take a full backup. Runbook: disaster-recovery."""
+    _load(root)
+    try:
+        port = int((source / "postmaster.pid").read_text().splitlines()[3])
+    except (FileNotFoundError, IndexError, ValueError) as exc:
+        console.print(
+            f"[red]{source} is not open[/red]: run `mercato restore --cluster` again (it starts it)"
+        )
+        raise typer.Exit(1) from exc
+    promote_restored(root, source, port, database)
 
 
 def _load(root: Path) -> Topology:

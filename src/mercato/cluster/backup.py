@@ -161,7 +161,15 @@ def restore_to(topology: Topology, target: Path, *, to_time: datetime | None = N
     args = ["restore", f"--pg1-path={target}", "--archive-mode=off"]
     if to_time is not None:
         args += ["--type=time", f"--target={to_time.isoformat(sep=' ')}", "--target-action=promote"]
-    run(topology, *args)
+    try:
+        run(topology, *args)
+    except BackupFailed as exc:
+        # A damaged backup file (pgBackRest checks every file's checksum as it restores) stops the
+        # restore half way: the half-written folder is ours, nothing live was touched; remove it.
+        shutil.rmtree(target, ignore_errors=True)
+        raise BackupFailed(
+            f"the restore stopped and its folder {target} was removed (no live node touched): {exc}"
+        ) from exc
 
 
 def scratch_server_argv(target: Path, port: int) -> list[str]:

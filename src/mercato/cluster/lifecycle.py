@@ -23,15 +23,17 @@ def cluster_up(
     synchronous_mode: bool = True,
     nats_cluster: bool = True,
     backups: bool = False,
+    members: int = 3,
 ) -> Topology:
     """Plan ports, start etcd, Patroni (primary first) and NATS, and wait for each to be healthy.
-    On any failure everything started so far is stopped again."""
+    On any failure everything started so far is stopped again. `members=1` is a single-node
+    "cluster" (one etcd, one Patroni-managed PostgreSQL) for tests that need pgBackRest, not HA."""
     if (root / "topology.json").exists():
         raise FileExistsError(
             f"a cluster already lives in {root}: `mercato cluster down` first (its files stay for a"
             " post-mortem unless you pass --purge)"
         )
-    topology = Topology.plan(root, synchronous_mode=synchronous_mode)
+    topology = Topology.plan(root, synchronous_mode=synchronous_mode and members > 1, members=members)
     topology.save()
     try:
         start_etcd(topology)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,11 @@ def start_patroni(
     *,
     archive: ArchiveSettings | None = None,
     timeout_s: float = 90.0,
+    on_primary: Callable[[], None] | None = None,
 ) -> None:
+    """Start Patroni on every node, the first alone until it is primary (`on_primary` is called
+    then), and wait until the others stream from it. A first node with a non-empty data folder and
+    no cluster of this scope in etcd is taken over as is (`mercato.cluster.adopt`)."""
     binary = shutil.which(PATRONI_BIN)
     if binary is None:
         raise RuntimeError("patroni not found: apt-get install patroni")
@@ -149,10 +154,20 @@ def start_patroni(
     spawn(node_dir(topology, first), "patroni", [binary, "patroni.yml"], as_pg=True)
     if not wait_until(lambda: _role(first) == "primary", timeout_s=timeout_s, interval_s=0.5):
         raise RuntimeError(f"{first.name} did not become primary; see {node_dir(topology, first)}")
+    if on_primary is not None:
+        on_primary()
     for node in others:
         spawn(node_dir(topology, node), "patroni", [binary, "patroni.yml"], as_pg=True)
     if not wait_until(lambda: _all_streaming(topology), timeout_s=timeout_s, interval_s=0.5):
         raise RuntimeError("replicas did not start streaming; see postgres/*/patroni.log")
+
+
+def restart_patroni_node(topology: Topology, node: PostgresNode) -> int:
+    """Start the Patroni of one node again (what its supervisor — systemd — does after a crash)."""
+    binary = shutil.which(PATRONI_BIN)
+    if binary is None:
+        raise RuntimeError("patroni not found: apt-get install patroni")
+    return spawn(node_dir(topology, node), "patroni", [binary, "patroni.yml"], as_pg=True)
 
 
 def stop_patroni(topology: Topology) -> None:

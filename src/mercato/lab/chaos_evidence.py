@@ -54,7 +54,7 @@ async def settle(container: Container, timeout_s: float, log: Log) -> bool:
     while time.monotonic() < deadline:
         try:
             sagas, unpublished = await _pending(container)
-        except DBAPIError:  # a failover drill (`lab failover`): the pool reconnects on the next try
+        except (DBAPIError, TimeoutError, OSError):  # a failover drill: the pool reconnects next try
             await asyncio.sleep(0.5)
             continue
         if sagas == 0 and unpublished == 0:

@@ -41,12 +41,29 @@ def failover_command(
     ] = True,
     drive_s: Annotated[float, typer.Option(help="Spread checkout arrivals over this long")] = 25.0,
     nats: Annotated[bool, typer.Option("--nats/--no-nats", help="Also kill a NATS node under load")] = True,
+    kill: Annotated[
+        str, typer.Option("--kill", help="postgres: the primary's postmaster; patroni: its Patroni only")
+    ] = "postgres",
+    patroni_down_s: Annotated[
+        float, typer.Option(min=0.0, help="--kill patroni: restart Patroni (as systemd would) after this")
+    ] = 20.0,
+    fence: Annotated[
+        bool,
+        typer.Option(
+            "--fence/--no-fence", help="--kill patroni: its PostgreSQL dies with it (KillMode=control-group)"
+        ),
+    ] = False,
     out: OutOption = None,
 ) -> None:
     """SIGKILL the primary's PostgreSQL under checkout load: Patroni promotes; measure RTO, RPO,
     checkouts lost, double captures; the old primary rejoins. Then kill a NATS node: 0 lost."""
     _stop_on_sigterm()
+    if kill not in ("postgres", "patroni"):
+        raise typer.BadParameter("postgres or patroni", param_hint="--kill")
     config = FailoverConfig(
+        kill=kill,
+        patroni_down_s=patroni_down_s,
+        fence=fence,
         checkouts=checkouts,
         kill_after_checkouts=min(kill_after, checkouts),
         synchronous=synchronous,
