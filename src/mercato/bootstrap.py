@@ -29,7 +29,7 @@ from mercato.kit.cache import (
 )
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.dynconfig import ConfigWatcher
-from mercato.kit.flags import Flags
+from mercato.kit.flags import EvaluationContext, Flags
 from mercato.kit.health import Drain, HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
@@ -89,6 +89,13 @@ from mercato.shop.checkout.resilient import (
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
+from mercato.shop.identity.personal import (
+    PLAINTEXT_COLUMNS,
+    READ_SEALED_FLAG,
+    PersonalColumns,
+    PersonalFields,
+)
+from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.identity.signing_keys import SigningKeyStore
@@ -329,7 +336,22 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
-    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry, needs=())
+    personal_columns = PersonalColumns(settings.release.identity_personal_columns)
+    # A release that still uses the plaintext columns says so in its version report: the contract
+    # migration (0028) refuses while one runs (ADR 0047).
+    runtime, flags = build_runtime(
+        settings,
+        db,
+        clock=clock,
+        registry=metrics_registry,
+        needs=PLAINTEXT_COLUMNS if personal_columns.needs_plaintext else (),
+    )
+    # During the rollout, a dual-writing release reads the sealed fields when the flag says so.
+    identity_repository = IdentityRepository(
+        PersonalFields(keyring),
+        columns=personal_columns,
+        read_sealed=lambda: flags.is_on(READ_SEALED_FLAG, EvaluationContext()),
+    )
     policies = [getattr(calls, f.name).policy for f in fields(calls)]
     wire_runtime(
         runtime,
@@ -347,7 +369,14 @@ def build_container(
         health=health,
         catalog=catalog,
         identity=IdentityService(
-            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys, keyring=keyring
+            db,
+            clock,
+            codec,
+            settings.auth,
+            sessions=sessions,
+            signing_keys=signing_keys,
+            keyring=keyring,
+            repository=identity_repository,
         ),
         keyring=keyring,
         inventory=inventory,
