@@ -9,6 +9,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -89,12 +90,7 @@ from mercato.shop.checkout.resilient import (
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
-from mercato.shop.identity.personal import (
-    PLAINTEXT_COLUMNS,
-    READ_SEALED_FLAG,
-    PersonalColumns,
-    PersonalFields,
-)
+from mercato.shop.identity.personal import READ_SEALED_FLAG, PersonalColumns, PersonalFields
 from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
@@ -336,22 +332,12 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
-    personal_columns = PersonalColumns(settings.release.identity_personal_columns)
-    # A release that still uses the plaintext columns says so in its version report: the contract
-    # migration (0028) refuses while one runs (ADR 0047).
-    runtime, flags = build_runtime(
-        settings,
-        db,
-        clock=clock,
-        registry=metrics_registry,
-        needs=PLAINTEXT_COLUMNS if personal_columns.needs_plaintext else (),
-    )
-    # During the rollout, a dual-writing release reads the sealed fields when the flag says so.
-    identity_repository = IdentityRepository(
-        PersonalFields(keyring),
-        columns=personal_columns,
-        read_sealed=lambda: flags.is_on(READ_SEALED_FLAG, EvaluationContext()),
-    )
+    # Releases still using the plaintext personal columns report so: contract 0028 waits (ADR 0047);
+    # a dual-writing one reads the sealed fields when the flag says so.
+    columns = PersonalColumns(settings.release.identity_personal_columns)
+    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry, needs=columns.needs)
+    read_sealed = partial(flags.is_on, READ_SEALED_FLAG, EvaluationContext())
+    identity_repo = IdentityRepository(PersonalFields(keyring), columns=columns, read_sealed=read_sealed)
     policies = [getattr(calls, f.name).policy for f in fields(calls)]
     wire_runtime(
         runtime,
@@ -376,7 +362,7 @@ def build_container(
             sessions=sessions,
             signing_keys=signing_keys,
             keyring=keyring,
-            repository=identity_repository,
+            repository=identity_repo,
         ),
         keyring=keyring,
         inventory=inventory,

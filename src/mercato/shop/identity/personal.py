@@ -48,6 +48,11 @@ class PersonalColumns(StrEnum):
     def needs_plaintext(self) -> bool:
         return self is not PersonalColumns.SEALED
 
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What a process of this release lists in its version report's `needs`."""
+        return PLAINTEXT_COLUMNS if self.needs_plaintext else ()
+
 
 class PersonalFields:
     def __init__(self, keyring: Keyring) -> None:
