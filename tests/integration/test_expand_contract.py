@@ -21,6 +21,7 @@ from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.config import ReleaseSettings
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.identity.model import Role
+from mercato.shop.identity.personal import PLAINTEXT_COLUMNS
 from tests.conftest import TEST_SECRET, _pg_admin, _pg_host_part, make_settings
 
 PASSWORD = "correct horse battery staple"
@@ -129,6 +130,8 @@ async def test_sealing_by_expand_backfill_switch_contract_with_old_and_new_code_
 
         # Contract refused while processes that need the plaintext columns report themselves.
         await old.runtime.poll_once()
+        reports = {r.app_version: r.needs for r in await old.runtime.store.processes(seen_within_s=30)}
+        assert reports == {"1.0": PLAINTEXT_COLUMNS, "1.1": PLAINTEXT_COLUMNS}  # `mercato config processes`
         refusal = r"contract refused: 2 running process\(es\).*release 1.0"
         with pytest.raises(Exception, match=refusal) as refused:
             await _migrate(url, "0028")
@@ -198,3 +201,23 @@ async def test_contract_refuses_while_accounts_are_not_sealed_and_the_cli_backfi
         async with new.db.read() as conn:
             count = (await conn.execute(text("SELECT count(*) FROM identity_users"))).scalar_one()
         assert count == 2
+
+
+async def test_a_sealed_release_before_the_contract_seals_at_start_up_and_erases_the_plaintext_too(
+    blank_url: str,
+) -> None:
+    """Between the rollout of 1.2 and the contract the plaintext columns still exist: a sealed-only
+    release must not leave an erased customer's plaintext copy behind, nor an unsealed row unread."""
+    await _migrate(blank_url, "0027")
+    async with release(blank_url, "1.0", "plaintext") as old:
+        alan = await _register(old, "Alan")
+    async with release(blank_url, "1.1", "dual") as dual:
+        joan = await _register(dual, "Joan")
+    async with release(blank_url, "1.2", "sealed") as new:
+        assert await new.identity.seal_at_startup() == 1
+        assert await _names(new, alan, joan) == ["Alan", "Joan"]
+        assert await new.identity.erase(joan.id, requested_by="test")
+        async with new.db.read() as conn:
+            query = text("SELECT email, display_name FROM identity_users WHERE id = :id")
+            row = (await conn.execute(query.bindparams(bindparam("id", type_=Uuid)), {"id": joan.id})).one()
+        assert tuple(row) == (None, None)
