@@ -9,6 +9,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +30,7 @@ from mercato.kit.cache import (
 )
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.dynconfig import ConfigWatcher
-from mercato.kit.flags import Flags
+from mercato.kit.flags import EvaluationContext, Flags
 from mercato.kit.health import Drain, HealthRegistry
 from mercato.kit.idempotency import IdempotencyStore
 from mercato.kit.messaging import (
@@ -89,6 +90,8 @@ from mercato.shop.checkout.resilient import (
 )
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
+from mercato.shop.identity.personal import READ_SEALED_FLAG, PersonalColumns, PersonalFields
+from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.service import IdentityService
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.identity.signing_keys import SigningKeyStore
@@ -329,7 +332,12 @@ def build_container(
     product_cache, cache_bus, cache_redis = build_product_cache(
         settings, catalog, clock=clock, registry=metrics_registry
     )
-    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry, needs=())
+    # Releases still using the plaintext personal columns report so: contract 0028 waits (ADR 0047);
+    # a dual-writing one reads the sealed fields when the flag says so.
+    columns = PersonalColumns(settings.release.identity_personal_columns)
+    runtime, flags = build_runtime(settings, db, clock=clock, registry=metrics_registry, needs=columns.needs)
+    read_sealed = partial(flags.is_on, READ_SEALED_FLAG, EvaluationContext())
+    identity_repo = IdentityRepository(PersonalFields(keyring), columns=columns, read_sealed=read_sealed)
     policies = [getattr(calls, f.name).policy for f in fields(calls)]
     wire_runtime(
         runtime,
@@ -347,7 +355,14 @@ def build_container(
         health=health,
         catalog=catalog,
         identity=IdentityService(
-            db, clock, codec, settings.auth, sessions=sessions, signing_keys=signing_keys, keyring=keyring
+            db,
+            clock,
+            codec,
+            settings.auth,
+            sessions=sessions,
+            signing_keys=signing_keys,
+            keyring=keyring,
+            repository=identity_repo,
         ),
         keyring=keyring,
         inventory=inventory,

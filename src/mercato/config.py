@@ -442,6 +442,10 @@ class ReleaseSettings(BaseModel):
     track: str = Field(default="stable", pattern=r"^[a-z][a-z0-9-]{0,19}$")
     config_poll_s: float = Field(default=1.0, gt=0, le=60)
     inject_error_ratio: float = Field(default=0.0, ge=0, le=1)
+    # Where this release keeps customers' e-mail and display name during the rollout of sealing
+    # (expand/contract; shop/identity/personal.py PersonalColumns; docs/runbooks/release.md):
+    # plaintext (release 1.0) | dual (1.1) | sealed (1.2 and later).
+    identity_personal_columns: Literal["plaintext", "dual", "sealed"] = "sealed"
 
 
 class Settings(BaseSettings):

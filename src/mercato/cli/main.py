@@ -21,6 +21,7 @@ from rich.table import Table
 from mercato.bench.cli import app as bench_app
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cli.api_keys import app as api_keys_app
+from mercato.cli.backfill import app as backfill_app
 from mercato.cli.backup import app as backup_app
 from mercato.cli.backup import restore_command
 from mercato.cli.capacity import app as capacity_app
@@ -72,6 +73,7 @@ app.add_typer(api_keys_app, name="api-keys")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(shards_app, name="shards")
 app.add_typer(capacity_app, name="capacity")
+app.add_typer(backfill_app, name="backfill")
 app.add_typer(backup_app, name="backup")
 app.add_typer(release_app, name="release")
 app.command("restore")(restore_command)

@@ -210,7 +210,8 @@ def register(app: typer.Typer) -> None:
         within: Annotated[float, typer.Option(help="Seen within this many seconds")] = 30.0,
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
-        """The running processes: role, code release and runtime-configuration version."""
+        """The running processes: role, code release, runtime-configuration version, and the schema
+        parts they still need (a contract migration waits for those to be gone)."""
 
         async def action(container: Container) -> tuple[int, list[Any]]:
             store = _store(container)
@@ -228,6 +229,7 @@ def register(app: typer.Typer) -> None:
                                 "role": r.role,
                                 "app_version": r.app_version,
                                 "config_version": r.config_version,
+                                "needs": list(r.needs),
                                 "seen_at": r.seen_at.isoformat(),
                             }
                             for r in reports
@@ -236,7 +238,7 @@ def register(app: typer.Typer) -> None:
                 )
             )
             return
-        table = Table("process", "role", "release", "config", "last seen (UTC)")
+        table = Table("process", "role", "release", "config", "needs", "last seen (UTC)")
         for r in reports:
             mark = "" if r.config_version == latest else " [yellow](behind)[/yellow]"
             table.add_row(
@@ -244,6 +246,7 @@ def register(app: typer.Typer) -> None:
                 r.role,
                 r.app_version,
                 f"{r.config_version}{mark}",
+                ", ".join(r.needs),
                 r.seen_at.strftime("%H:%M:%S"),
             )
         console.print(table)

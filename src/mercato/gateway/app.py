@@ -143,7 +143,7 @@ def create_app(
             # A keyring database of its own gets its tables; accounts stored before sealing are sealed.
             if container.keyring is not None:
                 await container.keyring.ensure_schema()
-            await container.identity.seal_legacy()
+            await container.identity.seal_at_startup()
         except (SQLAlchemyError, OSError):  # e.g. migrations pending: the next start seals them
             _log.warning("personal_data_not_sealed", exc_info=True)
         runtime_task = None

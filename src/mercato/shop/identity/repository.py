@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import LargeBinary, String, Uuid, delete, func, insert, inspect, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import column, literal_column, table
 
 from mercato.shop.identity.model import EmailTaken, RefreshToken, Role, TokenStatus, User
-from mercato.shop.identity.personal import PersonalFields
+from mercato.shop.identity.personal import PersonalColumns, PersonalFields
 from mercato.shop.identity.tables import refresh_tokens, users
+
+# The legacy plaintext columns are not in the declared table (migration 0028 drops them): releases that
+# still use them name them through this lightweight table in statements on it alone, and as text beside
+# `users`' own columns (a second table object would add a second FROM).
+legacy = table(
+    "identity_users",
+    column("id", Uuid),
+    column("email", String(254)),
+    column("display_name", String(100)),
+    column("email_sealed", LargeBinary),
+)
+# What release 1.0 knew of the table: it runs on the schema before the expand (0021) too.
+_BASE = ("id", "password_hash", "role", "disabled", "created_at", "updated_at")
+_plain_email: Any = literal_column("identity_users.email", String(254))
+_plain_name: Any = literal_column("identity_users.display_name", String(100))
 
 
 def _row_to_user(row: Any, email: str, display_name: str) -> User:
@@ -26,6 +43,12 @@ def _row_to_user(row: Any, email: str, display_name: str) -> User:
         updated_at=row.updated_at,
         password_hash=row.password_hash,
     )
+
+
+def _table_with(values: dict[str, Any]) -> Any:
+    """`identity_users` as a lightweight table naming exactly these columns (incl. legacy ones)."""
+    types = {**{c.name: c.type for c in users.c}, **{c.name: c.type for c in legacy.c}}
+    return table("identity_users", *(column(name, types[name]) for name in values))
 
 
 def _row_to_token(row: Any) -> RefreshToken:
@@ -50,64 +73,119 @@ class IdentityRepository:
     """Queries on `identity_users` and `identity_refresh_tokens`, on the connection given.
 
     Personal fields are sealed before they are written (`sealed_columns`, made by the service
-    outside the transaction since it creates the data key) and opened as rows are read."""
+    outside the transaction since it creates the data key) and opened as rows are read. Where they are
+    kept follows the release's `PersonalColumns` (the expand/contract rollout, ADR 0047); `read_sealed`
+    is the flag `identity.read_sealed`, asked on every read by a dual-writing release."""
 
-    def __init__(self, personal: PersonalFields) -> None:
+    def __init__(
+        self,
+        personal: PersonalFields,
+        *,
+        columns: PersonalColumns = PersonalColumns.SEALED,
+        read_sealed: Callable[[], bool] | None = None,
+    ) -> None:
         self.personal = personal
+        self.columns = columns
+        self._read_sealed = read_sealed or (lambda: True)
+
+    def _reads_sealed(self) -> bool:
+        if self.columns is PersonalColumns.DUAL:
+            return self._read_sealed()
+        return self.columns is PersonalColumns.SEALED
+
+    def _user_columns(self) -> list[Any]:
+        if self.columns is PersonalColumns.SEALED:
+            return list(users.c)
+        plaintext = [_plain_email.label("email"), _plain_name.label("display_name")]
+        if self.columns is PersonalColumns.PLAINTEXT:
+            return [*(users.c[name] for name in _BASE), *plaintext]
+        return [*users.c, *plaintext]
+
+    def _by_email(self, address: str) -> Any:
+        if self.columns is PersonalColumns.SEALED:
+            return users.c.email_lookup == self.personal.email_lookup(address)
+        if not self._reads_sealed():
+            return _plain_email == address
+        # Rows the backfill has not reached yet are found by their plaintext address.
+        return or_(users.c.email_lookup == self.personal.email_lookup(address), _plain_email == address)
 
     async def add_user(self, conn: AsyncConnection, user: User, sealed: dict[str, Any]) -> None:
-        """Insert; the unique index on the e-mail's lookup hash is the arbiter when two sign-ups race."""
+        """Insert; the unique index on the e-mail's lookup hash (and, while it exists, on the plaintext
+        address) is the arbiter when two sign-ups race."""
+        values: dict[str, Any] = {
+            "id": user.id,
+            "password_hash": user.password_hash,
+            "role": user.role.value,
+            "disabled": user.disabled,
+            "created_at": user.created_at,
+            "updated_at": user.updated_at,
+        }
+        if self.columns is not PersonalColumns.PLAINTEXT:
+            values.update(sealed)
+        if self.columns.needs_plaintext:
+            values.update(email=user.email, display_name=user.display_name)
+        target = users if not self.columns.needs_plaintext else _table_with(values)
         try:
-            await conn.execute(
-                insert(users).values(
-                    id=user.id,
-                    password_hash=user.password_hash,
-                    role=user.role.value,
-                    disabled=user.disabled,
-                    created_at=user.created_at,
-                    updated_at=user.updated_at,
-                    **sealed,
-                )
-            )
+            await conn.execute(insert(target).values(**values))
         except IntegrityError as exc:
             raise EmailTaken(f"an account with e-mail {user.email} already exists", field="email") from exc
 
     async def get_user(self, conn: AsyncConnection, user_id: uuid.UUID) -> User | None:
-        row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        row = (await conn.execute(select(*self._user_columns()).where(users.c.id == user_id))).first()
         return (await self._users(conn, [row]))[0] if row else None
 
     async def get_user_by_email(self, conn: AsyncConnection, email: str) -> User | None:
-        lookup = self.personal.email_lookup(email)
-        row = (await conn.execute(select(users).where(users.c.email_lookup == lookup))).first()
+        row = (await conn.execute(select(*self._user_columns()).where(self._by_email(email)))).first()
         return (await self._users(conn, [row]))[0] if row else None
 
     async def email_exists(self, conn: AsyncConnection, email: str) -> bool:
-        lookup = self.personal.email_lookup(email)
-        row = (await conn.execute(select(users.c.id).where(users.c.email_lookup == lookup))).first()
+        row = (await conn.execute(select(users.c.id).where(self._by_email(email)))).first()
         return row is not None
 
     async def list_users(self, conn: AsyncConnection, user_ids: list[uuid.UUID]) -> list[User]:
-        rows = list(await conn.execute(select(users).where(users.c.id.in_(user_ids))))
-        return await self._users(conn, rows)
+        query = select(*self._user_columns()).where(users.c.id.in_(user_ids))
+        return await self._users(conn, list(await conn.execute(query)))
+
+    @staticmethod
+    async def has_plaintext(conn: AsyncConnection) -> bool:
+        """Whether the legacy columns are still there (they are gone after the contract, 0028)."""
+
+        def names(sync: Any) -> set[str]:
+            return {c["name"] for c in inspect(sync).get_columns("identity_users")}
+
+        return "email" in await conn.run_sync(names)
+
+    _UNSEALED = (legacy.c.email_sealed.is_(None), legacy.c.email.is_not(None))
 
     async def unsealed_rows(self, conn: AsyncConnection, *, limit: int) -> list[Any]:
-        """Rows written before personal fields were sealed (plaintext still in `email`)."""
-        query = select(users.c.id, users.c.email, users.c.display_name).where(
-            users.c.email_sealed.is_(None), users.c.email.is_not(None)
-        )
-        return list(await conn.execute(query.limit(limit)))
+        """Rows no release has sealed yet (plaintext only), in id order; call only while
+        `has_plaintext`."""
+        query = select(legacy.c.id, legacy.c.email, legacy.c.display_name).where(*self._UNSEALED)
+        return list(await conn.execute(query.order_by(legacy.c.id).limit(limit)))
 
-    async def store_sealed(self, conn: AsyncConnection, user_id: uuid.UUID, sealed: dict[str, Any]) -> None:
-        await conn.execute(update(users).where(users.c.id == user_id).values(**sealed))
+    async def count_unsealed(self, conn: AsyncConnection) -> int:
+        query = select(func.count()).select_from(legacy).where(*self._UNSEALED)
+        return int((await conn.execute(query)).scalar_one())
+
+    async def store_sealed(self, conn: AsyncConnection, user_id: uuid.UUID, sealed: dict[str, Any]) -> bool:
+        """Add the sealed fields to a legacy row, unless another run (or an erasure) got there first.
+        The plaintext stays for the releases still reading it; the contract drops it."""
+        result = await conn.execute(
+            update(users).where(users.c.id == user_id, users.c.email_sealed.is_(None)).values(**sealed)
+        )
+        return result.rowcount == 1
 
     async def erase(self, conn: AsyncConnection, user_id: uuid.UUID, *, now: datetime) -> bool:
-        """Clear the sealed fields and the lookup hash (the address may sign up again), disable."""
+        """Clear the sealed fields and the lookup hash (the address may sign up again), disable; and the
+        plaintext copy wherever the legacy columns still exist, whatever this release uses."""
+        if self.columns.needs_plaintext or await self.has_plaintext(conn):
+            await conn.execute(
+                update(legacy).where(legacy.c.id == user_id).values(email=None, display_name=None)
+            )
         result = await conn.execute(
             update(users)
             .where(users.c.id == user_id)
             .values(
-                email=None,
-                display_name=None,
                 email_lookup=None,
                 email_sealed=None,
                 display_name_sealed=None,
@@ -120,7 +198,10 @@ class IdentityRepository:
         return result.rowcount == 1
 
     async def _users(self, conn: AsyncConnection, rows: list[Any]) -> list[User]:
-        opened = await self.personal.open(conn, rows)
+        if self._reads_sealed():
+            opened = await self.personal.open(conn, rows)
+        else:
+            opened = [self.personal.plaintext(row) for row in rows]
         return [_row_to_user(row, email, name) for row, (email, name) in zip(rows, opened, strict=True)]
 
     async def set_password_hash(self, conn: AsyncConnection, user: User) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mercato.config import AuthSettings
 from mercato.kit.auth import Principal, TokenCodec
@@ -30,7 +32,7 @@ from mercato.shop.identity.model import (
     start_family,
 )
 from mercato.shop.identity.passwords import PasswordHashing
-from mercato.shop.identity.personal import PersonalFields
+from mercato.shop.identity.personal import PersonalColumns, PersonalFields
 from mercato.shop.identity.repository import IdentityRepository
 from mercato.shop.identity.sessions import SessionGuard
 from mercato.shop.identity.signing_keys import SigningKeyStore
@@ -112,27 +114,66 @@ class IdentityService:
     async def store_user(self, user: User) -> None:
         """Insert an account built elsewhere (sign-up, the CLI, load tools), its personal fields sealed
         with a data key of its own; the key is made first, outside the row's transaction."""
-        sealed = await self._repo.personal.sealed_columns(
-            user.id, email=user.email, display_name=user.display_name
-        )
+        sealed: dict[str, Any] = {}
+        if self._repo.columns is not PersonalColumns.PLAINTEXT:  # release 1.0 predates sealing
+            sealed = await self._repo.personal.sealed_columns(
+                user.id, email=user.email, display_name=user.display_name
+            )
         async with self._db.write() as conn:
             await self._repo.add_user(conn, user, sealed)
 
-    async def seal_legacy(self, *, batch: int = 200) -> int:
-        """Seal accounts stored before personal fields were encrypted; idempotent, run at start-up."""
-        done = 0
-        while True:
+    async def unsealed(self) -> int:
+        """Accounts whose personal fields are still plaintext only (0 once the columns are gone)."""
+        async with self._db.read() as conn:
+            if not await self._repo.has_plaintext(conn):
+                return 0
+            return await self._repo.count_unsealed(conn)
+
+    async def seal_legacy(
+        self,
+        *,
+        batch: int = 200,
+        max_batches: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """The backfill of the sealing rollout (`mercato backfill sealed-personal-fields`): seal the
+        accounts stored with plaintext personal fields only; returns how many this run sealed.
+
+        Batched (the data keys are made first, then one short write transaction per `batch` rows) and
+        resumable (it only looks at rows still unsealed, and a key a stopped run made is found again,
+        so running it again continues where it was). The plaintext stays for releases still reading it
+        until the contract (0028) drops the columns; after that there is nothing to do."""
+        done = batches = 0
+        while max_batches is None or batches < max_batches:
             async with self._db.read() as conn:
+                if not await self._repo.has_plaintext(conn):
+                    break
                 rows = await self._repo.unsealed_rows(conn, limit=batch)
             if not rows:
-                return done
-            for row in rows:
-                sealed = await self._repo.personal.sealed_columns(
-                    row.id, email=row.email, display_name=row.display_name or ""
+                break
+            sealed = [
+                (
+                    row.id,
+                    await self._repo.personal.sealed_columns(
+                        row.id, email=row.email, display_name=row.display_name or ""
+                    ),
                 )
-                async with self._db.write() as conn:
-                    await self._repo.store_sealed(conn, row.id, sealed)
-                done += 1
+                for row in rows
+            ]
+            async with self._db.write() as conn:
+                stored = [await self._repo.store_sealed(conn, user_id, values) for user_id, values in sealed]
+            done += sum(stored)
+            batches += 1
+            if on_batch is not None:
+                on_batch(len(rows))
+        return done
+
+    async def seal_at_startup(self) -> int:
+        """A sealed-only release (1.2+) seals what is left at start-up, as before the rollout existed;
+        the releases of the rollout leave it to the backfill command (docs/runbooks/release.md)."""
+        if self._repo.columns is not PersonalColumns.SEALED:
+            return 0
+        return await self.seal_legacy()
 
     async def erase(self, user_id: uuid.UUID, *, requested_by: str) -> bool:
         """Erasure by crypto-shredding: the account's data key is destroyed first, so every copy of

@@ -24,14 +24,13 @@ users = Table(
     Column("id", Uuid, primary_key=True),
     # Personal data is sealed with the account's own data key (kit/privacy, ADR 0052): the e-mail is
     # found through `email_lookup`, a keyed hash of the normalised (trimmed, lower-cased) address, so
-    # uniqueness stays case-insensitive and the table alone reveals no address. `email` and
-    # `display_name` hold plaintext only for rows written before sealing; start-up seals them.
-    Column("email", String(254), nullable=True, unique=True),
+    # uniqueness stays case-insensitive and the table alone reveals no address. The plaintext `email`
+    # and `display_name` of releases before sealing were dropped by the contract step, migration 0028
+    # (expand/contract, ADR 0047; repository.py `PersonalColumns` for the releases of the rollout).
     Column("email_lookup", String(64), nullable=True, unique=True),
     Column("email_sealed", LargeBinary, nullable=True),
     Column("password_hash", String(255), nullable=False),
     Column("role", String(16), nullable=False),
-    Column("display_name", String(100), nullable=True),
     Column("display_name_sealed", LargeBinary, nullable=True),
     Column("disabled", Boolean, nullable=False, default=False),
     # Set by erasure: the data key is destroyed and the sealed fields cleared; the row stays so that
