@@ -350,6 +350,22 @@ class WorkerSettings(BaseModel):
     reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
+class CoordinationSettings(BaseModel):
+    """Leader election for the worker's singleton jobs (ADR 0041).
+
+    `election`: `etcd` (needs `etcd_endpoints`), `database` (leases in the shared database),
+    `local` (one process: always leader), or `auto`: etcd when endpoints are set, else database
+    leases on PostgreSQL, else local (embedded SQLite)."""
+
+    election: Literal["auto", "etcd", "database", "local"] = "auto"
+    # Comma-separated host:port of the etcd members (MERCATO_COORDINATION_ETCD_ENDPOINTS).
+    etcd_endpoints: str = ""
+    # A leader that has not renewed for this long loses its lease; a paused one is fenced off.
+    lease_ttl_s: int = Field(default=10, ge=2, le=300)
+    # The election's name: its etcd key / lease row, and the fenced resource in the database.
+    election_name: str = Field(default="mercato-worker", min_length=1, max_length=120)
+
+
 class RealtimeSettings(BaseModel):
     """WebSocket and SSE delivery (docs/realtime.md, ADR 0029)."""
 
@@ -407,6 +423,7 @@ class Settings(BaseSettings):
     ratelimit: RateLimitSettings = RateLimitSettings()
     network: NetworkSettings = NetworkSettings()
     realtime: RealtimeSettings = RealtimeSettings()
+    coordination: CoordinationSettings = CoordinationSettings()
 
     @field_validator("env", mode="before")
     @classmethod

@@ -17,6 +17,10 @@ timeout stops queueing and goes to SQLite as before (a nested write would otherw
 With read replicas (`replicas.py`, ADR 0032) a read that names a `Staleness` may be served by a
 replica; every other read, and every write, stays on the primary. When a request's consistency
 scope is open, each committed write records the primary's LSN for the response's token.
+
+A *commit guard* (`guarded_writes`) is a statement run at the end of every write transaction opened
+in its context, just before COMMIT: if it raises, the transaction rolls back. Fencing tokens use
+it (kit/coordination/fencing.py): a singleton job's writes commit only while its term is current.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import event, text
@@ -36,6 +41,21 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 
 _WRITE_OPTION = "mercato_write"
+
+CommitGuard = Callable[[AsyncConnection], Awaitable[None]]
+_commit_guard: ContextVar[CommitGuard | None] = ContextVar("mercato_commit_guard", default=None)
+
+
+@contextmanager
+def guarded_writes(guard: CommitGuard) -> Iterator[None]:
+    """Run `guard(conn)` before the COMMIT of every write transaction opened in this context (this
+    task and the tasks it starts); an exception from it rolls the transaction back. Autocommit
+    writes become write transactions meanwhile, so nothing escapes the guard."""
+    reset = _commit_guard.set(guard)
+    try:
+        yield
+    finally:
+        _commit_guard.reset(reset)
 
 
 class Database:
@@ -115,7 +135,7 @@ class Database:
         """A connection whose every statement commits on its own, for a write that is one statement
         or a compare-and-set sequence that is safe without a transaction (PostgreSQL: no BEGIN and
         COMMIT round trips). On SQLite it is a write transaction: the one writer still queues."""
-        if self._autocommit_engine is None:
+        if self._autocommit_engine is None or _commit_guard.get() is not None:
             async with self.write() as conn:
                 yield conn
             return
@@ -161,6 +181,9 @@ class Database:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
             async with conn.begin():
                 yield conn
+                guard = _commit_guard.get()
+                if guard is not None:
+                    await guard(conn)
             await self._record_commit(conn)
 
     def _write_lock(self) -> asyncio.Lock:
