@@ -96,7 +96,8 @@ async def test_a_paused_leader_is_fenced_off_after_a_takeover(
     b = LeaseElection(store, "jobs", "b", ttl_s=10, clock=clock, on_elected=on_elected)
     await a.step()
     await b.step()
-    assert a.term is not None and a.term.token == 1
+    assert a.term is not None
+    assert a.term.token == 1
     assert b.term is None
 
     paused, resume = asyncio.Event(), asyncio.Event()
@@ -112,7 +113,8 @@ async def test_a_paused_leader_is_fenced_off_after_a_takeover(
     await paused.wait()
     clock.advance(11)  # A's lease expires while it is paused
     await b.step()
-    assert b.term is not None and b.term.token == 2
+    assert b.term is not None
+    assert b.term.token == 2
     resume.set()
     assert await pass_of_a == 0  # refused: the pass counts nothing
     assert await _marker_rows(container) == 0
@@ -157,4 +159,5 @@ async def test_only_the_leader_runs_a_singleton_and_every_worker_runs_the_rest(
     clock.advance(timedelta(seconds=11).total_seconds())
     await elections[1].step()
     assert elections[0].term is None
-    assert elections[1].term is not None and elections[1].term.token == 2
+    assert elections[1].term is not None
+    assert elections[1].term.token == 2

@@ -40,9 +40,9 @@ def build_election(
     container: Container, registry: CollectorRegistry, *, holder: str | None = None
 ) -> Election:
     settings = container.settings.coordination
-    hook = PrometheusElectionHook(registry)
-    holder = holder or f"{socket.gethostname()}:{os.getpid()}"
     name = settings.election_name
+    hook = PrometheusElectionHook(registry, election=name)
+    holder = holder or f"{socket.gethostname()}:{os.getpid()}"
 
     async def on_elected(term: Term) -> None:
         if term.token is not None:

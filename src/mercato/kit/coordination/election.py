@@ -84,7 +84,8 @@ OnElected = Callable[[Term], Awaitable[None]]
 class PrometheusElectionHook:
     """`mercato_coordination_*` metrics: is-leader, churn, current token, refused writes."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, election: str | None = None) -> None:
+        """`election`: the name to export zeros for from the start (a follower shows 0, not nothing)."""
         self.is_leader = Gauge(
             "mercato_coordination_is_leader",
             "1 while this process leads the election.",
@@ -115,6 +116,14 @@ class PrometheusElectionHook:
             ["election"],
             registry=registry,
         )
+
+        if election is not None:
+            self.is_leader.labels(election).set(0)
+            self.token.labels(election).set(0)
+            self.errors.labels(election)
+            self.fenced_writes.labels(election)
+            for change in ("elected", "lost"):
+                self.changes.labels(election, change)
 
     def elected(self, name: str, term: Term) -> None:
         self.is_leader.labels(name).set(1)

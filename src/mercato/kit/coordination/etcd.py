@@ -5,7 +5,9 @@ A campaign is one etcd transaction on the key `<prefix>/<name>`: *if the key was
 succeeds leads; the key's create revision, which etcd makes strictly larger for each new key, is the
 term's fencing token. The leader refreshes its lease every `ttl_s / 3`; when the lease expires (the
 leader died, paused or lost etcd) etcd deletes the key and the next campaign wins with a larger
-revision. Followers campaign every `ttl_s / 3`.
+revision. Followers campaign every `ttl_s / 3`. etcd grants at least 1.5 election timeouts
+(3 s by default, 3 × 2 s on the local cluster's calmer settings) whatever is asked: the takeover
+waits for the granted TTL (`granted_ttl_s`), while the leader still steps down after `ttl_s`.
 
 The client is `aetcd` (asyncio over etcd's gRPC API). It talks to one endpoint at a time; on a
 failed call we move to the next endpoint of `endpoints`, so a killed etcd member costs one retry,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +88,11 @@ class EtcdElection:
         return self._state.hook
 
     @property
+    def granted_ttl_s(self) -> int | None:
+        """The TTL etcd granted the current lease (it may raise a small request to its minimum)."""
+        return None if self._lease is None else int(self._lease.ttl)
+
+    @property
     def endpoint(self) -> tuple[str, int]:
         return self._endpoints[(self._next - 1) % len(self._endpoints)]
 
@@ -121,7 +129,12 @@ class EtcdElection:
             if self._on_elected is not None and self._state.term is None:
                 await self._on_elected(Term(self.holder, self._token))
         except Exception:  # noqa: BLE001 - a member down or slow: try the next one next time
-            _log.warning("etcd_election_error", election=self.name, endpoint=self.endpoint, exc_info=True)
+            _log.warning(
+                "etcd_election_error",
+                election=self.name,
+                endpoint=f"{self.endpoint[0]}:{self.endpoint[1]}",
+                error=repr(sys.exc_info()[1])[:300],
+            )
             self._state.hook.error(self.name)
             await self._drop_client()
             return
