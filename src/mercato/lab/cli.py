@@ -9,6 +9,7 @@ from mercato.lab.cache_policy import cache_policy_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
+from mercato.lab.leader import leader_command
 from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
@@ -22,6 +23,7 @@ app.command("cache-policy")(cache_policy_command)
 app.command("chaos")(chaos_command)
 app.command("delivery")(delivery_command)
 app.command("failover")(failover_command)
+app.command("leader")(leader_command)
 app.command("restore")(restore_command)
 app.command("network")(network_command)
 app.command("outage")(outage_command)

@@ -61,7 +61,7 @@ class EtcdElection:
         hook: ElectionHook | None = None,
         on_elected: OnElected | None = None,
         clock: Clock | None = None,
-        request_timeout_s: int = 2,
+        request_timeout_s: int | None = None,
     ) -> None:
         if ttl_s < 2:
             raise ValueError("etcd leases are whole seconds; ttl_s must be at least 2")
@@ -71,7 +71,8 @@ class EtcdElection:
         self._endpoints = list(endpoints)
         self._next = 0
         self._ttl_s = ttl_s
-        self._timeout_s = request_timeout_s
+        # A call to a dead member must fail well inside the term, so the next step can move on.
+        self._timeout_s = request_timeout_s or max(1, ttl_s // 4)
         self._on_elected = on_elected
         self._clock = clock or SystemClock()
         self._state = _Believed(name, hook, self._clock)
