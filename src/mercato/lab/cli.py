@@ -10,6 +10,7 @@ from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
 from mercato.lab.leader import leader_command
+from mercato.lab.partition import partition_command
 from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
@@ -28,6 +29,7 @@ app.command("restore")(restore_command)
 app.command("network")(network_command)
 app.command("outage")(outage_command)
 app.command("overload")(overload_command)
+app.command("partition")(partition_command)
 app.command("ratelimit")(ratelimit_command)
 app.command("slow-consumer")(slow_consumer_command)
 app.command("stampede")(stampede_command)
