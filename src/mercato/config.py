@@ -45,6 +45,12 @@ class DatabaseSettings(BaseModel):
     # How long a read with a consistency token waits for a replica to replay it before the primary
     # serves it instead.
     replica_token_wait_s: float = Field(default=0.05, ge=0, le=5)
+    # PostgreSQL: the primary is probed this often on a connection of its own (0: off); after
+    # `probe_failures` probes unanswered within `probe_timeout_s` it is unreachable (a partition):
+    # reads of the primary and writes answer 503 at once, stuck statements are ended (docs/consistency.md).
+    probe_interval_s: float = Field(default=0.15, ge=0, le=60)
+    probe_timeout_s: float = Field(default=0.3, gt=0, le=60)
+    probe_failures: int = Field(default=2, ge=1, le=100)
 
     @field_validator("replica_urls", mode="before")
     @classmethod

@@ -10,10 +10,10 @@ from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
 from mercato.lab.leader import leader_command
-from mercato.lab.partition import partition_command
 from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.overload import overload_command
+from mercato.lab.partition import partition_command
 from mercato.lab.ratelimit import ratelimit_command
 from mercato.lab.slow_consumer import slow_consumer_command
 from mercato.lab.stampede import stampede_command

@@ -38,6 +38,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 
 _WRITE_OPTION = "mercato_write"
@@ -60,10 +61,17 @@ def guarded_writes(guard: CommitGuard) -> Iterator[None]:
 
 class Database:
     def __init__(
-        self, engine: AsyncEngine, *, write_queue_timeout_s: float = 10.0, replicas: ReplicaSet | None = None
+        self,
+        engine: AsyncEngine,
+        *,
+        write_queue_timeout_s: float = 10.0,
+        replicas: ReplicaSet | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self.engine = engine
         self.replicas = replicas
+        # PostgreSQL: refuse at once while the primary is unreachable (a partition; reachability.py).
+        self.reachability = reachability
         self._autocommit_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -94,6 +102,8 @@ class Database:
             async with self._replica_read(self.replicas, staleness) as conn:
                 yield conn
             return
+        if self.reachability is not None:
+            self.reachability.check()
         async with (self._autocommit_engine or self.engine).connect() as conn:
             try:
                 yield conn
@@ -139,6 +149,8 @@ class Database:
             async with self.write() as conn:
                 yield conn
             return
+        if self.reachability is not None:
+            self.reachability.check()
         async with self._autocommit_engine.connect() as conn:
             yield conn
             await self._record_commit(conn)
@@ -154,6 +166,8 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A connection in a write transaction: committed on success, rolled back on error."""
+        if self.reachability is not None:
+            self.reachability.check()
         if not self._serialize_writes:
             async with self._write_transaction() as conn:
                 yield conn
@@ -204,6 +218,8 @@ class Database:
             yield own
 
     async def ping(self) -> None:
+        if self.reachability is not None:
+            self.reachability.check()
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
@@ -222,6 +238,8 @@ class Database:
         return status
 
     async def dispose(self) -> None:
+        if self.reachability is not None:
+            await self.reachability.close()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()
@@ -239,6 +257,9 @@ def create_database(
     replica_max_lag_s: float = 5.0,
     replica_token_wait_s: float = 0.05,
     replica_hook: ReplicaHook | None = None,
+    probe_interval_s: float = 0.0,
+    probe_timeout_s: float = 0.3,
+    probe_failures: int = 2,
 ) -> Database:
     """Build the engine for `url` with the per-dialect settings this project relies on, and one
     autocommit engine per read replica (PostgreSQL only)."""
@@ -278,7 +299,14 @@ def create_database(
             token_wait_s=replica_token_wait_s,
             hook=replica_hook,
         )
-    return Database(engine, write_queue_timeout_s=statement_timeout_s, replicas=replicas)
+    reachability = None
+    if probe_interval_s > 0 and parsed.get_driver_name() == "asyncpg":
+        reachability = Reachability(
+            engine, interval_s=probe_interval_s, timeout_s=probe_timeout_s, failures=probe_failures
+        )
+    return Database(
+        engine, write_queue_timeout_s=statement_timeout_s, replicas=replicas, reachability=reachability
+    )
 
 
 def _replica_engine(url: str, kwargs: dict[str, Any]) -> AsyncEngine:
