@@ -178,6 +178,10 @@ class _Api:
                 "MERCATO_CACHE_FRESH_S": "2",
                 "MERCATO_CACHE_LOCAL_FRESH_S": "2",
                 "MERCATO_CACHE_STALE_WHILE_REVALIDATE_S": "0",
+                # A checkout cut off mid-flight has an unknown outcome: its key answers 409 until the
+                # claim's lock lapses (60 s by default); shortened so the lab sees the retry settle.
+                # If the cut-off attempt did commit, the retry would make a second order: counted.
+                "MERCATO_IDEMPOTENCY_LOCK_TIMEOUT_S": "4",
             }
         )
         self.base_url = f"http://{CLIENT_NS}:{port}"
