@@ -48,8 +48,8 @@ class DatabaseSettings(BaseModel):
     # PostgreSQL: the primary is probed this often on a connection of its own (0: off); after
     # `probe_failures` probes unanswered within `probe_timeout_s` it is unreachable (a partition):
     # reads of the primary and writes answer 503 at once, stuck statements are ended (docs/consistency.md).
-    probe_interval_s: float = Field(default=0.15, ge=0, le=60)
-    probe_timeout_s: float = Field(default=0.3, gt=0, le=60)
+    probe_interval_s: float = Field(default=0.25, ge=0, le=60)
+    probe_timeout_s: float = Field(default=0.5, gt=0, le=60)
     probe_failures: int = Field(default=2, ge=1, le=100)
 
     @field_validator("replica_urls", mode="before")

@@ -55,7 +55,7 @@ LINKS = {
 CP_BOUND_S = 1.0
 # Requests sent this soon after the cut were already waiting on the dead link when it was detected
 # (the probes' bound, about failures × (interval + timeout)); they are reported apart.
-DETECT_BOUND_S = 1.0
+DETECT_BOUND_S = 1.5
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
 
@@ -368,7 +368,7 @@ def verdict(report: PartitionReport) -> list[str]:
     slowest_at_cut = max((s.latency_s for s in at_cut), default=0.0)
     return [
         f"claim {word}",
-        f"CP sent after the partition was detectable (cut + {DETECT_BOUND_S:.0f} s): "
+        f"CP sent after the partition was detectable (cut + {DETECT_BOUND_S:.1f} s): "
         f"{report.cp_fast_503}/{len(later)} answered 503 with Retry-After within {CP_BOUND_S:.0f} s "
         f"(slowest {slowest_later:.2f} s)",
         f"CP already in flight at the cut: {sum(1 for s in at_cut if s.status == 503)}/{len(at_cut)} "

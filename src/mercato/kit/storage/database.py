@@ -258,7 +258,7 @@ def create_database(
     replica_token_wait_s: float = 0.05,
     replica_hook: ReplicaHook | None = None,
     probe_interval_s: float = 0.0,
-    probe_timeout_s: float = 0.3,
+    probe_timeout_s: float = 0.5,
     probe_failures: int = 2,
 ) -> Database:
     """Build the engine for `url` with the per-dialect settings this project relies on, and one

@@ -5,7 +5,8 @@ new connection waits for its connect timeout and a statement on a pooled connect
 to give up (minutes). Under a partition the shop's consistent (CP) operations must refuse quickly
 (503 with Retry-After, guide §34), not hang. So a probe pings the primary every `interval_s` on a
 connection of its own, bounded by `timeout_s`; after `failures` consecutive failed probes the primary
-is *unreachable*:
+is *unreachable*. Only timeouts count: a refused connection is an answer (the server is down or
+starting, which ADR 0026's outage path already answers at once). Then:
 
 - every new read of the primary and every write fails at once with `DatabaseUnreachable` (an outage:
   503 `dependency-unavailable`, reason `unreachable`), and a cache in front of the primary serves
@@ -13,9 +14,9 @@ is *unreachable*:
 - the connections checked out for longer than `timeout_s` (statements stuck on the dead link) are
   terminated, so their requests end now with an outage answer instead of waiting for TCP.
 
-The first successful probe makes it reachable again. `failures` > 1 keeps one slow probe on a loaded
-machine from failing requests; the time to detect is at most about `failures × (interval_s +
-timeout_s)`.
+The first answered probe makes it reachable again. `failures` > 1 keeps slow probes on a loaded
+machine (or a stalled event loop) from failing requests; the time to detect is at most about
+`failures × (interval_s + timeout_s)` (1.5 s with the defaults 0.25 / 0.5 / 2).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Reachability:
         self,
         engine: AsyncEngine,
         *,
-        interval_s: float = 0.15,
-        timeout_s: float = 0.3,
+        interval_s: float = 0.25,
+        timeout_s: float = 0.5,
         failures: int = 2,
     ) -> None:
         self._engine = engine
@@ -56,7 +57,6 @@ class Reachability:
         self._consecutive = 0
         self.unreachable_since: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
         # The probe speaks asyncpg directly: it must never wait on a dead link's goodbye.
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         # Checked-out driver connections and when they were checked out, by id (until checked in).
@@ -84,7 +84,6 @@ class Reachability:
             # A new event loop (a CLI command after another, a test) gets a watch of its own.
             self._consecutive = 0
             self.unreachable_since = None
-            self._conn = None
             self._task = loop.create_task(self._run(), name="db-reachability")
 
     def _on_checkout(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
@@ -94,37 +93,33 @@ class Reachability:
         self._busy.pop(id(dbapi_conn), None)
 
     async def _probe(self) -> None:
-        """`SELECT 1` on the probe's own asyncpg connection, each step bounded by `timeout_s`; on a
-        failure the connection is terminated (its socket closed now, no goodbye on a dead link)."""
+        """Connect, `SELECT 1`, close: each step bounded by `timeout_s`. A new session each time (no
+        session of ours keeps a smart shutdown waiting); on a failure the connection is terminated
+        (its socket closed now, no goodbye on a dead link)."""
+        conn: Any = None
         try:
-            conn = self._conn
-            if conn is None or conn.is_closed():
-                self._conn = None
-                conn = await asyncio.wait_for(
-                    asyncpg.connect(self._dsn, timeout=self._timeout_s), self._timeout_s
-                )
-                self._conn = conn
+            conn = await asyncio.wait_for(
+                asyncpg.connect(self._dsn, timeout=self._timeout_s), self._timeout_s
+            )
             await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+            await conn.close(timeout=self._timeout_s)
         except BaseException:
-            conn, self._conn = self._conn, None
             if conn is not None:
                 conn.terminate()
             raise
 
     async def _run(self) -> None:
-        try:
-            while True:
-                try:
-                    await self._probe()
-                except Exception:  # noqa: BLE001 - any failure of the probe is "did not answer"
-                    self._failed()
-                else:
-                    self._answered()
-                await asyncio.sleep(self._interval_s)
-        finally:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.terminate()
+        while True:
+            try:
+                await self._probe()
+            except TimeoutError:  # silence: the partition's signature
+                self._failed()
+            except Exception:  # noqa: BLE001 - an answer, if a refusal: the server is there
+                # (down, starting, refusing): the ordinary outage path (ADR 0026) answers fast.
+                self._answered()
+            else:
+                self._answered()
+            await asyncio.sleep(self._interval_s)
 
     def _failed(self) -> None:
         self._consecutive += 1
