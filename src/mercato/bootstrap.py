@@ -192,6 +192,9 @@ def build_database(settings: Settings, *, replica_hook: ReplicaHook | None = Non
         replica_max_lag_s=db.replica_max_lag_s,
         replica_token_wait_s=db.replica_token_wait_s,
         replica_hook=replica_hook,
+        probe_interval_s=db.probe_interval_s,
+        probe_timeout_s=db.probe_timeout_s,
+        probe_failures=db.probe_failures,
     )
 
 

@@ -45,6 +45,12 @@ class DatabaseSettings(BaseModel):
     # How long a read with a consistency token waits for a replica to replay it before the primary
     # serves it instead.
     replica_token_wait_s: float = Field(default=0.05, ge=0, le=5)
+    # PostgreSQL: the primary is probed this often on a connection of its own (0: off); after
+    # `probe_failures` probes unanswered within `probe_timeout_s` it is unreachable (a partition):
+    # reads of the primary and writes answer 503 at once, stuck statements are ended (docs/consistency.md).
+    probe_interval_s: float = Field(default=0.25, ge=0, le=60)
+    probe_timeout_s: float = Field(default=0.5, gt=0, le=60)
+    probe_failures: int = Field(default=2, ge=1, le=100)
 
     @field_validator("replica_urls", mode="before")
     @classmethod
@@ -381,6 +387,22 @@ class WorkerSettings(BaseModel):
     reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
+class CoordinationSettings(BaseModel):
+    """Leader election for the worker's singleton jobs (ADR 0041).
+
+    `election`: `etcd` (needs `etcd_endpoints`), `database` (leases in the shared database),
+    `local` (one process: always leader), or `auto`: etcd when endpoints are set, else database
+    leases on PostgreSQL, else local (embedded SQLite)."""
+
+    election: Literal["auto", "etcd", "database", "local"] = "auto"
+    # Comma-separated host:port of the etcd members (MERCATO_COORDINATION_ETCD_ENDPOINTS).
+    etcd_endpoints: str = ""
+    # A leader that has not renewed for this long loses its lease; a paused one is fenced off.
+    lease_ttl_s: int = Field(default=10, ge=2, le=300)
+    # The election's name: its etcd key / lease row, and the fenced resource in the database.
+    election_name: str = Field(default="mercato-worker", min_length=1, max_length=120)
+
+
 class RealtimeSettings(BaseModel):
     """WebSocket and SSE delivery (docs/realtime.md, ADR 0029)."""
 
@@ -480,6 +502,7 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = PrivacySettings()
     chat: ChatSettings = ChatSettings()
     release: ReleaseSettings = ReleaseSettings()
+    coordination: CoordinationSettings = CoordinationSettings()
 
     @field_validator("env", mode="before")
     @classmethod

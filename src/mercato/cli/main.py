@@ -48,6 +48,7 @@ from mercato.providers.server import serve_providers
 from mercato.shop.identity.contracts import Role
 from mercato.shop.identity.model import EmailTaken, User
 from mercato.workers import run_jobs, shop_jobs
+from mercato.workers.coordination import build_election, election_kind
 from mercato.workers.runner import JobMetrics
 from mercato.workers.sagas import build_saga_runner
 
@@ -308,9 +309,15 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
         )
     stop = asyncio.Event()
     runner = build_saga_runner(container)
+    registry = app.state.metrics.registry
     background = [
         asyncio.create_task(
-            run_jobs(shop_jobs(container), stop, metrics=JobMetrics(app.state.metrics.registry))
+            run_jobs(
+                shop_jobs(container),
+                stop,
+                metrics=JobMetrics(registry),
+                election=build_election(container, registry),
+            )
         ),
         asyncio.create_task(runner.run(stop)),
     ]
@@ -378,6 +385,7 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
             console.print(f"[red]error:[/red] {exc} (set MERCATO_WORKER_HTTP_PORT, 0 to turn it off)")
             raise SystemExit(1) from exc
     jobs = shop_jobs(container)
+    election = build_election(container, registry)
     probes = f"; probes and metrics on http://{settings.http.host}:{http_port}" if http_port else ""
     console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs) + probes)
     runtime_task = None
@@ -387,9 +395,13 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
         with contextlib.suppress(Exception):
             await runtime.poll_once()
         runtime_task = asyncio.create_task(runtime.run())
+    console.print(
+        f"  singleton jobs run on the leader of {election.name!r} ({election_kind(container)} election)"
+    )
     try:
         await asyncio.gather(
-            run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
+            run_jobs(jobs, stop, metrics=JobMetrics(registry), election=election),
+            build_saga_runner(container).run(stop),
         )
     finally:
         if runtime_task is not None:

@@ -119,6 +119,13 @@ class PostgresNode:
         lines = "".join(f"{name} = {value}\n" for name, value in conf.items())
         self._run(["sh", "-c", f"cat >> '{self.data_dir / 'postgresql.conf'}'"], stdin=lines)
 
+    def allow_hosts(self, cidr: str) -> None:
+        """Trust connections from `cidr` too (pg_hba.conf; e.g. a lab's veth subnet). Before
+        `start()`, or followed by a restart; `listen_addresses` must include an address there."""
+        self._run(
+            ["sh", "-c", f"cat >> '{self.data_dir / 'pg_hba.conf'}'"], stdin=f"host all all {cidr} trust\n"
+        )
+
     def start(self, *, timeout_s: float = 30.0) -> None:
         """Start the server and wait until it accepts connections."""
         self._run(

@@ -24,7 +24,7 @@ from mercato.gateway.access_docs import STAFF_SCOPES, document_access
 from mercato.gateway.admin import router as admin_router
 from mercato.gateway.api_keys import ApiKeyMiddleware
 from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
-from mercato.gateway.consistency import ConsistencyTokenMiddleware
+from mercato.gateway.consistency import ConsistencyTokenMiddleware, StalenessHeaderMiddleware
 from mercato.gateway.docs import install_docs
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.faults import LatencyFaultMiddleware
@@ -254,6 +254,8 @@ def create_app(
     )
     # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
     # checkout demands one. Auth responses carry tokens and are never stored.
+    # Innermost: a cache serving stale data records it in the request's scope (docs/consistency.md).
+    app.add_middleware(StalenessHeaderMiddleware)
     if container.db.replicas is not None:
         # Innermost: the token scope must wrap the handler's reads and writes (ADR 0032).
         app.add_middleware(ConsistencyTokenMiddleware)

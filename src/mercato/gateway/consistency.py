@@ -11,10 +11,12 @@ Installed only when read replicas are configured.
 from __future__ import annotations
 
 import contextlib
+import math
 from http.cookies import SimpleCookie
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mercato.kit.cache import staleness_scope
 from mercato.kit.storage import consistency_scope, format_lsn, parse_lsn
 
 TOKEN_HEADER = "mercato-consistency-token"  # noqa: S105 - a header name, not a secret
@@ -68,3 +70,31 @@ class ConsistencyTokenMiddleware:
                 await send(message)
 
             await self.app(scope, receive, send_with_token)
+
+
+STALENESS_HEADER = "mercato-staleness"
+
+
+class StalenessHeaderMiddleware:
+    """`Mercato-Staleness: <seconds>` on a response built from data past its freshness lifetime
+    (RFC 9111's staleness, rounded up): served by the cache while it revalidates, or because the
+    primary database failed or was unreachable (stale-if-error; the CAP stance of the catalog,
+    docs/consistency.md). Absent on a response read from the primary or from fresh cache."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with staleness_scope() as stale:
+
+            async def send_with_staleness(message: Message) -> None:
+                if message["type"] == "http.response.start" and stale.staleness_s is not None:
+                    headers = list(message.get("headers", []))
+                    headers.append((STALENESS_HEADER.encode(), str(math.ceil(stale.staleness_s)).encode()))
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await self.app(scope, receive, send_with_staleness)

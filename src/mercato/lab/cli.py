@@ -24,10 +24,12 @@ from mercato.lab.canary import canary_command
 from mercato.lab.chaos_cli import chaos_command
 from mercato.lab.delivery import delivery_command
 from mercato.lab.failover_cli import failover_command, restore_command
+from mercato.lab.leader import leader_command
 from mercato.lab.network_cli import network_command
 from mercato.lab.outage import outage_command
 from mercato.lab.outage_report import CLAIM as OUTAGE_CLAIM
 from mercato.lab.overload import overload_command
+from mercato.lab.partition import partition_command
 from mercato.lab.ratelimit import ratelimit_command
 from mercato.lab.rebalance import rebalance_command
 from mercato.lab.slow_consumer import slow_consumer_command
@@ -108,6 +110,13 @@ LABS: tuple[Lab, ...] = (
         restore_command,
     ),
     Lab(
+        "leader",
+        "§7",
+        "a leader paused past its lease is replaced, and its late writes are refused by the fencing token "
+        "checked in the database: a singleton job runs once per period",
+        leader_command,
+    ),
+    Lab(
         "network",
         "§28",
         "connection reuse saves a handshake per request: keep-alive the TCP (and TLS) setup, HTTP/2 the "
@@ -121,6 +130,13 @@ LABS: tuple[Lab, ...] = (
         "when offered load exceeds capacity, load shedding keeps goodput up and the admitted requests' "
         "latency bounded",
         overload_command,
+    ),
+    Lab(
+        "partition",
+        "§34",
+        "cut off from the primary, CP operations (checkout, stock, payments) answer 503 within a second "
+        "while AP reads keep serving with an explicit staleness; after healing everything converges",
+        partition_command,
     ),
     Lab(
         "ratelimit",

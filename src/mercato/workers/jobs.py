@@ -29,12 +29,16 @@ class PeriodicJob:
     """`run` does one pass and returns how many items it handled (0 when idle).
 
     When a pass handles `batch` items there is probably a backlog, so the next pass starts at once.
+    A `singleton` job must run once across all workers (sweeps, purges, reconciliation, watches):
+    only the elected leader runs it, its writes fenced by the term's token (ADR 0041). The others
+    (relays, consumers in a group, the notifier's claimed sends) are safe to run in every worker.
     """
 
     name: str
     interval_s: float
     run: Callable[[], Awaitable[int]]
     batch: int | None = None
+    singleton: bool = False
 
 
 def shop_jobs(container: Container) -> list[PeriodicJob]:
@@ -91,13 +95,17 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
 
     jobs = [
         PeriodicJob(
-            "purge_revoked_tokens", container.settings.idempotency.purge_interval_s, purge_revoked_tokens
+            "purge_revoked_tokens",
+            container.settings.idempotency.purge_interval_s,
+            purge_revoked_tokens,
+            singleton=True,
         ),
         PeriodicJob(
             "expire_reservations",
             worker.reservation_sweep_s,
             expire_reservations,
             batch=worker.reservation_sweep_batch,
+            singleton=True,
         ),
         PeriodicJob(
             "outbox_relay",
@@ -106,7 +114,10 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             batch=container.settings.messaging.relay_batch,
         ),
         PeriodicJob(
-            "purge_idempotency_keys", container.settings.idempotency.purge_interval_s, purge_idempotency_keys
+            "purge_idempotency_keys",
+            container.settings.idempotency.purge_interval_s,
+            purge_idempotency_keys,
+            singleton=True,
         ),
         # Retention of personal data (docs/privacy.md).
         PeriodicJob("purge_audit_log", RETENTION_INTERVAL_S, audit.purge, batch=1000),
@@ -135,13 +146,25 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # Retention (ADR 0023): published outbox rows, inbox records and (when configured) the
         # stream's entries that every consumer group has acknowledged.
         PeriodicJob(
-            "purge_outbox", messaging.retention_interval_s, retention.purge_outbox, messaging.retention_batch
+            "purge_outbox",
+            messaging.retention_interval_s,
+            retention.purge_outbox,
+            messaging.retention_batch,
+            singleton=True,
         ),
         PeriodicJob(
-            "purge_inbox", messaging.retention_interval_s, retention.purge_inbox, messaging.retention_batch
+            "purge_inbox",
+            messaging.retention_interval_s,
+            retention.purge_inbox,
+            messaging.retention_batch,
+            singleton=True,
         ),
         *(
-            [PeriodicJob("trim_stream", messaging.retention_interval_s, retention.trim_stream)]
+            [
+                PeriodicJob(
+                    "trim_stream", messaging.retention_interval_s, retention.trim_stream, singleton=True
+                )
+            ]
             if retention.trims_stream
             else []
         ),
@@ -150,6 +173,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             "reconcile_read_models",
             worker.reconcile_interval_s,
             ReadModelReconciliation(container).sample_pass,
+            singleton=True,
         ),
         # Choreography: notifications react to order events on their own (inbox-deduplicated).
         PeriodicJob(
@@ -163,7 +187,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
         PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
         # Sagas past their deadline and still active: `mercato_saga_stuck`, alerted on (deploy/prometheus).
-        PeriodicJob("watch_sagas", SAGA_WATCH_INTERVAL_S, watch_sagas),
+        PeriodicJob("watch_sagas", SAGA_WATCH_INTERVAL_S, watch_sagas, singleton=True),
     ]
     if container.product_cache is not None:
         # Product changes from the stream drop the cached product everywhere (the durable path

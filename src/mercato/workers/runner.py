@@ -3,6 +3,10 @@
 A pass that handled a full batch runs again at once (there is a backlog); an idle pass waits the
 job's interval, jittered by ±10% so several worker processes do not sweep in lockstep. A failing
 pass is logged and retried after the interval: one bad pass never stops the worker.
+
+Singleton jobs run only while this process leads the election (ADR 0041), and every write
+transaction of their pass carries the term's fencing token: the database refuses it (`FencedOut`,
+rolled back, counted in `mercato_coordination_fenced_writes_total`) once a newer term has written.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from mercato.kit.coordination import Election, FencedOut, fenced_writes
 from mercato.kit.observability import get_logger
 from mercato.workers.jobs import PeriodicJob
 
-__all__ = ["JobMetrics", "run_job", "run_jobs"]
+__all__ = ["JobMetrics", "run_job", "run_jobs", "run_pass"]
 
 _log = get_logger("mercato.worker")
 
@@ -38,19 +43,38 @@ class JobMetrics:
         )
 
 
+async def run_pass(job: PeriodicJob, election: Election | None) -> int:
+    """One pass: at once for an ordinary job; for a singleton, only as the leader and fenced."""
+    if not job.singleton or election is None:
+        return await job.run()
+    term = election.term
+    if term is None:
+        return 0  # a follower: the leader runs it
+    if term.token is None:
+        return await job.run()  # the local election: nobody to fence off
+    try:
+        with fenced_writes(election.name, term.token):
+            return await job.run()
+    except FencedOut as exc:
+        _log.warning("job_fenced_out", job=job.name, election=election.name, token=exc.token)
+        election.hook.fenced(election.name)
+        return 0
+
+
 async def run_job(
     job: PeriodicJob,
     stop: asyncio.Event,
     *,
     metrics: JobMetrics | None = None,
     rng: random.Random | None = None,
+    election: Election | None = None,
 ) -> None:
     rng = rng or random.Random()
     while not stop.is_set():
         start = time.perf_counter()
         handled = 0
         try:
-            handled = await job.run()
+            handled = await run_pass(job, election)
         except Exception:  # noqa: BLE001 - a worker survives a failed pass and tries again
             _log.exception("job_failed", job=job.name)
             if metrics is not None:
@@ -70,9 +94,16 @@ async def run_job(
 
 
 async def run_jobs(
-    jobs: list[PeriodicJob], stop: asyncio.Event, *, metrics: JobMetrics | None = None
+    jobs: list[PeriodicJob],
+    stop: asyncio.Event,
+    *,
+    metrics: JobMetrics | None = None,
+    election: Election | None = None,
 ) -> None:
-    """Run every job concurrently until `stop` is set."""
+    """Run every job concurrently until `stop` is set, and the election's loop beside them (without
+    an election every singleton runs here: a caller that knows it is alone)."""
     async with asyncio.TaskGroup() as group:
+        if election is not None:
+            group.create_task(election.run(stop), name=f"election:{election.name}")
         for job in jobs:
-            group.create_task(run_job(job, stop, metrics=metrics), name=f"job:{job.name}")
+            group.create_task(run_job(job, stop, metrics=metrics, election=election), name=f"job:{job.name}")

@@ -9,6 +9,7 @@ from mercato.kit.cache.cache import Cache, CacheTtls, Loader
 from mercato.kit.cache.entry import Entry, Fence
 from mercato.kit.cache.hooks import CacheHooks, NoCacheHooks, PrometheusCacheHooks
 from mercato.kit.cache.policies import ByteStore, CountMinSketch, LruStore, TinyLfuStore
+from mercato.kit.cache.staleness import StalenessScope, record_staleness, staleness_scope
 from mercato.kit.cache.tiers import MemoryTier, RedisTier, Tier
 
 __all__ = [
@@ -27,6 +28,9 @@ __all__ = [
     "PrometheusCacheHooks",
     "RedisInvalidationBus",
     "RedisTier",
+    "StalenessScope",
     "Tier",
     "TinyLfuStore",
+    "record_staleness",
+    "staleness_scope",
 ]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from mercato.kit.cache.bus import InvalidationBus
 from mercato.kit.cache.entry import Entry, Fence
 from mercato.kit.cache.hooks import CacheHooks, NoCacheHooks
+from mercato.kit.cache.staleness import record_staleness
 from mercato.kit.cache.tiers import Tier
 from mercato.kit.clock import Clock, SystemClock
 
@@ -103,6 +104,7 @@ class Cache:
         self._hooks.lookup(self.name, tier, "miss")
         if entry is not None and now < entry.fresh_until + self.ttls.stale_while_revalidate_s:
             self._hooks.stale_served(self.name, "revalidate")
+            record_staleness(now - entry.fresh_until, "revalidate")
             self._refresh_in_background(key, loader, entry)
             return entry.value
         try:
@@ -110,6 +112,7 @@ class Cache:
         except Exception:
             if entry is not None and now < entry.fresh_until + self.ttls.stale_if_error_s:
                 self._hooks.stale_served(self.name, "error")
+                record_staleness(now - entry.fresh_until, "error")
                 return entry.value
             raise
 

@@ -1,6 +1,6 @@
 """Engines, connections and transactions for SQLite and PostgreSQL behind one interface."""
 
-from mercato.kit.storage.database import Database, create_database
+from mercato.kit.storage.database import CommitGuard, Database, create_database, guarded_writes
 from mercato.kit.storage.meta import get_meta, set_meta
 from mercato.kit.storage.replicas import (
     ConsistencyScope,
@@ -14,6 +14,7 @@ from mercato.kit.storage.replicas import (
 from mercato.kit.storage.types import UTCDateTime, metadata
 
 __all__ = [
+    "CommitGuard",
     "ConsistencyScope",
     "Database",
     "ReplicaHook",
@@ -24,6 +25,7 @@ __all__ = [
     "create_database",
     "format_lsn",
     "get_meta",
+    "guarded_writes",
     "metadata",
     "parse_lsn",
     "set_meta",

@@ -17,6 +17,10 @@ timeout stops queueing and goes to SQLite as before (a nested write would otherw
 With read replicas (`replicas.py`, ADR 0032) a read that names a `Staleness` may be served by a
 replica; every other read, and every write, stays on the primary. When a request's consistency
 scope is open, each committed write records the primary's LSN for the response's token.
+
+A *commit guard* (`guarded_writes`) is a statement run at the end of every write transaction opened
+in its context, just before COMMIT: if it raises, the transaction rolls back. Fencing tokens use
+it (kit/coordination/fencing.py): a singleton job's writes commit only while its term is current.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import event, text
@@ -33,17 +38,40 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 
 _WRITE_OPTION = "mercato_write"
 
+CommitGuard = Callable[[AsyncConnection], Awaitable[None]]
+_commit_guard: ContextVar[CommitGuard | None] = ContextVar("mercato_commit_guard", default=None)
+
+
+@contextmanager
+def guarded_writes(guard: CommitGuard) -> Iterator[None]:
+    """Run `guard(conn)` before the COMMIT of every write transaction opened in this context (this
+    task and the tasks it starts); an exception from it rolls the transaction back. Autocommit
+    writes become write transactions meanwhile, so nothing escapes the guard."""
+    reset = _commit_guard.set(guard)
+    try:
+        yield
+    finally:
+        _commit_guard.reset(reset)
+
 
 class Database:
     def __init__(
-        self, engine: AsyncEngine, *, write_queue_timeout_s: float = 10.0, replicas: ReplicaSet | None = None
+        self,
+        engine: AsyncEngine,
+        *,
+        write_queue_timeout_s: float = 10.0,
+        replicas: ReplicaSet | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self.engine = engine
         self.replicas = replicas
+        # PostgreSQL: refuse at once while the primary is unreachable (a partition; reachability.py).
+        self.reachability = reachability
         self._autocommit_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -74,6 +102,8 @@ class Database:
             async with self._replica_read(self.replicas, staleness) as conn:
                 yield conn
             return
+        if self.reachability is not None:
+            self.reachability.check()
         async with (self._autocommit_engine or self.engine).connect() as conn:
             try:
                 yield conn
@@ -115,10 +145,12 @@ class Database:
         """A connection whose every statement commits on its own, for a write that is one statement
         or a compare-and-set sequence that is safe without a transaction (PostgreSQL: no BEGIN and
         COMMIT round trips). On SQLite it is a write transaction: the one writer still queues."""
-        if self._autocommit_engine is None:
+        if self._autocommit_engine is None or _commit_guard.get() is not None:
             async with self.write() as conn:
                 yield conn
             return
+        if self.reachability is not None:
+            self.reachability.check()
         async with self._autocommit_engine.connect() as conn:
             yield conn
             await self._record_commit(conn)
@@ -134,6 +166,8 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A connection in a write transaction: committed on success, rolled back on error."""
+        if self.reachability is not None:
+            self.reachability.check()
         if not self._serialize_writes:
             async with self._write_transaction() as conn:
                 yield conn
@@ -161,6 +195,9 @@ class Database:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
             async with conn.begin():
                 yield conn
+                guard = _commit_guard.get()
+                if guard is not None:
+                    await guard(conn)
             await self._record_commit(conn)
 
     def _write_lock(self) -> asyncio.Lock:
@@ -181,6 +218,8 @@ class Database:
             yield own
 
     async def ping(self) -> None:
+        if self.reachability is not None:
+            self.reachability.check()
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
@@ -199,6 +238,8 @@ class Database:
         return status
 
     async def dispose(self) -> None:
+        if self.reachability is not None:
+            await self.reachability.close()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()
@@ -216,6 +257,9 @@ def create_database(
     replica_max_lag_s: float = 5.0,
     replica_token_wait_s: float = 0.05,
     replica_hook: ReplicaHook | None = None,
+    probe_interval_s: float = 0.0,
+    probe_timeout_s: float = 0.5,
+    probe_failures: int = 2,
 ) -> Database:
     """Build the engine for `url` with the per-dialect settings this project relies on, and one
     autocommit engine per read replica (PostgreSQL only)."""
@@ -255,7 +299,14 @@ def create_database(
             token_wait_s=replica_token_wait_s,
             hook=replica_hook,
         )
-    return Database(engine, write_queue_timeout_s=statement_timeout_s, replicas=replicas)
+    reachability = None
+    if probe_interval_s > 0 and parsed.get_driver_name() == "asyncpg":
+        reachability = Reachability(
+            engine, interval_s=probe_interval_s, timeout_s=probe_timeout_s, failures=probe_failures
+        )
+    return Database(
+        engine, write_queue_timeout_s=statement_timeout_s, replicas=replicas, reachability=reachability
+    )
 
 
 def _replica_engine(url: str, kwargs: dict[str, Any]) -> AsyncEngine:

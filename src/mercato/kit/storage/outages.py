@@ -28,6 +28,8 @@ from types import TracebackType
 
 import sqlalchemy.exc
 
+from mercato.kit.storage.reachability import DatabaseUnreachable
+
 __all__ = ["OUTAGE_ERROR_TYPES", "Outage", "classify_outage"]
 
 DATABASE = "database"
@@ -179,6 +181,8 @@ def classify_outage(exc: BaseException) -> Outage | None:
     database's when a database driver raised it (the innermost frame outside the event loop).
     """
     for link in _chain(exc):
+        if isinstance(link, DatabaseUnreachable):  # the probes say so: nothing was tried
+            return Outage(DATABASE, "unreachable", 2.0, False)
         found = _database(link) or _redis_or_broker(link)
         if found is not None:
             return found

@@ -185,7 +185,17 @@ IfMatch = Annotated[
 ]
 
 # OpenAPI entries for the conditional-request answers of a single product.
-ETAG_OK: dict[int | str, dict[str, Any]] = {200: {"description": "The product", "headers": ETAG_HEADER_DOC}}
+# Served from the cache past its freshness (the primary unreachable or revalidating): docs/consistency.md.
+STALENESS_HEADER_DOC: dict[str, Any] = {
+    "Mercato-Staleness": {
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "Present when the product came from the cache past its freshness lifetime (the "
+        "primary database unreachable or being revalidated): by how many seconds (RFC 9111 staleness).",
+    }
+}
+ETAG_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The product", "headers": {**ETAG_HEADER_DOC, **STALENESS_HEADER_DOC}}
+}
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: If-None-Match matched the current ETag", "headers": ETAG_HEADER_DOC}
 }

@@ -1,0 +1,154 @@
+"""Is the primary reachable? A partition is told apart from a slow query in well under a second.
+
+A stopped server refuses connections at once, but a network partition drops packets silently: a
+new connection waits for its connect timeout and a statement on a pooled connection waits for TCP
+to give up (minutes). Under a partition the shop's consistent (CP) operations must refuse quickly
+(503 with Retry-After, guide §34), not hang. So a probe pings the primary every `interval_s` on a
+connection of its own, bounded by `timeout_s`; after `failures` consecutive failed probes the primary
+is *unreachable*. Only timeouts count: a refused connection is an answer (the server is down or
+starting, which ADR 0026's outage path already answers at once). Then:
+
+- every new read of the primary and every write fails at once with `DatabaseUnreachable` (an outage:
+  503 `dependency-unavailable`, reason `unreachable`), and a cache in front of the primary serves
+  what it has, stale (stale-if-error, `Mercato-Staleness`);
+- the connections checked out for longer than `timeout_s` (statements stuck on the dead link) are
+  terminated, so their requests end now with an outage answer instead of waiting for TCP.
+
+The first answered probe makes it reachable again. `failures` > 1 keeps slow probes on a loaded
+machine (or a stalled event loop) from failing requests; the time to detect is at most about
+`failures × (interval_s + timeout_s)` (1.5 s with the defaults 0.25 / 0.5 / 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mercato.kit.observability import get_logger
+
+__all__ = ["DatabaseUnreachable", "Reachability"]
+
+_log = get_logger("mercato.storage")
+
+
+class DatabaseUnreachable(ConnectionError):
+    """The primary did not answer the last probes: refused without trying (an outage, 503)."""
+
+
+class Reachability:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        interval_s: float = 0.25,
+        timeout_s: float = 0.5,
+        failures: int = 2,
+    ) -> None:
+        self._engine = engine
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._failures = failures
+        self._consecutive = 0
+        self.unreachable_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        # The probe speaks asyncpg directly: it must never wait on a dead link's goodbye.
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # Checked-out driver connections and when they were checked out, by id (until checked in).
+        self._busy: dict[int, tuple[Any, float]] = {}
+        sync_pool = engine.sync_engine.pool
+        event.listen(sync_pool, "checkout", self._on_checkout)
+        event.listen(sync_pool, "checkin", self._on_checkin)
+
+    @property
+    def unreachable(self) -> bool:
+        return self.unreachable_since is not None
+
+    def check(self) -> None:
+        """Raise `DatabaseUnreachable` while the primary is unreachable; start probing if not yet."""
+        self.ensure_started()
+        if self.unreachable_since is not None:
+            raise DatabaseUnreachable("the primary database is unreachable")
+
+    def ensure_started(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: a sync caller, nothing to watch
+            return
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            # A new event loop (a CLI command after another, a test) gets a watch of its own.
+            self._consecutive = 0
+            self.unreachable_since = None
+            self._task = loop.create_task(self._run(), name="db-reachability")
+
+    def _on_checkout(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        self._busy[id(dbapi_conn)] = (dbapi_conn, time.monotonic())
+
+    def _on_checkin(self, dbapi_conn: Any, _record: Any) -> None:
+        self._busy.pop(id(dbapi_conn), None)
+
+    async def _probe(self) -> None:
+        """Connect, `SELECT 1`, close: each step bounded by `timeout_s`. A new session each time (no
+        session of ours keeps a smart shutdown waiting); on a failure the connection is terminated
+        (its socket closed now, no goodbye on a dead link)."""
+        conn: Any = None
+        try:
+            conn = await asyncio.wait_for(
+                asyncpg.connect(self._dsn, timeout=self._timeout_s), self._timeout_s
+            )
+            await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+            await conn.close(timeout=self._timeout_s)
+        except BaseException:
+            if conn is not None:
+                conn.terminate()
+            raise
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._probe()
+            except TimeoutError:  # silence: the partition's signature
+                self._failed()
+            except Exception:  # noqa: BLE001 - an answer, if a refusal: the server is there
+                # (down, starting, refusing): the ordinary outage path (ADR 0026) answers fast.
+                self._answered()
+            else:
+                self._answered()
+            await asyncio.sleep(self._interval_s)
+
+    def _failed(self) -> None:
+        self._consecutive += 1
+        if self._consecutive < self._failures or self.unreachable_since is not None:
+            return
+        self.unreachable_since = time.monotonic()
+        stuck = self._terminate_stuck()
+        _log.warning("database_unreachable", probes_failed=self._consecutive, terminated=stuck)
+
+    def _answered(self) -> None:
+        self._consecutive = 0
+        if self.unreachable_since is not None:
+            _log.info("database_reachable", after_s=round(time.monotonic() - self.unreachable_since, 3))
+            self.unreachable_since = None
+
+    def _terminate_stuck(self) -> int:
+        now = time.monotonic()
+        stuck = [c for c, since in list(self._busy.values()) if now - since > self._timeout_s]
+        for dbapi_conn in stuck:
+            driver = getattr(dbapi_conn, "driver_connection", None)
+            terminate = getattr(driver, "terminate", None)
+            if callable(terminate):
+                with contextlib.suppress(Exception):
+                    terminate()
+        return len(stuck)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
