@@ -20,7 +20,13 @@ def test_a_10_s_postgres_outage_under_load_is_503s_and_recovers(kill: bool, tmp_
     run = tmp_path / "run"
     args = ["outage", "--outage-s", "10", "--warmup-s", "3", "--after-s", "6", "--deadline-s", "5"]
     result = CliRunner().invoke(lab_app, [*args, *(["--kill"] if kill else []), "--out", str(run)])
-    assert {p.name for p in run.iterdir()} == {"report.json", "table.txt", "verdict.txt", "outage.png"}
+    assert {p.name for p in run.iterdir()} == {
+        "report.json",
+        "table.txt",
+        "verdict.txt",
+        "outage.png",
+        "result.json",
+    }
     report = json.loads((run / "report.json").read_text())
     assert report["errors_500"] == 0, report["by_status"]
     assert set(report["by_status"]) == {"200", "503"}, report["by_status"]
