@@ -453,6 +453,7 @@ def build_hub(
         presence_ttl_s=realtime.presence_ttl_s,
         max_messages=realtime.queue_max_messages,
         max_bytes=realtime.queue_max_bytes,
+        bounded=realtime.backpressure,
     )
 
 

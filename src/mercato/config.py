@@ -365,6 +365,9 @@ class RealtimeSettings(BaseModel):
     queue_max_messages: int = Field(default=1000, ge=1, le=1_000_000)
     queue_max_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     slow_consumer_s: float = Field(default=10.0, gt=0, le=600)
+    # False removes the caps (so no dropping, no paused reads, no 1013): the control run of
+    # `mercato lab slow-consumer` only; never in production (a stuck client then grows memory).
+    backpressure: bool = True
     # Presence heartbeat; an announcement expires after presence_ttl_s (a killed process's users go).
     presence_interval_s: float = Field(default=10.0, gt=0, le=600)
     presence_ttl_s: float = Field(default=25.0, gt=0, le=3600)

@@ -119,6 +119,13 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         PeriodicJob(
             "purge_inbox", messaging.retention_interval_s, retention.purge_inbox, messaging.retention_batch
         ),
+        # The chat offline queue's TTL (MERCATO_REALTIME_HISTORY_TTL_S): older messages are purged.
+        PeriodicJob(
+            "purge_chat_history",
+            messaging.retention_interval_s,
+            retention.purge_chat_history,
+            messaging.retention_batch,
+        ),
         *(
             [PeriodicJob("trim_stream", messaging.retention_interval_s, retention.trim_stream)]
             if retention.trims_stream

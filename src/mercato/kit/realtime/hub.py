@@ -32,6 +32,9 @@ _log = get_logger("mercato.realtime.hub")
 
 PRESENCE_ANNOUNCE = "presence.announce"
 
+# The "caps" of an unbounded queue (`bounded=False`): never reached.
+_UNBOUNDED = 1 << 62
+
 
 class Hub:
     def __init__(
@@ -45,6 +48,7 @@ class Hub:
         presence_ttl_s: float = 25.0,
         max_messages: int = 1000,
         max_bytes: int = 1 << 20,
+        bounded: bool = True,
     ) -> None:
         self.broker = broker
         self.history = history
@@ -54,6 +58,8 @@ class Hub:
         self.presence_ttl_s = presence_ttl_s
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        # False: outbound queues without caps (a lab's control run: what the caps prevent).
+        self.bounded = bounded
         self.connections: dict[str, Connection] = {}
         self._channels: dict[str, set[Connection]] = {}
         self._local_presence: dict[str, Counter[str]] = {}
@@ -90,13 +96,17 @@ class Hub:
         max_messages: int | None = None,
         max_bytes: int | None = None,
     ) -> Connection:
+        if self.bounded:
+            queue = OutboundQueue(
+                max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
+            )
+        else:
+            queue = OutboundQueue(max_messages=_UNBOUNDED, max_bytes=_UNBOUNDED)
         conn = Connection(
             conn_id=f"{self.node_id}/{next(self._ids)}",
             user=user,
             kind=kind,
-            queue=OutboundQueue(
-                max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
-            ),
+            queue=queue,
             history=self.history,
             on_refused=on_refused,
             hook=self.hook,

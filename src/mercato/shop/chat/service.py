@@ -232,6 +232,34 @@ class ChatService:
             )
         return message, True
 
+    async def purge_expired(self, *, limit: int) -> int:
+        """Delete up to `limit` messages older than the offline queue's TTL (`history_ttl_s`): one
+        pass of the worker's `purge_chat_history` job. Each room keeps its newest message whatever
+        its age: the next seq is `max + 1`, so the head row is what keeps a room's seqs from starting
+        over (it is past the TTL, so `history` no longer returns it)."""
+        horizon = self._clock.now() - timedelta(seconds=self.history_ttl_s)
+        newer = messages.alias("newer")
+        expired = (
+            select(messages.c.room_id, messages.c.seq)
+            .where(
+                messages.c.sent_at < horizon,
+                select(newer.c.seq)
+                .where(newer.c.room_id == messages.c.room_id, newer.c.seq > messages.c.seq)
+                .exists(),
+            )
+            .limit(limit)
+        )
+        async with self._db.write() as conn:
+            keys = [(r.room_id, r.seq) for r in await conn.execute(expired)]
+            removed = 0
+            for room_id in {room for room, _ in keys}:
+                seqs = [seq for room, seq in keys if room == room_id]
+                result = await conn.execute(
+                    delete(messages).where(messages.c.room_id == room_id, messages.c.seq.in_(seqs))
+                )
+                removed += int(result.rowcount or 0)
+        return removed
+
 
 def _message(row: object) -> ChatMessage:
     r = row

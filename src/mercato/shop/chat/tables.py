@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, Uuid
+from sqlalchemy import BigInteger, Column, Index, PrimaryKeyConstraint, String, Table, Text, UniqueConstraint, Uuid
 
 from mercato.kit.storage import UTCDateTime, metadata
 
@@ -39,4 +39,6 @@ messages = Table(
     PrimaryKeyConstraint("room_id", "seq", name="pk_chat_messages"),
     # A client re-sending after a lost ack gets its first seq back, not a second message.
     UniqueConstraint("room_id", "sender", "client_msg_id", name="uq_chat_messages_client_msg"),
+    # The retention job (workers/jobs.py: purge_chat_history) deletes by age.
+    Index("ix_chat_messages_sent_at", "sent_at"),
 )
