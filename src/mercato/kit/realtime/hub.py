@@ -119,9 +119,11 @@ class Hub:
         if self.connections.pop(conn.id, None) is None:
             return
         self.hook.connected(conn.kind, -1)
-        for channel in conn.channels:
-            await self.unsubscribe(conn, channel)
-        conn.close()
+        try:
+            for channel in conn.channels:
+                await self.unsubscribe(conn, channel)
+        finally:
+            conn.close()
 
     async def subscribe(
         self, conn: Connection, channel: str, *, since: int | None, presence: bool = False
@@ -148,9 +150,10 @@ class Hub:
             counter[conn.user] -= 1
             if counter[conn.user] <= 0:
                 del counter[conn.user]
+                if not counter and self._local_presence.get(channel) is counter:
+                    # Before the await: another disconnect may run while this one announces.
+                    del self._local_presence[channel]
                 await self._announce(channel)
-            if not counter:
-                del self._local_presence[channel]
 
     async def publish(self, event: ChannelEvent) -> None:
         await self.broker.publish(event)
