@@ -86,7 +86,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             proc.kill()
 
 
-async def open_ws(server: Server, user: str, *, stuck: bool = False, since: int | None = None, room: str) -> ClientConnection:
+async def open_ws(
+    server: Server, user: str, *, stuck: bool = False, since: int | None = None, room: str
+) -> ClientConnection:
     headers = {"Authorization": f"Bearer {server.tokens[user]}"}
     if stuck:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -197,7 +199,8 @@ def test_a_client_that_never_reads_keeps_the_server_bounded_and_others_on_time(s
         assert rest == list(range(len(seqs) + 1, MESSAGES + 1))
         assert typing_stuck < MESSAGES  # typing events in the pipe at the cut are gone for good
 
-        metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+        async with httpx.AsyncClient(timeout=10) as http:
+            metrics = (await http.get(f"{server.base_url}/metrics")).text
         closes = next(
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
@@ -211,8 +214,10 @@ def test_a_client_that_never_reads_keeps_the_server_bounded_and_others_on_time(s
         # of the first messages (before anything filled up), within a loaded machine's noise.
         early = statistics.median(lag for seq, lag in lags[:50])
         late = statistics.median(lag for seq, lag in lags[-100:])
-        print(f"\nhealthy median lag: first 50 {early * 1000:.0f} ms, last 100 {late * 1000:.0f} ms; "
-              f"stuck read {len(seqs)} then {code}; RSS {rss_before} -> {rss_after} KiB")
+        print(
+            f"\nhealthy median lag: first 50 {early * 1000:.0f} ms, last 100 {late * 1000:.0f} ms; "
+            f"stuck read {len(seqs)} then {code}; RSS {rss_before} -> {rss_after} KiB"
+        )
         assert late < 3 * early + 0.5
         for ws in (back, healthy, sender):
             await ws.close()

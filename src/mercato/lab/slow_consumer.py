@@ -45,7 +45,7 @@ from mercato.bench.stats import LatencyHistogram
 
 __all__ = ["SlowConsumerRun", "run_slow_consumer", "slow_consumer_command", "verdict"]
 
-# The caps of the "caps" variant (a 60 KB message: ~17 fit the byte cap, 2x that is the hard cap).
+# The caps of the "caps" variant (100 KB messages: ~10 fit the byte cap, 2x that is the hard cap).
 QUEUE_MAX_MESSAGES = 200
 QUEUE_MAX_BYTES = 1 << 20
 SLOW_CONSUMER_S = 3.0
@@ -76,6 +76,9 @@ class SlowConsumerRun:
     healthy: Loss
     slow: Loss
     stuck_close_codes: list[int | None]
+    # Per stuck member: messages read before it stopped, read from the pipe after, whether the server
+    # had closed it, and the messages its resume brought back.
+    stuck_reads: list[dict[str, Any]]
     server_counters: dict[str, float]
     rss_kib: list[tuple[float, int]] = field(default_factory=list)
     lag_p99_ms: list[tuple[float, float]] = field(default_factory=list)
@@ -97,6 +100,9 @@ class Member:
         self.stopped = asyncio.Event()
         self.close_code: int | None = None
         self.closed = False
+        self.read_at_stop = 0
+        self.read_in_pipe = 0
+        self.resumed = 0
 
     def take(self, raw: str | bytes) -> dict[str, Any]:
         frame: dict[str, Any] = orjson.loads(raw)
@@ -235,7 +241,9 @@ async def _run_variant(
     await asyncio.gather(*tasks, return_exceptions=True)
     # The stuck members come back: read what their socket holds, then resume from their last seq.
     for member in stuck:
+        member.read_at_stop = len(member.seqs)
         await member.read_rest(idle_s=2.0)
+        member.read_in_pipe = len(member.seqs) - member.read_at_stop
         missing = head - len(set(member.seqs))
         if missing > 0:
             with contextlib.suppress(TimeoutError, ConnectionClosed):
@@ -246,6 +254,7 @@ async def _run_variant(
             while len(set(member.seqs)) < head and time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
                     member.take(await asyncio.wait_for(member.ws.recv(), 2))
+            member.resumed = len(member.seqs) - member.read_at_stop - member.read_in_pipe
     for member in [*stuck, *healthy]:
         await member.ws.close()
     await sender.close()
@@ -262,6 +271,15 @@ async def _run_variant(
         healthy=_loss(healthy, head, typing),
         slow=_loss(stuck, head, typing),
         stuck_close_codes=[m.close_code if m.closed else None for m in stuck],
+        stuck_reads=[
+            {
+                "before_stop": m.read_at_stop,
+                "in_pipe": m.read_in_pipe,
+                "closed": m.closed,
+                "resumed": m.resumed,
+            }
+            for m in stuck
+        ],
         server_counters=_counters(metrics),
         rss_kib=rss,
         lag_p99_ms=[(t, w.percentile_ms(99)) for t, w in sorted(windows.items())],
@@ -283,7 +301,9 @@ def _counters(metrics: str) -> dict[str, float]:
     counters: dict[str, float] = {}
     for line in metrics.splitlines():
         if line.startswith("mercato_realtime_dropped_total{"):
-            counters["dropped:" + line.split('reason="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+            counters["dropped:" + line.split('reason="', 1)[1].split('"', 1)[0]] = float(
+                line.rsplit(" ", 1)[1]
+            )
         elif line.startswith("mercato_realtime_slow_consumer_closes_total "):
             counters["slow_consumer_closes"] = float(line.rsplit(" ", 1)[1])
     return counters
@@ -354,8 +374,8 @@ def verdict(runs: list[SlowConsumerRun]) -> list[str]:
         ),
         (
             f"healthy members unaffected: p99 lag {caps.healthy_p99_before_ms:.0f} ms before the stop, "
-            f"{caps.healthy_p99_after_ms:.0f} ms after (<= 2x + 250 ms: a shared box's noise); essential lost "
-            f"{caps.healthy.essential_lost}/{caps.healthy.essential_sent}",
+            f"{caps.healthy_p99_after_ms:.0f} ms after (<= 2x + 250 ms: a shared box's noise); "
+            f"essential lost {caps.healthy.essential_lost}/{caps.healthy.essential_sent}",
             caps.healthy_p99_after_ms <= 2 * caps.healthy_p99_before_ms + 250
             and caps.healthy.essential_lost == 0,
         ),
@@ -423,7 +443,9 @@ def plot(runs: list[SlowConsumerRun], path: Path) -> None:
             label=f"{run.variant}: slow lost {run.slow.essential_lost} essential, "
             f"{run.slow.non_essential_lost} non-essential",
         )
-        lag.plot([t for t, _ in run.lag_p99_ms], [p for _, p in run.lag_p99_ms], marker=".", label=run.variant)
+        lag.plot(
+            [t for t, _ in run.lag_p99_ms], [p for _, p in run.lag_p99_ms], marker=".", label=run.variant
+        )
     for ax in (mem, lag):
         ax.axvline(runs[0].stop_at_s, color="grey", linestyle=":", label="10 % stop reading")
         ax.set_xlabel("seconds")
@@ -438,11 +460,13 @@ def plot(runs: list[SlowConsumerRun], path: Path) -> None:
 
 
 def slow_consumer_command(
-    members: Annotated[int, typer.Option(help="Room members (10 % stop reading)", min=10, max=2000)] = 40,
-    seconds: Annotated[float, typer.Option(help="Sending time per variant", min=2)] = 30,
+    members: Annotated[int, typer.Option(help="Room members (10 % stop reading)", min=10, max=2000)] = 20,
+    seconds: Annotated[float, typer.Option(help="Sending time per variant", min=2)] = 60,
     rate: Annotated[float, typer.Option(help="Messages per second (each plus a typing event)", min=1)] = 10,
-    size: Annotated[int, typer.Option(help="Characters per message", min=100, max=100_000)] = 60_000,
-    stop_at: Annotated[float, typer.Option(help="Fraction of the run after which they stop", min=0, max=0.9)] = 0.25,
+    size: Annotated[int, typer.Option(help="Characters per message", min=100, max=100_000)] = 100_000,
+    stop_at: Annotated[
+        float, typer.Option(help="Fraction of the run after which they stop", min=0, max=0.9)
+    ] = 0.2,
     out: OutOption = None,
     update_docs: UpdateDocsOption = False,
 ) -> None:
