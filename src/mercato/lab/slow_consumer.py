@@ -191,10 +191,11 @@ class StuckClient:
 
     async def _pump(self) -> None:
         data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-        if data:
-            self.protocol.receive_data(data)
-        else:
-            self.protocol.receive_eof()
+        if not data:
+            with contextlib.suppress(EOFError):
+                self.protocol.receive_eof()
+            raise EOFError("the server closed the connection")
+        self.protocol.receive_data(data)
         await self._flush()  # pongs, close frames
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -224,9 +225,11 @@ class StuckClient:
                 await asyncio.wait_for(self._pump(), left)
             except TimeoutError:
                 return []
-            except OSError as exc:
+            except (OSError, EOFError) as exc:
                 self.closed = True
-                raise EOFError("reset") from exc
+                rcvd = self.protocol.close_rcvd
+                self.close_code = rcvd.code if rcvd is not None else None
+                raise EOFError("closed") from exc
 
     def close(self) -> None:
         self.sock.close()
