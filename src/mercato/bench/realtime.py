@@ -206,6 +206,7 @@ async def _measure(
 def run_realtime_bench(
     *, connections: int, rooms: int, rate: float, seconds: float, workdir: Path, database_url: str | None
 ) -> list[RealtimeResult]:
+    raise_fd_limit()  # 5,000 connections are 5,000 descriptors in this process and in the server
     workdir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite+aiosqlite:///{workdir}/realtime.db"
     _migrate(url)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -35,26 +34,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from mercato.bench.accounts import issue_tokens
 from mercato.bench.harness import OutOption, RunFolder, UpdateDocsOption, check_docs_target
 from mercato.bench.realtime import SECRET, _migrate, _rss_kib
 from mercato.bench.servers import ServerProcess, start_mercato
 from mercato.bench.stats import LatencyHistogram
+from mercato.lab.stuck_client import StuckClient
 
-__all__ = ["SlowConsumerRun", "run_slow_consumer", "slow_consumer_command", "verdict"]
+__all__ = [
+    "SlowConsumerRun",
+    "StuckClient",
+    "run_slow_consumer",
+    "slow_consumer_command",
+    "verdict",
+]
 
 # The caps of the "caps" variant (100 KB messages: ~10 fit the byte cap, 2x that is the hard cap).
 QUEUE_MAX_MESSAGES = 200
 QUEUE_MAX_BYTES = 1 << 20
 SLOW_CONSUMER_S = 3.0
 VARIANTS = {"caps": "true", "no caps": "false"}
-STUCK_RCVBUF = 4096
 
 
 @dataclass
@@ -87,7 +88,13 @@ class SlowConsumerRun:
     stuck_reads: list[dict[str, Any]]
     server_counters: dict[str, float]
     rss_kib: list[tuple[float, int]] = field(default_factory=list)
+    # The server's mercato_realtime_queued_bytes gauge over time (sampled every 0.5 s).
+    queued_bytes: list[tuple[float, int]] = field(default_factory=list)
     lag_p99_ms: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def peak_queued_mib(self) -> float:
+        return max((b for _, b in self.queued_bytes), default=0) / (1 << 20)
 
     @property
     def rss_growth_mib(self) -> float:
@@ -150,89 +157,6 @@ class Member:
         if self.ws is not None:
             with contextlib.suppress(TimeoutError, ConnectionClosed):
                 await asyncio.wait_for(self.ws.close(), 2)
-
-
-class StuckClient:
-    """A WebSocket client that can really stop reading: the `websockets` sans-I/O protocol over a raw
-    socket with a 4 KiB receive buffer (the asyncio client of `websockets` 17 kept reading its socket into
-    memory whatever `max_queue` said: 400 MB in 4 s without a `recv`, so it never pushed back).
-    Between calls to `recv` nothing reads the socket, and TCP's window closes on the server."""
-
-    def __init__(self, sock: socket.socket, protocol: ClientProtocol) -> None:
-        self.sock = sock
-        self.protocol = protocol
-        self.closed = False
-        self.close_code: int | None = None
-
-    @classmethod
-    async def open(cls, ws_url: str, token: str) -> StuckClient:
-        loop = asyncio.get_running_loop()
-        uri = parse_uri(ws_url)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RCVBUF)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (uri.host, uri.port))
-        protocol = ClientProtocol(uri, max_size=None)
-        request = protocol.connect()
-        request.headers["Authorization"] = f"Bearer {token}"
-        protocol.send_request(request)
-        client = cls(sock, protocol)
-        await client._flush()
-        while protocol.state is State.CONNECTING and protocol.handshake_exc is None:
-            await client._pump()
-        if protocol.state is not State.OPEN:
-            raise ConnectionError(f"handshake failed: {protocol.handshake_exc}")
-        return client
-
-    async def _flush(self) -> None:
-        for chunk in self.protocol.data_to_send():
-            if chunk:
-                await asyncio.get_running_loop().sock_sendall(self.sock, chunk)
-
-    async def _pump(self) -> None:
-        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-        if not data:
-            with contextlib.suppress(EOFError):
-                self.protocol.receive_eof()
-            raise EOFError("the server closed the connection")
-        self.protocol.receive_data(data)
-        await self._flush()  # pongs, close frames
-
-    async def send(self, frame: dict[str, Any]) -> None:
-        self.protocol.send_text(orjson.dumps(frame))
-        await self._flush()
-
-    async def recv(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Read until at least one text frame arrives (or `timeout_s`): the frames, [] on timeout.
-        Raises EOFError once the server closed the connection (`close_code`: its code, if any)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            frames = [
-                orjson.loads(event.data)
-                for event in self.protocol.events_received()
-                if isinstance(event, Frame) and event.opcode is Opcode.TEXT
-            ]
-            if frames:
-                return frames
-            if self.protocol.state is State.CLOSED or self.protocol.close_rcvd is not None:
-                self.closed = True
-                self.close_code = self.protocol.close_rcvd.code if self.protocol.close_rcvd else None
-                raise EOFError("closed")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            try:
-                await asyncio.wait_for(self._pump(), left)
-            except TimeoutError:
-                return []
-            except (OSError, EOFError) as exc:
-                self.closed = True
-                rcvd = self.protocol.close_rcvd
-                self.close_code = rcvd.code if rcvd is not None else None
-                raise EOFError("closed") from exc
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 async def _run_variant(
@@ -313,7 +237,27 @@ async def _run_variant(
             if frame.get("type") == "ack":
                 head = max(head, int(frame["seq"]))
 
+    queued: list[tuple[float, int]] = []
+
+    async def sample_queues() -> None:
+        """The server's own figure: bytes waiting in its outbound queues (not the kernel's buffers)."""
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=5) as http:
+            while not done.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    text = (await http.get("/metrics")).text
+                    value = next(
+                        (
+                            float(line.rsplit(" ", 1)[1])
+                            for line in text.splitlines()
+                            if line.startswith("mercato_realtime_queued_bytes ")
+                        ),
+                        0.0,
+                    )
+                    queued.append((round(time.monotonic() - began, 2), int(value)))
+                await asyncio.sleep(0.5)
+
     tasks = [asyncio.create_task(read(m, measure=True)) for m in healthy]
+    tasks.append(asyncio.create_task(sample_queues()))
     tasks += [asyncio.create_task(read(m, measure=False)) for m in stuck]
     tasks.append(asyncio.create_task(read_acks()))
     rss: list[tuple[float, int]] = []
@@ -386,6 +330,7 @@ async def _run_variant(
         ],
         server_counters=_counters(metrics),
         rss_kib=rss,
+        queued_bytes=queued,
         lag_p99_ms=[(t, w.percentile_ms(99)) for t, w in sorted(windows.items())],
     )
 
@@ -472,13 +417,14 @@ def run_slow_consumer(
 def verdict(runs: list[SlowConsumerRun]) -> list[str]:
     by = {r.variant: r for r in runs}
     caps, free = by["caps"], by["no caps"]
-    saved = free.rss_growth_mib - caps.rss_growth_mib
+    bound = caps.members * 2 * QUEUE_MAX_BYTES / (1 << 20)
     checks = [
         (
-            f"server memory bounded: RSS growth {caps.rss_growth_mib:.1f} MiB with caps vs "
-            f"{free.rss_growth_mib:.1f} MiB without; the caps saved {saved:.1f} MiB of the "
-            f"{free.backlog_mib:.1f} MiB the stuck members were sent after stopping (>= half)",
-            saved >= free.backlog_mib / 2,
+            f"server memory bounded: peak bytes in the outbound queues {caps.peak_queued_mib:.1f} MiB with "
+            f"caps (bound: members x 2 x byte cap = {bound:.0f} MiB) vs {free.peak_queued_mib:.1f} MiB "
+            f"without (the stuck members were sent {free.backlog_mib:.1f} MiB after stopping); RSS growth "
+            f"{caps.rss_growth_mib:.1f} vs {free.rss_growth_mib:.1f} MiB",
+            caps.peak_queued_mib <= bound and caps.peak_queued_mib < free.peak_queued_mib / 2,
         ),
         (
             f"healthy members unaffected: p99 lag {caps.healthy_p99_before_ms:.0f} ms before the stop, "
@@ -516,6 +462,7 @@ def table(runs: list[SlowConsumerRun]) -> Table:
     for column in (
         "variant",
         "RSS growth MiB",
+        "peak queued MiB",
         "healthy p99 before/after ms",
         "healthy lost ess/non-ess",
         "slow lost ess/non-ess",
@@ -527,6 +474,7 @@ def table(runs: list[SlowConsumerRun]) -> Table:
         out.add_row(
             run.variant,
             f"{run.rss_growth_mib:.1f}",
+            f"{run.peak_queued_mib:.1f}",
             f"{run.healthy_p99_before_ms:.0f} / {run.healthy_p99_after_ms:.0f}",
             f"{run.healthy.essential_lost} / {run.healthy.non_essential_lost}",
             f"{run.slow.essential_lost} / {run.slow.non_essential_lost}",
@@ -548,8 +496,14 @@ def plot(runs: list[SlowConsumerRun], path: Path) -> None:
         mem.plot(
             [t for t, _ in run.rss_kib],
             [(kib - start) / 1024 for _, kib in run.rss_kib],
-            label=f"{run.variant}: slow lost {run.slow.essential_lost} essential, "
-            f"{run.slow.non_essential_lost} non-essential",
+            label=f"{run.variant}: RSS growth (slow lost {run.slow.essential_lost} essential, "
+            f"{run.slow.non_essential_lost} non-essential)",
+        )
+        mem.plot(
+            [t for t, _ in run.queued_bytes],
+            [b / (1 << 20) for _, b in run.queued_bytes],
+            linestyle="--",
+            label=f"{run.variant}: bytes in outbound queues",
         )
         lag.plot(
             [t for t, _ in run.lag_p99_ms], [p for _, p in run.lag_p99_ms], marker=".", label=run.variant
@@ -558,7 +512,7 @@ def plot(runs: list[SlowConsumerRun], path: Path) -> None:
         ax.axvline(runs[0].stop_at_s, color="grey", linestyle=":", label="10 % stop reading")
         ax.set_xlabel("seconds")
         ax.legend(fontsize=8)
-    mem.set_ylabel("server RSS growth (MiB)")
+    mem.set_ylabel("MiB")
     mem.set_title("server memory")
     lag.set_ylabel("healthy members' fan-out lag p99 per 2 s (ms)")
     lag.set_title("everyone else")
@@ -589,7 +543,9 @@ def slow_consumer_command(
     lines = verdict(runs)
     Console(width=200).print(table(runs))
     Console().print("\n".join(lines))
-    data = [{**asdict(r), "rss_growth_mib": r.rss_growth_mib} for r in runs]
+    data = [
+        {**asdict(r), "rss_growth_mib": r.rss_growth_mib, "peak_queued_mib": r.peak_queued_mib} for r in runs
+    ]
     folder.record(
         data={"runs": data, "load_average": Path("/proc/loadavg").read_text().split()[:3]},
         tables=[table(runs)],

@@ -87,6 +87,10 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting in every connection's outbound queue (a frame shared by N queues counts N times)."""
+        return sum(conn.queue.size_bytes for conn in list(self.connections.values()))
+
     def connect(
         self,
         user: str,
