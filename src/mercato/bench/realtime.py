@@ -13,6 +13,7 @@ order and backpressure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
@@ -147,8 +148,11 @@ async def _measure(
         )
     latencies = LatencyHistogram()
     stop = asyncio.Event()
+    subscribed = 0
+    all_subscribed = asyncio.Event()
 
     async def reader(ws: ClientConnection) -> None:
+        nonlocal subscribed
         while not stop.is_set():
             try:
                 raw = await asyncio.wait_for(ws.recv(), 1.0)
@@ -159,8 +163,15 @@ async def _measure(
             frame = orjson.loads(raw)
             if frame.get("type") == "message":
                 latencies.record_s(time.time() - float(str(frame["text"]).split("|", 1)[0]))
+            elif frame.get("type") == "subscribed":
+                subscribed += 1
+                if subscribed == len(conns):
+                    all_subscribed.set()
 
     readers = [asyncio.create_task(reader(ws)) for ws in conns]
+    # Every subscription confirmed before the clock starts (1,000 subscribes are a burst of reads).
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_subscribed.wait(), 180)
     await asyncio.sleep(1.0)
     senders = conns[:rooms]
     sent = 0
@@ -175,7 +186,18 @@ async def _measure(
             await ws.send(orjson.dumps(body).decode())
             sent += 1
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - tick)))
-    await asyncio.sleep(2.0)  # let the tail arrive
+    sending_s = time.monotonic() - began
+    # The tail: until every expected delivery arrived, or nothing more came for 3 s (max 30 s).
+    expected = sent * (connections // rooms)
+    last_count, last_change = latencies.count, time.monotonic()
+    while (
+        latencies.count < expected
+        and time.monotonic() - last_change < 3
+        and time.monotonic() - began < sending_s + 30
+    ):
+        await asyncio.sleep(0.2)
+        if latencies.count != last_count:
+            last_count, last_change = latencies.count, time.monotonic()
     elapsed = time.monotonic() - began
     cpu_end = server.cpu_s()
     stop.set()
