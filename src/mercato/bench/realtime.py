@@ -142,17 +142,18 @@ async def _measure(
         conns += await asyncio.gather(*(open_one(i) for i in range(start, min(start + 100, connections))))
     await asyncio.sleep(1.0)
     rss_idle = _rss_kib(server.proc.pid)
-    for index, ws in enumerate(conns):
-        await ws.send(
-            orjson.dumps({"type": "subscribe", "channel": f"room:{room_ids[index % rooms]}"}).decode()
-        )
+
+    def subscribe_frame(index: int) -> str:
+        return orjson.dumps({"type": "subscribe", "channel": f"room:{room_ids[index % rooms]}"}).decode()
+
+    resubscribed = 0
     latencies = LatencyHistogram()
     stop = asyncio.Event()
     subscribed = 0
     all_subscribed = asyncio.Event()
 
-    async def reader(ws: ClientConnection) -> None:
-        nonlocal subscribed
+    async def reader(index: int, ws: ClientConnection) -> None:
+        nonlocal subscribed, resubscribed
         while not stop.is_set():
             try:
                 raw = await asyncio.wait_for(ws.recv(), 1.0)
@@ -167,11 +168,23 @@ async def _measure(
                 subscribed += 1
                 if subscribed == len(conns):
                     all_subscribed.set()
+            elif frame.get("type") == "error" and frame.get("code") == "unavailable":
+                # The protocol's answer to a server too busy to subscribe now: try again shortly.
+                resubscribed += 1
+                await asyncio.sleep(0.5)
+                await ws.send(subscribe_frame(index))
 
-    readers = [asyncio.create_task(reader(ws)) for ws in conns]
-    # Every subscription confirmed before the clock starts (1,000 subscribes are a burst of reads).
+    readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+    # Subscribe in waves of 200, every subscription confirmed before the clock starts.
+    for start in range(0, len(conns), 200):
+        wave = range(start, min(start + 200, len(conns)))
+        for index in wave:
+            await conns[index].send(subscribe_frame(index))
+        deadline = time.monotonic() + 120
+        while subscribed < wave[-1] + 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+            await asyncio.sleep(0.05)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(all_subscribed.wait(), 180)
+        await asyncio.wait_for(all_subscribed.wait(), 60)
     await asyncio.sleep(1.0)
     senders = conns[:rooms]
     sent = 0
