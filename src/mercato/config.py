@@ -358,6 +358,10 @@ class RealtimeSettings(BaseModel):
     # WebSocket protocol pings (uvicorn's keepalive); a peer silent for ping_timeout_s is closed.
     ws_ping_interval_s: float = Field(default=20.0, gt=0, le=300)
     ws_ping_timeout_s: float = Field(default=40.0, gt=0, le=600)
+    # permessage-deflate: off. Each connection would deflate every frame it is sent with its own
+    # compressor (CPU per delivery, not per message) and hold its zlib state (tens of KiB per idle
+    # connection); chat and order frames are small JSON (ADR 0038).
+    ws_compression: bool = False
     auth_timeout_s: float = Field(default=5.0, gt=0, le=60)
     max_frame_bytes: int = Field(default=16_384, ge=256, le=1 << 20)
     max_text_chars: int = Field(default=4000, ge=1, le=100_000)

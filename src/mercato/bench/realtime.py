@@ -132,7 +132,8 @@ async def _measure(
 
     async def open_one(index: int) -> ClientConnection:
         headers = {"Authorization": f"Bearer {tokens[index]}"} if tokens else None
-        ws = await connect(ws_url, additional_headers=headers, max_queue=None)
+        # No compression offered, to either server: the same frames on the wire, no zlib per connection.
+        ws = await connect(ws_url, additional_headers=headers, max_queue=None, compression=None)
         if tokens:
             await ws.recv()  # ready
         return ws
@@ -375,6 +376,7 @@ def _idle_client(ws_url: str, tokens: list[str], count: int, report: Any, releas
                     additional_headers={"Authorization": f"Bearer {tokens[index % len(tokens)]}"},
                     open_timeout=60,
                     ping_interval=None,
+                    compression=None,
                 )
                 await asyncio.wait_for(ws.recv(), 60)  # ready: authenticated
                 conns.append(ws)
