@@ -266,7 +266,7 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
             ws_ping_interval=settings.realtime.ws_ping_interval_s,
             ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
             ws_max_size=settings.realtime.max_frame_bytes * 4,
-        ws_per_message_deflate=settings.realtime.ws_compression,
+            ws_per_message_deflate=settings.realtime.ws_compression,
         )
     )
     container = app.state.container
