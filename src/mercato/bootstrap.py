@@ -541,16 +541,20 @@ def build_hub(
     registry: CollectorRegistry,
 ) -> Hub:
     realtime = settings.realtime
-    return Hub(
+    hook = PrometheusRealtimeHook(registry)
+    hub = Hub(
         build_broker(settings, db),
         ChannelHistories(ChatHistory(chat), channel_history),
         node_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-        hook=PrometheusRealtimeHook(registry),
+        hook=hook,
         presence_interval_s=realtime.presence_interval_s,
         presence_ttl_s=realtime.presence_ttl_s,
         max_messages=realtime.queue_max_messages,
         max_bytes=realtime.queue_max_bytes,
+        bounded=realtime.backpressure,
     )
+    hook.watch_queued(hub.queued_bytes)
+    return hub
 
 
 def build_projector(

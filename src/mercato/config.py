@@ -411,6 +411,10 @@ class RealtimeSettings(BaseModel):
     # WebSocket protocol pings (uvicorn's keepalive); a peer silent for ping_timeout_s is closed.
     ws_ping_interval_s: float = Field(default=20.0, gt=0, le=300)
     ws_ping_timeout_s: float = Field(default=40.0, gt=0, le=600)
+    # permessage-deflate: off. Each connection would deflate every frame it is sent with its own
+    # compressor (CPU per delivery, not per message) and hold its zlib state (tens of KiB per idle
+    # connection); chat and order frames are small JSON (ADR 0038).
+    ws_compression: bool = False
     auth_timeout_s: float = Field(default=5.0, gt=0, le=60)
     max_frame_bytes: int = Field(default=16_384, ge=256, le=1 << 20)
     max_text_chars: int = Field(default=4000, ge=1, le=100_000)
@@ -418,6 +422,9 @@ class RealtimeSettings(BaseModel):
     queue_max_messages: int = Field(default=1000, ge=1, le=1_000_000)
     queue_max_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     slow_consumer_s: float = Field(default=10.0, gt=0, le=600)
+    # False removes the caps (so no dropping, no paused reads, no 1013): the control run of
+    # `mercato lab slow-consumer` only; never in production (a stuck client then grows memory).
+    backpressure: bool = True
     # Presence heartbeat; an announcement expires after presence_ttl_s (a killed process's users go).
     presence_interval_s: float = Field(default=10.0, gt=0, le=600)
     presence_ttl_s: float = Field(default=25.0, gt=0, le=3600)

@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,11 @@ def token(cluster: Cluster, user: str, *, staff: bool = False) -> str:
     signed with the cluster's own keys."""
     if (cluster.database_url, user) not in _TOKENS:
         role = "admin" if staff else "customer"
-        [_TOKENS[cluster.database_url, user]] = issue_tokens(
-            cluster.database_url, TEST_SECRET, [(user, role)]
-        )
+        # issue_tokens runs its own event loop: from inside a scenario's loop, in a thread of its own.
+        with ThreadPoolExecutor(1) as pool:
+            [_TOKENS[cluster.database_url, user]] = pool.submit(
+                issue_tokens, cluster.database_url, TEST_SECRET, [(user, role)]
+            ).result()
     return _TOKENS[cluster.database_url, user]
 
 

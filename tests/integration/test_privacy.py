@@ -247,3 +247,17 @@ async def test_expired_refresh_tokens_and_old_notifications_are_purged(
     async with container.db.read() as conn:
         assert (await conn.execute(select(refresh_tokens))).all() == []
         assert [r.status for r in (await conn.execute(select(notifications))).all()] == ["pending"]
+
+
+async def test_every_sweep_purge_and_watch_runs_once_across_workers(container: Container) -> None:
+    from mercato.workers.jobs import shop_jobs
+
+    sweeps = [
+        job
+        for job in shop_jobs(container)
+        if job.name.startswith(("purge_", "trim_", "expire_", "reconcile", "watch_"))
+    ]
+    assert {"purge_audit_log", "purge_refresh_tokens", "purge_notifications", "purge_chat_history"} <= {
+        job.name for job in sweeps
+    }
+    assert [job.name for job in sweeps if not job.singleton] == []

@@ -130,3 +130,31 @@ async def test_a_long_resume_is_paced_by_the_reader_not_cut_off() -> None:
     await subscribing
     assert seqs == list(range(1, 1001))
     assert not refused
+
+
+class _SlowBroker:
+    """A broker whose publish yields to the loop (as every real one does), recording announcements."""
+
+    def __init__(self) -> None:
+        self.published: list[ChannelEvent] = []
+
+    async def publish(self, event: ChannelEvent) -> None:
+        await asyncio.sleep(0.01)
+        self.published.append(event)
+
+
+async def test_the_last_members_leaving_at_once_both_leave_cleanly() -> None:
+    """Two users' disconnects interleave while presence is announced (a slow consumer cut off while
+    another member leaves): neither fails half-way, and the channel's presence ends empty."""
+    broker = _SlowBroker()
+    hub = Hub(broker, _History(0), node_id="n1")  # type: ignore[arg-type]
+    a = hub.connect("u1", kind="ws", on_refused=lambda: None)
+    b = hub.connect("u2", kind="ws", on_refused=lambda: None)
+    for conn in (a, b):
+        await hub.subscribe(conn, "room:a", since=None, presence=True)
+    await asyncio.gather(hub.disconnect(a), hub.disconnect(b))
+    assert hub.connections == {}
+    assert broker.published[-1].data["users"] == []
+    c = hub.connect("u3", kind="ws", on_refused=lambda: None)
+    await hub.subscribe(c, "room:a", since=None, presence=True)
+    assert broker.published[-1].data["users"] == ["u3"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -188,50 +189,70 @@ app.command("eventstore")(eventstore_command)
 
 @app.command("realtime")
 def realtime(
-    connections: Annotated[int, typer.Option(help="WebSocket connections", min=2)] = 1000,
+    connections: Annotated[int, typer.Option(help="WebSocket connections (0: only --idle)", min=0)] = 1000,
     rooms: Annotated[int, typer.Option(help="Rooms (each connection follows one)", min=1)] = 50,
     rate: Annotated[float, typer.Option(help="Messages sent per second, over all rooms", min=1)] = 100,
     seconds: Annotated[float, typer.Option(help="Sending time per server", min=1)] = 10,
+    idle: Annotated[int, typer.Option(help="Also hold this many idle authenticated connections", min=0)] = 0,
+    idle_processes: Annotated[int, typer.Option(help="Client processes opening the idle ones", min=1)] = 4,
+    idle_hold_s: Annotated[float, typer.Option(help="Seconds the idle connections are held", min=1)] = 15,
     out: OutOption = None,
     database_url: Annotated[
         str | None, typer.Option(help="Mercato's database (default: SQLite in the run folder)")
     ] = None,
 ) -> None:
-    """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run."""
-    from mercato.bench.realtime import run_realtime_bench
+    """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run; idle
+    connections held by one process (`--idle`)."""
+    from dataclasses import asdict
+
+    from mercato.bench.realtime import (
+        IdleResult,
+        realtime_table,
+        realtime_verdict,
+        run_idle_bench,
+        run_realtime_bench,
+    )
 
     folder = RunFolder.open("bench-realtime", out)
-    results = run_realtime_bench(
-        connections=connections,
-        rooms=rooms,
-        rate=rate,
-        seconds=seconds,
-        workdir=folder.path,
-        database_url=database_url,
-    )
-    table = Table(title=f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s")
-    for column in (
-        "server",
-        "sent",
-        "deliveries/s",
-        "p50 ms",
-        "p99 ms",
-        "CPU ms/1000 deliveries",
-        "KiB/idle conn",
-    ):
-        table.add_column(column, justify="left" if column == "server" else "right")
-    for r in results:
-        table.add_row(
-            r.server,
-            f"{r.sent:,}",
-            f"{r.deliveries_per_s:,.0f}",
-            f"{r.p50_ms:.1f}",
-            f"{r.p99_ms:.1f}",
-            "—" if r.cpu_ms_per_1000 is None else f"{r.cpu_ms_per_1000:.0f}",
-            "—" if r.rss_kib_per_idle_connection is None else f"{r.rss_kib_per_idle_connection:.1f}",
+    load_before = os.getloadavg()
+    results = (
+        run_realtime_bench(
+            connections=connections,
+            rooms=rooms,
+            rate=rate,
+            seconds=seconds,
+            workdir=folder.path,
+            database_url=database_url,
         )
-    Console().print(table)
-    folder.write_table(table)
+        if connections
+        else []
+    )
+    idle_result: IdleResult | None = None
+    if idle:
+        idle_result = run_idle_bench(
+            connections=idle, processes=idle_processes, hold_s=idle_hold_s, workdir=folder.path
+        )
+    load_after = os.getloadavg()
+    title = f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s"
+    tables = realtime_table(results, idle_result, title=title)
+    lines = [
+        f"load average before {load_before[0]:.1f} after {load_after[0]:.1f} (2 cores, shared)",
+        *realtime_verdict(results, idle_result),
+    ]
+    console = Console(width=180)
+    for table in tables:
+        console.print(table)
+    console.print("\n".join(lines))
+    folder.record(
+        data={
+            "results": [asdict(r) for r in results],
+            "idle": asdict(idle_result) if idle_result else None,
+            "load_average": [load_before, load_after],
+        },
+        tables=tables,
+        verdict=lines,
+        console=Console(stderr=True),
+    )
 
 
 @app.command("streams")

@@ -13,11 +13,11 @@ order and backpressure.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,15 @@ from mercato.bench.servers import ServerProcess, _clean_env, free_port, start_me
 from mercato.bench.stats import LatencyHistogram
 from mercato.kit.storage.migrations import upgrade
 
-__all__ = ["RealtimeResult", "run_realtime_bench", "serve_bare"]
+__all__ = [
+    "IdleResult",
+    "RealtimeResult",
+    "realtime_table",
+    "realtime_verdict",
+    "run_idle_bench",
+    "run_realtime_bench",
+    "serve_bare",
+]
 
 # The token secret of the throwaway server this bench starts (and of the tokens it mints for it).
 SECRET = "bench-realtime-secret-0123456789abcdef-0123456789"  # noqa: S105 - a bench-only server
@@ -50,6 +58,11 @@ class RealtimeResult:
     p99_ms: float
     cpu_ms_per_1000: float | None
     rss_kib_per_idle_connection: float | None
+
+    @property
+    def deliveries_per_cpu_s(self) -> float | None:
+        """Deliveries per second of one core (the server's CPU time over the run)."""
+        return 1e6 / self.cpu_ms_per_1000 if self.cpu_ms_per_1000 else None
 
 
 # -- the bare server -------------------------------------------------------------------------
@@ -119,7 +132,8 @@ async def _measure(
 
     async def open_one(index: int) -> ClientConnection:
         headers = {"Authorization": f"Bearer {tokens[index]}"} if tokens else None
-        ws = await connect(ws_url, additional_headers=headers, max_queue=None)
+        # No compression offered, to either server: the same frames on the wire, no zlib per connection.
+        ws = await connect(ws_url, additional_headers=headers, max_queue=None, compression=None)
         if tokens:
             await ws.recv()  # ready
         return ws
@@ -129,14 +143,18 @@ async def _measure(
         conns += await asyncio.gather(*(open_one(i) for i in range(start, min(start + 100, connections))))
     await asyncio.sleep(1.0)
     rss_idle = _rss_kib(server.proc.pid)
-    for index, ws in enumerate(conns):
-        await ws.send(
-            orjson.dumps({"type": "subscribe", "channel": f"room:{room_ids[index % rooms]}"}).decode()
-        )
+
+    def subscribe_frame(index: int) -> str:
+        return orjson.dumps({"type": "subscribe", "channel": f"room:{room_ids[index % rooms]}"}).decode()
+
+    resubscribed = 0
     latencies = LatencyHistogram()
     stop = asyncio.Event()
+    subscribed = 0
+    all_subscribed = asyncio.Event()
 
-    async def reader(ws: ClientConnection) -> None:
+    async def reader(index: int, ws: ClientConnection) -> None:
+        nonlocal subscribed, resubscribed
         while not stop.is_set():
             try:
                 raw = await asyncio.wait_for(ws.recv(), 1.0)
@@ -147,8 +165,27 @@ async def _measure(
             frame = orjson.loads(raw)
             if frame.get("type") == "message":
                 latencies.record_s(time.time() - float(str(frame["text"]).split("|", 1)[0]))
+            elif frame.get("type") == "subscribed":
+                subscribed += 1
+                if subscribed == len(conns):
+                    all_subscribed.set()
+            elif frame.get("type") == "error" and frame.get("code") == "unavailable":
+                # The protocol's answer to a server too busy to subscribe now: try again shortly.
+                resubscribed += 1
+                await asyncio.sleep(0.5)
+                await ws.send(subscribe_frame(index))
 
-    readers = [asyncio.create_task(reader(ws)) for ws in conns]
+    readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+    # Subscribe in waves of 200, every subscription confirmed before the clock starts.
+    for start in range(0, len(conns), 200):
+        wave = range(start, min(start + 200, len(conns)))
+        for index in wave:
+            await conns[index].send(subscribe_frame(index))
+        deadline = time.monotonic() + 120
+        while subscribed < wave[-1] + 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+            await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_subscribed.wait(), 60)
     await asyncio.sleep(1.0)
     senders = conns[:rooms]
     sent = 0
@@ -163,7 +200,18 @@ async def _measure(
             await ws.send(orjson.dumps(body).decode())
             sent += 1
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - tick)))
-    await asyncio.sleep(2.0)  # let the tail arrive
+    sending_s = time.monotonic() - began
+    # The tail: until every expected delivery arrived, or nothing more came for 3 s (max 30 s).
+    expected = sent * (connections // rooms)
+    last_count, last_change = latencies.count, time.monotonic()
+    while (
+        latencies.count < expected
+        and time.monotonic() - last_change < 3
+        and time.monotonic() - began < sending_s + 30
+    ):
+        await asyncio.sleep(0.2)
+        if latencies.count != last_count:
+            last_count, last_change = latencies.count, time.monotonic()
     elapsed = time.monotonic() - began
     cpu_end = server.cpu_s()
     stop.set()
@@ -194,6 +242,7 @@ async def _measure(
 def run_realtime_bench(
     *, connections: int, rooms: int, rate: float, seconds: float, workdir: Path, database_url: str | None
 ) -> list[RealtimeResult]:
+    raise_fd_limit()  # 5,000 connections are 5,000 descriptors in this process and in the server
     workdir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite+aiosqlite:///{workdir}/realtime.db"
     _migrate(url)
@@ -269,7 +318,6 @@ def run_realtime_bench(
         )
     finally:
         bare.stop()
-    (workdir / "realtime.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     return results
 
 
@@ -281,3 +329,210 @@ def _migrate(url: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     serve_bare(int(sys.argv[1]))
+
+
+# -- idle connections ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdleResult:
+    connections: int
+    client_processes: int
+    opened: int
+    alive_after_hold: int
+    hold_s: float
+    server_rss_before_kib: int
+    server_rss_after_kib: int
+    kib_per_connection: float
+    server_open_fds: int
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (the servers started after inherit it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _idle_client(ws_url: str, tokens: list[str], count: int, report: Any, release: Any) -> None:
+    """One client process: open `count` authenticated connections, report, hold until released,
+    report how many are still open, close."""
+    from websockets.protocol import State
+
+    raise_fd_limit()
+
+    async def main() -> None:
+        conns: list[ClientConnection] = []
+        failed = 0
+
+        async def open_one(index: int) -> None:
+            nonlocal failed
+            try:
+                ws = await connect(
+                    ws_url,
+                    additional_headers={"Authorization": f"Bearer {tokens[index % len(tokens)]}"},
+                    open_timeout=60,
+                    ping_interval=None,
+                    compression=None,
+                )
+                await asyncio.wait_for(ws.recv(), 60)  # ready: authenticated
+                conns.append(ws)
+            except Exception:  # noqa: BLE001 - counted, the bench reports how many opened
+                failed += 1
+
+        for start in range(0, count, 100):
+            await asyncio.gather(*(open_one(i) for i in range(start, min(start + 100, count))))
+        report.put(("opened", len(conns), failed))
+        await asyncio.to_thread(release.wait)
+        report.put(("alive", sum(ws.state is State.OPEN for ws in conns), 0))
+        await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def measure_idle(
+    server: ServerProcess, *, ws_url: str, tokens: list[str], connections: int, processes: int, hold_s: float
+) -> IdleResult:
+    """`connections` idle authenticated WebSocket connections to one server process, opened by
+    `processes` client processes: the server's RSS per connection, and whether it holds them all."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    report = ctx.Queue()
+    release = ctx.Event()
+    share = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
+    time.sleep(1.0)
+    rss_before = _rss_kib(server.proc.pid)
+    children = [
+        ctx.Process(target=_idle_client, args=(ws_url, tokens, n, report, release), daemon=True)
+        for n in share
+        if n
+    ]
+    for child in children:
+        child.start()
+    opened = sum(report.get(timeout=600)[1] for _ in children)
+    time.sleep(2.0)
+    rss_after = _rss_kib(server.proc.pid)
+    fds = len(list(Path(f"/proc/{server.proc.pid}/fd").iterdir()))
+    time.sleep(max(0.0, hold_s - 2.0))
+    release.set()
+    alive = sum(report.get(timeout=120)[1] for _ in children)
+    for child in children:
+        child.join(timeout=60)
+    return IdleResult(
+        connections=connections,
+        client_processes=len(children),
+        opened=opened,
+        alive_after_hold=alive,
+        hold_s=hold_s,
+        server_rss_before_kib=rss_before,
+        server_rss_after_kib=rss_after,
+        kib_per_connection=(rss_after - rss_before) / opened if opened else 0.0,
+        server_open_fds=fds,
+    )
+
+
+def run_idle_bench(*, connections: int, processes: int, hold_s: float, workdir: Path) -> IdleResult:
+    raise_fd_limit()
+    workdir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite+aiosqlite:///{workdir}/idle.db"
+    _migrate(url)
+    # 100 accounts, each holding many connections: every connection is authenticated all the same.
+    tokens = issue_tokens(url, SECRET, [(str(uuid.uuid4()), "customer") for _ in range(100)])
+    server = start_mercato(
+        database_url=url,
+        workdir=workdir,
+        workers=1,
+        name="mercato-idle",
+        settings_env={"MERCATO_AUTH_SECRET": SECRET, "MERCATO_BACKPRESSURE_ENABLED": "false"},
+    )
+    try:
+        ws_url = server.base_url.replace("http://", "ws://") + "/v1/ws"
+        return measure_idle(
+            server, ws_url=ws_url, tokens=tokens, connections=connections, processes=processes, hold_s=hold_s
+        )
+    finally:
+        server.stop()
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def realtime_table(results: list[RealtimeResult], idle: IdleResult | None, *, title: str) -> list[Any]:
+    from rich.table import Table
+
+    tables: list[Any] = []
+    if results:
+        table = Table(title=title)
+        for column in (
+            "server",
+            "sent",
+            "deliveries",
+            "deliveries/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/1000 deliveries",
+            "deliveries per core-s",
+            "KiB/idle conn",
+        ):
+            table.add_column(column, justify="left" if column == "server" else "right")
+        for r in results:
+            per_core = r.deliveries_per_cpu_s
+            table.add_row(
+                r.server,
+                f"{r.sent:,}",
+                f"{r.deliveries:,}",
+                f"{r.deliveries_per_s:,.0f}",
+                f"{r.p50_ms:.1f}",
+                f"{r.p99_ms:.1f}",
+                "-" if r.cpu_ms_per_1000 is None else f"{r.cpu_ms_per_1000:.0f}",
+                "-" if per_core is None else f"{per_core:,.0f}",
+                "-" if r.rss_kib_per_idle_connection is None else f"{r.rss_kib_per_idle_connection:.1f}",
+            )
+        tables.append(table)
+    if idle is not None:
+        table = Table(title=f"{idle.connections:,} idle authenticated connections on one process")
+        for column in ("opened", "alive after hold", "hold s", "server RSS MiB", "KiB/conn", "server fds"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            f"{idle.opened:,}",
+            f"{idle.alive_after_hold:,}",
+            f"{idle.hold_s:g}",
+            f"{idle.server_rss_before_kib / 1024:.0f} -> {idle.server_rss_after_kib / 1024:.0f}",
+            f"{idle.kib_per_connection:.1f}",
+            f"{idle.server_open_fds:,}",
+        )
+        tables.append(table)
+    return tables
+
+
+def realtime_verdict(results: list[RealtimeResult], idle: IdleResult | None) -> list[str]:
+    lines: list[str] = []
+    by = {r.server: r for r in results}
+    ours, bare = by.get("mercato"), by.get("bare websockets")
+    if ours and bare and ours.deliveries_per_cpu_s and bare.deliveries_per_cpu_s:
+        ratio = ours.deliveries_per_cpu_s / bare.deliveries_per_cpu_s
+        lines.append(
+            f"deliveries per core-second: Mercato {ours.deliveries_per_cpu_s:,.0f}, bare "
+            f"{bare.deliveries_per_cpu_s:,.0f} = {ratio:.0%} (goal >= 50 %): "
+            f"{'met' if ratio >= 0.5 else 'not met'}"
+        )
+        lines.append(
+            f"fan-out latency p50/p99: Mercato {ours.p50_ms:.0f}/{ours.p99_ms:.0f} ms, bare "
+            f"{bare.p50_ms:.0f}/{bare.p99_ms:.0f} ms at {ours.offered_rate:g} msgs/s offered "
+            f"(goal p99 < 50 ms at half the maximum rate: {'met' if ours.p99_ms < 50 else 'not met'} here)"
+        )
+    if ours and ours.rss_kib_per_idle_connection is not None:
+        lines.append(f"idle connection ({ours.connections} open): {ours.rss_kib_per_idle_connection:.1f} KiB")
+    if idle is not None:
+        held = idle.alive_after_hold == idle.connections
+        lines.append(
+            f"{idle.connections:,} idle authenticated connections on one process: {idle.opened:,} opened, "
+            f"{idle.alive_after_hold:,} alive after {idle.hold_s:g} s ({'held' if held else 'not held'}); "
+            f"{idle.kib_per_connection:.1f} KiB each (goal <= 30 KiB: "
+            f"{'met' if idle.kib_per_connection <= 30 else 'not met'})"
+        )
+    return lines

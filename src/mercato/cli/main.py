@@ -239,6 +239,7 @@ def api(
         ws_ping_interval=settings.realtime.ws_ping_interval_s,
         ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
         ws_max_size=settings.realtime.max_frame_bytes * 4,
+        ws_per_message_deflate=settings.realtime.ws_compression,
         # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
         # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
         timeout_worker_healthcheck=30,
@@ -296,6 +297,7 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
             ws_ping_interval=settings.realtime.ws_ping_interval_s,
             ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
             ws_max_size=settings.realtime.max_frame_bytes * 4,
+            ws_per_message_deflate=settings.realtime.ws_compression,
         )
     )
     container = app.state.container

@@ -120,11 +120,17 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             singleton=True,
         ),
         # Retention of personal data (docs/privacy.md).
-        PeriodicJob("purge_audit_log", RETENTION_INTERVAL_S, audit.purge, batch=1000),
+        PeriodicJob("purge_audit_log", RETENTION_INTERVAL_S, audit.purge, batch=1000, singleton=True),
         PeriodicJob(
-            "purge_refresh_tokens", RETENTION_INTERVAL_S, container.identity.purge_refresh_tokens, batch=1000
+            "purge_refresh_tokens",
+            RETENTION_INTERVAL_S,
+            container.identity.purge_refresh_tokens,
+            batch=1000,
+            singleton=True,
         ),
-        PeriodicJob("purge_notifications", RETENTION_INTERVAL_S, purge_notifications, batch=1000),
+        PeriodicJob(
+            "purge_notifications", RETENTION_INTERVAL_S, purge_notifications, batch=1000, singleton=True
+        ),
         # The payment ledgers follow `mercato.payments` (inbox-deduplicated, so redeliveries apply once).
         PeriodicJob(
             "payments_ledger",
@@ -156,6 +162,14 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             "purge_inbox",
             messaging.retention_interval_s,
             retention.purge_inbox,
+            messaging.retention_batch,
+            singleton=True,
+        ),
+        # The chat offline queue's TTL (MERCATO_REALTIME_HISTORY_TTL_S): older messages are purged.
+        PeriodicJob(
+            "purge_chat_history",
+            messaging.retention_interval_s,
+            retention.purge_chat_history,
             messaging.retention_batch,
             singleton=True,
         ),

@@ -1,4 +1,5 @@
-"""The messaging retention jobs (ADR 0023): published outbox rows, inbox records, stream entries.
+"""The retention jobs: published outbox rows, inbox records, stream entries (ADR 0023), and chat
+messages past the offline queue's TTL (`MERCATO_REALTIME_HISTORY_TTL_S`, docs/realtime.md).
 
 Each method is one pass of a `PeriodicJob` (see `workers/jobs.py`) returning how many rows or
 entries it removed; the ages come from `MessagingSettings` (`MERCATO_MESSAGING_*_RETENTION_S`).
@@ -34,6 +35,9 @@ class MessagingRetention:
         before = self._container.clock.now() - timedelta(seconds=self._settings.inbox_retention_s)
         async with self._container.db.write() as conn:
             return await self._inbox.purge(conn, before=before, limit=self._settings.retention_batch)
+
+    async def purge_chat_history(self) -> int:
+        return await self._container.chat.purge_expired(limit=self._settings.retention_batch)
 
     async def trim_stream(self) -> int:
         retention_s = self._settings.stream_retention_s

@@ -99,7 +99,7 @@ class Connection:
 
     def send_frame(self, frame: dict[str, object], *, essential: bool = True, at: float = 0.0) -> None:
         """Queue a frame that is not a channel event (ack, error, subscribed, pong)."""
-        self._offer(orjson.dumps(frame), essential=essential, at=at)
+        self._offer(orjson.dumps(frame).decode(), essential=essential, at=at)
 
     def push(self, event: ChannelEvent) -> None:
         """Called by the hub for every event on a channel this connection may be subscribed to."""
@@ -109,7 +109,7 @@ class Connection:
         if cursor is None:
             return
         if not event.seq:
-            self._offer(orjson.dumps(event.frame()), essential=event.essential, at=event.at)
+            self._offer(event.wire(), essential=event.essential, at=event.at)
             return
         if cursor.catching_up:
             if len(cursor.pending) < _MAX_PENDING:
@@ -121,7 +121,7 @@ class Connection:
             return
         if event.seq == cursor.last + 1:
             cursor.last = event.seq
-            self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+            self._offer(event.wire(), essential=True, at=event.at)
             return
         cursor.catching_up = True
         cursor.pending.append(event)
@@ -150,7 +150,7 @@ class Connection:
                         cursor.pending = pending[index:]
                         break
                     cursor.last = event.seq
-                    self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+                    self._offer(event.wire(), essential=True, at=event.at)
                 if not cursor.pending and not cursor.reread:
                     return
                 await asyncio.sleep(0.05 * (_attempt + 1))
@@ -159,7 +159,7 @@ class Connection:
             for event in sorted(cursor.pending, key=lambda e: e.seq):
                 if event.seq > cursor.last:
                     cursor.last = event.seq
-                    self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+                    self._offer(event.wire(), essential=True, at=event.at)
             cursor.pending = []
         finally:
             cursor.catching_up = False
@@ -173,11 +173,11 @@ class Connection:
                 if self.queue.over_cap:
                     await self.queue.wait_below_cap()
                 cursor.last = event.seq
-                self._offer(orjson.dumps(event.frame()), essential=True, at=event.at)
+                self._offer(event.wire(), essential=True, at=event.at)
             if len(events) < self._replay_batch:
                 return
 
-    def _offer(self, frame: bytes, *, essential: bool, at: float) -> None:
+    def _offer(self, frame: str, *, essential: bool, at: float) -> None:
         if self.refused:
             return
         result = self.queue.offer(frame, essential=essential, at=at)

@@ -33,6 +33,8 @@ class ChannelEvent:
     ack: dict[str, Any] = field(default_factory=dict)
     # Wall-clock seconds when the event became durable (persisted), for the fan-out latency metric.
     at: float = 0.0
+    # The client frame's JSON text, encoded on first use: once per fan-out, not once per connection.
+    _wire: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -63,6 +65,13 @@ class ChannelEvent:
             ack=dict(raw.get("a") or {}),
             at=float(raw.get("at") or 0.0),
         )
+
+    def wire(self) -> str:
+        """`frame()` as JSON text; every connection an event fans out to shares this one string."""
+        if self._wire is None:
+            object.__setattr__(self, "_wire", orjson.dumps(self.frame()).decode())
+        assert self._wire is not None
+        return self._wire
 
     def frame(self) -> dict[str, Any]:
         """The client-facing JSON frame: the event's data with its type, channel and seq."""

@@ -32,6 +32,9 @@ _log = get_logger("mercato.realtime.hub")
 
 PRESENCE_ANNOUNCE = "presence.announce"
 
+# The "caps" of an unbounded queue (`bounded=False`): never reached.
+_UNBOUNDED = 1 << 62
+
 
 class Hub:
     def __init__(
@@ -45,6 +48,7 @@ class Hub:
         presence_ttl_s: float = 25.0,
         max_messages: int = 1000,
         max_bytes: int = 1 << 20,
+        bounded: bool = True,
     ) -> None:
         self.broker = broker
         self.history = history
@@ -54,6 +58,8 @@ class Hub:
         self.presence_ttl_s = presence_ttl_s
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        # False: outbound queues without caps (a lab's control run: what the caps prevent).
+        self.bounded = bounded
         self.connections: dict[str, Connection] = {}
         self._channels: dict[str, set[Connection]] = {}
         self._local_presence: dict[str, Counter[str]] = {}
@@ -81,6 +87,10 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting in every connection's outbound queue (a frame shared by N queues counts N times)."""
+        return sum(conn.queue.size_bytes for conn in list(self.connections.values()))
+
     def connect(
         self,
         user: str,
@@ -90,13 +100,17 @@ class Hub:
         max_messages: int | None = None,
         max_bytes: int | None = None,
     ) -> Connection:
+        if self.bounded:
+            queue = OutboundQueue(
+                max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
+            )
+        else:
+            queue = OutboundQueue(max_messages=_UNBOUNDED, max_bytes=_UNBOUNDED)
         conn = Connection(
             conn_id=f"{self.node_id}/{next(self._ids)}",
             user=user,
             kind=kind,
-            queue=OutboundQueue(
-                max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
-            ),
+            queue=queue,
             history=self.history,
             on_refused=on_refused,
             hook=self.hook,
@@ -109,9 +123,11 @@ class Hub:
         if self.connections.pop(conn.id, None) is None:
             return
         self.hook.connected(conn.kind, -1)
-        for channel in conn.channels:
-            await self.unsubscribe(conn, channel)
-        conn.close()
+        try:
+            for channel in conn.channels:
+                await self.unsubscribe(conn, channel)
+        finally:
+            conn.close()
 
     async def subscribe(
         self, conn: Connection, channel: str, *, since: int | None, presence: bool = False
@@ -138,9 +154,10 @@ class Hub:
             counter[conn.user] -= 1
             if counter[conn.user] <= 0:
                 del counter[conn.user]
+                if not counter and self._local_presence.get(channel) is counter:
+                    # Before the await: another disconnect may run while this one announces.
+                    del self._local_presence[channel]
                 await self._announce(channel)
-            if not counter:
-                del self._local_presence[channel]
 
     async def publish(self, event: ChannelEvent) -> None:
         await self.broker.publish(event)

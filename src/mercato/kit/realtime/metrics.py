@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,6 +67,16 @@ class PrometheusRealtimeHook:
             "Subscriptions resumed from a seq (reconnections).",
             registry=registry,
         )
+
+        self._registry = registry
+
+    def watch_queued(self, queued_bytes: Callable[[], float]) -> None:
+        """Export the bytes waiting in every outbound queue of this process, read at scrape time."""
+        Gauge(
+            "mercato_realtime_queued_bytes",
+            "Bytes waiting in this process's per-connection outbound queues.",
+            registry=self._registry,
+        ).set_function(queued_bytes)
 
     def connected(self, kind: str, delta: int) -> None:
         self._connected.labels(kind).inc(delta)

@@ -36,7 +36,7 @@ class OutboundQueue:
         self.max_bytes = max_bytes
         self._hard_messages = int(max_messages * hard_factor)
         self._hard_bytes = int(max_bytes * hard_factor)
-        self._items: deque[tuple[bytes, bool, float]] = deque()
+        self._items: deque[tuple[str | bytes, bool, float]] = deque()
         self._bytes = 0
         self._non_essential = 0
         self._ready = asyncio.Event()
@@ -59,8 +59,10 @@ class OutboundQueue:
     def _fits(self, size: int) -> bool:
         return len(self._items) + 1 <= self.max_messages and self._bytes + size <= self.max_bytes
 
-    def offer(self, frame: bytes, *, essential: bool, at: float = 0.0) -> Offer:
-        """Queue `frame`; `at` (when the event became durable, 0 if none) comes back from `get`."""
+    def offer(self, frame: str | bytes, *, essential: bool, at: float = 0.0) -> Offer:
+        """Queue `frame` (its size is its length: JSON text frames are ASCII-escaped or close to it);
+        `at` (when the event became durable, 0 if none) comes back from `get`. A frame several
+        connections share is one object: the queues hold references, not copies."""
         size = len(frame)
         while not self._fits(size) and self._non_essential:
             self._drop_oldest_non_essential()
@@ -76,7 +78,7 @@ class OutboundQueue:
         self._append(frame, essential, at)
         return Offer.QUEUED
 
-    def _append(self, frame: bytes, essential: bool, at: float) -> None:
+    def _append(self, frame: str | bytes, essential: bool, at: float) -> None:
         self._items.append((frame, essential, at))
         self._bytes += len(frame)
         if not essential:
@@ -92,7 +94,7 @@ class OutboundQueue:
                 self.dropped += 1
                 return
 
-    async def get(self) -> tuple[bytes, float]:
+    async def get(self) -> tuple[str | bytes, float]:
         """The oldest frame and its `at`, waiting for one."""
         while not self._items:
             self._ready.clear()

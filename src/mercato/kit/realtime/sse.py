@@ -45,7 +45,7 @@ def channel_event_response(
                 frame, _at = await conn.queue.get()
                 body = orjson.loads(frame)
                 yield ServerSentEvent(
-                    data=frame.decode(),
+                    data=frame if isinstance(frame, str) else frame.decode(),
                     event=str(body.get("type", "message")),
                     id=str(body["seq"]) if "seq" in body else None,
                 )

@@ -211,7 +211,7 @@ class WebSocketSession:
     async def _write(self, conn: Connection) -> None:
         while True:
             frame, at = await conn.queue.get()
-            await self.websocket.send_text(frame.decode())
+            await self.websocket.send_text(frame if isinstance(frame, str) else frame.decode())
             if at:
                 self.hub.hook.fanout_latency(time.time() - at)
 

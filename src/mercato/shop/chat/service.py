@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -34,7 +34,7 @@ from mercato.shop.chat.model import (
 )
 from mercato.shop.chat.shardmap import ShardMap
 from mercato.shop.chat.shards import ChatShards, Position, recent_messages
-from mercato.shop.chat.tables import members, rooms
+from mercato.shop.chat.tables import members, messages, rooms
 
 __all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
 
@@ -195,6 +195,46 @@ class ChatService:
     ) -> list[ChatMessage]:
         """Operators: the newest messages across all shards (scatter-gather), older than `before`."""
         return await recent_messages(self.shards, sender=sender, limit=limit, before=before)
+
+    async def purge_expired(self, *, limit: int) -> int:
+        """Delete up to `limit` messages older than the offline queue's TTL (`history_ttl_s`): one
+        pass of the worker's `purge_chat_history` job. Each room keeps its newest message whatever
+        its age: the next seq is `max + 1`, so the head row is what keeps a room's seqs from starting
+        over (it is past the TTL, so `history` no longer returns it)."""
+        horizon = self._clock.now() - timedelta(seconds=self.history_ttl_s)
+        shards = await self.shards.current()
+        removed = 0
+        # Every shard keeps its own rooms' history (ADR 0043): each is purged in its own database.
+        for name, _ in shards.shards:
+            if removed >= limit:
+                break
+            removed += await _purge_before(self.shards.db(name, shards), horizon, limit=limit - removed)
+        return removed
+
+
+async def _purge_before(db: Database, horizon: datetime, *, limit: int) -> int:
+    """Delete up to `limit` messages sent before `horizon` in one shard, every room's newest kept."""
+    newer = messages.alias("newer")
+    expired = (
+        select(messages.c.room_id, messages.c.seq)
+        .where(
+            messages.c.sent_at < horizon,
+            select(newer.c.seq)
+            .where(newer.c.room_id == messages.c.room_id, newer.c.seq > messages.c.seq)
+            .exists(),
+        )
+        .limit(limit)
+    )
+    async with db.write() as conn:
+        keys = [(r.room_id, r.seq) for r in await conn.execute(expired)]
+        removed = 0
+        for room_id in {room for room, _ in keys}:
+            seqs = [seq for room, seq in keys if room == room_id]
+            result = await conn.execute(
+                delete(messages).where(messages.c.room_id == room_id, messages.c.seq.in_(seqs))
+            )
+            removed += int(result.rowcount or 0)
+    return removed
 
 
 def _message(row: object) -> ChatMessage:

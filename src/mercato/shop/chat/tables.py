@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Index,
     Integer,
     PrimaryKeyConstraint,
     String,
@@ -49,6 +50,8 @@ messages = Table(
     PrimaryKeyConstraint("room_id", "seq", name="pk_chat_messages"),
     # A client re-sending after a lost ack gets its first seq back, not a second message.
     UniqueConstraint("room_id", "sender", "client_msg_id", name="uq_chat_messages_client_msg"),
+    # The retention job (workers/jobs.py: purge_chat_history) deletes by age.
+    Index("ix_chat_messages_sent_at", "sent_at"),
 )
 
 # Sharding (ADR 0043). In every shard: a room whose messages moved away is fenced here, so a writer
