@@ -280,7 +280,12 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     runner = build_saga_runner(container)
     background = [
         asyncio.create_task(
-            run_jobs(shop_jobs(container), stop, metrics=JobMetrics(app.state.metrics.registry))
+            run_jobs(
+                shop_jobs(container),
+                stop,
+                metrics=JobMetrics(app.state.metrics.registry),
+                signals=container.db.signals,
+            )
         ),
         asyncio.create_task(runner.run(stop)),
     ]
@@ -335,7 +340,8 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     console.print("[bold]Mercato worker[/bold] running: sagas, " + ", ".join(j.name for j in jobs) + probes)
     try:
         await asyncio.gather(
-            run_jobs(jobs, stop, metrics=JobMetrics(registry)), build_saga_runner(container).run(stop)
+            run_jobs(jobs, stop, metrics=JobMetrics(registry), signals=container.db.signals),
+            build_saga_runner(container).run(stop),
         )
     finally:
         if container.breaker_reports is not None:

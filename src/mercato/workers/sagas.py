@@ -24,6 +24,9 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         events=container.saga_events,
         lease_s=checkout.saga_lease_s,
         concurrency=checkout.saga_concurrency,
+        # Woken by new sagas (here, or NOTIFY from other processes) and by its own parked retries:
+        # the poll is only the safety net (kit/storage/signals.py).
+        poll_s=container.settings.messaging.relay_interval_s,
         wakeups=container.saga_wakeups,
         # On the container's registry, which the worker's /metrics and the API's (`mercato up`) serve.
         hook=hook,

@@ -65,6 +65,7 @@ from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
+    STREAM_CHANNEL,
     DeadLetter,
     DeadLetterStatus,
     Delivery,
@@ -588,6 +589,7 @@ async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIte
             _observe(None)
             raise
         await (transaction.commit() if transaction is not None else conn.commit())
+        db.signals.wrote()
         _observe(None)
 
 
@@ -689,6 +691,7 @@ class SqlLogStream:
 
         await self._transaction(append_all)
         self._published().set()
+        self._db.signals.fire(STREAM_CHANNEL)
 
     async def _append(
         self,

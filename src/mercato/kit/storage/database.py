@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
+from mercato.kit.storage.signals import WorkSignals
 
 _WRITE_OPTION = "mercato_write"
 
@@ -44,6 +45,8 @@ class Database:
     ) -> None:
         self.engine = engine
         self.replicas = replicas
+        # Wake on work (signals.py): the loops that handle work wait on these instead of polling.
+        self.signals = WorkSignals(engine)
         self._autocommit_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -120,7 +123,12 @@ class Database:
                 yield conn
             return
         async with self._autocommit_engine.connect() as conn:
-            yield conn
+            try:
+                yield conn
+            except BaseException:
+                self.signals.fire_pending(conn, committed=False)
+                raise
+            self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
 
     async def _record_commit(self, conn: AsyncConnection) -> None:
@@ -159,8 +167,13 @@ class Database:
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
-            async with conn.begin():
-                yield conn
+            try:
+                async with conn.begin():
+                    yield conn
+            except BaseException:
+                self.signals.fire_pending(conn, committed=False)
+                raise
+            self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
 
     def _write_lock(self) -> asyncio.Lock:
@@ -199,6 +212,7 @@ class Database:
         return status
 
     async def dispose(self) -> None:
+        await self.signals.aclose()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()
