@@ -30,9 +30,11 @@ async def test_a_committed_outbox_write_wakes_the_relay_job_and_a_rollback_does_
 ) -> None:
     passes: list[float] = []
     woke = asyncio.Event()
+    first = asyncio.Event()
 
     async def relay_pass() -> int:
         passes.append(time.monotonic())
+        first.set()
         woke.set()
         return 0
 
@@ -40,8 +42,7 @@ async def test_a_committed_outbox_write_wakes_the_relay_job_and_a_rollback_does_
     job = PeriodicJob("relay", SAFETY_S, relay_pass, wake_on=(OUTBOX_CHANNEL,))
     runner = asyncio.create_task(run_jobs([job], stop, signals=container.db.signals))
     try:
-        while not passes:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(first.wait(), timeout=5.0)
         # On PostgreSQL the listener, once it holds its LISTEN, fires once (for what it missed).
         await asyncio.sleep(0.5)
         before = len(passes)

@@ -284,3 +284,48 @@ def streams(
         ],
     }
     RunFolder.open("bench-streams", out).record(data=data, tables=[table], console=console)
+
+
+@app.command("idle")
+def idle(
+    seconds: Annotated[float, typer.Option(help="Idle seconds measured", min=5)] = 30.0,
+    settle: Annotated[float, typer.Option(help="Seconds after /readyz before measuring", min=0)] = 10.0,
+    database_url: Annotated[
+        str | None, typer.Option(help="PostgreSQL to run on (default: a fresh SQLite file)")
+    ] = None,
+    max_core_share: Annotated[
+        float, typer.Option(help="Exit 1 if the idle process used more than this share of a core")
+    ] = 0.01,
+    out: OutOption = None,
+) -> None:
+    """CPU an idle `mercato up` uses (its own process, /proc CPU time; goal <= 1 % of a core)."""
+    from mercato.bench.idle import measure_idle
+
+    result = measure_idle(seconds=seconds, settle_s=settle, database_url=database_url)
+    table = Table(title=f"Idle `mercato up` ({result.database}), {seconds:.0f} s")
+    for column in ("CPU seconds", "share of a core", "load average before", "load average after"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{result.cpu_s:.2f}",
+        f"{result.core_share:.2%}",
+        " ".join(f"{x:.2f}" for x in result.load_before),
+        " ".join(f"{x:.2f}" for x in result.load_after),
+    )
+    Console().print(table)
+    held = result.core_share <= max_core_share
+    verdict = [
+        f"idle cost {result.core_share:.2%} of a core vs goal <= {max_core_share:.0%}: "
+        + ("held" if held else "did not hold")
+    ]
+    data = {
+        "database": result.database,
+        "seconds": seconds,
+        "cpu_s": round(result.cpu_s, 3),
+        "core_share": round(result.core_share, 4),
+        "load_before": result.load_before,
+        "load_after": result.load_after,
+    }
+    RunFolder.open("bench-idle", out).record(data=data, tables=[table], verdict=verdict, console=console)
+    console.print(verdict[0])
+    if not held:
+        raise typer.Exit(1)
