@@ -105,7 +105,7 @@ async def test_an_idle_worker_sends_almost_nothing_to_the_database(database_url:
             asyncio.create_task(run_jobs(jobs, stop, signals=container.db.signals)),
             asyncio.create_task(runner.run(stop)),
         ]
-        await asyncio.sleep(1.0)  # every job's first pass, the listener's start
+        await asyncio.sleep(3.0)  # every job's first pass, the listener's start (a loaded machine)
         with counting(container) as idle:
             await asyncio.sleep(3.0)
         stop.set()

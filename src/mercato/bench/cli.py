@@ -44,16 +44,22 @@ def _table(report: BenchReport) -> Table:
     table = Table(
         title=f"Max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors, ≥95% achieved)"
     )
-    for column in ("endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"):
+    columns = ["endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"]
+    if report.raw_db is not None:
+        columns.insert(3, "vs asyncpg")
+    for column in columns:
         table.add_column(column, justify="left" if column == "endpoint" else "right", no_wrap=True)
     for item in report.targets:
         step = item.best_step
         share = report.ratio(item)
         cpu = step.server_cpu if step else None
+        raw_share = report.ratio_vs_raw(item)
+        raw_cell = [] if report.raw_db is None else ["—" if raw_share is None else f"{raw_share:.0%}"]
         table.add_row(
             item.target.endpoint,
             _fmt_rate(item.best_rate),
             "—" if share is None else f"{share:.0%}",
+            *raw_cell,
             f"{step.p50_ms:.2f}" if step else "—",
             f"{step.p95_ms:.2f}" if step else "—",
             f"{step.p99_ms:.2f}" if step else "—",
@@ -92,6 +98,9 @@ def http(
         list[str] | None, typer.Option(help=f"Targets to measure besides the baseline: {', '.join(TARGETS)}")
     ] = None,
     baseline: Annotated[str, typer.Option(help="Bare baseline: starlette or asgi")] = "starlette",
+    app_cache: Annotated[
+        bool, typer.Option("--app-cache/--no-app-cache", help="Mercato's application cache on or off")
+    ] = True,
     min_ratio: Annotated[
         float | None, typer.Option(help="Fail (exit 1) if product-by-id's ratio vs bare is below this")
     ] = None,
@@ -130,6 +139,7 @@ def http(
         products=products,
         targets=targets,
         baseline_kind=baseline,
+        app_cache=app_cache,
     )
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from mercato.cluster.ports import free_port
+from mercato.bench.servers import free_port
 
 __all__ = ["IdleResult", "measure_idle"]
 

@@ -27,21 +27,16 @@ import contextlib
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     ClauseElement,
-    Dialect,
-    Executable,
     Insert,
     Integer,
     Select,
-    Table,
     and_,
     bindparam,
     case,
@@ -55,9 +50,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
@@ -79,8 +71,23 @@ from mercato.kit.messaging.tables import (
     stream_log,
 )
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import (
+    DriverReads,
+    Executor,
+    SharedDriverConnection,
+    SqlAlchemyExecutor,
+    Statements,
+    Unprepared,
+    add_driver_listener,
+    autocommit_rows,
+    driver_prepared,
+    driver_transaction,
+    insert_ignore,
+    observe,
+)
 
-__all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepared"]
+# The statement layer's names stay importable from here (kit/storage/statements.py is their home).
+__all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepared", "insert_ignore"]
 
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 _T = TypeVar("_T")
@@ -265,7 +272,7 @@ def _allocate_heads(dialect: str, count: int) -> Insert:
             set_={"next_offset": _h.next_offset + values.excluded.next_offset},
         ).returning(_h.topic, _h.partition, _h.next_offset)
         _ALLOCATE_STATEMENTS[(dialect, count)] = statement
-        _PREPARED.add(statement)
+        driver_prepared(statement)
     return statement
 
 
@@ -278,12 +285,11 @@ def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
             _log.message_id.in_([bindparam(f"id{n}", type_=_log.message_id.type) for n in range(count)])
         )
         _STORED_IDS_STATEMENTS[count] = statement
-        _PREPARED.add(statement)
+        driver_prepared(statement)
     return statement
 
 
-# What the driver path runs; any other statement sends the operation back through SQLAlchemy.
-_PREPARED: set[ClauseElement] = {
+for _statement in (
     _MOVE_HEAD,
     _APPEND,
     _PROBE,
@@ -293,320 +299,8 @@ _PREPARED: set[ClauseElement] = {
     _REPLAYS,
     _SET_CURSOR,
     _ACK_IN_ORDER,
-}
-
-
-def driver_prepared(statement: _S) -> _S:
-    """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
-    on the driver path, e.g. through `DriverReads`."""
-    _PREPARED.add(statement)
-    return statement
-
-
-DriverListener = Callable[[str | None], None]
-_DRIVER_LISTENERS: list[DriverListener] = []
-
-
-def add_driver_listener(listener: DriverListener) -> Callable[[], None]:
-    """Observe what the driver path sends, which SQLAlchemy's engine events never see: `listener`
-    gets each statement's SQL, and None at the end (commit or rollback) of each driver-path
-    transaction that ran one. For statement counters (tests, the bench probe); returns the remover."""
-    _DRIVER_LISTENERS.append(listener)
-    return lambda: _DRIVER_LISTENERS.remove(listener)
-
-
-def _observe(sql: str | None) -> None:
-    for listener in _DRIVER_LISTENERS:
-        listener(sql)
-
-
-@dataclass(frozen=True, slots=True)
-class _DriverStatement:
-    """A Core statement compiled once for one dialect, with its parameter order and the column
-    types' conversions, to run on the driver's connection."""
-
-    sql: str
-    names: tuple[str, ...]
-    binds: tuple[Callable[[Any], Any] | None, ...]
-    results: tuple[Callable[[Any], Any] | None, ...]
-    # The values written into the statement itself (`status == 'replaying'`): bound like the rest.
-    fixed: dict[str, Any]
-
-    @classmethod
-    def compile(cls, statement: ClauseElement, dialect: Dialect) -> _DriverStatement:
-        compiled = statement.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        names = tuple(compiled.positiontup or ())
-        columns = statement.selected_columns if isinstance(statement, Select) else ()
-        return cls(
-            sql=str(compiled),
-            names=names,
-            binds=tuple(
-                compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-            ),
-            results=tuple(
-                column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-            ),
-            fixed={name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required},
-        )
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        return [
-            value if process is None else process(value)
-            for process, value in zip(
-                self.binds, (values[n] if n in values else self.fixed[n] for n in self.names), strict=True
-            )
-        ]
-
-    def rows(self, records: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if not any(self.results):
-            return [tuple(record) for record in records]
-        return [
-            tuple(v if process is None else process(v) for process, v in zip(self.results, r, strict=True))
-            for r in records
-        ]
-
-
-class _Unprepared(Exception):
-    """The driver path met a statement it does not carry: redo the operation through SQLAlchemy."""
-
-
-class _Executor(Protocol):
-    """Runs this module's statements in one transaction; rows come back as plain tuples."""
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]: ...
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None: ...
-
-    async def insert_ignore(
-        self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]
-    ) -> None: ...
-
-
-class _SqlAlchemyExecutor:
-    """Every statement, through a SQLAlchemy connection: the general path."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        result = await self._conn.execute(cast(Executable, statement), params)
-        return [tuple(row) for row in result]
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None:
-        await self._conn.execute(cast(Executable, statement), params)
-
-    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        await insert_ignore(self._conn, table, rows, conflict=conflict)
-
-
-class _Statements:
-    """One dialect's compiled forms of the `_PREPARED` statements, compiled on first use."""
-
-    def __init__(self, dialect: Dialect) -> None:
-        self._dialect = dialect
-        self._compiled: dict[int, _DriverStatement] = {}
-
-    def get(self, statement: ClauseElement) -> _DriverStatement:
-        compiled = self._compiled.get(id(statement))
-        if compiled is None:
-            if statement not in _PREPARED:
-                raise _Unprepared
-            compiled = self._compiled[id(statement)] = _DriverStatement.compile(statement, self._dialect)
-        return compiled
-
-
-class _DriverExecutor:
-    """The hot path: prepared statements on the driver's connection, one thread hop (aiosqlite)
-    or one round trip (asyncpg) each, where SQLAlchemy's async adapter costs several."""
-
-    def __init__(self, conn: Any, statements: _Statements, *, postgresql: bool) -> None:
-        self._conn = conn
-        self._statements = statements
-        self._postgresql = postgresql
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        prepared = self._statements.get(statement)
-        args = prepared.args(params or {})
-        _observe(prepared.sql)
-        if self._postgresql:
-            return prepared.rows(await self._conn.fetch(prepared.sql, *args))
-        return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None:
-        prepared = self._statements.get(statement)
-        _observe(prepared.sql)
-        if isinstance(params, list):
-            await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
-        elif self._postgresql:
-            await self._conn.execute(prepared.sql, *prepared.args(params or {}))
-        else:
-            await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
-
-    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        raise _Unprepared
-
-
-@asynccontextmanager
-async def _driver_connection(db: Database) -> AsyncIterator[Any]:
-    """The driver's connection (asyncpg's, aiosqlite's) from `db`'s pool, in autocommit.
-
-    No SQLAlchemy `Connection` around it, so nothing emits BEGIN: each statement commits on its
-    own unless the caller begins a transaction. Checkin and invalidation run in a greenlet
-    because the pool may close the connection (an overflow connection, a failed one), which the
-    async drivers only do awaited. A failure discards the connection (after a cancellation
-    mid-statement its state is unknown), except `_Unprepared`, raised after a clean rollback.
-    """
-    pooled = await db.engine.raw_connection()
-    try:
-        yield pooled.driver_connection
-    except _Unprepared:
-        await greenlet_spawn(pooled.close)
-        raise
-    except BaseException:
-        await greenlet_spawn(pooled.invalidate)
-        raise
-    await greenlet_spawn(pooled.close)
-
-
-class _AckConnection:
-    """One pooled driver connection shared by back-to-back autocommitted statements: in-order
-    acks, and the poll probes and lag reads.
-
-    A consumer acknowledges a batch one message at a time; checking a connection out of the pool
-    and back in around each one-statement ack cost about a quarter of the ack. The connection goes
-    back to the pool as soon as the event loop runs with no ack using it (the consumer awaited
-    something else), so it is never held while the consumer is idle. An ack arriving while another
-    one uses it takes its own connection from the pool, so concurrent acks never queue.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._pooled: PoolProxiedConnection | None = None
-        self._busy = False
-        self._release_scheduled = False
-        self._closing: set[asyncio.Task[None]] = set()
-
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[Any]:
-        if self._busy:
-            async with _driver_connection(self._db) as conn:
-                yield conn
-            return
-        self._busy = True
-        try:
-            if self._pooled is None:
-                self._pooled = await self._db.engine.raw_connection()
-            pooled = self._pooled
-            try:
-                yield pooled.driver_connection
-            except BaseException:
-                # Its state is unknown after a failure or a cancellation mid-statement.
-                self._pooled = None
-                await greenlet_spawn(pooled.invalidate)
-                raise
-        finally:
-            self._busy = False
-            if self._pooled is not None and not self._release_scheduled:
-                self._release_scheduled = True
-                asyncio.get_running_loop().call_soon(self._release_if_unused)
-
-    def _release_if_unused(self) -> None:
-        self._release_scheduled = False
-        if self._busy or self._pooled is None:
-            return  # the ack using it schedules the release again when it is done
-        pooled, self._pooled = self._pooled, None
-        # The pool's checkin may close the connection, which the async drivers only do awaited.
-        task = asyncio.get_running_loop().create_task(greenlet_spawn(pooled.close))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-
-async def _autocommit_rows(
-    connection: _AckConnection,
-    statements: _Statements,
-    statement: ClauseElement,
-    params: dict[str, Any],
-    *,
-    postgresql: bool,
-) -> list[tuple[Any, ...]]:
-    """One prepared statement, autocommitted on the shared driver connection: one round trip, no
-    BEGIN/COMMIT, no pool checkout when the connection is already out."""
-    prepared = statements.get(statement)
-    args = prepared.args(params)
-    async with connection.use() as driver:
-        _observe(prepared.sql)
-        if postgresql:
-            records = await driver.fetch(prepared.sql, *args)
-        else:
-            records = await driver.execute_fetchall(prepared.sql, args)
-    return prepared.rows(records)
-
-
-class DriverReads:
-    """Single SELECTs run alone, autocommitted on the driver's connection (the poll probes of this
-    module, a projector's): one round trip each where `Database.read` adds BEGIN and ROLLBACK and
-    SQLAlchemy's adapter overhead. Statements must be registered with `driver_prepared`."""
-
-    def __init__(self, db: Database) -> None:
-        self._postgresql = db.dialect == "postgresql"
-        self._statements = _Statements(db.engine.dialect)
-        self._connection = _AckConnection(db)
-
-    async def rows(self, statement: ClauseElement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return await _autocommit_rows(
-            self._connection, self._statements, statement, params, postgresql=self._postgresql
-        )
-
-
-@asynccontextmanager
-async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIterator[_Executor]:
-    """A write transaction on the driver's connection, committed on success: BEGIN IMMEDIATE on
-    SQLite (the write lock up front, as `Database.write` does), BEGIN on PostgreSQL."""
-    postgresql = db.dialect == "postgresql"
-    async with _driver_connection(db) as conn:
-        transaction = conn.transaction() if postgresql else None
-        if transaction is not None:
-            await transaction.start()
-        else:
-            await conn.execute_fetchall("BEGIN IMMEDIATE")
-        try:
-            yield _DriverExecutor(conn, statements, postgresql=postgresql)
-        except _Unprepared:
-            await (transaction.rollback() if transaction is not None else conn.rollback())
-            _observe(None)
-            raise
-        await (transaction.commit() if transaction is not None else conn.commit())
-        db.signals.wrote()
-        _observe(None)
-
-
-async def insert_ignore(
-    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]
-) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING; returns how many rows were inserted.
-
-    Both dialects spell it the same way but SQLAlchemy builds it per dialect.
-    """
-    if not rows:
-        return 0
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    result = await conn.execute(
-        dialect_insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
-    )
-    return int(result.rowcount)
+):
+    driver_prepared(_statement)
 
 
 class SqlLogStream:
@@ -643,8 +337,8 @@ class SqlLogStream:
         self._hook = hook or NullMessagingHook()
         # Rotates the partition a read starts at, so a small max_messages does not starve the rest.
         self._next_start = 0
-        self._statements = _Statements(db.engine.dialect)
-        self._ack_connection = _AckConnection(db)
+        self._statements = Statements(db.engine.dialect)
+        self._ack_connection = SharedDriverConnection(db)
         # Set by every publish through this instance: a blocking read of this process wakes at
         # once instead of sleeping out its poll interval. One per event loop: an instance may
         # outlive a loop (tests, CLI commands run in turn) and an Event binds to the first.
@@ -659,17 +353,17 @@ class SqlLogStream:
             event = self._wakeups[loop] = asyncio.Event()
         return event
 
-    async def _transaction(self, work: Callable[[_Executor], Awaitable[_T]]) -> _T:
+    async def _transaction(self, work: Callable[[Executor], Awaitable[_T]]) -> _T:
         """`work` in one write transaction on the driver path; when it needs a statement that path
         does not carry (a group's first read, an expired batch, a replayed dead letter), rolled back
         and run again from the start through SQLAlchemy."""
         try:
-            async with _driver_transaction(self._db, self._statements) as executor:
+            async with driver_transaction(self._db, self._statements) as executor:
                 return await work(executor)
-        except _Unprepared:
+        except Unprepared:
             pass
         async with self._db.write() as conn:
-            return await work(_SqlAlchemyExecutor(conn))
+            return await work(SqlAlchemyExecutor(conn))
 
     # ---- publishing ----------------------------------------------------------------------------
 
@@ -686,7 +380,7 @@ class SqlLogStream:
         # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
         batches = [(key, list(batch.values())) for key, batch in sorted(by_partition.items())]
 
-        async def append_all(executor: _Executor) -> None:
+        async def append_all(executor: Executor) -> None:
             await self._append(executor, batches, now)
 
         await self._transaction(append_all)
@@ -695,7 +389,7 @@ class SqlLogStream:
 
     async def _append(
         self,
-        executor: _Executor,
+        executor: Executor,
         batches: list[tuple[tuple[str, int], list[Message]]],
         now: datetime,
     ) -> None:
@@ -772,7 +466,7 @@ class SqlLogStream:
             return []
         lease_until = now + timedelta(seconds=self.visibility_timeout_s)
 
-        async def take(executor: _Executor) -> list[Delivery]:
+        async def take(executor: Executor) -> list[Delivery]:
             return await self._take(executor, topic, group, consumer, max_messages, now, lease_until, probe)
 
         return await self._transaction(take)
@@ -782,7 +476,7 @@ class SqlLogStream:
         message, no expired batch, no due replay), so an idle poll opens no transaction; else what
         the read's transaction needs to know. Everything it reports is rechecked under the cursor
         locks, except a head that grew since, which the next poll sees."""
-        rows = await _autocommit_rows(
+        rows = await autocommit_rows(
             self._ack_connection,
             self._statements,
             _PROBE,
@@ -809,7 +503,7 @@ class SqlLogStream:
 
     async def _take(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -886,7 +580,7 @@ class SqlLogStream:
 
     async def _deliver(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -937,7 +631,7 @@ class SqlLogStream:
                 return
             await self._mark_acked(conn, delivery.group, delivery.topic, delivery.partition, delivery.offset)
             advanced = await self._advance(
-                _SqlAlchemyExecutor(conn),
+                SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
                 delivery.partition,
@@ -988,7 +682,7 @@ class SqlLogStream:
             }
         )
         async with self._ack_connection.use() as driver:
-            _observe(statement.sql)
+            observe(statement.sql)
             if self._db.dialect == "postgresql":
                 return await driver.fetchval(statement.sql, *args) is not None
             return bool(await driver.execute_fetchall(statement.sql, args))
@@ -1002,7 +696,7 @@ class SqlLogStream:
             if cursor is None:
                 return
             advanced = await self._fail(
-                _SqlAlchemyExecutor(conn),
+                SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
                 delivery.partition,
@@ -1046,7 +740,7 @@ class SqlLogStream:
 
     async def _set_cursor(
         self,
-        executor: _Executor,
+        executor: Executor,
         group: str,
         topic: str,
         partition: int,
@@ -1094,7 +788,7 @@ class SqlLogStream:
         )
 
     async def _advance(
-        self, executor: _Executor, group: str, topic: str, partition: int, next_offset: int
+        self, executor: Executor, group: str, topic: str, partition: int, next_offset: int
     ) -> int:
         """Move the watermark over acknowledged offsets; forget the per-offset rows below it."""
         a = stream_attempts.c
@@ -1111,7 +805,7 @@ class SqlLogStream:
 
     async def _fail(
         self,
-        executor: _Executor,
+        executor: Executor,
         group: str,
         topic: str,
         partition: int,
@@ -1175,7 +869,7 @@ class SqlLogStream:
 
     async def _take_replays(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -1312,14 +1006,14 @@ class SqlLogStream:
                         )
                     ).scalar_one()
                     target = heads.get(p, 0) if first is None else int(first)
-                await self._set_cursor(_SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
+                await self._set_cursor(SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
                 # A rewound group starts these messages afresh: earlier failures do not count.
                 await conn.execute(
                     delete(stream_attempts).where(a.group == group, a.topic == topic, a.partition == p)
                 )
 
     async def lag(self, topic: str, group: str) -> int:
-        [(behind,)] = await _autocommit_rows(
+        [(behind,)] = await autocommit_rows(
             self._ack_connection,
             self._statements,
             _LAG,
