@@ -12,6 +12,7 @@ from mercato.bootstrap import Container, build_container
 from mercato.config import MessagingSettings, WorkerSettings
 from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import OUTBOX_CHANNEL, Message, Outbox
+from mercato.kit.realtime import ChannelEvent, SqlBroker
 from mercato.kit.storage import create_database
 from mercato.workers import PeriodicJob, run_jobs, shop_jobs
 from mercato.workers.sagas import build_saga_runner
@@ -122,3 +123,26 @@ async def test_an_idle_worker_sends_almost_nothing_to_the_database(database_url:
     # What remains: the breaker report's heartbeat (3 statements, every ~4 s) and the 5 s
     # reservation sweep (1).
     assert len(idle.statements) <= 8, idle.report()
+
+
+async def test_the_sql_realtime_broker_is_woken_by_a_publish_not_its_poll(database_url: str) -> None:
+    """Two brokers on one database stand for two API processes; each polls only every 30 s."""
+    first, second = create_database(database_url), create_database(database_url)
+    brokers = [SqlBroker(first, poll_interval_s=SAFETY_S), SqlBroker(second, poll_interval_s=SAFETY_S)]
+    try:
+        subscriptions = [await broker.subscribe() for broker in brokers]
+        await asyncio.sleep(0.5)  # each reader's first look, and on PostgreSQL its LISTEN
+        started = time.monotonic()
+        await brokers[0].publish(ChannelEvent(channel="room:signals", type="message", data={"n": 1}, seq=1))
+        for subscription in subscriptions:  # this process's reader, and the other's
+            received = await asyncio.wait_for(subscription.get(), timeout=3.0)
+            assert received is not None
+            assert received.data == {"n": 1}
+        assert time.monotonic() - started < 2.0
+    finally:
+        for broker in brokers:
+            await broker.aclose()
+        async with first.write() as conn:
+            await conn.execute(text("DELETE FROM realtime_broker_log"))
+        await first.dispose()
+        await second.dispose()
