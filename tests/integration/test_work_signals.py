@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from sqlalchemy import text
 
 from mercato.bootstrap import Container, build_container
 from mercato.config import MessagingSettings, WorkerSettings
 from mercato.kit.clock import ManualClock
-from mercato.kit.messaging import OUTBOX_CHANNEL, Message, Outbox
+from mercato.kit.messaging import OUTBOX_CHANNEL, STREAM_CHANNEL, Message, Outbox
 from mercato.kit.realtime import ChannelEvent, SqlBroker
 from mercato.kit.storage import create_database
 from mercato.workers import PeriodicJob, run_jobs, shop_jobs
@@ -146,3 +147,22 @@ async def test_the_sql_realtime_broker_is_woken_by_a_publish_not_its_poll(databa
             await conn.execute(text("DELETE FROM realtime_broker_log"))
         await first.dispose()
         await second.dispose()
+
+
+async def test_an_announcement_reaches_another_process_and_bursts_coalesce(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("announcements cross processes by NOTIFY (PostgreSQL); SQLite's is the file watcher")
+    announcer, listener = create_database(database_url), create_database(database_url)
+    try:
+        signals = listener.signals
+        mark = signals.mark((STREAM_CHANNEL,))
+        await signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=1.0)  # starts the LISTEN
+        await asyncio.sleep(0.3)
+        mark = signals.mark((STREAM_CHANNEL,))
+        waiting = asyncio.create_task(signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=SAFETY_S))
+        # A burst: one NOTIFY in flight, the rest folded into one more after it.
+        await asyncio.gather(*(announcer.signals.announce(STREAM_CHANNEL) for _ in range(20)))
+        assert await asyncio.wait_for(waiting, timeout=3.0) is True
+    finally:
+        await listener.dispose()
+        await announcer.dispose()

@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
+from sqlalchemy.util import greenlet_spawn
 
 __all__ = ["Mark", "WorkSignals"]
 
@@ -51,6 +52,8 @@ class _LoopState:
     listener: asyncio.Task[None] | None = None
     # This process's commits and fires, to tell its own changes of the file from another's (SQLite).
     local_writes: int = 0
+    announcing: set[str] = field(default_factory=set)  # a NOTIFY in flight, per channel
+    announce_again: set[str] = field(default_factory=set)  # announced again meanwhile
 
 
 class WorkSignals:
@@ -116,13 +119,37 @@ class WorkSignals:
         return select(func.pg_notify(literal(_PREFIX + _checked(channel)), literal("")))
 
     async def announce(self, channel: str) -> None:
-        """Fire `channel` here, and on PostgreSQL in every other process (one autocommit statement)."""
+        """Fire `channel` here, and on PostgreSQL in every other process: one `pg_notify` on the
+        driver's connection, outside any transaction. Announcements made while one is in flight
+        are coalesced into one more after it (a listener needs to know there is work, not how much).
+        """
         self.fire(channel)
         if not self.cross_process:
             return
-        async with self._engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(self.notify_sql(channel))
+        state = self._state()
+        if channel in state.announcing:
+            state.announce_again.add(channel)
+            return
+        state.announcing.add(channel)
+        try:
+            while True:
+                state.announce_again.discard(channel)
+                await self._notify_now(_PREFIX + _checked(channel))
+                if channel not in state.announce_again:
+                    return
+        finally:
+            state.announcing.discard(channel)
+            state.announce_again.discard(channel)
+
+    async def _notify_now(self, pg_channel: str) -> None:
+        pooled = await self._engine.raw_connection()
+        try:
+            driver: Any = pooled.driver_connection  # an asyncpg connection
+            await driver.execute("SELECT pg_notify($1, '')", pg_channel)
+        except BaseException:
+            await greenlet_spawn(pooled.invalidate)  # its state is unknown after a failure
+            raise
+        await greenlet_spawn(pooled.close)
 
     # ---- waiting -----------------------------------------------------------------------------
 
