@@ -257,7 +257,7 @@ def build_container(
         hash_key=ApiKeyService.derive_hash_key(auth.secret.get_secret_value()),
         cache_ttl_s=auth.api_key_cache_s,
     )
-    outbox = Outbox(clock=clock)
+    outbox = Outbox(clock=clock, signals=db.signals)
     catalog = CatalogService(
         db, clock, outbox=outbox, events=ProductEvents(clock=clock, contract=event_catalog())
     )

@@ -195,7 +195,10 @@ class MessagingSettings(BaseModel):
     partitions: int = Field(default=8, ge=1, le=1024)
     visibility_timeout_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
-    relay_interval_s: float = Field(default=0.2, gt=0)
+    # Wake on work (kit/storage/signals.py): the outbox relay, the stream consumers, the projectors
+    # and the saga runner wait for a signal of new work and poll only this often, as a safety net
+    # (a missed signal, a process that cannot signal this one, a lease that expired elsewhere).
+    relay_interval_s: float = Field(default=5.0, gt=0, le=60)
     relay_batch: int = Field(default=200, ge=1, le=10_000)
     # Retention (ADR 0023), applied by the worker's purge/trim jobs every `retention_interval_s`,
     # at most `retention_batch` rows per statement. Published outbox rows are only history.
@@ -369,7 +372,9 @@ class WorkerSettings(BaseModel):
     reservation_sweep_batch: int = Field(default=500, ge=1, le=100_000)
     # The notifier: e-mails to the mail provider's SMTP port (providers.host:providers.mail_smtp_port),
     # `notify_max_attempts` sends with full-jitter backoff (base, cap) before a notification is failed.
-    notify_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    # New e-mails wake the notifier at once (a work signal); this interval is its safety poll and
+    # the granularity of its retries.
+    notify_interval_s: float = Field(default=5.0, gt=0, le=3600)
     notify_batch: int = Field(default=50, ge=1, le=10_000)
     notify_max_attempts: int = Field(default=8, ge=1, le=100)
     notify_backoff_base_s: float = Field(default=1.0, ge=0, le=3600)
@@ -434,8 +439,9 @@ class RealtimeSettings(BaseModel):
     room_rate_per_s: int = Field(default=200, ge=1)
     # The offline queue: a member who reconnects gets what it missed from history this far back.
     history_ttl_s: int = Field(default=7 * 86_400, ge=60)
-    # How often the stream consumers feeding real time (order feed, chat) poll when idle.
-    consumer_poll_s: float = Field(default=0.02, gt=0, le=5)
+    # The stream consumers feeding real time (order feed, chat) are woken by messages reaching the
+    # stream (kit/storage/signals.py); idle, they poll only this often, as a safety net.
+    consumer_poll_s: float = Field(default=5.0, gt=0, le=5)
 
 
 class ChatSettings(BaseModel):

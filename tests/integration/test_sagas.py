@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.bootstrap import Container
-from mercato.kit.clock import ManualClock
+from mercato.kit.clock import ManualClock, SystemClock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.sagas import (
     PostgresSagaWakeups,
@@ -492,3 +493,33 @@ async def test_a_notification_is_sent_only_if_the_starting_transaction_commits(
     finally:
         stop.set()
         await listener
+
+
+async def test_a_parked_retry_wakes_its_own_runner_when_due_not_at_the_poll(container: Container) -> None:
+    """Wake on work (ADR 0048): the runner's poll is a slow safety net; a saga it parked for a retry
+    is taken again when the retry falls due."""
+    clock = SystemClock()
+    rec = Recorder()
+    retry = RetrySchedule(max_attempts=3, base_s=0.3, cap_s=0.3)
+    definition = SagaDefinition("order", (remote("authorize", rec, fail=1, retry=retry),))
+    store = SagaStore(container.db, clock)
+    runner = SagaRunner(
+        container.db, store, {"order": definition}, clock, owner="parker", poll_s=60.0, rng=random.Random(2)
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await asyncio.sleep(0.2)  # the first (idle) pass is behind it: only a wake can start another
+        saga_id = await start(container, store, definition)
+        runner.wake()
+        deadline = time.monotonic() + 5.0  # far sooner than the 60 s poll
+        saga = await store.get(saga_id)
+        while (saga is None or saga.status is not SagaStatus.COMPLETED) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            saga = await store.get(saga_id)
+    finally:
+        stop.set()
+        await task
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+    assert rec.calls[("authorize", "do")] == 2

@@ -31,6 +31,7 @@ from mercato.kit.messaging import (
     SqlLogStream,
     Stream,
     partition_for,
+    sql_log,
 )
 
 TOPIC = "mercato.orders"
@@ -422,7 +423,7 @@ class TestSqlLogStream(StreamContract):
         await stream.publish([make_message("order-1", n) for n in range(2)])
         first, second = await stream.read(TOPIC, "g", "c1", max_messages=10, block_s=0)
         holding = asyncio.Event()
-        advance = stream._advance
+        advance = sql_log.advance
 
         async def advance_slowly(*args: Any) -> int:
             # The ack of `second` holds the cursor row here, its own ack recorded, while the ack
@@ -431,7 +432,7 @@ class TestSqlLogStream(StreamContract):
             await asyncio.sleep(0.2)
             return await advance(*args)
 
-        monkeypatch.setattr(stream, "_advance", advance_slowly)
+        monkeypatch.setattr(sql_log, "advance", advance_slowly)
 
         async def ack_first_meanwhile() -> None:
             await holding.wait()

@@ -5,13 +5,22 @@ count, access log off, no proxy headers), so the difference between the two is w
 stack costs per request: framework routing and validation, middleware, the database round trip
 and serialisation.
 
-``python -m mercato.bench.baseline --port N [--workers W] [--kind starlette|asgi]``
+``--kind asyncpg`` is the database baseline (issue 16): bare Starlette and a raw asyncpg pool
+answering ``GET /raw/products/{id}`` with the same ``SELECT ... FROM catalog_products WHERE id = $1``
+Mercato's product-by-id runs, rendered to the same JSON shape, on the database named by the
+``BENCH_BASELINE_DSN`` environment variable (a plain ``postgresql://`` DSN).
+
+``python -m mercato.bench.baseline --port N [--workers W] [--kind starlette|asgi|asyncpg]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +36,8 @@ from mercato.demo.seed import demo_products
 from mercato.kit.ids import new_id
 
 BARE_PATH = "/bare"
+RAW_PRODUCT_PATH = "/raw/products/{id}"
+BASELINE_DSN_ENV = "BENCH_BASELINE_DSN"
 
 
 def product_shaped_body() -> bytes:
@@ -94,9 +105,69 @@ def create_asgi_app() -> Any:
     return bare_asgi_app
 
 
+_RAW_SELECT = (
+    "SELECT id, sku, name, description, price_minor, currency, category, attributes, archived,"
+    " version, created_at, updated_at FROM catalog_products WHERE id = $1"
+)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def create_asyncpg_app() -> Starlette:
+    """Bare Starlette + a raw asyncpg pool (10 connections, as Mercato's): one indexed SELECT."""
+    import asyncpg
+
+    dsn = os.environ[BASELINE_DSN_ENV]
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state["pool"] = await asyncpg.create_pool(dsn, min_size=10, max_size=10)
+        try:
+            yield
+        finally:
+            await state["pool"].close()
+
+    async def product(request: Request) -> Response:
+        try:
+            product_id = uuid.UUID(request.path_params["id"])
+        except ValueError:
+            return Response(b'{"title":"not found"}', status_code=404, media_type="application/json")
+        row = await state["pool"].fetchrow(_RAW_SELECT, product_id)
+        if row is None:
+            return Response(b'{"title":"not found"}', status_code=404, media_type="application/json")
+        attributes = row["attributes"]
+        body = {
+            "id": str(row["id"]),
+            "sku": row["sku"],
+            "name": row["name"],
+            "description": row["description"],
+            "price_minor": row["price_minor"],
+            "currency": row["currency"],
+            "category": row["category"],
+            "attributes": orjson.loads(attributes) if isinstance(attributes, str) else attributes,
+            "archived": row["archived"],
+            "version": row["version"],
+            "created_at": _iso(row["created_at"]),
+            "updated_at": _iso(row["updated_at"]),
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def ready(_request: Request) -> Response:
+        return Response(BODY, media_type="application/json")
+
+    return Starlette(
+        routes=[Route(RAW_PRODUCT_PATH, product, methods=["GET"]), Route(BARE_PATH, ready, methods=["GET"])],
+        lifespan=lifespan,
+    )
+
+
 FACTORIES = {
     "starlette": "mercato.bench.baseline:create_starlette_app",
     "asgi": "mercato.bench.baseline:create_asgi_app",
+    "asyncpg": "mercato.bench.baseline:create_asyncpg_app",
 }
 
 

@@ -45,16 +45,22 @@ def _table(report: BenchReport) -> Table:
     table = Table(
         title=f"Max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors, ≥95% achieved)"
     )
-    for column in ("endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"):
+    columns = ["endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"]
+    if report.raw_db is not None:
+        columns.insert(3, "vs asyncpg")
+    for column in columns:
         table.add_column(column, justify="left" if column == "endpoint" else "right", no_wrap=True)
     for item in report.targets:
         step = item.best_step
         share = report.ratio(item)
         cpu = step.server_cpu if step else None
+        raw_share = report.ratio_vs_raw(item)
+        raw_cell = [] if report.raw_db is None else ["—" if raw_share is None else f"{raw_share:.0%}"]
         table.add_row(
             item.target.endpoint,
             _fmt_rate(item.best_rate),
             "—" if share is None else f"{share:.0%}",
+            *raw_cell,
             f"{step.p50_ms:.2f}" if step else "—",
             f"{step.p95_ms:.2f}" if step else "—",
             f"{step.p99_ms:.2f}" if step else "—",
@@ -93,6 +99,9 @@ def http(
         list[str] | None, typer.Option(help=f"Targets to measure besides the baseline: {', '.join(TARGETS)}")
     ] = None,
     baseline: Annotated[str, typer.Option(help="Bare baseline: starlette or asgi")] = "starlette",
+    app_cache: Annotated[
+        bool, typer.Option("--app-cache/--no-app-cache", help="Mercato's application cache on or off")
+    ] = True,
     min_ratio: Annotated[
         float | None, typer.Option(help="Fail (exit 1) if product-by-id's ratio vs bare is below this")
     ] = None,
@@ -131,6 +140,7 @@ def http(
         products=products,
         targets=targets,
         baseline_kind=baseline,
+        app_cache=app_cache,
     )
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -305,3 +315,48 @@ def streams(
         ],
     }
     RunFolder.open("bench-streams", out).record(data=data, tables=[table], console=console)
+
+
+@app.command("idle")
+def idle(
+    seconds: Annotated[float, typer.Option(help="Idle seconds measured", min=5)] = 30.0,
+    settle: Annotated[float, typer.Option(help="Seconds after /readyz before measuring", min=0)] = 10.0,
+    database_url: Annotated[
+        str | None, typer.Option(help="PostgreSQL to run on (default: a fresh SQLite file)")
+    ] = None,
+    max_core_share: Annotated[
+        float, typer.Option(help="Exit 1 if the idle process used more than this share of a core")
+    ] = 0.01,
+    out: OutOption = None,
+) -> None:
+    """CPU an idle `mercato up` uses (its own process, /proc CPU time; goal <= 1 % of a core)."""
+    from mercato.bench.idle import measure_idle
+
+    result = measure_idle(seconds=seconds, settle_s=settle, database_url=database_url)
+    table = Table(title=f"Idle `mercato up` ({result.database}), {seconds:.0f} s")
+    for column in ("CPU seconds", "share of a core", "load average before", "load average after"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{result.cpu_s:.2f}",
+        f"{result.core_share:.2%}",
+        " ".join(f"{x:.2f}" for x in result.load_before),
+        " ".join(f"{x:.2f}" for x in result.load_after),
+    )
+    Console().print(table)
+    held = result.core_share <= max_core_share
+    verdict = [
+        f"idle cost {result.core_share:.2%} of a core vs goal <= {max_core_share:.0%}: "
+        + ("held" if held else "did not hold")
+    ]
+    data = {
+        "database": result.database,
+        "seconds": seconds,
+        "cpu_s": round(result.cpu_s, 3),
+        "core_share": round(result.core_share, 4),
+        "load_before": result.load_before,
+        "load_after": result.load_after,
+    }
+    RunFolder.open("bench-idle", out).record(data=data, tables=[table], verdict=verdict, console=console)
+    console.print(verdict[0])
+    if not held:
+        raise typer.Exit(1)

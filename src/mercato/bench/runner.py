@@ -36,6 +36,8 @@ from mercato.bench.stats import Slo, StepResult, ratio
 from mercato.bench.timetable import total_requests
 
 BASELINE = "bare"
+# On PostgreSQL: bare Starlette + raw asyncpg doing product-by-id's SELECT (issue 16's floor).
+RAW_DB = "raw-asyncpg-by-id"
 TARGETS = ("product-by-id", "product-list")
 
 
@@ -66,6 +68,8 @@ class BenchOptions:
     id_sample: int = 500
     targets: tuple[str, ...] = TARGETS
     baseline_kind: str = "starlette"
+    # False: Mercato's application cache off (MERCATO_CACHE_ENABLED=false), every read hits the DB.
+    app_cache: bool = True
 
 
 @dataclass
@@ -98,6 +102,14 @@ class BenchReport:
         return ratio(report.best_rate, self.baseline.best_rate)
 
     @property
+    def raw_db(self) -> TargetReport | None:
+        return next((t for t in self.targets if t.target.name == RAW_DB), None)
+
+    def ratio_vs_raw(self, report: TargetReport) -> float | None:
+        raw = self.raw_db
+        return None if raw is None else ratio(report.best_rate, raw.best_rate)
+
+    @property
     def complete(self) -> bool:
         """Every target (the baseline included) found a sustainable rate."""
         return all(t.best_rate is not None for t in self.targets)
@@ -116,6 +128,7 @@ class BenchReport:
                 "max_connections": opts.max_connections,
                 "timeout_s": opts.timeout_s,
                 "baseline": opts.baseline_kind,
+                "app_cache": opts.app_cache,
                 "slo": {
                     "p99_ms_below": opts.slo.p99_ms,
                     "max_errors": opts.slo.max_errors,
@@ -128,6 +141,7 @@ class BenchReport:
                     "endpoint": t.target.endpoint,
                     "max_sustainable_rate": t.best_rate,
                     "ratio_vs_bare": self.ratio(t),
+                    "ratio_vs_raw_asyncpg": self.ratio_vs_raw(t),
                     "at_max": t.best_step.to_dict() if t.best_step else None,
                     "steps": [{**s.to_dict(), "passed": not s.notes, "violations": s.notes} for s in t.steps],
                 }
@@ -247,17 +261,30 @@ def run_http_bench(
                     database_url=url,
                     workdir=workdir,
                     workers=options.workers,
-                    settings_env={"MERCATO_RATELIMIT_ENABLED": "false"},
+                    settings_env={
+                        "MERCATO_RATELIMIT_ENABLED": "false",
+                        "MERCATO_CACHE_ENABLED": "true" if options.app_cache else "false",
+                    },
                 )
                 servers.append(mercato)
                 baseline = start_baseline(
                     workdir=workdir, workers=options.workers, kind=options.baseline_kind
                 )
                 servers.append(baseline)
+                raw = None
+                if url.startswith("postgresql"):
+                    raw = start_baseline(
+                        workdir=workdir,
+                        workers=options.workers,
+                        kind="asyncpg",
+                        database_url=url,
+                        name=RAW_DB,
+                    )
+                    servers.append(raw)
                 from mercato.bench.baseline import BARE_PATH
 
                 by_id = tuple(product_paths(mercato.base_url, sample=options.id_sample))
-                targets = _targets(options.targets, by_id, BARE_PATH)
+                targets = _targets(options.targets, by_id, BARE_PATH, raw_db=raw is not None)
                 body_bytes = {
                     BASELINE: body_size(baseline.base_url, BARE_PATH),
                     "product-by-id": body_size(mercato.base_url, by_id[0]),
@@ -266,7 +293,8 @@ def run_http_bench(
                     bench = Bench(options, executor)
                     reports = []
                     for target in targets:
-                        server = baseline if target.server == "baseline" else mercato
+                        server = {"baseline": baseline, "mercato": mercato, RAW_DB: raw}[target.server]
+                        assert server is not None
                         reports.append(asyncio.run(bench.search(target, server, on_step)))
             finally:
                 for server in servers:
@@ -282,7 +310,9 @@ def run_http_bench(
     )
 
 
-def _targets(names: Sequence[str], by_id: tuple[str, ...], bare_path: str) -> list[Target]:
+def _targets(
+    names: Sequence[str], by_id: tuple[str, ...], bare_path: str, *, raw_db: bool = False
+) -> list[Target]:
     known = {
         "product-by-id": Target("product-by-id", "GET /v1/products/{id}", "mercato", by_id),
         "product-list": Target(
@@ -293,4 +323,16 @@ def _targets(names: Sequence[str], by_id: tuple[str, ...], bare_path: str) -> li
     if unknown:
         raise ValueError(f"unknown targets {unknown}; choose from {sorted(known)}")
     bare = Target(BASELINE, f"GET {bare_path} (bare)", "baseline", (bare_path,))
-    return [bare, *(known[n] for n in names)]
+    raw = (
+        [
+            Target(
+                RAW_DB,
+                "GET /raw/products/{id} (Starlette + asyncpg)",
+                RAW_DB,
+                tuple(path.replace("/v1/products/", "/raw/products/", 1) for path in by_id),
+            )
+        ]
+        if raw_db
+        else []
+    )
+    return [bare, *raw, *(known[n] for n in names)]

@@ -155,14 +155,16 @@ def start_mercato(
     return start_server(name, args, port=port, workdir=workdir, env=env, ready_path="/startupz")
 
 
-def start_baseline(*, workdir: Path, workers: int, kind: str) -> ServerProcess:
-    from mercato.bench.baseline import BARE_PATH
+def start_baseline(
+    *, workdir: Path, workers: int, kind: str, database_url: str | None = None, name: str = "baseline"
+) -> ServerProcess:
+    """The bare baseline; `kind="asyncpg"` needs `database_url` (the database Mercato reads)."""
+    from mercato.bench.baseline import BARE_PATH, BASELINE_DSN_ENV
 
     port = free_port()
     args = ["-m", "mercato.bench.baseline", "--port", str(port), "--workers", str(workers), "--kind", kind]
-    return start_server(
-        "baseline", args, port=port, workdir=workdir, env=_clean_env({}), ready_path=BARE_PATH
-    )
+    extra = {} if database_url is None else {BASELINE_DSN_ENV: database_url.replace("+asyncpg", "", 1)}
+    return start_server(name, args, port=port, workdir=workdir, env=_clean_env(extra), ready_path=BARE_PATH)
 
 
 def bench_settings(database_url: str, workdir: Path, *, products: int) -> Settings:

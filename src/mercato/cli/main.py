@@ -319,6 +319,7 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
                 stop,
                 metrics=JobMetrics(registry),
                 election=build_election(container, registry),
+                signals=container.db.signals,
             )
         ),
         asyncio.create_task(runner.run(stop)),
@@ -402,7 +403,9 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     )
     try:
         await asyncio.gather(
-            run_jobs(jobs, stop, metrics=JobMetrics(registry), election=election),
+            run_jobs(
+                jobs, stop, metrics=JobMetrics(registry), election=election, signals=container.db.signals
+            ),
             build_saga_runner(container).run(stop),
         )
     finally:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, WebSocket
 from mercato.bootstrap import Container
 from mercato.kit.auth import Principal
 from mercato.kit.coordination import LeaseStore
+from mercato.kit.messaging import STREAM_CHANNEL
 from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit import Limit, build_limiter
 from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
@@ -95,8 +96,10 @@ class RealtimeRuntime:
                 await asyncio.wait_for(self._stop.wait(), timeout=ttl_s / 3)
 
     async def _loop(self, name: str, run_once: Callable[[], Awaitable[int]], poll_s: float) -> None:
+        signals = self.container.db.signals
         while not self._stop.is_set():
             await self._leader.wait()
+            mark = signals.mark((STREAM_CHANNEL,))
             try:
                 handled = await run_once()
             except Exception:  # noqa: BLE001 - a failed pass (database or broker away) is retried
@@ -104,8 +107,9 @@ class RealtimeRuntime:
                 handled = 0
                 await asyncio.sleep(1.0)
             if not handled:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=poll_s)
+                # Woken by messages reaching the stream (this process, or NOTIFY from the worker's
+                # relay on PostgreSQL; kit/storage/signals.py); `poll_s` is the safety poll.
+                await signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=poll_s, stop=self._stop)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -170,6 +174,11 @@ class RealtimeRuntime:
                 )
             ]
         )
+        # Wake the chat persisters (whichever process's holds the room's partition) at once.
+        try:
+            await c.db.signals.announce(STREAM_CHANNEL)
+        except Exception:  # noqa: BLE001 - published already; the persisters' safety poll finds it
+            _log.warning("chat_announce_failed", exc_info=True)
 
     async def typing(self, session: WebSocketSession, frame: dict[str, Any]) -> None:
         assert session.principal is not None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mercato.bootstrap import Container
 from mercato.kit.idempotency import purge_expired
-from mercato.kit.messaging import OutboxRelay
+from mercato.kit.messaging import OUTBOX_CHANNEL, STREAM_CHANNEL, OutboxRelay
 from mercato.kit.privacy import AuditLog
 from mercato.kit.sagas import PrometheusSagaHook
 from mercato.shop.notifications.service import purge_settled
@@ -17,6 +19,9 @@ from mercato.workers.notifier import build_notifier
 from mercato.workers.projections import PROJECTOR_BATCH, build_projectors, notifications_consumer
 from mercato.workers.reconcile import ReadModelReconciliation
 from mercato.workers.retention import MessagingRetention
+
+# Fired by the notifications consumer after it recorded e-mails: the notifier delivers them at once.
+NOTIFICATIONS_CHANNEL = "notifications"
 
 # A saga still active this long after its deadline is stuck (`mercato_saga_stuck`); counted this often.
 SAGA_STUCK_GRACE_S = 60.0
@@ -32,6 +37,8 @@ class PeriodicJob:
     A `singleton` job must run once across all workers (sweeps, purges, reconciliation, watches):
     only the elected leader runs it, its writes fenced by the term's token (ADR 0041). The others
     (relays, consumers in a group, the notifier's claimed sends) are safe to run in every worker.
+    With `wake_on`, a work signal on those channels starts the next pass at once and `interval_s` is
+    only the safety poll; with `announces`, a pass that handled something fires that channel.
     """
 
     name: str
@@ -39,10 +46,15 @@ class PeriodicJob:
     run: Callable[[], Awaitable[int]]
     batch: int | None = None
     singleton: bool = False
+    wake_on: tuple[str, ...] = ()
+    announces: str | None = None
 
 
 def shop_jobs(container: Container) -> list[PeriodicJob]:
     worker = container.settings.worker
+    # The loops fed by the outbox and the stream wait for its signal; their interval is the safety poll.
+    safety_s = container.settings.messaging.relay_interval_s
+    on_stream = (STREAM_CHANNEL,)
 
     async def expire_reservations() -> int:
         return await container.inventory.expire_due(limit=worker.reservation_sweep_batch)
@@ -60,9 +72,19 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
     async def deliver_notifications() -> int:
         return await notifier.deliver_due(limit=worker.notify_batch)
 
+    last_report: list[Any] = [None, float("-inf")]  # the snapshot published last, and when
+
     async def report_breakers() -> int:
-        if container.breaker_reports is not None:
-            await container.breaker_reports.publish(container.breakers.snapshot())
+        reports = container.breaker_reports
+        if reports is not None:
+            # A change is published at once; an unchanged view only as a heartbeat that keeps it
+            # within the readers' freshness bound (a write transaction every pass cost most of an
+            # idle process's CPU).
+            snapshot = container.breakers.snapshot()
+            now = time.monotonic()
+            if snapshot != last_report[0] or now - last_report[1] >= reports.ttl_s / 2:
+                await reports.publish(snapshot)
+                last_report[:] = [snapshot, now]
         return 0  # not "items": a report every pass is the job's idle state
 
     retention = MessagingRetention(container, relay)
@@ -109,9 +131,11 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         ),
         PeriodicJob(
             "outbox_relay",
-            container.settings.messaging.relay_interval_s,
+            safety_s,
             relay.relay_once,
             batch=container.settings.messaging.relay_batch,
+            wake_on=(OUTBOX_CHANNEL,),
+            announces=STREAM_CHANNEL,
         ),
         PeriodicJob(
             "purge_idempotency_keys",
@@ -134,18 +158,16 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # The payment ledgers follow `mercato.payments` (inbox-deduplicated, so redeliveries apply once).
         PeriodicJob(
             "payments_ledger",
-            container.settings.messaging.relay_interval_s,
+            safety_s,
             container.payments.consumer(container.stream, hook=container.messaging_hook).run_once,
             batch=100,
+            wake_on=on_stream,
         ),
         # Read models follow the log as often as the relay feeds it, which keeps the read-your-
         # writes gap of the order summaries short in embedded mode (see shop/reporting/api.py).
         *(
             PeriodicJob(
-                f"projection:{name}",
-                container.settings.messaging.relay_interval_s,
-                projector.run_once,
-                batch=PROJECTOR_BATCH,
+                f"projection:{name}", safety_s, projector.run_once, batch=PROJECTOR_BATCH, wake_on=on_stream
             )
             for name, projector in build_projectors(container).items()
         ),
@@ -192,12 +214,20 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         # Choreography: notifications react to order events on their own (inbox-deduplicated).
         PeriodicJob(
             "notifications",
-            container.settings.messaging.relay_interval_s,
+            safety_s,
             notifications_consumer(container).run_once,
             batch=100,
+            wake_on=on_stream,
+            announces=NOTIFICATIONS_CHANNEL,
         ),
         # ...and deliver the e-mails they recorded (SMTP to the mail provider; retried, deduplicated).
-        PeriodicJob("notifier", worker.notify_interval_s, deliver_notifications, batch=worker.notify_batch),
+        PeriodicJob(
+            "notifier",
+            worker.notify_interval_s,
+            deliver_notifications,
+            batch=worker.notify_batch,
+            wake_on=(NOTIFICATIONS_CHANNEL,),
+        ),
         # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
         PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
         # Sagas past their deadline and still active: `mercato_saga_stuck`, alerted on (deploy/prometheus).
@@ -215,9 +245,10 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         jobs.append(
             PeriodicJob(
                 "catalog_cache_invalidation",
-                container.settings.messaging.relay_interval_s,
+                safety_s,
                 consumer.run_once,
                 batch=consumer.max_messages,
+                wake_on=on_stream,
             )
         )
     return jobs

@@ -24,6 +24,10 @@ def build_saga_runner(container: Container, *, owner: str | None = None) -> Saga
         events=container.saga_events,
         lease_s=checkout.saga_lease_s,
         concurrency=checkout.saga_concurrency,
+        # Woken by new sagas (here, or NOTIFY from other processes) and by its own parked retries:
+        # the poll is the safety net (kit/storage/signals.py), and what finds the sagas of a runner
+        # that died: at most half a lease after its lease expired.
+        poll_s=min(container.settings.messaging.relay_interval_s, checkout.saga_lease_s / 2),
         wakeups=container.saga_wakeups,
         # On the container's registry, which the worker's /metrics and the API's (`mercato up`) serve.
         hook=hook,

@@ -10,12 +10,21 @@ from mercato.kit.messaging.hooks import LagReporter, MessagingHook, NullMessagin
 from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
 from mercato.kit.messaging.message import InvalidMessage, Message, MessageReader, partition_for
 from mercato.kit.messaging.nats_jetstream import JetStreamStream
-from mercato.kit.messaging.outbox import Outbox, OutboxBacklog, OutboxRelay
+from mercato.kit.messaging.outbox import OUTBOX_CHANNEL, Outbox, OutboxBacklog, OutboxRelay
 from mercato.kit.messaging.redis_streams import RedisStream
 from mercato.kit.messaging.sql_log import SqlLogStream
-from mercato.kit.messaging.stream import DeadLetter, DeadLetterStatus, Delivery, Publisher, Stream
+from mercato.kit.messaging.stream import (
+    STREAM_CHANNEL,
+    DeadLetter,
+    DeadLetterStatus,
+    Delivery,
+    Publisher,
+    Stream,
+)
 
 __all__ = [
+    "OUTBOX_CHANNEL",
+    "STREAM_CHANNEL",
     "Consumer",
     "DeadLetter",
     "DeadLetterStatus",

@@ -18,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, MessageReader
-from mercato.kit.messaging.sql_log_driver import insert_ignore
 from mercato.kit.messaging.stream import Stream
 from mercato.kit.messaging.tables import inbox
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import insert_ignore
 
 __all__ = ["Consumer", "Handler", "Inbox"]
 

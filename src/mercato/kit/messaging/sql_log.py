@@ -44,20 +44,6 @@ from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
 from mercato.kit.messaging.sql_log_cursors import advance, cursor_key, lock_cursor, mark_acked, set_cursor
 from mercato.kit.messaging.sql_log_dead_letters import SqlDeadLetters
-from mercato.kit.messaging.sql_log_driver import (
-    DriverReads,
-    _AckConnection,
-    _autocommit_rows,
-    _driver_transaction,
-    _Executor,
-    _observe,
-    _SqlAlchemyExecutor,
-    _Statements,
-    _Unprepared,
-    add_driver_listener,
-    driver_prepared,
-    insert_ignore,
-)
 from mercato.kit.messaging.sql_log_statements import (
     _ACK_IN_ORDER,
     _APPEND,
@@ -73,6 +59,7 @@ from mercato.kit.messaging.sql_log_statements import (
 )
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
+    STREAM_CHANNEL,
     DeadLetter,
     Delivery,
     check_replay_start,
@@ -84,6 +71,20 @@ from mercato.kit.messaging.tables import (
     stream_log,
 )
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import (
+    DriverReads,
+    Executor,
+    SharedDriverConnection,
+    SqlAlchemyExecutor,
+    Statements,
+    Unprepared,
+    add_driver_listener,
+    autocommit_rows,
+    driver_prepared,
+    driver_transaction,
+    insert_ignore,
+    observe,
+)
 
 __all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepared"]
 
@@ -126,8 +127,8 @@ class SqlLogStream:
         self._hook = hook or NullMessagingHook()
         # Rotates the partition a read starts at, so a small max_messages does not starve the rest.
         self._next_start = 0
-        self._statements = _Statements(db.engine.dialect)
-        self._ack_connection = _AckConnection(db)
+        self._statements = Statements(db.engine.dialect)
+        self._ack_connection = SharedDriverConnection(db)
         self._dead = SqlDeadLetters(db, self._clock, self._hook)
         # Set by every publish through this instance: a blocking read of this process wakes at
         # once instead of sleeping out its poll interval. One per event loop: an instance may
@@ -143,17 +144,17 @@ class SqlLogStream:
             event = self._wakeups[loop] = asyncio.Event()
         return event
 
-    async def _transaction(self, work: Callable[[_Executor], Awaitable[_T]]) -> _T:
+    async def _transaction(self, work: Callable[[Executor], Awaitable[_T]]) -> _T:
         """`work` in one write transaction on the driver path; when it needs a statement that path
         does not carry (a group's first read, an expired batch, a replayed dead letter), rolled back
         and run again from the start through SQLAlchemy."""
         try:
-            async with _driver_transaction(self._db, self._statements) as executor:
+            async with driver_transaction(self._db, self._statements) as executor:
                 return await work(executor)
-        except _Unprepared:
+        except Unprepared:
             pass
         async with self._db.write() as conn:
-            return await work(_SqlAlchemyExecutor(conn))
+            return await work(SqlAlchemyExecutor(conn))
 
     # ---- publishing ----------------------------------------------------------------------------
 
@@ -170,15 +171,16 @@ class SqlLogStream:
         # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
         batches = [(key, list(batch.values())) for key, batch in sorted(by_partition.items())]
 
-        async def append_all(executor: _Executor) -> None:
+        async def append_all(executor: Executor) -> None:
             await self._append(executor, batches, now)
 
         await self._transaction(append_all)
         self._published().set()
+        self._db.signals.fire(STREAM_CHANNEL)
 
     async def _append(
         self,
-        executor: _Executor,
+        executor: Executor,
         batches: list[tuple[tuple[str, int], list[Message]]],
         now: datetime,
     ) -> None:
@@ -255,7 +257,7 @@ class SqlLogStream:
             return []
         lease_until = now + timedelta(seconds=self.visibility_timeout_s)
 
-        async def take(executor: _Executor) -> list[Delivery]:
+        async def take(executor: Executor) -> list[Delivery]:
             return await self._take(executor, topic, group, consumer, max_messages, now, lease_until, probe)
 
         return await self._transaction(take)
@@ -265,7 +267,7 @@ class SqlLogStream:
         message, no expired batch, no due replay), so an idle poll opens no transaction; else what
         the read's transaction needs to know. Everything it reports is rechecked under the cursor
         locks, except a head that grew since, which the next poll sees."""
-        rows = await _autocommit_rows(
+        rows = await autocommit_rows(
             self._ack_connection,
             self._statements,
             _PROBE,
@@ -292,7 +294,7 @@ class SqlLogStream:
 
     async def _take(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -372,7 +374,7 @@ class SqlLogStream:
 
     async def _deliver(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,
@@ -423,7 +425,7 @@ class SqlLogStream:
                 return
             await mark_acked(conn, delivery.group, delivery.topic, delivery.partition, delivery.offset)
             advanced = await advance(
-                _SqlAlchemyExecutor(conn),
+                SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
                 delivery.partition,
@@ -474,7 +476,7 @@ class SqlLogStream:
             }
         )
         async with self._ack_connection.use() as driver:
-            _observe(statement.sql)
+            observe(statement.sql)
             if self._db.dialect == "postgresql":
                 return await driver.fetchval(statement.sql, *args) is not None
             return bool(await driver.execute_fetchall(statement.sql, args))
@@ -488,7 +490,7 @@ class SqlLogStream:
             if cursor is None:
                 return
             advanced = await self._dead.fail(
-                _SqlAlchemyExecutor(conn),
+                SqlAlchemyExecutor(conn),
                 delivery.group,
                 delivery.topic,
                 delivery.partition,
@@ -566,14 +568,14 @@ class SqlLogStream:
                         )
                     ).scalar_one()
                     target = heads.get(p, 0) if first is None else int(first)
-                await set_cursor(_SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
+                await set_cursor(SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
                 # A rewound group starts these messages afresh: earlier failures do not count.
                 await conn.execute(
                     delete(stream_attempts).where(a.group == group, a.topic == topic, a.partition == p)
                 )
 
     async def lag(self, topic: str, group: str) -> int:
-        [(behind,)] = await _autocommit_rows(
+        [(behind,)] = await autocommit_rows(
             self._ack_connection,
             self._statements,
             _LAG,

@@ -13,10 +13,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mercato.kit.messaging.sql_log_driver import (
-    _Executor,
-    insert_ignore,
-)
 from mercato.kit.messaging.sql_log_statements import (
     _SET_CURSOR,
     _Cursor,
@@ -27,6 +23,10 @@ from mercato.kit.messaging.stream import (
 from mercato.kit.messaging.tables import (
     stream_attempts,
     stream_cursors,
+)
+from mercato.kit.storage.statements import (
+    Executor,
+    insert_ignore,
 )
 
 
@@ -57,7 +57,7 @@ async def lock_cursor(conn: AsyncConnection, delivery: Delivery) -> _Cursor | No
 
 
 async def set_cursor(
-    executor: _Executor,
+    executor: Executor,
     group: str,
     topic: str,
     partition: int,
@@ -104,7 +104,7 @@ async def mark_acked(conn: AsyncConnection, group: str, topic: str, partition: i
     )
 
 
-async def advance(executor: _Executor, group: str, topic: str, partition: int, next_offset: int) -> int:
+async def advance(executor: Executor, group: str, topic: str, partition: int, next_offset: int) -> int:
     """Move the watermark over acknowledged offsets; forget the per-offset rows below it."""
     a = stream_attempts.c
     in_partition = (a.group == group, a.topic == topic, a.partition == partition)

@@ -18,9 +18,6 @@ from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook
 from mercato.kit.messaging.message import Message
 from mercato.kit.messaging.sql_log_cursors import advance
-from mercato.kit.messaging.sql_log_driver import (
-    _Executor,
-)
 from mercato.kit.messaging.sql_log_statements import (
     _REPLAYS,
 )
@@ -36,6 +33,9 @@ from mercato.kit.messaging.tables import (
     stream_log,
 )
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import (
+    Executor,
+)
 
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 
@@ -51,7 +51,7 @@ class SqlDeadLetters:
 
     async def fail(
         self,
-        executor: _Executor,
+        executor: Executor,
         group: str,
         topic: str,
         partition: int,
@@ -115,7 +115,7 @@ class SqlDeadLetters:
 
     async def take_replays(
         self,
-        executor: _Executor,
+        executor: Executor,
         topic: str,
         group: str,
         consumer: str,

@@ -24,7 +24,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mercato.kit.messaging.sql_log_driver import _PREPARED, driver_prepared
 from mercato.kit.messaging.stream import (
     DeadLetterStatus,
 )
@@ -35,6 +34,7 @@ from mercato.kit.messaging.tables import (
     stream_heads,
     stream_log,
 )
+from mercato.kit.storage.statements import driver_prepared
 
 # The statements of every publish and read, built once: SQLAlchemy then reuses their compiled
 # form without rebuilding the expression and its cache key per call.
@@ -214,7 +214,7 @@ def _allocate_heads(dialect: str, count: int) -> Insert:
             set_={"next_offset": _h.next_offset + values.excluded.next_offset},
         ).returning(_h.topic, _h.partition, _h.next_offset)
         _ALLOCATE_STATEMENTS[(dialect, count)] = statement
-        _PREPARED.add(statement)
+        driver_prepared(statement)
     return statement
 
 
@@ -227,7 +227,7 @@ def _stored_ids(count: int) -> Select[tuple[uuid.UUID]]:
             _log.message_id.in_([bindparam(f"id{n}", type_=_log.message_id.type) for n in range(count)])
         )
         _STORED_IDS_STATEMENTS[count] = statement
-        _PREPARED.add(statement)
+        driver_prepared(statement)
     return statement
 
 

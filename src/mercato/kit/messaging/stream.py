@@ -28,7 +28,10 @@ from typing import Protocol, runtime_checkable
 
 from mercato.kit.messaging.message import Message
 
-__all__ = ["DeadLetter", "DeadLetterStatus", "Delivery", "Publisher", "Stream"]
+__all__ = ["STREAM_CHANNEL", "DeadLetter", "DeadLetterStatus", "Delivery", "Publisher", "Stream"]
+
+# The work signal (kit/storage/signals.py) fired when messages reach the stream: consumers wait on it.
+STREAM_CHANNEL = "stream"
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,12 +43,12 @@ from sqlalchemy.schema import conv
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.message import Message, MessageReader
-from mercato.kit.messaging.sql_log_driver import DriverReads, driver_prepared, insert_ignore
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
 from mercato.kit.projections.tables import projection_checkpoints
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads, driver_prepared, insert_ignore
 
 __all__ = [
     "REBUILD_SUFFIX",

@@ -1,7 +1,9 @@
 """`SqlBroker`: the broker port over one append-only table, for embedded mode and for several API
 processes on one PostgreSQL without Redis or NATS.
 
-Each subscriber polls `id > low_water` every `poll_interval_s`. On PostgreSQL an identity value can
+Each subscriber reads `id > low_water` when woken by a publish (a work signal, kit/storage/signals.py:
+at once in this process, by NOTIFY from other processes on PostgreSQL) and at the latest every
+`poll_interval_s` (the safety poll). On PostgreSQL an identity value can
 commit after a larger one, so ids are not seen in order: the subscriber remembers the ids it has
 seen above its low-water mark and moves the mark past a missing id only once that id has been
 missing for `gap_grace_s` (a rolled-back insert never appears). Rows older than `retention_s` are
@@ -27,13 +29,16 @@ __all__ = ["SqlBroker"]
 
 _log = get_logger("mercato.realtime.sql_broker")
 
+# The work signal a committed publish fires; subscribers wait on it between reads.
+BROKER_CHANNEL = "realtime_broker"
+
 
 class SqlBroker:
     def __init__(
         self,
         db: Database,
         *,
-        poll_interval_s: float = 0.02,
+        poll_interval_s: float = 2.0,
         gap_grace_s: float = 2.0,
         retention_s: float = 60.0,
         batch: int = 500,
@@ -48,10 +53,14 @@ class SqlBroker:
         self._readers = SubscriptionReaders()
 
     async def publish(self, event: ChannelEvent) -> None:
+        signals = self._db.signals
         async with self._db.write() as conn:
             await conn.execute(
                 insert(broker_log).values(payload=event.to_bytes(), created_at=self._clock.now())
             )
+            signals.after_commit(conn, BROKER_CHANNEL)
+            if signals.cross_process:
+                await conn.execute(signals.notify_sql(BROKER_CHANNEL))
 
     async def subscribe(self) -> Subscription:
         async with self._db.read() as conn:
@@ -72,8 +81,10 @@ class SqlBroker:
         seen: set[int] = set()
         missing_since: dict[int, float] = {}
         last_prune = 0.0
+        signals = self._db.signals
         while True:
             rows: list[tuple[int, bytes]] = []
+            mark = signals.mark((BROKER_CHANNEL,))
             try:
                 async with self._db.read() as conn:
                     result = (
@@ -113,7 +124,9 @@ class SqlBroker:
                 _log.exception("sql_broker_poll_failed")
                 await asyncio.sleep(1.0)
             if len(rows) < self._batch:
-                await asyncio.sleep(self.poll_interval_s)
+                # An id missing from a gap is looked for again soon, not at the safety poll.
+                timeout_s = self.poll_interval_s if not missing_since else min(self.poll_interval_s, 0.1)
+                await signals.wait((BROKER_CHANNEL,), since=mark, timeout_s=timeout_s)
 
     async def _prune(self) -> None:
         cutoff = self._clock.now() - timedelta(seconds=self.retention_s)

@@ -57,6 +57,8 @@ LEASE_MARGIN_S = 1.0
 # A compensation refused by an open breaker retries once the breaker admits calls, spread over this
 # much so the sagas parked on one breaker do not all meet its few half-open probes at once.
 REFUSAL_JITTER_S = 1.0
+# A parked saga's own runner wakes this long after its retry is due (clock granularity).
+RETRY_WAKE_MARGIN_S = 0.005
 
 
 class SagaRunner:
@@ -438,6 +440,11 @@ class SagaRunner:
         if saga.status is SagaStatus.RUNNING:
             due_at = min(due_at, max(now, saga.deadline_at))
         await self._write(conn, saga, attempt=attempt, next_attempt_at=due_at, lease_expires_at=now)
+        # This runner looks again when the retry falls due, not at its next (slow, safety) poll; a
+        # little after, so the claim finds it due. Other runners find it by their poll.
+        asyncio.get_running_loop().call_later(
+            max((due_at - now).total_seconds(), 0.0) + RETRY_WAKE_MARGIN_S, self._wake.set
+        )
 
     async def _begin_compensation(
         self, conn: AsyncConnection, saga: SagaInstance, from_index: int, why: str

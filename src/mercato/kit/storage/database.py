@@ -40,6 +40,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
+from mercato.kit.storage.signals import WorkSignals
 
 _WRITE_OPTION = "mercato_write"
 
@@ -72,6 +73,8 @@ class Database:
         self.replicas = replicas
         # PostgreSQL: refuse at once while the primary is unreachable (a partition; reachability.py).
         self.reachability = reachability
+        # Wake on work (signals.py): the loops that handle work wait on these instead of polling.
+        self.signals = WorkSignals(engine)
         self._autocommit_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if engine.dialect.name == "postgresql"
@@ -152,7 +155,12 @@ class Database:
         if self.reachability is not None:
             self.reachability.check()
         async with self._autocommit_engine.connect() as conn:
-            yield conn
+            try:
+                yield conn
+            except BaseException:
+                self.signals.fire_pending(conn, committed=False)
+                raise
+            self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
 
     async def _record_commit(self, conn: AsyncConnection) -> None:
@@ -193,11 +201,17 @@ class Database:
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             conn = await conn.execution_options(**{_WRITE_OPTION: True})
-            async with conn.begin():
-                yield conn
-                guard = _commit_guard.get()
-                if guard is not None:
-                    await guard(conn)
+            try:
+                async with conn.begin():
+                    yield conn
+                    # The fencing check (kit/coordination): last statement before COMMIT.
+                    guard = _commit_guard.get()
+                    if guard is not None:
+                        await guard(conn)
+            except BaseException:
+                self.signals.fire_pending(conn, committed=False)
+                raise
+            self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
 
     def _write_lock(self) -> asyncio.Lock:
@@ -240,6 +254,7 @@ class Database:
     async def dispose(self) -> None:
         if self.reachability is not None:
             await self.reachability.close()
+        await self.signals.aclose()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()

@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.shop.catalog.model import DuplicateSku, Product, ProductQuery, ProductSort
 from mercato.shop.catalog.tables import products
 
@@ -31,9 +32,10 @@ _SORT_COLUMNS: dict[str, Any] = {
 }
 
 
-# Built once: the hottest read is then only parameter binding plus a compiled-cache hit, instead of
-# constructing and cache-keying a fresh statement on every call.
-_GET_BY_ID = select(products).where(products.c.id == bindparam("product_id"))
+# Built once and run on the raw driver (kit/storage/statements.py): the hottest read is one round
+# trip on asyncpg's connection (one thread hop on SQLite), without SQLAlchemy's adapter per call.
+_GET_BY_ID = driver_prepared(select(products).where(products.c.id == bindparam("product_id")))
+_COLUMNS = tuple(column.name for column in products.columns)
 
 # What a price quote needs, and no more: the description and the attributes (JSON) are the bulk of
 # a row and quoting never reads them.
@@ -83,12 +85,32 @@ def _values(product: Product) -> dict[str, Any]:
     }
 
 
+class _Row:
+    """A driver-path tuple read by column name, as `_row_to_product` reads a SQLAlchemy row."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self._values = dict(zip(_COLUMNS, values, strict=True))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class CatalogRepository:
     """Queries on `catalog_products`. Every method runs on the connection it is given."""
 
     async def get(self, conn: AsyncConnection, product_id: uuid.UUID) -> Product | None:
         row = (await conn.execute(_GET_BY_ID, {"product_id": product_id})).first()
         return _row_to_product(row) if row else None
+
+    async def get_hot(self, reads: DriverReads, product_id: uuid.UUID) -> Product | None:
+        """`get` on the raw driver: one autocommitted statement, no SQLAlchemy connection."""
+        rows = await reads.rows(_GET_BY_ID, {"product_id": product_id})
+        return _row_to_product(_Row(rows[0])) if rows else None
 
     async def get_many(self, conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> list[Product]:
         if not ids:

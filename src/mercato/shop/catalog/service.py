@@ -15,6 +15,7 @@ from mercato.kit.ids import new_id
 from mercato.kit.messaging import Outbox
 from mercato.kit.observability import get_logger
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads
 from mercato.shop.catalog.contracts import PriceQuote
 from mercato.shop.catalog.events import Change, ProductEvents
 from mercato.shop.catalog.model import (
@@ -65,6 +66,7 @@ class CatalogService:
         self._db = db
         self._clock = clock
         self._repo = repository or CatalogRepository()
+        self._reads = DriverReads(db)  # the hot reads on the raw driver (kit/storage/statements.py)
         self._outbox = outbox
         self._events = events or ProductEvents(clock=clock)
         self._listeners: list[ChangeListener] = []
@@ -86,8 +88,7 @@ class CatalogService:
                 _log.warning("product_change_listener_failed", product_id=str(product_id), error=repr(exc))
 
     async def get(self, product_id: uuid.UUID, *, include_archived: bool = False) -> Product:
-        async with self._db.read() as conn:
-            product = await self._repo.get(conn, product_id)
+        product = await self._repo.get_hot(self._reads, product_id)
         if product is None or (product.archived and not include_archived):
             raise ProductNotFound(f"product {product_id} not found")
         return product

@@ -116,13 +116,28 @@ class NotificationDelivery:
         self._directory = directory
         self.settings = settings or DeliverySettings()
         self._rng = rng or random.Random()
+        self._idle = False  # the last pass found nothing due
 
     async def deliver_due(self, *, limit: int = 50) -> int:
-        """One pass: claim up to `limit` due e-mails, send each, record the outcome; returns how many."""
+        """One pass: claim up to `limit` due e-mails, send each, record the outcome; returns how many.
+
+        After an idle pass, a read-only look comes first: an idle notifier then takes no write
+        lock (SQLite) and opens no write transaction every second."""
+        if self._idle and not await self._any_due():
+            return 0
         due = await self._claim(limit)
+        self._idle = not due
         for item in due:
             await self._deliver(item)
         return len(due)
+
+    async def _any_due(self) -> bool:
+        n = notifications.c
+        async with self._db.read() as conn:
+            found = await conn.execute(
+                select(n.id).where(self._is_due(self._clock.now())).limit(1)  # type: ignore[arg-type]
+            )
+            return found.first() is not None
 
     def _is_due(self, now: datetime) -> object:
         n = notifications.c

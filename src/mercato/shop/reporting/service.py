@@ -1,8 +1,8 @@
 """Reporting queries: pages of order summaries and the sales-by-day view.
 
 These read models are eventually consistent: a row appears or changes after the outbox relay has
-published the event and the projector has applied it (in embedded mode both run every
-`messaging.relay_interval_s`, 0.2 s by default). A client that just placed an order reads it
+published the event and the projector has applied it (both are woken by the commit's work signal,
+kit/storage/signals.py: typically milliseconds). A client that just placed an order reads it
 through `GET /v1/orders/{id}` (the write model) until it shows up here.
 """
 

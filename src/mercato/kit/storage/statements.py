@@ -1,8 +1,20 @@
-"""The driver path of the SQL log (ADR 0018): prepared Core statements run on the driver's own
-connection — one aiosqlite thread hop or asyncpg round trip each, where SQLAlchemy's async adapter
-costs several. A statement runs here only if it was registered with `driver_prepared`; anything
-else makes the operation roll back and run again through SQLAlchemy (`_Unprepared`). Statements on
-this path bypass SQLAlchemy's engine events: `add_driver_listener` observes them.
+"""Hot statements on the raw drivers: the one place that decides how a statement runs.
+
+SQLAlchemy stays for the schema, the migrations and the cold queries. A hot statement (the stream's
+appends, probes and acks, a projector's probe, product-by-id) is a Core statement built once and
+registered with `driver_prepared`; it is compiled once per dialect (`Statements`) and run on the
+driver's own connection, asyncpg's or aiosqlite's: one round trip (PostgreSQL) or one thread hop
+(SQLite) per statement, where SQLAlchemy's async adapter costs several, with the column types'
+conversions applied as SQLAlchemy would. Callers never branch on the engine:
+
+- `DriverReads(db).rows(statement, params)`: one autocommitted SELECT (no BEGIN/ROLLBACK), on a
+  driver connection shared by back-to-back statements;
+- `driver_transaction(db, statements)`: a write transaction on the driver path (an `Executor`);
+  a statement it does not carry raises `Unprepared`, and the caller redoes the work through
+  `SqlAlchemyExecutor` on a `Database.write()` connection (same `Executor` interface).
+
+Statement counters (tests, the bench probe) see the driver path through `add_driver_listener`,
+since SQLAlchemy's engine events never do.
 """
 
 from __future__ import annotations
@@ -13,27 +25,39 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import (
-    ClauseElement,
-    Dialect,
-    Executable,
-    Select,
-    Table,
-)
+from sqlalchemy import Executable, Select, Table
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
-from mercato.kit.storage import Database
+from mercato.kit.storage.database import Database
 
-__all__ = ["DriverReads", "add_driver_listener", "driver_prepared", "insert_ignore"]
+__all__ = [
+    "DriverReads",
+    "DriverStatement",
+    "Executor",
+    "SharedDriverConnection",
+    "SqlAlchemyExecutor",
+    "Statements",
+    "Unprepared",
+    "add_driver_listener",
+    "autocommit_rows",
+    "driver_connection",
+    "driver_prepared",
+    "driver_transaction",
+    "insert_ignore",
+    "observe",
+]
 
-_T = TypeVar("_T")
 _S = TypeVar("_S", bound=ClauseElement)
 
-# What the driver path runs; any other statement sends the operation back through SQLAlchemy.
+
+# What the driver path runs (registered with `driver_prepared`); any other statement sends the
+# operation back through SQLAlchemy.
 _PREPARED: set[ClauseElement] = set()
 
 
@@ -56,13 +80,13 @@ def add_driver_listener(listener: DriverListener) -> Callable[[], None]:
     return lambda: _DRIVER_LISTENERS.remove(listener)
 
 
-def _observe(sql: str | None) -> None:
+def observe(sql: str | None) -> None:
     for listener in _DRIVER_LISTENERS:
         listener(sql)
 
 
 @dataclass(frozen=True, slots=True)
-class _DriverStatement:
+class DriverStatement:
     """A Core statement compiled once for one dialect, with its parameter order and the column
     types' conversions, to run on the driver's connection."""
 
@@ -74,7 +98,7 @@ class _DriverStatement:
     fixed: dict[str, Any]
 
     @classmethod
-    def compile(cls, statement: ClauseElement, dialect: Dialect) -> _DriverStatement:
+    def compile(cls, statement: ClauseElement, dialect: Dialect) -> DriverStatement:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         names = tuple(compiled.positiontup or ())
@@ -108,12 +132,12 @@ class _DriverStatement:
         ]
 
 
-class _Unprepared(Exception):
+class Unprepared(Exception):
     """The driver path met a statement it does not carry: redo the operation through SQLAlchemy."""
 
 
-class _Executor(Protocol):
-    """Runs this module's statements in one transaction; rows come back as plain tuples."""
+class Executor(Protocol):
+    """Runs registered statements in one transaction; rows come back as plain tuples."""
 
     async def rows(
         self, statement: ClauseElement, params: dict[str, Any] | None = None
@@ -128,7 +152,7 @@ class _Executor(Protocol):
     ) -> None: ...
 
 
-class _SqlAlchemyExecutor:
+class SqlAlchemyExecutor:
     """Every statement, through a SQLAlchemy connection: the general path."""
 
     def __init__(self, conn: AsyncConnection) -> None:
@@ -149,27 +173,27 @@ class _SqlAlchemyExecutor:
         await insert_ignore(self._conn, table, rows, conflict=conflict)
 
 
-class _Statements:
-    """One dialect's compiled forms of the `_PREPARED` statements, compiled on first use."""
+class Statements:
+    """One dialect's compiled forms of the registered statements (`driver_prepared`), made on first use."""
 
     def __init__(self, dialect: Dialect) -> None:
         self._dialect = dialect
-        self._compiled: dict[int, _DriverStatement] = {}
+        self._compiled: dict[int, DriverStatement] = {}
 
-    def get(self, statement: ClauseElement) -> _DriverStatement:
+    def get(self, statement: ClauseElement) -> DriverStatement:
         compiled = self._compiled.get(id(statement))
         if compiled is None:
             if statement not in _PREPARED:
-                raise _Unprepared
-            compiled = self._compiled[id(statement)] = _DriverStatement.compile(statement, self._dialect)
+                raise Unprepared
+            compiled = self._compiled[id(statement)] = DriverStatement.compile(statement, self._dialect)
         return compiled
 
 
-class _DriverExecutor:
+class DriverExecutor:
     """The hot path: prepared statements on the driver's connection, one thread hop (aiosqlite)
     or one round trip (asyncpg) each, where SQLAlchemy's async adapter costs several."""
 
-    def __init__(self, conn: Any, statements: _Statements, *, postgresql: bool) -> None:
+    def __init__(self, conn: Any, statements: Statements, *, postgresql: bool) -> None:
         self._conn = conn
         self._statements = statements
         self._postgresql = postgresql
@@ -179,7 +203,7 @@ class _DriverExecutor:
     ) -> list[tuple[Any, ...]]:
         prepared = self._statements.get(statement)
         args = prepared.args(params or {})
-        _observe(prepared.sql)
+        observe(prepared.sql)
         if self._postgresql:
             return prepared.rows(await self._conn.fetch(prepared.sql, *args))
         return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
@@ -188,7 +212,7 @@ class _DriverExecutor:
         self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
     ) -> None:
         prepared = self._statements.get(statement)
-        _observe(prepared.sql)
+        observe(prepared.sql)
         if isinstance(params, list):
             await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
         elif self._postgresql:
@@ -197,23 +221,23 @@ class _DriverExecutor:
             await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
 
     async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        raise _Unprepared
+        raise Unprepared
 
 
 @asynccontextmanager
-async def _driver_connection(db: Database) -> AsyncIterator[Any]:
+async def driver_connection(db: Database) -> AsyncIterator[Any]:
     """The driver's connection (asyncpg's, aiosqlite's) from `db`'s pool, in autocommit.
 
     No SQLAlchemy `Connection` around it, so nothing emits BEGIN: each statement commits on its
     own unless the caller begins a transaction. Checkin and invalidation run in a greenlet
     because the pool may close the connection (an overflow connection, a failed one), which the
     async drivers only do awaited. A failure discards the connection (after a cancellation
-    mid-statement its state is unknown), except `_Unprepared`, raised after a clean rollback.
+    mid-statement its state is unknown), except `Unprepared`, raised after a clean rollback.
     """
     pooled = await db.engine.raw_connection()
     try:
         yield pooled.driver_connection
-    except _Unprepared:
+    except Unprepared:
         await greenlet_spawn(pooled.close)
         raise
     except BaseException:
@@ -222,7 +246,7 @@ async def _driver_connection(db: Database) -> AsyncIterator[Any]:
     await greenlet_spawn(pooled.close)
 
 
-class _AckConnection:
+class SharedDriverConnection:
     """One pooled driver connection shared by back-to-back autocommitted statements: in-order
     acks, and the poll probes and lag reads.
 
@@ -243,7 +267,7 @@ class _AckConnection:
     @asynccontextmanager
     async def use(self) -> AsyncIterator[Any]:
         if self._busy:
-            async with _driver_connection(self._db) as conn:
+            async with driver_connection(self._db) as conn:
                 yield conn
             return
         self._busy = True
@@ -275,9 +299,9 @@ class _AckConnection:
         task.add_done_callback(self._closing.discard)
 
 
-async def _autocommit_rows(
-    connection: _AckConnection,
-    statements: _Statements,
+async def autocommit_rows(
+    connection: SharedDriverConnection,
+    statements: Statements,
     statement: ClauseElement,
     params: dict[str, Any],
     *,
@@ -288,7 +312,7 @@ async def _autocommit_rows(
     prepared = statements.get(statement)
     args = prepared.args(params)
     async with connection.use() as driver:
-        _observe(prepared.sql)
+        observe(prepared.sql)
         if postgresql:
             records = await driver.fetch(prepared.sql, *args)
         else:
@@ -303,34 +327,35 @@ class DriverReads:
 
     def __init__(self, db: Database) -> None:
         self._postgresql = db.dialect == "postgresql"
-        self._statements = _Statements(db.engine.dialect)
-        self._connection = _AckConnection(db)
+        self._statements = Statements(db.engine.dialect)
+        self._connection = SharedDriverConnection(db)
 
     async def rows(self, statement: ClauseElement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return await _autocommit_rows(
+        return await autocommit_rows(
             self._connection, self._statements, statement, params, postgresql=self._postgresql
         )
 
 
 @asynccontextmanager
-async def _driver_transaction(db: Database, statements: _Statements) -> AsyncIterator[_Executor]:
+async def driver_transaction(db: Database, statements: Statements) -> AsyncIterator[Executor]:
     """A write transaction on the driver's connection, committed on success: BEGIN IMMEDIATE on
     SQLite (the write lock up front, as `Database.write` does), BEGIN on PostgreSQL."""
     postgresql = db.dialect == "postgresql"
-    async with _driver_connection(db) as conn:
+    async with driver_connection(db) as conn:
         transaction = conn.transaction() if postgresql else None
         if transaction is not None:
             await transaction.start()
         else:
             await conn.execute_fetchall("BEGIN IMMEDIATE")
         try:
-            yield _DriverExecutor(conn, statements, postgresql=postgresql)
-        except _Unprepared:
+            yield DriverExecutor(conn, statements, postgresql=postgresql)
+        except Unprepared:
             await (transaction.rollback() if transaction is not None else conn.rollback())
-            _observe(None)
+            observe(None)
             raise
         await (transaction.commit() if transaction is not None else conn.commit())
-        _observe(None)
+        db.signals.wrote()
+        observe(None)
 
 
 async def insert_ignore(
