@@ -87,3 +87,25 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningShop]:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# Demo-account logins shared by the tests of one running shop: the login limit per account (10 at
+# once, 5 a minute; gateway/ratelimit.toml) is the shop's own protection, and a session of e2e tests
+# logging in as the admin for each test would trip it. Tokens live 15 minutes; reused for 10.
+_DEMO_TOKENS: dict[tuple[str, str], tuple[float, str]] = {}
+
+
+def demo_token(base_url: str, role: str) -> str:
+    """An access token for the demo account with `role` on the shop at `base_url`."""
+    from mercato.config import SeedSettings
+    from mercato.demo.seed import demo_accounts
+
+    cached = _DEMO_TOKENS.get((base_url, role))
+    if cached is not None and time.monotonic() - cached[0] < 600:
+        return cached[1]
+    _, email, password = next(a for a in demo_accounts(SeedSettings()) if a[0].value == role)
+    answer = httpx.post(f"{base_url}/v1/auth/login", json={"email": email, "password": password}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    token = str(answer.json()["access_token"])
+    _DEMO_TOKENS[(base_url, role)] = (time.monotonic(), token)
+    return token

@@ -15,10 +15,9 @@ import httpx
 import pytest
 
 from mercato.cli.observability import render_scrape_config
-from mercato.config import SeedSettings, Settings
-from mercato.demo.seed import demo_accounts
+from mercato.config import Settings
 from mercato.providers.config import ProviderSettings
-from tests.e2e.conftest import RunningShop, free_port
+from tests.e2e.conftest import RunningShop, demo_token, free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -116,11 +115,8 @@ def _shop_round(client: httpx.Client, customer: dict[str, str]) -> None:
 def test_the_slo_rules_evaluate_over_the_metrics_the_shop_exports(
     shop: RunningShop, prometheus: str, tmp_path: Path
 ) -> None:
-    accounts = demo_accounts(SeedSettings())
-    _, email, password = next(a for a in accounts if a[0].value == "customer")
     with httpx.Client(base_url=shop.base_url, timeout=10) as client:
-        tokens = client.post("/v1/auth/login", json={"email": email, "password": password}).json()
-        customer = {"Authorization": f"Bearer {tokens['access_token']}"}
+        customer = {"Authorization": f"Bearer {demo_token(shop.base_url, 'customer')}"}
         # Two rounds a few scrapes apart: a series first seen at 1 has no increase to rate yet.
         for _ in range(2):
             _shop_round(client, customer)

@@ -13,15 +13,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from mercato.config import SeedSettings
-from mercato.demo.seed import demo_accounts
-from tests.e2e.conftest import RunningShop
+from tests.e2e.conftest import RunningShop, demo_token
 
 
 def login(client: httpx.Client, role: str) -> tuple[str, str]:
     """(access token, user id) of the demo account with `role`."""
-    _, email, password = next(a for a in demo_accounts(SeedSettings()) if a[0].value == role)
-    token = client.post("/v1/auth/login", json={"email": email, "password": password}).json()["access_token"]
+    token = demo_token(str(client.base_url).rstrip("/"), role)
     me = client.get("/v1/users/me", headers={"Authorization": f"Bearer {token}"})
     return token, str(me.json()["id"]) if me.status_code == 200 else ""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.conftest import RunningShop
+from tests.e2e.conftest import RunningShop, demo_token
 
 pytestmark = pytest.mark.e2e
 
@@ -66,9 +66,7 @@ def test_a_customer_checks_out_and_the_order_completes(shop: RunningShop) -> Non
     with httpx.Client(base_url=shop.base_url, timeout=10) as client:
 
         def login(role: str) -> dict[str, str]:
-            _, email, password = next(a for a in accounts if a[0].value == role)
-            tokens = client.post("/v1/auth/login", json={"email": email, "password": password}).json()
-            return {"Authorization": f"Bearer {tokens['access_token']}"}
+            return {"Authorization": f"Bearer {demo_token(shop.base_url, role)}"}
 
         admin, customer = login("admin"), login("customer")
         products = client.get("/v1/products", params={"limit": 100, "category": "books"}).json()["items"]

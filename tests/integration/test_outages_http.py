@@ -278,7 +278,7 @@ async def test_a_write_cut_off_by_the_outage_is_safe_to_retry_with_its_key(
         started = time.perf_counter()
         retry = await _retry_until_answered(lambda: client.post("/v1/products", json=body, headers=keyed))
         assert retry.status_code == 201, retry.text
-        assert time.perf_counter() - started < 5.0, "the claim did not sit in flight for lock_timeout_s"
+        assert time.perf_counter() - started < 20.0, "the claim sat in flight for lock_timeout_s (60 s)"
         again = await client.post("/v1/products", json=body, headers=keyed)
         assert (again.status_code, again.headers.get("idempotent-replayed")) == (201, "true")
         listed = await client.get("/v1/products", params={"limit": 100, "category": "tests"})

@@ -72,7 +72,10 @@ async def run_nats_failover(
                 key="k",
             )
             result.published += 1
-            for _attempt in range(50):  # a publish retried with the same id is deduplicated
+            # Retried with the same id (deduplicated by the stream) for as long as an election can
+            # take on a loaded machine: a publisher that gives up early is not a lost message.
+            give_up = time.monotonic() + 30.0
+            while time.monotonic() < give_up:
                 try:
                     await publisher.publish([message])
                     acked.add(str(message.id))
