@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from mercato.bootstrap import Container, build_container
 from mercato.cluster.processes import alive, read_pid, spawn, stop, wait_until
@@ -33,6 +34,7 @@ from mercato.providers.psp.client import PspClient
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
 from tests.integration.provider_support import provider_pg_url, warm_up
+from tests.tables import emptiable_tables
 
 __all__ = ["provider_pg_url"]
 
@@ -112,6 +114,10 @@ async def shop(simulators: Simulators, sqlite_url: str) -> AsyncIterator[Shop]:
     try:
         yield Shop(container, build_saga_runner(container, owner="hlb-test"), product.sku, balancer)
     finally:
+        # The SQLite database is the session's: leave it empty for the tests after this one.
+        async with container.db.write() as conn:
+            for table in emptiable_tables():
+                await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await container.close()
 
 
