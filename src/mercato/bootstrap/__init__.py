@@ -8,25 +8,21 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
+from mercato.bootstrap.backends import build_hub, build_product_cache, build_stream
+from mercato.bootstrap.providers import ProviderCallSet, build_provider_calls
 from mercato.config import Settings
 from mercato.kit.auth import TokenCodec
 from mercato.kit.auth.keys import KeyRing
 from mercato.kit.balancing import Balancer, PrometheusBalancerHooks
 from mercato.kit.cache import (
-    Cache,
-    CacheTtls,
-    MemoryTier,
-    PrometheusCacheHooks,
     RedisInvalidationBus,
-    RedisTier,
-    TinyLfuStore,
 )
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.dynconfig import ConfigWatcher
@@ -46,13 +42,7 @@ from mercato.kit.messaging import (
 from mercato.kit.privacy import Keyring, MasterKey
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.realtime import (
-    Broker,
-    ChannelEvent,
     Hub,
-    NatsBroker,
-    PrometheusRealtimeHook,
-    RedisBroker,
-    SqlBroker,
     SqlChannelHistory,
 )
 from mercato.kit.resilience import BreakerRegistry, BreakerReports, PrometheusResilienceHooks
@@ -69,25 +59,13 @@ from mercato.runtime_config import RuntimeConfig
 from mercato.schemas import catalog as event_catalog
 from mercato.shop.cart.model import CartLimits
 from mercato.shop.cart.service import CartService
-from mercato.shop.catalog.api import product_body
 from mercato.shop.catalog.cache import ProductCache
 from mercato.shop.catalog.events import ProductEvents
 from mercato.shop.catalog.service import CatalogService
-from mercato.shop.chat.service import ChatHistory, ChatService
+from mercato.shop.chat.service import ChatService
 from mercato.shop.chat.shardmap import ShardMap
 from mercato.shop.chat.shards import ChatShardMetrics, ChatShards
 from mercato.shop.checkout.adapters import HttpPaymentGateway, HttpShippingCarrier
-from mercato.shop.checkout.resilient import (
-    CARRIER,
-    CARRIER_READS,
-    CARRIER_UNDO,
-    PSP,
-    PSP_READS,
-    PSP_UNDO,
-    ProviderCalls,
-    ProviderPolicySettings,
-    build_provider_policy,
-)
 from mercato.shop.checkout.service import CheckoutService, order_saga
 from mercato.shop.identity.api_keys import ApiKeyService
 from mercato.shop.identity.personal import READ_SEALED_FLAG, PersonalColumns, PersonalFields
@@ -416,147 +394,6 @@ def build_keyring(settings: Settings, db: Database, clock: Clock) -> Keyring:
     return Keyring(own, MasterKey(secret.get_secret_value()), clock, owns_schema=True)
 
 
-def cache_redis_url(settings: Settings) -> str | None:
-    """The Redis of the cache's shared tier, or None for memory only. `auto` follows the rate
-    limiter's and the stream's choice: Redis when either is configured on it."""
-    cache = settings.cache
-    if cache.backend == "memory":
-        return None
-    fallback = None
-    if settings.ratelimit.backend == "redis":
-        fallback = settings.ratelimit.redis_url
-    elif settings.messaging.backend == "redis":
-        fallback = settings.messaging.redis_url
-    if cache.backend == "redis":
-        return cache.redis_url or fallback or settings.ratelimit.redis_url
-    return cache.redis_url or fallback
-
-
-def build_product_cache(
-    settings: Settings, catalog: CatalogService, *, clock: Clock, registry: CollectorRegistry
-) -> tuple[ProductCache | None, RedisInvalidationBus | None, Redis | None]:
-    """The product cache: a memory tier (LRU or W-TinyLFU, bounded by bytes) and, when Redis is
-    configured, a Redis tier and the pub/sub bus. Connects lazily: no I/O here."""
-    cache = settings.cache
-    if not cache.enabled:
-        return None, None, None
-    hooks = PrometheusCacheHooks(registry)
-    # W-TinyLFU's sketch is sized for ~1 KiB values (a product body is 0.5-2 KiB).
-    expected = max(1000, cache.memory_max_bytes // 1024)
-    store = (
-        TinyLfuStore(max_bytes=cache.memory_max_bytes, expected_entries=expected)
-        if cache.policy == "tinylfu"
-        else None
-    )
-    local = MemoryTier(store, max_bytes=cache.memory_max_bytes, clock=clock, hooks=hooks)
-    url = cache_redis_url(settings)
-    redis = bus = shared = None
-    if url is not None:
-        redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(url, max_connections=64, timeout=1.0),
-            socket_timeout=0.25,
-            socket_connect_timeout=0.25,
-        )
-        shared = RedisTier(redis, prefix=cache.key_prefix, clock=clock)
-        bus = RedisInvalidationBus(redis, channel=f"{cache.key_prefix}:invalidate")
-    ttls = CacheTtls(
-        fresh_s=cache.fresh_s,
-        stale_while_revalidate_s=cache.stale_while_revalidate_s,
-        stale_if_error_s=cache.stale_if_error_s,
-        negative_s=cache.negative_s,
-        local_fresh_s=cache.local_fresh_s,
-    )
-    products = Cache("products", local=local, shared=shared, ttls=ttls, bus=bus, clock=clock, hooks=hooks)
-    product_cache = ProductCache(catalog, products, render=product_body)
-    catalog.on_change(product_cache.invalidate)
-    return product_cache, bus, redis
-
-
-def build_stream(
-    settings: Settings, db: Database, *, clock: Clock, hook: MessagingHook | None = None
-) -> Stream:
-    """The configured `Stream` backend; the SQL log by default, so embedded mode needs no server.
-    Broker clients connect lazily, on first use: building the container does no I/O."""
-    messaging = settings.messaging
-    common: dict[str, Any] = {
-        "partitions": messaging.partitions,
-        "visibility_timeout_s": messaging.visibility_timeout_s,
-        "max_attempts": messaging.max_attempts,
-        "clock": clock,
-        "hook": hook,
-    }
-    if messaging.backend == "redis":
-        return RedisStream(
-            Redis.from_url(messaging.redis_url),
-            prefix=f"{messaging.broker_prefix}:stream",
-            dedup_window_s=messaging.dedup_window_s,
-            **common,
-        )
-    if messaging.backend == "nats":
-        return JetStreamStream(
-            servers=messaging.nats_url.split(","),
-            prefix=messaging.broker_prefix,
-            replicas=messaging.nats_replicas,
-            dedup_window_s=float(messaging.dedup_window_s),
-            **common,
-        )
-    return SqlLogStream(db, **common)
-
-
-class ChannelHistories:
-    """The `History` port per channel kind: chat rooms in the chat tables, the rest (order:<id>) in
-    the real-time channel history."""
-
-    def __init__(self, chat: ChatHistory, other: SqlChannelHistory) -> None:
-        self._chat = chat
-        self._other = other
-
-    async def head(self, channel: str) -> int:
-        if channel.startswith("room:"):
-            return await self._chat.head(channel)
-        return await self._other.head(channel)
-
-    async def after(self, channel: str, seq: int, *, limit: int) -> list[ChannelEvent]:
-        if channel.startswith("room:"):
-            return await self._chat.after(channel, seq, limit=limit)
-        return await self._other.after(channel, seq, limit=limit)
-
-
-def build_broker(settings: Settings, db: Database) -> Broker:
-    """The real-time broker on the configured messaging backend (ADR 0029); no I/O until started."""
-    messaging = settings.messaging
-    if messaging.backend == "redis":
-        return RedisBroker(Redis.from_url(messaging.redis_url), key=f"{messaging.broker_prefix}:realtime")
-    if messaging.backend == "nats":
-        return NatsBroker(servers=messaging.nats_url, subject=f"{messaging.broker_prefix}.realtime")
-    return SqlBroker(db)
-
-
-def build_hub(
-    settings: Settings,
-    db: Database,
-    *,
-    chat: ChatService,
-    channel_history: SqlChannelHistory,
-    registry: CollectorRegistry,
-) -> Hub:
-    realtime = settings.realtime
-    hook = PrometheusRealtimeHook(registry)
-    hub = Hub(
-        build_broker(settings, db),
-        ChannelHistories(ChatHistory(chat), channel_history),
-        node_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-        hook=hook,
-        presence_interval_s=realtime.presence_interval_s,
-        presence_ttl_s=realtime.presence_ttl_s,
-        max_messages=realtime.queue_max_messages,
-        max_bytes=realtime.queue_max_bytes,
-        bounded=realtime.backpressure,
-    )
-    hook.watch_queued(hub.queued_bytes)
-    return hub
-
-
 def build_projector(
     container: Container, projection: Projection, *, batch_size: int, hook: ProjectionHook | None = None
 ) -> Projector:
@@ -575,83 +412,14 @@ def build_projector(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderCallSet:
-    """The policies checkout's provider calls go through, per provider: the forward writes, the
-    record lookups, and the compensations' writes."""
-
-    psp: ProviderCalls
-    psp_reads: ProviderCalls
-    psp_undo: ProviderCalls
-    carrier: ProviderCalls
-    carrier_reads: ProviderCalls
-    carrier_undo: ProviderCalls
-
-
-def build_provider_calls(
-    settings: Settings,
-    *,
-    breakers: BreakerRegistry,
-    hooks: PrometheusResilienceHooks,
-    clock: Clock,
-    separate_reads: bool = True,
-) -> ProviderCallSet:
-    """Each provider under its own policy, or plain when `checkout.resilience` is off.
-
-    With `separate_reads` each provider's lookups and compensating writes get policies and breakers
-    of their own (see `shop/checkout/resilient.py`); without it everything shares the writes' policy.
-    """
-    checkout = settings.checkout
-    if not checkout.resilience:
-        plain = ProviderCalls()
-        return ProviderCallSet(plain, plain, plain, plain, plain, plain)
-    # The whole call (retries included) gets provider_timeout_s, which the saga step's timeout
-    # (provider_timeout_s + 0.5) encloses; the p95 is capped so one attempt fits in that budget.
-    policy = ProviderPolicySettings(
-        p95_s=min(checkout.provider_p95_s, 0.8 * checkout.provider_timeout_s),
-        total_timeout_s=checkout.provider_timeout_s,
-        max_concurrent=checkout.provider_max_concurrent,
-        minimum_calls=checkout.breaker_minimum_calls,
-        consecutive_failures=checkout.breaker_consecutive_failures,
-        window_s=checkout.breaker_window_s,
-        open_s=checkout.breaker_open_s,
-        max_open_s=checkout.breaker_max_open_s,
-        half_open_probes=checkout.breaker_half_open_probes,
-    )
-
-    # Compensations' writes keep a breaker (an undo path that is itself failing stops being hammered)
-    # but not the growing wait: they are few, every saga's deadline waits on them, and a breaker that
-    # flaps under a high error rate would otherwise park each of them for 5 + 10 + 20 s (seen in the
-    # SQLite chaos run: the last late orders were compensations waiting out those waits).
-    undo_policy = replace(policy, max_open_s=policy.open_s)
-
-    def calls(name: str, knobs: ProviderPolicySettings = policy) -> ProviderCalls:
-        return ProviderCalls(
-            build_provider_policy(name, knobs, breakers=breakers, hooks=[hooks], clock=clock)
-        )
-
-    # Lookups are hedged after their observed p95 (the configured p95 while cold); see resilient.py.
-    reads_policy = replace(policy, hedge_delay_s=policy.p95_s)
-
-    psp, carrier = calls(PSP), calls(CARRIER)
-    if not separate_reads:
-        return ProviderCallSet(psp, psp, psp, carrier, carrier, carrier)
-    return ProviderCallSet(
-        psp=psp,
-        psp_reads=calls(PSP_READS, reads_policy),
-        psp_undo=calls(PSP_UNDO, undo_policy),
-        carrier=carrier,
-        carrier_reads=calls(CARRIER_READS, reads_policy),
-        carrier_undo=calls(CARRIER_UNDO, undo_policy),
-    )
-
-
 __all__ = [
     "SCRIPT_LOCATION",
     "SEED_MARKER",
     "Container",
     "ProviderCallSet",
+    "build_chat_shards",
     "build_container",
     "build_database",
+    "build_projector",
     "build_provider_calls",
 ]
