@@ -101,7 +101,7 @@ class JetStreamCore:
         self._pull_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._next_start = 0
 
-    # ---- connection and names -----------------------------------------------------------------
+    # ---- connection and names ------------------------------------------------------------------
 
     async def _js(self) -> JetStreamContext:
         if self._js_ctx is not None:
