@@ -61,7 +61,14 @@ def test_a_tiny_round_runs_both_sides_into_one_table(tmp_path: Path) -> None:
     out = tmp_path / "run"
     before = {d for d in _databases() if d.startswith("hdb_")}
     args = ["checkout", "--vs", "dbos", "--rates", "5", "--duration", "1", "--warmup", "0"]
-    args += ["--drain", "15", "--customers", "5", "--database-url", f"postgresql+asyncpg://{_pg_host_part()}/{name}"]
+    args += [
+        "--drain",
+        "15",
+        "--customers",
+        "5",
+        "--database-url",
+        f"postgresql+asyncpg://{_pg_host_part()}/{name}",
+    ]
     args += ["--create-database", "--out", str(out)]
     result = CliRunner().invoke(bench_app, args)
     assert result.exit_code == 0, result.output
@@ -70,13 +77,16 @@ def test_a_tiny_round_runs_both_sides_into_one_table(tmp_path: Path) -> None:
     assert set(rows) == {"mercato", "dbos"}
     for row in rows.values():
         assert row["offered_rate"] == 5
-        assert row["completed"] == 5 and row["not_completed"] == 0
+        assert row["completed"] == 5
+        assert row["not_completed"] == 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
-        assert row["cpu_ms_per_workflow"] > 0 and row["machine_cpu_ms_per_workflow"] > 0
+        assert row["cpu_ms_per_workflow"] > 0
+        assert row["machine_cpu_ms_per_workflow"] > 0
     assert report["vs_dbos"]["dbos"]["steps"][0]["failure_sample"] == []
     assert (out / "bench-checkout.png").stat().st_size > 1000
     verdict = (out / "verdict.txt").read_text()
-    assert "goal ≥ 3× DBOS" in verdict and "beyond the six steps, dbos" in verdict
+    assert "goal ≥ 3× DBOS" in verdict
+    assert "beyond the six steps, dbos" in verdict
     assert "Mercato vs DBOS" in (out / "table.txt").read_text()
     # Both databases (the Mercato side's and the DBOS side's hdb_*) are gone.
     assert {d for d in _databases() if d.startswith("hdb_")} <= before

@@ -165,7 +165,9 @@ def checkout(
     ] = None,
     vs: Annotated[
         str | None,
-        typer.Option(help="Also run the same six steps on another engine, side by side: dbos (the bench extra)"),
+        typer.Option(
+            help="Also run the same six steps on another engine, side by side: dbos (the bench extra)"
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
     out: OutOption = None,

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS hdb_orders (
 """
 
 
-async def run(plan: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one workflow, its steps, the load
+async def run(plan: dict[str, Any]) -> dict[str, Any]:
     import sqlalchemy as sa
     from dbos import DBOS, AsyncSQLAlchemyDatasource, DBOSConfig
 
@@ -210,7 +210,10 @@ async def run(plan: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one wo
         for number, rate in enumerate(rates, start=1):
             step = await one_step(rate, float(plan["duration_s"]), f"s{number}")
             steps.append(step)
-            print(json.dumps({"step": number, "rate": rate, "completed_rate": step["completed_rate"]}), flush=True)
+            print(
+                json.dumps({"step": number, "rate": rate, "completed_rate": step["completed_rate"]}),
+                flush=True,
+            )
             if plan.get("stop_when_saturated", True) and step["completed_rate"] < 0.5 * rate:
                 break
     finally:

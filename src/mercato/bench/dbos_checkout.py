@@ -82,8 +82,19 @@ def _providers(workdir: Path) -> list[ServerProcess]:
     try:
         for kind in ("psp", "carrier"):
             port = free_port()
-            args = ["-m", "mercato.cli.main", "provider", kind, "--port", str(port), "--data-dir", str(workdir)]
-            started.append(start_server(kind, args, port=port, workdir=workdir, env=env, ready_path="/healthz"))
+            args = [
+                "-m",
+                "mercato.cli.main",
+                "provider",
+                kind,
+                "--port",
+                str(port),
+                "--data-dir",
+                str(workdir),
+            ]
+            started.append(
+                start_server(kind, args, port=port, workdir=workdir, env=env, ready_path="/healthz")
+            )
     except Exception:
         for server in started:
             server.stop()
@@ -248,7 +259,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes[1].plot(x, [r["p50_ms"] for r in mine], marker="o", label=f"{side} p50")
         axes[1].plot(x, [r["p99_ms"] for r in mine], marker="x", linestyle="--", label=f"{side} p99")
         axes[2].plot(x, [r["machine_cpu_ms_per_workflow"] for r in mine], marker="o", label=f"{side} machine")
-        axes[2].plot(x, [r["cpu_ms_per_workflow"] for r in mine], marker="x", linestyle="--", label=f"{side} own")
+        axes[2].plot(
+            x, [r["cpu_ms_per_workflow"] for r in mine], marker="x", linestyle="--", label=f"{side} own"
+        )
     top = max((r["offered_rate"] for r in rows), default=1.0)
     axes[0].plot([0, top], [0, top], color="grey", linewidth=0.8, label="offered")
     titles = ("completed/s vs offered/s", "completion latency (ms)", "CPU ms per completed checkout")
