@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
@@ -106,7 +107,10 @@ def run_dbos_side(plan: DbosPlan, mercato_url: str | None) -> dict[str, Any]:
     """Run the ladder on DBOS; the app's report (``steps``, ``dbos_version``)."""
     require_dbos()
     admin, name, url = dbos_database_url(mercato_url)
-    asyncio.run(_pg_execute(admin, f'CREATE DATABASE "{name}"'))
+    try:
+        asyncio.run(_pg_execute(admin, f'CREATE DATABASE "{name}"'))
+    except asyncpg.PostgresError as exc:
+        raise RuntimeError(f"could not create the DBOS side's database {name}: {exc}") from exc
     try:
         with tempfile.TemporaryDirectory(prefix="mercato-bench-dbos-") as tmp:
             workdir = Path(tmp)
