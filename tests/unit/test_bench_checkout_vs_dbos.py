@@ -82,6 +82,7 @@ def test_a_tiny_round_runs_both_sides_into_one_table(tmp_path: Path) -> None:
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["cpu_ms_per_workflow"] > 0
         assert row["machine_cpu_ms_per_workflow"] > 0
+        assert row["machine_cores_busy"] > 0
     assert report["vs_dbos"]["dbos"]["steps"][0]["failure_sample"] == []
     assert (out / "bench-checkout.png").stat().st_size > 1000
     verdict = (out / "verdict.txt").read_text()

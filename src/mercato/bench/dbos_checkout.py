@@ -184,6 +184,7 @@ def comparison_rows(mercato: list[CheckoutStep], dbos: dict[str, Any]) -> list[d
                 "p99_ms": d["completion"]["p99_ms"],
                 "cpu_ms_per_workflow": _per(sum(cpu.values()), done),
                 "machine_cpu_ms_per_workflow": _per(machine, done),
+                "machine_cores_busy": step.server_cpu.get("machine (all)", 0.0),
             }
         )
     for raw in dbos.get("steps", []):
@@ -201,6 +202,7 @@ def comparison_rows(mercato: list[CheckoutStep], dbos: dict[str, Any]) -> list[d
                 "p99_ms": raw["done_p99_ms"],
                 "cpu_ms_per_workflow": _per(sum(cpu.values()), done),
                 "machine_cpu_ms_per_workflow": _per(machine, done),
+                "machine_cores_busy": machine / raw["wall_s"] if raw["wall_s"] > 0 else 0.0,
             }
         )
     return rows
@@ -217,6 +219,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> Table:
         "done p99 ms",
         "CPU ms/checkout (own procs)",
         "machine CPU ms/checkout",
+        "machine cores busy",
     ):
         table.add_column(column, justify="left" if column == "side" else "right", no_wrap=True)
     for row in sorted(rows, key=lambda r: (r["offered_rate"], r["side"])):
@@ -229,6 +232,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> Table:
             f"{row['p99_ms']:,.1f}",
             f"{row['cpu_ms_per_workflow']:,.1f}",
             f"{row['machine_cpu_ms_per_workflow']:,.1f}",
+            f"{row['machine_cores_busy']:.2f}",
         )
     return table
 
@@ -245,6 +249,11 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         f"best completed/s: mercato {best['mercato']:.1f}, dbos {best['dbos']:.1f} ({ratio:.2f}×); "
         f"goal ≥ 3× DBOS: {word}",
     ]
+    busy = max((r["machine_cores_busy"] for r in rows), default=0.0)
+    lines.append(
+        f"machine busiest at {busy:.2f} cores during a step (both sides' figures include everything else "
+        "running on it: compare runs on a quiet machine)"
+    )
     lines += [f"beyond the six steps, {side}: {text}" for side, text in BEYOND.items()]
     return lines
 
