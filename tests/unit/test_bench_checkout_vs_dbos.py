@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from mercato.bench import dbos_checkout
 from mercato.bench.cli import app as bench_app
-
-from ..conftest import PG_ADMIN_DSN, _pg_host_part
+from tests.conftest import PG_ADMIN_DSN, _pg_host_part
 
 
 def _databases() -> set[str]:
@@ -49,7 +48,8 @@ def test_a_missing_extra_is_a_clear_message_before_anything_runs(monkeypatch: py
     with pytest.raises(dbos_checkout.DbosMissing, match=r"mercato\[bench\]"):
         dbos_checkout.require_dbos()
     url = f"postgresql+asyncpg://{_pg_host_part()}/hdb_never"
-    result = CliRunner().invoke(bench_app, ["checkout", "--vs", "dbos", "--database-url", url])
+    args = ["checkout", "--vs", "dbos", "--database-url", url, "--create-database"]
+    result = CliRunner().invoke(bench_app, args)
     assert result.exit_code == 2
     assert "hdb_never" not in _databases()  # refused before creating anything
 
