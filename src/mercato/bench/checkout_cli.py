@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -90,6 +91,50 @@ def round_trips_table(step: CheckoutStep) -> Table:
     return table
 
 
+def _check_vs(vs: str, database_url: str | None) -> None:
+    """Before anything runs: a known engine, PostgreSQL, and the extra installed."""
+    from mercato.bench.dbos_checkout import DbosMissing, dbos_database_url, require_dbos
+
+    if vs != "dbos":
+        raise typer.BadParameter("--vs is dbos (the only engine compared so far)")
+    try:
+        dbos_database_url(database_url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        require_dbos()
+    except DbosMissing as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+
+
+def _run_vs(
+    options: CheckoutBenchOptions, report: CheckoutBenchReport, data: dict[str, object], folder: RunFolder
+) -> tuple[Table, list[str]]:
+    """The DBOS side at the same rates; its table, the verdict lines and the PNG."""
+    from mercato.bench import dbos_checkout as vs
+
+    plan = vs.DbosPlan(
+        rates=options.rates,
+        duration_s=options.duration_s,
+        warmup_s=options.warmup_s,
+        drain_s=options.drain_s,
+        stop_when_saturated=options.stop_when_saturated,
+        skus=options.products,
+    )
+    with console.status("DBOS side: the same rates"):
+        try:
+            dbos = vs.run_dbos_side(plan, options.database_url)
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            console.print(f"[red]DBOS side failed:[/red] {exc}")
+            raise typer.Exit(1) from exc
+    rows = vs.comparison_rows(report.steps, dbos)
+    vs.plot(rows, folder.figure)
+    lines = vs.verdict(rows)
+    data["vs_dbos"] = {"dbos": dbos, "rows": rows, "beyond_six_steps": vs.BEYOND, "verdict": lines}
+    return vs.comparison_table(rows), lines
+
+
 def checkout(
     rates: Annotated[str | None, typer.Option(help="Arrival rates (checkouts/s), e.g. 25,50,100,200")] = None,
     duration: Annotated[float, typer.Option(help="Seconds per fixed-rate step", min=0.5)] = 5.0,
@@ -118,12 +163,20 @@ def checkout(
     profile_dir: Annotated[
         Path | None, typer.Option(help="py-spy (raw format) the Mercato processes during the last step")
     ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            help="Also run the same six steps on another engine, side by side: dbos (the bench extra)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
     out: OutOption = None,
 ) -> None:
     """Completed checkouts/s and p50/p99 at fixed arrival rates, with the bare baseline side by side."""
     if mode not in MODES:
         raise typer.BadParameter(f"--mode is one of {', '.join(MODES)}")
+    if vs is not None:
+        _check_vs(vs, database_url)
     options = CheckoutBenchOptions(
         rates=parse_rates(rates),
         duration_s=duration,
@@ -162,12 +215,20 @@ def checkout(
         console.print(f"[red]benchmark failed:[/red] {exc}")
         raise typer.Exit(1) from exc
     tables = [steps_table(report), *([round_trips_table(report.steps[-1])] if report.steps else [])]
+    data = report.to_dict()
+    folder = RunFolder.open("bench-checkout", out)
+    lines: list[str] = []
+    if vs is not None:
+        vs_table, lines = _run_vs(options, report, data, folder)
+        tables.append(vs_table)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps(data, indent=2))
     else:
         screen = Console(width=max(Console().width, 180))
         for table in tables:
             screen.print(table)
-    RunFolder.open("bench-checkout", out).record(data=report.to_dict(), tables=tables, console=console)
+        for line in lines:
+            screen.print(line, soft_wrap=True)
+    folder.record(data=data, tables=tables, verdict=lines, console=console)
     if not report.steps or any(s.counts.errors or s.completion.unknown for s in report.steps):
         raise typer.Exit(1)
