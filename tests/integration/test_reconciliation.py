@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ from mercato.cli.main import app
 from mercato.config import get_settings
 from mercato.kit.clock import ManualClock, SystemClock
 from mercato.kit.projections import Projector
-from mercato.shop.reporting.reconcile import Reconciler
+from mercato.shop.reporting.reconcile import RECONCILED, CpuRunner, Mode, Reconciler
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 from mercato.workers.projections import build_projectors
 from mercato.workers.reconcile import ReadModelReconciliation
@@ -34,10 +35,11 @@ from tests.integration.test_read_models import _project, _run_checkouts
 runner = CliRunner()
 
 
-def tomorrow_reconciler(shop: Shop) -> Reconciler:
+def tomorrow_reconciler(shop: Shop, *, cpu: CpuRunner | None, seed: int | None = None) -> Reconciler:
     """Every order settled, and today a finished day (so `sales_by_day` is checked too)."""
     clock = ManualClock(SystemClock().now() + timedelta(days=1))
-    return Reconciler(shop.container.db, shop.container.orders, clock, settle_s=0)
+    rng = random.Random(seed) if seed is not None else None
+    return Reconciler(shop.container.db, shop.container.orders, clock, settle_s=0, rng=rng, cpu=cpu)
 
 
 def drift_metric(shop: Shop, projection: str) -> float:
@@ -48,6 +50,14 @@ def drift_metric(shop: Shop, projection: str) -> float:
     raise AssertionError(f"no drift metric for {projection}")
 
 
+def pool_completed(shop: Shop) -> float:
+    text = generate_latest(shop.container.metrics_registry).decode()
+    for line in text.splitlines():
+        if line.startswith('mercato_process_pool_completed_total{pool="cpu"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no process pool metric")
+
+
 async def test_corrupted_read_models_are_found_exported_and_repaired(
     shop: Shop, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -55,7 +65,9 @@ async def test_corrupted_read_models_are_found_exported_and_repaired(
     projectors: dict[str, Projector] = build_projectors(shop.container)
     await _project(projectors)
     checks = ReadModelReconciliation(shop.container)
-    checks.reconciler = tomorrow_reconciler(shop)
+    # The comparisons run in the container's process pool, as in `mercato worker` (ADR 0053).
+    assert shop.container.cpu_pool is not None
+    checks.reconciler = tomorrow_reconciler(shop, cpu=shop.container.cpu_pool)
 
     # A healthy read model: every settled order and day agrees, both ways.
     clean = await checks.check("order_summary", mode="full")
@@ -87,6 +99,14 @@ async def test_corrupted_read_models_are_found_exported_and_repaired(
     full = await checks.check("order_summary", mode="full")
     assert (full.wrong, full.missing, full.extra) == ([str(done_1)], [str(declined)], [str(ghost)])
     assert drift_metric(shop, "order_summary") == 3
+    # Through the pool or inline, every check finds exactly the same drift.
+    modes: tuple[Mode, ...] = ("full", "sample")
+    for name in RECONCILED:
+        for mode in modes:
+            pooled = tomorrow_reconciler(shop, cpu=shop.container.cpu_pool, seed=7)
+            inline = tomorrow_reconciler(shop, cpu=None, seed=7)
+            assert await pooled.verify(name, mode=mode) == await inline.verify(name, mode=mode)
+    assert pool_completed(shop) >= 7  # 3 checks above and 4 here, one job each
     # The worker's periodic pass (a sample; here it covers the three orders) sees it too.
     assert await checks.sample_pass() > 0
     assert drift_metric(shop, "order_summary") == 2  # a sample looks from orders: no extras

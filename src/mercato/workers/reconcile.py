@@ -22,6 +22,7 @@ def build_reconciler(container: Container) -> Reconciler:
         container.clock,
         settle_s=worker.reconcile_settle_s,
         sample_size=worker.reconcile_sample,
+        cpu=container.cpu_pool,
     )
 
 
