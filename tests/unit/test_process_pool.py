@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -26,6 +26,14 @@ def _die() -> None:
 
 def _fail() -> None:
     raise ValueError("bad input")
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the pool never reached the state")
 
 
 def _value(registry: CollectorRegistry, name: str) -> float:
@@ -59,8 +67,7 @@ async def test_a_full_queue_refuses_at_once(pool: ProcessPool, registry: Collect
     await pool.warm_up()
     running = asyncio.create_task(pool.run(_sleep_then_pid, 1.0))
     queued = asyncio.create_task(pool.run(_sleep_then_pid, 0))
-    while pool.queued < 1 or pool.running < 1:
-        await asyncio.sleep(0.005)
+    await _until(lambda: pool.queued == 1 and pool.running == 1)
     assert _value(registry, "mercato_process_pool_running") == 1
     assert _value(registry, "mercato_process_pool_queued") == 1
     started = time.monotonic()
@@ -78,17 +85,15 @@ async def test_a_full_queue_makes_the_caller_wait_for_room_then_refuses(registry
     try:
         await pool.warm_up()
         first = asyncio.create_task(pool.run(_sleep_then_pid, 0.5))
-        while pool.running < 1:
-            await asyncio.sleep(0.005)
+        await _until(lambda: pool.running == 1)
         started = time.monotonic()
         await pool.run(_sleep_then_pid, 0)  # waited for the first to finish, then ran
         assert time.monotonic() - started > 0.2
         await first
         pool.wait_s = 0.2
         hold = asyncio.create_task(pool.run(_sleep_then_pid, 1.0))
-        while pool.running < 1:
-            await asyncio.sleep(0.005)
-        with pytest.raises(PoolFull, match="full for 0.2 s"):
+        await _until(lambda: pool.running == 1)
+        with pytest.raises(PoolFull, match=r"full for 0\.2 s"):
             await pool.run(_sleep_then_pid, 0)
         await hold
         assert _value(registry, "mercato_process_pool_rejected_total") == 1

@@ -21,21 +21,21 @@ over many passes it covers the history. `full` (`mercato projections verify NAME
 settled row, both ways (rows missing from the read model, and read-model rows with no order).
 The repair is a rebuild (`--repair`): the log replayed from zero into fresh tables.
 
-What runs where (ADR 0053): the reads stay on the event loop; the comparisons (`diff_summaries`,
-`diff_sales`: pure functions over rows already read) run in the process pool given as `cpu`, since
-a full check folds every completed order of the history in one go, tens of milliseconds of Python
-per ten thousand orders that would otherwise stall every request this process serves.
+What runs where (ADR 0053): the comparisons are pure functions (`diff_summaries`, `diff_sales`),
+but they are not shipped to another process on their own: pickling the rows costs more than the
+fold. The worker runs the whole check, reads included, in its process pool
+(`workers/reconcile.py`); the operator's CLI runs it inline.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from types import SimpleNamespace
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import select
 
@@ -44,9 +44,7 @@ from mercato.kit.storage import Database
 from mercato.shop.reporting.projections import summary_from_row
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 
-__all__ = ["RECONCILED", "CpuRunner", "Drift", "OrderFacts", "Reconciler", "diff_sales", "diff_summaries"]
-
-T = TypeVar("T")
+__all__ = ["RECONCILED", "Drift", "OrderFacts", "Reconciler", "diff_sales", "diff_summaries"]
 
 RECONCILED = ("order_summary", "sales_by_day")
 Mode = Literal["sample", "full"]
@@ -104,12 +102,6 @@ class OrderFacts(Protocol):
     ) -> Sequence[OrderSnapshot]: ...
 
     async def existing(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]: ...
-
-
-class CpuRunner(Protocol):
-    """Where CPU-heavy pure functions run (the kit's `ProcessPool`)."""
-
-    async def run(self, fn: Callable[..., T], /, *args: Any) -> T: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +162,8 @@ class Reconciler:
         settle_s: float = 300.0,
         sample_size: int = 200,
         rng: random.Random | None = None,
-        cpu: CpuRunner | None = None,
     ) -> None:
         self._db = db
-        self._cpu = cpu
         self._orders = orders
         self._clock = clock
         self.settle_s = settle_s
@@ -186,12 +176,6 @@ class Reconciler:
         if projection == "sales_by_day":
             return await self._sales_by_day(mode)
         raise ValueError(f"no reconciliation for {projection!r}; known: {', '.join(RECONCILED)}")
-
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in the process pool, or inline when there is none."""
-        if self._cpu is None:
-            return fn(*args)
-        return await self._cpu.run(fn, *args)
 
     def _settled_before(self) -> datetime:
         return self._clock.now() - timedelta(seconds=self.settle_s)
@@ -224,7 +208,7 @@ class Reconciler:
         async with self._db.read() as conn:
             result = await conn.execute(select(order_summary).where(t.order_id.in_([o.id for o in orders])))
             rows = [dict(row._mapping) for row in result]
-        missing, wrong = await self._compute(diff_summaries, list(orders), rows)
+        missing, wrong = diff_summaries(orders, rows)
         drift.missing.extend(missing)
         drift.wrong.extend(wrong)
         return len(orders)
@@ -275,7 +259,7 @@ class Reconciler:
                     start=_EPOCH, end=_day_start(last_day + timedelta(days=1))
                 )
             )
-        checked, missing, wrong, extra = await self._compute(diff_sales, stored, orders)
+        checked, missing, wrong, extra = diff_sales(stored, orders)
         return Drift("sales_by_day", mode, checked, missing, wrong, extra)
 
 
@@ -296,8 +280,7 @@ def _totals(orders: Sequence[OrderSnapshot]) -> dict[tuple[date, str], tuple[int
 def diff_summaries(
     orders: Sequence[OrderSnapshot], rows: Sequence[dict[str, Any]]
 ) -> tuple[list[str], list[str]]:
-    """The orders whose `order_summary` row (as column mappings) is missing, and those it gets wrong.
-    Pure: runs in a worker process."""
+    """The orders whose `order_summary` row (as column mappings) is missing, and those it gets wrong."""
     found = {row["order_id"]: _actual_summary(SimpleNamespace(**row)) for row in rows}
     missing: list[str] = []
     wrong: list[str] = []
@@ -314,7 +297,7 @@ def diff_sales(
     stored: dict[tuple[date, str], tuple[int, int]], orders: Sequence[OrderSnapshot]
 ) -> tuple[int, list[str], list[str], list[str]]:
     """`sales_by_day` as stored against the totals of the completed orders: (keys checked, missing,
-    wrong, extra), each key labelled `day/currency`. Pure: runs in a worker process."""
+    wrong, extra), each key labelled `day/currency`."""
     expected = _totals(orders)
     missing: list[str] = []
     wrong: list[str] = []
