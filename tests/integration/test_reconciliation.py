@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ from mercato.cli.main import app
 from mercato.config import get_settings
 from mercato.kit.clock import ManualClock, SystemClock
 from mercato.kit.projections import Projector
-from mercato.shop.reporting.reconcile import Reconciler
+from mercato.shop.reporting.reconcile import RECONCILED, Reconciler
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 from mercato.workers.projections import build_projectors
 from mercato.workers.reconcile import ReadModelReconciliation
@@ -34,10 +35,14 @@ from tests.integration.test_read_models import _project, _run_checkouts
 runner = CliRunner()
 
 
-def tomorrow_reconciler(shop: Shop) -> Reconciler:
+def tomorrow() -> ManualClock:
     """Every order settled, and today a finished day (so `sales_by_day` is checked too)."""
-    clock = ManualClock(SystemClock().now() + timedelta(days=1))
-    return Reconciler(shop.container.db, shop.container.orders, clock, settle_s=0)
+    return ManualClock(SystemClock().now() + timedelta(days=1))
+
+
+def tomorrow_reconciler(shop: Shop, *, seed: int | None = None) -> Reconciler:
+    rng = random.Random(seed) if seed is not None else None
+    return Reconciler(shop.container.db, shop.container.orders, tomorrow(), settle_s=0, rng=rng)
 
 
 def drift_metric(shop: Shop, projection: str) -> float:
@@ -48,14 +53,23 @@ def drift_metric(shop: Shop, projection: str) -> float:
     raise AssertionError(f"no drift metric for {projection}")
 
 
+def pool_completed(shop: Shop) -> float:
+    text = generate_latest(shop.container.metrics_registry).decode()
+    for line in text.splitlines():
+        if line.startswith('mercato_process_pool_completed_total{pool="cpu"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no process pool metric")
+
+
 async def test_corrupted_read_models_are_found_exported_and_repaired(
     shop: Shop, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     done_1, done_2, declined = await _run_checkouts(shop)
     projectors: dict[str, Projector] = build_projectors(shop.container)
     await _project(projectors)
-    checks = ReadModelReconciliation(shop.container)
-    checks.reconciler = tomorrow_reconciler(shop)
+    checks = ReadModelReconciliation(shop.container, clock=tomorrow(), settle_s=0)
+    # The checks run in the container's process pool, as in `mercato worker` (ADR 0053).
+    assert shop.container.cpu_pool is not None
 
     # A healthy read model: every settled order and day agrees, both ways.
     clean = await checks.check("order_summary", mode="full")
@@ -87,6 +101,12 @@ async def test_corrupted_read_models_are_found_exported_and_repaired(
     full = await checks.check("order_summary", mode="full")
     assert (full.wrong, full.missing, full.extra) == ([str(done_1)], [str(declined)], [str(ghost)])
     assert drift_metric(shop, "order_summary") == 3
+    # In a pool worker or inline, every full check finds exactly the same drift.
+    for name in RECONCILED:
+        assert await checks.check(name, mode="full") == await tomorrow_reconciler(shop).verify(
+            name, mode="full"
+        )
+    assert pool_completed(shop) == 5  # the 3 checks above and 2 here, one job each
     # The worker's periodic pass (a sample; here it covers the three orders) sees it too.
     assert await checks.sample_pass() > 0
     assert drift_metric(shop, "order_summary") == 2  # a sample looks from orders: no extras

@@ -40,6 +40,7 @@ from mercato.kit.messaging import (
     Stream,
 )
 from mercato.kit.privacy import Keyring, MasterKey
+from mercato.kit.processes import ProcessPool
 from mercato.kit.projections import Projection, ProjectionHook, Projector, StreamProjector
 from mercato.kit.realtime import (
     Hub,
@@ -138,6 +139,8 @@ class Container:
     runtime: ConfigWatcher[RuntimeConfig] | None = None
     flags: Flags = field(default_factory=Flags)
     provider_policies: list[Any] = field(default_factory=list)  # checkout's, for the runtime config
+    # CPU-heavy pure work off the loop (ADR 0053): worker processes, started on first use.
+    cpu_pool: ProcessPool | None = None
 
     async def close(self) -> None:
         if self.cache_bus is not None:
@@ -152,6 +155,8 @@ class Container:
         if self.keyring is not None:
             await self.keyring.dispose()
         await self.chat.shards.close()
+        if self.cpu_pool is not None:
+            await self.cpu_pool.close()
         await self.db.dispose()
 
 
@@ -382,6 +387,20 @@ def build_container(
         runtime=runtime,
         flags=flags,
         provider_policies=[p for p in policies if p is not None],
+        cpu_pool=build_cpu_pool(settings, metrics_registry),
+    )
+
+
+def build_cpu_pool(settings: Settings, registry: CollectorRegistry) -> ProcessPool | None:
+    pool = settings.processes
+    if not pool.enabled:
+        return None
+    return ProcessPool(
+        name="cpu",
+        max_workers=pool.workers,
+        max_queued=pool.max_queued,
+        wait_s=pool.wait_s,
+        registry=registry,
     )
 
 

@@ -27,6 +27,9 @@ from mercato.config.sections import (
     NetworkSettings as NetworkSettings,
 )
 from mercato.config.sections import (
+    ProcessPoolSettings as ProcessPoolSettings,
+)
+from mercato.config.sections import (
     RealtimeSettings as RealtimeSettings,
 )
 from mercato.config.sections import (
@@ -371,6 +374,7 @@ class Settings(BaseSettings):
     chat: ChatSettings = ChatSettings()
     release: ReleaseSettings = ReleaseSettings()
     coordination: CoordinationSettings = CoordinationSettings()
+    processes: ProcessPoolSettings = ProcessPoolSettings()
 
     @field_validator("env", mode="before")
     @classmethod

@@ -90,6 +90,17 @@ class WorkerSettings(BaseModel):
     reconcile_settle_s: float = Field(default=300.0, ge=0)
 
 
+class ProcessPoolSettings(BaseModel):
+    """The process pool for CPU-heavy jobs (kit/processes, ADR 0053): read-model reconciliation's
+    comparisons today. At most `workers` jobs run and `max_queued` wait; a job finding the queue
+    full waits up to `wait_s` for room, then is refused. `enabled=false` runs them inline."""
+
+    enabled: bool = True
+    workers: int = Field(default=1, ge=1, le=64)
+    max_queued: int = Field(default=4, ge=0, le=10_000)
+    wait_s: float = Field(default=30.0, ge=0, le=3600)
+
+
 class CoordinationSettings(BaseModel):
     """Leader election for the worker's singleton jobs (ADR 0041).
 

@@ -20,6 +20,11 @@ up as drift too; the lag metric tells the two apart.
 over many passes it covers the history. `full` (`mercato projections verify NAME`) checks every
 settled row, both ways (rows missing from the read model, and read-model rows with no order).
 The repair is a rebuild (`--repair`): the log replayed from zero into fresh tables.
+
+What runs where (ADR 0053): the comparisons are pure functions (`diff_summaries`, `diff_sales`),
+but they are not shipped to another process on their own: pickling the rows costs more than the
+fold. The worker runs the whole check, reads included, in its process pool
+(`workers/reconcile.py`); the operator's CLI runs it inline.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import select
@@ -38,7 +44,7 @@ from mercato.kit.storage import Database
 from mercato.shop.reporting.projections import summary_from_row
 from mercato.shop.reporting.tables import order_summary, sales_by_day
 
-__all__ = ["RECONCILED", "Drift", "OrderFacts", "Reconciler"]
+__all__ = ["RECONCILED", "Drift", "OrderFacts", "Reconciler", "diff_sales", "diff_summaries"]
 
 RECONCILED = ("order_summary", "sales_by_day")
 Mode = Literal["sample", "full"]
@@ -200,14 +206,11 @@ class Reconciler:
             return 0
         t = order_summary.c
         async with self._db.read() as conn:
-            rows = await conn.execute(select(order_summary).where(t.order_id.in_([o.id for o in orders])))
-            found = {row.order_id: _actual_summary(row) for row in rows}
-        for order in orders:
-            actual = found.get(order.id)
-            if actual is None:
-                drift.missing.append(str(order.id))
-            elif actual != expected_summary(order):
-                drift.wrong.append(str(order.id))
+            result = await conn.execute(select(order_summary).where(t.order_id.in_([o.id for o in orders])))
+            rows = [dict(row._mapping) for row in result]
+        missing, wrong = diff_summaries(orders, rows)
+        drift.missing.extend(missing)
+        drift.wrong.extend(wrong)
         return len(orders)
 
     async def _find_extra_summaries(self, drift: Drift) -> int:
@@ -244,34 +247,20 @@ class Reconciler:
             older = sorted(day for day, _ in stored if day not in days)
             if older:
                 days.add(self._rng.choice(older))
-            expected = await self._sales(sorted(days))
+            orders: list[OrderSnapshot] = []
+            for day in sorted(days):
+                orders += await self._orders.completed_between(
+                    start=_day_start(day), end=_day_start(day + timedelta(days=1))
+                )
             stored = {key: value for key, value in stored.items() if key[0] in days}
         else:
-            start = _EPOCH
-            expected = _totals(
+            orders = list(
                 await self._orders.completed_between(
-                    start=start, end=_day_start(last_day + timedelta(days=1))
+                    start=_EPOCH, end=_day_start(last_day + timedelta(days=1))
                 )
             )
-        drift = Drift("sales_by_day", mode, len(set(stored) | set(expected)))
-        for key in sorted(set(stored) | set(expected)):
-            label = f"{key[0].isoformat()}/{key[1]}"
-            if key not in stored:
-                drift.missing.append(label)
-            elif key not in expected:
-                drift.extra.append(label)
-            elif stored[key] != expected[key]:
-                drift.wrong.append(label)
-        return drift
-
-    async def _sales(self, days: Sequence[date]) -> dict[tuple[date, str], tuple[int, int]]:
-        out: dict[tuple[date, str], tuple[int, int]] = {}
-        for day in days:
-            completed = await self._orders.completed_between(
-                start=_day_start(day), end=_day_start(day + timedelta(days=1))
-            )
-            out.update(_totals(completed))
-        return out
+        checked, missing, wrong, extra = diff_sales(stored, orders)
+        return Drift("sales_by_day", mode, checked, missing, wrong, extra)
 
 
 def _day_start(day: date) -> datetime:
@@ -286,3 +275,40 @@ def _totals(orders: Sequence[OrderSnapshot]) -> dict[tuple[date, str], tuple[int
         count, revenue = totals.get(key, (0, 0))
         totals[key] = (count + 1, revenue + order.total_minor)
     return totals
+
+
+def diff_summaries(
+    orders: Sequence[OrderSnapshot], rows: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """The orders whose `order_summary` row (as column mappings) is missing, and those it gets wrong."""
+    found = {row["order_id"]: _actual_summary(SimpleNamespace(**row)) for row in rows}
+    missing: list[str] = []
+    wrong: list[str] = []
+    for order in orders:
+        actual = found.get(order.id)
+        if actual is None:
+            missing.append(str(order.id))
+        elif actual != expected_summary(order):
+            wrong.append(str(order.id))
+    return missing, wrong
+
+
+def diff_sales(
+    stored: dict[tuple[date, str], tuple[int, int]], orders: Sequence[OrderSnapshot]
+) -> tuple[int, list[str], list[str], list[str]]:
+    """`sales_by_day` as stored against the totals of the completed orders: (keys checked, missing,
+    wrong, extra), each key labelled `day/currency`."""
+    expected = _totals(orders)
+    missing: list[str] = []
+    wrong: list[str] = []
+    extra: list[str] = []
+    keys = sorted(set(stored) | set(expected))
+    for key in keys:
+        label = f"{key[0].isoformat()}/{key[1]}"
+        if key not in stored:
+            missing.append(label)
+        elif key not in expected:
+            extra.append(label)
+        elif stored[key] != expected[key]:
+            wrong.append(label)
+    return len(keys), missing, wrong, extra
