@@ -119,6 +119,11 @@ class Reachability:
                 self._answered()
             else:
                 self._answered()
+            # `wait_for` can swallow a cancellation that lands as the probe fails (Python 3.11): the
+            # task is then still marked cancelling, and must stop here rather than sleep on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self._interval_s)
 
     def _failed(self) -> None:
@@ -149,6 +154,6 @@ class Reachability:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            # Bounded: closing a database must never hang on its prober.
+            await asyncio.wait({self._task}, timeout=2 * self._timeout_s + 1.0)
             self._task = None
