@@ -15,6 +15,13 @@ from mercato.lab.leader import LeaderConfig, run_leader_lab
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """A lab run of real processes: behind the marker (`pytest -m slow`), like the other drills."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("run it with -m slow (or its `mercato lab` command)")
+
+
 async def test_a_paused_leader_is_fenced_off_and_the_election_survives_a_member() -> None:
     out = Path("/tmp") / f"hel_lab_leader_{uuid.uuid4().hex[:8]}"  # outside pytest's private tmp
     try:

@@ -19,6 +19,13 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _only_with_slow(request: pytest.FixtureRequest) -> None:
+    """A lab run of real processes: behind the marker (`pytest -m slow`), like the other drills."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("run it with -m slow (or its `mercato lab` command)")
+
+
 def test_cp_refuses_fast_ap_serves_stale_and_everything_converges() -> None:
     out = Path("/tmp") / f"hel_lab_partition_{uuid.uuid4().hex[:8]}"
     out.mkdir()
