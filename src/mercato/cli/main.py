@@ -41,6 +41,7 @@ from mercato.kit.errors import DomainError
 from mercato.kit.observability import instrument_engine, register_process_collectors, start_process_tracing
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
+from mercato.kit.storage.statements import trace_driver_statements
 from mercato.lab.cli import app as lab_app
 from mercato.lab.scale import scale_command
 from mercato.providers.cli import app as provider_app
@@ -368,6 +369,7 @@ async def _run_worker(settings: Settings, http_port: int) -> None:
     )
     if tracer_provider is not None:
         instrument_engine(container.db.engine, tracer_provider.get_tracer("mercato"), only_in_trace=True)
+        trace_driver_statements(tracer_provider.get_tracer("mercato"), only_in_trace=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

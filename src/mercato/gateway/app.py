@@ -58,6 +58,7 @@ from mercato.kit.privacy import AuditLog
 from mercato.kit.resilience import DeadlineMiddleware
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revisions, head_revisions
+from mercato.kit.storage.statements import trace_driver_statements
 from mercato.kit.web.etags import PreconditionRequired, precondition_required_handler
 from mercato.kit.web.forwarded import TrustedProxies
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
@@ -233,6 +234,7 @@ def create_app(
         install_tracer_provider(tracer_provider)
     if tracer is not None:
         instrument_engine(container.db.engine, tracer, only_in_trace=True)
+        trace_driver_statements(tracer, only_in_trace=True)
 
     install_error_handlers(app)
     install_docs(app)

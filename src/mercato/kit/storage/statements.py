@@ -20,11 +20,13 @@ since SQLAlchemy's engine events never do.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
 from sqlalchemy import Executable, Select, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -51,6 +53,7 @@ __all__ = [
     "driver_transaction",
     "insert_ignore",
     "observe",
+    "trace_driver_statements",
 ]
 
 _S = TypeVar("_S", bound=ClauseElement)
@@ -83,6 +86,30 @@ def add_driver_listener(listener: DriverListener) -> Callable[[], None]:
 def observe(sql: str | None) -> None:
     for listener in _DRIVER_LISTENERS:
         listener(sql)
+
+
+# SQLAlchemy's engine events (where `instrument_engine` opens a span per statement) never see the
+# driver path, so it opens its own client spans once `trace_driver_statements` gave it a tracer.
+_tracing: tuple[Tracer, bool] | None = None
+
+
+def trace_driver_statements(tracer: Tracer | None, *, only_in_trace: bool = False) -> None:
+    """Open a client span (db.* attributes) around every driver-path statement; None turns it off.
+    `only_in_trace`: statements outside any trace get none (idle polls would each start a trace)."""
+    global _tracing
+    _tracing = None if tracer is None else (tracer, only_in_trace)
+
+
+@contextmanager
+def _statement_span(sql: str, system: str) -> Iterator[None]:
+    tracing = _tracing
+    if tracing is None or (tracing[1] and not trace.get_current_span().get_span_context().is_valid):
+        yield
+        return
+    operation = sql.lstrip().split(" ", 1)[0].upper()
+    attributes = {"db.system": system, "db.operation": operation, "db.statement": sql[:2000]}
+    with tracing[0].start_as_current_span(operation, kind=SpanKind.CLIENT, attributes=attributes):
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +224,7 @@ class DriverExecutor:
         self._conn = conn
         self._statements = statements
         self._postgresql = postgresql
+        self._system = "postgresql" if postgresql else "sqlite"
 
     async def rows(
         self, statement: ClauseElement, params: dict[str, Any] | None = None
@@ -204,21 +232,23 @@ class DriverExecutor:
         prepared = self._statements.get(statement)
         args = prepared.args(params or {})
         observe(prepared.sql)
-        if self._postgresql:
-            return prepared.rows(await self._conn.fetch(prepared.sql, *args))
-        return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
+        with _statement_span(prepared.sql, self._system):
+            if self._postgresql:
+                return prepared.rows(await self._conn.fetch(prepared.sql, *args))
+            return prepared.rows(await self._conn.execute_fetchall(prepared.sql, args))
 
     async def run(
         self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
     ) -> None:
         prepared = self._statements.get(statement)
         observe(prepared.sql)
-        if isinstance(params, list):
-            await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
-        elif self._postgresql:
-            await self._conn.execute(prepared.sql, *prepared.args(params or {}))
-        else:
-            await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
+        with _statement_span(prepared.sql, self._system):
+            if isinstance(params, list):
+                await self._conn.executemany(prepared.sql, [prepared.args(p) for p in params])
+            elif self._postgresql:
+                await self._conn.execute(prepared.sql, *prepared.args(params or {}))
+            else:
+                await self._conn.execute_fetchall(prepared.sql, prepared.args(params or {}))
 
     async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
         raise Unprepared
@@ -313,10 +343,11 @@ async def autocommit_rows(
     args = prepared.args(params)
     async with connection.use() as driver:
         observe(prepared.sql)
-        if postgresql:
-            records = await driver.fetch(prepared.sql, *args)
-        else:
-            records = await driver.execute_fetchall(prepared.sql, args)
+        with _statement_span(prepared.sql, "postgresql" if postgresql else "sqlite"):
+            if postgresql:
+                records = await driver.fetch(prepared.sql, *args)
+            else:
+                records = await driver.execute_fetchall(prepared.sql, args)
     return prepared.rows(records)
 
 
