@@ -192,6 +192,20 @@ async def test_the_api_hands_out_the_token_and_order_history_honours_it(
     container, _ = shop_on_cluster
     await product(container, "RYW-1", 500)
     with_token_stale = without_token_stale = 0
+    # A live shop commits all the time; an idle primary ages the replica's last replayed commit, so
+    # its time lag grows past the bound and the primary serves (the safe side; ADR 0032). Keep the
+    # primary committing, as traffic would, so the delayed replica stays in rotation.
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        while not stop.is_set():
+            await container.inventory.set_available("RYW-1", 500)
+            await asyncio.sleep(0.1)
+
+    background = asyncio.create_task(traffic())
+    await asyncio.sleep(0.5)
+    assert container.db.replicas is not None
+    await container.db.replicas.refresh(container.db.engine)  # measured under that traffic
     async with api(container) as client:
         for _ in range(20):
             me, headers = await customer(container)
@@ -208,6 +222,8 @@ async def test_the_api_hands_out_the_token_and_order_history_honours_it(
             blind = await client.get("/v1/orders", headers=headers)
             without_token_stale += str(order.id) not in blind.text
         ready = (await client.get("/readyz")).json()
+    stop.set()
+    await background
     assert with_token_stale == 0
     assert without_token_stale > 0
     assert [r["in_rotation"] for r in ready["replicas"]] == [True]
