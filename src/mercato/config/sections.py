@@ -46,11 +46,7 @@ class NetworkSettings(BaseModel):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            return json.loads(value)
-        if isinstance(value, str):
-            return [item for item in (part.strip() for part in value.split(",")) if item]
-        return value
+        return split_list(value)
 
     @field_validator("trusted_proxies")
     @classmethod
