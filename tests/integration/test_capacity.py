@@ -22,7 +22,9 @@ from mercato.bench.capacity import (
 )
 
 
-def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
+def _report(path: Path, points: list[tuple[int, float, float, dict[str, float], float]]) -> Path:
+    """A `bench scale` report of the shape `lab/scale.py` writes: (N, max rate, p50 ms, CPU ms per
+    request per part, foreign cores during the max-rate step)."""
     data = {
         "kind": "bench-scale",
         "machine": {"cpus": 2},
@@ -35,13 +37,13 @@ def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
                 "max_rate": rate,
                 "p50_ms": p50,
                 "p99_ms": 150.0,
-                "api_cpu_cores": cores,
+                "costs": {"cpu_ms_per_request": per_request, "foreign_cores": foreign},
                 "steps": [
                     {"offered_rate": rate / 2, "achieved_rate": rate / 2, "p99_ms": 20.0, "errors": 0},
                     {"offered_rate": rate, "achieved_rate": rate, "p99_ms": 150.0, "errors": 0},
                 ],
             }
-            for n, rate, p50, cores in points
+            for n, rate, p50, per_request, foreign in points
         ],
     }
     path.write_text(json.dumps(data))
@@ -49,25 +51,41 @@ def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
 
 
 def test_plan_formulas_on_a_measured_shape(tmp_path: Path) -> None:
-    report = _report(
-        tmp_path / "report.json", [(1, 400, 10.0, 0.8), (2, 700, 12.0, 1.5), (4, 1000, 15.0, 1.9)]
-    )
+    one = {"api": 1.0, "postgres": 0.1, "haproxy": 0.2, "generator": 0.2}  # machine: 1.5 ms
+    two = {"api": 1.1, "postgres": 0.1, "haproxy": 0.2, "generator": 0.2}  # machine: 1.6 ms
+    report = _report(tmp_path / "report.json", [(1, 800, 10.0, one, 0.0), (2, 1000, 12.0, two, 0.0)])
     costs = costs_from_reports(report)
-    assert costs.cpu_per_request_s == pytest.approx(0.002)
-    plan = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, headroom=0.3)
-    # 560 / 0.7 = 800 req/s needed: 2 processes give 700 (measured and fitted), 3 are the first enough.
-    assert predicted_throughput(costs, 2) < 800 <= predicted_throughput(costs, 3)
-    assert plan.processes == 3
-    assert plan.cores == pytest.approx(560 * 0.002 / 0.7)
-    assert plan.db_connections == 8  # ceil(560 * 0.010 / 0.7)
-    assert plan.redis_bytes == 1000 * 400 * 2 + 5600 * 200
+    assert costs.cpu_per_request_s == pytest.approx(0.0013)  # served: API + PostgreSQL + HAProxy
+    # N = 1: min(1 / 1 ms, 2 cores / 1.5 ms) = 1000 req/s of CPU, 800 measured at the SLO: u = 0.8.
+    assert costs.reference.efficiency == pytest.approx(0.8)
+    assert predicted_throughput(costs, 1) == pytest.approx(800)
+    # N = 2 from N = 1: the machine binds (2 / 1.5 ms = 1333 < 2 / 1 ms), 0.8 of it.
+    assert predicted_throughput(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
+    assert cross_validated(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
+    # N = 1 from N = 2's costs: u there 1000 / (2 / 1.6 ms) = 0.8, one process 1 / 1.1 ms.
+    assert cross_validated(costs, 1) == pytest.approx(0.8 / 0.0011)
+    plan = plan_capacity(costs, peak_rps=700, checkouts_per_s=0, headroom=0.3)
+    assert plan.per_process_rps == pytest.approx(800)
+    assert plan.processes == 2  # 700 / 0.7 = 1000 req/s needed, 800 per process
+    assert plan.cores == pytest.approx(700 * 0.0013 / 0.7)
+    assert plan.db_connections == 10  # ceil(700 * 0.010 / 0.7)
+    assert plan.redis_bytes == 1000 * 400 * 2 + 7000 * 200
+    assert plan.machine_ceiling_rps == pytest.approx(0.8 * 2 / 0.0015)
+    assert plan.machine_processes == 2  # ceil(2 cores / 1.5 ms * 1 ms)
+    assert not any("tops out" in note for note in plan.notes)
+    # Beyond this machine's free cores the plan says so (and still counts processes and cores).
+    big = plan_capacity(costs, peak_rps=800, checkouts_per_s=0, headroom=0.3)
+    assert any("tops out at 1067 req/s" in note for note in big.notes)
+    # Others' work during the reference step leaves fewer cores: 1 of 2 busy halves the ceiling.
+    busy = costs_from_reports(
+        _report(tmp_path / "busy.json", [(1, 400, 10.0, one, 1.0), (2, 500, 12.0, two, 1.0)])
+    )
+    assert busy.reference.bottleneck(2, 2, 1.0) == "machine"
+    assert cross_validated(busy, 2) == pytest.approx(400)  # the second process adds nothing
     # A tighter latency target uses the highest 1-process step that met it: half the rate.
     tight = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, p99_ms=50, headroom=0.3)
-    assert tight.lambda_per_process == pytest.approx(costs.usl.lam / 2)
-    assert tight.processes is None or tight.processes > 3
-    # Cross-validated: N = 2 from N = 1 and 4 only (the curve through them), not from its own point.
-    assert cross_validated(costs, 2) != pytest.approx(700, rel=1e-3)
-    assert cross_validated(costs, 2) == pytest.approx(700, rel=0.2)
+    assert tight.per_process_rps == pytest.approx(400)
+    assert tight.processes == 2
     with pytest.raises(ValueError, match="checkout"):
         plan_capacity(costs, peak_rps=10, checkouts_per_s=5)
 

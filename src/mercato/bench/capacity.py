@@ -4,15 +4,22 @@ Read, never typed in: `bench scale`'s report.json (per process count: the highes
 SLO, its p50/p99, the API processes' CPU; the USL fit) and, for checkouts, `bench checkout`'s
 report.json (CPU ms per checkout per process, statements per checkout, saga step times).
 
-The model, each figure with its formula (shown again in the output):
+The model, each figure with its formula (shown again in the output; ADR 0057):
 
-- throughput of N processes at the bench's SLO: the USL fitted on the measured points,
-  X(N) = lambda N / (1 + sigma (N-1) + kappa N (N-1)); with `--p99-ms L` lambda is replaced by the
-  highest 1-process rate whose p99 stayed below L (the same curve, scaled);
-- processes: the smallest N with X(N) (1 - headroom) >= peak req/s + checkouts/s (a checkout is one
-  request at the edge; its saga's cost is in the cores below); none if N passes the USL peak first;
-- cores: (R * cpu_per_request + C * cpu_per_checkout) / (1 - headroom), cpu_per_request = API cores /
-  rate at N = 1, cpu_per_checkout = the checkout bench's server CPU ms per checkout (all processes);
+- throughput of N API processes on a machine of `cores` cores, `foreign` of them taken by other
+  work while the bench ran, from the CPU each part spends per request (`bench scale` probes them:
+  the API processes, the PostgreSQL backends, HAProxy, the load generator; `lab/scale_costs.py`):
+  capacity(N) = min(N / api, (cores - foreign) / machine), machine = the sum of the parts: one
+  process is at most one core of its own CPU, and all parts together at most the free cores. The
+  bench's figure is the highest rate whose p99 met the SLO, a fraction `u` of that CPU ceiling (the
+  bottleneck's utilisation at the SLO, measured at the reference point: u = measured / capacity),
+  so X(N) = u * capacity(N). With `--p99-ms L` the 1-process rate is scaled to the highest
+  1-process step whose p99 stayed below L;
+- processes: the smallest N with X(N) (1 - headroom) >= peak req/s + checkouts/s, on a machine with
+  the cores below (a checkout is one request at the edge; its saga's cost is in the cores);
+- cores: (R * served + C * cpu_per_checkout) / (1 - headroom), served = the per-request CPU of the
+  parts a production machine runs (API, PostgreSQL, HAProxy: not the load generator),
+  cpu_per_checkout = the checkout bench's server CPU ms per checkout (all processes);
 - database connections (Little's law: each in-flight request holds at most one):
   (R * p50_request + C * (p50_checkout_post + saga time)) / (1 - headroom);
 - Redis memory: the product cache (products * measured body bytes * `redis_overhead`) plus one
@@ -35,6 +42,7 @@ from mercato.bench.usl import UslFit, fit_usl
 __all__ = [
     "CapacityPlan",
     "Costs",
+    "CpuCosts",
     "MissingMeasurement",
     "costs_from_reports",
     "cross_validated",
@@ -43,16 +51,58 @@ __all__ = [
     "predicted_throughput",
 ]
 
+PARTS = ("api", "postgres", "haproxy", "generator")
+SERVED = ("api", "postgres", "haproxy")  # what a production machine runs per request
+
 
 class MissingMeasurement(ValueError):
     """A figure the plan needs was not measured (run the bench named in the message)."""
 
 
 @dataclass(frozen=True)
+class CpuCosts:
+    """One `bench scale` point: CPU seconds per request of each part at its max rate, and the
+    machine's foreign load (cores) during that process count's run."""
+
+    processes: int
+    rate: float
+    cpu_s: dict[str, float]
+    foreign_cores: float
+    cores: float  # the machine's
+
+    @property
+    def api_s(self) -> float:
+        return self.cpu_s["api"]
+
+    @property
+    def machine_s(self) -> float:
+        return sum(self.cpu_s[p] for p in PARTS)
+
+    @property
+    def served_s(self) -> float:
+        return sum(self.cpu_s[p] for p in SERVED)
+
+    def ceiling(self, n: int, cores: float, foreign: float) -> float:
+        """The CPU ceiling of n processes: each at most one core, all parts at most the free cores."""
+        return min(n / self.api_s, max(0.0, cores - foreign) / self.machine_s)
+
+    def bottleneck(self, n: int, cores: float, foreign: float) -> str:
+        return "API process" if n / self.api_s <= max(0.0, cores - foreign) / self.machine_s else "machine"
+
+    @property
+    def efficiency(self) -> float:
+        """u: the measured SLO rate over this point's own CPU ceiling (the bottleneck's utilisation
+        when p99 reached the SLO)."""
+        return self.rate / self.ceiling(self.processes, self.cores, self.foreign_cores)
+
+
+@dataclass(frozen=True)
 class Costs:
     usl: UslFit
     points: dict[int, float]  # N -> measured max rate
-    cpu_per_request_s: float
+    cpu: dict[int, CpuCosts]  # N -> the per-request CPU measured there
+    cores: int
+    cpu_per_request_s: float  # the served parts' CPU per request at N = 1 (cores in production)
     p50_request_s: float
     slo_p99_ms: float
     one_process_steps: list[dict[str, Any]]
@@ -62,6 +112,11 @@ class Costs:
     checkout_time_s: float | None = None
     saga_steps: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> CpuCosts:
+        """The point the plan reads its costs from: 1 process (the smallest count measured)."""
+        return self.cpu[min(self.cpu)]
 
 
 def latest_report(root: Path, name: str) -> Path | None:
@@ -95,6 +150,23 @@ def _checkout_costs(data: Any) -> tuple[float, float, int] | None:
     return cpu_s, time_s, len(saga)
 
 
+def _point_costs(point: dict[str, Any], cores: int) -> CpuCosts | None:
+    """The point's per-request CPU at its max rate, and the foreign load during that step."""
+    best = point.get("costs")
+    if not point.get("max_rate") or not best:
+        return None
+    per_request = best["cpu_ms_per_request"]
+    if not per_request.get("api"):
+        return None
+    return CpuCosts(
+        processes=int(point["processes"]),
+        rate=float(point["max_rate"]),
+        cpu_s={part: float(per_request.get(part) or 0.0) / 1000 for part in PARTS},
+        foreign_cores=float(best.get("foreign_cores") or 0.0),
+        cores=float(cores),
+    )
+
+
 def costs_from_reports(scale: Path, checkout: Path | None = None) -> Costs:
     data = json.loads(scale.read_text())
     if data.get("kind") != "bench-scale":
@@ -102,9 +174,13 @@ def costs_from_reports(scale: Path, checkout: Path | None = None) -> Costs:
     points = {int(p["processes"]): float(p["max_rate"]) for p in data["points"] if p.get("max_rate")}
     if 1 not in points:
         raise MissingMeasurement("the scale report has no sustainable rate for 1 process")
+    cores = int(data["machine"]["cpus"])
+    cpu = {c.processes: c for p in data["points"] if (c := _point_costs(p, cores)) is not None}
     one = next(p for p in data["points"] if int(p["processes"]) == 1)
-    if not one.get("api_cpu_cores") or one.get("p50_ms") is None:
-        raise MissingMeasurement("the scale report lacks the 1-process CPU or latency")
+    if 1 not in cpu or one.get("p50_ms") is None:
+        raise MissingMeasurement(
+            "the scale report lacks the 1-process CPU breakdown or latency: run `mercato bench scale` again"
+        )
     usl = fit_usl(list(points), list(points.values()))
     body = int(next(iter(data["workload"]["body_bytes"].values()), 0))
     extra: dict[str, Any] = {}
@@ -118,7 +194,9 @@ def costs_from_reports(scale: Path, checkout: Path | None = None) -> Costs:
     return Costs(
         usl=usl,
         points=points,
-        cpu_per_request_s=float(one["api_cpu_cores"]) / points[1],
+        cpu=cpu,
+        cores=cores,
+        cpu_per_request_s=cpu[1].served_s,
         p50_request_s=float(one["p50_ms"]) / 1000,
         slo_p99_ms=float(data["slo"]["p99_ms"]),
         one_process_steps=list(one.get("steps") or []),
@@ -129,17 +207,53 @@ def costs_from_reports(scale: Path, checkout: Path | None = None) -> Costs:
     )
 
 
+def slo_scale(costs: Costs, p99_ms: float | None) -> float:
+    """For a latency target other than the bench's SLO: the highest 1-process rate whose p99 met it,
+    over the 1-process max rate (1.0 for the bench's own SLO)."""
+    if p99_ms is None or p99_ms == costs.slo_p99_ms:
+        return 1.0
+    passing = [
+        float(s["achieved_rate"])
+        for s in costs.one_process_steps
+        if float(s.get("p99_ms") or math.inf) < p99_ms and not s.get("errors")
+    ]
+    if not passing:
+        raise MissingMeasurement(f"no 1-process step met p99 < {p99_ms:g} ms: measure lower rates")
+    return max(passing) / costs.points[1]
+
+
+def predict_from(costs: Costs, source: CpuCosts, n: int, *, p99_ms: float | None = None) -> float:
+    """X(n) = u * min(n / api, (cores - foreign) / machine), every figure but n from `source`."""
+    ceiling = source.ceiling(n, costs.cores, source.foreign_cores)
+    return source.efficiency * ceiling * slo_scale(costs, p99_ms)
+
+
+def predicted_throughput(costs: Costs, n: int, *, p99_ms: float | None = None) -> float:
+    """X(n) from the reference point's costs (1 process)."""
+    return predict_from(costs, costs.reference, n, p99_ms=p99_ms)
+
+
+def cross_validated(costs: Costs, n: int) -> float:
+    """X(n) predicted without anything measured at n: from the nearest other measured process count
+    (its CPU per request, foreign load and u). The honest check of the model against `bench scale`."""
+    others = [k for k in costs.cpu if k != n]
+    if not others:
+        raise MissingMeasurement("cross-validation needs at least two measured process counts")
+    source = costs.cpu[min(others, key=lambda k: (abs(k - n), k))]
+    return predict_from(costs, source, n)
+
+
 @dataclass(frozen=True)
 class CapacityPlan:
     peak_rps: float
     checkouts_per_s: float
     p99_ms: float
     headroom: float
-    lambda_per_process: float
-    processes: int | None
-    throughput_at_processes: float | None
-    usl_peak_n: float
-    usl_peak_rps: float
+    per_process_rps: float  # u / api: one process at the latency target
+    processes: int
+    throughput_at_processes: float
+    machine_ceiling_rps: float  # this machine (its free cores) at the latency target
+    machine_processes: int  # beyond this many processes this machine gains nothing
     cores: float
     db_connections: int
     redis_bytes: int
@@ -148,36 +262,6 @@ class CapacityPlan:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def lambda_at(costs: Costs, p99_ms: float | None) -> float:
-    """Per-process throughput at the latency target: the USL's lambda, or, for a target other than
-    the bench's SLO, scaled to the highest 1-process step that met it."""
-    if p99_ms is None or p99_ms == costs.slo_p99_ms:
-        return costs.usl.lam
-    passing = [
-        float(s["achieved_rate"])
-        for s in costs.one_process_steps
-        if float(s.get("p99_ms") or math.inf) < p99_ms and not s.get("errors")
-    ]
-    if not passing:
-        raise MissingMeasurement(f"no 1-process step met p99 < {p99_ms:g} ms: measure lower rates")
-    return costs.usl.lam * max(passing) / costs.points[1]
-
-
-def predicted_throughput(costs: Costs, n: int, *, p99_ms: float | None = None) -> float:
-    lam = lambda_at(costs, p99_ms)
-    usl = costs.usl
-    return UslFit(lam, usl.sigma, usl.kappa, usl.r2).throughput(n)
-
-
-def cross_validated(costs: Costs, n: int) -> float:
-    """X(n) predicted without n's own measurement: the USL fitted on the other points only (one
-    point left: linear scaling from it). The honest check of the model against `bench scale`."""
-    others = {k: v for k, v in costs.points.items() if k != n}
-    if not others:
-        raise MissingMeasurement("cross-validation needs at least two measured process counts")
-    return fit_usl(list(others), list(others.values())).throughput(n)
 
 
 def plan_capacity(
@@ -190,28 +274,28 @@ def plan_capacity(
     active_clients: int | None = None,
     redis_overhead: float = 2.0,
     bucket_bytes: int = 200,
-    max_processes: int = 256,
 ) -> CapacityPlan:
     if peak_rps < 0 or checkouts_per_s < 0 or not 0 <= headroom < 1:
         raise ValueError("rates must be >= 0 and headroom in [0, 1)")
     notes: list[str] = []
     if checkouts_per_s > 0 and costs.cpu_per_checkout_s is None:
         raise MissingMeasurement("checkouts need the checkout costs: run `mercato bench checkout` first")
-    lam = lambda_at(costs, p99_ms)
-    usl = UslFit(lam, costs.usl.sigma, costs.usl.kappa, costs.usl.r2)
+    ref = costs.reference
+    scale = slo_scale(costs, p99_ms)
+    per_process = ref.efficiency * scale / ref.api_s
     need = (peak_rps + checkouts_per_s) / (1 - headroom)
-    processes = next((n for n in range(1, max_processes + 1) if usl.throughput(n) >= need), None)
-    if processes is not None and processes > usl.peak_n:
-        processes = None
-    if processes is None:
-        best_n = max(1, round(usl.peak_n)) if math.isfinite(usl.peak_n) else max_processes
+    processes = max(1, math.ceil(round(need / per_process, 6)))
+    free = max(0.0, costs.cores - ref.foreign_cores)
+    machine_ceiling = ref.efficiency * scale * free / ref.machine_s
+    machine_processes = max(1, math.ceil(round(free / ref.machine_s * ref.api_s, 6)))
+    if need > machine_ceiling:
         notes.append(
-            f"no process count reaches {need:.0f} req/s on this machine shape: the USL peaks at "
-            f"N = {usl.peak_n:.1f} ({usl.throughput(best_n):.0f} req/s): "
-            "scale out to more machines or remove the contention"
+            f"this machine ({costs.cores} cores, {ref.foreign_cores:.2f} busy with other work) tops out "
+            f"at {machine_ceiling:.0f} req/s from {machine_processes} process(es) on: the peak needs "
+            "the cores below, on more or bigger machines"
         )
     cpu_checkout = costs.cpu_per_checkout_s or 0.0
-    cores = (peak_rps * costs.cpu_per_request_s + checkouts_per_s * cpu_checkout) / (1 - headroom)
+    cores = (peak_rps * ref.served_s + checkouts_per_s * cpu_checkout) / (1 - headroom)
     in_flight = peak_rps * costs.p50_request_s + checkouts_per_s * (costs.checkout_time_s or 0.0)
     connections = max(1, math.ceil(round(in_flight / (1 - headroom), 6)))
     clients = active_clients if active_clients is not None else int(peak_rps * 10)
@@ -225,18 +309,16 @@ def plan_capacity(
     if costs.saga_steps is not None:
         broker = checkouts_per_s * (costs.saga_steps + 1)
         notes.append("assumed: one integration event per saga step plus the order's outcome")
-    peak_n = usl.peak_n
-    peak_rps_usl = usl.throughput(peak_n) if math.isfinite(peak_n) else math.inf
     return CapacityPlan(
         peak_rps=peak_rps,
         checkouts_per_s=checkouts_per_s,
         p99_ms=p99_ms if p99_ms is not None else costs.slo_p99_ms,
         headroom=headroom,
-        lambda_per_process=lam,
+        per_process_rps=per_process,
         processes=processes,
-        throughput_at_processes=usl.throughput(processes) if processes else None,
-        usl_peak_n=peak_n,
-        usl_peak_rps=peak_rps_usl,
+        throughput_at_processes=processes * per_process,
+        machine_ceiling_rps=machine_ceiling,
+        machine_processes=machine_processes,
         cores=round(cores, 3),
         db_connections=connections,
         redis_bytes=redis_bytes,
