@@ -75,6 +75,7 @@ class Reachability:
         event.listen(sync_pool, "checkout", self._on_checkout)
         event.listen(sync_pool, "checkin", self._on_checkin)
         event.listen(engine.sync_engine, "do_connect", self._on_connect)
+        event.listen(sync_pool, "close", self._on_close)
 
     @property
     def unreachable(self) -> bool:
@@ -102,6 +103,12 @@ class Reachability:
         or for ARP to give up): the raw driver path, which skips `check()`, fails at once too."""
         if self.unreachable_since is not None:
             raise DatabaseUnreachable("the primary database is unreachable")
+
+    def _on_close(self, dbapi_conn: Any, _record: Any) -> None:
+        """A pooled connection the pool closes meanwhile (recycled after a disconnect invalidated the
+        pool) would say goodbye over the dead link, for the driver's 2 s: its socket is closed first."""
+        if self.unreachable_since is not None:
+            _terminate(dbapi_conn)
 
     def _on_checkout(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         self._busy[id(dbapi_conn)] = (dbapi_conn, time.monotonic())
