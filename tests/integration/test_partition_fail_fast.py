@@ -161,6 +161,7 @@ async def test_a_statement_in_flight_at_the_cut_ends_as_an_outage_within_a_secon
         async with db.write() as conn, db.read() as other:  # two pooled connections; starts the probes
             await conn.execute(text("SELECT 1"))
             await other.execute(text("SELECT 1"))
+
         async def in_flight_at_the_cut() -> None:
             async with db.read() as conn:
                 await conn.execute(text("SELECT 1"))  # a pooled connection: ready, then the cut
@@ -168,7 +169,7 @@ async def test_a_statement_in_flight_at_the_cut_ends_as_an_outage_within_a_secon
                 await conn.execute(text("SELECT 2"))
 
         started = time.monotonic()
-        with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's shape varies; classified below
+        with pytest.raises(Exception) as caught:  # the driver's shape varies; classified below
             await in_flight_at_the_cut()
         elapsed = time.monotonic() - started
         assert elapsed < 1.0, elapsed  # interval + timeout = 0.75 s, plus the loop's slack
@@ -179,7 +180,7 @@ async def test_a_statement_in_flight_at_the_cut_ends_as_an_outage_within_a_secon
         assert db.reachability.unreachable
         for _ in range(2):  # the pooled idle connection (closed at checkout), then a new one: refused
             started = time.monotonic()
-            with pytest.raises(Exception) as caught:  # noqa: PT011
+            with pytest.raises(Exception) as caught:
                 await _driver_select(db)
             assert time.monotonic() - started < 0.3, caught.value
             assert classify_outage(caught.value) is not None, caught.value
