@@ -112,7 +112,7 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(
             "--warmup-s",
             "1",
             "--max-steps",
-            "6",
+            "12",  # ramp x2 to the first failure, then bisect to 3 % (the default precision)
             "--products",
             "200",
             "--out",
@@ -144,8 +144,16 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(
     )
     assert plan.returncode == 0, plan.stderr[-2000:]
     costs = json.loads(plan.stdout)["costs"]
-    measured = {int(k): v for k, v in costs["measured_rps"].items()}
-    predicted = {int(k): v for k, v in costs["cross_validated_rps"].items()}
-    assert set(measured) == {1, 2}
+    model = {int(k): v for k, v in costs["model"].items()}
+    assert set(model) == {1, 2}
+    print(json.dumps(model, indent=1))
+    # The model needs the cores the machine leaves us to be ours for a while: when others took more
+    # than three quarters of it during a max-rate step, the rates measure the scheduler's share of a
+    # saturated machine, not our costs (measured, and said, rather than failed or passed by luck).
+    cores = int(costs["cores"])
+    crowded = {n: m["foreign_cores"] for n, m in model.items() if cores - m["foreign_cores"] < cores / 4}
+    if crowded:
+        pytest.skip(f"other work took {crowded} of {cores} cores during the max-rate steps")
     for n in (1, 2):
-        assert predicted[n] == pytest.approx(measured[n], rel=0.20), (n, predicted, measured)
+        predicted, measured = model[n]["cross_validated_rps"], model[n]["measured_rps"]
+        assert predicted == pytest.approx(measured, rel=0.20), (n, model)

@@ -8,17 +8,21 @@ The model, each figure with its formula (shown again in the output; ADR 0057):
 
 - throughput of N API processes on a machine of `cores` cores, `foreign` of them taken by other
   work while the bench ran, from the CPU each part spends per request (`bench scale` probes them:
-  the API processes, the PostgreSQL backends, HAProxy, the load generator; `lab/scale_costs.py`):
-  capacity(N) = min(N / api, (cores - foreign) / machine), machine = the sum of the parts: one
-  process is at most one core of its own CPU, and all parts together at most the free cores. The
-  bench's figure is the highest rate whose p99 met the SLO, a fraction `u` of that CPU ceiling (the
-  bottleneck's utilisation at the SLO, measured at the reference point: u = measured / capacity),
-  so X(N) = u * capacity(N). With `--p99-ms L` the 1-process rate is scaled to the highest
-  1-process step whose p99 stayed below L;
-- processes: the smallest N with X(N) (1 - headroom) >= peak req/s + checkouts/s, on a machine with
-  the cores below (a checkout is one request at the edge; its saga's cost is in the cores);
-- cores: (R * served + C * cpu_per_checkout) / (1 - headroom), served = the per-request CPU of the
-  parts a production machine runs (API, PostgreSQL, HAProxy: not the load generator),
+  the API processes, the PostgreSQL backends, HAProxy, the load generator; `lab/scale_costs.py`) and
+  each API process's CPU as a line in its rate, `fixed` cores + `api` per request (fitted over the
+  point's steps: a process pays `fixed` whatever its share of the load):
+  capacity(N) = min(N (1 - fixed) / api, (cores - foreign - N fixed) / machine), api the marginal API
+  CPU per request, machine the sum of the parts' marginal CPU per request: one process is at most
+  one core of its own CPU, and all parts together at most the free cores. The bench's figure is the
+  highest rate whose p99 met the SLO, a fraction `u` of that CPU ceiling (the bottleneck's
+  utilisation at the SLO, measured where the costs were: u = measured / capacity there), so
+  X(N) = u * capacity(N). With `--p99-ms L` the 1-process rate is scaled to the highest 1-process
+  step whose p99 stayed below L;
+- processes: the smallest N with N * X(1) (1 - headroom) >= peak req/s + checkouts/s, X(1) the
+  per-process rate on a machine with the cores below (a checkout is one request at the edge; its
+  saga's cost is in the cores);
+- cores: (R * served + C * cpu_per_checkout) / (1 - headroom) + N * fixed, served = the per-request
+  CPU of the parts a production machine runs (API, PostgreSQL, HAProxy: not the load generator),
   cpu_per_checkout = the checkout bench's server CPU ms per checkout (all processes);
 - database connections (Little's law: each in-flight request holds at most one):
   (R * p50_request + C * (p50_checkout_post + saga time)) / (1 - headroom);
@@ -61,33 +65,45 @@ class MissingMeasurement(ValueError):
 
 @dataclass(frozen=True)
 class CpuCosts:
-    """One `bench scale` point: CPU seconds per request of each part at its max rate, and the
-    machine's foreign load (cores) during that process count's run."""
+    """One `bench scale` point: CPU seconds per request of each part at its max rate, the API
+    processes' CPU as fixed cores per process plus marginal CPU per request, and the machine's
+    foreign load (cores) during the max-rate step."""
 
     processes: int
     rate: float
-    cpu_s: dict[str, float]
+    cpu_s: dict[str, float]  # per request at the max rate, everything each part spent
+    fixed_cores: float  # per API process, whatever its rate (`_api_line`)
+    marginal_api_s: float  # API CPU per request beyond that (0: not fitted)
     foreign_cores: float
     cores: float  # the machine's
 
     @property
     def api_s(self) -> float:
-        return self.cpu_s["api"]
+        """Marginal API CPU per request (the fitted line's slope; without a fit, all of it)."""
+        return self.marginal_api_s or self.cpu_s["api"]
 
     @property
     def machine_s(self) -> float:
-        return sum(self.cpu_s[p] for p in PARTS)
+        """Marginal machine CPU per request: every part's (the API's marginal one)."""
+        return self.api_s + sum(self.cpu_s[p] for p in PARTS if p != "api")
 
     @property
     def served_s(self) -> float:
-        return sum(self.cpu_s[p] for p in SERVED)
+        return self.api_s + sum(self.cpu_s[p] for p in SERVED if p != "api")
+
+    def limits(self, n: int, cores: float, foreign: float) -> tuple[float, float]:
+        """(n processes' own ceiling, the machine's): each process at most one core of its own CPU,
+        fixed cost included; all parts together at most the free cores."""
+        own = n * max(0.0, 1 - self.fixed_cores) / self.api_s
+        machine = max(0.0, cores - foreign - n * self.fixed_cores) / self.machine_s
+        return own, machine
 
     def ceiling(self, n: int, cores: float, foreign: float) -> float:
-        """The CPU ceiling of n processes: each at most one core, all parts at most the free cores."""
-        return min(n / self.api_s, max(0.0, cores - foreign) / self.machine_s)
+        return min(self.limits(n, cores, foreign))
 
     def bottleneck(self, n: int, cores: float, foreign: float) -> str:
-        return "API process" if n / self.api_s <= max(0.0, cores - foreign) / self.machine_s else "machine"
+        own, machine = self.limits(n, cores, foreign)
+        return "API process" if own <= machine else "machine"
 
     @property
     def efficiency(self) -> float:
@@ -151,20 +167,49 @@ def _checkout_costs(data: Any) -> tuple[float, float, int] | None:
 
 
 def _point_costs(point: dict[str, Any], cores: int) -> CpuCosts | None:
-    """The point's per-request CPU at its max rate, and the foreign load during that step."""
+    """The point's per-request CPU at its max rate, the foreign load during that step, and its API
+    processes' CPU as a line in their rate (`_api_line`)."""
     best = point.get("costs")
     if not point.get("max_rate") or not best:
         return None
     per_request = best["cpu_ms_per_request"]
     if not per_request.get("api"):
         return None
+    n = int(point["processes"])
+    fixed, marginal = _api_line(point.get("steps") or [], n)
     return CpuCosts(
-        processes=int(point["processes"]),
+        processes=n,
         rate=float(point["max_rate"]),
         cpu_s={part: float(per_request.get(part) or 0.0) / 1000 for part in PARTS},
+        fixed_cores=fixed,
+        marginal_api_s=marginal,
         foreign_cores=float(best.get("foreign_cores") or 0.0),
         cores=float(cores),
     )
+
+
+def _api_line(steps: list[dict[str, Any]], n: int) -> tuple[float, float]:
+    """One API process's CPU (cores) against its request rate over the point's steps, fitted as a
+    line: cores = fixed + marginal * rate. `fixed` is what a process burns whether it serves 100 or
+    400 req/s (its event loop's turns, wake-ups and background loops, amortised over more requests the
+    busier it is), `marginal` the CPU of one more request. Why per-request CPU grows with processes
+    at a given total rate: each process pays `fixed`. Least squares over every step (the CPU a rate
+    costs does not depend on whether its p99 met the SLO); (0, 0) if the steps cannot tell."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for step in steps:
+        costs, rate = step.get("costs"), float(step.get("achieved_rate") or 0)
+        if costs and rate > 0:
+            xs.append(rate / n)
+            ys.append(float(costs["cpu_ms_per_request"]["api"]) / 1000 * rate / n)
+    if len(set(xs)) < 2:
+        return 0.0, 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - slope * mx
+    if slope <= 0 or not 0 <= fixed < 1:
+        return 0.0, 0.0
+    return fixed, slope
 
 
 def costs_from_reports(scale: Path, checkout: Path | None = None) -> Costs:
@@ -223,7 +268,7 @@ def slo_scale(costs: Costs, p99_ms: float | None) -> float:
 
 
 def predict_from(costs: Costs, source: CpuCosts, n: int, *, p99_ms: float | None = None) -> float:
-    """X(n) = u * min(n / api, (cores - foreign) / machine), every figure but n from `source`."""
+    """X(n) = u * capacity(n) (module docstring), every figure but n from `source`."""
     ceiling = source.ceiling(n, costs.cores, source.foreign_cores)
     return source.efficiency * ceiling * slo_scale(costs, p99_ms)
 
@@ -282,12 +327,17 @@ def plan_capacity(
         raise MissingMeasurement("checkouts need the checkout costs: run `mercato bench checkout` first")
     ref = costs.reference
     scale = slo_scale(costs, p99_ms)
-    per_process = ref.efficiency * scale / ref.api_s
+    per_process = ref.efficiency * scale * ref.limits(1, costs.cores, 0.0)[0]
     need = (peak_rps + checkouts_per_s) / (1 - headroom)
     processes = max(1, math.ceil(round(need / per_process, 6)))
-    free = max(0.0, costs.cores - ref.foreign_cores)
-    machine_ceiling = ref.efficiency * scale * free / ref.machine_s
-    machine_processes = max(1, math.ceil(round(free / ref.machine_s * ref.api_s, 6)))
+    # This machine: the most its free cores give, and from how many processes on.
+    best_n, machine_ceiling = 1, 0.0
+    for n in range(1, 65):
+        rate = ref.efficiency * scale * ref.ceiling(n, costs.cores, ref.foreign_cores)
+        if rate <= machine_ceiling * 1.001:
+            break
+        best_n, machine_ceiling = n, rate
+    machine_processes = best_n
     if need > machine_ceiling:
         notes.append(
             f"this machine ({costs.cores} cores, {ref.foreign_cores:.2f} busy with other work) tops out "
@@ -296,6 +346,7 @@ def plan_capacity(
         )
     cpu_checkout = costs.cpu_per_checkout_s or 0.0
     cores = (peak_rps * ref.served_s + checkouts_per_s * cpu_checkout) / (1 - headroom)
+    cores += processes * ref.fixed_cores
     in_flight = peak_rps * costs.p50_request_s + checkouts_per_s * (costs.checkout_time_s or 0.0)
     connections = max(1, math.ceil(round(in_flight / (1 - headroom), 6)))
     clients = active_clients if active_clients is not None else int(peak_rps * 10)

@@ -71,6 +71,9 @@ def plan(
         n: {
             "measured_rps": costs.points.get(n),
             "foreign_cores": c.foreign_cores,
+            "fixed_api_cores_per_process": c.fixed_cores,
+            "marginal_api_cpu_ms_per_request": c.api_s * 1000,
+            "efficiency_at_slo": c.efficiency,
             "bottleneck": ref.bottleneck(n, costs.cores, ref.foreign_cores),
             "predicted_rps": predicted_throughput(costs, n),
             "cross_validated_rps": cross_validated(costs, n) if len(costs.cpu) > 1 else None,
@@ -135,32 +138,35 @@ def plan(
         "saga steps per checkout" if result.broker_msgs_per_s is not None else "no checkout report",
     )
     console.print(table)
-    parts = Table(title="CPU ms per request at the max rate (bench scale's probes)")
+    parts = Table(title="CPU ms per request at the max rate (bench scale's probes; API, machine: marginal)")
     parts.add_column("API processes", justify="right")
-    for part in (*PARTS, "machine", "foreign cores"):
+    for part in (*PARTS, "machine", "API marginal", "API fixed cores/process", "foreign cores", "u"):
         parts.add_column(part, justify="right")
     for n, c in sorted(costs.cpu.items()):
         parts.add_row(
             str(n),
             *(f"{c.cpu_s[p] * 1000:.3f}" for p in PARTS),
             f"{c.machine_s * 1000:.3f}",
+            f"{c.api_s * 1000:.3f}",
+            f"{c.fixed_cores:.3f}",
             f"{c.foreign_cores:.2f}",
+            f"{c.efficiency:.2f}",
         )
     console.print(parts)
     check = Table(
         title=f"the model against the measurement ({costs.cores} cores): "
-        "X(N) = u min(N / api, (cores - foreign) / machine)"
+        "X(N) = u min(N (1 - fixed) / api, (cores - foreign - N fixed) / machine)"
     )
     for col in ("API processes", "measured req/s", "bottleneck", "from 1 process", "cross-validated", "USL"):
         check.add_column(col, justify="right")
     for n, m in model.items():
-        cv = m["cross_validated_rps"]
+        cv, measured = m["cross_validated_rps"], costs.points[n]
         check.add_row(
             str(n),
             f"{m['measured_rps']:.0f}",
             str(m["bottleneck"]),
             f"{m['predicted_rps']:.0f}",
-            "-" if cv is None else f"{cv:.0f} ({cv / m['measured_rps'] - 1:+.0%})",
+            "-" if not isinstance(cv, float) else f"{cv:.0f} ({cv / measured - 1:+.0%})",
             f"{costs.usl.throughput(n):.0f}",
         )
     console.print(check)

@@ -128,6 +128,9 @@ class ProbedBench(Bench):
         # loopback traffic is mostly in the parts above). Cores: charged over the step's wall time.
         spent["foreign_cores"] = max(0.0, spent["machine"] - ours) / spent["wall"]
         spent["quiet_foreign_cores"] = quiet_foreign
+        # The fleet's own CPU while idle (its background loops: probes, polls, health checks), per
+        # process: a fixed cost per API process, beside the per-request one.
+        spent["idle_api_cores_per_process"] = idle["api"] / idle["wall"] / len(self.probe.fleet.instances)
         self.costs[id(result)] = spent
         return result
 
@@ -144,4 +147,5 @@ class ProbedBench(Bench):
             "cores": {k: round(spent[k] / wall, 3) for k in (*PARTS, "machine")},
             "foreign_cores": round(spent["foreign_cores"], 3),
             "quiet_foreign_cores": round(spent["quiet_foreign_cores"], 3),
+            "idle_api_cores_per_process": round(spent["idle_api_cores_per_process"], 4),
         }
