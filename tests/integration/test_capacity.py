@@ -157,3 +157,61 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(
     for n in (1, 2):
         predicted, measured = model[n]["cross_validated_rps"], model[n]["measured_rps"]
         assert predicted == pytest.approx(measured, rel=0.20), (n, model)
+
+
+def test_each_process_pays_a_fixed_cpu_cost_fitted_over_the_steps(tmp_path: Path) -> None:
+    """API CPU per request grows with processes at a given total rate because every process pays a
+    fixed share (its loop's turns and wake-ups): fitted as cores = fixed + marginal * rate per process
+    over a point's steps, it is what makes the second process on 2 cores add little."""
+    others = {"postgres": 0.1, "haproxy": 0.2, "generator": 0.2}
+
+    def step(n: int, total: float) -> dict[str, object]:
+        per_process = total / n
+        cores = 0.2 + 0.001 * per_process  # 0.2 cores fixed, 1 ms per request
+        api_ms = cores / per_process * 1000
+        return {
+            "offered_rate": total,
+            "achieved_rate": total,
+            "p99_ms": 50.0,
+            "errors": 0,
+            "costs": {"cpu_ms_per_request": {"api": api_ms, **others}, "foreign_cores": 0.0},
+        }
+
+    points = []
+    for n, best in ((1, 640.0), (2, 800.0)):
+        steps = [step(n, r) for r in (100.0, 200.0, 400.0, best)]
+        points.append(
+            {
+                "processes": n,
+                "max_rate": best,
+                "p50_ms": 5.0,
+                "p99_ms": 50.0,
+                "costs": steps[-1]["costs"],
+                "steps": steps,
+            }
+        )
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps(
+            {
+                "kind": "bench-scale",
+                "machine": {"cpus": 2},
+                "workload": {"body_bytes": {"product-by-id": 400}},
+                "products": 10,
+                "slo": {"p99_ms": 200.0, "max_errors": 0},
+                "points": points,
+            }
+        )
+    )
+    costs = costs_from_reports(report)
+    one, two = costs.cpu[1], costs.cpu[2]
+    for point in (one, two):
+        assert point.fixed_cores == pytest.approx(0.2)
+        assert point.api_s == pytest.approx(0.001)
+        assert point.machine_s == pytest.approx(0.0015)  # marginal API + the other parts
+    # 1 process: min(0.8 / 1 ms, (2 - 0.2) / 1.5 ms) = 800 of CPU, 640 measured: u = 0.8.
+    assert one.efficiency == pytest.approx(0.8)
+    # 2 processes: min(1600, (2 - 0.4) / 1.5 ms = 1067): the machine binds; 0.8 of it.
+    assert one.bottleneck(2, 2, 0.0) == "machine"
+    assert cross_validated(costs, 2) == pytest.approx(0.8 * 1.6 / 0.0015)
+    assert cross_validated(costs, 1) == pytest.approx(two.efficiency * 800)
