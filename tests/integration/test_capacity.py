@@ -22,7 +22,9 @@ from mercato.bench.capacity import (
 )
 
 
-def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
+def _report(path: Path, points: list[tuple[int, float, float, dict[str, float], float]]) -> Path:
+    """A `bench scale` report of the shape `lab/scale.py` writes: (N, max rate, p50 ms, CPU ms per
+    request per part, foreign cores during the max-rate step)."""
     data = {
         "kind": "bench-scale",
         "machine": {"cpus": 2},
@@ -35,13 +37,13 @@ def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
                 "max_rate": rate,
                 "p50_ms": p50,
                 "p99_ms": 150.0,
-                "api_cpu_cores": cores,
+                "costs": {"cpu_ms_per_request": per_request, "foreign_cores": foreign},
                 "steps": [
                     {"offered_rate": rate / 2, "achieved_rate": rate / 2, "p99_ms": 20.0, "errors": 0},
                     {"offered_rate": rate, "achieved_rate": rate, "p99_ms": 150.0, "errors": 0},
                 ],
             }
-            for n, rate, p50, cores in points
+            for n, rate, p50, per_request, foreign in points
         ],
     }
     path.write_text(json.dumps(data))
@@ -49,25 +51,41 @@ def _report(path: Path, points: list[tuple[int, float, float, float]]) -> Path:
 
 
 def test_plan_formulas_on_a_measured_shape(tmp_path: Path) -> None:
-    report = _report(
-        tmp_path / "report.json", [(1, 400, 10.0, 0.8), (2, 700, 12.0, 1.5), (4, 1000, 15.0, 1.9)]
-    )
+    one = {"api": 1.0, "postgres": 0.1, "haproxy": 0.2, "generator": 0.2}  # machine: 1.5 ms
+    two = {"api": 1.1, "postgres": 0.1, "haproxy": 0.2, "generator": 0.2}  # machine: 1.6 ms
+    report = _report(tmp_path / "report.json", [(1, 800, 10.0, one, 0.0), (2, 1000, 12.0, two, 0.0)])
     costs = costs_from_reports(report)
-    assert costs.cpu_per_request_s == pytest.approx(0.002)
-    plan = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, headroom=0.3)
-    # 560 / 0.7 = 800 req/s needed: 2 processes give 700 (measured and fitted), 3 are the first enough.
-    assert predicted_throughput(costs, 2) < 800 <= predicted_throughput(costs, 3)
-    assert plan.processes == 3
-    assert plan.cores == pytest.approx(560 * 0.002 / 0.7)
-    assert plan.db_connections == 8  # ceil(560 * 0.010 / 0.7)
-    assert plan.redis_bytes == 1000 * 400 * 2 + 5600 * 200
+    assert costs.cpu_per_request_s == pytest.approx(0.0013)  # served: API + PostgreSQL + HAProxy
+    # N = 1: min(1 / 1 ms, 2 cores / 1.5 ms) = 1000 req/s of CPU, 800 measured at the SLO: u = 0.8.
+    assert costs.reference.efficiency == pytest.approx(0.8)
+    assert predicted_throughput(costs, 1) == pytest.approx(800)
+    # N = 2 from N = 1: the machine binds (2 / 1.5 ms = 1333 < 2 / 1 ms), 0.8 of it.
+    assert predicted_throughput(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
+    assert cross_validated(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
+    # N = 1 from N = 2's costs: u there 1000 / (2 / 1.6 ms) = 0.8, one process 1 / 1.1 ms.
+    assert cross_validated(costs, 1) == pytest.approx(0.8 / 0.0011)
+    plan = plan_capacity(costs, peak_rps=700, checkouts_per_s=0, headroom=0.3)
+    assert plan.per_process_rps == pytest.approx(800)
+    assert plan.processes == 2  # 700 / 0.7 = 1000 req/s needed, 800 per process
+    assert plan.cores == pytest.approx(700 * 0.0013 / 0.7)
+    assert plan.db_connections == 10  # ceil(700 * 0.010 / 0.7)
+    assert plan.redis_bytes == 1000 * 400 * 2 + 7000 * 200
+    assert plan.machine_ceiling_rps == pytest.approx(0.8 * 2 / 0.0015)
+    assert plan.machine_processes == 2  # ceil(2 cores / 1.5 ms * 1 ms)
+    assert not any("tops out" in note for note in plan.notes)
+    # Beyond this machine's free cores the plan says so (and still counts processes and cores).
+    big = plan_capacity(costs, peak_rps=800, checkouts_per_s=0, headroom=0.3)
+    assert any("tops out at 1067 req/s" in note for note in big.notes)
+    # Others' work during the reference step leaves fewer cores: 1 of 2 busy halves the ceiling.
+    busy = costs_from_reports(
+        _report(tmp_path / "busy.json", [(1, 400, 10.0, one, 1.0), (2, 500, 12.0, two, 1.0)])
+    )
+    assert busy.reference.bottleneck(2, 2, 1.0) == "machine"
+    assert cross_validated(busy, 2) == pytest.approx(400)  # the second process adds nothing
     # A tighter latency target uses the highest 1-process step that met it: half the rate.
     tight = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, p99_ms=50, headroom=0.3)
-    assert tight.lambda_per_process == pytest.approx(costs.usl.lam / 2)
-    assert tight.processes is None or tight.processes > 3
-    # Cross-validated: N = 2 from N = 1 and 4 only (the curve through them), not from its own point.
-    assert cross_validated(costs, 2) != pytest.approx(700, rel=1e-3)
-    assert cross_validated(costs, 2) == pytest.approx(700, rel=0.2)
+    assert tight.per_process_rps == pytest.approx(400)
+    assert tight.processes == 2
     with pytest.raises(ValueError, match="checkout"):
         plan_capacity(costs, peak_rps=10, checkouts_per_s=5)
 
@@ -94,7 +112,7 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(
             "--warmup-s",
             "1",
             "--max-steps",
-            "6",
+            "12",  # ramp x2 to the first failure, then bisect to 3 % (the default precision)
             "--products",
             "200",
             "--out",
@@ -126,8 +144,74 @@ def test_capacity_plan_predicts_bench_scale_within_20_percent(
     )
     assert plan.returncode == 0, plan.stderr[-2000:]
     costs = json.loads(plan.stdout)["costs"]
-    measured = {int(k): v for k, v in costs["measured_rps"].items()}
-    predicted = {int(k): v for k, v in costs["cross_validated_rps"].items()}
-    assert set(measured) == {1, 2}
+    model = {int(k): v for k, v in costs["model"].items()}
+    assert set(model) == {1, 2}
+    print(json.dumps(model, indent=1))
+    # The model needs the cores the machine leaves us to be ours for a while: when others took more
+    # than three quarters of it during a max-rate step, the rates measure the scheduler's share of a
+    # saturated machine, not our costs (measured, and said, rather than failed or passed by luck).
+    cores = int(costs["cores"])
+    crowded = {n: m["foreign_cores"] for n, m in model.items() if cores - m["foreign_cores"] < cores / 4}
+    if crowded:
+        pytest.skip(f"other work took {crowded} of {cores} cores during the max-rate steps")
     for n in (1, 2):
-        assert predicted[n] == pytest.approx(measured[n], rel=0.20), (n, predicted, measured)
+        predicted, measured = model[n]["cross_validated_rps"], model[n]["measured_rps"]
+        assert predicted == pytest.approx(measured, rel=0.20), (n, model)
+
+
+def test_each_process_pays_a_fixed_cpu_cost_fitted_over_the_steps(tmp_path: Path) -> None:
+    """API CPU per request grows with processes at a given total rate because every process pays a
+    fixed share (its loop's turns and wake-ups): fitted as cores = fixed + marginal * rate per process
+    over a point's steps, it is what makes the second process on 2 cores add little."""
+    others = {"postgres": 0.1, "haproxy": 0.2, "generator": 0.2}
+
+    def step(n: int, total: float) -> dict[str, object]:
+        per_process = total / n
+        cores = 0.2 + 0.001 * per_process  # 0.2 cores fixed, 1 ms per request
+        api_ms = cores / per_process * 1000
+        return {
+            "offered_rate": total,
+            "achieved_rate": total,
+            "p99_ms": 50.0,
+            "errors": 0,
+            "costs": {"cpu_ms_per_request": {"api": api_ms, **others}, "foreign_cores": 0.0},
+        }
+
+    points = []
+    for n, best in ((1, 640.0), (2, 800.0)):
+        steps = [step(n, r) for r in (100.0, 200.0, 400.0, best)]
+        points.append(
+            {
+                "processes": n,
+                "max_rate": best,
+                "p50_ms": 5.0,
+                "p99_ms": 50.0,
+                "costs": steps[-1]["costs"],
+                "steps": steps,
+            }
+        )
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps(
+            {
+                "kind": "bench-scale",
+                "machine": {"cpus": 2},
+                "workload": {"body_bytes": {"product-by-id": 400}},
+                "products": 10,
+                "slo": {"p99_ms": 200.0, "max_errors": 0},
+                "points": points,
+            }
+        )
+    )
+    costs = costs_from_reports(report)
+    one, two = costs.cpu[1], costs.cpu[2]
+    for point in (one, two):
+        assert point.fixed_cores == pytest.approx(0.2)
+        assert point.api_s == pytest.approx(0.001)
+        assert point.machine_s == pytest.approx(0.0015)  # marginal API + the other parts
+    # 1 process: min(0.8 / 1 ms, (2 - 0.2) / 1.5 ms) = 800 of CPU, 640 measured: u = 0.8.
+    assert one.efficiency == pytest.approx(0.8)
+    # 2 processes: min(1600, (2 - 0.4) / 1.5 ms = 1067): the machine binds; 0.8 of it.
+    assert one.bottleneck(2, 2, 0.0) == "machine"
+    assert cross_validated(costs, 2) == pytest.approx(0.8 * 1.6 / 0.0015)
+    assert cross_validated(costs, 1) == pytest.approx(two.efficiency * 800)

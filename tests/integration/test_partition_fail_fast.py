@@ -21,9 +21,10 @@ from sqlalchemy.engine import make_url
 
 from mercato.kit.cache import Cache, CacheTtls, MemoryTier, staleness_scope
 from mercato.kit.clock import ManualClock
-from mercato.kit.storage import create_database
+from mercato.kit.storage import Database, create_database
 from mercato.kit.storage.outages import classify_outage
 from mercato.kit.storage.reachability import DatabaseUnreachable
+from mercato.kit.storage.statements import driver_connection
 
 
 class _Blackholing:
@@ -145,3 +146,49 @@ async def test_the_cache_serves_stale_on_an_unreachable_origin_and_says_how_stal
         assert await cache.get("p", partitioned) == b"v1"
     assert stale.reason == "error"
     assert stale.staleness_s == pytest.approx(7.0)  # 9 s old, fresh for 2: 7 s stale
+
+
+async def test_a_statement_in_flight_at_the_cut_ends_as_an_outage_within_a_second(
+    proxied_url: tuple[str, _Blackholing],
+) -> None:
+    """The API's defaults (0.25 s / 0.5 s / 2 failures): one silent probe, corroborated by the stuck
+    statement's connection (checked out for longer than a probe's timeout), is the verdict, and the
+    statement's connection is terminated; it used to wait for the second probe and, past it, for
+    TCP. Then the raw driver path, which skips `check()`, is refused at once too."""
+    url, proxy = proxied_url
+    db = create_database(url, probe_interval_s=0.25, probe_timeout_s=0.5, probe_failures=2)
+    try:
+        async with db.write() as conn, db.read() as other:  # two pooled connections; starts the probes
+            await conn.execute(text("SELECT 1"))
+            await other.execute(text("SELECT 1"))
+
+        async def in_flight_at_the_cut() -> None:
+            async with db.read() as conn:
+                await conn.execute(text("SELECT 1"))  # a pooled connection: ready, then the cut
+                proxy.cut = True
+                await conn.execute(text("SELECT 2"))
+
+        started = time.monotonic()
+        with pytest.raises(Exception) as caught:  # the driver's shape varies; classified below
+            await in_flight_at_the_cut()
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, elapsed  # interval + timeout = 0.75 s, plus the loop's slack
+        outage = classify_outage(caught.value)
+        assert outage is not None, caught.value
+        assert outage.dependency == "database"
+        assert db.reachability is not None
+        assert db.reachability.unreachable
+        for _ in range(2):  # the pooled idle connection (closed at checkout), then a new one: refused
+            started = time.monotonic()
+            with pytest.raises(Exception) as caught:
+                await _driver_select(db)
+            assert time.monotonic() - started < 0.3, caught.value
+            assert classify_outage(caught.value) is not None, caught.value
+    finally:
+        proxy.cut = False
+        await db.dispose()
+
+
+async def _driver_select(db: Database) -> None:
+    async with driver_connection(db) as raw:
+        await raw.fetchval("SELECT 1")

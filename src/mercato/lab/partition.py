@@ -54,7 +54,8 @@ LINKS = {
 }
 CP_BOUND_S = 1.0
 # Requests sent this soon after the cut were already waiting on the dead link when it was detected
-# (the probes' bound, about failures × (interval + timeout)); they are reported apart.
+# (the probes' bound, about failures × (interval + timeout)); they are reported apart, and must also
+# answer within CP_BOUND_S (a silent probe corroborated by their own stuck statement: ADR 0057).
 DETECT_BOUND_S = 1.5
 IP = shutil.which("ip") or "/usr/sbin/ip"
 
@@ -111,6 +112,12 @@ class PartitionReport:
         )
 
     @property
+    def cp_at_cut_fast_503(self) -> int:
+        return sum(
+            1 for s in self.cp_at_cut() if s.status == 503 and s.retry_after and s.latency_s <= CP_BOUND_S
+        )
+
+    @property
     def ap_served_stale(self) -> int:
         return sum(1 for s in self.during("AP") if s.status == 200 and s.staleness_s is not None)
 
@@ -122,6 +129,7 @@ class PartitionReport:
             bool(cp)
             and bool(after)
             and self.cp_fast_503 == len(after)
+            and self.cp_at_cut_fast_503 == len(self.cp_at_cut())
             and all(s.status == 503 and s.retry_after for s in cp)
             and bool(ap)
             and self.ap_served_stale == len(ap)
@@ -371,9 +379,10 @@ def verdict(report: PartitionReport) -> list[str]:
         f"CP sent after the partition was detectable (cut + {DETECT_BOUND_S:.1f} s): "
         f"{report.cp_fast_503}/{len(later)} answered 503 with Retry-After within {CP_BOUND_S:.0f} s "
         f"(slowest {slowest_later:.2f} s)",
-        f"CP already in flight at the cut: {sum(1 for s in at_cut if s.status == 503)}/{len(at_cut)} "
-        f"answered 503 (slowest {slowest_at_cut:.2f} s: detection, then the driver's 2 s graceful "
-        "close of the terminated connection)",
+        f"CP already in flight at the cut: {report.cp_at_cut_fast_503}/{len(at_cut)} answered 503 with "
+        f"Retry-After within {CP_BOUND_S:.0f} s (slowest {slowest_at_cut:.2f} s: one silent probe, "
+        "corroborated by the statement itself, ends it)",
+        f"AP during the partition: slowest {max((s.latency_s for s in ap), default=0.0):.2f} s",
         f"all CP during the partition: {sum(1 for s in cp if s.status == 503)}/{len(cp)} 503",
         f"AP during the partition: {report.ap_served_stale}/{len(ap)} served 200 with Mercato-Staleness",
         f"after healing: first CP success {report.first_cp_success_after_heal_s} s, first fresh read "

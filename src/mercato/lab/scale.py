@@ -45,6 +45,7 @@ from mercato.bench.usl import UslFit, fit_usl
 from mercato.cluster.fleet import ApiFleet
 from mercato.cluster.processes import read_pid
 from mercato.lab.rebalance_online import scratch_databases
+from mercato.lab.scale_costs import CostProbe, ProbedBench
 
 __all__ = ["ScalePoint", "run_scale", "scale_command"]
 
@@ -60,6 +61,8 @@ class ScalePoint:
     api_cpu_cores: float | None
     machine_busy_cores: float | None
     steps: list[dict[str, Any]]
+    # At the max rate: CPU ms per request of each part, busy cores, foreign load (`scale_costs`).
+    costs: dict[str, Any] | None = None
 
 
 class _FleetServer:
@@ -90,11 +93,18 @@ def _mix(by_id: list[str]) -> tuple[str, ...]:
     return tuple(paths)
 
 
-async def _measure(bench: Bench, target: Target, server: _FleetServer) -> tuple[TargetReport, float | None]:
-    busy_before, wall_before = machine_busy_s(), time.monotonic()
-    report = await bench.search(target, cast(ServerProcess, server), lambda *_a: None)
-    busy = (machine_busy_s() - busy_before) / (time.monotonic() - wall_before)
-    return report, busy
+async def _measure(
+    bench: Bench, target: Target, server: _FleetServer, url: str
+) -> tuple[TargetReport, float | None, ProbedBench]:
+    probe = CostProbe(server.fleet, url)
+    probed = ProbedBench(bench, probe)
+    try:
+        busy_before, wall_before = machine_busy_s(), time.monotonic()
+        report = await probed.search(target, cast(ServerProcess, server), lambda *_a: None)
+        busy = (machine_busy_s() - busy_before) / (time.monotonic() - wall_before)
+    finally:
+        await probe.close()
+    return report, busy, probed
 
 
 def run_scale(
@@ -139,7 +149,7 @@ def run_scale(
                             paths = _mix(by_id)
                             body["product-by-id"] = body_size(fleet.url, by_id[0])
                         target = Target("mixed", "80% GET /v1/products/{id}, 20% list", "mercato", paths)
-                        report, busy = asyncio.run(_measure(bench, target, _FleetServer(fleet)))
+                        report, busy, probed = asyncio.run(_measure(bench, target, _FleetServer(fleet), url))
                     finally:
                         fleet.stop()
                     best = report.best_step
@@ -151,7 +161,8 @@ def run_scale(
                             p99_ms=best.p99_ms if best else None,
                             api_cpu_cores=best.server_cpu if best else None,
                             machine_busy_cores=busy,
-                            steps=[s.to_dict() for s in report.steps],
+                            steps=[{**s.to_dict(), "costs": probed.breakdown(s)} for s in report.steps],
+                            costs=probed.breakdown(best) if best else None,
                         )
                     )
                     on_phase(f"  {n}: {report.best_rate} req/s")
@@ -237,7 +248,10 @@ def scale_command(
     warmup_s: Annotated[float, typer.Option(min=0, max=60)] = 2.0,
     slo_p99_ms: Annotated[float, typer.Option(min=1, max=10_000)] = 200.0,
     start_rate: Annotated[float, typer.Option(min=10, max=10_000)] = 100.0,
-    max_steps: Annotated[int, typer.Option(min=2, max=20)] = 8,
+    max_steps: Annotated[int, typer.Option(min=2, max=30)] = 12,
+    precision: Annotated[
+        float, typer.Option(min=0.005, max=0.5, help="Bisect until the failing/passing rates differ by less")
+    ] = 0.03,
     products: Annotated[int, typer.Option(min=20, max=100_000)] = 300,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     out: OutOption = None,
@@ -253,7 +267,7 @@ def scale_command(
         duration_s=duration_s,
         warmup_s=warmup_s,
         pause_s=0.5,
-        policy=SearchPolicy(start_rate=start_rate, max_steps=max_steps, precision=0.1),
+        policy=SearchPolicy(start_rate=start_rate, max_steps=max_steps, precision=precision),
         slo=Slo(p99_ms=slo_p99_ms),
         products=products,
         id_sample=500,

@@ -10,19 +10,25 @@ starting, which ADR 0026's outage path already answers at once). Then:
 
 - every new read of the primary and every write fails at once with `DatabaseUnreachable` (an outage:
   503 `dependency-unavailable`, reason `unreachable`), and a cache in front of the primary serves
-  what it has, stale (stale-if-error, `Mercato-Staleness`);
-- the connections checked out for longer than `timeout_s` (statements stuck on the dead link) are
-  terminated, so their requests end now with an outage answer instead of waiting for TCP.
+  what it has, stale (stale-if-error, `Mercato-Staleness`); a connection checked out of the pool
+  anyway (the raw driver path skips `check()`) is closed at checkout, so its statement fails at once;
+- the connections checked out when the verdict falls, and on every failed probe after it, are
+  terminated: their statements are on the dead link, and their requests end now with an outage
+  answer instead of waiting for TCP (minutes) or the driver's graceful close.
 
 The first answered probe makes it reachable again. `failures` > 1 keeps slow probes on a loaded
-machine (or a stalled event loop) from failing requests; the time to detect is at most about
-`failures × (interval_s + timeout_s)` (1.5 s with the defaults 0.25 / 0.5 / 2).
+machine (or a stalled event loop) from failing requests; but one failed probe is enough when a
+connection of the pool has also been checked out for longer than a probe's timeout (two channels to
+the primary silent at once). So a request in flight at the cut ends within about
+`interval_s + timeout_s` (0.75 s with the defaults 0.25 / 0.5 / 2), and the verdict without a
+request in flight comes within about `failures × (interval_s + timeout_s)` (1.5 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from typing import Any
 
@@ -35,6 +41,10 @@ from mercato.kit.observability import get_logger
 __all__ = ["DatabaseUnreachable", "Reachability"]
 
 _log = get_logger("mercato.storage")
+
+# A connect that fails with these never reached a server: a cut link whose neighbour (ARP) entry has
+# failed answers at once with "no route to host"; it is silence, not a refusal.
+_NO_PATH = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
 
 
 class DatabaseUnreachable(ConnectionError):
@@ -64,6 +74,8 @@ class Reachability:
         sync_pool = engine.sync_engine.pool
         event.listen(sync_pool, "checkout", self._on_checkout)
         event.listen(sync_pool, "checkin", self._on_checkin)
+        event.listen(engine.sync_engine, "do_connect", self._on_connect)
+        event.listen(sync_pool, "close", self._on_close)
 
     @property
     def unreachable(self) -> bool:
@@ -86,8 +98,25 @@ class Reachability:
             self.unreachable_since = None
             self._task = loop.create_task(self._run(), name="db-reachability")
 
+    def _on_connect(self, _dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+        """No new connection towards an unreachable primary (it would wait for its connect timeout,
+        or for ARP to give up): the raw driver path, which skips `check()`, fails at once too."""
+        if self.unreachable_since is not None:
+            raise DatabaseUnreachable("the primary database is unreachable")
+
+    def _on_close(self, dbapi_conn: Any, _record: Any) -> None:
+        """A pooled connection the pool closes meanwhile (recycled after a disconnect invalidated the
+        pool) would say goodbye over the dead link, for the driver's 2 s: its socket is closed first."""
+        if self.unreachable_since is not None:
+            _terminate(dbapi_conn)
+
     def _on_checkout(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         self._busy[id(dbapi_conn)] = (dbapi_conn, time.monotonic())
+        if self.unreachable_since is not None:
+            # A caller that skipped `check()` (the raw driver path, kit/storage/statements.py) would
+            # send its statement down the dead link: its connection is closed first, so the statement
+            # fails at once as an outage (connection closed) and the pool discards the connection.
+            _terminate(dbapi_conn)
 
     def _on_checkin(self, dbapi_conn: Any, _record: Any) -> None:
         self._busy.pop(id(dbapi_conn), None)
@@ -114,6 +143,11 @@ class Reachability:
                 await self._probe()
             except TimeoutError:  # silence: the partition's signature
                 self._failed()
+            except OSError as exc:
+                if exc.errno in _NO_PATH:  # the network, not the server, answered: no route
+                    self._failed()
+                else:  # a refusal or a reset: the server's host is there
+                    self._answered()
             except Exception:  # noqa: BLE001 - an answer, if a refusal: the server is there
                 # (down, starting, refusing): the ordinary outage path (ADR 0026) answers fast.
                 self._answered()
@@ -128,11 +162,26 @@ class Reachability:
 
     def _failed(self) -> None:
         self._consecutive += 1
-        if self._consecutive < self._failures or self.unreachable_since is not None:
+        if self.unreachable_since is not None:
+            # Requests that passed `check()` just before the verdict checked out a connection after
+            # it: on the dead link too. Each failed probe ends them (within one probe cycle).
+            self._terminate_busy(min_age_s=0.0)
+            return
+        # One silent probe is enough when a statement on the pool is silent too (checked out for
+        # longer than a probe's whole timeout): two channels to the primary quiet at once is the
+        # partition's signature, not a slow probe on a loaded machine. In-flight requests then end
+        # within about interval + timeout of the cut (0.75 s by default), not failures times that.
+        corroborated = self._oldest_busy_s() > self._timeout_s
+        if self._consecutive < self._failures and not corroborated:
             return
         self.unreachable_since = time.monotonic()
-        stuck = self._terminate_stuck()
-        _log.warning("database_unreachable", probes_failed=self._consecutive, terminated=stuck)
+        stuck = self._terminate_busy(min_age_s=0.0)
+        _log.warning(
+            "database_unreachable",
+            probes_failed=self._consecutive,
+            corroborated=corroborated,
+            terminated=stuck,
+        )
 
     def _answered(self) -> None:
         self._consecutive = 0
@@ -140,15 +189,19 @@ class Reachability:
             _log.info("database_reachable", after_s=round(time.monotonic() - self.unreachable_since, 3))
             self.unreachable_since = None
 
-    def _terminate_stuck(self) -> int:
+    def _oldest_busy_s(self) -> float:
+        """How long the oldest request's connection has been checked out. A LISTEN connection is
+        checked out for good and silent by design (kit/storage/signals.py): not a witness."""
         now = time.monotonic()
-        stuck = [c for c, since in list(self._busy.values()) if now - since > self._timeout_s]
+        return max((now - since for c, since in list(self._busy.values()) if not _listening(c)), default=0.0)
+
+    def _terminate_busy(self, *, min_age_s: float) -> int:
+        """Close the checked-out connections' sockets now: their statements are on the dead link, and
+        terminating (no goodbye) ends them with a connection error, an outage answer (503)."""
+        now = time.monotonic()
+        stuck = [c for c, since in list(self._busy.values()) if now - since >= min_age_s]
         for dbapi_conn in stuck:
-            driver = getattr(dbapi_conn, "driver_connection", None)
-            terminate = getattr(driver, "terminate", None)
-            if callable(terminate):
-                with contextlib.suppress(Exception):
-                    terminate()
+            _terminate(dbapi_conn)
         return len(stuck)
 
     async def close(self) -> None:
@@ -157,3 +210,17 @@ class Reachability:
             # Bounded: closing a database must never hang on its prober.
             await asyncio.wait({self._task}, timeout=2 * self._timeout_s + 1.0)
             self._task = None
+
+
+def _terminate(dbapi_conn: Any) -> None:
+    """Close a pooled connection's socket now (asyncpg's `terminate`: no goodbye on a dead link)."""
+    driver = getattr(dbapi_conn, "driver_connection", None)
+    terminate = getattr(driver, "terminate", None)
+    if callable(terminate):
+        with contextlib.suppress(Exception):
+            terminate()
+
+
+def _listening(dbapi_conn: Any) -> bool:
+    driver = getattr(dbapi_conn, "driver_connection", None)
+    return bool(getattr(driver, "_listeners", None))  # asyncpg's channel -> callbacks
