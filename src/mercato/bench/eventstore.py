@@ -13,6 +13,15 @@ like our position) through its own sync drivers (sqlite3, psycopg 3), `insert_ev
 only (no domain objects, topics or transcoders on its side, no aggregates on ours).
 
 Each side gets its own fresh SQLite file / PostgreSQL database, created and dropped by the run.
+
+Equal durability on SQLite: both sides run WAL with the same `synchronous` (`--sqlite-synchronous`,
+read back from each side's connection before the run). The library leaves SQLite's default, FULL
+(an fsync of the WAL per commit: a commit survives a power loss); we run NORMAL (no fsync per
+commit: it survives a process crash, not a power loss or an OS crash). Comparing the two defaults
+compared an fsync against none (ADR 0058).
+
+CPU per append: the process's CPU time (`time.process_time`: the loop and aiosqlite's thread on
+our side) over the appends, so a loaded machine shows in the rates but much less in this figure.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ class EventStoreBenchResult:
     lib_append_per_s: float
     ours_replay_per_s: float
     lib_replay_per_s: float
+    ours_append_cpu_us: float
+    lib_append_cpu_us: float
+    # SQLite: the `synchronous` both sides ran with; "" on PostgreSQL.
+    synchronous: str = ""
 
     @property
     def append_ratio(self) -> float:
@@ -84,9 +97,17 @@ class Workload:
         ]
 
 
-async def _ours(db: Database, work: Workload) -> tuple[float, float]:
+@dataclass(frozen=True, slots=True)
+class SideResult:
+    append_per_s: float
+    replay_per_s: float
+    append_cpu_us: float
+
+
+async def _ours(db: Database, work: Workload) -> SideResult:
     store = EventStore()
     stream_ids = [str(uuid.uuid4()) for _ in range(work.aggregates)]
+    cpu = time.process_time()
     started = time.perf_counter()
     for stream_id in stream_ids:
         version = 0
@@ -100,6 +121,7 @@ async def _ours(db: Database, work: Workload) -> tuple[float, float]:
                 )
             version += len(numbers)
     append_s = time.perf_counter() - started
+    append_cpu_s = time.process_time() - cpu
     started = time.perf_counter()
     loaded = 0
     for stream_id in stream_ids:
@@ -108,15 +130,15 @@ async def _ours(db: Database, work: Workload) -> tuple[float, float]:
     replay_s = time.perf_counter() - started
     if loaded != work.total:
         raise RuntimeError(f"ours replayed {loaded} of {work.total} events")
-    return work.total / append_s, work.total / replay_s
+    appends = work.aggregates * len(work.batches())
+    return SideResult(work.total / append_s, work.total / replay_s, append_cpu_s / appends * 1e6)
 
 
-def _library(
-    recorder: SQLiteApplicationRecorder | PostgresApplicationRecorder, work: Workload
-) -> tuple[float, float]:
+def _library(recorder: SQLiteApplicationRecorder | PostgresApplicationRecorder, work: Workload) -> SideResult:
     from eventsourcing.persistence import StoredEvent
 
     stream_ids = [str(uuid.uuid4()) for _ in range(work.aggregates)]
+    cpu = time.process_time()
     started = time.perf_counter()
     for stream_id in stream_ids:
         for numbers in work.batches():
@@ -132,6 +154,7 @@ def _library(
                 ]
             )
     append_s = time.perf_counter() - started
+    append_cpu_s = time.process_time() - cpu
     started = time.perf_counter()
     loaded = 0
     for stream_id in stream_ids:
@@ -141,7 +164,8 @@ def _library(
     replay_s = time.perf_counter() - started
     if loaded != work.total:
         raise RuntimeError(f"eventsourcing replayed {loaded} of {work.total} events")
-    return work.total / append_s, work.total / replay_s
+    appends = work.aggregates * len(work.batches())
+    return SideResult(work.total / append_s, work.total / replay_s, append_cpu_s / appends * 1e6)
 
 
 async def _create_tables(db: Database) -> None:
@@ -149,25 +173,61 @@ async def _create_tables(db: Database) -> None:
         await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[events, snapshots]))
 
 
-async def _sqlite(work: Workload) -> EventStoreBenchResult:
+async def _sqlite(work: Workload, synchronous: str) -> EventStoreBenchResult:
     # Imported here: `eventsourcing` is a dev extra, and `mercato bench` must load without it.
     from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
 
     with tempfile.TemporaryDirectory(prefix="mercato-bench-es-") as tmp:
-        db = create_database(f"sqlite+aiosqlite:///{Path(tmp) / 'ours.db'}")
+        db = create_database(f"sqlite+aiosqlite:///{Path(tmp) / 'ours.db'}", sqlite_synchronous=synchronous)
         try:
             await _create_tables(db)
+            async with db.read() as conn:
+                ours_sync = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
             ours = await _ours(db, work)
         finally:
             await db.dispose()
         datastore = SQLiteDatastore(db_name=str(Path(tmp) / "lib.db"))
+        # The library has no setting for it: set it on each connection its pool opens (lazily).
+        create_connection = datastore.pool._create_connection
+
+        def with_synchronous() -> Any:
+            connection = create_connection()
+            connection.cursor().execute(f"PRAGMA synchronous={synchronous}")
+            return connection
+
+        datastore.pool._create_connection = with_synchronous  # type: ignore[method-assign]
         recorder = SQLiteApplicationRecorder(datastore, events_table_name="stored_events")
         recorder.create_table()
+        with datastore.transaction(commit=False) as cursor:
+            cursor.execute("PRAGMA synchronous")
+            lib_sync = cursor.fetchone()[0]
+        if (ours_sync, lib_sync) != (_SYNCHRONOUS_LEVEL[synchronous],) * 2:
+            raise RuntimeError(f"synchronous: ours {ours_sync}, library {lib_sync}; wanted {synchronous}")
         try:
             lib = _library(recorder, work)
         finally:
             datastore.close()
-    return EventStoreBenchResult("sqlite", work.total, ours[0], lib[0], ours[1], lib[1])
+    return _result("sqlite", work, ours, lib, synchronous)
+
+
+# What `PRAGMA synchronous` reads back.
+_SYNCHRONOUS_LEVEL = {"NORMAL": 1, "FULL": 2}
+
+
+def _result(
+    backend: str, work: Workload, ours: SideResult, lib: SideResult, synchronous: str = ""
+) -> EventStoreBenchResult:
+    return EventStoreBenchResult(
+        backend,
+        work.total,
+        ours.append_per_s,
+        lib.append_per_s,
+        ours.replay_per_s,
+        lib.replay_per_s,
+        ours.append_cpu_us,
+        lib.append_cpu_us,
+        synchronous,
+    )
 
 
 async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
@@ -209,18 +269,24 @@ async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
-    return EventStoreBenchResult("postgresql", work.total, ours[0], lib[0], ours[1], lib[1])
+    return _result("postgresql", work, ours, lib)
 
 
 async def run_eventstore_bench(
-    *, backends: list[str], aggregates: int, events_per_aggregate: int, batch: int, pg_admin_dsn: str
+    *,
+    backends: list[str],
+    aggregates: int,
+    events_per_aggregate: int,
+    batch: int,
+    pg_admin_dsn: str,
+    sqlite_synchronous: str = "NORMAL",
 ) -> list[EventStoreBenchResult]:
     """Each backend once: ours first, then the library, on the same workload."""
     work = Workload(aggregates=aggregates, events=events_per_aggregate, batch=batch)
     results = []
     for backend in backends:
         if backend == "sqlite":
-            results.append(await _sqlite(work))
+            results.append(await _sqlite(work, sqlite_synchronous.upper()))
         elif backend == "postgresql":
             results.append(await _postgres(pg_admin_dsn, work))
         else:
@@ -236,6 +302,12 @@ def eventstore_command(
     pg_dsn: Annotated[
         str, typer.Option(help="PostgreSQL admin DSN; the run creates and drops its own databases")
     ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    sqlite_synchronous: Annotated[
+        str,
+        typer.Option(
+            help="SQLite `synchronous` of BOTH sides: NORMAL (the shop default) or FULL (the library default)"
+        ),
+    ] = "NORMAL",
     out: OutOption = None,
 ) -> None:
     """Append and replay events/s: our event store vs the `eventsourcing` library, same run, same work."""
@@ -246,18 +318,21 @@ def eventstore_command(
             events_per_aggregate=events,
             batch=batch,
             pg_admin_dsn=pg_dsn,
+            sqlite_synchronous=sqlite_synchronous,
         )
     )
     table = Table(title=f"Event store: {aggregates} streams x {events} events, {batch} per append")
-    columns = ("backend", "ours append/s", "lib append/s", "append ours/lib")
+    columns = ("backend", "ours append/s", "lib append/s", "append ours/lib", "CPU µs/append ours", "lib")
     for column in (*columns, "ours replay/s", "lib replay/s", "replay ours/lib"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     for r in results:
         table.add_row(
-            r.backend,
+            f"{r.backend} ({r.synchronous})" if r.synchronous else r.backend,
             f"{r.ours_append_per_s:,.0f}",
             f"{r.lib_append_per_s:,.0f}",
             f"{r.append_ratio:.0%}",
+            f"{r.ours_append_cpu_us:,.0f}",
+            f"{r.lib_append_cpu_us:,.0f}",
             f"{r.ours_replay_per_s:,.0f}",
             f"{r.lib_replay_per_s:,.0f}",
             f"{r.replay_ratio:.0%}",
@@ -267,6 +342,7 @@ def eventstore_command(
         "aggregates": aggregates,
         "events_per_aggregate": events,
         "batch": batch,
+        "sqlite_synchronous": sqlite_synchronous.upper(),
         "results": [
             {**asdict(r), "append_ratio": round(r.append_ratio, 3), "replay_ratio": round(r.replay_ratio, 3)}
             for r in results
