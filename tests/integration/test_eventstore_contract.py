@@ -182,6 +182,15 @@ class EventStoreContract:
             await store.append(conn, other, [evt(1)], expected_version=0)
         assert (await version_of(db, s), await version_of(db, other)) == (0, 1)
 
+    async def test_an_append_on_a_connection_not_yet_in_a_transaction_rolls_back_with_it(
+        self, db: Database, store: EventStore
+    ) -> None:
+        s = stream()
+        async with db.engine.connect() as conn:
+            await store.append(conn, s, [evt(1)], expected_version=0)
+            await conn.rollback()
+        assert await version_of(db, s) == 0
+
     async def test_concurrent_appends_with_one_expected_version_let_exactly_one_win(
         self, db: Database, store: EventStore
     ) -> None:

@@ -288,8 +288,11 @@ class EventStore:
 
 def _aiosqlite_connection(conn: AsyncConnection) -> Any | None:
     """The aiosqlite connection under `conn` (already checked out: no await, no hop), or None
-    for another SQLite driver, which takes the SQLAlchemy path."""
-    driver = conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+    for another SQLite driver, which takes the SQLAlchemy path. Also None outside a transaction:
+    SQLAlchemy would begin one on the first statement, the driver would autocommit it."""
+    if conn.sync_connection is None or not conn.in_transaction():
+        return None
+    driver = conn.sync_connection.connection.driver_connection
     return driver if hasattr(driver, "execute_fetchall") else None
 
 
