@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
@@ -197,6 +197,9 @@ class EventStore:
             raise ConcurrencyConflict(
                 stream_id, expected_version=expected_version, actual_version=None
             ) from exc
+        except sqlite3.Error as exc:
+            # Likewise: what SQLAlchemy raises for it ("database is locked": OperationalError).
+            raise DBAPIError.instance("INSERT INTO eventstore_events", (), exc, sqlite3.Error) from exc
         if not inserted:
             # The check failed and nothing was written: tell the caller the version it missed.
             found = await executor.rows(_CURRENT_VERSION, {"stream_id": stream_id})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_
@@ -385,6 +387,11 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
             # (open the cursor, execute, close it), each a GIL hand-off that cost more than the
             # statement; a write transaction's BEGIN and COMMIT were most of an empty one's cost
             # (ADR 0058). Like asyncpg's BEGIN, it is no longer a cursor execute.
-            await_(driver.execute_fetchall(sql))
+            try:
+                await_(driver.execute_fetchall(sql))
+            except sqlite3.Error as error:
+                # What SQLAlchemy raises for it through a cursor ("database is locked" after the
+                # busy timeout: OperationalError), so callers and the outage mapping see one type.
+                raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
         else:
             conn.exec_driver_sql(sql)
