@@ -184,7 +184,7 @@ ROUNDS = 10
 
 async def _compare(ours: _Ours, lib: _Library, work: Workload) -> tuple[SideResult, SideResult]:
     streams = {side: [str(uuid.uuid4()) for _ in range(work.aggregates)] for side in ("ours", "lib")}
-    sides = {"ours": ours, "lib": lib}
+    sides: dict[str, _Ours | _Library] = {"ours": ours, "lib": lib}
     wall = dict.fromkeys(sides, 0.0)
     cpu = dict.fromkeys(sides, 0.0)
     per_round = -(-work.aggregates // ROUNDS)
