@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, event, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,6 +33,7 @@ from mercato.kit.eventstore import (
     snapshots,
 )
 from mercato.kit.storage import Database, create_database
+from mercato.kit.storage.statements import add_driver_listener
 from mercato.shop.payments.model import LedgerRuleBroken, PaymentLedger
 
 
@@ -150,8 +151,12 @@ class EventStoreContract:
         async with db.write() as conn:
             with pytest.raises(ConcurrencyConflict) as caught:
                 await StaleCheckStore(clock=clock).append(conn, s, [evt(2)], expected_version=0)
-            assert caught.value.actual_version is None
-            # The savepoint rolled back only the failed insert.
+            if db.dialect == "sqlite":
+                # The check is a subquery of the INSERT itself: a stale read elsewhere cannot fool it.
+                assert caught.value.actual_version == 1
+            else:
+                assert caught.value.actual_version is None
+            # Only the failed insert was undone.
             await EventStore(clock=clock).append(conn, other, [evt(1)], expected_version=0)
         assert (await version_of(db, s), await version_of(db, other)) == (1, 1)
         row = {
@@ -165,6 +170,26 @@ class EventStoreContract:
         async with db.write() as conn:
             with pytest.raises(IntegrityError):
                 await conn.execute(insert(events).values(**row))
+
+    async def test_a_failed_append_writes_none_of_its_events_and_keeps_the_transaction(
+        self, db: Database, store: EventStore
+    ) -> None:
+        s, other = stream(), stream()
+        broken = NewEvent(None, {"n": 2})  # type: ignore[arg-type]  # NOT NULL: the second row fails
+        async with db.write() as conn:
+            with pytest.raises(IntegrityError):
+                await store.append(conn, s, [evt(1), broken], expected_version=0)
+            await store.append(conn, other, [evt(1)], expected_version=0)
+        assert (await version_of(db, s), await version_of(db, other)) == (0, 1)
+
+    async def test_an_append_on_a_connection_not_yet_in_a_transaction_rolls_back_with_it(
+        self, db: Database, store: EventStore
+    ) -> None:
+        s = stream()
+        async with db.engine.connect() as conn:
+            await store.append(conn, s, [evt(1)], expected_version=0)
+            await conn.rollback()
+        assert await version_of(db, s) == 0
 
     async def test_concurrent_appends_with_one_expected_version_let_exactly_one_win(
         self, db: Database, store: EventStore
@@ -348,6 +373,36 @@ class TestSqliteEventStore(EventStoreContract):
     @pytest.fixture
     def url(self, sqlite_url: str) -> str:
         return sqlite_url
+
+    async def test_an_append_is_one_statement_on_the_driver_and_the_begin_is_no_cursor_execute(
+        self, db: Database, store: EventStore
+    ) -> None:
+        """Each SQLAlchemy cursor execute on aiosqlite is 3-4 hops to its thread, each costing more
+        than the statement (ADR 0058): the write transaction and the append must send none."""
+        s = stream()
+        sent: list[str] = []
+        through_sqlalchemy: list[str] = []
+
+        def cursor_execute(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+            through_sqlalchemy.append(sql)
+
+        engine = db.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", cursor_execute)
+        remove = add_driver_listener(lambda sql: sent.append(sql) if sql else None)
+        try:
+            async with db.write() as conn:
+                recorded = await store.append(conn, s, [evt(1), evt(2)], expected_version=0)
+            async with db.write() as conn:
+                with pytest.raises(ConcurrencyConflict):
+                    await store.append(conn, s, [evt(3)], expected_version=1)
+        finally:
+            remove()
+            event.remove(engine, "before_cursor_execute", cursor_execute)
+        assert through_sqlalchemy == []
+        # The append, then the conflicting one, then its read of the version it missed.
+        assert [sql.split(None, 1)[0] for sql in sent] == ["INSERT", "INSERT", "SELECT"]
+        assert [e.version for e in recorded] == [1, 2]
+        assert await version_of(db, s) == 2
 
 
 class TestPostgresEventStore(EventStoreContract):

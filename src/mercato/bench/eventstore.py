@@ -1,9 +1,9 @@
 """``mercato bench eventstore``: append and replay events/s, our event store vs `eventsourcing`.
 
-Same work on both sides, same run, same servers: `aggregates` streams of `events` events each,
-appended `batch` events per transaction with the expected version checked, then every stream
-loaded back in version order (the replay of an aggregate without snapshots). Each event's data is
-the same small JSON object, encoded and decoded on both sides.
+Same work on both sides, same run, same servers, the sides taking turns (`ROUNDS`): `aggregates`
+streams of `events` events each, appended `batch` events per transaction with the expected version
+checked, then every stream loaded back in version order (the replay of an aggregate without
+snapshots). Each event's data is the same small JSON object, encoded and decoded on both sides.
 
 Ours: `EventStore.append` / `EventStore.load` through our async engine (aiosqlite, asyncpg), one
 write transaction per append, as a use case runs it. `eventsourcing` 9.5: its application recorders
@@ -13,6 +13,15 @@ like our position) through its own sync drivers (sqlite3, psycopg 3), `insert_ev
 only (no domain objects, topics or transcoders on its side, no aggregates on ours).
 
 Each side gets its own fresh SQLite file / PostgreSQL database, created and dropped by the run.
+
+Equal durability on SQLite: both sides run WAL with the same `synchronous` (`--sqlite-synchronous`,
+read back from each side's connection before the run). The library leaves SQLite's default, FULL
+(an fsync of the WAL per commit: a commit survives a power loss); we run NORMAL (no fsync per
+commit: it survives a process crash, not a power loss or an OS crash). Comparing the two defaults
+compared an fsync against none (ADR 0058).
+
+CPU per append: the process's CPU time (`time.process_time`: the loop and aiosqlite's thread on
+our side) over the appends, so a loaded machine shows in the rates but much less in this figure.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ class EventStoreBenchResult:
     lib_append_per_s: float
     ours_replay_per_s: float
     lib_replay_per_s: float
+    ours_append_cpu_us: float
+    lib_append_cpu_us: float
+    # SQLite: the `synchronous` both sides ran with; "" on PostgreSQL.
+    synchronous: str = ""
 
     @property
     def append_ratio(self) -> float:
@@ -84,64 +97,115 @@ class Workload:
         ]
 
 
-async def _ours(db: Database, work: Workload) -> tuple[float, float]:
-    store = EventStore()
-    stream_ids = [str(uuid.uuid4()) for _ in range(work.aggregates)]
-    started = time.perf_counter()
-    for stream_id in stream_ids:
-        version = 0
-        for numbers in work.batches():
-            async with db.write() as conn:
-                await store.append(
-                    conn,
-                    stream_id,
-                    [NewEvent(EVENT_TYPE, work.payload(n)) for n in numbers],
-                    expected_version=version,
-                )
-            version += len(numbers)
-    append_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loaded = 0
-    for stream_id in stream_ids:
-        async with db.read() as conn:
-            loaded += len(await store.load(conn, stream_id))
-    replay_s = time.perf_counter() - started
-    if loaded != work.total:
-        raise RuntimeError(f"ours replayed {loaded} of {work.total} events")
-    return work.total / append_s, work.total / replay_s
+@dataclass(frozen=True, slots=True)
+class SideResult:
+    append_per_s: float
+    replay_per_s: float
+    append_cpu_us: float
 
 
-def _library(
-    recorder: SQLiteApplicationRecorder | PostgresApplicationRecorder, work: Workload
-) -> tuple[float, float]:
-    from eventsourcing.persistence import StoredEvent
+class _Ours:
+    def __init__(self, db: Database, work: Workload) -> None:
+        self.db, self.work, self.store = db, work, EventStore()
 
-    stream_ids = [str(uuid.uuid4()) for _ in range(work.aggregates)]
-    started = time.perf_counter()
-    for stream_id in stream_ids:
-        for numbers in work.batches():
-            recorder.insert_events(
-                [
-                    StoredEvent(
-                        originator_id=stream_id,
-                        originator_version=n + 1,
-                        topic=EVENT_TYPE,
-                        state=json.dumps(work.payload(n)).encode(),
+    async def append(self, stream_ids: list[str]) -> None:
+        for stream_id in stream_ids:
+            version = 0
+            for numbers in self.work.batches():
+                async with self.db.write() as conn:
+                    await self.store.append(
+                        conn,
+                        stream_id,
+                        [NewEvent(EVENT_TYPE, self.work.payload(n)) for n in numbers],
+                        expected_version=version,
                     )
-                    for n in numbers
-                ]
-            )
-    append_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loaded = 0
-    for stream_id in stream_ids:
-        for stored in recorder.select_events(stream_id):
-            json.loads(stored.state)
-            loaded += 1
-    replay_s = time.perf_counter() - started
-    if loaded != work.total:
-        raise RuntimeError(f"eventsourcing replayed {loaded} of {work.total} events")
-    return work.total / append_s, work.total / replay_s
+                version += len(numbers)
+
+    async def replay(self, stream_ids: list[str]) -> int:
+        loaded = 0
+        for stream_id in stream_ids:
+            async with self.db.read() as conn:
+                loaded += len(await self.store.load(conn, stream_id))
+        return loaded
+
+
+class _Library:
+    def __init__(
+        self,
+        recorder: SQLiteApplicationRecorder | PostgresApplicationRecorder,
+        work: Workload,
+        *,
+        in_thread: bool,
+    ) -> None:
+        self.recorder, self.work, self.in_thread = recorder, work, in_thread
+
+    async def append(self, stream_ids: list[str]) -> None:
+        if self.in_thread:
+            await asyncio.to_thread(self._append, stream_ids)
+        else:
+            self._append(stream_ids)
+
+    async def replay(self, stream_ids: list[str]) -> int:
+        return (
+            await asyncio.to_thread(self._replay, stream_ids) if self.in_thread else self._replay(stream_ids)
+        )
+
+    def _append(self, stream_ids: list[str]) -> None:
+        from eventsourcing.persistence import StoredEvent
+
+        for stream_id in stream_ids:
+            for numbers in self.work.batches():
+                self.recorder.insert_events(
+                    [
+                        StoredEvent(
+                            originator_id=stream_id,
+                            originator_version=n + 1,
+                            topic=EVENT_TYPE,
+                            state=json.dumps(self.work.payload(n)).encode(),
+                        )
+                        for n in numbers
+                    ]
+                )
+
+    def _replay(self, stream_ids: list[str]) -> int:
+        loaded = 0
+        for stream_id in stream_ids:
+            for stored in self.recorder.select_events(stream_id):
+                json.loads(stored.state)
+                loaded += 1
+        return loaded
+
+
+# The appends run in this many rounds, the sides taking turns (and turns about who goes first), so
+# both meet the same disk and the same neighbours: an fsync's cost drifts by 2-3x within a minute
+# on a shared disk, which made whichever side ran second look faster or slower.
+ROUNDS = 10
+
+
+async def _compare(ours: _Ours, lib: _Library, work: Workload) -> tuple[SideResult, SideResult]:
+    streams = {side: [str(uuid.uuid4()) for _ in range(work.aggregates)] for side in ("ours", "lib")}
+    sides: dict[str, _Ours | _Library] = {"ours": ours, "lib": lib}
+    wall = dict.fromkeys(sides, 0.0)
+    cpu = dict.fromkeys(sides, 0.0)
+    per_round = -(-work.aggregates // ROUNDS)
+    for turn in range(ROUNDS):
+        order = ("ours", "lib") if turn % 2 == 0 else ("lib", "ours")
+        for name in order:
+            chunk = streams[name][turn * per_round : (turn + 1) * per_round]
+            started_cpu, started = time.process_time(), time.perf_counter()
+            await sides[name].append(chunk)
+            wall[name] += time.perf_counter() - started
+            cpu[name] += time.process_time() - started_cpu
+    results = []
+    appends = work.aggregates * len(work.batches())
+    for name, side in sides.items():
+        started = time.perf_counter()
+        loaded = await side.replay(streams[name])
+        replay_s = time.perf_counter() - started
+        if loaded != work.total:
+            raise RuntimeError(f"{name} replayed {loaded} of {work.total} events")
+        results.append(SideResult(work.total / wall[name], work.total / replay_s, cpu[name] / appends * 1e6))
+    return results[0], results[1]
 
 
 async def _create_tables(db: Database) -> None:
@@ -149,25 +213,58 @@ async def _create_tables(db: Database) -> None:
         await conn.run_sync(lambda sync: metadata.create_all(sync, tables=[events, snapshots]))
 
 
-async def _sqlite(work: Workload) -> EventStoreBenchResult:
+async def _sqlite(work: Workload, synchronous: str) -> EventStoreBenchResult:
     # Imported here: `eventsourcing` is a dev extra, and `mercato bench` must load without it.
     from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
 
     with tempfile.TemporaryDirectory(prefix="mercato-bench-es-") as tmp:
-        db = create_database(f"sqlite+aiosqlite:///{Path(tmp) / 'ours.db'}")
+        db = create_database(f"sqlite+aiosqlite:///{Path(tmp) / 'ours.db'}", sqlite_synchronous=synchronous)
+        datastore = SQLiteDatastore(db_name=str(Path(tmp) / "lib.db"))
         try:
             await _create_tables(db)
-            ours = await _ours(db, work)
-        finally:
-            await db.dispose()
-        datastore = SQLiteDatastore(db_name=str(Path(tmp) / "lib.db"))
-        recorder = SQLiteApplicationRecorder(datastore, events_table_name="stored_events")
-        recorder.create_table()
-        try:
-            lib = _library(recorder, work)
+            async with db.read() as conn:
+                ours_sync = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+            # The library has no setting for it: set it on each connection its pool opens (lazily).
+            create_connection = datastore.pool._create_connection
+
+            def with_synchronous() -> Any:
+                connection = create_connection()
+                connection.cursor().execute(f"PRAGMA synchronous={synchronous}")
+                return connection
+
+            datastore.pool._create_connection = with_synchronous  # type: ignore[method-assign]
+            recorder = SQLiteApplicationRecorder(datastore, events_table_name="stored_events")
+            recorder.create_table()
+            with datastore.transaction(commit=False) as cursor:
+                cursor.execute("PRAGMA synchronous")
+                lib_sync = cursor.fetchone()[0]
+            if (ours_sync, lib_sync) != (_SYNCHRONOUS_LEVEL[synchronous],) * 2:
+                raise RuntimeError(f"synchronous: ours {ours_sync}, library {lib_sync}; wanted {synchronous}")
+            ours, lib = await _compare(_Ours(db, work), _Library(recorder, work, in_thread=False), work)
         finally:
             datastore.close()
-    return EventStoreBenchResult("sqlite", work.total, ours[0], lib[0], ours[1], lib[1])
+            await db.dispose()
+    return _result("sqlite", work, ours, lib, synchronous)
+
+
+# What `PRAGMA synchronous` reads back.
+_SYNCHRONOUS_LEVEL = {"NORMAL": 1, "FULL": 2}
+
+
+def _result(
+    backend: str, work: Workload, ours: SideResult, lib: SideResult, synchronous: str = ""
+) -> EventStoreBenchResult:
+    return EventStoreBenchResult(
+        backend,
+        work.total,
+        ours.append_per_s,
+        lib.append_per_s,
+        ours.replay_per_s,
+        lib.replay_per_s,
+        ours.append_cpu_us,
+        lib.append_cpu_us,
+        synchronous,
+    )
 
 
 async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
@@ -183,11 +280,6 @@ async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
         await conn.close()
     try:
         db = create_database(str(admin.set(drivername="postgresql+asyncpg", database=names[0])))
-        try:
-            await _create_tables(db)
-            ours = await _ours(db, work)
-        finally:
-            await db.dispose()
         datastore = PostgresDatastore(
             dbname=names[1],
             host=admin.host or "127.0.0.1",
@@ -196,12 +288,15 @@ async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
             password=admin.password or "",
             originator_id_type="text",
         )
-        recorder = PostgresApplicationRecorder(datastore, events_table_name="stored_events")
-        recorder.create_table()
         try:
-            lib = await asyncio.to_thread(_library, recorder, work)
+            await _create_tables(db)
+            recorder = PostgresApplicationRecorder(datastore, events_table_name="stored_events")
+            recorder.create_table()
+            # The library's psycopg calls block: on a thread, so ours keeps a running loop.
+            ours, lib = await _compare(_Ours(db, work), _Library(recorder, work, in_thread=True), work)
         finally:
             datastore.close()
+            await db.dispose()
     finally:
         conn = await asyncpg.connect(admin_dsn)
         try:
@@ -209,18 +304,24 @@ async def _postgres(admin_dsn: str, work: Workload) -> EventStoreBenchResult:
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
-    return EventStoreBenchResult("postgresql", work.total, ours[0], lib[0], ours[1], lib[1])
+    return _result("postgresql", work, ours, lib)
 
 
 async def run_eventstore_bench(
-    *, backends: list[str], aggregates: int, events_per_aggregate: int, batch: int, pg_admin_dsn: str
+    *,
+    backends: list[str],
+    aggregates: int,
+    events_per_aggregate: int,
+    batch: int,
+    pg_admin_dsn: str,
+    sqlite_synchronous: str = "NORMAL",
 ) -> list[EventStoreBenchResult]:
-    """Each backend once: ours first, then the library, on the same workload."""
+    """Each backend once: ours and the library taking turns (`ROUNDS`), on the same workload."""
     work = Workload(aggregates=aggregates, events=events_per_aggregate, batch=batch)
     results = []
     for backend in backends:
         if backend == "sqlite":
-            results.append(await _sqlite(work))
+            results.append(await _sqlite(work, sqlite_synchronous.upper()))
         elif backend == "postgresql":
             results.append(await _postgres(pg_admin_dsn, work))
         else:
@@ -236,6 +337,12 @@ def eventstore_command(
     pg_dsn: Annotated[
         str, typer.Option(help="PostgreSQL admin DSN; the run creates and drops its own databases")
     ] = "postgresql://postgres@127.0.0.1:5432/postgres",
+    sqlite_synchronous: Annotated[
+        str,
+        typer.Option(
+            help="SQLite `synchronous` of BOTH sides: NORMAL (the shop default) or FULL (the library default)"
+        ),
+    ] = "NORMAL",
     out: OutOption = None,
 ) -> None:
     """Append and replay events/s: our event store vs the `eventsourcing` library, same run, same work."""
@@ -246,18 +353,21 @@ def eventstore_command(
             events_per_aggregate=events,
             batch=batch,
             pg_admin_dsn=pg_dsn,
+            sqlite_synchronous=sqlite_synchronous,
         )
     )
     table = Table(title=f"Event store: {aggregates} streams x {events} events, {batch} per append")
-    columns = ("backend", "ours append/s", "lib append/s", "append ours/lib")
+    columns = ("backend", "ours append/s", "lib append/s", "append ours/lib", "CPU µs/append ours", "lib")
     for column in (*columns, "ours replay/s", "lib replay/s", "replay ours/lib"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     for r in results:
         table.add_row(
-            r.backend,
+            f"{r.backend} ({r.synchronous})" if r.synchronous else r.backend,
             f"{r.ours_append_per_s:,.0f}",
             f"{r.lib_append_per_s:,.0f}",
             f"{r.append_ratio:.0%}",
+            f"{r.ours_append_cpu_us:,.0f}",
+            f"{r.lib_append_cpu_us:,.0f}",
             f"{r.ours_replay_per_s:,.0f}",
             f"{r.lib_replay_per_s:,.0f}",
             f"{r.replay_ratio:.0%}",
@@ -267,6 +377,7 @@ def eventstore_command(
         "aggregates": aggregates,
         "events_per_aggregate": events,
         "batch": batch,
+        "sqlite_synchronous": sqlite_synchronous.upper(),
         "results": [
             {**asdict(r), "append_ratio": round(r.append_ratio, 3), "replay_ratio": round(r.replay_ratio, 3)}
             for r in results

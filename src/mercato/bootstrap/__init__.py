@@ -171,6 +171,7 @@ def build_database(settings: Settings, *, replica_hook: ReplicaHook | None = Non
         pool_timeout_s=db.pool_timeout_s,
         statement_timeout_s=db.statement_timeout_s,
         echo=db.echo,
+        sqlite_synchronous=db.sqlite_synchronous,
         replica_urls=db.replica_urls or None,
         replica_max_lag_s=db.replica_max_lag_s,
         replica_token_wait_s=db.replica_token_wait_s,

@@ -59,6 +59,10 @@ class DatabaseSettings(BaseModel):
     pool_timeout_s: float = Field(default=5.0, gt=0)
     statement_timeout_s: float = Field(default=10.0, gt=0)
     echo: bool = False
+    # SQLite only: what a commit survives (ADR 0058). NORMAL: a process crash (no fsync per commit;
+    # a power loss or an OS crash may lose the last commits, never corrupt the file). FULL: also a
+    # power loss, for one fsync of the WAL per commit (what PostgreSQL's default gives).
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     # Read replicas (PostgreSQL): reads whose use case accepts staleness go to one of these (ADR 0032).
     # NoDecode: the environment gives a comma list, not only JSON.
     replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)

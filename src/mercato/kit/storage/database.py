@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,14 +36,18 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.util import await_
 
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 from mercato.kit.storage.signals import WorkSignals
 
 _WRITE_OPTION = "mercato_write"
+# What a SQLite commit survives: NORMAL a process crash, FULL also a power loss (ADR 0058).
+SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
 
 CommitGuard = Callable[[AsyncConnection], Awaitable[None]]
 _commit_guard: ContextVar[CommitGuard | None] = ContextVar("mercato_commit_guard", default=None)
@@ -275,9 +280,17 @@ def create_database(
     probe_interval_s: float = 0.0,
     probe_timeout_s: float = 0.5,
     probe_failures: int = 2,
+    sqlite_synchronous: str = "NORMAL",
 ) -> Database:
     """Build the engine for `url` with the per-dialect settings this project relies on, and one
-    autocommit engine per read replica (PostgreSQL only)."""
+    autocommit engine per read replica (PostgreSQL only).
+
+    `sqlite_synchronous`: NORMAL (the default) keeps every commit across a process crash, not
+    across a power loss or an OS crash; FULL fsyncs the WAL at every commit (ADR 0058)."""
+    if sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
+        raise ValueError(
+            f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}, not {sqlite_synchronous!r}"
+        )
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": False}
     if parsed.get_backend_name() == "sqlite":
@@ -299,7 +312,7 @@ def create_database(
             }
     engine = create_async_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, busy_timeout_s=statement_timeout_s)
+        _configure_sqlite(engine, busy_timeout_s=statement_timeout_s, synchronous=sqlite_synchronous)
     replicas = None
     if replica_urls:
         if engine.dialect.name != "postgresql":
@@ -341,28 +354,44 @@ def loop_lock(locks: LoopLocks) -> asyncio.Lock:
     return lock
 
 
-def prepare_sqlite_connection(dbapi_connection: Any, *, busy_timeout_s: float) -> None:
-    """Every SQLite connection of ours: WAL, no fsync per commit, foreign keys, a busy timeout, and
-    transaction control taken from the driver so BEGIN is ours to emit."""
+def prepare_sqlite_connection(
+    dbapi_connection: Any, *, busy_timeout_s: float, synchronous: str = "NORMAL"
+) -> None:
+    """Every SQLite connection of ours: WAL, no fsync per commit (unless `synchronous` is FULL),
+    foreign keys, a busy timeout, and transaction control taken from the driver so BEGIN is ours
+    to emit."""
+    if synchronous.upper() not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS}, not {synchronous!r}")
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     cursor.close()
 
 
-def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous: str) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s)
+        prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get(_WRITE_OPTION):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
+        driver = conn.connection.driver_connection
+        if hasattr(driver, "execute_fetchall"):
+            # aiosqlite: one hop to its thread. Through SQLAlchemy's cursor the BEGIN took three
+            # (open the cursor, execute, close it), each a GIL hand-off that cost more than the
+            # statement; a write transaction's BEGIN and COMMIT were most of an empty one's cost
+            # (ADR 0058). Like asyncpg's BEGIN, it is no longer a cursor execute.
+            try:
+                await_(driver.execute_fetchall(sql))
+            except sqlite3.Error as error:
+                # What SQLAlchemy raises for it through a cursor ("database is locked" after the
+                # busy timeout: OperationalError), so callers and the outage mapping see one type.
+                raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
         else:
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql(sql)
