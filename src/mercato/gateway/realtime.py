@@ -57,11 +57,17 @@ class RealtimeRuntime:
     async def start(self) -> None:
         c = self.container
         await c.hub.start()
+        # A removed member stops sending (membership cache) and receiving (its subscriptions) in
+        # every process once the revocation reaches that process's hub (ADR 0056).
+        c.chat.on_member_removed(self._revoke)
+        c.hub.on_revoked(self._forget)
         consumer = c.hub.node_id
         feed = OrderFeed(
             c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
         )
-        persister = ChatPersister(c.chat, c.stream, c.hub.publish, consumer=consumer, hook=c.messaging_hook)
+        persister = ChatPersister(
+            c.chat, c.stream, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
+        )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),
@@ -119,6 +125,14 @@ class RealtimeRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.container.hub.stop()
+
+    async def _revoke(self, room_id: uuid.UUID, user_id: str) -> None:
+        await self.container.hub.revoke(room_channel(room_id), user_id)
+
+    def _forget(self, channel: str, user_id: str) -> None:
+        room_id = room_from_channel(channel)
+        if room_id is not None:
+            self.container.chat.membership.forget(room_id, user_id)
 
     # -- the WebSocket protocol's shop side -----------------------------------------------------
 

@@ -231,16 +231,25 @@ class ChatShards:
     async def persist(
         self, room_id: uuid.UUID, *, sender: str, text_: str, client_msg_id: str, retry_for_s: float = 5.0
     ) -> tuple[ChatMessage, bool]:
-        """Store on the room's owner (and its move target, if it is moving); a fenced owner means the
-        map is stale: reload and retry until `retry_for_s`, then 503 (the stream redelivers)."""
+        (found,) = await self.persist_batch(
+            room_id, [(sender, text_, client_msg_id)], retry_for_s=retry_for_s
+        )
+        return found
+
+    async def persist_batch(
+        self, room_id: uuid.UUID, items: Sequence[Draft], *, retry_for_s: float = 5.0
+    ) -> list[tuple[ChatMessage, bool]]:
+        """Store a room's messages, in the given order, in one transaction on the room's owner (and
+        its move target, if it is moving): group commit (ADR 0056). Each gets the room's next seq
+        unless its (sender, client_msg_id) was stored before or earlier in the batch, which returns
+        that message and False. A fenced owner means the map is stale: reload and retry until
+        `retry_for_s`, then 503 (the stream redelivers)."""
         give_up = time.monotonic() + retry_for_s
         force = False
         while True:
             shards, route = await self.route(room_id, force=force)
             try:
-                message, new = await _persist_on(
-                    self.db(route.write, shards), room_id, sender, text_, client_msg_id, self.clock.now()
-                )
+                stored = await _persist_on(self.db(route.write, shards), room_id, items, self.clock.now())
             except ShardMoved:
                 if self.metrics is not None:
                     self.metrics.stale_retries.inc()
@@ -253,11 +262,18 @@ class ChatShards:
                 target = self.db(route.also, shards)
                 async with target.write() as conn:
                     await conn.execute(
-                        insert_ignoring_duplicates(target.dialect, messages), [row_of(message)]
+                        insert_ignoring_duplicates(target.dialect, messages),
+                        [row_of(m) for m, _new in stored],
                     )
-            if self.metrics is not None and new:
-                self.metrics.wrote(route.write, shards.names)
-            return message, new
+            if self.metrics is not None:
+                for _m, new in stored:
+                    if new:
+                        self.metrics.wrote(route.write, shards.names)
+            return stored
+
+
+# (sender, text, client_msg_id): one message to persist.
+Draft = tuple[str, str, str]
 
 
 def row_of(m: ChatMessage) -> dict[str, Any]:
@@ -284,8 +300,8 @@ async def lock_room(conn: AsyncConnection, room_id: uuid.UUID, *, exclusive: boo
 
 
 async def _persist_on(
-    db: Database, room_id: uuid.UUID, sender: str, text_: str, client_msg_id: str, now: datetime
-) -> tuple[ChatMessage, bool]:
+    db: Database, room_id: uuid.UUID, items: Sequence[Draft], now: datetime
+) -> list[tuple[ChatMessage, bool]]:
     async with db.write() as conn:
         await lock_room(conn, room_id, exclusive=False)
         fenced = (
@@ -293,27 +309,36 @@ async def _persist_on(
         ).first()
         if fenced is not None:
             raise ShardMoved(str(room_id))
-        existing = (
-            await conn.execute(
-                select(messages).where(
-                    and_(
-                        messages.c.room_id == room_id,
-                        messages.c.sender == sender,
-                        messages.c.client_msg_id == client_msg_id,
-                    )
+        # One read for the whole batch's dedup (the unique index covers room + sender + id).
+        ids = sorted({client_msg_id for _s, _t, client_msg_id in items})
+        known = {
+            (row.sender, row.client_msg_id): message_of(row)
+            for row in await conn.execute(
+                select(messages).where(and_(messages.c.room_id == room_id, messages.c.client_msg_id.in_(ids)))
+            )
+        }
+        head = int(
+            (
+                await conn.execute(
+                    select(func.coalesce(func.max(messages.c.seq), 0)).where(messages.c.room_id == room_id)
                 )
-            )
-        ).first()
-        if existing is not None:
-            return message_of(existing), False
-        head = (
-            await conn.execute(
-                select(func.coalesce(func.max(messages.c.seq), 0)).where(messages.c.room_id == room_id)
-            )
-        ).scalar_one()
-        message = ChatMessage(room_id, int(head) + 1, sender, text_, client_msg_id, now)
-        await conn.execute(insert(messages).values(**row_of(message)))
-    return message, True
+            ).scalar_one()
+        )
+        stored: list[tuple[ChatMessage, bool]] = []
+        rows: list[dict[str, Any]] = []
+        for sender, text_, client_msg_id in items:
+            seen = known.get((sender, client_msg_id))
+            if seen is not None:
+                stored.append((seen, False))
+                continue
+            head += 1
+            message = ChatMessage(room_id, head, sender, text_, client_msg_id, now)
+            known[(sender, client_msg_id)] = message
+            rows.append(row_of(message))
+            stored.append((message, True))
+        if rows:
+            await conn.execute(insert(messages), rows)
+    return stored
 
 
 Position = tuple[datetime, uuid.UUID, int]  # (sent_at, room, seq): the scatter-gather keyset
