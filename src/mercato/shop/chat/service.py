@@ -219,6 +219,12 @@ class ChatService:
         """Several messages of one room, in order, in one transaction (group commit, ADR 0056)."""
         return await self.shards.persist_batch(room_id, items)
 
+    async def persist_rooms(
+        self, batches: dict[uuid.UUID, list[Draft]]
+    ) -> dict[uuid.UUID, list[tuple[ChatMessage, bool]]]:
+        """Several rooms' messages, each room's in order, in one transaction per shard."""
+        return await self.shards.persist_rooms(batches)
+
     async def recent_messages(
         self, *, sender: str | None, limit: int, before: Position | None = None
     ) -> list[ChatMessage]:
@@ -327,10 +333,10 @@ class ChatPersister:
         self._lag = LagReporter(stream, hook)
 
     async def run_once(self) -> int:
-        """One batch: each room's messages persisted in one transaction (group commit), in stream
-        order; all of them published in one broker call; acked in stream order. A room whose
-        transaction fails is nacked at its first message and the pass stops there (what follows is
-        redelivered, in order, and the dedup makes a redelivered persisted message a no-op)."""
+        """One batch: every room's messages persisted in one transaction per shard (group commit),
+        each room's in stream order; all of them published in one broker call; acked in stream
+        order. A failure is nacked at the first message not persisted and the pass stops there
+        (what follows is redelivered, in order; the dedup makes a persisted one a no-op)."""
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
@@ -341,23 +347,24 @@ class ChatPersister:
         for delivery in deliveries:
             by_room.setdefault(uuid.UUID(str(delivery.message.data["room"])), []).append(delivery)
         stored: dict[str, ChatMessage] = {}  # delivery message id -> its persisted message
-        failed: tuple[uuid.UUID, str] | None = None
+        failed: str | None = None
+        try:
+            results = await self._chat.persist_rooms(
+                {room_id: [_draft(d) for d in group] for room_id, group in by_room.items()}
+            )
+        except Exception as exc:  # noqa: BLE001 - nacked below: the partition redelivers it
+            _log.warning("chat_persist_failed", error=str(exc))
+            failed = str(exc)[:500]
+            results = {}
         for room_id, group in by_room.items():
-            try:
-                results = await self._chat.persist_batch(room_id, [_draft(d) for d in group])
-            except Exception as exc:  # noqa: BLE001 - nacked below: the partition redelivers it
-                _log.warning("chat_persist_failed", error=str(exc))
-                failed = (room_id, str(exc)[:500])
-                break
-            for delivery, (message, _new) in zip(group, results, strict=True):
+            for delivery, (message, _new) in zip(group, results.get(room_id, ()), strict=False):
                 stored[str(delivery.message.id)] = message
         done = [d for d in deliveries if str(d.message.id) in stored]
         if done:
             await self._publish_many([self._event(d, stored[str(d.message.id)]) for d in done])
         for index, delivery in enumerate(deliveries):
             if str(delivery.message.id) not in stored:
-                assert failed is not None
-                await self._stream.nack(delivery, error=failed[1])
+                await self._stream.nack(delivery, error=failed or "not persisted")
                 return index
             await self._stream.ack(delivery)
         return len(deliveries)
