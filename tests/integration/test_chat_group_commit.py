@@ -1,7 +1,7 @@
 """The chat persister's group commit (ADR 0056): a batch read from the stream is persisted in one
-transaction (per shard) for all its rooms, each room's messages in stream order with contiguous seqs, a re-sent
-client_msg_id deduplicated (inside the batch and against what is stored), a pass's events handed to
-the broker in one call, each room's in stream order; and the membership cache behind `send` authorization."""
+transaction (per shard) for all its rooms, each room's messages in stream order with contiguous
+seqs, a re-sent client_msg_id deduplicated (inside the batch and against what is stored), a pass's
+events handed to the broker in one call; and the membership cache behind `send` authorization."""
 
 from __future__ import annotations
 
