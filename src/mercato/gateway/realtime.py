@@ -53,6 +53,8 @@ class SendCoalescer:
         *,
         max_batch: int = 500,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
         self._publish = publish
         self._announce = announce
         self.max_batch = max_batch
