@@ -4,6 +4,7 @@ WebSocket protocol (auth, membership, send -> ack -> message, dedup, resume, bad
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from typing import Any
 
@@ -210,3 +211,67 @@ async def test_chat_send_ack_message_dedup_resume_and_bad_frames(shop: RunningSh
 
     history = await asyncio.to_thread(room_history, shop, customer_token, room_id)
     assert history == [seq, seq + 1, seq + 2, seq + 3]
+
+
+def make_group_room(shop: RunningShop) -> tuple[str, str, str, str]:
+    """(admin token, customer token, customer id, a group room with the customer as a member)."""
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+        admin_token, _ = login(client, "admin")
+        customer_token, _ = login(client, "customer")
+        # The member id is the token's subject (what the WebSocket session checks membership by).
+        claims = customer_token.split(".")[1]
+        customer_id = str(orjson.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))["sub"])
+        room = client.post(
+            "/v1/chat/rooms",
+            json={"name": "revocation", "members": [customer_id]},
+            headers={"Authorization": f"Bearer {admin_token}"},
+        )
+        assert room.status_code == 201, room.text
+        return admin_token, customer_token, customer_id, room.json()["id"]
+
+
+def remove_member(shop: RunningShop, admin_token: str, room_id: str, user_id: str) -> None:
+    with httpx.Client(base_url=shop.base_url, timeout=10) as client:
+        removed = client.delete(
+            f"/v1/chat/rooms/{room_id}/members/{user_id}", headers={"Authorization": f"Bearer {admin_token}"}
+        )
+        assert removed.status_code == 204, removed.text
+
+
+async def test_a_removed_member_stops_receiving_and_sending_at_once(shop: RunningShop) -> None:
+    """ADR 0056: `send` authorization is cached, so a removal must reach the cache and the member's
+    open subscriptions: within 2 s here (the revocation goes through the broker, SQL on `mercato up`)."""
+    admin_token, customer_token, customer_id, room_id = await asyncio.to_thread(make_group_room, shop)
+    staff_ws = await open_ws(shop, admin_token)
+    customer_ws = await open_ws(shop, customer_token)
+    channel = f"room:{room_id}"
+    try:
+        for ws in (staff_ws, customer_ws):
+            await ws.send(orjson.dumps({"type": "subscribe", "channel": channel}).decode())
+            await frames_until(ws, lambda f: f["type"] == "subscribed")
+        # The member sends (its membership is now cached) and receives.
+        body = {"type": "send", "room": room_id, "text": "member", "client_msg_id": "r-1"}
+        await customer_ws.send(orjson.dumps(body).decode())
+        await frames_until(customer_ws, lambda f: f["type"] == "ack")
+        await frames_until(staff_ws, lambda f: f["type"] == "message" and f["text"] == "member")
+
+        await asyncio.to_thread(remove_member, shop, admin_token, room_id, customer_id)
+        [*_, revoked] = await frames_until(customer_ws, lambda f: f["type"] == "unsubscribed", timeout_s=2)
+        assert revoked == {"type": "unsubscribed", "channel": channel, "reason": "revoked"}
+        # Receiving: a message sent after the removal does not reach it.
+        after = {"type": "send", "room": room_id, "text": "after removal", "client_msg_id": "r-2"}
+        await staff_ws.send(orjson.dumps(after).decode())
+        await frames_until(staff_ws, lambda f: f["type"] == "message" and f["text"] == "after removal")
+        # Sending: refused (the cached "yes" is gone), the socket stays open.
+        again = {"type": "send", "room": room_id, "text": "still here?", "client_msg_id": "r-3"}
+        await customer_ws.send(orjson.dumps(again).decode())
+        got = await frames_until(customer_ws, lambda f: f["type"] == "error")
+        assert got[-1]["code"] == "forbidden"
+        assert not [f for f in got if f["type"] == "message"]
+        # Nor may it subscribe again.
+        await customer_ws.send(orjson.dumps({"type": "subscribe", "channel": channel}).decode())
+        [*_, refused] = await frames_until(customer_ws, lambda f: f["type"] == "error")
+        assert refused["code"] == "forbidden"
+    finally:
+        await staff_ws.close()
+        await customer_ws.close()

@@ -99,6 +99,18 @@ async def test_every_process_hears_every_event_in_publish_order(make_broker: Bro
         assert even == list(range(2, 51, 2))
 
 
+async def test_publish_many_is_heard_by_every_process_in_order(make_broker: BrokerFactory) -> None:
+    """A persister pass's events (ADR 0056): one call, every subscriber, publish order."""
+    one, two = make_broker(), make_broker()
+    sub_one, sub_two = await one.subscribe(), await two.subscribe()
+    await one.publish_many([event("room:a", n) for n in range(1, 31)])
+    await one.publish_many([])
+    await two.publish(event("room:a", 31))
+    for sub in (sub_one, sub_two):
+        got = await take(sub, 31)
+        assert [e.data["n"] for e in got if e.data["n"] <= 30] == list(range(1, 31))
+
+
 async def test_events_round_trip_intact(make_broker: BrokerFactory) -> None:
     broker = make_broker()
     sub = await broker.subscribe()

@@ -210,6 +210,12 @@ def realtime(
     database_url: Annotated[
         str | None, typer.Option(help="Mercato's database (default: SQLite in the run folder)")
     ] = None,
+    find_max: Annotated[
+        bool, typer.Option(help="Ramp from --rate (x1.5 a step) to Mercato's maximum, then run at half")
+    ] = False,
+    broker: Annotated[
+        str, typer.Option(help="Mercato's stream + broker backend: sql, redis or nats")
+    ] = "sql",
 ) -> None:
     """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run; idle
     connections held by one process (`--idle`)."""
@@ -233,6 +239,12 @@ def realtime(
             seconds=seconds,
             workdir=folder.path,
             database_url=database_url,
+            find_max=find_max,
+            settings_env={
+                "MERCATO_MESSAGING_BACKEND": broker,
+                # Its own keys / stream names on a shared Redis or NATS.
+                "MERCATO_MESSAGING_BROKER_PREFIX": f"benchrt{os.getpid()}",
+            },
         )
         if connections
         else []

@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket
 from mercato.bootstrap import Container
 from mercato.kit.auth import Principal
 from mercato.kit.coordination import LeaseStore
-from mercato.kit.messaging import STREAM_CHANNEL
+from mercato.kit.messaging import STREAM_CHANNEL, Message
 from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit import Limit, build_limiter
 from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
@@ -40,6 +40,50 @@ def is_staff(principal: Principal) -> bool:
     return principal.has_role("admin")
 
 
+class SendCoalescer:
+    """Chat sends arriving while a stream publish is in flight are published together, in arrival
+    order, by the next one: one stream transaction (and one persister wake-up) per burst rather than
+    per message (ADR 0056). Each caller returns once its own message is published, or gets the
+    publish's error (the session answers `unavailable`; the client re-sends, deduplicated)."""
+
+    def __init__(
+        self,
+        publish: Callable[[list[Message]], Awaitable[None]],
+        announce: Callable[[], Awaitable[None]],
+        *,
+        max_batch: int = 500,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
+        self._publish = publish
+        self._announce = announce
+        self.max_batch = max_batch
+        self._pending: list[tuple[Message, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def publish(self, message: Message) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="chat-send-coalescer")
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                await self._publish([message for message, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting sender
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+            await self._announce()
+
+
 class RealtimeRuntime:
     """Starts the hub and the consumers feeding it; `stop` undoes it (the app's lifespan)."""
 
@@ -53,15 +97,29 @@ class RealtimeRuntime:
         self.send_limiter = build_limiter("token_bucket", "memory", clock=container.clock)
         self.send_limit = Limit(rate=realtime.send_rate_per_s, period_s=1, burst=realtime.send_burst)
         self.room_limit = Limit(rate=realtime.room_rate_per_s, period_s=1)
+        self._sends = SendCoalescer(container.stream.publish, self._announce)
+
+    async def _announce(self) -> None:
+        # Wake the chat persisters (whichever process's holds the room's partition) at once.
+        try:
+            await self.container.db.signals.announce(STREAM_CHANNEL)
+        except Exception:  # noqa: BLE001 - published already; the persisters' safety poll finds it
+            _log.warning("chat_announce_failed", exc_info=True)
 
     async def start(self) -> None:
         c = self.container
         await c.hub.start()
+        # A removed member stops sending (membership cache) and receiving (its subscriptions) in
+        # every process once the revocation reaches that process's hub (ADR 0056).
+        c.chat.on_member_removed(self._revoke)
+        c.hub.on_revoked(self._forget)
         consumer = c.hub.node_id
         feed = OrderFeed(
             c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
         )
-        persister = ChatPersister(c.chat, c.stream, c.hub.publish, consumer=consumer, hook=c.messaging_hook)
+        persister = ChatPersister(
+            c.chat, c.stream, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
+        )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),
@@ -120,6 +178,14 @@ class RealtimeRuntime:
                 await task
         await self.container.hub.stop()
 
+    async def _revoke(self, room_id: uuid.UUID, user_id: str) -> None:
+        await self.container.hub.revoke(room_channel(room_id), user_id)
+
+    def _forget(self, channel: str, user_id: str) -> None:
+        room_id = room_from_channel(channel)
+        if room_id is not None:
+            self.container.chat.membership.forget(room_id, user_id)
+
     # -- the WebSocket protocol's shop side -----------------------------------------------------
 
     async def authorize(self, principal: Principal, channel: str) -> bool:
@@ -162,23 +228,16 @@ class RealtimeRuntime:
             decision = await self.send_limiter.hit(key, limit)
             if not decision.allowed:
                 raise FrameError("rate_limited", f"slow down: retry after {decision.retry_after_s:.1f} s")
-        await c.stream.publish(
-            [
-                send_message(
-                    room_id=room_id,
-                    sender=session.principal.subject,
-                    text=text,
-                    client_msg_id=client_msg_id,
-                    reply_to=session.conn.id,
-                    now=c.clock.now(),
-                )
-            ]
+        await self._sends.publish(
+            send_message(
+                room_id=room_id,
+                sender=session.principal.subject,
+                text=text,
+                client_msg_id=client_msg_id,
+                reply_to=session.conn.id,
+                now=c.clock.now(),
+            )
         )
-        # Wake the chat persisters (whichever process's holds the room's partition) at once.
-        try:
-            await c.db.signals.announce(STREAM_CHANNEL)
-        except Exception:  # noqa: BLE001 - published already; the persisters' safety poll finds it
-            _log.warning("chat_announce_failed", exc_info=True)
 
     async def typing(self, session: WebSocketSession, frame: dict[str, Any]) -> None:
         assert session.principal is not None

@@ -96,6 +96,10 @@ class Broker(Protocol):
         """Hand `event` to every current subscriber of every process (including this one)."""
         ...
 
+    async def publish_many(self, events: list[ChannelEvent]) -> None:
+        """`publish` each, in order; adapters send them in one round trip (a persisted batch)."""
+        ...
+
     async def subscribe(self) -> Subscription:
         """Start hearing events; when this returns, every later `publish` reaches the subscription."""
         ...

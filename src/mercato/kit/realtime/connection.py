@@ -32,6 +32,8 @@ _REFILL_ATTEMPTS = 5
 # Live events parked while a refill runs; beyond this they are dropped and re-read from history.
 _MAX_PENDING = 1000
 
+_NULL_HOOK = NullRealtimeHook()
+
 
 @dataclass(slots=True)
 class _Cursor:
@@ -46,6 +48,23 @@ class Connection:
     """`on_refused` is called once when an essential frame does not fit even above the caps: the
     transport closes the socket with 1013 and the client resumes from its last seq."""
 
+    # Slots: 10,000 idle connections are 10,000 of these (ADR 0056).
+    __slots__ = (
+        "_cursors",
+        "_history",
+        "_hook",
+        "_on_over",
+        "_on_refused",
+        "_replay_batch",
+        "_tasks",
+        "id",
+        "kind",
+        "queue",
+        "refused",
+        "slow_consumer_s",
+        "user",
+    )
+
     def __init__(
         self,
         *,
@@ -57,6 +76,8 @@ class Connection:
         on_refused: Callable[[], None],
         hook: RealtimeHook | None = None,
         replay_batch: int = 200,
+        slow_consumer_s: float | None = None,
+        on_over: Callable[[Connection], None] | None = None,
     ) -> None:
         self.id = conn_id
         self.user = user
@@ -64,11 +85,16 @@ class Connection:
         self.queue = queue
         self._history = history
         self._on_refused = on_refused
-        self._hook = hook or NullRealtimeHook()
+        self._hook = hook or _NULL_HOOK
         self._replay_batch = replay_batch
         self._cursors: dict[str, _Cursor] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Refill tasks, made only when a gap is refilled (None for the idle connection).
+        self._tasks: set[asyncio.Task[None]] | None = None
         self.refused = False
+        # Over its caps for this long -> closed with 1013 by the hub's sweep (None: never).
+        self.slow_consumer_s = slow_consumer_s
+        # Told when the queue first goes over its caps (the hub starts watching this connection).
+        self._on_over = on_over
 
     @property
     def channels(self) -> list[str]:
@@ -127,6 +153,8 @@ class Connection:
         cursor.pending.append(event)
         self._hook.dropped("broker_gap_refilled")
         task = asyncio.create_task(self._refill(event.channel, cursor), name=f"realtime-refill:{self.id}")
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -183,12 +211,20 @@ class Connection:
         result = self.queue.offer(frame, essential=essential, at=at)
         if result is Offer.DROPPED:
             self._hook.dropped("non_essential_queue_full")
+        elif result is Offer.OVERFLOW:
+            if self._on_over is not None:
+                self._on_over(self)
         elif result is Offer.REFUSED:
-            self.refused = True
             self._hook.dropped("connection_refused_essential")
+            self.refuse()
+
+    def refuse(self) -> None:
+        """Close this connection as a slow consumer (1013 from the transport), once."""
+        if not self.refused:
+            self.refused = True
             self._on_refused()
 
     def close(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks or ():
             task.cancel()
         self._cursors.clear()

@@ -26,11 +26,14 @@ from mercato.kit.realtime.events import ChannelEvent, History
 from mercato.kit.realtime.metrics import NullRealtimeHook, RealtimeHook
 from mercato.kit.realtime.queue import OutboundQueue
 
-__all__ = ["PRESENCE_ANNOUNCE", "Hub"]
+__all__ = ["ACCESS_REVOKED", "PRESENCE_ANNOUNCE", "Hub"]
 
 _log = get_logger("mercato.realtime.hub")
 
 PRESENCE_ANNOUNCE = "presence.announce"
+# A control event: `data.user` may no longer read `channel`. Every hub unsubscribes that user's
+# connections from it and tells its `on_revoked` listeners (the membership cache forgets the pair).
+ACCESS_REVOKED = "access.revoked"
 
 # The "caps" of an unbounded queue (`bounded=False`): never reached.
 _UNBOUNDED = 1 << 62
@@ -68,12 +71,19 @@ class Hub:
         self._ids = itertools.count(1)
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Connections whose queue went over its caps: the one slow-consumer sweep watches only these
+        # (no watchdog task per connection; nothing runs while every queue is under its caps).
+        self._lagging: set[Connection] = set()
+        self._lag_wakeup: asyncio.Event | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._revoked_listeners: list[Callable[[str, str], None]] = []
 
     async def start(self) -> None:
         self._subscription = await self.broker.subscribe()
         self._tasks = [
             asyncio.create_task(self._pump(self._subscription), name="realtime-hub-pump"),
             asyncio.create_task(self._heartbeat(), name="realtime-hub-presence"),
+            asyncio.create_task(self._sweep_slow_consumers(), name="realtime-hub-slow-consumers"),
         ]
 
     async def stop(self) -> None:
@@ -99,7 +109,10 @@ class Hub:
         on_refused: Callable[[], None],
         max_messages: int | None = None,
         max_bytes: int | None = None,
+        slow_consumer_s: float | None = None,
     ) -> Connection:
+        """`slow_consumer_s`: a connection whose queue stays over its caps this long is refused
+        (`on_refused`: the transport closes it with 1013); None: only the hard cap refuses it."""
         if self.bounded:
             queue = OutboundQueue(
                 max_messages=max_messages or self.max_messages, max_bytes=max_bytes or self.max_bytes
@@ -114,12 +127,15 @@ class Hub:
             history=self.history,
             on_refused=on_refused,
             hook=self.hook,
+            slow_consumer_s=slow_consumer_s,
+            on_over=self._watch_lagging if slow_consumer_s is not None else None,
         )
         self.connections[conn.id] = conn
         self.hook.connected(kind, 1)
         return conn
 
     async def disconnect(self, conn: Connection) -> None:
+        self._lagging.discard(conn)
         if self.connections.pop(conn.id, None) is None:
             return
         self.hook.connected(conn.kind, -1)
@@ -162,6 +178,65 @@ class Hub:
     async def publish(self, event: ChannelEvent) -> None:
         await self.broker.publish(event)
 
+    async def publish_many(self, events: list[ChannelEvent]) -> None:
+        """Several events in publish order, in one broker round trip where the adapter has one."""
+        await self.broker.publish_many(events)
+
+    async def revoke(self, channel: str, user: str) -> None:
+        """Tell every process that `user` may no longer read `channel` (see ACCESS_REVOKED)."""
+        await self.broker.publish(
+            ChannelEvent(channel=channel, type=ACCESS_REVOKED, data={"user": user}, origin=self.node_id)
+        )
+
+    def on_revoked(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(channel, user)` runs in every process when a revocation reaches its hub."""
+        if listener not in self._revoked_listeners:
+            self._revoked_listeners.append(listener)
+
+    def _revoked(self, event: ChannelEvent) -> None:
+        user = str(event.data.get("user", ""))
+        for listener in self._revoked_listeners:
+            try:
+                listener(event.channel, user)
+            except Exception:  # noqa: BLE001 - one listener's failure never blocks the unsubscribe
+                _log.exception("realtime_revoke_listener_failed")
+        for conn in list(self._channels.get(event.channel, ())):
+            if conn.user == user:
+                # Synchronously out of the channel (no later event reaches it), then the presence.
+                conn.unsubscribe(event.channel)
+                conn.send_frame({"type": "unsubscribed", "channel": event.channel, "reason": "revoked"})
+                task = asyncio.get_running_loop().create_task(self.unsubscribe(conn, event.channel))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    # -- slow consumers ------------------------------------------------------------------------
+
+    def _watch_lagging(self, conn: Connection) -> None:
+        self._lagging.add(conn)
+        if self._lag_wakeup is not None:
+            self._lag_wakeup.set()
+
+    async def _sweep_slow_consumers(self) -> None:
+        """Close (1013) every connection over its caps for longer than its `slow_consumer_s`: one
+        task for the whole hub, asleep while no queue is over its caps."""
+        self._lag_wakeup = asyncio.Event()
+        while True:
+            if not self._lagging:
+                self._lag_wakeup.clear()
+                await self._lag_wakeup.wait()
+            now = time.monotonic()
+            step = 1.0
+            for conn in list(self._lagging):
+                since, limit = conn.queue.over_since, conn.slow_consumer_s
+                if not since or limit is None or conn.refused:
+                    self._lagging.discard(conn)
+                    continue
+                step = min(step, max(0.05, limit / 10))
+                if now - since >= limit:
+                    self._lagging.discard(conn)
+                    conn.refuse()  # the transport counts it (slow_consumer_closed) and closes 1013
+            await asyncio.sleep(step)
+
     # -- fan-out -------------------------------------------------------------------------------
 
     async def _pump(self, subscription: Subscription) -> None:
@@ -174,6 +249,9 @@ class Hub:
     def fan_out(self, event: ChannelEvent) -> None:
         if event.type == PRESENCE_ANNOUNCE:
             self._remember_presence(event)
+            return
+        if event.type == ACCESS_REVOKED:
+            self._revoked(event)
             return
         members = self._channels.get(event.channel, set())
         for conn in list(members):

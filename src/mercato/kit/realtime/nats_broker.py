@@ -40,6 +40,12 @@ class NatsBroker:
         nc = await self._client()
         await nc.publish(self.subject, event.to_bytes())
 
+    async def publish_many(self, events: list[ChannelEvent]) -> None:
+        nc = await self._client()
+        for event in events:
+            # Buffered by the client and written in order; no per-event round trip to wait for.
+            await nc.publish(self.subject, event.to_bytes())
+
     async def subscribe(self) -> Subscription:
         nc = await self._client()
         subscription = Subscription()

@@ -15,6 +15,7 @@ and an essential event is never silently lost: it is queued, or the connection i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from enum import StrEnum
 
@@ -29,6 +30,23 @@ class Offer(StrEnum):
 
 
 class OutboundQueue:
+    """No `asyncio.Event`s: an idle connection's queue is a deque and a few numbers. The writer and a
+    reader paused at the caps each wait on a future made only while they wait (ADR 0056)."""
+
+    __slots__ = (
+        "_below_waiter",
+        "_bytes",
+        "_hard_bytes",
+        "_hard_messages",
+        "_items",
+        "_non_essential",
+        "_ready_waiter",
+        "dropped",
+        "max_bytes",
+        "max_messages",
+        "over_since",
+    )
+
     def __init__(self, *, max_messages: int, max_bytes: int, hard_factor: float = 2.0) -> None:
         if max_messages < 1 or max_bytes < 1 or hard_factor < 1:
             raise ValueError("caps must be positive and hard_factor at least 1")
@@ -39,11 +57,13 @@ class OutboundQueue:
         self._items: deque[tuple[str | bytes, bool, float]] = deque()
         self._bytes = 0
         self._non_essential = 0
-        self._ready = asyncio.Event()
-        self._below_cap = asyncio.Event()
-        self._below_cap.set()
+        self._ready_waiter: asyncio.Future[None] | None = None
+        self._below_waiter: asyncio.Future[None] | None = None
         # Non-essential frames dropped to make room (oldest first) or because there was none.
         self.dropped = 0
+        # time.monotonic() when the queue last went over its caps, 0.0 while it is under them: the
+        # hub's slow-consumer sweep closes a connection that stays over for `slow_consumer_s`.
+        self.over_since = 0.0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -73,7 +93,8 @@ class OutboundQueue:
             if len(self._items) + 1 > self._hard_messages or self._bytes + size > self._hard_bytes:
                 return Offer.REFUSED
             self._append(frame, essential, at)
-            self._below_cap.clear()
+            if not self.over_since:
+                self.over_since = time.monotonic()
             return Offer.OVERFLOW
         self._append(frame, essential, at)
         return Offer.QUEUED
@@ -83,7 +104,11 @@ class OutboundQueue:
         self._bytes += len(frame)
         if not essential:
             self._non_essential += 1
-        self._ready.set()
+        waiter = self._ready_waiter
+        if waiter is not None:
+            self._ready_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _drop_oldest_non_essential(self) -> None:
         for index, (frame, essential, _at) in enumerate(self._items):
@@ -97,16 +122,27 @@ class OutboundQueue:
     async def get(self) -> tuple[str | bytes, float]:
         """The oldest frame and its `at`, waiting for one."""
         while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
+            waiter = self._ready_waiter
+            if waiter is None or waiter.done():
+                waiter = self._ready_waiter = asyncio.get_running_loop().create_future()
+            await waiter
         frame, essential, at = self._items.popleft()
         self._bytes -= len(frame)
         if not essential:
             self._non_essential -= 1
-        if not self.over_cap:
-            self._below_cap.set()
+        if self.over_since and not self.over_cap:
+            self.over_since = 0.0
+            waiter = self._below_waiter
+            if waiter is not None:
+                self._below_waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
         return frame, at
 
     async def wait_below_cap(self) -> None:
         """Returns once the queue is back under its caps (at once when it is)."""
-        await self._below_cap.wait()
+        while self.over_cap:
+            waiter = self._below_waiter
+            if waiter is None or waiter.done():
+                waiter = self._below_waiter = asyncio.get_running_loop().create_future()
+            await waiter

@@ -35,6 +35,15 @@ class RedisBroker:
     async def publish(self, event: ChannelEvent) -> None:
         await self._redis.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
 
+    async def publish_many(self, events: list[ChannelEvent]) -> None:
+        """Events in order, one round trip (a non-transactional pipeline: XADDs keep their order)."""
+        if not events:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
+        await pipe.execute()
+
     async def subscribe(self) -> Subscription:
         last: Any = await self._redis.xrevrange(self.key, count=1)
         start: bytes = last[0][0] if last else b"0-0"

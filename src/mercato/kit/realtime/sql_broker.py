@@ -53,10 +53,17 @@ class SqlBroker:
         self._readers = SubscriptionReaders()
 
     async def publish(self, event: ChannelEvent) -> None:
+        await self.publish_many([event])
+
+    async def publish_many(self, events: list[ChannelEvent]) -> None:
+        """Events in order, in one transaction (one commit and one wake-up for a persisted batch)."""
+        if not events:
+            return
         signals = self._db.signals
+        now = self._clock.now()
         async with self._db.write() as conn:
             await conn.execute(
-                insert(broker_log).values(payload=event.to_bytes(), created_at=self._clock.now())
+                insert(broker_log), [{"payload": e.to_bytes(), "created_at": now} for e in events]
             )
             signals.after_commit(conn, BROKER_CHANNEL)
             if signals.cross_process:

@@ -1,11 +1,13 @@
 """The WebSocket session: authenticate on connect, then read frames and write the outbound queue.
 
-Reads and writes run as two tasks. The writer drains the connection's `OutboundQueue` to the socket
-(TCP flow control is what blocks it for a slow client). The reader stops reading while the queue is
-over its caps (pausing reads: a client that does not read gets no say either), and a watchdog closes
-the socket with 1013 "try again later" when the queue stays over its caps for `slow_consumer_s`,
-or at once when an essential frame does not fit at all. Every close carries a code from
-`CloseCode`; every bad frame gets an error frame `{"type":"error","code":...,"detail":...}`.
+The session's own coroutine reads; one writer task drains the connection's `OutboundQueue` to the
+socket (TCP flow control is what blocks it for a slow client). That is the only task a session adds
+(ADR 0056). The reader stops reading while the queue is over its caps (pausing reads: a client that
+does not read gets no say either), and the hub's one slow-consumer sweep refuses the connection when
+its queue stays over its caps for `slow_consumer_s` (the session then closes the socket with 1013
+"try again later"), as the queue does at once when an essential frame does not fit at all.
+Every close carries a code from `CloseCode`; every bad frame gets an error frame
+`{"type":"error","code":...,"detail":...}`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ class SessionSettings:
 
 
 class WebSocketSession:
+    __slots__ = (
+        "_authenticate",
+        "_authorize",
+        "_handlers",
+        "_reading",
+        "_stopping",
+        "_writer",
+        "conn",
+        "hub",
+        "principal",
+        "settings",
+        "websocket",
+    )
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -78,7 +94,10 @@ class WebSocketSession:
         self.settings = settings
         self.principal: Principal | None = None
         self.conn: Connection | None = None
-        self._closed = asyncio.Event()
+        # The task running `run` while it reads (cancelled to stop reading: a close from elsewhere).
+        self._reading: asyncio.Task[Any] | None = None
+        self._stopping = False
+        self._writer: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -86,28 +105,40 @@ class WebSocketSession:
         if principal is None:
             return
         self.principal = principal
-        conn = self.hub.connect(principal.subject, kind="ws", on_refused=self._refused)
+        conn = self.hub.connect(
+            principal.subject,
+            kind="ws",
+            on_refused=self._refused,
+            slow_consumer_s=self.settings.slow_consumer_s,
+        )
         self.conn = conn
         conn.send_frame({"type": "ready", "user": principal.subject, "connection": conn.id})
-        writer = asyncio.create_task(self._write(conn), name=f"ws-writer:{conn.id}")
-        watchdog = asyncio.create_task(self._watch(conn), name=f"ws-watchdog:{conn.id}")
-        reader = asyncio.create_task(self._read(conn), name=f"ws-reader:{conn.id}")
+        self._reading = asyncio.current_task()
+        self._writer = asyncio.create_task(self._write(conn), name=f"ws-writer:{conn.id}")
         try:
-            await asyncio.wait(
-                [reader, writer, asyncio.create_task(self._closed.wait())],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            await self._read(conn)
+        except asyncio.CancelledError:
+            # Our own stop (a close from the sweep or the writer) ends reading; anyone else's
+            # cancellation (server shutdown) goes on up once the connection is cleaned up.
+            reading = self._reading
+            if not self._stopping or reading is None or reading.uncancel() > 0:
+                raise
         finally:
-            for task in (reader, writer, watchdog):
-                task.cancel()
-            for task in (reader, writer, watchdog):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            self._reading = None
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
             await self.hub.disconnect(conn)
             await self.close(CloseCode.GOING_AWAY, "server closing")
 
+    def _stop_reading(self) -> None:
+        reading = self._reading
+        if reading is not None and not self._stopping and reading is not asyncio.current_task():
+            self._stopping = True
+            reading.cancel()
+
     async def close(self, code: int, reason: str) -> None:
-        self._closed.set()
+        self._stop_reading()
         if self.websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.websocket.close(code=code, reason=reason), timeout=2.0)
@@ -209,26 +240,16 @@ class WebSocketSession:
     # -- writing -------------------------------------------------------------------------------
 
     async def _write(self, conn: Connection) -> None:
-        while True:
-            frame, at = await conn.queue.get()
-            await self.websocket.send_text(frame if isinstance(frame, str) else frame.decode())
-            if at:
-                self.hub.hook.fanout_latency(time.time() - at)
-
-    async def _watch(self, conn: Connection) -> None:
-        over_since: float | None = None
-        step = max(0.05, self.settings.slow_consumer_s / 10)
-        while True:
-            await asyncio.sleep(step)
-            if not conn.queue.over_cap:
-                over_since = None
-                continue
-            now = time.monotonic()
-            over_since = over_since or now
-            if now - over_since >= self.settings.slow_consumer_s:
-                self.hub.hook.slow_consumer_closed()
-                await self.close(CloseCode.TRY_AGAIN_LATER, "too slow: resume from your last seq")
-                return
+        send = self.websocket.send_text
+        hook = self.hub.hook
+        try:
+            while True:
+                frame, at = await conn.queue.get()
+                await send(frame if isinstance(frame, str) else frame.decode())
+                if at:
+                    hook.fanout_latency(time.time() - at)
+        except Exception:  # noqa: BLE001 - the socket is gone: stop reading, `run` cleans up
+            self._stop_reading()
 
     def _refused(self) -> None:
         self.hub.hook.slow_consumer_closed()

@@ -24,6 +24,7 @@ from mercato.kit.messaging import Delivery, LagReporter, Message, MessagingHook,
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime import ChannelEvent
 from mercato.kit.storage import Database
+from mercato.shop.chat.membership import MembershipCache
 from mercato.shop.chat.model import (
     ChatMessage,
     InvalidRoom,
@@ -33,7 +34,7 @@ from mercato.shop.chat.model import (
     room_from_channel,
 )
 from mercato.shop.chat.shardmap import ShardMap
-from mercato.shop.chat.shards import ChatShards, Position, recent_messages
+from mercato.shop.chat.shards import ChatShards, Draft, Position, recent_messages
 from mercato.shop.chat.tables import members, messages, rooms
 
 __all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
@@ -57,8 +58,13 @@ class ChatService:
         order_owner: OrderOwner,
         history_ttl_s: int,
         shards: ChatShards | None = None,
+        membership_ttl_s: float = 5.0,
     ) -> None:
         self._db = db
+        # `may_read`'s "yes" answers (ADR 0056): the send path's membership read, cached.
+        self.membership = MembershipCache(ttl_s=membership_ttl_s)
+        # Called after a member is removed (the gateway tells every process's hub: ACCESS_REVOKED).
+        self._on_removed: list[Callable[[uuid.UUID, str], Awaitable[None]]] = []
         # Messages live on the shards (one: the main database, unless MERCATO_CHAT_SHARD_URLS says more).
         self.shards = shards or ChatShards(db, clock, initial=ShardMap.initial([]))
         self._clock = clock
@@ -157,20 +163,37 @@ class ChatService:
             await conn.execute(
                 delete(members).where(and_(members.c.room_id == room_id, members.c.user_id == user_id))
             )
+        self.membership.forget(room_id, user_id)
+        for listener in self._on_removed:
+            try:
+                await listener(room_id, user_id)
+            except Exception:  # noqa: BLE001 - removed already; other processes' caches expire in ttl_s
+                _log.warning("chat_member_removed_listener_failed", exc_info=True)
+
+    def on_member_removed(self, listener: Callable[[uuid.UUID, str], Awaitable[None]]) -> None:
+        if listener not in self._on_removed:
+            self._on_removed.append(listener)
 
     async def may_read(self, room_id: uuid.UUID, user_id: str, *, staff: bool) -> bool:
-        """Members read and write a room; staff every room that exists."""
+        """Members read and write a room; staff every room that exists. A "yes" is cached for up to
+        the cache's TTL (a removal forgets it at once: see `MembershipCache`)."""
+        if self.membership.allowed(room_id, user_id, staff=staff):
+            return True
         async with self._db.read() as conn:
             if staff:
-                return (
+                found = (
                     await conn.execute(select(rooms.c.id).where(rooms.c.id == room_id))
                 ).first() is not None
-            row = await conn.execute(
-                select(members.c.user_id).where(
-                    and_(members.c.room_id == room_id, members.c.user_id == user_id)
+            else:
+                row = await conn.execute(
+                    select(members.c.user_id).where(
+                        and_(members.c.room_id == room_id, members.c.user_id == user_id)
+                    )
                 )
-            )
-            return row.first() is not None
+                found = row.first() is not None
+        if found:
+            self.membership.remember(room_id, user_id, staff=staff)
+        return found
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -189,6 +212,18 @@ class ChatService:
         """Store a message with the room's next seq on the room's shard; a (sender, client_msg_id)
         seen before returns its first message and False."""
         return await self.shards.persist(room_id, sender=sender, text_=text, client_msg_id=client_msg_id)
+
+    async def persist_batch(
+        self, room_id: uuid.UUID, items: Sequence[Draft]
+    ) -> list[tuple[ChatMessage, bool]]:
+        """Several messages of one room, in order, in one transaction (group commit, ADR 0056)."""
+        return await self.shards.persist_batch(room_id, items)
+
+    async def persist_rooms(
+        self, batches: dict[uuid.UUID, list[Draft]]
+    ) -> dict[uuid.UUID, list[tuple[ChatMessage, bool]]]:
+        """Several rooms' messages, each room's in order, in one transaction per shard."""
+        return await self.shards.persist_rooms(batches)
 
     async def recent_messages(
         self, *, sender: str | None, limit: int, before: Position | None = None
@@ -284,7 +319,7 @@ class ChatPersister:
         self,
         chat: ChatService,
         stream: Stream,
-        publish: Callable[[ChannelEvent], Awaitable[None]],
+        publish_many: Callable[[list[ChannelEvent]], Awaitable[None]],
         *,
         consumer: str,
         batch: int = 200,
@@ -292,43 +327,61 @@ class ChatPersister:
     ) -> None:
         self._chat = chat
         self._stream = stream
-        self._publish = publish
+        self._publish_many = publish_many
         self._consumer = consumer
         self._batch = batch
         self._lag = LagReporter(stream, hook)
 
     async def run_once(self) -> int:
+        """One batch: every room's messages persisted in one transaction per shard (group commit),
+        each room's in stream order; all of them published in one broker call; acked in stream
+        order. A failure is nacked at the first message not persisted and the pass stops there
+        (what follows is redelivered, in order; the dedup makes a persisted one a no-op)."""
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
         await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=bool(deliveries))
+        if not deliveries:
+            return 0
+        by_room: dict[uuid.UUID, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_room.setdefault(uuid.UUID(str(delivery.message.data["room"])), []).append(delivery)
+        stored: dict[str, ChatMessage] = {}  # delivery message id -> its persisted message
+        failed: str | None = None
+        try:
+            results = await self._chat.persist_rooms(
+                {room_id: [_draft(d) for d in group] for room_id, group in by_room.items()}
+            )
+        except Exception as exc:  # noqa: BLE001 - nacked below: the partition redelivers it
+            _log.warning("chat_persist_failed", error=str(exc))
+            failed = str(exc)[:500]
+            results = {}
+        for room_id, group in by_room.items():
+            for delivery, (message, _new) in zip(group, results.get(room_id, ()), strict=False):
+                stored[str(delivery.message.id)] = message
+        done = [d for d in deliveries if str(d.message.id) in stored]
+        if done:
+            await self._publish_many([self._event(d, stored[str(d.message.id)]) for d in done])
         for index, delivery in enumerate(deliveries):
-            try:
-                await self._handle(delivery)
-            except Exception as exc:  # noqa: BLE001 - nack: the partition redelivers it, in order
-                _log.warning("chat_persist_failed", error=str(exc))
-                await self._stream.nack(delivery, error=str(exc)[:500])
+            if str(delivery.message.id) not in stored:
+                await self._stream.nack(delivery, error=failed or "not persisted")
                 return index
             await self._stream.ack(delivery)
         return len(deliveries)
 
-    async def _handle(self, delivery: Delivery) -> None:
-        data = delivery.message.data
-        room_id = uuid.UUID(str(data["room"]))
-        message, _new = await self._chat.persist(
-            room_id,
-            sender=str(data["sender"]),
-            text=str(data["text"]),
-            client_msg_id=str(data["client_msg_id"]),
+    @staticmethod
+    def _event(delivery: Delivery, message: ChatMessage) -> ChannelEvent:
+        return ChannelEvent(
+            channel=room_channel(message.room_id),
+            type="message",
+            data=message.as_data(),
+            seq=message.seq,
+            reply_to=delivery.message.headers.get("replyto", ""),
+            ack={"client_msg_id": message.client_msg_id, "room": str(message.room_id)},
+            at=time.time(),
         )
-        await self._publish(
-            ChannelEvent(
-                channel=room_channel(room_id),
-                type="message",
-                data=message.as_data(),
-                seq=message.seq,
-                reply_to=delivery.message.headers.get("replyto", ""),
-                ack={"client_msg_id": message.client_msg_id, "room": str(room_id)},
-                at=time.time(),
-            )
-        )
+
+
+def _draft(delivery: Delivery) -> Draft:
+    data = delivery.message.data
+    return (str(data["sender"]), str(data["text"]), str(data["client_msg_id"]))

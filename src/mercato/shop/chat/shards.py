@@ -231,16 +231,25 @@ class ChatShards:
     async def persist(
         self, room_id: uuid.UUID, *, sender: str, text_: str, client_msg_id: str, retry_for_s: float = 5.0
     ) -> tuple[ChatMessage, bool]:
-        """Store on the room's owner (and its move target, if it is moving); a fenced owner means the
-        map is stale: reload and retry until `retry_for_s`, then 503 (the stream redelivers)."""
+        (found,) = await self.persist_batch(
+            room_id, [(sender, text_, client_msg_id)], retry_for_s=retry_for_s
+        )
+        return found
+
+    async def persist_batch(
+        self, room_id: uuid.UUID, items: Sequence[Draft], *, retry_for_s: float = 5.0
+    ) -> list[tuple[ChatMessage, bool]]:
+        """Store a room's messages, in the given order, in one transaction on the room's owner (and
+        its move target, if it is moving): group commit (ADR 0056). Each gets the room's next seq
+        unless its (sender, client_msg_id) was stored before or earlier in the batch, which returns
+        that message and False. A fenced owner means the map is stale: reload and retry until
+        `retry_for_s`, then 503 (the stream redelivers)."""
         give_up = time.monotonic() + retry_for_s
         force = False
         while True:
             shards, route = await self.route(room_id, force=force)
             try:
-                message, new = await _persist_on(
-                    self.db(route.write, shards), room_id, sender, text_, client_msg_id, self.clock.now()
-                )
+                stored = await _persist_on(self.db(route.write, shards), room_id, items, self.clock.now())
             except ShardMoved:
                 if self.metrics is not None:
                     self.metrics.stale_retries.inc()
@@ -253,11 +262,57 @@ class ChatShards:
                 target = self.db(route.also, shards)
                 async with target.write() as conn:
                     await conn.execute(
-                        insert_ignoring_duplicates(target.dialect, messages), [row_of(message)]
+                        insert_ignoring_duplicates(target.dialect, messages),
+                        [row_of(m) for m, _new in stored],
                     )
-            if self.metrics is not None and new:
-                self.metrics.wrote(route.write, shards.names)
-            return message, new
+            if self.metrics is not None:
+                for _m, new in stored:
+                    if new:
+                        self.metrics.wrote(route.write, shards.names)
+            return stored
+
+    async def persist_rooms(
+        self, batches: dict[uuid.UUID, list[Draft]]
+    ) -> dict[uuid.UUID, list[tuple[ChatMessage, bool]]]:
+        """Several rooms' batches, one transaction per shard for all of them (group commit across
+        rooms: a pass of the persister typically holds one message for each of many rooms). A room
+        found fenced (its map entry was stale) is retried alone through `persist_batch`, which
+        reloads the map; its failure fails only that room (raised after the others are stored)."""
+        shards = await self.current()
+        by_shard: dict[str, dict[uuid.UUID, list[Draft]]] = {}
+        routes: dict[uuid.UUID, Route] = {}
+        for room_id, items in batches.items():
+            route = routes[room_id] = shards.route(str(room_id))
+            by_shard.setdefault(route.write, {})[room_id] = items
+        stored: dict[uuid.UUID, list[tuple[ChatMessage, bool]]] = {}
+        fenced: list[uuid.UUID] = []
+        for name, rooms_items in by_shard.items():
+            done, moved = await _persist_rooms_on(self.db(name, shards), rooms_items, self.clock.now())
+            stored.update(done)
+            fenced += moved
+        also: dict[str, list[dict[str, Any]]] = {}
+        for room_id, results in stored.items():
+            target = routes[room_id].also
+            if target is not None:
+                also.setdefault(target, []).extend(row_of(m) for m, _new in results)
+        for name, rows in also.items():
+            target_db = self.db(name, shards)
+            async with target_db.write() as conn:
+                await conn.execute(insert_ignoring_duplicates(target_db.dialect, messages), rows)
+        if self.metrics is not None:
+            for room_id, results in stored.items():
+                for _m, new in results:
+                    if new:
+                        self.metrics.wrote(routes[room_id].write, shards.names)
+        for room_id in fenced:
+            if self.metrics is not None:
+                self.metrics.stale_retries.inc()
+            stored[room_id] = await self.persist_batch(room_id, batches[room_id])
+        return stored
+
+
+# (sender, text, client_msg_id): one message to persist.
+Draft = tuple[str, str, str]
 
 
 def row_of(m: ChatMessage) -> dict[str, Any]:
@@ -283,9 +338,22 @@ async def lock_room(conn: AsyncConnection, room_id: uuid.UUID, *, exclusive: boo
         await conn.execute(text(f"SELECT {fn}(:k)"), {"k": room_lock_key(room_id)})
 
 
+async def lock_rooms_shared(conn: AsyncConnection, room_ids: Sequence[uuid.UUID]) -> None:
+    """`lock_room(..., exclusive=False)` for many rooms in one statement, in key order."""
+    if conn.dialect.name == "postgresql" and room_ids:
+        keys = sorted(room_lock_key(r) for r in room_ids)
+        await conn.execute(
+            text(
+                "SELECT pg_advisory_xact_lock_shared(k) "
+                "FROM (SELECT k FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS ordered"
+            ),
+            {"keys": keys},
+        )
+
+
 async def _persist_on(
-    db: Database, room_id: uuid.UUID, sender: str, text_: str, client_msg_id: str, now: datetime
-) -> tuple[ChatMessage, bool]:
+    db: Database, room_id: uuid.UUID, items: Sequence[Draft], now: datetime
+) -> list[tuple[ChatMessage, bool]]:
     async with db.write() as conn:
         await lock_room(conn, room_id, exclusive=False)
         fenced = (
@@ -293,27 +361,89 @@ async def _persist_on(
         ).first()
         if fenced is not None:
             raise ShardMoved(str(room_id))
-        existing = (
-            await conn.execute(
-                select(messages).where(
-                    and_(
-                        messages.c.room_id == room_id,
-                        messages.c.sender == sender,
-                        messages.c.client_msg_id == client_msg_id,
-                    )
+        # One read for the whole batch's dedup (the unique index covers room + sender + id).
+        ids = sorted({client_msg_id for _s, _t, client_msg_id in items})
+        known = {
+            (row.sender, row.client_msg_id): message_of(row)
+            for row in await conn.execute(
+                select(messages).where(and_(messages.c.room_id == room_id, messages.c.client_msg_id.in_(ids)))
+            )
+        }
+        head = int(
+            (
+                await conn.execute(
+                    select(func.coalesce(func.max(messages.c.seq), 0)).where(messages.c.room_id == room_id)
                 )
+            ).scalar_one()
+        )
+        stored: list[tuple[ChatMessage, bool]] = []
+        rows: list[dict[str, Any]] = []
+        for sender, text_, client_msg_id in items:
+            seen = known.get((sender, client_msg_id))
+            if seen is not None:
+                stored.append((seen, False))
+                continue
+            head += 1
+            message = ChatMessage(room_id, head, sender, text_, client_msg_id, now)
+            known[(sender, client_msg_id)] = message
+            rows.append(row_of(message))
+            stored.append((message, True))
+        if rows:
+            await conn.execute(insert(messages), rows)
+    return stored
+
+
+async def _persist_rooms_on(
+    db: Database, batches: dict[uuid.UUID, list[Draft]], now: datetime
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
+    """`_persist_on` for many rooms of one shard in one transaction, with a constant number of
+    statements: the fences, the dedup lookup, the heads (one GROUP BY) and one multi-row insert.
+    Returns the stored rooms and the fenced ones (left for the caller to retry)."""
+    room_ids = sorted(batches)
+    async with db.write() as conn:
+        await lock_rooms_shared(conn, room_ids)
+        fenced = {
+            row.room_id
+            for row in await conn.execute(
+                select(shard_fences.c.room_id).where(shard_fences.c.room_id.in_(room_ids))
             )
-        ).first()
-        if existing is not None:
-            return message_of(existing), False
-        head = (
-            await conn.execute(
-                select(func.coalesce(func.max(messages.c.seq), 0)).where(messages.c.room_id == room_id)
+        }
+        live = [r for r in room_ids if r not in fenced]
+        if not live:
+            return {}, sorted(fenced)
+        ids = sorted({client_msg_id for r in live for _s, _t, client_msg_id in batches[r]})
+        known = {
+            (row.room_id, row.sender, row.client_msg_id): message_of(row)
+            for row in await conn.execute(
+                select(messages).where(and_(messages.c.room_id.in_(live), messages.c.client_msg_id.in_(ids)))
             )
-        ).scalar_one()
-        message = ChatMessage(room_id, int(head) + 1, sender, text_, client_msg_id, now)
-        await conn.execute(insert(messages).values(**row_of(message)))
-    return message, True
+        }
+        heads = {
+            row.room_id: int(row.head)
+            for row in await conn.execute(
+                select(messages.c.room_id, func.max(messages.c.seq).label("head"))
+                .where(messages.c.room_id.in_(live))
+                .group_by(messages.c.room_id)
+            )
+        }
+        stored: dict[uuid.UUID, list[tuple[ChatMessage, bool]]] = {}
+        rows: list[dict[str, Any]] = []
+        for room_id in live:
+            head = heads.get(room_id, 0)
+            results = stored[room_id] = []
+            for sender, text_, client_msg_id in batches[room_id]:
+                seen = known.get((room_id, sender, client_msg_id))
+                if seen is not None:
+                    results.append((seen, False))
+                    continue
+                head += 1
+                message = ChatMessage(room_id, head, sender, text_, client_msg_id, now)
+                known[(room_id, sender, client_msg_id)] = message
+                rows.append(row_of(message))
+                results.append((message, True))
+        if rows:
+            await conn.execute(insert(messages), rows)
+    return stored, sorted(fenced)
 
 
 Position = tuple[datetime, uuid.UUID, int]  # (sent_at, room, seq): the scatter-gather keyset
