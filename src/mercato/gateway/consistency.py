@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Scope
 
-from mercato.kit.cache import staleness_scope
+from mercato.kit.cache import open_staleness_scope
 from mercato.kit.storage import consistency_scope, format_lsn, parse_lsn
 
 if TYPE_CHECKING:
@@ -84,9 +84,8 @@ class StalenessHeader:
     docs/consistency.md). Absent on a response read from the primary or from fresh cache."""
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
-        scope = staleness_scope()
-        stale = scope.__enter__()
-        ex.defer(lambda: scope.__exit__(None, None, None))
+        stale, close = open_staleness_scope()
+        ex.defer(close)
 
         def add_staleness(_status: int, headers: list[tuple[bytes, bytes]]) -> None:
             if stale.staleness_s is not None:

@@ -20,9 +20,9 @@ WebSocket and lifespan scopes pass straight through to the app.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -50,6 +50,8 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UNMATCHED_ROUTE = "<unmatched>"
 _X_REQUEST_ID = b"x-request-id"
 _SCOPE_KEY = "mercato.exchange"
+_UNKNOWN = object()
+_NETWORKS_SIZE = 4096
 _log = get_logger("mercato.http")
 
 # Rewrites the response's header list in place, given the status.
@@ -171,6 +173,9 @@ class Edge:
         self.outer = tuple(outer)
         self.inner = tuple(inner)
         self.idempotency: Any = idempotency(self._inner_phase) if idempotency is not None else None
+        # Only unsafe methods can carry an Idempotency-Key the layer honours (kit's default methods).
+        self.idempotency_methods = frozenset(getattr(self.idempotency, "methods", ("POST", "PATCH")))
+        self._networks: dict[str | None, str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,16 +186,17 @@ class Edge:
             if key == _X_REQUEST_ID:
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if incoming and _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        # 128 random bits in hex, as uuid4().hex without building a UUID object.
+        request_id = incoming if incoming and _REQUEST_ID_OK.match(incoming) else os.urandom(16).hex()
         token = request_id_var.set(request_id)
         peer = scope.get("client")
         scope = with_client_address(scope, self.trusted_proxies, self.forwarded_header)
         client = scope.get("client")
         # Every log line of this request names its client's network (never the address: ADR 0019), the
         # proxy's too when one spoke for it.
-        log_context = {"client_net": network_prefix(client[0] if client else None)}
+        log_context = {"client_net": self._network(client[0] if client else None)}
         if peer is not None and client is not peer:
-            log_context["peer_net"] = network_prefix(peer[0])
+            log_context["peer_net"] = self._network(peer[0])
         log_tokens = structlog.contextvars.bind_contextvars(**log_context)
         ex = Exchange(scope, receive, request_id)
         scope[_SCOPE_KEY] = ex
@@ -289,13 +295,23 @@ class Edge:
             structlog.contextvars.reset_contextvars(**log_tokens)
             request_id_var.reset(token)
 
+    def _network(self, address: str | None) -> str | None:
+        """`network_prefix`, memoised: parsing an address costs more than the rest of the context."""
+        networks = self._networks
+        found = networks.get(address, _UNKNOWN)
+        if found is _UNKNOWN:
+            if len(networks) >= _NETWORKS_SIZE:
+                networks.clear()  # bounded: many clients only cost the parse again
+            found = networks[address] = network_prefix(address)
+        return found  # type: ignore[return-value]
+
     async def _outer_phase(self, ex: Exchange, send: Send) -> None:
         for step in self.outer:
             answer = await step(ex)
             if answer is not None:
                 await answer(ex.scope, ex.receive, send)
                 return
-        if self.idempotency is not None:
+        if self.idempotency is not None and ex.method in self.idempotency_methods:
             await self.idempotency(ex.scope, ex.receive, send)
         else:
             await self._run_inner(ex, ex.scope, ex.receive, send)

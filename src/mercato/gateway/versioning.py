@@ -183,6 +183,17 @@ class Versioning:
         self.latest = latest
         # The counter's children, resolved once per (version, selected_by).
         self._counters: dict[tuple[int, str], Any] = {}
+        self._encoded: dict[DeprecationPolicy, list[tuple[bytes, bytes]]] = {}
+
+    def _policy_headers(self, policy: DeprecationPolicy) -> list[tuple[bytes, bytes]]:
+        """`Deprecation` and `Sunset` of a policy, encoded once (formatting a date costs per request)."""
+        found = self._encoded.get(policy)
+        if found is None:
+            found = self._encoded[policy] = [
+                (b"deprecation", policy.deprecation_header.encode("latin-1")),
+                (b"sunset", policy.sunset_header.encode("latin-1")),
+            ]
+        return found
 
     def _count(self, version: int, selected_by: str) -> None:
         counter = self._counters.get((version, selected_by))
@@ -220,8 +231,7 @@ class Versioning:
             query: bytes = scope.get("query_string", b"")
             target = _with_version(_raw_path(scope), self.latest) + (b"?" + query if query else b"")
             extra += [
-                (b"deprecation", policy.deprecation_header.encode("latin-1")),
-                (b"sunset", policy.sunset_header.encode("latin-1")),
+                *self._policy_headers(policy),
                 (b"link", b"<" + _header_safe(target) + b'>; rel="successor-version"'),
             ]
         negotiable = successor or self.routes.negotiable(served, rest, method, self.latest)
