@@ -184,6 +184,20 @@ class Versioning:
         # The counter's children, resolved once per (version, selected_by).
         self._counters: dict[tuple[int, str], Any] = {}
         self._encoded: dict[DeprecationPolicy, list[tuple[bytes, bytes]]] = {}
+        self._links: dict[tuple[bytes, bytes], bytes] = {}
+
+    def _link(self, raw_path: bytes, scope: Scope) -> bytes:
+        """The successor's `Link` value for this raw path and query; memoised (bounded), as quoting
+        it costs more than the rest of the step."""
+        query: bytes = scope.get("query_string", b"")
+        key = (raw_path, query)
+        link = self._links.get(key)
+        if link is None:
+            target = _with_version(raw_path, self.latest) + (b"?" + query if query else b"")
+            if len(self._links) >= _MEMO_SIZE:
+                self._links.clear()
+            link = self._links[key] = b"<" + _header_safe(target) + b'>; rel="successor-version"'
+        return link
 
     def _policy_headers(self, policy: DeprecationPolicy) -> list[tuple[bytes, bytes]]:
         """`Deprecation` and `Sunset` of a policy, encoded once (formatting a date costs per request)."""
@@ -228,12 +242,7 @@ class Versioning:
         if policy is not None and successor:
             # Built from the raw (percent-encoded) bytes: the decoded path may hold any character,
             # and a header value may only hold bytes a client can read back unchanged.
-            query: bytes = scope.get("query_string", b"")
-            target = _with_version(_raw_path(scope), self.latest) + (b"?" + query if query else b"")
-            extra += [
-                *self._policy_headers(policy),
-                (b"link", b"<" + _header_safe(target) + b'>; rel="successor-version"'),
-            ]
+            extra += [*self._policy_headers(policy), (b"link", self._link(_raw_path(scope), scope))]
         negotiable = successor or self.routes.negotiable(served, rest, method, self.latest)
         labelled = vendor_media_type(served).encode("latin-1") if requested == served else None
         if extra or negotiable or labelled is not None:
