@@ -1,24 +1,26 @@
 """`X-API-Key` at the edge: verified once per request, refused with 401 when unknown or revoked.
 
-The rate limiter (outside) and this middleware (inside it) share one verification per request,
+The rate limiter and this edge step (after it) share one verification per request,
 memoised in the ASGI scope's state. A key that does not verify is no identity at all: the limiter
 charges the request to the caller's address as anonymous traffic (so sending made-up keys buys no
-fresh bucket), then this middleware answers 401. A verified key's principal is left in the request
+fresh bucket), then this step answers 401. A verified key's principal is left in the request
 state, where `kit.web.security.authenticated` finds it when no bearer token is sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 from mercato.kit.auth import CredentialVerifier, Principal
-from mercato.kit.observability import request_id_var
 from mercato.kit.web.problems import problem_response
 from mercato.kit.web.security import API_KEY_PRINCIPAL
 
-__all__ = ["INVALID_KEY", "ApiKeyMiddleware", "verified_api_key"]
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["INVALID_KEY", "ApiKeyCheck", "verified_api_key"]
 
 _MEMO = "mercato.api_key"
 # An orchestrator's probes answer whatever headers come with them.
@@ -47,29 +49,31 @@ async def verified_api_key(scope: Scope, verifier: CredentialVerifier, header: b
     return result
 
 
-class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, *, verifier: CredentialVerifier, header_name: str) -> None:
-        self.app = app
+class ApiKeyCheck:
+    """Edge step: an unknown or revoked `X-API-Key` is a 401; a verified one is the request's principal."""
+
+    def __init__(self, *, verifier: CredentialVerifier, header_name: str) -> None:
         self.verifier = verifier
         self.header = header_name.lower().encode("latin-1")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _PROBES:
-            await self.app(scope, receive, send)
-            return
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        scope = ex.scope
+        if ex.path in _PROBES:
+            return None
+        state = scope.get("state")
+        if (state is None or _MEMO not in state) and ex.header(self.header) is None:
+            return None  # no key sent, and the limiter did not look: nothing to verify or remember
         result = await verified_api_key(scope, self.verifier, self.header)
         if result == INVALID_KEY:
-            response = problem_response(
+            return problem_response(
                 status=401,
                 slug="unauthenticated",
                 title="Authentication required",
                 detail="unknown, expired or revoked API key",
-                instance=scope["path"],
-                request_id=request_id_var.get(),
+                instance=ex.path,
+                request_id=ex.request_id,
                 headers={"WWW-Authenticate": 'ApiKey realm="mercato"', "Cache-Control": "no-store"},
             )
-            await response(scope, receive, send)
-            return
         if result is not None:
             scope["state"][API_KEY_PRINCIPAL] = result
-        await self.app(scope, receive, send)
+        return None

@@ -1,4 +1,4 @@
-"""The application factory: one FastAPI app with the edge middleware and every context's routes."""
+"""The application factory: one FastAPI app behind the edge (ADR 0054) with every context's routes."""
 
 from __future__ import annotations
 
@@ -16,31 +16,34 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from mercato import __version__
 from mercato.bootstrap import SCRIPT_LOCATION, SEED_MARKER, Container, build_container
 from mercato.config import Settings, get_settings
 from mercato.gateway.access_docs import STAFF_SCOPES, document_access
 from mercato.gateway.admin import router as admin_router
-from mercato.gateway.api_keys import ApiKeyMiddleware
-from mercato.gateway.caching import EdgeCacheMiddleware, document_cache_headers, public_catalog_policies
-from mercato.gateway.consistency import ConsistencyTokenMiddleware, StalenessHeaderMiddleware
+from mercato.gateway.api_keys import ApiKeyCheck
+from mercato.gateway.caching import EdgeCache, document_cache_headers, public_catalog_policies
+from mercato.gateway.consistency import ConsistencyToken, StalenessHeader
 from mercato.gateway.docs import install_docs
+from mercato.gateway.edge import Deadline, Edge, Step
 from mercato.gateway.errors import install_error_handlers
-from mercato.gateway.faults import LatencyFaultMiddleware
+from mercato.gateway.fast_reads import FastReads
+from mercato.gateway.faults import LatencyFault
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
-from mercato.gateway.methods import MethodsAndMediaMiddleware
-from mercato.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from mercato.gateway.methods import MethodsAndMedia
+from mercato.gateway.middleware import BodyLimit
 from mercato.gateway.privacy import admin_router as privacy_admin_router
 from mercato.gateway.privacy import router as privacy_router
 from mercato.gateway.probes import router as probes_router
-from mercato.gateway.ratelimit import document_rate_limits, install_rate_limiting
+from mercato.gateway.ratelimit import RateLimit, document_rate_limits, install_rate_limiting
 from mercato.gateway.realtime import RealtimeRuntime
 from mercato.gateway.realtime import router as realtime_router
-from mercato.gateway.release import FaultInjectionMiddleware, edge_preparers
-from mercato.gateway.shedding import SheddingMiddleware, build_limiter
-from mercato.gateway.versioning import VersioningMiddleware, VersionMetrics, document_versioning
+from mercato.gateway.release import FaultInjection, edge_preparers
+from mercato.gateway.shedding import Shedding, build_limiter
+from mercato.gateway.versioning import Versioning, VersionMetrics, document_versioning
 from mercato.kit.backpressure import PrometheusBackpressureMetrics
 from mercato.kit.idempotency import IdempotencyMiddleware, PrometheusIdempotencyMetrics
 from mercato.kit.observability import (
@@ -55,7 +58,6 @@ from mercato.kit.observability import (
     register_process_collectors,
 )
 from mercato.kit.privacy import AuditLog
-from mercato.kit.resilience import DeadlineMiddleware
 from mercato.kit.storage import get_meta
 from mercato.kit.storage.migrations import current_revisions, head_revisions
 from mercato.kit.storage.statements import trace_driver_statements
@@ -187,7 +189,7 @@ def create_app(
         # Served by install_docs from packaged assets, not FastAPI's CDN pages (ADR 0028).
         docs_url=None,
         redoc_url=None,
-        # One server span per request, ours (RequestContextMiddleware), not FastAPI's as well.
+        # One server span per request, ours (the edge's), not FastAPI's as well.
         **fastapi_native_tracing_off(),
     )
     app.state.container = container
@@ -244,53 +246,6 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
 
-    # Added innermost first: the request context wraps everything, then the body limit.
-    # Innermost, on the path the versioning rewrote: OPTIONS, the full Allow of a 405, and 406 (ADR 0028).
-    app.add_middleware(
-        MethodsAndMediaMiddleware,
-        fastapi_app=app,
-        routes=[
-            *(route for route in app.router.routes if isinstance(route, Route | Mount)),
-            *(route for router in (probes_router, *ROUTERS) for route in router.routes),
-        ],
-    )
-    # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
-    # checkout demands one. Auth responses carry tokens and are never stored.
-    # Innermost: a cache serving stale data records it in the request's scope (docs/consistency.md).
-    app.add_middleware(StalenessHeaderMiddleware)
-    if container.db.replicas is not None:
-        # Innermost: the token scope must wrap the handler's reads and writes (ADR 0032).
-        app.add_middleware(ConsistencyTokenMiddleware)
-    app.add_middleware(
-        IdempotencyMiddleware,
-        store=container.idempotency,
-        required_paths=REQUIRE_IDEMPOTENCY_KEY,
-        # A new API key's response carries the key itself: never stored either.
-        excluded_paths=(re.compile(r"^/v1/auth/"), re.compile(r"^/admin/api-keys")),
-        ttl_s=settings.idempotency.ttl_s,
-        lock_timeout_s=settings.idempotency.lock_timeout_s,
-        hook=PrometheusIdempotencyMetrics(registry),
-    )
-    # Before routing and idempotency (both must see the version the request was rewritten to):
-    # `Accept: application/vnd.mercato.v2+json` selects /v2, and v1 answers carry Deprecation/Sunset.
-    app.add_middleware(
-        VersioningMiddleware,
-        routes=[route for router in ROUTERS for route in router.routes],
-        metrics=VersionMetrics(registry),
-    )
-    # Right inside the request context: an incoming X-Request-Deadline bounds everything the request
-    # does (every provider call reads it), and a DeadlineExceeded still gets the request id.
-    app.add_middleware(DeadlineMiddleware)
-    # Public catalog reads tell a CDN or reverse proxy how long it may keep them (RFC 9111).
-    app.add_middleware(EdgeCacheMiddleware, policies=app.state.cache_policies)
-    # Inside the load shedder (a shed request costs no limiter call) and the request context (a 429
-    # gets the request id and RED metrics), outside routing, idempotency and the body limit.
-    # Inside the limiter (which charges a request with a made-up key to its address first): an
-    # unknown or revoked X-API-Key is a 401; a verified one is the request's principal.
-    if container.api_keys is not None:
-        app.add_middleware(
-            ApiKeyMiddleware, verifier=container.api_keys, header_name=settings.ratelimit.api_key_header
-        )
     rate_limiting = install_rate_limiting(
         app,
         settings=settings.ratelimit,
@@ -302,12 +257,9 @@ def create_app(
     )
     limiter = None
     if settings.backpressure.enabled:
-        # Right inside the request context (a 503 still gets the request id and RED metrics) and
-        # outside everything else, so a shed request costs no routing, auth or database work.
         limiter = build_limiter(
             settings.backpressure, clock=container.clock, hook=PrometheusBackpressureMetrics(registry)
         )
-        app.add_middleware(SheddingMiddleware, limiter=limiter)
     if container.runtime is not None:
         # Limits, policies and lifetimes follow the runtime configuration (ADR 0045).
         for preparer in edge_preparers(
@@ -316,26 +268,84 @@ def create_app(
             container.runtime.on_change(preparer)
     app.state.release_track = settings.release.track
     app.state.load_shedder = limiter
-    # Right inside the request context, outside every layer that reads the body (the rate limiter keys
-    # login attempts by e-mail, idempotency fingerprints it): all of them read through its bounded,
-    # timed `receive`, so a slow, lying or oversized body is refused with 408/413 wherever it is read.
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.http.max_body_bytes,
-        body_read_timeout_s=settings.http.body_read_timeout_s,
+    methods = MethodsAndMedia(
+        fastapi_app=app,
+        routes=[
+            *(route for route in app.router.routes if isinstance(route, Route | Mount)),
+            *(route for router in (probes_router, *ROUTERS) for route in router.routes),
+        ],
     )
-    if settings.http.fault_delay_ms > 0:  # the lab's slow-instance switch (gateway/faults.py)
-        app.add_middleware(LatencyFaultMiddleware, delay_s=settings.http.fault_delay_ms / 1000)
+    # The edge's steps, in the order they run (ADR 0054; docs/architecture.md "The request path").
+    outer: list[Step] = []
     if settings.release.inject_error_ratio > 0:
         # A lab's bad build (dev/test only): inside the request context, so metrics count its 500s.
-        app.add_middleware(FaultInjectionMiddleware, ratio=settings.release.inject_error_ratio)
+        outer.append(FaultInjection(ratio=settings.release.inject_error_ratio))
+    if settings.http.fault_delay_ms > 0:  # the lab's slow-instance switch (gateway/faults.py)
+        outer.append(LatencyFault(delay_s=settings.http.fault_delay_ms / 1000))
+    # Before every step that reads the body (the limiter keys login attempts by e-mail, idempotency
+    # fingerprints it): all of them read through its bounded, timed `receive` (408/413, ADR 0028).
+    outer.append(
+        BodyLimit(
+            max_body_bytes=settings.http.max_body_bytes, body_read_timeout_s=settings.http.body_read_timeout_s
+        )
+    )
+    if limiter is not None:
+        # First after the body limit: a shed request costs no limiter call, routing, auth or database work.
+        outer.append(Shedding(limiter=limiter))
+    if rate_limiting is not None:
+        outer.append(RateLimit(limiting=rate_limiting))
+    if container.api_keys is not None:
+        # After the limiter (which charges a request with a made-up key to its address first): an
+        # unknown or revoked X-API-Key is a 401; a verified one is the request's principal.
+        outer.append(ApiKeyCheck(verifier=container.api_keys, header_name=settings.ratelimit.api_key_header))
+    # Public catalog reads tell a CDN or reverse proxy how long it may keep them (RFC 9111).
+    outer.append(EdgeCache(policies=app.state.cache_policies))
+    # An incoming X-Request-Deadline bounds everything after it (every provider call reads it).
+    outer.append(Deadline())
+    # Before routing and idempotency (both must see the version the request was rewritten to):
+    # `Accept: application/vnd.mercato.v2+json` selects /v2, and v1 answers carry Deprecation/Sunset.
+    outer.append(
+        Versioning(
+            routes=[route for router in ROUTERS for route in router.routes], metrics=VersionMetrics(registry)
+        )
+    )
+    # Outside idempotency: a replayed 405 lists the full Allow as well.
+    outer.append(methods.allow_on_405)
+    inner: list[Step] = []
+    if container.db.replicas is not None:
+        # The token scope must wrap the handler's reads and writes (ADR 0032).
+        inner.append(ConsistencyToken())
+    # A cache serving stale data records it in the request's scope (docs/consistency.md).
+    inner.append(StalenessHeader())
+    # On the path the versioning rewrote: OPTIONS, and 406 before the route runs (ADR 0028).
+    inner.append(methods)
+    # Last: the hot public reads answered from the edge, past every check above.
+    inner.append(FastReads(app=app))
+
+    def idempotency(app_inside: ASGIApp) -> ASGIApp:
+        # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);
+        # checkout demands one. Auth responses carry tokens and are never stored.
+        return IdempotencyMiddleware(
+            app_inside,
+            store=container.idempotency,
+            required_paths=REQUIRE_IDEMPOTENCY_KEY,
+            # A new API key's response carries the key itself: never stored either.
+            excluded_paths=(re.compile(r"^/v1/auth/"), re.compile(r"^/admin/api-keys")),
+            ttl_s=settings.idempotency.ttl_s,
+            lock_timeout_s=settings.idempotency.lock_timeout_s,
+            hook=PrometheusIdempotencyMetrics(registry),
+        )
+
     app.add_middleware(
-        RequestContextMiddleware,
+        Edge,
         metrics=metrics,
         tracer=tracer,
         access_log=settings.http.access_log,
         trusted_proxies=TrustedProxies.parse(settings.network.trusted_proxies),
         forwarded_header=settings.network.forwarded_header,
+        outer=outer,
+        idempotency=idempotency,
+        inner=inner,
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

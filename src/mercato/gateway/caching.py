@@ -1,4 +1,4 @@
-"""Edge caching headers for public reads, applied per route by one small ASGI middleware.
+"""Edge caching headers for public reads, applied per route by one edge step.
 
 RFC 9111 lets a shared cache (CDN, reverse proxy) store a response only as long as the origin says.
 Public catalog reads say ``Cache-Control: public, max-age=N, stale-while-revalidate=M`` (RFC 5861:
@@ -16,13 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from mercato.config import EdgeCacheSettings
 
-__all__ = ["CachePolicy", "EdgeCacheMiddleware", "document_cache_headers", "public_catalog_policies"]
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["CachePolicy", "EdgeCache", "document_cache_headers", "public_catalog_policies"]
 
 _CACHEABLE_STATUS = (200, 304)
 DEFAULT_VARY = ("Accept", "Accept-Encoding")
@@ -70,32 +73,46 @@ def merge_vary(existing: str | None, extra: Sequence[str]) -> str:
     return ", ".join(values)
 
 
-class EdgeCacheMiddleware:
-    def __init__(self, app: ASGIApp, *, policies: Policies) -> None:
-        self.app = app
+_READS = frozenset({"GET", "HEAD"})
+
+
+class EdgeCache:
+    """Edge step: `Cache-Control` and `Vary` on a matching public read's 200 or 304."""
+
+    def __init__(self, *, policies: Policies) -> None:
         # Kept by reference: the runtime configuration replaces the list's items (ADR 0045).
         self.policies = policies
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        policy = None
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            policy = _policy_for(self.policies, scope["path"])
-        if policy is None:
-            await self.app(scope, receive, send)
-            return
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        if ex.method not in _READS:
+            return None
+        policy = _policy_for(self.policies, ex.path)
+        if policy is not None:
+            ex.on_start(lambda status, headers: _mark(policy, status, headers))
+        return None
 
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in _CACHEABLE_STATUS:
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"vary"]
-                vary = next((v for k, v in message.get("headers", []) if k.lower() == b"vary"), None)
-                merged = merge_vary(vary.decode("latin-1") if vary else None, policy.vary)
-                headers.append((b"vary", merged.encode("latin-1")))
-                if not any(k.lower() == b"cache-control" for k, _ in headers):
-                    headers.append((b"cache-control", policy.cache_control.encode("latin-1")))
-                message = {**message, "headers": headers}
-            await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+def _mark(policy: CachePolicy, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    if status not in _CACHEABLE_STATUS:
+        return
+    vary: bytes | None = None
+    has_cache_control = False
+    kept = []
+    for key, value in headers:
+        lower = key.lower()
+        if lower == b"vary":
+            if vary is None:
+                vary = value
+            continue
+        if lower == b"cache-control":
+            has_cache_control = True
+        kept.append((key, value))
+    kept.append(
+        (b"vary", merge_vary(vary.decode("latin-1") if vary else None, policy.vary).encode("latin-1"))
+    )
+    if not has_cache_control:
+        kept.append((b"cache-control", policy.cache_control.encode("latin-1")))
+    headers[:] = kept
 
 
 def document_cache_headers(schema: dict[str, Any], policies: Policies) -> None:

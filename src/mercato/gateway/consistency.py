@@ -13,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
-from mercato.kit.cache import staleness_scope
+from mercato.kit.cache import open_staleness_scope
 from mercato.kit.storage import consistency_scope, format_lsn, parse_lsn
+
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
 
 TOKEN_HEADER = "mercato-consistency-token"  # noqa: S105 - a header name, not a secret
 TOKEN_COOKIE = "mercato_ct"  # noqa: S105 - a cookie name
@@ -47,54 +51,45 @@ def _presented(scope: Scope) -> int | None:
     return max(tokens) if tokens else None
 
 
-class ConsistencyTokenMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+_TOKEN_HEADER = TOKEN_HEADER.encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        with consistency_scope(after=_presented(scope)) as tokens:
 
-            async def send_with_token(message: Message) -> None:
-                if message["type"] == "http.response.start" and tokens.written is not None:
-                    lsn = format_lsn(tokens.written)
-                    headers = list(message.get("headers", []))
-                    headers.append((TOKEN_HEADER.encode(), lsn.encode()))
-                    cookie = (
-                        f"{TOKEN_COOKIE}={lsn}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; HttpOnly; SameSite=Lax"
-                    )
-                    headers.append((b"set-cookie", cookie.encode()))
-                    message = {**message, "headers": headers}
-                await send(message)
+class ConsistencyToken:
+    """Edge step: reads wait for the presented LSN; a request that wrote answers with its commit LSN."""
 
-            await self.app(scope, receive, send_with_token)
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        scope = consistency_scope(after=_presented(ex.scope))
+        tokens = scope.__enter__()
+        ex.defer(lambda: scope.__exit__(None, None, None))
+
+        def add_token(_status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            if tokens.written is not None:
+                lsn = format_lsn(tokens.written)
+                headers.append((_TOKEN_HEADER, lsn.encode()))
+                cookie = f"{TOKEN_COOKIE}={lsn}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; HttpOnly; SameSite=Lax"
+                headers.append((b"set-cookie", cookie.encode()))
+
+        ex.on_start(add_token)
+        return None
 
 
 STALENESS_HEADER = "mercato-staleness"
+_STALENESS_HEADER = STALENESS_HEADER.encode()
 
 
-class StalenessHeaderMiddleware:
-    """`Mercato-Staleness: <seconds>` on a response built from data past its freshness lifetime
-    (RFC 9111's staleness, rounded up): served by the cache while it revalidates, or because the
-    primary database failed or was unreachable (stale-if-error; the CAP stance of the catalog,
+class StalenessHeader:
+    """Edge step: `Mercato-Staleness: <seconds>` on a response built from data past its freshness
+    lifetime (RFC 9111's staleness, rounded up): served by the cache while it revalidates, or because
+    the primary database failed or was unreachable (stale-if-error; the CAP stance of the catalog,
     docs/consistency.md). Absent on a response read from the primary or from fresh cache."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        stale, close = open_staleness_scope()
+        ex.defer(close)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        with staleness_scope() as stale:
+        def add_staleness(_status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            if stale.staleness_s is not None:
+                headers.append((_STALENESS_HEADER, str(math.ceil(stale.staleness_s)).encode()))
 
-            async def send_with_staleness(message: Message) -> None:
-                if message["type"] == "http.response.start" and stale.staleness_s is not None:
-                    headers = list(message.get("headers", []))
-                    headers.append((STALENESS_HEADER.encode(), str(math.ceil(stale.staleness_s)).encode()))
-                    message = {**message, "headers": headers}
-                await send(message)
-
-            await self.app(scope, receive, send_with_staleness)
+        ex.on_start(add_staleness)
+        return None

@@ -219,7 +219,7 @@ async def outage_error_handler(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error_handler)
     # Raised in a route: answered here, inside the idempotency middleware (which then frees the key).
-    # Raised in a middleware outside the routes: `RequestContextMiddleware` asks the same classifier.
+    # Raised outside the routes (an edge step): the edge (`gateway/edge.py`) asks the same classifier.
     for kind in OUTAGE_ERROR_TYPES:
         app.add_exception_handler(kind, outage_error_handler)  # type: ignore[arg-type]
     for kind in (CircuitOpen, BulkheadFull, DeadlineExceeded):

@@ -6,20 +6,25 @@ noisy neighbour. Off (0) by default, refused outside dev/test (`Settings.check_s
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-__all__ = ["LatencyFaultMiddleware"]
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["LatencyFault"]
 
 EXEMPT = ("/healthz", "/readyz", "/startupz", "/metrics")
 
 
-class LatencyFaultMiddleware:
-    def __init__(self, app: ASGIApp, *, delay_s: float) -> None:
-        self.app = app
+class LatencyFault:
+    """Edge step: waits `delay_s` before the request is handled (probes and metrics excepted)."""
+
+    def __init__(self, *, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in EXEMPT:
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        if ex.path not in EXEMPT:
             await asyncio.sleep(self.delay_s)
-        await self.app(scope, receive, send)
+        return None

@@ -2,7 +2,7 @@
 
 Starlette answers a 405 with the methods of the *first* route whose path matched, so a path served by
 two routes (`GET` and `POST /v1/products` are separate functions) advertised half of its methods, and
-`OPTIONS` was a 405 everywhere. `MethodsAndMediaMiddleware` computes a path's methods from every route
+`OPTIONS` was a 405 everywhere. The `MethodsAndMedia` edge steps compute a path's methods from every route
 (RFC 9110 §9.3.7, §10.2.1):
 
 - `OPTIONS` on a known path answers 204 with `Allow` (always with HEAD beside GET, and OPTIONS);
@@ -14,14 +14,16 @@ two routes (`GET` and `POST /v1/products` are separate functions) advertised hal
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.routing import BaseRoute, Match, Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mercato.kit.observability import request_id_var
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE, problem_response
+
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
 
 _TRIVIAL_ACCEPT = frozenset({"*/*", "application/json", "application/json, */*"})
 _ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -86,10 +88,12 @@ def acceptable(accept: str, offered: set[str]) -> bool:
     return False
 
 
-class MethodsAndMediaMiddleware:
-    def __init__(self, app: ASGIApp, *, fastapi_app: FastAPI, routes: list[BaseRoute]) -> None:
+class MethodsAndMedia:
+    """Edge steps for one route table: `allow_on_405` (outside idempotency, so a replayed 405 carries the
+    full `Allow` too) and the OPTIONS / 406 check (`__call__`, right before the router)."""
+
+    def __init__(self, *, fastapi_app: FastAPI, routes: list[BaseRoute]) -> None:
         """`routes`: every route, flat (FastAPI nests included routers in objects of its own)."""
-        self.app = app
         self.fastapi_app = fastapi_app
         self.routes = routes
         self._media: dict[tuple[str, str], set[str]] | None = None
@@ -110,63 +114,56 @@ class MethodsAndMediaMiddleware:
             self._media = media
         return self._media.get((path_format, method))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method = scope["method"]
-        accept = _header(scope, b"accept")
-        # The route table is walked only when needed: most requests send no Accept or a trivial one.
-        if method == "OPTIONS" or (accept is not None and accept not in _TRIVIAL_ACCEPT):
-            methods, full = _allowed(self.routes, scope)
-            if method == "OPTIONS" and methods and "OPTIONS" not in _declared(full):
-                await _no_content(send, allow_header(methods))
-                return
-            if full is not None and accept is not None:
-                offered = self._offered(str(getattr(full, "path_format", "")), method)
-                if offered and not acceptable(accept, offered):
-                    await self._not_acceptable(scope, receive, send, offered)
-                    return
+    async def allow_on_405(self, ex: Exchange) -> ASGIApp | None:
+        scope = ex.scope
 
-        async def send_with_allow(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 405:
+        def full_allow(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            if status == 405:
                 methods, _ = _allowed(self.routes, scope)
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                headers[:] = [(k, v) for k, v in headers if k.lower() != b"allow"]
                 headers.append((b"allow", allow_header(methods).encode("latin-1")))
-                message = {**message, "headers": headers}
-            await send(message)
 
-        await self.app(scope, receive, send_with_allow)
+        ex.on_start(full_allow)
+        return None
 
-    async def _not_acceptable(self, scope: Scope, receive: Receive, send: Send, offered: set[str]) -> None:
-        response = problem_response(
-            status=406,
-            slug="not-acceptable",
-            title="Not acceptable",
-            detail="this resource is available as: " + ", ".join(sorted(offered)),
-            instance=scope["path"],
-            request_id=request_id_var.get(),
-        )
-        await response(scope, receive, send)
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        method = ex.method
+        accept = ex.header(b"accept")
+        # The route table is walked only when needed: most requests send no Accept or a trivial one.
+        if method != "OPTIONS" and (accept is None or accept in _TRIVIAL_ACCEPT):
+            return None
+        scope = ex.scope
+        methods, full = _allowed(self.routes, scope)
+        if method == "OPTIONS" and methods and "OPTIONS" not in _declared(full):
+            return _NoContent(allow_header(methods))
+        if full is not None and accept is not None:
+            offered = self._offered(str(getattr(full, "path_format", "")), method)
+            if offered and not acceptable(accept, offered):
+                return problem_response(
+                    status=406,
+                    slug="not-acceptable",
+                    title="Not acceptable",
+                    detail="this resource is available as: " + ", ".join(sorted(offered)),
+                    instance=ex.path,
+                    request_id=ex.request_id,
+                )
+        return None
 
 
 def _declared(route: BaseRoute | None) -> set[str]:
     return set(getattr(route, "methods", None) or ()) if route is not None else set()
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+class _NoContent:
+    def __init__(self, allow: str) -> None:
+        self.allow = allow.encode("latin-1")
 
-
-async def _no_content(send: Send, allow: str) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 204,
-            "headers": [(b"allow", allow.encode("latin-1")), (b"content-length", b"0")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b""})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": [(b"allow", self.allow), (b"content-length", b"0")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})

@@ -1,7 +1,7 @@
-"""The limiter at the edge: policies from a file, applied by an ASGI middleware before any route runs.
+"""The limiter at the edge: policies from a file, applied by an edge step before any route runs.
 
 - Dimensions come from the request: the verified `X-API-Key` (its key id; a key that does not verify
-  makes the request anonymous, and the API-key middleware then answers 401), `anonymous` (set only
+  makes the request anonymous, and the API-key step then answers 401), `anonymous` (set only
   when the request has neither a verified key nor a validly signed bearer token), the bearer token's
   subject (verified here, but a bad token only means "no user": refusing it stays the route's job),
   the client address (as the request context resolved it: the socket peer, or the client a trusted
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import orjson
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope
 
 from mercato.config import RateLimitSettings
 from mercato.gateway.api_keys import verified_api_key
@@ -52,11 +52,14 @@ from mercato.kit.ratelimit.policy import (
 from mercato.kit.web import problem_responses
 from mercato.kit.web.problems import problem_response
 
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
 __all__ = [
     "ALWAYS_EXEMPT",
     "DEFAULT_POLICY_FILE",
     "DimensionResolver",
-    "RateLimitMiddleware",
+    "RateLimit",
     "RateLimiting",
     "install_rate_limiting",
     "router",
@@ -77,7 +80,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _route_template(scope: Scope, path: str) -> str | None:
-    """The template of the route that will serve this request (routing happens after middleware)."""
+    """The template of the route that will serve this request (routing happens after the edge)."""
     app = scope.get("app")
     routes = getattr(getattr(app, "router", None), "routes", ())
     probe = {"type": "http", "method": scope["method"], "path": path, "root_path": "", "headers": []}
@@ -154,7 +157,7 @@ class DimensionResolver:
 
     async def _key_id(self, scope: Scope) -> str | None:
         """The verified key's id; None when no key is sent, or when it does not verify (then the
-        request is anonymous here, and the API-key middleware answers 401 after the limiter)."""
+        request is anonymous here, and the API-key step answers 401 after the limiter)."""
         if self._verifier is None:
             return None
         found = await verified_api_key(scope, self._verifier, self._api_key)
@@ -211,7 +214,7 @@ class _HttpMetrics:
 
 @dataclass
 class RateLimiting:
-    """What the middleware and the status route share (on `app.state.rate_limiting`)."""
+    """What the edge step and the status route share (on `app.state.rate_limiting`)."""
 
     enforcer: PolicyEnforcer
     resolver: DimensionResolver
@@ -233,43 +236,36 @@ class RateLimiting:
         await self.enforcer.pool.aclose()
 
 
-class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, limiting: RateLimiting) -> None:
-        self.app = app
+class RateLimit:
+    """Edge step: every applicable rule must admit the request (429/503 otherwise); the headline rule's
+    `RateLimit-*` headers go on the response."""
+
+    def __init__(self, *, limiting: RateLimiting) -> None:
         self.limiting = limiting
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in ALWAYS_EXEMPT:
-            await self.app(scope, receive, send)
-            return
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        scope = ex.scope
+        if ex.path in ALWAYS_EXEMPT:
+            return None
         limiting = self.limiting
-        rules = limiting.enforcer.applicable(scope["method"], scope["path"])
+        rules = limiting.enforcer.applicable(ex.method, ex.path)
         if not rules:
-            await self.app(scope, receive, send)
-            return
+            return None
         started = time.perf_counter()
         body: bytes | None = None
         if any(rule.needs_body for rule in rules):
-            body, receive = await _buffer_body(receive)
+            body, ex.receive = await _buffer_body(ex.receive)
         keyed = await limiting.keyed(rules, scope, body=body)
         if not keyed:
-            await self.app(scope, receive, send)
-            return
+            return None
         verdict = await limiting.enforcer.check(keyed)
         self._observe(verdict, time.perf_counter() - started)
         headline = verdict.headline
         assert headline is not None  # keyed is not empty
         if not verdict.allowed:
-            await _refusal(verdict, headline.decision.headers(), scope)(scope, receive, send)
-            return
-        raw = headline.decision.header_pairs()
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *raw]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+            return _refusal(verdict, headline.decision.headers(), scope)
+        ex.added.extend(headline.decision.header_pairs())
+        return None
 
     def _observe(self, verdict: Verdict, seconds: float) -> None:
         metrics = self.limiting.metrics
@@ -445,10 +441,9 @@ def install_rate_limiting(
     clock: Clock,
     api_keys: CredentialVerifier | None = None,
 ) -> RateLimiting | None:
-    """Build the limiter from settings, register its readiness check, route and middleware.
-
-    Call it where the middleware belongs in the chain (`add_middleware` wraps what was added before).
-    Returns None when rate limiting is disabled; otherwise close it (`aclose`) at shutdown.
+    """Build the limiter from settings, register its readiness check and route; the edge runs it
+    (`RateLimit(limiting=...)`). Returns None when rate limiting is disabled; otherwise close it
+    (`aclose`) at shutdown.
     """
     app.include_router(router)
     if not settings.enabled:
@@ -488,7 +483,6 @@ def install_rate_limiting(
     )
     app.state.rate_limiting = limiting
     health.add_check("ratelimit", enforcer.readiness_check)
-    app.add_middleware(RateLimitMiddleware, limiting=limiting)
     return limiting
 
 

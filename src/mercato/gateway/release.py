@@ -1,7 +1,7 @@
 """The API process's part of safe releases: the runtime configuration applied to the edge (rate-limit
 policies, shedding limits, Cache-Control lifetimes; ADR 0045), and a lab's bad build.
 
-`FaultInjectionMiddleware` turns a fraction of `/v1` answers into 500s when
+`FaultInjection` (an edge step) turns a fraction of `/v1` answers into 500s when
 `MERCATO_RELEASE_INJECT_ERROR_RATIO` is set (dev/test only, refused elsewhere by the settings):
 `mercato lab canary` starts its canary group with it to prove the automatic rollback.
 """
@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from mercato.gateway.caching import CachePolicy, public_catalog_policies
 from mercato.gateway.ratelimit import RateLimiting
 from mercato.gateway.shedding import build_limiter
 from mercato.kit.backpressure import ConcurrencyLimiter
-from mercato.kit.observability import request_id_var
 from mercato.kit.web.problems import problem_response
 from mercato.runtime_appliers import Commit
 from mercato.runtime_config import RuntimeConfig
 
-__all__ = ["FaultInjectionMiddleware", "edge_preparers"]
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["FaultInjection", "edge_preparers"]
 
 
 def edge_preparers(
@@ -61,24 +64,21 @@ def edge_preparers(
     return out
 
 
-class FaultInjectionMiddleware:
-    """A bad build: `ratio` of `/v1/` requests answer 500 (problem+json) without being handled."""
+class FaultInjection:
+    """A bad build (edge step): `ratio` of `/v1/` requests answer 500 (problem+json) without being handled."""
 
-    def __init__(self, app: ASGIApp, *, ratio: float, rng: random.Random | None = None) -> None:
-        self.app = app
+    def __init__(self, *, ratio: float, rng: random.Random | None = None) -> None:
         self.ratio = ratio
         self._rng = rng or random.Random()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self._rng.random() < self.ratio:
-            response = problem_response(
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        if ex.path.startswith("/v1/") and self._rng.random() < self.ratio:
+            return problem_response(
                 status=500,
                 slug="internal",
                 title="Internal Server Error",
                 detail="injected fault (release lab)",
-                instance=scope["path"],
-                request_id=request_id_var.get(),
+                instance=ex.path,
+                request_id=ex.request_id,
             )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+        return None

@@ -1,6 +1,6 @@
 """Load shedding at the edge: classify each request, take a concurrency slot or answer 503 at once.
 
-Pure ASGI and placed just inside `RequestContextMiddleware`, so a refusal still carries the request
+An edge step (ADR 0054) run first after the request context, so a refusal still carries the request
 id and is counted in the RED metrics, but costs no routing, no dependency resolution and no database
 work: a shed request is answered in well under a millisecond of server time. Classes (ADR 0012):
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from mercato.config import BackpressureSettings
 from mercato.kit.backpressure import (
@@ -25,10 +26,12 @@ from mercato.kit.backpressure import (
     Priority,
 )
 from mercato.kit.clock import Clock
-from mercato.kit.observability import request_id_var
 from mercato.kit.web.problems import problem_response
 
-__all__ = ["DEFAULT_RULES", "SheddingMiddleware", "build_limiter", "classify"]
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["DEFAULT_RULES", "Shedding", "build_limiter", "classify"]
 
 # (methods or None for any, path pattern, class); the first match wins, no match is NORMAL.
 Rule = tuple[frozenset[str] | None, re.Pattern[str], Priority]
@@ -79,40 +82,32 @@ def build_limiter(
     )
 
 
-class SheddingMiddleware:
+class Shedding:
+    """Edge step: take a concurrency slot for the request's class, or answer 503 at once. The slot is
+    released when the edge finishes the request (a streaming body still occupies the worker)."""
+
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        limiter: ConcurrencyLimiter,
-        classifier: Callable[[str, str], Priority] = classify,
+        self, *, limiter: ConcurrencyLimiter, classifier: Callable[[str, str], Priority] = classify
     ) -> None:
-        self.app = app
         self.limiter = limiter
         self.classifier = classifier
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _LONG_LIVED.match(scope["path"]):
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        if _LONG_LIVED.match(ex.path):
             # A live stream holds its request for minutes: it must not hold a concurrency slot.
-            await self.app(scope, receive, send)
-            return
-        priority = self.classifier(scope["method"], scope["path"])
+            return None
+        priority = self.classifier(ex.method, ex.path)
         try:
             await self.limiter.acquire(priority)
         except Overloaded as exc:
-            response = problem_response(
+            return problem_response(
                 status=503,
                 slug="overloaded",
                 title="Server overloaded",
                 detail=f"shedding {priority.label} requests; retry after {exc.retry_after_s} s",
-                instance=scope["path"],
-                request_id=request_id_var.get(),
+                instance=ex.path,
+                request_id=ex.request_id,
                 headers={"Retry-After": str(exc.retry_after_s)},
             )
-            await response(scope, receive, send)
-            return
-        try:
-            # Held until the response is fully sent: a streaming body still occupies the worker.
-            await self.app(scope, receive, send)
-        finally:
-            self.limiter.release()
+        ex.defer(self.limiter.release)
+        return None

@@ -13,8 +13,8 @@ vendor media type is labelled with it. Every versioned request counts once in
 `mercato_http_requests_by_version_total{version, selected_by}` (`path` or `accept`), the adoption
 figure that decides when a sunset can actually happen.
 
-The scope is rewritten in place, not copied: the request-context middleware outside reads the
-matched route from the same dict, so metrics and spans name the route that really ran.
+The scope is rewritten in place, not copied: the edge reads the matched route from the same dict, so
+metrics and spans name the route that really ran.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry, Counter
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "V1_POLICY",
     "DeprecationPolicy",
     "VersionMetrics",
-    "VersioningMiddleware",
+    "Versioning",
     "document_versioning",
     "requested_version",
     "vendor_media_type",
@@ -47,6 +47,10 @@ _VERSIONED_PATH = re.compile(r"^/v([0-9]{1,3})(/.*)?$")
 _VENDOR_RANGE = re.compile(r"^application/vnd\.mercato\.v([0-9]{1,3})\+json$")
 _JSON = b"application/json"
 _RAW_VERSION_PREFIX = re.compile(rb"^/v[0-9]{1,3}(?=/|$)")
+_MEMO_SIZE = 4096
+
+if TYPE_CHECKING:
+    from mercato.gateway.edge import Exchange
 
 
 def vendor_media_type(version: int) -> str:
@@ -122,13 +126,6 @@ def requested_version(accept: str | None) -> int | None:
     return best[1] if best else None
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 class _RouteIndex:
     """Which versioned (method, path) pairs have a route.
 
@@ -146,38 +143,88 @@ class _RouteIndex:
                 entry = (route.path_regex, frozenset(route.methods))
                 self._by_version.setdefault(int(match.group(1)), []).append(entry)
 
+        # (version, rest, method) -> answer: a repeat request skips the regex walk. Bounded (paths carry
+        # ids): emptied when full, which costs one walk per entry again.
+        self._memo: dict[tuple[int, str, str], bool] = {}
+
     def exists(self, version: int, rest: str, method: str) -> bool:
-        path = f"/v{version}{rest}"
-        return any(
-            method in methods and regex.match(path) is not None
-            for regex, methods in self._by_version.get(version, ())
-        )
+        key = (version, rest, method)
+        found = self._memo.get(key)
+        if found is None:
+            path = f"/v{version}{rest}"
+            found = any(
+                method in methods and regex.match(path) is not None
+                for regex, methods in self._by_version.get(version, ())
+            )
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
+
+    def negotiable(self, served: int, rest: str, method: str, latest: int) -> bool:
+        """Another version serves this method and path, so `Accept` could have changed the answer."""
+        return any(other != served and self.exists(other, rest, method) for other in range(1, latest + 1))
 
 
-class VersioningMiddleware:
+class Versioning:
+    """Edge step: the `Accept`-selected version's rewrite, deprecation headers and adoption metrics."""
+
     def __init__(
         self,
-        app: ASGIApp,
         *,
         routes: Iterable[BaseRoute],
         metrics: VersionMetrics,
         policies: dict[int, DeprecationPolicy] | None = None,
         latest: int = LATEST_VERSION,
     ) -> None:
-        self.app = app
         self.routes = _RouteIndex(routes)
         self.metrics = metrics
         self.policies = policies if policies is not None else {1: V1_POLICY}
         self.latest = latest
+        # The counter's children, resolved once per (version, selected_by).
+        self._counters: dict[tuple[int, str], Any] = {}
+        self._encoded: dict[DeprecationPolicy, list[tuple[bytes, bytes]]] = {}
+        self._links: dict[tuple[bytes, bytes], bytes] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _VERSIONED_PATH.match(scope["path"]) if scope["type"] == "http" else None
+    def _link(self, raw_path: bytes, scope: Scope) -> bytes:
+        """The successor's `Link` value for this raw path and query; memoised (bounded), as quoting
+        it costs more than the rest of the step."""
+        query: bytes = scope.get("query_string", b"")
+        key = (raw_path, query)
+        link = self._links.get(key)
+        if link is None:
+            target = _with_version(raw_path, self.latest) + (b"?" + query if query else b"")
+            if len(self._links) >= _MEMO_SIZE:
+                self._links.clear()
+            link = self._links[key] = b"<" + _header_safe(target) + b'>; rel="successor-version"'
+        return link
+
+    def _policy_headers(self, policy: DeprecationPolicy) -> list[tuple[bytes, bytes]]:
+        """`Deprecation` and `Sunset` of a policy, encoded once (formatting a date costs per request)."""
+        found = self._encoded.get(policy)
+        if found is None:
+            found = self._encoded[policy] = [
+                (b"deprecation", policy.deprecation_header.encode("latin-1")),
+                (b"sunset", policy.sunset_header.encode("latin-1")),
+            ]
+        return found
+
+    def _count(self, version: int, selected_by: str) -> None:
+        counter = self._counters.get((version, selected_by))
+        if counter is None:
+            counter = self.metrics.requests.labels(f"v{version}", selected_by)
+            self._counters[(version, selected_by)] = counter
+        counter.inc()
+
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        match = _VERSIONED_PATH.match(ex.path)
         if match is None:
-            await self.app(scope, receive, send)
-            return
-        method: str = scope["method"]
+            return None
+        scope = ex.scope
+        method = ex.method
         path_version, rest = int(match.group(1)), match.group(2) or ""
-        requested = requested_version(_header(scope, b"accept"))
+        accept = ex.header(b"accept")
+        requested = requested_version(accept)
         served, selected_by = path_version, "path"
         if (
             requested is not None
@@ -185,9 +232,9 @@ class VersioningMiddleware:
             and self.routes.exists(requested, rest, method)
         ):
             served, selected_by = requested, "accept"
-            scope["path"] = f"/v{served}{rest}"
+            ex.path = scope["path"] = f"/v{served}{rest}"
             scope["raw_path"] = _with_version(_raw_path(scope), served)
-        self.metrics.observe(version=served, selected_by=selected_by)
+        self._count(served, selected_by)
 
         extra: list[tuple[bytes, bytes]] = []
         policy = self.policies.get(served)
@@ -195,27 +242,12 @@ class VersioningMiddleware:
         if policy is not None and successor:
             # Built from the raw (percent-encoded) bytes: the decoded path may hold any character,
             # and a header value may only hold bytes a client can read back unchanged.
-            query: bytes = scope.get("query_string", b"")
-            target = _with_version(_raw_path(scope), self.latest) + (b"?" + query if query else b"")
-            extra += [
-                (b"deprecation", policy.deprecation_header.encode("latin-1")),
-                (b"sunset", policy.sunset_header.encode("latin-1")),
-                (b"link", b"<" + _header_safe(target) + b'>; rel="successor-version"'),
-            ]
-        negotiable = successor or any(
-            other != served and self.routes.exists(other, rest, method) for other in range(1, self.latest + 1)
-        )
+            extra += [*self._policy_headers(policy), (b"link", self._link(_raw_path(scope), scope))]
+        negotiable = successor or self.routes.negotiable(served, rest, method, self.latest)
         labelled = vendor_media_type(served).encode("latin-1") if requested == served else None
-        if not extra and not negotiable and labelled is None:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": _rewrite(message, extra, negotiable, labelled)}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        if extra or negotiable or labelled is not None:
+            ex.on_start(lambda _status, headers: _rewrite(headers, extra, negotiable, labelled))
+        return None
 
 
 def _raw_path(scope: Scope) -> bytes:
@@ -234,11 +266,14 @@ def _header_safe(value: bytes) -> bytes:
 
 
 def _rewrite(
-    message: Message, extra: list[tuple[bytes, bytes]], negotiable: bool, labelled: bytes | None
-) -> list[tuple[bytes, bytes]]:
+    original: list[tuple[bytes, bytes]],
+    extra: list[tuple[bytes, bytes]],
+    negotiable: bool,
+    labelled: bytes | None,
+) -> None:
     headers: list[tuple[bytes, bytes]] = []
     vary: list[bytes] = []
-    for key, value in message.get("headers", []):
+    for key, value in original:
         lower = key.lower()
         if lower == b"vary":
             vary.append(value)
@@ -253,7 +288,7 @@ def _rewrite(
         vary = [b", ".join(values)]
     headers.extend((b"vary", value) for value in vary)
     headers.extend(extra)
-    return headers
+    original[:] = headers
 
 
 _HEADER_DOCS: Final[dict[str, dict[str, Any]]] = {

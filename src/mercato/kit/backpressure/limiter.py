@@ -82,6 +82,10 @@ class _Waiter:
     timer: asyncio.TimerHandle | None = None
 
 
+_PRIORITIES = tuple(sorted(Priority))
+_LOWEST = _PRIORITIES[-1]
+
+
 class ConcurrencyLimiter:
     """Not thread-safe: one per process and event loop (a per-process limit, as uvicorn runs workers)."""
 
@@ -107,6 +111,11 @@ class ConcurrencyLimiter:
         self._classes = dict(classes)
         self._ceilings = {p: max(1, math.floor(max_inflight * classes[p].share)) for p in Priority}
         self._queues: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+        # Per class, the queues that go before it (its own and every higher class's), most important
+        # first: checked on every admission, so resolved once rather than walking the enum each time.
+        self._ahead: dict[Priority, tuple[deque[_Waiter], ...]] = {
+            p: tuple(self._queues[q] for q in _PRIORITIES if q <= p) for p in _PRIORITIES
+        }
         self._inflight = 0
         self._clock = clock or SystemClock()
         self._hook: BackpressureHook = hook or NoBackpressureMetrics()
@@ -136,7 +145,7 @@ class ConcurrencyLimiter:
         if self._inflight >= self._ceilings[priority]:
             return False
         # Queued waiters of this class or a higher one were first: do not overtake them.
-        if any(self._queues[p] for p in Priority if p <= priority):
+        if any(self._ahead[priority]):
             return False
         self._take(priority, queue_wait_s=0.0)
         return True
@@ -191,7 +200,9 @@ class ConcurrencyLimiter:
         raise Overloaded(priority, reason=reason, retry_after_s=self.retry_after_s)
 
     def _grant_waiters(self) -> None:
-        for priority in Priority:
+        if not any(self._ahead[_LOWEST]):
+            return  # nobody is queued (the common case: called on every release)
+        for priority in _PRIORITIES:
             queue = self._queues[priority]
             while queue and self._inflight < self._ceilings[priority]:
                 waiter = queue.popleft()

@@ -64,8 +64,14 @@ class PrometheusBackpressureMetrics:
             registry=registry,
         )
 
+        # One child per class, resolved once: `admitted` runs on every request. (Imported here: the
+        # limiter module imports this one.)
+        from mercato.kit.backpressure.limiter import Priority
+
+        self._wait_by_class = {priority: self._wait.labels(priority.label) for priority in Priority}
+
     def admitted(self, priority: Priority, *, queue_wait_s: float) -> None:
-        self._wait.labels(priority.label).observe(queue_wait_s)
+        self._wait_by_class[priority].observe(queue_wait_s)
 
     def shed(self, priority: Priority, *, reason: str) -> None:
         self._shed.labels(priority.label, reason).inc()

@@ -9,7 +9,12 @@ from mercato.kit.cache.cache import Cache, CacheTtls, Loader
 from mercato.kit.cache.entry import Entry, Fence
 from mercato.kit.cache.hooks import CacheHooks, NoCacheHooks, PrometheusCacheHooks
 from mercato.kit.cache.policies import ByteStore, CountMinSketch, LruStore, TinyLfuStore
-from mercato.kit.cache.staleness import StalenessScope, record_staleness, staleness_scope
+from mercato.kit.cache.staleness import (
+    StalenessScope,
+    open_staleness_scope,
+    record_staleness,
+    staleness_scope,
+)
 from mercato.kit.cache.tiers import MemoryTier, RedisTier, Tier
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "StalenessScope",
     "Tier",
     "TinyLfuStore",
+    "open_staleness_scope",
     "record_staleness",
     "staleness_scope",
 ]

@@ -10,12 +10,12 @@ test): nothing is recorded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["StalenessScope", "record_staleness", "staleness_scope"]
+__all__ = ["StalenessScope", "open_staleness_scope", "record_staleness", "staleness_scope"]
 
 
 @dataclass
@@ -30,6 +30,14 @@ class StalenessScope:
 
 
 _scope: ContextVar[StalenessScope | None] = ContextVar("mercato_staleness_scope", default=None)
+
+
+def open_staleness_scope() -> tuple[StalenessScope, Callable[[], None]]:
+    """`staleness_scope` without a `with` block: the scope and the function that closes it (the edge
+    opens it in one step and closes it when the request ends, without a generator frame per request)."""
+    scope = StalenessScope()
+    reset = _scope.set(scope)
+    return scope, lambda: _scope.reset(reset)
 
 
 @contextmanager

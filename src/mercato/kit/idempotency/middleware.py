@@ -270,7 +270,7 @@ class IdempotencyMiddleware:
             query_string=bytes(scope.get("query_string", b"")),
         )
         caller = _bounded_scope(await self.scope_resolver(scope))
-        # A store that is down raises out of here: `RequestContextMiddleware` answers it 503 with
+        # A store that is down raises out of here: the gateway edge answers it 503 with
         # Retry-After (ADR 0026); nothing was claimed, so a retry with the same key runs afresh.
         outcome = await self._claim(scope, caller, key, fingerprint)
 

@@ -314,22 +314,30 @@ async def browse_page(
 async def get_product(
     product_id: ProductIdPath, service: Service, products: Products, if_none_match: IfNoneMatch = None
 ) -> Response:
+    body, etag, surrogate_key = await read_product(service, products, product_id)
+    headers = {"ETag": etag, SURROGATE_KEY: surrogate_key}
+    if (unchanged := not_modified(if_none_match, etag)) is not None:
+        unchanged.headers[SURROGATE_KEY] = surrogate_key
+        return unchanged
+    return Response(body, media_type="application/json", headers=headers)
+
+
+async def read_product(
+    service: CatalogService, products: ProductCache | None, product_id: str
+) -> tuple[bytes, str, str]:
+    """`GET /v1/products/{id}`'s body, ETag and `Surrogate-Key`; `ProductNotFound` if there is none.
+    Shared by the route and the edge, which answers this read before routing (ADR 0054)."""
     parsed = _product_id(product_id)
     if products is None:
         product = await service.get(parsed)
-        etag = product_etag(product)
-        body = product_body(product)
-        canonical_id = str(product.id)
-    else:
-        # From the application cache: a hit (and its 304) touches no database.
-        cached = await products.get(parsed)
-        etag = VersionTag("product", cached.id, cached.version, "v1").render()
-        body, canonical_id = cached.body, cached.id
-    headers = {"ETag": etag, SURROGATE_KEY: product_tags(canonical_id)}
-    if (unchanged := not_modified(if_none_match, etag)) is not None:
-        unchanged.headers[SURROGATE_KEY] = headers[SURROGATE_KEY]
-        return unchanged
-    return Response(body, media_type="application/json", headers=headers)
+        return product_body(product), product_etag(product), product_tags(str(product.id))
+    # From the application cache: a hit (and its 304) touches no database.
+    cached = await products.get(parsed)
+    return (
+        cached.body,
+        VersionTag("product", cached.id, cached.version, "v1").render(),
+        product_tags(cached.id),
+    )
 
 
 @router.post(

@@ -31,6 +31,7 @@ __all__ = ["INVALIDATION_GROUP", "REPRESENTATION", "CachedProduct", "ProductCach
 INVALIDATION_GROUP = "catalog-cache"
 
 REPRESENTATION = "r1"
+_PARSED_SIZE = 1024
 
 
 def product_tags(product_id: str) -> str:
@@ -60,6 +61,7 @@ class ProductCache:
         self._catalog = catalog
         self.cache = cache
         self._render = render
+        self._parsed: dict[bytes, CachedProduct] = {}
 
     @staticmethod
     def key(product_id: uuid.UUID) -> str:
@@ -78,7 +80,14 @@ class ProductCache:
         body = await self.cache.get(self.key(product_id), load)
         if body is None:
             raise ProductNotFound(f"product {product_id} not found")
-        return CachedProduct(body)
+        # A hit returns the very bytes object stored (whose hash Python keeps): its parsed head is
+        # looked up, not parsed again. Bounded; emptied when full.
+        parsed = self._parsed.get(body)
+        if parsed is None:
+            if len(self._parsed) >= _PARSED_SIZE:
+                self._parsed.clear()
+            parsed = self._parsed[body] = CachedProduct(body)
+        return parsed
 
     async def invalidate(self, product_id: uuid.UUID, *, source: str = "write") -> None:
         await self.cache.invalidate(self.key(product_id), source=source)

@@ -1,0 +1,102 @@
+"""Hot public reads answered by the edge itself, before routing (ADR 0054).
+
+`GET /v1/products/{id}` is the shop's most frequent request. Through FastAPI it cost, besides the read,
+route matching over every route, dependency solving (three dependencies and a header parameter) and a
+`Response` object with its header copies. Here the edge step runs the route's own read
+(`shop/catalog/api.read_product`, the same function the route calls) and sends the stored bytes with
+pre-encoded headers: an application-cache hit (and its 304) touches neither the database nor FastAPI.
+
+Everything a request must pass still runs first (the steps before this one: limits, shedding, deadline,
+versioning, 406), and every answer is the route's, byte for byte. Whatever the fast path does not
+handle goes on to the router: another method, a path parameter or an `If-None-Match` the route's
+validation would refuse (400), a path the router would not match. An error from the read is rendered by
+the app's own exception handlers (404 problem, 503 outage), as the route's would be.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import TYPE_CHECKING, Any, cast
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mercato.kit.web.etags import IF_NONE_MATCH_MAX_LENGTH, if_none_match_hits
+from mercato.shop.catalog.api import read_product
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from mercato.gateway.edge import Exchange
+
+__all__ = ["PRODUCT_ROUTE", "FastReads"]
+
+PRODUCT_ROUTE = "/v1/products/{product_id}"
+# The route's own path regex for that template (`[^/]+`), and its parameter's bounds (`ProductIdPath`).
+_PRODUCT_PATH = re.compile(r"^/v1/products/([^/]+)$")
+_PRODUCT_ID_MAX = 64
+_JSON = (b"content-type", b"application/json")
+
+
+class _Answer:
+    """A prepared response: the start message's status and headers, and the body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class FastReads:
+    """Edge step, last before the router."""
+
+    def __init__(self, *, app: FastAPI) -> None:
+        self.app = app
+        self.state: Any = app.state
+
+    async def __call__(self, ex: Exchange) -> ASGIApp | None:
+        if ex.method != "GET":
+            return None
+        match = _PRODUCT_PATH.match(ex.path)
+        if match is None:
+            return None
+        product_id = match.group(1)
+        if_none_match = ex.header(b"if-none-match")
+        if len(product_id) > _PRODUCT_ID_MAX or (
+            if_none_match is not None and len(if_none_match) > IF_NONE_MATCH_MAX_LENGTH
+        ):
+            return None  # the route's validation answers it (400)
+        ex.route = PRODUCT_ROUTE
+        state = self.state
+        try:
+            body, etag, surrogate_key = await read_product(
+                state.catalog, getattr(state, "product_cache", None), product_id
+            )
+        except Exception as exc:  # noqa: BLE001 - rendered by the app's handler, or re-raised to the edge
+            return await self._handled(ex, exc)
+        tag = etag.encode("latin-1")
+        key = surrogate_key.encode("latin-1")
+        if if_none_match is not None and if_none_match_hits(if_none_match, etag):
+            # A 304 carries the validator and no body (RFC 9110 §15.4.5), as `not_modified` builds it.
+            return _Answer(304, [(b"etag", tag), (b"surrogate-key", key)], b"")
+        headers = [(b"etag", tag), (b"surrogate-key", key), (b"content-length", b"%d" % len(body)), _JSON]
+        return _Answer(200, headers, body)
+
+    async def _handled(self, ex: Exchange, exc: Exception) -> ASGIApp:
+        """The response the app's exception handlers give `exc` (Starlette's lookup: the class's MRO)."""
+        handlers = self.app.exception_handlers
+        for kind in type(exc).__mro__:
+            handler = handlers.get(kind)
+            if handler is not None:
+                response = handler(Request(ex.scope), exc)
+                if inspect.isawaitable(response):
+                    response = await response
+                return cast(ASGIApp, response)
+        raise exc

@@ -1,0 +1,185 @@
+"""The edge as one layer (ADR 0054): its steps run in the documented order, a step's refusal skips the
+rest, and `GET /v1/products/{id}` is answered by the edge itself (no routing, no dependency solving)
+with exactly the bytes and headers the route gives, on both engines and with the cache on or off."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from mercato.bootstrap import Container
+from mercato.gateway.app import create_app
+from mercato.gateway.edge import Edge
+from mercato.gateway.fast_reads import PRODUCT_ROUTE, FastReads
+from mercato.shop.catalog.api import router as catalog_router
+from tests.conftest import make_settings
+from tests.integration.shop_support import product
+from tests.integration.statement_budget import counting
+
+# What differs between two answers to the same request by construction.
+_PER_REQUEST = {"x-request-id", "date"}
+
+
+def _edge(app: FastAPI) -> Edge:
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, Edge):
+        layer = layer.app
+    return layer
+
+
+@pytest.fixture
+def route_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, str]]:
+    """Records (app, path) each time the product route itself runs (its `handle`, after routing matched
+    it). The route object is the catalog router's, shared by every app: restored after the test."""
+    calls: list[tuple[object, str]] = []
+    route = next(r for r in catalog_router.routes if isinstance(r, APIRoute) and r.path == PRODUCT_ROUTE)
+    original = route.handle
+
+    async def handle(scope: Any, receive: Any, send: Any) -> None:
+        calls.append((scope.get("app"), scope["path"]))
+        await original(scope, receive, send)
+
+    monkeypatch.setattr(route, "handle", handle)
+    return calls
+
+
+def _calls(calls: list[tuple[object, str]], app: FastAPI) -> list[str]:
+    return [path for called, path in calls if called is app]
+
+
+@asynccontextmanager
+async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        yield client
+
+
+def _app(container: Container, *, fast: bool = True) -> FastAPI:
+    app = create_app(
+        make_settings(container.settings.database.url), container=container, configure_logs=False
+    )
+    if not fast:
+        edge = _edge(app)
+        edge.inner = tuple(step for step in edge.inner if not isinstance(step, FastReads))
+    return app
+
+
+def _headers(response: httpx.Response) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in response.headers.multi_items() if k not in _PER_REQUEST]
+
+
+async def test_the_app_runs_one_edge_with_its_steps_in_order(container: Container) -> None:
+    edge = _edge(_app(container))
+    outer = [type(getattr(step, "__self__", step)).__name__ for step in edge.outer]
+    inner = [type(step).__name__ for step in edge.inner]
+    assert outer == [
+        "BodyLimit",
+        "Shedding",
+        "RateLimit",
+        "ApiKeyCheck",
+        "EdgeCache",
+        "Deadline",
+        "Versioning",
+        "MethodsAndMedia",  # its 405 Allow, outside idempotency
+    ]
+    assert edge.idempotency is not None
+    assert inner == ["StalenessHeader", "MethodsAndMedia", "FastReads"]
+
+
+async def test_a_product_read_is_answered_by_the_edge_exactly_as_the_route_answers(
+    container: Container, route_calls: list[tuple[object, str]]
+) -> None:
+    item = await product(container, "EDGE-1", 2500)
+    url = f"/v1/products/{item.id}"
+    fast_app, slow_app = _app(container), _app(container, fast=False)
+    async with client_for(fast_app) as fast, client_for(slow_app) as slow:
+        for headers in ({}, {"Accept": "application/json"}):
+            by_edge, by_route = await fast.get(url, headers=headers), await slow.get(url, headers=headers)
+            assert by_edge.status_code == by_route.status_code == 200
+            assert by_edge.content == by_route.content
+            assert _headers(by_edge) == _headers(by_route)
+        etag = by_edge.headers["etag"]
+        by_edge, by_route = (
+            await fast.get(url, headers={"If-None-Match": etag}),
+            await slow.get(url, headers={"If-None-Match": etag}),
+        )
+        assert by_edge.status_code == by_route.status_code == 304
+        assert by_edge.content == by_route.content == b""
+        assert _headers(by_edge) == _headers(by_route)
+        missing = f"/v1/products/{uuid.uuid4()}"
+        by_edge, by_route = await fast.get(missing), await slow.get(missing)
+        assert by_edge.status_code == by_route.status_code == 404
+        assert by_edge.headers["content-type"] == "application/problem+json"
+        assert by_edge.json()["request_id"] == by_edge.headers["x-request-id"]
+        assert {**by_edge.json(), "request_id": ""} == {**by_route.json(), "request_id": ""}
+    assert _calls(route_calls, fast_app) == [], "the edge should answer product reads without routing"
+    assert len(_calls(route_calls, slow_app)) == 4
+
+
+async def test_what_the_edge_does_not_serve_goes_on_to_the_route(
+    container: Container, route_calls: list[tuple[object, str]]
+) -> None:
+    item = await product(container, "EDGE-2", 900)
+    app = _app(container)
+    async with client_for(app) as client:
+        # A path parameter over the route's bound, an If-None-Match over its bound: the route's 400.
+        assert (await client.get("/v1/products/" + "x" * 65)).status_code == 400
+        too_long = await client.get(f"/v1/products/{item.id}", headers={"If-None-Match": "x" * 5000})
+        assert too_long.status_code == 400
+        # Accept selecting v2 is rewritten by the versioning step before the fast path looks.
+        v2 = await client.get(
+            f"/v1/products/{item.id}", headers={"Accept": "application/vnd.mercato.v2+json"}
+        )
+        assert v2.status_code == 200
+        assert v2.json()["status"] == "active"
+    assert len(_calls(route_calls, app)) == 2
+
+
+async def test_a_cached_read_through_the_edge_touches_no_database_and_keeps_every_header(
+    container: Container, route_calls: list[tuple[object, str]]
+) -> None:
+    assert container.product_cache is not None
+    item = await product(container, "EDGE-3", 1200)
+    url = f"/v1/products/{item.id}"
+    app = _app(container)
+    async with client_for(app) as client:
+        first = await client.get(url)
+        with counting(container) as tally:
+            again = await client.get(url)
+            revalidated = await client.get(url, headers={"If-None-Match": first.headers["etag"]})
+        assert tally.statements == [], tally.report()
+    assert _calls(route_calls, app) == []
+    assert again.content == first.content
+    assert revalidated.status_code == 304
+    # Every step's header work still happens on the edge's answer: versioning, edge cache, request id.
+    assert again.headers["deprecation"].startswith("@")
+    assert again.headers["link"] == f'</v2/products/{item.id}>; rel="successor-version"'
+    assert again.headers["vary"] == "Accept, Accept-Encoding"
+    assert again.headers["cache-control"].startswith("public, max-age=")
+    assert revalidated.headers["cache-control"] == again.headers["cache-control"]
+    assert len(again.headers["x-request-id"]) == 32
+    assert again.headers["surrogate-key"] == f"product:{item.id} products"
+
+
+async def test_a_refusing_step_answers_before_the_later_steps_and_the_route(
+    container: Container, route_calls: list[tuple[object, str]]
+) -> None:
+    item = await product(container, "EDGE-4", 700)
+    app = _app(container)
+    async with client_for(app) as client:
+        # 406 from the media check: a product read is never served to a client that cannot read JSON.
+        refused = await client.get(f"/v1/products/{item.id}", headers={"Accept": "text/html"})
+        options = await client.options(f"/v1/products/{item.id}")
+    assert refused.status_code == 406
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert options.status_code == 204
+    assert options.headers["allow"] == "GET, HEAD, PATCH, OPTIONS"
+    assert _calls(route_calls, app) == []
