@@ -17,7 +17,6 @@ Only e-mails are delivered here; webhook records stay `pending` (no webhook send
 
 from __future__ import annotations
 
-import asyncio
 import random
 import uuid
 from dataclasses import dataclass
@@ -91,10 +90,6 @@ def message_id_for(notification_id: uuid.UUID) -> str:
     return f"<notification-{notification_id}@mercato.local>"
 
 
-# A pass's mails go out this many at a time (each its own SMTP connection), then their outcomes are
-# written together: one statement per pass, not one transaction per mail (ADR 0055).
-SENDS_AT_ONCE = 8
-
 # Only a row still pending is written: a row settled meanwhile (by a purge, say) stays as it is.
 _RECORD = (
     update(notifications)
@@ -148,8 +143,8 @@ class NotificationDelivery:
         self._idle = False  # the last pass found nothing due
 
     async def deliver_due(self, *, limit: int = 50) -> int:
-        """One pass: claim up to `limit` due e-mails (one statement), send them, record every outcome
-        (one statement); returns how many.
+        """One pass: claim up to `limit` due e-mails (one statement), send them one by one, record
+        every outcome (one statement, ADR 0055); returns how many.
 
         After an idle pass, a read-only look comes first: an idle notifier then takes no write
         lock (SQLite) and opens no write transaction every second."""
@@ -157,18 +152,10 @@ class NotificationDelivery:
             return 0
         due = await self._claim(limit)
         self._idle = not due
-        sending = asyncio.Semaphore(SENDS_AT_ONCE)
-
-        async def deliver(item: _Due) -> _Outcome:
-            async with sending:
-                return await self._deliver(item)
-
-        # The sends are named after the pass's task: logs, profiles and the bench's statement
-        # counter attribute their reads (the recipients' addresses) to the notifier job.
-        current = asyncio.current_task()
-        name = current.get_name() if current is not None else "notifier"
-        sends = [asyncio.create_task(deliver(item), name=name) for item in due]
-        await self._record(list(await asyncio.gather(*sends)))
+        # One mail at a time, as before: concurrent sends would each hold a pool connection for an
+        # address read, taken from the saga runner of the same process, for a gain not measured.
+        # What the pass saves is the per-mail claim and outcome transactions.
+        await self._record([await self._deliver(item) for item in due])
         return len(due)
 
     async def _any_due(self) -> bool:
