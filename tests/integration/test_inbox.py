@@ -109,6 +109,10 @@ async def test_duplicate_deliveries_are_applied_once(
                 raise ConnectionError("consumer died after commit, before ack")
             await stream.ack(delivery)
 
+        async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+            for delivery in deliveries:
+                await self.ack(delivery)
+
     registry = CollectorRegistry()
     hook = PrometheusMessagingHook(registry)
     message = make_message("order-1")
@@ -159,14 +163,18 @@ async def test_failing_handler_retries_in_order_then_dead_letters(
     consumer = Consumer(
         container.db, dlq_stream, topic=TOPIC, group="billing", name="c1", handler=handle, hook=hook
     )
-    # Pass 1: #0 applied, #1 fails, #2 waits behind it. Passes 2 and 3: #1 fails again, and
-    # at its third failure goes to the dead-letter queue. Pass 4: #2, never before #1 was settled.
+    # Pass 1: the batch fails as a whole and rolls back (the handler saw #0 first: `applied`
+    # counts calls, the effect counts commits), then goes one delivery at a time: #0 applied, #1
+    # fails, #2 waits behind it. Passes 2 and 3: #1 fails again, and at its third failure goes to
+    # the dead-letter queue. Pass 4: #2, never before #1 was settled.
     assert await consumer.run_once() == 1
-    assert applied == [0]
+    assert applied == [0, 0]
+    assert await effect_count(container) == 1
     assert await consumer.run_once() == 0
     assert await consumer.run_once() == 0
+    assert await effect_count(container) == 1
     assert await consumer.run_once() == 1
-    assert applied == [0, 2]
+    assert applied == [0, 0, 2]
     [letter] = await dlq_stream.dead_letters()
     assert letter.message.id == messages[1].id
     assert letter.attempts == 3

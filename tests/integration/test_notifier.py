@@ -30,6 +30,7 @@ from mercato.shop.notifications.tables import notifications
 from mercato.workers import shop_jobs
 from tests.conftest import make_settings
 from tests.e2e.conftest import free_port
+from tests.integration.statement_budget import counting
 from tests.tables import emptiable_tables
 
 
@@ -166,3 +167,27 @@ async def test_transient_failures_are_retried_then_failed_and_unknown_customers_
         assert "451" in errors[3]
         assert "no e-mail address" in errors[1]
         assert (await http.get("/messages")).json()["items"] == []
+
+
+async def test_a_pass_of_k_mails_claims_and_records_them_in_one_statement_each(
+    shop: Container, clock: ManualClock, mail: tuple[str, int]
+) -> None:
+    k = 6
+    customer = await shop.identity.create_user(
+        f"buyer-{uuid.uuid4().hex[:8]}@example.com", "a-long-password-123", role=Role.CUSTOMER
+    )
+    service = NotificationsService(shop.db, shop.clock)
+    for _ in range(k // 2):
+        for kind in (ORDER_COMPLETED, ORDER_CANCELLED):
+            async with shop.db.write() as conn:
+                await service.handle(conn, _event(kind, customer.id, clock))
+
+    with counting(shop) as sent:
+        assert await _notifier_pass(shop) == k
+
+    # The claim (one UPDATE ... RETURNING over the due rows, behind its CTE) and the outcomes (one
+    # executemany UPDATE), besides the recipients' addresses, which identity reads per mail.
+    # Before (ADR 0055): a SELECT, an UPDATE per row to claim it, a transaction per outcome.
+    own = [sql.split(None, 1)[0] for sql in sent.statements if "notifications" in sql]
+    assert own == ["WITH", "UPDATE"], sent.report()
+    assert [(r["status"], r["attempts"]) for r in await _rows(shop)] == [("sent", 1)] * k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from mercato.shop.payments.contracts import (
 )
 from mercato.workers.jobs import shop_jobs
 from tests.integration.shop_support import admin, api, customer
+from tests.integration.statement_budget import counting
 
 
 @pytest.fixture
@@ -69,6 +71,9 @@ async def test_redelivered_payment_events_apply_once(
         async def ack(self, delivery: Delivery) -> None:
             raise ConnectionError("consumer died after commit, before ack")
 
+        async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+            raise ConnectionError("consumer died after commit, before ack")
+
     order_id = str(uuid.uuid4())
     messages = paid_and_refunded(order_id)
     await stream.publish(messages)
@@ -76,7 +81,7 @@ async def test_redelivered_payment_events_apply_once(
     with pytest.raises(ConnectionError):
         await dying.run_once()
     first = await container.payments.ledger(order_id)
-    assert first.ledger.version == 1  # the first delivery committed, then the process died
+    assert first.ledger.version == 3  # the batch committed in one transaction, then the process died
     healthy = container.payments.consumer(stream)
     clock.advance(11)  # past the visibility timeout: everything is redelivered
     assert await healthy.run_once() == 3
@@ -152,3 +157,39 @@ async def test_get_payment_ledger_route(container: Container, stream: SqlLogStre
         assert (await client.get(f"/v1/payments/{order_id}", headers=customer_headers)).status_code == 404
         assert (await client.get(f"/v1/payments/{order_id}")).status_code == 401
         assert "/v1/payments/{order_id}" in (await client.get("/openapi.json")).json()["paths"]
+
+
+async def test_a_ledger_write_lost_to_a_concurrent_writer_is_decided_again_in_the_same_transaction(
+    container: Container, database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: no second transaction can append meanwhile")
+    order_id = str(uuid.uuid4())
+    [authorized] = paid_and_refunded(order_id)[:1]
+    service = container.payments
+    real_load = service.ledgers.load
+    raced: list[int] = []
+
+    async def load_then_lose_the_race(conn: Any, stream_id: str) -> Any:
+        ledger = await real_load(conn, stream_id)
+        if not raced:
+            raced.append(ledger.version)
+            # Another consumer instance (a rebalance) records the same authorization and commits.
+            async with container.db.write() as other:
+                rival = await real_load(other, stream_id)
+                rival.authorize(authorization_id="auth-1", amount_minor=2_500, currency="EUR")
+                await service.ledgers.save(other, rival)
+        return ledger
+
+    service.ledgers.load = load_then_lose_the_race  # type: ignore[method-assign]
+    with counting(container) as handled:
+        async with container.db.write() as conn:
+            await service.handle(conn, authorized)
+
+    # The append saw version 1, not the 0 it was decided on, and raised; the handler reloaded and
+    # found the authorization recorded. The one savepoint is the rival's append's own: the handler
+    # opens none around its attempts (before ADR 0055: one per attempt, three in all).
+    assert raced == [0]
+    assert (await service.ledger(order_id)).ledger.version == 1
+    savepoints = [sql for sql in handled.statements if sql.startswith("SAVEPOINT")]
+    assert len(savepoints) == 1, handled.report()

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.bootstrap import Container
 from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import Consumer, Message, Outbox, OutboxRelay, SqlLogStream
+from mercato.kit.messaging.message import partition_for
 from mercato.kit.projections import Projection, Projector
 from tests.integration.statement_budget import counting
 from tests.integration.test_projections import counts
@@ -83,7 +84,7 @@ async def test_an_idle_consumer_poll_is_one_statement_and_no_transaction(
     assert (len(idle.statements), idle.transactions) == (1, 0), idle.report()
 
 
-async def test_a_consumer_poll_of_k_messages_costs_one_read_transaction_plus_one_per_message(
+async def test_a_consumer_poll_of_k_messages_costs_two_transactions_whatever_k(
     container: Container, stream: SqlLogStream, clock: ManualClock
 ) -> None:
     reader = consumer(container, stream, clock)
@@ -95,11 +96,33 @@ async def test_a_consumer_poll_of_k_messages_costs_one_read_transaction_plus_one
     with counting(container) as busy:
         assert await reader.run_once() == k
 
-    # Probe; the read (lock the cursors, the batch, move the cursor); per message the inbox
-    # insert in its own transaction with the (here empty) effect, then the one-statement ack;
-    # the lag. Before: the read also looked for replays and heads again (two more), and the lag
-    # was two statements in a transaction of its own.
-    assert (len(busy.statements), busy.transactions) == (5 + 2 * k, 1 + k), busy.report()
+    # Probe; the read (lock the cursors, the batch, move the cursor); the whole batch's inbox
+    # records in one INSERT ... RETURNING, in one transaction with the (here empty) effects; one
+    # ack moving the partition's watermark past the batch; the lag. Before (ADR 0055): the inbox
+    # insert in a transaction of its own and a one-statement ack per message, 5 + 2k in 1 + k.
+    assert (len(busy.statements), busy.transactions) == (7, 2), busy.report()
+    assert await stream.lag(TOPIC, "budget") == 0
+
+
+async def test_a_consumer_poll_acks_once_per_partition_of_its_batch(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    reader = consumer(container, stream, clock)
+    keys = [f"order-{n}" for n in range(3)]
+    await stream.publish([make_message(key) for key in keys])
+    assert await reader.run_once() == 3
+    partitions = {partition_for(key, partitions=8) for key in keys}
+    await stream.publish([make_message(keys[n % 3], n=n) for n in range(12)])
+
+    with counting(container) as busy:
+        assert await reader.run_once() == 12
+
+    # The read takes each partition's batch (a select and a cursor move each), the inbox records
+    # all 12 in one statement, and one in-order ack per partition, not one per message, moves its
+    # watermark: 4 + 3 per partition in all (before: 4 + 2 per partition + 2 per message).
+    acks = [sql for sql in busy.statements if "SET next_offset=" in sql and "CASE" in sql]
+    assert len(acks) == len(partitions), busy.report()
+    assert (len(busy.statements), busy.transactions) == (4 + 3 * len(partitions), 2), busy.report()
     assert await stream.lag(TOPIC, "budget") == 0
 
 

@@ -166,3 +166,45 @@ async def test_an_announcement_reaches_another_process_and_bursts_coalesce(datab
     finally:
         await listener.dispose()
         await announcer.dispose()
+
+
+async def test_a_woken_job_with_a_batch_window_serves_a_burst_of_signals_in_few_passes(
+    container: Container,
+) -> None:
+    """ADR 0055: each pass of a side job costs its fixed statements whatever it finds, so under load
+    one pass per signalled commit was most of the worker's CPU. With a window, a burst of signals
+    costs about one pass per window; a signal after a quiet spell still wakes the job at once."""
+    signals = container.db.signals
+    passes: list[float] = []
+    window_s = 0.25
+    passed = asyncio.Event()
+
+    async def side_pass() -> int:
+        passes.append(time.monotonic())
+        passed.set()
+        return 0
+
+    stop = asyncio.Event()
+    job = PeriodicJob("side", SAFETY_S, side_pass, wake_on=(STREAM_CHANNEL,), batch_window_s=window_s)
+    runner = asyncio.create_task(run_jobs([job], stop, signals=signals))
+    try:
+        await asyncio.wait_for(passed.wait(), timeout=5.0)
+        await asyncio.sleep(0.6)  # the first pass, and PostgreSQL's catch-up pass, are behind us
+        quiet = len(passes)
+        passed.clear()
+        fired = time.monotonic()
+        signals.fire(STREAM_CHANNEL)
+        await asyncio.wait_for(passed.wait(), timeout=2.0)
+        assert passes[quiet] - fired < 0.2, "after a quiet spell the first signal wakes the job at once"
+        burst_start = time.monotonic()
+        while time.monotonic() - burst_start < 1.0:  # a commit every 10 ms for a second
+            signals.fire(STREAM_CHANNEL)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(window_s + 0.1)
+        burst = [t for t in passes if t >= burst_start]
+        # ~100 signals: about one pass per window (≤ 1 s / 0.25 s + the one after), never per signal.
+        assert 2 <= len(burst) <= 6, burst
+        assert all(b - a >= window_s * 0.9 for a, b in zip(passes[quiet:], passes[quiet + 1 :], strict=False))
+    finally:
+        stop.set()
+        await runner

@@ -23,6 +23,12 @@ from mercato.workers.retention import MessagingRetention
 # Fired by the notifications consumer after it recorded e-mails: the notifier delivers them at once.
 NOTIFICATIONS_CHANNEL = "notifications"
 
+# The side jobs woken by work signals (relay, consumers, projectors, notifier) start a woken pass at
+# most this often: woken by every commit, each ran a pass (its fixed statements: probe, read, lag...)
+# over one or two messages, which at 25 checkouts/s was most of the worker's CPU (ADR 0055). None of
+# them is on a checkout's path (sagas wake the runner directly); an isolated event still goes at once.
+SIDE_JOB_WINDOW_S = 0.1
+
 # A saga still active this long after its deadline is stuck (`mercato_saga_stuck`); counted this often.
 SAGA_STUCK_GRACE_S = 60.0
 SAGA_WATCH_INTERVAL_S = 15.0
@@ -39,6 +45,8 @@ class PeriodicJob:
     (relays, consumers in a group, the notifier's claimed sends) are safe to run in every worker.
     With `wake_on`, a work signal on those channels starts the next pass at once and `interval_s` is
     only the safety poll; with `announces`, a pass that handled something fires that channel.
+    `batch_window_s`: a woken pass starts at least this long after the previous one started, so
+    under load the signals of many commits are served by one pass over a batch (ADR 0055).
     """
 
     name: str
@@ -48,6 +56,7 @@ class PeriodicJob:
     singleton: bool = False
     wake_on: tuple[str, ...] = ()
     announces: str | None = None
+    batch_window_s: float = 0.0
 
 
 def shop_jobs(container: Container) -> list[PeriodicJob]:
@@ -135,6 +144,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             relay.relay_once,
             batch=container.settings.messaging.relay_batch,
             wake_on=(OUTBOX_CHANNEL,),
+            batch_window_s=SIDE_JOB_WINDOW_S,
             announces=STREAM_CHANNEL,
         ),
         PeriodicJob(
@@ -162,12 +172,18 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             container.payments.consumer(container.stream, hook=container.messaging_hook).run_once,
             batch=100,
             wake_on=on_stream,
+            batch_window_s=SIDE_JOB_WINDOW_S,
         ),
         # Read models follow the log as often as the relay feeds it, which keeps the read-your-
         # writes gap of the order summaries short in embedded mode (see shop/reporting/api.py).
         *(
             PeriodicJob(
-                f"projection:{name}", safety_s, projector.run_once, batch=PROJECTOR_BATCH, wake_on=on_stream
+                f"projection:{name}",
+                safety_s,
+                projector.run_once,
+                batch=PROJECTOR_BATCH,
+                wake_on=on_stream,
+                batch_window_s=SIDE_JOB_WINDOW_S,
             )
             for name, projector in build_projectors(container).items()
         ),
@@ -218,6 +234,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             notifications_consumer(container).run_once,
             batch=100,
             wake_on=on_stream,
+            batch_window_s=SIDE_JOB_WINDOW_S,
             announces=NOTIFICATIONS_CHANNEL,
         ),
         # ...and deliver the e-mails they recorded (SMTP to the mail provider; retried, deduplicated).
@@ -227,6 +244,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             deliver_notifications,
             batch=worker.notify_batch,
             wake_on=(NOTIFICATIONS_CHANNEL,),
+            batch_window_s=SIDE_JOB_WINDOW_S,
         ),
         # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
         PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
@@ -249,6 +267,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
                 consumer.run_once,
                 batch=consumer.max_messages,
                 wake_on=on_stream,
+                batch_window_s=SIDE_JOB_WINDOW_S,
             )
         )
     return jobs

@@ -1,7 +1,8 @@
 """Runs periodic jobs until told to stop.
 
 A pass that handled a full batch runs again at once (there is a backlog); an idle pass waits the
-job's interval, jittered by ±10% so several worker processes do not sweep in lockstep. A job that
+job's interval, jittered by ±10% so several worker processes do not sweep in lockstep. A woken
+pass starts no sooner than the job's `batch_window_s` after the previous pass started (ADR 0055). A job that
 names `wake_on` channels (kit/storage/signals.py) is woken at once by a signal on them, and its
 interval is only the safety poll; a job that `announces` a channel fires it after a pass that
 handled something (the relay announces the stream to its consumers). A failing pass is logged and
@@ -76,8 +77,18 @@ async def run_job(
 ) -> None:
     rng = rng or random.Random()
     wake_on = job.wake_on if signals is not None else ()
+    previous_start = float("-inf")
+    backlog = False
     while not stop.is_set():
-        start = time.perf_counter()
+        # A woken pass waits out the rest of the batch window since the previous pass started: the
+        # commits signalled meanwhile are served by this one pass. A backlog pass goes at once.
+        hold_s = previous_start + job.batch_window_s - time.perf_counter()
+        if hold_s > 0 and not backlog:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=hold_s)
+            if stop.is_set():
+                break
+        start = previous_start = time.perf_counter()
         handled = 0
         # Read before the pass: a signal fired while it runs ends the wait below at once.
         mark = signals.mark(wake_on) if signals is not None and wake_on else ()
@@ -99,7 +110,8 @@ async def run_job(
                     _log.warning("job_announce_failed", job=job.name, exc_info=True)
         if metrics is not None:
             metrics.duration.labels(job.name).observe(time.perf_counter() - start)
-        if job.batch is not None and handled >= job.batch:
+        backlog = job.batch is not None and handled >= job.batch
+        if backlog:
             continue
         delay = job.interval_s * rng.uniform(0.9, 1.1)
         if signals is not None and wake_on:

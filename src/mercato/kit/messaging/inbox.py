@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 
 from sqlalchemy import and_, delete, or_, select
@@ -18,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, MessageReader
-from mercato.kit.messaging.stream import Stream
+from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.messaging.tables import inbox
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import insert_ignore
+from mercato.kit.storage.statements import insert_ignore, insert_new
 
 __all__ = ["Consumer", "Handler", "Inbox"]
 
@@ -50,6 +51,17 @@ class Inbox:
         )
         return inserted == 0
 
+    async def record_new(
+        self, conn: AsyncConnection, *, consumer: str, message_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        """Record every id of `message_ids` not yet processed by `consumer`, in one statement; the
+        ones it recorded (to apply now). The rest are duplicates. Same locking as `seen_or_record`."""
+        now = self._clock.now()
+        rows = [
+            {"consumer": consumer, "message_id": m, "processed_at": now} for m in dict.fromkeys(message_ids)
+        ]
+        return await insert_new(conn, inbox, rows, conflict=["consumer", "message_id"], key="message_id")
+
     async def purge(self, conn: AsyncConnection, *, before: datetime, limit: int | None = None) -> int:
         """Forget records older than `before`; keep them longer than any redelivery or replay window.
 
@@ -74,10 +86,13 @@ class Inbox:
 class Consumer:
     """Reads a topic as one member of a group and applies each message exactly once in effect.
 
-    For each delivery: one write transaction runs the inbox check and the handler, commits, then
-    the delivery is acknowledged. A crash before the ack redelivers; the inbox skips it. A handler
-    exception rolls the transaction back and nacks (dead-lettered after the stream's max attempts);
-    the partition's later deliveries of the batch are left for redelivery, to keep their order.
+    A read's whole batch goes through one write transaction: one statement records every message
+    id in the inbox and returns the new ones, the handler applies those in delivery order, it
+    commits, then the batch is acknowledged (`Stream.ack_many`: one statement per partition on the
+    SQL log). A crash before the ack redelivers; the inbox skips what committed. A handler
+    exception rolls the batch back, and the batch is done again one delivery per transaction:
+    the failing delivery is nacked (dead-lettered after the stream's max attempts), the others
+    apply, and the partition's later deliveries of the batch are left for redelivery, in order.
 
     `run_once` is a `PeriodicJob` callable returning how many deliveries it handled. With a
     `reader` the handler sees each message as the reader returns it (its data upcast to the
@@ -118,57 +133,92 @@ class Consumer:
         deliveries = await self._stream.read(
             self.topic, self.group, self.name, max_messages=self.max_messages, block_s=self._block_s
         )
-        failed: set[int] = set()
-        handled = 0
         labels = {"group": self.group, "topic": self.topic}
         for delivery in deliveries:
-            if delivery.partition in failed and not delivery.from_dead_letters:
-                continue
             if delivery.attempt > 1:
                 self._hook.consumer_redelivered(**labels)
-            try:
-                with message_spans(
-                    f"{self.topic} process",
-                    [delivery.message.headers],
-                    {
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": self.topic,
-                        "messaging.consumer.group.name": self.group,
-                        "messaging.message.id": str(delivery.message.id),
-                        "cloudevents.event_type": delivery.message.type,
-                    },
-                ):
-                    async with self._db.write() as conn:
-                        duplicate = await self._inbox.seen_or_record(
-                            conn, consumer=self.group, message_id=delivery.message.id
-                        )
-                        if not duplicate:
-                            message = delivery.message
-                            await self._handler(
-                                conn, message if self._reader is None else self._reader(message)
-                            )
-            except Exception as exc:  # noqa: BLE001 - any handler failure is a failed attempt
-                _log.warning(
-                    "message_failed",
-                    group=self.group,
-                    message_id=str(delivery.message.id),
-                    type=delivery.message.type,
-                    attempt=delivery.attempt,
-                    error=repr(exc),
-                )
-                await self._stream.nack(delivery, error=f"{type(exc).__name__}: {exc}")
-                if not delivery.from_dead_letters:
-                    failed.add(delivery.partition)
-                continue
-            await self._stream.ack(delivery)
-            handled += 1
-            if duplicate:
-                self._hook.consumer_dedup_hit(**labels)
-            else:
-                self._hook.consumer_processed(**labels)
+        handled = 0
+        failures: list[tuple[Delivery, Exception]] = []
+        while deliveries:
+            outcome = await self._in_one_transaction(deliveries)
+            if isinstance(outcome, list):
+                await self._stream.ack_many(deliveries)
+                handled = len(deliveries)
+                for fresh in outcome:
+                    (self._hook.consumer_processed if fresh else self._hook.consumer_dedup_hit)(**labels)
+                break
+            failures.append(outcome)
+            deliveries = _without(deliveries, outcome[0])
+        # Nacked after the rest is acknowledged, as one delivery at a time did: a nack revokes the
+        # later deliveries of its partition, and an earlier one's ack must not find it revoked.
+        for failed, exc in failures:
+            _log.warning(
+                "message_failed",
+                group=self.group,
+                message_id=str(failed.message.id),
+                type=failed.message.type,
+                attempt=failed.attempt,
+                error=repr(exc),
+            )
+            await self._stream.nack(failed, error=f"{type(exc).__name__}: {exc}")
         # The lag gauge costs a statement: after every pass that had deliveries, but from idle
         # passes (the most frequent, and their lag rarely moves) at most once per interval.
-        if deliveries or time.monotonic() >= self._lag_due:
+        if handled or failures or time.monotonic() >= self._lag_due:
             self._lag_due = time.monotonic() + self.idle_lag_interval_s
             self._hook.consumer_lag(**labels, messages=await self._stream.lag(self.topic, self.group))
         return handled
+
+    async def _in_one_transaction(
+        self, deliveries: list[Delivery]
+    ) -> list[bool] | tuple[Delivery, Exception]:
+        """Record the batch in the inbox (one statement) and apply its new messages in delivery
+        order, in one transaction: per delivery, whether it was applied (False: a duplicate); or,
+        rolled back, the delivery whose handler failed and why. Any other error propagates."""
+        applied: list[bool] = []
+        current: Delivery | None = None
+        try:
+            async with self._db.write() as conn:
+                new = await self._inbox.record_new(
+                    conn, consumer=self.group, message_ids=[d.message.id for d in deliveries]
+                )
+                for current in deliveries:
+                    # A message delivered twice in one batch (a replayed dead letter) applies once.
+                    fresh = current.message.id in new
+                    new.discard(current.message.id)
+                    applied.append(fresh)
+                    if fresh:
+                        await self._apply(conn, current)
+                current = None
+        except Exception as exc:
+            if current is None:
+                raise
+            return current, exc
+        return applied
+
+    def _span(self, delivery: Delivery) -> AbstractContextManager[object]:
+        return message_spans(
+            f"{self.topic} process",
+            [delivery.message.headers],
+            {
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self.topic,
+                "messaging.consumer.group.name": self.group,
+                "messaging.message.id": str(delivery.message.id),
+                "cloudevents.event_type": delivery.message.type,
+            },
+        )
+
+    async def _apply(self, conn: AsyncConnection, delivery: Delivery) -> None:
+        message = delivery.message
+        with self._span(delivery):
+            await self._handler(conn, message if self._reader is None else self._reader(message))
+
+
+def _without(deliveries: list[Delivery], failed: Delivery) -> list[Delivery]:
+    """The batch minus a nacked delivery and, to keep its partition's order, the deliveries of its
+    partition after it (the stream redelivers them after it); a dead letter holds back nothing."""
+    index = deliveries.index(failed)
+    held = failed.partition if not failed.from_dead_letters else None
+    return deliveries[:index] + [
+        d for d in deliveries[index + 1 :] if d.partition != held or d.from_dead_letters
+    ]

@@ -46,6 +46,7 @@ from mercato.kit.messaging.nats_jetstream_dead_letters import JetStreamDeadLette
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     Delivery,
+    ack_each,
     check_replay_start,
     poll_read,
 )
@@ -185,6 +186,8 @@ class JetStreamStream(JetStreamDeadLetters):
             return
         await self._respond(delivery.receipt, b"+ACK")
         self._forget(delivery)
+
+    ack_many = ack_each
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):

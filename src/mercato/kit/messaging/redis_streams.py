@@ -1,6 +1,4 @@
-"""`RedisStream`: the `Stream` port on Redis Streams (Redis 7).
-
-Layout, for a key prefix `P`:
+"""`RedisStream`: the `Stream` port on Redis Streams (Redis 7). Layout, for a key prefix `P`:
 
 - `P:<topic>:<partition>`: one Redis stream per partition. An entry's id is `<ms>-<offset>`: the
   publisher clock's milliseconds (never going backwards within the partition) and the partition's
@@ -41,6 +39,7 @@ from mercato.kit.messaging.stream import (
     DeadLetter,
     DeadLetterStatus,
     Delivery,
+    ack_each,
     check_replay_start,
     poll_read,
 )
@@ -465,6 +464,8 @@ class RedisStream:
             keys=[self._key(delivery.topic, delivery.partition)],
             args=[delivery.group, delivery.consumer, delivery.receipt, delivery.attempt],
         )
+
+    ack_many = ack_each
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):

@@ -451,11 +451,26 @@ class SqlLogStream:
                 )
             )
 
-    async def _ack_in_order(self, delivery: Delivery) -> bool:
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """One in-order ack per partition's run of consecutive offsets; the rest as `ack` does."""
+        runs: dict[tuple[str, str, str, int, str], list[Delivery]] = defaultdict(list)
+        for d in deliveries:
+            runs[(d.topic, d.group, d.consumer, d.partition, d.receipt)].append(d)
+        for (*_, receipt), run in runs.items():
+            run.sort(key=lambda d: d.offset)
+            whole = len(run) > 1 and not receipt.startswith(_DLQ_RECEIPT)
+            whole = whole and run[-1].offset - run[0].offset == len(run) - 1
+            if whole and await self._ack_in_order(run[0], through=run[-1].offset):
+                continue
+            for delivery in run:
+                await self.ack(delivery)
+
+    async def _ack_in_order(self, delivery: Delivery, *, through: int | None = None) -> bool:
         """The common ack, in one autocommitted statement: `delivery` is the first unacknowledged
         offset of the batch its consumer still holds under the same lease (its receipt), and no
         failure or out-of-order ack is recorded at or after it, so acknowledging it is moving the
-        watermark by one. False when any of that does not hold (or the ack is stale): the caller
+        watermark by one (with `through`: past that later offset of the same batch, every offset
+        between handled too). False when any of that does not hold (or the ack is stale): the caller
         takes the general path, which decides.
 
         Sent on the driver's own connection, outside SQLAlchemy's execution layer: at one
@@ -471,7 +486,7 @@ class SqlLogStream:
                 "b_partition": delivery.partition,
                 "b_offset": delivery.offset,
                 "b_owner": delivery.consumer,
-                "b_next": delivery.offset + 1,
+                "b_next": (delivery.offset if through is None else through) + 1,
                 "b_lease": datetime.fromisoformat(delivery.receipt),
             }
         )

@@ -106,6 +106,11 @@ class Stream(Protocol):
         """The message was handled; it is not delivered to this group again."""
         ...
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """`ack` each of `deliveries` (one read's, in the order read), in as few round trips as the
+        backend allows: the SQL log moves a partition's watermark over a run in one statement."""
+        ...
+
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         """Handling failed: count an attempt, dead-letter at the limit, else redeliver later.
 
@@ -144,6 +149,12 @@ class Stream(Protocol):
     async def lag(self, topic: str, group: str) -> int:
         """Messages on `topic` that `group` has not acknowledged yet, over all partitions."""
         ...
+
+
+async def ack_each(stream: Stream, deliveries: Sequence[Delivery]) -> None:
+    """`Stream.ack_many` for a backend with no cheaper way than one `ack` per delivery."""
+    for delivery in deliveries:
+        await stream.ack(delivery)
 
 
 async def poll_read(

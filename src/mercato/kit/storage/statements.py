@@ -52,6 +52,7 @@ __all__ = [
     "driver_prepared",
     "driver_transaction",
     "insert_ignore",
+    "insert_new",
     "observe",
     "trace_driver_statements",
 ]
@@ -403,3 +404,20 @@ async def insert_ignore(
         dialect_insert(table).values(rows).on_conflict_do_nothing(index_elements=conflict)
     )
     return int(result.rowcount)
+
+
+async def insert_new(
+    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]], *, conflict: list[str], key: str
+) -> set[Any]:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING `key`: the keys of the rows that were new, in one
+    statement whatever the number of rows (an inbox records a consumer's whole batch this way)."""
+    if not rows:
+        return set()
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=conflict)
+        .returning(table.c[key])
+    )
+    return set((await conn.execute(statement)).scalars())

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 
 from mercato.kit.clock import Clock
 from mercato.kit.observability import get_logger
@@ -90,6 +90,30 @@ def message_id_for(notification_id: uuid.UUID) -> str:
     return f"<notification-{notification_id}@mercato.local>"
 
 
+# Only a row still pending is written: a row settled meanwhile (by a purge, say) stays as it is.
+_RECORD = (
+    update(notifications)
+    .where(notifications.c.id == bindparam("b_id"), notifications.c.status == "pending")
+    .values(
+        status=bindparam("status"),
+        attempts=bindparam("attempts"),
+        last_error=bindparam("last_error"),
+        next_attempt_at=bindparam("next_attempt_at"),
+        sent_at=bindparam("sent_at"),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    id: uuid.UUID
+    status: str
+    attempts: int
+    error: str | None
+    next_attempt_at: datetime | None = None
+    sent_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Due:
     id: uuid.UUID
@@ -119,7 +143,8 @@ class NotificationDelivery:
         self._idle = False  # the last pass found nothing due
 
     async def deliver_due(self, *, limit: int = 50) -> int:
-        """One pass: claim up to `limit` due e-mails, send each, record the outcome; returns how many.
+        """One pass: claim up to `limit` due e-mails (one statement), send them one by one, record
+        every outcome (one statement, ADR 0055); returns how many.
 
         After an idle pass, a read-only look comes first: an idle notifier then takes no write
         lock (SQLite) and opens no write transaction every second."""
@@ -127,8 +152,10 @@ class NotificationDelivery:
             return 0
         due = await self._claim(limit)
         self._idle = not due
-        for item in due:
-            await self._deliver(item)
+        # One mail at a time, as before: concurrent sends would each hold a pool connection for an
+        # address read, taken from the saga runner of the same process, for a gain not measured.
+        # What the pass saves is the per-mail claim and outcome transactions.
+        await self._record([await self._deliver(item) for item in due])
         return len(due)
 
     async def _any_due(self) -> bool:
@@ -148,31 +175,38 @@ class NotificationDelivery:
         )
 
     async def _claim(self, limit: int) -> list[_Due]:
+        """Claim up to `limit` due rows in one statement: their `next_attempt_at` moves a lease
+        ahead. The due rows are picked `FOR UPDATE SKIP LOCKED` (PostgreSQL; SQLite has one writer)
+        and the outer conditions checked again on them, so two senders never claim one row; a
+        materialized CTE, as the saga claim's, so the limit holds (see `SagaStore.claim_due`)."""
         n = notifications.c
         now = self._clock.now()
         lease_until = now + timedelta(seconds=self.settings.lease_s)
-        claimed: list[_Due] = []
+        due = (
+            select(n.id)
+            .where(self._is_due(now))  # type: ignore[arg-type]
+            .order_by(n.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due_notifications")
+            .prefix_with("MATERIALIZED")
+        )
         async with self._db.write() as conn:
             rows = (
                 await conn.execute(
-                    select(n.id, n.recipient, n.subject, n.body, n.attempts)
-                    .where(self._is_due(now))  # type: ignore[arg-type]
-                    .order_by(n.id)
-                    .limit(limit)
+                    update(notifications)
+                    .where(n.id.in_(select(due.c.id)), self._is_due(now))  # type: ignore[arg-type]
+                    .values(next_attempt_at=lease_until)
+                    .returning(n.id, n.recipient, n.subject, n.body, n.attempts)
                 )
             ).all()
-            for row in rows:
-                # Conditional: another sender that claimed it since our read wins, and we skip it.
-                result = await conn.execute(
-                    update(notifications)
-                    .where(n.id == row.id, self._is_due(now))  # type: ignore[arg-type]
-                    .values(next_attempt_at=lease_until)
-                )
-                if result.rowcount == 1:
-                    claimed.append(_Due(row.id, row.recipient, row.subject, row.body, int(row.attempts)))
-        return claimed
+        return [
+            _Due(row.id, row.recipient, row.subject, row.body, int(row.attempts))
+            for row in sorted(rows, key=lambda row: row.id)
+        ]
 
-    async def _deliver(self, item: _Due) -> None:
+    async def _deliver(self, item: _Due) -> _Outcome:
+        """Send one claimed mail; what to record for it (written with the pass's others)."""
         attempts = item.attempts + 1
         try:
             address = await self._resolve(item.recipient)
@@ -188,27 +222,19 @@ class NotificationDelivery:
                 )
             )
         except DeliveryRejected as exc:
-            await self._record(item.id, status="failed", attempts=attempts, error=_describe(exc))
             _log.warning("notification_failed", notification=str(item.id), attempts=attempts, permanent=True)
+            return _Outcome(item.id, status="failed", attempts=attempts, error=_describe(exc))
         except Exception as exc:  # noqa: BLE001 - transient: retried with backoff, then failed
             if attempts >= self.settings.max_attempts:
-                await self._record(item.id, status="failed", attempts=attempts, error=_describe(exc))
                 _log.warning(
                     "notification_failed", notification=str(item.id), attempts=attempts, permanent=False
                 )
-                return
+                return _Outcome(item.id, status="failed", attempts=attempts, error=_describe(exc))
             pause_s = full_jitter_backoff_s(
                 attempts - 1,
                 base_s=self.settings.backoff_base_s,
                 cap_s=self.settings.backoff_cap_s,
                 rng=self._rng,
-            )
-            await self._record(
-                item.id,
-                status="pending",
-                attempts=attempts,
-                error=_describe(exc),
-                next_attempt_at=self._clock.now() + timedelta(seconds=pause_s),
             )
             _log.info(
                 "notification_retry",
@@ -216,10 +242,14 @@ class NotificationDelivery:
                 attempts=attempts,
                 retry_in_s=round(pause_s, 3),
             )
-        else:
-            await self._record(
-                item.id, status="sent", attempts=attempts, error=None, sent_at=self._clock.now()
+            return _Outcome(
+                item.id,
+                status="pending",
+                attempts=attempts,
+                error=_describe(exc),
+                next_attempt_at=self._clock.now() + timedelta(seconds=pause_s),
             )
+        return _Outcome(item.id, status="sent", attempts=attempts, error=None, sent_at=self._clock.now())
 
     async def _resolve(self, recipient: str) -> str | None:
         if not recipient.startswith(_CUSTOMER_PREFIX):
@@ -230,27 +260,24 @@ class NotificationDelivery:
             return None
         return await self._directory.email_of(customer_id)
 
-    async def _record(
-        self,
-        notification_id: uuid.UUID,
-        *,
-        status: str,
-        attempts: int,
-        error: str | None,
-        next_attempt_at: datetime | None = None,
-        sent_at: datetime | None = None,
-    ) -> None:
+    async def _record(self, outcomes: list[_Outcome]) -> None:
+        """Every outcome of a pass in one transaction and one (executemany) statement."""
+        if not outcomes:
+            return
         async with self._db.write() as conn:
             await conn.execute(
-                update(notifications)
-                .where(notifications.c.id == notification_id, notifications.c.status == "pending")
-                .values(
-                    status=status,
-                    attempts=attempts,
-                    last_error=error,
-                    next_attempt_at=next_attempt_at,
-                    sent_at=sent_at,
-                )
+                _RECORD,
+                [
+                    {
+                        "b_id": o.id,
+                        "status": o.status,
+                        "attempts": o.attempts,
+                        "last_error": o.error,
+                        "next_attempt_at": o.next_attempt_at,
+                        "sent_at": o.sent_at,
+                    }
+                    for o in outcomes
+                ],
             )
 
 
