@@ -523,3 +523,45 @@ async def test_a_parked_retry_wakes_its_own_runner_when_due_not_at_the_poll(cont
     assert saga is not None
     assert saga.status is SagaStatus.COMPLETED
     assert rec.calls[("authorize", "do")] == 2
+
+
+async def test_a_backlog_bigger_than_the_slots_drains_without_waiting_for_the_poll(
+    container: Container,
+) -> None:
+    """Every slot that opens while more sagas are due claims them at once. Waking only when a full
+    runner dropped to one free slot left the other freed slots idle until the next poll (measured:
+    210 due checkouts, no saga leased for 8 s, in `mercato bench checkout` at 50/s)."""
+    clock = SystemClock()
+    rec = Recorder()
+    count = 24
+    all_ran = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> Mapping[str, Any]:
+        rec.hit(ctx, "do")
+        if rec.calls[("pay", "do")] >= count:
+            all_ran.set()
+        # Staggered: slots free one at a time, as they do under load, never all at once.
+        await asyncio.sleep(0.02 + 0.01 * (hash(ctx.saga_id) % 7))
+        return {}
+
+    async def undo(ctx: StepContext) -> None:
+        rec.hit(ctx, "undo")
+
+    definition = SagaDefinition("order", (Step("pay", slow, undo, timeout_s=5.0, retry=NO_WAIT),))
+    store = SagaStore(container.db, clock)
+    ids = [await start(container, store, definition) for _ in range(count)]
+    runner = SagaRunner(
+        container.db, store, {"order": definition}, clock, owner="drainer", concurrency=4, poll_s=60.0
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await asyncio.wait_for(all_ran.wait(), 10.0)  # far sooner than the 60 s poll
+    finally:
+        stop.set()
+        await task
+    assert rec.calls[("pay", "do")] == len(ids)
+    for saga_id in ids:
+        saga = await store.get(saga_id)
+        assert saga is not None
+        assert saga.status is SagaStatus.COMPLETED

@@ -5,10 +5,11 @@ The run starts everything it measures, on free loopback ports:
 1. a database (a SQLite file in a temp dir, or the PostgreSQL database of ``--database-url``,
    created and dropped with ``--create-database``), migrated and seeded by the project's own code,
    with ``customers`` customer accounts and every SKU's stock raised so checkouts never run out;
-2. the simulated PSP and carrier (healthy: no faults, no added latency), each on its own SQLite file;
+2. the simulated PSP, carrier and mail provider (healthy: no faults, no added latency), each on its
+   own SQLite file;
 3. Mercato, through `mercato.bench.checkout_probe` (the real ``mercato`` command plus a statement
    counter): ``distributed`` = ``mercato api`` + ``mercato worker`` (the saga runner and periodic
-   jobs) + the providers as two ``mercato provider`` processes; ``embedded`` = ``mercato up`` (API,
+   jobs) + the providers as three ``mercato provider`` processes; ``embedded`` = ``mercato up`` (API,
    providers, saga runner and jobs in one event loop);
 4. the bare baseline (`mercato.bench.baseline`), for the same request pattern at the same rate.
 
@@ -172,16 +173,16 @@ async def login_customers(base_url: str, *, products: int, customers: int) -> li
         return list(await asyncio.gather(*(one(client, e, p) for e, p in accounts)))
 
 
-def _mercato_env(url: str, workdir: Path, psp_port: int, carrier_port: int) -> dict[str, str]:
+def _mercato_env(url: str, workdir: Path, ports: dict[str, int]) -> dict[str, str]:
     return _clean_env(
         {
             "MERCATO_DATABASE_URL": url,
             "MERCATO_DATA_DIR": str(workdir),
-            "MERCATO_PROVIDERS_PSP_PORT": str(psp_port),
-            "MERCATO_PROVIDERS_CARRIER_PORT": str(carrier_port),
-            # `mercato up` also starts the mail provider: free ports, so two runs never meet.
-            "MERCATO_PROVIDERS_MAIL_PORT": str(free_port()),
-            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(free_port()),
+            "MERCATO_PROVIDERS_PSP_PORT": str(ports["psp"]),
+            "MERCATO_PROVIDERS_CARRIER_PORT": str(ports["carrier"]),
+            # Free ports, so two runs never meet.
+            "MERCATO_PROVIDERS_MAIL_PORT": str(ports["mail"]),
+            "MERCATO_PROVIDERS_MAIL_SMTP_PORT": str(ports["mail_smtp"]),
             # Logins happen before measuring; cheap hashes keep them (and their re-hash check) quick.
             "MERCATO_AUTH_ARGON2_TIME_COST": "1",
             "MERCATO_AUTH_ARGON2_MEMORY_KIB": "8192",
@@ -207,14 +208,19 @@ def mercato_processes(
 ) -> Iterator[tuple[ServerProcess, list[_Probe], list[ServerProcess]]]:
     """The API server, every counted Mercato process, and the provider processes (distributed only)."""
     started: list[ServerProcess] = []
-    psp_port, carrier_port = free_port(), free_port()
-    env = _mercato_env(url, workdir, psp_port, carrier_port)
+    ports = {name: free_port() for name in ("psp", "carrier", "mail", "mail_smtp")}
+    env = _mercato_env(url, workdir, ports)
     try:
         providers: list[ServerProcess] = []
         if mode == "distributed":
-            for kind, port in (("psp", psp_port), ("carrier", carrier_port)):
+            # The mail provider too: without it every order mail fails and the notifier retries it
+            # up to its attempt limit, so the bench would measure retries no deployment makes.
+            for kind in ("psp", "carrier", "mail"):
+                port = ports[kind]
                 args = ["-m", "mercato.cli.main", "provider", kind, "--port", str(port)]
                 args += ["--data-dir", str(workdir)]
+                if kind == "mail":
+                    args += ["--smtp-port", str(ports["mail_smtp"])]
                 providers.append(
                     start_server(kind, args, port=port, workdir=workdir, env=env, ready_path="/healthz")
                 )

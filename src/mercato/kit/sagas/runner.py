@@ -110,10 +110,17 @@ class SagaRunner:
             else asyncio.create_task(self._wakeups.listen(self.wake, stop), name="saga-wakeups")
         )
 
+        # Whether the last claim filled every free slot (or there were none): more sagas may then be
+        # due than were claimed, and each slot that opens must look for them at once. Waking only when
+        # the runner drops below full left the slots freed after that first one idle until a new saga's
+        # wake-up or the safety poll: under a backlog that stopped arriving (a burst, then quiet) the
+        # runner sat empty for a whole poll interval with hundreds of sagas due.
+        backlog = True
+
         def finished(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
-            if len(tasks) == self._concurrency - 1:
-                self._wake.set()  # a slot opened after a full pass: there may be more due
+            if backlog:
+                self._wake.set()  # wakes coalesce: one claim serves every slot freed meanwhile
 
         try:
             while not stop.is_set():
@@ -128,6 +135,7 @@ class SagaRunner:
                         )
                     except Exception:  # noqa: BLE001 - the runner outlives a failed pass (DB restart)
                         _log.exception("saga_pass_failed")
+                backlog = len(claimed) >= free
                 for saga in claimed:
                     task = asyncio.create_task(self._drive_logged(saga), name=f"saga:{saga.id}")
                     tasks.add(task)
