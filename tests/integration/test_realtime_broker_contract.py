@@ -145,3 +145,30 @@ async def test_unsubscribe_ends_the_subscription(make_broker: BrokerFactory) -> 
     await broker.unsubscribe(sub)
     await broker.publish(event("room:a", 1))
     assert await asyncio.wait_for(sub.get(), 2) is None
+
+
+@pytest.fixture(params=["sqlite_url", "pg_url"])
+def sql_url(request: pytest.FixtureRequest) -> str:
+    """A migrated database on each engine (resolved outside a loop)."""
+    return str(request.getfixturevalue(request.param))
+
+
+async def test_the_sql_broker_keeps_delivering_after_retention_empties_its_log(sql_url: str) -> None:
+    """On SQLite the log's id is the rowid, which restarts at 1 in an empty table: pruning every row
+    once left each subscriber waiting for ids above the old ones forever (an idle shop's chat and
+    order streams went silent after the retention). The newest row is never pruned."""
+    db = create_database(sql_url)
+    broker = SqlBroker(db, poll_interval_s=0.01, retention_s=0.2)
+    try:
+        subscription = await broker.subscribe()
+        await broker.publish(event("room:r", 1))
+        assert [e.data["n"] for e in await take(subscription, 1)] == [1]
+        await asyncio.sleep(0.5)  # past the retention, and past the subscriber's prune interval
+        await broker.publish(event("room:r", 2))  # the next poll prunes everything older than 0.2 s
+        assert [e.data["n"] for e in await take(subscription, 1)] == [2]
+        await asyncio.sleep(0.5)
+        await broker.publish(event("room:r", 3))
+        assert [e.data["n"] for e in await take(subscription, 1)] == [3]
+    finally:
+        await broker.aclose()
+        await db.dispose()

@@ -138,4 +138,9 @@ class SqlBroker:
     async def _prune(self) -> None:
         cutoff = self._clock.now() - timedelta(seconds=self.retention_s)
         async with self._db.write() as conn:
-            await conn.execute(delete(broker_log).where(broker_log.c.created_at < cutoff))
+            # The newest row always stays: on SQLite the id is the rowid, which restarts at 1 in an
+            # empty table, and every subscriber waiting for `id > low_water` would then wait forever.
+            newest = select(func.max(broker_log.c.id)).scalar_subquery()
+            await conn.execute(
+                delete(broker_log).where(broker_log.c.created_at < cutoff, broker_log.c.id < newest)
+            )
