@@ -267,12 +267,13 @@ async def test_every_key_has_a_ttl_no_longer_than_its_state_matters(
 
 
 async def test_keys_vanish_when_idle(redis: Redis, prefix: str) -> None:
-    limit = Limit(rate=2, period_s=0.1)
+    # A period long enough that no key expires before the first scan on a loaded machine (0.1 s did).
+    limit = Limit(rate=2, period_s=1.0)
     limiters = [RedisLimiter(a, client=redis, key_prefix=prefix) for a in ALGORITHM_NAMES]
     for limiter in limiters:
         await limiter.hit("k", limit)
     assert len([k async for k in redis.scan_iter(match=f"{prefix}*")]) == len(limiters)
-    await asyncio.sleep(0.35)  # the longest TTL is the sliding counter's two periods (+ rounding)
+    await asyncio.sleep(2.2)  # the longest TTL is the sliding counter's two periods (+ rounding)
     assert [k async for k in redis.scan_iter(match=f"{prefix}*")] == []
 
 
