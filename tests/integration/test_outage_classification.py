@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, MissingGreenlet
 
 from mercato.cluster import PostgresNode
 from mercato.kit.storage import Database, create_database
@@ -134,6 +134,39 @@ async def test_sqlite_locked_past_its_busy_timeout(tmp_path: Path) -> None:
         assert classify_outage(exc) == Outage("database", "locked", 1.0, False)
     finally:
         await db.dispose()
+
+
+async def test_a_connection_lost_inside_a_write_transaction_surfaces_as_the_outage(db: Database) -> None:
+    """The write path's cleanup must not touch the invalidated connection: it used to ask for its `info`,
+    which reconnects synchronously and raised MissingGreenlet over the outage."""
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the type is what is checked
+        async with db.write() as conn:
+            db.signals.after_commit(conn, "orders")
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+            async with db.read() as other:
+                await other.execute(text(f"SELECT pg_terminate_backend({pid})"))
+            await asyncio.sleep(0.1)
+            await conn.execute(text("SELECT 1"))
+    assert not isinstance(caught.value, MissingGreenlet), caught.value
+    outage = classify_outage(caught.value)
+    assert outage is not None
+    assert (outage.dependency, outage.reason) == ("database", "connection-lost")
+
+
+def test_a_shutdown_notice_read_before_the_close_is_a_lost_connection() -> None:
+    """asyncpg's words when the server's FATAL arrived on an idle pooled connection and the next
+    statement finds the protocol still consuming it (seen in `mercato lab outage`)."""
+    from asyncpg.exceptions._base import InternalClientError
+
+    error = InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+    assert classify_outage(error) == Outage("database", "connection-lost", 2.0, False)
+    # Another state is a connection used by two tasks at once: a bug, not an outage.
+    assert (
+        classify_outage(
+            InternalClientError("cannot switch to state 12; another operation (11) is in progress")
+        )
+        is None
+    )
 
 
 async def test_what_is_not_an_outage_stays_unclassified(db: Database) -> None:

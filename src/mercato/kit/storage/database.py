@@ -163,7 +163,11 @@ class Database:
             try:
                 yield conn
             except BaseException:
-                self.signals.fire_pending(conn, committed=False)
+                # A connection lost mid-transaction is invalidated with its `info` (and the pending
+                # signals in it); asking for `info` would reconnect outside a greenlet and hide the
+                # outage behind MissingGreenlet.
+                if not conn.invalidated:
+                    self.signals.fire_pending(conn, committed=False)
                 raise
             self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
@@ -214,7 +218,11 @@ class Database:
                     if guard is not None:
                         await guard(conn)
             except BaseException:
-                self.signals.fire_pending(conn, committed=False)
+                # A connection lost mid-transaction is invalidated with its `info` (and the pending
+                # signals in it); asking for `info` would reconnect outside a greenlet and hide the
+                # outage behind MissingGreenlet.
+                if not conn.invalidated:
+                    self.signals.fire_pending(conn, committed=False)
                 raise
             self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)

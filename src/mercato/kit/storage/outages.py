@@ -141,6 +141,10 @@ def _database(exc: BaseException) -> Outage | None:
             # "the underlying connection is closed": a pooled connection outlived its server; nothing
             # was sent on it, so nothing committed.
             return Outage(DATABASE, "connection-lost", 2.0, False)
+        if name == "InternalClientError" and "another operation (2)" in str(exc):
+            # State 2 is asyncpg's ERROR_CONSUME: the server's FATAL (a shutdown) arrived on an idle
+            # pooled connection before its close did; the statement was refused before it was sent.
+            return Outage(DATABASE, "connection-lost", 2.0, False)
         if name == "TargetServerAttributeNotMatched":
             # A multi-host URL with `target_session_attrs=read-write` while no node is writable yet:
             # a failover in progress.
