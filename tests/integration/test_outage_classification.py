@@ -5,9 +5,11 @@ timed out; a SQLite file locked past its busy timeout. And what must stay a 500:
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, MissingGreenlet
@@ -92,6 +94,52 @@ async def _write_on_a_read_only_primary(db: Database) -> None:
 
 
 async def test_a_read_only_primary_is_a_failover(db: Database) -> None:
+    with pytest.raises(Exception) as caught:
+        await _write_on_a_read_only_primary(db)
+    assert classify_outage(caught.value) == Outage("database", "failover", 2.0, False)
+
+
+async def test_pool_exhausted(db: Database) -> None:
+    held = [await db.engine.connect() for _ in range(2)]
+    try:
+        assert classify_outage(await _failure(db)) == Outage("database", "pool-timeout", 1.0, False)
+    finally:
+        for conn in held:
+            await conn.close()
+
+
+async def test_a_server_shutting_down_refuses_new_sessions(private_pg: PostgresNode, db: Database) -> None:
+    holder = await asyncpg.connect(private_pg.dsn("mercato"))
+    try:
+        await asyncio.to_thread(private_pg.stop, mode="smart", wait=False)  # waits for `holder` to leave
+        await asyncio.sleep(0.2)
+        assert classify_outage(await _failure(db)) == Outage("database", "shutting-down", 2.0, False)
+    finally:
+        await holder.close()
+
+
+async def test_sqlite_locked_past_its_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    db = create_database(f"sqlite+aiosqlite:///{path}", statement_timeout_s=0.2)
+    try:
+        async with db.write() as conn:
+            await conn.execute(text("CREATE TABLE t (x int)"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the file's write lock
+        try:
+            exc = await _failure(db, "INSERT INTO t VALUES (1)", write=True)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert classify_outage(exc) == Outage("database", "locked", 1.0, False)
+    finally:
+        await db.dispose()
+
+
+async def test_a_connection_lost_inside_a_write_transaction_surfaces_as_the_outage(db: Database) -> None:
+    """The write path's cleanup must not touch the invalidated connection: it used to ask for its `info`,
+    which reconnects synchronously and raised MissingGreenlet over the outage."""
+
     async def write_on_a_terminated_connection() -> None:
         async with db.write() as conn:
             db.signals.after_commit(conn, "orders")
