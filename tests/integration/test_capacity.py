@@ -59,29 +59,31 @@ def test_plan_formulas_on_a_measured_shape(tmp_path: Path) -> None:
     # N = 1: min(1 / 1 ms, 2 cores / 1.5 ms) = 1000 req/s of CPU, 800 measured at the SLO: u = 0.8.
     assert costs.reference.efficiency == pytest.approx(0.8)
     assert predicted_throughput(costs, 1) == pytest.approx(800)
-    # N = 2 from N = 1: the machine binds (2 / 1.5 ms = 1333 < 2 / 1 ms), 0.8 of it.
-    assert predicted_throughput(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
-    assert cross_validated(costs, 2) == pytest.approx(0.8 * 2 / 0.0015)
-    # N = 1 from N = 2's costs: u there 1000 / (2 / 1.6 ms) = 0.8, one process 1 / 1.1 ms.
-    assert cross_validated(costs, 1) == pytest.approx(0.8 / 0.0011)
-    plan = plan_capacity(costs, peak_rps=700, checkouts_per_s=0, headroom=0.3)
+    # N = 2: what two processes cost per request (measured there: 1.6 ms of machine, not N = 1's
+    # 1.5 ms) with N = 1's u: the machine binds (2 / 1.6 ms = 1250 < 2 / 1.1 ms), 0.8 of it.
+    assert predicted_throughput(costs, 2) == pytest.approx(0.8 * 2 / 0.0016)
+    assert cross_validated(costs, 2) == pytest.approx(0.8 * 2 / 0.0016)
+    # N = 1 with N = 2's u (1000 / (2 / 1.6 ms) = 0.8) and its own costs: one process 1 / 1 ms.
+    assert cross_validated(costs, 1) == pytest.approx(0.8 / 0.001)
+    plan = plan_capacity(costs, peak_rps=650, checkouts_per_s=0, headroom=0.3)
     assert plan.per_process_rps == pytest.approx(800)
-    assert plan.processes == 2  # 700 / 0.7 = 1000 req/s needed, 800 per process
-    assert plan.cores == pytest.approx(700 * 0.0013 / 0.7)
-    assert plan.db_connections == 10  # ceil(700 * 0.010 / 0.7)
-    assert plan.redis_bytes == 1000 * 400 * 2 + 7000 * 200
-    assert plan.machine_ceiling_rps == pytest.approx(0.8 * 2 / 0.0015)
-    assert plan.machine_processes == 2  # ceil(2 cores / 1.5 ms * 1 ms)
+    assert plan.processes == 2  # 650 / 0.7 = 929 req/s needed, 800 per process
+    assert plan.cores == pytest.approx(650 * 0.0013 / 0.7, abs=0.001)  # rounded to 3 places
+    assert plan.db_connections == 10  # ceil(650 * 0.010 / 0.7)
+    assert plan.redis_bytes == 1000 * 400 * 2 + 6500 * 200
+    assert plan.machine_ceiling_rps == pytest.approx(0.8 * 2 / 0.0016)
+    assert plan.machine_processes == 2  # a third costs what the second did: no gain
     assert not any("tops out" in note for note in plan.notes)
     # Beyond this machine's free cores the plan says so (and still counts processes and cores).
     big = plan_capacity(costs, peak_rps=800, checkouts_per_s=0, headroom=0.3)
-    assert any("tops out at 1067 req/s" in note for note in big.notes)
+    assert any("tops out at 1000 req/s" in note for note in big.notes)
     # Others' work during the reference step leaves fewer cores: 1 of 2 busy halves the ceiling.
     busy = costs_from_reports(
         _report(tmp_path / "busy.json", [(1, 400, 10.0, one, 1.0), (2, 500, 12.0, two, 1.0)])
     )
     assert busy.reference.bottleneck(2, 2, 1.0) == "machine"
-    assert cross_validated(busy, 2) == pytest.approx(400)  # the second process adds nothing
+    # u at N = 1: 400 / min(1 / 1 ms, 1 / 1.5 ms) = 0.6; the second process adds no core, and costs more.
+    assert cross_validated(busy, 2) == pytest.approx(0.6 * 1 / 0.0016)
     # A tighter latency target uses the highest 1-process step that met it: half the rate.
     tight = plan_capacity(costs, peak_rps=560, checkouts_per_s=0, p99_ms=50, headroom=0.3)
     assert tight.per_process_rps == pytest.approx(400)

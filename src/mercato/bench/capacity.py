@@ -16,8 +16,10 @@ The model, each figure with its formula (shown again in the output; ADR 0057):
   one core of its own CPU, and all parts together at most the free cores. The bench's figure is the
   highest rate whose p99 met the SLO, a fraction `u` of that CPU ceiling (the bottleneck's
   utilisation at the SLO, measured where the costs were: u = measured / capacity there), so
-  X(N) = u * capacity(N). With `--p99-ms L` the 1-process rate is scaled to the highest 1-process
-  step whose p99 stayed below L;
+  X(N) = u * capacity(N), capacity(N) from what N processes cost per request (`costs_at`: measured
+  at N, else at the nearest measured count; splitting a rate over more processes raises every part's
+  CPU per request, ADR 0057's revision) and u carried from the reference point. With `--p99-ms L`
+  the 1-process rate is scaled to the highest 1-process step whose p99 stayed below L;
 - processes: the smallest N with N * X(1) (1 - headroom) >= peak req/s + checkouts/s, X(1) the
   per-process rate on a machine with the cores below (a checkout is one request at the edge; its
   saga's cost is in the cores);
@@ -48,6 +50,7 @@ __all__ = [
     "Costs",
     "CpuCosts",
     "MissingMeasurement",
+    "costs_at",
     "costs_from_reports",
     "cross_validated",
     "latest_report",
@@ -267,25 +270,36 @@ def slo_scale(costs: Costs, p99_ms: float | None) -> float:
     return max(passing) / costs.points[1]
 
 
-def predict_from(costs: Costs, source: CpuCosts, n: int, *, p99_ms: float | None = None) -> float:
-    """X(n) = u * capacity(n) (module docstring), every figure but n from `source`."""
-    ceiling = source.ceiling(n, costs.cores, source.foreign_cores)
-    return source.efficiency * ceiling * slo_scale(costs, p99_ms)
+def costs_at(costs: Costs, n: int) -> CpuCosts:
+    """What a deployment of n processes costs per request: measured at n when `bench scale` ran it,
+    else at the nearest measured count (ties: the smaller). Splitting one rate over more processes
+    than the cores can keep busy raises every part's CPU per request (on 2 cores, 1 -> 2 processes:
+    +29 % at 1,600 req/s, `docs/benchmarks.md` "Session 8 (lead)"), which one shape's costs cannot
+    tell: measure the shape you deploy."""
+    return costs.cpu[min(costs.cpu, key=lambda k: (abs(k - n), k))]
+
+
+def predict_from(costs: Costs, utilisation: CpuCosts, n: int, *, p99_ms: float | None = None) -> float:
+    """X(n) = u * capacity(n) (module docstring): capacity from what n processes cost per request
+    (`costs_at`), u from the `utilisation` point."""
+    shape = costs_at(costs, n)
+    ceiling = shape.ceiling(n, costs.cores, shape.foreign_cores)
+    return utilisation.efficiency * ceiling * slo_scale(costs, p99_ms)
 
 
 def predicted_throughput(costs: Costs, n: int, *, p99_ms: float | None = None) -> float:
-    """X(n) from the reference point's costs (1 process)."""
+    """X(n) with u from the reference point (1 process)."""
     return predict_from(costs, costs.reference, n, p99_ms=p99_ms)
 
 
 def cross_validated(costs: Costs, n: int) -> float:
-    """X(n) predicted without anything measured at n: from the nearest other measured process count
-    (its CPU per request, foreign load and u). The honest check of the model against `bench scale`."""
+    """X(n) predicted without n's throughput: u from the nearest other measured process count, the CPU
+    per request from n's own costs (`costs_at`). The honest check of the model against `bench scale`:
+    the rate at which n processes reach the SLO is never an input."""
     others = [k for k in costs.cpu if k != n]
     if not others:
         raise MissingMeasurement("cross-validation needs at least two measured process counts")
-    source = costs.cpu[min(others, key=lambda k: (abs(k - n), k))]
-    return predict_from(costs, source, n)
+    return predict_from(costs, costs.cpu[min(others, key=lambda k: (abs(k - n), k))], n)
 
 
 @dataclass(frozen=True)
@@ -333,7 +347,8 @@ def plan_capacity(
     # This machine: the most its free cores give, and from how many processes on.
     best_n, machine_ceiling = 1, 0.0
     for n in range(1, 65):
-        rate = ref.efficiency * scale * ref.ceiling(n, costs.cores, ref.foreign_cores)
+        shape = costs_at(costs, n)
+        rate = ref.efficiency * scale * shape.ceiling(n, costs.cores, shape.foreign_cores)
         if rate <= machine_ceiling * 1.001:
             break
         best_n, machine_ceiling = n, rate

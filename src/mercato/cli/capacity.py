@@ -74,7 +74,7 @@ def plan(
             "fixed_api_cores_per_process": c.fixed_cores,
             "marginal_api_cpu_ms_per_request": c.api_s * 1000,
             "efficiency_at_slo": c.efficiency,
-            "bottleneck": ref.bottleneck(n, costs.cores, ref.foreign_cores),
+            "bottleneck": c.bottleneck(n, costs.cores, c.foreign_cores),
             "predicted_rps": predicted_throughput(costs, n),
             "cross_validated_rps": cross_validated(costs, n) if len(costs.cpu) > 1 else None,
         }
@@ -155,9 +155,17 @@ def plan(
     console.print(parts)
     check = Table(
         title=f"the model against the measurement ({costs.cores} cores): "
-        "X(N) = u min(N (1 - fixed) / api, (cores - foreign - N fixed) / machine)"
+        "X(N) = u min(N (1 - fixed) / api, (cores - foreign - N fixed) / machine), "
+        "costs as measured at N; cross-validated: u from another N"
     )
-    for col in ("API processes", "measured req/s", "bottleneck", "from 1 process", "cross-validated", "USL"):
+    for col in (
+        "API processes",
+        "measured req/s",
+        "bottleneck",
+        "u from 1 process",
+        "cross-validated",
+        "USL",
+    ):
         check.add_column(col, justify="right")
     for n, m in model.items():
         cv, measured = m["cross_validated_rps"], costs.points[n]
