@@ -44,6 +44,13 @@ from sqlalchemy.util import await_
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 from mercato.kit.storage.signals import WorkSignals
+from mercato.kit.storage.sqlite_loop import (
+    began_on_thread,
+    begin_on_loop,
+    commit_on_loop,
+    loop_state,
+    register_loop_connection,
+)
 
 _WRITE_OPTION = "mercato_write"
 # What a SQLite commit survives: NORMAL a process crash, FULL also a power loss (ADR 0058).
@@ -385,11 +392,27 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
+        register_loop_connection(
+            getattr(dbapi_connection, "driver_connection", None),
+            busy_timeout_ms=int(busy_timeout_s * 1000),
+            synchronous=synchronous,
+        )
+
+    _commit_on_loop_when_safe(sync_engine.dialect)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
+        immediate = bool(conn.get_execution_options().get(_WRITE_OPTION))
+        sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         driver = conn.connection.driver_connection
+        state = loop_state(driver)
+        # On the loop's thread when the write lock is free: no hop at all (sqlite_loop.py).
+        if (
+            state is not None
+            and not conn.connection.dbapi_connection._execute_mutex.locked()
+            and begin_on_loop(state, immediate=immediate)
+        ):
+            return
         if hasattr(driver, "execute_fetchall"):
             # aiosqlite: one hop to its thread. Through SQLAlchemy's cursor the BEGIN took three
             # (open the cursor, execute, close it), each a GIL hand-off that cost more than the
@@ -401,5 +424,32 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
                 # What SQLAlchemy raises for it through a cursor ("database is locked" after the
                 # busy timeout: OperationalError), so callers and the outage mapping see one type.
                 raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
+            if state is not None:
+                began_on_thread(state, immediate=immediate)
         else:
             conn.exec_driver_sql(sql)
+
+
+def _commit_on_loop_when_safe(dialect: Any) -> None:
+    """COMMIT on the loop's thread when `commit_on_loop` says it cannot block it (WAL, NORMAL, not
+    the checkpoint's turn), else on aiosqlite's thread as before; ROLLBACK on the thread, ending
+    the transaction's hold on the write lock. The dialect has no event that replaces its commit,
+    so this one engine's dialect gets wrapped `do_commit` and `do_rollback`."""
+    do_commit = dialect.do_commit
+    do_rollback = dialect.do_rollback
+
+    def _do_commit(dbapi_connection: Any) -> None:
+        state = loop_state(getattr(dbapi_connection, "driver_connection", None))
+        if state is not None and not dbapi_connection._execute_mutex.locked() and commit_on_loop(state):
+            return
+        do_commit(dbapi_connection)
+
+    def _do_rollback(dbapi_connection: Any) -> None:
+        # On aiosqlite's thread, always: a cancelled call may still be running there.
+        state = loop_state(getattr(dbapi_connection, "driver_connection", None))
+        if state is not None:
+            state.write_locked = False
+        do_rollback(dbapi_connection)
+
+    dialect.do_commit = _do_commit
+    dialect.do_rollback = _do_rollback
