@@ -36,12 +36,17 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 __all__ = [
     "THREAD_COMMIT_EVERY",
     "LoopState",
     "began_on_thread",
     "begin_on_loop",
     "commit_on_loop",
+    "connect_and_begin",
+    "end_and_close",
     "loop_state",
     "register_loop_connection",
 ]
@@ -147,3 +152,26 @@ def commit_on_loop(state: LoopState) -> bool:
         raw.execute("PRAGMA wal_autocheckpoint=1000")
     state.loop_commits += 1
     return True
+
+
+def connect_and_begin(engine: AsyncEngine) -> Connection:
+    """Check out a connection of `engine` and begin (run in a greenlet: BEGIN may wait on the
+    thread)."""
+    sync = engine.sync_engine.connect()
+    try:
+        sync.begin()
+    except BaseException:
+        sync.close()
+        raise
+    return sync
+
+
+def end_and_close(sync: Connection, *, commit: bool) -> None:
+    """COMMIT (or ROLLBACK) and check the connection in, in one greenlet run."""
+    try:
+        if commit:
+            sync.commit()
+        else:
+            sync.rollback()
+    finally:
+        sync.close()
