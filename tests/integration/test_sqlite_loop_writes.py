@@ -15,14 +15,21 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.sql import ClauseElement
 
+from mercato.bootstrap import Container
 from mercato.kit.eventstore import EventStore, NewEvent, events, snapshots
+from mercato.kit.ids import new_id
+from mercato.kit.messaging import Message
 from mercato.kit.storage import Database, create_database, metadata
 from mercato.kit.storage.sqlite_loop import THREAD_COMMIT_EVERY, LoopState, loop_state
+from mercato.kit.storage.sqlite_loop_statements import LoopExecutor
+from mercato.shop.payments.contracts import PAYMENT_AUTHORIZED, PAYMENTS_TOPIC
 
 
 async def _database(path: Path, synchronous: str = "NORMAL") -> Database:
@@ -193,3 +200,37 @@ async def test_a_failed_write_rolls_back_and_the_next_one_is_on_the_loop(db: Dat
     assert state is not None
     assert not state.write_locked
     assert await _hops_per_append(db, 2) == [0, 0]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_the_payment_ledger_consumer_appends_on_the_loop(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mercato up`'s event store user: the ledger consumer's append, inside the consumer's write
+    transaction (with its inbox record), takes the loop path."""
+    on_loop: list[str] = []
+    rows = LoopExecutor.rows
+
+    async def spy(
+        self: LoopExecutor, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        on_loop.append(str(statement).split(" ", 3)[2])
+        return await rows(self, statement, params)
+
+    monkeypatch.setattr(LoopExecutor, "rows", spy)
+    order_id = str(uuid.uuid4())
+    authorized = Message(
+        id=new_id(),
+        source="mercato/checkout",
+        type=PAYMENT_AUTHORIZED,
+        subject=order_id,
+        time=datetime.now(UTC),
+        data={"order_id": order_id, "authorization_id": "a-1", "amount_minor": 900, "currency": "EUR"},
+        topic=PAYMENTS_TOPIC,
+    )
+    async with container.db.write() as conn:
+        await container.payments.handle(conn, authorized)
+    assert on_loop == ["eventstore_events"]
+    view = await container.payments.ledger(order_id)
+    assert [event.version for event in view.history] == [1]
+    assert view.ledger.version == 1

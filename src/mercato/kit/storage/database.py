@@ -267,6 +267,9 @@ class Database:
         pending = self.signals.take_pending(conn)
         await self._finish(conn, commit=True)
         self.signals.committed(pending)
+        # On the loop path a write may never suspend: a task writing in a loop would hold the
+        # event loop for the whole loop. One turn per write lets every other task run.
+        await asyncio.sleep(0)
 
     async def _finish(self, conn: AsyncConnection, *, commit: bool) -> None:
         sync = conn.sync_connection
@@ -459,12 +462,12 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
         driver = conn.connection.driver_connection
         state = loop_state(driver)
         # On the loop's thread when the write lock is free: no hop at all (sqlite_loop.py).
-        if (
-            state is not None
-            and not conn.connection.dbapi_connection._execute_mutex.locked()
-            and begin_on_loop(state, immediate=immediate)
-        ):
-            return
+        if state is not None and not conn.connection.dbapi_connection._execute_mutex.locked():
+            try:
+                if begin_on_loop(state, immediate=immediate):
+                    return
+            except sqlite3.Error as error:
+                raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
         if hasattr(driver, "execute_fetchall"):
             # aiosqlite: one hop to its thread. Through SQLAlchemy's cursor the BEGIN took three
             # (open the cursor, execute, close it), each a GIL hand-off that cost more than the
