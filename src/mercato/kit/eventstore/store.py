@@ -10,10 +10,10 @@ log grows in commit order, like the SQL stream log's per-partition head row. SQL
 writers already (`BEGIN IMMEDIATE`).
 
 On SQLite the append is one statement on the driver's connection (`_sqlite_append`): the version
-check is a subquery of the INSERT, so check and insert are one thread hop to aiosqlite's thread,
-where SQLAlchemy's adapter took ~15 (read, savepoint, insert, release: cursor, execute, fetch and
-close each); every hop is a GIL hand-off between two threads and cost more than the work itself
-(ADR 0058). One statement is atomic on its own (a failing INSERT undoes only itself), so it needs
+check is a subquery of the INSERT, so check and insert are one statement, where SQLAlchemy's
+adapter took ~15 thread hops (read, savepoint, insert, release: cursor, execute, fetch and close
+each; ADR 0058). Inside a transaction holding the write lock it runs on the loop's own thread, no
+hop at all (ADR 0062). One statement is atomic on its own (a failing INSERT undoes only itself), so it needs
 no savepoint to keep the caller's transaction usable.
 """
 
@@ -47,7 +47,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.eventstore.tables import events, snapshots
 from mercato.kit.storage import UTCDateTime
-from mercato.kit.storage.statements import DriverExecutor, Statements, driver_prepared
+from mercato.kit.storage.sqlite_loop_statements import transaction_executor
+from mercato.kit.storage.statements import Executor, Statements, driver_prepared
 
 __all__ = ["ConcurrencyConflict", "EventStore", "NewEvent", "RecordedEvent", "Snapshot"]
 
@@ -114,11 +115,9 @@ class EventStore:
         if not new_events:
             return []
         if conn.dialect.name == "sqlite":
-            driver = _aiosqlite_connection(conn)
-            if driver is not None:
-                return await self._sqlite_append(
-                    driver, conn.dialect, stream_id, new_events, expected_version
-                )
+            executor = transaction_executor(conn, _statements(conn.dialect))
+            if executor is not None:
+                return await self._sqlite_append(executor, stream_id, new_events, expected_version)
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _APPEND_LOCK_KEY})
         # Under the lock (or SQLite's write lock) this read is current, so a stale writer is told
@@ -165,18 +164,18 @@ class EventStore:
 
     async def _sqlite_append(
         self,
-        driver: Any,
-        dialect: Dialect,
+        executor: Executor,
         stream_id: str,
         new_events: Sequence[NewEvent],
         expected_version: int,
     ) -> list[RecordedEvent]:
-        """Check and insert as one statement on aiosqlite's connection, inside the caller's
+        """Check and insert as one statement on the driver's connection, inside the caller's
         transaction (SQLAlchemy's connection is checked out to it, so nothing else uses the driver
-        connection meanwhile). Under `BEGIN IMMEDIATE` the subquery reads the current version: no
-        other writer can commit between it and the insert; the unique constraint stays the
-        backstop for a transaction that did not take the write lock up front."""
-        executor = DriverExecutor(driver, _statements(dialect), postgresql=False)
+        connection meanwhile): on the loop's thread while the transaction holds the write lock,
+        else on aiosqlite's (`transaction_executor`, ADR 0062). Under `BEGIN IMMEDIATE` the
+        subquery reads the current version: no other writer can commit between it and the insert;
+        the unique constraint stays the backstop for a transaction that did not take the write
+        lock up front."""
         now = self._clock.now()
         params: dict[str, Any] = {
             "stream_id": stream_id,
@@ -287,16 +286,6 @@ class EventStore:
             state=dict(row["state"]),
             recorded_at=row["recorded_at"],
         )
-
-
-def _aiosqlite_connection(conn: AsyncConnection) -> Any | None:
-    """The aiosqlite connection under `conn` (already checked out: no await, no hop), or None
-    for another SQLite driver, which takes the SQLAlchemy path. Also None outside a transaction:
-    SQLAlchemy would begin one on the first statement, the driver would autocommit it."""
-    if conn.sync_connection is None or not conn.in_transaction():
-        return None
-    driver = conn.sync_connection.connection.driver_connection
-    return driver if hasattr(driver, "execute_fetchall") else None
 
 
 _STATEMENTS: weakref.WeakKeyDictionary[Dialect, Statements] = weakref.WeakKeyDictionary()

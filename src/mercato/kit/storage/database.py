@@ -39,11 +39,20 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.util import await_
+from sqlalchemy.util import await_, greenlet_spawn
 
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
 from mercato.kit.storage.signals import WorkSignals
+from mercato.kit.storage.sqlite_loop import (
+    began_on_thread,
+    begin_on_loop,
+    commit_on_loop,
+    connect_and_begin,
+    end_and_close,
+    loop_state,
+    register_loop_connection,
+)
 
 _WRITE_OPTION = "mercato_write"
 # What a SQLite commit survives: NORMAL a process crash, FULL also a power loss (ADR 0058).
@@ -86,6 +95,8 @@ class Database:
             else None
         )
         self._serialize_writes = engine.dialect.name == "sqlite"
+        # Write transactions carry the option that makes their BEGIN take the write lock (SQLite).
+        self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
         self._write_queue_timeout_s = write_queue_timeout_s
         # One lock per event loop: a Database may outlive a loop (tests, CLI commands run in turn).
         self._write_locks: LoopLocks = weakref.WeakKeyDictionary()
@@ -208,8 +219,11 @@ class Database:
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**{_WRITE_OPTION: True})
+        if self._serialize_writes:
+            async with self._sqlite_write_transaction() as conn:
+                yield conn
+            return
+        async with self._write_engine.connect() as conn:
             try:
                 async with conn.begin():
                     yield conn
@@ -226,6 +240,54 @@ class Database:
                 raise
             self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
+
+    @asynccontextmanager
+    async def _sqlite_write_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """The same scope on SQLite in two greenlet runs instead of four (check out and BEGIN, then
+        COMMIT or ROLLBACK and check in): with BEGIN and COMMIT on the loop's thread
+        (sqlite_loop.py), each greenlet run was a fifth of an uncontended write's CPU, and
+        SQLAlchemy's `async with` closes in a task of its own behind `asyncio.shield`, three
+        turns of the event loop (ADR 0062). The check-in awaits nothing (no reset on return)
+        unless it closes the connection (an overflow or an invalidated one): only then is the end
+        shielded from a cancellation. No replicas on SQLite: nothing to record after COMMIT."""
+        conn = AsyncConnection(
+            self._write_engine, await greenlet_spawn(connect_and_begin, self._write_engine)
+        )
+        try:
+            yield conn
+            guard = _commit_guard.get()
+            if guard is not None:
+                await guard(conn)
+        except BaseException:
+            if not conn.invalidated:
+                self.signals.fire_pending(conn, committed=False)
+            await self._finish(conn, commit=False)
+            raise
+        # Taken before the COMMIT: once checked in, the connection's `info` is the next user's.
+        pending = self.signals.take_pending(conn)
+        await self._finish(conn, commit=True)
+        self.signals.committed(pending)
+        # On the loop path a write may never suspend: a task writing in a loop would hold the
+        # event loop for the whole loop. One turn per write lets every other task run.
+        await asyncio.sleep(0)
+
+    async def _finish(self, conn: AsyncConnection, *, commit: bool) -> None:
+        sync = conn.sync_connection
+        assert sync is not None
+        pool: Any = self.engine.pool
+        if not conn.invalidated and getattr(pool, "overflow", lambda: 1)() <= 0:
+            await greenlet_spawn(end_and_close, sync, commit=commit)
+            return
+        ending = asyncio.ensure_future(greenlet_spawn(end_and_close, sync, commit=commit))
+        cancelled: asyncio.CancelledError | None = None
+        while not ending.done():
+            try:
+                await asyncio.shield(ending)
+            except asyncio.CancelledError as error:
+                cancelled = error
+        ending.result()
+        if cancelled is not None:
+            raise cancelled
 
     def _write_lock(self) -> asyncio.Lock:
         return loop_lock(self._write_locks)
@@ -385,11 +447,27 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         prepare_sqlite_connection(dbapi_connection, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
+        register_loop_connection(
+            getattr(dbapi_connection, "driver_connection", None),
+            busy_timeout_ms=int(busy_timeout_s * 1000),
+            synchronous=synchronous,
+        )
+
+    _commit_on_loop_when_safe(sync_engine.dialect)
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        sql = "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
+        immediate = bool(conn.get_execution_options().get(_WRITE_OPTION))
+        sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         driver = conn.connection.driver_connection
+        state = loop_state(driver)
+        # On the loop's thread when the write lock is free: no hop at all (sqlite_loop.py).
+        if state is not None and not conn.connection.dbapi_connection._execute_mutex.locked():
+            try:
+                if begin_on_loop(state, immediate=immediate):
+                    return
+            except sqlite3.Error as error:
+                raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
         if hasattr(driver, "execute_fetchall"):
             # aiosqlite: one hop to its thread. Through SQLAlchemy's cursor the BEGIN took three
             # (open the cursor, execute, close it), each a GIL hand-off that cost more than the
@@ -401,5 +479,32 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
                 # What SQLAlchemy raises for it through a cursor ("database is locked" after the
                 # busy timeout: OperationalError), so callers and the outage mapping see one type.
                 raise DBAPIError.instance(sql, (), error, sqlite3.Error) from error
+            if state is not None:
+                began_on_thread(state, immediate=immediate)
         else:
             conn.exec_driver_sql(sql)
+
+
+def _commit_on_loop_when_safe(dialect: Any) -> None:
+    """COMMIT on the loop's thread when `commit_on_loop` says it cannot block it (WAL, NORMAL, not
+    the checkpoint's turn), else on aiosqlite's thread as before; ROLLBACK on the thread, ending
+    the transaction's hold on the write lock. The dialect has no event that replaces its commit,
+    so this one engine's dialect gets wrapped `do_commit` and `do_rollback`."""
+    do_commit = dialect.do_commit
+    do_rollback = dialect.do_rollback
+
+    def _do_commit(dbapi_connection: Any) -> None:
+        state = loop_state(getattr(dbapi_connection, "driver_connection", None))
+        if state is not None and not dbapi_connection._execute_mutex.locked() and commit_on_loop(state):
+            return
+        do_commit(dbapi_connection)
+
+    def _do_rollback(dbapi_connection: Any) -> None:
+        # On aiosqlite's thread, always: a cancelled call may still be running there.
+        state = loop_state(getattr(dbapi_connection, "driver_connection", None))
+        if state is not None:
+            state.write_locked = False
+        do_rollback(dbapi_connection)
+
+    dialect.do_commit = _do_commit
+    dialect.do_rollback = _do_rollback

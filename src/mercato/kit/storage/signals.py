@@ -103,11 +103,20 @@ class WorkSignals:
 
     def fire_pending(self, conn: AsyncConnection, *, committed: bool) -> None:
         """Called by `Database` when a write transaction ends."""
-        pending: set[str] | None = conn.info.pop(_PENDING, None)
+        pending = self.take_pending(conn)
         if committed:
-            self.wrote()
-            if pending:
-                self.fire(*pending)
+            self.committed(pending)
+
+    def take_pending(self, conn: AsyncConnection) -> set[str]:
+        """The channels `after_commit` queued on `conn`'s transaction, taken off it."""
+        pending: set[str] | None = conn.info.pop(_PENDING, None)
+        return pending or set()
+
+    def committed(self, pending: set[str]) -> None:
+        """A write transaction committed: count it and fire what it queued (`take_pending`)."""
+        self.wrote()
+        if pending:
+            self.fire(*pending)
 
     def wrote(self) -> None:
         """This process committed a write (a change of the SQLite file that is not another's)."""

@@ -1,0 +1,85 @@
+"""Registered statements of a SQLite write transaction, run on the event loop's thread (ADR 0062).
+
+Inside a transaction that holds SQLite's write lock (`BEGIN IMMEDIATE`, `sqlite_loop.py`), a small
+statement cannot wait for anyone: in WAL mode readers never block a writer and no other writer can
+hold the lock. Running it on aiosqlite's thread then buys nothing and costs a hand-off between two
+threads (tens of microseconds of CPU, more than the statement). So `transaction_executor` hands the
+caller an `Executor` that runs registered statements (`driver_prepared`) directly on the `sqlite3`
+connection under aiosqlite's, with the same conversions, listeners and spans as `DriverExecutor`;
+anywhere else (no write lock, an aiosqlite call in flight, another driver) the usual one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+
+from mercato.kit.storage.sqlite_loop import loop_state
+from mercato.kit.storage.statements import (
+    DriverExecutor,
+    Executor,
+    Statements,
+    Unprepared,
+    _statement_span,
+    observe,
+)
+
+__all__ = ["LoopExecutor", "transaction_executor"]
+
+
+class LoopExecutor:
+    """Registered statements on a `sqlite3` connection, on this (the loop's) thread."""
+
+    def __init__(self, raw: sqlite3.Connection, statements: Statements) -> None:
+        self._raw = raw
+        self._statements = statements
+
+    async def rows(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        prepared = self._statements.get(statement)
+        args = prepared.args(params or {})
+        observe(prepared.sql)
+        with _statement_span(prepared.sql, "sqlite"):
+            return prepared.rows(self._raw.execute(prepared.sql, args).fetchall())
+
+    async def run(
+        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
+    ) -> None:
+        prepared = self._statements.get(statement)
+        observe(prepared.sql)
+        with _statement_span(prepared.sql, "sqlite"):
+            if isinstance(params, list):
+                self._raw.executemany(prepared.sql, [prepared.args(p) for p in params])
+            else:
+                self._raw.execute(prepared.sql, prepared.args(params or {})).fetchall()
+
+    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
+        raise Unprepared
+
+
+def transaction_executor(conn: AsyncConnection, statements: Statements) -> Executor | None:
+    """An executor for registered statements inside `conn`'s current transaction, on its own
+    driver connection: on the loop while the transaction holds SQLite's write lock, else on
+    aiosqlite's thread (one hop per statement). None when there is no such path (not aiosqlite,
+    or no transaction begun: SQLAlchemy would begin one on its first statement, the driver would
+    autocommit); the caller then uses `conn` itself."""
+    if conn.sync_connection is None or not conn.in_transaction():
+        return None
+    pooled = conn.sync_connection.connection
+    driver = pooled.driver_connection
+    if not hasattr(driver, "execute_fetchall"):
+        return None
+    state = loop_state(driver)
+    if (
+        state is not None
+        and state.write_locked
+        and state.raw.in_transaction
+        and not pooled.dbapi_connection._execute_mutex.locked()  # type: ignore[union-attr]
+    ):
+        return LoopExecutor(state.raw, statements)
+    return DriverExecutor(driver, statements, postgresql=False)
