@@ -46,6 +46,9 @@ def _table(report: BenchReport) -> Table:
         title=f"Max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors, ≥95% achieved)"
     )
     columns = ["endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"]
+    columns += ["CPU µs/req", "vs bare CPU"]
+    bare_step = report.baseline.best_step
+    bare_us = bare_step.cpu_us_per_request if bare_step else None
     if report.raw_db is not None:
         columns.insert(3, "vs asyncpg")
     for column in columns:
@@ -66,8 +69,16 @@ def _table(report: BenchReport) -> Table:
             f"{step.p99_ms:.2f}" if step else "—",
             f"{step.max_ms:.2f}" if step else "—",
             "—" if cpu is None else f"{cpu:.0%}",
+            *_cpu_cells(step.cpu_us_per_request if step else None, bare_us),
         )
     return table
+
+
+def _cpu_cells(us: float | None, bare_us: float | None) -> list[str]:
+    """Server CPU per request, and the bare baseline's over it (the rate ratio on a CPU-bound server)."""
+    if us is None:
+        return ["—", "—"]
+    return [f"{us:,.0f}", "—" if bare_us is None else f"{bare_us / us:.0%}"]
 
 
 @app.command("http")

@@ -200,9 +200,10 @@ class Bench:
         raw = await asyncio.gather(*(loop.run_in_executor(self.executor, run_generator, c) for c in configs))
         cpu_after, wall = server.cpu_s(), time.monotonic() - wall_before
         counts, histogram = merge_results([GeneratorResult.from_dict(r) for r in raw])
-        server_cpu = None
+        server_cpu = server_cpu_s = None
         if cpu_before is not None and cpu_after is not None and wall > 0:
-            server_cpu = (cpu_after - cpu_before) / wall
+            server_cpu_s = cpu_after - cpu_before
+            server_cpu = server_cpu_s / wall
         result = StepResult(
             target=target.name,
             offered_rate=rate,
@@ -210,6 +211,7 @@ class Bench:
             counts=counts,
             histogram=histogram,
             server_cpu=server_cpu,
+            server_cpu_s=server_cpu_s,
         )
         result.notes = opts.slo.violations(result)
         return result

@@ -37,21 +37,41 @@ PRODUCT_ROUTE = "/v1/products/{product_id}"
 _PRODUCT_PATH = re.compile(r"^/v1/products/([^/]+)$")
 _PRODUCT_ID_MAX = 64
 _JSON = (b"content-type", b"application/json")
+_PREPARED_SIZE = 2048
 
 
 class _Answer:
-    """A prepared response: the start message's status and headers, and the body."""
+    """A prepared response: its two ASGI messages, built once. The edge's `send` never changes a message
+    it is given (it sends a copy with the steps' headers), so one answer serves every request for the
+    same stored body."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "etag", "start")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, etag: str) -> None:
+        self.start = {"type": "http.response.start", "status": status, "headers": headers}
+        self.body = {"type": "http.response.body", "body": body}
+        self.etag = etag
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
+        await send(self.start)
+        await send(self.body)
+
+
+class _Prepared:
+    """The 200 and the 304 of one stored body (its ETag and Surrogate-Key encoded once)."""
+
+    __slots__ = ("etag", "not_modified", "ok")
+
+    def __init__(self, body: bytes, etag: str, surrogate_key: str) -> None:
+        tag = etag.encode("latin-1")
+        key = surrogate_key.encode("latin-1")
+        length = b"%d" % len(body)
+        self.etag = etag
+        self.ok = _Answer(
+            200, [(b"etag", tag), (b"surrogate-key", key), (b"content-length", length), _JSON], body, etag
+        )
+        # A 304 carries the validator and no body (RFC 9110 §15.4.5), as `not_modified` builds it.
+        self.not_modified = _Answer(304, [(b"etag", tag), (b"surrogate-key", key)], b"", etag)
 
 
 class FastReads:
@@ -60,6 +80,9 @@ class FastReads:
     def __init__(self, *, app: FastAPI) -> None:
         self.app = app
         self.state: Any = app.state
+        # Prepared answers by body: a cache hit returns the very bytes object stored, so the lookup
+        # hashes nothing new (bytes keep their hash) and compares by identity. Bounded; emptied when full.
+        self._prepared: dict[bytes, _Prepared] = {}
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
         if ex.method != "GET":
@@ -81,13 +104,15 @@ class FastReads:
             )
         except Exception as exc:  # noqa: BLE001 - rendered by the app's handler, or re-raised to the edge
             return await self._handled(ex, exc)
-        tag = etag.encode("latin-1")
-        key = surrogate_key.encode("latin-1")
+        prepared = self._prepared.get(body)
+        if prepared is None or prepared.etag != etag:
+            prepared = _Prepared(body, etag, surrogate_key)
+            if len(self._prepared) >= _PREPARED_SIZE:
+                self._prepared.clear()
+            self._prepared[body] = prepared
         if if_none_match is not None and if_none_match_hits(if_none_match, etag):
-            # A 304 carries the validator and no body (RFC 9110 §15.4.5), as `not_modified` builds it.
-            return _Answer(304, [(b"etag", tag), (b"surrogate-key", key)], b"")
-        headers = [(b"etag", tag), (b"surrogate-key", key), (b"content-length", b"%d" % len(body)), _JSON]
-        return _Answer(200, headers, body)
+            return prepared.not_modified
+        return prepared.ok
 
     async def _handled(self, ex: Exchange, exc: Exception) -> ASGIApp:
         """The response the app's exception handlers give `exc` (Starlette's lookup: the class's MRO)."""

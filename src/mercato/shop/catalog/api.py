@@ -333,11 +333,7 @@ async def read_product(
         return product_body(product), product_etag(product), product_tags(str(product.id))
     # From the application cache: a hit (and its 304) touches no database.
     cached = await products.get(parsed)
-    return (
-        cached.body,
-        VersionTag("product", cached.id, cached.version, "v1").render(),
-        product_tags(cached.id),
-    )
+    return cached.body, cached.etag, cached.surrogate_key
 
 
 @router.post(

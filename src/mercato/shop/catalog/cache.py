@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.cache import Cache
 from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
 from mercato.kit.storage import Database
+from mercato.kit.web.etags import VersionTag
 from mercato.shop.catalog.events import PRODUCT_CHANGED, TOPIC
 from mercato.shop.catalog.model import Product, ProductNotFound
 from mercato.shop.catalog.service import CatalogService
@@ -41,15 +42,18 @@ def product_tags(product_id: str) -> str:
 
 
 class CachedProduct:
-    """A product as cached: the v1 body, and the two fields the edge needs without parsing more."""
+    """A product as cached: the v1 body, the two fields the edge needs without parsing more, and the
+    answer's validators (`ETag`, `Surrogate-Key`), rendered once per stored body, not per request."""
 
-    __slots__ = ("body", "id", "version")
+    __slots__ = ("body", "etag", "id", "surrogate_key", "version")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         head = orjson.loads(body)
         self.id: str = head["id"]
         self.version: int = head["version"]
+        self.etag = VersionTag("product", self.id, self.version, "v1").render()
+        self.surrogate_key = product_tags(self.id)
 
     def as_dict(self) -> dict[str, object]:
         return dict(orjson.loads(self.body))
