@@ -102,12 +102,13 @@ class _Marker:
     """One policy's header rewrite, its values encoded once (the merged `Vary` memoised by the
     response's own, of which a handful exist)."""
 
-    __slots__ = ("cache_control", "policy", "vary")
+    __slots__ = ("cache_control", "done", "policy", "vary")
 
     def __init__(self, policy: CachePolicy) -> None:
         self.policy = policy
         self.cache_control = (b"cache-control", policy.cache_control.encode("latin-1"))
         self.vary: dict[bytes | None, tuple[bytes, bytes]] = {}
+        self.done: dict[tuple[tuple[bytes, bytes], ...], list[tuple[bytes, bytes]]] = {}
 
     def _merged(self, vary: bytes | None) -> tuple[bytes, bytes]:
         found = self.vary.get(vary)
@@ -121,6 +122,18 @@ class _Marker:
     def __call__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if status not in _CACHEABLE_STATUS:
             return
+        # Results by the headers given: a prepared answer hands the same ones every time.
+        given = tuple(headers)
+        result = self.done.get(given)
+        if result is None:
+            self._mark(headers)
+            if len(self.done) >= 1024:
+                self.done.clear()
+            self.done[given] = list(headers)
+        else:
+            headers[:] = result
+
+    def _mark(self, headers: list[tuple[bytes, bytes]]) -> None:
         vary: bytes | None = None
         has_cache_control = False
         kept = []

@@ -11,6 +11,11 @@ versioning, 406), and every answer is the route's, byte for byte. Whatever the f
 handle goes on to the router: another method, a path parameter or an `If-None-Match` the route's
 validation would refuse (400), a path the router would not match. An error from the read is rendered by
 the app's own exception handlers (404 problem, 503 outage), as the route's would be.
+
+A category's first page (`GET /v1/products?category=C[&sort=S][&limit=N]`, ADR 0061) is answered the
+same way, through `shop/catalog/api.read_category_page`; any other listing goes on to the route.
+Answers are prepared once per stored body (their ASGI messages with the ETag, Surrogate-Key and length
+encoded), so a hit builds no header list of its own.
 """
 
 from __future__ import annotations
