@@ -100,3 +100,14 @@ def test_slo_verdicts() -> None:
     slow.counts.last_done_s = slow.counts.first_due_s + 2.0  # 100 ok over 2 s at 100/s offered
     assert slo.violations(slow) == ["achieved 50/s < 95% of 100/s"]
     assert slo.violations(_step([])) == ["no responses", "achieved 0/s < 95% of 100/s"]
+
+
+def test_server_cpu_per_request_is_the_steps_cpu_over_its_answered_requests() -> None:
+    step = _step([1.0] * 2_000)
+    step.server_cpu_s = 0.3
+    assert step.cpu_us_per_request == pytest.approx(150.0)
+    assert step.to_dict()["server_cpu_us_per_request"] == 150.0
+    assert _step([]).cpu_us_per_request is None  # no server CPU measured
+    idle = _step([], ok=0)
+    idle.server_cpu_s = 0.3
+    assert idle.cpu_us_per_request is None  # nothing answered

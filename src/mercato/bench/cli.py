@@ -46,6 +46,11 @@ def _table(report: BenchReport) -> Table:
         title=f"Max sustainable rate (p99 < {report.options.slo.p99_ms:g} ms, 0 errors, ≥95% achieved)"
     )
     columns = ["endpoint", "max rate", "vs bare", "p50 ms", "p95 ms", "p99 ms", "max ms", "server CPU"]
+    columns += ["CPU µs/req", "vs bare CPU"]
+    # Against the bare baseline's step at the same offered rate (CPU per request falls as the rate
+    # grows: fixed per-wake-up costs are shared by more requests), else at its best rate.
+    bare_by_rate = {s.offered_rate: s.cpu_us_per_request for s in report.baseline.steps}
+    bare_best = report.baseline.best_step
     if report.raw_db is not None:
         columns.insert(3, "vs asyncpg")
     for column in columns:
@@ -66,8 +71,21 @@ def _table(report: BenchReport) -> Table:
             f"{step.p99_ms:.2f}" if step else "—",
             f"{step.max_ms:.2f}" if step else "—",
             "—" if cpu is None else f"{cpu:.0%}",
+            *_cpu_cells(
+                step.cpu_us_per_request if step else None,
+                bare_by_rate.get(step.offered_rate) if step else None,
+                bare_best.cpu_us_per_request if bare_best else None,
+            ),
         )
     return table
+
+
+def _cpu_cells(us: float | None, bare_same_rate: float | None, bare_best: float | None) -> list[str]:
+    """Server CPU per request, and the bare baseline's over it (the rate ratio on a CPU-bound server)."""
+    bare_us = bare_same_rate if bare_same_rate is not None else bare_best
+    if us is None:
+        return ["—", "—"]
+    return [f"{us:,.0f}", "—" if bare_us is None else f"{bare_us / us:.0%}"]
 
 
 @app.command("http")

@@ -26,6 +26,7 @@ from mercato.bench.search import RateSearch, SearchPolicy
 from mercato.bench.servers import (
     ServerProcess,
     body_size,
+    category_paths,
     database,
     migrate_and_seed,
     product_paths,
@@ -38,7 +39,7 @@ from mercato.bench.timetable import total_requests
 BASELINE = "bare"
 # On PostgreSQL: bare Starlette + raw asyncpg doing product-by-id's SELECT (issue 16's floor).
 RAW_DB = "raw-asyncpg-by-id"
-TARGETS = ("product-by-id", "product-list")
+TARGETS = ("product-by-id", "product-list", "category-page")
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,10 @@ class Bench:
         raw = await asyncio.gather(*(loop.run_in_executor(self.executor, run_generator, c) for c in configs))
         cpu_after, wall = server.cpu_s(), time.monotonic() - wall_before
         counts, histogram = merge_results([GeneratorResult.from_dict(r) for r in raw])
-        server_cpu = None
+        server_cpu = server_cpu_s = None
         if cpu_before is not None and cpu_after is not None and wall > 0:
-            server_cpu = (cpu_after - cpu_before) / wall
+            server_cpu_s = cpu_after - cpu_before
+            server_cpu = server_cpu_s / wall
         result = StepResult(
             target=target.name,
             offered_rate=rate,
@@ -210,6 +212,7 @@ class Bench:
             counts=counts,
             histogram=histogram,
             server_cpu=server_cpu,
+            server_cpu_s=server_cpu_s,
         )
         result.notes = opts.slo.violations(result)
         return result
@@ -284,10 +287,14 @@ def run_http_bench(
                 from mercato.bench.baseline import BARE_PATH
 
                 by_id = tuple(product_paths(mercato.base_url, sample=options.id_sample))
-                targets = _targets(options.targets, by_id, BARE_PATH, raw_db=raw is not None)
+                categories = tuple(category_paths(mercato.base_url))
+                targets = _targets(
+                    options.targets, by_id, BARE_PATH, raw_db=raw is not None, categories=categories
+                )
                 body_bytes = {
                     BASELINE: body_size(baseline.base_url, BARE_PATH),
                     "product-by-id": body_size(mercato.base_url, by_id[0]),
+                    "category-page": body_size(mercato.base_url, categories[0]),
                 }
                 with _executor(options.generators) as executor:
                     bench = Bench(options, executor)
@@ -311,9 +318,16 @@ def run_http_bench(
 
 
 def _targets(
-    names: Sequence[str], by_id: tuple[str, ...], bare_path: str, *, raw_db: bool = False
+    names: Sequence[str],
+    by_id: tuple[str, ...],
+    bare_path: str,
+    *,
+    raw_db: bool = False,
+    categories: tuple[str, ...] = (),
 ) -> list[Target]:
     known = {
+        # A category's first page (20 products): from the application cache unless --no-app-cache.
+        "category-page": Target("category-page", "GET /v1/products?category={c}", "mercato", categories),
         "product-by-id": Target("product-by-id", "GET /v1/products/{id}", "mercato", by_id),
         "product-list": Target(
             "product-list", "GET /v1/products?limit=20", "mercato", ("/v1/products?limit=20",)

@@ -253,6 +253,16 @@ def product_paths(base_url: str, *, sample: int, seed: int = 7) -> list[str]:
     return [f"/v1/products/{item}" for item in chosen]
 
 
+def category_paths(base_url: str) -> list[str]:
+    """``/v1/products?category=C`` for every category of the seeded catalog's first 100 products."""
+    response = httpx.get(f"{base_url}/v1/products", params={"limit": 100}, timeout=10.0)
+    response.raise_for_status()
+    categories = sorted({item["category"] for item in response.json()["items"]})
+    if not categories:
+        raise RuntimeError("the catalog is empty: nothing to benchmark")
+    return [f"/v1/products?category={category}" for category in categories]
+
+
 def body_size(base_url: str, path: str) -> int:
     response = httpx.get(f"{base_url}{path}", timeout=10.0)
     response.raise_for_status()

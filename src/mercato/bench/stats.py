@@ -172,6 +172,7 @@ class StepResult:
     counts: Counts
     histogram: LatencyHistogram
     server_cpu: float | None = None  # server CPU seconds per wall second (1.0 = one core busy)
+    server_cpu_s: float | None = None  # server CPU seconds over the step
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -200,6 +201,14 @@ class StepResult:
         return self.histogram.max_ms
 
     @property
+    def cpu_us_per_request(self) -> float | None:
+        """Server CPU (user + system, µs) per answered request: the figure comparable across a loaded
+        machine's runs, where the rates are not (docs/benchmarks.md)."""
+        if self.server_cpu_s is None or self.counts.ok == 0:
+            return None
+        return self.server_cpu_s / self.counts.ok * 1e6
+
+    @property
     def generator_cpu_fraction(self) -> float:
         """Generator CPU seconds (all processes) per wall second over the step."""
         return self.counts.cpu_s / self.counts.wall_s if self.counts.wall_s > 0 else 0.0
@@ -226,4 +235,5 @@ class StepResult:
             "max_ms": self.max_ms,
             "generator_cpu": round(self.generator_cpu_fraction, 3),
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 3),
+            "server_cpu_us_per_request": None if (per := self.cpu_us_per_request) is None else round(per, 1),
         }

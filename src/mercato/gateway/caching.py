@@ -82,37 +82,74 @@ class EdgeCache:
     def __init__(self, *, policies: Policies) -> None:
         # Kept by reference: the runtime configuration replaces the list's items (ADR 0045).
         self.policies = policies
+        self._markers: dict[CachePolicy, _Marker] = {}
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
         if ex.method not in _READS:
             return None
         policy = _policy_for(self.policies, ex.path)
         if policy is not None:
-            ex.on_start(lambda status, headers: _mark(policy, status, headers))
+            marker = self._markers.get(policy)
+            if marker is None:
+                if len(self._markers) >= 64:
+                    self._markers.clear()  # policies replaced by the runtime configuration
+                marker = self._markers[policy] = _Marker(policy)
+            ex.on_start(marker)
         return None
 
 
-def _mark(policy: CachePolicy, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    if status not in _CACHEABLE_STATUS:
-        return
-    vary: bytes | None = None
-    has_cache_control = False
-    kept = []
-    for key, value in headers:
-        lower = key.lower()
-        if lower == b"vary":
-            if vary is None:
-                vary = value
-            continue
-        if lower == b"cache-control":
-            has_cache_control = True
-        kept.append((key, value))
-    kept.append(
-        (b"vary", merge_vary(vary.decode("latin-1") if vary else None, policy.vary).encode("latin-1"))
-    )
-    if not has_cache_control:
-        kept.append((b"cache-control", policy.cache_control.encode("latin-1")))
-    headers[:] = kept
+class _Marker:
+    """One policy's header rewrite, its values encoded once (the merged `Vary` memoised by the
+    response's own, of which a handful exist)."""
+
+    __slots__ = ("cache_control", "done", "policy", "vary")
+
+    def __init__(self, policy: CachePolicy) -> None:
+        self.policy = policy
+        self.cache_control = (b"cache-control", policy.cache_control.encode("latin-1"))
+        self.vary: dict[bytes | None, tuple[bytes, bytes]] = {}
+        self.done: dict[tuple[tuple[bytes, bytes], ...], list[tuple[bytes, bytes]]] = {}
+
+    def _merged(self, vary: bytes | None) -> tuple[bytes, bytes]:
+        found = self.vary.get(vary)
+        if found is None:
+            if len(self.vary) >= 64:
+                self.vary.clear()
+            merged = merge_vary(vary.decode("latin-1") if vary else None, self.policy.vary)
+            found = self.vary[vary] = (b"vary", merged.encode("latin-1"))
+        return found
+
+    def __call__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status not in _CACHEABLE_STATUS:
+            return
+        # Results by the headers given: a prepared answer hands the same ones every time.
+        given = tuple(headers)
+        result = self.done.get(given)
+        if result is None:
+            self._mark(headers)
+            if len(self.done) >= 1024:
+                self.done.clear()
+            self.done[given] = list(headers)
+        else:
+            headers[:] = result
+
+    def _mark(self, headers: list[tuple[bytes, bytes]]) -> None:
+        vary: bytes | None = None
+        has_cache_control = False
+        kept = []
+        for key, value in headers:
+            lower = key.lower()
+            if lower == b"vary":
+                if vary is None:
+                    vary = value
+                continue
+            if lower == b"cache-control":
+                has_cache_control = True
+            kept.append((key, value))
+        kept.append(self._merged(vary))
+        if not has_cache_control:
+            kept.append(self.cache_control)
+        headers[:] = kept
 
 
 def document_cache_headers(schema: dict[str, Any], policies: Policies) -> None:

@@ -185,6 +185,7 @@ class Versioning:
         self._counters: dict[tuple[int, str], Any] = {}
         self._encoded: dict[DeprecationPolicy, list[tuple[bytes, bytes]]] = {}
         self._links: dict[tuple[bytes, bytes], bytes] = {}
+        self._plans: dict[tuple[str, str, bytes | None, bytes, str | None], _Plan] = {}
 
     def _link(self, raw_path: bytes, scope: Scope) -> bytes:
         """The successor's `Link` value for this raw path and query; memoised (bounded), as quoting
@@ -209,32 +210,48 @@ class Versioning:
             ]
         return found
 
-    def _count(self, version: int, selected_by: str) -> None:
-        counter = self._counters.get((version, selected_by))
-        if counter is None:
-            counter = self.metrics.requests.labels(f"v{version}", selected_by)
-            self._counters[(version, selected_by)] = counter
-        counter.inc()
-
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
-        match = _VERSIONED_PATH.match(ex.path)
-        if match is None:
-            return None
         scope = ex.scope
-        method = ex.method
-        path_version, rest = int(match.group(1)), match.group(2) or ""
         accept = ex.header(b"accept")
+        # What this step does depends only on these: decided once per distinct request line and Accept
+        # (bounded), so a repeated read costs a lookup, its counter and its header hook.
+        key = (ex.method, ex.path, scope.get("raw_path"), scope.get("query_string", b""), accept)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MEMO_SIZE:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(ex.method, ex.path, scope, accept)
+        if plan is _UNVERSIONED:
+            return None
+        if plan.path is not None:
+            ex.path = scope["path"] = plan.path
+            scope["raw_path"] = plan.raw_path
+        plan.counter.inc()
+        if plan.hook is not None:
+            ex.on_start(plan.hook)
+        return None
+
+    def _plan(self, method: str, path: str, scope: Scope, accept: str | None) -> _Plan:
+        match = _VERSIONED_PATH.match(path)
+        if match is None:
+            return _UNVERSIONED
+        path_version, rest = int(match.group(1)), match.group(2) or ""
         requested = requested_version(accept)
         served, selected_by = path_version, "path"
+        new_path = new_raw = None
+        raw_path = _raw_path(scope)
         if (
             requested is not None
             and requested != path_version
             and self.routes.exists(requested, rest, method)
         ):
             served, selected_by = requested, "accept"
-            ex.path = scope["path"] = f"/v{served}{rest}"
-            scope["raw_path"] = _with_version(_raw_path(scope), served)
-        self._count(served, selected_by)
+            new_path = f"/v{served}{rest}"
+            new_raw = raw_path = _with_version(raw_path, served)
+        counter = self._counters.get((served, selected_by))
+        if counter is None:
+            counter = self.metrics.requests.labels(f"v{served}", selected_by)
+            self._counters[(served, selected_by)] = counter
 
         extra: list[tuple[bytes, bytes]] = []
         policy = self.policies.get(served)
@@ -242,12 +259,55 @@ class Versioning:
         if policy is not None and successor:
             # Built from the raw (percent-encoded) bytes: the decoded path may hold any character,
             # and a header value may only hold bytes a client can read back unchanged.
-            extra += [*self._policy_headers(policy), (b"link", self._link(_raw_path(scope), scope))]
+            extra += [*self._policy_headers(policy), (b"link", self._link(raw_path, scope))]
         negotiable = successor or self.routes.negotiable(served, rest, method, self.latest)
         labelled = vendor_media_type(served).encode("latin-1") if requested == served else None
+        hook = None
         if extra or negotiable or labelled is not None:
-            ex.on_start(lambda _status, headers: _rewrite(headers, extra, negotiable, labelled))
-        return None
+            hook = _Rewrite(tuple(extra), negotiable, labelled)
+        return _Plan(new_path, new_raw, counter, hook)
+
+
+class _Rewrite:
+    """The response-header rewrite of one plan (`_rewrite` with its arguments bound)."""
+
+    __slots__ = ("done", "extra", "labelled", "negotiable")
+
+    def __init__(
+        self, extra: tuple[tuple[bytes, bytes], ...], negotiable: bool, labelled: bytes | None
+    ) -> None:
+        self.extra = list(extra)
+        self.negotiable = negotiable
+        self.labelled = labelled
+        # Results by the headers given: a prepared answer hands the same ones every time.
+        self.done: dict[tuple[tuple[bytes, bytes], ...], list[tuple[bytes, bytes]]] = {}
+
+    def __call__(self, _status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        given = tuple(headers)
+        result = self.done.get(given)
+        if result is None:
+            _rewrite(headers, self.extra, self.negotiable, self.labelled)
+            if len(self.done) >= 8:
+                self.done.clear()
+            self.done[given] = list(headers)
+        else:
+            headers[:] = result
+
+
+class _Plan:
+    """What the step does to one request line and Accept: the rewritten path (or None), the adoption
+    counter's child to count it with, and the response-header rewrite (or None)."""
+
+    __slots__ = ("counter", "hook", "path", "raw_path")
+
+    def __init__(self, path: str | None, raw_path: bytes | None, counter: Any, hook: _Rewrite | None) -> None:
+        self.path = path
+        self.raw_path = raw_path
+        self.counter = counter
+        self.hook = hook
+
+
+_UNVERSIONED = _Plan(None, None, None, None)
 
 
 def _raw_path(scope: Scope) -> bytes:

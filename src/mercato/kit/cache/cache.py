@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from mercato.kit.cache.bus import InvalidationBus
 from mercato.kit.cache.entry import Entry, Fence
 from mercato.kit.cache.hooks import CacheHooks, NoCacheHooks
 from mercato.kit.cache.staleness import record_staleness
-from mercato.kit.cache.tiers import Tier
+from mercato.kit.cache.tiers import MemoryTier, Tier
 from mercato.kit.clock import Clock, SystemClock
 
 __all__ = ["Cache", "CacheTtls", "Loader"]
@@ -79,6 +80,10 @@ class Cache:
         self.ttls = ttls or CacheTtls()
         self._bus = bus
         self._clock = clock or SystemClock()
+        # Wall-clock seconds: `time.time` itself on the system clock (no datetime per lookup).
+        self._now = time.time if type(self._clock) is SystemClock else self._clock_now
+        # A memory local tier is read synchronously on the hit path (no coroutine per lookup).
+        self._memory = local if isinstance(local, MemoryTier) else None
         self._hooks = hooks or NoCacheHooks()
         self._rng = rng or random.Random()
         self._single_flight = single_flight
@@ -89,11 +94,21 @@ class Cache:
         if bus is not None:
             bus.subscribe(name, self._on_broadcast)
 
-    def _now(self) -> float:
+    def _clock_now(self) -> float:
         return self._clock.now().timestamp()
 
     async def get(self, key: str, loader: Loader) -> bytes | None:
         """The value for `key` (None: the origin said not found), loading it on a miss."""
+        memory = self._memory
+        if memory is not None:
+            # The hot path: a fresh entry in the memory tier, exactly what `_lookup` would return first.
+            now = self._now()
+            entry = memory.peek(key, now)
+            if entry is not None and now < entry.fresh_until:
+                self._hooks.lookup(self.name, memory.name, "negative" if entry.value is None else "hit")
+                if self._xfetch and self._due_early(entry, now):
+                    self._refresh_in_background(key, loader, entry)
+                return entry.value
         entry, tier = await self._lookup(key)
         now = self._now()
         if entry is not None and entry.fresh(now):

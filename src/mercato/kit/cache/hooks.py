@@ -78,9 +78,15 @@ class PrometheusCacheHooks:
         )
         self._entries = Gauge("mercato_cache_entries", "Entries held", ["tier"], registry=registry)
         self._bytes = Gauge("mercato_cache_bytes", "Bytes held", ["tier"], registry=registry)
+        # The lookup counter's children by label values: resolving `labels()` costs more than `inc()`.
+        self._lookup_children: dict[tuple[str, str, str], Counter] = {}
 
     def lookup(self, cache: str, tier: str, result: Lookup) -> None:
-        self._lookups.labels(cache, tier, result).inc()
+        key = (cache, tier, result)
+        child = self._lookup_children.get(key)
+        if child is None:
+            child = self._lookup_children[key] = self._lookups.labels(cache, tier, result)
+        child.inc()
 
     def load(self, cache: str, seconds: float, *, error: bool) -> None:
         self._load.labels(cache, "error" if error else "ok").observe(seconds)

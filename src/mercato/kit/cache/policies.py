@@ -127,9 +127,16 @@ class CountMinSketch:
         return [(h1 + i * h2) % width for i in range(self._DEPTH)]
 
     def add(self, key: str) -> None:
-        for row, index in zip(self._rows, self._indexes(key), strict=True):
-            if row[index] < 15:
-                row[index] += 1
+        # `_indexes` unrolled: this runs on every cache lookup (TinyLfuStore.get).
+        h = hash(key) & 0xFFFFFFFFFFFFFFFF
+        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+        width = self._width
+        index = h1
+        for row in self._rows:
+            slot = index % width
+            if row[slot] < 15:
+                row[slot] += 1
+            index += h2
         self._additions += 1
         if self._additions >= self._sample:
             self._additions //= 2

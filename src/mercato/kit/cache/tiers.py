@@ -11,6 +11,7 @@ compared and written in one Lua call.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
@@ -71,6 +72,7 @@ class MemoryTier:
         self.name = name
         self._store = store if store is not None else LruStore(max_bytes=max_bytes)
         self._clock = clock or SystemClock()
+        self._now = time.time if type(self._clock) is SystemClock else self._clock_now
         self._hooks = hooks or NoCacheHooks()
         self._tick = 0
         self._epoch = 0
@@ -78,17 +80,21 @@ class MemoryTier:
         self._forgotten_tick = 0
         self._remember = remember
 
-    def _now(self) -> float:
+    def _clock_now(self) -> float:
         return self._clock.now().timestamp()
 
-    async def get(self, key: str) -> Entry | None:
+    def peek(self, key: str, now: float) -> Entry | None:
+        """`get` without the coroutine, at a time the caller already read (the cache's hit path)."""
         entry = self._store.get(key)
         if not isinstance(entry, Entry):
             return None
-        if not entry.servable(self._now()):
+        if now >= entry.stale_until:
             self._store.delete(key)
             return None
         return entry
+
+    async def get(self, key: str) -> Entry | None:
+        return self.peek(key, self._now())
 
     async def fence(self, key: str) -> Fence:
         return (self._epoch, self._tick)

@@ -212,12 +212,21 @@ def _product_id(raw: str) -> uuid.UUID:
     "",
     response_model=Page[ProductOut],
     summary="List products",
-    description="Live products, keyset-paginated. Filter by category, price range and a name search.",
-    responses=problem_responses(400, 422),
+    description=(
+        "Live products, keyset-paginated. Filter by category, price range and a name search. A "
+        "category's first page (no cursor, price range or search) is served from the application "
+        "cache with a strong `ETag` (`If-None-Match` → 304), dropped on every product change."
+    ),
+    responses={
+        **problem_responses(400, 422),
+        200: {"description": "A page of products", "headers": ETAG_HEADER_DOC},
+        **NOT_MODIFIED,
+    },
 )
 async def list_products(
     request: Request,
     service: Service,
+    products: Products,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[
         str | None,
@@ -240,7 +249,20 @@ async def list_products(
         Query(ge=0, le=10**12, description="Inclusive; below `min_price_minor` the request is 422."),
     ] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
+    if (
+        category is not None
+        and products is not None
+        and first_page_only(cursor, min_price_minor, max_price_minor, q)
+    ):
+        body, etag, surrogate_key = await read_category_page(service, products, category, sort, limit)
+        if (unchanged := not_modified(if_none_match, etag)) is not None:
+            unchanged.headers[SURROGATE_KEY] = surrogate_key
+            return unchanged
+        return Response(
+            body, media_type="application/json", headers={"ETag": etag, SURROGATE_KEY: surrogate_key}
+        )
     items, next_cursor = await browse_page(
         service,
         limit=limit,
@@ -256,6 +278,38 @@ async def list_products(
         {"items": [product_dict(p) for p in items], "next_cursor": next_cursor},
         headers={SURROGATE_KEY: CATALOG_TAG},
     )
+
+
+def first_page_only(cursor: object, min_price: object, max_price: object, q: object) -> bool:
+    """A category's first page with no other filter: the listing the application cache keeps."""
+    return cursor is None and min_price is None and max_price is None and q is None
+
+
+def page_body(items: list[Product], next_cursor: str | None) -> bytes:
+    return orjson.dumps({"items": [product_dict(p) for p in items], "next_cursor": next_cursor})
+
+
+async def read_category_page(
+    service: CatalogService, products: ProductCache, category: str, sort: ProductSort, limit: int
+) -> tuple[bytes, str, str]:
+    """`GET /v1/products?category=C[&sort=S][&limit=N]`'s body, ETag and `Surrogate-Key`, from the
+    application cache (invalidated by every product change: `ProductCache.page`). Shared by the route
+    and the edge, which answers it before routing (ADR 0061); a hit and its 304 touch no database."""
+
+    async def load() -> bytes:
+        query = ProductQuery(limit=limit, sort=sort, category=category)
+        items, more = await service.browse(query, primary=True)
+        return page_body(items, _next_cursor(items, more, sort))
+
+    page = await products.page(category, sort.value, limit, load)
+    return page.body, page.etag, page.surrogate_key
+
+
+def _next_cursor(items: list[Product], more: bool, sort: ProductSort) -> str | None:
+    if more and items:
+        last = items[-1]
+        return Cursor(sort=sort.value, value=last.sort_value(sort), id=str(last.id)).encode()
+    return None
 
 
 async def browse_page(
@@ -298,11 +352,7 @@ async def browse_page(
         after_id=after_id,
     )
     items, more = await service.browse(query)
-    next_cursor = None
-    if more and items:
-        last = items[-1]
-        next_cursor = Cursor(sort=sort.value, value=last.sort_value(sort), id=str(last.id)).encode()
-    return items, next_cursor
+    return items, _next_cursor(items, more, sort)
 
 
 @router.get(
@@ -327,17 +377,12 @@ async def read_product(
 ) -> tuple[bytes, str, str]:
     """`GET /v1/products/{id}`'s body, ETag and `Surrogate-Key`; `ProductNotFound` if there is none.
     Shared by the route and the edge, which answers this read before routing (ADR 0054)."""
-    parsed = _product_id(product_id)
     if products is None:
-        product = await service.get(parsed)
+        product = await service.get(_product_id(product_id))
         return product_body(product), product_etag(product), product_tags(str(product.id))
     # From the application cache: a hit (and its 304) touches no database.
-    cached = await products.get(parsed)
-    return (
-        cached.body,
-        VersionTag("product", cached.id, cached.version, "v1").render(),
-        product_tags(cached.id),
-    )
+    cached = await products.get_text(product_id)
+    return cached.body, cached.etag, cached.surrogate_key
 
 
 @router.post(

@@ -165,6 +165,13 @@ class CatalogRepository:
     async def count(self, conn: AsyncConnection) -> int:
         return int((await conn.execute(select(func.count()).select_from(products))).scalar_one())
 
+    async def change_stamp(self, conn: AsyncConnection) -> str:
+        """A value every committed change moves: the rows and the sum of their versions (a create adds a
+        row, an update or an archive bumps one version, nothing deletes a product)."""
+        stamp = select(func.count(), func.coalesce(func.sum(products.c.version), 0)).select_from(products)
+        count, versions = (await conn.execute(stamp)).one()
+        return f"{int(count)}.{int(versions)}"
+
     async def page(self, conn: AsyncConnection, query: ProductQuery) -> list[Product]:
         """One keyset page; fetches `limit + 1` rows so the caller knows whether more exist."""
         # `NOT archived` (SQLite: `archived = 0`) is the partial indexes' predicate word for word;

@@ -93,11 +93,18 @@ class CatalogService:
             raise ProductNotFound(f"product {product_id} not found")
         return product
 
-    async def browse(self, query: ProductQuery) -> tuple[list[Product], bool]:
-        """A page of live products and whether another page follows."""
-        async with self._db.read(staleness=CATALOG_BROWSE) as conn:
+    async def browse(self, query: ProductQuery, *, primary: bool = False) -> tuple[list[Product], bool]:
+        """A page of live products and whether another page follows. `primary`: never from a replica (a
+        page the application cache keeps for a minute must not be a lagging replica's)."""
+        async with self._db.read(staleness=None if primary else CATALOG_BROWSE) as conn:
             rows = await self._repo.page(conn, query)
         return rows[: query.limit], len(rows) > query.limit
+
+    async def change_stamp(self) -> str:
+        """What the cached category pages are keyed by: it moves with every committed product change
+        (from the primary), so a page cached before a change is never found after it."""
+        async with self._db.read() as conn:
+            return await self._repo.change_stamp(conn)
 
     async def create(self, draft: NewProduct) -> Product:
         product = draft.create(product_id=new_id(), now=self._clock.now())
