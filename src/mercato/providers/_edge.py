@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,6 +47,7 @@ from mercato.providers.faults import FaultDecision, FaultInjector, FaultKind, Fa
 __all__ = [
     "DEADLINE_STATE_KEY",
     "FAULT_LATENCY_STATE_KEY",
+    "FastHandler",
     "ProviderApp",
     "ProviderMetrics",
     "ProviderProblem",
@@ -120,6 +122,57 @@ class ProviderMetrics:
 
     def count_received(self, *, method: str, route: str, fault: FaultKind) -> None:
         self.received.labels(self.provider, method, route, fault.value).inc()
+
+
+# A hot operation answered below the framework (ADR 0060): given the scope, the whole request body
+# and the path's parameters, its response, or None to let the FastAPI route answer instead (the
+# body is replayed to it), which is how every error the route's validation gives stays its own.
+FastHandler = Callable[[Scope, bytes, dict[str, str]], Awaitable[Response | None]]
+_FAST_BODY_MAX = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _FastRoute:
+    template: str
+    pattern: re.Pattern[str]
+    handler: FastHandler
+
+
+def _fast_route(app: ProviderApp, scope: Scope) -> tuple[_FastRoute, dict[str, str]] | None:
+    if scope["method"] != "POST":
+        return None
+    path = str(scope["path"])
+    for route in app.fast_posts:
+        found = route.pattern.fullmatch(path)
+        if found is not None:
+            return route, found.groupdict()
+    return None
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body, and False when the client left before sending all of it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for a route that gets a body already read: the body once, then the real stream."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _route_template(app: FastAPI, scope: Scope) -> str:
@@ -217,7 +270,8 @@ class _EdgeMiddleware:
         request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         method = str(scope["method"])
-        route = _route_template(owner, scope)
+        fast = _fast_route(owner, scope)
+        route = fast[0].template if fast is not None else _route_template(owner, scope)
         decision = owner.injector.decide() if _is_business(scope) else FaultDecision(kind=FaultKind.NONE)
         owner.metrics.count_received(method=method, route=route, fault=decision.kind)
         start = time.perf_counter()
@@ -257,7 +311,7 @@ class _EdgeMiddleware:
         )
         span_token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
         try:
-            await self._dispatch(scope, receive, send, send_with_id, decision)
+            await self._dispatch(scope, receive, send, send_with_id, decision, fast)
         except ResponseLost:
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, "response lost (injected)"))
@@ -286,7 +340,13 @@ class _EdgeMiddleware:
                 otel_context.detach(span_token)
 
     async def _dispatch(
-        self, scope: Scope, receive: Receive, raw_send: Send, send: Send, decision: FaultDecision
+        self,
+        scope: Scope,
+        receive: Receive,
+        raw_send: Send,
+        send: Send,
+        decision: FaultDecision,
+        fast: tuple[_FastRoute, dict[str, str]] | None = None,
     ) -> None:
         kind = decision.kind
         deadline = _deadline(scope, self.owner.injector)
@@ -333,10 +393,29 @@ class _EdgeMiddleware:
             async def discard(message: Message) -> None:
                 return None
 
-            await self.app(scope, receive, discard)
+            await self._app(scope, receive, discard, fast)
             await _drop_connection(raw_send)
             return
-        await self.app(scope, receive, send)
+        await self._app(scope, receive, send, fast)
+
+    async def _app(
+        self, scope: Scope, receive: Receive, send: Send, fast: tuple[_FastRoute, dict[str, str]] | None
+    ) -> None:
+        """The framework's route, or the operation's fast handler when it has one and takes the request."""
+        if fast is None:
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        response: Response | None = None
+        if complete and len(body) <= _FAST_BODY_MAX:
+            try:
+                response = await fast[0].handler(scope, body, fast[1])
+            except ProviderProblem as problem:
+                response = problem.response(str(scope["path"]))
+        if response is None:
+            await self.app(scope, _replaying(body, receive), send)
+            return
+        await response(scope, receive, send)
 
 
 class ProviderApp(FastAPI):
@@ -347,7 +426,14 @@ class ProviderApp(FastAPI):
         self.provider = provider
         self.injector = injector
         self.metrics = ProviderMetrics(registry, provider)
+        self.fast_posts: list[_FastRoute] = []
         _install_problem_handlers(self)
+
+    def add_fast_post(self, template: str, handler: FastHandler) -> None:
+        """Answer `POST template` (a route the app also declares, for its schema and its errors)
+        with `handler` below the framework's route stack."""
+        pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(template))
+        self.fast_posts.append(_FastRoute(template, re.compile(pattern), handler))
 
     def build_middleware_stack(self) -> ASGIApp:
         return _EdgeMiddleware(super().build_middleware_stack(), owner=self)

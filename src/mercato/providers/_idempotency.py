@@ -5,6 +5,8 @@ work, then writes the effect and the finished record in a second transaction gua
 So: a retry after a success gets the stored response; a retry while the first is still working gets 409;
 a crash mid-work leaves only an in-flight claim, which another request may take over once its lease has
 run out, and since the effect commits only together with the finished record, it is never applied twice.
+A request with no simulated latency to sit through does all three in one transaction (nobody could
+observe its in-flight record): one commit per call instead of two.
 """
 
 from __future__ import annotations
@@ -19,18 +21,28 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from pydantic import BaseModel
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text, Update, bindparam, select
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import Column, Integer, MetaData, Select, String, Table, Text, Update, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from mercato.kit.clock import Clock
 from mercato.kit.resilience import Deadline
 from mercato.kit.storage import UTCDateTime
 from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
-from mercato.providers._edge import ProviderProblem, deadline_exceeded, deadline_of, latency_of, sleep_within
+from mercato.providers._edge import (
+    DEADLINE_STATE_KEY,
+    FAULT_LATENCY_STATE_KEY,
+    FastHandler,
+    ProviderProblem,
+    deadline_exceeded,
+    deadline_of,
+    latency_of,
+    sleep_within,
+)
 
 __all__ = ["IdempotencyStore", "Outcome", "fingerprint", "idempotency_table"]
 
@@ -117,6 +129,38 @@ class IdempotencyStore:
             deadline=deadline_of(request),
         )
 
+    def fast_handler(
+        self, model: type[BaseModel] | None, operation: Callable[[dict[str, str], Any, str], Apply]
+    ) -> FastHandler:
+        """`handle` for `ProviderApp.add_fast_post`: the same key rules, fingerprint and answers,
+        without the framework's route stack. `operation(path_params, body, key)` gives the apply.
+        A request the route's own validation would refuse (no key, a body that is not the model)
+        is left to the route (None), so its 400/422 stay the framework's."""
+
+        async def handle(scope: Scope, raw: bytes, params: dict[str, str]) -> Response | None:
+            key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"idempotency-key"), None)
+            if not key:
+                return None
+            body: BaseModel | None = None
+            if model is not None:
+                try:
+                    body = model.model_validate_json(raw)
+                except ValidationError:
+                    return None
+            path = str(scope["path"])
+            state = scope.get("state", {})
+            deadline = state.get(DEADLINE_STATE_KEY)
+            return await self.execute(
+                key=key,
+                digest=fingerprint("POST", path, body.model_dump(mode="json") if body is not None else {}),
+                latency_s=float(state.get(FAULT_LATENCY_STATE_KEY, 0.0)),
+                instance=path,
+                apply=operation(params, body, key),
+                deadline=deadline if isinstance(deadline, Deadline) else None,
+            )
+
+        return handle
+
     async def execute(
         self,
         *,
@@ -142,6 +186,8 @@ class IdempotencyStore:
             )
         if len(key) > MAX_KEY_LENGTH:
             raise ProviderProblem(422, "idempotency-key-invalid", "Idempotency-Key too long")
+        if latency_s <= 0:
+            return await self._execute_at_once(key, digest, instance, apply)
         claim = await self._claim(key, digest)
         if isinstance(claim, Outcome):
             return claim.response(replayed=True)
@@ -162,6 +208,75 @@ class IdempotencyStore:
             await asyncio.shield(self._release(key, claim.token))
             raise
         return outcome.response()
+
+    async def _execute_at_once(self, key: str, digest: str, instance: str, apply: Apply) -> Response:
+        """No simulated wait: the claim, the effect and the finished record in one transaction.
+
+        Nothing else runs between them (the transaction holds SQLite's write lock; on PostgreSQL a
+        concurrent first request with the same key waits on our row, then fails its INSERT and
+        reads the committed record), so the in-flight record would never be seen by anyone: one
+        BEGIN/COMMIT and one write fewer per call than claim-then-complete.
+        """
+        t = self.table
+        for _ in range(2):
+            try:
+                async with self.db.write() as conn:
+                    now = self.clock.now()
+                    row = (await conn.execute(_select_key(t), {"b_key": key})).mappings().first()
+                    if row is not None:
+                        held = self._judge(row, digest, now)
+                        if held is not None:
+                            return held.response(replayed=True)
+                    try:
+                        outcome = await apply(conn)
+                    except ProviderProblem as problem:
+                        outcome = Outcome(problem.status, problem.body(instance), problem.headers or {})
+                    done = {
+                        "fingerprint": digest,
+                        "state": _DONE,
+                        "claim_token": uuid.uuid4().hex,
+                        "locked_until": now,
+                        "response_status": outcome.status,
+                        "response_body": orjson.dumps(outcome.body).decode(),
+                        "response_headers": orjson.dumps(outcome.headers).decode(),
+                        "created_at": now,
+                        "expires_at": now + timedelta(seconds=self.ttl_s),
+                    }
+                    if row is None:
+                        await conn.execute(t.insert(), {"key": key, **done})
+                    else:  # an expired record, or a claim whose lease ran out: taken over
+                        taken = await conn.execute(
+                            _take_over_statement(t), {"b_key": key, "b_token": row["claim_token"], **done}
+                        )
+                        if taken.rowcount != 1:
+                            raise _in_flight()  # another request took it over first: roll back
+            except IntegrityError:
+                continue  # a concurrent first request committed the key: read its record
+            return outcome.response()
+        raise _in_flight()
+
+    @staticmethod
+    def _judge(row: Any, digest: str, now: Any) -> Outcome | None:
+        """What an existing record means for a new request: its stored answer (a replay), a
+        problem raised (another request's key, or one still in flight), or None: take it over."""
+        if row["expires_at"] <= now:
+            return None
+        if row["fingerprint"] != digest:
+            raise ProviderProblem(
+                422,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                "this key was used for a different request",
+            )
+        if row["state"] == _DONE:
+            return Outcome(
+                status=int(row["response_status"]),
+                body=orjson.loads(row["response_body"]),
+                headers=orjson.loads(row["response_headers"] or "{}"),
+            )
+        if row["locked_until"] > now:
+            raise _in_flight()
+        return None
 
     async def _claim(self, key: str, digest: str) -> _Claimed | Outcome:
         for _ in range(2):
@@ -189,28 +304,16 @@ class IdempotencyStore:
             "expires_at": now + timedelta(seconds=self.ttl_s),
         }
         async with self.db.write() as conn:
-            row = (await conn.execute(select(t).where(t.c.key == key))).mappings().first()
+            row = (await conn.execute(_select_key(t), {"b_key": key})).mappings().first()
             if row is None:
                 await conn.execute(t.insert(), {"key": key, **claim})
                 return _Claimed(token)
             if row["expires_at"] <= now:
                 await conn.execute(t.update().where(t.c.key == key).values(**claim))
                 return _Claimed(token)
-            if row["fingerprint"] != digest:
-                raise ProviderProblem(
-                    422,
-                    "idempotency-key-reused",
-                    "Idempotency-Key reused",
-                    "this key was used for a different request",
-                )
-            if row["state"] == _DONE:
-                return Outcome(
-                    status=int(row["response_status"]),
-                    body=orjson.loads(row["response_body"]),
-                    headers=orjson.loads(row["response_headers"] or "{}"),
-                )
-            if row["locked_until"] > now:
-                raise _in_flight()
+            held = self._judge(row, digest, now)
+            if held is not None:
+                return held
             # The first attempt died (crash, timeout) without committing anything: take the key over.
             await conn.execute(
                 t.update().where(t.c.key == key).values(claim_token=token, locked_until=claim["locked_until"])
@@ -247,6 +350,17 @@ def _complete_statement(t: Table) -> Update:
     return t.update().where(
         t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"), t.c.state == _IN_FLIGHT
     )
+
+
+@functools.cache
+def _select_key(t: Table) -> Select[Any]:
+    return select(t).where(t.c.key == bindparam("b_key"))
+
+
+@functools.cache
+def _take_over_statement(t: Table) -> Update:
+    """Rewrite a record whose claim is known (`b_token`), so of two take-overs one wins."""
+    return t.update().where(t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"))
 
 
 def _in_flight() -> ProviderProblem:

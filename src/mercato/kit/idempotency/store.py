@@ -31,6 +31,7 @@ from sqlalchemy.sql.dml import Insert
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.idempotency.tables import COMPLETED, IN_FLIGHT, PATH_LENGTH, idempotency_keys
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads, driver_prepared
 
 __all__ = [
     "ClaimOutcome",
@@ -51,23 +52,44 @@ _t = idempotency_keys.c
 _CLAIM_ATTEMPTS = 5
 
 
-# Built once, values as parameters: every checkout stores its response through it.
-_COMPLETE = update(idempotency_keys).where(
-    _t.scope == bindparam("b_scope"),
-    _t.key == bindparam("b_key"),
-    _t.claim_token == bindparam("b_token"),
-    _t.state == IN_FLIGHT,
+# Built once, values as parameters: every checkout stores its response through it, on the raw
+# driver (`kit/storage/statements.py`): one autocommitted round trip, RETURNING says whether it hit.
+_COMPLETE = driver_prepared(
+    update(idempotency_keys)
+    .where(
+        _t.scope == bindparam("b_scope"),
+        _t.key == bindparam("b_key"),
+        _t.claim_token == bindparam("b_token"),
+        _t.state == IN_FLIGHT,
+    )
+    .values(
+        state=bindparam("state"),
+        locked_until=bindparam("locked_until"),
+        response_status=bindparam("response_status"),
+        response_headers=bindparam("response_headers"),
+        response_body=bindparam("response_body"),
+        expires_at=bindparam("expires_at"),
+    )
+    .returning(_t.key)
 )
 
 
 def _insert_if_absent(dialect: str) -> Insert | None:
-    """`INSERT ... ON CONFLICT (scope, key) DO NOTHING` where the dialect has it."""
+    """`INSERT ... ON CONFLICT (scope, key) DO NOTHING RETURNING key` where the dialect has it: a
+    new key's whole claim, one statement on the raw driver (its row comes back when it was new)."""
     module: Any = {"postgresql": postgresql, "sqlite": sqlite}.get(dialect)
     if module is None:
         return None
-    return module.insert(idempotency_keys).on_conflict_do_nothing(  # type: ignore[no-any-return]
-        index_elements=[_t.scope, _t.key]
+    values = {column.name: bindparam(column.name, type_=column.type) for column in idempotency_keys.c}
+    return driver_prepared(  # type: ignore[no-any-return]
+        module.insert(idempotency_keys)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=[_t.scope, _t.key])
+        .returning(_t.key)
     )
+
+
+_INSERTS_IF_ABSENT = {dialect: _insert_if_absent(dialect) for dialect in ("postgresql", "sqlite")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +157,10 @@ class IdempotencyStore:
     def __init__(self, db: Database, *, clock: Clock | None = None) -> None:
         self._db = db
         self._clock = clock or SystemClock()
-        self._insert_if_absent = _insert_if_absent(db.dialect)
+        self._insert_if_absent = _INSERTS_IF_ABSENT.get(db.dialect)
+        # The claim of a new key and the stored response: single autocommitted statements on the
+        # raw driver, where SQLAlchemy's async adapter cost more CPU than the statement itself.
+        self._driver = DriverReads(db)
 
     @property
     def clock(self) -> Clock:
@@ -175,10 +200,14 @@ class IdempotencyStore:
                 "created_at": now,
                 "expires_at": now + timedelta(seconds=ttl_s),
             }
+            values = {"scope": scope, "key": key, **fresh}
+            # A new key: one autocommitted statement on the raw driver (the usual case).
+            if self._insert_if_absent is not None and await self._driver.rows(self._insert_if_absent, values):
+                return Claimed(scope=scope, key=key, claim_token=token)
             # Autocommit where the database has it: the insert-if-absent and the guarded take-over
             # below are each safe alone, so a transaction would only add two round trips.
             async with self._db.autocommit() as conn:
-                if await self._insert(conn, {"scope": scope, "key": key, **fresh}):
+                if self._insert_if_absent is None and await self._insert(conn, values):
                     return Claimed(scope=scope, key=key, claim_token=token)
                 row = await self._row(conn, scope, key)
                 if row is None:
@@ -208,22 +237,21 @@ class IdempotencyStore:
         not stored, because the row belongs to another request.
         """
         now = self._clock.now()
-        async with self._db.autocommit() as conn:
-            result = await conn.execute(
-                _COMPLETE,
-                {
-                    "b_scope": claim.scope,
-                    "b_key": claim.key,
-                    "b_token": claim.claim_token,
-                    "state": COMPLETED,
-                    "locked_until": None,
-                    "response_status": response.status,
-                    "response_headers": orjson.dumps([list(pair) for pair in response.headers]).decode(),
-                    "response_body": response.body,
-                    "expires_at": now + timedelta(seconds=ttl_s),
-                },
-            )
-        return bool(result.rowcount == 1)
+        stored = await self._driver.rows(
+            _COMPLETE,
+            {
+                "b_scope": claim.scope,
+                "b_key": claim.key,
+                "b_token": claim.claim_token,
+                "state": COMPLETED,
+                "locked_until": None,
+                "response_status": response.status,
+                "response_headers": orjson.dumps([list(pair) for pair in response.headers]).decode(),
+                "response_body": response.body,
+                "expires_at": now + timedelta(seconds=ttl_s),
+            },
+        )
+        return len(stored) == 1
 
     async def release(self, claim: Claimed) -> bool:
         """Delete the in-flight row so the same key may be used again (a retry runs the handler)."""
@@ -257,12 +285,12 @@ class IdempotencyStore:
         )
 
     async def _insert(self, conn: AsyncConnection, values: dict[str, Any]) -> bool:
-        """Whether the row was inserted (False: a row for the key exists)."""
-        if self._insert_if_absent is not None:
-            result = await conn.execute(self._insert_if_absent, values)
-            return bool(result.rowcount == 1)
-        # A savepoint, because on PostgreSQL a failed statement aborts the whole transaction and we
-        # still need to read the existing row in this one.
+        """Whether the row was inserted (False: a row for the key exists), on a dialect without
+        insert-if-absent.
+
+        A savepoint, because on PostgreSQL a failed statement aborts the whole transaction and we
+        still need to read the existing row in this one.
+        """
         try:
             async with conn.begin_nested():
                 await conn.execute(insert(idempotency_keys).values(**values))

@@ -86,6 +86,18 @@ def create_carrier_app(
             request, key=key, body=None, apply=lambda conn: carrier.cancel(conn, shipment_id)
         )
 
+    # Both operations below the framework's route stack too (ADR 0060); the routes above keep
+    # the schema and answer what the fast handlers leave to them.
+    store = carrier.idempotency
+    app.add_fast_post(
+        "/v1/shipments",
+        store.fast_handler(ShipmentIn, lambda _p, body, key: lambda conn: carrier.create(conn, body, key)),
+    )
+    app.add_fast_post(
+        "/v1/shipments/{shipment_id}/cancel",
+        store.fast_handler(None, lambda p, _b, _k: lambda conn: carrier.cancel(conn, p["shipment_id"])),
+    )
+
     # Registered before `/v1/shipments/{shipment_id}` so "summary" is not taken for an id.
     @app.get("/v1/shipments/summary", response_model=ShipmentSummary, tags=["shipments"])
     async def shipment_summary(order_reference: str | None = None) -> ShipmentSummary:

@@ -138,6 +138,34 @@ def create_psp_app(
             apply=lambda conn: psp.refund(conn, capture_id, body.amount_minor, key or ""),
         )
 
+    # The same four operations below the framework's route stack (ADR 0060): the routes above
+    # stay for the schema and answer whatever the fast handlers leave to them (invalid requests).
+    store = psp.idempotency
+    app.add_fast_post(
+        "/v1/authorizations",
+        store.fast_handler(AuthorizeIn, lambda _p, body, key: lambda conn: psp.authorize(conn, body, key)),
+    )
+    app.add_fast_post(
+        "/v1/authorizations/{authorization_id}/capture",
+        store.fast_handler(
+            CaptureIn,
+            lambda p, body, key: (
+                lambda conn: psp.capture(conn, p["authorization_id"], body.amount_minor, key)
+            ),
+        ),
+    )
+    app.add_fast_post(
+        "/v1/authorizations/{authorization_id}/void",
+        store.fast_handler(None, lambda p, _b, key: lambda conn: psp.void(conn, p["authorization_id"], key)),
+    )
+    app.add_fast_post(
+        "/v1/captures/{capture_id}/refund",
+        store.fast_handler(
+            RefundIn,
+            lambda p, body, key: lambda conn: psp.refund(conn, p["capture_id"], body.amount_minor, key),
+        ),
+    )
+
     @app.get(
         "/v1/authorizations/{authorization_id}",
         response_model=AuthorizationOut,

@@ -87,7 +87,7 @@ def cart_dict(cart: CartView) -> dict[str, Any]:
     }
 
 
-def cart_service(request: Request) -> CartService:
+async def cart_service(request: Request) -> CartService:
     return cast(CartService, request.app.state.cart)
 
 

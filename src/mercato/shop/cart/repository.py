@@ -5,13 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import CompoundSelect, Select, bindparam, delete, null, select, tuple_, union_all
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
+from mercato.kit.storage.statements import Executor, driver_prepared
 from mercato.shop.cart.model import CartItem
 from mercato.shop.cart.tables import cart_items
 
@@ -46,7 +48,8 @@ def _upsert(dialect: str) -> Insert:
     ).returning(_c.added_at)
 
 
-_UPSERTS = {dialect: _upsert(dialect) for dialect in ("postgresql", "sqlite")}
+# Registered for the raw driver (kit/storage/statements.py): putting a line runs there.
+_UPSERTS = {dialect: driver_prepared(_upsert(dialect)) for dialect in ("postgresql", "sqlite")}
 
 
 def item_from_row(row: Any) -> CartItem | None:
@@ -76,6 +79,18 @@ class CartRepository:
         line |= {"added_at": now, "updated_at": now}
         added_at: datetime = (await conn.execute(_UPSERTS[conn.dialect.name], line)).scalar_one()
         return added_at
+
+    @staticmethod
+    async def upsert_on(
+        executor: Executor, dialect: Dialect, customer_id: uuid.UUID, sku: str, quantity: int, now: datetime
+    ) -> datetime:
+        """`upsert` on a driver-path transaction (`driver_transaction`)."""
+        line = {"customer_id": customer_id, "sku": sku, "quantity": quantity}
+        line |= {"added_at": now, "updated_at": now}
+        ((added_at,),) = await executor.rows(_UPSERTS[dialect.name], line)
+        # The driver path converts a SELECT's columns only: RETURNING's value is converted here.
+        convert = _c.added_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        return cast(datetime, added_at if convert is None else convert(added_at))
 
     async def take_exactly(
         self, conn: AsyncConnection, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import CompoundSelect, Row, Select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import Executor, Statements, driver_prepared, driver_transaction
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import (
     CartChanged,
@@ -41,6 +42,35 @@ class CartPrices(Protocol):
     async def quoted_rows(
         self, conn: AsyncConnection, statement: Select[Any], params: Mapping[str, Any]
     ) -> list[tuple[Row[Any], PriceQuote | None]]: ...
+
+
+class _NamedRow:
+    """A driver row with SQLAlchemy's `Row` face as `quoted_rows` and `item_from_row` read it:
+    columns by attribute and through `_mapping`."""
+
+    __slots__ = ("_mapping",)
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._mapping[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _NamedRows:
+    """A driver-path transaction (`Executor`) in the shape `CartPrices.quoted_rows` runs its
+    statement on (`await conn.execute(statement, params)`, rows with named columns)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    async def execute(self, statement: Select[Any], params: dict[str, Any]) -> list[_NamedRow]:
+        names = [str(column.key) for column in statement.selected_columns]
+        rows = await self._executor.rows(statement, params)
+        return [_NamedRow(dict(zip(names, row, strict=True))) for row in rows]
 
 
 def _price(quote: PriceQuote) -> CatalogPrice:
@@ -74,14 +104,18 @@ class CartService:
         self._limits = limits
         self._repo = repository or CartRepository()
         self._priced_lines = prices.quoting(self._repo.lines_statement(with_probe=False))
-        self._priced_lines_and_sku = prices.quoting(self._repo.lines_statement(with_probe=True))
+        # Putting a line (the checkout bench's first request) runs on the raw driver.
+        self._priced_lines_and_sku = driver_prepared(
+            prices.quoting(self._repo.lines_statement(with_probe=True))
+        )
+        self._statements = Statements(db.engine.dialect)
 
     @property
     def limits(self) -> CartLimits:
         return self._limits
 
     async def _read(
-        self, conn: AsyncConnection, customer_id: uuid.UUID, also: str | None = None
+        self, conn: AsyncConnection | _NamedRows, customer_id: uuid.UUID, also: str | None = None
     ) -> tuple[list[CartItem], dict[str, CatalogPrice]]:
         """The lines and the prices of their SKUs (and of `also`), in one SELECT on `conn`."""
         statement = self._priced_lines
@@ -90,7 +124,7 @@ class CartService:
             statement, params["probe_sku"] = self._priced_lines_and_sku, also
         items: list[CartItem] = []
         prices: dict[str, CatalogPrice] = {}
-        for row, quote in await self._prices.quoted_rows(conn, statement, params):
+        for row, quote in await self._prices.quoted_rows(cast(AsyncConnection, conn), statement, params):
             item = item_from_row(row)
             if item is not None:
                 items.append(item)
@@ -113,10 +147,19 @@ class CartService:
         with is those lines with this change applied, so no second read is needed.
         """
         now = self._clock.now()
-        async with self._db.write() as conn:
-            before, prices = await self._read(conn, customer_id, also=sku)
-            check_set_item(before, sku, quantity, prices, self._limits)
-            added_at = await self._repo.upsert(conn, customer_id, sku, quantity, now)
+        refused: Exception | None = None
+        async with driver_transaction(self._db, self._statements) as tx:
+            before, prices = await self._read(_NamedRows(tx), customer_id, also=sku)
+            try:
+                check_set_item(before, sku, quantity, prices, self._limits)
+            except Exception as exc:  # noqa: BLE001 - raised below, once the read-only transaction ended
+                refused = exc  # raised here it would discard the driver connection, not just roll back
+            else:
+                added_at = await self._repo.upsert_on(
+                    tx, self._db.engine.dialect, customer_id, sku, quantity, now
+                )
+        if refused is not None:
+            raise refused
         after = [item for item in before if item.sku != sku]
         after.append(CartItem(sku, quantity, added_at, now))
         return price_cart(customer_id, after, prices)

@@ -45,7 +45,7 @@ class CheckoutAccepted(BaseModel):
     currency: str
 
 
-def checkout_service(request: Request) -> CheckoutService:
+async def checkout_service(request: Request) -> CheckoutService:
     return cast(CheckoutService, request.app.state.checkout)
 
 

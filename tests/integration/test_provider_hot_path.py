@@ -1,0 +1,127 @@
+"""What one simulated provider call costs its database: with no injected latency the idempotency
+claim, the effect and the stored answer commit together (one transaction per call, was two)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from mercato.kit.clock import ManualClock
+from mercato.providers import ProviderApp, create_carrier_app, create_psp_app
+from mercato.providers.carrier.service import carrier_metadata
+from mercato.providers.psp.service import psp_metadata
+
+if TYPE_CHECKING:
+    from tests.integration.provider_support import InProcess
+
+pytest_plugins = ["tests.integration.provider_support"]
+
+
+@contextmanager
+def commits(app: ProviderApp, service: str) -> Iterator[list[int]]:
+    engine: Any = getattr(app.state, service).db.engine
+    sync = getattr(engine, "sync_engine", engine)
+    seen: list[int] = []
+
+    def on_commit(_conn: Any) -> None:
+        seen.append(1)
+
+    event.listen(sync, "commit", on_commit)
+    try:
+        yield seen
+    finally:
+        event.remove(sync, "commit", on_commit)
+
+
+@pytest.fixture
+def psp_app(provider_db_url: str) -> ProviderApp:
+    return create_psp_app(provider_db_url, clock=ManualClock(), rng=random.Random(1))
+
+
+@pytest.fixture
+async def psp(psp_app: ProviderApp, in_process: InProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with in_process(psp_app, psp_metadata) as client:
+        yield client
+
+
+async def test_a_psp_call_without_latency_commits_once_and_still_replays(
+    psp: httpx.AsyncClient, psp_app: ProviderApp
+) -> None:
+    key = uuid.uuid4().hex
+    body = {"order_reference": "ord-hot", "amount_minor": 700, "currency": "EUR"}
+    with commits(psp_app, "psp") as authorize:
+        first = await psp.post("/v1/authorizations", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    assert len(authorize) == 1
+    auth_id = first.json()["authorization_id"]
+    with commits(psp_app, "psp") as capture:
+        captured = await psp.post(
+            f"/v1/authorizations/{auth_id}/capture",
+            json={"amount_minor": 700},
+            headers={"Idempotency-Key": key + "c"},
+        )
+    assert captured.status_code == 201, captured.text
+    assert len(capture) == 1
+    again = await psp.post("/v1/authorizations", json=body, headers={"Idempotency-Key": key})
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    reused = await psp.post(
+        "/v1/authorizations", json={**body, "amount_minor": 1}, headers={"Idempotency-Key": key}
+    )
+    assert reused.status_code == 422
+
+
+async def test_a_stored_rejection_commits_once_and_replays(
+    provider_db_url: str, in_process: InProcess
+) -> None:
+    app = create_carrier_app(provider_db_url, clock=ManualClock())
+    async with in_process(app, carrier_metadata) as carrier:
+        key = uuid.uuid4().hex
+        with commits(app, "carrier") as cancel:
+            refused = await carrier.post(
+                "/v1/shipments/shp_missing/cancel", json={}, headers={"Idempotency-Key": key}
+            )
+        assert refused.status_code == 404, refused.text
+        assert len(cancel) == 1
+        replay = await carrier.post(
+            "/v1/shipments/shp_missing/cancel", json={}, headers={"Idempotency-Key": key}
+        )
+        assert replay.status_code == 404
+        assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_hot_operations_skip_the_route_stack_and_invalid_ones_still_get_its_answers(
+    psp: httpx.AsyncClient, psp_app: ProviderApp
+) -> None:
+    await psp.get("/healthz")  # builds the middleware stack
+    edge: Any = psp_app.middleware_stack
+    inner = edge.app
+    routed: list[str] = []
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        routed.append(str(scope["path"]))
+        await inner(scope, receive, send)
+
+    edge.app = counting
+    body = {"order_reference": "ord-fast", "amount_minor": 300, "currency": "EUR"}
+    placed = await psp.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "k-fast"})
+    assert placed.status_code == 201, placed.text
+    auth_id = placed.json()["authorization_id"]
+    voided = await psp.post(f"/v1/authorizations/{auth_id}/void", headers={"Idempotency-Key": "k-void"})
+    assert voided.json()["status"] == "voided", voided.text
+    assert routed == []
+    invalid = await psp.post(
+        "/v1/authorizations", json={**body, "amount_minor": -1}, headers={"Idempotency-Key": "k-bad"}
+    )
+    assert invalid.status_code == 422
+    assert invalid.headers["content-type"].startswith("application/problem+json")
+    keyless = await psp.post("/v1/authorizations", json=body)
+    assert keyless.status_code == 400
+    assert routed == ["/v1/authorizations", "/v1/authorizations"]
