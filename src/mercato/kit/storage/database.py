@@ -174,11 +174,7 @@ class Database:
             try:
                 yield conn
             except BaseException:
-                # A connection lost mid-transaction is invalidated with its `info` (and the pending
-                # signals in it); asking for `info` would reconnect outside a greenlet and hide the
-                # outage behind MissingGreenlet.
-                if not conn.invalidated:
-                    self.signals.fire_pending(conn, committed=False)
+                self._drop_pending(conn)
                 raise
             self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
@@ -232,14 +228,17 @@ class Database:
                     if guard is not None:
                         await guard(conn)
             except BaseException:
-                # A connection lost mid-transaction is invalidated with its `info` (and the pending
-                # signals in it); asking for `info` would reconnect outside a greenlet and hide the
-                # outage behind MissingGreenlet.
-                if not conn.invalidated:
-                    self.signals.fire_pending(conn, committed=False)
+                self._drop_pending(conn)
                 raise
             self.signals.fire_pending(conn, committed=True)
             await self._record_commit(conn)
+
+    def _drop_pending(self, conn: AsyncConnection) -> None:
+        """A rolled-back transaction's signals never fire. A connection lost mid-transaction is
+        invalidated with its `info` (and the signals in it): asking for `info` would reconnect
+        outside a greenlet and hide the outage behind MissingGreenlet."""
+        if not conn.invalidated:
+            self.signals.fire_pending(conn, committed=False)
 
     @asynccontextmanager
     async def _sqlite_write_transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -259,8 +258,7 @@ class Database:
             if guard is not None:
                 await guard(conn)
         except BaseException:
-            if not conn.invalidated:
-                self.signals.fire_pending(conn, committed=False)
+            self._drop_pending(conn)
             await self._finish(conn, commit=False)
             raise
         # Taken before the COMMIT: once checked in, the connection's `info` is the next user's.
