@@ -254,8 +254,13 @@ class Hub:
             self._revoked(event)
             return
         members = self._channels.get(event.channel, set())
+        direct = False
         for conn in list(members):
-            conn.push(event)
+            if conn.push(event):
+                direct = True
+        if direct and event.at:
+            # Once per fan-out for the connections written straight to (queued frames: per frame).
+            self.hook.fanout_latency(time.time() - event.at)
         if event.reply_to and event.ack:
             # The sender is acknowledged even when it is not subscribed to the channel.
             sender = self.connections.get(event.reply_to)

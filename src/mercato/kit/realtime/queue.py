@@ -126,6 +126,10 @@ class OutboundQueue:
             if waiter is None or waiter.done():
                 waiter = self._ready_waiter = asyncio.get_running_loop().create_future()
             await waiter
+        return self.pop()
+
+    def pop(self) -> tuple[str | bytes, float]:
+        """The oldest frame and its `at`, now (IndexError when the queue is empty)."""
         frame, essential, at = self._items.popleft()
         self._bytes -= len(frame)
         if not essential:
