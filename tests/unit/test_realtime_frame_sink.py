@@ -88,7 +88,8 @@ async def test_a_fan_out_writes_one_shared_frame_to_every_socket() -> None:
     hub.fan_out(event)
     frames = [sink.written[0] for sink in sinks]
     assert all(frame is frames[0] for frame in frames)  # framed once, one object for every socket
-    assert orjson.loads(_payload(frames[0])) == {"type": "message", "channel": "room:a", "seq": 1, "text": "hi"}
+    expected = {"type": "message", "channel": "room:a", "seq": 1, "text": "hi"}
+    assert orjson.loads(_payload(frames[0])) == expected
     assert all(len(conn.queue) == 0 for conn in hub.connections.values())
 
 
@@ -115,15 +116,18 @@ async def test_a_full_socket_is_fed_from_the_queue_in_order_and_nothing_overtake
     assert sink.seqs() == [1]
     assert len(conn.queue) == 2
     drain = session._writer
-    assert drain is not None and not drain.done()
+    assert drain is not None
+    assert not drain.done()
 
     sink.writable.set()  # resume_writing; a new event arrives before the drain task has run
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=4))
     await asyncio.wait_for(drain, 1)
     assert sink.seqs() == [1, 2, 3, 4]
-    assert session._writer is drain and drain.done()  # the drain task ended with the queue empty
+    assert session._writer is drain
+    assert drain.done()  # the drain task ended with the queue empty
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=5))
-    assert sink.seqs() == [1, 2, 3, 4, 5] and len(conn.queue) == 0
+    assert sink.seqs() == [1, 2, 3, 4, 5]
+    assert len(conn.queue) == 0
 
 
 def _free_port() -> int:
@@ -183,7 +187,7 @@ async def test_under_uvicorn_a_session_writes_below_asgi_and_an_idle_one_has_no_
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
+        while not server.started:  # noqa: ASYNC110 - uvicorn's flag, no event to wait on
             await asyncio.sleep(0.01)
         url, headers = f"ws://127.0.0.1:{port}/ws", {"Authorization": "Bearer u1"}
         clients: list[Any] = []
