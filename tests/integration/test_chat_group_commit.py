@@ -90,3 +90,48 @@ async def test_membership_answers_are_cached_and_a_removal_forgets_them(containe
     with counting(container) as tally:
         assert await chat.may_read(room, users[1], staff=False)
     assert tally.statements  # read again from the database
+
+
+async def test_a_pass_is_acknowledged_in_one_ack_many_call(container: Container) -> None:
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    rooms = [(await chat.create_room(f"r{i}", users, created_by=users[0])).id for i in range(3)]
+    now = container.clock.now()
+    await container.stream.publish(
+        [
+            send_message(
+                room_id=r, sender=users[0], text=f"m{i}", client_msg_id=f"c{i}-{r}", reply_to="n/1", now=now
+            )
+            for i in range(4)
+            for r in rooms
+        ]
+    )
+    calls: list[tuple[str, int]] = []
+    stream = container.stream
+
+    class _Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(stream, name)
+
+        async def ack(self, delivery: object) -> None:
+            calls.append(("ack", 1))
+            await stream.ack(delivery)  # type: ignore[arg-type]
+
+        async def ack_many(self, deliveries: list[object]) -> None:
+            calls.append(("ack_many", len(deliveries)))
+            await stream.ack_many(deliveries)  # type: ignore[arg-type]
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        pass
+
+    persister = ChatPersister(chat, _Spy(), publish_many, consumer="t1", batch=100)  # type: ignore[arg-type]
+    handled = 0
+    passes = 0
+    while handled < 12:
+        done = await persister.run_once()
+        assert done, "the persister stopped before the messages were handled"
+        handled += done
+        passes += 1
+    assert [kind for kind, _ in calls] == ["ack_many"] * passes
+    assert sum(n for _, n in calls) == 12
+    assert await container.stream.lag(CHAT_TOPIC, "mercato.chat.persist") == 0

@@ -136,3 +136,29 @@ async def test_a_revocation_unsubscribes_the_users_connections_and_tells_the_lis
     assert [orjson.loads((await stays.queue.get())[0])["type"] for _ in range(len(stays.queue))] == [
         "message"
     ]
+
+
+async def test_the_presence_heartbeat_announces_every_channel_in_one_broker_call() -> None:
+    class _Calls(_Broker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[str]] = []
+
+        async def publish_many(self, events: list[ChannelEvent]) -> None:
+            self.batches.append([event.channel for event in events])
+            await super().publish_many(events)
+
+    broker = _Calls()
+    hub = Hub(broker, _History(), node_id="n1", presence_interval_s=0.05)  # type: ignore[arg-type]
+    await hub.start()
+    try:
+        for channel in ("room:a", "room:b", "room:c"):
+            conn = hub.connect(f"u-{channel}", kind="ws", on_refused=lambda: None)
+            await hub.subscribe(conn, channel, since=None, presence=True)
+        joins = len(broker.published)
+        await asyncio.sleep(0.18)
+    finally:
+        await hub.stop()
+    assert len(broker.batches) >= 2
+    assert all(sorted(batch) == ["room:a", "room:b", "room:c"] for batch in broker.batches)
+    assert len(broker.published) == joins + 3 * len(broker.batches)  # nothing announced one by one

@@ -26,6 +26,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
 from mercato.bench.accounts import issue_tokens
+from mercato.bench.realtime_idle import IdleResult, raise_fd_limit, run_idle_bench
 from mercato.bench.servers import ServerProcess, _clean_env, free_port, start_mercato, start_server
 from mercato.bench.stats import LatencyHistogram
 from mercato.kit.storage.migrations import upgrade
@@ -57,6 +58,18 @@ class RealtimeResult:
     p99_ms: float
     cpu_ms_per_1000: float | None
     rss_kib_per_idle_connection: float | None
+    # The server's CPU per second with every connection subscribed and nothing sent (timers, polls,
+    # presence, keepalive): the part of `cpu_ms_per_1000` that does not depend on the deliveries.
+    idle_cpu_ms_per_s: float | None = None
+
+    @property
+    def marginal_us_per_delivery(self) -> float | None:
+        """CPU per delivery once the idle CPU over the same time is taken out."""
+        if self.cpu_ms_per_1000 is None or self.idle_cpu_ms_per_s is None or not self.deliveries:
+            return None
+        elapsed = self.deliveries / self.deliveries_per_s
+        idle_us = self.idle_cpu_ms_per_s * 1000 * elapsed / self.deliveries
+        return max(0.0, self.cpu_ms_per_1000 - idle_us)
 
     @property
     def deliveries_per_cpu_s(self) -> float | None:
@@ -121,6 +134,8 @@ _RAMP_STEPS = 8
 # A step keeps up when this share of its deliveries arrived within `_KEEP_UP_TAIL_S` of its end.
 _KEEP_UP_SHARE = 0.98
 _KEEP_UP_TAIL_S = 2.0
+# How long the server's idle CPU (all subscribed, nothing sent) is measured before the first phase.
+_IDLE_CPU_S = 5.0
 
 
 async def _measure(
@@ -199,6 +214,13 @@ async def _measure(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_subscribed.wait(), 60)
     await asyncio.sleep(1.0)
+    # The server's own CPU with nothing sent, over `_IDLE_CPU_S` (the readers keep reading).
+    idle_start = server.cpu_s()
+    await asyncio.sleep(_IDLE_CPU_S)
+    idle_end = server.cpu_s()
+    idle_cpu = None
+    if idle_start is not None and idle_end is not None:
+        idle_cpu = (idle_end - idle_start) * 1000 / _IDLE_CPU_S
     senders = conns[:rooms]
 
     async def phase(label: str, offered: float) -> tuple[RealtimeResult, bool]:
@@ -261,6 +283,7 @@ async def _measure(
             p99_ms=hist.percentile_ms(99),
             cpu_ms_per_1000=cpu,
             rss_kib_per_idle_connection=idle_kib,
+            idle_cpu_ms_per_s=idle_cpu,
         )
         await asyncio.sleep(1.0)
         # A client that could not send at `offered` (one process, shared cores) ends the ramp too.
@@ -385,133 +408,6 @@ def _migrate(url: str) -> None:
     upgrade(SCRIPT_LOCATION, url)
 
 
-# -- idle connections ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IdleResult:
-    connections: int
-    client_processes: int
-    opened: int
-    alive_after_hold: int
-    hold_s: float
-    server_rss_before_kib: int
-    server_rss_after_kib: int
-    kib_per_connection: float
-    server_open_fds: int
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's open-file limit to its hard limit (the servers started after inherit it)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def _idle_client(ws_url: str, tokens: list[str], count: int, report: Any, release: Any) -> None:
-    """One client process: open `count` authenticated connections, report, hold until released,
-    report how many are still open, close."""
-    from websockets.protocol import State
-
-    raise_fd_limit()
-
-    async def main() -> None:
-        conns: list[ClientConnection] = []
-        failed = 0
-
-        async def open_one(index: int) -> None:
-            nonlocal failed
-            try:
-                ws = await connect(
-                    ws_url,
-                    additional_headers={"Authorization": f"Bearer {tokens[index % len(tokens)]}"},
-                    open_timeout=60,
-                    ping_interval=None,
-                    compression=None,
-                )
-                await asyncio.wait_for(ws.recv(), 60)  # ready: authenticated
-                conns.append(ws)
-            except Exception:  # noqa: BLE001 - counted, the bench reports how many opened
-                failed += 1
-
-        for start in range(0, count, 100):
-            await asyncio.gather(*(open_one(i) for i in range(start, min(start + 100, count))))
-        report.put(("opened", len(conns), failed))
-        await asyncio.to_thread(release.wait)
-        report.put(("alive", sum(ws.state is State.OPEN for ws in conns), 0))
-        await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
-
-    asyncio.run(main())
-
-
-def measure_idle(
-    server: ServerProcess, *, ws_url: str, tokens: list[str], connections: int, processes: int, hold_s: float
-) -> IdleResult:
-    """`connections` idle authenticated WebSocket connections to one server process, opened by
-    `processes` client processes: the server's RSS per connection, and whether it holds them all."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    report = ctx.Queue()
-    release = ctx.Event()
-    share = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
-    time.sleep(1.0)
-    rss_before = _rss_kib(server.proc.pid)
-    children = [
-        ctx.Process(target=_idle_client, args=(ws_url, tokens, n, report, release), daemon=True)
-        for n in share
-        if n
-    ]
-    for child in children:
-        child.start()
-    opened = sum(report.get(timeout=600)[1] for _ in children)
-    time.sleep(2.0)
-    rss_after = _rss_kib(server.proc.pid)
-    fds = len(list(Path(f"/proc/{server.proc.pid}/fd").iterdir()))
-    time.sleep(max(0.0, hold_s - 2.0))
-    release.set()
-    alive = sum(report.get(timeout=120)[1] for _ in children)
-    for child in children:
-        child.join(timeout=60)
-    return IdleResult(
-        connections=connections,
-        client_processes=len(children),
-        opened=opened,
-        alive_after_hold=alive,
-        hold_s=hold_s,
-        server_rss_before_kib=rss_before,
-        server_rss_after_kib=rss_after,
-        kib_per_connection=(rss_after - rss_before) / opened if opened else 0.0,
-        server_open_fds=fds,
-    )
-
-
-def run_idle_bench(*, connections: int, processes: int, hold_s: float, workdir: Path) -> IdleResult:
-    raise_fd_limit()
-    workdir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite+aiosqlite:///{workdir}/idle.db"
-    _migrate(url)
-    # 100 accounts, each holding many connections: every connection is authenticated all the same.
-    tokens = issue_tokens(url, SECRET, [(str(uuid.uuid4()), "customer") for _ in range(100)])
-    server = start_mercato(
-        database_url=url,
-        workdir=workdir,
-        workers=1,
-        name="mercato-idle",
-        settings_env={"MERCATO_AUTH_SECRET": SECRET, "MERCATO_BACKPRESSURE_ENABLED": "false"},
-    )
-    try:
-        ws_url = server.base_url.replace("http://", "ws://") + "/v1/ws"
-        return measure_idle(
-            server, ws_url=ws_url, tokens=tokens, connections=connections, processes=processes, hold_s=hold_s
-        )
-    finally:
-        server.stop()
-
-
 # -- report ----------------------------------------------------------------------------------------
 
 
@@ -530,6 +426,8 @@ def realtime_table(results: list[RealtimeResult], idle: IdleResult | None, *, ti
             "p50 ms",
             "p99 ms",
             "CPU ms/1000 deliveries",
+            "idle CPU ms/s",
+            "marginal µs/delivery",
             "deliveries per core-s",
             "KiB/idle conn",
         ):
@@ -545,6 +443,8 @@ def realtime_table(results: list[RealtimeResult], idle: IdleResult | None, *, ti
                 f"{r.p50_ms:.1f}",
                 f"{r.p99_ms:.1f}",
                 "-" if r.cpu_ms_per_1000 is None else f"{r.cpu_ms_per_1000:.0f}",
+                "-" if r.idle_cpu_ms_per_s is None else f"{r.idle_cpu_ms_per_s:.1f}",
+                "-" if r.marginal_us_per_delivery is None else f"{r.marginal_us_per_delivery:.0f}",
                 "-" if per_core is None else f"{per_core:,.0f}",
                 "-" if r.rss_kib_per_idle_connection is None else f"{r.rss_kib_per_idle_connection:.1f}",
             )
@@ -576,6 +476,13 @@ def realtime_verdict(results: list[RealtimeResult], idle: IdleResult | None) -> 
             f"{bare.deliveries_per_cpu_s:,.0f} = {ratio:.0%} (goal >= 50 %): "
             f"{'met' if ratio >= 0.5 else 'not met'}"
         )
+        if ours.marginal_us_per_delivery is not None and bare.marginal_us_per_delivery is not None:
+            lines.append(
+                "marginal CPU per delivery (idle CPU taken out): "
+                f"Mercato {ours.marginal_us_per_delivery:.0f} µs "
+                f"(idle {ours.idle_cpu_ms_per_s:.1f} ms/s), bare {bare.marginal_us_per_delivery:.0f} µs "
+                f"(idle {bare.idle_cpu_ms_per_s:.1f} ms/s)"
+            )
         lines.append(
             f"fan-out latency p50/p99: Mercato {ours.p50_ms:.0f}/{ours.p99_ms:.0f} ms, bare "
             f"{bare.p50_ms:.0f}/{bare.p99_ms:.0f} ms at {ours.offered_rate:g} msgs/s sent"

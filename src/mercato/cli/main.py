@@ -39,6 +39,7 @@ from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
 from mercato.kit.observability import instrument_engine, register_process_collectors, start_process_tracing
+from mercato.kit.realtime.transport import MercatoWebSocketProtocol
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.kit.storage.statements import trace_driver_statements
@@ -241,6 +242,8 @@ def api(
         ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
         ws_max_size=settings.realtime.max_frame_bytes * 4,
         ws_per_message_deflate=settings.realtime.ws_compression,
+        # uvicorn's websockets protocol + the fan-out write below ASGI (kit/realtime/transport.py).
+        ws=MercatoWebSocketProtocol,
         # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
         # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
         timeout_worker_healthcheck=30,
@@ -299,6 +302,7 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
             ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
             ws_max_size=settings.realtime.max_frame_bytes * 4,
             ws_per_message_deflate=settings.realtime.ws_compression,
+            ws=MercatoWebSocketProtocol,
         )
     )
     container = app.state.container

@@ -18,8 +18,10 @@ import orjson
 
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime.events import ChannelEvent, History
+from mercato.kit.realtime.framing import text_frame
 from mercato.kit.realtime.metrics import NullRealtimeHook, RealtimeHook
 from mercato.kit.realtime.queue import Offer, OutboundQueue
+from mercato.kit.realtime.transport import FrameSink
 
 __all__ = ["Connection"]
 
@@ -46,7 +48,13 @@ class _Cursor:
 
 class Connection:
     """`on_refused` is called once when an essential frame does not fit even above the caps: the
-    transport closes the socket with 1013 and the client resumes from its last seq."""
+    transport closes the socket with 1013 and the client resumes from its last seq.
+
+    With a `sink` (`attach_sink`: the WebSocket's socket below ASGI, ADR 0063) a frame is written
+    straight to the socket while the queue is empty and the transport takes it without waiting;
+    otherwise it is queued (caps, drops and the slow-consumer deadline as without a sink) and
+    `on_queued` is told, so the transport drains the queue, in order, once the socket is writable.
+    Nothing is written directly while the queue holds anything: per-connection order is kept."""
 
     # Slots: 10,000 idle connections are 10,000 of these (ADR 0056).
     __slots__ = (
@@ -54,6 +62,7 @@ class Connection:
         "_history",
         "_hook",
         "_on_over",
+        "_on_queued",
         "_on_refused",
         "_replay_batch",
         "_tasks",
@@ -61,6 +70,7 @@ class Connection:
         "kind",
         "queue",
         "refused",
+        "sink",
         "slow_consumer_s",
         "user",
     )
@@ -95,6 +105,14 @@ class Connection:
         self.slow_consumer_s = slow_consumer_s
         # Told when the queue first goes over its caps (the hub starts watching this connection).
         self._on_over = on_over
+        # The socket below ASGI (None: every frame goes through the queue and the transport's writer).
+        self.sink: FrameSink | None = None
+        self._on_queued: Callable[[], None] | None = None
+
+    def attach_sink(self, sink: FrameSink, on_queued: Callable[[], None]) -> None:
+        """Write frames straight to `sink` when nothing is queued; `on_queued()` after queueing one."""
+        self.sink = sink
+        self._on_queued = on_queued
 
     @property
     def channels(self) -> list[str]:
@@ -127,28 +145,29 @@ class Connection:
         """Queue a frame that is not a channel event (ack, error, subscribed, pong)."""
         self._offer(orjson.dumps(frame).decode(), essential=essential, at=at)
 
-    def push(self, event: ChannelEvent) -> None:
-        """Called by the hub for every event on a channel this connection may be subscribed to."""
-        if event.reply_to == self.id and event.ack:
+    def push(self, event: ChannelEvent) -> bool:
+        """Called by the hub for every event on a channel this connection may be subscribed to.
+        True when the event's frame went straight to the socket (no queue: the hub then records
+        the fan-out's latency once for all such connections)."""
+        if event.reply_to and event.reply_to == self.id and event.ack:
             self.send_frame({"type": "ack", **event.ack, "seq": event.seq}, at=event.at)
         cursor = self._cursors.get(event.channel)
         if cursor is None:
-            return
+            return False
         if not event.seq:
-            self._offer(event.wire(), essential=event.essential, at=event.at)
-            return
+            return self._offer(event.wire(), essential=event.essential, at=event.at, event=event)
         if cursor.catching_up:
             if len(cursor.pending) < _MAX_PENDING:
                 cursor.pending.append(event)
             else:
                 cursor.reread = True
-            return
+            return False
         if event.seq <= cursor.last:
-            return
+            return False
         if event.seq == cursor.last + 1:
             cursor.last = event.seq
-            self._offer(event.wire(), essential=True, at=event.at)
-            return
+            # With a sink, the frame shared by the whole fan-out goes straight to the socket (ADR 0063).
+            return self._offer(event.wire(), essential=True, at=event.at, event=event)
         cursor.catching_up = True
         cursor.pending.append(event)
         self._hook.dropped("broker_gap_refilled")
@@ -157,6 +176,7 @@ class Connection:
             self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return False
 
     async def _refill(self, channel: str, cursor: _Cursor) -> None:
         """Replay history after `cursor.last`, then the parked live events, in seq order. The replay
@@ -178,7 +198,7 @@ class Connection:
                         cursor.pending = pending[index:]
                         break
                     cursor.last = event.seq
-                    self._offer(event.wire(), essential=True, at=event.at)
+                    self._offer(event.wire(), essential=True, at=event.at, event=event)
                 if not cursor.pending and not cursor.reread:
                     return
                 await asyncio.sleep(0.05 * (_attempt + 1))
@@ -187,7 +207,7 @@ class Connection:
             for event in sorted(cursor.pending, key=lambda e: e.seq):
                 if event.seq > cursor.last:
                     cursor.last = event.seq
-                    self._offer(event.wire(), essential=True, at=event.at)
+                    self._offer(event.wire(), essential=True, at=event.at, event=event)
             cursor.pending = []
         finally:
             cursor.catching_up = False
@@ -201,14 +221,26 @@ class Connection:
                 if self.queue.over_cap:
                     await self.queue.wait_below_cap()
                 cursor.last = event.seq
-                self._offer(event.wire(), essential=True, at=event.at)
+                self._offer(event.wire(), essential=True, at=event.at, event=event)
             if len(events) < self._replay_batch:
                 return
 
-    def _offer(self, frame: str, *, essential: bool, at: float) -> None:
+    def _offer(self, frame: str, *, essential: bool, at: float, event: ChannelEvent | None = None) -> bool:
+        """Write `frame` straight to the sink when nothing is queued and the socket takes it (True),
+        else queue it (False). `event`: the frame is this event's, whose framed bytes are shared."""
         if self.refused:
-            return
+            return False
+        sink = self.sink
+        if (
+            sink is not None
+            and not self.queue
+            and sink.write_frame(event.ws_frame() if event is not None else text_frame(frame.encode()))
+        ):
+            return True
         result = self.queue.offer(frame, essential=essential, at=at)
+        if sink is not None and result is not Offer.DROPPED and result is not Offer.REFUSED:
+            assert self._on_queued is not None
+            self._on_queued()
         if result is Offer.DROPPED:
             self._hook.dropped("non_essential_queue_full")
         elif result is Offer.OVERFLOW:
@@ -217,6 +249,7 @@ class Connection:
         elif result is Offer.REFUSED:
             self._hook.dropped("connection_refused_essential")
             self.refuse()
+        return False
 
     def refuse(self) -> None:
         """Close this connection as a slow consumer (1013 from the transport), once."""

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from mercato.kit.realtime.framing import text_frame
+
 __all__ = ["ChannelEvent", "History"]
 
 
@@ -35,6 +37,8 @@ class ChannelEvent:
     at: float = 0.0
     # The client frame's JSON text, encoded on first use: once per fan-out, not once per connection.
     _wire: str | None = field(default=None, init=False, compare=False, repr=False)
+    # The same as one WebSocket text frame, framed once for every connection's socket (ADR 0063).
+    _frame: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -72,6 +76,13 @@ class ChannelEvent:
             object.__setattr__(self, "_wire", orjson.dumps(self.frame()).decode())
         assert self._wire is not None
         return self._wire
+
+    def ws_frame(self) -> bytes:
+        """`wire()` as one server WebSocket text frame, shared by every connection it is written to."""
+        if self._frame is None:
+            object.__setattr__(self, "_frame", text_frame(self.wire().encode()))
+        assert self._frame is not None
+        return self._frame
 
     def frame(self) -> dict[str, Any]:
         """The client-facing JSON frame: the event's data with its type, channel and seq."""

@@ -254,8 +254,13 @@ class Hub:
             self._revoked(event)
             return
         members = self._channels.get(event.channel, set())
+        direct = False
         for conn in list(members):
-            conn.push(event)
+            if conn.push(event):
+                direct = True
+        if direct and event.at:
+            # Once per fan-out for the connections written straight to (queued frames: per frame).
+            self.hook.fanout_latency(time.time() - event.at)
         if event.reply_to and event.ack:
             # The sender is acknowledged even when it is not subscribed to the channel.
             sender = self.connections.get(event.reply_to)
@@ -267,15 +272,18 @@ class Hub:
     def online(self, channel: str) -> list[str]:
         return list(self._online.get(channel, []))
 
-    async def _announce(self, channel: str) -> None:
+    def _announcement(self, channel: str) -> ChannelEvent:
         users = sorted(self._local_presence.get(channel, ()))
-        event = ChannelEvent(
+        return ChannelEvent(
             channel=channel,
             type=PRESENCE_ANNOUNCE,
             data={"node": self.node_id, "users": users},
             essential=False,
             origin=self.node_id,
         )
+
+    async def _announce(self, channel: str) -> None:
+        event = self._announcement(channel)
         try:
             await self.broker.publish(event)
         except Exception:  # noqa: BLE001 - presence is best effort; the next heartbeat repeats it
@@ -317,7 +325,12 @@ class Hub:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.presence_interval_s)
-            for channel in list(self._local_presence):
-                await self._announce(channel)
+            # Every channel's announcement in one broker round trip (was one per channel).
+            events = [self._announcement(channel) for channel in list(self._local_presence)]
+            if events:
+                try:
+                    await self.broker.publish_many(events)
+                except Exception:  # noqa: BLE001 - presence is best effort; the next heartbeat repeats it
+                    _log.warning("presence_announce_failed", channels=len(events))
             for channel in list(self._remote_presence):
                 self._refresh_presence(channel)

@@ -13,7 +13,8 @@ __all__ = ["NullRealtimeHook", "PrometheusRealtimeHook", "RealtimeHook"]
 class RealtimeHook(Protocol):
     def connected(self, kind: str, delta: int) -> None: ...
     def fanout_latency(self, seconds: float) -> None:
-        """From the event becoming durable to its frame being written to a socket."""
+        """From the event becoming durable to its frame being written to a socket: once per fan-out
+        for the connections written straight to (ADR 0063), once per frame for queued ones."""
         ...
 
     def dropped(self, reason: str) -> None: ...

@@ -22,6 +22,12 @@ from enum import StrEnum
 __all__ = ["Offer", "OutboundQueue"]
 
 
+# The queue of a connection with nothing queued: one shared empty deque (a deque is ~760 B however
+# empty; 10,000 idle connections would hold 7 MiB of them). Never appended to: `_append` swaps in a
+# deque of its own first, and `pop` gives it back when the queue drains (ADR 0063).
+_EMPTY: deque[tuple[str | bytes, bool, float]] = deque(maxlen=0)
+
+
 class Offer(StrEnum):
     QUEUED = "queued"
     DROPPED = "dropped"
@@ -54,7 +60,7 @@ class OutboundQueue:
         self.max_bytes = max_bytes
         self._hard_messages = int(max_messages * hard_factor)
         self._hard_bytes = int(max_bytes * hard_factor)
-        self._items: deque[tuple[str | bytes, bool, float]] = deque()
+        self._items: deque[tuple[str | bytes, bool, float]] = _EMPTY
         self._bytes = 0
         self._non_essential = 0
         self._ready_waiter: asyncio.Future[None] | None = None
@@ -100,7 +106,10 @@ class OutboundQueue:
         return Offer.QUEUED
 
     def _append(self, frame: str | bytes, essential: bool, at: float) -> None:
-        self._items.append((frame, essential, at))
+        items = self._items
+        if items is _EMPTY:
+            items = self._items = deque()
+        items.append((frame, essential, at))
         self._bytes += len(frame)
         if not essential:
             self._non_essential += 1
@@ -126,7 +135,14 @@ class OutboundQueue:
             if waiter is None or waiter.done():
                 waiter = self._ready_waiter = asyncio.get_running_loop().create_future()
             await waiter
-        frame, essential, at = self._items.popleft()
+        return self.pop()
+
+    def pop(self) -> tuple[str | bytes, float]:
+        """The oldest frame and its `at`, now (IndexError when the queue is empty)."""
+        items = self._items
+        frame, essential, at = items.popleft()
+        if not items:
+            self._items = _EMPTY
         self._bytes -= len(frame)
         if not essential:
             self._non_essential -= 1

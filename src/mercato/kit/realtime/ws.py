@@ -1,9 +1,11 @@
 """The WebSocket session: authenticate on connect, then read frames and write the outbound queue.
 
-The session's own coroutine reads; one writer task drains the connection's `OutboundQueue` to the
-socket (TCP flow control is what blocks it for a slow client). That is the only task a session adds
-(ADR 0056). The reader stops reading while the queue is over its caps (pausing reads: a client that
-does not read gets no say either), and the hub's one slow-consumer sweep refuses the connection when
+The session's own coroutine reads. Under a server that offers the socket below ASGI (`transport.py`,
+`mercato api`'s uvicorn protocol) frames are written straight to it and a drain task exists only while
+the connection's `OutboundQueue` holds frames (ADR 0063); otherwise one writer task drains the queue
+through ASGI `send` (ADR 0056). TCP flow control is what holds either for a slow client. The reader
+stops reading while the queue is over its caps (pausing reads: a client that does not read gets no
+say either), and the hub's one slow-consumer sweep refuses the connection when
 its queue stays over its caps for `slow_consumer_s` (the session then closes the socket with 1013
 "try again later"), as the queue does at once when an essential frame does not fit at all.
 Every close carries a code from `CloseCode`; every bad frame gets an error frame
@@ -26,7 +28,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from mercato.kit.auth import InvalidToken, Principal
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime.connection import Connection
+from mercato.kit.realtime.framing import text_frame
 from mercato.kit.realtime.hub import Hub
+from mercato.kit.realtime.transport import FrameSink, frame_sink
 
 __all__ = ["CloseCode", "FrameError", "FrameHandler", "SessionSettings", "WebSocketSession"]
 
@@ -112,9 +116,14 @@ class WebSocketSession:
             slow_consumer_s=self.settings.slow_consumer_s,
         )
         self.conn = conn
+        sink = frame_sink(self.websocket.scope)
+        if sink is not None:
+            # Frames go straight to the socket; a drain task exists only while frames are queued.
+            conn.attach_sink(sink, self._queued)
+        else:
+            self._writer = asyncio.create_task(self._write(conn), name=f"ws-writer:{conn.id}")
         conn.send_frame({"type": "ready", "user": principal.subject, "connection": conn.id})
         self._reading = asyncio.current_task()
-        self._writer = asyncio.create_task(self._write(conn), name=f"ws-writer:{conn.id}")
         try:
             await self._read(conn)
         except asyncio.CancelledError:
@@ -125,9 +134,11 @@ class WebSocketSession:
                 raise
         finally:
             self._reading = None
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
+            writer = self._writer
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
             await self.hub.disconnect(conn)
             await self.close(CloseCode.GOING_AWAY, "server closing")
 
@@ -249,6 +260,29 @@ class WebSocketSession:
                 if at:
                     hook.fanout_latency(time.time() - at)
         except Exception:  # noqa: BLE001 - the socket is gone: stop reading, `run` cleans up
+            self._stop_reading()
+
+    def _queued(self) -> None:
+        writer = self._writer
+        if (writer is None or writer.done()) and self.conn is not None and self.conn.sink is not None:
+            self._writer = asyncio.create_task(self._drain(self.conn, self.conn.sink))
+
+    async def _drain(self, conn: Connection, sink: FrameSink) -> None:
+        """Write the queued frames, oldest first, each once the socket's write buffer has room
+        (TCP flow control is what holds a slow client here), then end: an idle or keeping-up
+        connection has no writer task (ADR 0063)."""
+        queue = conn.queue
+        hook = self.hub.hook
+        while queue:
+            await sink.wait_writable()
+            if not sink.open or not queue:
+                break
+            # No await from here to the write: nothing can be written to the socket in between.
+            frame, at = queue.pop()
+            sink.write_frame(frame if isinstance(frame, bytes) else text_frame(frame.encode()))
+            if at:
+                hook.fanout_latency(time.time() - at)
+        if not sink.open:
             self._stop_reading()
 
     def _refused(self) -> None:

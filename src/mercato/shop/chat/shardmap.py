@@ -56,6 +56,7 @@ class ShardMap:
     current: Layout
     target: Layout | None = None
     switched: frozenset[str] = frozenset()
+    _directories: dict[str, Directory] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = {name for name, _ in self.shards}
@@ -82,7 +83,17 @@ class ShardMap:
 
     def directory(self, layout: Layout | None = None) -> Directory:
         chosen = layout or self.current
-        return Directory(make_placement(self.algorithm, chosen.members, vnodes=self.vnodes), chosen.overrides)
+        # The current and target layouts' directories are built once per map (a ring is 160 hashes
+        # per shard; `route` runs for every persisted chat message).
+        key = "current" if chosen is self.current else "target" if chosen is self.target else None
+        cached = self._directories.get(key) if key else None
+        if cached is None:
+            cached = Directory(
+                make_placement(self.algorithm, chosen.members, vnodes=self.vnodes), chosen.overrides
+            )
+            if key:
+                self._directories[key] = cached
+        return cached
 
     def route(self, room: str) -> Route:
         owner = self.directory().owner(room)
