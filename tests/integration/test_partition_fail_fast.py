@@ -35,6 +35,7 @@ class _Blackholing:
         self.link_up = asyncio.Event()
         self.link_up.set()
         self.server: asyncio.Server | None = None
+        self.connections = 0  # accepted, in all
 
     @property
     def cut(self) -> bool:
@@ -52,6 +53,7 @@ class _Blackholing:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         if self.cut:  # a new connection across the cut: accepted by nobody, answered never
             await asyncio.sleep(3600)
         up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -119,6 +121,23 @@ async def test_a_silent_primary_is_refused_within_a_second_and_recovers(
             assert (await conn.execute(text("SELECT 1"))).scalar() == 1
     finally:
         proxy.cut = False
+        await db.dispose()
+
+
+async def test_the_probes_share_one_session_instead_of_connecting_each_time(
+    proxied_url: tuple[str, _Blackholing],
+) -> None:
+    """A connection per probe cost an idle API most of its CPU (~3 ms, four times a second)."""
+    url, proxy = proxied_url
+    db = create_database(url, probe_interval_s=0.05, probe_timeout_s=0.3, probe_failures=2)
+    try:
+        async with db.write() as conn:  # starts the probes; the pool opens its own connection
+            await conn.execute(text("SELECT 1"))
+        await asyncio.sleep(1.0)  # ~20 probes
+        assert proxy.connections <= 3, proxy.connections  # the pool's, the probe's (one reopen at most)
+        assert db.reachability is not None
+        assert not db.reachability.unreachable
+    finally:
         await db.dispose()
 
 
