@@ -12,7 +12,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,6 +31,12 @@ from mercato.kit.sagas import (
 )
 from mercato.kit.storage import get_meta, set_meta
 from mercato.kit.storage.meta import platform_meta
+from tests.integration.statement_budget import Tally, counting
+
+
+def verbs_of(statements: list[str]) -> list[str]:
+    return [sql.removeprefix("driver: ").split(None, 1)[0].upper() for sql in statements]
+
 
 NO_WAIT = RetrySchedule(max_attempts=3, base_s=0.0, cap_s=0.0)
 
@@ -363,34 +368,13 @@ async def test_two_runners_never_run_a_step_twice(
     assert rec.calls[("authorize", "do")] == 12
 
 
-class TransactionCounter:
-    """Statements and non-empty transactions on one engine, as the database sees them."""
+def saga_statements(tally: Tally) -> list[str]:
+    return [sql for sql in tally.statements if "saga_instances" in sql or "saga_steps" in sql]
 
-    def __init__(self, container: Container) -> None:
-        self.statements: list[str] = []
-        self.transactions = 0
-        self._engine = container.db.engine.sync_engine
-        self._dirty = False
 
-    def __enter__(self) -> TransactionCounter:
-        sa_event.listen(self._engine, "before_cursor_execute", self._statement)
-        sa_event.listen(self._engine, "commit", self._end)
-        sa_event.listen(self._engine, "rollback", self._end)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        sa_event.remove(self._engine, "before_cursor_execute", self._statement)
-        sa_event.remove(self._engine, "commit", self._end)
-        sa_event.remove(self._engine, "rollback", self._end)
-
-    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        self.statements.append(statement)
-        self._dirty = True
-
-    def _end(self, _conn: Any) -> None:
-        if self._dirty:
-            self.transactions += 1
-        self._dirty = False
+def claim_transactions(container: Container) -> int:
+    """The claim commits on its own: no transaction on PostgreSQL, SQLite's one writer still begins."""
+    return 0 if container.db.dialect == "postgresql" else 1
 
 
 async def test_one_transaction_per_move_and_no_read_back_between_moves(
@@ -402,12 +386,17 @@ async def test_one_transaction_per_move_and_no_read_back_between_moves(
     )
     saga_id = await start(container, store, definition)
     runner = runner_for(container, store, definition, clock, sink=sink)
-    with TransactionCounter(container) as counted:
+    with counting(container) as counted:
         assert await runner.run_once() == 1
-    # The claim (which returns the row), then one write per step; the last one also finishes the
-    # saga, and the lease (10 s) outlives each remote step (0.2 s), so no renewal of its own.
-    assert counted.transactions == 1 + 3
-    assert not [s for s in counted.statements if s.lstrip().upper().startswith("SELECT")]
+    # The claim (which returns the row, committed on its own), then one write per step; the last
+    # one also finishes the saga, and the lease (10 s) outlives each remote step (0.2 s), so no
+    # renewal of its own. Each write is the move (one UPDATE of the whole state) and its step record,
+    # every one a prepared statement on the raw-driver layer.
+    assert counted.transactions == claim_transactions(container) + 3, counted.report()
+    ours = saga_statements(counted)
+    assert verbs_of(ours) == ["WITH"] + ["UPDATE", "INSERT"] * 3, counted.report()
+    assert all(sql.startswith("driver: ") for sql in ours), counted.report()
+    assert not [s for s in counted.statements if "SELECT" in s.split(None, 2)[:2]]
     saga = await store.get(saga_id)
     assert saga is not None
     assert (saga.status, saga.step_index, saga.lease_expires_at) == (SagaStatus.COMPLETED, 3, None)
@@ -423,9 +412,11 @@ async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
     definition = SagaDefinition("order", (local("reserve", rec), slow))
     saga_id = await start(container, store, definition)
     runner = SagaRunner(container.db, store, {"order": definition}, clock, owner="a", lease_s=5)
-    with TransactionCounter(container) as counted:
+    with counting(container) as counted:
         assert await runner.run_once() == 1
-    assert counted.transactions == 1 + 1 + 1 + 1  # claim, reserve, renewal, authorize + finish
+    # claim and renewal (each committed on its own), reserve, authorize + finish
+    assert counted.transactions == 2 * claim_transactions(container) + 1 + 1, counted.report()
+    assert verbs_of(saga_statements(counted)) == ["WITH", "UPDATE", "INSERT", "UPDATE", "UPDATE", "INSERT"]
     saga = await store.get(saga_id)
     assert saga is not None
     assert saga.status is SagaStatus.COMPLETED

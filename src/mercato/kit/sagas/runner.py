@@ -260,8 +260,9 @@ class SagaRunner:
         now = self._clock.now()
         values.setdefault("updated_at", now)
         values.setdefault("lease_expires_at", now + timedelta(seconds=self._lease_s))
-        await self._store.fenced_update(conn, saga.id, saga.lease_token, **values)
-        return saga.with_values(values)
+        moved = saga.with_values(values)
+        await self._store.move(conn, moved)
+        return moved
 
     async def _hold_lease_for(self, saga: SagaInstance, step: Step) -> SagaInstance:
         """Make sure the lease outlasts the remote step about to run (renewing costs a transaction)."""
