@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from mercato.bootstrap import Container
 from mercato.kit.messaging.sql_log import add_driver_listener
-from mercato.kit.storage.statements import DRIVER_STATEMENTS_IN_TX
+from mercato.kit.storage.statements_in_tx import DRIVER_STATEMENTS_IN_TX
 
 _DIRTY = "_budget_statements_in_tx"
 

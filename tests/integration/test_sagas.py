@@ -29,6 +29,7 @@ from mercato.kit.sagas import (
     StepContext,
     StepRejected,
 )
+from mercato.kit.sagas.store import StepOutcome
 from mercato.kit.storage import get_meta, set_meta
 from mercato.kit.storage.meta import platform_meta
 from tests.integration.statement_budget import Tally, counting
@@ -353,6 +354,40 @@ async def test_a_stale_runner_cannot_write_after_a_takeover(
     assert await effect(container, saga_id, "stale") is None
 
 
+async def test_a_stale_move_writes_neither_the_state_nor_its_step_record(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    definition = SagaDefinition("order", (local("reserve", Recorder()),))
+    saga_id = await start(container, store, definition)
+    stale = await store.claim_instance(saga_id, owner="runner-a", lease_s=10)
+    assert stale is not None
+    clock.advance(11)
+    assert await store.claim(saga_id, owner="runner-b", lease_s=10) is not None
+    # The move and its record are one statement on PostgreSQL (the record is inserted from the
+    # fenced UPDATE's RETURNING) and two on SQLite (the INSERT only after the UPDATE matched).
+    record = StepOutcome("reserve", "forward", 1, "succeeded", 3)
+    with pytest.raises(LeaseLost):
+        async with container.db.write() as conn:
+            await store.move(conn, replace(stale, step_index=1), record)
+    assert await store.history(saga_id) == []
+    current = await store.get(saga_id)
+    assert current is not None
+    assert current.step_index == 0
+    # The current term's move writes both.
+    claimed = await store.claim_instance(saga_id, owner="runner-b", lease_s=10)
+    assert claimed is None  # still held by runner-b's term
+    clock.advance(11)
+    fresh = await store.claim_instance(saga_id, owner="runner-c", lease_s=10)
+    assert fresh is not None
+    async with container.db.write() as conn:
+        await store.move(conn, replace(fresh, step_index=1, data={"order": "o-1", "moved": True}), record)
+    [step] = await store.history(saga_id)
+    assert (step.step, step.outcome, step.attempt, step.duration_ms) == ("reserve", "succeeded", 1, 3)
+    moved = await store.get(saga_id)
+    assert moved is not None
+    assert (moved.step_index, moved.data["moved"]) == (1, True)
+
+
 async def test_two_runners_never_run_a_step_twice(
     container: Container, store: SagaStore, clock: ManualClock
 ) -> None:
@@ -370,6 +405,12 @@ async def test_two_runners_never_run_a_step_twice(
 
 def saga_statements(tally: Tally) -> list[str]:
     return [sql for sql in tally.statements if "saga_instances" in sql or "saga_steps" in sql]
+
+
+def move_verbs(container: Container) -> list[str]:
+    """A move and its step record: one statement on PostgreSQL (the record inserted from the fenced
+    UPDATE's RETURNING, in a data-modifying CTE), the UPDATE then the INSERT on SQLite."""
+    return ["WITH"] if container.db.dialect == "postgresql" else ["UPDATE", "INSERT"]
 
 
 def claim_transactions(container: Container) -> int:
@@ -390,11 +431,11 @@ async def test_one_transaction_per_move_and_no_read_back_between_moves(
         assert await runner.run_once() == 1
     # The claim (which returns the row, committed on its own), then one write per step; the last
     # one also finishes the saga, and the lease (10 s) outlives each remote step (0.2 s), so no
-    # renewal of its own. Each write is the move (one UPDATE of the whole state) and its step record,
-    # every one a prepared statement on the raw-driver layer.
+    # renewal of its own. Each write is the move (one UPDATE of the whole state) with its step
+    # record, every one a prepared statement on the raw-driver layer.
     assert counted.transactions == claim_transactions(container) + 3, counted.report()
     ours = saga_statements(counted)
-    assert verbs_of(ours) == ["WITH"] + ["UPDATE", "INSERT"] * 3, counted.report()
+    assert verbs_of(ours) == ["WITH"] + move_verbs(container) * 3, counted.report()
     assert all(sql.startswith("driver: ") for sql in ours), counted.report()
     assert not [s for s in counted.statements if "SELECT" in s.split(None, 2)[:2]]
     saga = await store.get(saga_id)
@@ -416,7 +457,8 @@ async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
         assert await runner.run_once() == 1
     # claim and renewal (each committed on its own), reserve, authorize + finish
     assert counted.transactions == 2 * claim_transactions(container) + 1 + 1, counted.report()
-    assert verbs_of(saga_statements(counted)) == ["WITH", "UPDATE", "INSERT", "UPDATE", "UPDATE", "INSERT"]
+    moves = move_verbs(container)
+    assert verbs_of(saga_statements(counted)) == ["WITH", *moves, "UPDATE", *moves], counted.report()
     saga = await store.get(saga_id)
     assert saga is not None
     assert saga.status is SagaStatus.COMPLETED

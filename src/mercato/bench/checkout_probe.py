@@ -46,7 +46,7 @@ from mercato.kit.messaging.sql_log import add_driver_listener
 from mercato.kit.observability import request_id_var
 from mercato.kit.sagas.runner import SagaRunner
 from mercato.kit.sagas.store import SagaStore
-from mercato.kit.storage.statements import DRIVER_STATEMENTS_IN_TX
+from mercato.kit.storage.statements_in_tx import DRIVER_STATEMENTS_IN_TX
 
 _phase: contextvars.ContextVar[str | None] = contextvars.ContextVar("bench_phase", default=None)
 _DIRTY = "_bench_statements_in_tx"

@@ -23,7 +23,8 @@ from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.messaging.tables import inbox
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import insert_ignore, on_connection
+from mercato.kit.storage.statements import insert_ignore
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = ["Consumer", "Handler", "Inbox"]
 

@@ -40,7 +40,8 @@ from mercato.kit.messaging.tables import outbox
 from mercato.kit.observability import carrier_of, context_from, trace_carrier, tracer
 from mercato.kit.storage import Database
 from mercato.kit.storage.signals import WorkSignals, notify_statement
-from mercato.kit.storage.statements import DriverReads, driver_prepared, on_connection
+from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = ["OUTBOX_CHANNEL", "Outbox", "OutboxBacklog", "OutboxRelay"]
 

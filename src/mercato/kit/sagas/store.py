@@ -42,7 +42,8 @@ from mercato.kit.ids import new_id
 from mercato.kit.observability import trace_carrier
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database, UTCDateTime, metadata
-from mercato.kit.storage.statements import driver_prepared, on_connection
+from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 
 # The active sagas, as `_is_active` writes them (the same terms, so the planners match the index).
 ACTIVE_SAGA_PREDICATE = "status = 'running' OR status = 'compensating'"
@@ -149,7 +150,7 @@ _INSERT_SAGA = insert(saga_instances)
 # A move writes the saga's whole mutable state, as the runner holds it (`SagaInstance`): one
 # statement whatever changed, fenced by the lease term; RETURNING tells whether the term held (a
 # row count that both drivers give back the same way).
-_MOVE = driver_prepared(
+_MOVE_UPDATE = (
     update(saga_instances)
     .where(saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token"))
     .values(
@@ -165,6 +166,26 @@ _MOVE = driver_prepared(
     )
     .returning(saga_instances.c.id)
 )
+_MOVE = driver_prepared(_MOVE_UPDATE)
+# A step's record, with the move it leads to: the step's own values are `s_*` parameters.
+_STEP_COLUMNS = ("id", "step", "direction", "attempt", "outcome", "error", "duration_ms", "recorded_at")
+_STEP_VALUES = {name: bindparam(f"s_{name}", type_=saga_steps.c[name].type) for name in _STEP_COLUMNS}
+_RECORD_STEP = insert(saga_steps).values(
+    saga_id=bindparam("b_id", type_=saga_steps.c.saga_id.type), **_STEP_VALUES
+)
+_MOVED = _MOVE_UPDATE.cte("moved")
+# One statement on PostgreSQL: the record is inserted from what the fenced UPDATE returned, so
+# nothing is written when the term is lost; SQLite runs the UPDATE, then (if it matched) the INSERT.
+_MOVE_AND_RECORD = driver_prepared(
+    insert(saga_steps)
+    .from_select(
+        ["saga_id", *_STEP_COLUMNS],
+        select(_MOVED.c.id, *(_STEP_VALUES[name] for name in _STEP_COLUMNS)),
+    )
+    .returning(saga_steps.c.saga_id)
+    .add_cte(_MOVED),
+    in_turn=(_MOVE, _RECORD_STEP),
+)
 _RENEW = driver_prepared(
     update(saga_instances)
     .where(saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token"))
@@ -173,9 +194,6 @@ _RENEW = driver_prepared(
         updated_at=bindparam("updated_at", type_=saga_instances.c.updated_at.type),
     )
     .returning(saga_instances.c.id)
-)
-_INSERT_STEP = driver_prepared(
-    insert(saga_steps).values({c.name: bindparam(c.name, type_=c.type) for c in saga_steps.columns})
 )
 
 
@@ -217,6 +235,18 @@ class SagaStepRecord:
     error: str | None
     duration_ms: int
     recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """One attempt of a step, recorded with the move it leads to (`SagaStore.move`)."""
+
+    step: str
+    direction: str
+    attempt: int
+    outcome: str
+    duration_ms: int
+    error: str | None = None
 
 
 def _instance(row: Any) -> SagaInstance:
@@ -409,11 +439,12 @@ class SagaStore:
         if result.rowcount != 1:
             raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
 
-    async def move(self, conn: AsyncConnection, saga: SagaInstance) -> None:
+    async def move(self, conn: AsyncConnection, saga: SagaInstance, step: StepOutcome | None = None) -> None:
         """Write `saga`'s whole state (as the runner holds it) in one fenced statement on the driver
-        path, in the caller's transaction; `LeaseLost` if its term (`lease_token`) is no longer the
-        current one."""
-        params = {
+        path, in the caller's transaction, with the record of the `step` attempt that led to it (one
+        statement on PostgreSQL, two on SQLite); `LeaseLost` if its term (`lease_token`) is no
+        longer the current one, and then nothing is written."""
+        params: dict[str, Any] = {
             "b_id": saga.id,
             "b_token": saga.lease_token,
             "status": saga.status.value,
@@ -426,7 +457,20 @@ class SagaStore:
             "updated_at": saga.updated_at,
             "finished_at": saga.finished_at,
         }
-        if not await on_connection(conn).rows(_MOVE, params):
+        statement: Any = _MOVE
+        if step is not None:
+            statement = _MOVE_AND_RECORD
+            params.update(
+                s_id=new_id(),
+                s_step=step.step,
+                s_direction=step.direction,
+                s_attempt=step.attempt,
+                s_outcome=step.outcome,
+                s_error=(step.error or None) and step.error[:2000],
+                s_duration_ms=step.duration_ms,
+                s_recorded_at=self._clock.now(),
+            )
+        if not await on_connection(conn).rows(statement, params):
             raise LeaseLost(f"saga {saga.id}: lease term {saga.lease_token} is no longer current")
 
     async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> datetime:
@@ -440,33 +484,6 @@ class SagaStore:
         if not renewed:
             raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
         return expires_at
-
-    async def record_step(
-        self,
-        conn: AsyncConnection,
-        saga_id: uuid.UUID,
-        *,
-        step: str,
-        direction: str,
-        attempt: int,
-        outcome: str,
-        duration_ms: int,
-        error: str | None = None,
-    ) -> None:
-        await on_connection(conn).run(
-            _INSERT_STEP,
-            {
-                "id": new_id(),
-                "saga_id": saga_id,
-                "step": step,
-                "direction": direction,
-                "attempt": attempt,
-                "outcome": outcome,
-                "error": (error or None) and error[:2000],
-                "duration_ms": duration_ms,
-                "recorded_at": self._clock.now(),
-            },
-        )
 
     async def history(self, saga_id: uuid.UUID) -> list[SagaStepRecord]:
         async with self._db.read() as conn:

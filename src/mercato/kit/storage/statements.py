@@ -12,10 +12,11 @@ conversions applied as SQLAlchemy would. Callers never branch on the engine:
 - `driver_transaction(db, statements)`: a write transaction on the driver path (an `Executor`);
   a statement it does not carry raises `Unprepared`, and the caller redoes the work through
   `SqlAlchemyExecutor` on a `Database.write()` connection (same `Executor` interface);
-- `on_connection(conn)`: registered statements inside the caller's SQLAlchemy transaction (a
-  `Database.write()`, `Database.autocommit()` or `Database.read()` connection), sent on the driver
-  connection under it: the saga runner's moves, the outbox, the inbox join a transaction whose
-  other statements (a saga step's, a consumer handler's) still go through SQLAlchemy.
+- `on_connection(conn)` (`statements_in_tx.py`): registered statements inside the caller's
+  SQLAlchemy transaction (a `Database.write()`, `Database.autocommit()` or `Database.read()`
+  connection), sent on the driver connection under it: the saga runner's moves, the outbox, the
+  inbox join a transaction whose other statements (a saga step's, a consumer handler's) still go
+  through SQLAlchemy.
 
 Statement counters (tests, the bench probe) see the driver path through `add_driver_listener`,
 since SQLAlchemy's engine events never do.
@@ -24,7 +25,6 @@ since SQLAlchemy's engine events never do.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
-from sqlalchemy import Executable, Select, Table, UpdateBase, bindparam
+from sqlalchemy import Executable, Select, Table, UpdateBase
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -44,7 +44,6 @@ from sqlalchemy.util import greenlet_spawn
 from mercato.kit.storage.database import Database
 
 __all__ = [
-    "DRIVER_STATEMENTS_IN_TX",
     "DriverReads",
     "DriverStatement",
     "Executor",
@@ -60,8 +59,6 @@ __all__ = [
     "insert_ignore",
     "insert_new",
     "observe",
-    "on_connection",
-    "statements_for",
     "trace_driver_statements",
 ]
 
@@ -73,10 +70,23 @@ _S = TypeVar("_S", bound=ClauseElement)
 _PREPARED: set[ClauseElement] = set()
 
 
-def driver_prepared(statement: _S) -> _S:
+# Writes chained in one statement through data-modifying CTEs (`driver_prepared(..., in_turn=...)`),
+# and the same writes as separate statements for an engine that has no such CTEs (SQLite).
+_IN_TURN: dict[int, tuple[ClauseElement, ...]] = {}
+
+
+def driver_prepared(statement: _S, *, in_turn: Sequence[ClauseElement] = ()) -> _S:
     """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
-    on the driver path, e.g. through `DriverReads`."""
+    on the driver path, e.g. through `DriverReads`.
+
+    `in_turn`: when `statement` chains writes through data-modifying CTEs (PostgreSQL), the same
+    writes as separate statements for SQLite, which has none. `on_connection` runs those one after
+    the other with the same parameters, stopping after one with RETURNING that returned no row (the
+    fenced write that matched nothing, after which the chained form writes nothing either), and
+    returns the first one's rows: the first must return what `statement` returns."""
     _PREPARED.add(statement)
+    if in_turn:
+        _IN_TURN[id(statement)] = tuple(driver_prepared(part) for part in in_turn)
     return statement
 
 
@@ -401,148 +411,6 @@ async def driver_transaction(db: Database, statements: Statements) -> AsyncItera
         await (transaction.commit() if transaction is not None else conn.commit())
         db.signals.wrote()
         observe(None)
-
-
-# Set in a SQLAlchemy connection's `info` once `on_connection` sent a statement in its current
-# transaction: statement counters (tests, the bench probe) count that transaction at its commit or
-# rollback like one whose statements went through SQLAlchemy's cursor.
-DRIVER_STATEMENTS_IN_TX = "mercato_driver_statements_in_tx"
-
-_BY_DIALECT: weakref.WeakKeyDictionary[Dialect, Statements] = weakref.WeakKeyDictionary()
-
-
-def statements_for(dialect: Dialect) -> Statements:
-    """The compiled forms of the registered statements for one engine's dialect, shared process-wide."""
-    statements = _BY_DIALECT.get(dialect)
-    if statements is None:
-        statements = _BY_DIALECT[dialect] = Statements(dialect)
-    return statements
-
-
-class ConnectionExecutor:
-    """Registered statements inside a SQLAlchemy connection's transaction, sent on the driver
-    connection under it: one asyncpg round trip or aiosqlite thread hop each, no compilation, no
-    cursor adaptation. Its statements and the connection's own commit or roll back together.
-
-    asyncpg under SQLAlchemy begins lazily, at the first statement: the first one sent here begins
-    the transaction through SQLAlchemy's adapter (unless the connection is in autocommit), so a later
-    SQLAlchemy statement finds it begun. A driver error is raised as SQLAlchemy would raise it (a
-    `DBAPIError`, the connection invalidated on a disconnect), so callers and the outage mapping
-    see one kind of error whichever path sent the statement."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        sync = conn.sync_connection
-        if sync is None:
-            raise RuntimeError("on_connection needs a started connection")
-        pooled = sync.connection
-        self._sync = sync
-        self._adapter: Any = pooled.dbapi_connection
-        self._driver: Any = pooled.driver_connection
-        self._postgresql = sync.dialect.name == "postgresql"
-        self._system = "postgresql" if self._postgresql else "sqlite"
-        self._statements = statements_for(sync.dialect)
-
-    async def _begin(self) -> None:
-        self._sync.info[DRIVER_STATEMENTS_IN_TX] = True
-        adapter = self._adapter
-        if self._postgresql and adapter._transaction is None and adapter.isolation_level != "autocommit":
-            async with adapter._execute_mutex:
-                if adapter._transaction is None:
-                    await adapter._start_transaction()
-
-    async def rows(
-        self, statement: ClauseElement, params: dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        prepared = self._statements.get(statement)
-        args = prepared.args(params or {})
-        await self._begin()
-        observe(prepared.sql)
-        with _statement_span(prepared.sql, self._system):
-            try:
-                if self._postgresql:
-                    records = await self._driver.fetch(prepared.sql, *args)
-                else:
-                    records = await self._driver.execute_fetchall(prepared.sql, args)
-            except Exception as error:
-                await greenlet_spawn(self._raise_as_sqlalchemy, error, prepared.sql, args)
-                raise
-        return prepared.rows(records)
-
-    async def run(
-        self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
-    ) -> None:
-        prepared = self._statements.get(statement)
-        many = isinstance(params, list)
-        args: Any = (
-            [prepared.args(p) for p in params] if isinstance(params, list) else prepared.args(params or {})
-        )
-        await self._begin()
-        observe(prepared.sql)
-        with _statement_span(prepared.sql, self._system):
-            try:
-                if many:
-                    await self._driver.executemany(prepared.sql, args)
-                elif self._postgresql:
-                    await self._driver.execute(prepared.sql, *args)
-                else:
-                    await self._driver.execute_fetchall(prepared.sql, args)
-            except Exception as error:
-                await greenlet_spawn(self._raise_as_sqlalchemy, error, prepared.sql, args)
-                raise
-
-    async def insert_ignore(self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str]) -> None:
-        if rows:
-            await self.run(_insert_new_statement(table, rows, conflict, None), _numbered(rows))
-
-    async def insert_new(
-        self, table: Table, rows: list[dict[str, Any]], *, conflict: list[str], key: str
-    ) -> set[Any]:
-        """INSERT ... ON CONFLICT DO NOTHING RETURNING `key`, prepared once per batch size."""
-        if not rows:
-            return set()
-        statement = _insert_new_statement(table, rows, conflict, key)
-        return {row[0] for row in await self.rows(statement, _numbered(rows))}
-
-    def _raise_as_sqlalchemy(self, error: Exception, sql: str, args: Any) -> None:
-        try:
-            self._adapter._handle_exception(error)  # the DB-API error SQLAlchemy's adapter raises
-        except Exception as translated:  # noqa: BLE001 - re-raised below as SQLAlchemy's DBAPIError
-            self._sync._handle_dbapi_exception(translated, sql, args, None, None)
-
-
-def on_connection(conn: AsyncConnection) -> ConnectionExecutor:
-    """Registered statements in `conn`'s transaction on the driver path (see `ConnectionExecutor`)."""
-    return ConnectionExecutor(conn)
-
-
-_INSERT_NEW: dict[tuple[str, tuple[str, ...], int, tuple[str, ...], str | None], ClauseElement] = {}
-# Batches up to this size get a prepared statement each; a bigger one is sent as several.
-_INSERT_NEW_MAX_ROWS = 256
-
-
-def _insert_new_statement(
-    table: Table, rows: list[dict[str, Any]], conflict: list[str], key: str | None
-) -> ClauseElement:
-    """INSERT of len(rows) rows ON CONFLICT (conflict) DO NOTHING [RETURNING key], with bind
-    parameters named `<column>_<row>`: built and registered once per (table, columns, row count,
-    conflict, key). Both dialects spell it alike; each compiles it once (`Statements`)."""
-    count = len(rows)
-    if count > _INSERT_NEW_MAX_ROWS:
-        raise ValueError(f"at most {_INSERT_NEW_MAX_ROWS} rows per statement, not {count}")
-    names = tuple(rows[0])
-    cache_key = (table.name, names, count, tuple(conflict), key)
-    statement = _INSERT_NEW.get(cache_key)
-    if statement is None:
-        values = [{n: bindparam(f"{n}_{i}", type_=table.c[n].type) for n in names} for i in range(count)]
-        built: Any = postgresql.insert(table).values(values).on_conflict_do_nothing(index_elements=conflict)
-        if key is not None:
-            built = built.returning(table.c[key])
-        statement = _INSERT_NEW[cache_key] = driver_prepared(built)
-    return statement
-
-
-def _numbered(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
 
 
 async def insert_ignore(
