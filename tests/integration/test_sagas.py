@@ -445,6 +445,29 @@ async def test_one_transaction_per_move_and_no_read_back_between_moves(
     assert [h.step for h in await store.history(saga_id)] == ["reserve", "authorize", "ship"]
 
 
+async def test_a_remote_step_without_events_commits_its_move_on_its_own(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+
+    async def quiet(_ctx: StepContext) -> Mapping[str, Any]:
+        return {"quiet_ref": "q"}  # no event: its outcome is the move alone
+
+    steps = (local("reserve", rec), Step("quiet", quiet, timeout_s=0.2), remote("ship", rec))
+    definition = SagaDefinition("order", steps)
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock, sink=ListSink())
+    with counting(container) as counted:
+        assert await runner.run_once() == 1
+    # claim and the quiet step's move commit on their own (no BEGIN/COMMIT on PostgreSQL); reserve
+    # and ship (events, and the finish) are write transactions.
+    assert counted.transactions == 2 * claim_transactions(container) + 2, counted.report()
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert (saga.status, saga.data["quiet_ref"]) == (SagaStatus.COMPLETED, "q")
+    assert [h.step for h in await store.history(saga_id)] == ["reserve", "quiet", "ship"]
+
+
 async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
     container: Container, store: SagaStore, clock: ManualClock
 ) -> None:

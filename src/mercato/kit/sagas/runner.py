@@ -33,6 +33,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -245,6 +246,14 @@ class SagaRunner:
             return None
         return await self._compensate(saga, definition, definition.steps[saga.step_index])
 
+    def _progress(self, ctx: StepContext, *, finishing: bool) -> AbstractAsyncContextManager[AsyncConnection]:
+        """Where a remote step's outcome is written. With no events to add and no finish hook to run,
+        the write is the move alone (with its step record: one statement on PostgreSQL), which
+        commits on its own (no BEGIN/COMMIT); otherwise a write transaction."""
+        if ctx.events or finishing:
+            return self._db.write()
+        return self._db.autocommit()
+
     def _context(self, saga: SagaInstance, step: Step, attempt: int) -> StepContext:
         return StepContext(
             saga_id=saga.id,
@@ -292,7 +301,7 @@ class SagaRunner:
                     )
             saga = await self._hold_lease_for(saga, step)
             result = await asyncio.wait_for(step.action(ctx), timeout=step.timeout_s)
-            async with self._db.write() as conn:
+            async with self._progress(ctx, finishing=next_index >= len(definition.steps)) as conn:
                 return await self._record_success(
                     conn, saga, definition, step, ctx, result, "forward", started, next_index=next_index
                 )
@@ -337,7 +346,7 @@ class SagaRunner:
                     )
             saga = await self._hold_lease_for(saga, step)
             await asyncio.wait_for(compensation(ctx), timeout=step.timeout_s)
-            async with self._db.write() as conn:
+            async with self._progress(ctx, finishing=next_index < 0) as conn:
                 return await self._record_success(
                     conn, saga, definition, step, ctx, None, "compensate", started, next_index=next_index
                 )
