@@ -3,7 +3,7 @@
 `python src/mercato/bench/saga_cpu.py DATABASE N` (PostgreSQL at 127.0.0.1:5432, user postgres):
 creates DATABASE anew, migrates it, starts the PSP and carrier simulators as subprocesses, starts
 20 warm-up checkouts and drives them, then starts N checkouts (not measured) and drives all N
-sagas with the worker's own runner (`build_saga_runner`, `run_once` until nothing is due). It
+sagas with the worker's runner (as `build_saga_runner` makes it; `run_once` until nothing is due). It
 prints this process's CPU (`time.process_time`) over that drive divided by N: the claim, the moves
 and step records, the local steps, the outbox inserts and the HTTP calls to the simulators; not the
 side jobs. It imports only long-standing APIs, so an older `src/` can be measured with the same
@@ -31,7 +31,6 @@ from mercato.demo.seed import demo_products
 from mercato.kit.sagas import SagaInstance, SagaRunner
 from mercato.kit.storage.migrations import upgrade
 from mercato.providers.config import ProviderSettings
-from mercato.workers.sagas import build_saga_runner
 
 _ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 _WARM_UP = 20
@@ -50,6 +49,39 @@ async def _create(database: str) -> None:
         await admin.execute(f'CREATE DATABASE "{database}"')
     finally:
         await admin.close()
+
+
+async def _listening(port: int, timeout_s: float = 60.0) -> None:
+    """Until the simulator accepts connections (a breaker opened by a warm-up refused would
+    compensate the measured sagas)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.5)  # the app behind the socket finishes starting
+        return
+
+
+def _runner(container: Container) -> SagaRunner:
+    """The worker's runner as `workers/sagas.build_saga_runner` builds it, without its metrics hook."""
+    checkout = container.settings.checkout
+    return SagaRunner(
+        container.db,
+        container.sagas,
+        container.saga_definitions,
+        container.clock,
+        owner="saga-cpu",
+        events=container.saga_events,
+        lease_s=checkout.saga_lease_s,
+        concurrency=checkout.saga_concurrency,
+    )
 
 
 async def _start(container: Container, sku: str, count: int) -> list[uuid.UUID]:
@@ -95,7 +127,8 @@ async def measure(url: str, count: int, data_dir: Path) -> str:
     psp_port, carrier_port = _free_port(), _free_port()
     providers = _simulators(psp_port, carrier_port, data_dir)
     try:
-        await asyncio.sleep(3)
+        for port in (psp_port, carrier_port):
+            await _listening(port)
         settings = Settings(
             env=Environment.TEST,
             database=DatabaseSettings(url=url, pool_size=20, max_overflow=40),
@@ -107,7 +140,7 @@ async def measure(url: str, count: int, data_dir: Path) -> str:
         try:
             [product] = await container.catalog.create_many(demo_products(1, random.Random(9)))
             await container.inventory.set_available(product.sku, 10 * (count + _WARM_UP))
-            runner = build_saga_runner(container, owner="saga-cpu")
+            runner = _runner(container)
             await _drive(container, runner, await _start(container, product.sku, _WARM_UP))
             ids = await _start(container, product.sku, count)
             cpu, wall = time.process_time(), time.perf_counter()
