@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from mercato.bootstrap import Container
 from mercato.kit.messaging.sql_log import add_driver_listener
+from mercato.kit.storage.statements_in_tx import DRIVER_STATEMENTS_IN_TX
 
 _DIRTY = "_budget_statements_in_tx"
 
@@ -48,8 +49,10 @@ def counting(container: Container) -> Iterator[Tally]:
     def end(conn: Connection) -> None:
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             conn.info.pop(_DIRTY, None)  # statements that committed alone: no BEGIN/COMMIT sent
+            conn.info.pop(DRIVER_STATEMENTS_IN_TX, None)
             return
-        if conn.info.pop(_DIRTY, False):
+        # Statements sent on the driver path under the connection (`on_connection`) count too.
+        if conn.info.pop(_DIRTY, False) | conn.info.pop(DRIVER_STATEMENTS_IN_TX, False):
             tally.transactions += 1
 
     def driver(sql: str | None) -> None:

@@ -12,7 +12,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -30,8 +29,15 @@ from mercato.kit.sagas import (
     StepContext,
     StepRejected,
 )
+from mercato.kit.sagas.store import StepOutcome
 from mercato.kit.storage import get_meta, set_meta
 from mercato.kit.storage.meta import platform_meta
+from tests.integration.statement_budget import Tally, counting
+
+
+def verbs_of(statements: list[str]) -> list[str]:
+    return [sql.removeprefix("driver: ").split(None, 1)[0].upper() for sql in statements]
+
 
 NO_WAIT = RetrySchedule(max_attempts=3, base_s=0.0, cap_s=0.0)
 
@@ -348,6 +354,40 @@ async def test_a_stale_runner_cannot_write_after_a_takeover(
     assert await effect(container, saga_id, "stale") is None
 
 
+async def test_a_stale_move_writes_neither_the_state_nor_its_step_record(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    definition = SagaDefinition("order", (local("reserve", Recorder()),))
+    saga_id = await start(container, store, definition)
+    stale = await store.claim_instance(saga_id, owner="runner-a", lease_s=10)
+    assert stale is not None
+    clock.advance(11)
+    assert await store.claim(saga_id, owner="runner-b", lease_s=10) is not None
+    # The move and its record are one statement on PostgreSQL (the record is inserted from the
+    # fenced UPDATE's RETURNING) and two on SQLite (the INSERT only after the UPDATE matched).
+    record = StepOutcome("reserve", "forward", 1, "succeeded", 3)
+    with pytest.raises(LeaseLost):
+        async with container.db.write() as conn:
+            await store.move(conn, replace(stale, step_index=1), record)
+    assert await store.history(saga_id) == []
+    current = await store.get(saga_id)
+    assert current is not None
+    assert current.step_index == 0
+    # The current term's move writes both.
+    claimed = await store.claim_instance(saga_id, owner="runner-b", lease_s=10)
+    assert claimed is None  # still held by runner-b's term
+    clock.advance(11)
+    fresh = await store.claim_instance(saga_id, owner="runner-c", lease_s=10)
+    assert fresh is not None
+    async with container.db.write() as conn:
+        await store.move(conn, replace(fresh, step_index=1, data={"order": "o-1", "moved": True}), record)
+    [step] = await store.history(saga_id)
+    assert (step.step, step.outcome, step.attempt, step.duration_ms) == ("reserve", "succeeded", 1, 3)
+    moved = await store.get(saga_id)
+    assert moved is not None
+    assert (moved.step_index, moved.data["moved"]) == (1, True)
+
+
 async def test_two_runners_never_run_a_step_twice(
     container: Container, store: SagaStore, clock: ManualClock
 ) -> None:
@@ -363,34 +403,19 @@ async def test_two_runners_never_run_a_step_twice(
     assert rec.calls[("authorize", "do")] == 12
 
 
-class TransactionCounter:
-    """Statements and non-empty transactions on one engine, as the database sees them."""
+def saga_statements(tally: Tally) -> list[str]:
+    return [sql for sql in tally.statements if "saga_instances" in sql or "saga_steps" in sql]
 
-    def __init__(self, container: Container) -> None:
-        self.statements: list[str] = []
-        self.transactions = 0
-        self._engine = container.db.engine.sync_engine
-        self._dirty = False
 
-    def __enter__(self) -> TransactionCounter:
-        sa_event.listen(self._engine, "before_cursor_execute", self._statement)
-        sa_event.listen(self._engine, "commit", self._end)
-        sa_event.listen(self._engine, "rollback", self._end)
-        return self
+def move_verbs(container: Container) -> list[str]:
+    """A move and its step record: one statement on PostgreSQL (the record inserted from the fenced
+    UPDATE's RETURNING, in a data-modifying CTE), the UPDATE then the INSERT on SQLite."""
+    return ["WITH"] if container.db.dialect == "postgresql" else ["UPDATE", "INSERT"]
 
-    def __exit__(self, *_exc: object) -> None:
-        sa_event.remove(self._engine, "before_cursor_execute", self._statement)
-        sa_event.remove(self._engine, "commit", self._end)
-        sa_event.remove(self._engine, "rollback", self._end)
 
-    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        self.statements.append(statement)
-        self._dirty = True
-
-    def _end(self, _conn: Any) -> None:
-        if self._dirty:
-            self.transactions += 1
-        self._dirty = False
+def claim_transactions(container: Container) -> int:
+    """The claim commits on its own: no transaction on PostgreSQL, SQLite's one writer still begins."""
+    return 0 if container.db.dialect == "postgresql" else 1
 
 
 async def test_one_transaction_per_move_and_no_read_back_between_moves(
@@ -402,17 +427,45 @@ async def test_one_transaction_per_move_and_no_read_back_between_moves(
     )
     saga_id = await start(container, store, definition)
     runner = runner_for(container, store, definition, clock, sink=sink)
-    with TransactionCounter(container) as counted:
+    with counting(container) as counted:
         assert await runner.run_once() == 1
-    # The claim (which returns the row), then one write per step; the last one also finishes the
-    # saga, and the lease (10 s) outlives each remote step (0.2 s), so no renewal of its own.
-    assert counted.transactions == 1 + 3
-    assert not [s for s in counted.statements if s.lstrip().upper().startswith("SELECT")]
+    # The claim (which returns the row, committed on its own), then one write per step; the last
+    # one also finishes the saga, and the lease (10 s) outlives each remote step (0.2 s), so no
+    # renewal of its own. Each write is the move (one UPDATE of the whole state) with its step
+    # record, every one a prepared statement on the raw-driver layer.
+    assert counted.transactions == claim_transactions(container) + 3, counted.report()
+    ours = saga_statements(counted)
+    assert verbs_of(ours) == ["WITH"] + move_verbs(container) * 3, counted.report()
+    assert all(sql.startswith("driver: ") for sql in ours), counted.report()
+    assert not [s for s in counted.statements if "SELECT" in s.split(None, 2)[:2]]
     saga = await store.get(saga_id)
     assert saga is not None
     assert (saga.status, saga.step_index, saga.lease_expires_at) == (SagaStatus.COMPLETED, 3, None)
     assert saga.data["ship_ref"] == "ref-ship"
     assert [h.step for h in await store.history(saga_id)] == ["reserve", "authorize", "ship"]
+
+
+async def test_a_remote_step_without_events_commits_its_move_on_its_own(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+
+    async def quiet(_ctx: StepContext) -> Mapping[str, Any]:
+        return {"quiet_ref": "q"}  # no event: its outcome is the move alone
+
+    steps = (local("reserve", rec), Step("quiet", quiet, timeout_s=0.2), remote("ship", rec))
+    definition = SagaDefinition("order", steps)
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock, sink=ListSink())
+    with counting(container) as counted:
+        assert await runner.run_once() == 1
+    # claim and the quiet step's move commit on their own (no BEGIN/COMMIT on PostgreSQL); reserve
+    # and ship (events, and the finish) are write transactions.
+    assert counted.transactions == 2 * claim_transactions(container) + 2, counted.report()
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert (saga.status, saga.data["quiet_ref"]) == (SagaStatus.COMPLETED, "q")
+    assert [h.step for h in await store.history(saga_id)] == ["reserve", "quiet", "ship"]
 
 
 async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
@@ -423,9 +476,12 @@ async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
     definition = SagaDefinition("order", (local("reserve", rec), slow))
     saga_id = await start(container, store, definition)
     runner = SagaRunner(container.db, store, {"order": definition}, clock, owner="a", lease_s=5)
-    with TransactionCounter(container) as counted:
+    with counting(container) as counted:
         assert await runner.run_once() == 1
-    assert counted.transactions == 1 + 1 + 1 + 1  # claim, reserve, renewal, authorize + finish
+    # claim and renewal (each committed on its own), reserve, authorize + finish
+    assert counted.transactions == 2 * claim_transactions(container) + 1 + 1, counted.report()
+    moves = move_verbs(container)
+    assert verbs_of(saga_statements(counted)) == ["WITH", *moves, "UPDATE", *moves], counted.report()
     saga = await store.get(saga_id)
     assert saga is not None
     assert saga.status is SagaStatus.COMPLETED

@@ -46,6 +46,7 @@ from mercato.kit.messaging.sql_log import add_driver_listener
 from mercato.kit.observability import request_id_var
 from mercato.kit.sagas.runner import SagaRunner
 from mercato.kit.sagas.store import SagaStore
+from mercato.kit.storage.statements_in_tx import DRIVER_STATEMENTS_IN_TX
 
 _phase: contextvars.ContextVar[str | None] = contextvars.ContextVar("bench_phase", default=None)
 _DIRTY = "_bench_statements_in_tx"
@@ -133,8 +134,10 @@ def _end_transaction(conn: Connection) -> None:
     if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         # Each statement committed on its own: no BEGIN/COMMIT was sent, so no transaction to count.
         conn.info.pop(_DIRTY, None)
+        conn.info.pop(DRIVER_STATEMENTS_IN_TX, None)
         return
-    if conn.info.pop(_DIRTY, False):
+    # A transaction whose statements went (some or all) on the driver path under the connection.
+    if conn.info.pop(_DIRTY, False) | conn.info.pop(DRIVER_STATEMENTS_IN_TX, False):
         if _TRACE_FILE is not None:
             _TRACE_FILE.write(f"{request_id_var.get() or '-'}\t{current_phase()}\tCOMMIT/ROLLBACK\n")
         COUNTER.transaction(current_phase(conn.engine.url.database))

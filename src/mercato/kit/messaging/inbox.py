@@ -23,11 +23,16 @@ from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.messaging.tables import inbox
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import insert_ignore, insert_new
+from mercato.kit.storage.statements import insert_ignore
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = ["Consumer", "Handler", "Inbox"]
 
 _log = get_logger("mercato.messaging")
+
+_CONFLICT = ["consumer", "message_id"]
+# A consumer reads up to 100 messages by default: one statement for a whole read.
+_ROWS_PER_STATEMENT = 128
 
 Handler = Callable[[AsyncConnection, Message], Awaitable[None]]
 """Applies one message's effect on the given connection (inside the inbox transaction)."""
@@ -60,7 +65,14 @@ class Inbox:
         rows = [
             {"consumer": consumer, "message_id": m, "processed_at": now} for m in dict.fromkeys(message_ids)
         ]
-        return await insert_new(conn, inbox, rows, conflict=["consumer", "message_id"], key="message_id")
+        # Prepared once per batch size on the raw-driver layer, in the consumer's transaction.
+        executor = on_connection(conn)
+        new: set[uuid.UUID] = set()
+        for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+            new |= await executor.insert_new(
+                inbox, rows[start : start + _ROWS_PER_STATEMENT], conflict=_CONFLICT, key="message_id"
+            )
+        return new
 
     async def purge(self, conn: AsyncConnection, *, before: datetime, limit: int | None = None) -> int:
         """Forget records older than `before`; keep them longer than any redelivery or replay window.

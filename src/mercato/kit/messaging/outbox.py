@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import Integer, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
@@ -39,7 +39,9 @@ from mercato.kit.messaging.stream import Publisher
 from mercato.kit.messaging.tables import outbox
 from mercato.kit.observability import carrier_of, context_from, trace_carrier, tracer
 from mercato.kit.storage import Database
-from mercato.kit.storage.signals import WorkSignals
+from mercato.kit.storage.signals import WorkSignals, notify_statement
+from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = ["OUTBOX_CHANNEL", "Outbox", "OutboxBacklog", "OutboxRelay"]
 
@@ -81,18 +83,40 @@ class Outbox:
             for m in messages
         ]
         signals = self._signals
-        if signals is None:
-            await conn.execute(insert(outbox), rows)
-            return
         # The relay of this process wakes when the transaction commits; on PostgreSQL every other
         # process's too, by a NOTIFY riding in the same statement (no extra round trip).
-        signals.after_commit(conn, OUTBOX_CHANNEL)
-        if signals.cross_process:
-            await conn.execute(
-                signals.notify_sql(OUTBOX_CHANNEL).add_cte(insert(outbox).values(rows).cte("new_outbox_rows"))
+        notify = signals is not None and signals.cross_process
+        if signals is not None:
+            signals.after_commit(conn, OUTBOX_CHANNEL)
+        executor = on_connection(conn)
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            batch = rows[start : start + _ROWS_PER_INSERT]
+            statement = _insert_statement(len(batch), notify=notify)
+            await executor.run(
+                statement, {f"{k}_{i}": v for i, row in enumerate(batch) for k, v in row.items()}
             )
-        else:
-            await conn.execute(insert(outbox), rows)
+
+
+# One INSERT of n rows per batch size (a saga move or a handler adds one to a few), prepared once on
+# the raw-driver layer; a bigger batch goes as several.
+_ROWS_PER_INSERT = 64
+_INSERTS: dict[tuple[int, bool], Any] = {}
+_COLUMNS = ("id", "topic", "key", "type", "envelope", "created_at")
+
+
+def _insert_statement(count: int, *, notify: bool) -> Any:
+    statement = _INSERTS.get((count, notify))
+    if statement is None:
+        values = [
+            {name: bindparam(f"{name}_{i}", type_=outbox.c[name].type) for name in _COLUMNS}
+            for i in range(count)
+        ]
+        built: Any = insert(outbox).values(values)
+        if notify:
+            # `SELECT pg_notify(...)` with the insert as a CTE: one statement, NOTIFY at commit.
+            built = notify_statement(OUTBOX_CHANNEL).add_cte(built.cte("new_outbox_rows"))
+        statement = _INSERTS[(count, notify)] = driver_prepared(built)
+    return statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +158,7 @@ class OutboxRelay:
         self.backlog_interval_s = backlog_interval_s
         self._backlog_due = 0.0  # time.monotonic() of the next backlog gauge update
         self._idle = False  # the last pass claimed nothing
+        self._reads = DriverReads(db)
 
     async def relay_once(self) -> int:
         """One pass: claim, publish, mark. Returns how many messages were published.
@@ -166,9 +191,7 @@ class OutboxRelay:
         return len(claimed)
 
     async def _any_unpublished(self) -> bool:
-        async with self._db.read() as conn:
-            found = await conn.execute(select(outbox.c.id).where(outbox.c.published_at.is_(None)).limit(1))
-            return found.first() is not None
+        return bool(await self._reads.rows(_ANY_UNPUBLISHED, {}))
 
     async def _report_backlog(self) -> None:
         # The gauge's count is a scan of the unpublished rows in a statement of its own: at most
@@ -179,51 +202,23 @@ class OutboxRelay:
             self._hook.outbox_backlog(messages=backlog.messages, oldest_age_s=backlog.oldest_age_s)
 
     async def _claim(self, token: uuid.UUID) -> list[Message]:
+        """Pick, order check and lease in one statement (PostgreSQL evaluates the locking CTE once),
+        committed on its own; the statement's snapshot sees what a separate order check would."""
         now = self._clock.now()
-        o = outbox.c
-        candidates = (
-            select(o.id, o.key)
-            .where(o.published_at.is_(None), o.claimed_until.is_(None) | (o.claimed_until < now))
-            .order_by(o.id)
-            .limit(self.batch_size)
-            .with_for_update(skip_locked=True)
-            .cte("candidates")
-        )
-        # A candidate waits when an older unpublished row of its key is not a candidate: another
-        # relay holds it (lease or lock), so publishing ours now could overtake it.
-        older = outbox.alias("older")
-        free = select(candidates.c.id).where(
-            ~exists().where(
-                older.c.published_at.is_(None),
-                older.c.key == candidates.c.key,
-                older.c.id < candidates.c.id,
-                older.c.id.not_in(select(candidates.c.id)),
-            )
-        )
-        # Pick, order check and lease in one statement (PostgreSQL evaluates the locking CTE
-        # once); the statement's snapshot sees what the separate order-check query saw.
-        async with self._db.write() as conn:
-            rows = list(
-                await conn.execute(
-                    update(outbox)
-                    .where(o.id.in_(free))
-                    .values(claimed_until=now + self._lease, claim_token=token)
-                    .returning(o.id, o.envelope)
-                )
-            )
+        params = {"now": now, "limit": self.batch_size, "until": now + self._lease, "token": token}
+        async with self._db.autocommit() as conn:
+            rows = await on_connection(conn).rows(_CLAIM, params)
         # RETURNING has no order: id (UUIDv7) order is the publishing order.
         return [Message.from_json(envelope) for _, envelope in sorted(rows, key=lambda row: row[0])]
 
     async def _release(self, token: uuid.UUID, ids: list[uuid.UUID], *, published: bool) -> None:
-        o = outbox.c
-        values = {"claimed_until": None, "claim_token": None}
-        async with self._db.write() as conn:
-            # Only rows still under our lease: if it expired and another relay took over, that
-            # relay owns them now (and has published or will publish them; the stream dedups).
-            await conn.execute(
-                update(outbox)
-                .where(o.id.in_(ids), o.claim_token == token)
-                .values(**values, published_at=self._clock.now() if published else None)
+        # Only rows still under our lease: if it expired and another relay took over, that relay
+        # owns them now (and has published or will publish them; the stream dedups). One statement
+        # sent once per row (executemany: one round trip on asyncpg), prepared on the driver path.
+        published_at = self._clock.now() if published else None
+        async with self._db.autocommit() as conn:
+            await on_connection(conn).run(
+                _RELEASE, [{"b_id": i, "token": token, "published_at": published_at} for i in ids]
             )
 
     async def backlog(self) -> OutboxBacklog:
@@ -245,6 +240,57 @@ class OutboxRelay:
             ids = select(o.id).where(o.published_at < cutoff).order_by(o.id).limit(limit)
             result = await conn.execute(delete(outbox).where(o.id.in_(ids.scalar_subquery())))
         return int(result.rowcount)
+
+
+_o = outbox.c
+_ANY_UNPUBLISHED = driver_prepared(select(_o.id).where(_o.published_at.is_(None)).limit(1))
+
+
+def _claiming() -> Any:
+    now = bindparam("now", type_=_o.claimed_until.type)
+    candidates = (
+        select(_o.id, _o.key)
+        .where(_o.published_at.is_(None), _o.claimed_until.is_(None) | (_o.claimed_until < now))
+        .order_by(_o.id)
+        .limit(bindparam("limit", type_=Integer()))
+        .with_for_update(skip_locked=True)
+        .cte("candidates")
+    )
+    # A candidate waits when an older unpublished row of its key is not a candidate: another relay
+    # holds it (lease or lock), so publishing ours now could overtake it.
+    older = outbox.alias("older")
+    free = select(candidates.c.id).where(
+        ~exists().where(
+            older.c.published_at.is_(None),
+            older.c.key == candidates.c.key,
+            older.c.id < candidates.c.id,
+            older.c.id.not_in(select(candidates.c.id)),
+        )
+    )
+    return driver_prepared(
+        update(outbox)
+        .where(_o.id.in_(free))
+        .values(
+            claimed_until=bindparam("until", type_=_o.claimed_until.type),
+            claim_token=bindparam("token", type_=_o.claim_token.type),
+        )
+        .returning(_o.id, _o.envelope)
+    )
+
+
+_CLAIM = _claiming()
+_RELEASE = driver_prepared(
+    update(outbox)
+    .where(
+        _o.id == bindparam("b_id", type_=_o.id.type),
+        _o.claim_token == bindparam("token", type_=_o.claim_token.type),
+    )
+    .values(
+        claimed_until=None,
+        claim_token=None,
+        published_at=bindparam("published_at", type_=_o.published_at.type),
+    )
+)
 
 
 def _producer_spans(messages: list[Message]) -> tuple[list[Message], list[Any]]:

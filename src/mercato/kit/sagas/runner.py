@@ -33,6 +33,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -45,7 +46,7 @@ from mercato.kit.observability import context_from, get_logger, tracer
 from mercato.kit.resilience import CircuitOpen
 from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
 from mercato.kit.sagas.metrics import NullSagaHook, SagaHook
-from mercato.kit.sagas.store import TRACE_KEY, SagaInstance, SagaStatus, SagaStore
+from mercato.kit.sagas.store import TRACE_KEY, SagaInstance, SagaStatus, SagaStore, StepOutcome
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database
 
@@ -245,6 +246,14 @@ class SagaRunner:
             return None
         return await self._compensate(saga, definition, definition.steps[saga.step_index])
 
+    def _progress(self, ctx: StepContext, *, finishing: bool) -> AbstractAsyncContextManager[AsyncConnection]:
+        """Where a remote step's outcome is written. With no events to add and no finish hook to run,
+        the write is the move alone (with its step record: one statement on PostgreSQL), which
+        commits on its own (no BEGIN/COMMIT); otherwise a write transaction."""
+        if ctx.events or finishing:
+            return self._db.write()
+        return self._db.autocommit()
+
     def _context(self, saga: SagaInstance, step: Step, attempt: int) -> StepContext:
         return StepContext(
             saga_id=saga.id,
@@ -255,13 +264,17 @@ class SagaRunner:
             data=dict(saga.data),
         )
 
-    async def _write(self, conn: AsyncConnection, saga: SagaInstance, **values: Any) -> SagaInstance:
-        """The fenced progress write; it extends the lease unless told what the lease becomes."""
+    async def _write(
+        self, conn: AsyncConnection, saga: SagaInstance, step: StepOutcome | None = None, **values: Any
+    ) -> SagaInstance:
+        """The fenced progress write, with the record of the step attempt that led to it (one
+        statement on PostgreSQL); it extends the lease unless told what the lease becomes."""
         now = self._clock.now()
         values.setdefault("updated_at", now)
         values.setdefault("lease_expires_at", now + timedelta(seconds=self._lease_s))
-        await self._store.fenced_update(conn, saga.id, saga.lease_token, **values)
-        return saga.with_values(values)
+        moved = saga.with_values(values)
+        await self._store.move(conn, moved, step)
+        return moved
 
     async def _hold_lease_for(self, saga: SagaInstance, step: Step) -> SagaInstance:
         """Make sure the lease outlasts the remote step about to run (renewing costs a transaction)."""
@@ -288,28 +301,29 @@ class SagaRunner:
                     )
             saga = await self._hold_lease_for(saga, step)
             result = await asyncio.wait_for(step.action(ctx), timeout=step.timeout_s)
-            async with self._db.write() as conn:
+            async with self._progress(ctx, finishing=next_index >= len(definition.steps)) as conn:
                 return await self._record_success(
                     conn, saga, definition, step, ctx, result, "forward", started, next_index=next_index
                 )
         except LeaseLost:
             raise
         except StepRejected as exc:
+            record = self._failed_step(saga, step, "forward", attempt, "rejected", exc, started)
             async with self._db.write() as conn:
-                await self._store_step(conn, saga, step, "forward", attempt, "rejected", exc, started)
-                return await self._begin_compensation(conn, saga, saga.step_index - 1, f"{step.name}: {exc}")
+                return await self._begin_compensation(
+                    conn, saga, saga.step_index - 1, f"{step.name}: {exc}", record
+                )
         except Exception as exc:  # noqa: BLE001 - any other failure is uncertain: retry, then undo
             outcome = "timed_out" if isinstance(exc, TimeoutError) else "failed"
+            record = self._failed_step(saga, step, "forward", attempt, outcome, exc, started)
             async with self._db.write() as conn:
-                await self._store_step(conn, saga, step, "forward", attempt, outcome, exc, started)
                 if attempt < step.retry.max_attempts:
-                    await self._park(conn, saga, attempt, step.retry.delay_s(attempt, self._rng))
+                    await self._park(conn, saga, attempt, step.retry.delay_s(attempt, self._rng), record)
                     return None
                 # A failed local step rolled back; a remote one may have happened: undo it too.
                 start_from = saga.step_index - 1 if step.local else saga.step_index
-                return await self._begin_compensation(
-                    conn, saga, start_from, f"{step.name} failed after {attempt} attempts: {_describe(exc)}"
-                )
+                why = f"{step.name} failed after {attempt} attempts: {_describe(exc)}"
+                return await self._begin_compensation(conn, saga, start_from, why, record)
 
     async def _compensate(
         self, saga: SagaInstance, definition: SagaDefinition, step: Step
@@ -332,7 +346,7 @@ class SagaRunner:
                     )
             saga = await self._hold_lease_for(saga, step)
             await asyncio.wait_for(compensation(ctx), timeout=step.timeout_s)
-            async with self._db.write() as conn:
+            async with self._progress(ctx, finishing=next_index < 0) as conn:
                 return await self._record_success(
                     conn, saga, definition, step, ctx, None, "compensate", started, next_index=next_index
                 )
@@ -340,22 +354,24 @@ class SagaRunner:
             raise
         except Exception as exc:  # noqa: BLE001 - compensations are retried until they succeed
             outcome = "timed_out" if isinstance(exc, TimeoutError) else "failed"
+            record = self._failed_step(saga, step, "compensate", attempt, outcome, exc, started)
             async with self._db.write() as conn:
-                await self._store_step(conn, saga, step, "compensate", attempt, outcome, exc, started)
                 if isinstance(exc, CircuitOpen):
                     # Refused before anything was sent: not an attempt. Counting it would spend the
                     # attempts that lead to `failed` and escalate the backoff while the breaker is
                     # open (seen in the chaos run: 12 refusals in a row, then waits of up to 10 s
                     # once the provider took calls again); wait for the breaker to admit calls.
                     delay_s = exc.retry_after_s + self._rng.uniform(0.0, REFUSAL_JITTER_S)
-                    await self._park(conn, saga, saga.attempt, delay_s)
+                    await self._park(conn, saga, saga.attempt, delay_s, record)
                     return None
                 if attempt < step.compensation_retry.max_attempts:
-                    await self._park(conn, saga, attempt, step.compensation_retry.delay_s(attempt, self._rng))
+                    delay_s = step.compensation_retry.delay_s(attempt, self._rng)
+                    await self._park(conn, saga, attempt, delay_s, record)
                     return None
                 await self._write(
                     conn,
                     saga,
+                    record,
                     attempt=attempt,
                     status=SagaStatus.FAILED.value,
                     failure=f"compensation {step.name} failed after {attempt} attempts: {_describe(exc)}",
@@ -395,16 +411,8 @@ class SagaRunner:
             done = SagaStatus.COMPENSATED
         if done is not None:
             values.update(status=done.value, finished_at=self._clock.now(), lease_expires_at=None)
-        saga = await self._write(conn, saga, **values)
-        await self._store.record_step(
-            conn,
-            saga.id,
-            step=step.name,
-            direction=direction,
-            attempt=ctx.attempt,
-            outcome="succeeded",
-            duration_ms=_elapsed_ms(started),
-        )
+        record = StepOutcome(step.name, direction, ctx.attempt, "succeeded", _elapsed_ms(started))
+        saga = await self._write(conn, saga, record, **values)
         self._hook.step(saga_type=saga.saga_type, step=step.name, direction=direction, outcome="succeeded")
         if ctx.events and self._events is not None:
             await self._events.add(conn, ctx.events)
@@ -414,9 +422,8 @@ class SagaRunner:
         self._finished(saga, done)
         return None
 
-    async def _store_step(
+    def _failed_step(
         self,
-        conn: AsyncConnection,
         saga: SagaInstance,
         step: Step,
         direction: str,
@@ -424,20 +431,14 @@ class SagaRunner:
         outcome: str,
         exc: BaseException,
         started: float,
-    ) -> None:
-        await self._store.record_step(
-            conn,
-            saga.id,
-            step=step.name,
-            direction=direction,
-            attempt=attempt,
-            outcome=outcome,
-            error=_describe(exc),
-            duration_ms=_elapsed_ms(started),
-        )
+    ) -> StepOutcome:
+        """A failed attempt's record, written with the move that follows it (park, compensate, give up)."""
         self._hook.step(saga_type=saga.saga_type, step=step.name, direction=direction, outcome=outcome)
+        return StepOutcome(step.name, direction, attempt, outcome, _elapsed_ms(started), _describe(exc))
 
-    async def _park(self, conn: AsyncConnection, saga: SagaInstance, attempt: int, delay_s: float) -> None:
+    async def _park(
+        self, conn: AsyncConnection, saga: SagaInstance, attempt: int, delay_s: float, record: StepOutcome
+    ) -> None:
         """Wait for the retry outside any lease: whichever runner is free when it is due takes it.
 
         A forward retry is due at the deadline at the latest: past it the saga no longer retries
@@ -447,7 +448,7 @@ class SagaRunner:
         due_at = now + timedelta(seconds=delay_s)
         if saga.status is SagaStatus.RUNNING:
             due_at = min(due_at, max(now, saga.deadline_at))
-        await self._write(conn, saga, attempt=attempt, next_attempt_at=due_at, lease_expires_at=now)
+        await self._write(conn, saga, record, attempt=attempt, next_attempt_at=due_at, lease_expires_at=now)
         # This runner looks again when the retry falls due, not at its next (slow, safety) poll; a
         # little after, so the claim finds it due. Other runners find it by their poll.
         asyncio.get_running_loop().call_later(
@@ -455,11 +456,17 @@ class SagaRunner:
         )
 
     async def _begin_compensation(
-        self, conn: AsyncConnection, saga: SagaInstance, from_index: int, why: str
+        self,
+        conn: AsyncConnection,
+        saga: SagaInstance,
+        from_index: int,
+        why: str,
+        record: StepOutcome | None = None,
     ) -> SagaInstance:
         saga = await self._write(
             conn,
             saga,
+            record,
             status=SagaStatus.COMPENSATING.value,
             step_index=from_index,
             attempt=0,

@@ -42,6 +42,8 @@ from mercato.kit.ids import new_id
 from mercato.kit.observability import trace_carrier
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database, UTCDateTime, metadata
+from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 
 # The active sagas, as `_is_active` writes them (the same terms, so the planners match the index).
 ACTIVE_SAGA_PREDICATE = "status = 'running' OR status = 'compensating'"
@@ -124,7 +126,7 @@ def _is_active() -> ColumnElement[bool]:
     )
 
 
-def _lease_free(now: datetime) -> ColumnElement[bool]:
+def _lease_free(now: Any) -> ColumnElement[bool]:
     return or_(saga_instances.c.lease_expires_at.is_(None), saga_instances.c.lease_expires_at <= now)
 
 
@@ -140,8 +142,59 @@ _CLAIM_ORDER = (saga_instances.c.deadline_at, saga_instances.c.next_attempt_at)
 _FENCED_UPDATE = update(saga_instances).where(
     saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token")
 )
-_INSERT_STEP = insert(saga_steps)
 _INSERT_SAGA = insert(saga_instances)
+
+# The runner's hot statements, on the raw-driver layer (`kit/storage/statements.py`): compiled once
+# per dialect and sent on the driver connection under the caller's transaction.
+#
+# A move writes the saga's whole mutable state, as the runner holds it (`SagaInstance`): one
+# statement whatever changed, fenced by the lease term; RETURNING tells whether the term held (a
+# row count that both drivers give back the same way).
+_MOVE_UPDATE = (
+    update(saga_instances)
+    .where(saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token"))
+    .values(
+        status=bindparam("status", type_=saga_instances.c.status.type),
+        step_index=bindparam("step_index", type_=saga_instances.c.step_index.type),
+        attempt=bindparam("attempt", type_=saga_instances.c.attempt.type),
+        data=bindparam("data", type_=saga_instances.c.data.type),
+        failure=bindparam("failure", type_=saga_instances.c.failure.type),
+        lease_expires_at=bindparam("lease_expires_at", type_=saga_instances.c.lease_expires_at.type),
+        next_attempt_at=bindparam("next_attempt_at", type_=saga_instances.c.next_attempt_at.type),
+        updated_at=bindparam("updated_at", type_=saga_instances.c.updated_at.type),
+        finished_at=bindparam("finished_at", type_=saga_instances.c.finished_at.type),
+    )
+    .returning(saga_instances.c.id)
+)
+_MOVE = driver_prepared(_MOVE_UPDATE)
+# A step's record, with the move it leads to: the step's own values are `s_*` parameters.
+_STEP_COLUMNS = ("id", "step", "direction", "attempt", "outcome", "error", "duration_ms", "recorded_at")
+_STEP_VALUES = {name: bindparam(f"s_{name}", type_=saga_steps.c[name].type) for name in _STEP_COLUMNS}
+_RECORD_STEP = insert(saga_steps).values(
+    saga_id=bindparam("b_id", type_=saga_steps.c.saga_id.type), **_STEP_VALUES
+)
+_MOVED = _MOVE_UPDATE.cte("moved")
+# One statement on PostgreSQL: the record is inserted from what the fenced UPDATE returned, so
+# nothing is written when the term is lost; SQLite runs the UPDATE, then (if it matched) the INSERT.
+_MOVE_AND_RECORD = driver_prepared(
+    insert(saga_steps)
+    .from_select(
+        ["saga_id", *_STEP_COLUMNS],
+        select(_MOVED.c.id, *(_STEP_VALUES[name] for name in _STEP_COLUMNS)),
+    )
+    .returning(saga_steps.c.saga_id)
+    .add_cte(_MOVED),
+    in_turn=(_MOVE, _RECORD_STEP),
+)
+_RENEW = driver_prepared(
+    update(saga_instances)
+    .where(saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token"))
+    .values(
+        lease_expires_at=bindparam("lease_expires_at", type_=saga_instances.c.lease_expires_at.type),
+        updated_at=bindparam("updated_at", type_=saga_instances.c.updated_at.type),
+    )
+    .returning(saga_instances.c.id)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +237,18 @@ class SagaStepRecord:
     recorded_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """One attempt of a step, recorded with the move it leads to (`SagaStore.move`)."""
+
+    step: str
+    direction: str
+    attempt: int
+    outcome: str
+    duration_ms: int
+    error: str | None = None
+
+
 def _instance(row: Any) -> SagaInstance:
     return SagaInstance(
         id=row.id,
@@ -202,6 +267,50 @@ def _instance(row: Any) -> SagaInstance:
         finished_at=row.finished_at,
         lease_expires_at=row.lease_expires_at,
     )
+
+
+_COLUMNS = tuple(c.name for c in saga_instances.c)
+
+
+def _instance_of(row: tuple[Any, ...]) -> SagaInstance:
+    """A SagaInstance from a driver-path row of every `saga_instances` column, in table order."""
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values.pop("owner")
+    values["status"] = SagaStatus(values["status"])
+    values["data"] = dict(values["data"] or {})
+    return SagaInstance(**values)
+
+
+def _claiming(which: ColumnElement[bool]) -> Any:
+    """A new lease term (`owner`, token + 1, until `expires`) on the active sagas `which` picks
+    whose lease is free at `now`; every column of the claimed rows back."""
+    return driver_prepared(
+        update(saga_instances)
+        .where(which, _is_active(), _lease_free(bindparam("now", type_=UTCDateTime())))
+        .values(
+            owner=bindparam("owner", type_=saga_instances.c.owner.type),
+            lease_token=saga_instances.c.lease_token + 1,
+            lease_expires_at=bindparam("expires", type_=saga_instances.c.lease_expires_at.type),
+        )
+        .returning(*saga_instances.c)
+    )
+
+
+_DUE = (
+    select(saga_instances.c.id)
+    .where(
+        _is_active(),
+        saga_instances.c.next_attempt_at <= bindparam("now", type_=UTCDateTime()),
+        _lease_free(bindparam("now", type_=UTCDateTime())),
+    )
+    .order_by(*_CLAIM_ORDER)
+    .limit(bindparam("limit", type_=Integer()))
+    .with_for_update(skip_locked=True)
+    .cte("due_sagas")
+    .prefix_with("MATERIALIZED")
+)
+_CLAIM_DUE = _claiming(saga_instances.c.id.in_(select(_DUE.c.id)))
+_CLAIM_ONE = _claiming(saga_instances.c.id == bindparam("b_id", type_=saga_instances.c.id.type))
 
 
 class SagaStore:
@@ -285,49 +394,29 @@ class SagaStore:
         materialized CTE: as a plain `IN (subquery)` PostgreSQL re-ran the locking subquery for each
         row it updated, and each run, no longer seeing the rows already claimed, found the next
         one, so the claim took every due saga whatever `limit` said.
+
+        One statement, so it commits on its own (`Database.autocommit`: no BEGIN/COMMIT on
+        PostgreSQL), prepared once on the driver path.
         """
         now = self._clock.now()
-        due = (
-            select(saga_instances.c.id)
-            .where(_is_active(), saga_instances.c.next_attempt_at <= now, _lease_free(now))
-            .order_by(*_CLAIM_ORDER)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("due_sagas")
-            .prefix_with("MATERIALIZED")
-        )
-        which = saga_instances.c.id.in_(select(due.c.id))
-        async with self._db.write() as conn:
-            rows = await conn.execute(self._claiming(owner, lease_s, now, which))
-            claimed = [_instance(row) for row in rows]
+        params = {"now": now, "limit": limit, "owner": owner, "expires": now + timedelta(seconds=lease_s)}
+        async with self._db.autocommit() as conn:
+            rows = await on_connection(conn).rows(_CLAIM_DUE, params)
+        claimed = [_instance_of(row) for row in rows]
         return sorted(claimed, key=lambda saga: (saga.deadline_at, saga.next_attempt_at))
 
     async def claim_instance(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> SagaInstance | None:
         """Start a new lease term on one active saga; its row as claimed, or None if held/finished."""
         now = self._clock.now()
-        async with self._db.write() as conn:
-            row = (
-                await conn.execute(self._claiming(owner, lease_s, now, saga_instances.c.id == saga_id))
-            ).first()
-        return _instance(row) if row else None
+        params = {"now": now, "b_id": saga_id, "owner": owner, "expires": now + timedelta(seconds=lease_s)}
+        async with self._db.autocommit() as conn:
+            rows = await on_connection(conn).rows(_CLAIM_ONE, params)
+        return _instance_of(rows[0]) if rows else None
 
     async def claim(self, saga_id: uuid.UUID, *, owner: str, lease_s: float) -> int | None:
         """Start a new lease term on an active saga; its fencing token, or None if held/finished."""
         saga = await self.claim_instance(saga_id, owner=owner, lease_s=lease_s)
         return None if saga is None else saga.lease_token
-
-    @staticmethod
-    def _claiming(owner: str, lease_s: float, now: datetime, which: ColumnElement[bool]) -> Any:
-        return (
-            update(saga_instances)
-            .where(which, _is_active(), _lease_free(now))
-            .values(
-                owner=owner,
-                lease_token=saga_instances.c.lease_token + 1,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-            )
-            .returning(*saga_instances.c)
-        )
 
     async def load(self, conn: AsyncConnection, saga_id: uuid.UUID) -> SagaInstance | None:
         row = (await conn.execute(select(saga_instances).where(saga_instances.c.id == saga_id))).first()
@@ -350,39 +439,51 @@ class SagaStore:
         if result.rowcount != 1:
             raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
 
-    async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> datetime:
-        """Extend the lease by `lease_s` from now; the new expiry (raises `LeaseLost` if taken over)."""
-        expires_at = self._clock.now() + timedelta(seconds=lease_s)
-        async with self._db.write() as conn:
-            await self.fenced_update(conn, saga_id, token, lease_expires_at=expires_at)
-        return expires_at
+    async def move(self, conn: AsyncConnection, saga: SagaInstance, step: StepOutcome | None = None) -> None:
+        """Write `saga`'s whole state (as the runner holds it) in one fenced statement on the driver
+        path, in the caller's transaction, with the record of the `step` attempt that led to it (one
+        statement on PostgreSQL, two on SQLite); `LeaseLost` if its term (`lease_token`) is no
+        longer the current one, and then nothing is written."""
+        params: dict[str, Any] = {
+            "b_id": saga.id,
+            "b_token": saga.lease_token,
+            "status": saga.status.value,
+            "step_index": saga.step_index,
+            "attempt": saga.attempt,
+            "data": saga.data,
+            "failure": saga.failure,
+            "lease_expires_at": saga.lease_expires_at,
+            "next_attempt_at": saga.next_attempt_at,
+            "updated_at": saga.updated_at,
+            "finished_at": saga.finished_at,
+        }
+        statement: Any = _MOVE
+        if step is not None:
+            statement = _MOVE_AND_RECORD
+            params.update(
+                s_id=new_id(),
+                s_step=step.step,
+                s_direction=step.direction,
+                s_attempt=step.attempt,
+                s_outcome=step.outcome,
+                s_error=(step.error or None) and step.error[:2000],
+                s_duration_ms=step.duration_ms,
+                s_recorded_at=self._clock.now(),
+            )
+        if not await on_connection(conn).rows(statement, params):
+            raise LeaseLost(f"saga {saga.id}: lease term {saga.lease_token} is no longer current")
 
-    async def record_step(
-        self,
-        conn: AsyncConnection,
-        saga_id: uuid.UUID,
-        *,
-        step: str,
-        direction: str,
-        attempt: int,
-        outcome: str,
-        duration_ms: int,
-        error: str | None = None,
-    ) -> None:
-        await conn.execute(
-            _INSERT_STEP,
-            {
-                "id": new_id(),
-                "saga_id": saga_id,
-                "step": step,
-                "direction": direction,
-                "attempt": attempt,
-                "outcome": outcome,
-                "error": (error or None) and error[:2000],
-                "duration_ms": duration_ms,
-                "recorded_at": self._clock.now(),
-            },
-        )
+    async def renew(self, saga_id: uuid.UUID, token: int, *, lease_s: float) -> datetime:
+        """Extend the lease by `lease_s` from now; the new expiry (raises `LeaseLost` if taken over).
+        One statement, committed on its own."""
+        now = self._clock.now()
+        expires_at = now + timedelta(seconds=lease_s)
+        params = {"b_id": saga_id, "b_token": token, "lease_expires_at": expires_at, "updated_at": now}
+        async with self._db.autocommit() as conn:
+            renewed = await on_connection(conn).rows(_RENEW, params)
+        if not renewed:
+            raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
+        return expires_at
 
     async def history(self, saga_id: uuid.UUID) -> list[SagaStepRecord]:
         async with self._db.read() as conn:

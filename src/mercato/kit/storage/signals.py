@@ -125,7 +125,7 @@ class WorkSignals:
 
     def notify_sql(self, channel: str) -> Select[Any]:
         """`SELECT pg_notify(...)`: PostgreSQL only; delivered to every listener at commit."""
-        return select(func.pg_notify(literal(_PREFIX + _checked(channel)), literal("")))
+        return notify_statement(channel)
 
     async def announce(self, channel: str) -> None:
         """Fire `channel` here, and on PostgreSQL in every other process: one `pg_notify` on the
@@ -284,3 +284,8 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def notify_statement(channel: str) -> Select[Any]:
+    """`SELECT pg_notify(...)` on `channel` (PostgreSQL only): what `WorkSignals.notify_sql` sends."""
+    return select(func.pg_notify(literal(_PREFIX + _checked(channel)), literal("")))

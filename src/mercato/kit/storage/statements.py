@@ -11,7 +11,12 @@ conversions applied as SQLAlchemy would. Callers never branch on the engine:
   driver connection shared by back-to-back statements;
 - `driver_transaction(db, statements)`: a write transaction on the driver path (an `Executor`);
   a statement it does not carry raises `Unprepared`, and the caller redoes the work through
-  `SqlAlchemyExecutor` on a `Database.write()` connection (same `Executor` interface).
+  `SqlAlchemyExecutor` on a `Database.write()` connection (same `Executor` interface);
+- `on_connection(conn)` (`statements_in_tx.py`): registered statements inside the caller's
+  SQLAlchemy transaction (a `Database.write()`, `Database.autocommit()` or `Database.read()`
+  connection), sent on the driver connection under it: the saga runner's moves, the outbox, the
+  inbox join a transaction whose other statements (a saga step's, a consumer handler's) still go
+  through SQLAlchemy.
 
 Statement counters (tests, the bench probe) see the driver path through `add_driver_listener`,
 since SQLAlchemy's engine events never do.
@@ -27,7 +32,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
-from sqlalchemy import Executable, Select, Table
+from sqlalchemy import Executable, Select, Table, UpdateBase
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -65,10 +70,23 @@ _S = TypeVar("_S", bound=ClauseElement)
 _PREPARED: set[ClauseElement] = set()
 
 
-def driver_prepared(statement: _S) -> _S:
+# Writes chained in one statement through data-modifying CTEs (`driver_prepared(..., in_turn=...)`),
+# and the same writes as separate statements for an engine that has no such CTEs (SQLite).
+_IN_TURN: dict[int, tuple[ClauseElement, ...]] = {}
+
+
+def driver_prepared(statement: _S, *, in_turn: Sequence[ClauseElement] = ()) -> _S:
     """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
-    on the driver path, e.g. through `DriverReads`."""
+    on the driver path, e.g. through `DriverReads`.
+
+    `in_turn`: when `statement` chains writes through data-modifying CTEs (PostgreSQL), the same
+    writes as separate statements for SQLite, which has none. `on_connection` runs those one after
+    the other with the same parameters, stopping after one with RETURNING that returned no row (the
+    fenced write that matched nothing, after which the chained form writes nothing either), and
+    returns the first one's rows: the first must return what `statement` returns."""
     _PREPARED.add(statement)
+    if in_turn:
+        _IN_TURN[id(statement)] = tuple(driver_prepared(part) for part in in_turn)
     return statement
 
 
@@ -130,7 +148,12 @@ class DriverStatement:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         names = tuple(compiled.positiontup or ())
-        columns = statement.selected_columns if isinstance(statement, Select) else ()
+        # The result columns whose types convert what the driver returns (a SELECT's, a RETURNING's).
+        columns: Any = ()
+        if isinstance(statement, Select):
+            columns = statement.selected_columns
+        elif isinstance(statement, UpdateBase):
+            columns = statement.exported_columns
         return cls(
             sql=str(compiled),
             names=names,

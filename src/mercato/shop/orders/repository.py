@@ -7,11 +7,35 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy import Select, bindparam, insert, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.orders.model import Order, OrderLine, OrderStatus
 from mercato.shop.orders.tables import order_lines, orders
+
+_STATUS_MOVES: dict[tuple[tuple[OrderStatus, ...], OrderStatus], Any] = {}
+
+
+def _status_move(sources: tuple[OrderStatus, ...], target: OrderStatus) -> Any:
+    """The saga steps' status move (`set_status_from`), one prepared statement per (sources, target)
+    on the raw-driver layer: a handful in all. RETURNING says whether it moved, on both drivers."""
+    statement = _STATUS_MOVES.get((sources, target))
+    if statement is None:
+        # Equalities, not IN: an expanding IN is re-rendered on every execution.
+        in_source = or_(*(orders.c.status == literal_column(f"'{source.value}'") for source in sources))
+        statement = _STATUS_MOVES[(sources, target)] = driver_prepared(
+            update(orders)
+            .where(orders.c.id == bindparam("order_id", type_=orders.c.id.type), in_source)
+            .values(
+                status=literal_column(f"'{target.value}'"),
+                version=orders.c.version + 1,
+                updated_at=bindparam("now", type_=orders.c.updated_at.type),
+            )
+            .returning(orders.c.id)
+        )
+    return statement
 
 
 def _order(row: Any, lines: tuple[OrderLine, ...] = ()) -> Order:
@@ -104,14 +128,8 @@ class OrdersRepository:
         """Move the order to `target` if it is in one of `sources`; False otherwise."""
         if not sources:
             return False
-        # Equalities, not IN: an expanding IN is re-rendered on every execution.
-        in_source = or_(*(orders.c.status == source.value for source in sources))
-        result = await conn.execute(
-            update(orders)
-            .where(orders.c.id == order_id, in_source)
-            .values(status=target.value, version=orders.c.version + 1, updated_at=now)
-        )
-        return result.rowcount == 1
+        statement = _status_move(tuple(sources), target)
+        return bool(await on_connection(conn).rows(statement, {"order_id": order_id, "now": now}))
 
     async def get(self, conn: AsyncConnection, order_id: uuid.UUID) -> Order | None:
         row = (await conn.execute(select(orders).where(orders.c.id == order_id))).first()
