@@ -88,9 +88,7 @@ class CartRepository:
         line = {"customer_id": customer_id, "sku": sku, "quantity": quantity}
         line |= {"added_at": now, "updated_at": now}
         ((added_at,),) = await executor.rows(_UPSERTS[dialect.name], line)
-        # The driver path converts a SELECT's columns only: RETURNING's value is converted here.
-        convert = _c.added_at.type.dialect_impl(dialect).result_processor(dialect, None)
-        return cast(datetime, added_at if convert is None else convert(added_at))
+        return cast(datetime, added_at)  # RETURNING's columns converted by the driver path
 
     async def take_exactly(
         self, conn: AsyncConnection, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]
