@@ -42,7 +42,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_, greenlet_spawn
 
 from mercato.kit.storage.reachability import Reachability
-from mercato.kit.storage.replicas import ReplicaHook, ReplicaSet, Staleness, commit_lsn, current_scope
+from mercato.kit.storage.replicas import (
+    ReplicaHook,
+    ReplicaSet,
+    Staleness,
+    commit_lsn,
+    current_scope,
+    driver_commit_lsn,
+)
 from mercato.kit.storage.signals import WorkSignals
 from mercato.kit.storage.sqlite_loop import (
     began_on_thread,
@@ -186,6 +193,15 @@ class Database:
         scope = current_scope()
         if scope is not None:
             scope.wrote(await commit_lsn(conn))
+
+    async def record_driver_commit(self, driver: Any) -> None:
+        """`_record_commit` for a transaction the raw-driver path committed on `driver` (asyncpg):
+        a write there must hand out its consistency token too (read-your-writes, ADR 0032)."""
+        if self.replicas is None:
+            return
+        scope = current_scope()
+        if scope is not None:
+            scope.wrote(await driver_commit_lsn(driver))
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

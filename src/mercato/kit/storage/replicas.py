@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -258,6 +258,9 @@ async def commit_lsn(conn: AsyncConnection) -> int:
     that replayed it sees the transaction. One round trip on the driver connection, outside any
     transaction (no BEGIN/ROLLBACK pair from the pool's autobegin)."""
     raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    value = await driver.fetchval("SELECT pg_current_wal_lsn()::text")  # type: ignore[union-attr]
-    return parse_lsn(value)
+    return await driver_commit_lsn(raw.driver_connection)
+
+
+async def driver_commit_lsn(driver: Any) -> int:
+    """`commit_lsn` on an asyncpg connection of the raw-driver path (kit/storage/statements.py)."""
+    return parse_lsn(await driver.fetchval("SELECT pg_current_wal_lsn()::text"))

@@ -411,6 +411,8 @@ async def driver_transaction(db: Database, statements: Statements) -> AsyncItera
         await (transaction.commit() if transaction is not None else conn.commit())
         db.signals.wrote()
         observe(None)
+        if postgresql:
+            await db.record_driver_commit(conn)
 
 
 async def insert_ignore(
