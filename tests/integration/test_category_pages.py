@@ -6,51 +6,21 @@ change, not even one loaded while the change committed) and by a purge of its `S
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from mercato.bootstrap import Container
-from mercato.gateway.app import create_app
-from mercato.gateway.edge import Edge
-from mercato.gateway.fast_reads import LIST_ROUTE, FastReads
+from mercato.gateway.fast_reads import LIST_ROUTE
 from mercato.shop.catalog.api import router as catalog_router
 from mercato.shop.catalog.model import NewProduct, Product, ProductChanges
-from tests.conftest import make_settings
+from tests.integration.edge_apps import client_for, shop_app
 from tests.integration.statement_budget import counting
 
 _PER_REQUEST = {"x-request-id", "date"}
 PAGE = "/v1/products?category=books"
-
-
-def _edge(app: FastAPI) -> Edge:
-    if app.middleware_stack is None:
-        app.middleware_stack = app.build_middleware_stack()
-    layer: Any = app.middleware_stack
-    while not isinstance(layer, Edge):
-        layer = layer.app
-    return layer
-
-
-def _app(container: Container, *, fast: bool = True) -> FastAPI:
-    app = create_app(
-        make_settings(container.settings.database.url), container=container, configure_logs=False
-    )
-    if not fast:
-        edge = _edge(app)
-        edge.inner = tuple(step for step in edge.inner if not isinstance(step, FastReads))
-    return app
-
-
-@asynccontextmanager
-async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
 
 
 @pytest.fixture
@@ -87,7 +57,7 @@ async def test_a_category_page_is_cached_with_an_etag_and_revalidated_without_th
 ) -> None:
     first_book, second_book = await _book(container, "PAGE-1", 900), await _book(container, "PAGE-2", 1900)
     await _book(container, "PAGE-3", 500, category="music")
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         first = await client.get(PAGE)
         with counting(container) as tally:
@@ -116,7 +86,7 @@ async def test_the_edge_answers_a_category_page_exactly_as_the_route_does(
 ) -> None:
     await _book(container, "SAME-1", 100)
     await _book(container, "SAME-2", 200)
-    fast_app, slow_app = _app(container), _app(container, fast=False)
+    fast_app, slow_app = shop_app(container), shop_app(container, fast=False)
     async with client_for(fast_app) as fast, client_for(slow_app) as slow:
         for url in (PAGE, PAGE + "&limit=1", PAGE + "&sort=-price"):
             by_edge, by_route = await fast.get(url), await slow.get(url)
@@ -137,7 +107,7 @@ async def test_the_edge_answers_a_category_page_exactly_as_the_route_does(
 
 async def test_a_changed_product_leaves_the_cached_page_at_once(container: Container) -> None:
     moved, priced = await _book(container, "MOVE-1", 300), await _book(container, "MOVE-2", 400)
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         before = await client.get(PAGE)
         assert set(_ids(before)) == {str(moved.id), str(priced.id)}
@@ -185,7 +155,7 @@ async def test_purging_a_category_tag_drops_its_cached_pages(container: Containe
     products = container.product_cache
     assert products is not None
     await _book(container, "PURGE-1", 800)
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         await client.get(PAGE)
         with counting(container) as cached:

@@ -5,8 +5,6 @@ with exactly the bytes and headers the route gives, on both engines and with the
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -15,25 +13,14 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from mercato.bootstrap import Container
-from mercato.gateway.app import create_app
-from mercato.gateway.edge import Edge
-from mercato.gateway.fast_reads import PRODUCT_ROUTE, FastReads
+from mercato.gateway.fast_reads import PRODUCT_ROUTE
 from mercato.shop.catalog.api import router as catalog_router
-from tests.conftest import make_settings
+from tests.integration.edge_apps import client_for, edge_of, shop_app
 from tests.integration.shop_support import product
 from tests.integration.statement_budget import counting
 
 # What differs between two answers to the same request by construction.
 _PER_REQUEST = {"x-request-id", "date"}
-
-
-def _edge(app: FastAPI) -> Edge:
-    if app.middleware_stack is None:
-        app.middleware_stack = app.build_middleware_stack()
-    layer: Any = app.middleware_stack
-    while not isinstance(layer, Edge):
-        layer = layer.app
-    return layer
 
 
 @pytest.fixture
@@ -56,28 +43,12 @@ def _calls(calls: list[tuple[object, str]], app: FastAPI) -> list[str]:
     return [path for called, path in calls if called is app]
 
 
-@asynccontextmanager
-async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        yield client
-
-
-def _app(container: Container, *, fast: bool = True) -> FastAPI:
-    app = create_app(
-        make_settings(container.settings.database.url), container=container, configure_logs=False
-    )
-    if not fast:
-        edge = _edge(app)
-        edge.inner = tuple(step for step in edge.inner if not isinstance(step, FastReads))
-    return app
-
-
 def _headers(response: httpx.Response) -> list[tuple[str, str]]:
     return [(k, v) for k, v in response.headers.multi_items() if k not in _PER_REQUEST]
 
 
 async def test_the_app_runs_one_edge_with_its_steps_in_order(container: Container) -> None:
-    edge = _edge(_app(container))
+    edge = edge_of(shop_app(container))
     outer = [type(getattr(step, "__self__", step)).__name__ for step in edge.outer]
     inner = [type(step).__name__ for step in edge.inner]
     assert outer == [
@@ -99,7 +70,7 @@ async def test_a_product_read_is_answered_by_the_edge_exactly_as_the_route_answe
 ) -> None:
     item = await product(container, "EDGE-1", 2500)
     url = f"/v1/products/{item.id}"
-    fast_app, slow_app = _app(container), _app(container, fast=False)
+    fast_app, slow_app = shop_app(container), shop_app(container, fast=False)
     async with client_for(fast_app) as fast, client_for(slow_app) as slow:
         for headers in ({}, {"Accept": "application/json"}):
             by_edge, by_route = await fast.get(url, headers=headers), await slow.get(url, headers=headers)
@@ -128,7 +99,7 @@ async def test_what_the_edge_does_not_serve_goes_on_to_the_route(
     container: Container, route_calls: list[tuple[object, str]]
 ) -> None:
     item = await product(container, "EDGE-2", 900)
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         # A path parameter over the route's bound, an If-None-Match over its bound: the route's 400.
         assert (await client.get("/v1/products/" + "x" * 65)).status_code == 400
@@ -149,7 +120,7 @@ async def test_a_cached_read_through_the_edge_touches_no_database_and_keeps_ever
     assert container.product_cache is not None
     item = await product(container, "EDGE-3", 1200)
     url = f"/v1/products/{item.id}"
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         first = await client.get(url)
         with counting(container) as tally:
@@ -173,7 +144,7 @@ async def test_a_refusing_step_answers_before_the_later_steps_and_the_route(
     container: Container, route_calls: list[tuple[object, str]]
 ) -> None:
     item = await product(container, "EDGE-4", 700)
-    app = _app(container)
+    app = shop_app(container)
     async with client_for(app) as client:
         # 406 from the media check: a product read is never served to a client that cannot read JSON.
         refused = await client.get(f"/v1/products/{item.id}", headers={"Accept": "text/html"})
