@@ -27,7 +27,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from mercato.bench.checkout_report import CheckoutStep
-from mercato.bench.servers import ServerProcess, _clean_env, _pg_execute, free_port, start_server
+from mercato.bench.servers import _clean_env, _pg_execute, start_simulators
 
 INSTALL_HINT = "pip install 'mercato[bench]' (or: pip install dbos)"
 
@@ -77,32 +77,6 @@ class DbosPlan:
     timeout_s: float = 600.0
 
 
-def _providers(workdir: Path) -> list[ServerProcess]:
-    env = _clean_env({"MERCATO_DATA_DIR": str(workdir)})
-    started: list[ServerProcess] = []
-    try:
-        for kind in ("psp", "carrier"):
-            port = free_port()
-            args = [
-                "-m",
-                "mercato.cli.main",
-                "provider",
-                kind,
-                "--port",
-                str(port),
-                "--data-dir",
-                str(workdir),
-            ]
-            started.append(
-                start_server(kind, args, port=port, workdir=workdir, env=env, ready_path="/healthz")
-            )
-    except Exception:
-        for server in started:
-            server.stop()
-        raise
-    return started
-
-
 def run_dbos_side(plan: DbosPlan, mercato_url: str | None) -> dict[str, Any]:
     """Run the ladder on DBOS; the app's report (``steps``, ``dbos_version``)."""
     require_dbos()
@@ -114,7 +88,7 @@ def run_dbos_side(plan: DbosPlan, mercato_url: str | None) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="mercato-bench-dbos-") as tmp:
             workdir = Path(tmp)
-            providers = _providers(workdir)
+            providers = start_simulators(workdir)
             try:
                 plan_path, result_path = workdir / "plan.json", workdir / "result.json"
                 plan_path.write_text(

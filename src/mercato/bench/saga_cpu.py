@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
+from mercato.bench.servers import start_simulators
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.config import AuthSettings, CheckoutSettings, DatabaseSettings, Environment, Settings
 from mercato.demo.seed import demo_products
@@ -36,12 +35,6 @@ _ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 _WARM_UP = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _create(database: str) -> None:
     admin = await asyncpg.connect(_ADMIN_DSN)
     try:
@@ -49,24 +42,6 @@ async def _create(database: str) -> None:
         await admin.execute(f'CREATE DATABASE "{database}"')
     finally:
         await admin.close()
-
-
-async def _listening(port: int, timeout_s: float = 60.0) -> None:
-    """Until the simulator accepts connections (a breaker opened by a warm-up refused would
-    compensate the measured sagas)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        await asyncio.sleep(0.5)  # the app behind the socket finishes starting
-        return
 
 
 def _runner(container: Container) -> SagaRunner:
@@ -102,33 +77,10 @@ async def _drive(container: Container, runner: SagaRunner, ids: list[uuid.UUID])
         await asyncio.sleep(0.05)
 
 
-def _simulators(psp_port: int, carrier_port: int, data_dir: Path) -> list[subprocess.Popen[bytes]]:
-    return [
-        subprocess.Popen(  # noqa: S603 - our own CLI
-            [
-                sys.executable,
-                "-m",
-                "mercato.cli.main",
-                "provider",
-                kind,
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir / kind),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for kind, port in (("psp", psp_port), ("carrier", carrier_port))
-    ]
-
-
 async def measure(url: str, count: int, data_dir: Path) -> str:
-    psp_port, carrier_port = _free_port(), _free_port()
-    providers = _simulators(psp_port, carrier_port, data_dir)
+    providers = start_simulators(data_dir)
+    psp_port, carrier_port = (server.port for server in providers)
     try:
-        for port in (psp_port, carrier_port):
-            await _listening(port)
         settings = Settings(
             env=Environment.TEST,
             database=DatabaseSettings(url=url, pool_size=20, max_overflow=40),
@@ -151,8 +103,8 @@ async def measure(url: str, count: int, data_dir: Path) -> str:
         finally:
             await container.close()
     finally:
-        for process in providers:
-            process.terminate()
+        for server in providers:
+            server.stop()
     completed = sum(1 for s in sagas if s.status.value == "completed")
     return (
         f"{count} sagas ({completed} completed): {cpu / count * 1000:.2f} ms CPU per saga, "

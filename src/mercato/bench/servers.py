@@ -167,6 +167,34 @@ def start_baseline(
     return start_server(name, args, port=port, workdir=workdir, env=_clean_env(extra), ready_path=BARE_PATH)
 
 
+def start_simulators(workdir: Path) -> list[ServerProcess]:
+    """The PSP and carrier simulators as processes of their own (their CPU is not the caller's),
+    each ready once its `/healthz` answers."""
+    env = _clean_env({"MERCATO_DATA_DIR": str(workdir)})
+    started: list[ServerProcess] = []
+    try:
+        for kind in ("psp", "carrier"):
+            port = free_port()
+            args = [
+                "-m",
+                "mercato.cli.main",
+                "provider",
+                kind,
+                "--port",
+                str(port),
+                "--data-dir",
+                str(workdir),
+            ]
+            started.append(
+                start_server(kind, args, port=port, workdir=workdir, env=env, ready_path="/healthz")
+            )
+    except Exception:
+        for server in started:
+            server.stop()
+        raise
+    return started
+
+
 def bench_settings(database_url: str, workdir: Path, *, products: int) -> Settings:
     return Settings(
         env=Environment.DEV,
