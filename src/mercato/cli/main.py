@@ -43,6 +43,7 @@ from mercato.kit.realtime.transport import MercatoWebSocketProtocol
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
 from mercato.kit.storage.statements import trace_driver_statements
+from mercato.kit.web.http_protocol import MercatoHttpProtocol
 from mercato.lab.cli import app as lab_app
 from mercato.lab.scale import scale_command
 from mercato.providers.cli import app as provider_app
@@ -244,6 +245,10 @@ def api(
         ws_per_message_deflate=settings.realtime.ws_compression,
         # uvicorn's websockets protocol + the fan-out write below ASGI (kit/realtime/transport.py).
         ws=MercatoWebSocketProtocol,
+        # uvicorn's httptools protocol, a response's head and body in one write (kit/web/http_protocol.py).
+        http=MercatoHttpProtocol,
+        # No `server: uvicorn` on every answer: it tells a scanner what to try and no client uses it.
+        server_header=False,
         # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
         # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
         timeout_worker_healthcheck=30,
@@ -303,6 +308,8 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
             ws_max_size=settings.realtime.max_frame_bytes * 4,
             ws_per_message_deflate=settings.realtime.ws_compression,
             ws=MercatoWebSocketProtocol,
+            http=MercatoHttpProtocol,
+            server_header=False,
         )
     )
     container = app.state.container
