@@ -41,6 +41,7 @@ from mercato.kit.observability import (
     tracer,
 )
 from mercato.kit.resilience import DEADLINE_HEADER, Deadline, parse_deadline_header
+from mercato.kit.web.bodies import read_body, replaying
 from mercato.kit.web.problems import problem_response
 from mercato.providers.faults import FaultDecision, FaultInjector, FaultKind, FaultSettings
 
@@ -147,32 +148,6 @@ def _fast_route(app: ProviderApp, scope: Scope) -> tuple[_FastRoute, dict[str, s
         if found is not None:
             return route, found.groupdict()
     return None
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request body, and False when the client left before sending all of it."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"".join(chunks), False
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """`receive` for a route that gets a body already read: the body once, then the real stream."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 def _route_template(app: FastAPI, scope: Scope) -> str:
@@ -405,7 +380,7 @@ class _EdgeMiddleware:
         if fast is None:
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
+        body, complete = await read_body(receive)
         response: Response | None = None
         if complete and len(body) <= _FAST_BODY_MAX:
             try:
@@ -413,7 +388,7 @@ class _EdgeMiddleware:
             except ProviderProblem as problem:
                 response = problem.response(str(scope["path"]))
         if response is None:
-            await self.app(scope, _replaying(body, receive), send)
+            await self.app(scope, replaying(body, receive), send)
             return
         await response(scope, receive, send)
 

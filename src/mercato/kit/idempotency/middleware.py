@@ -56,6 +56,7 @@ from mercato.kit.idempotency.store import (
 )
 from mercato.kit.idempotency.tables import IN_FLIGHT, SCOPE_LENGTH
 from mercato.kit.observability import get_logger, request_id_var
+from mercato.kit.web.bodies import read_body, replaying
 from mercato.kit.web.problems import problem_response
 from mercato.kit.web.security import API_KEY_PRINCIPAL
 
@@ -258,8 +259,8 @@ class IdempotencyMiddleware:
             await self._problem(IdempotencyKeyMalformed, str(exc), scope, receive, send)
             return
 
-        body, more = await _read_body(receive)
-        if more:
+        body, complete = await read_body(receive)
+        if not complete:
             return  # the client went away mid-body: nobody to answer
         content_type = next(iter(_headers(scope, b"content-type")), None)
         fingerprint = request_fingerprint(
@@ -334,7 +335,7 @@ class IdempotencyMiddleware:
     async def _run(self, claim: Claimed, body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         captured = _CapturedResponse()
         try:
-            await self.app(scope, _replaying_receive(body, receive), captured.send)
+            await self.app(scope, replaying(body, receive), captured.send)
         except BaseException:
             await self._release(claim)
             raise
@@ -434,29 +435,3 @@ class IdempotencyMiddleware:
             headers=headers,
         )
         await response(scope, receive, send)
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The whole request body, and whether it ended early (client disconnected)."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"".join(chunks), True
-        chunks.append(bytes(message.get("body", b"")))
-        if not message.get("more_body", False):
-            return b"".join(chunks), False
-
-
-def _replaying_receive(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that hands the app the buffered body once, then defers to the real one."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
