@@ -30,7 +30,9 @@ async def test_a_chunked_body_is_read_whole() -> None:
 
 @pytest.mark.asyncio
 async def test_a_client_that_left_mid_body_is_reported() -> None:
-    receive = _receiver([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}])
+    receive = _receiver(
+        [{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}]
+    )
     assert await read_body(receive) == (b"ab", False)
 
 
