@@ -47,9 +47,13 @@ class PrometheusBackpressureMetrics:
     `mercato_backpressure_queue_wait_seconds{class}` (admitted requests only)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # Read at scrape time: the limiter changes it twice per request, and a locked `set` each
+        # time costs more than the rest of the shedding step's bookkeeping.
+        self._inflight_now = 0
         self._inflight = Gauge(
             "mercato_backpressure_inflight", "Requests holding a concurrency slot", registry=registry
         )
+        self._inflight.set_function(lambda: self._inflight_now)
         self._shed = Counter(
             "mercato_backpressure_shed",
             "Requests refused with 503 by the load shedder",
@@ -77,4 +81,4 @@ class PrometheusBackpressureMetrics:
         self._shed.labels(priority.label, reason).inc()
 
     def inflight_changed(self, inflight: int) -> None:
-        self._inflight.set(inflight)
+        self._inflight_now = inflight
