@@ -50,12 +50,17 @@ async def _constant(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def _serve(protocol_class: type[HttpToolsProtocol], app: Any, request: bytes = _REQUEST) -> _Transport:
+async def _serve(
+    protocol_class: type[HttpToolsProtocol],
+    app: Any,
+    request: bytes = _REQUEST,
+    transport: _Transport | None = None,
+) -> _Transport:
     config = uvicorn.Config(app, log_config=None, lifespan="off", server_header=False, date_header=False)
     state = ServerState()
     loop = asyncio.get_running_loop()
     protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
-    transport = _Transport()
+    transport = transport or _Transport()
     protocol.connection_made(transport)
     protocol.data_received(request)
     await asyncio.gather(*state.tasks)
@@ -92,15 +97,9 @@ async def test_a_head_whose_body_comes_later_is_written_within_the_iteration() -
         await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    config = uvicorn.Config(stream, log_config=None, lifespan="off", server_header=False, date_header=False)
-    state = ServerState()
-    loop = asyncio.get_running_loop()
-    protocol = MercatoHttpProtocol(config=config, server_state=state, app_state={}, _loop=loop)
     transport = _Transport()
     transport_ref.append(transport)
-    protocol.connection_made(transport)
-    protocol.data_received(_REQUEST)
-    await asyncio.gather(*state.tasks)
+    await _serve(MercatoHttpProtocol, stream, transport=transport)
 
     # The head went out on its own while the stream waited, before any event.
     assert len(seen_before_body[0]) == 1
