@@ -68,9 +68,10 @@ def transaction_executor(conn: AsyncConnection, statements: Statements) -> Execu
     aiosqlite's thread (one hop per statement). None when there is no such path (not aiosqlite,
     or no transaction begun: SQLAlchemy would begin one on its first statement, the driver would
     autocommit); the caller then uses `conn` itself."""
-    if conn.sync_connection is None or not conn.in_transaction():
+    sync = conn.sync_connection
+    if sync is None:
         return None
-    pooled = conn.sync_connection.connection
+    pooled = sync.connection
     driver = pooled.driver_connection
     if not hasattr(driver, "execute_fetchall"):
         return None
@@ -78,8 +79,12 @@ def transaction_executor(conn: AsyncConnection, statements: Statements) -> Execu
     if (
         state is not None
         and state.write_locked
-        and state.raw.in_transaction
         and not pooled.dbapi_connection._execute_mutex.locked()  # type: ignore[union-attr]
+        and state.raw.in_transaction
     ):
+        # Also when SQLAlchemy has not begun its transaction: the writer connection's transaction
+        # is begun on the driver (sqlite_writer.py, ADR 0064).
         return LoopExecutor(state.raw, statements)
+    if not sync.in_transaction():
+        return None
     return DriverExecutor(driver, statements, postgresql=False)
