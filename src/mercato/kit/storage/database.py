@@ -28,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from types import TracebackType
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any
 
 from sqlalchemy import event, text
@@ -56,10 +57,10 @@ from mercato.kit.storage.sqlite_loop import (
     began_on_thread,
     begin_on_loop,
     commit_on_loop,
+    commit_on_thread,
     connect_and_begin,
     end_and_close,
     loop_state,
-    commit_on_thread,
     register_loop_connection,
 )
 from mercato.kit.storage.sqlite_writer import SqliteWriter, is_unusable, open_writer
@@ -108,10 +109,9 @@ class Database:
         # Write transactions carry the option that makes their BEGIN take the write lock (SQLite).
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
         self._write_queue_timeout_s = write_queue_timeout_s
-        # One lock per event loop: a Database may outlive a loop (tests, CLI commands run in turn).
-        self._write_locks: LoopLocks = weakref.WeakKeyDictionary()
-        # SQLite: one long-lived writer connection per loop (sqlite_writer.py, ADR 0064).
-        self._writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SqliteWriter] = (
+        # One lock (and on SQLite one writer connection, ADR 0064) per event loop: a Database may
+        # outlive a loop (tests, CLI commands run in turn).
+        self._loop_writes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWrites] = (
             weakref.WeakKeyDictionary()
         )
         self._writer_eligible = self._serialize_writes
@@ -217,6 +217,13 @@ class Database:
             return _SqliteWrite(self)
         return self._write_transaction()
 
+    def _writes(self) -> _LoopWrites:
+        loop = asyncio.get_running_loop()
+        writes = self._loop_writes.get(loop)
+        if writes is None:
+            writes = self._loop_writes[loop] = _LoopWrites(asyncio.Lock())
+        return writes
+
     async def _queue_for_the_writer(self, lock: asyncio.Lock) -> bool:
         """Take this loop's write lock; False when the wait passed the busy timeout (the write then
         goes to SQLite unqueued: a nested write would otherwise wait forever)."""
@@ -229,25 +236,24 @@ class Database:
                 return True
         return False
 
-    async def _writer(self) -> SqliteWriter | None:
-        """This loop's long-lived writer connection (sqlite_writer.py), opened on first use; None
-        when the database has none (an in-memory one). Called with the write lock held."""
+    async def _open_writer(self, writes: _LoopWrites) -> SqliteWriter | None:
+        """This loop's long-lived writer connection (sqlite_writer.py), opened on first use and
+        after a discarded one; None when the database has none (an in-memory one). Called with the
+        write lock held."""
         if not self._writer_eligible:
             return None
-        loop = asyncio.get_running_loop()
-        writer = self._writers.get(loop)
-        if writer is not None and not writer.broken:
-            return writer
-        if writer is not None:
-            writer.discard()
-        for other, old in list(self._writers.items()):
-            if other.is_closed():  # a loop that ended (tests, CLI commands run in turn)
-                del self._writers[other]
+        if writes.writer is not None:
+            writes.writer.discard()
+            writes.writer = None
+        for loop, other in list(self._loop_writes.items()):
+            if loop.is_closed() and other.writer is not None:  # tests, CLI commands run in turn
+                other.writer.discard()
+                other.writer = None
         writer = await open_writer(self._write_engine)
         if writer is None:
             self._writer_eligible = False
             return None
-        self._writers[loop] = writer
+        writes.writer = writer
         return writer
 
     async def _end_on_writer(self, writer: SqliteWriter, error: BaseException | None) -> None:
@@ -271,7 +277,7 @@ class Database:
                 self._drop_pending(conn)
                 await writer.end(commit=False)
         finally:
-            if writer.broken:
+            if writer.broken and self._writes().writer is writer:
                 writer.discard()
 
     @asynccontextmanager
@@ -348,7 +354,7 @@ class Database:
             raise cancelled
 
     def _write_lock(self) -> asyncio.Lock:
-        return loop_lock(self._write_locks)
+        return self._writes().lock
 
     @asynccontextmanager
     async def join(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
@@ -388,9 +394,10 @@ class Database:
         if self.reachability is not None:
             await self.reachability.close()
         await self.signals.aclose()
-        writers, self._writers = list(self._writers.values()), weakref.WeakKeyDictionary()
-        for writer in writers:
-            await writer.aclose()
+        for writes in list(self._loop_writes.values()):
+            if writes.writer is not None:
+                writer, writes.writer = writes.writer, None
+                await writer.aclose()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()
@@ -580,13 +587,29 @@ def _commit_on_loop_when_safe(dialect: Any) -> None:
     dialect.do_rollback = _do_rollback
 
 
+class _LoopWrites:
+    """One event loop's write queue and SQLite writer connection."""
+
+    __slots__ = ("lock", "writer", "yielded_at")
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self.lock = lock
+        self.writer: SqliteWriter | None = None
+        self.yielded_at = 0.0
+
+
+# A write on the writer connection may finish without suspending; writes back to back yield the
+# loop once this long has passed since the last yield (ADR 0064; ADR 0062 yielded after each).
+YIELD_EVERY_S = 0.0005
+
+
 class _SqliteWrite:
     """`Database.write()` on SQLite, as a class rather than a generator (two generator-based
     context managers cost ~8 µs of a ~40 µs write): queue on this loop's write lock, then a
     transaction on the loop's writer connection (sqlite_writer.py, ADR 0064), or on a pooled
     connection when there is none or the queue timed out (a nested write)."""
 
-    __slots__ = ("_db", "_fallback", "_lock", "_queued", "_writer")
+    __slots__ = ("_db", "_fallback", "_queued", "_writer", "_writes")
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -596,25 +619,26 @@ class _SqliteWrite:
 
     async def __aenter__(self) -> AsyncConnection:
         db = self._db
-        self._lock = lock = db._write_lock()
-        self._queued = await db._queue_for_the_writer(lock)
+        self._writes = writes = db._writes()
+        lock = writes.lock
+        if not lock.locked():
+            await lock.acquire()
+            self._queued = True
+        else:
+            self._queued = await db._queue_for_the_writer(lock)
         try:
             if self._queued:
                 for _ in range(2):  # a writer found in an unknown state is replaced once
-                    writer = await db._writer()
-                    if writer is None:
-                        break
+                    writer = writes.writer
+                    if writer is None or writer.broken:
+                        writer = await db._open_writer(writes)
+                        if writer is None:
+                            break
                     try:
                         await writer.begin()
                     except Exception as error:
-                        if writer.broken:
-                            writer.discard()
                         if is_unusable(error):
                             continue
-                        raise
-                    except BaseException:
-                        if writer.broken:
-                            writer.discard()
                         raise
                     self._writer = writer
                     return writer.conn
@@ -628,18 +652,22 @@ class _SqliteWrite:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
+        writer = self._writer
         try:
-            if self._writer is not None:
-                await self._db._end_on_writer(self._writer, exc)
+            if writer is not None:
+                await self._db._end_on_writer(writer, exc)
             else:
                 assert self._fallback is not None
                 if await self._fallback.__aexit__(exc_type, exc, tb):
                     return True
         finally:
             if self._queued:
-                self._lock.release()
-        if self._writer is not None and exc is None:
-            # On the loop path a write may never suspend: a task writing in a loop would hold the
-            # event loop for the whole loop. One turn per write lets every other task run.
-            await asyncio.sleep(0)
+                self._writes.lock.release()
+        if writer is not None and exc is None:
+            # On the writer a write may never suspend: a task writing in a loop would hold the
+            # event loop for the whole loop. A turn every YIELD_EVERY_S lets every other task run.
+            writes = self._writes
+            if time.monotonic() - writes.yielded_at >= YIELD_EVERY_S:
+                await asyncio.sleep(0)
+                writes.yielded_at = time.monotonic()
         return False

@@ -26,6 +26,7 @@ from mercato.kit.storage.statements import (
     Unprepared,
     _statement_span,
     observe,
+    tracing_statements,
 )
 
 __all__ = ["LoopExecutor", "transaction_executor"]
@@ -44,8 +45,13 @@ class LoopExecutor:
         prepared = self._statements.get(statement)
         args = prepared.args(params or {})
         observe(prepared.sql)
-        with _statement_span(prepared.sql, "sqlite"):
-            return prepared.rows(self._raw.execute(prepared.sql, args).fetchall())
+        if tracing_statements():
+            with _statement_span(prepared.sql, "sqlite"):
+                records = self._raw.execute(prepared.sql, args).fetchall()
+        else:
+            records = self._raw.execute(prepared.sql, args).fetchall()
+        # sqlite3 hands back tuples already: copy them only to convert a column.
+        return prepared.rows(records) if prepared.converts_results else records
 
     async def run(
         self, statement: ClauseElement, params: dict[str, Any] | list[dict[str, Any]] | None = None
