@@ -19,6 +19,7 @@ no savepoint to keep the caller's transaction usable.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import weakref
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,6 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     Insert,
     Integer,
     String,
@@ -114,11 +114,12 @@ class EventStore:
             raise ValueError("expected_version must be >= 0")
         if not new_events:
             return []
-        if conn.dialect.name == "sqlite":
-            executor = transaction_executor(conn, _statements(conn.dialect))
+        dialect = conn.dialect
+        if dialect.name == "sqlite":
+            executor = transaction_executor(conn, _statements(dialect))
             if executor is not None:
                 return await self._sqlite_append(executor, stream_id, new_events, expected_version)
-        if conn.dialect.name == "postgresql":
+        if dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _APPEND_LOCK_KEY})
         # Under the lock (or SQLite's write lock) this read is current, so a stale writer is told
         # the version it missed; the unique constraint still guards anyone not taking the lock.
@@ -182,11 +183,18 @@ class EventStore:
             "expected_version": expected_version,
             "recorded_at": now,
         }
+        datas: list[dict[str, Any]] = []
+        metadatas: list[dict[str, Any]] = []
         for i, event in enumerate(new_events):
-            params[f"version_{i}"] = expected_version + 1 + i
-            params[f"type_{i}"] = event.type
-            params[f"data_{i}"] = dict(event.data)
-            params[f"metadata_{i}"] = dict(event.metadata)
+            data, metadata = dict(event.data), dict(event.metadata)
+            datas.append(data)
+            metadatas.append(metadata)
+            keys = _ARM_KEYS[i] if i < len(_ARM_KEYS) else _arm_keys(i)
+            params[keys[0]] = expected_version + 1 + i
+            params[keys[1]] = event.type
+            # Encoded here, as the JSON type would (`json.dumps`), so the statement binds text.
+            params[keys[2]] = json.dumps(data)
+            params[keys[3]] = json.dumps(metadata) if metadata else "{}"
         try:
             inserted = await executor.rows(_checked_insert(len(new_events)), params)
         except sqlite3.IntegrityError as exc:
@@ -212,12 +220,12 @@ class EventStore:
         positions = {int(version): int(position) for position, version in inserted}
         return [
             RecordedEvent(
-                position=positions[params[f"version_{i}"]],
+                position=positions[expected_version + 1 + i],
                 stream_id=stream_id,
-                version=params[f"version_{i}"],
+                version=expected_version + 1 + i,
                 type=event.type,
-                data=params[f"data_{i}"],
-                metadata=params[f"metadata_{i}"],
+                data=datas[i],
+                metadata=metadatas[i],
                 recorded_at=now,
             )
             for i, event in enumerate(new_events)
@@ -292,10 +300,25 @@ _STATEMENTS: weakref.WeakKeyDictionary[Dialect, Statements] = weakref.WeakKeyDic
 
 
 def _statements(dialect: Dialect) -> Statements:
+    if dialect is _last[0]:
+        last: Statements = _last[1]
+        return last
     statements = _STATEMENTS.get(dialect)
     if statements is None:
         statements = _STATEMENTS[dialect] = Statements(dialect)
+    _last[:] = [dialect, statements]  # the one engine of a process, most of the time
     return statements
+
+
+_last: list[Any] = [None, None]
+
+
+def _arm_keys(i: int) -> tuple[str, str, str, str]:
+    return (f"version_{i}", f"type_{i}", f"data_{i}", f"metadata_{i}")
+
+
+# The bind parameter names of the first arms, made once rather than per append.
+_ARM_KEYS = tuple(_arm_keys(i) for i in range(16))
 
 
 def _current_version_of(stream_id: Any) -> Any:
@@ -322,8 +345,10 @@ def _checked_insert(count: int) -> Insert:
             stream_id,
             bindparam(f"version_{i}", type_=Integer),
             bindparam(f"type_{i}", type_=String),
-            bindparam(f"data_{i}", type_=JSON),
-            bindparam(f"metadata_{i}", type_=JSON),
+            # JSON text, encoded by the caller (`_sqlite_append`): the column's JSON type would
+            # encode it the same way, through one more call per value.
+            bindparam(f"data_{i}", type_=String),
+            bindparam(f"metadata_{i}", type_=String),
             bindparam("recorded_at", type_=UTCDateTime),
         ).where(_current_version_of(stream_id) == bindparam("expected_version", type_=Integer))
         for i in range(count)

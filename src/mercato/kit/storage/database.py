@@ -270,7 +270,7 @@ class Database:
                     await writer.end(commit=False)
                     raise
                 # Taken before the COMMIT: the next transaction on the connection starts clean.
-                pending = self.signals.take_pending(conn)
+                pending = self.signals.take_pending_from(writer.info)
                 await writer.end(commit=True)
                 self.signals.committed(pending)
             else:

@@ -18,7 +18,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 
-from mercato.kit.storage.sqlite_loop import loop_state
+from mercato.kit.storage.sqlite_loop import LoopState, loop_state
 from mercato.kit.storage.statements import (
     DriverExecutor,
     Executor,
@@ -74,6 +74,15 @@ def transaction_executor(conn: AsyncConnection, statements: Statements) -> Execu
     aiosqlite's thread (one hop per statement). None when there is no such path (not aiosqlite,
     or no transaction begun: SQLAlchemy would begin one on its first statement, the driver would
     autocommit); the caller then uses `conn` itself."""
+    writer_state: LoopState | None = getattr(conn, "loop_state", None)
+    if (
+        writer_state is not None
+        and writer_state.write_locked
+        and writer_state.raw.in_transaction
+        and not conn.adapter._execute_mutex.locked()  # type: ignore[attr-defined]
+    ):
+        # The writer connection (sqlite_writer.py): its transaction is begun on the driver.
+        return LoopExecutor(writer_state.raw, statements)
     sync = conn.sync_connection
     if sync is None:
         return None

@@ -38,22 +38,36 @@ from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.storage.sqlite_loop import LoopState, commit_on_loop, commit_on_thread, loop_state
 
-__all__ = ["SqliteWriter", "open_writer"]
+__all__ = ["SqliteWriter", "WriterConnection", "open_writer"]
 
 _BEGIN = "BEGIN IMMEDIATE"
+
+
+class WriterConnection(AsyncConnection):
+    """The writer's `AsyncConnection`, carrying what the loop path checks per statement
+    (`transaction_executor`) without walking SQLAlchemy's connection, pool and adapter objects."""
+
+    __slots__ = ("adapter", "loop_state")
+
+    def __init__(self, engine: AsyncEngine, sync: Connection, state: LoopState) -> None:
+        super().__init__(engine, sync)
+        self.loop_state = state
+        self.adapter: Any = sync.connection.dbapi_connection
 
 
 class SqliteWriter:
     """The writer connection of one event loop. Used only by whoever holds `Database`'s write lock."""
 
-    __slots__ = ("_closing", "broken", "conn", "driver", "state", "sync")
+    __slots__ = ("_closing", "broken", "conn", "driver", "info", "state", "sync")
 
     def __init__(self, engine: AsyncEngine, sync: Connection, driver: Any, state: LoopState) -> None:
         self.sync = sync
         self.driver = driver
         self.state = state
         # One AsyncConnection for every transaction: it only wraps `sync`.
-        self.conn = AsyncConnection(engine, sync)
+        self.conn = WriterConnection(engine, sync, state)
+        # The pooled connection's `info` (`conn.info`), kept for as long as the connection.
+        self.info: dict[Any, Any] = sync.info
         self.broken = False
         self._closing: asyncio.Task[None] | None = None
 
@@ -104,8 +118,9 @@ class SqliteWriter:
                 await self.driver._execute(state.raw.rollback)
             # The engine's listeners (statement counters) see the end of the transaction as if
             # SQLAlchemy had ended one.
-            dispatch = sync.dispatch
-            (dispatch.commit if commit else dispatch.rollback)(sync)
+            listeners = sync.dispatch.commit if commit else sync.dispatch.rollback
+            if listeners:
+                listeners(sync)
         except sqlite3.Error as error:
             self.broken = True
             sql = "COMMIT" if commit else "ROLLBACK"
