@@ -635,7 +635,8 @@ class _SqliteWrite:
                         if writer is None:
                             break
                     try:
-                        await writer.begin()
+                        if not writer.begin_here():
+                            await writer.begin_waiting()
                     except Exception as error:
                         if is_unusable(error):
                             continue
@@ -655,7 +656,14 @@ class _SqliteWrite:
         writer = self._writer
         try:
             if writer is not None:
-                await self._db._end_on_writer(writer, exc)
+                db = self._db
+                if exc is None and _commit_guard.get() is None and writer.commit_here():
+                    # The common case, without a coroutine: COMMIT on the loop. Channels queued
+                    # by `after_commit` fire now (taken after the COMMIT: nothing else can use
+                    # the connection meanwhile, the write lock is still ours).
+                    db.signals.committed(db.signals.take_pending_from(writer.info))
+                else:
+                    await db._end_on_writer(writer, exc)
             else:
                 assert self._fallback is not None
                 if await self._fallback.__aexit__(exc_type, exc, tb):

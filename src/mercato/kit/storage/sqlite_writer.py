@@ -36,7 +36,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from mercato.kit.storage.sqlite_loop import LoopState, commit_on_loop, commit_on_thread, loop_state
+from mercato.kit.storage.sqlite_loop import (
+    THREAD_COMMIT_EVERY,
+    LoopState,
+    commit_on_loop,
+    commit_on_thread,
+    loop_state,
+)
 
 __all__ = ["SqliteWriter", "WriterConnection", "open_writer"]
 
@@ -71,8 +77,9 @@ class SqliteWriter:
         self.broken = False
         self._closing: asyncio.Task[None] | None = None
 
-    async def begin(self) -> None:
-        """BEGIN IMMEDIATE: on the loop when the write lock is free, else waiting on the thread."""
+    def begin_here(self) -> bool:
+        """BEGIN IMMEDIATE on the loop. False: another connection holds the write lock; the caller
+        awaits `begin_waiting` (nothing was begun)."""
         state = self.state
         raw = state.raw
         if raw.in_transaction or self.sync.in_transaction() or self.sync.invalidated:
@@ -80,23 +87,52 @@ class SqliteWriter:
             self.broken = True
             raise _Unusable
         try:
-            raw.execute(_BEGIN)
+            raw.execute(_BEGIN)  # the busy timeout is 0: never a wait on the loop
         except sqlite3.OperationalError as error:
             if getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                 raise DBAPIError.instance(_BEGIN, (), error, sqlite3.Error) from error
-            state.begins_on_thread += 1
-            try:
-                await self.driver._execute(_begin_waiting, raw, state.busy_timeout_ms)
-            except sqlite3.Error as waited:
-                # "database is locked" after the busy timeout: what SQLAlchemy raises for it.
-                raise DBAPIError.instance(_BEGIN, (), waited, sqlite3.Error) from waited
-            except BaseException:
-                # Cancelled while the BEGIN waits on the thread: it may still take the lock there.
-                self.broken = True
-                raise
-        else:
-            state.begins_on_loop += 1
+            return False
+        state.begins_on_loop += 1
         state.write_locked = True
+        return True
+
+    async def begin_waiting(self) -> None:
+        """BEGIN IMMEDIATE on aiosqlite's thread with the normal busy timeout: the loop keeps turning."""
+        state = self.state
+        state.begins_on_thread += 1
+        try:
+            await self.driver._execute(_begin_waiting, state.raw, state.busy_timeout_ms)
+        except sqlite3.Error as waited:
+            # "database is locked" after the busy timeout: what SQLAlchemy raises for it.
+            raise DBAPIError.instance(_BEGIN, (), waited, sqlite3.Error) from waited
+        except BaseException:
+            # Cancelled while the BEGIN waits on the thread: it may still take the lock there.
+            self.broken = True
+            raise
+        state.write_locked = True
+
+    def commit_here(self) -> bool:
+        """COMMIT on the loop when nothing stands in the way (no SQLAlchemy transaction to end,
+        `commit_on_loop` agrees); False: the caller awaits `end`, nothing was done."""
+        state = self.state
+        sync = self.sync
+        if sync._transaction is not None or sync.invalidated or not state.commit_on_loop:
+            return False
+        if state.loop_commits >= THREAD_COMMIT_EVERY:
+            return False  # the checkpoint's turn: `end` commits on the thread
+        try:
+            commit_on_loop(state)
+        except sqlite3.Error as error:
+            self.broken = True
+            raise DBAPIError.instance("COMMIT", (), error, sqlite3.Error) from error
+        finally:
+            state.write_locked = False
+        # The engine's listeners (statement counters) see the end of the transaction as if
+        # SQLAlchemy had ended one.
+        listeners = sync.dispatch.commit
+        if listeners:
+            listeners(sync)
+        return True
 
     async def end(self, *, commit: bool) -> None:
         """COMMIT or ROLLBACK: through SQLAlchemy's transaction when a statement began one, else on
@@ -104,11 +140,18 @@ class SqliteWriter:
         state = self.state
         sync = self.sync
         try:
-            if sync.invalidated:
-                self.broken = True
-                return
             if sync.in_transaction():
                 await greenlet_spawn(sync.commit if commit else sync.rollback)
+                if sync.invalidated:
+                    self.broken = True
+                return
+            if sync.invalidated:
+                # Lost mid-transaction (a disconnect SQLAlchemy saw): nothing left to commit.
+                self.broken = True
+                if commit:
+                    raise DBAPIError.instance(
+                        "COMMIT", (), sqlite3.OperationalError("connection invalidated"), sqlite3.Error
+                    )
                 return
             if commit:
                 if not commit_on_loop(state):
@@ -116,8 +159,6 @@ class SqliteWriter:
             else:
                 # On the thread, after any call still queued there (a cancelled one).
                 await self.driver._execute(state.raw.rollback)
-            # The engine's listeners (statement counters) see the end of the transaction as if
-            # SQLAlchemy had ended one.
             listeners = sync.dispatch.commit if commit else sync.dispatch.rollback
             if listeners:
                 listeners(sync)
