@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.eventstore.tables import events, snapshots
 from mercato.kit.storage import UTCDateTime
-from mercato.kit.storage.sqlite_loop_statements import transaction_executor
+from mercato.kit.storage.sqlite_loop_statements import LoopExecutor, transaction_executor
 from mercato.kit.storage.statements import Executor, Statements, driver_prepared
 
 __all__ = ["ConcurrencyConflict", "EventStore", "NewEvent", "RecordedEvent", "Snapshot"]
@@ -196,7 +196,12 @@ class EventStore:
             params[keys[2]] = json.dumps(data)
             params[keys[3]] = json.dumps(metadata) if metadata else "{}"
         try:
-            inserted = await executor.rows(_checked_insert(len(new_events)), params)
+            if len(new_events) == 1 and isinstance(executor, LoopExecutor):
+                # One row on the loop: its position is the rowid, no RETURNING needed.
+                rowid = await executor.inserted_rowid(_CHECKED_INSERT_ONE, params)
+                inserted = [] if rowid is None else [(rowid, expected_version + 1)]
+            else:
+                inserted = await executor.rows(_checked_insert(len(new_events)), params)
         except sqlite3.IntegrityError as exc:
             if not any(name in str(exc) for name in _UNIQUE_NAMES):
                 # As SQLAlchemy raises it on the other path, so callers catch one type.
@@ -335,7 +340,7 @@ _CURRENT_VERSION = driver_prepared(
 
 
 @cache
-def _checked_insert(count: int) -> Insert:
+def _checked_insert(count: int, *, returning: bool = True) -> Insert:
     """INSERT of `count` events of one stream whose rows exist only if the stream is still at
     `expected_version`; RETURNING (position, version) of each. One statement per batch size,
     registered for the driver path once (an application appends a handful of sizes)."""
@@ -355,9 +360,14 @@ def _checked_insert(count: int) -> Insert:
     ]
     source = arms[0] if count == 1 else union_all(*arms)
     columns = ["stream_id", "version", "type", "data", "metadata", "recorded_at"]
-    return driver_prepared(
-        events.insert().from_select(columns, source).returning(events.c.position, events.c.version)
-    )
+    insert = events.insert().from_select(columns, source)
+    if returning:
+        insert = insert.returning(events.c.position, events.c.version)
+    return driver_prepared(insert)
+
+
+# One event, the position read from the statement's rowid (`LoopExecutor.inserted_rowid`).
+_CHECKED_INSERT_ONE = _checked_insert(1, returning=False)
 
 
 def _recorded(row: RowMapping) -> RecordedEvent:

@@ -53,12 +53,14 @@ class WriterConnection(AsyncConnection):
     """The writer's `AsyncConnection`, carrying what the loop path checks per statement
     (`transaction_executor`) without walking SQLAlchemy's connection, pool and adapter objects."""
 
-    __slots__ = ("adapter", "loop_state")
+    __slots__ = ("adapter", "loop_executor", "loop_state")
 
     def __init__(self, engine: AsyncEngine, sync: Connection, state: LoopState) -> None:
         super().__init__(engine, sync)
         self.loop_state = state
         self.adapter: Any = sync.connection.dbapi_connection
+        # `transaction_executor`'s executor for this connection, made on first use.
+        self.loop_executor: Any = None
 
 
 class SqliteWriter:
