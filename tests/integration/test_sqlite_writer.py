@@ -1,4 +1,4 @@
-"""The SQLite writer connection: write transactions begun on the driver, SQLAlchemy's only on demand (ADR 0064).
+"""The SQLite writer connection: transactions begun on the driver, SQLAlchemy's on demand (ADR 0064).
 
 `Database.write()` on SQLite uses one long-lived connection per event loop: no pool check-out, no
 SQLAlchemy transaction unless a statement goes through SQLAlchemy, BEGIN and COMMIT on the driver
@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, insert, select
+from sqlalchemy.exc import ResourceClosedError
 
 from mercato.kit.eventstore import ConcurrencyConflict, EventStore, NewEvent, events, snapshots
 from mercato.kit.storage import Database, create_database, metadata
@@ -98,19 +99,20 @@ async def test_a_driver_append_and_a_sqlalchemy_insert_commit_together(db: Datab
 
 async def test_a_failed_write_leaves_neither_the_append_nor_the_sqlalchemy_statement(db: Database) -> None:
     store = EventStore()
-    for sqlalchemy_first in (False, True):
-        with pytest.raises(RuntimeError):
-            async with db.write() as conn:
-                if sqlalchemy_first:
-                    await conn.execute(insert(notes).values(text="rolled back"))
-                await store.append(conn, "gone", [NewEvent("t", {})], expected_version=0)
-                await conn.execute(insert(notes).values(text="rolled back too"))
-                raise RuntimeError("the use case failed")
-    # Driver statements alone, rolled back too.
-    with pytest.raises(RuntimeError):
+
+    async def failing(*, sqlalchemy_first: bool, sqlalchemy_after: bool) -> None:
         async with db.write() as conn:
+            if sqlalchemy_first:
+                await conn.execute(insert(notes).values(text="rolled back"))
             await store.append(conn, "gone", [NewEvent("t", {})], expected_version=0)
+            if sqlalchemy_after:
+                await conn.execute(insert(notes).values(text="rolled back too"))
             raise RuntimeError("the use case failed")
+
+    # With SQLAlchemy's transaction begun before the append, after it, and never (driver only).
+    for first, after in ((True, True), (False, True), (False, False)):
+        with pytest.raises(RuntimeError):
+            await failing(sqlalchemy_first=first, sqlalchemy_after=after)
     assert await _versions(db, "gone") == []
     async with db.read() as conn:
         assert (await conn.execute(select(notes.c.text))).scalars().all() == []
@@ -147,7 +149,8 @@ async def test_the_writer_waits_for_another_connections_lock_off_the_loop_and_ke
         async with db.write() as conn:
             await store.append(conn, "locked", [NewEvent("t", {})], expected_version=0)
             state = loop_state(conn.sync_connection.connection.driver_connection)  # type: ignore[union-attr]
-        assert state is not None and state.dedicated
+        assert state is not None
+        assert state.dedicated
         other.execute("BEGIN IMMEDIATE")
         ticks = 0
 
@@ -213,11 +216,14 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_a_working_wri
         await db.dispose()
 
 
-async def test_a_stale_connection_reference_does_not_break_the_next_write(db: Database) -> None:
+async def test_a_connection_kept_past_its_write_refuses_statements(db: Database) -> None:
     store = EventStore()
     async with db.write() as conn:
         kept = conn
-    await kept.execute(insert(notes).values(text="outside any write"))  # a caller's bug
+    with pytest.raises(ResourceClosedError):  # as a closed connection did before ADR 0064
+        await kept.execute(insert(notes).values(text="outside any write"))
+    with pytest.raises(ResourceClosedError):
+        await store.append(kept, "after-misuse", [NewEvent("t", {})], expected_version=0)
     async with db.write() as conn:
         await store.append(conn, "after-misuse", [NewEvent("t", {})], expected_version=0)
     assert await _versions(db, "after-misuse") == [1]

@@ -642,6 +642,7 @@ class _SqliteWrite:
                             continue
                         raise
                     self._writer = writer
+                    writer.conn.in_scope = True
                     return writer.conn
             self._fallback = fallback = db._sqlite_write_transaction()
             return await fallback.__aenter__()
@@ -657,6 +658,7 @@ class _SqliteWrite:
         try:
             if writer is not None:
                 db = self._db
+
                 if exc is None and _commit_guard.get() is None and writer.commit_here():
                     # The common case, without a coroutine: COMMIT on the loop. Channels queued
                     # by `after_commit` fire now (taken after the COMMIT: nothing else can use
@@ -669,6 +671,8 @@ class _SqliteWrite:
                 if await self._fallback.__aexit__(exc_type, exc, tb):
                     return True
         finally:
+            if writer is not None:
+                writer.conn.in_scope = False  # a reference kept past the scope must not write
             if self._queued:
                 self._writes.lock.release()
         if writer is not None and exc is None:

@@ -32,7 +32,7 @@ import sqlite3
 from typing import Any
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, ResourceClosedError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
@@ -53,14 +53,25 @@ class WriterConnection(AsyncConnection):
     """The writer's `AsyncConnection`, carrying what the loop path checks per statement
     (`transaction_executor`) without walking SQLAlchemy's connection, pool and adapter objects."""
 
-    __slots__ = ("adapter", "loop_executor", "loop_state")
+    __slots__ = ("adapter", "in_scope", "loop_executor", "loop_state")
 
     def __init__(self, engine: AsyncEngine, sync: Connection, state: LoopState) -> None:
         super().__init__(engine, sync)
+        # Inside a `Database.write()` scope: outside it the connection refuses every statement, as a
+        # closed one would (a reference kept past the scope must not write unqueued).
+        self.in_scope = False
         self.loop_state = state
         self.adapter: Any = sync.connection.dbapi_connection
         # `transaction_executor`'s executor for this connection, made on first use.
         self.loop_executor: Any = None
+
+    @property
+    def _proxied(self) -> Connection:
+        if not self.in_scope:
+            raise ResourceClosedError("This Connection is closed")
+        sync = self.sync_connection
+        assert sync is not None
+        return sync
 
 
 class SqliteWriter:
