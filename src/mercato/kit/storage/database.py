@@ -28,12 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from types import TracebackType
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, text
@@ -43,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_, greenlet_spawn
 
+from mercato.kit.storage.commit_guard import COMMIT_GUARD
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import (
     ReplicaHook,
@@ -63,26 +61,12 @@ from mercato.kit.storage.sqlite_loop import (
     loop_state,
     register_loop_connection,
 )
-from mercato.kit.storage.sqlite_writer import SqliteWriter, is_unusable, open_writer
+from mercato.kit.storage.sqlite_write_scope import LoopWrites, SqliteWriteScope
+from mercato.kit.storage.sqlite_writer import SqliteWriter, open_writer
 
 _WRITE_OPTION = "mercato_write"
 # What a SQLite commit survives: NORMAL a process crash, FULL also a power loss (ADR 0058).
 SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
-
-CommitGuard = Callable[[AsyncConnection], Awaitable[None]]
-_commit_guard: ContextVar[CommitGuard | None] = ContextVar("mercato_commit_guard", default=None)
-
-
-@contextmanager
-def guarded_writes(guard: CommitGuard) -> Iterator[None]:
-    """Run `guard(conn)` before the COMMIT of every write transaction opened in this context (this
-    task and the tasks it starts); an exception from it rolls the transaction back. Autocommit
-    writes become write transactions meanwhile, so nothing escapes the guard."""
-    reset = _commit_guard.set(guard)
-    try:
-        yield
-    finally:
-        _commit_guard.reset(reset)
 
 
 class Database:
@@ -111,7 +95,7 @@ class Database:
         self._write_queue_timeout_s = write_queue_timeout_s
         # One lock (and on SQLite one writer connection, ADR 0064) per event loop: a Database may
         # outlive a loop (tests, CLI commands run in turn).
-        self._loop_writes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWrites] = (
+        self._loop_writes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWrites] = (
             weakref.WeakKeyDictionary()
         )
         self._writer_eligible = self._serialize_writes
@@ -179,7 +163,7 @@ class Database:
         """A connection whose every statement commits on its own, for a write that is one statement
         or a compare-and-set sequence that is safe without a transaction (PostgreSQL: no BEGIN and
         COMMIT round trips). On SQLite it is a write transaction: the one writer still queues."""
-        if self._autocommit_engine is None or _commit_guard.get() is not None:
+        if self._autocommit_engine is None or COMMIT_GUARD.get() is not None:
             async with self.write() as conn:
                 yield conn
             return
@@ -214,14 +198,14 @@ class Database:
     def write(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection in a write transaction: committed on success, rolled back on error."""
         if self._serialize_writes:
-            return _SqliteWrite(self)
+            return SqliteWriteScope(self)
         return self._write_transaction()
 
-    def _writes(self) -> _LoopWrites:
+    def _writes(self) -> LoopWrites:
         loop = asyncio.get_running_loop()
         writes = self._loop_writes.get(loop)
         if writes is None:
-            writes = self._loop_writes[loop] = _LoopWrites(asyncio.Lock())
+            writes = self._loop_writes[loop] = LoopWrites(asyncio.Lock())
         return writes
 
     async def _queue_for_the_writer(self, lock: asyncio.Lock) -> bool:
@@ -236,7 +220,7 @@ class Database:
                 return True
         return False
 
-    async def _open_writer(self, writes: _LoopWrites) -> SqliteWriter | None:
+    async def _open_writer(self, writes: LoopWrites) -> SqliteWriter | None:
         """This loop's long-lived writer connection (sqlite_writer.py), opened on first use and
         after a discarded one; None when the database has none (an in-memory one). Called with the
         write lock held."""
@@ -256,30 +240,6 @@ class Database:
         writes.writer = writer
         return writer
 
-    async def _end_on_writer(self, writer: SqliteWriter, error: BaseException | None) -> None:
-        conn = writer.conn
-        try:
-            if error is None:
-                try:
-                    # The fencing check (kit/coordination): last statement before COMMIT.
-                    guard = _commit_guard.get()
-                    if guard is not None:
-                        await guard(conn)
-                except BaseException:
-                    self._drop_pending(conn)
-                    await writer.end(commit=False)
-                    raise
-                # Taken before the COMMIT: the next transaction on the connection starts clean.
-                pending = self.signals.take_pending_from(writer.info)
-                await writer.end(commit=True)
-                self.signals.committed(pending)
-            else:
-                self._drop_pending(conn)
-                await writer.end(commit=False)
-        finally:
-            if writer.broken and self._writes().writer is writer:
-                writer.discard()
-
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
         """PostgreSQL's write transaction."""
@@ -290,7 +250,7 @@ class Database:
                 async with conn.begin():
                     yield conn
                     # The fencing check (kit/coordination): last statement before COMMIT.
-                    guard = _commit_guard.get()
+                    guard = COMMIT_GUARD.get()
                     if guard is not None:
                         await guard(conn)
             except BaseException:
@@ -320,7 +280,7 @@ class Database:
         )
         try:
             yield conn
-            guard = _commit_guard.get()
+            guard = COMMIT_GUARD.get()
             if guard is not None:
                 await guard(conn)
         except BaseException:
@@ -585,101 +545,3 @@ def _commit_on_loop_when_safe(dialect: Any) -> None:
 
     dialect.do_commit = _do_commit
     dialect.do_rollback = _do_rollback
-
-
-class _LoopWrites:
-    """One event loop's write queue and SQLite writer connection."""
-
-    __slots__ = ("lock", "writer", "yielded_at")
-
-    def __init__(self, lock: asyncio.Lock) -> None:
-        self.lock = lock
-        self.writer: SqliteWriter | None = None
-        self.yielded_at = 0.0
-
-
-# A write on the writer connection may finish without suspending; writes back to back yield the
-# loop once this long has passed since the last yield (ADR 0064; ADR 0062 yielded after each).
-YIELD_EVERY_S = 0.0005
-
-
-class _SqliteWrite:
-    """`Database.write()` on SQLite, as a class rather than a generator (two generator-based
-    context managers cost ~8 µs of a ~40 µs write): queue on this loop's write lock, then a
-    transaction on the loop's writer connection (sqlite_writer.py, ADR 0064), or on a pooled
-    connection when there is none or the queue timed out (a nested write)."""
-
-    __slots__ = ("_db", "_fallback", "_queued", "_writer", "_writes")
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._writer: SqliteWriter | None = None
-        self._fallback: AbstractAsyncContextManager[AsyncConnection] | None = None
-        self._queued = False
-
-    async def __aenter__(self) -> AsyncConnection:
-        db = self._db
-        self._writes = writes = db._writes()
-        lock = writes.lock
-        if not lock.locked():
-            await lock.acquire()
-            self._queued = True
-        else:
-            self._queued = await db._queue_for_the_writer(lock)
-        try:
-            if self._queued:
-                for _ in range(2):  # a writer found in an unknown state is replaced once
-                    writer = writes.writer
-                    if writer is None or writer.broken:
-                        writer = await db._open_writer(writes)
-                        if writer is None:
-                            break
-                    try:
-                        if not writer.begin_here():
-                            await writer.begin_waiting()
-                    except Exception as error:
-                        if is_unusable(error):
-                            continue
-                        raise
-                    self._writer = writer
-                    writer.conn.in_scope = True
-                    return writer.conn
-            self._fallback = fallback = db._sqlite_write_transaction()
-            return await fallback.__aenter__()
-        except BaseException:
-            if self._queued:
-                lock.release()
-            raise
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
-        writer = self._writer
-        try:
-            if writer is not None:
-                db = self._db
-
-                if exc is None and _commit_guard.get() is None and writer.commit_here():
-                    # The common case, without a coroutine: COMMIT on the loop. Channels queued
-                    # by `after_commit` fire now (taken after the COMMIT: nothing else can use
-                    # the connection meanwhile, the write lock is still ours).
-                    db.signals.committed(db.signals.take_pending_from(writer.info))
-                else:
-                    await db._end_on_writer(writer, exc)
-            else:
-                assert self._fallback is not None
-                if await self._fallback.__aexit__(exc_type, exc, tb):
-                    return True
-        finally:
-            if writer is not None:
-                writer.conn.in_scope = False  # a reference kept past the scope must not write
-            if self._queued:
-                self._writes.lock.release()
-        if writer is not None and exc is None:
-            # On the writer a write may never suspend: a task writing in a loop would hold the
-            # event loop for the whole loop. A turn every YIELD_EVERY_S lets every other task run.
-            writes = self._writes
-            if time.monotonic() - writes.yielded_at >= YIELD_EVERY_S:
-                await asyncio.sleep(0)
-                writes.yielded_at = time.monotonic()
-        return False
