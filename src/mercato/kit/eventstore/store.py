@@ -14,7 +14,9 @@ check is a subquery of the INSERT, so check and insert are one statement, where 
 adapter took ~15 thread hops (read, savepoint, insert, release: cursor, execute, fetch and close
 each; ADR 0058). Inside a transaction holding the write lock it runs on the loop's own thread, no
 hop at all (ADR 0062). One statement is atomic on its own (a failing INSERT undoes only itself), so it needs
-no savepoint to keep the caller's transaction usable.
+no savepoint to keep the caller's transaction usable. In `Database.write()` that transaction is the
+SQLite writer connection's, begun on the driver, so an append alone never builds a SQLAlchemy
+transaction; a one-event append reads its position from the rowid instead of RETURNING (ADR 0064).
 """
 
 from __future__ import annotations

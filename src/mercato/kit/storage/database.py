@@ -13,6 +13,9 @@ tens of milliseconds while everyone sleeps. So the writers of one process queue 
 first and take the file lock one after another, each the moment the previous one commits; only the
 other processes' writers still meet the busy handler. A wait on that queue longer than the busy
 timeout stops queueing and goes to SQLite as before (a nested write would otherwise wait forever).
+Since the queue makes the process's writers take turns anyway, they share one long-lived writer
+connection per event loop, whose transactions are begun on the driver and open SQLAlchemy's only
+when a statement goes through it (sqlite_writer.py, sqlite_write_scope.py, ADR 0064).
 
 With read replicas (`replicas.py`, ADR 0032) a read that names a `Staleness` may be served by a
 replica; every other read, and every write, stays on the primary. When a request's consistency
