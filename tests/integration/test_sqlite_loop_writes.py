@@ -210,7 +210,7 @@ async def test_the_payment_ledger_consumer_appends_on_the_loop(
     """`mercato up`'s event store user: the ledger consumer's append, inside the consumer's write
     transaction (with its inbox record), takes the loop path."""
     on_loop: list[str] = []
-    rows = LoopExecutor.rows
+    rows, inserted_rowid = LoopExecutor.rows, LoopExecutor.inserted_rowid
 
     async def spy(
         self: LoopExecutor, statement: ClauseElement, params: dict[str, Any] | None = None
@@ -218,7 +218,12 @@ async def test_the_payment_ledger_consumer_appends_on_the_loop(
         on_loop.append(str(statement).split(" ", 3)[2])
         return await rows(self, statement, params)
 
+    async def spy_one(self: LoopExecutor, statement: ClauseElement, params: dict[str, Any]) -> int | None:
+        on_loop.append(str(statement).split(" ", 3)[2])
+        return await inserted_rowid(self, statement, params)
+
     monkeypatch.setattr(LoopExecutor, "rows", spy)
+    monkeypatch.setattr(LoopExecutor, "inserted_rowid", spy_one)
     order_id = str(uuid.uuid4())
     authorized = Message(
         id=new_id(),

@@ -14,11 +14,14 @@ check is a subquery of the INSERT, so check and insert are one statement, where 
 adapter took ~15 thread hops (read, savepoint, insert, release: cursor, execute, fetch and close
 each; ADR 0058). Inside a transaction holding the write lock it runs on the loop's own thread, no
 hop at all (ADR 0062). One statement is atomic on its own (a failing INSERT undoes only itself), so it needs
-no savepoint to keep the caller's transaction usable.
+no savepoint to keep the caller's transaction usable. In `Database.write()` that transaction is the
+SQLite writer connection's, begun on the driver, so an append alone never builds a SQLAlchemy
+transaction; a one-event append reads its position from the rowid instead of RETURNING (ADR 0064).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import weakref
 from collections.abc import Mapping, Sequence
@@ -28,7 +31,6 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     Insert,
     Integer,
     String,
@@ -47,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.eventstore.tables import events, snapshots
 from mercato.kit.storage import UTCDateTime
-from mercato.kit.storage.sqlite_loop_statements import transaction_executor
+from mercato.kit.storage.sqlite_loop_statements import LoopExecutor, transaction_executor
 from mercato.kit.storage.statements import Executor, Statements, driver_prepared
 
 __all__ = ["ConcurrencyConflict", "EventStore", "NewEvent", "RecordedEvent", "Snapshot"]
@@ -114,11 +116,12 @@ class EventStore:
             raise ValueError("expected_version must be >= 0")
         if not new_events:
             return []
-        if conn.dialect.name == "sqlite":
-            executor = transaction_executor(conn, _statements(conn.dialect))
+        dialect = conn.dialect
+        if dialect.name == "sqlite":
+            executor = transaction_executor(conn, _statements(dialect))
             if executor is not None:
                 return await self._sqlite_append(executor, stream_id, new_events, expected_version)
-        if conn.dialect.name == "postgresql":
+        if dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _APPEND_LOCK_KEY})
         # Under the lock (or SQLite's write lock) this read is current, so a stale writer is told
         # the version it missed; the unique constraint still guards anyone not taking the lock.
@@ -182,13 +185,25 @@ class EventStore:
             "expected_version": expected_version,
             "recorded_at": now,
         }
+        datas: list[dict[str, Any]] = []
+        metadatas: list[dict[str, Any]] = []
         for i, event in enumerate(new_events):
-            params[f"version_{i}"] = expected_version + 1 + i
-            params[f"type_{i}"] = event.type
-            params[f"data_{i}"] = dict(event.data)
-            params[f"metadata_{i}"] = dict(event.metadata)
+            data, metadata = dict(event.data), dict(event.metadata)
+            datas.append(data)
+            metadatas.append(metadata)
+            keys = _ARM_KEYS[i] if i < len(_ARM_KEYS) else _arm_keys(i)
+            params[keys[0]] = expected_version + 1 + i
+            params[keys[1]] = event.type
+            # Encoded here, as the JSON type would (`json.dumps`), so the statement binds text.
+            params[keys[2]] = json.dumps(data)
+            params[keys[3]] = json.dumps(metadata) if metadata else "{}"
         try:
-            inserted = await executor.rows(_checked_insert(len(new_events)), params)
+            if len(new_events) == 1 and isinstance(executor, LoopExecutor):
+                # One row on the loop: its position is the rowid, no RETURNING needed.
+                rowid = await executor.inserted_rowid(_CHECKED_INSERT_ONE, params)
+                inserted = [] if rowid is None else [(rowid, expected_version + 1)]
+            else:
+                inserted = await executor.rows(_checked_insert(len(new_events)), params)
         except sqlite3.IntegrityError as exc:
             if not any(name in str(exc) for name in _UNIQUE_NAMES):
                 # As SQLAlchemy raises it on the other path, so callers catch one type.
@@ -212,12 +227,12 @@ class EventStore:
         positions = {int(version): int(position) for position, version in inserted}
         return [
             RecordedEvent(
-                position=positions[params[f"version_{i}"]],
+                position=positions[expected_version + 1 + i],
                 stream_id=stream_id,
-                version=params[f"version_{i}"],
+                version=expected_version + 1 + i,
                 type=event.type,
-                data=params[f"data_{i}"],
-                metadata=params[f"metadata_{i}"],
+                data=datas[i],
+                metadata=metadatas[i],
                 recorded_at=now,
             )
             for i, event in enumerate(new_events)
@@ -292,10 +307,25 @@ _STATEMENTS: weakref.WeakKeyDictionary[Dialect, Statements] = weakref.WeakKeyDic
 
 
 def _statements(dialect: Dialect) -> Statements:
+    if dialect is _last[0]:
+        last: Statements = _last[1]
+        return last
     statements = _STATEMENTS.get(dialect)
     if statements is None:
         statements = _STATEMENTS[dialect] = Statements(dialect)
+    _last[:] = [dialect, statements]  # the one engine of a process, most of the time
     return statements
+
+
+_last: list[Any] = [None, None]
+
+
+def _arm_keys(i: int) -> tuple[str, str, str, str]:
+    return (f"version_{i}", f"type_{i}", f"data_{i}", f"metadata_{i}")
+
+
+# The bind parameter names of the first arms, made once rather than per append.
+_ARM_KEYS = tuple(_arm_keys(i) for i in range(16))
 
 
 def _current_version_of(stream_id: Any) -> Any:
@@ -312,7 +342,7 @@ _CURRENT_VERSION = driver_prepared(
 
 
 @cache
-def _checked_insert(count: int) -> Insert:
+def _checked_insert(count: int, *, returning: bool = True) -> Insert:
     """INSERT of `count` events of one stream whose rows exist only if the stream is still at
     `expected_version`; RETURNING (position, version) of each. One statement per batch size,
     registered for the driver path once (an application appends a handful of sizes)."""
@@ -322,17 +352,24 @@ def _checked_insert(count: int) -> Insert:
             stream_id,
             bindparam(f"version_{i}", type_=Integer),
             bindparam(f"type_{i}", type_=String),
-            bindparam(f"data_{i}", type_=JSON),
-            bindparam(f"metadata_{i}", type_=JSON),
+            # JSON text, encoded by the caller (`_sqlite_append`): the column's JSON type would
+            # encode it the same way, through one more call per value.
+            bindparam(f"data_{i}", type_=String),
+            bindparam(f"metadata_{i}", type_=String),
             bindparam("recorded_at", type_=UTCDateTime),
         ).where(_current_version_of(stream_id) == bindparam("expected_version", type_=Integer))
         for i in range(count)
     ]
     source = arms[0] if count == 1 else union_all(*arms)
     columns = ["stream_id", "version", "type", "data", "metadata", "recorded_at"]
-    return driver_prepared(
-        events.insert().from_select(columns, source).returning(events.c.position, events.c.version)
-    )
+    insert = events.insert().from_select(columns, source)
+    if returning:
+        insert = insert.returning(events.c.position, events.c.version)
+    return driver_prepared(insert)
+
+
+# One event, the position read from the statement's rowid (`LoopExecutor.inserted_rowid`).
+_CHECKED_INSERT_ONE = _checked_insert(1, returning=False)
 
 
 def _recorded(row: RowMapping) -> RecordedEvent:

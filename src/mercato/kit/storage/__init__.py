@@ -1,6 +1,7 @@
 """Engines, connections and transactions for SQLite and PostgreSQL behind one interface."""
 
-from mercato.kit.storage.database import CommitGuard, Database, create_database, guarded_writes
+from mercato.kit.storage.commit_guard import CommitGuard, guarded_writes
+from mercato.kit.storage.database import Database, create_database
 from mercato.kit.storage.meta import get_meta, set_meta
 from mercato.kit.storage.replicas import (
     ConsistencyScope,

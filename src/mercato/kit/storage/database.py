@@ -13,6 +13,9 @@ tens of milliseconds while everyone sleeps. So the writers of one process queue 
 first and take the file lock one after another, each the moment the previous one commits; only the
 other processes' writers still meet the busy handler. A wait on that queue longer than the busy
 timeout stops queueing and goes to SQLite as before (a nested write would otherwise wait forever).
+Since the queue makes the process's writers take turns anyway, they share one long-lived writer
+connection per event loop, whose transactions are begun on the driver and open SQLAlchemy's only
+when a statement goes through it (sqlite_writer.py, sqlite_write_scope.py, ADR 0064).
 
 With read replicas (`replicas.py`, ADR 0032) a read that names a `Staleness` may be served by a
 replica; every other read, and every write, stays on the primary. When a request's consistency
@@ -29,9 +32,8 @@ import asyncio
 import contextlib
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, text
@@ -41,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_, greenlet_spawn
 
+from mercato.kit.storage.commit_guard import COMMIT_GUARD
 from mercato.kit.storage.reachability import Reachability
 from mercato.kit.storage.replicas import (
     ReplicaHook,
@@ -55,30 +58,18 @@ from mercato.kit.storage.sqlite_loop import (
     began_on_thread,
     begin_on_loop,
     commit_on_loop,
+    commit_on_thread,
     connect_and_begin,
     end_and_close,
     loop_state,
     register_loop_connection,
 )
+from mercato.kit.storage.sqlite_write_scope import LoopWrites, SqliteWriteScope
+from mercato.kit.storage.sqlite_writer import SqliteWriter, open_writer
 
 _WRITE_OPTION = "mercato_write"
 # What a SQLite commit survives: NORMAL a process crash, FULL also a power loss (ADR 0058).
 SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
-
-CommitGuard = Callable[[AsyncConnection], Awaitable[None]]
-_commit_guard: ContextVar[CommitGuard | None] = ContextVar("mercato_commit_guard", default=None)
-
-
-@contextmanager
-def guarded_writes(guard: CommitGuard) -> Iterator[None]:
-    """Run `guard(conn)` before the COMMIT of every write transaction opened in this context (this
-    task and the tasks it starts); an exception from it rolls the transaction back. Autocommit
-    writes become write transactions meanwhile, so nothing escapes the guard."""
-    reset = _commit_guard.set(guard)
-    try:
-        yield
-    finally:
-        _commit_guard.reset(reset)
 
 
 class Database:
@@ -105,8 +96,12 @@ class Database:
         # Write transactions carry the option that makes their BEGIN take the write lock (SQLite).
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
         self._write_queue_timeout_s = write_queue_timeout_s
-        # One lock per event loop: a Database may outlive a loop (tests, CLI commands run in turn).
-        self._write_locks: LoopLocks = weakref.WeakKeyDictionary()
+        # One lock (and on SQLite one writer connection, ADR 0064) per event loop: a Database may
+        # outlive a loop (tests, CLI commands run in turn).
+        self._loop_writes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWrites] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._writer_eligible = self._serialize_writes
 
     @property
     def dialect(self) -> str:
@@ -171,7 +166,7 @@ class Database:
         """A connection whose every statement commits on its own, for a write that is one statement
         or a compare-and-set sequence that is safe without a transaction (PostgreSQL: no BEGIN and
         COMMIT round trips). On SQLite it is a write transaction: the one writer still queues."""
-        if self._autocommit_engine is None or _commit_guard.get() is not None:
+        if self._autocommit_engine is None or COMMIT_GUARD.get() is not None:
             async with self.write() as conn:
                 yield conn
             return
@@ -203,44 +198,62 @@ class Database:
         if scope is not None:
             scope.wrote(await driver_commit_lsn(driver))
 
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
+    def write(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection in a write transaction: committed on success, rolled back on error."""
-        if self.reachability is not None:
-            self.reachability.check()
-        if not self._serialize_writes:
-            async with self._write_transaction() as conn:
-                yield conn
-            return
-        lock = self._write_lock()
-        queued = False
+        if self._serialize_writes:
+            return SqliteWriteScope(self)
+        return self._write_transaction()
+
+    def _writes(self) -> LoopWrites:
+        loop = asyncio.get_running_loop()
+        writes = self._loop_writes.get(loop)
+        if writes is None:
+            writes = self._loop_writes[loop] = LoopWrites(asyncio.Lock())
+        return writes
+
+    async def _queue_for_the_writer(self, lock: asyncio.Lock) -> bool:
+        """Take this loop's write lock; False when the wait passed the busy timeout (the write then
+        goes to SQLite unqueued: a nested write would otherwise wait forever)."""
         if not lock.locked():
             await lock.acquire()  # free: taken at once, no timer needed
-            queued = True
-        else:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._write_queue_timeout_s):
-                    await lock.acquire()
-                    queued = True
-        try:
-            async with self._write_transaction() as conn:
-                yield conn
-        finally:
-            if queued:
-                lock.release()
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._write_queue_timeout_s):
+                await lock.acquire()
+                return True
+        return False
+
+    async def _open_writer(self, writes: LoopWrites) -> SqliteWriter | None:
+        """This loop's long-lived writer connection (sqlite_writer.py), opened on first use and
+        after a discarded one; None when the database has none (an in-memory one). Called with the
+        write lock held."""
+        if not self._writer_eligible:
+            return None
+        if writes.writer is not None:
+            writes.writer.discard()
+            writes.writer = None
+        for loop, other in list(self._loop_writes.items()):
+            if loop.is_closed() and other.writer is not None:  # tests, CLI commands run in turn
+                other.writer.discard()
+                other.writer = None
+        writer = await open_writer(self._write_engine)
+        if writer is None:
+            self._writer_eligible = False
+            return None
+        writes.writer = writer
+        return writer
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
-        if self._serialize_writes:
-            async with self._sqlite_write_transaction() as conn:
-                yield conn
-            return
+        """PostgreSQL's write transaction."""
+        if self.reachability is not None:
+            self.reachability.check()
         async with self._write_engine.connect() as conn:
             try:
                 async with conn.begin():
                     yield conn
                     # The fencing check (kit/coordination): last statement before COMMIT.
-                    guard = _commit_guard.get()
+                    guard = COMMIT_GUARD.get()
                     if guard is not None:
                         await guard(conn)
             except BaseException:
@@ -270,7 +283,7 @@ class Database:
         )
         try:
             yield conn
-            guard = _commit_guard.get()
+            guard = COMMIT_GUARD.get()
             if guard is not None:
                 await guard(conn)
         except BaseException:
@@ -304,7 +317,7 @@ class Database:
             raise cancelled
 
     def _write_lock(self) -> asyncio.Lock:
-        return loop_lock(self._write_locks)
+        return self._writes().lock
 
     @asynccontextmanager
     async def join(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
@@ -344,6 +357,10 @@ class Database:
         if self.reachability is not None:
             await self.reachability.close()
         await self.signals.aclose()
+        for writes in list(self._loop_writes.values()):
+            if writes.writer is not None:
+                writer, writes.writer = writes.writer, None
+                await writer.aclose()
         if self.replicas is not None:
             await self.replicas.dispose()
         await self.engine.dispose()
@@ -475,6 +492,8 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
         sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         driver = conn.connection.driver_connection
         state = loop_state(driver)
+        if state is not None and state.dedicated and state.raw.in_transaction:
+            return  # the writer's transaction, begun on the driver (sqlite_writer.py): SQLAlchemy joins it
         # On the loop's thread when the write lock is free: no hop at all (sqlite_loop.py).
         if state is not None and not conn.connection.dbapi_connection._execute_mutex.locked():
             try:
@@ -510,6 +529,13 @@ def _commit_on_loop_when_safe(dialect: Any) -> None:
     def _do_commit(dbapi_connection: Any) -> None:
         state = loop_state(getattr(dbapi_connection, "driver_connection", None))
         if state is not None and not dbapi_connection._execute_mutex.locked() and commit_on_loop(state):
+            return
+        if state is not None and state.dedicated:
+            # The writer's auto-checkpoint is off: its thread commits checkpoint (sqlite_writer.py).
+            try:
+                await_(dbapi_connection.driver_connection._execute(commit_on_thread(state)))
+            except Exception as error:  # noqa: BLE001 - re-raised as the adapter's DB-API error
+                dbapi_connection._handle_exception(error)
             return
         do_commit(dbapi_connection)
 

@@ -109,7 +109,11 @@ class WorkSignals:
 
     def take_pending(self, conn: AsyncConnection) -> set[str]:
         """The channels `after_commit` queued on `conn`'s transaction, taken off it."""
-        pending: set[str] | None = conn.info.pop(_PENDING, None)
+        return self.take_pending_from(conn.info)
+
+    def take_pending_from(self, info: dict[Any, Any]) -> set[str]:
+        """`take_pending` given the connection's `info` (the SQLite writer keeps it at hand)."""
+        pending: set[str] | None = info.pop(_PENDING, None)
         return pending or set()
 
     def committed(self, pending: set[str]) -> None:
@@ -120,8 +124,11 @@ class WorkSignals:
 
     def wrote(self) -> None:
         """This process committed a write (a change of the SQLite file that is not another's)."""
-        with contextlib.suppress(RuntimeError):
+        # Not contextlib.suppress: this runs after every commit, and a try block costs nothing.
+        try:  # noqa: SIM105
             self._state().local_writes += 1
+        except RuntimeError:  # no running loop: nobody to tell
+            pass
 
     def notify_sql(self, channel: str) -> Select[Any]:
         """`SELECT pg_notify(...)`: PostgreSQL only; delivered to every listener at commit."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import sqlite3
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "began_on_thread",
     "begin_on_loop",
     "commit_on_loop",
+    "commit_on_thread",
     "connect_and_begin",
     "end_and_close",
     "loop_state",
@@ -68,6 +70,10 @@ class LoopState:
     write_locked: bool = False
     # Commits on the loop since the last one on the thread (the checkpoint's turn).
     loop_commits: int = 0
+    # The process's long-lived writer connection (`sqlite_writer.py`, ADR 0064): its busy timeout is
+    # 0 and, when it commits on the loop, its WAL auto-checkpoint is off for good, so neither needs
+    # a pragma per transaction; the thread's commits turn the checkpoint on around themselves.
+    dedicated: bool = False
     # Counters for tests and the bench: where BEGIN IMMEDIATE and COMMIT ran.
     begins_on_loop: int = 0
     begins_on_thread: int = 0
@@ -145,13 +151,34 @@ def commit_on_loop(state: LoopState) -> bool:
     raw = state.raw
     if not raw.in_transaction:
         return True
-    raw.execute("PRAGMA wal_autocheckpoint=0")
-    try:
-        raw.commit()
-    finally:
-        raw.execute("PRAGMA wal_autocheckpoint=1000")
+    if state.dedicated:
+        raw.commit()  # its auto-checkpoint is off already
+    else:
+        raw.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            raw.commit()
+        finally:
+            raw.execute("PRAGMA wal_autocheckpoint=1000")
     state.loop_commits += 1
     return True
+
+
+def commit_on_thread(state: LoopState) -> Callable[[], None]:
+    """What runs on aiosqlite's thread for a COMMIT that `commit_on_loop` left to it: a plain
+    commit, or, on the dedicated writer whose auto-checkpoint is off, a commit with the checkpoint
+    turned on around it (SQLite then checkpoints as it would, at 1,000 pages; off the loop)."""
+    raw = state.raw
+    if not (state.dedicated and state.commit_on_loop):
+        return raw.commit
+
+    def checkpointed() -> None:
+        raw.execute("PRAGMA wal_autocheckpoint=1000")
+        try:
+            raw.commit()
+        finally:
+            raw.execute("PRAGMA wal_autocheckpoint=0")
+
+    return checkpointed
 
 
 def connect_and_begin(engine: AsyncEngine) -> Connection:
