@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -62,8 +63,12 @@ _UNRESERVE = {
     )
     for to_committed in (True, False)
 }
+# Both dialects spell ON CONFLICT alike; each compiles it once.
 _ADD_RESERVATION = driver_prepared(
-    insert(reservations).values({c.name: bindparam(c.name, type_=c.type) for c in reservations.c})
+    postgresql.insert(reservations)
+    .values({c.name: bindparam(c.name, type_=c.type) for c in reservations.c})
+    .on_conflict_do_nothing(index_elements=["reference"])
+    .returning(reservations.c.id)
 )
 _ADD_LINE = driver_prepared(
     insert(reservation_lines).values({c.name: bindparam(c.name, type_=c.type) for c in reservation_lines.c})
@@ -193,23 +198,19 @@ class InventoryRepository:
 
     # ---- reservations ----------------------------------------------------------------------
 
-    async def add_reservation(self, conn: AsyncConnection, reservation: Reservation) -> None:
-        """Insert the header. The unique reference makes a concurrent duplicate fail here, before
-        it touched any stock row (on PostgreSQL it waits for the first to commit or roll back)."""
-        try:
-            await on_connection(conn).run(
-                _ADD_RESERVATION,
-                {
-                    "id": reservation.id,
-                    "reference": reservation.reference,
-                    "status": reservation.status.value,
-                    "expires_at": reservation.expires_at,
-                    "created_at": reservation.created_at,
-                    "updated_at": reservation.updated_at,
-                },
-            )
-        except IntegrityError as exc:
-            raise DuplicateKey(reservation.reference) from exc
+    async def add_reservation_if_new(self, conn: AsyncConnection, reservation: Reservation) -> bool:
+        """Insert the header unless its reference is taken; whether it was inserted. The unique
+        reference makes a concurrent duplicate wait here (PostgreSQL), before it touched any stock
+        row, and then insert nothing once the first committed."""
+        params = {
+            "id": reservation.id,
+            "reference": reservation.reference,
+            "status": reservation.status.value,
+            "expires_at": reservation.expires_at,
+            "created_at": reservation.created_at,
+            "updated_at": reservation.updated_at,
+        }
+        return bool(await on_connection(conn).rows(_ADD_RESERVATION, params))
 
     async def add_lines(self, conn: AsyncConnection, reservation: Reservation) -> None:
         # One executemany: one round trip on asyncpg whatever the number of lines.
