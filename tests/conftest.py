@@ -26,6 +26,8 @@ hypothesis_settings.register_profile("mercato", deadline=None)
 hypothesis_settings.load_profile("mercato")
 
 PG_ADMIN_DSN = os.environ.get("MERCATO_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Shared PostgreSQL servers: each session names its test databases with its own prefix.
+PG_TEST_PREFIX = os.environ.get("MERCATO_TEST_PG_PREFIX", "mercato_test")
 TEST_SECRET = "test-secret-that-is-long-enough-0123456789abcdef"
 
 
@@ -44,7 +46,7 @@ async def _pg_admin(sql: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database made for this test run, migrated to head, dropped at the end."""
-    name = f"mercato_test_{uuid.uuid4().hex[:12]}"
+    name = f"{PG_TEST_PREFIX}_{uuid.uuid4().hex[:12]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mercato.lab.chaos import ChaosConfig, ChaosReport, run_chaos
+from tests.conftest import PG_TEST_PREFIX
 
 pytestmark = pytest.mark.chaos
 
@@ -45,7 +46,9 @@ def _assert_sound(report: ChaosReport, config: ChaosConfig) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_checkouts_survive_provider_faults_and_worker_kills(backend: str, tmp_path: Path) -> None:
-    config = ChaosConfig(backend=backend, checkouts=50, kills=5, workdir=tmp_path)
+    config = ChaosConfig(
+        backend=backend, checkouts=50, kills=5, workdir=tmp_path, database_prefix=f"{PG_TEST_PREFIX}_chaos"
+    )
     _assert_sound(await run_chaos(config), config)
 
 
@@ -68,5 +71,6 @@ async def test_a_thousand_checkouts_survive_provider_faults_and_worker_kills(
         kill_gap_s=(3.0, 8.0),
         workdir=tmp_path,
         seed=11,
+        database_prefix=f"{PG_TEST_PREFIX}_chaos",
     )
     _assert_sound(await run_chaos(config), config)

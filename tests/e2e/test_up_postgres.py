@@ -10,14 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import _pg_admin, _pg_host_part
+from tests.conftest import PG_TEST_PREFIX, _pg_admin, _pg_host_part
 from tests.e2e.conftest import start_mercato
 
 pytestmark = pytest.mark.e2e
 
 
 def test_up_on_postgresql_with_unchanged_code(tmp_path: Path) -> None:
-    name = f"mercato_e2e_{uuid.uuid4().hex[:10]}"
+    name = f"{PG_TEST_PREFIX}_e2e_{uuid.uuid4().hex[:10]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
     proc = None

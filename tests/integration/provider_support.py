@@ -19,7 +19,7 @@ import uvicorn
 from sqlalchemy import MetaData, text
 
 from mercato.providers import ProviderApp
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import PG_ADMIN_DSN, PG_TEST_PREFIX
 
 
 async def _pg_admin(sql: str) -> None:
@@ -32,7 +32,7 @@ async def _pg_admin(sql: str) -> None:
 
 @pytest.fixture(scope="session")
 def provider_pg_url() -> Iterator[str]:
-    name = f"mercato_providers_{uuid.uuid4().hex[:12]}"
+    name = f"{PG_TEST_PREFIX}_providers_{uuid.uuid4().hex[:12]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     host = PG_ADMIN_DSN.split("://", 1)[1].rsplit("/", 1)[0]
     try:

@@ -245,3 +245,35 @@ async def test_partners_behind_one_address_do_not_share_idempotency_keys(contain
     # nor a replay of the first partner's reservation.
     assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
     assert answers[1].json()["reference"] == "ref-1"
+
+
+async def test_a_subject_lookup_is_one_autocommitted_driver_statement(
+    container: Container, clock: ManualClock
+) -> None:
+    from mercato.kit.auth import InvalidToken, Principal
+    from tests.integration.statement_budget import counting
+
+    guard = container.sessions
+    assert guard is not None
+    user_id, _ = await customer(container)
+    principal = Principal(subject=str(user_id), token_id="t-1")
+    await guard.admit(principal)  # the revocation list's first sync, then the subject
+    clock.advance(container.settings.auth.subject_cache_s + 0.5)
+    with counting(container) as lookup:
+        await guard.admit(principal)
+    # Was a `Database.read()`: BEGIN, the SELECT and ROLLBACK through SQLAlchemy.
+    assert [sql.split()[:2] for sql in lookup.statements if "identity_users" in sql] == [
+        ["driver:", "SELECT"]
+    ], lookup.report()
+    # Besides it, only the revocation list's periodic sync (its interval passed too).
+    others = [sql for sql in lookup.statements if not sql.startswith("driver:")]
+    assert all("identity_revoked_tokens" in sql for sql in others), lookup.report()
+    async with container.db.write() as conn:
+        await conn.execute(users.update().where(users.c.id == user_id).values(disabled=True))
+    clock.advance(container.settings.auth.subject_cache_s + 0.5)
+    try:
+        await guard.admit(principal)
+    except InvalidToken:
+        pass
+    else:
+        raise AssertionError("a disabled account's token was admitted")

@@ -237,3 +237,32 @@ async def test_units_are_conserved_through_any_sequence(
             assert level.total == units
             assert level.reserved == held[sku[name]]
             assert level.committed == sold[sku[name]]
+
+
+async def test_the_saga_steps_statements_are_few_and_all_on_the_driver_path(container: Container) -> None:
+    from tests.integration.statement_budget import counting
+
+    inventory = container.inventory
+    await inventory.set_available("LEAN-1", 5)
+    await inventory.set_available("LEAN-2", 5)
+    lines = [("LEAN-1", 1), ("LEAN-2", 2)]
+    with counting(container) as reserve:
+        async with container.db.write() as conn:
+            await inventory.reserve("order-lean", lines, conn=conn)
+    # The header (skipped if the reference is taken), one take per line, the lines (executemany).
+    # Was a read of the reference first, and every statement through SQLAlchemy.
+    assert len(reserve.statements) == 4, reserve.report()
+    assert all(sql.startswith("driver: ") for sql in reserve.statements), reserve.report()
+    with counting(container) as replay:
+        async with container.db.write() as conn:
+            again = await inventory.reserve("order-lean", lines, conn=conn)
+    assert again.reference == "order-lean"
+    assert len(replay.statements) == 2, replay.report()  # the skipped header, the read
+    with counting(container) as commit:
+        async with container.db.write() as conn:
+            await inventory.commit_reference("order-lean", conn=conn)
+    # The read, the status flip, one stock move per line.
+    assert len(commit.statements) == 4, commit.report()
+    assert all(sql.startswith("driver: ") for sql in commit.statements), commit.report()
+    levels = await inventory.stocks(["LEAN-1", "LEAN-2"])
+    assert (levels["LEAN-1"].committed, levels["LEAN-2"].committed) == (1, 2)

@@ -149,3 +149,27 @@ async def test_an_idle_projector_pass_is_one_statement_and_no_transaction(
 
     # Heads joined with the checkpoint, autocommitted. Before: two statements in a transaction.
     assert (len(idle.statements), idle.transactions) == (1, 0), idle.report()
+
+
+async def test_a_busy_projector_pass_is_all_on_the_driver_path(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    async def apply(_conn: AsyncConnection, _message: Message, _tables: Any) -> None:
+        return None
+
+    projection = Projection(name="budget", topics=(TOPIC,), tables=(counts,), apply=apply)
+    projector = Projector(container.db, projection, clock=clock)
+    await stream.publish([make_message(f"order-{n}") for n in range(6)])
+    assert await projector.run_once() == 6  # creates the checkpoint rows of these partitions
+    messages = [make_message(f"order-{n}") for n in range(6)]
+    partitions = {partition_for(m.key, partitions=8) for m in messages}
+    await stream.publish(messages)
+
+    with counting(container) as busy:
+        assert await projector.run_once() == 6
+
+    # The probe, the checkpoint's lock, one read per partition with work, the checkpoint's save
+    # (one executemany): in one transaction, every statement a prepared one on the raw driver
+    # (the lock, the reads and the save went through SQLAlchemy, compiled per call).
+    assert (len(busy.statements), busy.transactions) == (3 + len(partitions), 1), busy.report()
+    assert all(sql.startswith("driver: ") for sql in busy.statements), busy.report()

@@ -15,7 +15,10 @@ from typer.testing import CliRunner
 
 from mercato.bench import dbos_checkout
 from mercato.bench.cli import app as bench_app
-from tests.conftest import PG_ADMIN_DSN, _pg_host_part
+from tests.conftest import PG_ADMIN_DSN, PG_TEST_PREFIX, _pg_host_part
+
+# The databases this file may create on the shared server start with it.
+_PREFIX = f"{PG_TEST_PREFIX}_hdb_"
 
 
 def _databases() -> set[str]:
@@ -33,7 +36,7 @@ def test_vs_dbos_needs_postgresql_and_a_known_engine() -> None:
     runner = CliRunner()
     sqlite = runner.invoke(bench_app, ["checkout", "--vs", "dbos", "--rates", "5"])
     assert sqlite.exit_code == 2
-    url = f"postgresql+asyncpg://{_pg_host_part()}/hdb_never"
+    url = f"postgresql+asyncpg://{_pg_host_part()}/{_PREFIX}never"
     other = runner.invoke(bench_app, ["checkout", "--vs", "temporal", "--database-url", url])
     assert other.exit_code == 2
 
@@ -47,19 +50,19 @@ def test_a_missing_extra_is_a_clear_message_before_anything_runs(monkeypatch: py
     monkeypatch.setattr(importlib.util, "find_spec", without_dbos)
     with pytest.raises(dbos_checkout.DbosMissing, match=r"mercato\[bench\]"):
         dbos_checkout.require_dbos()
-    url = f"postgresql+asyncpg://{_pg_host_part()}/hdb_never"
+    url = f"postgresql+asyncpg://{_pg_host_part()}/{_PREFIX}never"
     args = ["checkout", "--vs", "dbos", "--database-url", url, "--create-database"]
     result = CliRunner().invoke(bench_app, args)
     assert result.exit_code == 2
-    assert "hdb_never" not in _databases()  # refused before creating anything
+    assert f"{_PREFIX}never" not in _databases()  # refused before creating anything
 
 
 @pytest.mark.timeout(120)
 def test_a_tiny_round_runs_both_sides_into_one_table(tmp_path: Path) -> None:
     pytest.importorskip("dbos")
-    name = f"hdb_t{uuid.uuid4().hex[:8]}"
+    name = f"{_PREFIX}t{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
-    before = {d for d in _databases() if d.startswith("hdb_")}
+    before = {d for d in _databases() if d.startswith(_PREFIX)}
     args = ["checkout", "--vs", "dbos", "--rates", "5", "--duration", "1", "--warmup", "0"]
     args += [
         "--drain",
@@ -89,5 +92,5 @@ def test_a_tiny_round_runs_both_sides_into_one_table(tmp_path: Path) -> None:
     assert "goal ≥ 3× DBOS" in verdict
     assert "beyond the six steps, dbos" in verdict
     assert "Mercato vs DBOS" in (out / "table.txt").read_text()
-    # Both databases (the Mercato side's and the DBOS side's hdb_*) are gone.
-    assert {d for d in _databases() if d.startswith("hdb_")} <= before
+    # Both databases (the Mercato side's and the DBOS side's, named after it) are gone.
+    assert {d for d in _databases() if d.startswith(_PREFIX)} <= before

@@ -147,3 +147,49 @@ def test_retired_key_verifies_for_the_overlap_only(clock: ManualClock) -> None:
     clock.advance(1)
     assert ring.verifier(old.kid, clock.now()) is None
     assert [k["kid"] for k in ring.jwks(clock.now())["keys"]] == [new.kid]
+
+
+def test_a_token_seen_before_skips_the_signature_but_not_the_time_or_key_checks(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ring = KeyRing((SigningKey.generate(generation=1, now=START),), overlap_s=930)
+    verifying = codec(clock, ring)
+    token = verifying.issue(Principal("u1", frozenset({"customer"}), frozenset({"orders:write"}))).token
+    decodes = 0
+    real_decode = jwt.decode
+
+    def counting_decode(*args: object, **kwargs: object) -> object:
+        nonlocal decodes
+        decodes += 1
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jwt, "decode", counting_decode)
+    first = verifying.verify(token)
+    again = verifying.verify(token)
+    assert again == first
+    assert again.scopes == {"orders:write"}
+    assert decodes == 1  # the second request's signature check was remembered
+    # Expiry is still judged on every use.
+    clock.advance(901 + 10)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifying.verify(token)
+    # And so is the key: once it stops verifying, a remembered token is refused too.
+    fresh = codec(ManualClock(START), ring)
+    later = fresh.issue(Principal("u2")).token
+    fresh.verify(later)
+    retired = KeyRing((), overlap_s=930)
+    fresh._keys = retired
+    with pytest.raises(InvalidToken, match="retired"):
+        fresh.verify(later)
+
+
+def test_a_tampered_copy_of_a_remembered_token_is_still_checked(clock: ManualClock) -> None:
+    verifying = codec(clock)
+    token = verifying.issue(Principal("u1", frozenset({"customer"}))).token
+    verifying.verify(token)
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["roles"] = ["admin"]
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    with pytest.raises(InvalidToken):
+        verifying.verify(f"{header}.{forged}.{signature}")

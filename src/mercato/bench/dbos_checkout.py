@@ -3,9 +3,10 @@
 After the Mercato steps, the same rate ladder runs through `mercato.bench.dbos_app` (one process
 running DBOS, started here) against two fresh simulator processes (``mercato provider psp`` and
 ``mercato provider carrier``, as the Mercato side's) and a database of its own on the same
-PostgreSQL server (``hdb_<random>``, created and dropped here). ``dbos`` is the optional ``bench``
-extra: this module never imports it; `require_dbos` says how to install it when it is missing.
-What each side does beyond the six steps is `BEYOND`, printed with the verdict and kept in the run.
+PostgreSQL server (``<Mercato's database>_dbos_<random>``, created and dropped here). ``dbos`` is
+the optional ``bench`` extra: this module never imports it; `require_dbos` says how to install it
+when it is missing. What each side does beyond the six steps is `BEYOND`, printed with the verdict
+and kept in the run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def dbos_database_url(mercato_url: str | None) -> tuple[str, str, str]:
     if mercato_url is None or make_url(mercato_url).get_backend_name() != "postgresql":
         raise ValueError("--vs dbos runs on PostgreSQL: pass --database-url postgresql+asyncpg://…")
     url = make_url(mercato_url)
-    name = f"hdb_{secrets.token_hex(4)}"
+    # Named after the Mercato side's database, so a session sharing the server keeps its prefix.
+    name = f"{(url.database or 'hdb')[:40]}_dbos_{secrets.token_hex(4)}"
     admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
     target = url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
     return admin, name, target

@@ -77,7 +77,7 @@ async def _database(config: ChaosConfig, workdir: Path) -> AsyncIterator[str]:
         yield f"sqlite+aiosqlite:///{workdir / 'shop.db'}"
         return
     admin = (url or config.pg_admin_dsn).replace("postgresql+asyncpg://", "postgresql://")
-    name = f"mercato_chaos_{uuid.uuid4().hex[:12]}"
+    name = f"{config.database_prefix}_{uuid.uuid4().hex[:12]}"
     shop_url = _on_database(admin, name)
     # A multi-host URL (`?host=a&host=b...&target_session_attrs=read-write`, `mercato cluster`):
     # asyncpg takes the comma form, the shop's SQLAlchemy URL keeps the query form.

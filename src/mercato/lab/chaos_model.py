@@ -55,6 +55,8 @@ class ChaosConfig:
     seed: int = 7
     workdir: Path | None = None
     pg_admin_dsn: str = PG_ADMIN_DSN
+    # The created database's name starts with this (sessions sharing one server keep their own).
+    database_prefix: str = "mercato_chaos"
 
     @property
     def bound_s(self) -> float:

@@ -36,8 +36,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import MetaData, Select, Table, and_, bindparam, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Integer, MetaData, Select, Table, and_, bindparam, func, select, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import conv
 
@@ -48,7 +48,8 @@ from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
 from mercato.kit.projections.tables import projection_checkpoints
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import DriverReads, driver_prepared, insert_ignore
+from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = [
     "REBUILD_SUFFIX",
@@ -137,6 +138,40 @@ class Projection:
     def __post_init__(self) -> None:
         if not self.name or not self.topics or not self.tables:
             raise ValueError("a projection needs a name, at least one topic and at least one table")
+
+
+# A busy pass's statements (the checkpoint's lock, a partition's read, the checkpoint's save), built
+# once and sent on the raw-driver layer inside the pass's transaction (kit/storage/statements.py).
+_cp = projection_checkpoints.c
+_LOCK_CHECKPOINT = driver_prepared(
+    select(_cp.topic, _cp.partition, _cp.position)
+    .where(_cp.name == bindparam("name", type_=_cp.name.type))
+    .order_by(_cp.topic, _cp.partition)
+    .with_for_update()
+)
+_READ_PARTITION = driver_prepared(
+    select(stream_log.c.offset, stream_log.c.envelope)
+    .where(
+        stream_log.c.topic == bindparam("topic", type_=stream_log.c.topic.type),
+        stream_log.c.partition == bindparam("partition", type_=stream_log.c.partition.type),
+        stream_log.c.offset >= bindparam("position", type_=stream_log.c.offset.type),
+    )
+    .order_by(stream_log.c.offset)
+    .limit(bindparam("limit", type_=Integer()))
+)
+# Both dialects spell the upsert alike (SQLite's is PostgreSQL's syntax); each compiles it once.
+_SAVE_INSERT = postgresql.insert(projection_checkpoints).values(
+    {
+        name: bindparam(name, type_=_cp[name].type)
+        for name in ("name", "topic", "partition", "position", "updated_at")
+    }
+)
+_SAVE_CHECKPOINT = driver_prepared(
+    _SAVE_INSERT.on_conflict_do_update(
+        index_elements=["name", "topic", "partition"],
+        set_={"position": _SAVE_INSERT.excluded.position, "updated_at": _SAVE_INSERT.excluded.updated_at},
+    )
+)
 
 
 class RebuildIncomplete(RuntimeError):
@@ -335,8 +370,7 @@ class Projector:
         deleted), which saves the insert."""
         now = self._clock.now()
         if create:
-            await insert_ignore(
-                conn,
+            await on_connection(conn).insert_ignore(
                 projection_checkpoints,
                 [
                     {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
@@ -344,13 +378,7 @@ class Projector:
                 ],
                 conflict=["name", "topic", "partition"],
             )
-        c = projection_checkpoints.c
-        rows = await conn.execute(
-            select(c.topic, c.partition, c.position)
-            .where(c.name == self.name)
-            .order_by(c.topic, c.partition)
-            .with_for_update()
-        )
+        rows = await on_connection(conn).rows(_LOCK_CHECKPOINT, {"name": self.name})
         return {(str(t), int(p)): int(n) for t, p, n in rows}
 
     async def _apply_batch(
@@ -369,22 +397,20 @@ class Projector:
         self._next_start += 1
         moved: dict[_Key, int] = {}
         applied = 0
-        log = stream_log.c
         batch: list[Message] = []
         for topic, partition in keys[start:] + keys[:start]:
             if applied >= limit:
                 break
-            rows = await conn.execute(
-                select(log.offset, log.envelope)
-                .where(
-                    log.topic == topic,
-                    log.partition == partition,
-                    log.offset >= positions[(topic, partition)],
-                )
-                .order_by(log.offset)
-                .limit(limit - applied)
+            rows = await on_connection(conn).rows(
+                _READ_PARTITION,
+                {
+                    "topic": topic,
+                    "partition": partition,
+                    "position": positions[(topic, partition)],
+                    "limit": limit - applied,
+                },
             )
-            for offset, envelope in rows.all():
+            for offset, envelope in rows:
                 batch.append(Message.from_json(envelope))
                 moved[(topic, partition)] = int(offset) + 1
                 applied += 1
@@ -395,19 +421,14 @@ class Projector:
         if not positions:
             return
         now = self._clock.now()
-        # Every moved position in one upsert, however many partitions the batch touched.
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        upsert = dialect_insert(projection_checkpoints).values(
+        # Every moved position in one executemany of one prepared upsert (one round trip on
+        # asyncpg), however many partitions the batch touched.
+        await on_connection(conn).run(
+            _SAVE_CHECKPOINT,
             [
                 {"name": self.name, "topic": t, "partition": p, "position": position, "updated_at": now}
                 for (t, p), position in sorted(positions.items())
-            ]
-        )
-        await conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["name", "topic", "partition"],
-                set_={"position": upsert.excluded.position, "updated_at": upsert.excluded.updated_at},
-            )
+            ],
         )
 
 

@@ -142,7 +142,10 @@ _CLAIM_ORDER = (saga_instances.c.deadline_at, saga_instances.c.next_attempt_at)
 _FENCED_UPDATE = update(saga_instances).where(
     saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token")
 )
-_INSERT_SAGA = insert(saga_instances)
+# A saga's start (`SagaStore.start`), on the raw-driver layer in the starter's transaction.
+_START = driver_prepared(
+    insert(saga_instances).values({c.name: bindparam(c.name, type_=c.type) for c in saga_instances.c})
+)
 
 # The runner's hot statements, on the raw-driver layer (`kit/storage/statements.py`): compiled once
 # per dialect and sent on the driver connection under the caller's transaction.
@@ -318,6 +321,8 @@ class SagaStore:
         self._db = db
         self._clock = clock
         self._wakeups = wakeups
+        announcing = None if wakeups is None else wakeups.announcing(_START)
+        self._start: Any = _START if announcing is None else driver_prepared(announcing)
 
     async def start(
         self,
@@ -342,28 +347,28 @@ class SagaStore:
         if carrier:
             # The runner continues the starter's trace in whichever process drives the saga.
             data = {**data, TRACE_KEY: carrier}
-        await conn.execute(
-            _INSERT_SAGA,
-            {
-                "id": saga_id,
-                "saga_type": saga_type,
-                "status": SagaStatus.RUNNING.value,
-                "step_index": completed_steps,
-                "attempt": 0,
-                "data": data,
-                "correlation_id": correlation_id,
-                "failure": None,
-                "owner": None,
-                "lease_token": 0,
-                "lease_expires_at": None,
-                "next_attempt_at": now,
-                "deadline_at": now + timedelta(seconds=deadline_s),
-                "created_at": now,
-                "updated_at": now,
-                "finished_at": None,
-            },
-        )
-        if self._wakeups is not None:
+        params = {
+            "id": saga_id,
+            "saga_type": saga_type,
+            "status": SagaStatus.RUNNING.value,
+            "step_index": completed_steps,
+            "attempt": 0,
+            "data": data,
+            "correlation_id": correlation_id,
+            "failure": None,
+            "owner": None,
+            "lease_token": 0,
+            "lease_expires_at": None,
+            "next_attempt_at": now,
+            "deadline_at": now + timedelta(seconds=deadline_s),
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+        # With a wake-up channel that can ride in the insert itself (PostgreSQL's NOTIFY, delivered
+        # at commit), one statement; otherwise the insert, then the channel's own announcement.
+        await on_connection(conn).run(self._start, params)
+        if self._wakeups is not None and self._start is _START:
             await self._wakeups.notify(conn)
         return saga_id
 

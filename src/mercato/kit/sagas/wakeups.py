@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.dml import Insert
 
 from mercato.kit.observability import get_logger
 from mercato.kit.storage import Database
@@ -32,6 +34,11 @@ class SagaWakeups(Protocol):
         """Announce new work, inside the caller's transaction (nothing is announced on rollback)."""
         ...
 
+    def announcing(self, insert: Insert) -> ClauseElement | None:
+        """`insert` and this channel's announcement as one statement (built once, by the store),
+        or None when the announcement cannot ride in it (then `notify` is called after it)."""
+        ...
+
     async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call `wake()` on each announcement until `stop` is set; survives lost connections."""
         ...
@@ -46,9 +53,15 @@ class PostgresSagaWakeups:
         self._db = db
         self.channel = channel
         self._retry_s = retry_s
+        self._notify = select(func.pg_notify(literal(channel), literal("")))
 
     async def notify(self, conn: AsyncConnection) -> None:
-        await conn.execute(select(func.pg_notify(literal(self.channel), literal(""))))
+        await conn.execute(self._notify)
+
+    def announcing(self, insert: Insert) -> ClauseElement | None:
+        # `SELECT pg_notify(...)` with the insert as a data-modifying CTE: PostgreSQL runs it
+        # whether or not the query reads it, and delivers the NOTIFY at commit, only if it commits.
+        return self._notify.add_cte(insert.cte("new_saga"))
 
     async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         def on_notification(*_args: Any) -> None:

@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CompoundSelect, Select, bindparam, delete, null, select, tuple_, union_all
+from sqlalchemy import CompoundSelect, Select, and_, bindparam, delete, null, or_, select, tuple_, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 
 from mercato.kit.storage.statements import Executor, driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.cart.model import CartItem
 from mercato.shop.cart.tables import cart_items
 
@@ -36,6 +37,29 @@ _TAKE_EXACTLY = (
     )
     .returning(_c.sku)
 )
+
+# Checkout's take, one registered statement per line count (an expanding IN is rendered again on
+# every execution, which the driver path does not do): `(sku, quantity)` pairs as equalities.
+_TAKES: dict[int, Any] = {}
+_MAX_PREPARED_TAKE = 64
+
+
+def _take_exactly(count: int) -> Any:
+    statement = _TAKES.get(count)
+    if statement is None:
+        pairs = [
+            and_(
+                _c.sku == bindparam(f"sku_{i}", type_=_c.sku.type),
+                _c.quantity == bindparam(f"quantity_{i}", type_=_c.quantity.type),
+            )
+            for i in range(count)
+        ]
+        statement = _TAKES[count] = driver_prepared(
+            delete(cart_items)
+            .where(_c.customer_id == bindparam("customer_id", type_=_c.customer_id.type), or_(*pairs))
+            .returning(_c.sku)
+        )
+    return statement
 
 
 def _upsert(dialect: str) -> Insert:
@@ -93,11 +117,18 @@ class CartRepository:
     async def take_exactly(
         self, conn: AsyncConnection, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]]
     ) -> set[str]:
-        """Delete the lines that still have these exact quantities, in one statement; their SKUs."""
+        """Delete the lines that still have these exact quantities, in one statement; their SKUs.
+        On the raw-driver layer in the caller's transaction (checkout's), prepared once per line
+        count up to `_MAX_PREPARED_TAKE`."""
         if not lines:
             return set()
-        rows = await conn.execute(_TAKE_EXACTLY, {"customer_id": customer_id, "lines": list(lines)})
-        return {row.sku for row in rows}
+        if len(lines) > _MAX_PREPARED_TAKE:
+            rows = await conn.execute(_TAKE_EXACTLY, {"customer_id": customer_id, "lines": list(lines)})
+            return {row.sku for row in rows}
+        params: dict[str, Any] = {"customer_id": customer_id}
+        for i, (sku, quantity) in enumerate(lines):
+            params[f"sku_{i}"], params[f"quantity_{i}"] = sku, quantity
+        return {row[0] for row in await on_connection(conn).rows(_take_exactly(len(lines)), params)}
 
     async def remove(self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str) -> None:
         await conn.execute(

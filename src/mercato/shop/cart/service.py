@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mercato.kit.clock import Clock
 from mercato.kit.storage import Database
 from mercato.kit.storage.statements import Executor, Statements, driver_prepared, driver_transaction
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import (
     CartChanged,
@@ -103,7 +104,8 @@ class CartService:
         self._prices = prices
         self._limits = limits
         self._repo = repository or CartRepository()
-        self._priced_lines = prices.quoting(self._repo.lines_statement(with_probe=False))
+        # Checkout reads the priced cart in its own transaction, on the raw driver under it.
+        self._priced_lines = driver_prepared(prices.quoting(self._repo.lines_statement(with_probe=False)))
         # Putting a line (the checkout bench's first request) runs on the raw driver.
         self._priced_lines_and_sku = driver_prepared(
             prices.quoting(self._repo.lines_statement(with_probe=True))
@@ -136,7 +138,7 @@ class CartService:
         """The cart priced now; with `conn`, read in the caller's transaction (checkout prices the
         order it writes from the very lines it takes)."""
         if conn is not None:
-            return price_cart(customer_id, *await self._read(conn, customer_id))
+            return price_cart(customer_id, *await self._read(_NamedRows(on_connection(conn)), customer_id))
         async with self._db.read() as own:
             return price_cart(customer_id, *await self._read(own, customer_id))
 

@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -23,6 +23,7 @@ from mercato.kit.auth import InvalidToken, Principal
 from mercato.kit.clock import Clock
 from mercato.kit.observability import get_logger
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.shop.identity.tables import revoked_tokens, users
 
 __all__ = ["SessionGuard"]
@@ -31,6 +32,10 @@ _log = get_logger("mercato.identity.sessions")
 # A revocation committed by another process can carry a `revoked_at` slightly older than the last
 # sync (clock skew between hosts, a transaction that committed late): each sync re-reads this much.
 _SYNC_OVERLAP_S = 30.0
+# Whether a token's subject may still act: registered for the raw-driver layer.
+_SUBJECT = driver_prepared(
+    select(users.c.disabled).where(users.c.id == bindparam("id", type_=users.c.id.type))
+)
 
 
 class SessionGuard:
@@ -48,6 +53,7 @@ class SessionGuard:
         if sync_interval_s < 0 or subject_ttl_s < 0:
             raise ValueError("sync_interval_s and subject_ttl_s must be >= 0")
         self._db = db
+        self._reads = DriverReads(db)
         self._clock = clock
         self._sync_interval_s = sync_interval_s
         self._subject_ttl_s = subject_ttl_s
@@ -138,6 +144,9 @@ class SessionGuard:
             user_id = uuid.UUID(subject)
         except ValueError:
             return False  # every token we issue names an account by its id
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(users.c.disabled).where(users.c.id == user_id))).first()
-        return row is not None and not row.disabled
+        # One autocommitted statement on the raw driver: with many accounts each seen less often
+        # than `subject_ttl_s` (the checkout bench's 400 customers at 50/s), this runs on most
+        # requests, and a `Database.read()` (BEGIN, SELECT, ROLLBACK through SQLAlchemy) was ~9 %
+        # of the API's CPU.
+        rows = await self._reads.rows(_SUBJECT, {"id": user_id})
+        return bool(rows) and not rows[0][0]

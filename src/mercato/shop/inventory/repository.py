@@ -12,10 +12,13 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, insert, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.inventory.model import (
     MAX_STOCK,
     Reservation,
@@ -24,6 +27,81 @@ from mercato.shop.inventory.model import (
     StockLevel,
 )
 from mercato.shop.inventory.tables import reservation_lines, reservations, stock
+
+# The saga's hot statements (reserve, commit, release), registered for the raw-driver layer
+# (kit/storage/statements.py) and sent in the caller's transaction (`on_connection`): built once,
+# compiled once per dialect. RETURNING tells whether a conditional UPDATE matched, on both drivers.
+_sku = bindparam("sku", type_=stock.c.sku.type)
+_quantity = bindparam("quantity", type_=stock.c.available.type)
+_now = bindparam("now", type_=stock.c.updated_at.type)
+_TAKE = driver_prepared(
+    update(stock)
+    .where(stock.c.sku == _sku, stock.c.available >= _quantity)
+    .values(
+        available=stock.c.available - _quantity,
+        reserved=stock.c.reserved + _quantity,
+        version=stock.c.version + 1,
+        updated_at=_now,
+    )
+    .returning(stock.c.sku)
+)
+_UNRESERVE = {
+    to_committed: driver_prepared(
+        update(stock)
+        .where(stock.c.sku == _sku, stock.c.reserved >= _quantity)
+        .values(
+            reserved=stock.c.reserved - _quantity,
+            version=stock.c.version + 1,
+            updated_at=_now,
+            **(
+                {"committed": stock.c.committed + _quantity}
+                if to_committed
+                else {"available": stock.c.available + _quantity}
+            ),
+        )
+        .returning(stock.c.sku)
+    )
+    for to_committed in (True, False)
+}
+# Both dialects spell ON CONFLICT alike; each compiles it once.
+_ADD_RESERVATION = driver_prepared(
+    postgresql.insert(reservations)
+    .values({c.name: bindparam(c.name, type_=c.type) for c in reservations.c})
+    .on_conflict_do_nothing(index_elements=["reference"])
+    .returning(reservations.c.id)
+)
+_ADD_LINE = driver_prepared(
+    insert(reservation_lines).values({c.name: bindparam(c.name, type_=c.type) for c in reservation_lines.c})
+)
+_END = driver_prepared(
+    update(reservations)
+    .where(
+        reservations.c.id == bindparam("id", type_=reservations.c.id.type),
+        reservations.c.status == ReservationStatus.ACTIVE.value,
+    )
+    .values(status=bindparam("target", type_=reservations.c.status.type), updated_at=_now)
+    .returning(reservations.c.id)
+)
+
+
+def _one_statement(condition: ColumnElement[bool]) -> Any:
+    # One statement, header joined with its lines: every saga step that ends a reservation
+    # starts with this read, and a round trip is the expensive part of it.
+    return driver_prepared(
+        select(*reservations.c, reservation_lines.c.sku, reservation_lines.c.quantity)
+        .select_from(
+            reservations.outerjoin(reservation_lines, reservation_lines.c.reservation_id == reservations.c.id)
+        )
+        .where(condition)
+        .order_by(reservation_lines.c.sku)
+    )
+
+
+_BY_REFERENCE = _one_statement(
+    reservations.c.reference == bindparam("key", type_=reservations.c.reference.type)
+)
+_BY_ID = _one_statement(reservations.c.id == bindparam("key", type_=reservations.c.id.type))
+_HEAD = tuple(c.name for c in reservations.c)
 
 
 class DuplicateKey(Exception):
@@ -108,58 +186,36 @@ class InventoryRepository:
 
     async def take(self, conn: AsyncConnection, sku: str, quantity: int, now: datetime) -> bool:
         """available -> reserved, only if enough is available. False: short (or unknown SKU)."""
-        result = await conn.execute(
-            update(stock)
-            .where(stock.c.sku == sku, stock.c.available >= quantity)
-            .values(
-                available=stock.c.available - quantity,
-                reserved=stock.c.reserved + quantity,
-                version=stock.c.version + 1,
-                updated_at=now,
-            )
-        )
-        return result.rowcount == 1
+        params = {"sku": sku, "quantity": quantity, "now": now}
+        return bool(await on_connection(conn).rows(_TAKE, params))
 
     async def unreserve(
         self, conn: AsyncConnection, sku: str, quantity: int, *, to_committed: bool, now: datetime
     ) -> bool:
         """reserved -> committed (a sale) or reserved -> available (a release or an expiry)."""
-        values: dict[str, Any] = {
-            "reserved": stock.c.reserved - quantity,
-            "version": stock.c.version + 1,
-            "updated_at": now,
-        }
-        if to_committed:
-            values["committed"] = stock.c.committed + quantity
-        else:
-            values["available"] = stock.c.available + quantity
-        result = await conn.execute(
-            update(stock).where(stock.c.sku == sku, stock.c.reserved >= quantity).values(**values)
-        )
-        return result.rowcount == 1
+        params = {"sku": sku, "quantity": quantity, "now": now}
+        return bool(await on_connection(conn).rows(_UNRESERVE[to_committed], params))
 
     # ---- reservations ----------------------------------------------------------------------
 
-    async def add_reservation(self, conn: AsyncConnection, reservation: Reservation) -> None:
-        """Insert the header. The unique reference makes a concurrent duplicate fail here, before
-        it touched any stock row (on PostgreSQL it waits for the first to commit or roll back)."""
-        try:
-            await conn.execute(
-                insert(reservations).values(
-                    id=reservation.id,
-                    reference=reservation.reference,
-                    status=reservation.status.value,
-                    expires_at=reservation.expires_at,
-                    created_at=reservation.created_at,
-                    updated_at=reservation.updated_at,
-                )
-            )
-        except IntegrityError as exc:
-            raise DuplicateKey(reservation.reference) from exc
+    async def add_reservation_if_new(self, conn: AsyncConnection, reservation: Reservation) -> bool:
+        """Insert the header unless its reference is taken; whether it was inserted. The unique
+        reference makes a concurrent duplicate wait here (PostgreSQL), before it touched any stock
+        row, and then insert nothing once the first committed."""
+        params = {
+            "id": reservation.id,
+            "reference": reservation.reference,
+            "status": reservation.status.value,
+            "expires_at": reservation.expires_at,
+            "created_at": reservation.created_at,
+            "updated_at": reservation.updated_at,
+        }
+        return bool(await on_connection(conn).rows(_ADD_RESERVATION, params))
 
     async def add_lines(self, conn: AsyncConnection, reservation: Reservation) -> None:
-        await conn.execute(
-            insert(reservation_lines),
+        # One executemany: one round trip on asyncpg whatever the number of lines.
+        await on_connection(conn).run(
+            _ADD_LINE,
             [
                 {"reservation_id": reservation.id, "sku": line.sku, "quantity": line.quantity}
                 for line in reservation.lines
@@ -167,37 +223,24 @@ class InventoryRepository:
         )
 
     async def get_reservation(self, conn: AsyncConnection, reservation_id: uuid.UUID) -> Reservation | None:
-        return await self._one(conn, reservations.c.id == reservation_id)
+        return await self._one(conn, _BY_ID, reservation_id)
 
     async def get_by_reference(self, conn: AsyncConnection, reference: str) -> Reservation | None:
-        return await self._one(conn, reservations.c.reference == reference)
+        return await self._one(conn, _BY_REFERENCE, reference)
 
-    async def _one(self, conn: AsyncConnection, condition: ColumnElement[bool]) -> Reservation | None:
-        # One statement, header joined with its lines: every saga step that ends a reservation
-        # starts with this read, and a round trip is the expensive part of it.
-        rows = list(
-            await conn.execute(
-                select(reservations, reservation_lines.c.sku, reservation_lines.c.quantity)
-                .select_from(
-                    reservations.outerjoin(
-                        reservation_lines, reservation_lines.c.reservation_id == reservations.c.id
-                    )
-                )
-                .where(condition)
-                .order_by(reservation_lines.c.sku)
-            )
-        )
+    async def _one(self, conn: AsyncConnection, statement: Any, key: object) -> Reservation | None:
+        rows = await on_connection(conn).rows(statement, {"key": key})
         if not rows:
             return None
-        head = rows[0]
+        head = dict(zip(_HEAD, rows[0], strict=False))
         return Reservation(
-            id=head.id,
-            reference=head.reference,
-            status=ReservationStatus(head.status),
-            lines=tuple(ReservationLine(r.sku, int(r.quantity)) for r in rows if r.sku is not None),
-            expires_at=head.expires_at,
-            created_at=head.created_at,
-            updated_at=head.updated_at,
+            id=head["id"],
+            reference=head["reference"],
+            status=ReservationStatus(head["status"]),
+            lines=tuple(ReservationLine(r[-2], int(r[-1])) for r in rows if r[-2] is not None),
+            expires_at=head["expires_at"],
+            created_at=head["created_at"],
+            updated_at=head["updated_at"],
         )
 
     async def get_reservations(
@@ -214,15 +257,8 @@ class InventoryRepository:
         self, conn: AsyncConnection, reservation_id: uuid.UUID, target: ReservationStatus, now: datetime
     ) -> bool:
         """active -> `target`, only if still active: whoever flips the status owns the stock move."""
-        result = await conn.execute(
-            update(reservations)
-            .where(
-                reservations.c.id == reservation_id,
-                reservations.c.status == ReservationStatus.ACTIVE.value,
-            )
-            .values(status=target.value, updated_at=now)
-        )
-        return result.rowcount == 1
+        params = {"id": reservation_id, "target": target.value, "now": now}
+        return bool(await on_connection(conn).rows(_END, params))
 
     async def due_ids(self, conn: AsyncConnection, now: datetime, limit: int) -> list[uuid.UUID]:
         rows = await conn.execute(

@@ -169,42 +169,36 @@ class InventoryService:
         wanted = normalize_lines(lines)
         now = self._clock.now()
         expires_at = expiry(now, ttl_s if ttl_s is not None else self._ttl_s)
-        try:
-            async with self._db.join(conn) as tx:
+        async with self._db.join(conn) as tx:
+            reservation = Reservation(
+                id=new_id(),
+                reference=reference,
+                status=ReservationStatus.ACTIVE,
+                lines=wanted,
+                expires_at=expires_at,
+                created_at=now,
+                updated_at=now,
+            )
+            # The header first, skipped when the reference is taken (a replay, or a concurrent call
+            # that committed first: PostgreSQL makes this insert wait for it), before any stock row
+            # is touched; then the existing reservation is read. One statement fewer than reading
+            # first on the usual path, where the reference is new.
+            if not await self._repo.add_reservation_if_new(tx, reservation):
                 existing = await self._repo.get_by_reference(tx, reference)
-                if existing is not None:
-                    return _replay(existing, wanted), False
-                reservation = Reservation(
-                    id=new_id(),
-                    reference=reference,
-                    status=ReservationStatus.ACTIVE,
-                    lines=wanted,
-                    expires_at=expires_at,
-                    created_at=now,
-                    updated_at=now,
+                if existing is None:  # pragma: no cover - the conflicting row committed before
+                    raise ReservationNotFound(f"reference {reference} is taken but not readable")
+                return _replay(existing, wanted), False
+            short = []
+            for line in wanted:  # ascending SKU: the lock order
+                if not await self._repo.take(tx, line.sku, line.quantity, now):
+                    short.append(line.sku)
+            if short:
+                # Raising rolls back the header and the units already taken for the other lines.
+                raise OutOfStock(
+                    "not enough stock for " + ", ".join(short), short_skus=short, reference=reference
                 )
-                await self._repo.add_reservation(tx, reservation)
-                short = []
-                for line in wanted:  # ascending SKU: the lock order
-                    if not await self._repo.take(tx, line.sku, line.quantity, now):
-                        short.append(line.sku)
-                if short:
-                    # Raising rolls back the units already taken for the other lines.
-                    raise OutOfStock(
-                        "not enough stock for " + ", ".join(short), short_skus=short, reference=reference
-                    )
-                await self._repo.add_lines(tx, reservation)
-            return reservation, True
-        except DuplicateKey:
-            if conn is not None:
-                raise
-            # A concurrent call with the same reference committed first (PostgreSQL made our
-            # insert wait for it); ours rolled back before touching stock.
-            async with self._db.read() as conn:
-                existing = await self._repo.get_by_reference(conn, reference)
-            if existing is None:
-                raise
-            return _replay(existing, wanted), False
+            await self._repo.add_lines(tx, reservation)
+        return reservation, True
 
     async def reservation(self, reservation_id: uuid.UUID) -> Reservation:
         async with self._db.read() as conn:

@@ -6,13 +6,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging import Consumer, Message, MessagingHook, Stream
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.schemas import read_message
 from mercato.shop.notifications.model import drafts_for
 from mercato.shop.notifications.tables import notifications
@@ -67,8 +68,6 @@ class NotificationsService:
         drafts = drafts_for(message.type, str(message.id), message.data)
         if not drafts:
             return
-        n = notifications.c
-        existing = set((await conn.execute(select(n.channel).where(n.event_id == message.id))).scalars())
         now = self._clock.now()
         rows = [
             {
@@ -84,10 +83,11 @@ class NotificationsService:
                 "created_at": now,
             }
             for d in drafts
-            if d.channel.value not in existing
         ]
-        if rows:
-            await conn.execute(insert(notifications), rows)
+        # One statement on the raw-driver layer, prepared once per row count: an (event, channel)
+        # already recorded is skipped by its unique key (was a SELECT of the recorded channels and
+        # an INSERT through SQLAlchemy per event).
+        await on_connection(conn).insert_ignore(notifications, rows, conflict=["event_id", "channel"])
 
     async def list(
         self, *, order_id: uuid.UUID | None, limit: int, after_id: uuid.UUID | None = None

@@ -38,6 +38,60 @@ def _status_move(sources: tuple[OrderStatus, ...], target: OrderStatus) -> Any:
     return statement
 
 
+_ORDER_COLUMNS = (
+    "id",
+    "customer_id",
+    "status",
+    "currency",
+    "total_minor",
+    "item_count",
+    "version",
+    "created_at",
+    "updated_at",
+)
+_LINE_COLUMNS = ("line_no", "product_id", "sku", "name", "unit_price_minor", "quantity", "line_total_minor")
+# The order's write (`add`) on the raw-driver layer: the header's parameters are `o_<column>`.
+_ORDER_HEADER = driver_prepared(
+    insert(orders).values(
+        {name: bindparam(f"o_{name}", type_=orders.c[name].type) for name in _ORDER_COLUMNS}
+    )
+)
+_ORDER_LINE = driver_prepared(
+    insert(order_lines).values(
+        order_id=bindparam("o_id", type_=order_lines.c.order_id.type),
+        **{n: bindparam(n, type_=order_lines.c[n].type) for n in _LINE_COLUMNS},
+    )
+)
+_ORDER_INSERTS: dict[int, Any] = {}
+# Orders with more lines than this are written as the header and one executemany of their lines.
+_MAX_PREPARED_LINES = 64
+
+
+def _order_insert(count: int) -> Any:
+    """The header and `count` lines (parameters `o_<column>`, `<column>_<i>`), registered once per
+    line count: on PostgreSQL one statement (`WITH new_order AS (INSERT …) INSERT INTO order_lines`),
+    on SQLite, which has no data-modifying CTEs, the same two inserts in turn."""
+    statement = _ORDER_INSERTS.get(count)
+    if statement is None:
+        lines = insert(order_lines).values(
+            [
+                {
+                    "order_id": bindparam("o_id", type_=order_lines.c.order_id.type),
+                    **{n: bindparam(f"{n}_{i}", type_=order_lines.c[n].type) for n in _LINE_COLUMNS},
+                }
+                for i in range(count)
+            ]
+        )
+        statement = _ORDER_INSERTS[count] = driver_prepared(
+            lines.add_cte(_ORDER_HEADER.cte("new_order")), in_turn=(_ORDER_HEADER, lines)
+        )
+    return statement
+
+
+def _line_params(line: OrderLine) -> dict[str, Any]:
+    return {name: getattr(line, name) for name in _LINE_COLUMNS}
+
+
 def _order(row: Any, lines: tuple[OrderLine, ...] = ()) -> Order:
     return Order(
         id=row.id,
@@ -69,35 +123,31 @@ class OrdersRepository:
     """Queries on the orders tables. Every method runs on the connection it is given."""
 
     async def add(self, conn: AsyncConnection, order: Order) -> None:
-        await conn.execute(
-            insert(orders).values(
-                id=order.id,
-                customer_id=order.customer_id,
-                status=order.status.value,
-                currency=order.currency,
-                total_minor=order.total_minor,
-                item_count=order.item_count,
-                version=order.version,
-                created_at=order.created_at,
-                updated_at=order.updated_at,
+        """The order and its lines, in the caller's transaction, on the raw-driver layer: one
+        statement on PostgreSQL (the header inserted by a data-modifying CTE), two on SQLite."""
+        params: dict[str, Any] = {
+            "o_id": order.id,
+            "o_customer_id": order.customer_id,
+            "o_status": order.status.value,
+            "o_currency": order.currency,
+            "o_total_minor": order.total_minor,
+            "o_item_count": order.item_count,
+            "o_version": order.version,
+            "o_created_at": order.created_at,
+            "o_updated_at": order.updated_at,
+        }
+        for i, line in enumerate(order.lines):
+            params.update({f"{name}_{i}": value for name, value in _line_params(line).items()})
+        if len(order.lines) > _MAX_PREPARED_LINES:
+            # Rare (the cart's line limit is configurable): the header, then the lines in one
+            # executemany, each a registered statement.
+            executor = on_connection(conn)
+            await executor.run(_ORDER_HEADER, params)
+            await executor.run(
+                _ORDER_LINE, [{"o_id": order.id, **_line_params(line)} for line in order.lines]
             )
-        )
-        await conn.execute(
-            insert(order_lines),
-            [
-                {
-                    "order_id": order.id,
-                    "line_no": line.line_no,
-                    "product_id": line.product_id,
-                    "sku": line.sku,
-                    "name": line.name,
-                    "unit_price_minor": line.unit_price_minor,
-                    "quantity": line.quantity,
-                    "line_total_minor": line.line_total_minor,
-                }
-                for line in order.lines
-            ],
-        )
+            return
+        await on_connection(conn).run(_order_insert(len(order.lines)), params)
 
     async def set_status(
         self,
