@@ -44,7 +44,8 @@ async def _pg_admin(sql: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database made for this test run, migrated to head, dropped at the end."""
-    name = f"mercato_test_{uuid.uuid4().hex[:12]}"
+    # A shared server's runs keep to their own names (MERCATO_TEST_DB_PREFIX, e.g. a session's prefix).
+    name = f"{os.environ.get('MERCATO_TEST_DB_PREFIX', 'mercato_test')}_{uuid.uuid4().hex[:12]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
     try:

@@ -39,7 +39,6 @@ from mercato.kit.messaging.stream import (
     DeadLetter,
     DeadLetterStatus,
     Delivery,
-    ack_each,
     check_replay_start,
     poll_read,
 )
@@ -188,6 +187,22 @@ _ACK = """
 local e = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if e[1] == nil or e[1][2] ~= ARGV[2] or e[1][4] ~= tonumber(ARGV[4]) then return 0 end
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+"""
+
+# `_ACK` for a whole pass in one call (a consumer acknowledging a batch paid one round trip per
+# message: 50 sequential calls took 40-110 ms on a loaded box and held the next pass back).
+# KEYS: the stream keys. ARGV: group, then (key index, consumer, entry id, attempt) per delivery.
+_ACK_MANY = """
+local group = ARGV[1]
+local acked = 0
+for i = 2, #ARGV, 4 do
+  local key, id = KEYS[tonumber(ARGV[i])], ARGV[i + 2]
+  local e = redis.call('XPENDING', key, group, id, id, 1)
+  if e[1] ~= nil and e[1][2] == ARGV[i + 1] and e[1][4] == tonumber(ARGV[i + 3]) then
+    acked = acked + redis.call('XACK', key, group, id)
+  end
+end
+return acked
 """
 
 # KEYS: the stream key. ARGV: group, consumer, entry id, attempt, max_attempts, error, topic,
@@ -357,6 +372,7 @@ class RedisStream:
         self._publish = redis.register_script(_PUBLISH)
         self._read = redis.register_script(_READ)
         self._ack = redis.register_script(_ACK)
+        self._ack_many = redis.register_script(_ACK_MANY)
         self._nack = redis.register_script(_NACK)
         self._settle = redis.register_script(_SETTLE_REPLAY)
         self._replay_letters = redis.register_script(_REPLAY_LETTERS)
@@ -465,7 +481,23 @@ class RedisStream:
             args=[delivery.group, delivery.consumer, delivery.receipt, delivery.attempt],
         )
 
-    ack_many = ack_each
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Every live delivery of `deliveries` acknowledged in one script call (each checked as
+        `ack` checks it: still pending, same consumer, same attempt); dead letters being replayed
+        are settled one by one. Per group, in the order given."""
+        keys: dict[tuple[str, str], dict[str, int]] = {}
+        args: dict[tuple[str, str], list[Any]] = {}
+        for delivery in deliveries:
+            if delivery.receipt.startswith(_DLQ_RECEIPT):
+                await self._settle_replay(delivery, error=None)
+                continue
+            slot = (delivery.topic, delivery.group)
+            group_keys = keys.setdefault(slot, {})
+            key = self._key(delivery.topic, delivery.partition)
+            index = group_keys.setdefault(key, len(group_keys) + 1)
+            args.setdefault(slot, []).extend([index, delivery.consumer, delivery.receipt, delivery.attempt])
+        for (_topic, group), rest in args.items():
+            await self._ack_many(keys=list(keys[(_topic, group)]), args=[group, *rest])
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
