@@ -324,13 +324,14 @@ class ChatPersister:
         consumer: str,
         batch: int = 200,
         hook: MessagingHook | None = None,
+        lag: LagReporter | None = None,
     ) -> None:
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
         self._consumer = consumer
         self._batch = batch
-        self._lag = LagReporter(stream, hook)
+        self._lag = lag or LagReporter(stream, hook)
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
