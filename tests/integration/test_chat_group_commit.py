@@ -57,9 +57,9 @@ async def test_a_batch_is_one_insert_for_all_rooms_in_stream_order_with_dedup(co
         # ADR 0065: a pass's fences, heads and dedup are one prepared read and its rows one insert of
         # arrays, both on the driver path (through SQLAlchemy: four statements whose IN lists were
         # compiled anew every pass).
-        chat = [s for s in tally.statements if "CHAT_" in s.upper()]
-        assert len(chat) == 2 * len(published), tally.report()
-        assert all(s.startswith("driver: ") for s in chat), tally.report()
+        on_chat = [s for s in tally.statements if "CHAT_" in s.upper()]
+        assert len(on_chat) == 2 * len(published), tally.report()
+        assert all(s.startswith("driver: ") for s in on_chat), tally.report()
     events = [e for batch in published for e in batch]
     # Per room, stream order (the rooms may sit on different partitions, read in either order).
     in_a = [(e.data["text"], e.seq) for e in events if e.channel == f"room:{room_a}"]
