@@ -4,8 +4,9 @@ from __future__ import annotations
 
 __all__ = ["ACK_MANY", "LAG"]
 
-# `ack` (redis_streams.py `_ACK`) for a whole pass in one call (a consumer acknowledging a batch paid one round trip per
-# message: 50 sequential calls took 40-110 ms on a loaded box and held the next pass back).
+# `ack` (redis_streams.py `_ACK`) for a whole pass in one call (a consumer acknowledging a batch
+# paid one round trip per message: 50 sequential calls took 40-110 ms on a loaded box and held the
+# next pass back).
 # KEYS: the stream keys. ARGV: group, then (key index, consumer, entry id, attempt) per delivery.
 ACK_MANY = """
 local group = ARGV[1]
