@@ -57,6 +57,9 @@ def token(cluster: Cluster, user: str, *, staff: bool = False) -> str:
     return _TOKENS[cluster.database_url, user]
 
 
+REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
 def skip_unless_slow(request: pytest.FixtureRequest, why: str) -> None:
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip(f"{why}: run it with -m slow")
@@ -66,16 +69,20 @@ def skip_unless_slow(request: pytest.FixtureRequest, why: str) -> None:
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     backend = str(request.param)
     skip_unless_slow(request, "real processes on PostgreSQL and a broker take minutes")
-    name = f"h5_realtime_{uuid.uuid4().hex[:10]}"
+    # On a shared server: the run's own names and Redis database (MERCATO_TEST_PG_PREFIX,
+    # MERCATO_TEST_REDIS_URL), as the integration suites take them.
+    own = os.environ.get("MERCATO_TEST_PG_PREFIX", "h5")
+    name = f"{own}_realtime_{uuid.uuid4().hex[:10]}"
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
     upgrade(SCRIPT_LOCATION, url)
-    prefix = f"h5rt{uuid.uuid4().hex[:8]}"
+    prefix = f"{own}rt{uuid.uuid4().hex[:8]}"
     env = {
         "MERCATO_DATABASE_URL": url,
         "MERCATO_AUTH_SECRET": TEST_SECRET,
         "MERCATO_MESSAGING_BACKEND": backend,
         "MERCATO_MESSAGING_BROKER_PREFIX": prefix,
+        "MERCATO_MESSAGING_REDIS_URL": REDIS_URL,
         "MERCATO_BACKPRESSURE_ENABLED": "false",
         # Small caps and a short deadline, so the slow-consumer test overflows them quickly.
         "MERCATO_REALTIME_QUEUE_MAX_MESSAGES": "200",
@@ -105,7 +112,7 @@ async def _cleanup(backend: str, prefix: str) -> None:
     if backend == "redis":
         from redis.asyncio import Redis
 
-        client = Redis.from_url("redis://127.0.0.1:6379/0")
+        client = Redis.from_url(REDIS_URL)
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if keys:
             await client.delete(*keys)

@@ -126,6 +126,20 @@ class StreamContract:
             assert delivery.attempt == 1
         assert delivered[0].message == next(m for m in published if m.id == delivered[0].message.id)
 
+    async def test_ack_many_acknowledges_a_pass_across_partitions(self, make_stream: StreamFactory) -> None:
+        """A consumer's pass acknowledged in one `ack_many` (the chat persister's): nothing left to
+        the group, the next read goes on with new messages, every partition served again."""
+        stream = make_stream(partitions=3)
+        await stream.publish([make_message(f"k{n % 6}", n) for n in range(18)])
+        batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
+        assert len(batch) == 18
+        assert len({d.partition for d in batch}) > 1
+        await stream.ack_many(batch)
+        assert await stream.lag(TOPIC, "g") == 0
+        await stream.publish([make_message(f"k{n % 6}", 100 + n) for n in range(6)])
+        again = await drain(stream, "g")
+        assert sorted(d.message.data["n"] for d in again) == list(range(100, 106))
+
     async def test_offsets_increase_within_a_partition(self, make_stream: StreamFactory) -> None:
         stream = make_stream(partitions=2)
         await stream.publish([make_message(f"k{n % 5}", n) for n in range(20)])

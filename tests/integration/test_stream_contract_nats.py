@@ -68,6 +68,41 @@ class TestJetStreamStream(StreamContract):
             await stream.delete_all([TOPIC])
 
 
+async def test_ack_many_sends_a_pass_s_acks_together(nats_client: NatsClient, clock: ManualClock) -> None:
+    """Each JetStream ack is a request answered by the server; awaited one after the other, a pass
+    of N deliveries waited N round trips before its next read (ADR 0065). `ack_many` has them all
+    in flight at once, and the group has nothing left afterwards."""
+    stream = JetStreamStream(
+        client=nats_client,
+        prefix=f"t{uuid.uuid4().hex[:16]}",
+        partitions=3,
+        poll_interval_s=0.01,
+        clock=clock,
+    )
+    try:
+        await stream.publish([make_message(f"k{n % 6}", n) for n in range(9)])
+        batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
+        assert len(batch) == 9
+        respond = stream._respond
+        in_flight = peak = 0
+
+        async def counted(receipt: str, payload: bytes) -> None:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await respond(receipt, payload)
+            finally:
+                in_flight -= 1
+
+        stream._respond = counted  # type: ignore[method-assign]
+        await stream.ack_many(batch)
+        assert peak == len(batch)
+        assert await stream.lag(TOPIC, "g") == 0
+    finally:
+        await stream.delete_all([TOPIC])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ Every test works under a fresh key prefix and deletes it afterwards: the server 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -170,3 +171,36 @@ async def test_no_confirmed_message_is_lost_when_redis_is_killed_mid_stream(
         assert ns == sorted(ns)
     assert await stream.lag(TOPIC, "after-restart") == 0
     await client.aclose()
+
+
+async def test_ack_many_is_one_script_call_and_still_refuses_a_stale_delivery(
+    redis_client: Redis, clock: ManualClock
+) -> None:
+    """A pass's acks are one round trip (ADR 0065: one script call per message held the chat
+    persister's next pass back 40-110 ms per 50 messages), each still checked as `ack` checks it."""
+    stream = RedisStream(redis_client, prefix=f"test:{uuid.uuid4().hex}", partitions=3, clock=clock)
+    try:
+        await stream.publish([make_message(f"k{n % 6}", n) for n in range(12)])
+        batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
+        assert len(batch) == 12
+        calls: list[str] = []
+        single, many = stream._ack, stream._ack_many
+
+        async def one(**kwargs: object) -> object:
+            calls.append("ack")
+            return await single(**kwargs)
+
+        async def all_of(**kwargs: object) -> object:
+            calls.append("ack_many")
+            return await many(**kwargs)
+
+        stream._ack, stream._ack_many = one, all_of  # type: ignore[method-assign, assignment]
+        # A stale handle (another attempt than the pending entry's) is not acknowledged by it.
+        stale = dataclasses.replace(batch[0], attempt=batch[0].attempt + 1)
+        await stream.ack_many([stale, *batch[1:]])
+        assert calls == ["ack_many"]
+        assert await stream.lag(TOPIC, "g") == 1
+        await stream.ack_many([batch[0]])
+        assert await stream.lag(TOPIC, "g") == 0
+    finally:
+        await stream.delete_all()

@@ -168,6 +168,32 @@ async def test_an_announcement_reaches_another_process_and_bursts_coalesce(datab
         await announcer.dispose()
 
 
+async def test_an_own_announcement_wakes_this_process_once_not_again_by_its_notify(
+    database_url: str,
+) -> None:
+    """`announce` fires locally and NOTIFYs; this process's listener hears that NOTIFY too. Fired
+    again, every loop waiting on the channel ran a second, empty pass per announcement (the chat
+    persister: one wasted stream read per message sent, ADR 0065). Another database (another
+    process) still hears it."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("announcements cross processes by NOTIFY (PostgreSQL)")
+    announcer, other = create_database(database_url), create_database(database_url)
+    try:
+        for db in (announcer, other):
+            mark = db.signals.mark((STREAM_CHANNEL,))
+            await db.signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=1.0)  # starts the LISTEN
+        await asyncio.sleep(0.3)
+        own_before = announcer.signals.mark((STREAM_CHANNEL,))
+        other_before = other.signals.mark((STREAM_CHANNEL,))
+        await announcer.signals.announce(STREAM_CHANNEL)
+        await asyncio.sleep(0.5)  # the NOTIFY's round trip back to both listeners
+        assert announcer.signals.mark((STREAM_CHANNEL,))[0] - own_before[0] == 1
+        assert other.signals.mark((STREAM_CHANNEL,))[0] - other_before[0] == 1
+    finally:
+        await other.dispose()
+        await announcer.dispose()
+
+
 async def test_a_woken_job_with_a_batch_window_serves_a_burst_of_signals_in_few_passes(
     container: Container,
 ) -> None:

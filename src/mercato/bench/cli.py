@@ -234,10 +234,43 @@ def realtime(
     broker: Annotated[
         str, typer.Option(help="Mercato's stream + broker backend: sql, redis or nats")
     ] = "sql",
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for --broker redis (default: the settings' default)")
+    ] = None,
+    nats_url: Annotated[str | None, typer.Option(help="NATS for --broker nats")] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Key / stream-name prefix on the shared broker (default: benchrt<pid>)")
+    ] = None,
+    port_range: Annotated[
+        str | None, typer.Option(help="Loopback ports the servers may take, LOW-HIGH (default: any)")
+    ] = None,
+    client_processes: Annotated[
+        int, typer.Option(help="Load-generator processes the connections are spread over", min=1)
+    ] = 1,
+    pacing: Annotated[
+        str, typer.Option(help="spread: rooms' sends evenly offset; burst: every room at once per interval")
+    ] = "spread",
 ) -> None:
     """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run; idle
     connections held by one process (`--idle`)."""
     from dataclasses import asdict
+
+    from mercato.bench.servers import set_port_range
+
+    if port_range:
+        low, _, high = port_range.partition("-")
+        set_port_range(int(low), int(high))
+    broker_env = {
+        "MERCATO_MESSAGING_BACKEND": broker,
+        # Its own keys / stream names on a shared Redis or NATS.
+        "MERCATO_MESSAGING_BROKER_PREFIX": prefix or f"benchrt{os.getpid()}",
+    }
+    if redis_url:
+        # The stream, the broker, the cache's shared tier and the limiter all on that Redis (its DB).
+        broker_env["MERCATO_MESSAGING_REDIS_URL"] = redis_url
+        broker_env["MERCATO_RATELIMIT_REDIS_URL"] = redis_url
+    if nats_url:
+        broker_env["MERCATO_MESSAGING_NATS_URL"] = nats_url
 
     from mercato.bench.realtime import (
         IdleResult,
@@ -258,11 +291,9 @@ def realtime(
             workdir=folder.path,
             database_url=database_url,
             find_max=find_max,
-            settings_env={
-                "MERCATO_MESSAGING_BACKEND": broker,
-                # Its own keys / stream names on a shared Redis or NATS.
-                "MERCATO_MESSAGING_BROKER_PREFIX": f"benchrt{os.getpid()}",
-            },
+            settings_env=broker_env,
+            client_processes=client_processes,
+            pacing=pacing,
         )
         if connections
         else []
@@ -273,7 +304,10 @@ def realtime(
             connections=idle, processes=idle_processes, hold_s=idle_hold_s, workdir=folder.path
         )
     load_after = os.getloadavg()
-    title = f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s"
+    title = (
+        f"{connections} connections, {rooms} rooms, {rate:g} msgs/s offered, {seconds:g} s, "
+        f"{client_processes} client process(es), {pacing} pacing"
+    )
     tables = realtime_table(results, idle_result, title=title)
     lines = [
         f"load average before {load_before[0]:.1f} after {load_after[0]:.1f} (2 cores, shared)",

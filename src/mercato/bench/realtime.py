@@ -13,7 +13,6 @@ order and backpressure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ from typing import Any
 
 import httpx
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
 
 from mercato.bench.accounts import issue_tokens
+from mercato.bench.realtime_client import ClientPlan, ClientPool
 from mercato.bench.realtime_idle import IdleResult, raise_fd_limit, run_idle_bench
 from mercato.bench.servers import ServerProcess, _clean_env, free_port, start_mercato, start_server
-from mercato.bench.stats import LatencyHistogram
 from mercato.kit.storage.migrations import upgrade
 
 __all__ = [
@@ -131,185 +129,90 @@ def _rss_kib(pid: int) -> int:
 # The ramp of `--find-max`: each step offers this much more than the last, at most this many steps.
 _RAMP_FACTOR = 1.5
 _RAMP_STEPS = 8
-# A step keeps up when this share of its deliveries arrived within `_KEEP_UP_TAIL_S` of its end.
-_KEEP_UP_SHARE = 0.98
-_KEEP_UP_TAIL_S = 2.0
 # How long the server's idle CPU (all subscribed, nothing sent) is measured before the first phase.
 _IDLE_CPU_S = 5.0
 
 
-async def _measure(
+def _measure(
     server: ServerProcess,
     *,
     name: str,
-    ws_url: str,
-    tokens: list[str] | None,
-    room_ids: list[str],
-    connections: int,
+    plan: ClientPlan,
     rate: float,
     seconds: float,
     find_max: bool = False,
 ) -> list[RealtimeResult]:
-    """One connection set, then one sending phase at `rate` or, with `find_max`, a ramp from `rate`
-    up (x1.5 per step) until a step does not keep up, then a phase at half the highest rate that
-    did: the rate goal (b) asks p99 at."""
-    rooms = len(room_ids)
+    """One connection set (held by `plan.processes` client processes), then one sending phase at
+    `rate` or, with `find_max`, a ramp from `rate` up (x1.5 per step) until a step does not keep up,
+    then a phase at half the highest rate that did: the rate goal (c) asks p99 at."""
+    connections, rooms = plan.connections, len(plan.room_ids)
     rss_before = _rss_kib(server.proc.pid)
+    pool = ClientPool(plan)
+    try:
+        pool.open()
+        time.sleep(1.0)
+        rss_idle = _rss_kib(server.proc.pid)
+        idle_kib = (rss_idle - rss_before) / connections if connections else None
+        pool.subscribe()
+        time.sleep(1.0)
+        # The server's own CPU with nothing sent, over `_IDLE_CPU_S` (the readers keep reading).
+        idle_start = server.cpu_s()
+        time.sleep(_IDLE_CPU_S)
+        idle_end = server.cpu_s()
+        idle_cpu = None
+        if idle_start is not None and idle_end is not None:
+            idle_cpu = (idle_end - idle_start) * 1000 / _IDLE_CPU_S
 
-    async def open_one(index: int) -> ClientConnection:
-        headers = {"Authorization": f"Bearer {tokens[index]}"} if tokens else None
-        # No compression offered, to either server: the same frames on the wire, no zlib per connection.
-        ws = await connect(ws_url, additional_headers=headers, max_queue=None, compression=None)
-        if tokens:
-            await ws.recv()  # ready
-        return ws
+        def phase(label: str, offered: float) -> tuple[RealtimeResult, bool]:
+            """Send at `offered` msgs/s for `seconds`; (result, whether it kept up)."""
+            cpu_start = server.cpu_s()
+            outcome = pool.phase(offered, seconds)
+            cpu_end = server.cpu_s()
+            delivered = outcome.hist.count
+            cpu = (
+                None
+                if cpu_start is None or cpu_end is None or not delivered
+                else (cpu_end - cpu_start) * 1e6 / delivered
+            )
+            # The achieved rate: what was sent, if it was delivered (the client may not reach `offered`).
+            achieved = outcome.sent / outcome.sending_s
+            result = RealtimeResult(
+                server=label,
+                connections=connections,
+                rooms=rooms,
+                offered_rate=round(achieved, 1),
+                sent=outcome.sent,
+                deliveries=delivered,
+                deliveries_per_s=delivered / outcome.elapsed_s,
+                p50_ms=outcome.hist.percentile_ms(50),
+                p99_ms=outcome.hist.percentile_ms(99),
+                cpu_ms_per_1000=cpu,
+                rss_kib_per_idle_connection=idle_kib,
+                idle_cpu_ms_per_s=idle_cpu,
+            )
+            time.sleep(1.0)
+            # A client that could not send at `offered` ends the ramp too.
+            return result, outcome.kept_up and achieved >= 0.9 * offered
 
-    conns: list[ClientConnection] = []
-    for start in range(0, connections, 100):
-        conns += await asyncio.gather(*(open_one(i) for i in range(start, min(start + 100, connections))))
-    await asyncio.sleep(1.0)
-    rss_idle = _rss_kib(server.proc.pid)
-    idle_kib = (rss_idle - rss_before) / connections if connections else None
-
-    def subscribe_frame(index: int) -> str:
-        return orjson.dumps({"type": "subscribe", "channel": f"room:{room_ids[index % rooms]}"}).decode()
-
-    resubscribed = 0
-    latencies = [LatencyHistogram()]  # the current phase's histogram is the last one
-    stop = asyncio.Event()
-    subscribed = 0
-    all_subscribed = asyncio.Event()
-
-    async def reader(index: int, ws: ClientConnection) -> None:
-        nonlocal subscribed, resubscribed
-        while not stop.is_set():
-            try:
-                raw = await asyncio.wait_for(ws.recv(), 1.0)
-            except TimeoutError:
-                continue
-            except Exception:  # noqa: BLE001 - a closed connection just stops counting
-                return
-            frame = orjson.loads(raw)
-            if frame.get("type") == "message":
-                latencies[-1].record_s(time.time() - float(str(frame["text"]).split("|", 1)[0]))
-            elif frame.get("type") == "subscribed":
-                subscribed += 1
-                if subscribed == len(conns):
-                    all_subscribed.set()
-            elif frame.get("type") == "error" and frame.get("code") == "unavailable":
-                # The protocol's answer to a server too busy to subscribe now: try again shortly.
-                resubscribed += 1
-                await asyncio.sleep(0.5)
-                await ws.send(subscribe_frame(index))
-
-    readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
-    # Subscribe in waves of 200, every subscription confirmed before the clock starts.
-    for start in range(0, len(conns), 200):
-        wave = range(start, min(start + 200, len(conns)))
-        for index in wave:
-            await conns[index].send(subscribe_frame(index))
-        deadline = time.monotonic() + 120
-        while subscribed < wave[-1] + 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
-            await asyncio.sleep(0.05)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(all_subscribed.wait(), 60)
-    await asyncio.sleep(1.0)
-    # The server's own CPU with nothing sent, over `_IDLE_CPU_S` (the readers keep reading).
-    idle_start = server.cpu_s()
-    await asyncio.sleep(_IDLE_CPU_S)
-    idle_end = server.cpu_s()
-    idle_cpu = None
-    if idle_start is not None and idle_end is not None:
-        idle_cpu = (idle_end - idle_start) * 1000 / _IDLE_CPU_S
-    senders = conns[:rooms]
-
-    async def phase(label: str, offered: float) -> tuple[RealtimeResult, bool]:
-        """Send at `offered` msgs/s for `seconds`; (result, whether it kept up)."""
-        hist = LatencyHistogram()
-        latencies.append(hist)
-        sent = 0
-        cpu_start = server.cpu_s()
-        began = time.monotonic()
-        interval = rooms / offered
-        while time.monotonic() - began < seconds:
-            tick = time.monotonic()
-            for index, ws in enumerate(senders):
-                text = f"{time.time()}|{'x' * 64}"
-                body = {
-                    "type": "send",
-                    "room": room_ids[index],
-                    "text": text,
-                    "client_msg_id": uuid.uuid4().hex,
-                }
-                await ws.send(orjson.dumps(body).decode())
-                sent += 1
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - tick)))
-        sending_s = time.monotonic() - began
-        # The tail: until every expected delivery arrived, or nothing more came for 3 s (max 30 s).
-        expected = sent * (connections // rooms)
-        last_count, last_change = hist.count, time.monotonic()
-        # When `_KEEP_UP_SHARE` of the expected deliveries had arrived (None: never).
-        reached_at = time.monotonic() if hist.count >= _KEEP_UP_SHARE * expected else None
-        while (
-            hist.count < expected
-            and time.monotonic() - last_change < 3
-            and time.monotonic() - began < sending_s + 30
-        ):
-            await asyncio.sleep(0.2)
-            if hist.count != last_count:
-                last_count, last_change = hist.count, time.monotonic()
-            if reached_at is None and hist.count >= _KEEP_UP_SHARE * expected:
-                reached_at = time.monotonic()
-        kept_up = reached_at is not None and reached_at - began <= sending_s + _KEEP_UP_TAIL_S
-        elapsed = time.monotonic() - began
-        cpu_end = server.cpu_s()
-        delivered = hist.count
-        cpu = (
-            None
-            if cpu_start is None or cpu_end is None or not delivered
-            else (cpu_end - cpu_start) * 1e6 / delivered
-        )
-        # The achieved rate: what was sent, if it was delivered (the client may not reach `offered`).
-        achieved = sent / sending_s
-        result = RealtimeResult(
-            server=label,
-            connections=connections,
-            rooms=rooms,
-            offered_rate=round(achieved, 1),
-            sent=sent,
-            deliveries=delivered,
-            deliveries_per_s=delivered / elapsed,
-            p50_ms=hist.percentile_ms(50),
-            p99_ms=hist.percentile_ms(99),
-            cpu_ms_per_1000=cpu,
-            rss_kib_per_idle_connection=idle_kib,
-            idle_cpu_ms_per_s=idle_cpu,
-        )
-        await asyncio.sleep(1.0)
-        # A client that could not send at `offered` (one process, shared cores) ends the ramp too.
-        return result, kept_up and achieved >= 0.9 * offered
-
-    results: list[RealtimeResult] = []
-    if find_max:
-        best: float | None = None
-        offered = rate
-        for _step in range(_RAMP_STEPS):
-            result, kept_up = await phase(f"{name} ramp", offered)
-            results.append(result)
-            if not kept_up:
-                break
-            best = result.offered_rate
-            offered *= _RAMP_FACTOR
-        half = (best if best is not None else results[0].offered_rate / _RAMP_FACTOR) / 2
-        final, _ = await phase(name, half)
-        results.append(final)
-    else:
-        results.append((await phase(name, rate))[0])
-    stop.set()
-    await asyncio.gather(*readers, return_exceptions=True)
-    for ws in conns:
-        await ws.close()
-    return results
+        results: list[RealtimeResult] = []
+        if find_max:
+            best: float | None = None
+            offered = rate
+            for _step in range(_RAMP_STEPS):
+                result, kept_up = phase(f"{name} ramp", offered)
+                results.append(result)
+                if not kept_up:
+                    break
+                best = result.offered_rate
+                offered *= _RAMP_FACTOR
+            half = (best if best is not None else results[0].offered_rate / _RAMP_FACTOR) / 2
+            final, _ = phase(name, half)
+            results.append(final)
+        else:
+            results.append(phase(name, rate)[0])
+        return results
+    finally:
+        pool.close()
 
 
 def run_realtime_bench(
@@ -322,6 +225,8 @@ def run_realtime_bench(
     database_url: str | None,
     find_max: bool = False,
     settings_env: dict[str, str] | None = None,
+    client_processes: int = 1,
+    pacing: str = "spread",
 ) -> list[RealtimeResult]:
     """Mercato (with `find_max`: its ramp, then half its maximum), then the bare relay at the rate
     Mercato's last phase ran at, so the per-core comparison is at one offered rate."""
@@ -360,19 +265,8 @@ def run_realtime_bench(
             created.raise_for_status()
             room_ids.append(str(created.json()["id"]))
         ws_url = ours.base_url.replace("http://", "ws://") + "/v1/ws"
-        results += asyncio.run(
-            _measure(
-                ours,
-                name="mercato",
-                ws_url=ws_url,
-                tokens=tokens,
-                room_ids=room_ids,
-                connections=connections,
-                rate=rate,
-                seconds=seconds,
-                find_max=find_max,
-            )
-        )
+        plan = ClientPlan(ws_url, tokens, room_ids, connections, client_processes, pacing)
+        results += _measure(ours, name="mercato", plan=plan, rate=rate, seconds=seconds, find_max=find_max)
     finally:
         ours.stop()
     port = free_port()
@@ -385,17 +279,20 @@ def run_realtime_bench(
         ready_path="/healthz",
     )
     try:
-        results += asyncio.run(
-            _measure(
-                bare,
-                name="bare websockets",
-                ws_url=f"ws://127.0.0.1:{port}/",
-                tokens=None,
-                room_ids=[f"r{r}" for r in range(rooms)],
-                connections=connections,
-                rate=results[-1].offered_rate if find_max else rate,
-                seconds=seconds,
-            )
+        plan = ClientPlan(
+            f"ws://127.0.0.1:{port}/",
+            None,
+            [f"r{r}" for r in range(rooms)],
+            connections,
+            client_processes,
+            pacing,
+        )
+        results += _measure(
+            bare,
+            name="bare websockets",
+            plan=plan,
+            rate=results[-1].offered_rate if find_max else rate,
+            seconds=seconds,
         )
     finally:
         bare.stop()

@@ -29,8 +29,30 @@ from mercato.config import AuthSettings, DatabaseSettings, Environment, SeedSett
 from mercato.demo.seed import seed_demo
 from mercato.kit.storage.migrations import upgrade
 
+# Ports `free_port` picks from (None: any the kernel offers). A bench on a machine shared with other
+# runs sets it (`mercato bench realtime --port-range`) so its servers stay inside the range it owns.
+_port_range: tuple[int, int] | None = None
+
+
+def set_port_range(low: int, high: int) -> None:
+    """Pick every later `free_port` in [low, high] (inclusive)."""
+    global _port_range
+    if not 0 < low <= high < 65536:
+        raise ValueError("a port range is 1 <= low <= high <= 65535")
+    _port_range = (low, high)
+
 
 def free_port() -> int:
+    if _port_range is not None:
+        low, high = _port_range
+        for port in random.sample(range(low, high + 1), min(200, high - low + 1)):
+            with socket.socket() as sock:
+                try:
+                    sock.bind((ALLOWED_HOST, port))
+                except OSError:
+                    continue
+                return port
+        raise OSError(f"no free port in {low}-{high}")
     with socket.socket() as sock:
         sock.bind((ALLOWED_HOST, 0))
         return int(sock.getsockname()[1])

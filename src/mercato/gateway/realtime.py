@@ -34,6 +34,10 @@ _log = get_logger("mercato.realtime")
 router = APIRouter()
 
 _CONSUMER_LEASE = "realtime:consumers"
+# The work signal a chat send announces (kit/storage/signals.py): only the chat persisters wait on
+# it. Announced on the shared stream channel, every send also woke the order feed (two stream reads
+# for nothing) and every other consumer waiting there, in every process.
+CHAT_SENDS = "chat_sends"
 
 
 def is_staff(principal: Principal) -> bool:
@@ -102,7 +106,7 @@ class RealtimeRuntime:
     async def _announce(self) -> None:
         # Wake the chat persisters (whichever process's holds the room's partition) at once.
         try:
-            await self.container.db.signals.announce(STREAM_CHANNEL)
+            await self.container.db.signals.announce(CHAT_SENDS)
         except Exception:  # noqa: BLE001 - published already; the persisters' safety poll finds it
             _log.warning("chat_announce_failed", exc_info=True)
 
@@ -122,8 +126,10 @@ class RealtimeRuntime:
         )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
-            asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s)),
-            asyncio.create_task(self._loop("chat_persist", persister.run_once, poll_s)),
+            asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s, (STREAM_CHANNEL,))),
+            asyncio.create_task(
+                self._loop("chat_persist", persister.run_once, poll_s, (STREAM_CHANNEL, CHAT_SENDS))
+            ),
         ]
         if self._single_reader:
             self._tasks.append(asyncio.create_task(self._hold_lease(consumer)))
@@ -153,11 +159,17 @@ class RealtimeRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=ttl_s / 3)
 
-    async def _loop(self, name: str, run_once: Callable[[], Awaitable[int]], poll_s: float) -> None:
+    async def _loop(
+        self,
+        name: str,
+        run_once: Callable[[], Awaitable[int]],
+        poll_s: float,
+        channels: tuple[str, ...],
+    ) -> None:
         signals = self.container.db.signals
         while not self._stop.is_set():
             await self._leader.wait()
-            mark = signals.mark((STREAM_CHANNEL,))
+            mark = signals.mark(channels)
             try:
                 handled = await run_once()
             except Exception:  # noqa: BLE001 - a failed pass (database or broker away) is retried
@@ -167,7 +179,7 @@ class RealtimeRuntime:
             if not handled:
                 # Woken by messages reaching the stream (this process, or NOTIFY from the worker's
                 # relay on PostgreSQL; kit/storage/signals.py); `poll_s` is the safety poll.
-                await signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=poll_s, stop=self._stop)
+                await signals.wait(channels, since=mark, timeout_s=poll_s, stop=self._stop)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -46,7 +46,6 @@ from mercato.kit.messaging.nats_jetstream_dead_letters import JetStreamDeadLette
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     Delivery,
-    ack_each,
     check_replay_start,
     poll_read,
 )
@@ -187,7 +186,25 @@ class JetStreamStream(JetStreamDeadLetters):
         await self._respond(delivery.receipt, b"+ACK")
         self._forget(delivery)
 
-    ack_many = ack_each
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """The acks sent together and awaited together: each is a request JetStream answers, and
+        one after the other a pass of N deliveries waited N round trips before its next read.
+        JetStream acks each message on its own (no cumulative ack), so their order does not matter."""
+        replays = [d for d in deliveries if d.receipt.startswith(_DLQ_RECEIPT)]
+        for delivery in replays:
+            await self._settle_replay(delivery, error=None)
+        live = [d for d in deliveries if not d.receipt.startswith(_DLQ_RECEIPT) and self._is_live(d)]
+        results = await asyncio.gather(
+            *(self._respond(d.receipt, b"+ACK") for d in live), return_exceptions=True
+        )
+        failed: BaseException | None = None
+        for delivery, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                failed = failed or result
+            else:
+                self._forget(delivery)
+        if failed is not None:
+            raise failed
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):

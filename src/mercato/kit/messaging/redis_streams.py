@@ -34,12 +34,13 @@ from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
+from mercato.kit.messaging.redis_streams_scripts import ACK_MANY as _ACK_MANY
+from mercato.kit.messaging.redis_streams_scripts import LAG as _LAG
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     DeadLetter,
     DeadLetterStatus,
     Delivery,
-    ack_each,
     check_replay_start,
     poll_read,
 )
@@ -285,32 +286,6 @@ return 1
 """
 )
 
-# KEYS: partition stream keys. ARGV: group.
-_LAG = """
-local total = 0
-for _, key in ipairs(KEYS) do
-  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  if last then
-    local info = nil
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-      local h = {}
-      for i = 1, #g, 2 do h[g[i]] = g[i + 1] end
-      if h['name'] == ARGV[1] then info = h end
-    end
-    local last_seq = tonumber(string.match(last[1], '-(%d+)$'))
-    if info == nil then
-      total = total + redis.call('XLEN', key)
-    else
-      -- Not yet delivered (offsets are dense, so a subtraction) plus delivered but not acked.
-      local nxt = redis.call('XRANGE', key, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)[1]
-      if nxt then total = total + last_seq - tonumber(string.match(nxt[1], '-(%d+)$')) + 1 end
-      total = total + info['pending']
-    end
-  end
-end
-return total
-"""
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -357,6 +332,7 @@ class RedisStream:
         self._publish = redis.register_script(_PUBLISH)
         self._read = redis.register_script(_READ)
         self._ack = redis.register_script(_ACK)
+        self._ack_many = redis.register_script(_ACK_MANY)
         self._nack = redis.register_script(_NACK)
         self._settle = redis.register_script(_SETTLE_REPLAY)
         self._replay_letters = redis.register_script(_REPLAY_LETTERS)
@@ -465,7 +441,23 @@ class RedisStream:
             args=[delivery.group, delivery.consumer, delivery.receipt, delivery.attempt],
         )
 
-    ack_many = ack_each
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Every live delivery of `deliveries` acknowledged in one script call (each checked as
+        `ack` checks it: still pending, same consumer, same attempt); dead letters being replayed
+        are settled one by one. Per group, in the order given."""
+        keys: dict[tuple[str, str], dict[str, int]] = {}
+        args: dict[tuple[str, str], list[Any]] = {}
+        for delivery in deliveries:
+            if delivery.receipt.startswith(_DLQ_RECEIPT):
+                await self._settle_replay(delivery, error=None)
+                continue
+            slot = (delivery.topic, delivery.group)
+            group_keys = keys.setdefault(slot, {})
+            key = self._key(delivery.topic, delivery.partition)
+            index = group_keys.setdefault(key, len(group_keys) + 1)
+            args.setdefault(slot, []).extend([index, delivery.consumer, delivery.receipt, delivery.attempt])
+        for (_topic, group), rest in args.items():
+            await self._ack_many(keys=list(keys[(_topic, group)]), args=[group, *rest])
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):

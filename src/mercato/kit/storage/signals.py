@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ class WorkSignals:
             weakref.WeakKeyDictionary()
         )
         self.listener_errors = 0
+        # The payload of this instance's own `announce`: its listener hears that NOTIFY too, and
+        # `announce` fired locally already; firing again ran every waiting loop a second, empty
+        # pass (the chat persister: one wasted stream read per message sent).
+        self._origin = uuid.uuid4().hex
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -161,7 +166,7 @@ class WorkSignals:
         pooled = await self._engine.raw_connection()
         try:
             driver: Any = pooled.driver_connection  # an asyncpg connection
-            await driver.execute("SELECT pg_notify($1, '')", pg_channel)
+            await driver.execute("SELECT pg_notify($1, $2)", pg_channel, self._origin)
         except BaseException:
             await greenlet_spawn(pooled.invalidate)  # its state is unknown after a failure
             raise
@@ -222,8 +227,9 @@ class WorkSignals:
     async def _listen(self, state: _LoopState) -> None:
         """One pooled connection LISTENing on every channel waited on; reconnects when lost."""
 
-        def on_notification(_conn: Any, _pid: int, channel: str, _payload: str) -> None:
-            self.fire(channel.removeprefix(_PREFIX))
+        def on_notification(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+            if payload != self._origin:
+                self.fire(channel.removeprefix(_PREFIX))
 
         while True:
             try:

@@ -324,13 +324,14 @@ class ChatPersister:
         consumer: str,
         batch: int = 200,
         hook: MessagingHook | None = None,
+        lag: LagReporter | None = None,
     ) -> None:
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
         self._consumer = consumer
         self._batch = batch
-        self._lag = LagReporter(stream, hook)
+        self._lag = lag or LagReporter(stream, hook)
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
@@ -340,9 +341,16 @@ class ChatPersister:
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
-        await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=bool(deliveries))
         if not deliveries:
+            await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
             return 0
+        handled = await self._handle(deliveries)
+        # After the acks: counted between the read and the ack, the lag included the batch in hand
+        # (the "~50 messages behind" of ADR 0063's run was one pass's batch) and delayed it.
+        await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+        return handled
+
+    async def _handle(self, deliveries: list[Delivery]) -> int:
         by_room: dict[uuid.UUID, list[Delivery]] = {}
         for delivery in deliveries:
             by_room.setdefault(uuid.UUID(str(delivery.message.data["room"])), []).append(delivery)
@@ -369,7 +377,7 @@ class ChatPersister:
                 await self._stream.nack(delivery, error=failed or "not persisted")
                 return index
         # The pass's acks in as few round trips as the stream allows (the SQL log: one statement per
-        # partition's run of offsets, instead of one per message).
+        # partition's run of offsets; Redis Streams: one script call; JetStream: sent together).
         await self._stream.ack_many(deliveries)
         return len(deliveries)
 

@@ -30,6 +30,7 @@ from mercato.kit.partitioning import stable_hash64
 from mercato.kit.storage import Database
 from mercato.shop.chat.model import ChatMessage
 from mercato.shop.chat.shardmap import MAIN, Route, ShardMap
+from mercato.shop.chat.shards_pg import persist_rooms_pg
 from mercato.shop.chat.tables import messages, shard_fences, shard_map
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ShardMapConflict",
     "ShardMoved",
     "ShardUnavailable",
+    "assign",
     "insert_ignoring_duplicates",
     "lock_room",
     "message_of",
@@ -400,6 +402,8 @@ async def _persist_rooms_on(
     statements: the fences, the dedup lookup, the heads (one GROUP BY) and one multi-row insert.
     Returns the stored rooms and the fenced ones (left for the caller to retry)."""
     room_ids = sorted(batches)
+    if db.dialect == "postgresql":
+        return await persist_rooms_pg(db, batches, room_ids, now)
     async with db.write() as conn:
         await lock_rooms_shared(conn, room_ids)
         fenced = {
@@ -426,24 +430,37 @@ async def _persist_rooms_on(
                 .group_by(messages.c.room_id)
             )
         }
-        stored: dict[uuid.UUID, list[tuple[ChatMessage, bool]]] = {}
-        rows: list[dict[str, Any]] = []
-        for room_id in live:
-            head = heads.get(room_id, 0)
-            results = stored[room_id] = []
-            for sender, text_, client_msg_id in batches[room_id]:
-                seen = known.get((room_id, sender, client_msg_id))
-                if seen is not None:
-                    results.append((seen, False))
-                    continue
-                head += 1
-                message = ChatMessage(room_id, head, sender, text_, client_msg_id, now)
-                known[(room_id, sender, client_msg_id)] = message
-                rows.append(row_of(message))
-                results.append((message, True))
-        if rows:
-            await conn.execute(insert(messages), rows)
+        stored, new = assign(live, batches, known, heads, now)
+        if new:
+            await conn.execute(insert(messages), [row_of(m) for m in new])
     return stored, sorted(fenced)
+
+
+def assign(
+    room_ids: Sequence[uuid.UUID],
+    batches: dict[uuid.UUID, list[Draft]],
+    known: dict[tuple[uuid.UUID, str, str], ChatMessage],
+    heads: dict[uuid.UUID, int],
+    now: datetime,
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[ChatMessage]]:
+    """Each room's drafts in order: a known (room, sender, client_msg_id) returns its message and
+    False, a new one takes the room's next seq. Returns the results and the messages to insert."""
+    stored: dict[uuid.UUID, list[tuple[ChatMessage, bool]]] = {}
+    new: list[ChatMessage] = []
+    for room_id in room_ids:
+        head = heads.get(room_id, 0)
+        results = stored[room_id] = []
+        for sender, text_, client_msg_id in batches[room_id]:
+            seen = known.get((room_id, sender, client_msg_id))
+            if seen is not None:
+                results.append((seen, False))
+                continue
+            head += 1
+            message = ChatMessage(room_id, head, sender, text_, client_msg_id, now)
+            known[(room_id, sender, client_msg_id)] = message
+            new.append(message)
+            results.append((message, True))
+    return stored, new
 
 
 Position = tuple[datetime, uuid.UUID, int]  # (sent_at, room, seq): the scatter-gather keyset

@@ -1,0 +1,107 @@
+"""The persister's group commit on PostgreSQL, on the driver path (kit/storage/statements.py).
+
+Through SQLAlchemy, a pass's transaction cost seven round trips (BEGIN, the room locks, the fences,
+the dedup lookup, the heads, the insert, COMMIT) and most of its CPU in compiling the `IN (...)`
+lists, whose length changes every pass so no compiled form is ever reused. Here the room and id
+lists are array parameters of three prepared statements whose text never changes: the shared room
+locks; the fences, heads and known (sender, client_msg_id) pairs in one read; and one insert of
+`unnest`ed arrays. BEGIN and COMMIT stay SQLAlchemy's (`Database.write`), so the transaction, its
+outage mapping and its statement counting are the same as every other write's.
+
+The locks are a statement of their own on purpose: a statement's snapshot is taken when it starts,
+so a read in the same statement as the lock wait could miss a fence the mover committed while we
+waited (the mover holds the room's lock exclusively while it fences).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+
+from mercato.kit.storage import Database
+from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
+from mercato.shop.chat.model import ChatMessage
+
+__all__ = ["persist_rooms_pg"]
+
+# Draft: (sender, text, client_msg_id).
+_Draft = tuple[str, str, str]
+
+_LOCK = driver_prepared(
+    text(
+        "SELECT pg_advisory_xact_lock_shared(k) "
+        "FROM (SELECT k FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k) AS ordered"
+    ).bindparams(bindparam("keys"))
+)
+
+# kind 0: a fenced room; 1: a room's head; 2: a message already stored under one of the ids.
+_READ = driver_prepared(
+    text(
+        "SELECT 0, room_id, CAST(0 AS bigint), CAST(NULL AS varchar), CAST(NULL AS text), "
+        "CAST(NULL AS varchar), CAST(NULL AS timestamptz) "
+        "FROM chat_shard_fences WHERE room_id = ANY(CAST(:rooms AS uuid[])) "
+        "UNION ALL "
+        "SELECT 1, room_id, max(seq), NULL, NULL, NULL, NULL "
+        "FROM chat_messages WHERE room_id = ANY(CAST(:rooms AS uuid[])) GROUP BY room_id "
+        "UNION ALL "
+        "SELECT 2, room_id, seq, sender, text, client_msg_id, sent_at FROM chat_messages "
+        "WHERE room_id = ANY(CAST(:rooms AS uuid[])) AND client_msg_id = ANY(CAST(:ids AS varchar[]))"
+    ).bindparams(bindparam("rooms"), bindparam("ids"))
+)
+
+_INSERT = driver_prepared(
+    text(
+        "INSERT INTO chat_messages (room_id, seq, sender, text, client_msg_id, sent_at) "
+        "SELECT * FROM unnest(CAST(:room_ids AS uuid[]), CAST(:seqs AS bigint[]), "
+        "CAST(:senders AS varchar[]), CAST(:texts AS text[]), CAST(:client_ids AS varchar[]), "
+        "CAST(:sent AS timestamptz[]))"
+    ).bindparams(
+        bindparam("room_ids"),
+        bindparam("seqs"),
+        bindparam("senders"),
+        bindparam("texts"),
+        bindparam("client_ids"),
+        bindparam("sent"),
+    )
+)
+
+
+async def persist_rooms_pg(
+    db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
+    """`shards._persist_rooms_on` on PostgreSQL: the same locks, checks and rows, in three
+    prepared statements inside one `db.write()` transaction."""
+    from mercato.shop.chat.shards import assign, room_lock_key  # the module that calls this one
+
+    async with db.write() as conn:
+        executor = on_connection(conn)
+        await executor.rows(_LOCK, {"keys": sorted(room_lock_key(r) for r in room_ids)})
+        ids = sorted({client_msg_id for r in room_ids for _s, _t, client_msg_id in batches[r]})
+        rows = await executor.rows(_READ, {"rooms": list(room_ids), "ids": ids})
+        fenced = {row[1] for row in rows if row[0] == 0}
+        live = [r for r in room_ids if r not in fenced]
+        if not live:
+            return {}, sorted(fenced)
+        heads = {row[1]: int(row[2]) for row in rows if row[0] == 1}
+        known = {
+            (row[1], row[3], row[5]): ChatMessage(row[1], int(row[2]), row[3], row[4], row[5], row[6])
+            for row in rows
+            if row[0] == 2
+        }
+        stored, new = assign(live, batches, known, heads, now)
+        if new:
+            columns: dict[str, list[Any]] = {
+                "room_ids": [m.room_id for m in new],
+                "seqs": [m.seq for m in new],
+                "senders": [m.sender for m in new],
+                "texts": [m.text for m in new],
+                "client_ids": [m.client_msg_id for m in new],
+                "sent": [m.sent_at for m in new],
+            }
+            await executor.run(_INSERT, columns)
+    return stored, sorted(fenced)
