@@ -193,3 +193,19 @@ def test_a_tampered_copy_of_a_remembered_token_is_still_checked(clock: ManualClo
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     with pytest.raises(InvalidToken):
         verifying.verify(f"{header}.{forged}.{signature}")
+
+
+def test_a_remembered_token_still_verifies_after_the_ring_reloads_the_same_key(clock: ManualClock) -> None:
+    # Every process reloads its ring from the database (every 30 s), which hands out new key
+    # objects for the same keys: a token remembered under the old object must not be refused
+    # (it was: a burst of 401s for every remembered token after each reload, seen in the bench).
+    key = SigningKey.generate(generation=1, now=START)
+    ring = KeyRing((key,), overlap_s=930)
+    verifying = codec(clock, ring)
+    token = verifying.issue(Principal("u1")).token
+    verifying.verify(token)
+    reloaded = SigningKey(
+        kid=key.kid, generation=1, public=key.public, private=key.private, created_at=key.created_at
+    )
+    ring.replace((reloaded,))
+    assert verifying.verify(token).subject == "u1"

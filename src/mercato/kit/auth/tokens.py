@@ -101,7 +101,14 @@ class TokenCodec:
     def verify(self, token: str) -> Principal:
         if len(token) > 4096:
             raise InvalidToken("token too long")
+        now = self._clock.now()
         known = self._verified.get(token)
+        if known is not None and self._keys.verifier(known[0].kid, now) is not known[0]:
+            # The ring no longer holds that very key: retired, or the ring was reloaded (every
+            # process reloads it periodically, handing out new key objects). Verify afresh: a
+            # retired key is refused there, a reloaded one verifies again.
+            self._verified.pop(token, None)
+            known = None
         if known is None:
             known = self._verify_signed(token)
             self._verified[token] = known
@@ -111,11 +118,7 @@ class TokenCodec:
         else:
             with contextlib.suppress(KeyError):
                 self._verified.move_to_end(token)
-        key, principal, expires, not_before = known
-        now = self._clock.now()
-        if self._keys.verifier(key.kid, now) is not key:
-            self._verified.pop(token, None)
-            raise InvalidToken("unknown or retired signing key")
+        _, principal, expires, not_before = known
         moment = now.timestamp()
         if expires + self._leeway_s < moment:
             raise InvalidToken("token expired")
