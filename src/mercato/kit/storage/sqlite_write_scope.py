@@ -43,10 +43,7 @@ YIELD_EVERY_S = 0.0005
 
 
 class SqliteWriteScope:
-    """`Database.write()` on SQLite, as a class rather than a generator (two generator-based
-    context managers cost ~8 µs of a ~40 µs write): queue on this loop's write lock, then a
-    transaction on the loop's writer connection (sqlite_writer.py, ADR 0064), or on a pooled
-    connection when there is none or the queue timed out (a nested write)."""
+    """One `Database.write()` scope on SQLite (see the module's docstring)."""
 
     __slots__ = ("_db", "_fallback", "_queued", "_writer", "_writes")
 
