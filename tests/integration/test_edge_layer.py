@@ -4,20 +4,26 @@ with exactly the bytes and headers the route gives, on both engines and with the
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import uuid
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from uvicorn.server import ServerState
 
 from mercato.bootstrap import Container
 from mercato.gateway.fast_reads import PRODUCT_ROUTE
+from mercato.kit.web.http_protocol import MercatoHttpProtocol
 from mercato.shop.catalog.api import router as catalog_router
 from tests.integration.edge_apps import client_for, edge_of, shop_app
 from tests.integration.shop_support import product
 from tests.integration.statement_budget import counting
+from tests.recording_transport import RecordingTransport
 
 # What differs between two answers to the same request by construction.
 _PER_REQUEST = {"x-request-id", "date"}
@@ -154,3 +160,45 @@ async def test_a_refusing_step_answers_before_the_later_steps_and_the_route(
     assert options.status_code == 204
     assert options.headers["allow"] == "GET, HEAD, PATCH, OPTIONS"
     assert _calls(route_calls, app) == []
+
+
+async def test_cached_reads_through_the_server_protocol_leave_no_reference_cycle(
+    container: Container,
+) -> None:
+    """Every object a cached read makes is freed by its reference count as the request ends: none is
+    left for the cycle collector, whose passes cost more than the read itself when each request left
+    its exchange, scope, uvicorn cycle and task context in a cycle (ADR 0068)."""
+    item = await product(container, "EDGE-5", 900)
+    app = shop_app(container)
+    config = uvicorn.Config(app, log_config=None, lifespan="off", server_header=False)
+    state = ServerState()
+    protocol = MercatoHttpProtocol(config=config, server_state=state, app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    reads = [
+        f"GET /v1/products/{item.id} HTTP/1.1\r\nHost: t\r\n\r\n".encode(),
+        b"GET /v1/products?category=books HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\n\r\n",
+    ]
+
+    async def serve(request: bytes) -> bytes:
+        transport.writes.clear()
+        protocol.data_received(request)
+        await asyncio.gather(*state.tasks)
+        await asyncio.sleep(0)
+        return b"".join(transport.writes)
+
+    for request in reads:  # the first of each fills the cache and the steps' memo tables
+        assert (await serve(request)).startswith(b"HTTP/1.1 200 OK")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for request in reads * 3:
+            assert (await serve(request)).startswith(b"HTTP/1.1 200 OK")
+        gc.collect()
+        left = sorted({type(found).__qualname__ for found in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []

@@ -13,36 +13,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from mercato.kit.web.http_protocol import MercatoHttpProtocol
+from tests.recording_transport import RecordingTransport
 
 _REQUEST = b"GET /thing HTTP/1.1\r\nHost: example.test\r\n\r\n"
-
-
-class _Transport(asyncio.Transport):
-    """The socket as uvicorn sees it: every `write` recorded as one system call would be."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "write after close"
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 async def _constant(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -54,13 +27,13 @@ async def _serve(
     protocol_class: type[HttpToolsProtocol],
     app: Any,
     request: bytes = _REQUEST,
-    transport: _Transport | None = None,
-) -> _Transport:
+    transport: RecordingTransport | None = None,
+) -> RecordingTransport:
     config = uvicorn.Config(app, log_config=None, lifespan="off", server_header=False, date_header=False)
     state = ServerState()
     loop = asyncio.get_running_loop()
     protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
-    transport = transport or _Transport()
+    transport = transport or RecordingTransport()
     protocol.connection_made(transport)
     protocol.data_received(request)
     await asyncio.gather(*state.tasks)
@@ -86,7 +59,7 @@ async def test_uvicorns_own_protocol_writes_twice() -> None:
 @pytest.mark.asyncio
 async def test_a_head_whose_body_comes_later_is_written_within_the_iteration() -> None:
     seen_before_body: list[list[bytes]] = []
-    transport_ref: list[_Transport] = []
+    transport_ref: list[RecordingTransport] = []
 
     async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = [(b"content-type", b"text/event-stream")]
@@ -97,7 +70,7 @@ async def test_a_head_whose_body_comes_later_is_written_within_the_iteration() -
         await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    transport = _Transport()
+    transport = RecordingTransport()
     transport_ref.append(transport)
     await _serve(MercatoHttpProtocol, stream, transport=transport)
 

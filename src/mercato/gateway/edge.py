@@ -295,7 +295,7 @@ class Edge:
             # reference counts as the request ends. Left as a cycle, every request's objects (the
             # exchange, uvicorn's cycle, its task's context...) waited for the cycle collector, whose
             # young-generation passes then cost more than the rest of a cached read.
-            del scope[_SCOPE_KEY]
+            scope.pop(_SCOPE_KEY, None)
             for cleanup in reversed(ex.cleanups):
                 cleanup()
             elapsed = time.perf_counter() - start
