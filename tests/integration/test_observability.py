@@ -79,3 +79,27 @@ async def test_log_lines_are_json_with_request_id(
     assert access["route"] == "/healthz"
     assert access["status"] == 200
     assert {"ts", "level", "event"} <= set(access)
+
+
+async def test_a_cached_reads_metrics_recorded_on_the_loop_reach_the_scrape_with_their_values(
+    container: Container, database_url: str
+) -> None:
+    """The edge, the version step, the limiter and the cache record a cached read without a lock
+    (ADR 0068): /metrics still shows each of those recordings, under the same names and labels."""
+    [product] = await container.catalog.create_many(demo_products(1, random.Random(2)))
+    app = create_app(make_settings(database_url), container=container, configure_logs=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        for _ in range(5):
+            assert (await http.get(f"/v1/products/{product.id}")).status_code == 200
+        text = (await http.get("/metrics")).text
+    route = 'method="GET",route="/v1/products/{product_id}"'
+    assert f'mercato_http_requests_total{{{route},status="200"}} 5.0' in text
+    assert f"mercato_http_request_duration_seconds_count{{{route}}} 5.0" in text
+    assert f'mercato_http_request_duration_seconds_bucket{{le="+Inf",{route}}} 5.0' in text
+    assert 'mercato_http_requests_by_version_total{selected_by="path",version="v1"} 5.0' in text
+    # The first read missed the application cache and loaded the product; the other four hit it.
+    assert 'mercato_cache_requests_total{cache="products",result="miss",tier="memory"} 1.0' in text
+    assert 'mercato_cache_requests_total{cache="products",result="hit",tier="memory"} 4.0' in text
+    # Catalog reads are sheddable; the scrape itself (critical) was admitted before it ran.
+    assert 'mercato_backpressure_queue_wait_seconds_count{class="sheddable"} 5.0' in text
+    assert 'mercato_backpressure_queue_wait_seconds_count{class="critical"} 1.0' in text

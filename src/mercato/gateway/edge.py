@@ -30,13 +30,13 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mercato.gateway.errors import outage_response
 from mercato.gateway.middleware import BodyRefused, refuse_body, with_client_address
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.observability import HttpMetrics, get_logger, request_id_var
+from mercato.kit.observability.loop_metrics import LoopCounter, LoopHistogram
 from mercato.kit.privacy import network_prefix
 from mercato.kit.resilience.deadline import DEADLINE_HEADER, deadline_scope, parse_deadline_header
 from mercato.kit.resilience.deadline import Deadline as RequestDeadline
@@ -148,12 +148,13 @@ class Step(Protocol):
 
 
 class _MetricChildren:
-    """`HttpMetrics`' children by label values, resolved once per (method, route, status)."""
+    """`HttpMetrics`' children by label values, resolved once per (method, route, status); recorded
+    into without a lock (`record`: the edge runs on the event loop's thread)."""
 
     def __init__(self, metrics: HttpMetrics) -> None:
         self._metrics = metrics
-        self._counters: dict[tuple[str, str, int], Counter] = {}
-        self._histograms: dict[tuple[str, str], Histogram] = {}
+        self._counters: dict[tuple[str, str, int], LoopCounter] = {}
+        self._histograms: dict[tuple[str, str], LoopHistogram] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)
@@ -163,8 +164,8 @@ class _MetricChildren:
         histogram = self._histograms.get(key[:2])
         if histogram is None:
             histogram = self._histograms[key[:2]] = self._metrics.latency.labels(method, route)
-        counter.inc()
-        histogram.observe(seconds)
+        counter.record()
+        histogram.record(seconds)
 
 
 def _route_template(scope: Scope, ex: Exchange) -> str:

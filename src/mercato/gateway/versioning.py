@@ -27,9 +27,11 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Scope
+
+from mercato.kit.observability.loop_metrics import LoopCounter
 
 __all__ = [
     "V1_POLICY",
@@ -88,7 +90,8 @@ V1_POLICY: Final = DeprecationPolicy(
 
 class VersionMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
+        # Recorded into by the edge step on the event loop's thread (`record`, no lock).
+        self.requests = LoopCounter(
             "mercato_http_requests_by_version_total",
             "Requests to versioned routes, by the API version served and how it was selected "
             "(path or accept).",
@@ -182,7 +185,7 @@ class Versioning:
         self.policies = policies if policies is not None else {1: V1_POLICY}
         self.latest = latest
         # The counter's children, resolved once per (version, selected_by).
-        self._counters: dict[tuple[int, str], Any] = {}
+        self._counters: dict[tuple[int, str], LoopCounter] = {}
         self._encoded: dict[DeprecationPolicy, list[tuple[bytes, bytes]]] = {}
         self._links: dict[tuple[bytes, bytes], bytes] = {}
         self._plans: dict[tuple[str, str, bytes | None, bytes, str | None], _Plan] = {}
@@ -226,7 +229,7 @@ class Versioning:
         if plan.path is not None:
             ex.path = scope["path"] = plan.path
             scope["raw_path"] = plan.raw_path
-        plan.counter.inc()
+        plan.counter.record()
         if plan.hook is not None:
             ex.on_start(plan.hook)
         return None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from mercato.kit.observability.loop_metrics import LoopHistogram
 
 if TYPE_CHECKING:
     from mercato.kit.backpressure.limiter import Priority
@@ -60,7 +62,8 @@ class PrometheusBackpressureMetrics:
             ["class", "reason"],
             registry=registry,
         )
-        self._wait = Histogram(
+        # Recorded into without a lock (`record`): the limiter admits on the event loop's thread.
+        self._wait = LoopHistogram(
             "mercato_backpressure_queue_wait_seconds",
             "Time admitted requests waited for a slot",
             ["class"],
@@ -75,7 +78,7 @@ class PrometheusBackpressureMetrics:
         self._wait_by_class = {priority: self._wait.labels(priority.label) for priority in Priority}
 
     def admitted(self, priority: Priority, *, queue_wait_s: float) -> None:
-        self._wait_by_class[priority].observe(queue_wait_s)
+        self._wait_by_class[priority].record(queue_wait_s)
 
     def shed(self, priority: Priority, *, reason: str) -> None:
         self._shed.labels(priority.label, reason).inc()

@@ -6,6 +6,8 @@ from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mercato.kit.observability.loop_metrics import LoopCounter
+
 __all__ = ["CacheHooks", "Lookup", "NoCacheHooks", "PrometheusCacheHooks"]
 
 # hit: fresh value from the named tier; negative: a cached "not found"; miss: nothing servable.
@@ -48,7 +50,8 @@ class NoCacheHooks:
 
 class PrometheusCacheHooks:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._lookups = Counter(
+        # Recorded into without a lock (`record`): lookups run on the event loop's thread.
+        self._lookups = LoopCounter(
             "mercato_cache_requests",
             "Cache lookups by cache, tier and result (hit, negative, miss)",
             ["cache", "tier", "result"],
@@ -79,14 +82,14 @@ class PrometheusCacheHooks:
         self._entries = Gauge("mercato_cache_entries", "Entries held", ["tier"], registry=registry)
         self._bytes = Gauge("mercato_cache_bytes", "Bytes held", ["tier"], registry=registry)
         # The lookup counter's children by label values: resolving `labels()` costs more than `inc()`.
-        self._lookup_children: dict[tuple[str, str, str], Counter] = {}
+        self._lookup_children: dict[tuple[str, str, str], LoopCounter] = {}
 
     def lookup(self, cache: str, tier: str, result: Lookup) -> None:
         key = (cache, tier, result)
         child = self._lookup_children.get(key)
         if child is None:
             child = self._lookup_children[key] = self._lookups.labels(cache, tier, result)
-        child.inc()
+        child.record()
 
     def load(self, cache: str, seconds: float, *, error: bool) -> None:
         self._load.labels(cache, "error" if error else "ok").observe(seconds)

@@ -6,31 +6,32 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mercato.kit.observability.loop_metrics import LoopCounter, LoopHistogram
+
 # Latency buckets in seconds: dense where an API lives (1 ms to 1 s), sparse beyond.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
 class HttpMetrics:
-    """Request count by status and latency histogram, labelled by route template, never raw path."""
+    """Request count by status and latency histogram, labelled by route template, never raw path.
+    Their children take `record` (unlocked) from the event loop's thread: the edge's per-request path."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "mercato_http_requests_total",
             "HTTP requests handled, by method, route template and status code.",
             ["method", "route", "status"],
             registry=registry,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "mercato_http_request_duration_seconds",
             "HTTP request latency from first byte in to last byte out.",
             ["method", "route"],
