@@ -74,6 +74,10 @@ def merge_vary(existing: str | None, extra: Sequence[str]) -> str:
 
 
 _READS = frozenset({"GET", "HEAD"})
+# Paths whose marker (or its absence) is remembered: emptied when full; longer paths are matched each
+# time (a few thousand of them are not worth the memory).
+_BY_PATH_SIZE = 4096
+_BY_PATH_MAX = 256
 
 
 class EdgeCache:
@@ -83,19 +87,40 @@ class EdgeCache:
         # Kept by reference: the runtime configuration replaces the list's items (ADR 0045).
         self.policies = policies
         self._markers: dict[CachePolicy, _Marker] = {}
+        # The marker of each path (None: no policy), valid while the policies are the ones seen.
+        self._seen = list(policies)
+        self._by_path: dict[str, _Marker | None] = {}
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
         if ex.method not in _READS:
             return None
-        policy = _policy_for(self.policies, ex.path)
-        if policy is not None:
-            marker = self._markers.get(policy)
-            if marker is None:
-                if len(self._markers) >= 64:
-                    self._markers.clear()  # policies replaced by the runtime configuration
-                marker = self._markers[policy] = _Marker(policy)
+        if self.policies != self._seen:
+            # Replaced by the runtime configuration: what each path matched may have changed.
+            self._seen = list(self.policies)
+            self._by_path.clear()
+        path = ex.path
+        try:
+            marker = self._by_path[path]
+        except KeyError:
+            marker = self._marker_for(path)
+            if len(path) <= _BY_PATH_MAX:
+                if len(self._by_path) >= _BY_PATH_SIZE:
+                    self._by_path.clear()
+                self._by_path[path] = marker
+        if marker is not None:
             ex.on_start(marker)
         return None
+
+    def _marker_for(self, path: str) -> _Marker | None:
+        policy = _policy_for(self.policies, path)
+        if policy is None:
+            return None
+        marker = self._markers.get(policy)
+        if marker is None:
+            if len(self._markers) >= 64:
+                self._markers.clear()  # policies replaced by the runtime configuration
+            marker = self._markers[policy] = _Marker(policy)
+        return marker
 
 
 class _Marker:

@@ -48,6 +48,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 # Server-Sent Events streams (real time, ADR 0029).
 _LONG_LIVED = re.compile(r"^/v\d+/orders/[^/]+/events$")
+# Distinct (method, path) pairs whose class is remembered (paths carry ids): emptied when full, which
+# costs one classification per pair again. Longer paths are classified each time: they are not worth
+# the memory a few thousand of them would hold.
+_CLASSES_SIZE = 4096
+_CLASSES_PATH_MAX = 256
 
 
 def classify(method: str, path: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Priority:
@@ -91,12 +96,29 @@ class Shedding:
     ) -> None:
         self.limiter = limiter
         self.classifier = classifier
+        # A class depends only on the method and path: decided once per pair, not by up to seven
+        # regular expressions on every request.
+        self._classes: dict[tuple[str, str], Priority | None] = {}
+
+    def _class_of(self, method: str, path: str) -> Priority | None:
+        """The request's class, or None for a request that takes no slot."""
+        key = (method, path)
+        try:
+            return self._classes[key]
+        except KeyError:
+            pass
+        # A live stream holds its request for minutes: it must not hold a concurrency slot.
+        found = None if _LONG_LIVED.match(path) else self.classifier(method, path)
+        if len(path) <= _CLASSES_PATH_MAX:
+            if len(self._classes) >= _CLASSES_SIZE:
+                self._classes.clear()
+            self._classes[key] = found
+        return found
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
-        if _LONG_LIVED.match(ex.path):
-            # A live stream holds its request for minutes: it must not hold a concurrency slot.
+        priority = self._class_of(ex.method, ex.path)
+        if priority is None:
             return None
-        priority = self.classifier(ex.method, ex.path)
         try:
             await self.limiter.acquire(priority)
         except Overloaded as exc:
