@@ -32,6 +32,8 @@ def test_recorded_and_incremented_counts_are_exposed_as_the_locked_counter_expos
     assert _exposition(loop) == _exposition(plain)
     assert loop.get_sample_value("demo_requests_total", {"route": "/a"}) == 7.0
     assert loop.get_sample_value("demo_requests_total", {"route": "/b"}) == 3.0
+    counter.labels("/b").reset()
+    assert loop.get_sample_value("demo_requests_total", {"route": "/b"}) == 0.0
 
 
 def test_recorded_values_fall_in_the_buckets_observe_would_put_them_in() -> None:

@@ -38,6 +38,11 @@ class LoopCounter(Counter):
         # Callers pass non-negative amounts (one request, one lookup): no check on this path.
         self._recorded += amount
 
+    def reset(self) -> None:
+        # Counter's own reset, and what was recorded (from the loop's thread, as `record`).
+        super().reset()
+        self._recorded = 0.0
+
     def _child_samples(self) -> Iterable[Sample]:
         recorded = self._recorded
         if not recorded:
