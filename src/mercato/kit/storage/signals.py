@@ -73,6 +73,9 @@ class WorkSignals:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        # The last loop's state, looked up without a weak reference per commit (ADR 0069); it keeps
+        # that loop object alive until another loop uses this instance.
+        self._last: tuple[asyncio.AbstractEventLoop | None, _LoopState | None] = (None, None)
         self.listener_errors = 0
         # The payload of this instance's own `announce`: its listener hears that NOTIFY too, and
         # `announce` fired locally already; firing again ran every waiting loop a second, empty
@@ -81,9 +84,13 @@ class WorkSignals:
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
+        last_loop, state = self._last
+        if last_loop is loop and state is not None:
+            return state
         state = self._loops.get(loop)
         if state is None:
             state = self._loops[loop] = _LoopState()
+        self._last = (loop, state)
         return state
 
     # ---- producing ---------------------------------------------------------------------------
@@ -120,6 +127,14 @@ class WorkSignals:
         """`take_pending` given the connection's `info` (the SQLite writer keeps it at hand)."""
         pending: set[str] | None = info.pop(_PENDING, None)
         return pending or set()
+
+    def committed_from(self, info: dict[Any, Any]) -> None:
+        """`committed(take_pending_from(info))`, without an empty set per commit (the SQLite
+        writer's commit on the loop, ADR 0069)."""
+        pending: set[str] | None = info.pop(_PENDING, None)
+        self.wrote()
+        if pending:
+            self.fire(*pending)
 
     def committed(self, pending: set[str]) -> None:
         """A write transaction committed: count it and fire what it queued (`take_pending`)."""

@@ -99,7 +99,7 @@ class SqliteWriteScope:
                     # The common case, without a coroutine: COMMIT on the loop. Channels queued
                     # by `after_commit` fire now (taken after the COMMIT: nothing else can use
                     # the connection meanwhile, the write lock is still ours).
-                    db.signals.committed(db.signals.take_pending_from(writer.info))
+                    db.signals.committed_from(writer.info)
                 else:
                     await end_on_writer(db, writer, exc)
             else:
