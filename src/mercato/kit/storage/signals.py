@@ -73,9 +73,6 @@ class WorkSignals:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
-        # The last loop's state, looked up without a weak reference per commit (ADR 0069); it keeps
-        # that loop object alive until another loop uses this instance.
-        self._last: tuple[asyncio.AbstractEventLoop | None, _LoopState | None] = (None, None)
         self.listener_errors = 0
         # The payload of this instance's own `announce`: its listener hears that NOTIFY too, and
         # `announce` fired locally already; firing again ran every waiting loop a second, empty
@@ -84,14 +81,16 @@ class WorkSignals:
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
-        last_loop, state = self._last
-        if last_loop is loop and state is not None:
-            return state
         state = self._loops.get(loop)
         if state is None:
             state = self._loops[loop] = _LoopState()
-        self._last = (loop, state)
         return state
+
+    def loop_state(self) -> _LoopState:
+        """This loop's state, for `committed_in`: a caller that keeps one per loop already (the SQLite
+        write queue) saves the loop look-up per commit (`get_running_loop` is a `getpid` system
+        call on Python 3.11)."""
+        return self._state()
 
     # ---- producing ---------------------------------------------------------------------------
 
@@ -128,11 +127,11 @@ class WorkSignals:
         pending: set[str] | None = info.pop(_PENDING, None)
         return pending or set()
 
-    def committed_from(self, info: dict[Any, Any]) -> None:
-        """`committed(take_pending_from(info))`, without an empty set per commit (the SQLite
-        writer's commit on the loop, ADR 0069)."""
+    def committed_in(self, loop_state: _LoopState, info: dict[Any, Any]) -> None:
+        """`committed(take_pending_from(info))` given this loop's `loop_state()`, without an empty
+        set per commit (the SQLite writer's commit on the loop, ADR 0069)."""
         pending: set[str] | None = info.pop(_PENDING, None)
-        self.wrote()
+        loop_state.local_writes += 1
         if pending:
             self.fire(*pending)
 
