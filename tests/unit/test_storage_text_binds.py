@@ -70,3 +70,30 @@ def test_utc_datetime_binds_on_sqlite_as_the_two_step_conversion_did(moment: dat
     assert one_step(None) is None
     with pytest.raises(ValueError):
         one_step(moment.replace(tzinfo=None))
+
+
+def test_driver_statement_args_are_the_values_in_order_with_their_conversions() -> None:
+    from sqlalchemy import Integer, String, bindparam, literal_column, select
+
+    from mercato.kit.storage.statements import DriverStatement
+
+    dialect = sqlite.dialect()
+    moment = datetime(2026, 12, 6, 16, 13, 39, 5, tzinfo=UTC)
+    many = DriverStatement.compile(
+        select(
+            bindparam("a", type_=String),
+            bindparam("at", type_=UTCDateTime),
+            bindparam("b", type_=Integer),
+            bindparam("a", type_=String),
+            bindparam("fixed", 7, type_=Integer),
+        ),
+        dialect,
+    )
+    assert many.names == ("a", "at", "b", "a", "fixed")
+    assert many.args({"a": "x", "at": moment, "b": 2}) == ["x", "2026-12-06 16:13:39.000005", 2, "x", 7]
+    with pytest.raises(KeyError):
+        many.args({"a": "x", "b": 2})
+    one = DriverStatement.compile(select(bindparam("only", type_=String)), dialect)
+    assert one.args({"only": "y", "ignored": 1}) == ["y"]
+    none = DriverStatement.compile(select(literal_column("1")), dialect)
+    assert none.args({}) == []
