@@ -16,7 +16,9 @@ each; ADR 0058). Inside a transaction holding the write lock it runs on the loop
 hop at all (ADR 0062). One statement is atomic on its own (a failing INSERT undoes only itself), so it needs
 no savepoint to keep the caller's transaction usable. In `Database.write()` that transaction is the
 SQLite writer connection's, begun on the driver, so an append alone never builds a SQLAlchemy
-transaction; a one-event append reads its position from the rowid instead of RETURNING (ADR 0064).
+transaction; a one-event append reads its position from the rowid instead of RETURNING (ADR 0064)
+and is a VALUES row whose version is NULL when the check fails (a NOT NULL failure, no rows
+written): `INSERT … SELECT` from the table it inserts into costs SQLite a temporary table (ADR 0069).
 """
 
 from __future__ import annotations
