@@ -32,8 +32,9 @@ from mercato.kit.eventstore import (
     retry_on_conflict,
     snapshots,
 )
+from mercato.kit.eventstore.store import _CHECKED_INSERT_ONE
 from mercato.kit.storage import Database, create_database
-from mercato.kit.storage.statements import add_driver_listener
+from mercato.kit.storage.statements import Statements, add_driver_listener
 from mercato.shop.payments.model import LedgerRuleBroken, PaymentLedger
 
 
@@ -179,6 +180,19 @@ class EventStoreContract:
         async with db.write() as conn:
             with pytest.raises(IntegrityError):
                 await store.append(conn, s, [evt(1), broken], expected_version=0)
+            await store.append(conn, other, [evt(1)], expected_version=0)
+        assert (await version_of(db, s), await version_of(db, other)) == (0, 1)
+
+    async def test_a_one_event_append_failing_a_constraint_is_no_conflict(
+        self, db: Database, store: EventStore
+    ) -> None:
+        """A one-event append's version check fails as a NOT NULL of its version on SQLite (ADR
+        0069): any other NOT NULL column is the caller's error, not a concurrency conflict."""
+        s, other = stream(), stream()
+        broken = NewEvent(None, {"n": 1})  # type: ignore[arg-type]
+        async with db.write() as conn:
+            with pytest.raises(IntegrityError):
+                await store.append(conn, s, [broken], expected_version=0)
             await store.append(conn, other, [evt(1)], expected_version=0)
         assert (await version_of(db, s), await version_of(db, other)) == (0, 1)
 
@@ -403,6 +417,20 @@ class TestSqliteEventStore(EventStoreContract):
         assert [sql.split(None, 1)[0] for sql in sent] == ["INSERT", "INSERT", "SELECT"]
         assert [e.version for e in recorded] == [1, 2]
         assert await version_of(db, s) == 2
+
+    async def test_a_one_event_append_builds_no_temporary_table(self, db: Database) -> None:
+        """`INSERT … SELECT` reading the table it inserts into runs through a temporary table
+        (OpenEphemeral): a third of SQLite's work for a one-event append (ADR 0069). The one-event
+        statement is a VALUES row."""
+        sql = Statements(db.engine.dialect).get(_CHECKED_INSERT_ONE).sql
+        async with db.read() as conn:
+            driver = await conn.get_raw_connection()
+            plan = await driver.driver_connection.execute_fetchall(  # type: ignore[union-attr]
+                f"EXPLAIN {sql}", ["s", "s", 0, 1, "t", "{}", "{}", "2026-01-01 00:00:00.000000"]
+            )
+        opcodes = [row[1] for row in plan]
+        assert "Insert" in opcodes
+        assert "OpenEphemeral" not in opcodes
 
 
 class TestPostgresEventStore(EventStoreContract):

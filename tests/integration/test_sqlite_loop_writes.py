@@ -218,9 +218,9 @@ async def test_the_payment_ledger_consumer_appends_on_the_loop(
         on_loop.append(str(statement).split(" ", 3)[2])
         return await rows(self, statement, params)
 
-    async def spy_one(self: LoopExecutor, statement: ClauseElement, params: dict[str, Any]) -> int | None:
+    def spy_one(self: LoopExecutor, statement: ClauseElement, params: dict[str, Any]) -> int | None:
         on_loop.append(str(statement).split(" ", 3)[2])
-        return await inserted_rowid(self, statement, params)
+        return inserted_rowid(self, statement, params)
 
     monkeypatch.setattr(LoopExecutor, "rows", spy)
     monkeypatch.setattr(LoopExecutor, "inserted_rowid", spy_one)

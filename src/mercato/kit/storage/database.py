@@ -101,6 +101,9 @@ class Database:
         self._loop_writes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWrites] = (
             weakref.WeakKeyDictionary()
         )
+        # The last loop's entry, looked up without a weak reference per write (ADR 0069). It keeps
+        # that loop object alive until another loop writes: a closed loop holds no resources.
+        self._last_writes: tuple[asyncio.AbstractEventLoop | None, LoopWrites | None] = (None, None)
         self._writer_eligible = self._serialize_writes
 
     @property
@@ -206,9 +209,13 @@ class Database:
 
     def _writes(self) -> LoopWrites:
         loop = asyncio.get_running_loop()
+        last_loop, writes = self._last_writes
+        if last_loop is loop and writes is not None:
+            return writes
         writes = self._loop_writes.get(loop)
         if writes is None:
             writes = self._loop_writes[loop] = LoopWrites(asyncio.Lock())
+        self._last_writes = (loop, writes)
         return writes
 
     async def _queue_for_the_writer(self, lock: asyncio.Lock) -> bool:

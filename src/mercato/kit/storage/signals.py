@@ -86,6 +86,12 @@ class WorkSignals:
             state = self._loops[loop] = _LoopState()
         return state
 
+    def loop_state(self) -> _LoopState:
+        """This loop's state, for `committed_in`: a caller that keeps one per loop already (the SQLite
+        write queue) saves the loop look-up per commit (`get_running_loop` is a `getpid` system
+        call on Python 3.11)."""
+        return self._state()
+
     # ---- producing ---------------------------------------------------------------------------
 
     def fire(self, *channels: str) -> None:
@@ -120,6 +126,14 @@ class WorkSignals:
         """`take_pending` given the connection's `info` (the SQLite writer keeps it at hand)."""
         pending: set[str] | None = info.pop(_PENDING, None)
         return pending or set()
+
+    def committed_in(self, loop_state: _LoopState, info: dict[Any, Any]) -> None:
+        """`committed(take_pending_from(info))` given this loop's `loop_state()`, without an empty
+        set per commit (the SQLite writer's commit on the loop, ADR 0069)."""
+        pending: set[str] | None = info.pop(_PENDING, None)
+        loop_state.local_writes += 1
+        if pending:
+            self.fire(*pending)
 
     def committed(self, pending: set[str]) -> None:
         """A write transaction committed: count it and fire what it queued (`take_pending`)."""

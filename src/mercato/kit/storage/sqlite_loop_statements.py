@@ -40,10 +40,12 @@ class LoopExecutor:
         self._statements = statements
         self._cursor: sqlite3.Cursor | None = None
 
-    async def inserted_rowid(self, statement: ClauseElement, params: dict[str, Any]) -> int | None:
+    def inserted_rowid(self, statement: ClauseElement, params: dict[str, Any]) -> int | None:
         """Run an INSERT of at most one row, without RETURNING: the new row's rowid, or None when
         it inserted none. SQLite's RETURNING and the fetch of its row cost a fifth of a one-event
-        append (ADR 0064); a single-row INSERT's rowid and change count come with the statement."""
+        append (ADR 0064); a single-row INSERT's rowid and change count come with the statement.
+        Not a coroutine: it never waits (the write lock is held), and its caller need not be one
+        (ADR 0069)."""
         prepared = self._statements.get(statement)
         args = prepared.args(params)
         observe(prepared.sql)

@@ -13,7 +13,7 @@ import asyncio
 import time
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,12 +29,14 @@ __all__ = ["YIELD_EVERY_S", "LoopWrites", "SqliteWriteScope", "end_on_writer"]
 class LoopWrites:
     """One event loop's write queue and SQLite writer connection."""
 
-    __slots__ = ("lock", "writer", "yielded_at")
+    __slots__ = ("lock", "signals", "writer", "yielded_at")
 
     def __init__(self, lock: asyncio.Lock) -> None:
         self.lock = lock
         self.writer: SqliteWriter | None = None
         self.yielded_at = 0.0
+        # The database's `WorkSignals.loop_state()` for this loop, taken on the first commit.
+        self.signals: Any = None
 
 
 # A write on the writer connection may finish without suspending; writes back to back yield the
@@ -99,7 +101,10 @@ class SqliteWriteScope:
                     # The common case, without a coroutine: COMMIT on the loop. Channels queued
                     # by `after_commit` fire now (taken after the COMMIT: nothing else can use
                     # the connection meanwhile, the write lock is still ours).
-                    db.signals.committed(db.signals.take_pending_from(writer.info))
+                    writes = self._writes
+                    if writes.signals is None:
+                        writes.signals = db.signals.loop_state()
+                    db.signals.committed_in(writes.signals, writer.info)
                 else:
                     await end_on_writer(db, writer, exc)
             else:
