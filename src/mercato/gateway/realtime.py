@@ -128,7 +128,9 @@ class RealtimeRuntime:
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s, (STREAM_CHANNEL,))),
             asyncio.create_task(
-                self._loop("chat_persist", persister.run_once, poll_s, (STREAM_CHANNEL, CHAT_SENDS))
+                # Overlapped (ADR 0070): a pass is read and persisted while the one before it is
+                # published and acknowledged.
+                self._loop("chat_persist", persister.run_overlapped, poll_s, (STREAM_CHANNEL, CHAT_SENDS))
             ),
         ]
         if self._single_reader:

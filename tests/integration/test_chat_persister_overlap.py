@@ -1,0 +1,126 @@
+"""The chat persister's overlapped passes (ADR 0070): a pass is read and persisted while the one
+before it is published and acknowledged; persists and publishes each keep stream order, so every
+room's events still reach the broker in seq order; a failed publish publishes nothing behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from mercato.bootstrap import Container
+from mercato.kit.messaging import partition_for
+from mercato.kit.realtime import ChannelEvent
+from mercato.shop.chat.service import CHAT_GROUP, CHAT_TOPIC, ChatPersister, send_message
+
+
+async def _rooms_on_two_partitions(container: Container, users: list[str]) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two rooms whose messages land on different stream partitions (one batch out per partition:
+    two passes in hand at once are always two partitions' batches)."""
+    partitions = int(container.stream.partitions)  # type: ignore[attr-defined]
+    first = (await container.chat.create_room("first", users, created_by=users[0])).id
+    while True:
+        other = (await container.chat.create_room("other", users, created_by=users[0])).id
+        if partition_for(str(other), partitions=partitions) != partition_for(str(first), partitions=partitions):
+            return first, other
+
+
+async def _send(container: Container, room: uuid.UUID, sender: str, text: str) -> None:
+    now = container.clock.now()
+    await container.stream.publish(
+        [send_message(room_id=room, sender=sender, text=text, client_msg_id=text, reply_to="n/1", now=now)]
+    )
+
+
+async def test_the_next_pass_is_persisted_while_the_previous_one_is_published(container: Container) -> None:
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    room_a, room_b = await _rooms_on_two_partitions(container, users)
+    await _send(container, room_a, users[0], "a1")
+    await _send(container, room_b, users[1], "b1")
+    publishing = asyncio.Event()
+    release = asyncio.Event()
+    published: list[list[str]] = []
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        published.append([str(e.data["text"]) for e in events])
+        if len(published) == 1:
+            publishing.set()
+            await release.wait()
+
+    # batch=1: each pass holds one message, so the two messages are two passes.
+    persister = ChatPersister(chat, container.stream, publish_many, consumer="t1", batch=1)
+    step = asyncio.create_task(persister.run_overlapped())
+    await asyncio.wait_for(publishing.wait(), timeout=10)
+    # The first pass's publish has not returned, and the other message is read and committed
+    # meanwhile (the stream serves its partitions in turn: either message may come first).
+    first = published[0][0]
+    other, other_text = (room_b, "b1") if first == "a1" else (room_a, "a1")
+    for _ in range(200):
+        if await chat.history(other, after=0, limit=10):
+            break
+        await asyncio.sleep(0.01)
+    assert [m.text for m in await chat.history(other, after=0, limit=10)] == [other_text]
+    assert not step.done()
+    release.set()
+    assert await step == 2  # the first published and acknowledged, the other persisted and held
+    assert published == [[first]]
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 1  # persisted, not yet acked
+    assert await persister.run_overlapped() == 1
+    assert published == [[first], [other_text]]
+    assert await persister.run_overlapped() == 0
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+
+
+async def test_overlapped_passes_publish_every_room_in_seq_order(container: Container) -> None:
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    room_a, room_b = await _rooms_on_two_partitions(container, users)
+    for n in range(8):
+        await _send(container, room_a, users[0], f"a{n}")
+        await _send(container, room_b, users[1], f"b{n}")
+    published: list[ChannelEvent] = []
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        await asyncio.sleep(0.005)  # a broker round trip the next pass overlaps
+        published.extend(events)
+
+    persister = ChatPersister(chat, container.stream, publish_many, consumer="t1", batch=3)
+    steps = 0
+    while await persister.run_overlapped():
+        steps += 1
+        assert steps < 50, "the persister never drained the stream"
+    for room, prefix in ((room_a, "a"), (room_b, "b")):
+        mine = [e for e in published if e.channel == f"room:{room}"]
+        assert [e.seq for e in mine] == list(range(1, 9))
+        assert [e.data["text"] for e in mine] == [f"{prefix}{n}" for n in range(8)]
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+
+
+async def test_a_failed_publish_publishes_nothing_persisted_behind_it(container: Container) -> None:
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    room_a, room_b = await _rooms_on_two_partitions(container, users)
+    await _send(container, room_a, users[0], "a1")
+    await _send(container, room_b, users[1], "b1")
+    published: list[ChannelEvent] = []
+    calls = [0]
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            await asyncio.sleep(0.05)  # long enough for the next pass to be read and persisted
+            raise ConnectionError("broker away")
+        published.extend(events)
+
+    persister = ChatPersister(chat, container.stream, publish_many, consumer="t1", batch=1)
+    with pytest.raises(ConnectionError):
+        await persister.run_overlapped()
+    texts = [m.text for room in (room_a, room_b) for m in await chat.history(room, after=0, limit=10)]
+    assert sorted(texts) == ["a1", "b1"]  # both persisted (the second while the first was published)...
+    # ...but neither published nor acknowledged: both come back after the visibility timeout, their
+    # persist then a no-op (the dedup), and nothing is held for the next step to publish out of turn.
+    assert await persister.run_overlapped() == 0
+    assert published == []
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 2
