@@ -20,9 +20,10 @@ async def _rooms_on_two_partitions(container: Container, users: list[str]) -> tu
     two passes in hand at once are always two partitions' batches)."""
     partitions = int(container.stream.partitions)  # type: ignore[attr-defined]
     first = (await container.chat.create_room("first", users, created_by=users[0])).id
+    taken = partition_for(str(first), partitions=partitions)
     while True:
         other = (await container.chat.create_room("other", users, created_by=users[0])).id
-        if partition_for(str(other), partitions=partitions) != partition_for(str(first), partitions=partitions):
+        if partition_for(str(other), partitions=partitions) != taken:
             return first, other
 
 
