@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,59 @@ async def test_a_failed_publish_publishes_nothing_persisted_behind_it(container:
     assert await persister.run_overlapped() == 0
     assert published == []
     assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 2
+
+
+async def test_it_reads_ahead_only_when_a_send_was_signalled_since_its_last_read(
+    container: Container,
+) -> None:
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    room_a, room_b = await _rooms_on_two_partitions(container, users)
+    stream = container.stream
+    reads = [0]
+    signals = [0]  # what the API process's loop counts: its work signals fired
+    signal_after_read = [False]  # a send signalled while the pass just read is in hand
+
+    class _Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(stream, name)
+
+        async def read(self, *args: Any, **kwargs: Any) -> Any:
+            reads[0] += 1
+            found = await stream.read(*args, **kwargs)
+            if signal_after_read[0]:
+                signal_after_read[0] = False
+                signals[0] += 1
+            return found
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        pass
+
+    persister = ChatPersister(
+        chat,
+        _Counting(),
+        publish_many,
+        consumer="t1",
+        batch=1,
+        wakeups=lambda: signals[0],  # type: ignore[arg-type]
+    )
+    await _send(container, room_a, users[0], "a1")
+    signals[0] += 1
+    # One message, nothing signalled after the read that took it: published without a read ahead
+    # (a read ahead would be one more stream read per message at low rates, always empty).
+    assert await persister.run_overlapped() == 1
+    assert reads[0] == 1
+    assert await persister.run_overlapped() == 0  # the read after the acks: nothing
+    assert reads[0] == 2
+    # Two messages on two partitions: the first step reads one pass; a send is signalled while it
+    # is in hand, so the other pass is read ahead (during the first one's publish) and held.
+    await _send(container, room_a, users[0], "a2")
+    await _send(container, room_b, users[1], "b1")
+    signals[0] += 2
+    signal_after_read[0] = True
+    reads[0] = 0
+    assert await persister.run_overlapped() == 2
+    assert reads[0] == 2
+    assert await persister.run_overlapped() == 1
+    assert await persister.run_overlapped() == 0
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0

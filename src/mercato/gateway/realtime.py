@@ -38,6 +38,8 @@ _CONSUMER_LEASE = "realtime:consumers"
 # it. Announced on the shared stream channel, every send also woke the order feed (two stream reads
 # for nothing) and every other consumer waiting there, in every process.
 CHAT_SENDS = "chat_sends"
+# What the chat persisters wait on: chat sends, and the stream's own signal (the SQL log's publishes).
+_PERSISTER_CHANNELS = (STREAM_CHANNEL, CHAT_SENDS)
 
 
 def is_staff(principal: Principal) -> bool:
@@ -122,7 +124,12 @@ class RealtimeRuntime:
             c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
         )
         persister = ChatPersister(
-            c.chat, c.stream, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
+            c.chat,
+            c.stream,
+            c.hub.publish_many,
+            consumer=consumer,
+            hook=c.messaging_hook,
+            wakeups=lambda: sum(c.db.signals.mark(_PERSISTER_CHANNELS)),
         )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
@@ -130,7 +137,7 @@ class RealtimeRuntime:
             asyncio.create_task(
                 # Overlapped (ADR 0070): a pass is read and persisted while the one before it is
                 # published and acknowledged.
-                self._loop("chat_persist", persister.run_overlapped, poll_s, (STREAM_CHANNEL, CHAT_SENDS))
+                self._loop("chat_persist", persister.run_overlapped, poll_s, _PERSISTER_CHANNELS)
             ),
         ]
         if self._single_reader:

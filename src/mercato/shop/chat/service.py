@@ -335,7 +335,11 @@ class ChatPersister:
         batch: int = 200,
         hook: MessagingHook | None = None,
         lag: LagReporter | None = None,
+        wakeups: Callable[[], int] | None = None,
     ) -> None:
+        """`wakeups`: a count that moves whenever messages may have reached the stream (the work
+        signals the loop waits on). `run_overlapped` reads ahead only when it moved since its last
+        read; None: always."""
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
@@ -344,6 +348,8 @@ class ChatPersister:
         self._lag = lag or LagReporter(stream, hook)
         # A pass persisted by `run_overlapped` and not yet published (the next call publishes it).
         self._persisted: _Persisted | None = None
+        self._wakeups = wakeups
+        self._wakeups_at_read = -1
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
@@ -383,6 +389,13 @@ class ChatPersister:
         if previous.failed is not None:
             # A pass that could not persist everything is nacked first: nothing overlaps its redelivery.
             return await self._publish_and_ack(previous)
+        if self._wakeups is not None and self._wakeups() == self._wakeups_at_read:
+            # Nothing signalled since the last read: a read ahead would come back empty (at low
+            # rates, every message would cost one more stream read). The caller reads again after
+            # these acks, which also finds what another process sent to a partition this pass held.
+            handled = await self._publish_and_ack(previous)
+            await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+            return handled
         publishing = asyncio.ensure_future(self._publish_and_ack(previous))
         try:
             following = await self._read_and_persist()
@@ -400,6 +413,8 @@ class ChatPersister:
         return handled + (len(following.deliveries) if following is not None else 0)
 
     async def _read_and_persist(self) -> _Persisted | None:
+        if self._wakeups is not None:
+            self._wakeups_at_read = self._wakeups()
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
