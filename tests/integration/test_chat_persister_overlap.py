@@ -182,3 +182,20 @@ async def test_it_reads_ahead_only_when_a_send_was_signalled_since_its_last_read
     assert await persister.run_overlapped() == 1
     assert await persister.run_overlapped() == 0
     assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+    # Not a full batch, nothing signalled since its read: published, and 0 (the caller may wait for
+    # its next signal) with no read after the acks.
+    wide = ChatPersister(
+        chat,
+        _Counting(),
+        publish_many,
+        consumer="t1",
+        batch=10,
+        wakeups=lambda: signals[0],  # type: ignore[arg-type]
+    )
+    await _send(container, room_a, users[0], "a3")
+    signals[0] += 1
+    reads[0] = 0
+    assert await wide.run_overlapped() == 0
+    assert reads[0] == 1
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+    assert [m.text for m in await chat.history(room_a, after=0, limit=10)] == ["a1", "a2", "a3"]

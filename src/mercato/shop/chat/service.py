@@ -338,8 +338,9 @@ class ChatPersister:
         wakeups: Callable[[], int] | None = None,
     ) -> None:
         """`wakeups`: a count that moves whenever messages may have reached the stream (the work
-        signals the loop waits on). `run_overlapped` reads ahead only when it moved since its last
-        read; None: always."""
+        signals the caller of `run_overlapped` waits on). `run_overlapped` then reads ahead only
+        when it moved since its last read, and returns 0 after publishing when the caller may wait
+        for it to move; None: always reads ahead, returns 0 only when it read nothing."""
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
@@ -350,6 +351,7 @@ class ChatPersister:
         self._persisted: _Persisted | None = None
         self._wakeups = wakeups
         self._wakeups_at_read = -1
+        self._read_full = False
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
@@ -376,8 +378,12 @@ class ChatPersister:
         three round trips) before its read could start; at 150-220 msgs/s that was most of a
         message's wait (docs/benchmarks.md, Session 9: h-rt5).
 
-        Returns the messages taken in hand (published now, or persisted for the next step): 0 only
-        when nothing is held, so the caller may sleep until signalled. If the publish fails, the
+        Returns the messages taken in hand (published now, or persisted for the next step), or 0
+        when the caller may wait for its next work signal: nothing is held and no read came back
+        full. With `wakeups`, that includes a step that published: a send signalled during the
+        step is the caller's mark to see, and anything another process sent to a partition this
+        step held announced itself the same way (at low rates the read that followed every pass
+        was one more stream round trip per message, always empty). If the publish fails, the
         pass persisted behind it is not published either (its room may follow in the stream): both
         stay unacknowledged and come back after the visibility timeout, their persist a no-op."""
         previous, self._persisted = self._persisted, None
@@ -390,12 +396,10 @@ class ChatPersister:
             # A pass that could not persist everything is nacked first: nothing overlaps its redelivery.
             return await self._publish_and_ack(previous)
         if self._wakeups is not None and self._wakeups() == self._wakeups_at_read:
-            # Nothing signalled since the last read: a read ahead would come back empty (at low
-            # rates, every message would cost one more stream read). The caller reads again after
-            # these acks, which also finds what another process sent to a partition this pass held.
+            # Nothing signalled since the last read: a read ahead would come back empty.
             handled = await self._publish_and_ack(previous)
             await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
-            return handled
+            return handled if self._read_full else 0
         publishing = asyncio.ensure_future(self._publish_and_ack(previous))
         try:
             following = await self._read_and_persist()
@@ -410,6 +414,8 @@ class ChatPersister:
         handled = await publishing
         self._persisted = following
         await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+        if following is None and self._wakeups is not None and not self._read_full:
+            return 0
         return handled + (len(following.deliveries) if following is not None else 0)
 
     async def _read_and_persist(self) -> _Persisted | None:
@@ -418,6 +424,7 @@ class ChatPersister:
         deliveries = await self._stream.read(
             CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
         )
+        self._read_full = len(deliveries) >= self._batch  # more may be waiting: no sleep before the next
         if not deliveries:
             return None
         return await self._persist(deliveries)
