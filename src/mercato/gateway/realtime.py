@@ -23,21 +23,17 @@ from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit import Limit, build_limiter
 from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
 from mercato.shop.chat.model import room_channel, room_from_channel
-from mercato.shop.chat.service import ChatPersister, send_message
+from mercato.shop.chat.service import CHAT_SENDS, ChatPersister, send_message
 from mercato.shop.orders.live import OrderFeed
 from mercato.shop.orders.model import OrderNotFound
 
-__all__ = ["RealtimeRuntime", "router"]
+__all__ = ["CHAT_SENDS", "RealtimeRuntime", "router"]
 
 _log = get_logger("mercato.realtime")
 
 router = APIRouter()
 
 _CONSUMER_LEASE = "realtime:consumers"
-# The work signal a chat send announces (kit/storage/signals.py): only the chat persisters wait on
-# it. Announced on the shared stream channel, every send also woke the order feed (two stream reads
-# for nothing) and every other consumer waiting there, in every process.
-CHAT_SENDS = "chat_sends"
 # What the chat persisters wait on: chat sends, and the stream's own signal (the SQL log's publishes).
 _PERSISTER_CHANNELS = (STREAM_CHANNEL, CHAT_SENDS)
 

@@ -40,12 +40,16 @@ from mercato.shop.chat.shardmap import ShardMap
 from mercato.shop.chat.shards import ChatShards, Draft, Position, recent_messages
 from mercato.shop.chat.tables import members, messages, rooms
 
-__all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
+__all__ = ["CHAT_GROUP", "CHAT_SENDS", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
 
 _log = get_logger("mercato.chat")
 
 CHAT_TOPIC = "mercato.chat"
 CHAT_GROUP = "mercato.chat.persist"
+# The work signal (kit/storage/signals.py) that chat sends reaching the stream fire, and only the chat
+# persisters wait on. Announced on the shared stream channel, every send also woke the order feed
+# (two stream reads for nothing) and every other consumer waiting there, in every process.
+CHAT_SENDS = "chat_sends"
 MAX_MEMBERS = 1000
 
 # order id -> its customer's user id (None: no such order); the orders context, injected.
