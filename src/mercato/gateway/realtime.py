@@ -46,7 +46,8 @@ class SendCoalescer:
     """Chat sends arriving while a stream publish is in flight are published together, in arrival
     order, by the next one: one stream transaction (and one persister wake-up) per burst rather than
     per message (ADR 0056). Each caller returns once its own message is published, or gets the
-    publish's error (the session answers `unavailable`; the client re-sends, deduplicated)."""
+    publish's error (the session answers `unavailable`; the client re-sends, deduplicated).
+    `announce` must not raise (the runtime's logs and swallows a failed NOTIFY)."""
 
     def __init__(
         self,
@@ -62,6 +63,7 @@ class SendCoalescer:
         self.max_batch = max_batch
         self._pending: list[tuple[Message, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Future[None]] = set()  # held until done (the loop keeps weak refs)
 
     async def publish(self, message: Message) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -83,7 +85,12 @@ class SendCoalescer:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
-            await self._announce()
+            # Not awaited (ADR 0070): the next burst's publish no longer waits for this one's NOTIFY
+            # round trip. The wake-up starts at once (the local fire is the announcement's first
+            # step) and `WorkSignals.announce` folds announcements made meanwhile into one more.
+            announcing = asyncio.ensure_future(self._announce())
+            self._announcing.add(announcing)
+            announcing.add_done_callback(self._announcing.discard)
 
 
 class RealtimeRuntime:
