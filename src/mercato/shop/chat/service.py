@@ -356,6 +356,7 @@ class ChatPersister:
         self._wakeups = wakeups
         self._wakeups_at_read = -1
         self._read_full = False
+        self._read_clean = True
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
@@ -365,7 +366,7 @@ class ChatPersister:
         held, self._persisted = self._persisted, None
         if held is not None:  # left by `run_overlapped`: it goes out first, in stream order
             await self._publish_and_ack(held)
-        persisted = await self._read_and_persist()
+        persisted = await self._read_and_persist(clean=True)
         if persisted is None:
             await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
             return 0
@@ -383,16 +384,18 @@ class ChatPersister:
         message's wait (docs/benchmarks.md, Session 9: h-rt5).
 
         Returns the messages taken in hand (published now, or persisted for the next step), or 0
-        when the caller may wait for its next work signal: nothing is held and no read came back
-        full. With `wakeups`, that includes a step that published: a send signalled during the
-        step is the caller's mark to see, and anything another process sent to a partition this
-        step held announced itself the same way (at low rates the read that followed every pass
-        was one more stream round trip per message, always empty). If the publish fails, the
+        when the caller may wait for its next work signal: it read nothing; or, with `wakeups`, it
+        published a pass read when nothing of ours was unacknowledged, not a full batch, with no
+        signal since (at low rates the read that followed every pass was one more stream round trip
+        per message, always empty): a send signalled during the step is the caller's mark to see,
+        and one from another process announces itself the same way. After a read ahead it never
+        returns 0: that read may have run while a partition was still held by the pass being
+        acknowledged, so the caller reads again. If the publish fails, the
         pass persisted behind it is not published either (its room may follow in the stream): both
         stay unacknowledged and come back after the visibility timeout, their persist a no-op."""
         previous, self._persisted = self._persisted, None
         if previous is None:
-            previous = await self._read_and_persist()
+            previous = await self._read_and_persist(clean=True)
             if previous is None:
                 await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
                 return 0
@@ -403,10 +406,13 @@ class ChatPersister:
             # Nothing signalled since the last read: a read ahead would come back empty.
             handled = await self._publish_and_ack(previous)
             await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
-            return handled if self._read_full else 0
+            # 0 only after a read made while nothing of ours was unacknowledged: a message already
+            # signalled whose partition a pass of ours held at that read (a pass read ahead during
+            # the previous step's acks) is found only by reading again after these acks.
+            return 0 if self._read_clean and not self._read_full else handled
         publishing = asyncio.ensure_future(self._publish_and_ack(previous))
         try:
-            following = await self._read_and_persist()
+            following = await self._read_and_persist(clean=False)
         except asyncio.CancelledError:
             publishing.cancel()  # stopping: what is not acknowledged yet is redelivered
             raise
@@ -418,11 +424,11 @@ class ChatPersister:
         handled = await publishing
         self._persisted = following
         await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
-        if following is None and self._wakeups is not None and not self._read_full:
-            return 0
         return handled + (len(following.deliveries) if following is not None else 0)
 
-    async def _read_and_persist(self) -> _Persisted | None:
+    async def _read_and_persist(self, *, clean: bool) -> _Persisted | None:
+        """`clean`: no pass of this persister is unacknowledged while this read runs."""
+        self._read_clean = clean
         if self._wakeups is not None:
             self._wakeups_at_read = self._wakeups()
         deliveries = await self._stream.read(
