@@ -64,12 +64,7 @@ from mercato.kit.messaging.stream import (
     Delivery,
     check_replay_start,
 )
-from mercato.kit.messaging.tables import (
-    stream_attempts,
-    stream_cursors,
-    stream_heads,
-    stream_log,
-)
+from mercato.kit.messaging.tables import stream_attempts, stream_cursors, stream_heads, stream_log
 from mercato.kit.storage import Database
 from mercato.kit.storage.statements import (
     DriverReads,
@@ -181,9 +176,7 @@ class SqlLogStream:
 
         await self._transaction(append_all)
         self._published().set()
-        self._db.signals.fire(
-            *{self._topic_signals.get(topic, STREAM_CHANNEL) for (topic, _p), _b in batches}
-        )
+        self._db.signals.fire(*{self._topic_signals.get(t, STREAM_CHANNEL) for (t, _p), _b in batches})
 
     async def _append(
         self,
