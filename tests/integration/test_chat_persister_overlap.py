@@ -243,3 +243,50 @@ async def test_a_read_ahead_that_met_a_held_partition_is_followed_by_a_read_afte
     assert await persister.run_overlapped() == 0  # the read after the acks takes m2: published
     assert [m.text for m in await chat.history(room, after=0, limit=10)] == ["m1", "m2"]
     assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+
+
+async def test_no_read_ahead_while_the_pass_in_hand_holds_every_partition(container: Container) -> None:
+    """The stream serves a partition's next batch only after its acks: with every partition in the
+    pass being published, a read ahead could only come back empty (one wasted round trip a pass at
+    the rates where passes cover every partition)."""
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    partitions = int(container.stream.partitions)  # type: ignore[attr-defined]
+    rooms: dict[int, uuid.UUID] = {}
+    while len(rooms) < partitions:
+        room = (await chat.create_room("p", users, created_by=users[0])).id
+        rooms.setdefault(partition_for(str(room), partitions=partitions), room)
+    for room in rooms.values():
+        await _send(container, room, users[0], f"m-{room}")
+    stream = container.stream
+    reads = [0]
+    signals = [1]
+
+    class _Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(stream, name)
+
+        async def read(self, *args: Any, **kwargs: Any) -> Any:
+            reads[0] += 1
+            found = await stream.read(*args, **kwargs)
+            signals[0] += 1  # a send signalled while the pass is in hand
+            return found
+
+    published: list[ChannelEvent] = []
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        published.extend(events)
+
+    persister = ChatPersister(
+        chat,
+        _Counting(),  # type: ignore[arg-type]
+        publish_many,
+        consumer="t1",
+        batch=100,
+        wakeups=lambda: signals[0],
+    )
+    # Published without a read ahead; 0: the send signalled meanwhile is the loop's mark to see.
+    assert await persister.run_overlapped() == 0
+    assert reads[0] == 1
+    assert len(published) == partitions
+    assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0

@@ -402,8 +402,13 @@ class ChatPersister:
         if previous.failed is not None:
             # A pass that could not persist everything is nacked first: nothing overlaps its redelivery.
             return await self._publish_and_ack(previous)
-        if self._wakeups is not None and self._wakeups() == self._wakeups_at_read:
-            # Nothing signalled since the last read: a read ahead would come back empty.
+        # Nothing to read ahead when nothing was signalled since the last read, or when the pass in
+        # hand holds every partition (the stream serves none of them again before its acks).
+        partitions = getattr(self._stream, "partitions", None)
+        every_partition = isinstance(partitions, int) and (
+            len({d.partition for d in previous.deliveries}) >= partitions
+        )
+        if every_partition or (self._wakeups is not None and self._wakeups() == self._wakeups_at_read):
             handled = await self._publish_and_ack(previous)
             await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
             # 0 only after a read made while nothing of ours was unacknowledged: a message already
