@@ -290,3 +290,18 @@ async def test_no_read_ahead_while_the_pass_in_hand_holds_every_partition(contai
     assert reads[0] == 1
     assert len(published) == partitions
     assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
+
+
+async def test_the_runtime_overlaps_the_persisters_passes_only_when_configured(container: Container) -> None:
+    """Off by default until a quiet rerun (ADR 0070: the loaded box's ramp stopped near 60 msgs/s
+    with it twice); `MERCATO_REALTIME_OVERLAP_PERSISTER_PASSES=true` turns it on."""
+    from mercato.gateway.realtime import RealtimeRuntime
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        pass
+
+    persister = ChatPersister(container.chat, container.stream, publish_many, consumer="t1")
+    assert RealtimeRuntime(container)._persist_step(persister) == persister.run_once
+    realtime = container.settings.realtime.model_copy(update={"overlap_persister_passes": True})
+    container.settings = container.settings.model_copy(update={"realtime": realtime})
+    assert RealtimeRuntime(container)._persist_step(persister) == persister.run_overlapped

@@ -138,15 +138,19 @@ class RealtimeRuntime:
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s, (STREAM_CHANNEL,))),
             asyncio.create_task(
-                # Overlapped (ADR 0070): a pass is read and persisted while the one before it is
-                # published and acknowledged.
-                self._loop("chat_persist", persister.run_overlapped, poll_s, _PERSISTER_CHANNELS)
+                # Overlapped when configured (ADR 0070): a pass is read and persisted while the one
+                # before it is published and acknowledged.
+                self._loop("chat_persist", self._persist_step(persister), poll_s, _PERSISTER_CHANNELS)
             ),
         ]
         if self._single_reader:
             self._tasks.append(asyncio.create_task(self._hold_lease(consumer)))
         else:
             self._leader.set()
+
+    def _persist_step(self, persister: ChatPersister) -> Callable[[], Awaitable[int]]:
+        overlap = self.container.settings.realtime.overlap_persister_passes
+        return persister.run_overlapped if overlap else persister.run_once
 
     @property
     def _single_reader(self) -> bool:
