@@ -8,9 +8,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
+
 from mercato.bootstrap import Container
 from mercato.gateway.realtime import CHAT_SENDS, RealtimeRuntime
-from mercato.kit.messaging import STREAM_CHANNEL, LagReporter, Stream
+from mercato.kit.messaging import STREAM_CHANNEL, LagReporter, Message, SqlLogStream, Stream
 from mercato.kit.realtime import ChannelEvent
 from mercato.shop.chat.service import ChatPersister, send_message
 
@@ -106,3 +108,33 @@ async def test_a_chat_send_wakes_the_chat_persisters_not_every_stream_consumer(c
     await runtime._announce()
     assert signals.mark((STREAM_CHANNEL,)) == stream_before  # the order feed sleeps on
     assert signals.mark((CHAT_SENDS,)) != chat_before
+
+
+async def test_on_the_sql_log_a_chat_publish_fires_the_chat_signal_not_the_shared_one(
+    container: Container,
+) -> None:
+    """The SQL log fired the shared stream signal on every publish, chat sends included: each woke the
+    order feed. The container's SQL log fires `CHAT_SENDS` for the chat topic, `stream` for the rest."""
+    if not isinstance(container.stream, SqlLogStream):
+        pytest.skip("the SQL log's own signal")
+    signals = container.db.signals
+    stream_before, chat_before = signals.mark((STREAM_CHANNEL,)), signals.mark((CHAT_SENDS,))
+    room = uuid.uuid4()
+    now = container.clock.now()
+    await container.stream.publish(
+        [send_message(room_id=room, sender="u", text="hi", client_msg_id="c1", reply_to="", now=now)]
+    )
+    assert signals.mark((STREAM_CHANNEL,)) == stream_before  # the order feed sleeps on
+    assert signals.mark((CHAT_SENDS,)) != chat_before
+    order_event = Message(
+        id=uuid.uuid4(),
+        source="t",
+        type="t.order",
+        subject="o",
+        time=now,
+        data={},
+        topic="mercato.orders",
+        key="o",
+    )
+    await container.stream.publish([order_event])
+    assert signals.mark((STREAM_CHANNEL,)) != stream_before

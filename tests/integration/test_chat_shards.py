@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from mercato.bootstrap import build_container
 from mercato.config import ChatSettings
@@ -22,6 +22,7 @@ from mercato.shop.chat.shards import ChatShards
 from mercato.shop.chat.tables import messages, shard_fences, shard_map
 from tests.conftest import PG_ADMIN_DSN, make_settings
 from tests.integration.shop_support import admin, api, customer
+from tests.tables import emptiable_tables
 
 pytestmark = pytest.mark.asyncio
 
@@ -122,6 +123,11 @@ async def test_the_container_routes_chat_through_the_shard_map(
         assert (registry.get_sample_value("mercato_chat_shard_writes_total", {"shard": "s1"}) or 0) > 0
         assert registry.get_sample_value("mercato_chat_shard_map_epoch") == status["epoch"]
     finally:
+        # The shared test database must not keep a shard map naming the scratch databases dropped
+        # after this test: the next container built on it (any later test) would route chat there.
+        async with container.db.write() as conn:
+            for table in emptiable_tables():
+                await conn.execute(text(f'DELETE FROM "{table.name}"'))
         await container.close()
 
 

@@ -1,6 +1,7 @@
 """`mercato bench realtime`'s load generator (ADR 0065): `spread` pacing offsets the rooms' sends
 evenly within each interval (the old shape sent every room's message at one instant, and the
-client's own queue was most of the latency it measured); `burst` keeps that shape."""
+client's own queue was most of the latency it measured); `burst` keeps that shape. And the
+`--find-max` ramp's criterion, with `--max-p99-ms` (ADR 0070)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from mercato.bench.realtime import RealtimeResult, realtime_verdict, step_kept_up
 from mercato.bench.realtime_client import ClientPlan, _Client
 
 
@@ -54,3 +56,30 @@ async def test_burst_pacing_sends_every_room_at_once() -> None:
 def test_a_plan_refuses_an_unknown_pacing() -> None:
     with pytest.raises(ValueError, match="pacing"):
         ClientPlan("ws://x", None, ["r"], 1, 1, "poisson")
+
+
+def test_a_find_max_step_keeps_up_on_throughput_and_with_a_bound_also_on_p99() -> None:
+    # The default criterion (the issue's headline): late deliveries still count as kept up.
+    assert step_kept_up(delivered_in_time=True, achieved=200, offered=202, p99_ms=1400, max_p99_ms=None)
+    assert not step_kept_up(delivered_in_time=False, achieved=200, offered=202, p99_ms=40, max_p99_ms=None)
+    assert not step_kept_up(delivered_in_time=True, achieved=150, offered=202, p99_ms=40, max_p99_ms=None)
+    # `--max-p99-ms`: a step over the bound ends the ramp, one within it keeps up.
+    assert not step_kept_up(delivered_in_time=True, achieved=200, offered=202, p99_ms=1400, max_p99_ms=250)
+    assert step_kept_up(delivered_in_time=True, achieved=200, offered=202, p99_ms=240, max_p99_ms=250)
+
+
+def test_the_verdict_names_the_find_max_criterion_it_used() -> None:
+    def result(server: str, rate: float, p99: float) -> RealtimeResult:
+        return RealtimeResult(server, 1000, 50, rate, 100, 2000, 200.0, 5.0, p99, 50.0, None, 1.0)
+
+    results = [
+        result("mercato ramp", 40, 30),
+        result("mercato ramp", 60, 400),
+        result("mercato", 20, 20),
+        result("bare websockets", 20, 3),
+    ]
+    default = "\n".join(realtime_verdict(results, None))
+    bounded = "\n".join(realtime_verdict(results, None, max_p99_ms=250))
+    assert "98 % of deliveries within 2 s)" in default
+    assert "98 % within 2 s and p99 <= 250 ms" in bounded
+    assert "maximum rate found: ~40 msgs/s" in bounded

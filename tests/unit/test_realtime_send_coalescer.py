@@ -70,3 +70,27 @@ async def test_a_failed_publish_fails_its_sends_and_the_next_burst_goes_out() ->
     assert batches == [1]
     with pytest.raises(ValueError, match="positive"):
         SendCoalescer(publish, announce, max_batch=0)
+
+
+async def test_the_next_burst_does_not_wait_for_the_previous_ones_announcement() -> None:
+    """The announcement (a NOTIFY round trip on PostgreSQL) ran before the next burst's publish:
+    every burst waited for the previous one's wake-up to reach the database (ADR 0070)."""
+    published: list[int] = []
+    announcing = asyncio.Event()
+    released = asyncio.Event()
+
+    async def publish(messages: list[Message]) -> None:
+        published.extend(m.data["n"] for m in messages)
+
+    async def announce() -> None:
+        announcing.set()
+        await released.wait()  # a NOTIFY that takes its time
+
+    sends = SendCoalescer(publish, announce)
+    await sends.publish(_message(1))
+    await asyncio.wait_for(announcing.wait(), timeout=1)
+    # The first announcement has not finished: the next send is published regardless.
+    await asyncio.wait_for(sends.publish(_message(2)), timeout=1)
+    assert published == [1, 2]
+    released.set()
+    await asyncio.sleep(0)

@@ -250,6 +250,13 @@ def realtime(
     pacing: Annotated[
         str, typer.Option(help="spread: rooms' sends evenly offset; burst: every room at once per interval")
     ] = "spread",
+    max_p99_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="--find-max: a step keeps up only with p99 within this (default: 98 % within 2 s only)",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run; idle
     connections held by one process (`--idle`)."""
@@ -294,6 +301,7 @@ def realtime(
             settings_env=broker_env,
             client_processes=client_processes,
             pacing=pacing,
+            max_p99_ms=max_p99_ms,
         )
         if connections
         else []
@@ -311,7 +319,7 @@ def realtime(
     tables = realtime_table(results, idle_result, title=title)
     lines = [
         f"load average before {load_before[0]:.1f} after {load_after[0]:.1f} (2 cores, shared)",
-        *realtime_verdict(results, idle_result),
+        *realtime_verdict(results, idle_result, max_p99_ms=max_p99_ms),
     ]
     console = Console(width=180)
     for table in tables:

@@ -43,7 +43,7 @@ from mercato.kit.storage import Database
 from mercato.shop.catalog.api import product_body
 from mercato.shop.catalog.cache import ProductCache
 from mercato.shop.catalog.service import CatalogService
-from mercato.shop.chat.service import ChatHistory, ChatService
+from mercato.shop.chat.service import CHAT_SENDS, CHAT_TOPIC, ChatHistory, ChatService
 
 
 def cache_redis_url(settings: Settings) -> str | None:
@@ -130,7 +130,8 @@ def build_stream(
             dedup_window_s=float(messaging.dedup_window_s),
             **common,
         )
-    return SqlLogStream(db, **common)
+    # A chat send wakes only the chat persisters (which wait on CHAT_SENDS), not the order feed.
+    return SqlLogStream(db, topic_signals={CHAT_TOPIC: CHAT_SENDS}, **common)
 
 
 class ChannelHistories:

@@ -147,6 +147,10 @@ class RealtimeSettings(BaseModel):
     # The stream consumers feeding real time (order feed, chat) are woken by messages reaching the
     # stream (kit/storage/signals.py); idle, they poll only this often, as a safety net.
     consumer_poll_s: float = Field(default=5.0, gt=0, le=5)
+    # The chat persister's passes overlapped (ADR 0070: the next pass read and persisted while the
+    # previous one is published and acknowledged). Off until a quiet rerun: on the loaded box its
+    # `--find-max` ramp stopped near 60 msgs/s twice where the sequential passes reached 200-300.
+    overlap_persister_passes: bool = False
 
 
 class ChatSettings(BaseModel):

@@ -23,21 +23,19 @@ from mercato.kit.observability import get_logger
 from mercato.kit.ratelimit import Limit, build_limiter
 from mercato.kit.realtime import ChannelEvent, FrameError, SessionSettings, WebSocketSession
 from mercato.shop.chat.model import room_channel, room_from_channel
-from mercato.shop.chat.service import ChatPersister, send_message
+from mercato.shop.chat.service import CHAT_SENDS, ChatPersister, send_message
 from mercato.shop.orders.live import OrderFeed
 from mercato.shop.orders.model import OrderNotFound
 
-__all__ = ["RealtimeRuntime", "router"]
+__all__ = ["CHAT_SENDS", "RealtimeRuntime", "router"]
 
 _log = get_logger("mercato.realtime")
 
 router = APIRouter()
 
 _CONSUMER_LEASE = "realtime:consumers"
-# The work signal a chat send announces (kit/storage/signals.py): only the chat persisters wait on
-# it. Announced on the shared stream channel, every send also woke the order feed (two stream reads
-# for nothing) and every other consumer waiting there, in every process.
-CHAT_SENDS = "chat_sends"
+# What the chat persisters wait on: chat sends, and the stream's own signal (the SQL log's publishes).
+_PERSISTER_CHANNELS = (STREAM_CHANNEL, CHAT_SENDS)
 
 
 def is_staff(principal: Principal) -> bool:
@@ -48,7 +46,8 @@ class SendCoalescer:
     """Chat sends arriving while a stream publish is in flight are published together, in arrival
     order, by the next one: one stream transaction (and one persister wake-up) per burst rather than
     per message (ADR 0056). Each caller returns once its own message is published, or gets the
-    publish's error (the session answers `unavailable`; the client re-sends, deduplicated)."""
+    publish's error (the session answers `unavailable`; the client re-sends, deduplicated).
+    `announce` must not raise (the runtime's logs and swallows a failed NOTIFY)."""
 
     def __init__(
         self,
@@ -64,6 +63,7 @@ class SendCoalescer:
         self.max_batch = max_batch
         self._pending: list[tuple[Message, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._announcing: set[asyncio.Future[None]] = set()  # held until done (the loop keeps weak refs)
 
     async def publish(self, message: Message) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,7 +85,12 @@ class SendCoalescer:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
-            await self._announce()
+            # Not awaited (ADR 0070): the next burst's publish no longer waits for this one's NOTIFY
+            # round trip. The wake-up starts at once (the local fire is the announcement's first
+            # step) and `WorkSignals.announce` folds announcements made meanwhile into one more.
+            announcing = asyncio.ensure_future(self._announce())
+            self._announcing.add(announcing)
+            announcing.add_done_callback(self._announcing.discard)
 
 
 class RealtimeRuntime:
@@ -122,19 +127,30 @@ class RealtimeRuntime:
             c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
         )
         persister = ChatPersister(
-            c.chat, c.stream, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
+            c.chat,
+            c.stream,
+            c.hub.publish_many,
+            consumer=consumer,
+            hook=c.messaging_hook,
+            wakeups=lambda: sum(c.db.signals.mark(_PERSISTER_CHANNELS)),
         )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [
             asyncio.create_task(self._loop("order_feed", feed.run_once, poll_s, (STREAM_CHANNEL,))),
             asyncio.create_task(
-                self._loop("chat_persist", persister.run_once, poll_s, (STREAM_CHANNEL, CHAT_SENDS))
+                # Overlapped when configured (ADR 0070): a pass is read and persisted while the one
+                # before it is published and acknowledged.
+                self._loop("chat_persist", self._persist_step(persister), poll_s, _PERSISTER_CHANNELS)
             ),
         ]
         if self._single_reader:
             self._tasks.append(asyncio.create_task(self._hold_lease(consumer)))
         else:
             self._leader.set()
+
+    def _persist_step(self, persister: ChatPersister) -> Callable[[], Awaitable[int]]:
+        overlap = self.container.settings.realtime.overlap_persister_passes
+        return persister.run_overlapped if overlap else persister.run_once
 
     @property
     def _single_reader(self) -> bool:

@@ -27,7 +27,7 @@ import contextlib
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -64,12 +64,7 @@ from mercato.kit.messaging.stream import (
     Delivery,
     check_replay_start,
 )
-from mercato.kit.messaging.tables import (
-    stream_attempts,
-    stream_cursors,
-    stream_heads,
-    stream_log,
-)
+from mercato.kit.messaging.tables import stream_attempts, stream_cursors, stream_heads, stream_log
 from mercato.kit.storage import Database
 from mercato.kit.storage.statements import (
     DriverReads,
@@ -114,7 +109,11 @@ class SqlLogStream:
         poll_interval_s: float = 0.2,
         clock: Clock | None = None,
         hook: MessagingHook | None = None,
+        topic_signals: Mapping[str, str] | None = None,
     ) -> None:
+        """`topic_signals`: topic -> the work signal its publishes fire in this process instead of
+        `STREAM_CHANNEL`, for a topic whose consumers wait on a signal of their own (a chat send
+        woke the order feed, and every other loop waiting on the shared one, for nothing)."""
         if partitions < 1 or max_attempts < 1 or visibility_timeout_s <= 0:
             raise ValueError("partitions and max_attempts must be >= 1, visibility_timeout_s > 0")
         self._db = db
@@ -125,6 +124,7 @@ class SqlLogStream:
         self.poll_interval_s = poll_interval_s
         self._clock = clock or SystemClock()
         self._hook = hook or NullMessagingHook()
+        self._topic_signals = dict(topic_signals or {})
         # Rotates the partition a read starts at, so a small max_messages does not starve the rest.
         self._next_start = 0
         self._statements = Statements(db.engine.dialect)
@@ -176,7 +176,7 @@ class SqlLogStream:
 
         await self._transaction(append_all)
         self._published().set()
-        self._db.signals.fire(STREAM_CHANNEL)
+        self._db.signals.fire(*{self._topic_signals.get(t, STREAM_CHANNEL) for (t, _p), _b in batches})
 
     async def _append(
         self,

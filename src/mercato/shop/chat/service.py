@@ -9,9 +9,12 @@ rides on that publish, so it is sent only once the message is persisted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, insert, select
@@ -37,12 +40,16 @@ from mercato.shop.chat.shardmap import ShardMap
 from mercato.shop.chat.shards import ChatShards, Draft, Position, recent_messages
 from mercato.shop.chat.tables import members, messages, rooms
 
-__all__ = ["CHAT_GROUP", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
+__all__ = ["CHAT_GROUP", "CHAT_SENDS", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
 
 _log = get_logger("mercato.chat")
 
 CHAT_TOPIC = "mercato.chat"
 CHAT_GROUP = "mercato.chat.persist"
+# The work signal (kit/storage/signals.py) that chat sends reaching the stream fire, and only the chat
+# persisters wait on. Announced on the shared stream channel, every send also woke the order feed
+# (two stream reads for nothing) and every other consumer waiting there, in every process.
+CHAT_SENDS = "chat_sends"
 MAX_MEMBERS = 1000
 
 # order id -> its customer's user id (None: no such order); the orders context, injected.
@@ -313,7 +320,14 @@ class ChatHistory:
 
 
 class ChatPersister:
-    """The chat service's consumer: stream -> persisted (dedup) -> published for fan-out."""
+    """The chat service's consumer: stream -> persisted (dedup) -> published for fan-out.
+
+    `run_once` is one whole pass (read, persist, publish, acknowledge). `run_overlapped`, what the
+    API process runs (ADR 0070), publishes and acknowledges the pass persisted by its previous call
+    while it reads and persists the next: at most two passes in hand, one being persisted and one
+    being published, each stage one at a time, so persists and publishes keep stream order. A room
+    is never in both: the SQL log and Redis Streams give a partition's next batch only once the
+    previous one is acknowledged (JetStream has one reader, and the stages' order covers it)."""
 
     def __init__(
         self,
@@ -325,32 +339,112 @@ class ChatPersister:
         batch: int = 200,
         hook: MessagingHook | None = None,
         lag: LagReporter | None = None,
+        wakeups: Callable[[], int] | None = None,
     ) -> None:
+        """`wakeups`: a count that moves whenever messages may have reached the stream (the work
+        signals the caller of `run_overlapped` waits on). `run_overlapped` then reads ahead only
+        when it moved since its last read, and returns 0 after publishing when the caller may wait
+        for it to move; None: always reads ahead, returns 0 only when it read nothing."""
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
         self._consumer = consumer
         self._batch = batch
         self._lag = lag or LagReporter(stream, hook)
+        # A pass persisted by `run_overlapped` and not yet published (the next call publishes it).
+        self._persisted: _Persisted | None = None
+        self._wakeups = wakeups
+        self._wakeups_at_read = -1
+        self._read_full = False
+        self._read_clean = True
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
         each room's in stream order; all of them published in one broker call; acked in stream
         order. A failure is nacked at the first message not persisted and the pass stops there
         (what follows is redelivered, in order; the dedup makes a persisted one a no-op)."""
-        deliveries = await self._stream.read(
-            CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
-        )
-        if not deliveries:
+        held, self._persisted = self._persisted, None
+        if held is not None:  # left by `run_overlapped`: it goes out first, in stream order
+            await self._publish_and_ack(held)
+        persisted = await self._read_and_persist(clean=True)
+        if persisted is None:
             await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
             return 0
-        handled = await self._handle(deliveries)
+        handled = await self._publish_and_ack(persisted)
         # After the acks: counted between the read and the ack, the lag included the batch in hand
         # (the "~50 messages behind" of ADR 0063's run was one pass's batch) and delayed it.
         await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
         return handled
 
-    async def _handle(self, deliveries: list[Delivery]) -> int:
+    async def run_overlapped(self) -> int:
+        """One step of the pipeline: the pass persisted by the previous step (or, with none, one read
+        and persisted now) is published and acknowledged while the next pass is read and persisted,
+        then kept for the next step. A pass waited on the previous one's publish and acks (two to
+        three round trips) before its read could start; at 150-220 msgs/s that was most of a
+        message's wait (docs/benchmarks.md, Session 9: h-rt5).
+
+        Returns the messages taken in hand (published now, or persisted for the next step), or 0
+        when the caller may wait for its next work signal: it read nothing; or, with `wakeups`, it
+        published a pass read when nothing of ours was unacknowledged, not a full batch, with no
+        signal since (at low rates the read that followed every pass was one more stream round trip
+        per message, always empty): a send signalled during the step is the caller's mark to see,
+        and one from another process announces itself the same way. After a read ahead it never
+        returns 0: that read may have run while a partition was still held by the pass being
+        acknowledged, so the caller reads again. If the publish fails, the
+        pass persisted behind it is not published either (its room may follow in the stream): both
+        stay unacknowledged and come back after the visibility timeout, their persist a no-op."""
+        previous, self._persisted = self._persisted, None
+        if previous is None:
+            previous = await self._read_and_persist(clean=True)
+            if previous is None:
+                await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
+                return 0
+        if previous.failed is not None:
+            # A pass that could not persist everything is nacked first: nothing overlaps its redelivery.
+            return await self._publish_and_ack(previous)
+        # Nothing to read ahead when nothing was signalled since the last read, or when the pass in
+        # hand holds every partition (the stream serves none of them again before its acks).
+        partitions = getattr(self._stream, "partitions", None)
+        every_partition = isinstance(partitions, int) and (
+            len({d.partition for d in previous.deliveries}) >= partitions
+        )
+        if every_partition or (self._wakeups is not None and self._wakeups() == self._wakeups_at_read):
+            handled = await self._publish_and_ack(previous)
+            await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+            # 0 only after a read made while nothing of ours was unacknowledged: a message already
+            # signalled whose partition a pass of ours held at that read (a pass read ahead during
+            # the previous step's acks) is found only by reading again after these acks.
+            return 0 if self._read_clean and not self._read_full else handled
+        publishing = asyncio.ensure_future(self._publish_and_ack(previous))
+        try:
+            following = await self._read_and_persist(clean=False)
+        except asyncio.CancelledError:
+            publishing.cancel()  # stopping: what is not acknowledged yet is redelivered
+            raise
+        except Exception:
+            # The read or the persist failed: the previous pass's publish and acks still finish.
+            with contextlib.suppress(Exception):
+                await publishing
+            raise
+        handled = await publishing
+        self._persisted = following
+        await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+        return handled + (len(following.deliveries) if following is not None else 0)
+
+    async def _read_and_persist(self, *, clean: bool) -> _Persisted | None:
+        """`clean`: no pass of this persister is unacknowledged while this read runs."""
+        self._read_clean = clean
+        if self._wakeups is not None:
+            self._wakeups_at_read = self._wakeups()
+        deliveries = await self._stream.read(
+            CHAT_TOPIC, CHAT_GROUP, self._consumer, max_messages=self._batch, block_s=0
+        )
+        self._read_full = len(deliveries) >= self._batch  # more may be waiting: no sleep before the next
+        if not deliveries:
+            return None
+        return await self._persist(deliveries)
+
+    async def _persist(self, deliveries: list[Delivery]) -> _Persisted:
         by_room: dict[uuid.UUID, list[Delivery]] = {}
         for delivery in deliveries:
             by_room.setdefault(uuid.UUID(str(delivery.message.data["room"])), []).append(delivery)
@@ -360,13 +454,19 @@ class ChatPersister:
             results = await self._chat.persist_rooms(
                 {room_id: [_draft(d) for d in group] for room_id, group in by_room.items()}
             )
-        except Exception as exc:  # noqa: BLE001 - nacked below: the partition redelivers it
+        except Exception as exc:  # noqa: BLE001 - nacked by _publish_and_ack: the partition redelivers it
             _log.warning("chat_persist_failed", error=str(exc))
             failed = str(exc)[:500]
             results = {}
         for room_id, group in by_room.items():
             for delivery, (message, _new) in zip(group, results.get(room_id, ()), strict=False):
                 stored[str(delivery.message.id)] = message
+        if failed is None and len(stored) < len(deliveries):
+            failed = "not persisted"
+        return _Persisted(deliveries, stored, failed)
+
+    async def _publish_and_ack(self, persisted: _Persisted) -> int:
+        deliveries, stored = persisted.deliveries, persisted.stored
         done = [d for d in deliveries if str(d.message.id) in stored]
         if done:
             await self._publish_many([self._event(d, stored[str(d.message.id)]) for d in done])
@@ -374,7 +474,7 @@ class ChatPersister:
             if str(delivery.message.id) not in stored:
                 if index:
                     await self._stream.ack_many(deliveries[:index])
-                await self._stream.nack(delivery, error=failed or "not persisted")
+                await self._stream.nack(delivery, error=persisted.failed or "not persisted")
                 return index
         # The pass's acks in as few round trips as the stream allows (the SQL log: one statement per
         # partition's run of offsets; Redis Streams: one script call; JetStream: sent together).
@@ -392,6 +492,15 @@ class ChatPersister:
             ack={"client_msg_id": message.client_msg_id, "room": str(message.room_id)},
             at=time.time(),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Persisted:
+    """A pass read and persisted, waiting to be published and acknowledged."""
+
+    deliveries: list[Delivery]
+    stored: dict[str, ChatMessage]  # delivery message id -> its persisted message
+    failed: str | None  # why some delivery was not persisted (None: all were)
 
 
 def _draft(delivery: Delivery) -> Draft:
