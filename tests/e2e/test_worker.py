@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +49,15 @@ def test_worker_process_serves_metrics_and_stops_on_sigterm(tmp_path: Path) -> N
         assert "mercato_breaker_state" in text  # the provider breakers' metrics are served too
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+        # Its events are logged as the settings say (JSON by default), not on structlog's
+        # unconfigured console renderer, whose rich tracebacks cost the worker most of its CPU
+        # under load.
+        assert proc.stdout is not None
+        lines = proc.stdout.read().decode().splitlines()
+        events = [json.loads(line) for line in lines if line.startswith("{")]
+        assert any(str(event.get("event", "")).startswith("Started server process") for event in events)
+        # The rest is the banner printed for the operator; no log record in another format.
+        assert not [line for line in lines if re.match(r"(INFO|WARNING|ERROR):|\d{4}-\d\d-\d\d", line)]
     finally:
         if proc.poll() is None:
             proc.kill()

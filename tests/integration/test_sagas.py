@@ -11,13 +11,15 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.bootstrap import Container
 from mercato.kit.clock import ManualClock
 from mercato.kit.coordination import LeaseLost
+from mercato.kit.messaging.tables import outbox
 from mercato.kit.sagas import (
+    EventSink,
     RetrySchedule,
     SagaDefinition,
     SagaRunner,
@@ -27,6 +29,7 @@ from mercato.kit.sagas import (
     StepContext,
     StepRejected,
 )
+from mercato.kit.sagas.events import OutboxEventSink
 from mercato.kit.sagas.store import StepOutcome
 from mercato.kit.storage import get_meta, set_meta
 from mercato.kit.storage.meta import platform_meta
@@ -152,7 +155,7 @@ def runner_for(
     definition: SagaDefinition,
     clock: ManualClock,
     owner: str = "runner-a",
-    sink: ListSink | None = None,
+    sink: EventSink | None = None,
 ) -> SagaRunner:
     return SagaRunner(
         container.db,
@@ -483,3 +486,64 @@ async def test_a_lease_shorter_than_a_remote_step_is_renewed_before_it(
     saga = await store.get(saga_id)
     assert saga is not None
     assert saga.status is SagaStatus.COMPLETED
+
+
+async def outbox_types(container: Container) -> list[str]:
+    async with container.db.read() as conn:
+        return [row.type for row in await conn.execute(select(outbox).order_by(outbox.c.id))]
+
+
+async def test_a_remote_steps_events_ride_in_its_move_which_commits_on_its_own(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    rec = Recorder()
+    sink = OutboxEventSink(container.outbox, source="test", clock=clock)
+    definition = SagaDefinition(
+        "order", (local("reserve", rec), remote("authorize", rec), remote("ship", rec))
+    )
+    saga_id = await start(container, store, definition)
+    runner = runner_for(container, store, definition, clock, sink=sink)
+    with counting(container) as counted:
+        assert await runner.run_once() == 1
+    # authorize emits an event and does not finish the saga: its move, step record and outbox row
+    # are one statement on PostgreSQL (the inserts fed by the fenced UPDATE's RETURNING), committed
+    # on its own; in turn in one write transaction on SQLite. reserve (local) and ship (finishes)
+    # stay write transactions.
+    postgresql = container.db.dialect == "postgresql"
+    assert counted.transactions == 2 * claim_transactions(container) + 2, counted.report()
+    ours = [s for s in counted.statements if "saga_" in s or "messaging_outbox" in s]
+    with_event = ["WITH"] if postgresql else ["UPDATE", "INSERT", "INSERT"]
+    assert verbs_of(ours) == ["WITH", *move_verbs(container), *with_event, *with_event], counted.report()
+    assert all(sql.startswith("driver: ") for sql in ours), counted.report()
+    assert await outbox_types(container) == ["authorize_done", "ship_done"]
+    saga = await store.get(saga_id)
+    assert saga is not None
+    assert saga.status is SagaStatus.COMPLETED
+    assert [h.step for h in await store.history(saga_id)] == ["reserve", "authorize", "ship"]
+
+
+async def test_a_stale_move_writes_none_of_its_events(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    definition = SagaDefinition("order", (local("reserve", Recorder()),))
+    saga_id = await start(container, store, definition)
+    stale = await store.claim_instance(saga_id, owner="runner-a", lease_s=10)
+    assert stale is not None
+    clock.advance(11)
+    assert await store.claim(saga_id, owner="runner-b", lease_s=10) is not None
+    sink = OutboxEventSink(container.outbox, source="test", clock=clock)
+    event = {"type": "mercato.test.reserved", "saga_id": str(saga_id), "data": {"order_id": "o-1"}}
+    record = StepOutcome("reserve", "forward", 1, "succeeded", 3)
+    with pytest.raises(LeaseLost):
+        async with container.db.autocommit() as conn:
+            await store.move(conn, replace(stale, step_index=1), record, sink.stage(conn, [event, event]))
+    assert await outbox_types(container) == []
+    assert await store.history(saga_id) == []
+    # The current term's move writes the state, its record and both messages.
+    clock.advance(11)
+    fresh = await store.claim_instance(saga_id, owner="runner-c", lease_s=10)
+    assert fresh is not None
+    async with container.db.autocommit() as conn:
+        await store.move(conn, replace(fresh, step_index=1), record, sink.stage(conn, [event, event]))
+    assert await outbox_types(container) == ["mercato.test.reserved"] * 2
+    assert [h.step for h in await store.history(saga_id)] == ["reserve"]

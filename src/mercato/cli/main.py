@@ -38,7 +38,12 @@ from mercato.cli.shards import prepare_shards
 from mercato.config import Settings, UnsafeConfiguration, get_settings
 from mercato.demo.seed import SeedReport, seed_demo
 from mercato.kit.errors import DomainError
-from mercato.kit.observability import instrument_engine, register_process_collectors, start_process_tracing
+from mercato.kit.observability import (
+    configure_logging,
+    instrument_engine,
+    register_process_collectors,
+    start_process_tracing,
+)
 from mercato.kit.realtime.transport import MercatoWebSocketProtocol
 from mercato.kit.runtime import tune_gc_for_service
 from mercato.kit.storage.migrations import upgrade
@@ -365,6 +370,11 @@ def worker(
 async def _run_worker(settings: Settings, http_port: int) -> None:
     from mercato.workers.http import serve_worker_http, worker_http_app
 
+    # As the API does (gateway/app.py). Unconfigured, structlog renders every event on its
+    # development console renderer, and an exception with rich's highlighted traceback: at load,
+    # where lease and election errors are logged, that rendering took over half of the worker's
+    # samples (docs/benchmarks.md, "Session 10: h-cow").
+    configure_logging(level=settings.telemetry.log_level, fmt=settings.telemetry.log_format)
     registry = CollectorRegistry()
     register_process_collectors(registry)
     container = build_container(settings)

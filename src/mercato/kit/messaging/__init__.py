@@ -10,7 +10,14 @@ from mercato.kit.messaging.hooks import LagReporter, MessagingHook, NullMessagin
 from mercato.kit.messaging.inbox import Consumer, Handler, Inbox
 from mercato.kit.messaging.message import InvalidMessage, Message, MessageReader, partition_for
 from mercato.kit.messaging.nats_jetstream import JetStreamStream
-from mercato.kit.messaging.outbox import OUTBOX_CHANNEL, Outbox, OutboxBacklog, OutboxRelay
+from mercato.kit.messaging.outbox import (
+    MAX_STAGED_ROWS,
+    OUTBOX_CHANNEL,
+    Outbox,
+    OutboxBacklog,
+    OutboxRelay,
+    StagedRows,
+)
 from mercato.kit.messaging.redis_streams import RedisStream
 from mercato.kit.messaging.sql_log import SqlLogStream
 from mercato.kit.messaging.stream import (
@@ -23,6 +30,7 @@ from mercato.kit.messaging.stream import (
 )
 
 __all__ = [
+    "MAX_STAGED_ROWS",
     "OUTBOX_CHANNEL",
     "STREAM_CHANNEL",
     "Consumer",
@@ -45,6 +53,7 @@ __all__ = [
     "Publisher",
     "RedisStream",
     "SqlLogStream",
+    "StagedRows",
     "Stream",
     "partition_for",
 ]

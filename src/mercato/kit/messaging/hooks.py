@@ -131,7 +131,8 @@ class LagReporter:
     statement or a round trip of its own). Call it once a pass is done: a count taken between the
     read and the ack counts the batch in hand as lag (and delays that batch by the count's round
     trip). Reported after every busy pass, the count was one more round trip per pass: at tens of
-    passes a second, a fixed cost per message."""
+    passes a second, a fixed cost per message. The first idle pass after a skipped busy count
+    reports whatever the interval, so a consumer that caught up shows it."""
 
     def __init__(
         self,
@@ -148,6 +149,7 @@ class LagReporter:
         self._busy_interval_s = busy_interval_s
         self._now = now
         self._last: dict[tuple[str, str], float] = {}
+        self._unreported: set[tuple[str, str]] = set()  # a busy pass's count was skipped since
 
     async def report(self, topic: str, group: str, *, busy: bool) -> None:
         if self._hook is None:
@@ -155,7 +157,17 @@ class LagReporter:
         key = (topic, group)
         now = self._now()
         last = self._last.get(key)
-        if last is not None and now - last < (self._busy_interval_s if busy else self._interval_s):
+        # The first idle pass after a busy one whose count was skipped reports at once: the gauge
+        # settles on the caught-up value instead of showing the last busy count for an interval.
+        settling = not busy and key in self._unreported
+        if (
+            not settling
+            and last is not None
+            and now - last < (self._busy_interval_s if busy else self._interval_s)
+        ):
+            if busy:
+                self._unreported.add(key)
             return
+        self._unreported.discard(key)
         self._last[key] = now
         self._hook.consumer_lag(group=group, topic=topic, messages=await self._stream.lag(topic, group))

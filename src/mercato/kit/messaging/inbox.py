@@ -7,7 +7,6 @@ and the record commit together, so "applied" and "recorded" can never disagree.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -17,7 +16,7 @@ from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock, SystemClock
-from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
+from mercato.kit.messaging.hooks import LagReporter, MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.stream import Delivery, Stream
 from mercato.kit.messaging.tables import inbox
@@ -138,8 +137,7 @@ class Consumer:
         self._block_s = block_s
         self._inbox = inbox_store or Inbox()
         self._hook = hook or NullMessagingHook()
-        self.idle_lag_interval_s = idle_lag_interval_s
-        self._lag_due = 0.0  # time.monotonic() by which an idle pass reports the lag again
+        self._lag = LagReporter(stream, self._hook, interval_s=idle_lag_interval_s)
 
     async def run_once(self) -> int:
         deliveries = await self._stream.read(
@@ -173,11 +171,11 @@ class Consumer:
                 error=repr(exc),
             )
             await self._stream.nack(failed, error=f"{type(exc).__name__}: {exc}")
-        # The lag gauge costs a statement: after every pass that had deliveries, but from idle
-        # passes (the most frequent, and their lag rarely moves) at most once per interval.
-        if handled or failures or time.monotonic() >= self._lag_due:
-            self._lag_due = time.monotonic() + self.idle_lag_interval_s
-            self._hook.consumer_lag(**labels, messages=await self._stream.lag(self.topic, self.group))
+        # The lag gauge costs a statement: at most once a second from passes that had deliveries
+        # (after each, it was one more statement per pass: under load, several per second per
+        # consumer), and from idle passes (the most frequent, their lag rarely moves) at most once
+        # per interval.
+        await self._lag.report(self.topic, self.group, busy=bool(handled or failures))
         return handled
 
     async def _in_one_transaction(

@@ -28,8 +28,10 @@ from datetime import timedelta
 from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import Integer, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import Integer, bindparam, delete, exists, func, insert, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import CTE
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
@@ -43,7 +45,16 @@ from mercato.kit.storage.signals import WorkSignals, notify_statement
 from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
 
-__all__ = ["OUTBOX_CHANNEL", "Outbox", "OutboxBacklog", "OutboxRelay"]
+__all__ = [
+    "MAX_STAGED_ROWS",
+    "OUTBOX_CHANNEL",
+    "Outbox",
+    "OutboxBacklog",
+    "OutboxRelay",
+    "StagedRows",
+    "insert_after",
+    "plain_insert",
+]
 
 # The work signal (kit/storage/signals.py) a committed outbox row fires: the relay waits on it.
 OUTBOX_CHANNEL = "outbox"
@@ -62,6 +73,24 @@ class Outbox:
     async def add_many(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
         if not messages:
             return
+        rows, notify = self._rows(conn, messages)
+        executor = on_connection(conn)
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            batch = rows[start : start + _ROWS_PER_INSERT]
+            await executor.run(_insert_statement(len(batch), notify=notify), _params(batch))
+
+    def stage(self, conn: AsyncConnection, messages: Sequence[Message]) -> StagedRows | None:
+        """`messages` as rows for another statement of `conn`'s transaction to insert, chained after
+        a write of its own (`insert_after`): that write and its messages then cost one statement.
+        None when there are none, or more than `MAX_STAGED_ROWS` (then `add_many`)."""
+        if not messages or len(messages) > MAX_STAGED_ROWS:
+            return None
+        rows, notify = self._rows(conn, messages)
+        return StagedRows(params=_params(rows), count=len(rows), notify=notify)
+
+    def _rows(self, conn: AsyncConnection, messages: Sequence[Message]) -> tuple[list[dict[str, Any]], bool]:
+        """The outbox rows of `messages`, and whether their insert carries the NOTIFY; the relay of
+        this process is told to wake when `conn`'s transaction commits."""
         # The trace the change was made in travels with its messages (CloudEvents distributed-tracing
         # extension): the relay, the stream and every consumer continue it.
         carrier = trace_carrier()
@@ -88,18 +117,45 @@ class Outbox:
         notify = signals is not None and signals.cross_process
         if signals is not None:
             signals.after_commit(conn, OUTBOX_CHANNEL)
-        executor = on_connection(conn)
-        for start in range(0, len(rows), _ROWS_PER_INSERT):
-            batch = rows[start : start + _ROWS_PER_INSERT]
-            statement = _insert_statement(len(batch), notify=notify)
-            await executor.run(
-                statement, {f"{k}_{i}": v for i, row in enumerate(batch) for k, v in row.items()}
-            )
+        return rows, notify
+
+
+@dataclass(frozen=True, slots=True)
+class StagedRows:
+    """Outbox rows staged for a statement that inserts them after its own write (`Outbox.stage`):
+    its parameters (`insert_after`'s names), how many rows, and whether it must NOTIFY the relays."""
+
+    params: dict[str, Any]
+    count: int
+    notify: bool
+
+
+def _params(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {f"{k}_{i}": v for i, row in enumerate(rows) for k, v in row.items()}
+
+
+def insert_after(guard: CTE, count: int) -> Insert:
+    """`INSERT INTO outbox … SELECT :id_0, … FROM guard UNION ALL …`: `count` staged rows
+    (`StagedRows.params`), inserted once per row `guard` returns (a fenced write's RETURNING: one
+    row when it matched, none when it did not, and then no message is written either). For a
+    data-modifying CTE on PostgreSQL; `plain_insert(count)` is the same rows inserted outright."""
+    rows = [
+        select(*(bindparam(f"{name}_{i}", type_=outbox.c[name].type) for name in _COLUMNS)).select_from(guard)
+        for i in range(count)
+    ]
+    return insert(outbox).from_select(list(_COLUMNS), rows[0] if count == 1 else union_all(*rows))
+
+
+def plain_insert(count: int) -> Any:
+    """The outbox insert of `count` staged rows on its own (no NOTIFY): what `insert_after` chains."""
+    return _insert_statement(count, notify=False)
 
 
 # One INSERT of n rows per batch size (a saga move or a handler adds one to a few), prepared once on
 # the raw-driver layer; a bigger batch goes as several.
 _ROWS_PER_INSERT = 64
+# The most rows `Outbox.stage` hands to another statement (one insert's worth).
+MAX_STAGED_ROWS = _ROWS_PER_INSERT
 _INSERTS: dict[tuple[int, bool], Any] = {}
 _COLUMNS = ("id", "topic", "key", "type", "envelope", "created_at")
 

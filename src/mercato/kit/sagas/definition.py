@@ -6,9 +6,11 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mercato.kit.messaging import StagedRows
 
 
 class StepRejected(Exception):
@@ -36,6 +38,14 @@ class EventSink(Protocol):
     """Where emitted events go, inside the saga's own transaction (e.g. a transactional outbox)."""
 
     async def add(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> None: ...
+
+
+@runtime_checkable
+class StagingEventSink(EventSink, Protocol):
+    """A sink whose events can ride in the saga's move itself (`OutboxEventSink`): `stage` hands
+    them over as outbox rows for the move's statement to insert, or None when they cannot (`add`)."""
+
+    def stage(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> StagedRows | None: ...
 
 
 @dataclass

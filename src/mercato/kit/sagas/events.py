@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
-from mercato.kit.messaging import Message, Outbox
+from mercato.kit.messaging import Message, Outbox, StagedRows
 
 
 class EventContract(Protocol):
@@ -40,6 +40,11 @@ class OutboxEventSink:
 
     async def add(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> None:
         await self._outbox.add_many(conn, [self.message(event) for event in events])
+
+    def stage(self, conn: AsyncConnection, events: Sequence[Mapping[str, Any]]) -> StagedRows | None:
+        """The events as outbox rows for the saga's move to insert in its own statement (one
+        statement for the move, its step record and its events on PostgreSQL); None: call `add`."""
+        return self._outbox.stage(conn, [self.message(event) for event in events])
 
     def message(self, event: Mapping[str, Any]) -> Message:
         event_type = str(event["type"])

@@ -42,9 +42,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
+from mercato.kit.messaging import MAX_STAGED_ROWS, StagedRows
 from mercato.kit.observability import context_from, get_logger, tracer
 from mercato.kit.resilience import CircuitOpen
-from mercato.kit.sagas.definition import EventSink, SagaDefinition, Step, StepContext, StepRejected
+from mercato.kit.sagas.definition import (
+    EventSink,
+    SagaDefinition,
+    StagingEventSink,
+    Step,
+    StepContext,
+    StepRejected,
+)
 from mercato.kit.sagas.metrics import NullSagaHook, SagaHook
 from mercato.kit.sagas.store import TRACE_KEY, SagaInstance, SagaStatus, SagaStore, StepOutcome
 from mercato.kit.sagas.wakeups import SagaWakeups
@@ -91,6 +99,8 @@ class SagaRunner:
         self._poll_s = poll_s
         self._rng = rng or random.Random()
         self._wakeups = wakeups
+        # Whether a step's events can be written by its move's own statement (ADR 0072).
+        self._events_ride_with_moves = isinstance(events, StagingEventSink)
         self._wake = asyncio.Event()
         self._driving: set[uuid.UUID] = set()
 
@@ -247,10 +257,12 @@ class SagaRunner:
         return await self._compensate(saga, definition, definition.steps[saga.step_index])
 
     def _progress(self, ctx: StepContext, *, finishing: bool) -> AbstractAsyncContextManager[AsyncConnection]:
-        """Where a remote step's outcome is written. With no events to add and no finish hook to run,
-        the write is the move alone (with its step record: one statement on PostgreSQL), which
-        commits on its own (no BEGIN/COMMIT); otherwise a write transaction."""
-        if ctx.events or finishing:
+        """Where a remote step's outcome is written. With no finish hook to run and no events, or
+        events that ride in the move (`StagingEventSink`), the write is the move alone (with its step
+        record and its events: one statement on PostgreSQL), which commits on its own (no
+        BEGIN/COMMIT); otherwise a write transaction."""
+        rides = self._events_ride_with_moves and len(ctx.events) <= MAX_STAGED_ROWS
+        if finishing or (ctx.events and not rides):
             return self._db.write()
         return self._db.autocommit()
 
@@ -265,15 +277,21 @@ class SagaRunner:
         )
 
     async def _write(
-        self, conn: AsyncConnection, saga: SagaInstance, step: StepOutcome | None = None, **values: Any
+        self,
+        conn: AsyncConnection,
+        saga: SagaInstance,
+        step: StepOutcome | None = None,
+        messages: StagedRows | None = None,
+        **values: Any,
     ) -> SagaInstance:
-        """The fenced progress write, with the record of the step attempt that led to it (one
-        statement on PostgreSQL); it extends the lease unless told what the lease becomes."""
+        """The fenced progress write, with the record of the step attempt that led to it and the
+        events it emitted (one statement on PostgreSQL); it extends the lease unless told what the
+        lease becomes."""
         now = self._clock.now()
         values.setdefault("updated_at", now)
         values.setdefault("lease_expires_at", now + timedelta(seconds=self._lease_s))
         moved = saga.with_values(values)
-        await self._store.move(conn, moved, step)
+        await self._store.move(conn, moved, step, messages)
         return moved
 
     async def _hold_lease_for(self, saga: SagaInstance, step: Step) -> SagaInstance:
@@ -412,9 +430,12 @@ class SagaRunner:
         if done is not None:
             values.update(status=done.value, finished_at=self._clock.now(), lease_expires_at=None)
         record = StepOutcome(step.name, direction, ctx.attempt, "succeeded", _elapsed_ms(started))
-        saga = await self._write(conn, saga, record, **values)
+        staged = None
+        if ctx.events and isinstance(self._events, StagingEventSink):
+            staged = self._events.stage(conn, ctx.events)
+        saga = await self._write(conn, saga, record, staged, **values)
         self._hook.step(saga_type=saga.saga_type, step=step.name, direction=direction, outcome="succeeded")
-        if ctx.events and self._events is not None:
+        if ctx.events and self._events is not None and staged is None:
             await self._events.add(conn, ctx.events)
         if done is None:
             return saga

@@ -39,9 +39,11 @@ from sqlalchemy.sql.elements import ColumnElement
 from mercato.kit.clock import Clock
 from mercato.kit.coordination import LeaseLost
 from mercato.kit.ids import new_id
+from mercato.kit.messaging.outbox import OUTBOX_CHANNEL, StagedRows, insert_after, plain_insert
 from mercato.kit.observability import trace_carrier
 from mercato.kit.sagas.wakeups import SagaWakeups
 from mercato.kit.storage import Database, UTCDateTime, metadata
+from mercato.kit.storage.signals import notify_statement
 from mercato.kit.storage.statements import driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
 
@@ -189,6 +191,35 @@ _MOVE_AND_RECORD = driver_prepared(
     .add_cte(_MOVED),
     in_turn=(_MOVE, _RECORD_STEP),
 )
+# With the events the step emitted (`StagedRows`): on PostgreSQL the move, its step record and the
+# outbox rows (and the relays' NOTIFY) in one statement, each insert fed by the fenced UPDATE's
+# RETURNING, so a lost term writes none of them; SQLite runs them in turn. One per (rows, notify).
+_MOVES_WITH_MESSAGES: dict[tuple[int, bool], Any] = {}
+
+
+def _move_with_messages(count: int, *, notify: bool) -> Any:
+    statement = _MOVES_WITH_MESSAGES.get((count, notify))
+    if statement is None:
+        moved = _MOVE_UPDATE.cte("moved")
+        recorded = (
+            insert(saga_steps)
+            .from_select(
+                ["saga_id", *_STEP_COLUMNS],
+                select(moved.c.id, *(_STEP_VALUES[name] for name in _STEP_COLUMNS)),
+            )
+            .cte("recorded")
+        )
+        messages = insert_after(moved, count).cte("new_outbox_rows")
+        final = select(moved.c.id)
+        if notify:
+            final = final.add_columns(*notify_statement(OUTBOX_CHANNEL).selected_columns)
+        statement = _MOVES_WITH_MESSAGES[(count, notify)] = driver_prepared(
+            final.add_cte(moved, recorded, messages),
+            in_turn=(_MOVE, _RECORD_STEP, plain_insert(count)),
+        )
+    return statement
+
+
 _RENEW = driver_prepared(
     update(saga_instances)
     .where(saga_instances.c.id == bindparam("b_id"), saga_instances.c.lease_token == bindparam("b_token"))
@@ -444,11 +475,18 @@ class SagaStore:
         if result.rowcount != 1:
             raise LeaseLost(f"saga {saga_id}: lease term {token} is no longer current")
 
-    async def move(self, conn: AsyncConnection, saga: SagaInstance, step: StepOutcome | None = None) -> None:
+    async def move(
+        self,
+        conn: AsyncConnection,
+        saga: SagaInstance,
+        step: StepOutcome | None = None,
+        messages: StagedRows | None = None,
+    ) -> None:
         """Write `saga`'s whole state (as the runner holds it) in one fenced statement on the driver
-        path, in the caller's transaction, with the record of the `step` attempt that led to it (one
-        statement on PostgreSQL, two on SQLite); `LeaseLost` if its term (`lease_token`) is no
-        longer the current one, and then nothing is written."""
+        path, in the caller's transaction, with the record of the `step` attempt that led to it and
+        the outbox `messages` it emitted (one statement on PostgreSQL, one per table on SQLite);
+        `LeaseLost` if its term (`lease_token`) is no longer the current one, and then nothing is
+        written. `messages` need a `step`."""
         params: dict[str, Any] = {
             "b_id": saga.id,
             "b_token": saga.lease_token,
@@ -464,7 +502,13 @@ class SagaStore:
         }
         statement: Any = _MOVE
         if step is not None:
-            statement = _MOVE_AND_RECORD
+            statement = (
+                _MOVE_AND_RECORD
+                if messages is None
+                else _move_with_messages(messages.count, notify=messages.notify)
+            )
+            if messages is not None:
+                params.update(messages.params)
             params.update(
                 s_id=new_id(),
                 s_step=step.step,

@@ -75,9 +75,11 @@ _PREPARED: set[ClauseElement] = set()
 # Writes chained in one statement through data-modifying CTEs (`driver_prepared(..., in_turn=...)`),
 # and the same writes as separate statements for an engine that has no such CTEs (SQLite).
 _IN_TURN: dict[int, tuple[ClauseElement, ...]] = {}
+# Which of those separate statements returns what the chained one does, when not the first.
+_IN_TURN_ROWS: dict[int, int] = {}
 
 
-def driver_prepared(statement: _S, *, in_turn: Sequence[ClauseElement] = ()) -> _S:
+def driver_prepared(statement: _S, *, in_turn: Sequence[ClauseElement] = (), rows_from: int = 0) -> _S:
     """Let `statement` (module-level or otherwise built once, with only named bind parameters) run
     on the driver path, e.g. through `DriverReads`.
 
@@ -85,10 +87,15 @@ def driver_prepared(statement: _S, *, in_turn: Sequence[ClauseElement] = ()) -> 
     writes as separate statements for SQLite, which has none. `on_connection` runs those one after
     the other with the same parameters, stopping after one with RETURNING that returned no row (the
     fenced write that matched nothing, after which the chained form writes nothing either), and
-    returns the first one's rows: the first must return what `statement` returns."""
+    returns the rows of the one at index `rows_from` (the first by default; none when they stopped
+    before it), which must return what `statement` returns."""
     _PREPARED.add(statement)
     if in_turn:
+        if not 0 <= rows_from < len(in_turn):
+            raise ValueError("rows_from must name one of the in_turn statements")
         _IN_TURN[id(statement)] = tuple(driver_prepared(part) for part in in_turn)
+        if rows_from:
+            _IN_TURN_ROWS[id(statement)] = rows_from
     return statement
 
 

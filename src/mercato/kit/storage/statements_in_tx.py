@@ -21,6 +21,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.storage.statements import (
     _IN_TURN,
+    _IN_TURN_ROWS,
     Statements,
     _statement_span,
     driver_prepared,
@@ -82,19 +83,22 @@ class ConnectionExecutor:
     ) -> list[tuple[Any, ...]]:
         parts = None if self._postgresql else _IN_TURN.get(id(statement))
         if parts is not None:
-            return await self._in_turn(parts, params or {})
+            return await self._in_turn(parts, params or {}, _IN_TURN_ROWS.get(id(statement), 0))
         return await self._rows(statement, params)
 
     async def _in_turn(
-        self, parts: tuple[ClauseElement, ...], params: dict[str, Any]
+        self, parts: tuple[ClauseElement, ...], params: dict[str, Any], rows_from: int = 0
     ) -> list[tuple[Any, ...]]:
-        first: list[tuple[Any, ...]] | None = None
-        for part in parts:
+        """Each part in turn, stopping after a RETURNING that returned nothing; the rows of the part
+        at `rows_from` (none when it stopped before that part)."""
+        wanted: list[tuple[Any, ...]] = []
+        for index, part in enumerate(parts):
             rows = await self._rows(part, params)
-            first = rows if first is None else first
+            if index == rows_from:
+                wanted = rows
             if not rows and self._statements.get(part).results:
                 break
-        return first or []
+        return wanted
 
     async def _rows(
         self, statement: ClauseElement, params: dict[str, Any] | None = None

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, insert, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, insert, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -102,6 +102,33 @@ _BY_REFERENCE = _one_statement(
 )
 _BY_ID = _one_statement(reservations.c.id == bindparam("key", type_=reservations.c.id.type))
 _HEAD = tuple(c.name for c in reservations.c)
+
+# A commit's status flip with the expiry rule in SQL (`Reservation.is_due`: past `expires_at` at
+# `now`, it expires instead), only while active, and the reservation as it ended, header joined with
+# its lines as `_BY_REFERENCE` returns them: one statement on PostgreSQL (the flip a data-modifying
+# CTE), the flip then that read on SQLite.
+_END_IF_ACTIVE = (
+    update(reservations)
+    .where(
+        reservations.c.reference == bindparam("key", type_=reservations.c.reference.type),
+        reservations.c.status == ReservationStatus.ACTIVE.value,
+    )
+    .values(
+        status=case(
+            (reservations.c.expires_at <= _now, ReservationStatus.EXPIRED.value),
+            else_=ReservationStatus.COMMITTED.value,
+        ),
+        updated_at=_now,
+    )
+)
+_ENDED = _END_IF_ACTIVE.returning(*reservations.c).cte("ended")
+_COMMIT_BY_REFERENCE = driver_prepared(
+    select(*_ENDED.c, reservation_lines.c.sku, reservation_lines.c.quantity)
+    .select_from(_ENDED.outerjoin(reservation_lines, reservation_lines.c.reservation_id == _ENDED.c.id))
+    .order_by(reservation_lines.c.sku),
+    in_turn=(_END_IF_ACTIVE.returning(reservations.c.id), _BY_REFERENCE),
+    rows_from=1,
+)
 
 
 class DuplicateKey(Exception):
@@ -228,8 +255,15 @@ class InventoryRepository:
     async def get_by_reference(self, conn: AsyncConnection, reference: str) -> Reservation | None:
         return await self._one(conn, _BY_REFERENCE, reference)
 
-    async def _one(self, conn: AsyncConnection, statement: Any, key: object) -> Reservation | None:
-        rows = await on_connection(conn).rows(statement, {"key": key})
+    async def commit_active(self, conn: AsyncConnection, reference: str, now: datetime) -> Reservation | None:
+        """The active reservation for `reference` ended in one statement: committed, or expired if
+        due at `now`; as it ended, with its lines. None when there is no active one."""
+        return await self._one(conn, _COMMIT_BY_REFERENCE, reference, now=now)
+
+    async def _one(
+        self, conn: AsyncConnection, statement: Any, key: object, **params: Any
+    ) -> Reservation | None:
+        rows = await on_connection(conn).rows(statement, {"key": key, **params})
         if not rows:
             return None
         head = dict(zip(_HEAD, rows[0], strict=False))

@@ -230,12 +230,26 @@ class InventoryService:
         return True
 
     async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> Reservation:
-        """Commit the reservation made for `reference` (the units are sold)."""
+        """Commit the reservation made for `reference` (the units are sold), as `commit` does.
+
+        The common case, an active reservation, is one statement before the stock moves: the
+        status flip with the expiry rule in SQL, returning the reservation as it ended (it was a
+        read, then the flip). Anything else (committed already, released, expired, unknown) is
+        read and judged as `commit` judges it."""
         async with self._db.join(conn) as tx:
-            found = await self._repo.get_by_reference(tx, reference)
-            if found is None:
-                raise ReservationNotFound(f"no reservation for reference {reference}")
-            return await self._commit(found.id, conn=tx, loaded=found)
+            now = self._clock.now()
+            ended = await self._repo.commit_active(tx, reference, now)
+            if ended is None:
+                found = await self._repo.get_by_reference(tx, reference)
+                if found is None:
+                    raise ReservationNotFound(f"no reservation for reference {reference}")
+                return await self._commit(found.id, conn=tx, loaded=found)
+            sold = ended.status is ReservationStatus.COMMITTED
+            for line in ended.lines:
+                await self._return_units(tx, line.sku, line.quantity, to_committed=sold, now=now)
+            if not sold:
+                raise ReservationExpired(f"reservation {ended.id} expired at {ended.expires_at.isoformat()}")
+            return ended
 
     async def commit(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Turn the reserved units into committed (sold) ones. Committing twice is a no-op.
