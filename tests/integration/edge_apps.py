@@ -1,5 +1,5 @@
-"""The shop's app with or without the edge's own answers (`FastReads`, `FastWrites`), for tests that check the edge
-answers exactly as the routes do."""
+"""The shop's app with or without the edge's own answers (`FastReads`, `FastWrites`), for tests that
+check the edge answers exactly as the routes do."""
 
 from __future__ import annotations
 
