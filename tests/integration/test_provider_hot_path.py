@@ -125,3 +125,44 @@ async def test_hot_operations_skip_the_route_stack_and_invalid_ones_still_get_it
     keyless = await psp.post("/v1/authorizations", json=body)
     assert keyless.status_code == 400
     assert routed == ["/v1/authorizations", "/v1/authorizations"]
+
+
+async def test_a_served_simulator_answers_in_one_write_and_still_drops_a_lost_response(
+    tmp_path: Any,
+) -> None:
+    """Over a real socket (`provider_server`, as `mercato provider` and `mercato up` serve them): the
+    API's one-write protocol (ADR 0067, here ADR 0071), no `server` header, and a lost-response fault
+    still aborts the connection underneath the coalescing writer, the effect applied."""
+    import asyncio
+    import socket
+
+    from mercato.kit.web.http_protocol import MercatoHttpProtocol
+    from mercato.providers.faults import FaultSettings
+    from mercato.providers.server import provider_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    app = create_psp_app(f"sqlite:///{tmp_path}/psp.db", clock=ManualClock(), rng=random.Random(1))
+    server = provider_server(app, host="127.0.0.1", port=port, graceful_shutdown_s=1, embedded=True)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):  # the lifespan creates the tables, then the socket listens
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.config.http_protocol_class is MercatoHttpProtocol
+        body = {"order_reference": "ord-socket", "amount_minor": 900, "currency": "EUR"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            ok = await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-1"})
+            assert ok.status_code == 201
+            assert "server" not in ok.headers
+            app.injector.update(FaultSettings(lost_response_rate=1.0))
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-2"})
+            app.injector.update(FaultSettings())
+            replayed = await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-2"})
+            assert (replayed.status_code, replayed.headers["idempotent-replayed"]) == (201, "true")
+    finally:
+        server.should_exit = True
+        await task
