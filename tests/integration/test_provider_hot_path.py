@@ -78,6 +78,58 @@ async def test_a_psp_call_without_latency_commits_once_and_still_replays(
     assert reused.status_code == 422
 
 
+@contextmanager
+def executed(app: ProviderApp, service: str) -> Iterator[list[object]]:
+    """The statement objects the service's engine executes (SQLAlchemy's `before_execute`)."""
+    engine: Any = getattr(app.state, service).db.engine
+    sync = getattr(engine, "sync_engine", engine)
+    seen: list[object] = []
+
+    def before(_conn: Any, clause: Any, *_args: Any) -> None:
+        seen.append(clause)
+
+    event.listen(sync, "before_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(sync, "before_execute", before)
+
+
+async def test_the_hot_operations_execute_statements_built_once(
+    provider_db_url: str, in_process: InProcess, psp: httpx.AsyncClient, psp_app: ProviderApp
+) -> None:
+    """Authorize, capture and create shipment run the same statement objects on every call: one built
+    per call (`.values(...)`, `.where(... == value)`) has its cache key made again each time (ADR 0071)."""
+    rounds: list[list[object]] = []
+    for n in range(2):
+        with executed(psp_app, "psp") as seen:
+            body = {"order_reference": f"ord-once-{n}", "amount_minor": 500, "currency": "EUR"}
+            auth = await psp.post("/v1/authorizations", json=body, headers={"Idempotency-Key": f"a{n}"})
+            capture = await psp.post(
+                f"/v1/authorizations/{auth.json()['authorization_id']}/capture",
+                json={"amount_minor": 500},
+                headers={"Idempotency-Key": f"c{n}"},
+            )
+            assert capture.status_code == 201, capture.text
+        rounds.append(seen)
+    assert len(rounds[0]) == len(rounds[1]) >= 8
+    assert all(a is b for a, b in zip(rounds[0], rounds[1], strict=True))
+    app = create_carrier_app(provider_db_url, clock=ManualClock())
+    async with in_process(app, carrier_metadata) as carrier:
+        shipped: list[list[object]] = []
+        for n in range(2):
+            with executed(app, "carrier") as seen:
+                created = await carrier.post(
+                    "/v1/shipments",
+                    json={"order_reference": f"ord-ship-{n}", "items": [{"sku": "SKU-1", "quantity": 1}]},
+                    headers={"Idempotency-Key": f"s{n}"},
+                )
+                assert created.status_code == 201, created.text
+            shipped.append(seen)
+        assert len(shipped[0]) == len(shipped[1]) >= 2
+        assert all(a is b for a, b in zip(shipped[0], shipped[1], strict=True))
+
+
 async def test_a_stored_rejection_commits_once_and_replays(
     provider_db_url: str, in_process: InProcess
 ) -> None:
