@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from mercato.bootstrap import Container
 from mercato.kit.messaging import Message
+from mercato.kit.messaging.message import partition_for
 from mercato.kit.realtime import ChannelEvent
 from mercato.shop.orders.live import ORDER_FEED_GROUP, OrderFeed, order_channel
 from tests.integration.statement_budget import counting
@@ -69,8 +70,17 @@ async def test_a_pass_appends_in_one_transaction_and_publishes_once(container: C
     assert await container.channel_history.head(order_channel(a)) == 3
 
 
+def _apart(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two orders in different partitions (in one, a nack also revokes the other's later delivery)."""
+    a = uuid.uuid4()
+    while True:
+        b = uuid.uuid4()
+        if partition_for(str(a), partitions=partitions) != partition_for(str(b), partitions=partitions):
+            return a, b
+
+
 async def test_a_failing_order_waits_and_the_others_go_on(container: Container) -> None:
-    a, b = uuid.uuid4(), uuid.uuid4()
+    a, b = _apart(container.stream.partitions)  # type: ignore[attr-defined]
     await container.stream.publish(
         [
             _event(a, "order_placed", 1),
@@ -94,3 +104,23 @@ async def test_a_failing_order_waits_and_the_others_go_on(container: Container) 
     assert handled == 2
     assert [(e.channel, e.seq) for e in publish.calls[-1]] == [(order_channel(a), 1), (order_channel(a), 2)]
     assert await container.stream.lag("mercato.orders", ORDER_FEED_GROUP) == 0
+
+
+async def test_an_appended_event_is_one_statement_and_a_repeat_returns_its_first_seq(
+    container: Container,
+) -> None:
+    history = container.channel_history
+    with counting(container) as first:
+        async with container.db.write() as conn:
+            one, new_one = await history.append(conn, "order:h", "status", {"n": 1}, dedup_key="m-1")
+            two, new_two = await history.append(conn, "order:h", "step", {"n": 2}, dedup_key="m-2")
+    # Was three per event (the dedup read, the max seq, the insert).
+    assert len(first.statements) == 2, first.report()
+    assert (one.seq, new_one, two.seq, new_two) == (1, True, 2, True)
+    async with container.db.write() as conn:
+        again, new_again = await history.append(conn, "order:h", "other", {"n": 9}, dedup_key="m-1")
+        other, _ = await history.append(conn, "order:other", "status", {"n": 3}, dedup_key="m-1")
+    # The first append's event, unchanged; the same key on another channel is another event.
+    assert (again.seq, again.type, again.data, new_again) == (1, "status", {"n": 1}, False)
+    assert other.seq == 1
+    assert [e.seq for e in await history.after("order:h", 0, limit=10)] == [1, 2]
