@@ -1,5 +1,5 @@
-"""The shop's app with or without the edge's own answers (`FastReads`), for tests that check the edge
-answers exactly as the routes do."""
+"""The shop's app with or without the edge's own answers (`FastReads`, `FastWrites`), for tests that
+check the edge answers exactly as the routes do."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mercato.bootstrap import Container
 from mercato.gateway.app import create_app
 from mercato.gateway.edge import Edge
 from mercato.gateway.fast_reads import FastReads
+from mercato.gateway.fast_writes import FastWrites
 from tests.conftest import make_settings
 
 
@@ -33,7 +34,7 @@ def shop_app(container: Container, *, fast: bool = True) -> FastAPI:
     )
     if not fast:
         edge = edge_of(app)
-        edge.inner = tuple(step for step in edge.inner if not isinstance(step, FastReads))
+        edge.inner = tuple(step for step in edge.inner if not isinstance(step, FastReads | FastWrites))
     return app
 
 

@@ -68,7 +68,7 @@ async def test_the_app_runs_one_edge_with_its_steps_in_order(container: Containe
         "MethodsAndMedia",  # its 405 Allow, outside idempotency
     ]
     assert edge.idempotency is not None
-    assert inner == ["StalenessHeader", "MethodsAndMedia", "FastReads"]
+    assert inner == ["StalenessHeader", "MethodsAndMedia", "FastReads", "FastWrites"]
 
 
 async def test_a_product_read_is_answered_by_the_edge_exactly_as_the_route_answers(

@@ -78,6 +78,58 @@ async def test_a_psp_call_without_latency_commits_once_and_still_replays(
     assert reused.status_code == 422
 
 
+@contextmanager
+def executed(app: ProviderApp, service: str) -> Iterator[list[object]]:
+    """The statement objects the service's engine executes (SQLAlchemy's `before_execute`)."""
+    engine: Any = getattr(app.state, service).db.engine
+    sync = getattr(engine, "sync_engine", engine)
+    seen: list[object] = []
+
+    def before(_conn: Any, clause: Any, *_args: Any) -> None:
+        seen.append(clause)
+
+    event.listen(sync, "before_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(sync, "before_execute", before)
+
+
+async def test_the_hot_operations_execute_statements_built_once(
+    provider_db_url: str, in_process: InProcess, psp: httpx.AsyncClient, psp_app: ProviderApp
+) -> None:
+    """Authorize, capture and create shipment run the same statement objects on every call: one built
+    per call (`.values(...)`, `.where(... == value)`) has its cache key made again each time (ADR 0071)."""
+    rounds: list[list[object]] = []
+    for n in range(2):
+        with executed(psp_app, "psp") as seen:
+            body = {"order_reference": f"ord-once-{n}", "amount_minor": 500, "currency": "EUR"}
+            auth = await psp.post("/v1/authorizations", json=body, headers={"Idempotency-Key": f"a{n}"})
+            capture = await psp.post(
+                f"/v1/authorizations/{auth.json()['authorization_id']}/capture",
+                json={"amount_minor": 500},
+                headers={"Idempotency-Key": f"c{n}"},
+            )
+            assert capture.status_code == 201, capture.text
+        rounds.append(seen)
+    assert len(rounds[0]) == len(rounds[1]) >= 8
+    assert all(a is b for a, b in zip(rounds[0], rounds[1], strict=True))
+    app = create_carrier_app(provider_db_url, clock=ManualClock())
+    async with in_process(app, carrier_metadata) as carrier:
+        shipped: list[list[object]] = []
+        for n in range(2):
+            with executed(app, "carrier") as seen:
+                created = await carrier.post(
+                    "/v1/shipments",
+                    json={"order_reference": f"ord-ship-{n}", "items": [{"sku": "SKU-1", "quantity": 1}]},
+                    headers={"Idempotency-Key": f"s{n}"},
+                )
+                assert created.status_code == 201, created.text
+            shipped.append(seen)
+        assert len(shipped[0]) == len(shipped[1]) >= 2
+        assert all(a is b for a, b in zip(shipped[0], shipped[1], strict=True))
+
+
 async def test_a_stored_rejection_commits_once_and_replays(
     provider_db_url: str, in_process: InProcess
 ) -> None:
@@ -125,3 +177,44 @@ async def test_hot_operations_skip_the_route_stack_and_invalid_ones_still_get_it
     keyless = await psp.post("/v1/authorizations", json=body)
     assert keyless.status_code == 400
     assert routed == ["/v1/authorizations", "/v1/authorizations"]
+
+
+async def test_a_served_simulator_answers_in_one_write_and_still_drops_a_lost_response(
+    tmp_path: Any,
+) -> None:
+    """Over a real socket (`provider_server`, as `mercato provider` and `mercato up` serve them): the
+    API's one-write protocol (ADR 0067, here ADR 0071), no `server` header, and a lost-response fault
+    still aborts the connection underneath the coalescing writer, the effect applied."""
+    import asyncio
+    import socket
+
+    from mercato.kit.web.http_protocol import MercatoHttpProtocol
+    from mercato.providers.faults import FaultSettings
+    from mercato.providers.server import provider_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    app = create_psp_app(f"sqlite:///{tmp_path}/psp.db", clock=ManualClock(), rng=random.Random(1))
+    server = provider_server(app, host="127.0.0.1", port=port, graceful_shutdown_s=1, embedded=True)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(1000):  # the lifespan creates the tables, then the socket listens
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.config.http_protocol_class is MercatoHttpProtocol
+        body = {"order_reference": "ord-socket", "amount_minor": 900, "currency": "EUR"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            ok = await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-1"})
+            assert ok.status_code == 201
+            assert "server" not in ok.headers
+            app.injector.update(FaultSettings(lost_response_rate=1.0))
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-2"})
+            app.injector.update(FaultSettings())
+            replayed = await client.post("/v1/authorizations", json=body, headers={"Idempotency-Key": "s-2"})
+            assert (replayed.status_code, replayed.headers["idempotent-replayed"]) == (201, "true")
+    finally:
+        server.should_exit = True
+        await task

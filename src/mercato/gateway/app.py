@@ -30,6 +30,7 @@ from mercato.gateway.docs import install_docs
 from mercato.gateway.edge import Deadline, Edge, Step
 from mercato.gateway.errors import install_error_handlers
 from mercato.gateway.fast_reads import FastReads
+from mercato.gateway.fast_writes import FastWrites
 from mercato.gateway.faults import LatencyFault
 from mercato.gateway.media import build_signer
 from mercato.gateway.media import router as media_router
@@ -319,8 +320,10 @@ def create_app(
     inner.append(StalenessHeader())
     # On the path the versioning rewrote: OPTIONS, and 406 before the route runs (ADR 0028).
     inner.append(methods)
-    # Last: the hot public reads answered from the edge, past every check above.
+    # Last: the hot public reads and the checkout's two writes answered from the edge, past every
+    # check above (and idempotency's, for the POST).
     inner.append(FastReads(app=app))
+    inner.append(FastWrites(app=app))
 
     def idempotency(app_inside: ASGIApp) -> ASGIApp:
         # Unsafe requests with an Idempotency-Key replay their first response (API-CONVENTIONS);

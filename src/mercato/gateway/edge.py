@@ -342,18 +342,23 @@ class Edge:
         if self.idempotency is not None and ex.method in self.idempotency_methods:
             await self.idempotency(ex.scope, ex.receive, send)
         else:
-            await self._run_inner(ex, ex.scope, ex.receive, send)
+            await self._run_inner(ex, ex.scope, send)
 
     async def _inner_phase(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._run_inner(scope[_SCOPE_KEY], scope, receive, send)
+        ex: Exchange = scope[_SCOPE_KEY]
+        # Idempotency read the body to fingerprint it: from here on it is replayed from `receive`.
+        ex.receive = receive
+        await self._run_inner(ex, scope, send)
 
-    async def _run_inner(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run_inner(self, ex: Exchange, scope: Scope, send: Send) -> None:
+        # `ex.receive`, read again after each step: a step that reads the body and then leaves the
+        # request to the router hands it on replayed there (gateway/fast_writes.py).
         for step in self.inner:
             answer = await step(ex)
             if answer is not None:
-                await answer(scope, receive, send)
+                await answer(scope, ex.receive, send)
                 return
-        await self.app(scope, receive, send)
+        await self.app(scope, ex.receive, send)
 
 
 _DEADLINE_HEADER = DEADLINE_HEADER.lower().encode("latin-1")

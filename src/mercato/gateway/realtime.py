@@ -124,7 +124,7 @@ class RealtimeRuntime:
         c.hub.on_revoked(self._forget)
         consumer = c.hub.node_id
         feed = OrderFeed(
-            c.db, c.stream, c.channel_history, c.hub.publish, consumer=consumer, hook=c.messaging_hook
+            c.db, c.stream, c.channel_history, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
         )
         persister = ChatPersister(
             c.chat,

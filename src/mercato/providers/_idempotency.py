@@ -22,7 +22,19 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Column, Integer, MetaData, Select, String, Table, Text, Update, bindparam, select
+from sqlalchemy import (
+    Column,
+    Insert,
+    Integer,
+    MetaData,
+    Select,
+    String,
+    Table,
+    Text,
+    Update,
+    bindparam,
+    select,
+)
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -243,7 +255,7 @@ class IdempotencyStore:
                         "expires_at": now + timedelta(seconds=self.ttl_s),
                     }
                     if row is None:
-                        await conn.execute(t.insert(), {"key": key, **done})
+                        await conn.execute(_insert_statement(t), {"key": key, **done})
                     else:  # an expired record, or a claim whose lease ran out: taken over
                         taken = await conn.execute(
                             _take_over_statement(t), {"b_key": key, "b_token": row["claim_token"], **done}
@@ -350,6 +362,11 @@ def _complete_statement(t: Table) -> Update:
     return t.update().where(
         t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"), t.c.state == _IN_FLIGHT
     )
+
+
+@functools.cache
+def _insert_statement(t: Table) -> Insert:
+    return t.insert()
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from mercato.kit.clock import Clock
+from mercato.kit.web.http_protocol import MercatoHttpProtocol
 from mercato.providers._edge import ProviderApp
 from mercato.providers.carrier.app import create_carrier_app
 from mercato.providers.config import ProviderSettings
@@ -44,6 +45,10 @@ def provider_server(
         lifespan="on",
         # Hung requests never finish on their own; without this bound, shutdown would wait for them.
         timeout_graceful_shutdown=graceful_shutdown_s,
+        # A response's head and body in one write, as the API's (ADR 0067; the simulators' answers are
+        # small and frequent: ADR 0071). A lost-response fault still aborts the socket underneath.
+        http=MercatoHttpProtocol,
+        server_header=False,
     )
     return _EmbeddedServer(config) if embedded else uvicorn.Server(config)
 

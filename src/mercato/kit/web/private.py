@@ -7,7 +7,7 @@ rendered here with the app's own exception handlers so they carry the header too
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
@@ -26,17 +26,24 @@ class PrivateRoute(APIRoute):
         inner = super().get_route_handler()
 
         async def handler(request: Request) -> Response:
-            try:
-                response = await inner(request)
-            except Exception as exc:
-                render = _exception_handler(request, exc)
-                if render is None:
-                    raise
-                response = await render(request, exc)
-            response.headers["Cache-Control"] = PRIVATE_NO_STORE
-            return response
+            return await answer_privately(request, inner(request))
 
         return handler
+
+
+async def answer_privately(request: Request, answer: Awaitable[Response]) -> Response:
+    """`answer`'s response, or what the app's exception handlers make of its exception, with
+    `Cache-Control: private, no-store`. The routes' handler, and the edge's answers to the same routes
+    (gateway/fast_writes.py), so both render an error the same way."""
+    try:
+        response = await answer
+    except Exception as exc:
+        render = _exception_handler(request, exc)
+        if render is None:
+            raise
+        response = await render(request, exc)
+    response.headers["Cache-Control"] = PRIVATE_NO_STORE
+    return response
 
 
 def _exception_handler(request: Request, exc: Exception) -> Any:

@@ -9,7 +9,7 @@ request state under `API_KEY_PRINCIPAL`) is that key.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -29,6 +29,7 @@ __all__ = [
     "InsufficientScope",
     "MissingCredentials",
     "authenticated",
+    "principal_for",
     "require_scopes",
 ]
 
@@ -112,6 +113,14 @@ def require_scopes(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]
     # Read by the OpenAPI post-processing, which marks routes needing staff scopes as such.
     dependency.required_scopes = frozenset(scopes)  # type: ignore[attr-defined]
     return dependency
+
+
+async def principal_for(request: Request, dependency: Callable[..., Awaitable[Principal]]) -> Principal:
+    """What `Depends(dependency)` (a `require_scopes` dependency) gives a route, outside FastAPI's
+    dependency solving (the edge's answers to hot routes, gateway/fast_writes.py): the same bearer
+    parsing, verification, session guard, scope check and audit, raising what they raise."""
+    credentials = await _bearer(request)
+    return await dependency(request, await authenticated(request, credentials))
 
 
 def _subject_of(path_params: dict[str, Any]) -> uuid.UUID | None:

@@ -10,7 +10,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Table, func, select
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, String, Table, bindparam, func, select
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
@@ -80,6 +80,18 @@ ledger = Table(
 )
 
 idempotency_keys = idempotency_table(psp_metadata, "psp")
+
+# The hot operations' statements, built once: a statement built per call (`.values(...)`,
+# `.where(... == value)`) has its elements and cache key made again every time, which cost more CPU
+# than SQLite's own work (ADR 0071). Values travel as parameters.
+_INSERT_AUTHORIZATION = authorizations.insert()
+_INSERT_CAPTURE = captures.insert()
+_INSERT_LEDGER_ENTRY = ledger.insert()
+_AUTHORIZATION_BY_ID = select(authorizations).where(authorizations.c.id == bindparam("b_id"))
+_TRANSITION_FROM_AUTHORIZED = authorizations.update().where(
+    authorizations.c.id == bindparam("b_id"),
+    authorizations.c.status == AuthorizationStatus.AUTHORIZED.value,
+)
 
 # Deterministic declines for tests and demos, like a real PSP's test card numbers.
 DECLINING_TOKENS = {"tok_decline": "card_declined", "tok_insufficient_funds": "insufficient_funds"}
@@ -161,7 +173,7 @@ class PaymentProvider:
             "created_at": now,
             "updated_at": now,
         }
-        await conn.execute(authorizations.insert(), row)
+        await conn.execute(_INSERT_AUTHORIZATION, row)
         kind = LedgerKind.DECLINE if reason else LedgerKind.AUTHORIZATION
         await self._record(conn, kind, row, amount_minor=body.amount_minor, key=key)
         return Outcome(
@@ -193,7 +205,7 @@ class PaymentProvider:
             "refunded_minor": 0,
             "created_at": now,
         }
-        await conn.execute(captures.insert(), capture)
+        await conn.execute(_INSERT_CAPTURE, capture)
         await self._record(
             conn, LedgerKind.CAPTURE, auth, amount_minor=amount_minor, key=key, capture_id=capture_id
         )
@@ -331,11 +343,7 @@ class PaymentProvider:
     # -- helpers ---------------------------------------------------------------------------------
 
     async def _authorization_for_update(self, conn: SqlConnection, auth_id: str) -> Any:
-        row = (
-            (await conn.execute(select(authorizations).where(authorizations.c.id == auth_id)))
-            .mappings()
-            .first()
-        )
+        row = (await conn.execute(_AUTHORIZATION_BY_ID, {"b_id": auth_id})).mappings().first()
         if row is None:
             raise _auth_not_found(auth_id)
         return row
@@ -343,13 +351,10 @@ class PaymentProvider:
     async def _transition(
         self, conn: SqlConnection, auth: Any, target: AuthorizationStatus, **values: Any
     ) -> None:
+        # The SET list is the parameters' keys (one compiled form per set of keys, cached).
         updated = await conn.execute(
-            authorizations.update()
-            .where(
-                authorizations.c.id == auth["id"],
-                authorizations.c.status == AuthorizationStatus.AUTHORIZED.value,
-            )
-            .values(status=target.value, updated_at=self.clock.now(), **values)
+            _TRANSITION_FROM_AUTHORIZED,
+            {"b_id": auth["id"], "status": target.value, "updated_at": self.clock.now(), **values},
         )
         if updated.rowcount == 1:
             return
@@ -373,7 +378,7 @@ class PaymentProvider:
         # Values as parameters, not `.values(...)`: a statement built per call costs more CPU than
         # the whole SQLite insert (its elements and cache key are rebuilt every time).
         await conn.execute(
-            ledger.insert(),
+            _INSERT_LEDGER_ENTRY,
             {
                 "id": entry_id,
                 "kind": kind.value,

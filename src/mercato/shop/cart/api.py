@@ -100,8 +100,13 @@ def customer_id(principal: Principal) -> uuid.UUID:
 
 Service = Annotated[CartService, Depends(cart_service)]
 Reader = Annotated[Principal, Depends(require_scopes("cart:read"))]
-Writer = Annotated[Principal, Depends(require_scopes("cart:write"))]
-SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$")]
+# The dependency object itself is named: the edge resolves the same one for its answer to PUT
+# (gateway/fast_writes.py), so auth, scope and audit cannot drift from the route's.
+CART_WRITE = require_scopes("cart:write")
+Writer = Annotated[Principal, Depends(CART_WRITE)]
+SKU_PATTERN = r"^[A-Z0-9][A-Z0-9-]{1,62}[A-Z0-9]$"
+SkuPath = Annotated[str, Path(min_length=3, max_length=64, pattern=SKU_PATTERN)]
+PUT_ITEM_ROUTE = "/v1/carts/me/items/{sku}"
 
 _PRIVATE_HEADER = PRIVATE_HEADER_DOC
 
@@ -165,14 +170,20 @@ async def get_cart(service: Service, principal: Reader, if_none_match: IfNoneMat
     responses={**problem_responses(401, 403, 422), **_tagged("The cart after the change")},
 )
 async def put_item(sku: SkuPath, body: CartItemIn, service: Service, principal: Writer) -> Response:
+    return await put_item_answer(service, principal, sku, body.quantity)
+
+
+async def put_item_answer(service: CartService, principal: Principal, sku: str, quantity: int) -> Response:
+    """The route's work once its parameters are valid; the edge's answer to the same request calls it
+    too (gateway/fast_writes.py)."""
     limit = service.limits.max_quantity
-    if body.quantity > limit:
+    if quantity > limit:
         # The schema's maximum is this configured limit (document_cart_limits): past it the request
         # breaks the contract, a 400 like any other schema violation (ADR 0028).
         raise RequestValidationError(
             [{"loc": ("body", "quantity"), "msg": f"must be at most {limit}", "type": "less_than_equal"}]
         )
-    return _cart_response(await service.set_item(customer_id(principal), sku, body.quantity))
+    return _cart_response(await service.set_item(customer_id(principal), sku, quantity))
 
 
 @router.delete(
