@@ -69,12 +69,12 @@ def test_a_find_max_step_keeps_up_on_throughput_and_with_a_bound_also_on_p99() -
 
 
 def test_the_verdict_names_the_find_max_criterion_it_used() -> None:
-    def result(server: str, rate: float, p99: float) -> RealtimeResult:
-        return RealtimeResult(server, 1000, 50, rate, 100, 2000, 200.0, 5.0, p99, 50.0, None, 1.0)
+    def result(server: str, rate: float, p99: float, kept_up: bool | None = None) -> RealtimeResult:
+        return RealtimeResult(server, 1000, 50, rate, 100, 2000, 200.0, 5.0, p99, 50.0, None, 1.0, kept_up)
 
     results = [
-        result("mercato ramp", 40, 30),
-        result("mercato ramp", 60, 400),
+        result("mercato ramp", 40, 30, True),
+        result("mercato ramp", 60, 400, False),
         result("mercato", 20, 20),
         result("bare websockets", 20, 3),
     ]
@@ -83,3 +83,19 @@ def test_the_verdict_names_the_find_max_criterion_it_used() -> None:
     assert "98 % of deliveries within 2 s)" in default
     assert "98 % within 2 s and p99 <= 250 ms" in bounded
     assert "maximum rate found: ~40 msgs/s" in bounded
+
+
+def test_a_ramp_whose_every_step_kept_up_reports_a_floor_not_a_maximum() -> None:
+    def step(rate: float, kept_up: bool) -> RealtimeResult:
+        return RealtimeResult(
+            "mercato ramp", 1000, 50, rate, 100, 2000, 200.0, 5.0, 30, 50.0, None, 1.0, kept_up
+        )
+
+    final = RealtimeResult("mercato", 1000, 50, 90, 100, 2000, 200.0, 5.0, 20, 50.0, None, 1.0)
+    bare = RealtimeResult("bare websockets", 1000, 50, 90, 100, 2000, 200.0, 5.0, 3, 50.0, None, 1.0)
+    ran_out = "\n".join(realtime_verdict([step(100, True), step(150, True), final, bare], None))
+    assert "maximum rate found: not reached (>= 150 msgs/s kept up)" in ran_out
+    stopped = "\n".join(realtime_verdict([step(100, True), step(150, False), final, bare], None))
+    assert "maximum rate found: ~100 msgs/s" in stopped
+    none_kept = "\n".join(realtime_verdict([step(100, False), final, bare], None))
+    assert "maximum rate found: below the first step's 100 msgs/s" in none_kept
