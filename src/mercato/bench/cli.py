@@ -257,6 +257,14 @@ def realtime(
             min=1,
         ),
     ] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--setting",
+            help="A MERCATO_* setting for Mercato's server, NAME=VALUE (repeatable), e.g. "
+            "MERCATO_REALTIME_OVERLAP_PERSISTER_PASSES=true",
+        ),
+    ] = None,
 ) -> None:
     """Chat fan-out over /v1/ws vs a bare `websockets` broadcast server, in the same run; idle
     connections held by one process (`--idle`)."""
@@ -278,6 +286,11 @@ def realtime(
         broker_env["MERCATO_RATELIMIT_REDIS_URL"] = redis_url
     if nats_url:
         broker_env["MERCATO_MESSAGING_NATS_URL"] = nats_url
+    for item in setting or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MERCATO_"):
+            raise typer.BadParameter(f"{item!r}: expected MERCATO_NAME=VALUE", param_hint="--setting")
+        broker_env[name] = value
 
     from mercato.bench.realtime import (
         IdleResult,
