@@ -41,3 +41,12 @@ async def test_the_replay_gives_the_body_once_then_the_real_stream() -> None:
     replay = replaying(b"abcd", _receiver([{"type": "http.disconnect"}]))
     assert await replay() == {"type": "http.request", "body": b"abcd", "more_body": False}
     assert await replay() == {"type": "http.disconnect"}
+
+
+@pytest.mark.asyncio
+async def test_a_body_cut_short_is_replayed_unfinished_then_the_disconnect() -> None:
+    # The edge's checkout writes hand the router what arrived before the client left: the route
+    # must see an unfinished body followed by the disconnect, not a complete request.
+    replay = replaying(b"ab", _receiver([{"type": "http.disconnect"}]), more_body=True)
+    assert await replay() == {"type": "http.request", "body": b"ab", "more_body": True}
+    assert await replay() == {"type": "http.disconnect"}

@@ -59,20 +59,6 @@ _KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _JSON = "application/json"
 
 
-def _disconnected(body: bytes, receive: Receive) -> Receive:
-    """`receive` for the router after the client left mid-body: what arrived, then the disconnect."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": True}
-
-    return replay
-
-
 def _refusing(refused: BodyRefused) -> Receive:
     """`receive` for the router after the body limit refused the body: it refuses it there too (the
     route renders the 413/408 as it always did)."""
@@ -128,7 +114,7 @@ class FastWrites:
             ex.receive = _refusing(refused)
             return None
         if not complete:
-            ex.receive = _disconnected(body, ex.receive)
+            ex.receive = replaying(body, ex.receive, more_body=True)
             return None
         request = Request(ex.scope, ex.receive)
         # FastAPI parses a body as JSON only under a JSON media type (strict content type); an empty

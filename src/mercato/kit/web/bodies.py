@@ -23,9 +23,10 @@ async def read_body(receive: Receive) -> tuple[bytes, bool]:
             return b"".join(chunks), True
 
 
-def replaying(body: bytes, receive: Receive) -> Receive:
+def replaying(body: bytes, receive: Receive, *, more_body: bool = False) -> Receive:
     """`receive` for an app whose body was already read: the body once, then the real stream (so a
-    later disconnect still reaches the app)."""
+    later disconnect still reaches the app). `more_body=True` when the client left mid-body: the app
+    sees what arrived as unfinished, then the disconnect."""
     sent = False
 
     async def replay() -> Message:
@@ -33,6 +34,6 @@ def replaying(body: bytes, receive: Receive) -> Receive:
         if sent:
             return await receive()
         sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": more_body}
 
     return replay
