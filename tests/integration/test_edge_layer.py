@@ -7,20 +7,25 @@ from __future__ import annotations
 import asyncio
 import gc
 import uuid
-from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from uvicorn.server import ServerState
 
 from mercato.bootstrap import Container
 from mercato.gateway.fast_reads import PRODUCT_ROUTE
 from mercato.kit.web.http_protocol import MercatoHttpProtocol
 from mercato.shop.catalog.api import router as catalog_router
-from tests.integration.edge_apps import client_for, edge_of, shop_app
+from tests.integration.edge_apps import (
+    client_for,
+    edge_of,
+    record_route_calls,
+    routed_paths,
+    shop_app,
+    stable_headers,
+)
 from tests.integration.shop_support import product
 from tests.integration.statement_budget import counting
 from tests.recording_transport import RecordingTransport
@@ -31,26 +36,16 @@ _PER_REQUEST = {"x-request-id", "date"}
 
 @pytest.fixture
 def route_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, str]]:
-    """Records (app, path) each time the product route itself runs (its `handle`, after routing matched
-    it). The route object is the catalog router's, shared by every app: restored after the test."""
-    calls: list[tuple[object, str]] = []
-    route = next(r for r in catalog_router.routes if isinstance(r, APIRoute) and r.path == PRODUCT_ROUTE)
-    original = route.handle
-
-    async def handle(scope: Any, receive: Any, send: Any) -> None:
-        calls.append((scope.get("app"), scope["path"]))
-        await original(scope, receive, send)
-
-    monkeypatch.setattr(route, "handle", handle)
-    return calls
+    """Records (app, path) each time the product route itself runs (after routing matched it)."""
+    return record_route_calls(monkeypatch, ((catalog_router, PRODUCT_ROUTE),))
 
 
 def _calls(calls: list[tuple[object, str]], app: FastAPI) -> list[str]:
-    return [path for called, path in calls if called is app]
+    return routed_paths(calls, app)
 
 
 def _headers(response: httpx.Response) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in response.headers.multi_items() if k not in _PER_REQUEST]
+    return stable_headers(response, _PER_REQUEST)
 
 
 async def test_the_app_runs_one_edge_with_its_steps_in_order(container: Container) -> None:

@@ -4,19 +4,22 @@ dependency solving, and everything the routes' validation or auth would refuse i
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 
 from mercato.bootstrap import Container
 from mercato.shop.cart.api import PUT_ITEM_ROUTE
 from mercato.shop.cart.api import router as cart_router
 from mercato.shop.checkout.api import CHECKOUT_ROUTE
 from mercato.shop.checkout.api import router as checkout_router
-from tests.integration.edge_apps import client_for, shop_app
+from tests.integration.edge_apps import (
+    client_for,
+    record_route_calls,
+    routed_paths,
+    shop_app,
+    stable_headers,
+)
 from tests.integration.shop_support import bearer, customer, product
 
 # What differs between two answers to the same request by construction.
@@ -27,25 +30,15 @@ _JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 def route_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, str]]:
     """Records (app, path) each time the PUT cart line or the checkout route itself runs."""
-    calls: list[tuple[object, str]] = []
-    for router, path in ((cart_router, PUT_ITEM_ROUTE), (checkout_router, CHECKOUT_ROUTE)):
-        route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == path)
-        original = route.handle
-
-        async def handle(scope: Any, receive: Any, send: Any, original: Any = original) -> None:
-            calls.append((scope.get("app"), scope["path"]))
-            await original(scope, receive, send)
-
-        monkeypatch.setattr(route, "handle", handle)
-    return calls
+    return record_route_calls(monkeypatch, ((cart_router, PUT_ITEM_ROUTE), (checkout_router, CHECKOUT_ROUTE)))
 
 
 def _calls(calls: list[tuple[object, str]], app: FastAPI) -> list[str]:
-    return [path for called, path in calls if called is app]
+    return routed_paths(calls, app)
 
 
 def _headers(response: httpx.Response) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in response.headers.multi_items() if k not in _PER_REQUEST]
+    return stable_headers(response, _PER_REQUEST)
 
 
 def _same(by_edge: httpx.Response, by_route: httpx.Response, *, ignore: tuple[str, ...] = ()) -> None:
