@@ -15,7 +15,9 @@ The run starts everything it measures, on free loopback ports:
 
 Customers log in once, before anything is measured. Then, for each rate of the ladder: the baseline
 step, the Mercato step (open loop: checkout ``i`` at ``t0 + i/rate``), a drain until every accepted
-checkout's saga has finished (or ``drain_s`` passed), and the accounting from the database.
+checkout's saga has finished (or ``drain_s`` passed), a wait until the servers go quiet (the side
+jobs' catching up is the step's work too: its CPU and statements count), and the accounting from the
+database.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from mercato.bench.servers import (
     database,
     free_port,
     machine_busy_s,
+    settle,
     start_baseline,
     start_server,
 )
@@ -431,6 +434,10 @@ async def _run(
                 tag, result = await bench.checkouts(api, rate, opts.duration_s, tokens, skus)
                 on_phase(f"step {number}/{len(opts.rates)}: draining sagas")
                 await bench.drain(tag)
+                # The side jobs (ledger, notifications, projections) may still be behind: their
+                # catching up is this step's work too, in its CPU and statements.
+                on_phase(f"step {number}/{len(opts.rates)}: waiting for the servers to go quiet")
+                await settle(servers, limit_s=opts.drain_s)
                 cpu1, wall = _cpu(servers), time.monotonic() - wall0
                 after = [p.counts() for p in probes]
                 for spy in spies:

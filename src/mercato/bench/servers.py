@@ -97,6 +97,24 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _clock_ticks()
 
 
+async def settle(
+    servers: list[ServerProcess], *, quiet_share: float = 0.1, window_s: float = 0.5, limit_s: float = 30.0
+) -> float:
+    """Wait until `servers` together use less than `quiet_share` of one core over a `window_s`
+    window (or `limit_s` passed); returns the seconds waited. Work a run caused but that finished
+    after it (consumers and projectors behind by the run's end) then counts in the run's CPU and
+    statements instead of falling outside the measured window."""
+    started = time.monotonic()
+    before = sum(s.cpu_s() or 0.0 for s in servers)
+    while time.monotonic() - started < limit_s:
+        await asyncio.sleep(window_s)
+        after = sum(s.cpu_s() or 0.0 for s in servers)
+        if after - before < quiet_share * window_s:
+            break
+        before = after
+    return time.monotonic() - started
+
+
 @dataclass
 class ServerProcess:
     name: str
