@@ -93,6 +93,8 @@ class CheckoutBenchOptions:
     max_connections: int = 256
     stop_when_saturated: bool = True
     profile_dir: Path | None = None  # py-spy the Mercato processes during the last step
+    # MERCATO_* settings for the Mercato processes, on top of the bench's own (NAME, VALUE) pairs.
+    settings: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,7 +178,9 @@ async def login_customers(base_url: str, *, products: int, customers: int) -> li
         return list(await asyncio.gather(*(one(client, e, p) for e, p in accounts)))
 
 
-def _mercato_env(url: str, workdir: Path, ports: dict[str, int]) -> dict[str, str]:
+def _mercato_env(
+    url: str, workdir: Path, ports: dict[str, int], settings: tuple[tuple[str, str], ...] = ()
+) -> dict[str, str]:
     return _clean_env(
         {
             "MERCATO_DATABASE_URL": url,
@@ -192,6 +196,7 @@ def _mercato_env(url: str, workdir: Path, ports: dict[str, int]) -> dict[str, st
             # Every simulated customer comes from 127.0.0.1: the edge limiter would measure itself
             # (and refuse the logins), not checkout capacity.
             "MERCATO_RATELIMIT_ENABLED": "false",
+            **dict(settings),
         }
     )
 
@@ -207,12 +212,12 @@ def _probe(name: str, command: list[str], *, port: int | None, workdir: Path, en
 
 @contextlib.contextmanager
 def mercato_processes(
-    mode: str, url: str, workdir: Path
+    mode: str, url: str, workdir: Path, settings: tuple[tuple[str, str], ...] = ()
 ) -> Iterator[tuple[ServerProcess, list[_Probe], list[ServerProcess]]]:
     """The API server, every counted Mercato process, and the provider processes (distributed only)."""
     started: list[ServerProcess] = []
     ports = {name: free_port() for name in ("psp", "carrier", "mail", "mail_smtp")}
-    env = _mercato_env(url, workdir, ports)
+    env = _mercato_env(url, workdir, ports, settings)
     try:
         providers: list[ServerProcess] = []
         if mode == "distributed":
@@ -406,7 +411,7 @@ async def _run(
     context = multiprocessing.get_context("spawn")
     try:
         with (
-            mercato_processes(opts.mode, url, workdir) as (api, probes, providers),
+            mercato_processes(opts.mode, url, workdir, opts.settings) as (api, probes, providers),
             ProcessPoolExecutor(max_workers=1, mp_context=context) as executor,
         ):
             # The spawned generator process imports for ~1 s: not inside the first step's slots.

@@ -15,6 +15,7 @@ from rich.table import Table
 from mercato.bench.checkout import MODES, CheckoutBenchOptions, CheckoutBenchReport, run_checkout_bench
 from mercato.bench.checkout_report import CheckoutStep, rate_ladder
 from mercato.bench.harness import OutOption, RunFolder
+from mercato.bench.servers import server_settings
 
 console = Console(stderr=True)
 
@@ -169,12 +170,24 @@ def checkout(
             help="Also run the same six steps on another engine, side by side: dbos (the bench extra)"
         ),
     ] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--setting",
+            help="A MERCATO_* setting for the Mercato processes, NAME=VALUE (repeatable), e.g. "
+            "MERCATO_WORKER_SIDE_JOB_WINDOW_S=0.25",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
     out: OutOption = None,
 ) -> None:
     """Completed checkouts/s and p50/p99 at fixed arrival rates, with the bare baseline side by side."""
     if mode not in MODES:
         raise typer.BadParameter(f"--mode is one of {', '.join(MODES)}")
+    try:
+        settings = server_settings(setting)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--setting") from exc
     if vs is not None:
         _check_vs(vs, database_url)
     options = CheckoutBenchOptions(
@@ -190,6 +203,7 @@ def checkout(
         timeout_s=timeout,
         stop_when_saturated=not keep_going,
         profile_dir=profile_dir,
+        settings=settings,
     )
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console

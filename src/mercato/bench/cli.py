@@ -270,7 +270,7 @@ def realtime(
     connections held by one process (`--idle`)."""
     from dataclasses import asdict
 
-    from mercato.bench.servers import set_port_range
+    from mercato.bench.servers import server_settings, set_port_range
 
     if port_range:
         low, _, high = port_range.partition("-")
@@ -286,11 +286,10 @@ def realtime(
         broker_env["MERCATO_RATELIMIT_REDIS_URL"] = redis_url
     if nats_url:
         broker_env["MERCATO_MESSAGING_NATS_URL"] = nats_url
-    for item in setting or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("MERCATO_"):
-            raise typer.BadParameter(f"{item!r}: expected MERCATO_NAME=VALUE", param_hint="--setting")
-        broker_env[name] = value
+    try:
+        broker_env.update(server_settings(setting))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--setting") from exc
 
     from mercato.bench.realtime import (
         IdleResult,

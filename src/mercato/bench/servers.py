@@ -97,6 +97,18 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _clock_ticks()
 
 
+def server_settings(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """`--setting MERCATO_NAME=VALUE` options as (name, value) pairs for a Mercato server's
+    environment; ValueError for anything else (a typo must not silently measure the defaults)."""
+    pairs = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MERCATO_") or not name[len("MERCATO_") :]:
+            raise ValueError(f"{item!r}: expected MERCATO_NAME=VALUE")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
 async def settle(
     servers: list[ServerProcess], *, quiet_share: float = 0.1, window_s: float = 0.5, limit_s: float = 30.0
 ) -> float:

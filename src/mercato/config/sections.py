@@ -84,6 +84,10 @@ class WorkerSettings(BaseModel):
     reconcile_interval_s: float = Field(default=600.0, gt=0)
     reconcile_sample: int = Field(default=200, ge=1, le=100_000)
     reconcile_settle_s: float = Field(default=300.0, ge=0)
+    # The side jobs woken by work signals (relay, consumers, projectors, notifier) start a woken pass
+    # at most this often, so under load one pass serves many commits (ADR 0055); an isolated event
+    # still goes at once. Longer: fewer statements per event, read models and e-mails later.
+    side_job_window_s: float = Field(default=0.1, ge=0, le=5)
 
 
 class ProcessPoolSettings(BaseModel):

@@ -23,12 +23,6 @@ from mercato.workers.retention import MessagingRetention
 # Fired by the notifications consumer after it recorded e-mails: the notifier delivers them at once.
 NOTIFICATIONS_CHANNEL = "notifications"
 
-# The side jobs woken by work signals (relay, consumers, projectors, notifier) start a woken pass at
-# most this often: woken by every commit, each ran a pass (its fixed statements: probe, read, lag...)
-# over one or two messages, which at 25 checkouts/s was most of the worker's CPU (ADR 0055). None of
-# them is on a checkout's path (sagas wake the runner directly); an isolated event still goes at once.
-SIDE_JOB_WINDOW_S = 0.1
-
 # A saga still active this long after its deadline is stuck (`mercato_saga_stuck`); counted this often.
 SAGA_STUCK_GRACE_S = 60.0
 SAGA_WATCH_INTERVAL_S = 15.0
@@ -61,6 +55,9 @@ class PeriodicJob:
 
 def shop_jobs(container: Container) -> list[PeriodicJob]:
     worker = container.settings.worker
+    # The side jobs (none on a checkout's path: sagas wake the runner directly) batch their woken
+    # passes: woken by every commit, each ran its fixed statements over one or two messages (ADR 0055).
+    side_window_s = worker.side_job_window_s
     # The loops fed by the outbox and the stream wait for its signal; their interval is the safety poll.
     safety_s = container.settings.messaging.relay_interval_s
     on_stream = (STREAM_CHANNEL,)
@@ -144,7 +141,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             relay.relay_once,
             batch=container.settings.messaging.relay_batch,
             wake_on=(OUTBOX_CHANNEL,),
-            batch_window_s=SIDE_JOB_WINDOW_S,
+            batch_window_s=side_window_s,
             announces=STREAM_CHANNEL,
         ),
         PeriodicJob(
@@ -172,7 +169,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             container.payments.consumer(container.stream, hook=container.messaging_hook).run_once,
             batch=100,
             wake_on=on_stream,
-            batch_window_s=SIDE_JOB_WINDOW_S,
+            batch_window_s=side_window_s,
         ),
         # Read models follow the log as often as the relay feeds it, which keeps the read-your-
         # writes gap of the order summaries short in embedded mode (see shop/reporting/api.py).
@@ -183,7 +180,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
                 projector.run_once,
                 batch=PROJECTOR_BATCH,
                 wake_on=on_stream,
-                batch_window_s=SIDE_JOB_WINDOW_S,
+                batch_window_s=side_window_s,
             )
             for name, projector in build_projectors(container).items()
         ),
@@ -234,7 +231,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             notifications_consumer(container).run_once,
             batch=100,
             wake_on=on_stream,
-            batch_window_s=SIDE_JOB_WINDOW_S,
+            batch_window_s=side_window_s,
             announces=NOTIFICATIONS_CHANNEL,
         ),
         # ...and deliver the e-mails they recorded (SMTP to the mail provider; retried, deduplicated).
@@ -244,7 +241,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             deliver_notifications,
             batch=worker.notify_batch,
             wake_on=(NOTIFICATIONS_CHANNEL,),
-            batch_window_s=SIDE_JOB_WINDOW_S,
+            batch_window_s=side_window_s,
         ),
         # Where the provider calls happen, their breakers are published for /admin/resilience/breakers.
         PeriodicJob("report_breakers", worker.breaker_report_interval_s, report_breakers),
@@ -267,7 +264,7 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
                 consumer.run_once,
                 batch=consumer.max_messages,
                 wake_on=on_stream,
-                batch_window_s=SIDE_JOB_WINDOW_S,
+                batch_window_s=side_window_s,
             )
         )
     return jobs
