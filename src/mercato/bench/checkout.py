@@ -424,6 +424,9 @@ async def _run(
                 tag, _ = await bench.checkouts(api, opts.rates[0], opts.warmup_s, tokens, skus)
                 await bench.drain(tag)
             servers = [p.server for p in probes] + providers
+            if opts.warmup_s > 0:
+                # The warm-up's side jobs catch up before the first step: not in its figures.
+                await settle(servers, limit_s=opts.drain_s)
             for number, rate in enumerate(opts.rates, start=1):
                 on_phase(f"step {number}/{len(opts.rates)}: bare baseline at {rate:g}/s")
                 base = await bench.baseline(baseline_server, rate)
