@@ -154,14 +154,17 @@ async def test_it_reads_ahead_only_when_a_send_was_signalled_since_its_last_read
     async def publish_many(events: list[ChannelEvent]) -> None:
         pass
 
-    persister = ChatPersister(
-        chat,
-        _Counting(),
-        publish_many,
-        consumer="t1",
-        batch=1,
-        wakeups=lambda: signals[0],  # type: ignore[arg-type]
-    )
+    def persister_of(batch: int) -> ChatPersister:
+        return ChatPersister(
+            chat,
+            _Counting(),
+            publish_many,
+            consumer="t1",
+            batch=batch,
+            wakeups=lambda: signals[0],  # type: ignore[arg-type]
+        )
+
+    persister = persister_of(1)
     await _send(container, room_a, users[0], "a1")
     signals[0] += 1
     # One message, nothing signalled after the read that took it: published without a read ahead
@@ -184,14 +187,7 @@ async def test_it_reads_ahead_only_when_a_send_was_signalled_since_its_last_read
     assert await container.stream.lag(CHAT_TOPIC, CHAT_GROUP) == 0
     # Not a full batch, nothing signalled since its read: published, and 0 (the caller may wait for
     # its next signal) with no read after the acks.
-    wide = ChatPersister(
-        chat,
-        _Counting(),
-        publish_many,
-        consumer="t1",
-        batch=10,
-        wakeups=lambda: signals[0],  # type: ignore[arg-type]
-    )
+    wide = persister_of(10)
     await _send(container, room_a, users[0], "a3")
     signals[0] += 1
     reads[0] = 0

@@ -22,6 +22,7 @@ from mercato.kit.sagas import (
     EventSink,
     RetrySchedule,
     SagaDefinition,
+    SagaInstance,
     SagaRunner,
     SagaStatus,
     SagaStore,
@@ -355,15 +356,24 @@ async def test_a_stale_runner_cannot_write_after_a_takeover(
     assert await effect(container, saga_id, "stale") is None
 
 
-async def test_a_stale_move_writes_neither_the_state_nor_its_step_record(
+async def lost_lease(
     container: Container, store: SagaStore, clock: ManualClock
-) -> None:
+) -> tuple[uuid.UUID, SagaInstance]:
+    """A one-step saga claimed by runner-a, whose lease runner-b took after it expired: runner-a's
+    view (`stale`) may still try to move it."""
     definition = SagaDefinition("order", (local("reserve", Recorder()),))
     saga_id = await start(container, store, definition)
     stale = await store.claim_instance(saga_id, owner="runner-a", lease_s=10)
     assert stale is not None
     clock.advance(11)
     assert await store.claim(saga_id, owner="runner-b", lease_s=10) is not None
+    return saga_id, stale
+
+
+async def test_a_stale_move_writes_neither_the_state_nor_its_step_record(
+    container: Container, store: SagaStore, clock: ManualClock
+) -> None:
+    saga_id, stale = await lost_lease(container, store, clock)
     # The move and its record are one statement on PostgreSQL (the record is inserted from the
     # fenced UPDATE's RETURNING) and two on SQLite (the INSERT only after the UPDATE matched).
     record = StepOutcome("reserve", "forward", 1, "succeeded", 3)
@@ -525,12 +535,7 @@ async def test_a_remote_steps_events_ride_in_its_move_which_commits_on_its_own(
 async def test_a_stale_move_writes_none_of_its_events(
     container: Container, store: SagaStore, clock: ManualClock
 ) -> None:
-    definition = SagaDefinition("order", (local("reserve", Recorder()),))
-    saga_id = await start(container, store, definition)
-    stale = await store.claim_instance(saga_id, owner="runner-a", lease_s=10)
-    assert stale is not None
-    clock.advance(11)
-    assert await store.claim(saga_id, owner="runner-b", lease_s=10) is not None
+    saga_id, stale = await lost_lease(container, store, clock)
     sink = OutboxEventSink(container.outbox, source="test", clock=clock)
     event = {"type": "mercato.test.reserved", "saga_id": str(saga_id), "data": {"order_id": "o-1"}}
     record = StepOutcome("reserve", "forward", 1, "succeeded", 3)
