@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp
 
 from mercato.config import EdgeCacheSettings
+from mercato.gateway.path_memo import remember
 
 if TYPE_CHECKING:
     from mercato.gateway.edge import Exchange
@@ -74,10 +75,6 @@ def merge_vary(existing: str | None, extra: Sequence[str]) -> str:
 
 
 _READS = frozenset({"GET", "HEAD"})
-# Paths whose marker (or its absence) is remembered: emptied when full; longer paths are matched each
-# time (a few thousand of them are not worth the memory).
-_BY_PATH_SIZE = 4096
-_BY_PATH_MAX = 256
 
 
 class EdgeCache:
@@ -102,11 +99,7 @@ class EdgeCache:
         try:
             marker = self._by_path[path]
         except KeyError:
-            marker = self._marker_for(path)
-            if len(path) <= _BY_PATH_MAX:
-                if len(self._by_path) >= _BY_PATH_SIZE:
-                    self._by_path.clear()
-                self._by_path[path] = marker
+            marker = remember(self._by_path, path, path, self._marker_for(path))
         if marker is not None:
             ex.on_start(marker)
         return None

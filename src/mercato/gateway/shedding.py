@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp
 
 from mercato.config import BackpressureSettings
+from mercato.gateway.path_memo import remember
 from mercato.kit.backpressure import (
     BackpressureHook,
     ClassLimits,
@@ -48,11 +49,6 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 # Server-Sent Events streams (real time, ADR 0029).
 _LONG_LIVED = re.compile(r"^/v\d+/orders/[^/]+/events$")
-# Distinct (method, path) pairs whose class is remembered (paths carry ids): emptied when full, which
-# costs one classification per pair again. Longer paths are classified each time: they are not worth
-# the memory a few thousand of them would hold.
-_CLASSES_SIZE = 4096
-_CLASSES_PATH_MAX = 256
 
 
 def classify(method: str, path: str, rules: Sequence[Rule] = DEFAULT_RULES) -> Priority:
@@ -109,11 +105,7 @@ class Shedding:
             pass
         # A live stream holds its request for minutes: it must not hold a concurrency slot.
         found = None if _LONG_LIVED.match(path) else self.classifier(method, path)
-        if len(path) <= _CLASSES_PATH_MAX:
-            if len(self._classes) >= _CLASSES_SIZE:
-                self._classes.clear()
-            self._classes[key] = found
-        return found
+        return remember(self._classes, key, path, found)
 
     async def __call__(self, ex: Exchange) -> ASGIApp | None:
         priority = self._class_of(ex.method, ex.path)
