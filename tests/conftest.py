@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -43,17 +44,24 @@ async def _pg_admin(sql: str) -> None:
         await conn.close()
 
 
+@contextmanager
+def scratch_pg_database(label: str = "") -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database named `<PG_TEST_PREFIX>_<label><random>`,
+    dropped (connections and all) when the block ends."""
+    name = f"{PG_TEST_PREFIX}_{label}{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{_pg_host_part()}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A PostgreSQL database made for this test run, migrated to head, dropped at the end."""
-    name = f"{PG_TEST_PREFIX}_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+asyncpg://{_pg_host_part()}/{name}"
-    try:
+    with scratch_pg_database() as url:
         upgrade(SCRIPT_LOCATION, url)
         yield url
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mercato.kit.ports import free_port
+
 
 @dataclass(frozen=True)
 class RunningShop:
@@ -21,12 +22,6 @@ class RunningShop:
     workdir: Path
     output: Path
     mail_url: str = ""  # the mail provider's HTTP side (GET /messages)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_mercato(

@@ -24,8 +24,9 @@ import pytest
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.config import AuthSettings, DatabaseSettings, Environment, Settings
 from mercato.demo.seed import demo_products
+from mercato.kit.ports import free_port
 from mercato.kit.storage.migrations import upgrade
-from mercato.lab.chaos_processes import ShopProcess, free_port
+from mercato.lab.chaos_processes import ShopProcess
 from mercato.shop.identity.contracts import Role
 from tests.e2e.otlp import OtlpReceiver, ReceivedSpan
 

@@ -51,9 +51,9 @@ async def shop_history(url: str, data_dir: Path, *, completed: int = 2, declined
     import uuid
 
     from mercato.bootstrap import build_container
-    from mercato.cluster.ports import free_port
     from mercato.config import CheckoutSettings
     from mercato.demo.seed import demo_products
+    from mercato.kit.ports import free_port
     from mercato.providers.config import ProviderSettings
     from mercato.providers.server import serve_providers
     from mercato.workers.sagas import build_saga_runner

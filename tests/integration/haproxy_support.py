@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mercato.cluster.haproxy import Backend
 from mercato.cluster.processes import spawn, stop, wait_until
-from mercato.cluster.topology import free_port
+from mercato.kit.ports import free_port
 
 SERVER = r"""
 import sys, time

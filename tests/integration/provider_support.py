@@ -12,33 +12,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import uvicorn
 from sqlalchemy import MetaData, text
 
 from mercato.providers import ProviderApp
-from tests.conftest import PG_ADMIN_DSN, PG_TEST_PREFIX
-
-
-async def _pg_admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+from tests.conftest import scratch_pg_database
 
 
 @pytest.fixture(scope="session")
 def provider_pg_url() -> Iterator[str]:
-    name = f"{PG_TEST_PREFIX}_providers_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    host = PG_ADMIN_DSN.split("://", 1)[1].rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+asyncpg://{host}/{name}"
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_pg_database("providers_") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

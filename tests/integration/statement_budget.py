@@ -28,6 +28,8 @@ class Tally:
     statements: list[str] = field(default_factory=list)
     transactions: int = 0
     begins: int = 0
+    # The statements and, where a transaction ended, "COMMIT" (or "ROLLBACK"): what ran in which.
+    timeline: list[str] = field(default_factory=list)
 
     def report(self) -> str:
         head = f"{len(self.statements)} statements, {self.transactions} transactions ({self.begins} BEGIN)"
@@ -45,6 +47,7 @@ def counting(container: Container) -> Iterator[Tally]:
             tally.begins += 1
         else:
             tally.statements.append(" ".join(sql.split())[:160])
+            tally.timeline.append(tally.statements[-1])
 
     def end(conn: Connection) -> None:
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
@@ -54,12 +57,15 @@ def counting(container: Container) -> Iterator[Tally]:
         # Statements sent on the driver path under the connection (`on_connection`) count too.
         if conn.info.pop(_DIRTY, False) | conn.info.pop(DRIVER_STATEMENTS_IN_TX, False):
             tally.transactions += 1
+            tally.timeline.append("END")
 
     def driver(sql: str | None) -> None:
         if sql is None:
             tally.transactions += 1
+            tally.timeline.append("END")
         else:
             tally.statements.append("driver: " + " ".join(sql.split())[:152])
+            tally.timeline.append(tally.statements[-1])
 
     listeners = [("before_cursor_execute", statement), ("commit", end), ("rollback", end)]
     for name, fn in listeners:

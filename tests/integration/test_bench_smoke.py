@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import uvicorn
@@ -11,16 +10,11 @@ import uvicorn
 from mercato.bench.baseline import BARE_PATH, create_starlette_app
 from mercato.bench.client import GeneratorConfig, OpenLoopGenerator
 from mercato.bench.stats import LatencyHistogram
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mercato.kit.ports import free_port
 
 
 async def test_generator_counts_add_up_against_the_bare_baseline() -> None:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_starlette_app(), host="127.0.0.1", port=port, log_config=None, access_log=False)
     )
@@ -50,6 +44,7 @@ async def test_generator_counts_add_up_against_the_bare_baseline() -> None:
     assert counts.sent == 100
     assert counts.ok == 50
     assert counts.non_2xx == 50
+    assert counts.non_2xx_statuses == {404: 50}
     assert counts.transport_errors == counts.timeouts == 0
     assert counts.finished == counts.scheduled == hist.count
     assert 0 < hist.percentile_ms(50) < 100

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -19,18 +18,13 @@ import uvicorn
 
 from mercato.config import HttpSettings
 from mercato.gateway.app import create_app
+from mercato.kit.ports import free_port
 from tests.conftest import make_settings
 
 BODY_READ_TIMEOUT_S = 1.0
 MAX_BODY_BYTES = 4096
 # Generous for a loaded CI machine, and still far below the 90 s the lying body was held before.
 SLACK_S = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(params=["httptools", "h11"])
@@ -40,7 +34,7 @@ async def server_port(request: pytest.FixtureRequest, sqlite_url: str) -> AsyncI
         http=HttpSettings(max_body_bytes=MAX_BODY_BYTES, body_read_timeout_s=BODY_READ_TIMEOUT_S),
     )
     app = create_app(settings, configure_logs=False)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -162,7 +156,8 @@ async def test_a_chunked_body_under_the_limit_reaches_the_route(server_port: int
     payload = b'{"email": "nobody@example.com", "password": "wrong-password-123"}'
     frame = f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n"
     head = _head(chunked=True).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-    raw, elapsed = await _exchange(server_port, head, [frame])
+    raw, _elapsed = await _exchange(server_port, head, [frame])
     status, _, body = _status_headers_body(raw)
-    assert status == 401, body  # the route judged the credentials: the body arrived whole
-    assert elapsed < BODY_READ_TIMEOUT_S
+    # The route judged the credentials: the body arrived whole (a body read that timed out is a
+    # 408). No bound on `elapsed` here: it is the route's argon2 check, 1.75 s once in CI at load 7.
+    assert status == 401, body

@@ -49,17 +49,21 @@ async def test_a_batch_is_one_insert_for_all_rooms_in_stream_order_with_dedup(co
             handled += done
     sql = [s.removeprefix("driver: ").upper() for s in tally.statements]
     inserts = [s for s in sql if s.startswith("INSERT INTO CHAT_MESSAGES")]
+    passes = [s for s in sql if "CHAT_PERSIST_PASS(" in s]
     # One insert per persister pass, whatever the rooms (without group commit: one insert and one
-    # transaction per new message, five here).
-    assert len(inserts) == len(published), tally.report()
+    # transaction per new message, five here); on PostgreSQL the insert is inside the pass's one call.
+    assert len(inserts) + len(passes) == len(published), tally.report()
     assert len(published) < 5, tally.report()
     if container.db.dialect == "postgresql":
-        # ADR 0065: a pass's fences, heads and dedup are one prepared read and its rows one insert of
-        # arrays, both on the driver path (through SQLAlchemy: four statements whose IN lists were
-        # compiled anew every pass).
-        on_chat = [s for s in tally.statements if "CHAT_" in s.upper()]
-        assert len(on_chat) == 2 * len(published), tally.report()
+        # ADR 0077: a pass is one autocommitted call of `chat_persist_pass` on the driver path, its
+        # locks, fences, heads, dedup and insert inside: no BEGIN, no COMMIT (ADR 0065's pass was a
+        # transaction of a lock, a prepared read and an insert of arrays: five round trips).
+        # The shard map's read is left out: it is re-read once a second (`refresh_s`), not per pass,
+        # so a slow machine's window may or may not hold one (CI once saw it).
+        on_chat = [s for s in tally.statements if "CHAT_" in s.upper() and "CHAT_SHARD_MAP" not in s.upper()]
+        assert len(on_chat) == len(published), tally.report()
         assert all(s.startswith("driver: ") for s in on_chat), tally.report()
+        assert not [s for s in sql if s in ("BEGIN", "COMMIT")], tally.report()
     events = [e for batch in published for e in batch]
     # Per room, stream order (the rooms may sit on different partitions, read in either order).
     in_a = [(e.data["text"], e.seq) for e in events if e.channel == f"room:{room_a}"]

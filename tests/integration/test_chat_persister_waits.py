@@ -138,3 +138,68 @@ async def test_on_the_sql_log_a_chat_publish_fires_the_chat_signal_not_the_share
     )
     await container.stream.publish([order_event])
     assert signals.mark((STREAM_CHANNEL,)) != stream_before
+
+
+async def test_a_send_notifies_other_processes_only_where_their_persisters_need_it(
+    container: Container,
+) -> None:
+    """ADR 0077: with sequential passes on the SQL log or Redis Streams, a send wakes this process's
+    persister only (it reads every partition; one another process's pass holds is read again by
+    that loop after its pass): no `pg_notify` round trip per send. JetStream's single reader and
+    the overlapped passes (which sleep after a pass until a signal) still get the NOTIFY."""
+    signals = container.db.signals
+    if not signals.cross_process:
+        pytest.skip("NOTIFY is PostgreSQL's")
+    notified: list[str] = []
+    notify_now = signals._notify_now
+
+    async def recording(channel: str) -> None:
+        notified.append(channel)
+        await notify_now(channel)
+
+    signals._notify_now = recording  # type: ignore[method-assign]
+    try:
+        runtime = RealtimeRuntime(container)
+        before = signals.mark((CHAT_SENDS,))
+        await runtime._announce()
+        assert signals.mark((CHAT_SENDS,)) != before  # this process's persister is woken either way
+        nats = container.settings.messaging.backend == "nats"
+        assert bool(notified) == nats
+        realtime = container.settings.realtime.model_copy(update={"overlap_persister_passes": True})
+        container.settings = container.settings.model_copy(update={"realtime": realtime})
+        await RealtimeRuntime(container)._announce()
+        assert notified, "overlapped passes sleep until a signal: other processes must hear the send"
+    finally:
+        signals._notify_now = notify_now  # type: ignore[method-assign]
+
+
+async def test_the_empty_read_after_a_busy_pass_counts_the_lag_at_the_busy_rate(container: Container) -> None:
+    """ADR 0077: messages one per pass, each pass followed by the loop's empty read. That read
+    counted as an idle pass that "settled" the gauge at once: a lag count per message. Now it
+    counts at the busy rate (at most once per busy interval); a later idle pass settles it."""
+    chat = container.chat
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    room = (await chat.create_room("lag after busy", users, created_by=users[0])).id
+    stream = _Recording(container.stream)
+
+    async def publish_many(events: list[ChannelEvent]) -> None:
+        pass
+
+    at = [0.0]
+    lag = LagReporter(
+        stream, container.messaging_hook, busy_interval_s=1.0, interval_s=5.0, now=lambda: at[0]
+    )  # type: ignore[arg-type]
+    persister = ChatPersister(chat, stream, publish_many, consumer="t1", lag=lag)  # type: ignore[arg-type]
+    now = container.clock.now()
+    for n in range(3):
+        message = send_message(
+            room_id=room, sender=users[0], text=f"m{n}", client_msg_id=f"c{n}", reply_to="", now=now
+        )
+        await container.stream.publish([message])
+        assert await persister.run_once() == 1
+        assert await persister.run_once() == 0  # the loop's read after a busy pass
+        at[0] += 0.2
+    assert stream.calls.count("lag") == 1, stream.calls
+    at[0] += 0.5  # past the busy interval, no traffic: the next idle pass settles the gauge
+    assert await persister.run_once() == 0
+    assert stream.calls.count("lag") == 2, stream.calls

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlalchemy import text
 from mercato.bootstrap import Container, build_container
 from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
+from mercato.kit.ports import free_port
 from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.providers._client import ProviderTimeout
 from mercato.providers.carrier.client import CarrierClient
@@ -35,12 +35,6 @@ from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
 from tests.integration.provider_support import warm_up
 from tests.tables import emptiable_tables
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -58,7 +52,7 @@ class Shop:
 @pytest.fixture
 async def shop(database_url: str, tmp_path: Path) -> AsyncIterator[Shop]:
     providers_settings = ProviderSettings(
-        psp_port=_free_port(), carrier_port=_free_port(), data_dir=tmp_path, graceful_shutdown_s=1
+        psp_port=free_port(), carrier_port=free_port(), data_dir=tmp_path, graceful_shutdown_s=1
     )
     settings = make_settings(
         database_url,

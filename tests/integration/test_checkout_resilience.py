@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from mercato.bootstrap import Container, build_container, build_provider_calls
 from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
 from mercato.gateway.app import create_app
+from mercato.kit.ports import free_port
 from mercato.kit.resilience import (
     BreakerRegistry,
     BulkheadFull,
@@ -46,12 +46,6 @@ from tests.integration.provider_support import warm_up
 from tests.tables import emptiable_tables
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Shop:
     container: Container
@@ -63,7 +57,7 @@ class Shop:
 
 async def _shop(database_url: str, tmp_path: Path, *, resilience: bool) -> AsyncIterator[Shop]:
     providers_settings = ProviderSettings(
-        psp_port=_free_port(), carrier_port=_free_port(), data_dir=tmp_path, graceful_shutdown_s=1
+        psp_port=free_port(), carrier_port=free_port(), data_dir=tmp_path, graceful_shutdown_s=1
     )
     settings = make_settings(
         database_url,

@@ -17,10 +17,10 @@ import pytest
 
 from mercato.bootstrap import SCRIPT_LOCATION
 from mercato.cluster.etcd import start_etcd, start_etcd_member, stop_etcd, stop_etcd_member
-from mercato.cluster.ports import free_port
 from mercato.cluster.processes import wait_until
 from mercato.cluster.topology import Topology
 from mercato.kit.coordination.etcd import EtcdElection, parse_endpoints
+from mercato.kit.ports import free_port
 from mercato.kit.storage.migrations import upgrade
 
 

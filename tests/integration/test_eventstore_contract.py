@@ -11,56 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, event, insert
+from sqlalchemy import event, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import ManualClock
 from mercato.kit.eventstore import (
-    Aggregate,
     AggregateRepository,
     ConcurrencyConflict,
     EventStore,
     NewEvent,
     events,
     retry_on_conflict,
-    snapshots,
 )
 from mercato.kit.eventstore.store import _CHECKED_INSERT_ONE
 from mercato.kit.storage import Database, create_database
 from mercato.kit.storage.statements import Statements, add_driver_listener
 from mercato.shop.payments.model import LedgerRuleBroken, PaymentLedger
-
-
-class Counter(Aggregate):
-    """The smallest aggregate: increments whose total must never pass `limit`."""
-
-    category = "counter"
-    limit = 1_000
-
-    def __init__(self, aggregate_id: str) -> None:
-        super().__init__(aggregate_id)
-        self.total = 0
-
-    def increment(self, by: int = 1) -> None:
-        if self.total + by > self.limit:
-            raise ValueError("limit passed")
-        self.record("incremented", {"by": by})
-
-    def apply(self, event_type: str, data: Mapping[str, Any]) -> None:
-        self.total += int(data["by"])
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"total": self.total}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        self.total = int(state["total"])
+from tests.integration.eventstore_support import Counter, event_store_database, evt, stream
 
 
 class StaleCheckStore(EventStore):
@@ -69,14 +43,6 @@ class StaleCheckStore(EventStore):
 
     async def stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
         return 0
-
-
-def stream() -> str:
-    return f"s-{uuid.uuid4().hex[:12]}"
-
-
-def evt(n: int) -> NewEvent:
-    return NewEvent("happened", {"n": n}, {"source": "tests"})
 
 
 async def version_of(db: Database, stream_id: str) -> int:
@@ -91,14 +57,8 @@ class EventStoreContract:
 
     @pytest.fixture
     async def db(self, url: str) -> AsyncIterator[Database]:
-        database = create_database(url, pool_size=10, max_overflow=10)
-        try:
+        async with event_store_database(url, pool_size=10) as database:
             yield database
-        finally:
-            async with database.write() as conn:
-                await conn.execute(delete(events))
-                await conn.execute(delete(snapshots))
-            await database.dispose()
 
     @pytest.fixture
     def store(self, clock: ManualClock) -> EventStore:

@@ -22,7 +22,7 @@ from mercato.config import ReleaseSettings
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.identity.model import Role
 from mercato.shop.identity.personal import PLAINTEXT_COLUMNS
-from tests.conftest import TEST_SECRET, _pg_admin, _pg_host_part, make_settings
+from tests.conftest import TEST_SECRET, make_settings, scratch_pg_database
 
 PASSWORD = "correct horse battery staple"
 
@@ -33,12 +33,8 @@ def blank_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('hxc-ec') / 'shop.db'}"
         return
-    name = f"hxc_ec_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://{_pg_host_part()}/{name}"
-    finally:
-        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_pg_database("ec_") as url:
+        yield url
 
 
 @asynccontextmanager

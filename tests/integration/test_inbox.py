@@ -101,6 +101,10 @@ async def test_duplicate_deliveries_are_applied_once(
             self.lost = 1
 
         def __getattr__(self, name: str) -> object:
+            if name == "ack_in_order_runs":
+                # Acks apart from the consumer's transaction, as a broker's are: on the SQL log of
+                # the consumer's database they commit with its effects and cannot be lost alone.
+                raise AttributeError(name)
             return getattr(stream, name)
 
         async def ack(self, delivery: Delivery) -> None:
@@ -206,3 +210,45 @@ async def test_consumer_handles_everything_once_across_partitions(
         pass
     assert sorted(m.id for m in seen) == sorted(m.id for m in messages)
     assert await effect_count(container) == 12
+
+
+async def test_a_failing_batch_handler_is_redone_one_message_at_a_time(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    """The batch handler applies the batch's new messages in one call; when it fails, the pass rolls
+    back and goes on through the per-message handler, which dead-letters only the culprit."""
+    batches: list[list[str]] = []
+
+    async def handle_batch(conn: AsyncConnection, messages: Sequence[Message]) -> None:
+        batches.append([m.key for m in messages])
+        for message in messages:
+            await handle(conn, message)
+
+    async def handle(conn: AsyncConnection, message: Message) -> None:
+        if message.key == "poison":
+            raise ValueError("cannot apply")
+        await counting_handler(clock)(conn, message)
+
+    healthy = [make_message(f"order-{n}") for n in range(4)]
+    await stream.publish(healthy)
+    reader = Consumer(
+        container.db,
+        stream,
+        topic=TOPIC,
+        group="billing",
+        name="c1",
+        handler=handle,
+        batch_handler=handle_batch,
+    )
+    assert await reader.run_once() == 4
+    assert batches == [[m.key for m in healthy]]  # one call for the whole batch
+    assert await effect_count(container) == 4
+    # A poison message: the batch handler fails, and the one-at-a-time pass nacks it alone (a
+    # message after it in its partition waits for it, as with the per-message handler).
+    await stream.publish([make_message("poison"), make_message("order-9")])
+    for _ in range(4):
+        await reader.run_once()
+        clock.advance(60)
+    assert await effect_count(container) == 5  # order-9 applied once, the poison never
+    dead = await stream.dead_letters(group="billing")
+    assert [d.message.key for d in dead] == ["poison"]

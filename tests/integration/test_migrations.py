@@ -38,3 +38,9 @@ def test_downgrade_to_base_and_up_again(tmp_path: object, engine: str) -> None:
     upgrade(SCRIPT_LOCATION, url)
     downgrade(SCRIPT_LOCATION, url, "base")
     upgrade(SCRIPT_LOCATION, url)
+
+
+def test_the_migrations_form_one_chain() -> None:
+    # Branches merged side by side each chain a migration after the same parent; two heads would
+    # still upgrade ("heads"), but the order of their steps would be Alembic's choice, not ours.
+    assert len(head_revisions(SCRIPT_LOCATION)) == 1, head_revisions(SCRIPT_LOCATION)

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -197,5 +198,116 @@ async def test_a_relay_that_dies_holding_a_lease_is_taken_over_after_it(
     assert [d.message.id for d in await drain(stream, "g")] == [message.id]
 
 
+async def test_a_relay_marks_in_one_statement_only_the_rows_still_under_its_lease(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    # The mark is one UPDATE for the whole batch (`id = ANY(...)` / `json_each`): a row another
+    # relay took over after our lease expired keeps its new owner's lease and stays unpublished.
+    messages = [make_message(f"order-{n}") for n in range(3)]
+    async with container.db.write() as conn:
+        await Outbox(clock=clock).add_many(conn, messages)
+    slow = OutboxRelay(container.db, stream, clock=clock, lease_s=30, batch_size=2)
+    slow_token = uuid.uuid4()
+    slow_batch = [m.id for m in await slow._claim(slow_token)]
+    assert len(slow_batch) == 2
+    clock.advance(31)
+    other = OutboxRelay(container.db, stream, clock=clock, lease_s=30, batch_size=1)
+    other_token = uuid.uuid4()
+    taken = [m.id for m in await other._claim(other_token)]
+    assert taken == slow_batch[:1]
+
+    await slow._release(slow_token, slow_batch, published=True)
+
+    o = outbox_table.c
+    async with container.db.read() as conn:
+        rows = {
+            row.id: (row.claim_token, row.published_at is not None)
+            for row in await conn.execute(select(o.id, o.claim_token, o.published_at))
+        }
+    assert rows[taken[0]] == (other_token, False)  # the other relay's now: left alone
+    assert rows[slow_batch[1]] == (None, True)
+    third = next(m.id for m in messages if m.id not in slow_batch)
+    assert rows[third] == (None, False)  # never claimed
+    await other._release(other_token, taken, published=True)
+    async with container.db.read() as conn:
+        unpublished = await conn.scalar(select(func.count()).where(o.published_at.is_(None)))
+    assert unpublished == 1
+
+
 def test_relay_is_a_stream_client_of_the_protocol(stream: SqlLogStream) -> None:
     assert isinstance(stream, Stream)
+
+
+class FailingAppend(SqlLogStream):
+    """The SQL log, whose append fails `failures` times after the relay's claim ran in its
+    transaction: a relay dying between the claim (rows marked published) and the commit."""
+
+    def __init__(self, *args: object, failures: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.failures = failures
+
+    async def _append(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("relay lost before the commit")
+        await super()._append(*args, **kwargs)
+
+
+async def unpublished(container: Container) -> list[tuple[uuid.UUID, object, object]]:
+    o = outbox_table.c
+    async with container.db.read() as conn:
+        rows = await conn.execute(
+            select(o.id, o.claim_token, o.claimed_until).where(o.published_at.is_(None))
+        )
+        return [tuple(row) for row in rows]
+
+
+async def test_on_the_sql_log_claim_append_and_mark_commit_together(
+    container: Container, clock: ManualClock
+) -> None:
+    """ADR 0083: the relay of the SQL log on its own database claims (marking published), appends
+    and commits in one transaction; a failure before the commit leaves the rows unpublished and
+    unleased (retried by the next pass at once), and the log without them: never a loss, and no
+    duplicate either."""
+    stream = FailingAppend(container.db, partitions=4, visibility_timeout_s=10, clock=clock, failures=1)
+    messages = [make_message(f"order-{n}", n) for n in range(3)]
+    async with container.db.write() as conn:
+        await Outbox(clock=clock).add_many(conn, messages)
+    relay = OutboxRelay(container.db, stream, clock=clock)
+    with pytest.raises(ConnectionError):
+        await relay.relay_once()
+    assert sorted(await unpublished(container)) == sorted((m.id, None, None) for m in messages)
+    assert await stream.lag(TOPIC, "g") == 0
+    assert await relay.relay_once() == 3
+    assert await unpublished(container) == []
+    assert await relay.relay_once() == 0
+    delivered = await drain(stream, "g")
+    assert sorted(d.message.id for d in delivered) == sorted(m.id for m in messages)  # each once
+
+
+async def test_on_the_sql_log_two_relays_publish_each_row_once_in_key_order(
+    container: Container, stream: SqlLogStream, clock: ManualClock
+) -> None:
+    """Two relays in one transaction each: a row another relay's open transaction holds is skipped
+    (SKIP LOCKED), and a row whose key has an older row held there waits for a later pass."""
+    keys = [f"order-{k}" for k in range(10)]
+    messages = [make_message(keys[n % 10], n) for n in range(200)]
+    for start in range(0, 200, 20):
+        async with container.db.write() as conn:
+            await Outbox(clock=clock).add_many(conn, messages[start : start + 20])
+    relays = [OutboxRelay(container.db, stream, batch_size=7, clock=clock) for _ in range(2)]
+    published = [0, 0]
+
+    async def run(n: int) -> None:
+        while (await relays[n].backlog()).messages:
+            published[n] += await relays[n].relay_once()
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(run(0), run(1)), timeout=60)
+    assert sum(published) == 200  # each row claimed, appended and marked by exactly one relay
+    delivered = await drain(stream, "g")
+    assert sorted(d.message.id for d in delivered) == sorted(m.id for m in messages)
+    for key in keys:
+        assert [d.message.data["n"] for d in delivered if d.message.key == key] == [
+            m.data["n"] for m in messages if m.key == key
+        ]

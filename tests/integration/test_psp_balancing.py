@@ -23,10 +23,10 @@ from sqlalchemy import text
 
 from mercato.bootstrap import Container, build_container
 from mercato.cluster.processes import alive, read_pid, spawn, stop, wait_until
-from mercato.cluster.topology import free_port
 from mercato.config import CheckoutSettings
 from mercato.demo.seed import demo_products
 from mercato.kit.balancing import Balancer
+from mercato.kit.ports import free_port
 from mercato.kit.sagas import SagaRunner, SagaStatus
 from mercato.providers._client import ProviderTimeout
 from mercato.providers.config import ProviderSettings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +18,7 @@ from redis.asyncio import Redis
 
 from mercato.kit.clock import ManualClock
 from mercato.kit.health import HealthRegistry
+from mercato.kit.ports import free_port
 from mercato.kit.ratelimit import (
     BreakerState,
     Limit,
@@ -31,12 +31,6 @@ from mercato.kit.ratelimit import (
 )
 
 LIMIT = Limit(rate=3, period_s=3600.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class CountingRedis(Redis):

@@ -20,6 +20,7 @@ from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import Consumer, Message, Outbox, OutboxRelay, SqlLogStream
 from mercato.kit.messaging.message import partition_for
 from mercato.kit.projections import Projection, Projector
+from mercato.kit.storage.statements import add_driver_listener
 from tests.integration.statement_budget import counting
 from tests.integration.test_projections import counts
 from tests.integration.test_stream_contract import TOPIC, make_message
@@ -46,19 +47,25 @@ async def test_relaying_a_batch_costs_one_transaction_whatever_its_partitions(
     batch = [make_message(keys[n % 4], n=n) for n in range(20)]
     await add_to_outbox(container, clock, batch)
 
-    with counting(container) as relayed:
-        assert await relay.relay_once() == 20
+    full: list[str] = []
+    remove = add_driver_listener(lambda sql: full.append(sql) if sql else None)
+    try:
+        with counting(container) as relayed:
+            assert await relay.relay_once() == 20
+    finally:
+        remove()
 
-    # Claim (pick + order check + lease: one UPDATE ... RETURNING), publish (reserve the offsets of
-    # every partition in one upsert, the dedup lookup, one multi-row append), mark published. The
-    # backlog gauge's count ran on the first pass and waits for its interval. Before: the claim
-    # was three statements, the publish four per partition, and the gauge a fourth transaction.
-    # The claim and the mark are one statement each, committed on their own (PostgreSQL: no
-    # BEGIN/COMMIT; SQLite's one writer still begins) and prepared on the raw-driver layer: the
-    # publish is the only transaction (was 3 on PostgreSQL too).
-    own = 0 if container.db.dialect == "postgresql" else 2
-    assert (len(relayed.statements), relayed.transactions) == (5, 1 + own), relayed.report()
+    # One transaction (ADR 0083; was three: the claim and the mark committed on their own around the
+    # publish's): the claim (pick + order check, the rows locked and marked published: one UPDATE
+    # ... RETURNING), then the publish (reserve the offsets of every partition in one upsert, the
+    # dedup lookup, one multi-row append), committed together. The backlog gauge's count ran on the
+    # first pass and waits for its interval. All prepared on the raw-driver layer.
+    assert (len(relayed.statements), relayed.transactions) == (4, 1), relayed.report()
     assert all(sql.startswith("driver: ") for sql in relayed.statements), relayed.report()
+    claim = full[0]
+    assert "UPDATE messaging_outbox SET published_at" in claim, claim
+    assert "claim_token" not in claim.split("RETURNING")[0].split("SET", 1)[1], claim
+    assert full[-1].startswith("INSERT INTO messaging_stream_log"), full[-1]
     deliveries = await stream.read(TOPIC, "g", "c", max_messages=100, block_s=0)
     by_key: dict[str, list[int]] = {}
     for delivery in deliveries:
@@ -110,10 +117,14 @@ async def test_a_consumer_poll_of_k_messages_costs_two_transactions_whatever_k(
     assert (len(busy.statements), busy.transactions) == (6, 2), busy.report()
     # Every one on the raw-driver layer (the inbox record too, prepared once per batch size).
     assert all(sql.startswith("driver: ") for sql in busy.statements), busy.report()
+    # The ack is the inbox transaction's last statement, committed with the effects (ADR 0083:
+    # was autocommitted after it, one commit more a pass): nothing runs after that commit.
+    assert busy.timeline[-2].startswith("driver: UPDATE messaging_stream_cursors"), busy.timeline
+    assert busy.timeline[-1] == "END", busy.timeline
     assert await stream.lag(TOPIC, "budget") == 0
 
 
-async def test_a_consumer_poll_acks_once_per_partition_of_its_batch(
+async def test_a_consumer_poll_costs_six_statements_whatever_its_partitions(
     container: Container, stream: SqlLogStream, clock: ManualClock
 ) -> None:
     reader = consumer(container, stream, clock)
@@ -121,18 +132,21 @@ async def test_a_consumer_poll_acks_once_per_partition_of_its_batch(
     await stream.publish([make_message(key) for key in keys])
     assert await reader.run_once() == 3
     partitions = {partition_for(key, partitions=8) for key in keys}
+    assert len(partitions) == 3
     await stream.publish([make_message(keys[n % 3], n=n) for n in range(12)])
 
     with counting(container) as busy:
         assert await reader.run_once() == 12
 
-    # The read takes each partition's batch (a select and a cursor move each), the inbox records
-    # all 12 in one statement, and one in-order ack per partition, not one per message, moves its
-    # watermark: 3 + 3 per partition in all, the lag reported by the pass before (ADR 0072: was
-    # 4 + 3 per partition; before ADR 0055: 4 + 2 per partition + 2 per message).
-    acks = [sql for sql in busy.statements if "SET next_offset=" in sql and "CASE" in sql]
-    assert len(acks) == len(partitions), busy.report()
-    assert (len(busy.statements), busy.transactions) == (3 + 3 * len(partitions), 2), busy.report()
+    # Probe; the read (lock the cursors, every partition's batch in one SELECT, every cursor move
+    # in one UPDATE); the inbox records all 12 in one statement; one in-order ack moves every
+    # partition's watermark past its run: 6, as for one partition (ADR 0073: was 3 + 3 per
+    # partition, 12 here; ADR 0072: 4 + 3 per partition; before ADR 0055: 4 + 2 per partition +
+    # 2 per message). The lag was reported by the pass before.
+    moves = [sql for sql in busy.statements if sql.startswith("driver: UPDATE messaging_stream_cursors")]
+    assert len(moves) == 2, busy.report()  # the read's cursor moves, the ack
+    assert (len(busy.statements), busy.transactions) == (6, 2), busy.report()
+    assert busy.timeline[-2:] == [moves[1], "END"], busy.timeline  # the ack, in the inbox's commit
     assert await stream.lag(TOPIC, "budget") == 0
 
 
@@ -171,8 +185,10 @@ async def test_a_busy_projector_pass_is_all_on_the_driver_path(
     with counting(container) as busy:
         assert await projector.run_once() == 6
 
-    # The probe, the checkpoint's lock, one read per partition with work, the checkpoint's save
-    # (one executemany): in one transaction, every statement a prepared one on the raw driver
-    # (the lock, the reads and the save went through SQLAlchemy, compiled per call).
-    assert (len(busy.statements), busy.transactions) == (3 + len(partitions), 1), busy.report()
+    # The probe, the checkpoint's compare-and-set over every partition with work, one read of all
+    # their ranges: in one transaction, every statement a prepared one on the raw driver, whatever
+    # the number of partitions (session 11: was the lock, one read per partition and the save,
+    # 3 + partitions; before that the lock, the reads and the save went through SQLAlchemy).
+    assert len(partitions) > 1
+    assert (len(busy.statements), busy.transactions) == (3, 1), busy.report()
     assert all(sql.startswith("driver: ") for sql in busy.statements), busy.report()

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,7 +20,12 @@ from nats.aio.client import Client as NatsClient
 from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import JetStreamStream, Stream
 
-from .test_stream_contract import TOPIC, StreamContract, drain, make_message
+from .broker_restart import (
+    PrivateServer,
+    assert_every_confirmed_message_delivered_in_key_order,
+    publish_until_killed,
+)
+from .test_stream_contract import TOPIC, StreamContract, make_message
 
 NATS_URL = os.environ.get("MERCATO_TEST_NATS_URL", "nats://127.0.0.1:4222")
 NATS_SERVER = os.environ.get("MERCATO_TEST_NATS_SERVER", "/usr/sbin/nats-server")
@@ -103,36 +105,42 @@ async def test_ack_many_sends_a_pass_s_acks_together(nats_client: NatsClient, cl
         await stream.delete_all([TOPIC])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+async def test_a_publish_whose_puback_never_comes_fails_after_the_request_timeout(
+    nats_client: NatsClient, clock: ManualClock
+) -> None:
+    """nats-py's PubAck futures have no deadline: a message lost with the node that took it (a stream
+    leader SIGKILLed mid-publish) left `publish` waiting for good. Here the stream is gone and a plain
+    subscriber swallows its subject (so the server sends no "no responders" either): the publish
+    must give up after `request_timeout_s` and raise, for the caller to retry under the same ids."""
+    stream = JetStreamStream(
+        client=nats_client,
+        prefix=f"t{uuid.uuid4().hex[:16]}",
+        partitions=1,
+        request_timeout_s=0.5,
+        clock=clock,
+    )
+    await stream.publish([make_message("k", 0)])  # the topic's stream exists and is known
+    await nats_client.jetstream().delete_stream(stream._stream_name(TOPIC))
+    swallower = await nats_client.subscribe(f"{stream.prefix}.>")
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stream.publish([make_message("k", 1)]), timeout=10)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        await swallower.unsubscribe()
 
 
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """Starts (and restarts) a nats-server of our own with JetStream on a free port and a temporary
-    store directory. JetStream answers a publish only after the message is written to the stream's
-    file (its own fsync policy syncs every 2 minutes by default: a SIGKILL of the process loses
-    nothing written, a power cut could lose the unsynced tail)."""
-    port = _free_port()
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        started.append(proc)
-        return proc
-
-    start.port = port  # type: ignore[attr-defined]
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def private_nats(tmp_path: Path) -> Iterator[PrivateServer]:
+    """A nats-server of our own with JetStream on a free port and a temporary store directory.
+    JetStream answers a publish only after the message is written to the stream's file (its own
+    fsync policy syncs every 2 minutes by default: a SIGKILL of the process loses nothing written, a
+    power cut could lose the unsynced tail)."""
+    with PrivateServer(
+        lambda port: [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)]
+    ) as server:
+        yield server
 
 
 async def _connect(port: int) -> NatsClient:
@@ -150,42 +158,16 @@ async def _connect(port: int) -> NatsClient:
 
 
 async def test_no_confirmed_message_is_lost_when_nats_is_killed_mid_stream(
-    private_nats: Callable[[], subprocess.Popen[bytes]], clock: ManualClock
+    private_nats: PrivateServer, clock: ManualClock
 ) -> None:
-    port = private_nats.port  # type: ignore[attr-defined]
-    server = private_nats()
-    client = await _connect(port)
+    server = private_nats.start()
+    client = await _connect(private_nats.port)
     stream = JetStreamStream(client=client, prefix="restart", partitions=4, request_timeout_s=1, clock=clock)
-    confirmed: list[uuid.UUID] = []
-    enough = asyncio.Event()
-
-    async def publish_forever() -> None:
-        n = 0
-        while True:
-            batch = [make_message(f"order-{(n + i) % 13}", n + i) for i in range(10)]
-            await stream.publish(batch)
-            confirmed.extend(m.id for m in batch)  # only after every PubAck arrived
-            if len(confirmed) >= 300:
-                enough.set()
-            n += 10
-
-    publisher = asyncio.create_task(publish_forever())
-    await asyncio.wait_for(enough.wait(), timeout=20)
-    server.send_signal(signal.SIGKILL)  # mid-stream: the publisher is still writing
-    server.wait()
-    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises on a dead server
-        await asyncio.wait_for(publisher, timeout=10)
+    confirmed = await publish_until_killed(stream, server, publisher_timeout_s=10)
     await client.close()
 
-    private_nats()
-    client = await _connect(port)
+    private_nats.start()
+    client = await _connect(private_nats.port)
     stream = JetStreamStream(client=client, prefix="restart", partitions=4, request_timeout_s=1, clock=clock)
-    delivered = await drain(stream, "after-restart", max_messages=200)
-    got = {d.message.id for d in delivered}
-    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed messages lost"
-    assert len(got) == len(delivered)
-    for key in {d.message.key for d in delivered}:
-        ns = [d.message.data["n"] for d in delivered if d.message.key == key]
-        assert ns == sorted(ns)
-    assert await stream.lag(TOPIC, "after-restart") == 0
+    await assert_every_confirmed_message_delivered_in_key_order(stream, confirmed)
     await client.close()

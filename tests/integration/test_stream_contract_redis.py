@@ -10,9 +10,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,8 +19,14 @@ from redis.asyncio import Redis
 
 from mercato.kit.clock import ManualClock
 from mercato.kit.messaging import RedisStream, Stream
+from mercato.kit.messaging.redis_client import redis_client as deadline_client
 
-from .test_stream_contract import TOPIC, StreamContract, drain, make_message
+from .broker_restart import (
+    PrivateServer,
+    assert_every_confirmed_message_delivered_in_key_order,
+    publish_until_killed,
+)
+from .test_stream_contract import TOPIC, StreamContract, make_message
 
 REDIS_URL = os.environ.get("MERCATO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -31,7 +34,8 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[Redis]:
-    client = Redis.from_url(REDIS_URL)
+    # The client bootstrap gives the stream (ADR 0082: no task per command).
+    client = deadline_client(REDIS_URL)
     try:
         yield client
     finally:
@@ -68,54 +72,18 @@ class TestRedisStream(StreamContract):
             await stream.delete_all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """Starts (and restarts) a redis-server of our own on a free port and a temporary directory.
+def private_redis(tmp_path: Path) -> Iterator[PrivateServer]:
+    """A redis-server of our own on a free port and a temporary directory.
 
     `appendonly yes` + `appendfsync always`: every write is appended to the AOF and fsynced before
     Redis replies, so an acknowledged XADD survives SIGKILL (and a power cut). RDB snapshots are off
     so the AOF is the only source on restart.
     """
-    port = _free_port()
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(tmp_path),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        started.append(proc)
-        return proc
-
-    start.port = port  # type: ignore[attr-defined]
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    options = ["--bind", "127.0.0.1", "--dir", str(tmp_path), "--appendonly", "yes"]
+    options += ["--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+    with PrivateServer(lambda port: [REDIS_SERVER, "--port", str(port), *options]) as server:
+        yield server
 
 
 async def _connect(port: int) -> Redis:
@@ -131,45 +99,18 @@ async def _connect(port: int) -> Redis:
 
 
 async def test_no_confirmed_message_is_lost_when_redis_is_killed_mid_stream(
-    private_redis: Callable[[], subprocess.Popen[bytes]], clock: ManualClock
+    private_redis: PrivateServer, clock: ManualClock
 ) -> None:
-    port = private_redis.port  # type: ignore[attr-defined]
-    server = private_redis()
-    client = await _connect(port)
+    server = private_redis.start()
+    client = await _connect(private_redis.port)
     stream = RedisStream(client, prefix="restart", partitions=4, clock=clock)
-    confirmed: list[uuid.UUID] = []
-    enough = asyncio.Event()
-
-    async def publish_forever() -> None:
-        n = 0
-        while True:
-            batch = [make_message(f"order-{(n + i) % 13}", n + i) for i in range(10)]
-            await stream.publish(batch)
-            confirmed.extend(m.id for m in batch)  # only after Redis replied
-            if len(confirmed) >= 300:
-                enough.set()
-            n += 10
-
-    publisher = asyncio.create_task(publish_forever())
-    await asyncio.wait_for(enough.wait(), timeout=20)
-    server.send_signal(signal.SIGKILL)  # mid-stream: the publisher is still writing
-    server.wait()
-    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises on a dead server
-        await publisher
+    confirmed = await publish_until_killed(stream, server)
     await client.aclose()
 
-    private_redis()
-    client = await _connect(port)
+    private_redis.start()
+    client = await _connect(private_redis.port)
     stream = RedisStream(client, prefix="restart", partitions=4, clock=clock)
-    delivered = await drain(stream, "after-restart", max_messages=200)
-    got = {d.message.id for d in delivered}
-    assert set(confirmed) <= got, f"{len(set(confirmed) - got)} confirmed messages lost"
-    assert len(got) == len(delivered)
-    # Per-key order survived the crash too.
-    for key in {d.message.key for d in delivered}:
-        ns = [d.message.data["n"] for d in delivered if d.message.key == key]
-        assert ns == sorted(ns)
-    assert await stream.lag(TOPIC, "after-restart") == 0
+    await assert_every_confirmed_message_delivered_in_key_order(stream, confirmed)
     await client.aclose()
 
 

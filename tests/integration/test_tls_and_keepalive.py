@@ -27,17 +27,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mercato.bootstrap import Container, build_container
 from mercato.config import NetworkSettings
+from mercato.kit.ports import free_port
 from mercato.lab.network import self_signed_certificate
 from mercato.providers.config import ProviderSettings
 from mercato.providers.psp.app import create_psp_app
 from tests.conftest import TEST_SECRET, make_settings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 # --- TLS termination by `mercato api` ----------------------------------------------------------------------
 
@@ -61,7 +55,7 @@ def _api_env(sqlite_url: str) -> dict[str, str]:
 def https_api(
     sqlite_url: str, certificate: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("api") / "api.log"
     cert, key = certificate
     with log.open("wb") as out:
@@ -169,7 +163,7 @@ class Psp:
 @pytest.fixture
 async def psp(tmp_path: Path) -> AsyncIterator[Psp]:
     log = PeerLog(create_psp_app(f"sqlite+aiosqlite:///{tmp_path / 'psp.db'}"))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(log, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import uvicorn
 from mercato.config import HttpSettings, NetworkSettings, RateLimitSettings
 from mercato.gateway.app import create_app
 from mercato.kit.observability import configure_logging
+from mercato.kit.ports import free_port
 from tests.conftest import make_settings
 
 PROXY = "127.0.0.2"
@@ -37,12 +37,6 @@ fail_open = false
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def base_url(sqlite_url: str, tmp_path: Path) -> AsyncIterator[str]:
     policy_file = tmp_path / "ratelimit.toml"
@@ -54,7 +48,7 @@ async def base_url(sqlite_url: str, tmp_path: Path) -> AsyncIterator[str]:
         http=HttpSettings(access_log=True),
     )
     app = create_app(settings, configure_logs=False)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_config=None, access_log=False, proxy_headers=False

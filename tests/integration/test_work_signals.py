@@ -12,9 +12,10 @@ from sqlalchemy import text
 from mercato.bootstrap import Container, build_container
 from mercato.config import MessagingSettings, WorkerSettings
 from mercato.kit.clock import ManualClock
-from mercato.kit.messaging import OUTBOX_CHANNEL, STREAM_CHANNEL, Message, Outbox
+from mercato.kit.messaging import OUTBOX_CHANNEL, STREAM_CHANNEL, Message, Outbox, OutboxRelay, SqlLogStream
 from mercato.kit.realtime import ChannelEvent, SqlBroker
-from mercato.kit.storage import create_database
+from mercato.kit.storage import Database, create_database
+from mercato.kit.storage.statements import add_driver_listener
 from mercato.workers import PeriodicJob, run_jobs, shop_jobs
 from mercato.workers.sagas import build_saga_runner
 from tests.conftest import make_settings
@@ -168,6 +169,14 @@ async def test_an_announcement_reaches_another_process_and_bursts_coalesce(datab
         await announcer.dispose()
 
 
+async def listening(databases: tuple[Database, ...], channel: str) -> None:
+    """Each of `databases` LISTENs on `channel` (a first wait starts it), and the LISTENs are in."""
+    for db in databases:
+        mark = db.signals.mark((channel,))
+        await db.signals.wait((channel,), since=mark, timeout_s=1.0)
+    await asyncio.sleep(0.3)
+
+
 async def test_an_own_announcement_wakes_this_process_once_not_again_by_its_notify(
     database_url: str,
 ) -> None:
@@ -179,10 +188,7 @@ async def test_an_own_announcement_wakes_this_process_once_not_again_by_its_noti
         pytest.skip("announcements cross processes by NOTIFY (PostgreSQL)")
     announcer, other = create_database(database_url), create_database(database_url)
     try:
-        for db in (announcer, other):
-            mark = db.signals.mark((STREAM_CHANNEL,))
-            await db.signals.wait((STREAM_CHANNEL,), since=mark, timeout_s=1.0)  # starts the LISTEN
-        await asyncio.sleep(0.3)
+        await listening((announcer, other), STREAM_CHANNEL)
         own_before = announcer.signals.mark((STREAM_CHANNEL,))
         other_before = other.signals.mark((STREAM_CHANNEL,))
         await announcer.signals.announce(STREAM_CHANNEL)
@@ -234,3 +240,72 @@ async def test_a_woken_job_with_a_batch_window_serves_a_burst_of_signals_in_few_
     finally:
         stop.set()
         await runner
+
+
+async def test_a_relay_pass_on_the_sql_log_announces_by_a_notify_in_its_transaction(
+    database_url: str, clock: ManualClock
+) -> None:
+    """ADR 0083: the relay of the SQL log announces the stream with a NOTIFY riding in its claim
+    (no statement of its own after the pass): another process is woken once, this one once (by the
+    log's commit, not again by its own NOTIFY)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("announcements cross processes by NOTIFY (PostgreSQL)")
+    relaying, other = create_database(database_url), create_database(database_url)
+    try:
+        await listening((relaying, other), STREAM_CHANNEL)
+        async with relaying.write() as conn:
+            await Outbox(clock=clock).add(conn, message(1))
+        relay = OutboxRelay(
+            relaying, SqlLogStream(relaying, clock=clock), clock=clock, announces=STREAM_CHANNEL
+        )
+        own_before = relaying.signals.mark((STREAM_CHANNEL,))
+        other_before = other.signals.mark((STREAM_CHANNEL,))
+        notifies: list[str] = []
+        remove = add_driver_listener(lambda sql: notifies.append(sql) if sql and "pg_notify" in sql else None)
+        try:
+            assert await relay.relay_once() == 1
+        finally:
+            remove()
+        await asyncio.sleep(0.5)  # the NOTIFY's round trip back to both listeners
+        [claim] = notifies  # the NOTIFY rides in the claim: no statement of its own
+        assert claim.startswith("WITH candidates"), claim
+        assert relaying.signals.mark((STREAM_CHANNEL,))[0] - own_before[0] == 1
+        assert other.signals.mark((STREAM_CHANNEL,))[0] - other_before[0] == 1
+    finally:
+        async with relaying.write() as conn:
+            await conn.execute(text("DELETE FROM messaging_outbox"))
+            await conn.execute(text("DELETE FROM messaging_stream_log"))
+            await conn.execute(text("DELETE FROM messaging_stream_heads"))
+        await other.dispose()
+        await relaying.dispose()
+
+
+async def test_an_outbox_write_notifies_other_processes_only_where_no_relay_waits(
+    database_url: str, clock: ManualClock
+) -> None:
+    """ADR 0083: a process whose relay waits on the outbox signal (the worker, for its saga moves)
+    wakes it locally at commit and sends no NOTIFY; a process without one (the API) still does."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("outbox writes cross processes by NOTIFY (PostgreSQL)")
+    worker, other, api = (create_database(database_url) for _ in range(3))
+    try:
+        await listening((worker, other), OUTBOX_CHANNEL)
+        assert worker.signals.waited_on(OUTBOX_CHANNEL)
+        assert not api.signals.waited_on(OUTBOX_CHANNEL)
+        own_before = worker.signals.mark((OUTBOX_CHANNEL,))
+        other_before = other.signals.mark((OUTBOX_CHANNEL,))
+        async with worker.write() as conn:
+            await Outbox(clock=clock, signals=worker.signals).add(conn, message(1))
+        await asyncio.sleep(0.5)
+        assert worker.signals.mark((OUTBOX_CHANNEL,))[0] - own_before[0] == 1  # at commit, here
+        assert other.signals.mark((OUTBOX_CHANNEL,)) == other_before  # no NOTIFY
+        async with api.write() as conn:
+            await Outbox(clock=clock, signals=api.signals).add(conn, message(2))
+        await asyncio.sleep(0.5)
+        assert other.signals.mark((OUTBOX_CHANNEL,))[0] - other_before[0] == 1
+        assert worker.signals.mark((OUTBOX_CHANNEL,))[0] - own_before[0] == 2
+    finally:
+        async with worker.write() as conn:
+            await conn.execute(text("DELETE FROM messaging_outbox"))
+        for db in (api, other, worker):
+            await db.dispose()

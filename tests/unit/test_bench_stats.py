@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mercato.bench.stats import Counts, LatencyHistogram, Slo, StepResult, achieved_rate, ratio
@@ -66,8 +68,8 @@ def test_out_of_range_values_are_clamped_not_lost() -> None:
 
 
 def test_counts_merge_is_additive_and_keeps_the_extremes() -> None:
-    a = Counts(scheduled=5, sent=5, ok=4, non_2xx=1, late_sends=2, max_dispatch_lag_s=0.003,
-               first_due_s=1.0, last_done_s=3.0, cpu_s=0.5, wall_s=2.0)  # fmt: skip
+    a = Counts(scheduled=5, sent=5, ok=4, non_2xx=1, non_2xx_statuses={503: 1}, late_sends=2,
+               max_dispatch_lag_s=0.003, first_due_s=1.0, last_done_s=3.0, cpu_s=0.5, wall_s=2.0)  # fmt: skip
     b = Counts(scheduled=5, sent=4, ok=3, transport_errors=1, timeouts=1, max_dispatch_lag_s=0.001,
                first_due_s=1.001, last_done_s=4.0, cpu_s=0.25, wall_s=2.5)  # fmt: skip
     m = a.merge(b)
@@ -75,7 +77,9 @@ def test_counts_merge_is_additive_and_keeps_the_extremes() -> None:
     assert (m.first_due_s, m.last_done_s, m.max_dispatch_lag_s) == (1.0, 4.0, 0.003)
     assert (m.cpu_s, m.wall_s) == (0.75, 2.5)
     assert Counts().merge(a).first_due_s == 1.0  # an empty share does not drag the start to 0
+    assert m.non_2xx_statuses == {503: 1}
     assert Counts.from_dict(m.to_dict()) == m
+    assert Counts.from_dict(json.loads(json.dumps(m.to_dict()))) == m  # as a generator process sends it
 
 
 def test_achieved_rate_never_exceeds_offered_and_drops_when_the_server_lags() -> None:

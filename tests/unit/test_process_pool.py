@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -116,3 +119,46 @@ async def test_a_dead_worker_is_an_error_and_the_pool_recovers(
 async def test_bounds_are_checked() -> None:
     with pytest.raises(ValueError):
         ProcessPool(max_workers=0)
+
+
+_OWNER = """
+import asyncio, os, sys
+from mercato.kit.processes import ProcessPool
+
+async def main() -> None:
+    pool = ProcessPool(name="orphans", max_workers=2)
+    await pool.warm_up()
+    print(" ".join(str(p) for p in pool._current_executor()._processes), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_owner_is_killed() -> None:
+    # A SIGKILLed `mercato worker` used to leave its pool's workers, and through them the
+    # forkserver, running for good (seen after every chaos test).
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(workers) == 2
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # not to leave them to the next test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left

@@ -7,7 +7,8 @@ import asyncio
 
 import orjson
 
-from mercato.kit.realtime import ChannelEvent, Connection, Hub, Offer, OutboundQueue
+from mercato.kit.realtime import ChannelEvent, Hub, Offer, OutboundQueue
+from tests.unit.realtime_support import NoBroker, SeqHistory, queued_frames
 
 
 def test_under_caps_everything_is_queued_in_order() -> None:
@@ -65,60 +66,31 @@ async def test_wait_below_cap_returns_once_drained() -> None:
     await asyncio.wait_for(waiter, 1)
 
 
-class _History:
-    """A history of `room:a` holding seqs 1..n."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    async def head(self, channel: str) -> int:
-        return self.n
-
-    async def after(self, channel: str, seq: int, *, limit: int) -> list[ChannelEvent]:
-        return [
-            ChannelEvent(channel, "message", {"n": s}, seq=s)
-            for s in range(seq + 1, min(self.n, seq + limit) + 1)
-        ]
-
-
-class _NoBroker:
-    async def publish(self, event: ChannelEvent) -> None:
-        pass
-
-
-async def _frames(conn: Connection) -> list[dict[str, object]]:
-    out = []
-    while len(conn.queue):
-        frame, _ = await conn.queue.get()
-        out.append(orjson.loads(frame))
-    return out
-
-
 async def test_a_connection_refills_a_broker_gap_and_drops_duplicates() -> None:
-    history = _History(2)
-    hub = Hub(_NoBroker(), history, node_id="n1")  # type: ignore[arg-type]
+    history = SeqHistory(2)
+    hub = Hub(NoBroker(), history, node_id="n1")  # type: ignore[arg-type]
     conn = hub.connect("u1", kind="ws", on_refused=lambda: None)
     await hub.subscribe(conn, "room:a", since=0)
-    assert [f["seq"] for f in await _frames(conn)] == [1, 2]
+    assert [f["seq"] for f in await queued_frames(conn)] == [1, 2]
     history.n = 5
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=5))  # 3 and 4 were lost by the broker
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=2))  # a duplicate
     await asyncio.sleep(0.05)
-    assert [f["seq"] for f in await _frames(conn)] == [3, 4, 5]
+    assert [f["seq"] for f in await queued_frames(conn)] == [3, 4, 5]
 
 
 async def test_the_sender_is_acknowledged_without_subscribing() -> None:
-    hub = Hub(_NoBroker(), _History(0), node_id="n1")  # type: ignore[arg-type]
+    hub = Hub(NoBroker(), SeqHistory(0), node_id="n1")  # type: ignore[arg-type]
     reader = hub.connect("u1", kind="ws", on_refused=lambda: None)
     sender = hub.connect("u2", kind="ws", on_refused=lambda: None)
     await hub.subscribe(reader, "room:a", since=None)
     hub.fan_out(ChannelEvent("room:a", "message", {}, seq=1, reply_to=sender.id, ack={"client_msg_id": "c"}))
-    assert await _frames(sender) == [{"type": "ack", "client_msg_id": "c", "seq": 1}]
-    assert [f["seq"] for f in await _frames(reader)] == [1]
+    assert await queued_frames(sender) == [{"type": "ack", "client_msg_id": "c", "seq": 1}]
+    assert [f["seq"] for f in await queued_frames(reader)] == [1]
 
 
 async def test_a_long_resume_is_paced_by_the_reader_not_cut_off() -> None:
-    hub = Hub(_NoBroker(), _History(1000), node_id="n1", max_messages=10)  # type: ignore[arg-type]
+    hub = Hub(NoBroker(), SeqHistory(1000), node_id="n1", max_messages=10)  # type: ignore[arg-type]
     refused: list[bool] = []
     conn = hub.connect("u1", kind="ws", on_refused=lambda: refused.append(True))
     subscribing = asyncio.create_task(hub.subscribe(conn, "room:a", since=0))
@@ -147,7 +119,7 @@ async def test_the_last_members_leaving_at_once_both_leave_cleanly() -> None:
     """Two users' disconnects interleave while presence is announced (a slow consumer cut off while
     another member leaves): neither fails half-way, and the channel's presence ends empty."""
     broker = _SlowBroker()
-    hub = Hub(broker, _History(0), node_id="n1")  # type: ignore[arg-type]
+    hub = Hub(broker, SeqHistory(0), node_id="n1")  # type: ignore[arg-type]
     a = hub.connect("u1", kind="ws", on_refused=lambda: None)
     b = hub.connect("u2", kind="ws", on_refused=lambda: None)
     for conn in (a, b):

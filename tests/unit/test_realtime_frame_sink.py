@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 import orjson
 import pytest
 from websockets.frames import Frame, Opcode
 
+from mercato.kit.ports import free_port
 from mercato.kit.realtime import ChannelEvent, Hub
 from mercato.kit.realtime.framing import text_frame
 from mercato.kit.realtime.transport import FRAMES_EXTENSION, MercatoWebSocketProtocol
@@ -130,12 +130,6 @@ async def test_a_full_socket_is_fed_from_the_queue_in_order_and_nothing_overtake
     assert len(conn.queue) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_under_uvicorn_a_session_writes_below_asgi_and_an_idle_one_has_no_writer_task() -> None:
     import uvicorn
     from starlette.applications import Starlette
@@ -174,7 +168,7 @@ async def test_under_uvicorn_a_session_writes_below_asgi_and_an_idle_one_has_no_
         sessions.append(session)
         await session.run()
 
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         Starlette(routes=[WebSocketRoute("/ws", endpoint)]),
         host="127.0.0.1",

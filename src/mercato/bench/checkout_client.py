@@ -284,6 +284,7 @@ class CheckoutGenerator:
             self._accepted[index] = intended + self._wall_offset
         else:
             counts.non_2xx += 1
+            counts.non_2xx_statuses[status] = counts.non_2xx_statuses.get(status, 0) + 1
         counts.last_done_s = max(counts.last_done_s, now)
         if keep_alive:
             self._free(conn)

@@ -219,6 +219,7 @@ class CheckoutStep:
                 "accepted": c.ok,
                 "errors": c.errors,
                 "non_2xx": c.non_2xx,
+                "non_2xx_statuses": {str(k): v for k, v in sorted(c.non_2xx_statuses.items())},
                 "transport_errors": c.transport_errors,
                 "timeouts": c.timeouts,
                 "late_sends": c.late_sends,

@@ -14,6 +14,7 @@ from rich.table import Table
 from mercato.bench.checkout_cli import checkout as checkout_command
 from mercato.bench.eventstore import eventstore_command
 from mercato.bench.harness import OutOption, RunFolder
+from mercato.bench.one_process import one_process_command
 from mercato.bench.ratelimit_cli import ratelimit_command
 from mercato.bench.runner import TARGETS, BenchOptions, BenchReport, run_http_bench
 from mercato.bench.search import SearchPolicy
@@ -213,6 +214,8 @@ app.command("checkout")(checkout_command)
 app.command("ratelimit")(ratelimit_command)
 # `mercato bench eventstore`: append/replay events/s, our event store vs the `eventsourcing` library.
 app.command("eventstore")(eventstore_command)
+
+app.command("one-process")(one_process_command)
 
 
 @app.command("realtime")

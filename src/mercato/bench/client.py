@@ -324,6 +324,7 @@ class OpenLoopGenerator:
             counts.ok += 1
         else:
             counts.non_2xx += 1
+            counts.non_2xx_statuses[status] = counts.non_2xx_statuses.get(status, 0) + 1
         if now > counts.last_done_s:
             counts.last_done_s = now
         if keep_alive:

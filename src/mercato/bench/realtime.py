@@ -13,6 +13,9 @@ order and backpressure.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -26,6 +29,7 @@ import orjson
 from mercato.bench.accounts import issue_tokens
 from mercato.bench.realtime_client import ClientPlan, ClientPool
 from mercato.bench.realtime_idle import IdleResult, raise_fd_limit, run_idle_bench
+from mercato.bench.realtime_trace import PhaseTrace, trace_dir
 from mercato.bench.servers import ServerProcess, _clean_env, free_port, start_mercato, start_server
 from mercato.kit.storage.migrations import upgrade
 
@@ -146,6 +150,25 @@ def step_kept_up(
     return delivered_in_time and achieved >= 0.9 * offered and within
 
 
+# `MERCATO_BENCH_PROFILE_DIR=<dir>`: each of the server's sending phases is sampled by py-spy
+# (`--nonblocking`, so the server is never paused) into `<dir>/<server>-<rate>.folded`: what the
+# server spent its CPU on while sending, without the connect and subscribe storms around it.
+_PROFILE_DIR_ENV = "MERCATO_BENCH_PROFILE_DIR"
+
+
+def _profile_phase(
+    server: ServerProcess, label: str, offered: float, seconds: float
+) -> subprocess.Popen[bytes] | None:
+    folder, spy = os.environ.get(_PROFILE_DIR_ENV), shutil.which("py-spy")
+    if not folder or spy is None:
+        return None
+    out = Path(folder) / f"{label.replace(' ', '-')}-{offered:g}.folded"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = [spy, "record", "--nonblocking", "-r", "250", "-f", "raw", "-d", f"{max(1, int(seconds))}"]
+    args += ["-p", str(server.proc.pid), "-o", str(out)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+
+
 def _measure(
     server: ServerProcess,
     *,
@@ -182,9 +205,22 @@ def _measure(
 
         def phase(label: str, offered: float) -> tuple[RealtimeResult, bool]:
             """Send at `offered` msgs/s for `seconds`; (result, whether it kept up)."""
+            profiler = _profile_phase(server, label, offered, seconds)
+            traces = trace_dir()
+            tracer = None
+            if traces is not None and label.startswith("mercato"):
+                tracer = PhaseTrace(server.proc.pid, traces / f"{label.replace(' ', '-')}-{offered:g}.strace")
             cpu_start = server.cpu_s()
             outcome = pool.phase(offered, seconds)
             cpu_end = server.cpu_s()
+            if profiler is not None:
+                profiler.wait(timeout=30)
+            if tracer is not None:
+                writes = tracer.finish()
+                per = ", ".join(
+                    f"{peer} {n / max(1, outcome.sent):.2f}" for peer, n in sorted(writes.items())
+                )
+                print(f"{label} at {offered:g} msgs/s: server writes per message sent (strace): {per}")
             delivered = outcome.hist.count
             cpu = (
                 None

@@ -206,9 +206,10 @@ class _Client:
                 self.hist.record_s(time.time() - float(str(frame["text"]).split("|", 1)[0]))
             elif kind == "subscribed":
                 self.subscribed += 1
-            elif kind == "error" and frame.get("code") == "unavailable":
-                # The protocol's answer to a server too busy to subscribe now: try again shortly.
-                await asyncio.sleep(0.5)
+            elif kind == "error" and frame.get("code") in ("unavailable", "try_again"):
+                # The protocol's answer to a server too busy to subscribe now (ADR 0078: `try_again`,
+                # with `retry_after_s`): subscribe again after that.
+                await asyncio.sleep(float(frame.get("retry_after_s", 0.5)))
                 await ws.send(self._subscribe_frame(index))
 
     async def _subscribe_all(self) -> None:

@@ -83,7 +83,7 @@ async def measure(url: str, count: int, data_dir: Path) -> str:
     try:
         settings = Settings(
             env=Environment.TEST,
-            database=DatabaseSettings(url=url, pool_size=20, max_overflow=40),
+            database=DatabaseSettings(url=url, pool_size=20, max_overflow=40, probe_interval_s=0),
             auth=AuthSettings(secret="s" * 48, argon2_time_cost=1, argon2_memory_kib=8192),  # type: ignore[arg-type]
             providers=ProviderSettings(psp_port=psp_port, carrier_port=carrier_port, data_dir=data_dir),
             checkout=CheckoutSettings(provider_timeout_s=5, saga_deadline_s=600),

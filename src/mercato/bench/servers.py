@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from mercato.bench.client import ALLOWED_HOST
 from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.config import AuthSettings, DatabaseSettings, Environment, SeedSettings, Settings
 from mercato.demo.seed import seed_demo
+from mercato.kit import ports
 from mercato.kit.storage.migrations import upgrade
 
 # Ports `free_port` picks from (None: any the kernel offers). A bench on a machine shared with other
@@ -43,19 +43,7 @@ def set_port_range(low: int, high: int) -> None:
 
 
 def free_port() -> int:
-    if _port_range is not None:
-        low, high = _port_range
-        for port in random.sample(range(low, high + 1), min(200, high - low + 1)):
-            with socket.socket() as sock:
-                try:
-                    sock.bind((ALLOWED_HOST, port))
-                except OSError:
-                    continue
-                return port
-        raise OSError(f"no free port in {low}-{high}")
-    with socket.socket() as sock:
-        sock.bind((ALLOWED_HOST, 0))
-        return int(sock.getsockname()[1])
+    return ports.free_port(ALLOWED_HOST, within=_port_range)
 
 
 def _clock_ticks() -> int:

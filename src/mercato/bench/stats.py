@@ -72,6 +72,8 @@ class Counts:
     sent: int = 0
     ok: int = 0
     non_2xx: int = 0
+    # The non-2xx answers by status: a 503 the server shed under overload is not a 409 or a 500.
+    non_2xx_statuses: dict[int, int] = field(default_factory=dict)
     transport_errors: int = 0
     timeouts: int = 0
     late_sends: int = 0
@@ -97,6 +99,10 @@ class Counts:
             sent=self.sent + other.sent,
             ok=self.ok + other.ok,
             non_2xx=self.non_2xx + other.non_2xx,
+            non_2xx_statuses={
+                status: self.non_2xx_statuses.get(status, 0) + other.non_2xx_statuses.get(status, 0)
+                for status in self.non_2xx_statuses.keys() | other.non_2xx_statuses.keys()
+            },
             transport_errors=self.transport_errors + other.transport_errors,
             timeouts=self.timeouts + other.timeouts,
             late_sends=self.late_sends + other.late_sends,
@@ -113,7 +119,9 @@ class Counts:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Counts:
-        return cls(**data)
+        statuses = data.get("non_2xx_statuses") or {}
+        # From JSON (a generator process's result) the statuses' keys come back as strings.
+        return cls(**{**data, "non_2xx_statuses": {int(k): int(v) for k, v in statuses.items()}})
 
 
 def achieved_rate(*, ok: int, span_s: float, first_due_s: float, last_done_s: float) -> float:
@@ -224,6 +232,7 @@ class StepResult:
             "ok": c.ok,
             "errors": c.errors,
             "non_2xx": c.non_2xx,
+            "non_2xx_statuses": {str(k): v for k, v in sorted(c.non_2xx_statuses.items())},
             "transport_errors": c.transport_errors,
             "timeouts": c.timeouts,
             "late_sends": c.late_sends,

@@ -23,15 +23,19 @@ from mercato.kit.cache import (
 )
 from mercato.kit.clock import Clock
 from mercato.kit.messaging import (
+    Delivery,
     JetStreamStream,
     MessagingHook,
     RedisStream,
     SqlLogStream,
     Stream,
 )
+from mercato.kit.messaging.redis_client import redis_client
+from mercato.kit.messaging.redis_streams import ReadNext
 from mercato.kit.realtime import (
     Broker,
     ChannelEvent,
+    HistoryGate,
     Hub,
     NatsBroker,
     PrometheusRealtimeHook,
@@ -43,7 +47,7 @@ from mercato.kit.storage import Database
 from mercato.shop.catalog.api import product_body
 from mercato.shop.catalog.cache import ProductCache
 from mercato.shop.catalog.service import CatalogService
-from mercato.shop.chat.service import CHAT_SENDS, CHAT_TOPIC, ChatHistory, ChatService
+from mercato.shop.chat.service import CHAT_SENDS, CHAT_TOPIC, ChatHistory, ChatService, PublishAndAck
 
 
 def cache_redis_url(settings: Settings) -> str | None:
@@ -117,7 +121,7 @@ def build_stream(
     }
     if messaging.backend == "redis":
         return RedisStream(
-            Redis.from_url(messaging.redis_url),
+            redis_client(messaging.redis_url),
             prefix=f"{messaging.broker_prefix}:stream",
             dedup_window_s=messaging.dedup_window_s,
             **common,
@@ -157,10 +161,32 @@ def build_broker(settings: Settings, db: Database) -> Broker:
     """The real-time broker on the configured messaging backend (ADR 0029); no I/O until started."""
     messaging = settings.messaging
     if messaging.backend == "redis":
-        return RedisBroker(Redis.from_url(messaging.redis_url), key=f"{messaging.broker_prefix}:realtime")
+        return RedisBroker(redis_client(messaging.redis_url), key=f"{messaging.broker_prefix}:realtime")
     if messaging.backend == "nats":
         return NatsBroker(servers=messaging.nats_url, subject=f"{messaging.broker_prefix}.realtime")
     return SqlBroker(db)
+
+
+def publish_and_ack(hub: Hub, stream: Stream) -> PublishAndAck | None:
+    """The chat persister's publish and acks in one Redis round trip (a MULTI/EXEC of the broker's
+    XADDs, the stream's ack script and, when asked, its next read) when the broker and the stream
+    share a Redis server and database (ADR 0082); None otherwise (two calls, as before)."""
+    broker = hub.broker
+    if not (
+        isinstance(broker, RedisBroker)
+        and isinstance(stream, RedisStream)
+        and broker.shares_database(stream.client)
+    ):
+        return None
+
+    async def both(
+        events: list[ChannelEvent], deliveries: list[Delivery], read_next: ReadNext | None
+    ) -> list[Delivery] | None:
+        pipe = broker.transaction()
+        broker.queue_publish(pipe, events)
+        return (await stream.ack_many_after(pipe, deliveries, read_next=read_next))[1]
+
+    return both
 
 
 def build_hub(
@@ -183,6 +209,10 @@ def build_hub(
         max_messages=realtime.queue_max_messages,
         max_bytes=realtime.queue_max_bytes,
         bounded=realtime.backpressure,
+        history_gate=HistoryGate(
+            concurrency=realtime.history_reads or max(1, settings.database.pool_size // 2),
+            wait_s=realtime.history_read_wait_s,
+        ),
     )
     hook.watch_queued(hub.queued_bytes)
     return hub

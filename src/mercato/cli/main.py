@@ -231,8 +231,6 @@ def api(
             console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from exc
         raise typer.Exit(exit_code)
-    # proxy_headers off: the app itself decides whom to believe (MERCATO_NETWORK_TRUSTED_PROXIES,
-    # ADR 0019); uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
     tune_gc_for_service()
     uvicorn.run(
         "mercato.console.app:create_app",
@@ -240,26 +238,35 @@ def api(
         host=bind_host,
         port=bind_port,
         workers=bind_workers,
-        access_log=False,
-        log_config=None,
-        proxy_headers=False,
-        # WebSocket keepalive (docs/realtime.md): protocol pings; a silent peer is closed.
-        ws_ping_interval=settings.realtime.ws_ping_interval_s,
-        ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
-        ws_max_size=settings.realtime.max_frame_bytes * 4,
-        ws_per_message_deflate=settings.realtime.ws_compression,
-        # uvicorn's websockets protocol + the fan-out write below ASGI (kit/realtime/transport.py).
-        ws=MercatoWebSocketProtocol,
-        # uvicorn's httptools protocol, a response's head and body in one write (kit/web/http_protocol.py).
-        http=MercatoHttpProtocol,
-        # No `server: uvicorn` on every answer: it tells a scanner what to try and no client uses it.
-        server_header=False,
+        **_server_options(settings),
         # uvicorn kills a worker that misses a 5 s health ping; on a loaded box a worker still
         # importing misses it and is respawned forever (seen with --workers 2 at load 15 on 2 cores).
         timeout_worker_healthcheck=30,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
     )
+
+
+def _server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the shop's HTTP server, the same for `mercato api` and `mercato up`."""
+    return {
+        "access_log": False,
+        "log_config": None,
+        # The app itself decides whom to believe (MERCATO_NETWORK_TRUSTED_PROXIES, ADR 0019);
+        # uvicorn's default would trust X-Forwarded-For from 127.0.0.1.
+        "proxy_headers": False,
+        # WebSocket keepalive (docs/realtime.md): protocol pings; a silent peer is closed.
+        "ws_ping_interval": settings.realtime.ws_ping_interval_s,
+        "ws_ping_timeout": settings.realtime.ws_ping_timeout_s,
+        "ws_max_size": settings.realtime.max_frame_bytes * 4,
+        "ws_per_message_deflate": settings.realtime.ws_compression,
+        # uvicorn's websockets protocol + the fan-out write below ASGI (kit/realtime/transport.py).
+        "ws": MercatoWebSocketProtocol,
+        # uvicorn's httptools protocol, a response's head and body in one write (kit/web/http_protocol.py).
+        "http": MercatoHttpProtocol,
+        # No `server: uvicorn` on every answer: it tells a scanner what to try and no client uses it.
+        "server_header": False,
+    }
 
 
 def _run_service(main: Coroutine[Any, Any, None]) -> None:
@@ -300,23 +307,7 @@ async def _serve_embedded(settings: Settings, host: str, port: int) -> None:
     from mercato.console.app import create_app
 
     app = create_app(settings, trace_role="up")
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,
-            ws_ping_interval=settings.realtime.ws_ping_interval_s,
-            ws_ping_timeout=settings.realtime.ws_ping_timeout_s,
-            ws_max_size=settings.realtime.max_frame_bytes * 4,
-            ws_per_message_deflate=settings.realtime.ws_compression,
-            ws=MercatoWebSocketProtocol,
-            http=MercatoHttpProtocol,
-            server_header=False,
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **_server_options(settings)))
     container = app.state.container
     providers = await serve_providers(settings.providers) if settings.providers.enabled else None
     if providers is not None:

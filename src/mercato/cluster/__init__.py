@@ -15,11 +15,11 @@ Nothing here imports the shop: the shop's processes are started as commands (`cl
 
 from mercato.cluster.haproxy import Backend, HAProxy, HAProxySettings
 from mercato.cluster.lifecycle import PROBE_STREAM, cluster_down, cluster_up
-from mercato.cluster.ports import free_port
 from mercato.cluster.postgres import PostgresNode
 from mercato.cluster.redis import RedisNode
 from mercato.cluster.status import ClusterStatus, NodeStatus, cluster_status
 from mercato.cluster.topology import Topology
+from mercato.kit.ports import free_port
 
 __all__ = [
     "PROBE_STREAM",

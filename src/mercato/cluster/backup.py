@@ -23,7 +23,8 @@ import asyncpg
 
 from mercato.cluster.patroni import PG_BIN_DIR, ArchiveSettings, node_dir
 from mercato.cluster.processes import chown_to_pg, pg_env, pg_user, spawn, stop, wait_until
-from mercato.cluster.topology import Topology, free_port
+from mercato.cluster.topology import Topology
+from mercato.kit.ports import free_port
 
 STANZA = "mercato"
 PGBACKREST = "pgbackrest"

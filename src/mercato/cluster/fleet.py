@@ -24,7 +24,7 @@ import httpx
 
 from mercato.cluster.haproxy import Backend, HAProxy, HAProxySettings
 from mercato.cluster.processes import alive, read_pid, spawn, stop, wait_until
-from mercato.cluster.topology import free_port
+from mercato.kit.ports import free_port
 
 __all__ = ["FLEET_FILE", "ApiFleet", "ApiInstance"]
 
@@ -64,7 +64,7 @@ class ApiFleet:
         self.folder = folder.resolve()
         self.env = dict(env or {})
         taken: set[int] = set()
-        port_list = list(ports) if ports is not None else [free_port(taken) for _ in range(instances)]
+        port_list = list(ports) if ports is not None else [free_port(taken=taken) for _ in range(instances)]
         extra = instance_env or {}
         self.instances = [
             ApiInstance(f"api{i}", port_list[i], dict(extra.get(f"api{i}", {}))) for i in range(instances)

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from mercato.cluster.processes import alive, read_pid, spawn, stop, wait_until
-from mercato.cluster.topology import free_port
+from mercato.kit.ports import free_port
 
 __all__ = [
     "BALANCE_ALGORITHMS",
@@ -243,9 +243,9 @@ class HAProxy:
         self.backends: list[Backend] = list(backends)
         self.settings = settings or HAProxySettings()
         taken: set[int] = set()
-        self.port = port or free_port(taken)
-        self.stats_port = stats_port or free_port(taken)
-        self.runtime_port = runtime_port or free_port(taken)
+        self.port = port or free_port(taken=taken)
+        self.stats_port = stats_port or free_port(taken=taken)
+        self.runtime_port = runtime_port or free_port(taken=taken)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from mercato.cluster.ports import free_port
+from mercato.kit.ports import free_port
 
 __all__ = ["DEFAULT_BIN_DIR", "PostgresNode", "PostgresNodeError"]
 

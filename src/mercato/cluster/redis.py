@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mercato.cluster.ports import free_port
+from mercato.kit.ports import free_port
 
 __all__ = ["RedisNode"]
 

@@ -16,7 +16,8 @@ import httpx
 from mercato.cluster.fleet import ApiFleet
 from mercato.cluster.haproxy import HAProxySettings
 from mercato.cluster.processes import spawn, stop, wait_until
-from mercato.cluster.topology import Topology, free_port
+from mercato.cluster.topology import Topology
+from mercato.kit.ports import free_port
 
 SHOP_DATABASE = "mercato"
 

@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-RESERVED_PORTS = frozenset({2379, 2380, 4222, 5432, 6222, 6379, 8008, 8222})
+from mercato.kit.ports import free_port
+
 TOPOLOGY_FILE = "topology.json"
-
-
-def free_port(taken: set[int] | None = None) -> int:
-    """A free loopback port the kernel picked, never a reserved one nor one in `taken`."""
-    taken = taken if taken is not None else set()
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in RESERVED_PORTS and port not in taken:
-            taken.add(port)
-            return port
 
 
 @dataclass(frozen=True)
@@ -94,12 +82,14 @@ class Topology:
             root=root.resolve(),
             scope=scope,
             synchronous_mode=synchronous_mode,
-            etcd=tuple(EtcdMember(f"etcd{i}", free_port(taken), free_port(taken)) for i in range(members)),
+            etcd=tuple(
+                EtcdMember(f"etcd{i}", free_port(taken=taken), free_port(taken=taken)) for i in range(members)
+            ),
             postgres=tuple(
-                PostgresNode(f"pg{i}", free_port(taken), free_port(taken)) for i in range(members)
+                PostgresNode(f"pg{i}", free_port(taken=taken), free_port(taken=taken)) for i in range(members)
             ),
             nats=tuple(
-                NatsNode(f"nats{i}", free_port(taken), free_port(taken), free_port(taken))
+                NatsNode(f"nats{i}", free_port(taken=taken), free_port(taken=taken), free_port(taken=taken))
                 for i in range(members)
             ),
         )

@@ -148,6 +148,12 @@ class RealtimeSettings(BaseModel):
     room_rate_per_s: int = Field(default=200, ge=1)
     # The offline queue: a member who reconnects gets what it missed from history this far back.
     history_ttl_s: int = Field(default=7 * 86_400, ge=60)
+    # Subscriptions' history reads (and subscribe authorizations) at once per API process (ADR 0078;
+    # 0: half the database pool's steady size), so a subscribe storm leaves the rest of the pool to
+    # HTTP requests and the chat persister; a subscribe that waits longer than history_read_wait_s
+    # for a slot is answered `try_again` (it subscribes again with its `since`).
+    history_reads: int = Field(default=0, ge=0, le=200)
+    history_read_wait_s: float = Field(default=5.0, gt=0, le=60)
     # The stream consumers feeding real time (order feed, chat) are woken by messages reaching the
     # stream (kit/storage/signals.py); idle, they poll only this often, as a safety net.
     consumer_poll_s: float = Field(default=5.0, gt=0, le=5)

@@ -16,6 +16,7 @@ from typing import Any, cast
 from fastapi import APIRouter, WebSocket
 
 from mercato.bootstrap import Container
+from mercato.bootstrap.backends import publish_and_ack
 from mercato.kit.auth import Principal
 from mercato.kit.coordination import LeaseStore
 from mercato.kit.messaging import STREAM_CHANNEL, Message
@@ -108,10 +109,24 @@ class RealtimeRuntime:
         self.room_limit = Limit(rate=realtime.room_rate_per_s, period_s=1)
         self._sends = SendCoalescer(container.stream.publish, self._announce)
 
+    @property
+    def _announce_across_processes(self) -> bool:
+        """Whether a send must wake other processes' persisters (a NOTIFY per send burst, ADR 0077).
+        On the SQL log and Redis Streams with sequential passes it need not: this process's
+        persister can read every partition, and is woken locally; a partition another process's
+        pass holds is read again by that process's loop, which reads after every busy pass. Under
+        JetStream one process holds the readers' lease, and overlapped passes (ADR 0070) sleep
+        after a pass until a signal: both need the NOTIFY."""
+        return self._single_reader or self.container.settings.realtime.overlap_persister_passes
+
     async def _announce(self) -> None:
+        signals = self.container.db.signals
+        if not self._announce_across_processes:
+            signals.fire(CHAT_SENDS)
+            return
         # Wake the chat persisters (whichever process's holds the room's partition) at once.
         try:
-            await self.container.db.signals.announce(CHAT_SENDS)
+            await signals.announce(CHAT_SENDS)
         except Exception:  # noqa: BLE001 - published already; the persisters' safety poll finds it
             _log.warning("chat_announce_failed", exc_info=True)
 
@@ -133,6 +148,7 @@ class RealtimeRuntime:
             consumer=consumer,
             hook=c.messaging_hook,
             wakeups=lambda: sum(c.db.signals.mark(_PERSISTER_CHANNELS)),
+            publish_and_ack=publish_and_ack(c.hub, c.stream),
         )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [

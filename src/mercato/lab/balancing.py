@@ -35,8 +35,8 @@ import httpx
 from mercato.cluster.fleet import ApiFleet
 from mercato.cluster.haproxy import BALANCE_ALGORITHMS, HAProxySettings
 from mercato.cluster.processes import alive, read_pid, spawn, stop, wait_until
-from mercato.cluster.topology import free_port
 from mercato.kit.balancing import Balancer, Outcome, Policy
+from mercato.kit.ports import free_port
 
 __all__ = ["NEAR_FACTOR", "AlgorithmResult", "run_client_side", "run_haproxy", "verdict"]
 

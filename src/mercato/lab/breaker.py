@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import math
 import random
-import socket
 import tempfile
 import time
 import uuid
@@ -63,6 +62,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mercato.bootstrap import SCRIPT_LOCATION, Container, build_container
 from mercato.config import AuthSettings, CheckoutSettings, DatabaseSettings, Environment, Settings
 from mercato.demo.seed import demo_products
+from mercato.kit.ports import free_port
 from mercato.kit.resilience import BreakerState, Outcome
 from mercato.kit.sagas import SagaRunner
 from mercato.kit.storage.migrations import upgrade
@@ -113,12 +113,6 @@ class _TransitionLog:
 
     def on_rejected(self, name: str) -> None:
         return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _psp_received(metrics_text: str, method: str = "POST") -> int:
@@ -185,7 +179,7 @@ def _settings(workdir: Path, database_url: str, options: BreakerOptions, *, resi
         database=DatabaseSettings(url=database_url, pool_size=20, max_overflow=20),
         auth=AuthSettings(argon2_time_cost=1, argon2_memory_kib=8192),
         providers=ProviderSettings(
-            psp_port=_free_port(), carrier_port=_free_port(), data_dir=workdir, graceful_shutdown_s=1
+            psp_port=free_port(), carrier_port=free_port(), data_dir=workdir, graceful_shutdown_s=1
         ),
         checkout=CheckoutSettings(
             resilience=resilience,

@@ -25,8 +25,8 @@ from mercato.bootstrap import SCRIPT_LOCATION, build_container
 from mercato.cluster.haproxy import Backend, HAProxy, HAProxySettings
 from mercato.cluster.processes import spawn, stop, wait_until
 from mercato.cluster.release import Deployment, Member
-from mercato.cluster.topology import free_port
 from mercato.config import DatabaseSettings, Settings
+from mercato.kit.ports import free_port
 from mercato.kit.storage.migrations import upgrade
 from mercato.shop.catalog.model import NewProduct
 

@@ -52,6 +52,7 @@ from mercato.config import (
     ShopSettings,
 )
 from mercato.demo.seed import demo_products
+from mercato.kit.ports import free_port
 from mercato.kit.storage.migrations import upgrade
 from mercato.lab.chaos_driver import Driver
 from mercato.lab.chaos_evidence import collect_evidence, count_outcomes, settle
@@ -59,7 +60,7 @@ from mercato.lab.chaos_invariants import (
     check_all,
 )
 from mercato.lab.chaos_model import CUSTOMER_PASSWORD, SHOP_SECRET, ChaosConfig, ChaosReport, Log
-from mercato.lab.chaos_processes import ShopProcess, free_port, killer, wait_http
+from mercato.lab.chaos_processes import ShopProcess, killer, wait_http
 from mercato.providers.config import ProviderSettings
 from mercato.shop.identity.contracts import Role
 

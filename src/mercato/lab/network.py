@@ -44,11 +44,11 @@ from pathlib import Path
 import httpx
 from rich.progress import Progress, TaskID
 
+from mercato.kit.ports import free_port
 from mercato.lab.network_model import ExperimentConfig, NetworkReport, ScenarioResult
 from mercato.lab.network_report import plot
 from mercato.lab.network_scenarios import Advance, Sample, build_scenarios, noop
 from mercato.lab.network_servers import (
-    free_port,
     http2_available,
     hypercorn_argv,
     lab_app,

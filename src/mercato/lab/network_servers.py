@@ -96,12 +96,6 @@ def self_signed_certificate(directory: Path, *, hostname: str = "localhost") -> 
     return cert_path, key_path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def run_server(argv: list[str], port: int, log: Path, *, startup_timeout_s: float = 30.0) -> Iterator[None]:
     """A server in its own process (it must not share the client's CPU time slice or event loop)."""

@@ -71,6 +71,9 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
         batch_size=container.settings.messaging.relay_batch,
         clock=container.clock,
         hook=container.messaging_hook,
+        # The relay tells the stream's consumers, everywhere, that it published: on the SQL log by
+        # a NOTIFY riding in its pass's transaction (ADR 0083).
+        announces=STREAM_CHANNEL,
     )
 
     notifier = build_notifier(container)
@@ -142,7 +145,6 @@ def shop_jobs(container: Container) -> list[PeriodicJob]:
             batch=container.settings.messaging.relay_batch,
             wake_on=(OUTBOX_CHANNEL,),
             batch_window_s=side_window_s,
-            announces=STREAM_CHANNEL,
         ),
         PeriodicJob(
             "purge_idempotency_keys",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.eventstore.aggregate import Aggregate
+from mercato.kit.eventstore.batch import StreamAppend, append_streams, load_streams
 from mercato.kit.eventstore.store import ConcurrencyConflict, EventStore, NewEvent, RecordedEvent
 from mercato.kit.storage import Database
 
@@ -45,6 +47,71 @@ class AggregateRepository(Generic[A]):
         for event in await self._store.load(conn, stream_id, after_version=aggregate.version):
             aggregate.replay(event.type, event.data)
         return aggregate
+
+    async def load_many(
+        self, conn: AsyncConnection, aggregate_ids: Iterable[str], *, lock_for_append: bool = False
+    ) -> dict[str, A]:
+        """`load` of several aggregates in one statement on PostgreSQL (`batch.load_streams`); with
+        `lock_for_append` it also takes the event store's append lock for `save_many(locked=True)`."""
+        ids = list(dict.fromkeys(aggregate_ids))
+        states = await load_streams(
+            self._store, conn, [self.stream_id(i) for i in ids], lock_for_append=lock_for_append
+        )
+        loaded: dict[str, A] = {}
+        for aggregate_id in ids:
+            state = states[self.stream_id(aggregate_id)]
+            snapshot = state.snapshot
+            if snapshot is None:
+                aggregate = self._type(aggregate_id)
+            else:
+                aggregate = self._type.from_snapshot(
+                    aggregate_id, version=snapshot.version, state=snapshot.state
+                )
+            for event in state.events:
+                aggregate.replay(event.type, event.data)
+            loaded[aggregate_id] = aggregate
+        return loaded
+
+    async def save_many(
+        self,
+        conn: AsyncConnection,
+        changes: Sequence[tuple[A, Sequence[Mapping[str, Any]]]],
+        *,
+        now: datetime,
+        locked: bool = False,
+    ) -> set[str]:
+        """`save` of several aggregates in one statement on PostgreSQL (`batch.append_streams`),
+        each pending event with its own metadata (`changes`: an aggregate and one metadata mapping
+        per pending event). Returns the ids of the aggregates whose stream moved on since they were
+        loaded: nothing of theirs is written and they keep their pending events (reload, decide
+        again); the others are saved, and snapshotted when they crossed a multiple of
+        `snapshot_every`."""
+        appends: list[StreamAppend] = []
+        for aggregate, metadata in changes:
+            pending = aggregate.pending
+            if len(metadata) != len(pending):
+                raise ValueError(f"{aggregate.stream_id}: one metadata mapping per pending event")
+            if pending:
+                appends.append(
+                    StreamAppend(
+                        aggregate.stream_id,
+                        [NewEvent(t, d, dict(m)) for (t, d), m in zip(pending, metadata, strict=True)],
+                        aggregate.saved_version,
+                    )
+                )
+        outcome = await append_streams(self._store, conn, appends, now=now, locked=locked)
+        conflicted: set[str] = set()
+        for aggregate, _metadata in changes:
+            if aggregate.stream_id in outcome.conflicts:
+                conflicted.add(aggregate.id)
+                continue
+            before = aggregate.saved_version
+            aggregate.mark_saved()
+            if aggregate.version // self.snapshot_every > before // self.snapshot_every:
+                await self._store.save_snapshot(
+                    conn, aggregate.stream_id, version=aggregate.version, state=aggregate.snapshot()
+                )
+        return conflicted
 
     async def replay(self, conn: AsyncConnection, aggregate_id: str) -> A:
         """The aggregate folded from its first event, ignoring snapshots (audits, snapshot checks)."""

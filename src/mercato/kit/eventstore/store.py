@@ -269,6 +269,20 @@ class EventStore:
         self, conn: AsyncConnection, stream_id: str, *, after_version: int = 0
     ) -> list[RecordedEvent]:
         """The stream's events with a version above `after_version`, in version order."""
+        if conn.dialect.name == "sqlite":
+            # One statement on the driver's connection (one hop to aiosqlite's thread, where a
+            # long stream's read may take its time), its rows as tuples: SQLAlchemy's cursor
+            # result took a hop per cursor call and built a `RowMapping` per event (ADR 0076).
+            statements = _statements(conn.dialect)
+            executor = transaction_executor(conn, statements)
+            if executor is None and not conn.in_transaction():
+                # A read connection (`Database.read()`): begin as its first statement would
+                # (SQLAlchemy's autobegin; a deferred BEGIN, on the loop: it takes no lock).
+                await conn.begin()
+                executor = transaction_executor(conn, statements)
+            if executor is not None:
+                found = await executor.rows(_LOAD, {"stream_id": stream_id, "after_version": after_version})
+                return [RecordedEvent(*row) for row in found]
         result = await conn.execute(
             select(events)
             .where(events.c.stream_id == stream_id, events.c.version > after_version)
@@ -442,6 +456,26 @@ def _is_failed_check(exc: sqlite3.IntegrityError) -> bool:
     return getattr(
         exc, "sqlite_errorcode", None
     ) == sqlite3.SQLITE_CONSTRAINT_NOTNULL and "eventstore_events.version" in str(exc)
+
+
+# `load` on SQLite's driver path: the columns in `RecordedEvent`'s order, converted as SQLAlchemy
+# would (JSON text to dicts, the UTC text to an aware datetime).
+_LOAD = driver_prepared(
+    select(
+        events.c.position,
+        events.c.stream_id,
+        events.c.version,
+        events.c.type,
+        events.c.data,
+        events.c.metadata,
+        events.c.recorded_at,
+    )
+    .where(
+        events.c.stream_id == bindparam("stream_id", type_=String),
+        events.c.version > bindparam("after_version", type_=Integer),
+    )
+    .order_by(events.c.version)
+)
 
 
 def _recorded(row: RowMapping) -> RecordedEvent:

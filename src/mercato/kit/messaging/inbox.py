@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -25,7 +26,7 @@ from mercato.kit.storage import Database
 from mercato.kit.storage.statements import insert_ignore
 from mercato.kit.storage.statements_in_tx import on_connection
 
-__all__ = ["Consumer", "Handler", "Inbox"]
+__all__ = ["BatchHandler", "Consumer", "Handler", "Inbox"]
 
 _log = get_logger("mercato.messaging")
 
@@ -35,6 +36,20 @@ _ROWS_PER_STATEMENT = 128
 
 Handler = Callable[[AsyncConnection, Message], Awaitable[None]]
 """Applies one message's effect on the given connection (inside the inbox transaction)."""
+
+BatchHandler = Callable[[AsyncConnection, Sequence[Message]], Awaitable[None]]
+"""Applies a whole batch's new messages, in delivery order, on the given connection (inside the inbox
+transaction): a handler that loads and writes once for the batch rather than once per message."""
+
+
+@runtime_checkable
+class _AcksInTransaction(Protocol):
+    """A stream in a database whose acks can run in a consumer's transaction (`SqlLogStream`)."""
+
+    @property
+    def database(self) -> Database: ...
+
+    async def ack_in_order_runs(self, deliveries: Sequence[Delivery], conn: Any = None) -> list[Delivery]: ...
 
 
 class Inbox:
@@ -100,7 +115,9 @@ class Consumer:
     A read's whole batch goes through one write transaction: one statement records every message
     id in the inbox and returns the new ones, the handler applies those in delivery order, it
     commits, then the batch is acknowledged (`Stream.ack_many`: one statement per partition on the
-    SQL log). A crash before the ack redelivers; the inbox skips what committed. A handler
+    SQL log). A crash before the ack redelivers; the inbox skips what committed. On the SQL log of
+    the consumer's own database the common acks are the transaction's last statement instead
+    (ADR 0083): they commit with the effects, one commit less a pass. A handler
     exception rolls the batch back, and the batch is done again one delivery per transaction:
     the failing delivery is nacked (dead-lettered after the stream's max attempts), the others
     apply, and the partition's later deliveries of the batch are left for redelivery, in order.
@@ -108,6 +125,11 @@ class Consumer:
     `run_once` is a `PeriodicJob` callable returning how many deliveries it handled. With a
     `reader` the handler sees each message as the reader returns it (its data upcast to the
     current schema version); a message the reader refuses fails like a handler error.
+
+    With a `batch_handler` a pass first applies the batch's new messages in one call of it (its
+    statements then cost per batch, not per message). If that call fails, the transaction rolls
+    back and the pass goes on one message at a time through `handler`, which finds the failing
+    delivery as above: the batch handler must have the same effect as `handler` applied in turn.
     """
 
     def __init__(
@@ -125,8 +147,10 @@ class Consumer:
         hook: MessagingHook | None = None,
         idle_lag_interval_s: float = 5.0,
         reader: MessageReader | None = None,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         self._db = db
+        self._batch_handler = batch_handler
         self._reader = reader
         self._stream = stream
         self.topic = topic
@@ -138,6 +162,11 @@ class Consumer:
         self._inbox = inbox_store or Inbox()
         self._hook = hook or NullMessagingHook()
         self._lag = LagReporter(stream, self._hook, interval_s=idle_lag_interval_s)
+        # The SQL log on this database: the batch's acks ride in its transaction (ADR 0083).
+        self._acks_inside = (
+            stream if isinstance(stream, _AcksInTransaction) and stream.database is db else None
+        )
+        self._unacked: list[Delivery] = []  # what the last transaction's acks left for `ack_many`
 
     async def run_once(self) -> int:
         deliveries = await self._stream.read(
@@ -149,10 +178,20 @@ class Consumer:
                 self._hook.consumer_redelivered(**labels)
         handled = 0
         failures: list[tuple[Delivery, Exception]] = []
+        batched = self._batch_handler is not None
         while deliveries:
-            outcome = await self._in_one_transaction(deliveries)
+            outcome: list[bool] | tuple[Delivery, Exception] | None
+            if batched:
+                outcome = await self._batch_in_one_transaction(deliveries)
+                if outcome is None:
+                    batched = False  # rolled back: find the failing delivery one at a time
+                    continue
+            else:
+                outcome = await self._in_one_transaction(deliveries)
             if isinstance(outcome, list):
-                await self._stream.ack_many(deliveries)
+                unacked, self._unacked = self._unacked, []
+                if unacked:
+                    await self._stream.ack_many(unacked)
                 handled = len(deliveries)
                 for fresh in outcome:
                     (self._hook.consumer_processed if fresh else self._hook.consumer_dedup_hit)(**labels)
@@ -199,11 +238,70 @@ class Consumer:
                     if fresh:
                         await self._apply(conn, current)
                 current = None
+                await self._ack_inside(conn, deliveries)
         except Exception as exc:
             if current is None:
                 raise
             return current, exc
         return applied
+
+    async def _ack_inside(self, conn: AsyncConnection, deliveries: list[Delivery]) -> None:
+        """The batch's acks as the transaction's last statement where the stream can; what is left
+        (all of it elsewhere) is acknowledged after the commit."""
+        if self._acks_inside is None:
+            self._unacked = deliveries
+        else:
+            self._unacked = await self._acks_inside.ack_in_order_runs(deliveries, conn)
+
+    async def _batch_in_one_transaction(self, deliveries: list[Delivery]) -> list[bool] | None:
+        """`_in_one_transaction` with the batch handler: one call for every new message of the
+        batch. None when it (or the reader) failed: rolled back, for the caller to redo the pass
+        one delivery at a time. Any error outside the handler propagates."""
+        assert self._batch_handler is not None
+        applied: list[bool] = []
+        failed: list[Exception] = []
+        try:
+            async with self._db.write() as conn:
+                new = await self._inbox.record_new(
+                    conn, consumer=self.group, message_ids=[d.message.id for d in deliveries]
+                )
+                fresh: list[Delivery] = []
+                for delivery in deliveries:
+                    # A message delivered twice in one batch (a replayed dead letter) applies once.
+                    is_new = delivery.message.id in new
+                    new.discard(delivery.message.id)
+                    applied.append(is_new)
+                    if is_new:
+                        fresh.append(delivery)
+                if fresh:
+                    try:
+                        await self._apply_batch(conn, fresh)
+                    except Exception as exc:
+                        failed.append(exc)
+                        raise
+                await self._ack_inside(conn, deliveries)
+        except Exception as exc:
+            if not failed or failed[0] is not exc:
+                raise
+            _log.info("batch_handler_failed", group=self.group, size=len(deliveries), error=repr(exc))
+            return None
+        return applied
+
+    async def _apply_batch(self, conn: AsyncConnection, deliveries: list[Delivery]) -> None:
+        assert self._batch_handler is not None
+        reader = self._reader
+        messages = [d.message if reader is None else reader(d.message) for d in deliveries]
+        with message_spans(
+            f"{self.topic} process",
+            [d.message.headers for d in deliveries],
+            {
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self.topic,
+                "messaging.consumer.group.name": self.group,
+                "messaging.batch.message_count": str(len(deliveries)),
+            },
+        ):
+            await self._batch_handler(conn, messages)
 
     def _span(self, delivery: Delivery) -> AbstractContextManager[object]:
         return message_spans(

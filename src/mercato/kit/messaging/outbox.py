@@ -15,20 +15,40 @@ The relay then moves committed rows to the stream, at least once:
 
 A crash after 2 and before 3 republishes once the lease expires: a duplicate the stream's id dedup
 absorbs, and which the consumers' inbox would absorb on a broker without it. Never a loss.
+
+When the stream is the SQL log on the outbox's own database (`SqlLogStream.publish_claimed`), the
+three are one transaction instead (ADR 0083): the claim locks its rows and marks them published,
+the append follows, both commit or neither does, so a crash anywhere republishes nothing and loses
+nothing; the relays' announcement (a `pg_notify`) rides in the claim, delivered at that commit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import Integer, bindparam, delete, exists, func, insert, select, union_all, update
+from sqlalchemy import (
+    Integer,
+    Text,
+    TypeDecorator,
+    any_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.selectable import CTE
@@ -39,15 +59,16 @@ from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message
 from mercato.kit.messaging.stream import Publisher
 from mercato.kit.messaging.tables import outbox
-from mercato.kit.observability import carrier_of, context_from, trace_carrier, tracer
+from mercato.kit.observability import carrier_of, context_from, get_logger, trace_carrier, tracer
 from mercato.kit.storage import Database
-from mercato.kit.storage.signals import WorkSignals, notify_statement
-from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.signals import WorkSignals, notify_statement, origin_notify_statement
+from mercato.kit.storage.statements import DriverReads, Executor, driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = [
     "MAX_STAGED_ROWS",
     "OUTBOX_CHANNEL",
+    "ClaimingLog",
     "Outbox",
     "OutboxBacklog",
     "OutboxRelay",
@@ -58,6 +79,19 @@ __all__ = [
 
 # The work signal (kit/storage/signals.py) a committed outbox row fires: the relay waits on it.
 OUTBOX_CHANNEL = "outbox"
+_log = get_logger("mercato.messaging")
+
+
+@runtime_checkable
+class ClaimingLog(Protocol):
+    """A stream in a database that can append in a writer's own transaction (`SqlLogStream`)."""
+
+    @property
+    def database(self) -> Database: ...
+
+    async def publish_claimed(
+        self, claim: Callable[[Executor], Awaitable[Sequence[Message]]]
+    ) -> list[Message]: ...
 
 
 class Outbox:
@@ -113,8 +147,11 @@ class Outbox:
         ]
         signals = self._signals
         # The relay of this process wakes when the transaction commits; on PostgreSQL every other
-        # process's too, by a NOTIFY riding in the same statement (no extra round trip).
-        notify = signals is not None and signals.cross_process
+        # process's too, by a NOTIFY riding in the same statement (no extra round trip) — unless a
+        # relay runs in this process (the worker's saga moves): it relays these rows, woken here, and
+        # the NOTIFY only woke it a second time through its listener (ADR 0083). Another process's
+        # relay finds them by its safety poll if this one stops.
+        notify = signals is not None and signals.cross_process and not signals.waited_on(OUTBOX_CHANNEL)
         if signals is not None:
             signals.after_commit(conn, OUTBOX_CHANNEL)
         return rows, notify
@@ -202,7 +239,11 @@ class OutboxRelay:
         lease_s: float = 30.0,
         hook: MessagingHook | None = None,
         backlog_interval_s: float = 5.0,
+        announces: str | None = None,
     ) -> None:
+        """`announces`: the work signal a pass that published fires, here and (PostgreSQL) in every
+        process: by a NOTIFY riding in the pass's claim when the stream is the SQL log on `db`,
+        else by `WorkSignals.announce` after the pass."""
         if batch_size < 1 or lease_s <= 0 or backlog_interval_s < 0:
             raise ValueError("batch_size must be >= 1, lease_s > 0 and backlog_interval_s >= 0")
         self._db = db
@@ -215,6 +256,11 @@ class OutboxRelay:
         self._backlog_due = 0.0  # time.monotonic() of the next backlog gauge update
         self._idle = False  # the last pass claimed nothing
         self._reads = DriverReads(db)
+        self.announces = announces
+        # The SQL log on this same database: claim, append and mark in one transaction (ADR 0083).
+        self._log = stream if isinstance(stream, ClaimingLog) and stream.database is db else None
+        notify = announces is not None and self._log is not None and db.signals.cross_process
+        self._claim_published = _claiming_published(announces if notify else None)
 
     async def relay_once(self) -> int:
         """One pass: claim, publish, mark. Returns how many messages were published.
@@ -224,6 +270,61 @@ class OutboxRelay:
         if self._idle and not await self._any_unpublished():
             await self._report_backlog()
             return 0
+        if self._log is not None:
+            published = await self._relay_in_transaction(self._log)
+            self._idle = not published
+        else:
+            published = await self._relay_leased()
+        if published:
+            self._hook.relay_published(count=published)
+            await self._announce()
+        await self._report_backlog()
+        return published
+
+    async def _relay_in_transaction(self, log: ClaimingLog) -> int:
+        """Claim and mark published (one statement: the rows locked, `published_at` set), append,
+        commit: one transaction. A failure rolls all of it back: the rows stay unpublished."""
+        spans: list[Any] = []
+
+        async def claim(executor: Executor) -> list[Message]:
+            for span in spans:  # the transaction is being redone
+                span.end()
+            spans.clear()
+            now = self._clock.now()
+            params = {
+                "now": now,
+                "limit": self.batch_size,
+                "published_at": now,
+                "origin": self._db.signals.origin,
+            }
+            rows = await executor.rows(self._claim_published, params)
+            claimed = [Message.from_json(row[1]) for row in sorted(rows, key=lambda row: row[0])]
+            claimed, started = _producer_spans(claimed)
+            spans.extend(started)
+            return claimed
+
+        try:
+            published = await log.publish_claimed(claim)
+        except BaseException as exc:
+            _end_spans(spans, exc)
+            raise
+        _end_spans(spans, None)
+        return len(published)
+
+    async def _announce(self) -> None:
+        if self.announces is None:
+            return
+        if self._log is not None:
+            # The NOTIFY rode in the claim (PostgreSQL), and the log's commit woke this process's
+            # readers of what was published (`SqlLogStream.publish_claimed`).
+            return
+        try:
+            await self._db.signals.announce(self.announces)
+        except Exception:  # noqa: BLE001 - the listeners' safety poll covers a lost announcement
+            _log.warning("relay_announce_failed", exc_info=True)
+
+    async def _relay_leased(self) -> int:
+        """Claim under a lease (committed), publish to the stream, mark: any `Publisher`."""
         token = new_id()
         claimed = await self._claim(token)
         self._idle = not claimed
@@ -232,18 +333,12 @@ class OutboxRelay:
             try:
                 await self._stream.publish(claimed)
             except BaseException as exc:
-                for span in spans:
-                    span.record_exception(exc)
-                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    span.end()
+                _end_spans(spans, exc)
                 # Free the rows now rather than after the lease: the next pass retries at once.
                 await self._release(token, [m.id for m in claimed], published=False)
                 raise
-            for span in spans:
-                span.end()
+            _end_spans(spans, None)
             await self._release(token, [m.id for m in claimed], published=True)
-            self._hook.relay_published(count=len(claimed))
-        await self._report_backlog()
         return len(claimed)
 
     async def _any_unpublished(self) -> bool:
@@ -270,11 +365,12 @@ class OutboxRelay:
     async def _release(self, token: uuid.UUID, ids: list[uuid.UUID], *, published: bool) -> None:
         # Only rows still under our lease: if it expired and another relay took over, that relay
         # owns them now (and has published or will publish them; the stream dedups). One statement
-        # sent once per row (executemany: one round trip on asyncpg), prepared on the driver path.
+        # executed once for the whole batch (`id = ANY(...)`), prepared on the driver path: an
+        # executemany of one UPDATE per row was one round trip but N executions in PostgreSQL.
         published_at = self._clock.now() if published else None
         async with self._db.autocommit() as conn:
             await on_connection(conn).run(
-                _RELEASE, [{"b_id": i, "token": token, "published_at": published_at} for i in ids]
+                _RELEASE, {"ids": ids, "token": token, "published_at": published_at}
             )
 
     async def backlog(self) -> OutboxBacklog:
@@ -303,6 +399,20 @@ _ANY_UNPUBLISHED = driver_prepared(select(_o.id).where(_o.published_at.is_(None)
 
 
 def _claiming() -> Any:
+    return driver_prepared(
+        update(outbox)
+        .where(_o.id.in_(_free_candidates()))
+        .values(
+            claimed_until=bindparam("until", type_=_o.claimed_until.type),
+            claim_token=bindparam("token", type_=_o.claim_token.type),
+        )
+        .returning(_o.id, _o.envelope)
+    )
+
+
+def _free_candidates() -> Any:
+    """The oldest unpublished rows no relay holds (lease or row lock), up to `limit`, less those
+    with an older unpublished row of their key that is not among them."""
     now = bindparam("now", type_=_o.claimed_until.type)
     candidates = (
         select(_o.id, _o.key)
@@ -323,30 +433,73 @@ def _claiming() -> Any:
             older.c.id.not_in(select(candidates.c.id)),
         )
     )
-    return driver_prepared(
-        update(outbox)
-        .where(_o.id.in_(free))
-        .values(
-            claimed_until=bindparam("until", type_=_o.claimed_until.type),
-            claim_token=bindparam("token", type_=_o.claim_token.type),
-        )
-        .returning(_o.id, _o.envelope)
-    )
+    return free
 
 
 _CLAIM = _claiming()
+_CLAIMS_PUBLISHED: dict[str | None, Any] = {}
+
+
+def _claiming_published(announces: str | None) -> Any:
+    """`_CLAIM`'s pick and order check, the rows marked published instead of leased: for a claim
+    that commits with its append (ADR 0083), its row locks held until then. With `announces`
+    (PostgreSQL), the relays' NOTIFY rides in it: one per row claimed, which PostgreSQL folds into
+    one at commit (same channel and payload), none when it claimed nothing."""
+    statement = _CLAIMS_PUBLISHED.get(announces)
+    if statement is None:
+        claim = (
+            update(outbox)
+            .where(_o.id.in_(_free_candidates()))
+            .values(published_at=bindparam("published_at", type_=_o.published_at.type))
+        )
+        if announces is None:
+            built: Any = claim.returning(_o.id, _o.envelope)
+        else:
+            claimed = claim.returning(_o.id, _o.envelope).cte("claimed")
+            notify = origin_notify_statement(announces).selected_columns
+            built = select(claimed.c.id, claimed.c.envelope, *notify).select_from(claimed)
+        statement = _CLAIMS_PUBLISHED[announces] = driver_prepared(built)
+    return statement
+
+
+class _HexIdList(TypeDecorator[list[uuid.UUID]]):
+    """A list of ids bound as one JSON array of the 32-hex-digit text SQLite stores a `Uuid` as,
+    for `json_each`: SQLite has no arrays."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: list[uuid.UUID] | None, dialect: Any) -> str | None:
+        return None if value is None else json.dumps([i.hex for i in value])
+
+
+def _releasing(picked: Any) -> Any:
+    return (
+        update(outbox)
+        .where(picked, _o.claim_token == bindparam("token", type_=_o.claim_token.type))
+        .values(
+            claimed_until=None,
+            claim_token=None,
+            published_at=bindparam("published_at", type_=_o.published_at.type),
+        )
+    )
+
+
+# The batch's ids in one parameter: an array on PostgreSQL (`id = ANY($1)`), a JSON array read by
+# `json_each` on SQLite (the `in_turn` form `on_connection` runs there instead).
+_HEX_IDS = func.json_each(bindparam("ids", type_=_HexIdList())).table_valued("value")
 _RELEASE = driver_prepared(
-    update(outbox)
-    .where(
-        _o.id == bindparam("b_id", type_=_o.id.type),
-        _o.claim_token == bindparam("token", type_=_o.claim_token.type),
-    )
-    .values(
-        claimed_until=None,
-        claim_token=None,
-        published_at=bindparam("published_at", type_=_o.published_at.type),
-    )
+    _releasing(_o.id == any_(bindparam("ids", type_=postgresql.ARRAY(_o.id.type)))),
+    in_turn=[_releasing(_o.id.in_(select(_HEX_IDS.c.value)))],
 )
+
+
+def _end_spans(spans: list[Any], error: BaseException | None) -> None:
+    for span in spans:
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.end()
 
 
 def _producer_spans(messages: list[Message]) -> tuple[list[Message], list[Any]]:

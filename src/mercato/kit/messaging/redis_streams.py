@@ -29,13 +29,18 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
 from mercato.kit.messaging.message import Message, partition_for
+from mercato.kit.messaging.redis_streams_scripts import ACK as _ACK
 from mercato.kit.messaging.redis_streams_scripts import ACK_MANY as _ACK_MANY
 from mercato.kit.messaging.redis_streams_scripts import LAG as _LAG
+from mercato.kit.messaging.redis_streams_scripts import REPLAY_LETTERS as _REPLAY_LETTERS
+from mercato.kit.messaging.redis_streams_scripts import SETTLE_REPLAY as _SETTLE_REPLAY
+from mercato.kit.messaging.redis_streams_scripts import replay_script
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     DeadLetter,
@@ -50,6 +55,9 @@ __all__ = ["RedisStream"]
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 # Pending entries looked at per partition; a group never has more out than its reads asked for.
 _MAX_PENDING = 10_000
+
+# `ack_many_after`'s read in the same round trip: (topic, group, consumer, max_messages).
+ReadNext = tuple[str, str, str, int]
 
 _COMMON = """
 local RELEASED = '~released'
@@ -184,13 +192,6 @@ return {dead, out}
 """
 ).replace("%(max_pending)d", str(_MAX_PENDING))
 
-# KEYS: the stream key. ARGV: group, consumer, entry id, attempt.
-_ACK = """
-local e = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if e[1] == nil or e[1][2] ~= ARGV[2] or e[1][4] ~= tonumber(ARGV[4]) then return 0 end
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-"""
-
 # KEYS: the stream key. ARGV: group, consumer, entry id, attempt, max_attempts, error, topic,
 #       partition, dlq prefix, letter id, now_iso.
 _NACK = (
@@ -216,75 +217,6 @@ end
 return dead
 """
 ).replace("%(max_pending)d", str(_MAX_PENDING))
-
-# KEYS: letter hash, replay queue. ARGV: letter id, outcome ('ack'|'nack'), now_iso, error.
-_SETTLE_REPLAY = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'replaying' then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[2] == 'ack' then
-  redis.call('HSET', KEYS[1], 'status', 'replayed', 'replayed_at', ARGV[3])
-else
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  redis.call('HSET', KEYS[1], 'status', 'dead', 'last_error', ARGV[4], 'dead_at', ARGV[3])
-end
-return 1
-"""
-
-# KEYS: letter hashes. ARGV: named ('1'|'0'), topic filter ('' for any), dlq prefix.
-_REPLAY_LETTERS = """
-local queued = 0
-for i, key in ipairs(KEYS) do
-  local h = redis.call('HMGET', key, 'status', 'topic', 'group', 'id')
-  local ok = h[1] == 'dead' or (ARGV[1] == '1' and h[1] == 'replayed')
-  if ok and (ARGV[2] == '' or ARGV[2] == h[2]) then
-    redis.call('HSET', key, 'status', 'replaying')
-    redis.call('ZADD', ARGV[3] .. ':replay:' .. h[2] .. ':' .. h[3], 0, h[4])
-    queued = queued + 1
-  end
-end
-return queued
-"""
-
-# KEYS: one stream key. ARGV: group, mode ('offset'|'time'), value.
-_REPLAY = (
-    _COMMON
-    + """
-local key, group, mode, value = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
--- Creating an existing group fails harmlessly (BUSYGROUP): pcall returns the error.
-redis.pcall('XGROUP', 'CREATE', key, group, '0', 'MKSTREAM')
--- A rewound group starts afresh: forget what it had out (and those entries' attempt counts).
-while true do
-  local pend = redis.call('XPENDING', key, group, '-', '+', 1000)
-  if #pend == 0 then break end
-  local ids = {}
-  for i, e in ipairs(pend) do ids[i] = e[1] end
-  redis.call('XACK', key, group, unpack(ids))
-end
-local target = '0'
-if mode == 'time' then
-  if value > 0 then target = string.format('%.0f-18446744073709551615', value - 1) end
-elseif value > 0 then
-  local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
-  if last and seq_of(last[1]) < value then
-    target = '$'
-  elseif first and seq_of(first[1]) < value then
-    -- Binary search on the time part for the smallest ms whose last entry has offset >= value;
-    -- offsets and times both increase, so the entry at `value` carries that ms.
-    local lo = tonumber(string.match(first[1], '^(%d+)-'))
-    local hi = tonumber(string.match(last[1], '^(%d+)-'))
-    while lo < hi do
-      local mid = math.floor((lo + hi) / 2)
-      local e = redis.call('XREVRANGE', key, string.format('%.0f-18446744073709551615', mid), '-', 'COUNT', 1)
-      if e[1] and seq_of(e[1][1]) >= value then hi = mid else lo = mid + 1 end
-    end
-    target = string.format('%.0f-%.0f', lo, value - 1)
-  end
-end
-redis.call('XGROUP', 'SETID', key, group, target)
-return 1
-"""
-)
 
 
 def _text(value: Any) -> str:
@@ -336,7 +268,7 @@ class RedisStream:
         self._nack = redis.register_script(_NACK)
         self._settle = redis.register_script(_SETTLE_REPLAY)
         self._replay_letters = redis.register_script(_REPLAY_LETTERS)
-        self._replay = redis.register_script(_REPLAY)
+        self._replay = redis.register_script(replay_script(_COMMON))
         self._lag = redis.register_script(_LAG)
         self._next_start = 0
 
@@ -396,41 +328,47 @@ class RedisStream:
         )
 
     async def _read_once(self, topic: str, group: str, consumer: str, max_messages: int) -> list[Delivery]:
+        keys, args = self._read_call(topic, group, consumer, max_messages)
+        return self._deliveries(topic, group, consumer, await self._read(keys=keys, args=args))
+
+    def _read_call(
+        self, topic: str, group: str, consumer: str, max_messages: int
+    ) -> tuple[list[str], list[Any]]:
         start = self._next_start % self.partitions
         self._next_start += 1
-        dead, rows = await self._read(
-            keys=[*self._keys(topic), self._replay_queue(topic, group)],
-            args=[
-                group,
-                consumer,
-                max_messages,
-                int(self.visibility_timeout_s * 1000),
-                self.max_attempts,
-                int(self.retry_delay_s * 1000),
-                start,
-                topic,
-                self._dlq,
-                self._now_iso(),
-                *(str(new_id()) for _ in range(self.partitions)),
-            ],
-        )
+        keys = [*self._keys(topic), self._replay_queue(topic, group)]
+        args = [
+            group,
+            consumer,
+            max_messages,
+            int(self.visibility_timeout_s * 1000),
+            self.max_attempts,
+            int(self.retry_delay_s * 1000),
+            start,
+            topic,
+            self._dlq,
+            self._now_iso(),
+            *(str(new_id()) for _ in range(self.partitions)),
+        ]
+        return keys, args
+
+    def _deliveries(self, topic: str, group: str, consumer: str, answer: Any) -> list[Delivery]:
+        dead, rows = answer
         for _ in range(int(dead)):
             self._hook.dead_lettered(group=group, topic=topic)
-        deliveries = []
-        for kind, partition, offset, attempt, envelope, ref in rows:
-            deliveries.append(
-                Delivery(
-                    message=Message.from_json(envelope),
-                    topic=topic,
-                    group=group,
-                    consumer=consumer,
-                    partition=int(partition),
-                    offset=int(offset),
-                    attempt=int(attempt),
-                    receipt=f"{_DLQ_RECEIPT}{_text(ref)}" if _text(kind) == "dlq" else _text(ref),
-                )
+        return [
+            Delivery(
+                message=Message.from_json(envelope),
+                topic=topic,
+                group=group,
+                consumer=consumer,
+                partition=int(partition),
+                offset=int(offset),
+                attempt=int(attempt),
+                receipt=f"{_DLQ_RECEIPT}{_text(ref)}" if _text(kind) == "dlq" else _text(ref),
             )
-        return deliveries
+            for kind, partition, offset, attempt, envelope, ref in rows
+        ]
 
     async def ack(self, delivery: Delivery) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
@@ -445,19 +383,64 @@ class RedisStream:
         """Every live delivery of `deliveries` acknowledged in one script call (each checked as
         `ack` checks it: still pending, same consumer, same attempt); dead letters being replayed
         are settled one by one. Per group, in the order given."""
+        replays, calls = self._ack_calls(deliveries)
+        for delivery in replays:
+            await self._settle_replay(delivery, error=None)
+        for keys, args in calls:
+            await self._ack_many(keys=keys, args=args)
+
+    async def ack_many_after(
+        self, pipe: Pipeline, deliveries: Sequence[Delivery], *, read_next: ReadNext | None = None
+    ) -> tuple[list[Any], list[Delivery] | None]:
+        """`pipe`'s commands (a caller's, e.g. a broker publish) then `ack_many(deliveries)`, in one
+        round trip: a transaction (MULTI/EXEC) on a client of this stream's Redis server and database
+        (ADR 0082). A command Redis refuses before EXEC (out of memory, say) aborts everything, the
+        acks included; an error in `pipe`'s commands raises. Dead letters being replayed are settled
+        after, one by one; a script unknown to the server (restarted, flushed) is acknowledged again
+        by `ack_many`'s call (an ack made already is not made twice: the script skips what is no
+        longer pending). `read_next`: `read(topic, group, consumer, max_messages=n, block_s=0)` in
+        the same transaction, after the acks. Returns `pipe`'s own results and that read's
+        deliveries (None: not asked, or it failed; the caller reads on its own)."""
+        if not pipe.is_transaction:
+            raise ValueError("ack_many_after needs a transaction pipeline (MULTI/EXEC)")
+        own = len(pipe)
+        replays, calls = self._ack_calls(deliveries)
+        for keys, args in calls:
+            pipe.evalsha(self._ack_many.sha, len(keys), *keys, *args)
+        if read_next is not None:
+            keys, args = self._read_call(*read_next)
+            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for result in results[:own]:
+            if isinstance(result, Exception):
+                raise result
+        if any(isinstance(result, Exception) for result in results[own : own + len(calls)]):
+            for keys, args in calls:
+                await self._ack_many(keys=keys, args=args)
+        for delivery in replays:
+            await self._settle_replay(delivery, error=None)
+        following = None
+        if read_next is not None and not isinstance(results[-1], Exception):
+            following = self._deliveries(read_next[0], read_next[1], read_next[2], results[-1])
+        return results[:own], following
+
+    def _ack_calls(
+        self, deliveries: Sequence[Delivery]
+    ) -> tuple[list[Delivery], list[tuple[list[str], list[Any]]]]:
+        """(dead letters being replayed, one `ACK_MANY` call's keys and args per group)."""
+        replays: list[Delivery] = []
         keys: dict[tuple[str, str], dict[str, int]] = {}
         args: dict[tuple[str, str], list[Any]] = {}
         for delivery in deliveries:
             if delivery.receipt.startswith(_DLQ_RECEIPT):
-                await self._settle_replay(delivery, error=None)
+                replays.append(delivery)
                 continue
             slot = (delivery.topic, delivery.group)
             group_keys = keys.setdefault(slot, {})
             key = self._key(delivery.topic, delivery.partition)
             index = group_keys.setdefault(key, len(group_keys) + 1)
             args.setdefault(slot, []).extend([index, delivery.consumer, delivery.receipt, delivery.attempt])
-        for (_topic, group), rest in args.items():
-            await self._ack_many(keys=list(keys[(_topic, group)]), args=[group, *rest])
+        return replays, [(list(keys[slot]), [slot[1], *rest]) for slot, rest in args.items()]
 
     async def nack(self, delivery: Delivery, *, error: str) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):

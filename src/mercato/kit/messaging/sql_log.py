@@ -14,10 +14,11 @@ driver's connection (one aiosqlite thread hop or asyncpg round trip each, where 
 adapter costs several), and anything uncommon (a group's first read, an expired batch, a replayed
 dead letter) rolls back and runs again through SQLAlchemy. A publish is three statements whatever
 its partitions (one upsert reserves every head's offsets, one dedup lookup, one append). A poll
-first runs one autocommitted probe and opens no transaction when there is nothing to take. The
-common ack, the first unacknowledged offset of the batch acknowledged by its holder, is one
-autocommitted conditional UPDATE; any other ack takes the general, locking path. Statements on
-the driver path bypass SQLAlchemy's engine events: `add_driver_listener` observes them.
+first runs one autocommitted probe and opens no transaction when there is nothing to take; a take
+is three statements whatever its partitions (lock the cursors, read every batch, move every
+cursor; ADR 0073). The common ack, each partition's run acknowledged in order by its holder, is
+one autocommitted conditional UPDATE for all partitions; any other ack takes the general, locking
+path. Driver-path statements bypass SQLAlchemy's engine events: `add_driver_listener` sees them.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    ClauseElement,
-    delete,
-    func,
-    select,
-    update,
-)
+from sqlalchemy import ClauseElement, update
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.messaging.hooks import MessagingHook, NullMessagingHook
-from mercato.kit.messaging.message import Message, partition_for
-from mercato.kit.messaging.sql_log_cursors import advance, cursor_key, lock_cursor, mark_acked, set_cursor
+from mercato.kit.messaging.message import Message
+from mercato.kit.messaging.sql_log_cursors import (
+    ack_runs,
+    advance,
+    cursor_key,
+    deliveries_of,
+    lock_cursor,
+    mark_acked,
+    partition_batches,
+    rewind,
+)
 from mercato.kit.messaging.sql_log_dead_letters import SqlDeadLetters
 from mercato.kit.messaging.sql_log_statements import (
     _ACK_IN_ORDER,
@@ -50,11 +54,13 @@ from mercato.kit.messaging.sql_log_statements import (
     _LAG,
     _LOCK_CURSORS,
     _MOVE_HEAD,
-    _NEXT_BATCH,
     _PROBE,
     _STORED_IDS_CHUNK,
+    _acks_in_order,
     _allocate_heads,
+    _next_batches,
     _Probe,
+    _set_cursors,
     _stored_ids,
 )
 from mercato.kit.messaging.stream import (
@@ -64,7 +70,7 @@ from mercato.kit.messaging.stream import (
     Delivery,
     check_replay_start,
 )
-from mercato.kit.messaging.tables import stream_attempts, stream_cursors, stream_heads, stream_log
+from mercato.kit.messaging.tables import stream_cursors
 from mercato.kit.storage import Database
 from mercato.kit.storage.statements import (
     DriverReads,
@@ -77,15 +83,16 @@ from mercato.kit.storage.statements import (
     autocommit_rows,
     driver_prepared,
     driver_transaction,
-    insert_ignore,
     observe,
 )
+from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = ["DriverReads", "SqlLogStream", "add_driver_listener", "driver_prepared"]
 
 _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound=ClauseElement)
+_Batches = list[tuple[tuple[str, int], list[Message]]]
 
 
 class SqlLogStream:
@@ -158,32 +165,49 @@ class SqlLogStream:
 
     # ---- publishing ----------------------------------------------------------------------------
 
+    @property
+    def database(self) -> Database:
+        """The database the log lives in (see `publish_claimed`)."""
+        return self._db
+
     async def publish(self, messages: Sequence[Message]) -> None:
-        by_partition: dict[tuple[str, int], dict[uuid.UUID, Message]] = defaultdict(dict)
-        for message in messages:
-            # A message given twice in one call is stored once (the first time).
-            by_partition[(message.topic, partition_for(message.key, partitions=self.partitions))].setdefault(
-                message.id, message
-            )
-        if not by_partition:
+        batches = partition_batches(messages, self.partitions)
+        if not batches:
             return
         now = self._clock.now()
-        # A fixed lock order (topic, partition) keeps concurrent publishers from deadlocking.
-        batches = [(key, list(batch.values())) for key, batch in sorted(by_partition.items())]
 
         async def append_all(executor: Executor) -> None:
             await self._append(executor, batches, now)
 
         await self._transaction(append_all)
-        self._published().set()
-        self._db.signals.fire(*{self._topic_signals.get(t, STREAM_CHANNEL) for (t, _p), _b in batches})
+        self._appended(batches)
 
-    async def _append(
-        self,
-        executor: Executor,
-        batches: list[tuple[tuple[str, int], list[Message]]],
-        now: datetime,
-    ) -> None:
+    async def publish_claimed(
+        self, claim: Callable[[Executor], Awaitable[Sequence[Message]]]
+    ) -> list[Message]:
+        """Append what `claim` (a write of the caller's on this database: the outbox relay's claim
+        that marks its rows published, ADR 0083) returns in its transaction, committed as one;
+        redone from the start with the transaction (`_transaction`). Returns what was appended."""
+        now = self._clock.now()
+
+        async def claim_and_append(executor: Executor) -> tuple[list[Message], _Batches]:
+            messages = list(await claim(executor))
+            batches = partition_batches(messages, self.partitions)
+            if batches:
+                await self._append(executor, batches, now)
+            return messages, batches
+
+        messages, batches = await self._transaction(claim_and_append)
+        if batches:
+            self._appended(batches)
+        return messages
+
+    def _appended(self, batches: _Batches) -> None:
+        """An append committed: wake this process's readers."""
+        self._published().set()
+        self._db.signals.fire(*{self._topic_signals.get(t, STREAM_CHANNEL) for (t, _p), _ in batches})
+
+    async def _append(self, executor: Executor, batches: _Batches, now: datetime) -> None:
         """Every partition's batch in three statements, however many partitions: reserve the
         offsets (locking the heads), find the ids already stored, insert the new rows."""
         params: dict[str, Any] = {}
@@ -327,9 +351,13 @@ class SqlLogStream:
         cursors = await executor.rows(_LOCK_CURSORS, {"group": group, "topic": topic})
         start = self._next_start % max(len(cursors), 1)
         self._next_start += 1
+        # Every partition's next messages in one statement and every cursor move in one (ADR
+        # 0073; were two statements per partition): (partition, first offset) to read, in the
+        # rotation's order, and (partition, next, end, owner, lease) to write.
+        to_read: list[tuple[int, int]] = []
+        moves: list[tuple[int, int, int, str | None, datetime | None]] = []
+        settled: set[int] = set()  # partitions whose expired batch was charged an attempt
         for partition, next_offset, batch_end, owner, leased_until in cursors[start:] + cursors[:start]:
-            if len(out) >= max_messages:
-                break
             if batch_end > next_offset:
                 if leased_until is not None and leased_until > now:
                     continue
@@ -346,72 +374,51 @@ class SqlLogStream:
                     error,
                     max_attempts=self.max_attempts,
                 )
+                settled.add(partition)
             elif leased_until is not None and leased_until > now:
                 continue
-            if next_offset >= heads.get(partition, 0):
-                # Caught up. Write only if an expired batch was just settled: an idle poll
-                # must not rewrite every cursor row.
-                if (next_offset, batch_end, leased_until) != (next_offset, next_offset, None):
-                    await set_cursor(executor, group, topic, partition, next_offset, next_offset, None, None)
-                continue
-            taken = await self._deliver(
-                executor,
-                topic,
-                group,
-                consumer,
-                partition,
-                next_offset,
-                max_messages - len(out),
-                lease_until,
+            if next_offset < heads.get(partition, 0):
+                to_read.append((partition, next_offset))
+            elif batch_end != next_offset or leased_until is not None:
+                # Caught up. Write only if an expired batch was just settled (or a lapsed pause
+                # is cleared): an idle poll must not rewrite every cursor row.
+                moves.append((partition, next_offset, next_offset, None, None))
+        if to_read and len(out) < max_messages:
+            rows = await executor.rows(
+                _next_batches(len(to_read)),
+                {
+                    "group": group,
+                    "topic": topic,
+                    "limit": max_messages - len(out),
+                    **{f"p{i}": p for i, (p, _) in enumerate(to_read)},
+                    **{f"from{i}": offset for i, (_, offset) in enumerate(to_read)},
+                },
             )
-            if taken:
-                out.extend(taken)
-                end = taken[-1].offset + 1
-                await set_cursor(executor, group, topic, partition, next_offset, end, consumer, lease_until)
-            else:
-                await set_cursor(executor, group, topic, partition, next_offset, next_offset, None, None)
-        return out
-
-    async def _deliver(
-        self,
-        executor: Executor,
-        topic: str,
-        group: str,
-        consumer: str,
-        partition: int,
-        from_offset: int,
-        limit: int,
-        lease_until: datetime,
-    ) -> list[Delivery]:
-        # The batch's claim, which an in-order ack must still match (see `_ack_in_order`).
-        receipt = lease_until.isoformat()
-        rows = await executor.rows(
-            _NEXT_BATCH,
-            {
-                "group": group,
-                "topic": topic,
-                "partition": partition,
-                "from_offset": from_offset,
-                "limit": limit,
-            },
-        )
-        deliveries = []
-        for offset, envelope, failures, acked in rows:
-            if acked:
-                continue
-            deliveries.append(
-                Delivery(
-                    message=Message.from_json(envelope),
-                    topic=topic,
-                    group=group,
-                    consumer=consumer,
-                    partition=partition,
-                    offset=int(offset),
-                    attempt=int(failures or 0) + 1,
-                    receipt=receipt,
+            batches: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+            for row in rows:
+                batches[int(row[0])].append(row[1:])
+            for partition, next_offset in to_read:
+                if len(out) >= max_messages:
+                    # Not read this pass: its cursor stays as it was (a settled expiry frees it).
+                    if partition in settled:
+                        moves.append((partition, next_offset, next_offset, None, None))
+                    continue
+                batch = sorted(batches[partition], key=lambda row: int(row[0]))
+                taken = deliveries_of(
+                    topic, group, consumer, partition, batch[: max_messages - len(out)], lease_until
                 )
-            )
-        return deliveries
+                if taken:
+                    out.extend(taken)
+                    moves.append((partition, next_offset, taken[-1].offset + 1, consumer, lease_until))
+                else:
+                    moves.append((partition, next_offset, next_offset, None, None))
+        if moves:
+            params: dict[str, Any] = {"b_group": group, "b_topic": topic}
+            for i, (partition, next_offset, end, owner, lease) in enumerate(moves):
+                params.update({f"p{i}": partition, f"n{i}": next_offset, f"e{i}": end, f"o{i}": owner})
+                params[f"l{i}"] = lease
+            await executor.run(_set_cursors(len(moves)), params)
+        return out
 
     async def ack(self, delivery: Delivery) -> None:
         if delivery.receipt.startswith(_DLQ_RECEIPT):
@@ -452,18 +459,41 @@ class SqlLogStream:
             )
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """One in-order ack per partition's run of consecutive offsets; the rest as `ack` does."""
-        runs: dict[tuple[str, str, str, int, str], list[Delivery]] = defaultdict(list)
-        for d in deliveries:
-            runs[(d.topic, d.group, d.consumer, d.partition, d.receipt)].append(d)
-        for (*_, receipt), run in runs.items():
-            run.sort(key=lambda d: d.offset)
-            whole = len(run) > 1 and not receipt.startswith(_DLQ_RECEIPT)
-            whole = whole and run[-1].offset - run[0].offset == len(run) - 1
-            if whole and await self._ack_in_order(run[0], through=run[-1].offset):
-                continue
-            for delivery in run:
-                await self.ack(delivery)
+        """Each partition's run of consecutive offsets acknowledged in order, every partition's in
+        one autocommitted statement (ADR 0073; was one per partition); the rest as `ack` does."""
+        for delivery in await self.ack_in_order_runs(deliveries):
+            await self.ack(delivery)
+
+    async def ack_in_order_runs(self, deliveries: Sequence[Delivery], conn: Any = None) -> list[Delivery]:
+        """`ack_many`'s in-order runs, autocommitted, or with `conn` in its write transaction on this
+        database (the consumer's: they commit with its effects, ADR 0083); the deliveries left."""
+        in_order, general = ack_runs(deliveries)
+        for (topic, group, consumer), by_partition in in_order.items():
+            moved = await self._acks_in_order(topic, group, consumer, list(by_partition.values()), conn)
+            general.extend(run for partition, run in by_partition.items() if partition not in moved)
+        return [delivery for run in general for delivery in run]
+
+    async def _acks_in_order(
+        self, topic: str, group: str, consumer: str, runs: list[list[Delivery]], conn: Any
+    ) -> set[int]:
+        """`_ack_in_order` of each run (one per partition, its deliveries in offset order) in one
+        statement (autocommitted, or in `conn`'s transaction): the partitions whose watermark it
+        moved past their run."""
+        params: dict[str, Any] = {"b_group": group, "b_topic": topic, "b_owner": consumer}
+        for i, run in enumerate(runs):
+            params.update({f"p{i}": run[0].partition, f"f{i}": run[0].offset, f"n{i}": run[-1].offset + 1})
+            params[f"l{i}"] = datetime.fromisoformat(run[0].receipt)
+        if conn is not None:
+            return {int(row[0]) for row in await on_connection(conn).rows(_acks_in_order(len(runs)), params)}
+        statement = self._statements.get(_acks_in_order(len(runs)))
+        args = statement.args(params)
+        async with self._ack_connection.use() as driver:
+            observe(statement.sql)
+            if self._db.dialect == "postgresql":
+                records = await driver.fetch(statement.sql, *args)
+            else:
+                records = await driver.execute_fetchall(statement.sql, args)
+        return {int(record[0]) for record in records}
 
     async def _ack_in_order(self, delivery: Delivery, *, through: int | None = None) -> bool:
         """The common ack, in one autocommitted statement: `delivery` is the first unacknowledged
@@ -551,43 +581,9 @@ class SqlLogStream:
     ) -> None:
         check_replay_start(from_offset, from_time)
         async with self._db.write() as conn:
-            heads = {
-                int(p): int(n)
-                for p, n in await conn.execute(
-                    select(stream_heads.c.partition, stream_heads.c.next_offset).where(
-                        stream_heads.c.topic == topic
-                    )
-                )
-            }
-            targets = sorted(heads) if partition is None else [partition]
-            await insert_ignore(
-                conn,
-                stream_cursors,
-                [
-                    {"group": group, "topic": topic, "partition": p, "next_offset": 0, "batch_end": 0}
-                    for p in targets
-                ],
-                conflict=["group", "topic", "partition"],
+            await rewind(
+                conn, topic, group, from_offset=from_offset, from_time=from_time, partition=partition
             )
-            log = stream_log.c
-            a = stream_attempts.c
-            for p in targets:
-                if from_offset is not None:
-                    target = min(from_offset, heads.get(p, 0))
-                else:
-                    first = (
-                        await conn.execute(
-                            select(func.min(log.offset)).where(
-                                log.topic == topic, log.partition == p, log.appended_at >= from_time
-                            )
-                        )
-                    ).scalar_one()
-                    target = heads.get(p, 0) if first is None else int(first)
-                await set_cursor(SqlAlchemyExecutor(conn), group, topic, p, target, target, None, None)
-                # A rewound group starts these messages afresh: earlier failures do not count.
-                await conn.execute(
-                    delete(stream_attempts).where(a.group == group, a.topic == topic, a.partition == p)
-                )
 
     async def lag(self, topic: str, group: str) -> int:
         [(behind,)] = await autocommit_rows(

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
     Insert,
     Integer,
     Select,
+    Update,
     and_,
     bindparam,
     case,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     insert,
     null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -243,3 +245,115 @@ for _statement in (
     _ACK_IN_ORDER,
 ):
     driver_prepared(_statement)
+
+
+# A consumer's batch touches several partitions: the statements below do for all of them what
+# `_NEXT_BATCH`, `_SET_CURSOR` and `_ACK_IN_ORDER` do for one, in one round trip (ADR 0073). One
+# statement per partition count, built and registered once; each partition's values are bound as
+# `<name><i>` and picked by a CASE on the row's partition.
+_NEXT_BATCHES: dict[int, Select[Any]] = {}
+_SET_CURSORS: dict[int, Update] = {}
+_ACKS_IN_ORDER: dict[int, Update] = {}
+
+
+def _per_partition(count: int, name: str, type_: Any) -> Any:
+    """The value bound as `<name><i>` for the row of partition `p<i>`."""
+    return case(
+        *[
+            (_c.partition == bindparam(f"p{i}", type_=Integer()), bindparam(f"{name}{i}", type_=type_))
+            for i in range(count)
+        ]
+    )
+
+
+def _partitions(count: int) -> Any:
+    return _c.partition.in_([bindparam(f"p{i}", type_=Integer()) for i in range(count)])
+
+
+def _next_batches(count: int) -> Select[Any]:
+    """`_NEXT_BATCH` of `count` partitions (`p<i>` from `from<i>`, up to `limit` messages each):
+    (partition, offset, envelope, failures, acked) rows, in offset order within a partition."""
+    statement = _NEXT_BATCHES.get(count)
+    if statement is None:
+        arms = []
+        for i in range(count):
+            partition = bindparam(f"p{i}", type_=Integer())
+            arm = (
+                select(_log.partition, _log.offset, _log.envelope, _a.failures, _a.acked)
+                .select_from(
+                    stream_log.outerjoin(
+                        stream_attempts,
+                        and_(
+                            _a.group == bindparam("group"),
+                            _a.topic == _log.topic,
+                            _a.partition == _log.partition,
+                            _a.offset == _log.offset,
+                        ),
+                    )
+                )
+                .where(
+                    _log.topic == bindparam("topic"),
+                    _log.partition == partition,
+                    _log.offset >= bindparam(f"from{i}", type_=BigInteger()),
+                )
+                .order_by(_log.offset)
+                .limit(bindparam("limit", type_=Integer()))
+                .subquery(f"p{i}")
+            )
+            arms.append(select(arm))
+        built: Any = arms[0] if count == 1 else union_all(*arms)
+        statement = _NEXT_BATCHES[count] = driver_prepared(built)
+    return statement
+
+
+def _set_cursors(count: int) -> Update:
+    """`_SET_CURSOR` of `count` partitions of one group and topic: `n<i>`, `e<i>`, `o<i>`, `l<i>`
+    the next offset, batch end, owner and lease of partition `p<i>`."""
+    statement = _SET_CURSORS.get(count)
+    if statement is None:
+        statement = _SET_CURSORS[count] = driver_prepared(
+            update(stream_cursors)
+            .where(_c.group == bindparam("b_group"), _c.topic == bindparam("b_topic"), _partitions(count))
+            .values(
+                next_offset=_per_partition(count, "n", BigInteger()),
+                batch_end=_per_partition(count, "e", BigInteger()),
+                owner=_per_partition(count, "o", _c.owner.type),
+                lease_until=_per_partition(count, "l", _c.lease_until.type),
+            )
+        )
+    return statement
+
+
+def _acks_in_order(count: int) -> Update:
+    """`_ACK_IN_ORDER` of one run of offsets in each of `count` partitions held by one consumer:
+    partition `p<i>`'s watermark moves from `f<i>` to `n<i>` where its batch is still out under
+    lease `l<i>` and no failure or out-of-order ack is recorded at or after `f<i>`. RETURNING the
+    partitions it moved; the others take the general path."""
+    statement = _ACKS_IN_ORDER.get(count)
+    if statement is None:
+        first = _per_partition(count, "f", BigInteger())
+        next_offset = _per_partition(count, "n", BigInteger())
+        statement = _ACKS_IN_ORDER[count] = driver_prepared(
+            update(stream_cursors)
+            .where(
+                _c.group == bindparam("b_group"),
+                _c.topic == bindparam("b_topic"),
+                _partitions(count),
+                _c.next_offset == first,
+                _c.batch_end > first,
+                _c.owner == bindparam("b_owner"),
+                _c.lease_until == _per_partition(count, "l", _c.lease_until.type),
+                ~exists().where(
+                    _a.group == bindparam("b_group"),
+                    _a.topic == bindparam("b_topic"),
+                    _a.partition == _c.partition,
+                    _a.offset >= first,
+                ),
+            )
+            .values(
+                next_offset=next_offset,
+                lease_until=case((_c.batch_end == next_offset, null()), else_=_c.lease_until),
+            )
+            .returning(_c.partition)
+        )
+    return statement

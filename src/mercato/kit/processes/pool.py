@@ -14,6 +14,9 @@ would still hold the GIL and stall the loop.
 - **A crashed worker** (killed, out of memory, a segfault in an extension) fails the jobs it broke
   with `WorkerCrashed`; the next job gets a fresh executor. Exceptions the function raises reach
   the caller unchanged.
+- **No orphans.** A worker exits when the process that owns the pool dies, even by SIGKILL (no
+  shutdown ever reaches it): otherwise it waits for jobs forever on a queue whose pipe it holds
+  both ends of, and keeps the forkserver alive with it (each child holds the server's pipe).
 - **Metrics** on the given registry: `mercato_process_pool_{queued,running}` gauges and
   `mercato_process_pool_{completed,rejected,crashed}_total` counters, labelled by pool.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +38,7 @@ from typing import Any, Literal, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-__all__ = ["PoolFull", "ProcessPool", "WorkerCrashed"]
+__all__ = ["PoolFull", "ProcessPool", "WorkerCrashed", "exit_with_parent"]
 
 T = TypeVar("T")
 StartMethod = Literal["forkserver", "spawn", "fork"]
@@ -122,7 +126,9 @@ class ProcessPool:
             if self._closed:
                 raise RuntimeError(f"process pool {self.name!r} is closed")
             if self._executor is None:
-                self._executor = ProcessPoolExecutor(self.max_workers, mp_context=self._context)
+                self._executor = ProcessPoolExecutor(
+                    self.max_workers, mp_context=self._context, initializer=exit_with_parent
+                )
             return self._executor
 
     def _discard(self, broken: ProcessPoolExecutor) -> None:
@@ -197,3 +203,17 @@ class ProcessPool:
 
 def _noop() -> None:
     return None
+
+
+def exit_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone (its sentinel pipe
+    reads end-of-file), whatever killed it. A daemon thread waits for that; jobs run meanwhile."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_then_exit() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-parent", daemon=True).start()

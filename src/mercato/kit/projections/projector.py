@@ -36,8 +36,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, MetaData, Select, Table, and_, bindparam, func, select, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import (
+    MetaData,
+    Table,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import conv
 
@@ -46,9 +51,18 @@ from mercato.kit.messaging.message import Message, MessageReader
 from mercato.kit.messaging.tables import stream_heads, stream_log
 from mercato.kit.observability import get_logger, message_spans
 from mercato.kit.projections.hooks import NullProjectionHook, ProjectionHook
+from mercato.kit.projections.statements import (
+    LOCK_CHECKPOINT,
+    SAVE_CHECKPOINT,
+    advance_statement,
+    cut_ranges,
+    probe_statement,
+    read_ranges_statement,
+    size_class,
+)
 from mercato.kit.projections.tables import projection_checkpoints
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.statements import DriverReads
 from mercato.kit.storage.statements_in_tx import on_connection
 
 __all__ = [
@@ -72,29 +86,6 @@ BatchHandler = Callable[[AsyncConnection, Sequence[Message], Mapping[str, Table]
 table to write (the live one, or its rebuild copy): always write through it, never the global."""
 
 _Key = tuple[str, int]
-
-
-_PROBES: dict[int, Select[tuple[str, int, int, int | None]]] = {}
-
-
-def _probe_statement(topics: int) -> Select[tuple[str, int, int, int | None]]:
-    """Each partition's head next to the projection's position in it (NULL: no checkpoint row
-    yet): the lag, and whether a pass has anything to do, in one autocommitted statement. One per
-    topic count (the projection's name and topics are parameters), prepared once."""
-    statement = _PROBES.get(topics)
-    if statement is None:
-        h, c = stream_heads.c, projection_checkpoints.c
-        statement = _PROBES[topics] = driver_prepared(
-            select(h.topic, h.partition, h.next_offset, c.position)
-            .select_from(
-                stream_heads.outerjoin(
-                    projection_checkpoints,
-                    and_(c.name == bindparam("name"), c.topic == h.topic, c.partition == h.partition),
-                )
-            )
-            .where(h.topic.in_([bindparam(f"topic{n}", type_=h.topic.type) for n in range(topics)]))
-        )
-    return statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,40 +131,6 @@ class Projection:
             raise ValueError("a projection needs a name, at least one topic and at least one table")
 
 
-# A busy pass's statements (the checkpoint's lock, a partition's read, the checkpoint's save), built
-# once and sent on the raw-driver layer inside the pass's transaction (kit/storage/statements.py).
-_cp = projection_checkpoints.c
-_LOCK_CHECKPOINT = driver_prepared(
-    select(_cp.topic, _cp.partition, _cp.position)
-    .where(_cp.name == bindparam("name", type_=_cp.name.type))
-    .order_by(_cp.topic, _cp.partition)
-    .with_for_update()
-)
-_READ_PARTITION = driver_prepared(
-    select(stream_log.c.offset, stream_log.c.envelope)
-    .where(
-        stream_log.c.topic == bindparam("topic", type_=stream_log.c.topic.type),
-        stream_log.c.partition == bindparam("partition", type_=stream_log.c.partition.type),
-        stream_log.c.offset >= bindparam("position", type_=stream_log.c.offset.type),
-    )
-    .order_by(stream_log.c.offset)
-    .limit(bindparam("limit", type_=Integer()))
-)
-# Both dialects spell the upsert alike (SQLite's is PostgreSQL's syntax); each compiles it once.
-_SAVE_INSERT = postgresql.insert(projection_checkpoints).values(
-    {
-        name: bindparam(name, type_=_cp[name].type)
-        for name in ("name", "topic", "partition", "position", "updated_at")
-    }
-)
-_SAVE_CHECKPOINT = driver_prepared(
-    _SAVE_INSERT.on_conflict_do_update(
-        index_elements=["name", "topic", "partition"],
-        set_={"position": _SAVE_INSERT.excluded.position, "updated_at": _SAVE_INSERT.excluded.updated_at},
-    )
-)
-
-
 class RebuildIncomplete(RuntimeError):
     """The log no longer starts at offset zero (retention trimmed it): a rebuild would be partial."""
 
@@ -208,7 +165,7 @@ class Projector:
         self._live = {t.name: t for t in projection.tables}
         # Rotates the first partition of a pass, so one busy partition cannot starve the others.
         self._next_start = 0
-        self._probe = _probe_statement(len(projection.topics))
+        self._probe = probe_statement(len(projection.topics))
         topics = projection.topics
         self._probe_params = {"name": projection.name} | {f"topic{n}": t for n, t in enumerate(topics)}
         self._reads = DriverReads(db)
@@ -225,14 +182,19 @@ class Projector:
         heads, done = await self._heads_and_positions()
         if self._report_lag(heads, done) == 0:
             return 0
+        # The ranges are cut from the probe's heads and positions: a head that grew since is the
+        # next pass's work, and a position another projector moved since is its (see `_advance`).
+        seen = {key: done.get(key, 0) for key in heads}
+        ranges = cut_ranges(seen, heads, self.batch_size, self._next_start)
+        self._next_start += 1
         async with self._db.write() as conn:
-            # The heads are the probe's: one that grew since is the next pass's work.
-            positions = await self._lock_checkpoint(conn, heads, create=not heads.keys() <= done.keys())
-            applied, moved = await self._apply_batch(conn, positions, heads, self._live, self.batch_size)
-            await self._save(conn, moved)
+            if not ranges.keys() <= done.keys():
+                await self._create_checkpoints(conn, [key for key in ranges if key not in done])
+            owned = await self._advance(conn, ranges)
+            applied = await self._apply_ranges(conn, owned, self._live)
         if applied:
             self._hook.applied(projection=self.name, messages=applied)
-        self._report_lag(heads, positions | moved)
+        self._report_lag(heads, seen | {key: until for key, (_, until) in owned.items()})
         return applied
 
     async def lag(self) -> int:
@@ -361,6 +323,19 @@ class Projector:
         rows = await conn.execute(select(c.topic, c.partition, c.position).where(c.name == self.name))
         return {(str(t), int(p)): int(n) for t, p, n in rows}
 
+    async def _create_checkpoints(self, conn: AsyncConnection, keys: Sequence[_Key]) -> None:
+        """Checkpoint rows at position 0 for partitions that have none yet (rows are never deleted);
+        one a concurrent pass inserted first is left as it is."""
+        now = self._clock.now()
+        await on_connection(conn).insert_ignore(
+            projection_checkpoints,
+            [
+                {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
+                for t, p in sorted(keys)
+            ],
+            conflict=["name", "topic", "partition"],
+        )
+
     async def _lock_checkpoint(
         self, conn: AsyncConnection, heads: Mapping[_Key, int], *, create: bool = True
     ) -> dict[_Key, int]:
@@ -368,18 +343,45 @@ class Projector:
         (another worker, or a rebuild's swap) waits here, then reads the advanced positions.
         `create=False` when the caller just saw a row for every key in `heads` (rows are never
         deleted), which saves the insert."""
-        now = self._clock.now()
         if create:
-            await on_connection(conn).insert_ignore(
-                projection_checkpoints,
-                [
-                    {"name": self.name, "topic": t, "partition": p, "position": 0, "updated_at": now}
-                    for t, p in sorted(heads)
-                ],
-                conflict=["name", "topic", "partition"],
-            )
-        rows = await on_connection(conn).rows(_LOCK_CHECKPOINT, {"name": self.name})
+            await self._create_checkpoints(conn, list(heads))
+        rows = await on_connection(conn).rows(LOCK_CHECKPOINT, {"name": self.name})
         return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+    async def _advance(
+        self, conn: AsyncConnection, ranges: Mapping[_Key, tuple[int, int]]
+    ) -> dict[_Key, tuple[int, int]]:
+        """Move each range's checkpoint from its start to its end where it still is at the start,
+        in one statement (a compare-and-set that locks the rows it moves until commit): the ranges
+        this pass owns. The effect is applied in the same transaction, so position and effect
+        commit together or not at all, as with the lock-then-save this replaces (two statements)."""
+        if not ranges:
+            return {}
+        params: dict[str, Any] = {"name": self.name, "now": self._clock.now()}
+        for n, ((topic, partition), (start, until)) in enumerate(_padded(ranges)):
+            params |= {f"t{n}": topic, f"p{n}": partition, f"o{n}": start, f"n{n}": until}
+        rows = await on_connection(conn).rows(advance_statement(size_class(len(ranges))), params)
+        return {(str(t), int(p)): ranges[(str(t), int(p))] for t, p, _ in rows}
+
+    async def _apply_ranges(
+        self, conn: AsyncConnection, ranges: Mapping[_Key, tuple[int, int]], targets: Mapping[str, Table]
+    ) -> int:
+        """Read every range in one statement and apply the messages, each partition's in offset
+        order; how many."""
+        if not ranges:
+            return 0
+        params: dict[str, Any] = {}
+        for n, ((topic, partition), (start, until)) in enumerate(_padded(ranges)):
+            params |= {f"t{n}": topic, f"p{n}": partition, f"f{n}": start, f"u{n}": until}
+        rows = await on_connection(conn).rows(read_ranges_statement(size_class(len(ranges))), params)
+        rows.sort(key=lambda row: (row[0], row[1], row[2]))
+        expected = sum(until - start for start, until in ranges.values())
+        if len(rows) != expected:
+            # Only retention trimming below a checkpoint can leave a range short (offsets are dense
+            # and committed below the head): what is gone cannot be applied; the rest is.
+            _log.warning("projection_range_short", projection=self.name, expected=expected, read=len(rows))
+        await self.projection.apply_all(conn, [Message.from_json(row[3]) for row in rows], targets)
+        return len(rows)
 
     async def _apply_batch(
         self,
@@ -389,33 +391,12 @@ class Projector:
         targets: Mapping[str, Table],
         limit: int,
     ) -> tuple[int, dict[_Key, int]]:
-        """Apply up to `limit` messages past `positions`; returns (count, positions moved)."""
-        keys = sorted(k for k, position in positions.items() if position < heads.get(k, 0))
-        if not keys:
-            return 0, {}
-        start = self._next_start % len(keys)
+        """Apply up to `limit` messages past `positions` (the rebuild's, whose checkpoint is its
+        own); returns (count, positions moved)."""
+        ranges = cut_ranges(positions, heads, limit, self._next_start)
         self._next_start += 1
-        moved: dict[_Key, int] = {}
-        applied = 0
-        batch: list[Message] = []
-        for topic, partition in keys[start:] + keys[:start]:
-            if applied >= limit:
-                break
-            rows = await on_connection(conn).rows(
-                _READ_PARTITION,
-                {
-                    "topic": topic,
-                    "partition": partition,
-                    "position": positions[(topic, partition)],
-                    "limit": limit - applied,
-                },
-            )
-            for offset, envelope in rows:
-                batch.append(Message.from_json(envelope))
-                moved[(topic, partition)] = int(offset) + 1
-                applied += 1
-        await self.projection.apply_all(conn, batch, targets)
-        return applied, moved
+        applied = await self._apply_ranges(conn, ranges, targets)
+        return applied, {key: until for key, (_, until) in ranges.items()}
 
     async def _save(self, conn: AsyncConnection, positions: Mapping[_Key, int]) -> None:
         if not positions:
@@ -424,12 +405,20 @@ class Projector:
         # Every moved position in one executemany of one prepared upsert (one round trip on
         # asyncpg), however many partitions the batch touched.
         await on_connection(conn).run(
-            _SAVE_CHECKPOINT,
+            SAVE_CHECKPOINT,
             [
                 {"name": self.name, "topic": t, "partition": p, "position": position, "updated_at": now}
                 for (t, p), position in sorted(positions.items())
             ],
         )
+
+
+def _padded(ranges: Mapping[_Key, tuple[int, int]]) -> list[tuple[_Key, tuple[int, int]]]:
+    """The ranges in key order, padded up to their size class with empty ranges of a partition no
+    stream has (topic "", partition -1): they match no checkpoint and no log row, and the statements
+    are prepared for five sizes (1, 2, 4, 8, 16) rather than for every partition count."""
+    items = sorted(ranges.items())
+    return items + [(("", -1 - n), (0, 0)) for n in range(size_class(len(items)) - len(items))]
 
 
 def _copy(table: Table) -> Table:

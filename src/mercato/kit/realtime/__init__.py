@@ -9,6 +9,7 @@ connection delivers a channel's events exactly once, in seq order, refilling gap
 its outbound queue is bounded (see `queue.py`). No shop knowledge here.
 """
 
+from mercato.kit.realtime.admission import GatedHistory, HistoryBusy, HistoryGate
 from mercato.kit.realtime.broker import Broker, Subscription
 from mercato.kit.realtime.connection import Connection
 from mercato.kit.realtime.events import ChannelEvent, History
@@ -29,7 +30,10 @@ __all__ = [
     "Connection",
     "FrameError",
     "FrameHandler",
+    "GatedHistory",
     "History",
+    "HistoryBusy",
+    "HistoryGate",
     "Hub",
     "NatsBroker",
     "NullRealtimeHook",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from mercato.kit.observability import get_logger
+from mercato.kit.realtime.admission import HistoryBusy
 from mercato.kit.realtime.events import ChannelEvent, History
 from mercato.kit.realtime.framing import text_frame
 from mercato.kit.realtime.metrics import NullRealtimeHook, RealtimeHook
@@ -214,7 +215,13 @@ class Connection:
 
     async def _replay_history(self, channel: str, cursor: _Cursor) -> None:
         while not self.refused:
-            events = await self._history.after(channel, cursor.last, limit=self._replay_batch)
+            try:
+                events = await self._history.after(channel, cursor.last, limit=self._replay_batch)
+            except HistoryBusy as busy:
+                # The process's history reads are all taken (a subscribe storm, ADR 0078): a replay
+                # under way (the client was told `subscribed`) or a gap refill waits its turn again.
+                await asyncio.sleep(busy.retry_after_s)
+                continue
             for event in events:
                 if event.seq != cursor.last + 1:
                     continue

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from mercato.kit.observability import get_logger
+from mercato.kit.realtime.admission import GatedHistory, HistoryGate
 from mercato.kit.realtime.broker import Broker, Subscription
 from mercato.kit.realtime.connection import Connection
 from mercato.kit.realtime.events import ChannelEvent, History
@@ -52,9 +53,16 @@ class Hub:
         max_messages: int = 1000,
         max_bytes: int = 1 << 20,
         bounded: bool = True,
+        history_gate: HistoryGate | None = None,
     ) -> None:
         self.broker = broker
+        # `history` as given (an HTTP read of it has its own pool wait); the subscriptions' reads
+        # go through `history_gate` (ADR 0078): a subscribe storm never holds the whole pool.
         self.history = history
+        self.history_gate = history_gate
+        self._subscriber_history: History = (
+            history if history_gate is None else GatedHistory(history, history_gate)
+        )
         self.node_id = node_id
         self.hook = hook or NullRealtimeHook()
         self.presence_interval_s = presence_interval_s
@@ -124,7 +132,7 @@ class Hub:
             user=user,
             kind=kind,
             queue=queue,
-            history=self.history,
+            history=self._subscriber_history,
             on_refused=on_refused,
             hook=self.hook,
             slow_consumer_s=slow_consumer_s,
@@ -148,15 +156,37 @@ class Hub:
     async def subscribe(
         self, conn: Connection, channel: str, *, since: int | None, presence: bool = False
     ) -> int:
-        """Subscribe `conn` (history after `since` first); with `presence` its user counts as online."""
+        """Subscribe `conn` (history after `since` first); with `presence` its user counts as online.
+        `HistoryBusy` (no history read slot in time, ADR 0078) leaves it unsubscribed from `channel`."""
+        was_subscribed = conn.subscribed(channel)
         self._channels.setdefault(channel, set()).add(conn)
-        head = await conn.subscribe(channel, since=since)
+        try:
+            head = await conn.subscribe(channel, since=since)
+        except BaseException:
+            if not was_subscribed:
+                members = self._channels.get(channel)
+                if members is not None:
+                    members.discard(conn)
+                    if not members:
+                        del self._channels[channel]
+                conn.unsubscribe(channel)
+            raise
         if presence:
             counter = self._local_presence.setdefault(channel, Counter())
             counter[conn.user] += 1
             if counter[conn.user] == 1:
                 await self._announce(channel)
         return head
+
+    def subscribe_slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """A history read slot for a subscribe's other database reads (its authorization)."""
+        gate = self.history_gate
+        return gate.slot() if gate is not None else contextlib.nullcontext()
+
+    @property
+    def subscriber_history(self) -> History:
+        """`history` through the gate: what a subscription reads."""
+        return self._subscriber_history
 
     async def unsubscribe(self, conn: Connection, channel: str) -> None:
         members = self._channels.get(channel)

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime.broker import Subscription, SubscriptionReaders
@@ -40,9 +41,25 @@ class RedisBroker:
         if not events:
             return
         pipe = self._redis.pipeline(transaction=False)
+        self.queue_publish(pipe, events)
+        await pipe.execute()
+
+    def transaction(self) -> Pipeline:
+        """A MULTI/EXEC pipeline on this broker's client, for `queue_publish` and a caller's commands
+        on the same Redis (the chat persister's acks, ADR 0082)."""
+        return self._redis.pipeline(transaction=True)
+
+    def queue_publish(self, pipe: Pipeline, events: list[ChannelEvent]) -> None:
+        """`publish_many`'s XADDs, queued on `pipe` (sent when the caller executes it)."""
         for event in events:
             pipe.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
-        await pipe.execute()
+
+    def shares_database(self, other: Redis) -> bool:
+        """`other` reaches the same Redis server and database as this broker's client."""
+        mine, theirs = self._redis.connection_pool.connection_kwargs, other.connection_pool.connection_kwargs
+        return all(
+            mine.get(name) == theirs.get(name) for name in ("host", "port", "path", "db", "username")
+        ) and type(self._redis.connection_pool) is type(other.connection_pool)
 
     async def subscribe(self) -> Subscription:
         last: Any = await self._redis.xrevrange(self.key, count=1)

@@ -3,7 +3,9 @@
 `channel_events` subscribes a connection to one channel from `Last-Event-ID` and yields each event
 as an SSE message (`id:` the seq, `event:` the type), ending after an event `is_last` accepts or when
 the queue refuses an essential event (the client reconnects with its Last-Event-ID). The heartbeat
-comment every N seconds is sse-starlette's `ping`.
+comment every N seconds is sse-starlette's `ping`. A subscription that finds no history read slot in
+time (a subscribe storm, ADR 0078) gets one `try_again` event with a `retry:` of its back-off and
+ends: the browser reconnects with its Last-Event-ID and loses nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from mercato.kit.realtime.admission import HistoryBusy
 from mercato.kit.realtime.hub import Hub
 
 __all__ = ["channel_event_response", "parse_last_event_id"]
@@ -40,7 +43,12 @@ def channel_event_response(
         refused = asyncio.Event()
         conn = hub.connect(user, kind="sse", on_refused=refused.set)
         try:
-            await hub.subscribe(conn, channel, since=since)
+            try:
+                await hub.subscribe(conn, channel, since=since)
+            except HistoryBusy as busy:
+                retry_ms = int(busy.retry_after_s * 1000)
+                yield ServerSentEvent(data='{"type":"try_again"}', event="try_again", retry=retry_ms)
+                return
             while not refused.is_set():
                 frame, _at = await conn.queue.get()
                 body = orjson.loads(frame)

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from mercato.kit.auth import InvalidToken, Principal
 from mercato.kit.observability import get_logger
+from mercato.kit.realtime.admission import HistoryBusy
 from mercato.kit.realtime.connection import Connection
 from mercato.kit.realtime.framing import text_frame
 from mercato.kit.realtime.hub import Hub
@@ -240,13 +241,30 @@ class WebSocketSession:
         if len(conn.channels) >= self.settings.max_subscriptions and not conn.subscribed(channel):
             raise FrameError("too_many_subscriptions", "unsubscribe from a channel first")
         assert self.principal is not None
-        if not await self._authorize(self.principal, channel):
-            raise FrameError("forbidden", f"not a member of {channel}")
-        head = await self.hub.history.head(channel)
-        conn.send_frame(
-            {"type": "subscribed", "channel": channel, "head": head, "online": self.hub.online(channel)}
-        )
-        await self.hub.subscribe(conn, channel, since=since, presence=True)
+        try:
+            # Every database read of a subscribe takes one of the process's history read slots
+            # (ADR 0078): a storm of subscribes queues there instead of holding the whole pool.
+            async with self.hub.subscribe_slot():
+                allowed = await self._authorize(self.principal, channel)
+            if not allowed:
+                raise FrameError("forbidden", f"not a member of {channel}")
+            head = await self.hub.subscriber_history.head(channel)
+            conn.send_frame(
+                {"type": "subscribed", "channel": channel, "head": head, "online": self.hub.online(channel)}
+            )
+            await self.hub.subscribe(conn, channel, since=since, presence=True)
+        except HistoryBusy as busy:
+            # Busy, not down: the client subscribes again (with its `since`) and loses nothing.
+            self.hub.hook.dropped("subscribe_try_again")
+            conn.send_frame(
+                {
+                    "type": "error",
+                    "code": "try_again",
+                    "channel": channel,
+                    "retry_after_s": busy.retry_after_s,
+                    "detail": "the server is busy subscribing others; subscribe again shortly",
+                }
+            )
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -14,23 +14,13 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    ForeignKey,
-    Index,
     Integer,
-    String,
-    Table,
-    Text,
-    Uuid,
     bindparam,
     func,
     insert,
     literal_column,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -41,62 +31,13 @@ from mercato.kit.coordination import LeaseLost
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.outbox import OUTBOX_CHANNEL, StagedRows, insert_after, plain_insert
 from mercato.kit.observability import trace_carrier
+from mercato.kit.sagas.tables import saga_instances as saga_instances  # re-exported: moved from here
+from mercato.kit.sagas.tables import saga_steps as saga_steps
 from mercato.kit.sagas.wakeups import SagaWakeups
-from mercato.kit.storage import Database, UTCDateTime, metadata
+from mercato.kit.storage import Database, UTCDateTime
 from mercato.kit.storage.signals import notify_statement
 from mercato.kit.storage.statements import driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
-
-# The active sagas, as `_is_active` writes them (the same terms, so the planners match the index).
-ACTIVE_SAGA_PREDICATE = "status = 'running' OR status = 'compensating'"
-
-saga_instances = Table(
-    "saga_instances",
-    metadata,
-    Column("id", Uuid, primary_key=True),
-    Column("saga_type", String(100), nullable=False),
-    Column("status", String(16), nullable=False),
-    # running: the next step to run; compensating: the step being compensated (counting down).
-    Column("step_index", Integer, nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("data", JSON, nullable=False),
-    Column("correlation_id", String(100), nullable=False),
-    Column("failure", Text, nullable=True),
-    Column("owner", String(100), nullable=True),
-    Column("lease_token", BigInteger, nullable=False),
-    Column("lease_expires_at", UTCDateTime, nullable=True),
-    Column("next_attempt_at", UTCDateTime, nullable=False),
-    Column("deadline_at", UTCDateTime, nullable=False),
-    Column("created_at", UTCDateTime, nullable=False),
-    Column("updated_at", UTCDateTime, nullable=False),
-    Column("finished_at", UTCDateTime, nullable=True),
-    Index("ix_saga_instances_status_next_attempt_at", "status", "next_attempt_at"),
-    # The claim's order (earliest deadline first, `_CLAIM_ORDER`) over the active sagas only: a claim
-    # walks it and stops at its limit instead of sorting every due saga of a backlog on each poll.
-    Index(
-        "ix_saga_instances_active_deadline",
-        "deadline_at",
-        "next_attempt_at",
-        postgresql_where=text(ACTIVE_SAGA_PREDICATE),
-        sqlite_where=text(ACTIVE_SAGA_PREDICATE),
-    ),
-)
-
-saga_steps = Table(
-    "saga_steps",
-    metadata,
-    Column("id", Uuid, primary_key=True),
-    Column("saga_id", Uuid, ForeignKey("saga_instances.id", ondelete="CASCADE"), nullable=False),
-    Column("step", String(100), nullable=False),
-    Column("direction", String(16), nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("outcome", String(16), nullable=False),
-    Column("error", Text, nullable=True),
-    Column("duration_ms", Integer, nullable=False),
-    Column("recorded_at", UTCDateTime, nullable=False),
-    Index("ix_saga_steps_saga_id_id", "saga_id", "id"),
-)
-
 
 # The W3C trace context a saga was started in, kept in its data (`traceparent`, `tracestate`).
 TRACE_KEY = "_trace"
@@ -121,7 +62,7 @@ def _is_active() -> ColumnElement[bool]:
     # Two equalities, not `status IN (...)`: an expanding IN is re-rendered on every execution and
     # its SQL text defeats asyncpg's prepared-statement cache; this one is compiled once. The values
     # are inline literals, not parameters, so both engines can tell that a query with this condition
-    # may use the partial index over the active sagas (`ACTIVE_SAGA_PREDICATE`).
+    # may use the partial index over the active sagas (`tables.ACTIVE_SAGA_PREDICATE`).
     return or_(
         saga_instances.c.status == literal_column(f"'{SagaStatus.RUNNING.value}'"),
         saga_instances.c.status == literal_column(f"'{SagaStatus.COMPENSATING.value}'"),
@@ -347,6 +288,9 @@ _CLAIM_DUE = _claiming(saga_instances.c.id.in_(select(_DUE.c.id)))
 _CLAIM_ONE = _claiming(saga_instances.c.id == bindparam("b_id", type_=saga_instances.c.id.type))
 
 
+_START_RETURNING = _START.returning(saga_instances.c.id)
+
+
 class SagaStore:
     def __init__(self, db: Database, clock: Clock, *, wakeups: SagaWakeups | None = None) -> None:
         self._db = db
@@ -354,6 +298,26 @@ class SagaStore:
         self._wakeups = wakeups
         announcing = None if wakeups is None else wakeups.announcing(_START)
         self._start: Any = _START if announcing is None else driver_prepared(announcing)
+        self._announcement = None if wakeups is None else wakeups.announcement()
+        self._starts_with_messages: dict[tuple[int, bool], Any] = {}
+
+    def _start_with_messages(self, count: int, *, notify: bool) -> Any:
+        """The saga's insert with `count` staged outbox rows (its start's events), and the wake-up
+        and the relays' NOTIFY, as one statement on PostgreSQL; SQLite inserts them in turn. One per
+        (rows, notify)."""
+        statement = self._starts_with_messages.get((count, notify))
+        if statement is None:
+            new_saga = _START_RETURNING.cte("new_saga")
+            messages = insert_after(new_saga, count).cte("new_outbox_rows")
+            final = select(new_saga.c.id)
+            if self._announcement is not None:
+                final = final.add_columns(*self._announcement.selected_columns)
+            if notify:
+                final = final.add_columns(*notify_statement(OUTBOX_CHANNEL).selected_columns)
+            statement = self._starts_with_messages[(count, notify)] = driver_prepared(
+                final.add_cte(new_saga, messages), in_turn=(_START, plain_insert(count))
+            )
+        return statement
 
     async def start(
         self,
@@ -365,12 +329,15 @@ class SagaStore:
         deadline_s: float,
         saga_id: uuid.UUID | None = None,
         completed_steps: int = 0,
+        messages: StagedRows | None = None,
     ) -> uuid.UUID:
         """Create a saga in the caller's transaction, so it exists iff the caller's change does.
 
         `completed_steps` counts steps the caller already did in this same transaction (the
         order saga's CreateOrder happens in the checkout request itself). With `wakeups`, runners
-        in other processes hear of it when the transaction commits.
+        in other processes hear of it when the transaction commits. `messages`: the start's events
+        as staged outbox rows (`StagingEventSink.stage`), inserted by the same statement on
+        PostgreSQL (was a statement of their own).
         """
         now = self._clock.now()
         saga_id = saga_id or new_id()
@@ -398,8 +365,12 @@ class SagaStore:
         }
         # With a wake-up channel that can ride in the insert itself (PostgreSQL's NOTIFY, delivered
         # at commit), one statement; otherwise the insert, then the channel's own announcement.
-        await on_connection(conn).run(self._start, params)
-        if self._wakeups is not None and self._start is _START:
+        statement = self._start
+        if messages is not None:
+            params.update(messages.params)
+            statement = self._start_with_messages(messages.count, notify=messages.notify)
+        await on_connection(conn).run(statement, params)
+        if self._wakeups is not None and self._announcement is None:
             await self._wakeups.notify(conn)
         return saga_id
 

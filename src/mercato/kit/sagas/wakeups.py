@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.dml import Insert
@@ -37,6 +37,11 @@ class SagaWakeups(Protocol):
     def announcing(self, insert: Insert) -> ClauseElement | None:
         """`insert` and this channel's announcement as one statement (built once, by the store),
         or None when the announcement cannot ride in it (then `notify` is called after it)."""
+        ...
+
+    def announcement(self) -> Select[Any] | None:
+        """A SELECT whose columns announce when a statement carrying them commits (its data-modifying
+        CTEs are the statement's writes), or None when the announcement cannot ride in a statement."""
         ...
 
     async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
@@ -62,6 +67,9 @@ class PostgresSagaWakeups:
         # `SELECT pg_notify(...)` with the insert as a data-modifying CTE: PostgreSQL runs it
         # whether or not the query reads it, and delivers the NOTIFY at commit, only if it commits.
         return self._notify.add_cte(insert.cte("new_saga"))
+
+    def announcement(self) -> Select[Any]:
+        return self._notify
 
     async def listen(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         def on_notification(*_args: Any) -> None:

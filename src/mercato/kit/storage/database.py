@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
 from mercato.kit.storage.commit_guard import COMMIT_GUARD
 from mercato.kit.storage.reachability import Reachability
@@ -490,6 +491,18 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_s: float, synchronous
             busy_timeout_ms=int(busy_timeout_s * 1000),
             synchronous=synchronous,
         )
+
+    @event.listens_for(sync_engine, "invalidate")
+    def _on_invalidate(dbapi_connection: Any, _record: ConnectionPoolEntry, _error: Any) -> None:
+        # SQLite closes a connection that still has a statement running (a cursor that a cancelled
+        # task never fetched, kept alive by its traceback) only in name: the "zombie" keeps its
+        # transaction, and with it the database's write lock, until the garbage collector frees
+        # that cursor. A ROLLBACK first (queued on the driver's thread after whatever runs there)
+        # ends the transaction whatever the cursors; on a connection already lost it fails: fine.
+        # Outside a greenlet (the garbage collector's clean-up) the driver cannot be awaited.
+        if in_greenlet():
+            with contextlib.suppress(Exception):
+                dbapi_connection.rollback()
 
     _commit_on_loop_when_safe(sync_engine.dialect)
 

@@ -23,29 +23,34 @@ connection of the pool has also been checked out for longer than a probe's timeo
 the primary silent at once). So a request in flight at the cut ends within about
 `interval_s + timeout_s` (0.75 s with the defaults 0.25 / 0.5 / 2), and the verdict without a
 request in flight comes within about `failures × (interval_s + timeout_s)` (1.5 s).
+
+Busy is not silent (ADR 0078). The probes run on a thread of their own with its own event loop, so
+a probe's timeout measures the primary's silence, not how long the API's loop takes to get round to
+reading the answer: 1,000 WebSocket subscribes on a loaded machine kept that loop seconds behind,
+the probe's reconnect timed out on the loop's queue, and the API refused every request as
+"unreachable" while PostgreSQL answered in a millisecond. The verdict is still kept on the API's
+loop (each probe's outcome is handed to it), and the one-probe shortcut above takes a long checkout
+as a witness only while that loop is keeping up (it ran the outcome within `timeout_s / 2`): on a
+congested loop a connection is checked out long because its holder waits for the loop, not for
+the server, so a storm that exhausts the pool needs `failures` silent probes like any other load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import time
 from typing import Any
 
-import asyncpg
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mercato.kit.observability import get_logger
+from mercato.kit.storage.reachability_probe import ProbeThread
 
 __all__ = ["DatabaseUnreachable", "Reachability"]
 
 _log = get_logger("mercato.storage")
-
-# A connect that fails with these never reached a server: a cut link whose neighbour (ARP) entry has
-# failed answers at once with "no route to host"; it is silence, not a refusal.
-_NO_PATH = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT})
 
 
 class DatabaseUnreachable(ConnectionError):
@@ -67,12 +72,13 @@ class Reachability:
         self._timeout_s = timeout_s
         self._failures = failures
         self._session_s = session_s
-        self._session: Any = None  # the probe's own asyncpg connection, and when it was opened
-        self._session_opened = 0.0
         self._consecutive = 0
         self.unreachable_since: float | None = None
-        self._task: asyncio.Task[None] | None = None
-        # The probe speaks asyncpg directly: it must never wait on a dead link's goodbye.
+        # The probes' thread and the loop whose requests it watches (the verdict lives on that loop).
+        self._prober: ProbeThread | None = None
+        # How late the API's loop ran the last failed probe's outcome (its congestion, in seconds).
+        self.last_outcome_lag_s = 0.0
+        # The probe speaks asyncpg directly (reachability_probe.py): never a dead link's goodbye.
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         # Checked-out driver connections and when they were checked out, by id (until checked in).
         self._busy: dict[int, tuple[Any, float]] = {}
@@ -97,12 +103,22 @@ class Reachability:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no running loop: a sync caller, nothing to watch
             return
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+        prober = self._prober
+        if prober is None or not prober.alive or prober.owner is not loop:
             # A new event loop (a CLI command after another, a test) gets a watch of its own.
+            if prober is not None:
+                prober.stop()
             self._consecutive = 0
             self.unreachable_since = None
-            self._drop_session()  # opened on the old loop: unusable on this one
-            self._task = loop.create_task(self._run(), name="db-reachability")
+            self._prober = ProbeThread(
+                self._dsn,
+                owner=loop,
+                on_outcome=self._outcome,
+                interval_s=self._interval_s,
+                timeout_s=self._timeout_s,
+                session_s=self._session_s,
+            )
+            self._prober.start()
 
     def _on_connect(self, _dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
         """No new connection towards an unreachable primary (it would wait for its connect timeout,
@@ -127,61 +143,13 @@ class Reachability:
     def _on_checkin(self, dbapi_conn: Any, _record: Any) -> None:
         self._busy.pop(id(dbapi_conn), None)
 
-    async def _probe(self) -> None:
-        """`SELECT 1` on the probe's own session, each step bounded by `timeout_s`. The session is
-        opened again every `session_s`: a new connection per probe cost ~3 ms of CPU four times a
-        second, most of an idle API's CPU, and a smart shutdown waits for our session at most that
-        long. On a failure the session is terminated (its socket closed now, no goodbye on a dead
-        link) and the next probe connects anew, so a refusal is still seen as an answer."""
-        conn = self._session
-        if conn is not None and (
-            conn.is_closed() or time.monotonic() - self._session_opened > self._session_s
-        ):
-            self._session = None
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=self._timeout_s)
-            conn = None
-        try:
-            if conn is None:
-                conn = await asyncio.wait_for(
-                    asyncpg.connect(self._dsn, timeout=self._timeout_s), self._timeout_s
-                )
-                self._session, self._session_opened = conn, time.monotonic()
-            await conn.fetchval("SELECT 1", timeout=self._timeout_s)
-        except BaseException:
-            self._drop_session()
-            if conn is not None:
-                conn.terminate()
-            raise
-
-    def _drop_session(self) -> None:
-        conn, self._session = self._session, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # its loop may be gone: the socket goes with it
-                conn.terminate()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._probe()
-            except TimeoutError:  # silence: the partition's signature
-                self._failed()
-            except OSError as exc:
-                if exc.errno in _NO_PATH:  # the network, not the server, answered: no route
-                    self._failed()
-                else:  # a refusal or a reset: the server's host is there
-                    self._answered()
-            except Exception:  # noqa: BLE001 - an answer, if a refusal: the server is there
-                # (down, starting, refusing): the ordinary outage path (ADR 0026) answers fast.
-                self._answered()
-            else:
-                self._answered()
-            # `wait_for` can swallow a cancellation that lands as the probe fails (Python 3.11): the
-            # task is then still marked cancelling, and must stop here rather than sleep on.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise asyncio.CancelledError
-            await asyncio.sleep(self._interval_s)
+    def _outcome(self, ok: bool, posted_at: float) -> None:
+        """A probe's outcome, on the API's loop, `posted_at` being when the probe thread handed it."""
+        if ok:
+            self._answered()
+        else:
+            self.last_outcome_lag_s = time.monotonic() - posted_at
+            self._failed()
 
     def _failed(self) -> None:
         self._consecutive += 1
@@ -194,7 +162,10 @@ class Reachability:
         # longer than a probe's whole timeout): two channels to the primary quiet at once is the
         # partition's signature, not a slow probe on a loaded machine. In-flight requests then end
         # within about interval + timeout of the cut (0.75 s by default), not failures times that.
-        corroborated = self._oldest_busy_s() > self._timeout_s
+        # Only while the API's loop keeps up (ADR 0078): on a congested loop a checkout is long
+        # because its holder waits for the loop, not for the server.
+        loop_keeps_up = self.last_outcome_lag_s <= self._timeout_s / 2
+        corroborated = loop_keeps_up and self._oldest_busy_s() > self._timeout_s
         if self._consecutive < self._failures and not corroborated:
             return
         self.unreachable_since = time.monotonic()
@@ -203,6 +174,7 @@ class Reachability:
             "database_unreachable",
             probes_failed=self._consecutive,
             corroborated=corroborated,
+            loop_lag_s=round(self.last_outcome_lag_s, 3),
             terminated=stuck,
         )
 
@@ -228,15 +200,11 @@ class Reachability:
         return len(stuck)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.stop()
             # Bounded: closing a database must never hang on its prober.
-            await asyncio.wait({self._task}, timeout=2 * self._timeout_s + 1.0)
-            self._task = None
-        conn, self._session = self._session, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=self._timeout_s)
+            await asyncio.to_thread(prober.join, 2 * self._timeout_s + 1.0)
 
 
 def _terminate(dbapi_conn: Any) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import String, bindparam, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 from sqlalchemy.util import greenlet_spawn
@@ -149,6 +149,12 @@ class WorkSignals:
         except RuntimeError:  # no running loop: nobody to tell
             pass
 
+    @property
+    def origin(self) -> str:
+        """The payload of this instance's own NOTIFYs: its listener ignores them (a statement that
+        NOTIFYs with it, `origin_notify_statement`, leaves the local `fire` to its sender)."""
+        return self._origin
+
     def notify_sql(self, channel: str) -> Select[Any]:
         """`SELECT pg_notify(...)`: PostgreSQL only; delivered to every listener at commit."""
         return notify_statement(channel)
@@ -187,6 +193,14 @@ class WorkSignals:
         await greenlet_spawn(pooled.close)
 
     # ---- waiting -----------------------------------------------------------------------------
+
+    def waited_on(self, channel: str) -> bool:
+        """Whether a loop of this process has waited on `channel` (its waiters are woken by a
+        local `fire`, so a writer here need not NOTIFY for them)."""
+        try:
+            return channel in self._state().listening
+        except RuntimeError:  # no running loop: nobody waits
+            return False
 
     def mark(self, channels: Iterable[str]) -> Mark:
         """The channels' counters now: pass to `wait(since=...)` to catch a signal fired meanwhile."""
@@ -316,3 +330,9 @@ async def _first_of(*events: asyncio.Event) -> None:
 def notify_statement(channel: str) -> Select[Any]:
     """`SELECT pg_notify(...)` on `channel` (PostgreSQL only): what `WorkSignals.notify_sql` sends."""
     return select(func.pg_notify(literal(_PREFIX + _checked(channel)), literal("")))
+
+
+def origin_notify_statement(channel: str) -> Select[Any]:
+    """`notify_statement` whose payload is the bind parameter `origin` (`WorkSignals.origin`): the
+    sending process's own listener ignores it, the sender firing its channel here itself."""
+    return select(func.pg_notify(literal(_PREFIX + _checked(channel)), bindparam("origin", type_=String())))

@@ -106,7 +106,13 @@ class SqliteWriteScope:
                         writes.signals = db.signals.loop_state()
                     db.signals.committed_in(writes.signals, writer.info)
                 else:
-                    await end_on_writer(db, writer, exc)
+                    writes = self._writes
+                    if writes.signals is None:
+                        writes.signals = db.signals.loop_state()
+                    if await end_on_writer(db, writer, exc, writes.signals):
+                        # It waited on the thread (a COMMIT at FULL): the loop has just turned,
+                        # so the turn below is not owed (one loop pass and system call fewer).
+                        writes.yielded_at = time.monotonic()
             else:
                 assert self._fallback is not None
                 if await self._fallback.__aexit__(exc_type, exc, tb):
@@ -126,9 +132,12 @@ class SqliteWriteScope:
         return False
 
 
-async def end_on_writer(db: Database, writer: SqliteWriter, error: BaseException | None) -> None:
+async def end_on_writer(
+    db: Database, writer: SqliteWriter, error: BaseException | None, signals: Any = None
+) -> bool:
     """COMMIT (after the commit guard) or ROLLBACK on the writer, the slow way: through SQLAlchemy's
-    transaction, or on the thread; a writer left in an unknown state is discarded."""
+    transaction, or on the thread; a writer left in an unknown state is discarded. `signals`: this
+    loop's `WorkSignals.loop_state()`, when the caller keeps it. True: the loop turned meanwhile."""
     conn = writer.conn
     try:
         if error is None:
@@ -143,11 +152,16 @@ async def end_on_writer(db: Database, writer: SqliteWriter, error: BaseException
                 raise
             # Taken before the COMMIT: the next transaction on the connection starts clean.
             pending = db.signals.take_pending_from(writer.info)
-            await writer.end(commit=True)
-            db.signals.committed(pending)
-        else:
-            db._drop_pending(conn)
-            await writer.end(commit=False)
+            turned = await writer.end(commit=True)
+            if signals is None:
+                db.signals.committed(pending)
+            else:
+                db.signals.committed_in(signals, {})  # counted without a loop look-up
+                if pending:
+                    db.signals.fire(*pending)
+            return turned
+        db._drop_pending(conn)
+        return await writer.end(commit=False)
     finally:
         if writer.broken and db._writes().writer is writer:
             writer.discard()

@@ -17,8 +17,9 @@ writer per file), so they can all use one connection that never goes back to the
   sends nothing). A transaction whose statements all went on the driver path (the event store's
   append: `transaction_executor`) never builds one, and ends with a COMMIT on the driver;
 - the COMMIT runs on the loop or the thread as before (`commit_on_loop`, ADR 0062); at NORMAL the
-  connection's WAL auto-checkpoint stays off and the thread's commits (one in
-  `THREAD_COMMIT_EVERY`) checkpoint, as SQLite would at 1,000 pages, never on the loop.
+  connection's WAL auto-checkpoint stays off and a commit goes to the thread to checkpoint when
+  the WAL holds 1,000 frames not yet checkpointed (read from the `-shm` file, ADR 0076), as SQLite
+  would checkpoint then, never on the loop.
 
 Whatever leaves the connection in an unknown state (an error or a cancellation while a call ran on
 the thread, an invalidated connection, a transaction found open at the start) discards it: it is
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -37,11 +39,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from mercato.kit.storage.sqlite_loop import (
-    THREAD_COMMIT_EVERY,
     LoopState,
+    checkpoint_due,
     commit_on_loop,
     commit_on_thread,
     loop_state,
+    wal_backlog_reader,
 )
 
 __all__ = ["SqliteWriter", "WriterConnection", "open_writer"]
@@ -77,9 +80,12 @@ class WriterConnection(AsyncConnection):
 class SqliteWriter:
     """The writer connection of one event loop. Used only by whoever holds `Database`'s write lock."""
 
-    __slots__ = ("_closing", "broken", "conn", "driver", "info", "state", "sync")
+    __slots__ = ("_closing", "broken", "conn", "driver", "info", "loop", "state", "sync")
 
     def __init__(self, engine: AsyncEngine, sync: Connection, driver: Any, state: LoopState) -> None:
+        # A writer serves one event loop (`LoopWrites`): its own, kept so that a call handed to the
+        # thread needs no loop look-up (`get_event_loop` is a `getpid` system call on Python 3.11).
+        self.loop = asyncio.get_running_loop()
         self.sync = sync
         self.driver = driver
         self.state = state
@@ -131,7 +137,7 @@ class SqliteWriter:
         sync = self.sync
         if sync._transaction is not None or sync.invalidated or not state.commit_on_loop:
             return False
-        if state.loop_commits >= THREAD_COMMIT_EVERY:
+        if checkpoint_due(state):
             return False  # the checkpoint's turn: `end` commits on the thread
         try:
             commit_on_loop(state)
@@ -147,9 +153,20 @@ class SqliteWriter:
             listeners(sync)
         return True
 
-    async def end(self, *, commit: bool) -> None:
+    async def on_thread(self, function: Callable[[], Any]) -> Any:
+        """`function()` on aiosqlite's thread, after whatever is queued there: aiosqlite's own
+        `_execute` without its loop look-up and `partial` (a COMMIT at FULL, once per append)."""
+        driver = self.driver
+        if not driver._running or driver._connection is None:
+            raise ValueError("Connection closed")
+        future = self.loop.create_future()
+        driver._tx.put_nowait((future, function))
+        return await future
+
+    async def end(self, *, commit: bool) -> bool:
         """COMMIT or ROLLBACK: through SQLAlchemy's transaction when a statement began one, else on
-        the driver (on the loop when `commit_on_loop` allows it, else one call on the thread)."""
+        the driver (on the loop when `commit_on_loop` allows it, else one call on the thread).
+        True: it went to the thread (the loop turned meanwhile)."""
         state = self.state
         sync = self.sync
         try:
@@ -157,7 +174,7 @@ class SqliteWriter:
                 await greenlet_spawn(sync.commit if commit else sync.rollback)
                 if sync.invalidated:
                     self.broken = True
-                return
+                return True
             if sync.invalidated:
                 # Lost mid-transaction (a disconnect SQLAlchemy saw): nothing left to commit.
                 self.broken = True
@@ -165,16 +182,20 @@ class SqliteWriter:
                     raise DBAPIError.instance(
                         "COMMIT", (), sqlite3.OperationalError("connection invalidated"), sqlite3.Error
                     )
-                return
+                return False
+            on_thread = True
             if commit:
-                if not commit_on_loop(state):
-                    await self.driver._execute(commit_on_thread(state))
+                if commit_on_loop(state):
+                    on_thread = False
+                else:
+                    await self.on_thread(commit_on_thread(state))
             else:
                 # On the thread, after any call still queued there (a cancelled one).
-                await self.driver._execute(state.raw.rollback)
+                await self.on_thread(state.raw.rollback)
             listeners = sync.dispatch.commit if commit else sync.dispatch.rollback
             if listeners:
                 listeners(sync)
+            return on_thread
         except sqlite3.Error as error:
             self.broken = True
             sql = "COMMIT" if commit else "ROLLBACK"
@@ -231,6 +252,7 @@ async def open_writer(engine: AsyncEngine) -> SqliteWriter | None:
     state.raw.execute("PRAGMA busy_timeout=0")
     if state.commit_on_loop:
         state.raw.execute("PRAGMA wal_autocheckpoint=0")
+        state.wal_backlog = wal_backlog_reader(state.raw)
     state.dedicated = True
     return SqliteWriter(engine, sync, driver, state)
 

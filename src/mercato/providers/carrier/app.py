@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, Header, Query, Request
-from prometheus_client import CollectorRegistry
+from fastapi import Query, Request
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
-from mercato.providers._edge import ProviderApp, add_common_routes
+from mercato.providers._app import POST_PROBLEMS, IdempotencyKey, service_app
+from mercato.providers._edge import ProviderApp
 from mercato.providers._storage import provider_database
 from mercato.providers.carrier.models import ShipmentIn, ShipmentOut, ShipmentPage, ShipmentSummary
 from mercato.providers.carrier.service import Carrier
 from mercato.providers.faults import FaultInjector, FaultSettings
 
 __all__ = ["create_carrier_app"]
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="Required on every POST; same key + same body replays."),
-]
-_POST_PROBLEMS = problem_responses(400, 404, 409, 422, 500, 503)
 
 
 def create_carrier_app(
@@ -41,31 +33,19 @@ def create_carrier_app(
     settings = faults or FaultSettings()
     rng = rng or random.Random(settings.seed)
     carrier = Carrier(provider_database(database_url), clock=clock, rng=random.Random(rng.random()))
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await carrier.start()
-        try:
-            yield
-        finally:
-            await carrier.close()
-
-    app = ProviderApp(
+    app = service_app(
         provider="carrier",
-        injector=FaultInjector(settings, clock=clock, rng=rng),
-        registry=CollectorRegistry(),
         title="Mercato simulated carrier",
-        version="1",
-        lifespan=lifespan,
+        service=carrier,
+        injector=FaultInjector(settings, clock=clock, rng=rng),
     )
     app.state.carrier = carrier
-    add_common_routes(app, ready=carrier.db.ping)
 
     @app.post(
         "/v1/shipments",
         status_code=201,
         response_model=ShipmentOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["shipments"],
     )
     async def create_shipment(request: Request, body: ShipmentIn, key: IdempotencyKey = None) -> Response:
@@ -77,7 +57,7 @@ def create_carrier_app(
     @app.post(
         "/v1/shipments/{shipment_id}/cancel",
         response_model=ShipmentOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["shipments"],
     )
     async def cancel_shipment(request: Request, shipment_id: str, key: IdempotencyKey = None) -> Response:

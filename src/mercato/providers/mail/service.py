@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Column, Index, String, Table, Text, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
@@ -48,6 +48,14 @@ recipients = Table(
     Column("message", String(36), primary_key=True),
     Column("address", String(320), primary_key=True),
     Index("ix_mail_recipients_address_message", "address", "message"),
+)
+
+
+# Both engines spell INSERT ... ON CONFLICT DO NOTHING RETURNING alike.
+_STORE = (
+    postgresql.insert(messages)
+    .on_conflict_do_nothing(index_elements=[messages.c.message_id])
+    .returning(messages.c.id)
 )
 
 
@@ -142,34 +150,29 @@ class Mailbox:
         pk = str(new_id())
         message_id = message_id or f"<{pk}@mail.mercato.local>"
         addresses = sorted({address.strip().lower() for address in rcpt_tos})
-        for _ in range(2):
-            try:
-                async with self.db.write() as conn:
-                    existing = (
-                        await conn.execute(select(messages.c.id).where(messages.c.message_id == message_id))
-                    ).scalar()
-                    if existing is not None:
-                        return Accepted(id=str(existing), duplicate=True)
-                    await conn.execute(
-                        messages.insert(),
-                        {
-                            "id": pk,
-                            "message_id": message_id,
-                            "mail_from": mail_from,
-                            "recipients": orjson.dumps(addresses).decode(),
-                            "subject": subject[:998],
-                            "body": body,
-                            "received_at": self.clock.now(),
-                        },
-                    )
-                    await conn.execute(
-                        recipients.insert(), [{"message": pk, "address": address} for address in addresses]
-                    )
-                    return Accepted(id=pk, duplicate=False)
-            except IntegrityError:
-                # PostgreSQL: a concurrent copy inserted it between our read and insert; read again.
-                continue
-        return Accepted(id=pk, duplicate=True)  # pragma: no cover - the second read finds the row
+        row = {
+            "id": pk,
+            "message_id": message_id,
+            "mail_from": mail_from,
+            "recipients": orjson.dumps(addresses).decode(),
+            "subject": subject[:998],
+            "body": body,
+            "received_at": self.clock.now(),
+        }
+        async with self.db.write() as conn:
+            # One statement stores a new message or finds it there (its `Message-ID` taken: a
+            # retried send), where a look-up then an insert took two; a concurrent copy waits on
+            # the first one's row and then finds it taken too.
+            stored = (await conn.execute(_STORE, row)).scalar()
+            if stored is None:
+                existing = (
+                    await conn.execute(select(messages.c.id).where(messages.c.message_id == message_id))
+                ).scalar()
+                return Accepted(id=str(existing), duplicate=True)
+            await conn.execute(
+                recipients.insert(), [{"message": pk, "address": address} for address in addresses]
+            )
+            return Accepted(id=pk, duplicate=False)
 
     async def page(self, *, recipient: str | None, limit: int, cursor: str | None) -> MailPage:
         """Oldest first, keyset by id (UUIDv7); `recipient` narrows to one envelope recipient."""

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, Header, Query, Request
-from prometheus_client import CollectorRegistry
+from fastapi import Query, Request
 from starlette.responses import Response
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mercato.kit.web.problems import problem_responses
-from mercato.providers._edge import ProviderApp, add_common_routes
+from mercato.providers._app import POST_PROBLEMS, IdempotencyKey, service_app
+from mercato.providers._edge import ProviderApp
 from mercato.providers._storage import provider_database
 from mercato.providers.faults import FaultInjector, FaultSettings
 from mercato.providers.psp.models import (
@@ -30,12 +28,6 @@ from mercato.providers.psp.models import (
 from mercato.providers.psp.service import PaymentProvider
 
 __all__ = ["create_psp_app"]
-
-IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="Required on every POST; same key + same body replays."),
-]
-_POST_PROBLEMS = problem_responses(400, 404, 409, 422, 500, 503)
 
 
 def create_psp_app(
@@ -57,31 +49,19 @@ def create_psp_app(
         rng=random.Random(rng.random()),
         decline_rate=decline_rate,
     )
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await psp.start()
-        try:
-            yield
-        finally:
-            await psp.close()
-
-    app = ProviderApp(
+    app = service_app(
         provider="psp",
-        injector=FaultInjector(settings, clock=clock, rng=rng),
-        registry=CollectorRegistry(),
         title="Mercato simulated PSP",
-        version="1",
-        lifespan=lifespan,
+        service=psp,
+        injector=FaultInjector(settings, clock=clock, rng=rng),
     )
     app.state.psp = psp
-    add_common_routes(app, ready=psp.db.ping)
 
     @app.post(
         "/v1/authorizations",
         status_code=201,
         response_model=AuthorizationOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["payments"],
     )
     async def authorize(request: Request, body: AuthorizeIn, key: IdempotencyKey = None) -> Response:
@@ -94,7 +74,7 @@ def create_psp_app(
         "/v1/authorizations/{authorization_id}/capture",
         status_code=201,
         response_model=CaptureOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["payments"],
     )
     async def capture(
@@ -111,7 +91,7 @@ def create_psp_app(
     @app.post(
         "/v1/authorizations/{authorization_id}/void",
         response_model=AuthorizationOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["payments"],
     )
     async def void(request: Request, authorization_id: str, key: IdempotencyKey = None) -> Response:
@@ -124,7 +104,7 @@ def create_psp_app(
         "/v1/captures/{capture_id}/refund",
         status_code=201,
         response_model=RefundOut,
-        responses=_POST_PROBLEMS,
+        responses=POST_PROBLEMS,
         tags=["payments"],
     )
     async def refund(

@@ -38,6 +38,21 @@ _TAKE_EXACTLY = (
     .returning(_c.sku)
 )
 
+# Checkout's take of the whole cart: every line deleted, returned as `_LINES` reads them (a
+# data-modifying CTE that `lines_statement(taken=True)` selects from, on PostgreSQL), and the same
+# delete alone for SQLite, which reads the lines first in its write transaction (`CartService`).
+_TAKEN_LINES = (
+    delete(cart_items)
+    .where(_c.customer_id == bindparam("customer_id", type_=_c.customer_id.type))
+    .returning(_c.sku, _c.quantity, _c.added_at, _c.updated_at)
+    .cte("taken_lines")
+)
+_TAKE_ALL = driver_prepared(
+    delete(cart_items)
+    .where(_c.customer_id == bindparam("customer_id", type_=_c.customer_id.type))
+    .returning(_c.sku)
+)
+
 # Checkout's take, one registered statement per line count (an expanding IN is rendered again on
 # every execution, which the driver path does not do): `(sku, quantity)` pairs as equalities.
 _TAKES: dict[int, Any] = {}
@@ -90,6 +105,18 @@ class CartRepository:
     def lines_statement(*, with_probe: bool) -> Select[Any] | CompoundSelect[Any]:
         """The customer's lines (`customer_id`), and with `with_probe` a row for `probe_sku`."""
         return _LINES_AND_PROBE if with_probe else _LINES
+
+    @staticmethod
+    def taken_lines_statement() -> Select[Any]:
+        """The customer's lines (`customer_id`) as `lines_statement` reads them, deleted by the same
+        statement (PostgreSQL's data-modifying CTE)."""
+        t = _TAKEN_LINES.c
+        return select(t.sku, t.quantity, t.added_at, t.updated_at).add_cte(_TAKEN_LINES)
+
+    @staticmethod
+    def take_all_statement() -> Any:
+        """Delete the customer's lines (`customer_id`), RETURNING their SKUs (registered)."""
+        return _TAKE_ALL
 
     async def upsert(
         self, conn: AsyncConnection, customer_id: uuid.UUID, sku: str, quantity: int, now: datetime

@@ -106,6 +106,13 @@ class CartService:
         self._repo = repository or CartRepository()
         # Checkout reads the priced cart in its own transaction, on the raw driver under it.
         self._priced_lines = driver_prepared(prices.quoting(self._repo.lines_statement(with_probe=False)))
+        # Checkout's take of the whole cart, priced: one statement on PostgreSQL (the lines deleted
+        # by a data-modifying CTE, joined with their quotes); on SQLite the priced read, then the
+        # delete, in the caller's write transaction (SQLite's one write lock: nothing in between).
+        self._taken_priced_lines = driver_prepared(
+            prices.quoting(self._repo.taken_lines_statement()),
+            in_turn=(self._priced_lines, self._repo.take_all_statement()),
+        )
         # Putting a line (the checkout bench's first request) runs on the raw driver.
         self._priced_lines_and_sku = driver_prepared(
             prices.quoting(self._repo.lines_statement(with_probe=True))
@@ -117,10 +124,16 @@ class CartService:
         return self._limits
 
     async def _read(
-        self, conn: AsyncConnection | _NamedRows, customer_id: uuid.UUID, also: str | None = None
+        self,
+        conn: AsyncConnection | _NamedRows,
+        customer_id: uuid.UUID,
+        also: str | None = None,
+        *,
+        statement: Select[Any] | None = None,
     ) -> tuple[list[CartItem], dict[str, CatalogPrice]]:
-        """The lines and the prices of their SKUs (and of `also`), in one SELECT on `conn`."""
-        statement = self._priced_lines
+        """The lines and the prices of their SKUs (and of `also`), in one SELECT on `conn` (or
+        `statement`, which reads the lines as that SELECT does)."""
+        statement = self._priced_lines if statement is None else statement
         params: dict[str, Any] = {"customer_id": customer_id}
         if also is not None:
             statement, params["probe_sku"] = self._priced_lines_and_sku, also
@@ -141,6 +154,16 @@ class CartService:
             return price_cart(customer_id, *await self._read(_NamedRows(on_connection(conn)), customer_id))
         async with self._db.read() as own:
             return price_cart(customer_id, *await self._read(own, customer_id))
+
+    async def take_priced(self, customer_id: uuid.UUID, *, conn: AsyncConnection) -> CartView:
+        """Take every line out of the cart, priced now, in the caller's transaction (checkout's):
+        one statement on PostgreSQL, where a read and then a take of exactly those lines were two.
+        The order is priced from the very lines it takes, so no line can change in between (no
+        `CartChanged`); a caller that refuses the cart (empty, unavailable lines) raises, and its
+        transaction's rollback puts the lines back."""
+        rows = _NamedRows(on_connection(conn))
+        items, prices = await self._read(rows, customer_id, statement=self._taken_priced_lines)
+        return price_cart(customer_id, items, prices)
 
     async def set_item(self, customer_id: uuid.UUID, sku: str, quantity: int) -> CartView:
         """Put `quantity` of `sku` in the cart (adds the line or replaces its quantity).

@@ -165,6 +165,20 @@ SURROGATE_KEY = "Surrogate-Key"
 CATALOG_TAG = "products"
 Admin = Annotated[Principal, Depends(require_scopes("catalog:write"))]
 ProductIdPath = Annotated[str, Path(min_length=1, max_length=64)]
+# The listing's query parameters, in v1 and v2 alike.
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+PageCursor = Annotated[
+    str | None,
+    Query(
+        max_length=CURSOR_MAX_LENGTH,
+        pattern=CURSOR_PATTERN,
+        description="`next_cursor` of the previous page; one this listing did not issue is 422.",
+    ),
+]
+CategoryFilter = Annotated[
+    str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+]
+NameSearch = Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")]
 IfNoneMatch = Annotated[
     str | None,
     Header(
@@ -227,19 +241,10 @@ async def list_products(
     request: Request,
     service: Service,
     products: Products,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    cursor: Annotated[
-        str | None,
-        Query(
-            max_length=CURSOR_MAX_LENGTH,
-            pattern=CURSOR_PATTERN,
-            description="`next_cursor` of the previous page; one this listing did not issue is 422.",
-        ),
-    ] = None,
+    limit: PageLimit = DEFAULT_PAGE_SIZE,
+    cursor: PageCursor = None,
     sort: ProductSort = ProductSort.NEWEST,
-    category: Annotated[
-        str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    ] = None,
+    category: CategoryFilter = None,
     min_price_minor: Annotated[
         int | None,
         Query(ge=0, le=10**12, description="Inclusive; above `max_price_minor` the request is 422."),
@@ -248,7 +253,7 @@ async def list_products(
         int | None,
         Query(ge=0, le=10**12, description="Inclusive; below `min_price_minor` the request is 422."),
     ] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
+    q: NameSearch = None,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     if (

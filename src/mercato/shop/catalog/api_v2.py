@@ -14,22 +14,26 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel
 
-from mercato.kit.web import CURSOR_MAX_LENGTH, CURSOR_PATTERN, Page, problem_responses
+from mercato.kit.web import Page, problem_responses
 from mercato.kit.web.etags import VersionTag, not_modified
 from mercato.kit.web.money import MoneyOut, money
-from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from mercato.kit.web.pagination import DEFAULT_PAGE_SIZE
 from mercato.shop.catalog.api import (
     CATALOG_TAG,
     ETAG_OK,
     NOT_MODIFIED,
     SURROGATE_KEY,
     AttributeValue,
+    CategoryFilter,
     IfNoneMatch,
+    NameSearch,
+    PageCursor,
+    PageLimit,
     ProductIdPath,
     Products,
     Service,
@@ -91,20 +95,11 @@ def product_v2_dict(product: Product) -> dict[str, Any]:
 )
 async def list_products_v2(
     service: Service,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    cursor: Annotated[
-        str | None,
-        Query(
-            max_length=CURSOR_MAX_LENGTH,
-            pattern=CURSOR_PATTERN,
-            description="`next_cursor` of the previous page; one this listing did not issue is 422.",
-        ),
-    ] = None,
+    limit: PageLimit = DEFAULT_PAGE_SIZE,
+    cursor: PageCursor = None,
     sort: ProductSort = ProductSort.NEWEST,
-    category: Annotated[
-        str | None, Query(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    ] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=100, description="Name contains")] = None,
+    category: CategoryFilter = None,
+    q: NameSearch = None,
 ) -> Response:
     items, next_cursor = await browse_page(
         service,

@@ -340,14 +340,21 @@ class ChatPersister:
         hook: MessagingHook | None = None,
         lag: LagReporter | None = None,
         wakeups: Callable[[], int] | None = None,
+        publish_and_ack: PublishAndAck | None = None,
     ) -> None:
-        """`wakeups`: a count that moves whenever messages may have reached the stream (the work
+        """`publish_and_ack`: a pass wholly persisted is published and acknowledged in one call (one
+        Redis round trip when the broker and the stream share a Redis, ADR 0082), which with
+        `read_next` (`run_once`'s passes) also reads the next batch, as `run_once`'s loop does after
+        every busy pass; None: `publish_many` then the stream's `ack_many`.
+
+        `wakeups`: a count that moves whenever messages may have reached the stream (the work
         signals the caller of `run_overlapped` waits on). `run_overlapped` then reads ahead only
         when it moved since its last read, and returns 0 after publishing when the caller may wait
         for it to move; None: always reads ahead, returns 0 only when it read nothing."""
         self._chat = chat
         self._stream = stream
         self._publish_many = publish_many
+        self._publish_and_ack_together = publish_and_ack
         self._consumer = consumer
         self._batch = batch
         self._lag = lag or LagReporter(stream, hook)
@@ -357,6 +364,10 @@ class ChatPersister:
         self._wakeups_at_read = -1
         self._read_full = False
         self._read_clean = True
+        # `run_once`'s last pass handled something (its loop reads again at once).
+        self._after_busy_pass = False
+        # The batch read with the last pass's acks (`publish_and_ack`), and `wakeups` before that read.
+        self._read_ahead: tuple[list[Delivery], int] | None = None
 
     async def run_once(self) -> int:
         """One batch: every room's messages persisted in one transaction per shard (group commit),
@@ -366,14 +377,25 @@ class ChatPersister:
         held, self._persisted = self._persisted, None
         if held is not None:  # left by `run_overlapped`: it goes out first, in stream order
             await self._publish_and_ack(held)
-        persisted = await self._read_and_persist(clean=True)
+        ahead, self._read_ahead = self._read_ahead, None
+        if ahead is not None and (ahead[0] or (self._wakeups is not None and self._wakeups() == ahead[1])):
+            # Read with the last pass's acks, after them: what this loop's read would find now,
+            # unless a send was signalled since (then read again: it may have come after that read).
+            persisted = await self._persist(ahead[0]) if ahead[0] else None
+        else:
+            persisted = await self._read_and_persist(clean=True)
         if persisted is None:
-            await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=False)
+            # The empty read that follows a busy pass (the loop reads again after each) counts at the
+            # busy rate: as an idle pass it "settled" the gauge at once, a lag count per message
+            # whenever messages come one per pass (ADR 0077). The next idle pass settles it.
+            await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=self._after_busy_pass)
+            self._after_busy_pass = False
             return 0
-        handled = await self._publish_and_ack(persisted)
+        handled = await self._publish_and_ack(persisted, read_next=True)
         # After the acks: counted between the read and the ack, the lag included the batch in hand
         # (the "~50 messages behind" of ADR 0063's run was one pass's batch) and delayed it.
         await self._lag.report(CHAT_TOPIC, CHAT_GROUP, busy=True)
+        self._after_busy_pass = True
         return handled
 
     async def run_overlapped(self) -> int:
@@ -465,9 +487,17 @@ class ChatPersister:
             failed = "not persisted"
         return _Persisted(deliveries, stored, failed)
 
-    async def _publish_and_ack(self, persisted: _Persisted) -> int:
+    async def _publish_and_ack(self, persisted: _Persisted, *, read_next: bool = False) -> int:
         deliveries, stored = persisted.deliveries, persisted.stored
         done = [d for d in deliveries if str(d.message.id) in stored]
+        if self._publish_and_ack_together is not None and done and len(done) == len(deliveries):
+            events = [self._event(d, stored[str(d.message.id)]) for d in done]
+            wakeups = self._wakeups() if self._wakeups is not None else 0
+            read = (CHAT_TOPIC, CHAT_GROUP, self._consumer, self._batch) if read_next else None
+            following = await self._publish_and_ack_together(events, done, read)
+            if following is not None:
+                self._read_ahead = (following, wakeups)
+            return len(done)
         if done:
             await self._publish_many([self._event(d, stored[str(d.message.id)]) for d in done])
         for index, delivery in enumerate(deliveries):
@@ -492,6 +522,13 @@ class ChatPersister:
             ack={"client_msg_id": message.client_msg_id, "room": str(message.room_id)},
             at=time.time(),
         )
+
+
+# (events, their deliveries, a read to make after the acks: (topic, group, consumer, max_messages)
+# or None) -> that read's deliveries, or None when it was not made.
+PublishAndAck = Callable[
+    [list[ChannelEvent], list[Delivery], tuple[str, str, str, int] | None], Awaitable[list[Delivery] | None]
+]
 
 
 @dataclass(frozen=True, slots=True)

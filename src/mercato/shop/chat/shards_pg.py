@@ -1,5 +1,9 @@
 """The persister's group commit on PostgreSQL, on the driver path (kit/storage/statements.py).
 
+Since ADR 0077 a pass is one autocommitted call of the `chat_persist_pass` function (migration
+0029): one round trip where the transaction below took five. The transaction stays as the
+fallback for a database the migration has not reached (the function is then missing).
+
 Through SQLAlchemy, a pass's transaction cost seven round trips (BEGIN, the room locks, the fences,
 the dedup lookup, the heads, the insert, COMMIT) and most of its CPU in compiling the `IN (...)`
 lists, whose length changes every pass so no compiled form is ever reused. Here the room and id
@@ -16,14 +20,16 @@ waited (the mover holds the room's lock exclusively while it fences).
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import bindparam, text
 
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import driver_prepared
+from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.chat.model import ChatMessage
 
@@ -71,11 +77,99 @@ _INSERT = driver_prepared(
 )
 
 
+# The whole pass in one statement (ADR 0077): its own transaction, so no BEGIN or COMMIT either.
+_PASS = driver_prepared(
+    text(
+        "SELECT kind, room_id, seq, sender, text, client_msg_id, sent_at FROM chat_persist_pass("
+        "CAST(:keys AS bigint[]), CAST(:rooms AS uuid[]), CAST(:senders AS varchar[]), "
+        "CAST(:texts AS text[]), CAST(:ids AS varchar[]), CAST(:now AS timestamptz))"
+    ).bindparams(
+        bindparam("keys"),
+        bindparam("rooms"),
+        bindparam("senders"),
+        bindparam("texts"),
+        bindparam("ids"),
+        bindparam("now"),
+    )
+)
+
+# One shared driver connection per database (a shard is a `Database` of its own).
+_READERS: weakref.WeakKeyDictionary[Database, DriverReads] = weakref.WeakKeyDictionary()
+# Databases found without the function (migration 0029 not applied): the transaction path, from then on.
+_WITHOUT_FUNCTION: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
 async def persist_rooms_pg(
     db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
 ) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
-    """`shards._persist_rooms_on` on PostgreSQL: the same locks, checks and rows, in three
-    prepared statements inside one `db.write()` transaction."""
+    """`shards._persist_rooms_on` on PostgreSQL: the same locks, checks and rows in one call of
+    `chat_persist_pass` (one round trip, autocommitted), or, where the function is missing, in
+    three prepared statements inside one `db.write()` transaction."""
+    if db not in _WITHOUT_FUNCTION:
+        try:
+            return await _persist_in_one_call(db, batches, room_ids, now)
+        except asyncpg.UndefinedFunctionError:
+            _WITHOUT_FUNCTION.add(db)
+    return await _persist_in_transaction(db, batches, room_ids, now)
+
+
+async def _persist_in_one_call(
+    db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
+    from mercato.shop.chat.shards import room_lock_key  # the module that calls this one
+
+    reader = _READERS.get(db)
+    if reader is None:
+        reader = _READERS[db] = DriverReads(db)
+    # Every draft in pass order (each room's in stream order): the function numbers them so.
+    rooms: list[uuid.UUID] = []
+    senders: list[str] = []
+    texts: list[str] = []
+    ids: list[str] = []
+    for room_id in room_ids:
+        for sender, text_, client_msg_id in batches[room_id]:
+            rooms.append(room_id)
+            senders.append(sender)
+            texts.append(text_)
+            ids.append(client_msg_id)
+    rows = await reader.rows(
+        _PASS,
+        {
+            "keys": sorted(room_lock_key(r) for r in room_ids),
+            "rooms": rooms,
+            "senders": senders,
+            "texts": texts,
+            "ids": ids,
+            "now": now,
+        },
+    )
+    db.signals.wrote()
+    fenced = {row[1] for row in rows if row[0] == 0}
+    # (room, sender, client_msg_id) -> its message, and whether this call inserted it.
+    found = {
+        (row[1], row[3], row[5]): (
+            ChatMessage(row[1], int(row[2]), row[3], row[4], row[5], row[6]),
+            row[0] == 2,
+        )
+        for row in rows
+        if row[0] != 0
+    }
+    stored: dict[uuid.UUID, list[tuple[ChatMessage, bool]]] = {}
+    for room_id in room_ids:
+        if room_id in fenced:
+            continue
+        results = stored[room_id] = []
+        for sender, _text, client_msg_id in batches[room_id]:
+            message, new = found[(room_id, sender, client_msg_id)]
+            results.append((message, new))
+            if new:  # a later draft with the same id in this pass is a duplicate of this one
+                found[(room_id, sender, client_msg_id)] = (message, False)
+    return stored, sorted(fenced)
+
+
+async def _persist_in_transaction(
+    db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
     from mercato.shop.chat.shards import assign, room_lock_key  # the module that calls this one
 
     async with db.write() as conn:

@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, insert, select, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import ColumnElement, and_, bindparam, case, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -26,25 +25,16 @@ from mercato.shop.inventory.model import (
     ReservationStatus,
     StockLevel,
 )
+from mercato.shop.inventory.statements import commit_by_reference, reserve_statement
 from mercato.shop.inventory.tables import reservation_lines, reservations, stock
 
-# The saga's hot statements (reserve, commit, release), registered for the raw-driver layer
-# (kit/storage/statements.py) and sent in the caller's transaction (`on_connection`): built once,
-# compiled once per dialect. RETURNING tells whether a conditional UPDATE matched, on both drivers.
+# The saga's hot statements (release here; reserve and commit in `statements.py`), registered for the
+# raw-driver layer (kit/storage/statements.py) and sent in the caller's transaction (`on_connection`):
+# built once, compiled once per dialect. RETURNING tells whether a conditional UPDATE matched, on both
+# drivers.
 _sku = bindparam("sku", type_=stock.c.sku.type)
 _quantity = bindparam("quantity", type_=stock.c.available.type)
 _now = bindparam("now", type_=stock.c.updated_at.type)
-_TAKE = driver_prepared(
-    update(stock)
-    .where(stock.c.sku == _sku, stock.c.available >= _quantity)
-    .values(
-        available=stock.c.available - _quantity,
-        reserved=stock.c.reserved + _quantity,
-        version=stock.c.version + 1,
-        updated_at=_now,
-    )
-    .returning(stock.c.sku)
-)
 _UNRESERVE = {
     to_committed: driver_prepared(
         update(stock)
@@ -63,16 +53,6 @@ _UNRESERVE = {
     )
     for to_committed in (True, False)
 }
-# Both dialects spell ON CONFLICT alike; each compiles it once.
-_ADD_RESERVATION = driver_prepared(
-    postgresql.insert(reservations)
-    .values({c.name: bindparam(c.name, type_=c.type) for c in reservations.c})
-    .on_conflict_do_nothing(index_elements=["reference"])
-    .returning(reservations.c.id)
-)
-_ADD_LINE = driver_prepared(
-    insert(reservation_lines).values({c.name: bindparam(c.name, type_=c.type) for c in reservation_lines.c})
-)
 _END = driver_prepared(
     update(reservations)
     .where(
@@ -104,9 +84,8 @@ _BY_ID = _one_statement(reservations.c.id == bindparam("key", type_=reservations
 _HEAD = tuple(c.name for c in reservations.c)
 
 # A commit's status flip with the expiry rule in SQL (`Reservation.is_due`: past `expires_at` at
-# `now`, it expires instead), only while active, and the reservation as it ended, header joined with
-# its lines as `_BY_REFERENCE` returns them: one statement on PostgreSQL (the flip a data-modifying
-# CTE), the flip then that read on SQLite.
+# `now`, it expires instead), only while active; with its stock moves and the reservation as it
+# ended, header joined with its lines as `_BY_REFERENCE` returns them (`statements.py`).
 _END_IF_ACTIVE = (
     update(reservations)
     .where(
@@ -121,14 +100,7 @@ _END_IF_ACTIVE = (
         updated_at=_now,
     )
 )
-_ENDED = _END_IF_ACTIVE.returning(*reservations.c).cte("ended")
-_COMMIT_BY_REFERENCE = driver_prepared(
-    select(*_ENDED.c, reservation_lines.c.sku, reservation_lines.c.quantity)
-    .select_from(_ENDED.outerjoin(reservation_lines, reservation_lines.c.reservation_id == _ENDED.c.id))
-    .order_by(reservation_lines.c.sku),
-    in_turn=(_END_IF_ACTIVE.returning(reservations.c.id), _BY_REFERENCE),
-    rows_from=1,
-)
+_COMMIT_BY_REFERENCE = commit_by_reference(_END_IF_ACTIVE, _BY_REFERENCE)
 
 
 class DuplicateKey(Exception):
@@ -211,11 +183,6 @@ class InventoryRepository:
         )
         return result.rowcount == 1
 
-    async def take(self, conn: AsyncConnection, sku: str, quantity: int, now: datetime) -> bool:
-        """available -> reserved, only if enough is available. False: short (or unknown SKU)."""
-        params = {"sku": sku, "quantity": quantity, "now": now}
-        return bool(await on_connection(conn).rows(_TAKE, params))
-
     async def unreserve(
         self, conn: AsyncConnection, sku: str, quantity: int, *, to_committed: bool, now: datetime
     ) -> bool:
@@ -225,29 +192,24 @@ class InventoryRepository:
 
     # ---- reservations ----------------------------------------------------------------------
 
-    async def add_reservation_if_new(self, conn: AsyncConnection, reservation: Reservation) -> bool:
-        """Insert the header unless its reference is taken; whether it was inserted. The unique
-        reference makes a concurrent duplicate wait here (PostgreSQL), before it touched any stock
-        row, and then insert nothing once the first committed."""
-        params = {
+    async def reserve_new(self, conn: AsyncConnection, reservation: Reservation, now: datetime) -> bool:
+        """The reservation, header, takes and lines, all or nothing (`statements.reserve_statement`):
+        whether it was made. False: its reference is taken, or a line was short or unknown; no stock
+        was taken, and the caller rolls back the header of a short one with its transaction."""
+        params: dict[str, Any] = {
             "id": reservation.id,
             "reference": reservation.reference,
             "status": reservation.status.value,
             "expires_at": reservation.expires_at,
             "created_at": reservation.created_at,
             "updated_at": reservation.updated_at,
+            "now": now,
         }
-        return bool(await on_connection(conn).rows(_ADD_RESERVATION, params))
-
-    async def add_lines(self, conn: AsyncConnection, reservation: Reservation) -> None:
-        # One executemany: one round trip on asyncpg whatever the number of lines.
-        await on_connection(conn).run(
-            _ADD_LINE,
-            [
-                {"reservation_id": reservation.id, "sku": line.sku, "quantity": line.quantity}
-                for line in reservation.lines
-            ],
-        )
+        for i, line in enumerate(reservation.lines):  # ascending SKU (`normalize_lines`)
+            params[f"sku_{i}"] = line.sku
+            params[f"quantity_{i}"] = line.quantity
+        statement = reserve_statement(len(reservation.lines))
+        return bool(await on_connection(conn).rows(statement, params))
 
     async def get_reservation(self, conn: AsyncConnection, reservation_id: uuid.UUID) -> Reservation | None:
         return await self._one(conn, _BY_ID, reservation_id)
@@ -256,8 +218,9 @@ class InventoryRepository:
         return await self._one(conn, _BY_REFERENCE, reference)
 
     async def commit_active(self, conn: AsyncConnection, reference: str, now: datetime) -> Reservation | None:
-        """The active reservation for `reference` ended in one statement: committed, or expired if
-        due at `now`; as it ended, with its lines. None when there is no active one."""
+        """The active reservation for `reference` ended, committed or expired if due at `now`, and its
+        units moved (to committed, or back to available): one statement on PostgreSQL. The
+        reservation as it ended, with its lines; None when there is no active one."""
         return await self._one(conn, _COMMIT_BY_REFERENCE, reference, now=now)
 
     async def _one(
@@ -299,7 +262,8 @@ class InventoryRepository:
             select(reservations.c.id)
             .where(
                 and_(
-                    reservations.c.status == ReservationStatus.ACTIVE.value,
+                    # A literal: the partial index's predicate (`ACTIVE_RESERVATION_PREDICATE`).
+                    reservations.c.status == literal_column(f"'{ReservationStatus.ACTIVE.value}'"),
                     reservations.c.expires_at <= now,
                 )
             )

@@ -179,25 +179,25 @@ class InventoryService:
                 created_at=now,
                 updated_at=now,
             )
-            # The header first, skipped when the reference is taken (a replay, or a concurrent call
-            # that committed first: PostgreSQL makes this insert wait for it), before any stock row
-            # is touched; then the existing reservation is read. One statement fewer than reading
-            # first on the usual path, where the reference is new.
-            if not await self._repo.add_reservation_if_new(tx, reservation):
+            # The header, the takes and the lines in one statement (PostgreSQL; a few in turn on
+            # SQLite), all or nothing; the header first, skipped when the reference is taken (a
+            # replay, or a concurrent call that committed first: PostgreSQL makes the insert wait
+            # for it) before any stock row is touched. Was 2 + lines statements.
+            if not await self._repo.reserve_new(tx, reservation, now):
                 existing = await self._repo.get_by_reference(tx, reference)
                 if existing is None:  # pragma: no cover - the conflicting row committed before
                     raise ReservationNotFound(f"reference {reference} is taken but not readable")
-                return _replay(existing, wanted), False
-            short = []
-            for line in wanted:  # ascending SKU: the lock order
-                if not await self._repo.take(tx, line.sku, line.quantity, now):
-                    short.append(line.sku)
-            if short:
-                # Raising rolls back the header and the units already taken for the other lines.
+                if existing.id != reservation.id:
+                    return _replay(existing, wanted), False
+                # Ours, so a line was short or unknown and nothing was taken: raising rolls back the
+                # header. The stock rows were locked by the statement, so this read is what it saw.
+                levels = {s.sku: s for s in await self._repo.get_stocks(tx, [w.sku for w in wanted])}
+                short = [
+                    w.sku for w in wanted if w.sku not in levels or levels[w.sku].available < w.quantity
+                ] or [w.sku for w in wanted]  # one line: its row is not locked when short, may have changed
                 raise OutOfStock(
                     "not enough stock for " + ", ".join(short), short_skus=short, reference=reference
                 )
-            await self._repo.add_lines(tx, reservation)
         return reservation, True
 
     async def reservation(self, reservation_id: uuid.UUID) -> Reservation:
@@ -232,10 +232,10 @@ class InventoryService:
     async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> Reservation:
         """Commit the reservation made for `reference` (the units are sold), as `commit` does.
 
-        The common case, an active reservation, is one statement before the stock moves: the
-        status flip with the expiry rule in SQL, returning the reservation as it ended (it was a
-        read, then the flip). Anything else (committed already, released, expired, unknown) is
-        read and judged as `commit` judges it."""
+        The common case, an active reservation, is one statement on PostgreSQL: the status flip
+        with the expiry rule in SQL, the stock moves, and the reservation as it ended (was a read,
+        the flip, then a move per line). Anything else (committed already, released, expired,
+        unknown) is read and judged as `commit` judges it."""
         async with self._db.join(conn) as tx:
             now = self._clock.now()
             ended = await self._repo.commit_active(tx, reference, now)
@@ -245,8 +245,6 @@ class InventoryService:
                     raise ReservationNotFound(f"no reservation for reference {reference}")
                 return await self._commit(found.id, conn=tx, loaded=found)
             sold = ended.status is ReservationStatus.COMMITTED
-            for line in ended.lines:
-                await self._return_units(tx, line.sku, line.quantity, to_committed=sold, now=now)
             if not sold:
                 raise ReservationExpired(f"reservation {ended.id} expired at {ended.expires_at.isoformat()}")
             return ended

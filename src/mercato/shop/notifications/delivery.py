@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, case, or_, select, update
+from sqlalchemy.sql import ClauseElement
 
 from mercato.kit.clock import Clock
 from mercato.kit.observability import get_logger
 from mercato.kit.resilience import full_jitter_backoff_s
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads, driver_prepared
+from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.notifications.model import Channel
 from mercato.shop.notifications.tables import notifications
 
@@ -66,10 +71,15 @@ class MailSender(Protocol):
         a transient one (the outcome is then unknown: the message may have been stored)."""
         ...
 
+    def session(self) -> AbstractAsyncContextManager[None]:
+        """The sends of one pass inside it may share a connection (SMTP: one connect, greeting and
+        EHLO for the pass, not one per mail); closed when it ends."""
+        ...
+
 
 class RecipientDirectory(Protocol):
-    async def email_of(self, customer_id: uuid.UUID) -> str | None:
-        """The customer's current address, or None when the account is gone."""
+    async def emails_of(self, customer_ids: Sequence[uuid.UUID]) -> Mapping[uuid.UUID, str]:
+        """The customers' current addresses, in one look-up; an account that is gone is left out."""
         ...
 
 
@@ -90,18 +100,57 @@ def message_id_for(notification_id: uuid.UUID) -> str:
     return f"<notification-{notification_id}@mercato.local>"
 
 
-# Only a row still pending is written: a row settled meanwhile (by a purge, say) stays as it is.
-_RECORD = (
-    update(notifications)
-    .where(notifications.c.id == bindparam("b_id"), notifications.c.status == "pending")
-    .values(
-        status=bindparam("status"),
-        attempts=bindparam("attempts"),
-        last_error=bindparam("last_error"),
-        next_attempt_at=bindparam("next_attempt_at"),
-        sent_at=bindparam("sent_at"),
+# A pass's outcomes in one UPDATE: each column a CASE over the rows' ids, only rows still pending
+# written (a row settled meanwhile, by a purge say, stays as it is). One statement per size class
+# (1, 2, 4 ... 64 rows): a pass's rows padded up to its class with ids no row has (UUID zero
+# upwards; ours are UUIDv7), which match nothing, so a handful of prepared statements serve every
+# pass size (was an executemany: one round trip on asyncpg, but one execution per row).
+_OUTCOME_COLUMNS = ("status", "attempts", "last_error", "next_attempt_at", "sent_at")
+_RECORD_MAX_ROWS = 64
+_RECORDS: dict[int, ClauseElement] = {}
+
+
+def _record_statement(size: int) -> ClauseElement:
+    statement = _RECORDS.get(size)
+    if statement is None:
+        n = notifications.c
+        ids = [bindparam(f"id{i}", type_=n.id.type) for i in range(size)]
+
+        def column(name: str) -> Any:
+            return case(
+                *((n.id == ids[i], bindparam(f"{name}{i}", type_=n[name].type)) for i in range(size)),
+                else_=n[name],
+            )
+
+        statement = _RECORDS[size] = driver_prepared(
+            update(notifications)
+            .where(n.id.in_(ids), n.status == "pending")
+            .values({name: column(name) for name in _OUTCOME_COLUMNS})
+        )
+    return statement
+
+
+_n = notifications.c
+# Whether any e-mail is due: the idle notifier's look before it opens a write transaction.
+_ANY_DUE = driver_prepared(
+    select(_n.id)
+    .where(
+        _n.channel == Channel.EMAIL.value,
+        _n.status == "pending",
+        or_(
+            _n.next_attempt_at.is_(None),
+            _n.next_attempt_at <= bindparam("now", type_=_n.next_attempt_at.type),
+        ),
     )
+    .limit(1)
 )
+
+
+def _size_class(count: int) -> int:
+    size = 1
+    while size < count:
+        size *= 2
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +190,12 @@ class NotificationDelivery:
         self.settings = settings or DeliverySettings()
         self._rng = rng or random.Random()
         self._idle = False  # the last pass found nothing due
+        self._reads = DriverReads(db)
 
     async def deliver_due(self, *, limit: int = 50) -> int:
-        """One pass: claim up to `limit` due e-mails (one statement), send them one by one, record
-        every outcome (one statement, ADR 0055); returns how many.
+        """One pass: claim up to `limit` due e-mails (one statement), read their recipients'
+        addresses (one look-up), send them one by one on one connection, record every outcome (one
+        statement, ADR 0055 and 0074); returns how many.
 
         After an idle pass, a read-only look comes first: an idle notifier then takes no write
         lock (SQLite) and opens no write transaction every second."""
@@ -152,19 +203,20 @@ class NotificationDelivery:
             return 0
         due = await self._claim(limit)
         self._idle = not due
-        # One mail at a time, as before: concurrent sends would each hold a pool connection for an
-        # address read, taken from the saga runner of the same process, for a gain not measured.
-        # What the pass saves is the per-mail claim and outcome transactions.
-        await self._record([await self._deliver(item) for item in due])
+        if not due:
+            return 0
+        # Every recipient's address in one look-up (was one read transaction per mail), then one
+        # mail at a time on one connection to the provider (was a connection per mail).
+        addresses = await self._resolve_all([item.recipient for item in due])
+        async with self._sender.session():
+            outcomes = [await self._deliver(item, addresses.get(item.recipient)) for item in due]
+        await self._record(outcomes)
         return len(due)
 
     async def _any_due(self) -> bool:
-        n = notifications.c
-        async with self._db.read() as conn:
-            found = await conn.execute(
-                select(n.id).where(self._is_due(self._clock.now())).limit(1)  # type: ignore[arg-type]
-            )
-            return found.first() is not None
+        # One autocommitted statement on the raw driver (was a read transaction through SQLAlchemy:
+        # BEGIN, the SELECT compiled per call, ROLLBACK), every idle pass of every worker.
+        return bool(await self._reads.rows(_ANY_DUE, {"now": self._clock.now()}))
 
     def _is_due(self, now: datetime) -> object:
         n = notifications.c
@@ -205,11 +257,10 @@ class NotificationDelivery:
             for row in sorted(rows, key=lambda row: row.id)
         ]
 
-    async def _deliver(self, item: _Due) -> _Outcome:
+    async def _deliver(self, item: _Due, address: str | None) -> _Outcome:
         """Send one claimed mail; what to record for it (written with the pass's others)."""
         attempts = item.attempts + 1
         try:
-            address = await self._resolve(item.recipient)
             if address is None:
                 raise DeliveryRejected("the customer has no e-mail address on file")
             await self._sender.send(
@@ -251,34 +302,42 @@ class NotificationDelivery:
             )
         return _Outcome(item.id, status="sent", attempts=attempts, error=None, sent_at=self._clock.now())
 
-    async def _resolve(self, recipient: str) -> str | None:
-        if not recipient.startswith(_CUSTOMER_PREFIX):
-            return None
-        try:
-            customer_id = uuid.UUID(recipient.removeprefix(_CUSTOMER_PREFIX))
-        except ValueError:
-            return None
-        return await self._directory.email_of(customer_id)
+    async def _resolve_all(self, recipients: Sequence[str]) -> dict[str, str]:
+        """Recipient reference (`customer:<id>`) -> address, for those that have one. A directory
+        that fails fails the pass: its rows are claimed again when their lease runs out."""
+        customers: dict[str, uuid.UUID] = {}
+        for recipient in recipients:
+            if recipient.startswith(_CUSTOMER_PREFIX):
+                try:
+                    customers[recipient] = uuid.UUID(recipient.removeprefix(_CUSTOMER_PREFIX))
+                except ValueError:
+                    continue
+        if not customers:
+            return {}
+        found = await self._directory.emails_of(list(dict.fromkeys(customers.values())))
+        return {ref: found[cid] for ref, cid in customers.items() if cid in found}
 
     async def _record(self, outcomes: list[_Outcome]) -> None:
-        """Every outcome of a pass in one transaction and one (executemany) statement."""
+        """Every outcome of a pass in one transaction and one statement per 64 (`_record_statement`)."""
         if not outcomes:
             return
         async with self._db.write() as conn:
-            await conn.execute(
-                _RECORD,
-                [
-                    {
-                        "b_id": o.id,
-                        "status": o.status,
-                        "attempts": o.attempts,
-                        "last_error": o.error,
-                        "next_attempt_at": o.next_attempt_at,
-                        "sent_at": o.sent_at,
+            executor = on_connection(conn)
+            for start in range(0, len(outcomes), _RECORD_MAX_ROWS):
+                chunk = outcomes[start : start + _RECORD_MAX_ROWS]
+                size = _size_class(len(chunk))
+                params: dict[str, Any] = {}
+                for i in range(size):
+                    o = chunk[i] if i < len(chunk) else None
+                    params |= {
+                        f"id{i}": o.id if o is not None else uuid.UUID(int=i),
+                        f"status{i}": o.status if o is not None else "pending",
+                        f"attempts{i}": o.attempts if o is not None else 0,
+                        f"last_error{i}": o.error if o is not None else None,
+                        f"next_attempt_at{i}": o.next_attempt_at if o is not None else None,
+                        f"sent_at{i}": o.sent_at if o is not None else None,
                     }
-                    for o in outcomes
-                ],
-            )
+                await executor.run(_record_statement(size), params)
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -57,6 +58,7 @@ class NotificationsService:
             group=CONSUMER_GROUP,
             name=name,
             handler=self.handle,
+            batch_handler=self.handle_batch,
             max_messages=max_messages,
             hook=hook,
             reader=read_message,  # `handle` sees every order event as its current schema version
@@ -65,9 +67,10 @@ class NotificationsService:
     async def handle(self, conn: AsyncConnection, message: Message) -> None:
         """Record the event's notifications in the caller's transaction; returns quietly for a
         (event, channel) already recorded, so it is safe even without the inbox in front."""
-        drafts = drafts_for(message.type, str(message.id), message.data)
-        if not drafts:
-            return
+        await self.handle_batch(conn, (message,))
+
+    async def handle_batch(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
+        """`handle` for a consumer pass's new messages at once: one statement for all of them."""
         now = self._clock.now()
         rows = [
             {
@@ -82,11 +85,14 @@ class NotificationsService:
                 "status": "pending",
                 "created_at": now,
             }
-            for d in drafts
+            for message in messages
+            for d in drafts_for(message.type, str(message.id), message.data)
         ]
+        if not rows:
+            return
         # One statement on the raw-driver layer, prepared once per row count: an (event, channel)
         # already recorded is skipped by its unique key (was a SELECT of the recorded channels and
-        # an INSERT through SQLAlchemy per event).
+        # an INSERT through SQLAlchemy per event, then an INSERT per event until the batch handler).
         await on_connection(conn).insert_ignore(notifications, rows, conflict=["event_id", "channel"])
 
     async def list(

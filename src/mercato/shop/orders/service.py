@@ -45,12 +45,9 @@ class CartSource(Protocol):
         """The cart priced now; with `conn`, read in the caller's transaction."""
         ...
 
-    async def take(
-        self, customer_id: uuid.UUID, lines: Sequence[tuple[str, int]], *, conn: AsyncConnection | None = None
-    ) -> None:
-        """Remove exactly these (sku, quantity) lines, all or none; raises a Conflict
-        (`cart-changed`) if any of them is no longer in the cart with that quantity. With
-        `conn`, inside the caller's transaction."""
+    async def take_priced(self, customer_id: uuid.UUID, *, conn: AsyncConnection) -> CartView:
+        """Take every line out of the cart, priced now, in the caller's transaction: a caller that
+        refuses them raises, and the rollback puts them back."""
         ...
 
 
@@ -85,7 +82,9 @@ class OrdersService:
     async def draft_from_cart(self, customer_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Order:
         """A pending order priced from the cart as it is now; nothing is written yet. With `conn`,
         the cart is read in the caller's transaction."""
-        cart = await self._cart.view(customer_id, conn=conn)
+        return self._draft(customer_id, await self._cart.view(customer_id, conn=conn))
+
+    def _draft(self, customer_id: uuid.UUID, cart: CartView) -> Order:
         if not cart.lines:
             raise EmptyCart("the cart is empty")
         if cart.has_unavailable_lines:
@@ -108,26 +107,13 @@ class OrdersService:
             )
         return place_order(order_id=new_id(), customer_id=customer_id, lines=drafts, now=self._clock.now())
 
-    async def record_from_cart(self, conn: AsyncConnection, order: Order) -> None:
-        """Take the order's lines out of the cart and store the order, in the caller's transaction.
-
-        Both commit together or not at all: checkout adds the saga that will drive the order in
-        the same transaction, so an order never exists without its saga, nor a cart emptied
-        without its order.
-        """
-        await self._cart.take(
-            order.customer_id, [(line.sku, line.quantity) for line in order.lines], conn=conn
-        )
-        await self._repo.add(conn, order)
-
     async def open_from_cart(self, conn: AsyncConnection, customer_id: uuid.UUID) -> OrderSnapshot:
-        """Draft the order from the cart and record it in the caller's transaction (checkout).
-
-        The cart and its prices are read in that transaction too: no read transaction of its own,
-        and the lines taken from the cart are the ones the order was priced from.
-        """
-        order = await self.draft_from_cart(customer_id, conn=conn)
-        await self.record_from_cart(conn, order)
+        """Take the cart's lines, priced, and record the order they make, in the caller's
+        transaction (checkout's): the lines are taken and read by one statement on PostgreSQL, so
+        the order is priced from exactly the lines it took. A refused cart (empty, unavailable
+        lines) raises, and the caller's rollback puts its lines back."""
+        order = self._draft(customer_id, await self._cart.take_priced(customer_id, conn=conn))
+        await self._repo.add(conn, order)
         return snapshot(order)
 
     async def move_to(

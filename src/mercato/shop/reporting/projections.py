@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.messaging import Message
 from mercato.kit.projections import Projection
+from mercato.kit.projections.bulk import rows_by_key, upsert_rows
 from mercato.schemas import read_message
 from mercato.shop.reporting.model import ORDER_COMPLETED, PaymentState, Summary, fold, relevant
 from mercato.shop.reporting.tables import order_summary, sales_by_day
@@ -103,33 +104,33 @@ async def apply_sales_by_day(conn: AsyncConnection, message: Message, tables: Ma
 async def apply_order_summaries(
     conn: AsyncConnection, messages: Sequence[Message], tables: Mapping[str, Table]
 ) -> None:
-    """`apply_order_summary` over a batch: one read of the orders it touches, one insert of the
-    new ones and one executemany update of the changed ones (each order's events folded in order)."""
+    """`apply_order_summary` over a batch: one read of the orders it touches and one upsert of the
+    new and changed ones (each order's events folded in order)."""
     wanted = [m for m in messages if relevant(m.type)]
     if not wanted:
         return
     table = tables[order_summary.name]
     ids = list(dict.fromkeys(uuid.UUID(str(m.data["order_id"])) for m in wanted))
-    found = await conn.execute(select(table).where(table.c.order_id.in_(ids)))
-    before = {row.order_id: summary_from_row(row) for row in found}
+    before = {row.order_id: summary_from_row(row) for row in await rows_by_key(conn, table, "order_id", ids)}
     after: dict[uuid.UUID, Summary] = dict(before)
     for message in wanted:
         order_id = uuid.UUID(str(message.data["order_id"]))
         after[order_id] = fold(after.get(order_id), message.type, message.data, message.time)
-    new = [{"order_id": oid, **_values(s)} for oid, s in after.items() if oid not in before]
-    changed = [
-        {"b_order_id": oid, **_values(s)} for oid, s in after.items() if oid in before and s != before[oid]
-    ]
-    if new:
-        await conn.execute(insert(table), new)
-    if changed:
-        await conn.execute(update(table).where(table.c.order_id == bindparam("b_order_id")), changed)
+    # The new and the changed summaries in one upsert (was an insert and an executemany update,
+    # one execution per changed order).
+    await upsert_rows(
+        conn,
+        table,
+        [{"order_id": oid, **_values(s)} for oid, s in after.items() if before.get(oid) != s],
+        key=["order_id"],
+    )
 
 
 async def apply_sales_by_days(
     conn: AsyncConnection, messages: Sequence[Message], tables: Mapping[str, Table]
 ) -> None:
-    """`apply_sales_by_day` over a batch: the completions summed per (day, currency) first."""
+    """`apply_sales_by_day` over a batch: the completions summed per (day, currency), then added
+    in one statement."""
     totals: dict[tuple[date, str], list[int]] = {}
     for message in messages:
         if message.type != ORDER_COMPLETED:
@@ -138,17 +139,18 @@ async def apply_sales_by_days(
         total = totals.setdefault(key, [0, 0])
         total[0] += 1
         total[1] += int(message.data["total_minor"])
-    table = tables[sales_by_day.name]
-    for (day, currency), (orders, revenue) in sorted(totals.items()):
-        result = await conn.execute(
-            update(table)
-            .where(table.c.day == day, table.c.currency == currency)
-            .values(orders=table.c.orders + orders, revenue_minor=table.c.revenue_minor + revenue)
-        )
-        if result.rowcount == 0:
-            await conn.execute(
-                insert(table).values(day=day, currency=currency, orders=orders, revenue_minor=revenue)
-            )
+    # Every (day, currency) of the batch in one upsert that adds to the stored totals (was an
+    # update, and an insert when the day was new, per key).
+    await upsert_rows(
+        conn,
+        tables[sales_by_day.name],
+        [
+            {"day": day, "currency": currency, "orders": orders, "revenue_minor": revenue}
+            for (day, currency), (orders, revenue) in sorted(totals.items())
+        ],
+        key=["day", "currency"],
+        add=["orders", "revenue_minor"],
+    )
 
 
 ORDER_SUMMARY = Projection(
