@@ -33,7 +33,11 @@ def nats_cluster() -> Iterator[Topology]:
 
 
 async def test_killing_the_stream_leader_loses_no_acknowledged_message(nats_cluster: Topology) -> None:
-    result = await run_nats_failover(nats_cluster, messages=600, rate_per_s=300.0, down_s=2.0)
+    # Bounded well inside the test's timeout: a slow re-election reports, it does not hang.
+    result = await run_nats_failover(
+        nats_cluster, messages=600, rate_per_s=300.0, down_s=2.0, deadline_s=110.0
+    )
+    assert not result.out_of_time, result
     assert result.killed
     assert result.acked == 600
     assert result.lost == 0

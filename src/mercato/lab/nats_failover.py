@@ -39,16 +39,24 @@ class NatsFailoverResult:
     killed: str = ""
     pause_s: float = 0.0
     publish_errors: int = 0
+    out_of_time: bool = False
     timeline: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.acked > 0
+        return self.lost == 0 and self.acked > 0 and not self.out_of_time
 
 
 async def run_nats_failover(
-    topology: Topology, *, messages: int = 1500, rate_per_s: float = 300.0, down_s: float = 3.0
+    topology: Topology,
+    *,
+    messages: int = 1500,
+    rate_per_s: float = 300.0,
+    down_s: float = 3.0,
+    deadline_s: float = 120.0,
 ) -> NatsFailoverResult:
+    """Every step is bounded and the whole run ends by `deadline_s` (then `out_of_time`): a drill
+    that hangs tells nothing, one that reports what it acked and read by then does."""
     result = NatsFailoverResult()
     prefix = f"lab{uuid.uuid4().hex[:6]}"
     publisher = JetStreamStream(servers=topology.nats_urls, prefix=prefix, replicas=3, partitions=1)
@@ -57,6 +65,7 @@ async def run_nats_failover(
     consumed: set[str] = set()
     consumed_at: list[float] = []
     started = time.monotonic()
+    end = started + deadline_s
     done_publishing = asyncio.Event()
 
     async def publish() -> None:
@@ -74,23 +83,31 @@ async def run_nats_failover(
             result.published += 1
             # Retried with the same id (deduplicated by the stream) for as long as an election can
             # take on a loaded machine: a publisher that gives up early is not a lost message.
-            give_up = time.monotonic() + 30.0
+            give_up = min(time.monotonic() + 30.0, end)
             while time.monotonic() < give_up:
                 try:
-                    await publisher.publish([message])
+                    await asyncio.wait_for(publisher.publish([message]), timeout=10.0)
                     acked.add(str(message.id))
                     break
                 except Exception:  # noqa: BLE001 - the node died under us: retry on another
                     result.publish_errors += 1
                     await asyncio.sleep(0.1)
+            if time.monotonic() >= end:
+                result.out_of_time = True
+                break
             await asyncio.sleep(1 / rate_per_s)
         done_publishing.set()
 
     async def consume() -> None:
         deadline = None
         while True:
+            if time.monotonic() >= end:
+                result.out_of_time = True
+                return
             try:
-                batch = await consumer.read(TOPIC, "lab", "c1", max_messages=100, block_s=0.5)
+                batch = await asyncio.wait_for(
+                    consumer.read(TOPIC, "lab", "c1", max_messages=100, block_s=0.5), timeout=10.0
+                )
             except Exception:  # noqa: BLE001 - leader election in progress: read again
                 await asyncio.sleep(0.1)
                 continue
@@ -98,7 +115,7 @@ async def run_nats_failover(
                 consumed.add(str(delivery.message.id))
                 consumed_at.append(time.monotonic() - started)
                 with contextlib.suppress(Exception):
-                    await consumer.ack(delivery)
+                    await asyncio.wait_for(consumer.ack(delivery), timeout=5.0)
             if done_publishing.is_set():
                 deadline = deadline or time.monotonic() + 30.0
                 if acked <= consumed or time.monotonic() > deadline:

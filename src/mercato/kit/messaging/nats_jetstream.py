@@ -70,7 +70,11 @@ class JetStreamStream(JetStreamDeadLetters):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Pipelined: every message is sent, in order, before any PubAck is awaited (one connection
-        keeps the order per partition); returns once the server stored every one of them."""
+        keeps the order per partition); returns once the server stored every one of them, or raises
+        `TimeoutError` after `request_timeout_s`. nats-py's PubAck futures have no deadline of their
+        own: a message lost with the node that took it (a leader SIGKILLed mid-publish) left this
+        waiting for good. A timed-out publish is retried by the caller under the same ids, which
+        JetStream deduplicates (`Nats-Msg-Id`)."""
         if not messages:
             return
         js = await self._js()
@@ -85,7 +89,12 @@ class JetStreamStream(JetStreamDeadLetters):
             )
             for m in messages
         ]
-        await asyncio.gather(*acks)
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                await asyncio.gather(*acks)
+        finally:
+            for ack in acks:
+                ack.cancel()  # frees nats-py's pending-publish slot of each one left unanswered
 
     # ---- consuming -----------------------------------------------------------------------------
 
