@@ -179,18 +179,26 @@ async def test_a_psp_outage_opens_the_breaker_and_rejected_attempts_never_reach_
 async def test_refusals_count_as_successes_and_are_not_retried(shop: Shop) -> None:
     registry = BreakerRegistry()
     hooks = PrometheusResilienceHooks(CollectorRegistry())
-    calls = build_provider_calls(
-        shop.container.settings, breakers=registry, hooks=hooks, clock=shop.container.clock
+    # What is under test is the answer, not the clock: with the fixture's 0.5 s budget a loaded CI
+    # machine once timed a capture out, which counts as a failure and is retried.
+    base = shop.container.settings
+    settings = base.model_copy(
+        update={"checkout": base.checkout.model_copy(update={"provider_timeout_s": 10.0})}
     )
-    gateway = HttpPaymentGateway(shop.container.psp, calls.psp, reads=calls.psp_reads)
+    calls = build_provider_calls(settings, breakers=registry, hooks=hooks, clock=shop.container.clock)
+    psp = PspClient(shop.psp_url, timeout=ProviderTimeout(read_s=10.0, connect_s=10.0))
+    gateway = HttpPaymentGateway(psp, calls.psp, reads=calls.psp_reads)
     sent_before = await psp_posts_received(shop)
-    for _ in range(6):
-        with pytest.raises(ProviderRejected):  # the PSP answers 404: a definite no
-            await gateway.capture(
-                authorization_id=f"auth_{uuid.uuid4().hex}",
-                amount_minor=100,
-                idempotency_key=str(uuid.uuid4()),
-            )
+    try:
+        for _ in range(6):
+            with pytest.raises(ProviderRejected):  # the PSP answers 404: a definite no
+                await gateway.capture(
+                    authorization_id=f"auth_{uuid.uuid4().hex}",
+                    amount_minor=100,
+                    idempotency_key=str(uuid.uuid4()),
+                )
+    finally:
+        await psp.aclose()
     snapshot = registry.snapshot()["psp"]
     assert (snapshot["state"], snapshot["calls"], snapshot["failures"]) == ("closed", 6, 0)
     assert await psp_posts_received(shop) - sent_before == 6  # one attempt each: no retries
