@@ -139,7 +139,7 @@ class RealtimeRuntime:
         c.hub.on_revoked(self._forget)
         consumer = c.hub.node_id
         feed = OrderFeed(
-            c.db, c.stream, c.channel_history, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
+            c.stream, c.channel_history, c.hub.publish_many, consumer=consumer, hook=c.messaging_hook
         )
         persister = ChatPersister(
             c.chat,

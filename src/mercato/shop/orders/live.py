@@ -5,10 +5,11 @@ sees every event whichever process ran the saga), appends each one to the `order
 history (a per-order seq, dedup by message id: a redelivery gets its first seq again), and
 publishes it for live fan-out. `GET /v1/orders/{id}/events` streams that channel over SSE.
 
-A pass appends all of its events in one transaction and publishes them in one broker call (a
-checkout makes four or five of these events, and a transaction plus a broker round trip per event
-was most of the feed's cost in the API process: ADR 0071). If that fails, the pass falls back to
-one event at a time, where a failing order's events are nacked and redelivered in order, as before.
+A pass appends all of its events at once (one statement on PostgreSQL) and publishes them in one
+broker call (a checkout makes four or five of these events, and a transaction plus a broker round
+trip per event was most of the feed's cost in the API process: ADR 0071). If that fails, the pass
+falls back to one event at a time, where a failing order's events are nacked and redelivered in
+order, as before.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from mercato.kit.messaging import Delivery, LagReporter, Message, MessagingHook, Stream
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime import ChannelEvent, SqlChannelHistory
-from mercato.kit.storage import Database
+from mercato.kit.realtime.history import HistoryItem
 
 __all__ = ["ORDER_FEED_GROUP", "ORDER_FEED_TOPICS", "OrderFeed", "order_channel"]
 
@@ -64,7 +65,6 @@ def live_event(message: Message) -> tuple[str, str, dict[str, Any]] | None:
 class OrderFeed:
     def __init__(
         self,
-        db: Database,
         stream: Stream,
         history: SqlChannelHistory,
         publish_many: Callable[[list[ChannelEvent]], Awaitable[None]],
@@ -74,7 +74,6 @@ class OrderFeed:
         hook: MessagingHook | None = None,
     ) -> None:
         self._lag = LagReporter(stream, hook)
-        self._db = db
         self._stream = stream
         self._history = history
         self._publish_many = publish_many
@@ -103,19 +102,15 @@ class OrderFeed:
         return len(deliveries)
 
     async def _handle_all(self, deliveries: list[Delivery]) -> None:
-        """Every delivery's event appended in one transaction (in the pass's order, so the seqs are
-        those one-by-one handling gives), then published in one call."""
-        events: list[ChannelEvent] = []
-        async with self._db.write() as conn:
-            for delivery in deliveries:
-                found = live_event(delivery.message)
-                if found is None:
-                    continue
+        """Every delivery's event appended at once (in the pass's order, so the seqs are those
+        one-by-one handling gives; one statement on PostgreSQL), then published in one call."""
+        items: list[HistoryItem] = []
+        for delivery in deliveries:
+            found = live_event(delivery.message)
+            if found is not None:
                 channel, name, data = found
-                event, _new = await self._history.append(
-                    conn, channel, name, data, dedup_key=str(delivery.message.id)
-                )
-                events.append(event)
+                items.append((channel, name, data, str(delivery.message.id)))
+        events = await self._history.append_many(items)
         # Published even when not new: a lost publish after a crash is repeated; connections dedup by seq.
         if events:
             await self._publish_many(events)
