@@ -94,20 +94,20 @@ _LOCK_CURSORS = (
     .order_by(_c.partition)
     .with_for_update(skip_locked=True)
 )
-# The next messages of a partition with the group's record of each (none for most).
+# The log with the group's record of each message (none for most).
+_LOG_WITH_ATTEMPTS = stream_log.outerjoin(
+    stream_attempts,
+    and_(
+        _a.group == bindparam("group"),
+        _a.topic == _log.topic,
+        _a.partition == _log.partition,
+        _a.offset == _log.offset,
+    ),
+)
+# The next messages of a partition with the group's record of each.
 _NEXT_BATCH = (
     select(_log.offset, _log.envelope, _a.failures, _a.acked)
-    .select_from(
-        stream_log.outerjoin(
-            stream_attempts,
-            and_(
-                _a.group == bindparam("group"),
-                _a.topic == _log.topic,
-                _a.partition == _log.partition,
-                _a.offset == _log.offset,
-            ),
-        )
-    )
+    .select_from(_LOG_WITH_ATTEMPTS)
     .where(
         _log.topic == bindparam("topic"),
         _log.partition == bindparam("partition"),
@@ -280,17 +280,7 @@ def _next_batches(count: int) -> Select[Any]:
             partition = bindparam(f"p{i}", type_=Integer())
             arm = (
                 select(_log.partition, _log.offset, _log.envelope, _a.failures, _a.acked)
-                .select_from(
-                    stream_log.outerjoin(
-                        stream_attempts,
-                        and_(
-                            _a.group == bindparam("group"),
-                            _a.topic == _log.topic,
-                            _a.partition == _log.partition,
-                            _a.offset == _log.offset,
-                        ),
-                    )
-                )
+                .select_from(_LOG_WITH_ATTEMPTS)
                 .where(
                     _log.topic == bindparam("topic"),
                     _log.partition == partition,

@@ -164,12 +164,7 @@ class Hub:
             head = await conn.subscribe(channel, since=since)
         except BaseException:
             if not was_subscribed:
-                members = self._channels.get(channel)
-                if members is not None:
-                    members.discard(conn)
-                    if not members:
-                        del self._channels[channel]
-                conn.unsubscribe(channel)
+                self._leave(conn, channel)
             raise
         if presence:
             counter = self._local_presence.setdefault(channel, Counter())
@@ -188,13 +183,17 @@ class Hub:
         """`history` through the gate: what a subscription reads."""
         return self._subscriber_history
 
-    async def unsubscribe(self, conn: Connection, channel: str) -> None:
+    def _leave(self, conn: Connection, channel: str) -> None:
+        """`conn` off `channel`'s members (the channel forgotten with its last) and unsubscribed."""
         members = self._channels.get(channel)
         if members is not None:
             members.discard(conn)
             if not members:
                 del self._channels[channel]
         conn.unsubscribe(channel)
+
+    async def unsubscribe(self, conn: Connection, channel: str) -> None:
+        self._leave(conn, channel)
         counter = self._local_presence.get(channel)
         if counter is not None and conn.user in counter:
             counter[conn.user] -= 1
