@@ -92,6 +92,7 @@ def remote(
     hang: bool = False,
     undo_fails: bool = False,
     retry: RetrySchedule = NO_WAIT,
+    timeout_s: float = 0.2,
 ) -> Step:
     remaining = {"fail": fail}
 
@@ -116,13 +117,13 @@ def remote(
         name,
         action,
         compensation,
-        timeout_s=0.2,
+        timeout_s=timeout_s,
         retry=retry,
         compensation_retry=RetrySchedule(max_attempts=2, base_s=0.0, cap_s=0.0),
     )
 
 
-def local(name: str, rec: Recorder, *, fail: bool = False) -> Step:
+def local(name: str, rec: Recorder, *, fail: bool = False, timeout_s: float = 1.0) -> Step:
     async def action(ctx: StepContext) -> Mapping[str, Any]:
         rec.hit(ctx, "do")
         assert ctx.conn is not None
@@ -136,7 +137,7 @@ def local(name: str, rec: Recorder, *, fail: bool = False) -> Step:
         assert ctx.conn is not None
         await set_meta(ctx.conn, f"effect:{ctx.saga_id}:{name}", "undone", now=await _now(ctx.conn))
 
-    return Step(name, action, compensation, local=True, timeout_s=1.0, retry=NO_WAIT)
+    return Step(name, action, compensation, local=True, timeout_s=timeout_s, retry=NO_WAIT)
 
 
 async def start(container: Container, store: SagaStore, definition: SagaDefinition) -> uuid.UUID:
@@ -403,7 +404,10 @@ async def test_two_runners_never_run_a_step_twice(
     container: Container, store: SagaStore, clock: ManualClock
 ) -> None:
     rec = Recorder()
-    definition = SagaDefinition("order", (local("reserve", rec), remote("authorize", rec)))
+    # Timeouts that only bound the test: a CI machine that stalled past the usual 1 s / 0.2 s timed a
+    # step out, and its retry (due, but claimed by no later pass here) left the saga running.
+    steps = (local("reserve", rec, timeout_s=8.0), remote("authorize", rec, timeout_s=5.0))
+    definition = SagaDefinition("order", steps)
     ids = [await start(container, store, definition) for _ in range(12)]
     a = runner_for(container, store, definition, clock, "runner-a")
     b = runner_for(container, store, definition, clock, "runner-b")
