@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mercato.bench.checkout import CheckoutBenchOptions, run_checkout_bench
+from mercato.bench.checkout_report import LOAD_GENERATOR, MACHINE, POSTGRESQL
 
 
 def test_a_short_checkout_bench_accounts_for_every_checkout() -> None:
@@ -36,3 +37,10 @@ def test_a_short_checkout_bench_accounts_for_every_checkout() -> None:
     for phase in ("api:PUT cart line", "api:POST checkout", "saga:reserve_inventory", "saga:mark_complete"):
         assert phases.get(phase, 0) >= 1, phase
     assert report.to_dict()["steps"][0]["sagas"]["completed"] == counts.ok
+    # CPU: the server, the load generator and the machine; the system is the machine less the generator.
+    cpu = step.server_cpu_s
+    assert cpu["embedded"] > 0
+    assert cpu[LOAD_GENERATOR] > 0
+    assert cpu[MACHINE] >= cpu["embedded"]
+    assert step.system_cpu_s == cpu[MACHINE] - cpu[LOAD_GENERATOR]
+    assert POSTGRESQL in cpu  # SQLite here: whatever PostgreSQL servers the machine runs did

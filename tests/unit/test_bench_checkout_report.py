@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from mercato.bench.checkout_report import (
     DEFAULT_RATES,
+    LOAD_GENERATOR,
+    MACHINE,
+    POSTGRESQL,
     BaselineStep,
     CheckoutStep,
     SagaOutcome,
@@ -17,6 +23,7 @@ from mercato.bench.checkout_report import (
     rate_ladder,
     request_id,
 )
+from mercato.bench.servers import command_cpu_s
 from mercato.bench.stats import Counts, LatencyHistogram
 
 
@@ -118,3 +125,22 @@ def test_report_dict_is_consistent() -> None:
     assert data["statements_per_checkout"] == {"api:POST checkout": 15.0, "saga:load": 6.0}
     assert data["accept_p50_vs_bare_p50"] == pytest.approx(15.0, rel=0.01)  # 30 ms vs 2 ms
     assert data["accepted_rate"] == pytest.approx(50.0)
+
+
+def test_system_cpu_is_the_machine_less_the_load_generator() -> None:
+    step = _step(rate=50, completed=100, last_finished=1002.0, accepted=100)
+    assert step.system_cpu_s is None
+    assert step.to_dict()["system_cpu_ms_per_checkout"] is None
+    step.server_cpu_s = {"api": 0.7, POSTGRESQL: 0.9, LOAD_GENERATOR: 0.5, MACHINE: 3.5}
+    assert step.system_cpu_s == pytest.approx(3.0)
+    assert step.to_dict()["system_cpu_ms_per_checkout"] == pytest.approx(30.0)  # 3 s over 100
+
+
+def test_a_command_s_cpu_counts_its_processes() -> None:
+    # This test's own process burns CPU, so every process named as it is has at least that much.
+    own = Path("/proc/self/comm").read_text().strip()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert command_cpu_s(own) >= 0.05
+    assert command_cpu_s("no-such-command-here") == 0.0

@@ -27,6 +27,7 @@ import contextlib
 import multiprocessing
 import os
 import random
+import resource
 import secrets
 import subprocess
 import sys
@@ -44,6 +45,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mercato.bench.checkout_client import CheckoutLoad, CheckoutLoadResult, run_checkout_load, warm
 from mercato.bench.checkout_report import (
+    LOAD_GENERATOR,
+    MACHINE,
+    POSTGRESQL,
     BaselineStep,
     CheckoutStep,
     SagaOutcome,
@@ -58,9 +62,11 @@ from mercato.bench.servers import (
     ServerProcess,
     _clean_env,
     bench_settings,
+    command_cpu_s,
     database,
     free_port,
     machine_busy_s,
+    process_tree_cpu_s,
     settle,
     start_baseline,
     start_server,
@@ -92,7 +98,7 @@ class CheckoutBenchOptions:
     timeout_s: float = 5.0
     max_connections: int = 256
     stop_when_saturated: bool = True
-    profile_dir: Path | None = None  # py-spy the Mercato processes during the last step
+    profile_dir: Path | None = None  # py-spy the Mercato and provider processes during the last step
     # MERCATO_* settings for the Mercato processes, on top of the bench's own (NAME, VALUE) pairs.
     settings: tuple[tuple[str, str], ...] = ()
 
@@ -368,11 +374,16 @@ class CheckoutBench:
         return outcomes, durations, (sum(waits) / len(waits) if waits else None)
 
 
-def _cpu(servers: list[ServerProcess]) -> dict[str, float]:
-    """Each process's CPU seconds, and the whole machine's busy time: what the servers' sum leaves
-    out is the database server, the load generator and the kernel's own work for them."""
+def _cpu(servers: list[ServerProcess], generator_pid: int) -> dict[str, float]:
+    """Each server's CPU seconds, PostgreSQL's, the load generator's (the bench process and its
+    generator process: not the system's cost) and the whole machine's busy time; what the machine's
+    figure holds beyond those is the kernel's own work (softirqs of loopback traffic) and anything
+    else running."""
     figures = {s.name: s.cpu_s() or 0.0 for s in servers}
-    figures["machine (all)"] = machine_busy_s()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    figures[LOAD_GENERATOR] = own.ru_utime + own.ru_stime + (process_tree_cpu_s(generator_pid) or 0.0)
+    figures[POSTGRESQL] = command_cpu_s("postgres")
+    figures[MACHINE] = machine_busy_s()
     return figures
 
 
@@ -382,12 +393,14 @@ def _py_spy() -> str:
     return str(beside) if beside.exists() else "py-spy"
 
 
-def _start_profiles(probes: list[_Probe], directory: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
+def _start_profiles(
+    servers: list[ServerProcess], directory: Path, seconds: float
+) -> list[subprocess.Popen[bytes]]:
     directory.mkdir(parents=True, exist_ok=True)
     procs = []
-    for probe in probes:
-        out = directory / f"{probe.server.name}.txt"
-        args = [_py_spy(), "record", "--pid", str(probe.server.proc.pid), "--duration", str(int(seconds))]
+    for server in servers:
+        out = directory / f"{server.name}.txt"
+        args = [_py_spy(), "record", "--pid", str(server.proc.pid), "--duration", str(int(seconds))]
         args += ["--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
         procs.append(
             subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
@@ -416,6 +429,7 @@ async def _run(
         ):
             # The spawned generator process imports for ~1 s: not inside the first step's slots.
             await asyncio.get_running_loop().run_in_executor(executor, warm)
+            generator_pid = await asyncio.get_running_loop().run_in_executor(executor, os.getpid)
             on_phase("logging customers in")
             tokens = await login_customers(api.base_url, products=opts.products, customers=opts.customers)
             bench = CheckoutBench(opts, executor, engine)
@@ -432,10 +446,10 @@ async def _run(
                 base = await bench.baseline(baseline_server, rate)
                 on_phase(f"step {number}/{len(opts.rates)}: checkouts at {rate:g}/s")
                 before = [p.counts() for p in probes]
-                cpu0, wall0 = _cpu(servers), time.monotonic()
+                cpu0, wall0 = _cpu(servers, generator_pid), time.monotonic()
                 last = number == len(opts.rates)
                 spies = (
-                    _start_profiles(probes, opts.profile_dir, opts.duration_s)
+                    _start_profiles(servers, opts.profile_dir, opts.duration_s)
                     if opts.profile_dir is not None and last
                     else []
                 )
@@ -446,7 +460,7 @@ async def _run(
                 # catching up is this step's work too, in its CPU and statements.
                 on_phase(f"step {number}/{len(opts.rates)}: waiting for the servers to go quiet")
                 await settle(servers, limit_s=opts.drain_s)
-                cpu1, wall = _cpu(servers), time.monotonic() - wall0
+                cpu1, wall = _cpu(servers, generator_pid), time.monotonic() - wall0
                 after = [p.counts() for p in probes]
                 for spy in spies:
                     spy.wait(timeout=opts.duration_s + 30)

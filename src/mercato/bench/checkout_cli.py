@@ -13,7 +13,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mercato.bench.checkout import MODES, CheckoutBenchOptions, CheckoutBenchReport, run_checkout_bench
-from mercato.bench.checkout_report import CheckoutStep, rate_ladder
+from mercato.bench.checkout_report import LOAD_GENERATOR, MACHINE, POSTGRESQL, CheckoutStep, rate_ladder
 from mercato.bench.harness import OutOption, RunFolder
 from mercato.bench.servers import server_settings
 
@@ -92,6 +92,26 @@ def round_trips_table(step: CheckoutStep) -> Table:
     return table
 
 
+def cpu_table(report: CheckoutBenchReport) -> Table:
+    """CPU ms per completed checkout at each rate: each server, PostgreSQL, the load generator, and
+    the system (the machine less the load generator)."""
+    table = Table(title="CPU ms per completed checkout")
+    table.add_column("offered/s", justify="right")
+    names = [k for k in report.steps[0].server_cpu_s if k not in (MACHINE, POSTGRESQL, LOAD_GENERATOR)]
+    columns = [*names, POSTGRESQL, LOAD_GENERATOR, "system", MACHINE]
+    for column in columns:
+        table.add_column(f"[bold]{column}[/bold]" if column == "system" else column, justify="right")
+    for step in report.steps:
+        done = step.completion.completed
+        if not done:
+            continue
+        figures = {k: v * 1000 / done for k, v in step.server_cpu_s.items()}
+        system = step.system_cpu_s
+        figures["system"] = system * 1000 / done if system is not None else float("nan")
+        table.add_row(f"{step.offered_rate:g}", *(f"{figures.get(c, float('nan')):.1f}" for c in columns))
+    return table
+
+
 def _check_vs(vs: str, database_url: str | None) -> None:
     """Before anything runs: a known engine, PostgreSQL, and the extra installed."""
     from mercato.bench.dbos_checkout import DbosMissing, dbos_database_url, require_dbos
@@ -162,7 +182,8 @@ def checkout(
         bool, typer.Option(help="Run every rate even after one completes < 50% of its offered rate")
     ] = False,
     profile_dir: Annotated[
-        Path | None, typer.Option(help="py-spy (raw format) the Mercato processes during the last step")
+        Path | None,
+        typer.Option(help="py-spy (raw format) the Mercato and provider processes during the last step"),
     ] = None,
     vs: Annotated[
         str | None,
@@ -228,7 +249,9 @@ def checkout(
     except (RuntimeError, OSError, ValueError) as exc:
         console.print(f"[red]benchmark failed:[/red] {exc}")
         raise typer.Exit(1) from exc
-    tables = [steps_table(report), *([round_trips_table(report.steps[-1])] if report.steps else [])]
+    tables = [steps_table(report)]
+    if report.steps:
+        tables += [cpu_table(report), round_trips_table(report.steps[-1])]
     data = report.to_dict()
     folder = RunFolder.open("bench-checkout", out)
     lines: list[str] = []

@@ -27,6 +27,11 @@ from mercato.bench.stats import Counts, LatencyHistogram, achieved_rate, ratio
 DEFAULT_RATES = (25.0, 50.0, 100.0, 200.0)
 # Below this share of the offered rate completing, higher rates only measure a deeper backlog.
 SATURATED_BELOW = 0.5
+# `CheckoutStep.server_cpu_s` keys beside the servers' names: the whole machine's busy time, every
+# PostgreSQL process's CPU, and the load generator's (the bench itself: not the system's cost).
+MACHINE = "machine (all)"
+POSTGRESQL = "postgresql (all)"
+LOAD_GENERATOR = "load generator"
 
 
 def rate_ladder(rates: Iterable[float] | None = None) -> tuple[float, ...]:
@@ -191,6 +196,14 @@ class CheckoutStep:
         )
 
     @property
+    def system_cpu_s(self) -> float | None:
+        """The machine's busy time less the load generator's: what the system under test cost
+        (servers, simulators, PostgreSQL and the kernel's work for them). None without both figures."""
+        if MACHINE not in self.server_cpu_s or LOAD_GENERATOR not in self.server_cpu_s:
+            return None
+        return self.server_cpu_s[MACHINE] - self.server_cpu_s[LOAD_GENERATOR]
+
+    @property
     def saturated(self) -> bool:
         return self.completed_rate < SATURATED_BELOW * self.offered_rate
 
@@ -251,6 +264,9 @@ class CheckoutStep:
             "server_cpu_ms_per_checkout": {
                 k: round(v * 1000, 1) for k, v in per_checkout(self.server_cpu_s, done.completed).items()
             },
+            "system_cpu_ms_per_checkout": None
+            if self.system_cpu_s is None or not done.completed
+            else round(self.system_cpu_s * 1000 / done.completed, 1),
             "saga_step_mean_ms": {k: round(v, 1) for k, v in self.step_ms.items()},
             "wait_to_first_step_ms": None
             if self.wait_to_first_step_ms is None

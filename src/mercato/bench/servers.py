@@ -67,11 +67,35 @@ def process_tree_cpu_s(pid: int) -> float | None:
         pass
     total = 0
     for item in pids:
-        try:
-            fields = (proc / str(item) / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        fields = _stat_fields(str(item))
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _clock_ticks()
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def command_cpu_s(command: str) -> float:
+    """CPU seconds of every process whose command name is `command` (e.g. ``postgres``: the server's
+    postmaster and backends), with the children they have reaped, so a backend that exits between two
+    readings still counts (its time moves to its parent's cutime/cstime); Linux only."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        try:
+            if (entry / "comm").read_text().strip() != command:
+                continue
+        except OSError:
+            continue
+        fields = _stat_fields(entry.name)
+        if fields is not None:  # utime, stime, cutime, cstime (fields 14-17 of stat)
+            total += sum(int(v) for v in fields[11:15])
     return total / _clock_ticks()
 
 
