@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mercato.bench.checkout_client import CheckoutLoad, CheckoutLoadResult, run_checkout_load, warm
@@ -276,6 +276,17 @@ class CheckoutBench:
         self._steps_run += 1
         return f"ck{self._steps_run}x{secrets.token_hex(3)}"
 
+    async def sessions(self) -> int | None:
+        """PostgreSQL sessions opened on the bench's database so far (`pg_stat_database.sessions`,
+        PostgreSQL 14+): a pool that closes and reopens connections under load shows here."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            )
+        return None if value is None else int(value)
+
     async def baseline(self, server: ServerProcess, rate: float) -> BaselineStep:
         opts = self.options
         load = CheckoutLoad(
@@ -446,6 +457,7 @@ async def _run(
                 base = await bench.baseline(baseline_server, rate)
                 on_phase(f"step {number}/{len(opts.rates)}: checkouts at {rate:g}/s")
                 before = [p.counts() for p in probes]
+                sessions0 = await bench.sessions()
                 cpu0, wall0 = _cpu(servers, generator_pid), time.monotonic()
                 last = number == len(opts.rates)
                 spies = (
@@ -461,12 +473,15 @@ async def _run(
                 on_phase(f"step {number}/{len(opts.rates)}: waiting for the servers to go quiet")
                 await settle(servers, limit_s=opts.drain_s)
                 cpu1, wall = _cpu(servers, generator_pid), time.monotonic() - wall0
+                sessions1 = await bench.sessions()
                 after = [p.counts() for p in probes]
                 for spy in spies:
                     spy.wait(timeout=opts.duration_s + 30)
                 outcomes, durations, wait_ms = await bench.outcomes(tag)
                 step = _step(rate, opts.duration_s, result, outcomes, tag, base)
                 step.step_ms, step.wait_to_first_step_ms = durations, wait_ms
+                if sessions0 is not None and sessions1 is not None:
+                    step.new_sessions_per_s = max(0, sessions1 - sessions0) / wall
                 step.server_cpu_s = {k: cpu1[k] - cpu0[k] for k in cpu1}
                 step.server_cpu = {k: v / wall for k, v in step.server_cpu_s.items()}
                 statements: dict[str, float] = {}

@@ -98,7 +98,7 @@ def cpu_table(report: CheckoutBenchReport) -> Table:
     table = Table(title="CPU ms per completed checkout")
     table.add_column("offered/s", justify="right")
     names = [k for k in report.steps[0].server_cpu_s if k not in (MACHINE, POSTGRESQL, LOAD_GENERATOR)]
-    columns = [*names, POSTGRESQL, LOAD_GENERATOR, "system", MACHINE]
+    columns = [*names, POSTGRESQL, LOAD_GENERATOR, "system", MACHINE, "new PG sessions/s"]
     for column in columns:
         table.add_column(f"[bold]{column}[/bold]" if column == "system" else column, justify="right")
     for step in report.steps:
@@ -108,6 +108,11 @@ def cpu_table(report: CheckoutBenchReport) -> Table:
         figures = {k: v * 1000 / done for k, v in step.server_cpu_s.items()}
         system = step.system_cpu_s
         figures["system"] = system * 1000 / done if system is not None else float("nan")
+        # Not per checkout: a pool that churns its connections (each a backend fork, type
+        # introspection and every statement prepared again) shows here.
+        figures["new PG sessions/s"] = (
+            step.new_sessions_per_s if step.new_sessions_per_s is not None else float("nan")
+        )
         table.add_row(f"{step.offered_rate:g}", *(f"{figures.get(c, float('nan')):.1f}" for c in columns))
     return table
 

@@ -174,6 +174,7 @@ class CheckoutStep:
     server_cpu_s: dict[str, float] = field(default_factory=dict)
     step_ms: dict[str, float] = field(default_factory=dict)  # saga step -> mean duration_ms
     wait_to_first_step_ms: float | None = None  # saga created -> first worker step started
+    new_sessions_per_s: float | None = None  # PostgreSQL sessions opened on the database (any client)
 
     @property
     def accepted_rate(self) -> float:
@@ -271,6 +272,9 @@ class CheckoutStep:
             "wait_to_first_step_ms": None
             if self.wait_to_first_step_ms is None
             else round(self.wait_to_first_step_ms, 1),
+            "new_sessions_per_s": None
+            if self.new_sessions_per_s is None
+            else round(self.new_sessions_per_s, 2),
         }
 
 
