@@ -67,17 +67,20 @@ def process_tree_cpu_s(pid: int) -> float | None:
         pass
     total = 0
     for item in pids:
-        fields = _stat_fields(str(item))
-        if fields is not None:
+        stat = _stat(str(item))
+        if stat is not None:
+            fields = stat[1]
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return total / _clock_ticks()
 
 
-def _stat_fields(pid: str) -> list[str] | None:
+def _stat(pid: str) -> tuple[str, list[str]] | None:
+    """A process's command name and the fields of /proc/<pid>/stat after it (field 3 onwards)."""
     try:
-        return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        head, _, tail = (Path("/proc") / pid / "stat").read_text().rpartition(")")
+    except OSError:
         return None
+    return (head.partition("(")[2], tail.split()) if head else None
 
 
 def command_cpu_s(command: str) -> float:
@@ -86,16 +89,9 @@ def command_cpu_s(command: str) -> float:
     readings still counts (its time moves to its parent's cutime/cstime); Linux only."""
     total = 0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != command:
-                continue
-        except OSError:
-            continue
-        fields = _stat_fields(entry.name)
-        if fields is not None:  # utime, stime, cutime, cstime (fields 14-17 of stat)
-            total += sum(int(v) for v in fields[11:15])
+        stat = _stat(entry.name) if entry.name.isdigit() else None
+        if stat is not None and stat[0] == command:  # utime, stime, cutime, cstime (fields 14-17)
+            total += sum(int(v) for v in stat[1][11:15])
     return total / _clock_ticks()
 
 
