@@ -149,6 +149,7 @@ class RealtimeRuntime:
             hook=c.messaging_hook,
             wakeups=lambda: sum(c.db.signals.mark(_PERSISTER_CHANNELS)),
             publish_and_ack=publish_and_ack(c.hub, c.stream),
+            fan_out_here_first=c.hub.fan_out_here_first,
         )
         poll_s = c.settings.realtime.consumer_poll_s
         self._tasks = [

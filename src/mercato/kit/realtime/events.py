@@ -35,25 +35,29 @@ class ChannelEvent:
     ack: dict[str, Any] = field(default_factory=dict)
     # Wall-clock seconds when the event became durable (persisted), for the fan-out latency metric.
     at: float = 0.0
+    # True: `origin`'s hub fanned it out to its own connections before publishing it (ADR 0085), so
+    # that hub skips it when the broker brings it back; every other hub fans it out as usual.
+    fanned_out_at_origin: bool = False
     # The client frame's JSON text, encoded on first use: once per fan-out, not once per connection.
     _wire: str | None = field(default=None, init=False, compare=False, repr=False)
     # The same as one WebSocket text frame, framed once for every connection's socket (ADR 0063).
     _frame: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "c": self.channel,
-                "t": self.type,
-                "d": self.data,
-                "s": self.seq,
-                "e": self.essential,
-                "o": self.origin,
-                "r": self.reply_to,
-                "a": self.ack,
-                "at": self.at,
-            }
-        )
+        raw: dict[str, Any] = {
+            "c": self.channel,
+            "t": self.type,
+            "d": self.data,
+            "s": self.seq,
+            "e": self.essential,
+            "o": self.origin,
+            "r": self.reply_to,
+            "a": self.ack,
+            "at": self.at,
+        }
+        if self.fanned_out_at_origin:
+            raw["f"] = True
+        return orjson.dumps(raw)
 
     @classmethod
     def from_bytes(cls, payload: bytes | str) -> ChannelEvent:
@@ -68,6 +72,7 @@ class ChannelEvent:
             reply_to=str(raw.get("r") or ""),
             ack=dict(raw.get("a") or {}),
             at=float(raw.get("at") or 0.0),
+            fanned_out_at_origin=bool(raw.get("f", False)),
         )
 
     def wire(self) -> str:

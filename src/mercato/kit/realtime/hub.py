@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -211,6 +212,17 @@ class Hub:
         """Several events in publish order, in one broker round trip where the adapter has one."""
         await self.broker.publish_many(events)
 
+    def fan_out_here_first(self, events: list[ChannelEvent]) -> list[ChannelEvent]:
+        """Fan durable `events` out to this process's connections now, and return them marked for
+        the broker (ADR 0085): every other hub fans them out when the broker brings them, this one
+        skips them then. Its members no longer wait for the broker's round trip and this hub's read
+        of it; a connection takes each seq once whichever way it comes first."""
+        for event in events:
+            self.fan_out(event)
+        return [
+            dataclasses.replace(event, origin=self.node_id, fanned_out_at_origin=True) for event in events
+        ]
+
     async def revoke(self, channel: str, user: str) -> None:
         """Tell every process that `user` may no longer read `channel` (see ACCESS_REVOKED)."""
         await self.broker.publish(
@@ -270,6 +282,8 @@ class Hub:
 
     async def _pump(self, subscription: Subscription) -> None:
         async for event in subscription:
+            if event.fanned_out_at_origin and event.origin == self.node_id:
+                continue  # fanned out here before it was published (`fan_out_here_first`)
             try:
                 self.fan_out(event)
             except Exception:  # noqa: BLE001 - one bad event never stops delivery to everyone

@@ -341,6 +341,7 @@ class ChatPersister:
         lag: LagReporter | None = None,
         wakeups: Callable[[], int] | None = None,
         publish_and_ack: PublishAndAck | None = None,
+        fan_out_here_first: Callable[[list[ChannelEvent]], list[ChannelEvent]] | None = None,
     ) -> None:
         """`publish_and_ack`: a pass wholly persisted is published and acknowledged in one call (one
         Redis round trip when the broker and the stream share a Redis, ADR 0082), which with
@@ -355,6 +356,7 @@ class ChatPersister:
         self._stream = stream
         self._publish_many = publish_many
         self._publish_and_ack_together = publish_and_ack
+        self._fan_out_here_first = fan_out_here_first
         self._consumer = consumer
         self._batch = batch
         self._lag = lag or LagReporter(stream, hook)
@@ -490,16 +492,18 @@ class ChatPersister:
     async def _publish_and_ack(self, persisted: _Persisted, *, read_next: bool = False) -> int:
         deliveries, stored = persisted.deliveries, persisted.stored
         done = [d for d in deliveries if str(d.message.id) in stored]
+        events = [self._event(d, stored[str(d.message.id)]) for d in done]
+        if events and self._fan_out_here_first is not None:
+            events = self._fan_out_here_first(events)  # durable already: no broker wait for ours
         if self._publish_and_ack_together is not None and done and len(done) == len(deliveries):
-            events = [self._event(d, stored[str(d.message.id)]) for d in done]
             wakeups = self._wakeups() if self._wakeups is not None else 0
             read = (CHAT_TOPIC, CHAT_GROUP, self._consumer, self._batch) if read_next else None
             following = await self._publish_and_ack_together(events, done, read)
             if following is not None:
                 self._read_ahead = (following, wakeups)
             return len(done)
-        if done:
-            await self._publish_many([self._event(d, stored[str(d.message.id)]) for d in done])
+        if events:
+            await self._publish_many(events)
         for index, delivery in enumerate(deliveries):
             if str(delivery.message.id) not in stored:
                 if index:
