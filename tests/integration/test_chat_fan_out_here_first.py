@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import orjson
-
 from mercato.bootstrap import Container
-from mercato.kit.realtime import ChannelEvent, Connection, Hub
+from mercato.kit.realtime import ChannelEvent, Hub
 from mercato.kit.realtime.broker import Subscription
 from mercato.shop.chat.model import room_channel
 from mercato.shop.chat.service import ChatPersister, send_message
+from tests.unit.realtime_support import SeqHistory, queued_frames
 
 
 class _LoopbackBroker:
@@ -44,26 +43,10 @@ class _LoopbackBroker:
         pass
 
 
-class _EmptyHistory:
-    async def head(self, channel: str) -> int:
-        return 0
-
-    async def after(self, channel: str, seq: int, *, limit: int) -> list[ChannelEvent]:
-        return []
-
-
-async def _frames(conn: Connection) -> list[dict[str, object]]:
-    out = []
-    while len(conn.queue):
-        frame, _ = await conn.queue.get()
-        out.append(orjson.loads(frame))
-    return out
-
-
 async def test_the_origin_hub_skips_what_it_fanned_out_first_and_the_others_do_not() -> None:
     broker = _LoopbackBroker()
-    here = Hub(broker, _EmptyHistory(), node_id="n1")  # type: ignore[arg-type]
-    there = Hub(broker, _EmptyHistory(), node_id="n2")  # type: ignore[arg-type]
+    here = Hub(broker, SeqHistory(0), node_id="n1")  # type: ignore[arg-type]
+    there = Hub(broker, SeqHistory(0), node_id="n2")  # type: ignore[arg-type]
     await here.start()
     await there.start()
     try:
@@ -78,17 +61,17 @@ async def test_the_origin_hub_skips_what_it_fanned_out_first_and_the_others_do_n
 
         marked = here.fan_out_here_first([event])
         # Delivered here before anything was published.
-        assert [f["seq"] for f in await _frames(reader_here)] == [1]
-        assert await _frames(sender) == [{"type": "ack", "client_msg_id": "c1", "seq": 1}]
+        assert [f["seq"] for f in await queued_frames(reader_here)] == [1]
+        assert await queued_frames(sender) == [{"type": "ack", "client_msg_id": "c1", "seq": 1}]
         assert [(e.origin, e.fanned_out_at_origin) for e in marked] == [("n1", True)]
 
         await broker.publish_many(marked)
         await asyncio.sleep(0.05)
         # The echo is skipped here (without the skip the sender would be acknowledged twice) ...
-        assert await _frames(sender) == []
-        assert await _frames(reader_here) == []
+        assert await queued_frames(sender) == []
+        assert await queued_frames(reader_here) == []
         # ... and fanned out by every other hub.
-        assert [f["seq"] for f in await _frames(reader_there)] == [1]
+        assert [f["seq"] for f in await queued_frames(reader_there)] == [1]
     finally:
         await here.stop()
         await there.stop()
@@ -118,7 +101,7 @@ async def test_a_persisted_message_reaches_this_process_s_members_without_the_br
         [send_message(room_id=room, sender=users[0], text="hello", client_msg_id="c1", reply_to="", now=now)]
     )
     assert await persister.run_once() == 1
-    frames = await _frames(member)
+    frames = await queued_frames(member)
     assert [(f["type"], f["seq"], f["text"]) for f in frames] == [("message", 1, "hello")]
     assert delivered_before_publish == [1]
     assert [(e.seq, e.origin, e.fanned_out_at_origin) for e in published] == [(1, hub.node_id, True)]
