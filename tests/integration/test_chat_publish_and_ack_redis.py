@@ -1,6 +1,7 @@
-"""The chat persister's broker publish and stream acks in one Redis round trip (ADR 0082):
-`RedisStream.ack_many_after` on a MULTI/EXEC the broker queued its XADDs on, wired by
-`bootstrap.backends.publish_and_ack` when the broker and the stream share a Redis database."""
+"""The chat persister's broker publish and stream acks in one Redis round trip (ADR 0082, 0086):
+`RedisStream.append_ack_read`, one script appending the broker's events then acknowledging (and
+reading on), wired by `bootstrap.backends.publish_and_ack` when the broker and the stream share a
+Redis database."""
 
 from __future__ import annotations
 
@@ -59,18 +60,19 @@ async def _published(client: Redis, broker: RedisBroker) -> list[Any]:
     return [ChannelEvent.from_bytes(fields[b"e"]).data for _id, fields in await client.xrange(broker.key)]
 
 
+def _payloads(n: int) -> list[bytes]:
+    return [event.to_bytes() for event in _events(n)]
+
+
 async def test_publish_and_acks_are_one_round_trip(parts: tuple[Redis, RedisStream, RedisBroker]) -> None:
     client, stream, broker = parts
     await stream.publish([make_message(f"k{n % 6}", n) for n in range(12)])
     batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
     assert len(batch) == 12
-    await stream.ack_many(batch[:1])  # the ack script is known to the server
+    await stream.append_ack_read(broker.key, broker.max_len, [], batch[:1])  # the script is known
     _CountingConnection.writes = 0
-    pipe = broker.transaction()
-    broker.queue_publish(pipe, _events(12))
-    results, following = await stream.ack_many_after(pipe, batch[1:])
+    following = await stream.append_ack_read(broker.key, broker.max_len, _payloads(12), batch[1:])
     assert _CountingConnection.writes == 1
-    assert len(results) == 12
     assert following is None
     assert await stream.lag(TOPIC, "g") == 0
     assert await _published(client, broker) == [{"n": i} for i in range(12)]
@@ -79,21 +81,25 @@ async def test_publish_and_acks_are_one_round_trip(parts: tuple[Redis, RedisStre
 async def test_the_next_read_rides_on_the_same_round_trip_after_the_acks(
     parts: tuple[Redis, RedisStream, RedisBroker],
 ) -> None:
-    """The read after a pass, in the pass's transaction: it sees the partitions the acks released."""
+    """The read after a pass, in the pass's script: it sees the partitions the acks released."""
     _client, stream, broker = parts
     await stream.publish([make_message("k1", n) for n in range(3)])
     first = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
     await stream.publish([make_message("k1", n) for n in range(3, 5)])  # same partition: held
     assert await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0) == []
     _CountingConnection.writes = 0
-    pipe = broker.transaction()
-    broker.queue_publish(pipe, _events(3))
-    _results, following = await stream.ack_many_after(pipe, first, read_next=(TOPIC, "g", "c1", 100))
+    following = await stream.append_ack_read(
+        broker.key, broker.max_len, _payloads(3), first, read_next=(TOPIC, "g", "c1", 100)
+    )
     assert _CountingConnection.writes == 1
     assert following is not None
     assert [d.offset for d in following] == [3, 4]
-    pipe = broker.transaction()
-    _results, after = await stream.ack_many_after(pipe, following, read_next=(TOPIC, "g", "c1", 100))
+    assert [d.message.data for d in following] == [
+        m.data for m in [make_message("k1", 3), make_message("k1", 4)]
+    ]
+    after = await stream.append_ack_read(
+        broker.key, broker.max_len, [], following, read_next=(TOPIC, "g", "c1", 100)
+    )
     assert after == []
     assert await stream.lag(TOPIC, "g") == 0
 
@@ -104,37 +110,36 @@ async def test_a_stale_delivery_is_still_refused_and_an_unknown_script_is_loaded
     client, stream, broker = parts
     await stream.publish([make_message(f"k{n % 6}", n) for n in range(6)])
     batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
-    await client.script_flush()  # a restarted server: NOSCRIPT inside EXEC, then acknowledged again
+    await client.script_flush()  # a restarted server: NOSCRIPT, the script loaded and run again
     stale = dataclasses.replace(batch[0], attempt=batch[0].attempt + 1)
-    pipe = broker.transaction()
-    broker.queue_publish(pipe, _events(2))
-    _results, following = await stream.ack_many_after(
-        pipe, [stale, *batch[1:]], read_next=(TOPIC, "g", "c1", 9)
+    following = await stream.append_ack_read(
+        broker.key, broker.max_len, _payloads(2), [stale, *batch[1:]], read_next=(TOPIC, "g", "c1", 9)
     )
-    assert following is None  # its script was unknown too: the caller reads on its own
+    assert following == []  # the stale one is still pending to c1, inside its visibility timeout
     assert await stream.lag(TOPIC, "g") == 1
     assert len(await _published(client, broker)) == 2
 
 
 async def test_a_refused_publish_acknowledges_nothing(parts: tuple[Redis, RedisStream, RedisBroker]) -> None:
-    """A command Redis refuses before EXEC (here an unknown one; out of memory is the real case)
-    aborts the transaction: no event published, no delivery acknowledged (it comes back)."""
+    """An append Redis refuses (here a wrong type at the broker's key; out of memory is the real
+    case) stops the script before any ack: nothing acknowledged (it comes back)."""
     client, stream, broker = parts
     await stream.publish([make_message("k1", 1)])
     batch = await stream.read(TOPIC, "g", "c1", max_messages=100, block_s=0)
-    pipe = broker.transaction()
-    broker.queue_publish(pipe, _events(1))
-    pipe.execute_command("NO-SUCH-COMMAND")
+    await client.set(broker.key, "not a stream")
     with pytest.raises(ResponseError):
-        await stream.ack_many_after(pipe, batch)
+        await stream.append_ack_read(broker.key, broker.max_len, _payloads(1), batch)
     assert await stream.lag(TOPIC, "g") == 1
-    assert await _published(client, broker) == []
+    assert await client.get(broker.key) == b"not a stream"
 
 
-async def test_it_needs_a_transaction(parts: tuple[Redis, RedisStream, RedisBroker]) -> None:
-    client, stream, _broker = parts
-    with pytest.raises(ValueError, match="transaction"):
-        await stream.ack_many_after(client.pipeline(transaction=False), [])
+async def test_the_deliveries_of_one_group_only(parts: tuple[Redis, RedisStream, RedisBroker]) -> None:
+    _client, stream, broker = parts
+    await stream.publish([make_message("k1", 1)])
+    one = await stream.read(TOPIC, "g1", "c1", max_messages=100, block_s=0)
+    other = await stream.read(TOPIC, "g2", "c1", max_messages=100, block_s=0)
+    with pytest.raises(ValueError, match="one group"):
+        await stream.append_ack_read(broker.key, broker.max_len, [], [*one, *other])
 
 
 async def test_bootstrap_joins_them_only_on_one_redis_database() -> None:

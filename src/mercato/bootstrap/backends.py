@@ -168,9 +168,9 @@ def build_broker(settings: Settings, db: Database) -> Broker:
 
 
 def publish_and_ack(hub: Hub, stream: Stream) -> PublishAndAck | None:
-    """The chat persister's publish and acks in one Redis round trip (a MULTI/EXEC of the broker's
-    XADDs, the stream's ack script and, when asked, its next read) when the broker and the stream
-    share a Redis server and database (ADR 0082); None otherwise (two calls, as before)."""
+    """The chat persister's publish and acks in one Redis round trip (one script: the broker's
+    XADDs, the stream's acks and, when asked, its next read; ADR 0082, 0086) when the broker and the
+    stream share a Redis server and database; None otherwise (two calls, as before)."""
     broker = hub.broker
     if not (
         isinstance(broker, RedisBroker)
@@ -182,9 +182,10 @@ def publish_and_ack(hub: Hub, stream: Stream) -> PublishAndAck | None:
     async def both(
         events: list[ChannelEvent], deliveries: list[Delivery], read_next: ReadNext | None
     ) -> list[Delivery] | None:
-        pipe = broker.transaction()
-        broker.queue_publish(pipe, events)
-        return (await stream.ack_many_after(pipe, deliveries, read_next=read_next))[1]
+        payloads = [event.to_bytes() for event in events]
+        return await stream.append_ack_read(
+            broker.key, broker.max_len, payloads, deliveries, read_next=read_next
+        )
 
     return both
 

@@ -29,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from mercato.kit.clock import Clock, SystemClock
 from mercato.kit.ids import new_id
@@ -40,7 +39,7 @@ from mercato.kit.messaging.redis_streams_scripts import ACK_MANY as _ACK_MANY
 from mercato.kit.messaging.redis_streams_scripts import LAG as _LAG
 from mercato.kit.messaging.redis_streams_scripts import REPLAY_LETTERS as _REPLAY_LETTERS
 from mercato.kit.messaging.redis_streams_scripts import SETTLE_REPLAY as _SETTLE_REPLAY
-from mercato.kit.messaging.redis_streams_scripts import replay_script
+from mercato.kit.messaging.redis_streams_scripts import append_ack_read_script, replay_script
 from mercato.kit.messaging.stream import (
     DEAD_LETTER_RECEIPT_PREFIX,
     DeadLetter,
@@ -56,7 +55,7 @@ _DLQ_RECEIPT = DEAD_LETTER_RECEIPT_PREFIX
 # Pending entries looked at per partition; a group never has more out than its reads asked for.
 _MAX_PENDING = 10_000
 
-# `ack_many_after`'s read in the same round trip: (topic, group, consumer, max_messages).
+# `append_ack_read`'s read in the same round trip: (topic, group, consumer, max_messages).
 ReadNext = tuple[str, str, str, int]
 
 _COMMON = """
@@ -192,6 +191,8 @@ return {dead, out}
 """
 ).replace("%(max_pending)d", str(_MAX_PENDING))
 
+assert _READ.startswith(_COMMON)
+
 # KEYS: the stream key. ARGV: group, consumer, entry id, attempt, max_attempts, error, topic,
 #       partition, dlq prefix, letter id, now_iso.
 _NACK = (
@@ -265,6 +266,7 @@ class RedisStream:
         self._read = redis.register_script(_READ)
         self._ack = redis.register_script(_ACK)
         self._ack_many = redis.register_script(_ACK_MANY)
+        self._append_ack_read = redis.register_script(append_ack_read_script(_COMMON, _READ))
         self._nack = redis.register_script(_NACK)
         self._settle = redis.register_script(_SETTLE_REPLAY)
         self._replay_letters = redis.register_script(_REPLAY_LETTERS)
@@ -389,40 +391,40 @@ class RedisStream:
         for keys, args in calls:
             await self._ack_many(keys=keys, args=args)
 
-    async def ack_many_after(
-        self, pipe: Pipeline, deliveries: Sequence[Delivery], *, read_next: ReadNext | None = None
-    ) -> tuple[list[Any], list[Delivery] | None]:
-        """`pipe`'s commands (a caller's, e.g. a broker publish) then `ack_many(deliveries)`, in one
-        round trip: a transaction (MULTI/EXEC) on a client of this stream's Redis server and database
-        (ADR 0082). A command Redis refuses before EXEC (out of memory, say) aborts everything, the
-        acks included; an error in `pipe`'s commands raises. Dead letters being replayed are settled
-        after, one by one; a script unknown to the server (restarted, flushed) is acknowledged again
-        by `ack_many`'s call (an ack made already is not made twice: the script skips what is no
-        longer pending). `read_next`: `read(topic, group, consumer, max_messages=n, block_s=0)` in
-        the same transaction, after the acks. Returns `pipe`'s own results and that read's
-        deliveries (None: not asked, or it failed; the caller reads on its own)."""
-        if not pipe.is_transaction:
-            raise ValueError("ack_many_after needs a transaction pipeline (MULTI/EXEC)")
-        own = len(pipe)
+    async def append_ack_read(
+        self,
+        key: str,
+        max_len: int,
+        payloads: Sequence[bytes],
+        deliveries: Sequence[Delivery],
+        *,
+        read_next: ReadNext | None = None,
+    ) -> list[Delivery] | None:
+        """XADD each of `payloads` (as field `e`) to the stream `key` (capped at about `max_len`:
+        another producer's stream on this Redis database, such as the real-time broker's), then
+        `ack_many(deliveries)`, then with `read_next` the read `read(topic, group, consumer,
+        max_messages=n, block_s=0)` would make: one script, one round trip (ADR 0086). A script runs
+        whole or stops at its first failing command, and the appends come first: a refused append
+        (out of memory, a wrong type at `key`) acknowledges nothing. `deliveries` are of one group;
+        dead letters being replayed among them are settled after, one by one, as `ack_many` does.
+        Returns the read's deliveries (None: not asked)."""
         replays, calls = self._ack_calls(deliveries)
-        for keys, args in calls:
-            pipe.evalsha(self._ack_many.sha, len(keys), *keys, *args)
+        if len(calls) > 1:
+            raise ValueError("append_ack_read acknowledges the deliveries of one group")
+        ack_keys, ack_args = calls[0] if calls else ([], [])
+        read_keys: list[str] = []
+        read_args: list[Any] = []
         if read_next is not None:
-            keys, args = self._read_call(*read_next)
-            pipe.evalsha(self._read.sha, len(keys), *keys, *args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        for result in results[:own]:
-            if isinstance(result, Exception):
-                raise result
-        if any(isinstance(result, Exception) for result in results[own : own + len(calls)]):
-            for keys, args in calls:
-                await self._ack_many(keys=keys, args=args)
+            read_keys, read_args = self._read_call(*read_next)
+        answer = await self._append_ack_read(
+            keys=[key, *ack_keys, *read_keys],
+            args=[len(payloads), max_len, *payloads, len(ack_keys), len(ack_args), *ack_args, *read_args],
+        )
         for delivery in replays:
             await self._settle_replay(delivery, error=None)
-        following = None
-        if read_next is not None and not isinstance(results[-1], Exception):
-            following = self._deliveries(read_next[0], read_next[1], read_next[2], results[-1])
-        return results[:own], following
+        if read_next is None:
+            return None
+        return self._deliveries(read_next[0], read_next[1], read_next[2], answer[1])
 
     def _ack_calls(
         self, deliveries: Sequence[Delivery]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ACK", "ACK_MANY", "LAG", "REPLAY_LETTERS", "SETTLE_REPLAY", "replay_script"]
+__all__ = [
+    "ACK",
+    "ACK_MANY",
+    "LAG",
+    "REPLAY_LETTERS",
+    "SETTLE_REPLAY",
+    "append_ack_read_script",
+    "replay_script",
+]
 
 # `ack` (redis_streams.py `_ACK`) for a whole pass in one call (a consumer acknowledging a batch
 # paid one round trip per message: 50 sequential calls took 40-110 ms on a loaded box and held the
@@ -127,3 +135,38 @@ return 1
 def replay_script(common: str) -> str:
     """`replay`'s script: redis_streams.py's common functions, then its body."""
     return common + _REPLAY_BODY
+
+
+def append_ack_read_script(common: str, read: str) -> str:
+    """`RedisStream.append_ack_read`'s script (ADR 0086): appends to another stream (the real-time
+    broker's), then `ACK_MANY`, then with read keys the stream's READ (`common` + its body), in one
+    script. ACK_MANY's and READ's own bodies run unchanged, as functions of their KEYS and ARGV slices.
+
+    KEYS: the appended stream, the ack's stream keys, then the read's keys (none: no read).
+    ARGV: n, max_len, n payloads (field `e`), #ack keys, #ack args, ACK_MANY's args, READ's args."""
+    if not read.startswith(common):
+        raise ValueError("the read script starts with the common functions")
+    return (
+        common
+        + "local function ack_many(KEYS, ARGV)\n"
+        + ACK_MANY
+        + "\nend\nlocal function read(KEYS, ARGV)\n"
+        + read[len(common) :]
+        + """
+end
+local n, max_len = tonumber(ARGV[1]), ARGV[2]
+for i = 1, n do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', max_len, '*', 'e', ARGV[2 + i])
+end
+local at = 3 + n
+local nk, na = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+local acked = 0
+if na > 0 then
+  acked = ack_many({unpack(KEYS, 2, 1 + nk)}, {unpack(ARGV, at + 2, at + 1 + na)})
+end
+if #KEYS == 1 + nk then
+  return {acked, false}
+end
+return {acked, read({unpack(KEYS, 2 + nk)}, {unpack(ARGV, at + 2 + na)})}
+"""
+    )

@@ -44,13 +44,9 @@ class RedisBroker:
         self.queue_publish(pipe, events)
         await pipe.execute()
 
-    def transaction(self) -> Pipeline:
-        """A MULTI/EXEC pipeline on this broker's client, for `queue_publish` and a caller's commands
-        on the same Redis (the chat persister's acks, ADR 0082)."""
-        return self._redis.pipeline(transaction=True)
-
     def queue_publish(self, pipe: Pipeline, events: list[ChannelEvent]) -> None:
-        """`publish_many`'s XADDs, queued on `pipe` (sent when the caller executes it)."""
+        """`publish_many`'s XADDs, queued on `pipe` (sent when the caller executes it). The chat
+        persister's publish goes through `RedisStream.append_ack_read` instead (ADR 0086)."""
         for event in events:
             pipe.xadd(self.key, {"e": event.to_bytes()}, maxlen=self.max_len, approximate=True)
 
