@@ -106,3 +106,16 @@ async def test_a_persisted_message_reaches_this_process_s_members_without_the_br
     assert delivered_before_publish == [1]
     assert [(e.seq, e.origin, e.fanned_out_at_origin) for e in published] == [(1, hub.node_id, True)]
     await hub.disconnect(member)
+
+
+async def test_one_event_failing_its_fan_out_neither_stops_the_others_nor_the_pass() -> None:
+    hub = Hub(_LoopbackBroker(), SeqHistory(0), node_id="n1")  # type: ignore[arg-type]
+    reader = hub.connect("u1", kind="ws", on_refused=lambda: None)
+    await hub.subscribe(reader, "room:a", since=None)
+    bad = ChannelEvent("room:a", "message", {"x": object()}, seq=1)  # its frame cannot be encoded
+    good = ChannelEvent("room:b", "message", {}, seq=1)
+    later = ChannelEvent("room:a", "message", {"text": "ok"}, seq=2)
+    marked = hub.fan_out_here_first([bad, good, later])
+    assert [e.seq for e in marked] == [1, 1, 2]
+    # The bad frame is skipped (it cannot be written); the events after it are delivered.
+    assert [f["seq"] for f in await queued_frames(reader)] == [2]

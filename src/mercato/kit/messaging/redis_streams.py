@@ -191,8 +191,6 @@ return {dead, out}
 """
 ).replace("%(max_pending)d", str(_MAX_PENDING))
 
-assert _READ.startswith(_COMMON)
-
 # KEYS: the stream key. ARGV: group, consumer, entry id, attempt, max_attempts, error, topic,
 #       partition, dlq prefix, letter id, now_iso.
 _NACK = (

@@ -218,7 +218,10 @@ class Hub:
         skips them then. Its members no longer wait for the broker's round trip and this hub's read
         of it; a connection takes each seq once whichever way it comes first."""
         for event in events:
-            self.fan_out(event)
+            try:
+                self.fan_out(event)
+            except Exception:  # noqa: BLE001 - as in `_pump`: one bad event never stops the others
+                _log.exception("realtime_fan_out_failed", channel=event.channel)
         return [
             dataclasses.replace(event, origin=self.node_id, fanned_out_at_origin=True) for event in events
         ]
