@@ -70,7 +70,8 @@ async def test_sagas_by_status_and_their_counts(container: Container) -> None:
     assert item["correlation_id"] == "req-admin-1"
     assert item["step"] is None  # a failed saga is on no step any more
     [item] = active.json()["items"]
-    assert (item["id"], item["step"], item["status"]) == (str(running), "reserve_inventory", "running")
+    # The stock was there, so the checkout itself reserved it (ADR 0087): the saga waits to authorize.
+    assert (item["id"], item["step"], item["status"]) == (str(running), "authorize_payment", "running")
     assert [i["id"] for i in everything.json()["items"]] == [str(failed), str(running)]  # newest first
     assert stats.json() == {
         "counts": {"running": 1, "compensating": 0, "completed": 0, "compensated": 0, "failed": 1},

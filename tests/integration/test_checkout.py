@@ -215,6 +215,43 @@ async def test_out_of_stock_cancels_without_touching_the_payment_provider(shop: 
     assert page.items == []
 
 
+async def test_the_checkout_holds_the_stock_in_its_own_transaction_when_every_line_is_there(
+    shop: Shop,
+) -> None:
+    # ADR 0087: before any runner moved the saga, the units are held and the step is in its history.
+    order_id = await checkout(shop, quantity=2)
+    saga = await shop.container.sagas.get(order_id)
+    assert saga is not None
+    assert (saga.step_index, saga.lease_token) == (2, 0)
+    stock = await shop.container.inventory.stock(shop.sku)
+    assert (stock.available, stock.reserved) == (3, 2)
+    held = await shop.container.inventory.reservation_by_reference(str(order_id))
+    assert held is not None
+    assert [(line.sku, line.quantity) for line in held.lines] == [(shop.sku, 2)]
+    history = await shop.container.sagas.history(order_id)
+    assert [(h.step, h.direction, h.attempt, h.outcome) for h in history] == [
+        ("reserve_inventory", "forward", 1, "succeeded")
+    ]
+    # A short order leaves nothing behind: no reservation, no units held, the saga before the
+    # step; which then refuses it as it always did, without the payment provider hearing of it.
+    short = await checkout(shop, quantity=4)
+    saga = await shop.container.sagas.get(short)
+    assert saga is not None
+    assert saga.step_index == 1
+    assert await shop.container.inventory.reservation_by_reference(str(short)) is None
+    stock = await shop.container.inventory.stock(shop.sku)
+    assert (stock.available, stock.reserved) == (3, 2)
+    assert await shop.container.sagas.history(short) == []
+    assert await finish(shop, short) is SagaStatus.COMPENSATED
+    progress = await shop.container.checkout.progress(short)
+    assert progress is not None
+    assert progress["reason"] == "out_of_stock"
+    assert (await shop.psp.ledger(order_reference=str(short))).items == []
+    assert await finish(shop, order_id) is SagaStatus.COMPLETED
+    stock = await shop.container.inventory.stock(shop.sku)
+    assert (stock.available, stock.reserved, stock.committed) == (3, 0, 2)
+
+
 async def _set_faults(base_url: str, faults: FaultSettings) -> None:
 
     async with httpx.AsyncClient(base_url=base_url) as client:

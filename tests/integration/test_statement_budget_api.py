@@ -30,6 +30,8 @@ async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
 ) -> None:
     await product(container, "BUDGET-1", 1250)
     await product(container, "BUDGET-2", 199)
+    for sku in ("BUDGET-1", "BUDGET-2"):
+        await container.inventory.set_available(sku, 100)
     _, auth = await customer(container)
     sqlite = container.db.dialect == "sqlite"
     async with api(container) as client:
@@ -67,7 +69,10 @@ async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
     # RETURNING in a CTE joined with the catalog's quotes; was the priced read, then a DELETE of
     # exactly those lines), and `order_placed` rides in the saga's insert (as a step's events ride
     # in its move): 7 → 5. SQLite reads, then deletes, and inserts in turn, as before.
-    assert _work(post) == (8, 1) if sqlite else (5, 1), post.report()
+    # ADR 0087: the order's reservation in the same transaction (PostgreSQL: one statement, its
+    # header, takes and lines; SQLite: those in turn), and the saga's insert records that step
+    # (PostgreSQL: in the same statement): 5 → 6; the saga's own move for it is gone.
+    assert _work(post) == (13, 1) if sqlite else (6, 1), post.report()
     assert all(sql.startswith("driver:") for sql in post.statements), post.report()
     heads = [sql.split()[1:3] for sql in post.statements]
     # The key's claim, the order's event (the outbox insert with its NOTIFY on PostgreSQL,
@@ -75,12 +80,18 @@ async def test_put_cart_line_and_checkout_stay_within_their_round_trip_budgets(
     outbox = ["INSERT", "INTO"] if sqlite else ["WITH", "new_outbox_rows"]
     cart = [["SELECT", "keyed.sku,"], ["DELETE", "FROM"]] if sqlite else [["WITH", "taken_lines"]]
     order = [["INSERT", "INTO"], ["INSERT", "INTO"]] if sqlite else [["WITH", "new_order"]]
-    saga = ["INSERT", "INTO"] if sqlite else ["WITH", "new_saga"]
+    saga = [["INSERT", "INTO"], ["INSERT", "INTO"]] if sqlite else [["WITH", "new_saga"]]
+    reserve = (
+        [["INSERT", "INTO"], ["SELECT", "count(*)"], ["UPDATE", "inventory_stock"], ["INSERT", "INTO"]]
+        if sqlite
+        else [["WITH", "new_reservation"]]
+    )
     assert heads == [
         ["INSERT", "INTO"],
         *cart,
         *order,
-        *([saga, outbox] if sqlite else [saga]),
+        *reserve,
+        *([*saga, outbox] if sqlite else saga),
         ["UPDATE", "idempotency_keys"],
     ], post.report()
     assert not {"SAVEPOINT", "RELEASE"} & set(verbs(post)), post.report()

@@ -343,7 +343,8 @@ class CheckoutBench:
 
     async def outcomes(self, tag: str) -> tuple[list[SagaOutcome], dict[str, float], float | None]:
         """The step's sagas, the mean duration of each forward step, and the mean wait before the
-        worker's first step (saga created by the POST -> reserve_inventory started)."""
+        worker's first step (saga created by the POST -> authorize_payment started; the POST makes
+        the reservation itself when every line is in stock, ADR 0087)."""
         pattern = f"{tag}-%"
         async with self.engine.connect() as conn:
             rows = (
@@ -380,7 +381,7 @@ class CheckoutBench:
         waits = [
             (s.recorded_at - s.created_at).total_seconds() * 1000 - s.duration_ms
             for s in steps
-            if s.step == "reserve_inventory"
+            if s.step == "authorize_payment"
         ]
         return outcomes, durations, (sum(waits) / len(waits) if waits else None)
 

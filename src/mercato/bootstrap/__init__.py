@@ -294,7 +294,16 @@ def build_container(
     )
     # Every event is stamped with its schema version and validated before it reaches the outbox.
     saga_events = OutboxEventSink(outbox, source="mercato/checkout", clock=clock, contract=event_catalog())
-    checkout = CheckoutService(db, clock, orders=orders, sagas=sagas, saga=saga, events=saga_events)
+    checkout = CheckoutService(
+        db,
+        clock,
+        orders=orders,
+        sagas=sagas,
+        saga=saga,
+        events=saga_events,
+        stock=inventory,
+        reservation_ttl_s=shop.reservation_ttl_s,
+    )
     messaging_hook = PrometheusMessagingHook(metrics_registry)
     stream = build_stream(settings, db, clock=clock, hook=messaging_hook)
     orders.attach_checkout(checkout)

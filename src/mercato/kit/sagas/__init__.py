@@ -18,7 +18,7 @@ from mercato.kit.sagas.definition import (
 )
 from mercato.kit.sagas.metrics import NullSagaHook, PrometheusSagaHook, SagaHook
 from mercato.kit.sagas.runner import SagaRunner
-from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStepRecord, SagaStore
+from mercato.kit.sagas.store import SagaInstance, SagaStatus, SagaStepRecord, SagaStore, StepOutcome
 from mercato.kit.sagas.wakeups import PostgresSagaWakeups, SagaWakeups
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "StagingEventSink",
     "Step",
     "StepContext",
+    "StepOutcome",
     "StepRejected",
 ]

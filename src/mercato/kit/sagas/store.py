@@ -224,6 +224,20 @@ class StepOutcome:
     error: str | None = None
 
 
+def _step_params(step: StepOutcome, recorded_at: datetime) -> dict[str, Any]:
+    """A step record's `s_*` parameters (`_STEP_VALUES`)."""
+    return {
+        "s_id": new_id(),
+        "s_step": step.step,
+        "s_direction": step.direction,
+        "s_attempt": step.attempt,
+        "s_outcome": step.outcome,
+        "s_error": (step.error or None) and step.error[:2000],
+        "s_duration_ms": step.duration_ms,
+        "s_recorded_at": recorded_at,
+    }
+
+
 def _instance(row: Any) -> SagaInstance:
     return SagaInstance(
         id=row.id,
@@ -299,23 +313,37 @@ class SagaStore:
         announcing = None if wakeups is None else wakeups.announcing(_START)
         self._start: Any = _START if announcing is None else driver_prepared(announcing)
         self._announcement = None if wakeups is None else wakeups.announcement()
-        self._starts_with_messages: dict[tuple[int, bool], Any] = {}
+        self._starts_with: dict[tuple[int, bool, bool], Any] = {}
 
-    def _start_with_messages(self, count: int, *, notify: bool) -> Any:
-        """The saga's insert with `count` staged outbox rows (its start's events), and the wake-up
-        and the relays' NOTIFY, as one statement on PostgreSQL; SQLite inserts them in turn. One per
-        (rows, notify)."""
-        statement = self._starts_with_messages.get((count, notify))
+    def _start_with(self, count: int, *, notify: bool, record: bool) -> Any:
+        """The saga's insert with `count` staged outbox rows (its start's events), the record of a
+        step the starter did (`record`), and the wake-up and the relays' NOTIFY, as one statement on
+        PostgreSQL; SQLite inserts them in turn. One per (rows, notify, record)."""
+        statement = self._starts_with.get((count, notify, record))
         if statement is None:
             new_saga = _START_RETURNING.cte("new_saga")
-            messages = insert_after(new_saga, count).cte("new_outbox_rows")
+            ctes: list[Any] = [new_saga]
+            in_turn: list[Any] = [_START]
+            if record:
+                ctes.append(
+                    insert(saga_steps)
+                    .from_select(
+                        ["saga_id", *_STEP_COLUMNS],
+                        select(new_saga.c.id, *(_STEP_VALUES[name] for name in _STEP_COLUMNS)),
+                    )
+                    .cte("recorded")
+                )
+                in_turn.append(_RECORD_STEP)
+            if count:
+                ctes.append(insert_after(new_saga, count).cte("new_outbox_rows"))
+                in_turn.append(plain_insert(count))
             final = select(new_saga.c.id)
             if self._announcement is not None:
                 final = final.add_columns(*self._announcement.selected_columns)
             if notify:
                 final = final.add_columns(*notify_statement(OUTBOX_CHANNEL).selected_columns)
-            statement = self._starts_with_messages[(count, notify)] = driver_prepared(
-                final.add_cte(new_saga, messages), in_turn=(_START, plain_insert(count))
+            statement = self._starts_with[(count, notify, record)] = driver_prepared(
+                final.add_cte(*ctes), in_turn=in_turn
             )
         return statement
 
@@ -330,6 +358,7 @@ class SagaStore:
         saga_id: uuid.UUID | None = None,
         completed_steps: int = 0,
         messages: StagedRows | None = None,
+        done: StepOutcome | None = None,
     ) -> uuid.UUID:
         """Create a saga in the caller's transaction, so it exists iff the caller's change does.
 
@@ -337,7 +366,8 @@ class SagaStore:
         order saga's CreateOrder happens in the checkout request itself). With `wakeups`, runners
         in other processes hear of it when the transaction commits. `messages`: the start's events
         as staged outbox rows (`StagingEventSink.stage`), inserted by the same statement on
-        PostgreSQL (was a statement of their own).
+        PostgreSQL (was a statement of their own). `done`: the last of the completed steps, when the
+        starter did it and its record belongs in the saga's history, written by the same statement.
         """
         now = self._clock.now()
         saga_id = saga_id or new_id()
@@ -366,9 +396,16 @@ class SagaStore:
         # With a wake-up channel that can ride in the insert itself (PostgreSQL's NOTIFY, delivered
         # at commit), one statement; otherwise the insert, then the channel's own announcement.
         statement = self._start
+        if messages is not None or done is not None:
+            statement = self._start_with(
+                0 if messages is None else messages.count,
+                notify=messages is not None and messages.notify,
+                record=done is not None,
+            )
         if messages is not None:
             params.update(messages.params)
-            statement = self._start_with_messages(messages.count, notify=messages.notify)
+        if done is not None:
+            params.update(b_id=saga_id, **_step_params(done, now))
         await on_connection(conn).run(statement, params)
         if self._wakeups is not None and self._announcement is None:
             await self._wakeups.notify(conn)
@@ -480,16 +517,7 @@ class SagaStore:
             )
             if messages is not None:
                 params.update(messages.params)
-            params.update(
-                s_id=new_id(),
-                s_step=step.step,
-                s_direction=step.direction,
-                s_attempt=step.attempt,
-                s_outcome=step.outcome,
-                s_error=(step.error or None) and step.error[:2000],
-                s_duration_ms=step.duration_ms,
-                s_recorded_at=self._clock.now(),
-            )
+            params.update(_step_params(step, self._clock.now()))
         if not await on_connection(conn).rows(statement, params):
             raise LeaseLost(f"saga {saga.id}: lease term {saga.lease_token} is no longer current")
 

@@ -12,6 +12,7 @@ after a crash, or a compensation asking "what did I do?" is applied once by the 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from mercato.kit.sagas import (
     StagingEventSink,
     Step,
     StepContext,
+    StepOutcome,
     StepRejected,
 )
 from mercato.kit.storage import Database
@@ -77,6 +79,15 @@ class StockDesk(Protocol):
     async def release_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> bool: ...
 
     async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> object: ...
+
+    async def reserve_if_available(
+        self,
+        reference: str,
+        lines: Sequence[tuple[str, int]],
+        *,
+        ttl_s: int | None = None,
+        conn: AsyncConnection,
+    ) -> bool: ...
 
 
 class PaymentGateway(Protocol):
@@ -350,8 +361,14 @@ class CheckoutService:
         saga: SagaDefinition,
         events: EventSink | None = None,
         wake_runner: Callable[[], None] | None = None,
+        stock: StockDesk | None = None,
+        reservation_ttl_s: int | None = None,
     ) -> None:
         self._events = events
+        # With `stock`, the order's reservation is made in the transaction that places it when every
+        # line is there (the saga starts past ReserveInventory, ADR 0087); else the saga's step does it.
+        self._stock = stock
+        self._reservation_ttl_s = reservation_ttl_s
         self._db = db
         self._clock = clock
         self._orders = orders
@@ -367,9 +384,15 @@ class CheckoutService:
         self, customer_id: uuid.UUID, *, correlation_id: str, card_token: str | None = None
     ) -> OrderSnapshot:
         """CreateOrder(pending) and the saga that drives it, in one transaction: an order never
-        exists without the saga that will finish it, nor a saga without its order."""
+        exists without the saga that will finish it, nor a saga without its order.
+
+        ReserveInventory too, when every line is in stock: one statement in this transaction, with
+        its record in the saga's history, instead of a move of the saga's own (its BEGIN, the
+        reservation, the move, COMMIT) once a runner picks it up. A short line leaves nothing
+        behind here, and the saga's step then refuses the order as it always did."""
         async with self._db.write() as conn:
             order = await self._orders.open_from_cart(conn, customer_id)
+            reserved = await self._reserve(conn, order)
             placed = {
                 "type": "mercato.orders.order_placed",
                 "saga_id": str(order.id),
@@ -402,7 +425,8 @@ class CheckoutService:
                 saga_id=order.id,
                 correlation_id=correlation_id,
                 deadline_s=self._saga.deadline_s,
-                completed_steps=1,
+                completed_steps=1 if reserved is None else 2,
+                done=reserved,
                 data={
                     "order_id": str(order.id),
                     "customer_id": str(order.customer_id),
@@ -419,6 +443,19 @@ class CheckoutService:
         if self._wake is not None:
             self._wake()
         return order
+
+    async def _reserve(self, conn: AsyncConnection, order: OrderSnapshot) -> StepOutcome | None:
+        """ReserveInventory's record when this transaction made the order's reservation, else None."""
+        if self._stock is None or self._saga.steps[1].name != OrderStep.RESERVE_INVENTORY.value:
+            return None
+        started = time.perf_counter()
+        lines = [(item.sku, item.quantity) for item in order.items]
+        if not await self._stock.reserve_if_available(
+            str(order.id), lines, ttl_s=self._reservation_ttl_s, conn=conn
+        ):
+            return None
+        elapsed_ms = round((time.perf_counter() - started) * 1000)
+        return StepOutcome(OrderStep.RESERVE_INVENTORY.value, "forward", 1, "succeeded", elapsed_ms)
 
     async def progress(self, order_id: uuid.UUID, *, internal: bool = False) -> dict[str, Any] | None:
         """The saga's state and step history for an order (shown by GET /v1/orders/{id}).

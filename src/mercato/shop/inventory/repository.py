@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, insert, literal_column, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, delete, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -79,6 +79,10 @@ def _one_statement(condition: ColumnElement[bool]) -> Any:
 
 _BY_REFERENCE = _one_statement(
     reservations.c.reference == bindparam("key", type_=reservations.c.reference.type)
+)
+# A reservation header that took nothing (`reserve_new` returned False in a transaction that goes on).
+_FORGET_HEADER = driver_prepared(
+    delete(reservations).where(reservations.c.id == bindparam("id", type_=reservations.c.id.type))
 )
 _BY_ID = _one_statement(reservations.c.id == bindparam("key", type_=reservations.c.id.type))
 _HEAD = tuple(c.name for c in reservations.c)
@@ -210,6 +214,11 @@ class InventoryRepository:
             params[f"quantity_{i}"] = line.quantity
         statement = reserve_statement(len(reservation.lines))
         return bool(await on_connection(conn).rows(statement, params))
+
+    async def forget_header(self, conn: AsyncConnection, reservation_id: uuid.UUID) -> None:
+        """Delete the header `reserve_new` left when it took nothing (a line short or unknown), for a
+        caller whose transaction goes on; no line or stock row was written for it."""
+        await on_connection(conn).run(_FORGET_HEADER, {"id": reservation_id})
 
     async def get_reservation(self, conn: AsyncConnection, reservation_id: uuid.UUID) -> Reservation | None:
         return await self._one(conn, _BY_ID, reservation_id)

@@ -211,6 +211,35 @@ class InventoryService:
         async with self._db.read() as conn:
             return await self._repo.get_by_reference(conn, reference)
 
+    async def reserve_if_available(
+        self,
+        reference: str,
+        lines: Iterable[tuple[str, int]],
+        *,
+        ttl_s: int | None = None,
+        conn: AsyncConnection,
+    ) -> bool:
+        """Hold every line for `reference` in the caller's transaction when all are available now
+        (True); otherwise leave nothing behind (False): a line short or unknown, or the reference
+        taken. The caller's transaction goes on either way; a later `reserve` for the reference
+        decides, and explains, as it would have without this attempt (checkout's fast path: the
+        order's reservation made in the transaction that places it, ADR 0087)."""
+        validate_reference(reference)
+        now = self._clock.now()
+        reservation = Reservation(
+            id=new_id(),
+            reference=reference,
+            status=ReservationStatus.ACTIVE,
+            lines=normalize_lines(lines),
+            expires_at=expiry(now, ttl_s if ttl_s is not None else self._ttl_s),
+            created_at=now,
+            updated_at=now,
+        )
+        if await self._repo.reserve_new(conn, reservation, now):
+            return True
+        await self._repo.forget_header(conn, reservation.id)
+        return False
+
     async def release(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Give the units back to `available`. Releasing a released/expired one is a no-op."""
         reservation, _ = await self._end(reservation_id, ReservationStatus.RELEASED, conn=conn)
