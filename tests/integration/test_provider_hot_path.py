@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import event
 
 from mercato.kit.clock import ManualClock
+from mercato.kit.storage.inline_sqlite import InlineConnection
+from mercato.kit.storage.statements import DriverStatement
 from mercato.providers import ProviderApp, create_carrier_app, create_psp_app
 from mercato.providers.carrier.service import carrier_metadata
 from mercato.providers.psp.service import psp_metadata
@@ -80,7 +82,8 @@ async def test_a_psp_call_without_latency_commits_once_and_still_replays(
 
 @contextmanager
 def executed(app: ProviderApp, service: str) -> Iterator[list[object]]:
-    """The statement objects the service's engine executes (SQLAlchemy's `before_execute`)."""
+    """The statement objects the service's engine executes (SQLAlchemy's `before_execute`), and
+    the SQL of the registered ones the inline SQLite database sends to sqlite3 itself (ADR 0088)."""
     engine: Any = getattr(app.state, service).db.engine
     sync = getattr(engine, "sync_engine", engine)
     seen: list[object] = []
@@ -89,9 +92,17 @@ def executed(app: ProviderApp, service: str) -> Iterator[list[object]]:
         seen.append(clause)
 
     event.listen(sync, "before_execute", before)
+    run = InlineConnection._run
+
+    def sent(self: InlineConnection, prepared: DriverStatement, parameters: dict[str, Any]) -> Any:
+        seen.append(prepared.sql)  # compiled once per registered statement: the same str each time
+        return run(self, prepared, parameters)
+
+    InlineConnection._run = sent  # type: ignore[method-assign]
     try:
         yield seen
     finally:
+        InlineConnection._run = run  # type: ignore[method-assign]
         event.remove(sync, "before_execute", before)
 
 
@@ -114,6 +125,10 @@ async def test_the_hot_operations_execute_statements_built_once(
         rounds.append(seen)
     assert len(rounds[0]) == len(rounds[1]) >= 8
     assert all(a is b for a, b in zip(rounds[0], rounds[1], strict=True))
+    if provider_db_url.startswith("sqlite"):
+        # ADR 0088: on the inline SQLite database every one of them is sent to sqlite3 as compiled
+        # once, none through SQLAlchemy's execution (which would have seen the statement object).
+        assert all(isinstance(sent, str) for sent in rounds[0]), rounds[0]
     app = create_carrier_app(provider_db_url, clock=ManualClock())
     async with in_process(app, carrier_metadata) as carrier:
         shipped: list[list[object]] = []
@@ -128,6 +143,8 @@ async def test_the_hot_operations_execute_statements_built_once(
             shipped.append(seen)
         assert len(shipped[0]) == len(shipped[1]) >= 2
         assert all(a is b for a, b in zip(shipped[0], shipped[1], strict=True))
+        if provider_db_url.startswith("sqlite"):
+            assert all(isinstance(sent, str) for sent in shipped[0]), shipped[0]
 
 
 async def test_a_stored_rejection_commits_once_and_replays(

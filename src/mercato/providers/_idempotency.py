@@ -44,6 +44,7 @@ from mercato.kit.clock import Clock
 from mercato.kit.resilience import Deadline
 from mercato.kit.storage import UTCDateTime
 from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
+from mercato.kit.storage.statements import driver_prepared
 from mercato.kit.web.problems import PROBLEM_MEDIA_TYPE
 from mercato.providers._edge import (
     DEADLINE_STATE_KEY,
@@ -55,6 +56,7 @@ from mercato.providers._edge import (
     latency_of,
     sleep_within,
 )
+from mercato.providers._storage import row_insert
 
 __all__ = ["IdempotencyStore", "Outcome", "fingerprint", "idempotency_table"]
 
@@ -318,7 +320,7 @@ class IdempotencyStore:
         async with self.db.write() as conn:
             row = (await conn.execute(_select_key(t), {"b_key": key})).mappings().first()
             if row is None:
-                await conn.execute(t.insert(), {"key": key, **claim})
+                await conn.execute(_insert_statement(t), {"key": key, **claim})
                 return _Claimed(token)
             if row["expires_at"] <= now:
                 await conn.execute(t.update().where(t.c.key == key).values(**claim))
@@ -359,25 +361,52 @@ class IdempotencyStore:
 @functools.cache
 def _complete_statement(t: Table) -> Update:
     """Built once per table: the values travel as parameters (see `_record` in the PSP service)."""
-    return t.update().where(
-        t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"), t.c.state == _IN_FLIGHT
+    return driver_prepared(
+        t.update()
+        .where(
+            t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"), t.c.state == _IN_FLIGHT
+        )
+        .values(
+            {
+                name: bindparam(name, type_=t.c[name].type)
+                for name in ("state", "response_status", "response_body", "response_headers")
+            }
+        )
     )
 
 
 @functools.cache
 def _insert_statement(t: Table) -> Insert:
-    return t.insert()
+    return row_insert(t)
 
 
 @functools.cache
 def _select_key(t: Table) -> Select[Any]:
-    return select(t).where(t.c.key == bindparam("b_key"))
+    return driver_prepared(select(t).where(t.c.key == bindparam("b_key", type_=t.c.key.type)))
+
+
+# What a take-over rewrites: the whole record but its key.
+_RECORD = (
+    "fingerprint",
+    "state",
+    "claim_token",
+    "locked_until",
+    "response_status",
+    "response_body",
+    "response_headers",
+    "created_at",
+    "expires_at",
+)
 
 
 @functools.cache
 def _take_over_statement(t: Table) -> Update:
     """Rewrite a record whose claim is known (`b_token`), so of two take-overs one wins."""
-    return t.update().where(t.c.key == bindparam("b_key"), t.c.claim_token == bindparam("b_token"))
+    return driver_prepared(
+        t.update()
+        .where(t.c.key == bindparam("b_key", type_=t.c.key.type), t.c.claim_token == bindparam("b_token"))
+        .values({name: bindparam(name, type_=t.c[name].type) for name in _RECORD})
+    )
 
 
 def _in_flight() -> ProviderProblem:

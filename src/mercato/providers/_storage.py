@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import MetaData
+from sqlalchemy import Insert, MetaData, Table, bindparam, insert
 from sqlalchemy.engine import make_url
 
 from mercato.kit.storage import Database, create_database
 from mercato.kit.storage.inline_sqlite import InlineSqliteDatabase, SqlDatabase
+from mercato.kit.storage.statements import driver_prepared
 
-__all__ = ["create_tables", "new_metadata", "provider_database"]
+__all__ = ["create_tables", "new_metadata", "provider_database", "row_insert"]
 
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -26,6 +27,12 @@ _NAMING = {
 
 def new_metadata() -> MetaData:
     return MetaData(naming_convention=_NAMING)
+
+
+def row_insert(table: Table) -> Insert:
+    """`table`'s INSERT of one whole row, every column a parameter named after it: registered for
+    the driver path, so on the inline SQLite database it skips SQLAlchemy's execution (ADR 0088)."""
+    return driver_prepared(insert(table).values({c.name: bindparam(c.name, type_=c.type) for c in table.c}))
 
 
 def provider_database(url: str) -> SqlDatabase:

@@ -16,7 +16,7 @@ from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
 from mercato.kit.web.pagination import Cursor, CursorError
 from mercato.providers._edge import ProviderProblem
 from mercato.providers._idempotency import IdempotencyStore, Outcome, idempotency_table
-from mercato.providers._storage import create_tables, new_metadata
+from mercato.providers._storage import create_tables, new_metadata, row_insert
 from mercato.providers.carrier.models import (
     Address,
     ShipmentIn,
@@ -66,7 +66,7 @@ def _out(row: Any) -> ShipmentOut:
 
 # Built once: a statement built per call (`.values(...)`, `.where(... == value)`) has its elements and
 # cache key made again every time, which cost more CPU than SQLite's own work (ADR 0071).
-_INSERT_SHIPMENT = shipments.insert()
+_INSERT_SHIPMENT = row_insert(shipments)
 
 
 class Carrier:

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Column, Index, String, Table, Text, select
+from sqlalchemy import Column, Index, String, Table, Text, bindparam, select
 from sqlalchemy.dialects import postgresql
 
 from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.storage import UTCDateTime
 from mercato.kit.storage.inline_sqlite import SqlDatabase
+from mercato.kit.storage.statements import driver_prepared
 from mercato.kit.web.pagination import Cursor, CursorError
 from mercato.providers._edge import ProviderProblem
-from mercato.providers._storage import create_tables, new_metadata
+from mercato.providers._storage import create_tables, new_metadata, row_insert
 from mercato.providers.mail.models import MailOut, MailPage
 
 __all__ = ["Accepted", "Mailbox", "mail_metadata"]
@@ -52,11 +53,13 @@ recipients = Table(
 
 
 # Both engines spell INSERT ... ON CONFLICT DO NOTHING RETURNING alike.
-_STORE = (
+_STORE = driver_prepared(
     postgresql.insert(messages)
+    .values({c.name: bindparam(c.name, type_=c.type) for c in messages.c})
     .on_conflict_do_nothing(index_elements=[messages.c.message_id])
     .returning(messages.c.id)
 )
+_RECIPIENT = row_insert(recipients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +172,9 @@ class Mailbox:
                     await conn.execute(select(messages.c.id).where(messages.c.message_id == message_id))
                 ).scalar()
                 return Accepted(id=str(existing), duplicate=True)
-            await conn.execute(
-                recipients.insert(), [{"message": pk, "address": address} for address in addresses]
-            )
+            rows = [{"message": pk, "address": address} for address in addresses]
+            # One recipient (the usual mail) as one row: the registered statement's fast path.
+            await conn.execute(_RECIPIENT, rows[0] if len(rows) == 1 else rows)
             return Accepted(id=pk, duplicate=False)
 
     async def page(self, *, recipient: str | None, limit: int, cursor: str | None) -> MailPage:

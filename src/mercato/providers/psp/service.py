@@ -6,6 +6,7 @@ different keys racing to capture the same authorization cannot both win, on SQLi
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from typing import Any
@@ -16,10 +17,11 @@ from mercato.kit.clock import Clock
 from mercato.kit.ids import new_id
 from mercato.kit.storage import UTCDateTime
 from mercato.kit.storage.inline_sqlite import SqlConnection, SqlDatabase
+from mercato.kit.storage.statements import driver_prepared
 from mercato.kit.web.pagination import Cursor, CursorError
 from mercato.providers._edge import ProviderProblem
 from mercato.providers._idempotency import IdempotencyStore, Outcome, idempotency_table
-from mercato.providers._storage import create_tables, new_metadata
+from mercato.providers._storage import create_tables, new_metadata, row_insert
 from mercato.providers.psp.models import (
     AuthorizationOut,
     AuthorizationStatus,
@@ -84,14 +86,28 @@ idempotency_keys = idempotency_table(psp_metadata, "psp")
 # The hot operations' statements, built once: a statement built per call (`.values(...)`,
 # `.where(... == value)`) has its elements and cache key made again every time, which cost more CPU
 # than SQLite's own work (ADR 0071). Values travel as parameters.
-_INSERT_AUTHORIZATION = authorizations.insert()
-_INSERT_CAPTURE = captures.insert()
-_INSERT_LEDGER_ENTRY = ledger.insert()
-_AUTHORIZATION_BY_ID = select(authorizations).where(authorizations.c.id == bindparam("b_id"))
+# Registered for the driver path: on the inline SQLite database they skip SQLAlchemy's execution.
+_INSERT_AUTHORIZATION = row_insert(authorizations)
+_INSERT_CAPTURE = row_insert(captures)
+_INSERT_LEDGER_ENTRY = row_insert(ledger)
+_AUTHORIZATION_BY_ID = driver_prepared(
+    select(authorizations).where(authorizations.c.id == bindparam("b_id", type_=authorizations.c.id.type))
+)
 _TRANSITION_FROM_AUTHORIZED = authorizations.update().where(
-    authorizations.c.id == bindparam("b_id"),
+    authorizations.c.id == bindparam("b_id", type_=authorizations.c.id.type),
     authorizations.c.status == AuthorizationStatus.AUTHORIZED.value,
 )
+
+
+@functools.cache
+def _transition_statement(columns: tuple[str, ...]) -> Any:
+    """The guarded transition setting `columns` (one registered statement per set of columns)."""
+    return driver_prepared(
+        _TRANSITION_FROM_AUTHORIZED.values(
+            {name: bindparam(name, type_=authorizations.c[name].type) for name in columns}
+        )
+    )
+
 
 # Deterministic declines for tests and demos, like a real PSP's test card numbers.
 DECLINING_TOKENS = {"tok_decline": "card_declined", "tok_insufficient_funds": "insufficient_funds"}
@@ -351,10 +367,10 @@ class PaymentProvider:
     async def _transition(
         self, conn: SqlConnection, auth: Any, target: AuthorizationStatus, **values: Any
     ) -> None:
-        # The SET list is the parameters' keys (one compiled form per set of keys, cached).
+        # The SET list is the parameters' keys (one registered statement per set of keys).
+        params = {"status": target.value, "updated_at": self.clock.now(), **values}
         updated = await conn.execute(
-            _TRANSITION_FROM_AUTHORIZED,
-            {"b_id": auth["id"], "status": target.value, "updated_at": self.clock.now(), **values},
+            _transition_statement(tuple(sorted(params))), {"b_id": auth["id"], **params}
         )
         if updated.rowcount == 1:
             return
