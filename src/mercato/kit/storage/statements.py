@@ -12,6 +12,8 @@ conversions applied as SQLAlchemy would. Callers never branch on the engine:
 - `driver_transaction(db, statements)`: a write transaction on the driver path (an `Executor`);
   a statement it does not carry raises `Unprepared`, and the caller redoes the work through
   `SqlAlchemyExecutor` on a `Database.write()` connection (same `Executor` interface);
+- `driver_read_then_write(db, statements)`: reads and at most one write, with no BEGIN/COMMIT on
+  PostgreSQL (a write transaction on SQLite);
 - `on_connection(conn)` (`statements_in_tx.py`): registered statements inside the caller's
   SQLAlchemy transaction (a `Database.write()`, `Database.autocommit()` or `Database.read()`
   connection), sent on the driver connection under it: the saga runner's moves, the outbox, the
@@ -56,6 +58,7 @@ __all__ = [
     "autocommit_rows",
     "driver_connection",
     "driver_prepared",
+    "driver_read_then_write",
     "driver_transaction",
     "insert_ignore",
     "insert_new",
@@ -452,6 +455,23 @@ async def driver_transaction(db: Database, statements: Statements) -> AsyncItera
         observe(None)
         if postgresql:
             await db.record_driver_commit(conn)
+
+
+@asynccontextmanager
+async def driver_read_then_write(db: Database, statements: Statements) -> AsyncIterator[Executor]:
+    """Reads, then at most one write, on the driver path. PostgreSQL: on one connection with no
+    transaction around them; under READ COMMITTED each statement of a transaction takes its own
+    snapshot anyway, and one write is atomic alone, so BEGIN and COMMIT would add two round trips
+    and nothing else. SQLite: a write transaction (`driver_transaction`), whose write lock, taken
+    up front, is what makes the reads and the write see one state."""
+    if db.dialect != "postgresql":
+        async with driver_transaction(db, statements) as tx:
+            yield tx
+        return
+    async with driver_connection(db) as conn:
+        yield DriverExecutor(conn, statements, postgresql=True)
+        await db.record_driver_commit(conn)
+    db.signals.wrote()
 
 
 async def insert_ignore(

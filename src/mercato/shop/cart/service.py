@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mercato.kit.clock import Clock
 from mercato.kit.storage import Database
-from mercato.kit.storage.statements import Executor, Statements, driver_prepared, driver_transaction
+from mercato.kit.storage.statements import Executor, Statements, driver_prepared, driver_read_then_write
 from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.cart.contracts import CartView
 from mercato.shop.cart.model import (
@@ -168,16 +168,18 @@ class CartService:
     async def set_item(self, customer_id: uuid.UUID, sku: str, quantity: int) -> CartView:
         """Put `quantity` of `sku` in the cart (adds the line or replaces its quantity).
 
-        One write transaction: the rules see the lines and prices it reads, and the cart it answers
-        with is those lines with this change applied, so no second read is needed.
+        One read and one write (`driver_read_then_write`: on PostgreSQL no BEGIN/COMMIT around
+        them, which READ COMMITTED would not make any safer; on SQLite one write transaction): the
+        rules see the lines and prices it reads, and the cart it answers with is those lines with
+        this change applied, so no second read is needed.
         """
         now = self._clock.now()
         refused: Exception | None = None
-        async with driver_transaction(self._db, self._statements) as tx:
+        async with driver_read_then_write(self._db, self._statements) as tx:
             before, prices = await self._read(_NamedRows(tx), customer_id, also=sku)
             try:
                 check_set_item(before, sku, quantity, prices, self._limits)
-            except Exception as exc:  # noqa: BLE001 - raised below, once the read-only transaction ended
+            except Exception as exc:  # noqa: BLE001 - raised below, once the read-only scope ended
                 refused = exc  # raised here it would discard the driver connection, not just roll back
             else:
                 added_at = await self._repo.upsert_on(
