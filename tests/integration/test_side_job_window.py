@@ -21,7 +21,7 @@ _SIDE_JOBS = {
 
 
 async def test_the_side_jobs_batch_their_woken_passes_by_the_configured_window(database_url: str) -> None:
-    assert WorkerSettings().side_job_window_s == 0.1
+    assert WorkerSettings().side_job_window_s == 0.3  # ADR 0089 (was 0.1)
     built = build_container(
         make_settings(database_url, worker=WorkerSettings(side_job_window_s=0.25)), clock=ManualClock()
     )
