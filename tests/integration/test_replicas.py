@@ -9,6 +9,7 @@ it)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -153,7 +154,14 @@ async def test_a_replica_beyond_the_lag_bound_leaves_rotation(cluster: Topology)
 
 
 def test_status_reports_roles_timeline_and_lag(cluster: Topology) -> None:
+    # A replica's lag is unknown until it has replayed something since it (re)started streaming:
+    # run first (`-k`), right after the cluster came up, the first status may not have it yet.
     state = cluster_status(cluster)
+    for _ in range(40):
+        if all(n.lag_bytes is not None and n.lag_s is not None for n in state.nodes):
+            break
+        time.sleep(0.25)
+        state = cluster_status(cluster)
     roles = sorted(n.role for n in state.nodes)
     assert roles == ["leader", "replica", "replica"]
     assert all(n.timeline == 1 for n in state.nodes)
