@@ -301,8 +301,7 @@ def build_container(
         sagas=sagas,
         saga=saga,
         events=saga_events,
-        stock=inventory,
-        reservation_ttl_s=shop.reservation_ttl_s,
+        stock=inventory,  # its time to live is the shop's, as the saga's step gives it
     )
     messaging_hook = PrometheusMessagingHook(metrics_registry)
     stream = build_stream(settings, db, clock=clock, hook=messaging_hook)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -103,7 +103,9 @@ class InlineConnection:
 
 
 class InlineResult:
-    """A registered statement's rows, read the ways the providers read a `CursorResult`."""
+    """A registered statement's outcome, read the ways the providers read one off a `CursorResult`:
+    `rowcount`, `mappings().first()`, `scalar()`. A newly registered statement read another way
+    needs that way added here."""
 
     __slots__ = ("_names", "_rows", "rowcount")
 
@@ -115,21 +117,8 @@ class InlineResult:
     def mappings(self) -> _Mappings:
         return _Mappings([dict(zip(self._names, row, strict=True)) for row in self._rows])
 
-    def all(self) -> list[tuple[Any, ...]]:
-        return list(self._rows)
-
-    def first(self) -> tuple[Any, ...] | None:
-        return self._rows[0] if self._rows else None
-
-    def scalar_one(self) -> Any:
-        (row,) = self._rows
-        return row[0]
-
     def scalar(self) -> Any:
         return self._rows[0][0] if self._rows else None
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return iter(self._rows)
 
 
 class _Mappings:
@@ -140,13 +129,6 @@ class _Mappings:
 
     def first(self) -> dict[str, Any] | None:
         return self._rows[0] if self._rows else None
-
-    def one(self) -> dict[str, Any]:
-        (row,) = self._rows
-        return row
-
-    def all(self) -> list[dict[str, Any]]:
-        return self._rows
 
 
 class InlineSqliteDatabase:

@@ -81,12 +81,7 @@ class StockDesk(Protocol):
     async def commit_reference(self, reference: str, *, conn: AsyncConnection | None = None) -> object: ...
 
     async def reserve_if_available(
-        self,
-        reference: str,
-        lines: Sequence[tuple[str, int]],
-        *,
-        ttl_s: int | None = None,
-        conn: AsyncConnection,
+        self, reference: str, lines: Sequence[tuple[str, int]], *, conn: AsyncConnection
     ) -> bool: ...
 
 
@@ -362,13 +357,11 @@ class CheckoutService:
         events: EventSink | None = None,
         wake_runner: Callable[[], None] | None = None,
         stock: StockDesk | None = None,
-        reservation_ttl_s: int | None = None,
     ) -> None:
         self._events = events
         # With `stock`, the order's reservation is made in the transaction that places it when every
         # line is there (the saga starts past ReserveInventory, ADR 0087); else the saga's step does it.
         self._stock = stock
-        self._reservation_ttl_s = reservation_ttl_s
         self._db = db
         self._clock = clock
         self._orders = orders
@@ -450,9 +443,7 @@ class CheckoutService:
             return None
         started = time.perf_counter()
         lines = [(item.sku, item.quantity) for item in order.items]
-        if not await self._stock.reserve_if_available(
-            str(order.id), lines, ttl_s=self._reservation_ttl_s, conn=conn
-        ):
+        if not await self._stock.reserve_if_available(str(order.id), lines, conn=conn):
             return None
         elapsed_ms = round((time.perf_counter() - started) * 1000)
         return StepOutcome(OrderStep.RESERVE_INVENTORY.value, "forward", 1, "succeeded", elapsed_ms)

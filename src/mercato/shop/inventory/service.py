@@ -165,20 +165,10 @@ class InventoryService:
         With `conn`, the reservation joins the caller's transaction (a saga step) and commits or
         rolls back with it.
         """
-        validate_reference(reference)
-        wanted = normalize_lines(lines)
         now = self._clock.now()
-        expires_at = expiry(now, ttl_s if ttl_s is not None else self._ttl_s)
+        reservation = self._new_reservation(reference, lines, ttl_s, now)
+        wanted = reservation.lines
         async with self._db.join(conn) as tx:
-            reservation = Reservation(
-                id=new_id(),
-                reference=reference,
-                status=ReservationStatus.ACTIVE,
-                lines=wanted,
-                expires_at=expires_at,
-                created_at=now,
-                updated_at=now,
-            )
             # The header, the takes and the lines in one statement (PostgreSQL; a few in turn on
             # SQLite), all or nothing; the header first, skipped when the reference is taken (a
             # replay, or a concurrent call that committed first: PostgreSQL makes the insert wait
@@ -212,21 +202,27 @@ class InventoryService:
             return await self._repo.get_by_reference(conn, reference)
 
     async def reserve_if_available(
-        self,
-        reference: str,
-        lines: Iterable[tuple[str, int]],
-        *,
-        ttl_s: int | None = None,
-        conn: AsyncConnection,
+        self, reference: str, lines: Iterable[tuple[str, int]], *, conn: AsyncConnection
     ) -> bool:
         """Hold every line for `reference` in the caller's transaction when all are available now
         (True); otherwise leave nothing behind (False): a line short or unknown, or the reference
         taken. The caller's transaction goes on either way; a later `reserve` for the reference
         decides, and explains, as it would have without this attempt (checkout's fast path: the
         order's reservation made in the transaction that places it, ADR 0087)."""
-        validate_reference(reference)
         now = self._clock.now()
-        reservation = Reservation(
+        reservation = self._new_reservation(reference, lines, None, now)
+        if await self._repo.reserve_new(conn, reservation, now):
+            return True
+        await self._repo.forget_header(conn, reservation.id)
+        return False
+
+    def _new_reservation(
+        self, reference: str, lines: Iterable[tuple[str, int]], ttl_s: int | None, now: datetime
+    ) -> Reservation:
+        """An active reservation of `lines` for `reference`, made `now`, to live `ttl_s` (default:
+        the service's); the reference and the lines checked."""
+        validate_reference(reference)
+        return Reservation(
             id=new_id(),
             reference=reference,
             status=ReservationStatus.ACTIVE,
@@ -235,10 +231,6 @@ class InventoryService:
             created_at=now,
             updated_at=now,
         )
-        if await self._repo.reserve_new(conn, reservation, now):
-            return True
-        await self._repo.forget_header(conn, reservation.id)
-        return False
 
     async def release(self, reservation_id: uuid.UUID, *, conn: AsyncConnection | None = None) -> Reservation:
         """Give the units back to `available`. Releasing a released/expired one is a no-op."""
