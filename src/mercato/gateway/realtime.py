@@ -157,7 +157,13 @@ class RealtimeRuntime:
             asyncio.create_task(
                 # Overlapped when configured (ADR 0070): a pass is read and persisted while the one
                 # before it is published and acknowledged.
-                self._loop("chat_persist", self._persist_step(persister), poll_s, _PERSISTER_CHANNELS)
+                self._loop(
+                    "chat_persist",
+                    self._persist_step(persister),
+                    poll_s,
+                    _PERSISTER_CHANNELS,
+                    warm=c.chat.warm,
+                )
             ),
         ]
         if self._single_reader:
@@ -198,8 +204,16 @@ class RealtimeRuntime:
         run_once: Callable[[], Awaitable[int]],
         poll_s: float,
         channels: tuple[str, ...],
+        *,
+        warm: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         signals = self.container.db.signals
+        if warm is not None:
+            # Off the startup path: a database away now only means the first pass prepares instead.
+            try:
+                await asyncio.wait_for(warm(), timeout=poll_s)
+            except Exception:  # noqa: BLE001 - the passes work cold as well
+                _log.warning("realtime_consumer_warm_failed", consumer=name, exc_info=True)
         while not self._stop.is_set():
             await self._leader.wait()
             mark = signals.mark(channels)

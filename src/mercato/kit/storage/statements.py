@@ -351,10 +351,15 @@ class SharedDriverConnection:
     back to the pool as soon as the event loop runs with no ack using it (the consumer awaited
     something else), so it is never held while the consumer is idle. An ack arriving while another
     one uses it takes its own connection from the pool, so concurrent acks never queue.
+
+    `hold`: keep the connection between uses until `close` (a consumer that runs all the time,
+    ADR 0090): the pool hands connections out in turn, and each one it hands prepares the
+    consumer's statements again, while a held one prepared them once (`warm`).
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, hold: bool = False) -> None:
         self._db = db
+        self._hold = hold
         self._pooled: PoolProxiedConnection | None = None
         self._busy = False
         self._release_scheduled = False
@@ -380,9 +385,16 @@ class SharedDriverConnection:
                 raise
         finally:
             self._busy = False
-            if self._pooled is not None and not self._release_scheduled:
+            if self._pooled is not None and not self._release_scheduled and not self._hold:
                 self._release_scheduled = True
                 asyncio.get_running_loop().call_soon(self._release_if_unused)
+
+    async def close(self) -> None:
+        """Give a held connection back to the pool (a statement using it keeps it until it ends)."""
+        self._hold = False
+        if not self._busy and self._pooled is not None:
+            pooled, self._pooled = self._pooled, None
+            await greenlet_spawn(pooled.close)
 
     def _release_if_unused(self) -> None:
         self._release_scheduled = False
@@ -422,15 +434,18 @@ class DriverReads:
     module, a projector's): one round trip each where `Database.read` adds BEGIN and ROLLBACK and
     SQLAlchemy's adapter overhead. Statements must be registered with `driver_prepared`."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, hold: bool = False) -> None:
         self._postgresql = db.dialect == "postgresql"
         self._statements = Statements(db.engine.dialect)
-        self._connection = SharedDriverConnection(db)
+        self._connection = SharedDriverConnection(db, hold=hold)
 
     async def rows(self, statement: ClauseElement, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return await autocommit_rows(
             self._connection, self._statements, statement, params, postgresql=self._postgresql
         )
+
+    async def close(self) -> None:
+        await self._connection.close()
 
 
 @asynccontextmanager

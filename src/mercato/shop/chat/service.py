@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, insert, select
+from sqlalchemy import and_, bindparam, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,6 +27,7 @@ from mercato.kit.messaging import Delivery, LagReporter, Message, MessagingHook,
 from mercato.kit.observability import get_logger
 from mercato.kit.realtime import ChannelEvent
 from mercato.kit.storage import Database
+from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.shop.chat.membership import MembershipCache
 from mercato.shop.chat.model import (
     ChatMessage,
@@ -43,6 +44,18 @@ from mercato.shop.chat.tables import members, messages, rooms
 __all__ = ["CHAT_GROUP", "CHAT_SENDS", "CHAT_TOPIC", "ChatHistory", "ChatPersister", "ChatService"]
 
 _log = get_logger("mercato.chat")
+
+_ROOM_EXISTS = driver_prepared(
+    select(rooms.c.id).where(rooms.c.id == bindparam("room", type_=rooms.c.id.type))
+)
+_IS_MEMBER = driver_prepared(
+    select(members.c.user_id).where(
+        and_(
+            members.c.room_id == bindparam("room", type_=members.c.room_id.type),
+            members.c.user_id == bindparam("user", type_=members.c.user_id.type),
+        )
+    )
+)
 
 CHAT_TOPIC = "mercato.chat"
 CHAT_GROUP = "mercato.chat.persist"
@@ -70,6 +83,8 @@ class ChatService:
         self._db = db
         # `may_read`'s "yes" answers (ADR 0056): the send path's membership read, cached.
         self.membership = MembershipCache(ttl_s=membership_ttl_s)
+        self._refreshing: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak refs)
+        self._reads = DriverReads(db)
         # Called after a member is removed (the gateway tells every process's hub: ACCESS_REVOKED).
         self._on_removed: list[Callable[[uuid.UUID, str], Awaitable[None]]] = []
         # Messages live on the shards (one: the main database, unless MERCATO_CHAT_SHARD_URLS says more).
@@ -185,22 +200,34 @@ class ChatService:
         """Members read and write a room; staff every room that exists. A "yes" is cached for up to
         the cache's TTL (a removal forgets it at once: see `MembershipCache`)."""
         if self.membership.allowed(room_id, user_id, staff=staff):
+            if self.membership.take_refresh(room_id, user_id, staff=staff):
+                task = asyncio.create_task(self._refresh_membership(room_id, user_id, staff=staff))
+                self._refreshing.add(task)
+                task.add_done_callback(self._refreshing.discard)
             return True
-        async with self._db.read() as conn:
-            if staff:
-                found = (
-                    await conn.execute(select(rooms.c.id).where(rooms.c.id == room_id))
-                ).first() is not None
-            else:
-                row = await conn.execute(
-                    select(members.c.user_id).where(
-                        and_(members.c.room_id == room_id, members.c.user_id == user_id)
-                    )
-                )
-                found = row.first() is not None
+        found = await self._read_membership(room_id, user_id, staff=staff)
         if found:
             self.membership.remember(room_id, user_id, staff=staff)
         return found
+
+    async def _refresh_membership(self, room_id: uuid.UUID, user_id: str, *, staff: bool) -> None:
+        """A cached "yes" read again before it expires (`MembershipCache.take_refresh`)."""
+        try:
+            found = await self._read_membership(room_id, user_id, staff=staff)
+        except Exception:  # noqa: BLE001 - the entry expires at its TTL; the next miss reads again
+            _log.warning("chat_membership_refresh_failed", exc_info=True)
+            return
+        if found:
+            self.membership.extend(room_id, user_id, staff=staff)
+        else:
+            self.membership.forget(room_id, user_id)
+
+    async def _read_membership(self, room_id: uuid.UUID, user_id: str, *, staff: bool) -> bool:
+        # One autocommitted prepared statement on the driver (no BEGIN/ROLLBACK): a process's first
+        # sends after a lull each make one, all at once (ADR 0090).
+        if staff:
+            return bool(await self._reads.rows(_ROOM_EXISTS, {"room": room_id}))
+        return bool(await self._reads.rows(_IS_MEMBER, {"room": room_id, "user": user_id}))
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -231,6 +258,10 @@ class ChatService:
     ) -> dict[uuid.UUID, list[tuple[ChatMessage, bool]]]:
         """Several rooms' messages, each room's in order, in one transaction per shard."""
         return await self.shards.persist_rooms(batches)
+
+    async def warm(self) -> None:
+        """Prepare what persisting a pass needs, before the first message does (ADR 0090)."""
+        await self.shards.warm()
 
     async def recent_messages(
         self, *, sender: str | None, limit: int, before: Position | None = None

@@ -30,7 +30,7 @@ from mercato.kit.partitioning import stable_hash64
 from mercato.kit.storage import Database
 from mercato.shop.chat.model import ChatMessage
 from mercato.shop.chat.shardmap import MAIN, Route, ShardMap
-from mercato.shop.chat.shards_pg import persist_rooms_pg
+from mercato.shop.chat.shards_pg import persist_rooms_pg, release_pass_connection, warm_pass_pg
 from mercato.shop.chat.tables import messages, shard_fences, shard_map
 
 __all__ = [
@@ -188,7 +188,22 @@ class ChatShards:
             self._dbs[name] = found
         return found
 
+    async def warm(self) -> None:
+        """Prepare each writable shard's persisting pass (PostgreSQL; ADR 0090), before the first
+        message of this process needs it."""
+        shards = await self.current()
+        names: set[str] = set()
+        for layout in (shards.current, shards.target):
+            if layout is not None:
+                names |= {*layout.members, *layout.overrides.values()}
+        for name in sorted(names):
+            db = self.db(name, shards)
+            if db.dialect == "postgresql":
+                await warm_pass_pg(db, self.clock.now())
+
     async def close(self) -> None:
+        for db in {self.main, *self._dbs.values()}:
+            await release_pass_connection(db)
         for db in self._dbs.values():
             if db is not self.main:
                 await db.dispose()

@@ -33,7 +33,7 @@ from mercato.kit.storage.statements import DriverReads, driver_prepared
 from mercato.kit.storage.statements_in_tx import on_connection
 from mercato.shop.chat.model import ChatMessage
 
-__all__ = ["persist_rooms_pg"]
+__all__ = ["persist_rooms_pg", "release_pass_connection", "warm_pass_pg"]
 
 # Draft: (sender, text, client_msg_id).
 _Draft = tuple[str, str, str]
@@ -93,7 +93,8 @@ _PASS = driver_prepared(
     )
 )
 
-# One shared driver connection per database (a shard is a `Database` of its own).
+# One driver connection per database (a shard is a `Database` of its own), held while the process
+# persists (ADR 0090): the pass's statement and its function's plans are prepared on it once.
 _READERS: weakref.WeakKeyDictionary[Database, DriverReads] = weakref.WeakKeyDictionary()
 # Databases found without the function (migration 0029 not applied): the transaction path, from then on.
 _WITHOUT_FUNCTION: weakref.WeakSet[Database] = weakref.WeakSet()
@@ -113,14 +114,42 @@ async def persist_rooms_pg(
     return await _persist_in_transaction(db, batches, room_ids, now)
 
 
+def _reader(db: Database) -> DriverReads:
+    reader = _READERS.get(db)
+    if reader is None:
+        reader = _READERS[db] = DriverReads(db, hold=True)
+    return reader
+
+
+async def warm_pass_pg(db: Database, now: datetime) -> None:
+    """Prepare the pass on its connection before the first message needs it: an empty call (no
+    rooms: it locks, reads and inserts nothing) prepares the statement, introspects its types and
+    compiles the function. Cold, the first passes of a process took 30-55 ms instead of 2-3
+    (docs/benchmarks.md, Session 18), and every message sent meanwhile waited behind them."""
+    if db in _WITHOUT_FUNCTION:
+        return
+    empty: list[Any] = []
+    try:
+        await _reader(db).rows(
+            _PASS, {"keys": empty, "rooms": empty, "senders": empty, "texts": empty, "ids": empty, "now": now}
+        )
+    except asyncpg.UndefinedFunctionError:
+        _WITHOUT_FUNCTION.add(db)
+
+
+async def release_pass_connection(db: Database) -> None:
+    """Give the pass's held connection back (the process is closing its databases)."""
+    reader = _READERS.pop(db, None)
+    if reader is not None:
+        await reader.close()
+
+
 async def _persist_in_one_call(
     db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
 ) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
     from mercato.shop.chat.shards import room_lock_key  # the module that calls this one
 
-    reader = _READERS.get(db)
-    if reader is None:
-        reader = _READERS[db] = DriverReads(db)
+    reader = _reader(db)
     # Every draft in pass order (each room's in stream order): the function numbers them so.
     rooms: list[uuid.UUID] = []
     senders: list[str] = []
