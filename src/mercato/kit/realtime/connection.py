@@ -167,11 +167,7 @@ class Connection:
             return False
         if event.seq == cursor.last + 1:
             cursor.last = event.seq
-            # With a sink, the frame shared by the whole fan-out goes straight to the socket (ADR 0063):
-            # the fan-out's common case, inline (it runs once per delivery; `_offer` for the rest).
-            sink, queue = self.sink, self.queue
-            if sink is not None and not self.refused and queue.empty and sink.write_frame(event.ws_frame()):
-                return True
+            # With a sink, the frame shared by the whole fan-out goes straight to the socket (ADR 0063).
             return self._offer(event.wire(), essential=True, at=event.at, event=event)
         cursor.catching_up = True
         cursor.pending.append(event)

@@ -75,10 +75,6 @@ class OutboundQueue:
         return len(self._items)
 
     @property
-    def empty(self) -> bool:
-        return not self._items
-
-    @property
     def size_bytes(self) -> int:
         return self._bytes
 

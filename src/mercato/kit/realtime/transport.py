@@ -131,9 +131,7 @@ class MercatoWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = cast(Any, _ReceiveQueue())
-        # uvicorn's code knows it as `writable` (an `asyncio.Event` there); `write_frame` reads the flag.
-        self._writable_flag = _Flag()
-        self.writable = cast(Any, self._writable_flag)
+        self.writable = cast(Any, _Flag())
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -174,12 +172,12 @@ class MercatoWebSocketProtocol(WebSocketsSansIOProtocol):
         return not (self.close_sent or self.disconnected) and self.conn.state is State.OPEN
 
     def write_frame(self, frame: bytes) -> bool:
-        # Once per delivery: the common case (open, writable) first, in as few lookups as it takes.
-        writable = self._writable_flag._set
-        if writable and not (self.close_sent or self.disconnected) and self.conn.state is State.OPEN:
-            self.transport.write(frame)
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
             return True
-        return writable or not self.open
+        if not self.writable.is_set():
+            return False
+        self.transport.write(frame)
+        return True
 
     async def wait_writable(self) -> None:
         await self.writable.wait()
