@@ -80,3 +80,20 @@ async def test_a_member_removed_behind_the_cache_is_refused_at_its_re_read_not_i
         await asyncio.sleep(0.02)
     assert not await chat.may_read(room, users[1], staff=False)  # well within the 5 s TTL
     assert await chat.may_read(room, users[0], staff=False)
+
+
+async def test_closing_the_chat_service_stops_the_re_reads_in_flight_before_its_databases_go(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(membership, "_REFRESH_FROM", 0.0)
+    monkeypatch.setattr(membership, "_REFRESH_TO", 0.0)
+    chat = container.chat
+    user = str(uuid.uuid4())
+    room = (await chat.create_room("closing", [user], created_by=user)).id
+    assert await chat.may_read(room, user, staff=False)
+    assert await chat.may_read(room, user, staff=False)  # cached; its re-read starts in the background
+    (rereading,) = chat._refreshing
+    await chat.close()
+    # Cancelled, not left to fail on a disposed database (and log it) after the process closed it.
+    assert rereading.cancelled()
+    assert not chat._refreshing

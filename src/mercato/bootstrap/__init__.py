@@ -154,7 +154,7 @@ class Container:
         await self.hub.broker.aclose()
         if self.keyring is not None:
             await self.keyring.dispose()
-        await self.chat.shards.close()
+        await self.chat.close()
         if self.cpu_pool is not None:
             await self.cpu_pool.close()
         await self.db.dispose()

@@ -263,6 +263,13 @@ class ChatService:
         """Prepare what persisting a pass needs, before the first message does (ADR 0090)."""
         await self.shards.warm()
 
+    async def close(self) -> None:
+        """Stop the membership re-reads in flight (before the databases go), then the shards'."""
+        for task in list(self._refreshing):
+            task.cancel()
+        await asyncio.gather(*self._refreshing, return_exceptions=True)
+        await self.shards.close()
+
     async def recent_messages(
         self, *, sender: str | None, limit: int, before: Position | None = None
     ) -> list[ChatMessage]:

@@ -414,7 +414,7 @@ async def _persist_rooms_on(
     db: Database, batches: dict[uuid.UUID, list[Draft]], now: datetime
 ) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
     """`_persist_on` for many rooms of one shard in one transaction, with a constant number of
-    statements: the fences, the dedup lookup, the heads (one GROUP BY) and one multi-row insert.
+    statements: the fences, the dedup lookup, the heads (one row) and one multi-row insert.
     Returns the stored rooms and the fenced ones (left for the caller to retry)."""
     room_ids = sorted(batches)
     if db.dialect == "postgresql":
@@ -437,14 +437,21 @@ async def _persist_rooms_on(
                 select(messages).where(and_(messages.c.room_id.in_(live), messages.c.client_msg_id.in_(ids)))
             )
         }
-        heads = {
-            row.room_id: int(row.head)
-            for row in await conn.execute(
-                select(messages.c.room_id, func.max(messages.c.seq).label("head"))
-                .where(messages.c.room_id.in_(live))
-                .group_by(messages.c.room_id)
+        # One row, a column per room: each a `max(seq)` of its own, which the databases answer
+        # from the end of the primary key; grouped, the max read every message of the rooms.
+        head_row = (
+            await conn.execute(
+                select(
+                    *(
+                        select(func.max(messages.c.seq))
+                        .where(messages.c.room_id == room_id)
+                        .scalar_subquery()
+                        for room_id in live
+                    )
+                )
             )
-        }
+        ).one()
+        heads = {room_id: int(head) for room_id, head in zip(live, head_row, strict=True) if head is not None}
         stored, new = assign(live, batches, known, heads, now)
         if new:
             await conn.execute(insert(messages), [row_of(m) for m in new])

@@ -52,8 +52,10 @@ _READ = driver_prepared(
         "CAST(NULL AS varchar), CAST(NULL AS timestamptz) "
         "FROM chat_shard_fences WHERE room_id = ANY(CAST(:rooms AS uuid[])) "
         "UNION ALL "
-        "SELECT 1, room_id, max(seq), NULL, NULL, NULL, NULL "
-        "FROM chat_messages WHERE room_id = ANY(CAST(:rooms AS uuid[])) GROUP BY room_id "
+        # A correlated max per room: one probe of the primary key from its end (with GROUP BY the
+        # max visited every message of the rooms, ADR 0091).
+        "SELECT 1, r.room_id, (SELECT max(m.seq) FROM chat_messages AS m WHERE m.room_id = r.room_id), "
+        "NULL, NULL, NULL, NULL FROM unnest(CAST(:rooms AS uuid[])) AS r (room_id) "
         "UNION ALL "
         "SELECT 2, room_id, seq, sender, text, client_msg_id, sent_at FROM chat_messages "
         "WHERE room_id = ANY(CAST(:rooms AS uuid[])) AND client_msg_id = ANY(CAST(:ids AS varchar[]))"
@@ -106,12 +108,8 @@ async def persist_rooms_pg(
     """`shards._persist_rooms_on` on PostgreSQL: the same locks, checks and rows in one call of
     `chat_persist_pass` (one round trip, autocommitted), or, where the function is missing, in
     three prepared statements inside one `db.write()` transaction."""
-    if db not in _WITHOUT_FUNCTION:
-        try:
-            return await _persist_in_one_call(db, batches, room_ids, now)
-        except asyncpg.UndefinedFunctionError:
-            _WITHOUT_FUNCTION.add(db)
-    return await _persist_in_transaction(db, batches, room_ids, now)
+    found = await _persist_in_one_call(db, batches, room_ids, now)
+    return found if found is not None else await _persist_in_transaction(db, batches, room_ids, now)
 
 
 def _reader(db: Database) -> DriverReads:
@@ -126,15 +124,22 @@ async def warm_pass_pg(db: Database, now: datetime) -> None:
     rooms: it locks, reads and inserts nothing) prepares the statement, introspects its types and
     compiles the function. Cold, the first passes of a process took 30-55 ms instead of 2-3
     (docs/benchmarks.md, Session 18), and every message sent meanwhile waited behind them."""
-    if db in _WITHOUT_FUNCTION:
-        return
     empty: list[Any] = []
+    await _pass_rows(
+        db, {"keys": empty, "rooms": empty, "senders": empty, "texts": empty, "ids": empty, "now": now}
+    )
+
+
+async def _pass_rows(db: Database, params: dict[str, Any]) -> list[Any] | None:
+    """One call of the pass on the held connection; None where the function is missing (migration
+    0029 not applied), and the transaction path for that database from then on."""
+    if db in _WITHOUT_FUNCTION:
+        return None
     try:
-        await _reader(db).rows(
-            _PASS, {"keys": empty, "rooms": empty, "senders": empty, "texts": empty, "ids": empty, "now": now}
-        )
+        return list(await _reader(db).rows(_PASS, params))
     except asyncpg.UndefinedFunctionError:
         _WITHOUT_FUNCTION.add(db)
+        return None
 
 
 async def release_pass_connection(db: Database) -> None:
@@ -146,10 +151,10 @@ async def release_pass_connection(db: Database) -> None:
 
 async def _persist_in_one_call(
     db: Database, batches: dict[uuid.UUID, list[_Draft]], room_ids: Sequence[uuid.UUID], now: datetime
-) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]]:
+) -> tuple[dict[uuid.UUID, list[tuple[ChatMessage, bool]]], list[uuid.UUID]] | None:
+    """None: the function is missing here (nothing was written)."""
     from mercato.shop.chat.shards import room_lock_key  # the module that calls this one
 
-    reader = _reader(db)
     # Every draft in pass order (each room's in stream order): the function numbers them so.
     rooms: list[uuid.UUID] = []
     senders: list[str] = []
@@ -161,8 +166,8 @@ async def _persist_in_one_call(
             senders.append(sender)
             texts.append(text_)
             ids.append(client_msg_id)
-    rows = await reader.rows(
-        _PASS,
+    rows = await _pass_rows(
+        db,
         {
             "keys": sorted(room_lock_key(r) for r in room_ids),
             "rooms": rooms,
@@ -172,6 +177,8 @@ async def _persist_in_one_call(
             "now": now,
         },
     )
+    if rows is None:
+        return None
     db.signals.wrote()
     fenced = {row[1] for row in rows if row[0] == 0}
     # (room, sender, client_msg_id) -> its message, and whether this call inserted it.
@@ -210,7 +217,7 @@ async def _persist_in_transaction(
         live = [r for r in room_ids if r not in fenced]
         if not live:
             return {}, sorted(fenced)
-        heads = {row[1]: int(row[2]) for row in rows if row[0] == 1}
+        heads = {row[1]: int(row[2]) for row in rows if row[0] == 1 and row[2] is not None}
         known = {
             (row[1], row[3], row[5]): ChatMessage(row[1], int(row[2]), row[3], row[4], row[5], row[6])
             for row in rows
