@@ -97,3 +97,24 @@ async def test_closing_the_chat_service_stops_the_re_reads_in_flight_before_its_
     # Cancelled, not left to fail on a disposed database (and log it) after the process closed it.
     assert rereading.cancelled()
     assert not chat._refreshing
+
+
+async def test_the_runtime_stops_every_time_it_is_stopped_in_its_first_statements(
+    container: Container,
+) -> None:
+    """Stopped while its first statements are in flight (the warm-up call, the broker's first poll),
+    the runtime stops. A cancellation landing mid-statement invalidated the connection, its rollback
+    then raised instead, and the SQL broker's poll took that for a failed poll and polled on: the
+    hub's stop waited for ever (1 start in 7-130 here before the fix, and a CI run's 300-s timeout)."""
+    for attempt in range(150):
+        runtime = RealtimeRuntime(container)
+        with counting(container) as tally:
+            await runtime.start()
+            for _ in range(100):
+                if len(tally.statements) >= 1 + attempt % 4:  # stop at a different point each time
+                    break
+                await asyncio.sleep(0.002)
+            try:
+                await asyncio.wait_for(asyncio.shield(runtime.stop()), timeout=20)
+            except TimeoutError:
+                pytest.fail(f"the runtime's stop hung (start {attempt + 1})")

@@ -132,8 +132,15 @@ class Database:
         async with (self._autocommit_engine or self.engine).connect() as conn:
             try:
                 yield conn
-            finally:
-                await conn.rollback()
+            except BaseException:
+                # Interrupted (a cancellation mid-statement invalidates the connection): the
+                # rollback's own error must not replace the exception under way. It did, and a
+                # consumer's `except Exception` then swallowed a cancellation and its task never
+                # stopped (a hub's stop hung on the SQL broker's poll).
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+            await conn.rollback()
 
     @asynccontextmanager
     async def _replica_read(
