@@ -24,6 +24,7 @@ from mercato.kit.realtime.broker import Subscription, SubscriptionReaders
 from mercato.kit.realtime.events import ChannelEvent
 from mercato.kit.realtime.tables import broker_log
 from mercato.kit.storage import Database
+from mercato.kit.storage.cancellation import stop_if_cancelled
 
 __all__ = ["SqlBroker"]
 
@@ -128,10 +129,10 @@ class SqlBroker:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a failed poll (database down) is retried, never fatal
-                _stop_if_cancelled()
+                stop_if_cancelled()
                 _log.exception("sql_broker_poll_failed")
                 await asyncio.sleep(1.0)
-            _stop_if_cancelled()
+            stop_if_cancelled()
             if len(rows) < self._batch:
                 # An id missing from a gap is looked for again soon, not at the safety poll.
                 timeout_s = self.poll_interval_s if not missing_since else min(self.poll_interval_s, 0.1)
@@ -146,13 +147,3 @@ class SqlBroker:
             await conn.execute(
                 delete(broker_log).where(broker_log.c.created_at < cutoff, broker_log.c.id < newest)
             )
-
-
-def _stop_if_cancelled() -> None:
-    """A cancellation that landed while the poll's statement or its cleanup failed can come out as
-    that failure (a connection invalidated mid-statement, then its rollback refused), or be
-    swallowed by `wait_for` (Python 3.11): the task is still marked cancelling, and stops here
-    instead of polling on (the hub's stop waited on it for ever)."""
-    current = asyncio.current_task()
-    if current is not None and current.cancelling():
-        raise asyncio.CancelledError

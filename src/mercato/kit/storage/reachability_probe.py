@@ -21,6 +21,8 @@ from typing import Any
 
 import asyncpg
 
+from mercato.kit.storage.cancellation import stop_if_cancelled
+
 __all__ = ["ProbeThread"]
 
 # A connect that fails with these never reached a server: a cut link whose neighbour (ARP) entry has
@@ -114,9 +116,7 @@ class ProbeThread:
                     return
                 # `wait_for` can swallow a cancellation that lands as the probe fails (Python 3.11):
                 # the task is then still marked cancelling, and must stop here rather than sleep on.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise asyncio.CancelledError
+                stop_if_cancelled()
                 await asyncio.sleep(self._interval_s)
         finally:
             conn, self._session = self._session, None
