@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from mercato.kit.ids import new_id
 from mercato.kit.messaging.message import Message
@@ -151,18 +151,25 @@ class JetStreamDeadLetters(JetStreamCore):
 
     async def _letters(self) -> list[tuple[dict[str, Any], int]]:
         kv = await self._bucket("dlq")
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
         out = []
-        for key in sorted(keys):  # UUIDv7 strings: lexical order is dead order
+        for key in sorted(await self._letter_ids()):  # UUIDv7 strings: lexical order is dead order
             try:
                 entry = await kv.get(key)
-            except KeyNotFoundError:
+            except (KeyNotFoundError, KeyDeletedError):
                 continue
             out.append((orjson.loads(entry.value or b"{}"), entry.revision or 0))
         return out
+
+    async def _letter_ids(self) -> list[str]:
+        """Every key of the bucket, from its stream's subjects: one request, answered by the server.
+        Not `kv.keys()`: nats-py's watcher takes "nothing pending, nothing run yet" for an empty
+        bucket when the server has pushed the keys but the watcher has not run them, so a listing
+        could come back empty while the bucket held a letter (a replay found nothing to replay right
+        after `dead_letters` showed it: `test_projections_stream`'s dead-letter test on NATS, in CI)."""
+        bucket = f"{self.prefix}_dlq"
+        js = await self._js()
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+        return [subject[len(f"$KV.{bucket}.") :] for subject in (info.state.subjects or {})]
 
     async def dead_letters(
         self, *, topic: str | None = None, group: str | None = None, limit: int = 100
