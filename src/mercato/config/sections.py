@@ -147,6 +147,10 @@ class RealtimeSettings(BaseModel):
     send_rate_per_s: int = Field(default=10, ge=1)
     send_burst: int = Field(default=20, ge=1)
     room_rate_per_s: int = Field(default=200, ge=1)
+    # Under load, how long a chat send may wait for others to go to the stream with it in one publish
+    # (Kafka's linger.ms; ADR 0092): only while >= 2 more are expected in that time (>= 200 sends/s
+    # at 10 ms), so a send at a slower rate is never held. 0: never held.
+    send_linger_ms: float = Field(default=10.0, ge=0, le=50)
     # The offline queue: a member who reconnects gets what it missed from history this far back.
     history_ttl_s: int = Field(default=7 * 86_400, ge=60)
     # Subscriptions' history reads (and subscribe authorizations) at once per API process (ADR 0078;
